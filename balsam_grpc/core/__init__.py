@@ -1,0 +1,1 @@
+"""Rules and helpers shared by the server, site, launcher and SDK (no I/O)."""

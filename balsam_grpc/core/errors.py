@@ -1,0 +1,85 @@
+"""Errors with a canonical gRPC status code and a machine-readable reason.
+
+The server raises these from anywhere below a servicer; one interceptor turns them into
+a status with a google.rpc.ErrorInfo detail (domain "balsam.v1"). The SDK turns such a
+status back into the same classes, so callers see one hierarchy on both sides.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+ERROR_DOMAIN = "balsam.v1"
+
+
+class BalsamError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    default_reason = "UNSPECIFIED"
+
+    def __init__(self, message: str, *, reason: str | None = None, field: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+        if field:
+            self.metadata["field"] = field
+
+    @property
+    def field(self) -> str | None:
+        return self.metadata.get("field")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(BalsamError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_FIELD"
+
+
+class NotFound(BalsamError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(BalsamError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(BalsamError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Aborted(BalsamError):
+    code = grpc.StatusCode.ABORTED
+    default_reason = "LEASE_LOST"
+
+
+class PermissionDenied(BalsamError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(BalsamError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(BalsamError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "TOO_LARGE"
+
+
+class Unavailable(BalsamError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "OVERLOADED"
+
+
+ERRORS_BY_CODE: dict[grpc.StatusCode, type[BalsamError]] = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Aborted,
+                PermissionDenied, Unauthenticated, ResourceExhausted, Unavailable)
+}

@@ -1,0 +1,163 @@
+"""Builds and runs the grpc.aio server: servicers, health, reflection, keepalive, TLS,
+graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from balsam_grpc.server.state import ServerSettings, ServerState
+from balsam_grpc.server.store.db import Database
+from balsam_grpc.server.store.migrate import upgrade
+from balsam_grpc.v1 import (
+    app_service_pb2_grpc,
+    auth_service_pb2_grpc,
+    batch_job_service_pb2_grpc,
+    event_service_pb2_grpc,
+    job_service_pb2_grpc,
+    session_service_pb2_grpc,
+    site_service_pb2_grpc,
+    transfer_item_service_pb2_grpc,
+)
+
+log = structlog.get_logger("balsam.server")
+
+SERVICE_MODULES = (
+    site_service_pb2_grpc, app_service_pb2_grpc, job_service_pb2_grpc, batch_job_service_pb2_grpc,
+    transfer_item_service_pb2_grpc, session_service_pb2_grpc, event_service_pb2_grpc, auth_service_pb2_grpc,
+)
+
+
+def service_names() -> list[str]:
+    names = []
+    for module in SERVICE_MODULES:
+        pb2 = __import__(module.__name__.removesuffix("_grpc"), fromlist=["DESCRIPTOR"])
+        names += [s.full_name for s in pb2.DESCRIPTOR.services_by_name.values()]
+    return names
+
+
+def channel_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Detect dead peers on long streams: ping every 20 s, give up after 10 s.
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Let clients ping as often as every 5 s without GOAWAY too_many_pings.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def _add_servicers(server: grpc.aio.Server, state: ServerState) -> None:
+    from balsam_grpc.server.services import registry
+
+    for add, servicer in registry.servicers(state):
+        add(servicer, server)
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    with open(settings.tls_cert, "rb") as c, open(settings.tls_key, "rb") as k:
+        pair = [(k.read(), c.read())]
+    if settings.tls_client_ca:
+        with open(settings.tls_client_ca, "rb") as ca:
+            return grpc.ssl_server_credentials(pair, root_certificates=ca.read(), require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+class BalsamServer:
+    """A running server. `await start()` returns the bound port (useful with port 0)."""
+
+    def __init__(self, settings: ServerSettings | None = None) -> None:
+        self.settings = settings or ServerSettings()
+        self.db: Database | None = None
+        self.state: ServerState | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+
+    async def start(self) -> int:
+        settings = self.settings
+        creds = _credentials(settings)
+        if creds is None and not _is_loopback(settings.address) and not settings.allow_insecure_remote:
+            raise SystemExit(
+                f"refusing to listen on {settings.address} without TLS: pass --tls-cert/--tls-key, "
+                "or --allow-insecure-remote if the network is trusted")
+        await asyncio.to_thread(upgrade, settings.database_url)
+        self.db = Database(settings.database_url)
+        self.state = ServerState(settings, self.db)
+        self.server = grpc.aio.server(options=channel_options(settings))
+        _add_servicers(self.server, self.state)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([*service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            self.server)
+        if creds is None:
+            self.port = self.server.add_insecure_port(settings.address)
+        else:
+            self.port = self.server.add_secure_port(settings.address, creds)
+        if self.port == 0:
+            raise SystemExit(f"could not bind {settings.address}: address in use or not available")
+        await self.server.start()
+        await self._bootstrap()
+        for name in ["", *service_names()]:
+            await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server started", address=settings.address, port=self.port, tls=creds is not None,
+                 mtls=bool(settings.tls_client_ca), database=_redact(settings.database_url))
+        return self.port
+
+    async def _bootstrap(self) -> None:
+        from balsam_grpc.server.bootstrap import ensure_local_user
+
+        host = self.settings.address.rsplit(":", 1)[0]
+        await ensure_local_user(self.state, f"{host}:{self.port}")
+
+    async def _set_health(self, name: str, status: int) -> None:
+        result = self.health.set(name, status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.server is None:
+            return
+        grace = self.settings.grace_seconds if grace is None else grace
+        for name in ["", *service_names()]:
+            await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("server draining", grace_seconds=grace)
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.db.dispose)
+        self.server = None
+        log.info("server stopped")
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+async def serve(settings: ServerSettings) -> None:
+    server = BalsamServer(settings)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop()

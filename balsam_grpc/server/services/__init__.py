@@ -1,0 +1,1 @@
+"""gRPC servicers: validate requests, call the store, convert rows to messages."""

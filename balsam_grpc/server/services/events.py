@@ -1,0 +1,113 @@
+"""EventService: the event log, listed in pages or streamed live without gaps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.server import paging
+from balsam_grpc.server.convert import EnumCodec, dict_to_struct, from_timestamp, to_timestamp
+from balsam_grpc.server.rpc import Principal, stream, unary
+from balsam_grpc.server.state import ServerState
+from balsam_grpc.server.store import events as store
+from balsam_grpc.v1 import (
+    batch_job_pb2,
+    event_pb2,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    job_pb2,
+    transfer_item_pb2,
+)
+
+JOB_STATES = EnumCodec(job_pb2.JobState, "JOB_STATE_")
+TRANSFER_STATES = EnumCodec(transfer_item_pb2.TransferState, "TRANSFER_STATE_")
+BATCH_JOB_STATES = EnumCodec(batch_job_pb2.BatchJobState, "BATCH_JOB_STATE_")
+KINDS = EnumCodec(event_service_pb2.EventKind, "EVENT_KIND_")
+WATCH_BATCH = 1000
+HEARTBEAT_SECONDS = 15.0
+
+
+def event_to_message(row: dict[str, Any]) -> event_pb2.Event:
+    msg = event_pb2.Event(id=row["id"], job_id=row["job_id"] or 0, site_id=row["site_id"] or 0,
+                          message=row["message"] or "")
+    msg.time.CopyFrom(to_timestamp(row["time"]))
+    kind = row["kind"]
+    if kind == store.JOB_STATE:
+        msg.job_state.from_state = JOB_STATES.number(row["from_state"])
+        msg.job_state.to_state = JOB_STATES.number(row["to_state"])
+    elif kind == store.TRANSFER_STATE:
+        msg.transfer_state.transfer_item_id = row["subject_id"] or 0
+        msg.transfer_state.from_state = TRANSFER_STATES.number(row["from_state"])
+        msg.transfer_state.to_state = TRANSFER_STATES.number(row["to_state"])
+    elif kind == store.BATCH_JOB_STATE:
+        msg.batch_job_state.batch_job_id = row["subject_id"] or 0
+        msg.batch_job_state.from_state = BATCH_JOB_STATES.number(row["from_state"])
+        msg.batch_job_state.to_state = BATCH_JOB_STATES.number(row["to_state"])
+    dict_to_struct(row["data"], msg.data)
+    return msg
+
+
+def event_query(f: event_service_pb2.EventFilter, principal: Principal) -> store.EventQuery:
+    site_ids = list(f.site_ids)
+    if principal.is_site:
+        if any(s != principal.site_id for s in site_ids):
+            principal.check_site(next(s for s in site_ids if s != principal.site_id))
+        site_ids = [principal.site_id]
+    return store.EventQuery(
+        owner_id=principal.user_id, job_ids=list(f.job_ids), site_ids=site_ids,
+        kinds=[k.lower() for k in KINDS.names(f.kinds, "filter.kinds")],
+        to_states=JOB_STATES.names(f.to_states, "filter.to_states"),
+        from_states=JOB_STATES.names(f.from_states, "filter.from_states"), tags=dict(f.tags),
+        batch_job_ids=list(f.batch_job_ids), time_start=from_timestamp(f.time.start),
+        time_end=from_timestamp(f.time.end))
+
+
+def _cursor(text: str) -> int:
+    if not text.isdigit():
+        raise InvalidArgument(f"cursor {text!r} is not a cursor returned by WatchEvents", field="cursor")
+    return int(text)
+
+
+class EventServicer(event_service_pb2_grpc.EventServiceServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.db = state.db
+
+    @unary()
+    async def ListEvents(self, request, context, principal):  # noqa: N802
+        q = event_query(request.filter, principal)
+        size = paging.page_size(request.page_size, default=1000)
+        fp = paging.fingerprint("ListEvents", principal.user_id,
+                                request.filter.SerializeToString(deterministic=True).hex(), request.descending)
+        after = paging.decode(request.page_token, fp)
+        after_id = int(after[0]) if after else None
+        rows = await self.db.read(store.list_events, q, after_id=after_id, limit=size + 1,
+                                  descending=request.descending)
+        response = event_service_pb2.ListEventsResponse(events=[event_to_message(r) for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = paging.encode(fp, [rows[size - 1]["id"]])
+        return response
+
+    @stream
+    async def WatchEvents(self, request, context, principal):  # noqa: N802
+        q = event_query(request.filter, principal)
+        if request.cursor:
+            cursor = _cursor(request.cursor)
+        elif request.replay_from_start:
+            cursor = 0
+        else:
+            cursor = await self.db.read(store.max_event_id, principal.user_id)
+        bus = self.state.bus
+        yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))
+        while True:
+            seen = bus.high_water
+            rows = await self.db.read(store.list_events, q, after_id=cursor, limit=WATCH_BATCH)
+            if rows:
+                cursor = rows[-1]["id"]
+                yield event_service_pb2.WatchEventsResponse(events=[event_to_message(r) for r in rows],
+                                                            cursor=str(cursor))
+                continue
+            # Events of other users or other filters also advance the global position.
+            cursor = max(cursor, seen) if not q.job_ids and seen else cursor
+            if not await bus.wait_beyond(seen, HEARTBEAT_SECONDS):
+                yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))

@@ -1,0 +1,39 @@
+"""Which servicer implements each service. Services not implemented yet answer
+UNIMPLEMENTED through the generated base class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from balsam_grpc.server.state import ServerState
+from balsam_grpc.v1 import (
+    app_service_pb2_grpc,
+    auth_service_pb2_grpc,
+    batch_job_service_pb2_grpc,
+    event_service_pb2_grpc,
+    job_service_pb2_grpc,
+    session_service_pb2_grpc,
+    site_service_pb2_grpc,
+    transfer_item_service_pb2_grpc,
+)
+
+
+def servicers(state: ServerState) -> list[tuple[Callable[[Any, Any], None], Any]]:
+    from balsam_grpc.server.services.auth import AuthServicer
+    from balsam_grpc.server.services.events import EventServicer
+    from balsam_grpc.server.services.jobs import JobServicer
+
+    return [
+        (job_service_pb2_grpc.add_JobServiceServicer_to_server, JobServicer(state)),
+        (event_service_pb2_grpc.add_EventServiceServicer_to_server, EventServicer(state)),
+        (site_service_pb2_grpc.add_SiteServiceServicer_to_server, site_service_pb2_grpc.SiteServiceServicer()),
+        (app_service_pb2_grpc.add_AppServiceServicer_to_server, app_service_pb2_grpc.AppServiceServicer()),
+        (batch_job_service_pb2_grpc.add_BatchJobServiceServicer_to_server,
+         batch_job_service_pb2_grpc.BatchJobServiceServicer()),
+        (transfer_item_service_pb2_grpc.add_TransferServiceServicer_to_server,
+         transfer_item_service_pb2_grpc.TransferServiceServicer()),
+        (session_service_pb2_grpc.add_SessionServiceServicer_to_server,
+         session_service_pb2_grpc.SessionServiceServicer()),
+        (auth_service_pb2_grpc.add_AuthServiceServicer_to_server, AuthServicer(state)),
+    ]

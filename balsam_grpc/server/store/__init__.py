@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy tables and transactional operations. Knows nothing of protobuf."""

@@ -1,0 +1,75 @@
+"""Users and tokens. Token secrets are stored only as sha256 digests."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from balsam_grpc.core.errors import AlreadyExists
+from balsam_grpc.server.store.tables import tokens, users
+
+TOKEN_PREFIX = "blsm_"
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_user(conn: Connection, username: str, password_hash: str, admin: bool, now: datetime) -> dict[str, Any]:
+    if conn.execute(select(users.c.id).where(users.c.username == username)).first():
+        raise AlreadyExists(f"user {username!r} already exists", field="username")
+    row = conn.execute(
+        insert(users).values(username=username, password_hash=password_hash, admin=admin, create_time=now)
+        .returning(*users.c)
+    ).one()
+    return dict(row._mapping)
+
+
+def get_user_by_name(conn: Connection, username: str) -> dict[str, Any] | None:
+    row = conn.execute(select(users).where(users.c.username == username)).first()
+    return dict(row._mapping) if row else None
+
+
+def get_user(conn: Connection, user_id: int) -> dict[str, Any] | None:
+    row = conn.execute(select(users).where(users.c.id == user_id)).first()
+    return dict(row._mapping) if row else None
+
+
+def issue_token(conn: Connection, user_id: int, *, scope: str, site_id: int | None, ttl: timedelta,
+                description: str, now: datetime) -> tuple[str, dict[str, Any]]:
+    token_id = secrets.token_hex(8)
+    secret = f"{TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
+    row = conn.execute(
+        insert(tokens).values(
+            id=token_id, user_id=user_id, secret_hash=digest(secret), scope=scope, site_id=site_id,
+            description=description, create_time=now, expire_time=now + ttl, revoked=False,
+        ).returning(*tokens.c)
+    ).one()
+    return secret, dict(row._mapping)
+
+
+def resolve_token(conn: Connection, secret: str) -> dict[str, Any] | None:
+    """The token row joined with its user, or None (expiry is the caller's check)."""
+    row = conn.execute(
+        select(tokens, users.c.username, users.c.admin)
+        .join(users, users.c.id == tokens.c.user_id)
+        .where(tokens.c.secret_hash == digest(secret))
+    ).first()
+    return dict(row._mapping) if row else None
+
+
+def list_tokens(conn: Connection, user_id: int) -> list[dict[str, Any]]:
+    rows = conn.execute(select(tokens).where(tokens.c.user_id == user_id).order_by(tokens.c.create_time))
+    return [dict(r._mapping) for r in rows]
+
+
+def revoke_token(conn: Connection, user_id: int, token_id: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        update(tokens).where(tokens.c.id == token_id, tokens.c.user_id == user_id)
+        .values(revoked=True).returning(*tokens.c)
+    ).first()
+    return dict(row._mapping) if row else None

@@ -1,0 +1,157 @@
+"""Shared fixtures: an in-process server on 127.0.0.1:0 per database backend, and users
+with tokens to call it through the generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="balsam-test-home-")
+os.environ["BALSAM_HOME"] = _HOME  # never touch the developer's real profile or database
+os.environ.pop("BALSAM_SERVER", None)
+os.environ.pop("BALSAM_TOKEN", None)
+
+POSTGRES_URL = os.environ.get("BALSAM_TEST_DATABASE_URL", "")
+
+
+def database_params() -> list[Any]:
+    pg_skip = pytest.mark.skipif(
+        not POSTGRES_URL, reason="BALSAM_TEST_DATABASE_URL not set (CI sets it; scripts/run_tests.sh does too)")
+    return [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pg_skip)]
+
+
+def _reset_postgres(url: str) -> None:
+    from sqlalchemy import text
+
+    from balsam_grpc.server.store.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+class LoopThread:
+    """An asyncio loop on a background thread, for running the aio server under sync tests."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="server-loop")
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclass
+class Caller:
+    """A user and a token, with stubs bound to them."""
+
+    harness: Harness
+    user_id: int
+    username: str
+    token: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+    def stub(self, stub_cls: type) -> Any:
+        return _AuthStub(stub_cls(self.harness.channel), self.metadata)
+
+
+class _AuthStub:
+    """Wraps a generated stub so every call carries the caller's token."""
+
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+
+        def call(request: Any, **kw: Any) -> Any:
+            kw.setdefault("metadata", self._metadata)
+            kw.setdefault("timeout", 60)
+            return method(request, **kw)
+
+        call.with_call = lambda request, **kw: method.with_call(request, metadata=self._metadata, **kw)  # type: ignore[attr-defined]
+        return call
+
+
+class Harness:
+    def __init__(self, backend: str, url: str) -> None:
+        from balsam_grpc.server.app import BalsamServer
+        from balsam_grpc.server.state import ServerSettings
+
+        self.backend = backend
+        self.url = url
+        self.loop = LoopThread()
+        self.server = BalsamServer(ServerSettings(address="127.0.0.1:0", database_url=url, grace_seconds=0.5))
+        self.port = self.loop.run(self.server.start())
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+
+    @property
+    def db(self) -> Any:
+        return self.server.db
+
+    def user(self, name: str | None = None, *, scope: str = "USER", site_id: int | None = None,
+             admin: bool = False, ttl: timedelta = timedelta(hours=1)) -> Caller:
+        from balsam_grpc.server.auth import hash_password
+        from balsam_grpc.server.convert import utcnow
+        from balsam_grpc.server.store import users as user_store
+
+        name = name or f"user-{secrets.token_hex(4)}"
+
+        def work(conn: Any) -> tuple[int, str]:
+            user = user_store.get_user_by_name(conn, name) or user_store.create_user(
+                conn, name, hash_password("correct horse battery"), admin=admin, now=utcnow())
+            secret, _ = user_store.issue_token(conn, user["id"], scope=scope, site_id=site_id, ttl=ttl,
+                                               description="test", now=utcnow())
+            return user["id"], secret
+
+        user_id, token = self.db.write_sync(work)
+        return Caller(self, user_id, name, token)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.loop.run(self.server.stop(0.2))
+        self.loop.close()
+
+
+@pytest.fixture(scope="session", params=database_params())
+def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    if request.param == "postgres":
+        _reset_postgres(POSTGRES_URL)
+        url = POSTGRES_URL
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'balsam.db'}"
+    h = Harness(request.param, url)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def alice(harness: Harness) -> Caller:
+    return harness.user()
+
+
+@pytest.fixture
+def bob(harness: Harness) -> Caller:
+    return harness.user()
