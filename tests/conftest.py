@@ -3,11 +3,9 @@ with tokens to call it through the generated stubs."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,22 +38,6 @@ def _reset_postgres(url: str) -> None:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
-
-
-class LoopThread:
-    """An asyncio loop on a background thread, for running the aio server under sync tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="server-loop")
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @dataclass
@@ -96,15 +78,15 @@ class _AuthStub:
 
 class Harness:
     def __init__(self, backend: str, url: str) -> None:
-        from balsam_grpc.server.app import BalsamServer
+        from balsam_grpc.server.embedded import EmbeddedServer
         from balsam_grpc.server.state import ServerSettings
 
         self.backend = backend
         self.url = url
-        self.loop = LoopThread()
-        self.server = BalsamServer(ServerSettings(address="127.0.0.1:0", database_url=url, grace_seconds=0.5))
-        self.port = self.loop.run(self.server.start())
-        self.address = f"127.0.0.1:{self.port}"
+        self.embedded = EmbeddedServer(ServerSettings(address="127.0.0.1:0", database_url=url, grace_seconds=0.5))
+        self.server = self.embedded.server
+        self.port = self.embedded.port
+        self.address = self.embedded.address
         self.channel = grpc.insecure_channel(self.address)
 
     @property
@@ -131,8 +113,7 @@ class Harness:
 
     def close(self) -> None:
         self.channel.close()
-        self.loop.run(self.server.stop(0.2))
-        self.loop.close()
+        self.embedded.stop()
 
 
 @pytest.fixture(scope="session", params=database_params())

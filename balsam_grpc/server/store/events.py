@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, text
+from sqlalchemy import Connection, and_, func, select, text
 from sqlalchemy.sql import ColumnElement
 
+from balsam_grpc.server.store.bulk import insert_rows
 from balsam_grpc.server.store.db import MAX_EVENT_ID
 from balsam_grpc.server.store.query import tags_contain
 from balsam_grpc.server.store.tables import events, jobs
@@ -39,8 +40,7 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
         row.setdefault("message", "")
         row.setdefault("from_state", "")
         row.setdefault("job_id", None)
-    result = conn.execute(insert(events).returning(events.c.id), rows)
-    top = max(r[0] for r in result)
+    top = max(insert_rows(conn, events, rows))
     conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
 
 

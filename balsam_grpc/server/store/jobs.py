@@ -6,8 +6,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, ColumnElement, delete, exists, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
+
+from balsam_grpc.server.store.bulk import insert_rows
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from balsam_grpc.core.states import ACTIVE_STATES, JobState, StepContext, illegal_reason, settle
@@ -326,15 +329,16 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
                    **_NEW_JOB_DEFAULTS)
         rows.append(row)
     try:
-        ids = [r[0] for r in conn.execute(insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), rows)]
-    except IntegrityError as exc:
+        with conn.begin_nested():
+            ids = insert_rows(conn, jobs, rows)
+    except (IntegrityError, psycopg.errors.UniqueViolation) as exc:
         raise _workdir_conflict(conn, specs) from exc
     links = [{"child_id": jid, "parent_id": p} for jid, s in zip(ids, specs, strict=True) for p in set(s["parent_ids"])]
     if links:
         conn.execute(insert(job_parents), links)
     items = [dict(t, job_id=jid) for jid, ts in zip(ids, transfers, strict=True) for t in ts]
     if items:
-        conn.execute(insert(transfer_items), items)
+        insert_rows(conn, transfer_items, items)
     event_rows = []
     for row, jid, steps in zip(rows, ids, via, strict=True):
         row["id"] = jid

@@ -1,0 +1,1 @@
+"""balsamctl: the command line."""

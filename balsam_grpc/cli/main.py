@@ -1,0 +1,57 @@
+"""balsamctl entry point. The full command set grows in the SDK/CLI issue; the server
+commands are here from the start."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from balsam_grpc.core.settings import DEFAULT_ADDRESS
+
+app = typer.Typer(help="balsam-grpc: run analysis jobs on HPC machines from anywhere.", no_args_is_help=True)
+server_app = typer.Typer(help="Run and maintain the server.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    address: str = typer.Option(None, help=f"bind address, default $BALSAM_SERVER_ADDRESS or {DEFAULT_ADDRESS}"),
+    database: str = typer.Option(None, help="database URL, default $BALSAM_DATABASE_URL or SQLite in $BALSAM_HOME"),
+    tls_cert: str = typer.Option("", help="server certificate (PEM)"),
+    tls_key: str = typer.Option("", help="server private key (PEM)"),
+    tls_client_ca: str = typer.Option("", help="CA for client certificates (turns on mTLS)"),
+    allow_insecure_remote: bool = typer.Option(False, help="listen on a non-loopback address without TLS"),
+) -> None:
+    """Start the server in the foreground (SIGTERM drains, then stops).
+
+    Example: balsamctl server start --address 127.0.0.1:50051
+    """
+    argv = []
+    for flag, value in (("--address", address), ("--database", database), ("--tls-cert", tls_cert),
+                        ("--tls-key", tls_key), ("--tls-client-ca", tls_client_ca)):
+        if value:
+            argv += [flag, value]
+    if allow_insecure_remote:
+        argv.append("--allow-insecure-remote")
+    _exec_server(argv)
+
+
+@server_app.command("migrate")
+def server_migrate(database: str = typer.Option(None, help="database URL (default as for start)")) -> None:
+    """Apply database migrations up to the newest revision.
+
+    Example: balsamctl server migrate --database postgresql://postgres@127.0.0.1/balsam
+    """
+    _exec_server(["--migrate-only", *(["--database", database] if database else [])])
+
+
+def _exec_server(argv: list[str]) -> None:
+    """The CLI starts the server as its own process (layering: cli talks to the server
+    only over gRPC); exec keeps signals and the exit code the server's own."""
+    os.execv(sys.executable, [sys.executable, "-m", "balsam_grpc.server", *argv])
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,44 @@
+"""`python -m balsam_grpc.server [--address HOST:PORT] [--database URL] ...`"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from balsam_grpc.core.logging import configure_logging
+from balsam_grpc.server.app import serve
+from balsam_grpc.server.state import ServerSettings
+
+
+def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
+    defaults = ServerSettings()
+    p = argparse.ArgumentParser(prog="python -m balsam_grpc.server", description="Run the balsam-grpc server.")
+    p.add_argument("--address", default=defaults.address, help="bind address (env BALSAM_SERVER_ADDRESS)")
+    p.add_argument("--database", default=defaults.database_url, help="database URL (env BALSAM_DATABASE_URL)")
+    p.add_argument("--tls-cert", default=defaults.tls_cert, help="server certificate (PEM)")
+    p.add_argument("--tls-key", default=defaults.tls_key, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", default=defaults.tls_client_ca, help="CA of client certificates (mTLS)")
+    p.add_argument("--allow-insecure-remote", action="store_true",
+                   help="listen on a non-loopback address without TLS")
+    p.add_argument("--lease-timeout", type=int, default=defaults.lease_timeout_seconds,
+                   help="seconds a launcher stream may be gone before its session expires")
+    p.add_argument("--migrate-only", action="store_true", help="apply database migrations and exit")
+    a = p.parse_args(argv)
+    if a.migrate_only:
+        from balsam_grpc.server.store.migrate import upgrade
+
+        print(f"database at revision {upgrade(a.database)}")
+        raise SystemExit(0)
+    return ServerSettings(address=a.address, database_url=a.database, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                          tls_client_ca=a.tls_client_ca, allow_insecure_remote=a.allow_insecure_remote,
+                          lease_timeout_seconds=a.lease_timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_logging()
+    settings = settings_from_args(argv)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()
