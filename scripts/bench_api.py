@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""API throughput of a real server process, through the generated stubs.
+
+Usage: scripts/bench_api.py [--database URL ...] [-n N] [--json]
+
+Starts `python -m balsam_grpc.server` once per database (default: a temporary SQLite
+file, plus PostgreSQL when BALSAM_TEST_DATABASE_URL is set) and prints, per database:
+bulk create (10,000 jobs per call) jobs/s, single create p50/p95, filtered list items/s
+and bulk state update transitions/s. Figures, never assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from balsam_grpc.core.settings import Profile  # noqa: E402
+from balsam_grpc.v1 import (  # noqa: E402
+    app_pb2,
+    app_service_pb2,
+    app_service_pb2_grpc,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    site_pb2,
+    site_service_pb2,
+    site_service_pb2_grpc,
+)
+
+BATCH = 10_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(url: str, home: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, BALSAM_HOME=home, BALSAM_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen([sys.executable, "-m", "balsam_grpc.server", "--address", f"127.0.0.1:{port}",
+                             "--database", url], env=env)
+    deadline = time.time() + 60
+    profile_file = Path(home) / "profile.json"
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        if profile_file.exists() and Profile.load(profile_file, apply_env=False).server.endswith(f":{port}"):
+            return proc, Profile.load(profile_file, apply_env=False).token
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("server did not start within 60 s")
+
+
+def bench(url: str, n: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="balsam-bench-") as home:
+        proc, token = start_server(url, home)
+        try:
+            return run(Profile.load(Path(home) / "profile.json", apply_env=False).server, token, n)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def run(address: str, token: str, n: int) -> dict[str, float]:
+    md = (("authorization", f"Bearer {token}"),)
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20)])
+    sites = site_service_pb2_grpc.SiteServiceStub(channel)
+    apps = app_service_pb2_grpc.AppServiceStub(channel)
+    jobs = job_service_pb2_grpc.JobServiceStub(channel)
+    site = sites.CreateSite(site_service_pb2.CreateSiteRequest(site=site_pb2.Site(name=f"bench-{time.time_ns()}")),
+                            metadata=md).site
+    app = apps.CreateApp(app_service_pb2.CreateAppRequest(app=app_pb2.App(
+        site_id=site.id, name="sim", command_template="/bin/true {{ i }}",
+        parameters=[app_pb2.AppParameter(name="i", type=app_pb2.PARAMETER_TYPE_INT)])), metadata=md).app
+    figures: dict[str, float] = {}
+
+    total, elapsed = 0, 0.0
+    for start in range(0, n, BATCH):
+        count = min(BATCH, n - start)
+        batch = [job_pb2.Job(app_id=app.id, workdir=f"bulk/{start + i}", parameters={"i": str(i)},
+                             tags={"bench": "bulk", "shard": str(i % 8)}) for i in range(count)]
+        t0 = time.perf_counter()
+        jobs.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=batch), metadata=md, timeout=600)
+        elapsed += time.perf_counter() - t0
+        total += count
+        print(f"  bulk create: {total}/{n} jobs", file=sys.stderr)
+    figures["bulk_create_jobs_per_s"] = round(total / elapsed)
+
+    latencies = []
+    for i in range(300):
+        job = job_pb2.Job(app_id=app.id, workdir=f"single/{i}", parameters={"i": "1"}, tags={"bench": "single"})
+        t0 = time.perf_counter()
+        jobs.CreateJob(job_service_pb2.CreateJobRequest(job=job), metadata=md)
+        latencies.append((time.perf_counter() - t0) * 1000)
+    latencies = latencies[20:]  # warm-up
+    figures["single_create_p50_ms"] = round(statistics.median(latencies), 3)
+    figures["single_create_p95_ms"] = round(statistics.quantiles(latencies, n=20)[18], 3)
+
+    t0, listed, token_ = time.perf_counter(), 0, ""
+    while True:
+        page = jobs.ListJobs(job_service_pb2.ListJobsRequest(
+            filter=job_pb2.JobFilter(tags={"bench": "bulk"}, site_ids=[site.id]), page_size=5000,
+            page_token=token_), metadata=md, timeout=600)
+        listed += len(page.jobs)
+        token_ = page.next_page_token
+        if not token_:
+            break
+    figures["list_items_per_s"] = round(listed / (time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    result = jobs.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
+        filter=job_pb2.JobFilter(tags={"bench": "bulk"}, site_ids=[site.id]),
+        patch=job_pb2.Job(state=job_pb2.JOB_STATE_RUNNING), update_mask={"paths": ["state"]}),
+        metadata=md, timeout=600)
+    figures["bulk_update_transitions_per_s"] = round(result.updated_count / (time.perf_counter() - t0))
+    channel.close()
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database", action="append", help="database URL (repeatable)")
+    parser.add_argument("-n", type=int, default=20_000, help="jobs for the bulk figures (default 20000)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    args = parser.parse_args()
+    urls = args.database or []
+    tmp = tempfile.mkdtemp(prefix="balsam-bench-db-")
+    if not urls:
+        urls = [f"sqlite:///{tmp}/bench.db"]
+        if os.environ.get("BALSAM_TEST_DATABASE_URL"):
+            urls.append(os.environ["BALSAM_TEST_DATABASE_URL"])
+    results = {}
+    for url in urls:
+        backend = url.split(":", 1)[0].split("+", 1)[0]
+        print(f"benchmarking {backend} ...", file=sys.stderr)
+        results[backend] = bench(url, args.n)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for backend, figures in results.items():
+            print(f"{backend}:")
+            for key, value in figures.items():
+                print(f"  {key:32s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
