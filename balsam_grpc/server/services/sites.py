@@ -1,0 +1,348 @@
+"""SiteService: sites of the caller. Also the helpers shared by the resource servicers
+(update masks, map limits, pagination, request_id handling).
+
+Scoping rule for site-scoped tokens, applied by every resource servicer:
+- objects of other users do not exist: NOT_FOUND, by id and in lists;
+- an object of the same user at another site, addressed by id: PERMISSION_DENIED
+  (the lookup is scoped to the owner first, so this reveals nothing about other users);
+- lists are silently restricted to the token's site.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import field_mask_pb2, json_format
+from google.protobuf.message import Message
+from sqlalchemy import Connection
+
+from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.core.validation import check_string_map
+from balsam_grpc.server import paging
+from balsam_grpc.server.convert import to_timestamp, utcnow
+from balsam_grpc.server.idempotency import idempotent
+from balsam_grpc.server.rpc import Principal, unary
+from balsam_grpc.server.state import ServerSettings, ServerState
+from balsam_grpc.server.store import sites as store
+from balsam_grpc.v1 import site_pb2, site_service_pb2, site_service_pb2_grpc
+
+R = TypeVar("R", bound=Message)
+# Keys of non-tag maps (environment, optional batch-job parameters): any printable text.
+_MAP_KEY = re.compile(r"^[^\x00-\x1f]{1,256}$")
+
+# --------------------------------------------------------------------------------------
+# Helpers shared by the resource servicers (apps, batch_jobs, transfers, sessions).
+# --------------------------------------------------------------------------------------
+
+
+def mask_paths(mask: field_mask_pb2.FieldMask, *, resource: str, mutable: Iterable[str],
+               output_only: Iterable[str] = (), immutable: Iterable[str] = ()) -> list[str]:
+    """The distinct paths of an update mask, refusing unknown, output-only and immutable
+    ones with INVALID_ARGUMENT naming the path."""
+    mutable, output_only, immutable = set(mutable), set(output_only), set(immutable)
+    out: list[str] = []
+    for path in mask.paths:
+        if path in mutable:
+            if path not in out:
+                out.append(path)
+            continue
+        if path in output_only:
+            why = f"{resource}.{path} is output only and cannot be changed"
+        elif path in immutable:
+            why = f"{resource}.{path} cannot be changed after creation"
+        else:
+            why = f"unknown field path {path!r} for {resource}"
+        raise InvalidArgument(f"update_mask: {why}; updatable fields: {', '.join(sorted(mutable))}",
+                              field="update_mask")
+    return out
+
+
+def check_map(values: dict[str, str], field: str, settings: ServerSettings, *, tag_keys: bool = False
+              ) -> dict[str, str]:
+    """Bound a string map (entries, bytes per value); tag maps also get the tag key rule."""
+    if tag_keys:
+        check_string_map(values, field, max_entries=settings.max_map_entries,
+                         max_value_bytes=settings.max_map_value_bytes)
+    else:
+        check_string_map(values, field, max_entries=settings.max_map_entries,
+                         max_value_bytes=settings.max_map_value_bytes, keys=_MAP_KEY)
+    return dict(values)
+
+
+def too_large(message: str, field: str) -> InvalidArgument:
+    """Oversized input: INVALID_ARGUMENT with reason TOO_LARGE, as core.validation does."""
+    return InvalidArgument(message, field=field, reason="TOO_LARGE")
+
+
+def check_strings(values: Sequence[str], field: str, settings: ServerSettings) -> list[str]:
+    """A list of non-empty strings, bounded like a map; duplicates dropped, order kept."""
+    if len(values) > settings.max_map_entries:
+        raise too_large(f"{field} has {len(values)} entries; at most {settings.max_map_entries} are allowed", field)
+    out: list[str] = []
+    for i, v in enumerate(values):
+        if not v.strip():
+            raise InvalidArgument(f"{field}[{i}] is empty", field=field)
+        if len(v.encode()) > settings.max_map_value_bytes:
+            raise too_large(f"{field}[{i}] is longer than {settings.max_map_value_bytes} bytes", field)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def check_name(value: str, field: str, *, max_len: int = 200) -> str:
+    if not value or not value.strip():
+        raise InvalidArgument(f"{field} is required", field=field)
+    if value != value.strip():
+        raise InvalidArgument(f"{field} must not start or end with whitespace", field=field)
+    if len(value) > max_len:
+        raise InvalidArgument(f"{field} is {len(value)} characters long; at most {max_len} are allowed", field=field)
+    if any(ord(ch) < 32 for ch in value):
+        raise InvalidArgument(f"{field} must not contain control characters", field=field)
+    return value
+
+
+def require_id(value: int, field: str = "id") -> int:
+    if value <= 0:
+        raise InvalidArgument(f"{field} is required (a positive id)", field=field)
+    return value
+
+
+class Page:
+    """Keyset pagination of one List call, bound to its method, caller and filter."""
+
+    def __init__(self, method: str, principal: Principal, request: Any, *extra: Any) -> None:
+        self.fp = paging.fingerprint(method, principal.user_id, principal.site_id,
+                                     request.filter.SerializeToString(deterministic=True).hex(), *extra)
+        self.size = paging.page_size(request.page_size)
+        self.last = paging.decode(request.page_token, self.fp)
+
+    def after_id(self) -> int | None:
+        if self.last is None:
+            return None
+        if len(self.last) != 1 or not isinstance(self.last[0], int) or isinstance(self.last[0], bool):
+            raise InvalidArgument("page_token is corrupt; pass the next_page_token of the previous response "
+                                  "unchanged", reason="INVALID_PAGE_TOKEN", field="page_token")
+        return self.last[0]
+
+    @property
+    def limit(self) -> int:
+        """Rows to fetch: one more than a page tells whether another page exists."""
+        return self.size + 1
+
+    def finish(self, rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], list[Any]] | None = None
+               ) -> tuple[list[dict[str, Any]], str]:
+        if len(rows) <= self.size:
+            return rows, ""
+        rows = rows[: self.size]
+        last = key(rows[-1]) if key else [rows[-1]["id"]]
+        return rows, paging.encode(self.fp, last)
+
+
+async def mutate(state: ServerState, principal: Principal, method: str, request: Message,
+                 response_type: type[R], build: Callable[[Connection], R]) -> R:
+    """Run `build(conn)` in one write transaction; a repeated request_id gets the first answer."""
+
+    def work(conn: Connection) -> R:
+        return idempotent(conn, principal.user_id, method, request, response_type, lambda: build(conn))
+
+    return await state.db.write(work)
+
+
+def only_site(principal: Principal) -> int | None:
+    return principal.site_id if principal.is_site else None
+
+
+async def unimplemented_stream(context: grpc.aio.ServicerContext, what: str) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, what)
+
+
+# --------------------------------------------------------------------------------------
+# Sites
+# --------------------------------------------------------------------------------------
+
+OUTPUT_ONLY = ("id", "owner", "scheduler_snapshot", "liveness", "create_time", "update_time")
+_ALIAS = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _dump(msg: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def site_to_pb(row: dict[str, Any], owner: str) -> site_pb2.Site:
+    """The one place a sites row becomes a Site message."""
+    site = site_pb2.Site(
+        id=row["id"], name=row["name"], hostname=row["hostname"], path=row["path"], owner=owner,
+        scheduler=row["scheduler"], allowed_queues=row["allowed_queues"] or [],
+        allowed_projects=row["allowed_projects"] or [],
+        optional_batch_job_params=row["optional_batch_job_params"] or {},
+        transfer_locations=[site_pb2.TransferLocation(alias=t.get("alias", ""), url=t.get("url", ""))
+                            for t in row["transfer_locations"] or []],
+        liveness=site_pb2.SiteLiveness(connected=bool(row["connected"]),
+                                       last_seen_time=to_timestamp(row["last_seen_time"]),
+                                       daemon_version=row["daemon_version"] or "",
+                                       daemon_hostname=row["daemon_hostname"] or ""),
+        create_time=to_timestamp(row["create_time"]), update_time=to_timestamp(row["update_time"]),
+    )
+    if row["elastic_queue"]:
+        json_format.ParseDict(row["elastic_queue"], site.elastic_queue, ignore_unknown_fields=True)
+    if row["scheduler_snapshot"]:
+        json_format.ParseDict(row["scheduler_snapshot"], site.scheduler_snapshot, ignore_unknown_fields=True)
+    return site
+
+
+def _site_values(site: site_pb2.Site, fields: Iterable[str], settings: ServerSettings) -> dict[str, Any]:
+    """Validate the named fields of a Site message and return them as column values."""
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f == "name":
+            out["name"] = check_name(site.name, "site.name")
+        elif f == "hostname":
+            if len(site.hostname) > 255:
+                raise InvalidArgument("site.hostname is longer than 255 characters", field="site.hostname")
+            out["hostname"] = site.hostname
+        elif f == "path":
+            if site.path and not site.path.startswith("/"):
+                raise InvalidArgument(f"site.path must be absolute, got {site.path!r}", field="site.path")
+            out["path"] = site.path
+        elif f == "scheduler":
+            if site.scheduler not in store.SCHEDULERS:
+                raise InvalidArgument(f"site.scheduler {site.scheduler!r} is not supported; use one of "
+                                      f"{', '.join(store.SCHEDULERS)}", field="site.scheduler")
+            out["scheduler"] = site.scheduler
+        elif f == "allowed_queues":
+            out["allowed_queues"] = check_strings(site.allowed_queues, "site.allowed_queues", settings)
+        elif f == "allowed_projects":
+            out["allowed_projects"] = check_strings(site.allowed_projects, "site.allowed_projects", settings)
+        elif f == "optional_batch_job_params":
+            out["optional_batch_job_params"] = check_map(dict(site.optional_batch_job_params),
+                                                         "site.optional_batch_job_params", settings)
+        elif f == "transfer_locations":
+            out["transfer_locations"] = _transfer_locations(site.transfer_locations, settings)
+        elif f == "elastic_queue":
+            out["elastic_queue"] = _elastic_queue(site.elastic_queue)
+    return out
+
+
+def _transfer_locations(locations: Sequence[site_pb2.TransferLocation], settings: ServerSettings
+                        ) -> list[dict[str, str]]:
+    field = "site.transfer_locations"
+    if len(locations) > settings.max_map_entries:
+        raise too_large(f"{field} has {len(locations)} entries; at most {settings.max_map_entries}", field)
+    seen: set[str] = set()
+    out = []
+    for i, loc in enumerate(locations):
+        if not _ALIAS.match(loc.alias):
+            raise InvalidArgument(f"{field}[{i}].alias {loc.alias!r} must be non-empty letters, digits, '_', "
+                                  "'.' or '-'", field=f"{field}[{i}].alias")
+        if loc.alias in seen:
+            raise InvalidArgument(f"{field}[{i}].alias {loc.alias!r} appears twice", field=f"{field}[{i}].alias")
+        seen.add(loc.alias)
+        if "://" not in loc.url:
+            raise InvalidArgument(f"{field}[{i}].url {loc.url!r} must be a URL such as globus://<collection-id> "
+                                  "or file:///path", field=f"{field}[{i}].url")
+        out.append({"alias": loc.alias, "url": loc.url})
+    return out
+
+
+def _elastic_queue(eq: site_pb2.ElasticQueueSettings) -> dict[str, Any]:
+    field = "site.elastic_queue"
+    for name in ("min_nodes", "max_nodes", "min_wall_time_min", "max_wall_time_min", "max_queued",
+                 "max_queue_wait_min"):
+        if getattr(eq, name) < 0:
+            raise InvalidArgument(f"{field}.{name} must be >= 0", field=f"{field}.{name}")
+    if eq.max_nodes and eq.min_nodes > eq.max_nodes:
+        raise InvalidArgument(f"{field}.min_nodes ({eq.min_nodes}) exceeds max_nodes ({eq.max_nodes})",
+                              field=f"{field}.min_nodes")
+    if eq.max_wall_time_min and eq.min_wall_time_min > eq.max_wall_time_min:
+        raise InvalidArgument(f"{field}.min_wall_time_min exceeds max_wall_time_min",
+                              field=f"{field}.min_wall_time_min")
+    if eq.job_mode.lower() not in ("", "serial", "mpi"):
+        raise InvalidArgument(f"{field}.job_mode {eq.job_mode!r} must be serial or mpi", field=f"{field}.job_mode")
+    return _dump(eq)
+
+
+class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    @unary()
+    async def GetSite(self, request: site_service_pb2.GetSiteRequest, context: Any,
+                      principal: Principal) -> site_service_pb2.GetSiteResponse:
+        require_id(request.id)
+        row = await self.state.db.read(store.require_site, principal.user_id, request.id)
+        principal.check_site(row["id"])
+        return site_service_pb2.GetSiteResponse(site=site_to_pb(row, principal.username))
+
+    @unary()
+    async def ListSites(self, request: site_service_pb2.ListSitesRequest, context: Any,
+                        principal: Principal) -> site_service_pb2.ListSitesResponse:
+        page = Page("ListSites", principal, request)
+        f = request.filter
+        q = store.SiteQuery(owner_id=principal.user_id, ids=list(f.ids), names=list(f.names),
+                            connected=f.connected if f.HasField("connected") else None,
+                            only_site_id=only_site(principal))
+        rows = await self.state.db.read(lambda conn: store.list_sites(conn, q, after_id=page.after_id(),
+                                                                      limit=page.limit))
+        rows, token = page.finish(rows)
+        return site_service_pb2.ListSitesResponse(sites=[site_to_pb(r, principal.username) for r in rows],
+                                                  next_page_token=token)
+
+    @unary()
+    async def CreateSite(self, request: site_service_pb2.CreateSiteRequest, context: Any,
+                         principal: Principal) -> site_service_pb2.CreateSiteResponse:
+        principal.require_user_scope("create sites")
+        site = site_pb2.Site()
+        site.CopyFrom(request.site)
+        if not site.scheduler:
+            site.scheduler = "local"
+        values = _site_values(site, store.MUTABLE, self.state.settings)
+
+        def build(conn: Connection) -> site_service_pb2.CreateSiteResponse:
+            row = store.create_site(conn, principal.user_id, values, utcnow())
+            return site_service_pb2.CreateSiteResponse(site=site_to_pb(row, principal.username))
+
+        return await mutate(self.state, principal, "SiteService.CreateSite", request,
+                            site_service_pb2.CreateSiteResponse, build)
+
+    @unary()
+    async def UpdateSite(self, request: site_service_pb2.UpdateSiteRequest, context: Any,
+                         principal: Principal) -> site_service_pb2.UpdateSiteResponse:
+        site_id = require_id(request.site.id, "site.id")
+        paths = mask_paths(request.update_mask, resource="site", mutable=store.MUTABLE, output_only=OUTPUT_ONLY)
+        if not paths:
+            raise InvalidArgument("update_mask is required: name the fields to change (for example 'hostname')",
+                                  field="update_mask")
+        values = _site_values(request.site, paths, self.state.settings)
+
+        def build(conn: Connection) -> site_service_pb2.UpdateSiteResponse:
+            store.require_site(conn, principal.user_id, site_id, field="site.id", for_update=True)
+            principal.check_site(site_id)
+            row = store.update_site(conn, principal.user_id, site_id, values, utcnow())
+            return site_service_pb2.UpdateSiteResponse(site=site_to_pb(row, principal.username))
+
+        return await mutate(self.state, principal, "SiteService.UpdateSite", request,
+                            site_service_pb2.UpdateSiteResponse, build)
+
+    @unary()
+    async def DeleteSite(self, request: site_service_pb2.DeleteSiteRequest, context: Any,
+                         principal: Principal) -> site_service_pb2.DeleteSiteResponse:
+        require_id(request.id)
+
+        def work(conn: Connection) -> None:
+            store.require_site(conn, principal.user_id, request.id)
+            principal.require_user_scope("delete sites")
+            store.delete_site(conn, principal.user_id, request.id)
+
+        await self.state.db.write(work)
+        return site_service_pb2.DeleteSiteResponse(id=request.id)
+
+    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await unimplemented_stream(context, "SiteService.Connect is not implemented yet; it is implemented "
+                                            "by the site daemon issue")
+
+
+__all__ = ["SiteServicer", "site_to_pb", "mask_paths", "check_map", "check_strings", "check_name", "require_id",
+           "too_large", "Page", "mutate", "only_site", "unimplemented_stream"]

@@ -1,0 +1,150 @@
+"""Batch jobs: pilot jobs in a site's scheduler.
+
+Scoped by `owner_id`. States are the short names of BatchJobState ("PENDING_SUBMISSION",
+"QUEUED", ...). Every state change appends a `batch_job_state` event in the same
+transaction. `partitions` is [{"job_mode": "SERIAL"|"MPI", "num_nodes", "filter_tags"}].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select, update
+
+from balsam_grpc.core.errors import FailedPrecondition, NotFound
+from balsam_grpc.server.store import events
+from balsam_grpc.server.store.tables import batch_jobs
+
+PENDING_SUBMISSION = "PENDING_SUBMISSION"
+PENDING_DELETION = "PENDING_DELETION"
+# A user may cancel a batch job from these states (the site daemon removes it from the
+# scheduler, or never submits it).
+CANCELLABLE = frozenset({PENDING_SUBMISSION, "QUEUED", "RUNNING"})
+# A batch job may be deleted only when it never reached the scheduler or has ended.
+DELETABLE = frozenset({PENDING_SUBMISSION, "SUBMIT_FAILED", "FINISHED"})
+# Fields other than state; editable only before submission.
+EDITABLE_BEFORE_SUBMISSION = ("num_nodes", "wall_time_min", "queue", "project", "job_mode", "partitions",
+                              "filter_tags", "optional_params")
+
+
+@dataclass
+class BatchJobQuery:
+    owner_id: int
+    ids: list[int] = field(default_factory=list)
+    site_ids: list[int] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)
+    queue: str = ""
+    scheduler_id: str = ""
+    create_start: datetime | None = None
+    create_end: datetime | None = None
+    only_site_id: int | None = None
+
+
+def get_batch_job(conn: Connection, owner_id: int, batch_job_id: int, *,
+                  for_update: bool = False) -> dict[str, Any] | None:
+    stmt = select(batch_jobs).where(batch_jobs.c.id == batch_job_id, batch_jobs.c.owner_id == owner_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    row = conn.execute(stmt).first()
+    return dict(row._mapping) if row else None
+
+
+def require_batch_job(conn: Connection, owner_id: int, batch_job_id: int, *, field: str = "id",
+                      for_update: bool = False) -> dict[str, Any]:
+    row = get_batch_job(conn, owner_id, batch_job_id, for_update=for_update)
+    if row is None:
+        raise NotFound(f"{field}: batch job {batch_job_id} not found", field=field)
+    return row
+
+
+def _event(row: dict[str, Any], src: str, dst: str, now: datetime, message: str = "") -> dict[str, Any]:
+    return {"owner_id": row["owner_id"], "site_id": row["site_id"], "job_id": None,
+            "kind": events.BATCH_JOB_STATE, "subject_id": row["id"], "from_state": src, "to_state": dst,
+            "time": now, "message": message}
+
+
+def create_batch_job(conn: Connection, owner_id: int, site_id: int, values: dict[str, Any],
+                     now: datetime) -> dict[str, Any]:
+    """Insert a batch job in PENDING_SUBMISSION with its creation event. The caller has
+    validated `values` against the owner's site."""
+    row = dict(conn.execute(
+        insert(batch_jobs).values(owner_id=owner_id, site_id=site_id, state=PENDING_SUBMISSION, scheduler_id="",
+                                  status_info="", create_time=now, update_time=now,
+                                  **{k: values[k] for k in EDITABLE_BEFORE_SUBMISSION if k in values})
+        .returning(*batch_jobs.c)
+    ).one()._mapping)
+    events.append(conn, [_event(row, "", PENDING_SUBMISSION, now, "created")])
+    return row
+
+
+def update_batch_job(conn: Connection, row: dict[str, Any], values: dict[str, Any], new_state: str | None,
+                     now: datetime) -> dict[str, Any]:
+    """A user's change: `new_state` may only be PENDING_DELETION (from a cancellable state);
+    other fields only while PENDING_SUBMISSION. `row` was read FOR UPDATE in this transaction."""
+    state = row["state"]
+    if new_state is not None and new_state != state:
+        if new_state != PENDING_DELETION:
+            raise FailedPrecondition(
+                f"batch_job.state: a user may only set state PENDING_DELETION (to cancel it); "
+                f"{new_state} is set by the site daemon", reason="ILLEGAL_TRANSITION", field="batch_job.state")
+        if state not in CANCELLABLE:
+            raise FailedPrecondition(
+                f"batch_job.state: batch job {row['id']} is {state} and cannot be cancelled; only "
+                f"{', '.join(sorted(CANCELLABLE))} batch jobs can", reason="ILLEGAL_TRANSITION",
+                field="batch_job.state")
+    if values and state != PENDING_SUBMISSION:
+        names = ", ".join(sorted(values))
+        first = f"batch_job.{sorted(values)[0]}"
+        raise FailedPrecondition(
+            f"{first}: batch job {row['id']} is {state}: {names} can only change before submission "
+            f"(state {PENDING_SUBMISSION}); cancel it and request a new one instead", field=first)
+    changes = {k: v for k, v in values.items() if k in EDITABLE_BEFORE_SUBMISSION}
+    state_changed = new_state is not None and new_state != state
+    if state_changed:
+        changes["state"] = new_state
+    if not changes:
+        return row
+    out = dict(conn.execute(
+        update(batch_jobs).where(batch_jobs.c.id == row["id"], batch_jobs.c.owner_id == row["owner_id"])
+        .values(update_time=now, **changes).returning(*batch_jobs.c)
+    ).one()._mapping)
+    if state_changed:
+        events.append(conn, [_event(out, state, new_state, now, "cancellation requested")])  # type: ignore[arg-type]
+    return out
+
+
+def delete_batch_job(conn: Connection, owner_id: int, batch_job_id: int) -> None:
+    row = require_batch_job(conn, owner_id, batch_job_id, for_update=True)
+    if row["state"] not in DELETABLE:
+        raise FailedPrecondition(
+            f"batch job {batch_job_id} is {row['state']}; only {', '.join(sorted(DELETABLE))} batch jobs can "
+            "be deleted (cancel it first by setting state PENDING_DELETION)")
+    conn.execute(delete(batch_jobs).where(batch_jobs.c.id == batch_job_id, batch_jobs.c.owner_id == owner_id))
+
+
+def list_batch_jobs(conn: Connection, q: BatchJobQuery, *, after_id: int | None,
+                    limit: int) -> list[dict[str, Any]]:
+    c = batch_jobs.c
+    conds = [c.owner_id == q.owner_id]
+    if q.ids:
+        conds.append(c.id.in_(q.ids))
+    if q.site_ids:
+        conds.append(c.site_id.in_(q.site_ids))
+    if q.states:
+        conds.append(c.state.in_(q.states))
+    if q.queue:
+        conds.append(c.queue == q.queue)
+    if q.scheduler_id:
+        conds.append(c.scheduler_id == q.scheduler_id)
+    if q.create_start is not None:
+        conds.append(c.create_time >= q.create_start)
+    if q.create_end is not None:
+        conds.append(c.create_time < q.create_end)
+    if q.only_site_id is not None:
+        conds.append(c.site_id == q.only_site_id)
+    if after_id is not None:
+        conds.append(c.id > after_id)
+    rows = conn.execute(select(batch_jobs).where(*conds).order_by(c.id).limit(limit))
+    return [dict(r._mapping) for r in rows]
