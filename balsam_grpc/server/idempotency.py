@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Connection, insert, select
@@ -42,5 +42,3 @@ def idempotent(conn: Connection, owner_id: int, method: str, request: Message, r
         response=response.SerializeToString(), create_time=utcnow()))
     return response
 
-
-__all__ = ["idempotent", "Any"]

@@ -434,5 +434,3 @@ def require_one(rows: list[dict[str, Any]], job_id: int) -> dict[str, Any]:
 def refuse(message: str) -> FailedPrecondition:
     return FailedPrecondition(message, reason="ILLEGAL_TRANSITION" if "cannot move" in message else "FAILED_PRECONDITION")
 
-
-__all__ = ["JobQuery", "event_log"]

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from balsam_grpc.core.states import FINAL_STATES, JobState, StepContext, is_legal, settle
 from balsam_grpc.server.store import events as event_log
@@ -194,5 +194,3 @@ def legal(src: str, dst: JobState) -> bool:
 def is_final(state: str) -> bool:
     return JobState(state) in FINAL_STATES
 
-
-__all__ = ["Transitioner", "legal", "is_final", "ENGINE_COLUMNS", "func"]
