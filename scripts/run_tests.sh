@@ -2,7 +2,8 @@
 # The one test command: environment, PostgreSQL, contract checks, then pytest.
 # Usage: scripts/run_tests.sh [pytest args...]   (paths relative to the repo root)
 # Env: CI=true makes an unreachable PostgreSQL an error; BALSAM_TEST_DB_NAME (default
-# balsam_test) names the database that is dropped and recreated for this run.
+# balsam_test) names the database that is dropped and recreated for this run; CI=true also makes
+# a Slurm that does not start an error (scripts/slurm.sh, needs root), elsewhere a warning.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -47,6 +48,22 @@ elif [[ -n $ci ]]; then
     exit 1
 else
     echo "WARNING: PostgreSQL not reachable at 127.0.0.1:5432: server tests run on SQLite only" >&2
+fi
+
+step "Slurm on loopback (scripts/slurm.sh start)"
+# A real Slurm (installed if missing) for tests/site/test_slurm_real.py and the end-to-end
+# tests; they run only when BALSAM_TEST_SLURM=1. Outside CI, BALSAM_TEST_SLURM=0 skips this step.
+if [[ -z $ci && ${BALSAM_TEST_SLURM:-} == 0 ]]; then
+    echo "skipped: BALSAM_TEST_SLURM=0 (the real-Slurm tests skip)"
+elif scripts/slurm.sh start; then
+    export BALSAM_TEST_SLURM=1
+    echo "Slurm is up; BALSAM_TEST_SLURM=1"
+elif [[ -n $ci ]]; then
+    echo "ERROR: Slurm did not start and CI=${CI}: the real-Slurm tests must run in CI." >&2
+    exit 1
+else
+    export BALSAM_TEST_SLURM=0
+    echo "WARNING: Slurm did not start (see above): the real-Slurm tests skip" >&2
 fi
 
 step "generated stubs (scripts/gen_protos.py --check)"

@@ -8,11 +8,25 @@ import sys
 
 import typer
 
+from balsam_grpc.cli import analytics, apps, auth, events, jobs, queue
+from balsam_grpc.cli.errors import BalsamTyper
 from balsam_grpc.core.settings import DEFAULT_ADDRESS
 
-app = typer.Typer(help="balsam-grpc: run analysis jobs on HPC machines from anywhere.", no_args_is_help=True)
+# BalsamTyper: errors a user can cause end as one "error: ..." line and an exit code.
+app = BalsamTyper(help="balsam-grpc: run analysis jobs on HPC machines from anywhere.", no_args_is_help=True,
+                  rich_markup_mode="markdown")
 server_app = typer.Typer(help="Run and maintain the server.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
+app.command("login")(auth.login)
+app.command("whoami")(auth.whoami)
+app.add_typer(apps.app_app, name="app")
+app.add_typer(jobs.job_app, name="job")
+app.add_typer(queue.queue_app, name="queue")
+app.command("events")(events.events)
+app.command("analytics")(analytics.analytics)
+app.command("launcher")(__import__("balsam_grpc.cli.launcher", fromlist=["launcher"]).launcher)
+app.add_typer(__import__("balsam_grpc.cli.site", fromlist=["site_app"]).site_app, name="site")
+app.add_typer(__import__("balsam_grpc.cli.transfers", fromlist=["transfers_app"]).transfers_app, name="transfers")
 
 
 @server_app.command("start")

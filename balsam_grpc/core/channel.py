@@ -14,6 +14,7 @@ launcher).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 PING_TIMEOUT_MS = 10_000
+# The server accepts a ping at most every 5 s (server.app); a shorter interval earns GOAWAY.
+MIN_KEEPALIVE_TIME_MS = 5_000
 
 READ_ONLY_PREFIXES = ("Get", "List", "Count")
 READ_ONLY_METHODS = frozenset({"WatchEvents"})
@@ -75,13 +78,27 @@ def service_config() -> str:
     return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
 
 
+def _env_ms(name: str, default: int, minimum: int = 1) -> int:
+    value = os.environ.get(name, "")
+    return max(minimum, int(value)) if value.strip().isdigit() else default
+
+
+def keepalive_ms() -> tuple[int, int]:
+    """(ping interval, ping timeout) in ms. BALSAM_KEEPALIVE_TIME_MS and
+    BALSAM_KEEPALIVE_TIMEOUT_MS override the defaults, so a site on a flaky network (or a
+    fault test) notices a black-holed connection within seconds."""
+    return (_env_ms("BALSAM_KEEPALIVE_TIME_MS", KEEPALIVE_TIME_MS, MIN_KEEPALIVE_TIME_MS),
+            _env_ms("BALSAM_KEEPALIVE_TIMEOUT_MS", KEEPALIVE_TIMEOUT_MS))
+
+
 def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    interval, timeout = keepalive_ms()
     options: dict[str, Any] = {
         "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
         "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
-        "grpc.keepalive_time_ms": KEEPALIVE_TIME_MS,
-        "grpc.keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
-        "grpc.http2.ping_timeout_ms": PING_TIMEOUT_MS,
+        "grpc.keepalive_time_ms": interval,
+        "grpc.keepalive_timeout_ms": timeout,
+        "grpc.http2.ping_timeout_ms": timeout,
         "grpc.keepalive_permit_without_calls": 1,
         # Keep pinging an idle connection (the server allows one ping per 5 s).
         "grpc.http2.max_pings_without_data": 0,

@@ -78,8 +78,15 @@ class Unavailable(BalsamError):
     default_reason = "OVERLOADED"
 
 
+class DeadlineExceeded(BalsamError):
+    """The call's deadline passed before an answer came (raised on the client side)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
 ERRORS_BY_CODE: dict[grpc.StatusCode, type[BalsamError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Aborted,
-                PermissionDenied, Unauthenticated, ResourceExhausted, Unavailable)
+                PermissionDenied, Unauthenticated, ResourceExhausted, Unavailable, DeadlineExceeded)
 }

@@ -24,6 +24,9 @@ def clean_workdir(workdir: str, field: str = "workdir") -> str:
     norm = posixpath.normpath(workdir)
     if norm == "." or norm == ".." or norm.startswith("../"):
         raise InvalidArgument(f"{field} {workdir!r} escapes the site's data folder", field=field)
+    if norm.startswith("~"):  # "a/../~" normalises to "~", which a shell expands to a home directory
+        raise InvalidArgument(f"{field} {workdir!r} must be relative to the site's data folder, not start at '~'",
+                              field=field)
     return norm
 
 

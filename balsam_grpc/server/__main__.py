@@ -8,6 +8,7 @@ import asyncio
 from balsam_grpc.core.logging import configure_logging
 from balsam_grpc.server.app import serve
 from balsam_grpc.server.state import ServerSettings
+from balsam_grpc.server.store.db import relax_gc
 
 
 def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
@@ -37,6 +38,7 @@ def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
     settings = settings_from_args(argv)
+    relax_gc()  # process-wide, so decided by the server process, not by a library object
     asyncio.run(serve(settings))
 
 

@@ -11,55 +11,45 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from balsam_grpc.core.services import SERVICES
+from balsam_grpc.server import wire
 from balsam_grpc.server.state import ServerSettings, ServerState
 from balsam_grpc.server.store.db import Database
 from balsam_grpc.server.store.migrate import upgrade
-from balsam_grpc.v1 import (
-    app_service_pb2_grpc,
-    auth_service_pb2_grpc,
-    batch_job_service_pb2_grpc,
-    event_service_pb2_grpc,
-    job_service_pb2_grpc,
-    session_service_pb2_grpc,
-    site_service_pb2_grpc,
-    transfer_item_service_pb2_grpc,
-)
 
 log = structlog.get_logger("balsam.server")
 
-SERVICE_MODULES = (
-    site_service_pb2_grpc, app_service_pb2_grpc, job_service_pb2_grpc, batch_job_service_pb2_grpc,
-    transfer_item_service_pb2_grpc, session_service_pb2_grpc, event_service_pb2_grpc, auth_service_pb2_grpc,
-)
-
 
 def service_names() -> list[str]:
-    names = []
-    for module in SERVICE_MODULES:
-        pb2 = __import__(module.__name__.removesuffix("_grpc"), fromlist=["DESCRIPTOR"])
-        names += [s.full_name for s in pb2.DESCRIPTOR.services_by_name.values()]
-    return names
+    return [s.full_name for s in SERVICES.values()]
 
 
 def channel_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Detect dead peers on long streams: ping every 20 s, give up after 10 s.
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        # Detect dead peers on long streams: ping every 20 s, give up after 10 s (settings).
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.http2.ping_timeout_ms", settings.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         # Let clients ping as often as every 5 s without GOAWAY too_many_pings.
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC core sheds calls the event loop has not picked up yet beyond 1,000 (hard
+        # 3,000) by cancelling them (CANCELLED, which no client retries). Let the admission
+        # control (server/admission.py) answer them instead: RESOURCE_EXHAUSTED SERVER_BUSY
+        # with a retry delay costs microseconds per call.
+        ("grpc.server.max_pending_requests", settings.max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_requests),
     ]
 
 
 def _add_servicers(server: grpc.aio.Server, state: ServerState) -> None:
     from balsam_grpc.server.services import registry
 
-    for add, servicer in registry.servicers(state):
-        add(servicer, server)
+    for name, servicer in registry.servicers(state).items():
+        wire.register(server, servicer, SERVICES[name].descriptor)
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -98,6 +88,10 @@ class BalsamServer:
                 "or --allow-insecure-remote if the network is trusted")
         await asyncio.to_thread(upgrade, settings.database_url)
         self.db = Database(settings.database_url)
+        # No site daemon holds a stream before this server serves: clear what a crash left.
+        from balsam_grpc.server.store.sites import reset_connected
+
+        await self.db.write(reset_connected)
         self.state = ServerState(settings, self.db)
         self.server = grpc.aio.server(options=channel_options(settings))
         _add_servicers(self.server, self.state)
@@ -112,6 +106,7 @@ class BalsamServer:
             raise SystemExit(f"could not bind {settings.address}: address in use or not available")
         await self.server.start()
         await self._bootstrap()
+        await self.state.sessions.start()
         for name in ["", *service_names()]:
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("server started", address=settings.address, port=self.port, tls=creds is not None,
@@ -137,6 +132,7 @@ class BalsamServer:
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("server draining", grace_seconds=grace)
         await self.server.stop(grace)
+        await self.state.sessions.stop()
         await asyncio.to_thread(self.db.dispose)
         self.server = None
         log.info("server stopped")

@@ -7,14 +7,17 @@ import hashlib
 import hmac
 import os
 import time
+from collections.abc import Callable
 
 import grpc
+from sqlalchemy import Connection, select
 
 from balsam_grpc.core.errors import Unauthenticated
 from balsam_grpc.server.convert import aware, utcnow
 from balsam_grpc.server.rpc import Principal
 from balsam_grpc.server.store import users as user_store
 from balsam_grpc.server.store.db import Database
+from balsam_grpc.server.store.tables import tokens
 
 # scrypt parameters (RFC 7914; n=2**14, r=8, p=1 is the common interactive-login choice).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -42,14 +45,21 @@ def verify_password(password: str, stored: str) -> bool:
 class Authenticator:
     """Resolves `authorization: Bearer <token>` to a Principal.
 
-    Resolved tokens are cached for a few seconds: a revocation takes effect within
-    `cache_seconds` (revoke() also drops the cache entry at once in this process).
+    Resolved tokens are cached for a few seconds. A revocation through this server takes
+    effect at once: RevokeToken calls forget(), which drops the cache entry and ends the
+    streams opened with that token (watch()). Another server process sharing the
+    database honours it within `cache_seconds` for calls, and within the stream
+    recheck period (server/stream_guard.py) for open streams.
     """
+
+    MAX_CACHED = 10_000
 
     def __init__(self, db: Database, cache_seconds: float = 5.0) -> None:
         self.db = db
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Principal, float]] = {}
+        self._expiry: dict[str, float] = {}  # token id -> expiry (epoch seconds)
+        self._watchers: dict[str, dict[int, Callable[[Unauthenticated], None]]] = {}
 
     @staticmethod
     def _bearer(context: grpc.aio.ServicerContext) -> str:
@@ -79,10 +89,60 @@ class Authenticator:
             raise Unauthenticated("token expired; log in again with 'balsamctl login'")
         principal = Principal(user_id=row["user_id"], username=row["username"], admin=row["admin"],
                               token_id=row["id"], scope=row["scope"], site_id=row["site_id"])
+        if len(self._cache) >= self.MAX_CACHED:
+            self._prune(now)
         self._cache[secret] = (now + self.cache_seconds, principal, expires)
+        self._expiry[principal.token_id] = expires
         return principal
 
-    def forget(self, token_id: str) -> None:
+    def _prune(self, now: float) -> None:
+        for key, (until, _, _) in list(self._cache.items()):
+            if until <= now:
+                del self._cache[key]
+        for token_id, expires in list(self._expiry.items()):
+            if expires <= now and token_id not in self._watchers:
+                del self._expiry[token_id]
+
+    def expiry(self, token_id: str) -> float | None:
+        """When a token resolved by this server expires (epoch seconds)."""
+        return self._expiry.get(token_id)
+
+    def forget(self, token_id: str, reason: str = "token revoked; log in again with 'balsamctl login'") -> None:
+        """The token was revoked: no cached answer for it, and its streams end now."""
         for secret, (_, principal, _) in list(self._cache.items()):
             if principal.token_id == token_id:
                 del self._cache[secret]
+        for callback in list(self._watchers.get(token_id, {}).values()):
+            callback(Unauthenticated(reason))
+
+    def watch(self, token_id: str, callback: Callable[[Unauthenticated], None]) -> Callable[[], None]:
+        """Call `callback` when `token_id` is revoked here; returns the unwatch function."""
+        watchers = self._watchers.setdefault(token_id, {})
+        key = id(callback)
+        watchers[key] = callback
+
+        def unwatch() -> None:
+            found = self._watchers.get(token_id)
+            if found is not None:
+                found.pop(key, None)
+                if not found:
+                    del self._watchers[token_id]
+
+        return unwatch
+
+    async def recheck(self, token_id: str) -> Unauthenticated | None:
+        """Read the token's row again (another server may have revoked it): why it is no
+        longer valid, or None while it still is."""
+        row = await self.db.read(_token_state, token_id)
+        if row is None:
+            return Unauthenticated("the token no longer exists; log in again with 'balsamctl login'")
+        if row["revoked"]:
+            return Unauthenticated("token revoked; log in again with 'balsamctl login'")
+        if aware(row["expire_time"]).timestamp() <= utcnow().timestamp():
+            return Unauthenticated("token expired; log in again with 'balsamctl login'")
+        return None
+
+
+def _token_state(conn: Connection, token_id: str) -> dict[str, object] | None:
+    row = conn.execute(select(tokens.c.revoked, tokens.c.expire_time).where(tokens.c.id == token_id)).first()
+    return dict(row._mapping) if row else None

@@ -57,16 +57,47 @@ def to_timestamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def from_timestamp(ts: timestamp_pb2.Timestamp, present: bool = True) -> datetime | None:
+def from_timestamp(ts: timestamp_pb2.Timestamp, present: bool = True, *, field: str = "timestamp") -> datetime | None:
     if not present or (ts.seconds == 0 and ts.nanos == 0):
         return None
-    return ts.ToDatetime(tzinfo=UTC)
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):  # outside 0001-01-01..9999-12-31 or nanos out of range
+        raise InvalidArgument(f"{field} (seconds={ts.seconds}, nanos={ts.nanos}) is not a valid time: seconds must "
+                              "be within years 1 to 9999 and nanos within 0..999999999", field=field) from None
 
 
-def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(s)
+def struct_to_dict(s: struct_pb2.Struct, field: str = "data") -> dict[str, Any]:
+    try:
+        return json_format.MessageToDict(s)
+    except ValueError:  # NaN or +-Infinity in a number_value: JSON (and JSONB) has no such number
+        raise InvalidArgument(f"{field} holds NaN or Infinity, which JSON cannot represent; send null or a "
+                              "string instead", field=field) from None
 
 
 def dict_to_struct(d: dict[str, Any] | None, out: struct_pb2.Struct) -> None:
     if d:
         out.update(d)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SHARED_TIMESTAMPS: dict[datetime | int, timestamp_pb2.Timestamp] = {}
+
+
+def shared_timestamp(dt: datetime | int) -> timestamp_pb2.Timestamp:
+    """A Timestamp for `dt` (a datetime, or integer microseconds since the epoch) to copy
+    from (CopyFrom), never to modify: jobs created or changed together share their
+    times, so converting a page of rows mostly hits this bounded cache instead of
+    Timestamp.FromDatetime."""
+    ts = _SHARED_TIMESTAMPS.get(dt)
+    if ts is None:
+        if isinstance(dt, int):
+            seconds, micros = divmod(dt, 1_000_000)
+            ts = timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
+        else:
+            delta = aware(dt) - _EPOCH
+            ts = timestamp_pb2.Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
+        if len(_SHARED_TIMESTAMPS) >= 8192:
+            _SHARED_TIMESTAMPS.clear()
+        _SHARED_TIMESTAMPS[dt] = ts
+    return ts

@@ -9,6 +9,8 @@ UNKNOWN and never a stack trace sent to the caller.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import time
 import uuid
@@ -22,7 +24,14 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from balsam_grpc.core.errors import ERROR_DOMAIN, BalsamError, PermissionDenied
+from balsam_grpc.core.errors import (
+    ERROR_DOMAIN,
+    BalsamError,
+    PermissionDenied,
+    Unavailable,
+)
+from balsam_grpc.server.stream_guard import StreamGuard
+from balsam_grpc.server.unstorable import nul_refusal
 
 log = structlog.get_logger("balsam.rpc")
 
@@ -58,7 +67,15 @@ def to_status(err: BalsamError) -> grpc.Status:
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
-    return rpc_status.to_status(status)
+    converted = rpc_status.to_status(status)
+    extra = getattr(err, "trailing_metadata", ())  # e.g. retry-after-ms (server/admission.py)
+    if extra:
+        converted = _Status(converted.code, converted.details, (*converted.trailing_metadata, *extra))
+    return converted
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    """A status with extra trailers (grpc_status's own type has no room for them)."""
 
 
 def _internal_status(incident: str) -> grpc.Status:
@@ -78,8 +95,37 @@ def _method_name(fn: Callable[..., Any]) -> str:
     return fn.__qualname__.replace("Servicer", "")
 
 
-async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseException, started: float) -> None:
+def database_unavailable(exc: BaseException) -> Unavailable | None:
+    """The database went away (PostgreSQL restarting, a connection cut, the pool out of
+    connections): UNAVAILABLE, which callers retry (mutations with their request_id), not
+    INTERNAL. SQLAlchemy has already invalidated the dead pooled connections."""
+    from sqlalchemy import exc as sa_exc
+
+    transient = isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError) or (
+        isinstance(exc, sa_exc.DBAPIError) and (exc.connection_invalidated or _connection_error(exc.orig)))
+    if not transient:
+        return None
+    return Unavailable("the database is unavailable; retry shortly", reason="DATABASE_UNAVAILABLE")
+
+
+def _connection_error(orig: BaseException | None) -> bool:
+    # psycopg raises OperationalError for refused, lost and administrator-terminated
+    # connections (SQLite's OperationalError also means locked or malformed: not these).
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a server dependency
+        return False
+    return isinstance(orig, psycopg.OperationalError)
+
+
+async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseException, started: float,
+                request: Any = None) -> None:
     elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+    exc = nul_refusal(exc, request) or exc
+    unavailable = database_unavailable(exc)
+    if unavailable is not None:
+        log.warning("rpc failed: database unavailable", method=method, ms=elapsed_ms, error=(str(exc).splitlines() or [""])[0])
+        exc = unavailable
     if isinstance(exc, BalsamError):
         log.info("rpc refused", method=method, code=exc.code.name, reason=exc.reason,
                  error=exc.message, ms=elapsed_ms)
@@ -100,11 +146,15 @@ def unary(*, public: bool = False) -> Callable[[Handler], Callable[..., Awaitabl
             started = time.perf_counter()
             try:
                 principal = None if public else await self.state.auth.authenticate(context)
-                return await fn(self, request, context, principal)
+                slot = self.state.admission.admit(principal.user_id if principal else None)
+                try:
+                    return await fn(self, request, context, principal)
+                finally:
+                    slot.release()
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status right here
-                await _fail(context, method, exc, started)
+                await _fail(context, method, exc, started, request)
 
         return wrapper
 
@@ -119,13 +169,31 @@ def stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
+        guard = release = None
         try:
             principal = await self.state.auth.authenticate(context)
+            release = self.state.admission.open_stream(principal.user_id)
+            # Ends the stream when its token is revoked or expires (server/stream_guard.py).
+            guard = StreamGuard(self.state.auth, principal,
+                                recheck_seconds=self.state.settings.stream_token_recheck_seconds)
             async for item in fn(self, request, context, principal):
+                guard.check()
+                guard.sending = True
                 yield item
+                guard.sending = False
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            reason = guard.absorb() if guard is not None else None
+            if reason is None:
+                raise
+            await _fail(context, method, reason, started)
         except Exception as exc:  # noqa: BLE001
-            await _fail(context, method, exc, started)
+            await _fail(context, method, exc, started, request)
+        finally:
+            if guard is not None:
+                guard.close()
+            if release is not None:
+                release()
 
     return wrapper

@@ -7,8 +7,16 @@ import os
 from dataclasses import dataclass, field
 
 from balsam_grpc.core.settings import DEFAULT_ADDRESS, default_database_url
+from balsam_grpc.server.admission import Admission, AdmissionLimits, LoginLimiter, LoginLimits
 from balsam_grpc.server.auth import Authenticator
+from balsam_grpc.server.fanout import Fanout
+from balsam_grpc.server.session_keeper import SessionKeeper
 from balsam_grpc.server.store.db import Database
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
 
 
 @dataclass
@@ -27,10 +35,32 @@ class ServerSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     token_ttl_seconds: int = 30 * 24 * 3600
     grace_seconds: float = 5.0
+    # Admission control (server/admission.py): overload is refused with RESOURCE_EXHAUSTED.
+    max_unary_in_flight: int = 512
+    max_unary_in_flight_per_user: int = 128
+    max_streams_per_user: int = 2000
+    busy_retry_after_ms: int = 250
+    # Calls gRPC core may queue before the event loop takes them (then admission decides).
+    max_pending_requests: int = 20_000
+    # Login attempts: after this many wrong passwords for a user (or from one address)
+    # within the window, Login is refused for the lockout time.
+    login_max_failures_per_user: int = 5
+    login_max_failures_per_address: int = 20
+    login_window_seconds: float = 300.0
+    login_lockout_seconds: float = 60.0
+    # Open streams re-read their token this often (revocation through another server).
+    stream_token_recheck_seconds: float = 30.0
+    # Pings on every connection find dead peers (a site or launcher behind a black hole):
+    # without them a half-open stream holds its site or session until TCP gives up.
+    keepalive_time_ms: int = field(default_factory=lambda: _env_int("BALSAM_SERVER_KEEPALIVE_TIME_MS", 20_000))
+    keepalive_timeout_ms: int = field(default_factory=lambda: _env_int("BALSAM_SERVER_KEEPALIVE_TIMEOUT_MS", 10_000))
 
 
 class EventBus:
-    """Wakes watchers when committed events pass their cursor (no polling)."""
+    """The highest committed event id, and a wake-up when it grows (no polling).
+
+    Its one waiter is the Fanout (server/fanout.py), which reads the new events once and
+    wakes only the streams they concern."""
 
     def __init__(self) -> None:
         self.high_water = 0
@@ -58,5 +88,17 @@ class ServerState:
         self.settings = settings
         self.db = db
         self.auth = Authenticator(db)
+        self.admission = Admission(AdmissionLimits(
+            max_unary_in_flight=settings.max_unary_in_flight,
+            max_unary_in_flight_per_user=settings.max_unary_in_flight_per_user,
+            max_streams_per_user=settings.max_streams_per_user, retry_after_ms=settings.busy_retry_after_ms))
+        self.logins = LoginLimiter(LoginLimits(
+            max_failures_per_user=settings.login_max_failures_per_user,
+            max_failures_per_address=settings.login_max_failures_per_address,
+            window_seconds=settings.login_window_seconds, lockout_seconds=settings.login_lockout_seconds))
         self.bus = EventBus()
         db.on_events = self.bus.published
+        # Site streams, launcher sessions and event watchers subscribe here.
+        self.fanout = Fanout(db, self.bus)
+        # Launcher session liveness: started and stopped with the server (app.py).
+        self.sessions = SessionKeeper(db, settings.lease_timeout_seconds)

@@ -30,7 +30,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61lsam/v1/session_service.proto\x12\tbalsam.v1\x1a\x13\x62\x61lsam/v1/app.proto\x1a\x16\x62\x61lsam/v1/common.proto\x1a\x13\x62\x61lsam/v1/job.proto\x1a\x17\x62\x61lsam/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n\rSessionFilter\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x10\n\x08site_ids\x18\x02 \x03(\x03\x12\x15\n\rbatch_job_ids\x18\x03 \x03(\x03\x12\'\n\x06states\x18\x04 \x03(\x0e\x32\x17.balsam.v1.SessionState\"\x1f\n\x11GetSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x12GetSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.balsam.v1.Session\"f\n\x13ListSessionsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.balsam.v1.SessionFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.balsam.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14\x44\x65leteSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x15\x44\x65leteSessionResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\xc5\x01\n\x0bSessionOpen\x12\x0f\n\x07site_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x62\x61tch_job_id\x18\x02 \x01(\x03\x12$\n\x08job_mode\x18\x03 \x01(\x0e\x32\x12.balsam.v1.JobMode\x12\"\n\x05nodes\x18\x04 \x03(\x0b\x32\x13.balsam.v1.NodeInfo\x12\x19\n\x11resume_session_id\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x18\n\x10launcher_version\x18\x07 \x01(\t\"\x89\x02\n\rSessionCredit\x12\x10\n\x08max_jobs\x18\x01 \x01(\x05\x12\x12\n\nfree_nodes\x18\x02 \x01(\x01\x12\x19\n\x11max_nodes_per_job\x18\x03 \x01(\x05\x12\x1f\n\x17wall_time_remaining_min\x18\x04 \x01(\x05\x12\x13\n\x0bserial_only\x18\x05 \x01(\x08\x12=\n\x0b\x66ilter_tags\x18\x06 \x03(\x0b\x32(.balsam.v1.SessionCredit.FilterTagsEntry\x12\x0f\n\x07\x61pp_ids\x18\x07 \x03(\x03\x1a\x31\n\x0f\x46ilterTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x02\n\rJobTransition\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\x03\x12\x18\n\x10lease_generation\x18\x03 \x01(\x03\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.balsam.v1.JobState\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x0breturn_code\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nerror_tail\x18\x07 \x01(\t\x12%\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07message\x18\t \x01(\tB\x0e\n\x0c_return_code\"A\n\x10TransitionReport\x12-\n\x0btransitions\x18\x01 \x03(\x0b\x32\x18.balsam.v1.JobTransition\"\xac\x01\n\x1cSessionServiceConnectRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.balsam.v1.SessionOpenH\x00\x12*\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x18.balsam.v1.SessionCreditH\x00\x12-\n\x06report\x18\x03 \x01(\x0b\x32\x1b.balsam.v1.TransitionReportH\x00\x42\t\n\x07message\"\x9b\x01\n\rSessionOpened\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.balsam.v1.Session\x12\x1d\n\x15lease_timeout_seconds\x18\x02 \x01(\x05\x12\x1b\n\x13\x61pplied_through_seq\x18\x03 \x01(\x03\x12)\n\x0bleased_jobs\x18\x04 \x03(\x0b\x32\x14.balsam.v1.LeasedJob\"_\n\tLeasedJob\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.balsam.v1.Job\x12\x1b\n\x03\x61pp\x18\x02 \x01(\x0b\x32\x0e.balsam.v1.App\x12\x18\n\x10lease_generation\x18\x03 \x01(\x03\"/\n\tJobLeases\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.balsam.v1.LeasedJob\"a\n\x13TransitionRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"`\n\rTransitionAck\x12\x1b\n\x13\x61pplied_through_seq\x18\x01 \x01(\x03\x12\x32\n\nrejections\x18\x02 \x03(\x0b\x32\x1e.balsam.v1.TransitionRejection\"+\n\x08KillJobs\x12\x0f\n\x07job_ids\x18\x01 \x03(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcc\x01\n\x1dSessionServiceConnectResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.balsam.v1.SessionOpenedH\x00\x12&\n\x06leases\x18\x02 \x01(\x0b\x32\x14.balsam.v1.JobLeasesH\x00\x12\'\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x18.balsam.v1.TransitionAckH\x00\x12#\n\x04kill\x18\x04 \x01(\x0b\x32\x13.balsam.v1.KillJobsH\x00\x42\t\n\x07message2\xe2\x02\n\x0eSessionService\x12I\n\nGetSession\x12\x1c.balsam.v1.GetSessionRequest\x1a\x1d.balsam.v1.GetSessionResponse\x12O\n\x0cListSessions\x12\x1e.balsam.v1.ListSessionsRequest\x1a\x1f.balsam.v1.ListSessionsResponse\x12R\n\rDeleteSession\x12\x1f.balsam.v1.DeleteSessionRequest\x1a .balsam.v1.DeleteSessionResponse\x12`\n\x07\x43onnect\x12\'.balsam.v1.SessionServiceConnectRequest\x1a(.balsam.v1.SessionServiceConnectResponse(\x01\x30\x01\x42>Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61lsam/v1/session_service.proto\x12\tbalsam.v1\x1a\x13\x62\x61lsam/v1/app.proto\x1a\x16\x62\x61lsam/v1/common.proto\x1a\x13\x62\x61lsam/v1/job.proto\x1a\x17\x62\x61lsam/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n\rSessionFilter\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x10\n\x08site_ids\x18\x02 \x03(\x03\x12\x15\n\rbatch_job_ids\x18\x03 \x03(\x03\x12\'\n\x06states\x18\x04 \x03(\x0e\x32\x17.balsam.v1.SessionState\"\x1f\n\x11GetSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x12GetSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.balsam.v1.Session\"f\n\x13ListSessionsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.balsam.v1.SessionFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.balsam.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14\x44\x65leteSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x15\x44\x65leteSessionResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\xc5\x01\n\x0bSessionOpen\x12\x0f\n\x07site_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x62\x61tch_job_id\x18\x02 \x01(\x03\x12$\n\x08job_mode\x18\x03 \x01(\x0e\x32\x12.balsam.v1.JobMode\x12\"\n\x05nodes\x18\x04 \x03(\x0b\x32\x13.balsam.v1.NodeInfo\x12\x19\n\x11resume_session_id\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x18\n\x10launcher_version\x18\x07 \x01(\t\"\xbb\x02\n\rSessionCredit\x12\x10\n\x08max_jobs\x18\x01 \x01(\x05\x12\x12\n\nfree_nodes\x18\x02 \x01(\x01\x12\x19\n\x11max_nodes_per_job\x18\x03 \x01(\x05\x12\x1f\n\x17wall_time_remaining_min\x18\x04 \x01(\x05\x12\x13\n\x0bserial_only\x18\x05 \x01(\x08\x12=\n\x0b\x66ilter_tags\x18\x06 \x03(\x0b\x32(.balsam.v1.SessionCredit.FilterTagsEntry\x12\x0f\n\x07\x61pp_ids\x18\x07 \x03(\x03\x12\x1c\n\x0fleases_received\x18\x08 \x01(\x03H\x00\x88\x01\x01\x1a\x31\n\x0f\x46ilterTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x12\n\x10_leases_received\"\x8a\x02\n\rJobTransition\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\x03\x12\x18\n\x10lease_generation\x18\x03 \x01(\x03\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.balsam.v1.JobState\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x0breturn_code\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nerror_tail\x18\x07 \x01(\t\x12%\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07message\x18\t \x01(\tB\x0e\n\x0c_return_code\"A\n\x10TransitionReport\x12-\n\x0btransitions\x18\x01 \x03(\x0b\x32\x18.balsam.v1.JobTransition\"\xd6\x01\n\x1cSessionServiceConnectRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.balsam.v1.SessionOpenH\x00\x12*\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x18.balsam.v1.SessionCreditH\x00\x12-\n\x06report\x18\x03 \x01(\x0b\x32\x1b.balsam.v1.TransitionReportH\x00\x12(\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x17.balsam.v1.SessionCloseH\x00\x42\t\n\x07message\"\x1e\n\x0cSessionClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9b\x01\n\rSessionOpened\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.balsam.v1.Session\x12\x1d\n\x15lease_timeout_seconds\x18\x02 \x01(\x05\x12\x1b\n\x13\x61pplied_through_seq\x18\x03 \x01(\x03\x12)\n\x0bleased_jobs\x18\x04 \x03(\x0b\x32\x14.balsam.v1.LeasedJob\"_\n\tLeasedJob\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.balsam.v1.Job\x12\x1b\n\x03\x61pp\x18\x02 \x01(\x0b\x32\x0e.balsam.v1.App\x12\x18\n\x10lease_generation\x18\x03 \x01(\x03\"/\n\tJobLeases\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.balsam.v1.LeasedJob\"a\n\x13TransitionRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"`\n\rTransitionAck\x12\x1b\n\x13\x61pplied_through_seq\x18\x01 \x01(\x03\x12\x32\n\nrejections\x18\x02 \x03(\x0b\x32\x1e.balsam.v1.TransitionRejection\"+\n\x08KillJobs\x12\x0f\n\x07job_ids\x18\x01 \x03(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcc\x01\n\x1dSessionServiceConnectResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.balsam.v1.SessionOpenedH\x00\x12&\n\x06leases\x18\x02 \x01(\x0b\x32\x14.balsam.v1.JobLeasesH\x00\x12\'\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x18.balsam.v1.TransitionAckH\x00\x12#\n\x04kill\x18\x04 \x01(\x0b\x32\x13.balsam.v1.KillJobsH\x00\x42\t\n\x07message2\xe2\x02\n\x0eSessionService\x12I\n\nGetSession\x12\x1c.balsam.v1.GetSessionRequest\x1a\x1d.balsam.v1.GetSessionResponse\x12O\n\x0cListSessions\x12\x1e.balsam.v1.ListSessionsRequest\x1a\x1f.balsam.v1.ListSessionsResponse\x12R\n\rDeleteSession\x12\x1f.balsam.v1.DeleteSessionRequest\x1a .balsam.v1.DeleteSessionResponse\x12`\n\x07\x43onnect\x12\'.balsam.v1.SessionServiceConnectRequest\x1a(.balsam.v1.SessionServiceConnectResponse(\x01\x30\x01\x42>Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,29 +57,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONOPEN']._serialized_start=669
   _globals['_SESSIONOPEN']._serialized_end=866
   _globals['_SESSIONCREDIT']._serialized_start=869
-  _globals['_SESSIONCREDIT']._serialized_end=1134
-  _globals['_SESSIONCREDIT_FILTERTAGSENTRY']._serialized_start=1085
-  _globals['_SESSIONCREDIT_FILTERTAGSENTRY']._serialized_end=1134
-  _globals['_JOBTRANSITION']._serialized_start=1137
-  _globals['_JOBTRANSITION']._serialized_end=1403
-  _globals['_TRANSITIONREPORT']._serialized_start=1405
-  _globals['_TRANSITIONREPORT']._serialized_end=1470
-  _globals['_SESSIONSERVICECONNECTREQUEST']._serialized_start=1473
-  _globals['_SESSIONSERVICECONNECTREQUEST']._serialized_end=1645
-  _globals['_SESSIONOPENED']._serialized_start=1648
-  _globals['_SESSIONOPENED']._serialized_end=1803
-  _globals['_LEASEDJOB']._serialized_start=1805
-  _globals['_LEASEDJOB']._serialized_end=1900
-  _globals['_JOBLEASES']._serialized_start=1902
-  _globals['_JOBLEASES']._serialized_end=1949
-  _globals['_TRANSITIONREJECTION']._serialized_start=1951
-  _globals['_TRANSITIONREJECTION']._serialized_end=2048
-  _globals['_TRANSITIONACK']._serialized_start=2050
-  _globals['_TRANSITIONACK']._serialized_end=2146
-  _globals['_KILLJOBS']._serialized_start=2148
-  _globals['_KILLJOBS']._serialized_end=2191
-  _globals['_SESSIONSERVICECONNECTRESPONSE']._serialized_start=2194
-  _globals['_SESSIONSERVICECONNECTRESPONSE']._serialized_end=2398
-  _globals['_SESSIONSERVICE']._serialized_start=2401
-  _globals['_SESSIONSERVICE']._serialized_end=2755
+  _globals['_SESSIONCREDIT']._serialized_end=1184
+  _globals['_SESSIONCREDIT_FILTERTAGSENTRY']._serialized_start=1115
+  _globals['_SESSIONCREDIT_FILTERTAGSENTRY']._serialized_end=1164
+  _globals['_JOBTRANSITION']._serialized_start=1187
+  _globals['_JOBTRANSITION']._serialized_end=1453
+  _globals['_TRANSITIONREPORT']._serialized_start=1455
+  _globals['_TRANSITIONREPORT']._serialized_end=1520
+  _globals['_SESSIONSERVICECONNECTREQUEST']._serialized_start=1523
+  _globals['_SESSIONSERVICECONNECTREQUEST']._serialized_end=1737
+  _globals['_SESSIONCLOSE']._serialized_start=1739
+  _globals['_SESSIONCLOSE']._serialized_end=1769
+  _globals['_SESSIONOPENED']._serialized_start=1772
+  _globals['_SESSIONOPENED']._serialized_end=1927
+  _globals['_LEASEDJOB']._serialized_start=1929
+  _globals['_LEASEDJOB']._serialized_end=2024
+  _globals['_JOBLEASES']._serialized_start=2026
+  _globals['_JOBLEASES']._serialized_end=2073
+  _globals['_TRANSITIONREJECTION']._serialized_start=2075
+  _globals['_TRANSITIONREJECTION']._serialized_end=2172
+  _globals['_TRANSITIONACK']._serialized_start=2174
+  _globals['_TRANSITIONACK']._serialized_end=2270
+  _globals['_KILLJOBS']._serialized_start=2272
+  _globals['_KILLJOBS']._serialized_end=2315
+  _globals['_SESSIONSERVICECONNECTRESPONSE']._serialized_start=2318
+  _globals['_SESSIONSERVICECONNECTRESPONSE']._serialized_end=2522
+  _globals['_SESSIONSERVICE']._serialized_start=2525
+  _globals['_SESSIONSERVICE']._serialized_end=2879
 # @@protoc_insertion_point(module_scope)

@@ -87,7 +87,7 @@ class SessionOpen(_message.Message):
     def __init__(self, site_id: _Optional[int] = ..., batch_job_id: _Optional[int] = ..., job_mode: _Optional[_Union[_common_pb2.JobMode, str]] = ..., nodes: _Optional[_Iterable[_Union[_session_pb2.NodeInfo, _Mapping]]] = ..., resume_session_id: _Optional[str] = ..., hostname: _Optional[str] = ..., launcher_version: _Optional[str] = ...) -> None: ...
 
 class SessionCredit(_message.Message):
-    __slots__ = ("max_jobs", "free_nodes", "max_nodes_per_job", "wall_time_remaining_min", "serial_only", "filter_tags", "app_ids")
+    __slots__ = ("max_jobs", "free_nodes", "max_nodes_per_job", "wall_time_remaining_min", "serial_only", "filter_tags", "app_ids", "leases_received")
     class FilterTagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class SessionCredit(_message.Message):
     SERIAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     FILTER_TAGS_FIELD_NUMBER: _ClassVar[int]
     APP_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     max_jobs: int
     free_nodes: float
     max_nodes_per_job: int
@@ -109,7 +110,8 @@ class SessionCredit(_message.Message):
     serial_only: bool
     filter_tags: _containers.ScalarMap[str, str]
     app_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, max_jobs: _Optional[int] = ..., free_nodes: _Optional[float] = ..., max_nodes_per_job: _Optional[int] = ..., wall_time_remaining_min: _Optional[int] = ..., serial_only: _Optional[bool] = ..., filter_tags: _Optional[_Mapping[str, str]] = ..., app_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    leases_received: int
+    def __init__(self, max_jobs: _Optional[int] = ..., free_nodes: _Optional[float] = ..., max_nodes_per_job: _Optional[int] = ..., wall_time_remaining_min: _Optional[int] = ..., serial_only: _Optional[bool] = ..., filter_tags: _Optional[_Mapping[str, str]] = ..., app_ids: _Optional[_Iterable[int]] = ..., leases_received: _Optional[int] = ...) -> None: ...
 
 class JobTransition(_message.Message):
     __slots__ = ("seq", "job_id", "lease_generation", "state", "time", "return_code", "error_tail", "data", "message")
@@ -140,14 +142,22 @@ class TransitionReport(_message.Message):
     def __init__(self, transitions: _Optional[_Iterable[_Union[JobTransition, _Mapping]]] = ...) -> None: ...
 
 class SessionServiceConnectRequest(_message.Message):
-    __slots__ = ("open", "credit", "report")
+    __slots__ = ("open", "credit", "report", "close")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
     credit: SessionCredit
     report: TransitionReport
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., credit: _Optional[_Union[SessionCredit, _Mapping]] = ..., report: _Optional[_Union[TransitionReport, _Mapping]] = ...) -> None: ...
+    close: SessionClose
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., credit: _Optional[_Union[SessionCredit, _Mapping]] = ..., report: _Optional[_Union[TransitionReport, _Mapping]] = ..., close: _Optional[_Union[SessionClose, _Mapping]] = ...) -> None: ...
+
+class SessionClose(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session", "lease_timeout_seconds", "applied_through_seq", "leased_jobs")

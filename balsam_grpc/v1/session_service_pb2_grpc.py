@@ -88,6 +88,15 @@ class SessionServiceServicer:
         sends kills. The launcher reports transitions with increasing sequence numbers; the
         server acknowledges them and ignores a resent one it already applied. The stream is
         the heartbeat: when it is gone longer than the lease timeout the session expires.
+        A launcher that is done sends `close` and then half-closes its request stream: the
+        session becomes CLOSED (jobs it still holds time out and follow their app's policy)
+        and the server ends the stream with OK. The end of the requests without `close` is
+        treated like a broken stream (a lost connection can look like a half-close): the
+        session stays ACTIVE for the lease timeout so the launcher can resume it.
+        Errors that end the stream: INVALID_ARGUMENT (first message not open, bad field),
+        NOT_FOUND (site, batch job or resumed session), PERMISSION_DENIED (a site token of
+        another site), FAILED_PRECONDITION with reason SESSION_EXPIRED or SESSION_CLOSED (the
+        session cannot be resumed or was closed: open a new one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -290,12 +290,90 @@ class ResultAck(_message.Message):
     errors: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, work_ids: _Optional[_Iterable[str]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class SiteBacklog(_message.Message):
+    __slots__ = ("runnable_jobs", "runnable_node_footprint", "max_job_nodes", "max_wall_time_min", "pending_jobs", "running_jobs", "active_sessions")
+    RUNNABLE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    RUNNABLE_NODE_FOOTPRINT_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOB_NODES_FIELD_NUMBER: _ClassVar[int]
+    MAX_WALL_TIME_MIN_FIELD_NUMBER: _ClassVar[int]
+    PENDING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    runnable_jobs: int
+    runnable_node_footprint: float
+    max_job_nodes: int
+    max_wall_time_min: int
+    pending_jobs: int
+    running_jobs: int
+    active_sessions: int
+    def __init__(self, runnable_jobs: _Optional[int] = ..., runnable_node_footprint: _Optional[float] = ..., max_job_nodes: _Optional[int] = ..., max_wall_time_min: _Optional[int] = ..., pending_jobs: _Optional[int] = ..., running_jobs: _Optional[int] = ..., active_sessions: _Optional[int] = ...) -> None: ...
+
 class SiteServiceConnectResponse(_message.Message):
-    __slots__ = ("welcome", "work", "result_ack")
+    __slots__ = ("welcome", "work", "result_ack", "backlog")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     WORK_FIELD_NUMBER: _ClassVar[int]
     RESULT_ACK_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_FIELD_NUMBER: _ClassVar[int]
     welcome: SiteWelcome
     work: WorkItem
     result_ack: ResultAck
-    def __init__(self, welcome: _Optional[_Union[SiteWelcome, _Mapping]] = ..., work: _Optional[_Union[WorkItem, _Mapping]] = ..., result_ack: _Optional[_Union[ResultAck, _Mapping]] = ...) -> None: ...
+    backlog: SiteBacklog
+    def __init__(self, welcome: _Optional[_Union[SiteWelcome, _Mapping]] = ..., work: _Optional[_Union[WorkItem, _Mapping]] = ..., result_ack: _Optional[_Union[ResultAck, _Mapping]] = ..., backlog: _Optional[_Union[SiteBacklog, _Mapping]] = ...) -> None: ...
+
+class ListSiteStatisticsRequest(_message.Message):
+    __slots__ = ("filter", "window_seconds")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    filter: SiteFilter
+    window_seconds: float
+    def __init__(self, filter: _Optional[_Union[SiteFilter, _Mapping]] = ..., window_seconds: _Optional[float] = ...) -> None: ...
+
+class SiteStatistics(_message.Message):
+    __slots__ = ("site_id", "site_name", "connected", "backlog_jobs", "backlog_node_footprint", "runnable_jobs", "running_jobs", "running_node_footprint", "active_sessions", "held_nodes", "finished_in_window", "failed_in_window", "throughput_per_minute", "started_in_window", "queue_wait_mean_seconds", "queue_wait_p50_seconds", "finishing_jobs", "last_seen_time")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_JOBS_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_NODE_FOOTPRINT_FIELD_NUMBER: _ClassVar[int]
+    RUNNABLE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_NODE_FOOTPRINT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    HELD_NODES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_IN_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    FAILED_IN_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_IN_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_MEAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FINISHING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_TIME_FIELD_NUMBER: _ClassVar[int]
+    site_id: int
+    site_name: str
+    connected: bool
+    backlog_jobs: int
+    backlog_node_footprint: float
+    runnable_jobs: int
+    running_jobs: int
+    running_node_footprint: float
+    active_sessions: int
+    held_nodes: int
+    finished_in_window: int
+    failed_in_window: int
+    throughput_per_minute: float
+    started_in_window: int
+    queue_wait_mean_seconds: float
+    queue_wait_p50_seconds: float
+    finishing_jobs: int
+    last_seen_time: _timestamp_pb2.Timestamp
+    def __init__(self, site_id: _Optional[int] = ..., site_name: _Optional[str] = ..., connected: _Optional[bool] = ..., backlog_jobs: _Optional[int] = ..., backlog_node_footprint: _Optional[float] = ..., runnable_jobs: _Optional[int] = ..., running_jobs: _Optional[int] = ..., running_node_footprint: _Optional[float] = ..., active_sessions: _Optional[int] = ..., held_nodes: _Optional[int] = ..., finished_in_window: _Optional[int] = ..., failed_in_window: _Optional[int] = ..., throughput_per_minute: _Optional[float] = ..., started_in_window: _Optional[int] = ..., queue_wait_mean_seconds: _Optional[float] = ..., queue_wait_p50_seconds: _Optional[float] = ..., finishing_jobs: _Optional[int] = ..., last_seen_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListSiteStatisticsResponse(_message.Message):
+    __slots__ = ("sites", "time", "window_seconds")
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedCompositeFieldContainer[SiteStatistics]
+    time: _timestamp_pb2.Timestamp
+    window_seconds: float
+    def __init__(self, sites: _Optional[_Iterable[_Union[SiteStatistics, _Mapping]]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_seconds: _Optional[float] = ...) -> None: ...

@@ -65,6 +65,11 @@ class SiteServiceStub:
                 request_serializer=balsam_dot_v1_dot_site__service__pb2.SiteServiceConnectRequest.SerializeToString,
                 response_deserializer=balsam_dot_v1_dot_site__service__pb2.SiteServiceConnectResponse.FromString,
                 _registered_method=True)
+        self.ListSiteStatistics = channel.unary_unary(
+                '/balsam.v1.SiteService/ListSiteStatistics',
+                request_serializer=balsam_dot_v1_dot_site__service__pb2.ListSiteStatisticsRequest.SerializeToString,
+                response_deserializer=balsam_dot_v1_dot_site__service__pb2.ListSiteStatisticsResponse.FromString,
+                _registered_method=True)
 
 
 class SiteServiceServicer:
@@ -115,6 +120,15 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSiteStatistics(self, request, context):
+        """Live statistics per site: backlog, running jobs, nodes held by launchers, recent
+        throughput and queue wait, connection. What a router needs to place the next job on
+        the site that will finish it first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=balsam_dot_v1_dot_site__service__pb2.SiteServiceConnectRequest.FromString,
                     response_serializer=balsam_dot_v1_dot_site__service__pb2.SiteServiceConnectResponse.SerializeToString,
+            ),
+            'ListSiteStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSiteStatistics,
+                    request_deserializer=balsam_dot_v1_dot_site__service__pb2.ListSiteStatisticsRequest.FromString,
+                    response_serializer=balsam_dot_v1_dot_site__service__pb2.ListSiteStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +331,33 @@ class SiteService:
             '/balsam.v1.SiteService/Connect',
             balsam_dot_v1_dot_site__service__pb2.SiteServiceConnectRequest.SerializeToString,
             balsam_dot_v1_dot_site__service__pb2.SiteServiceConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSiteStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balsam.v1.SiteService/ListSiteStatistics',
+            balsam_dot_v1_dot_site__service__pb2.ListSiteStatisticsRequest.SerializeToString,
+            balsam_dot_v1_dot_site__service__pb2.ListSiteStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

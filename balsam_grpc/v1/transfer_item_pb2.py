@@ -26,7 +26,7 @@ from balsam_grpc.v1 import common_pb2 as balsam_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61lsam/v1/transfer_item.proto\x12\tbalsam.v1\x1a\x16\x62\x61lsam/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x0fTransferMetrics\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\r\n\x05\x66iles\x18\x02 \x01(\x03\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\"\xa6\x03\n\x0cTransferItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\x03\x12\x0f\n\x07site_id\x18\x03 \x01(\x03\x12/\n\tdirection\x18\x04 \x01(\x0e\x32\x1c.balsam.v1.TransferDirection\x12\x0c\n\x04slot\x18\x05 \x01(\t\x12\x16\n\x0elocation_alias\x18\x06 \x01(\t\x12\x13\n\x0bremote_path\x18\x07 \x01(\t\x12\x12\n\nlocal_path\x18\x08 \x01(\t\x12\x11\n\trecursive\x18\t \x01(\x08\x12\'\n\x05state\x18\n \x01(\x0e\x32\x18.balsam.v1.TransferState\x12\x0f\n\x07task_id\x18\x0b \x01(\t\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12+\n\x07metrics\x18\r \x01(\x0b\x32\x1a.balsam.v1.TransferMetrics\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xba\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSFER_STATE_AWAITING_JOB\x10\x01\x12\x1a\n\x16TRANSFER_STATE_PENDING\x10\x02\x12\x19\n\x15TRANSFER_STATE_ACTIVE\x10\x03\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x04\x12\x18\n\x14TRANSFER_STATE_ERROR\x10\x05\x42>Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61lsam/v1/transfer_item.proto\x12\tbalsam.v1\x1a\x16\x62\x61lsam/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x0fTransferMetrics\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\r\n\x05\x66iles\x18\x02 \x01(\x03\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\"\xbb\x03\n\x0cTransferItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\x03\x12\x0f\n\x07site_id\x18\x03 \x01(\x03\x12/\n\tdirection\x18\x04 \x01(\x0e\x32\x1c.balsam.v1.TransferDirection\x12\x0c\n\x04slot\x18\x05 \x01(\t\x12\x16\n\x0elocation_alias\x18\x06 \x01(\t\x12\x13\n\x0bremote_path\x18\x07 \x01(\t\x12\x12\n\nlocal_path\x18\x08 \x01(\t\x12\x11\n\trecursive\x18\t \x01(\x08\x12\'\n\x05state\x18\n \x01(\x0e\x32\x18.balsam.v1.TransferState\x12\x0f\n\x07task_id\x18\x0b \x01(\t\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12+\n\x07metrics\x18\r \x01(\x0b\x32\x1a.balsam.v1.TransferMetrics\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bjob_workdir\x18\x10 \x01(\t*\xba\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSFER_STATE_AWAITING_JOB\x10\x01\x12\x1a\n\x16TRANSFER_STATE_PENDING\x10\x02\x12\x19\n\x15TRANSFER_STATE_ACTIVE\x10\x03\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x04\x12\x18\n\x14TRANSFER_STATE_ERROR\x10\x05\x42>Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'balsam_grpc.v1.transfer_ite
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1'
-  _globals['_TRANSFERSTATE']._serialized_start=602
-  _globals['_TRANSFERSTATE']._serialized_end=788
+  _globals['_TRANSFERSTATE']._serialized_start=623
+  _globals['_TRANSFERSTATE']._serialized_end=809
   _globals['_TRANSFERMETRICS']._serialized_start=101
   _globals['_TRANSFERMETRICS']._serialized_end=174
   _globals['_TRANSFERITEM']._serialized_start=177
-  _globals['_TRANSFERITEM']._serialized_end=599
+  _globals['_TRANSFERITEM']._serialized_end=620
 # @@protoc_insertion_point(module_scope)

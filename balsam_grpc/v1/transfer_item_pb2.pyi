@@ -36,7 +36,7 @@ class TransferMetrics(_message.Message):
     def __init__(self, bytes: _Optional[int] = ..., files: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
 
 class TransferItem(_message.Message):
-    __slots__ = ("id", "job_id", "site_id", "direction", "slot", "location_alias", "remote_path", "local_path", "recursive", "state", "task_id", "error", "metrics", "create_time", "update_time")
+    __slots__ = ("id", "job_id", "site_id", "direction", "slot", "location_alias", "remote_path", "local_path", "recursive", "state", "task_id", "error", "metrics", "create_time", "update_time", "job_workdir")
     ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class TransferItem(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    JOB_WORKDIR_FIELD_NUMBER: _ClassVar[int]
     id: int
     job_id: int
     site_id: int
@@ -67,4 +68,5 @@ class TransferItem(_message.Message):
     metrics: TransferMetrics
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[int] = ..., job_id: _Optional[int] = ..., site_id: _Optional[int] = ..., direction: _Optional[_Union[_common_pb2.TransferDirection, str]] = ..., slot: _Optional[str] = ..., location_alias: _Optional[str] = ..., remote_path: _Optional[str] = ..., local_path: _Optional[str] = ..., recursive: _Optional[bool] = ..., state: _Optional[_Union[TransferState, str]] = ..., task_id: _Optional[str] = ..., error: _Optional[str] = ..., metrics: _Optional[_Union[TransferMetrics, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    job_workdir: str
+    def __init__(self, id: _Optional[int] = ..., job_id: _Optional[int] = ..., site_id: _Optional[int] = ..., direction: _Optional[_Union[_common_pb2.TransferDirection, str]] = ..., slot: _Optional[str] = ..., location_alias: _Optional[str] = ..., remote_path: _Optional[str] = ..., local_path: _Optional[str] = ..., recursive: _Optional[bool] = ..., state: _Optional[_Union[TransferState, str]] = ..., task_id: _Optional[str] = ..., error: _Optional[str] = ..., metrics: _Optional[_Union[TransferMetrics, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_workdir: _Optional[str] = ...) -> None: ...

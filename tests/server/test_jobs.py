@@ -131,6 +131,8 @@ def test_failed_parent_fails_children_unless_ignored(alice):
     (dict(resources=job_pb2.JobResources(num_nodes=4, node_packing_count=2)), "node_packing_count",
      grpc.StatusCode.INVALID_ARGUMENT),
     (dict(tags={f"k{i}": "v" for i in range(65)}), "tags", grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(tags={"a": "1", "bad key!": "v"}), "key 'bad key!' is invalid", grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(tags={"a": "é" * 2100}), "longer than", grpc.StatusCode.INVALID_ARGUMENT),
     (dict(parameters={"x": "1" * 5000}), "parameters", grpc.StatusCode.INVALID_ARGUMENT),
     (dict(parameters={}), "needs parameter 'x'", grpc.StatusCode.INVALID_ARGUMENT),
     (dict(parameters={"x": "one"}), "not a valid int", grpc.StatusCode.INVALID_ARGUMENT),
@@ -296,3 +298,262 @@ def test_watch_events_streams_changes_and_resumes_from_cursor(alice):
             break
     replay.cancel()
     assert [e.id for e in got] == [e.id for e in received]
+
+
+# ---------------------------------------------------------------------------- fast paths
+# The store takes different routes by batch size and value shape (COPY vs INSERT
+# RETURNING, grouped UPDATEs vs per-row arrays, cached SQL): each route must give the
+# same answers.
+
+
+def test_tag_filters_with_the_same_shape_do_not_reuse_each_others_values(alice):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"t{i}", parameters={"x": "1"}, tags={"shard": str(i % 3)})
+        for i in range(9)]))
+    for shard in ("0", "1", "2"):
+        listed = stub.ListJobs(job_service_pb2.ListJobsRequest(
+            filter=job_pb2.JobFilter(site_ids=[site.id], tags={"shard": shard}))).jobs
+        assert len(listed) == 3 and {j.tags["shard"] for j in listed} == {shard}
+        others = stub.ListJobs(job_service_pb2.ListJobsRequest(
+            filter=job_pb2.JobFilter(site_ids=[site.id], exclude_tags={"shard": shard}))).jobs
+        assert len(others) == 6 and shard not in {j.tags["shard"] for j in others}
+        count = stub.CountJobs(job_service_pb2.CountJobsRequest(
+            filter=job_pb2.JobFilter(site_ids=[site.id], tags={"shard": shard})))
+        assert count.total == 3
+
+
+def _full_job(app_id: int, workdir: str, i: int) -> job_pb2.Job:
+    job = job_pb2.Job(app_id=app_id, workdir=workdir, name=f"näme\t{i}\\", parameters={"x": str(i)},
+                      tags={"kind": "tab\there", "path": "a\\b\nc", "n": str(i)}, priority=i % 5,
+                      resources=job_pb2.JobResources(num_nodes=2, ranks_per_node=4, threads_per_rank=2, threads_per_core=1,
+                                                     gpus_per_rank=1, node_packing_count=1, wall_time_min=30,
+                                                     launch_params={"cpu_bind": "depth"}))
+    job.data.update({"nested": {"list": [1, "two", None], "flag": True}, "text": "line\nbreak\\"})
+    return job
+
+
+@pytest.mark.parametrize("count", [1, 3, 80])  # single INSERT, small batch, COPY
+def test_created_jobs_read_back_exactly_as_sent(alice, count):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    sent = [_full_job(app.id, f"exact/{count}/{i}", i) for i in range(count)]
+    if count == 1:
+        created = [stub.CreateJob(job_service_pb2.CreateJobRequest(job=sent[0])).job]
+    else:
+        created = list(stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
+            jobs=sent, view=job_service_pb2.JOB_VIEW_FULL)).jobs)
+    assert len({j.id for j in created}) == count
+    listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).jobs
+    assert [j.id for j in listed] == [j.id for j in created]  # ids follow request order
+    for job, want, back in zip(created, sent, listed, strict=True):
+        assert job == back
+        assert (back.name, back.workdir, dict(back.tags), dict(back.parameters), back.priority) == (
+            want.name, want.workdir, dict(want.tags), dict(want.parameters), want.priority)
+        assert back.data == want.data and back.resources == want.resources
+        assert back.state == S.JOB_STATE_PREPROCESSED and back.create_time == back.update_time
+    history = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(job_ids=[j.id for j in created]), page_size=1000)).events
+    assert sorted(e.job_id for e in history) == sorted(j.id for j in created)  # one event per job
+    assert all(list(e.data["via"]) == ["READY", "STAGED_IN"] for e in history)
+
+
+@pytest.mark.parametrize("size", [10, 100])  # one INSERT ... ON CONFLICT on PostgreSQL, or COPY
+def test_taken_workdir_in_a_batch_writes_nothing(alice, size):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=app.id, workdir="big/7",
+                                                                     parameters={"x": "1"})))
+    batch = [job_pb2.Job(app_id=app.id, workdir=f"big/{i}", parameters={"x": "1"}) for i in range(size)]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=batch))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "jobs[7].workdir" in err.value.details()
+    assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).total == 1
+
+
+def test_bulk_state_change_updates_every_row_with_one_event_each(alice):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    created = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"u{i}", parameters={"x": "1"}, tags={"u": "1"}) for i in range(300)])).jobs
+    result = stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
+        filter=job_pb2.JobFilter(site_ids=[site.id]), update_mask={"paths": ["state", "state_message"]},
+        patch=job_pb2.Job(state=S.JOB_STATE_RUNNING, state_message="go")))
+    assert result.updated_count == 300 and result.failed_count == 0
+    listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).jobs
+    assert {(j.state, j.state_message) for j in listed} == {(S.JOB_STATE_RUNNING, "go")}
+    assert all(j.state_time.ToDatetime() >= j.create_time.ToDatetime() and j.update_time == j.state_time for j in listed)
+    events = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(job_ids=[j.id for j in created], to_states=[S.JOB_STATE_RUNNING]),
+        page_size=1000)).events
+    assert sorted(e.job_id for e in events) == sorted(j.id for j in created)
+
+
+@pytest.mark.parametrize("shape", ["uniform", "per_row", "json"])
+def test_transitioner_writes_per_row_values(alice, harness, shape):
+    """Per-job extra values (return codes, error tails) survive every write strategy:
+    one UPDATE per value set, one UPDATE over per-row arrays, and executemany."""
+    from balsam_grpc.server.convert import utcnow
+    from balsam_grpc.server.store import jobs as job_store
+    from balsam_grpc.server.store.transitions import Transitioner
+
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    created = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"v{i}", parameters={"x": "1"}) for i in range(20)])).jobs
+    ids = [j.id for j in created]
+    stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
+        filter=job_pb2.JobFilter(ids=ids), patch=job_pb2.Job(state=S.JOB_STATE_RUNNING), update_mask={"paths": ["state"]}))
+
+    def values_for(i: int) -> dict:
+        if shape == "uniform":
+            return {"return_code": 7, "error_tail": "same"}
+        if shape == "per_row":
+            return {"return_code": i, "error_tail": f"tail\t{i}"}
+        return {"return_code": i, "data": {"attempt": i}}
+
+    def work(conn):
+        rows = job_store.select_for_change(conn, job_store.JobQuery(owner_id=alice.user_id, ids=ids), with_tags=False)
+        engine = Transitioner(conn, utcnow())
+        engine.apply(rows, job_store.S.RUN_ERROR, message="boom",
+                     values={r["id"]: values_for(ids.index(r["id"])) for r in rows})
+        engine.flush()
+        return engine.changed
+
+    changed = harness.db.write_sync(work)
+    assert set(changed) == set(ids) and set(changed.values()) == {"FAILED"}  # no hook, no restart policy
+    listed = {j.id: j for j in stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(ids=ids))).jobs}
+    for i, job_id in enumerate(ids):
+        job, want = listed[job_id], values_for(i)
+        assert job.state == S.JOB_STATE_FAILED and job.state_message == "boom" and not job.lease.session_id
+        assert job.return_code == want["return_code"]
+        assert job.error_tail == want.get("error_tail", "")
+        if "data" in want:
+            assert dict(job.data) == want["data"]
+    events = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(job_ids=ids, to_states=[S.JOB_STATE_FAILED]), page_size=100)).events
+    assert sorted(e.job_id for e in events) == sorted(ids)
+    assert {e.job_id: e.data["return_code"] for e in events} == {
+        job_id: values_for(i)["return_code"] for i, job_id in enumerate(ids)}
+    assert all(list(e.data["via"]) == ["RUN_ERROR"] for e in events)
+
+
+def test_json_loads_hands_out_copies():
+    from balsam_grpc.server.store import codec
+
+    first = codec.loads(b'{"a": "1", "b": "2"}')
+    first["a"] = "changed"
+    again = codec.loads(b'{"a": "1", "b": "2"}')
+    assert again == {"a": "1", "b": "2"} and again is not first
+    empty = codec.loads("{}")
+    empty["x"] = 1
+    assert codec.loads("{}") == {} and codec.loads("[]") == [] and codec.loads(" [1, 2]") == [1, 2]
+    assert codec.loads('{"n": {"deep": [1]}}') == {"n": {"deep": [1]}}
+
+
+def test_pooled_connection_cut_while_idle_is_replaced(harness):
+    if harness.backend != "postgres":
+        pytest.skip("SQLite connections cannot be cut")
+    from sqlalchemy import text
+
+    from balsam_grpc.server.store.db import Database
+
+    db = Database(harness.url, workers=1, idle_ping_seconds=0.0)  # its own pool: only its connection is cut
+    try:
+        with db.engine.begin() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with harness.db.engine.begin() as other:
+            assert other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+        # the dead connection is still pooled: checkout pings it and opens a new one
+        with db.engine.begin() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("count", [1, 70])  # INSERT ... RETURNING and COPY for the transfer items
+def test_jobs_with_transfer_slots_get_their_items(alice, count):
+    from balsam_grpc.v1 import common_pb2, transfer_item_service_pb2, transfer_item_service_pb2_grpc
+
+    site, app = make_site_app(alice, transfers=[
+        app_pb2.TransferSlot(name="inp", direction=common_pb2.TRANSFER_DIRECTION_IN, local_path="in.h5"),
+        app_pb2.TransferSlot(name="out", direction=common_pb2.TRANSFER_DIRECTION_OUT, local_path="out")])
+    stub = jobs_stub(alice)
+    created = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"tr{i}", parameters={"x": "1"},
+                    transfers={"inp": f"aps:/data/{i}.h5", "out": "home:/results"}) for i in range(count)])).jobs
+    assert {j.state for j in created} == {S.JOB_STATE_READY}  # waits for its stage-in
+    items = alice.stub(transfer_item_service_pb2_grpc.TransferServiceStub).ListTransferItems(
+        transfer_item_service_pb2.ListTransferItemsRequest(page_size=1000)).transfer_items
+    mine = [t for t in items if t.job_id in {j.id for j in created}]
+    assert len(mine) == 2 * count
+    assert {t.job_id for t in mine if t.direction == common_pb2.TRANSFER_DIRECTION_IN} == {j.id for j in created}
+
+
+def test_planner_statistics_refresh_only_after_large_growth(harness, alice):
+    from balsam_grpc.server.store import jobs as job_store
+
+    _, app = make_site_app(alice)
+    jobs_stub(alice).BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"s{i}", parameters={"x": "1"}) for i in range(5)]))
+    assert harness.db.write_sync(job_store.refresh_planner_stats, 10**9) is True  # more than the table ever held
+    if harness.backend == "postgres":
+        from sqlalchemy import text
+
+        believed = harness.db.read_sync(
+            lambda conn: conn.execute(text("SELECT reltuples FROM pg_class WHERE oid = 'jobs'::regclass")).scalar_one())
+    else:
+        believed = harness.db.read_sync(job_store._sqlite_row_estimate)
+    assert believed >= 0  # ANALYZE ran: the planner now has a row estimate
+    assert harness.db.write_sync(job_store.refresh_planner_stats, 1) is False  # small growth: nothing to do
+
+
+def test_paging_by_a_time_column_keeps_exact_times(alice):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    created = []
+    for batch in range(3):  # three create times, two jobs each
+        created += stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+            job_pb2.Job(app_id=app.id, workdir=f"p{batch}/{i}", parameters={"x": "1"}) for i in range(2)])).jobs
+    full = {j.id: stub.GetJob(job_service_pb2.GetJobRequest(id=j.id)).job for j in created}
+    seen, token = [], ""
+    while True:
+        page = stub.ListJobs(job_service_pb2.ListJobsRequest(
+            filter=job_pb2.JobFilter(site_ids=[site.id]), order_by="-create_time", page_size=2, page_token=token))
+        seen += list(page.jobs)
+        token = page.next_page_token
+        if not token:
+            break
+    expected = sorted(full.values(), key=lambda j: (j.create_time.ToNanoseconds(), j.id), reverse=True)
+    assert [j.id for j in seen] == [j.id for j in expected]
+    assert all(j == full[j.id] for j in seen)  # times (to the microsecond) and every other field
+
+
+@pytest.mark.parametrize("count", [1, 80])  # one locked INSERT statement, or lock + COPY
+def test_event_append_holds_the_commit_order_lock(harness, alice, count):
+    """Event ids must become visible in commit order (watchers resume from the highest
+    id they saw): the appending transaction holds the advisory lock until it commits."""
+    if harness.backend != "postgres":
+        pytest.skip("SQLite has a single writer")
+    from sqlalchemy import select, text
+
+    from balsam_grpc.server.convert import utcnow
+    from balsam_grpc.server.store import events as event_log
+    from balsam_grpc.server.store.tables import events
+
+    def work(conn):
+        rows = [event_log.job_event(alice.user_id, 0, None, "A", "B", utcnow(), {"n": i} if i % 2 else None, "m")
+                for i in range(count)]
+        event_log.append(conn, rows)
+        held = conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 7283001 "
+                                 "AND pid = pg_backend_pid() AND granted")).scalar_one()
+        top = conn.info.get("balsam_max_event_id")
+        stored = conn.execute(select(events.c.data, text("data IS NULL")).where(events.c.owner_id == alice.user_id)
+                              .order_by(events.c.id)).all()
+        return held, top, stored
+
+    held, top, stored = harness.db.write_sync(work)
+    assert held == 1 and top is not None
+    assert [r[0] for r in stored] == [{"n": i} if i % 2 else None for i in range(count)]
+    assert [r[1] for r in stored] == [not i % 2 for i in range(count)]  # None is SQL NULL, not JSON null

@@ -284,15 +284,6 @@ def test_list_sites_filters(api: Api) -> None:
     assert api.list_sites(connected=True) == []
 
 
-def test_connect_streams_answer_unimplemented(api: Api) -> None:
-    for stream in (api.sites.Connect(iter([site_service_pb2.SiteServiceConnectRequest()])),
-                   api.sessions.Connect(iter([session_service_pb2.SessionServiceConnectRequest()]))):
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stream)
-        assert caught.value.code() == Code.UNIMPLEMENTED
-        assert "issue" in caught.value.details()
-
-
 # -- apps --------------------------------------------------------------------------------
 
 def _full_app(site_id: int) -> app_pb2.App:
@@ -356,6 +347,8 @@ def _bad(**kw: Any) -> app_pb2.App:
     (_bad(retry_policy=app_pb2.RetryPolicy(max_retries=-1)), "app.retry_policy.max_retries"),
     (_bad(retry_policy=app_pb2.RetryPolicy(quick_failure_seconds=-5)), "app.retry_policy.quick_failure_seconds"),
     (_bad(environment={"BAD-NAME": "1"}), "app.environment"),
+    (_bad(command_template="run {{ steps }}", parameters=[app_pb2.AppParameter(name="step")]),
+     "app.command_template"),
 ])
 def test_app_validation_writes_nothing(api: Api, app: app_pb2.App, field: str) -> None:
     site = api.site()
@@ -392,6 +385,10 @@ def test_app_update_rules(api: Api) -> None:
     expect_error(lambda: api.apps.UpdateApp(app_service_pb2.UpdateAppRequest(
         app=app_pb2.App(id=app.id, retry_policy=app_pb2.RetryPolicy(max_retries=-2)),
         update_mask=Mask(paths=["retry_policy"]))), Code.INVALID_ARGUMENT, field="app.retry_policy.max_retries")
+    # A template change is checked against the parameters the app already has.
+    expect_error(lambda: api.apps.UpdateApp(app_service_pb2.UpdateAppRequest(
+        app=app_pb2.App(id=app.id, command_template="go {{ nope }}"), update_mask=Mask(paths=["command_template"]))),
+        Code.INVALID_ARGUMENT, field="app.command_template")
     assert api.apps.GetApp(app_service_pb2.GetAppRequest(id=app.id)).app == app
 
 
@@ -651,11 +648,13 @@ def test_sessions_get_list_newest_first_and_close(harness: Any, api: Api, job_wo
     got = api.sessions.GetSession(session_service_pb2.GetSessionRequest(id=new)).session
     assert got.state == session_pb2.SESSION_STATE_CLOSED and got.leased_jobs == 0
     row = harness.db.read_sync(lambda conn: conn.execute(select(jobs).where(jobs.c.id == held)).one()._mapping)
-    assert row["state"] == "RUN_TIMEOUT" and row["session_id"] is None and row["lease_generation"] == before + 1
+    # The timeout follows the app's policy (no timeout hook, default restart) in the same transaction.
+    assert row["state"] == "RESTART_READY" and row["session_id"] is None and row["lease_generation"] == before + 1
     untouched = harness.db.read_sync(lambda conn: conn.execute(select(jobs.c.state).where(jobs.c.id == done)).one())
     assert untouched[0] == "RUN_DONE"
     evs = event_rows(harness, owner, "job_state")
-    assert [(e["job_id"], e["from_state"], e["to_state"]) for e in evs] == [(held, "RUNNING", "RUN_TIMEOUT")]
+    assert [(e["job_id"], e["from_state"], e["to_state"]) for e in evs] == [(held, "RUNNING", "RESTART_READY")]
+    assert evs[0]["data"]["via"] == ["RUN_TIMEOUT"]
     # Closing again changes nothing.
     api.sessions.DeleteSession(session_service_pb2.DeleteSessionRequest(id=new))
     assert len(event_rows(harness, owner, "job_state")) == 1

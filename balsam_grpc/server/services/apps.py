@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from balsam_grpc.core.appdef import template_placeholders
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, to_timestamp, utcnow
 from balsam_grpc.server.rpc import Principal, unary
@@ -175,6 +176,16 @@ def _app_values(app: app_pb2.App, fields: Iterable[str], settings: ServerSetting
     return out
 
 
+def _check_template(template: str, parameters: Iterable[dict[str, Any]]) -> None:
+    """Every `{{ name }}` of the command template must be a declared parameter, or every
+    job of the app would fail at launch."""
+    declared = {p["name"] for p in parameters}
+    for name in template_placeholders(template):
+        if name not in declared:
+            raise InvalidArgument(f"app.command_template uses {{{{ {name} }}}}, which is not among app.parameters "
+                                  f"({', '.join(sorted(declared)) or 'none declared'})", field="app.command_template")
+
+
 class AppServicer(app_service_pb2_grpc.AppServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -205,6 +216,7 @@ class AppServicer(app_service_pb2_grpc.AppServiceServicer):
         app = request.app
         site_id = require_id(app.site_id, "app.site_id")
         values = _app_values(app, store.MUTABLE, self.state.settings)
+        _check_template(values["command_template"], values["parameters"])
 
         def build(conn: Connection) -> app_service_pb2.CreateAppResponse:
             site_store.require_site(conn, principal.user_id, site_id, field="app.site_id", reference=True)
@@ -232,6 +244,8 @@ class AppServicer(app_service_pb2_grpc.AppServiceServicer):
                 raise InvalidArgument(f"app.site_id cannot be changed (app {app_id} belongs to site "
                                       f"{row['site_id']}); register the app at the other site instead",
                                       field="app.site_id")
+            _check_template(values.get("command_template", row["command_template"]),
+                            values.get("parameters", row["parameters"] or []))
             row = store.update_app(conn, principal.user_id, row, values, utcnow())
             return app_service_pb2.UpdateAppResponse(app=app_to_pb(row))
 

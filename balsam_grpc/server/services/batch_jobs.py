@@ -125,8 +125,10 @@ class BatchJobServicer(batch_job_service_pb2_grpc.BatchJobServiceServicer):
         q = store.BatchJobQuery(
             owner_id=principal.user_id, ids=list(f.ids), site_ids=list(f.site_ids),
             states=STATE.names(f.states, "filter.states"), queue=f.queue, scheduler_id=f.scheduler_id,
-            create_start=from_timestamp(f.create_time.start, f.create_time.HasField("start")),
-            create_end=from_timestamp(f.create_time.end, f.create_time.HasField("end")),
+            create_start=from_timestamp(f.create_time.start, f.create_time.HasField("start"),
+                                        field="filter.create_time.start"),
+            create_end=from_timestamp(f.create_time.end, f.create_time.HasField("end"),
+                                      field="filter.create_time.end"),
             only_site_id=only_site(principal))
         after = page.after_id()
         rows = await self.state.db.read(lambda conn: store.list_batch_jobs(conn, q, after_id=after,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.core.validation import check_string_map
 from balsam_grpc.server import paging
 from balsam_grpc.server.convert import EnumCodec, dict_to_struct, from_timestamp, to_timestamp
 from balsam_grpc.server.rpc import Principal, stream, unary
@@ -48,6 +49,8 @@ def event_to_message(row: dict[str, Any]) -> event_pb2.Event:
 
 
 def event_query(f: event_service_pb2.EventFilter, principal: Principal) -> store.EventQuery:
+    # The job tag rules of JobFilter.tags (a '"' in a key broke SQLite's JSON path: INTERNAL).
+    check_string_map(dict(f.tags), "filter.tags", max_entries=64, max_value_bytes=4096)
     site_ids = list(f.site_ids)
     if principal.is_site:
         if any(s != principal.site_id for s in site_ids):
@@ -58,13 +61,15 @@ def event_query(f: event_service_pb2.EventFilter, principal: Principal) -> store
         kinds=[k.lower() for k in KINDS.names(f.kinds, "filter.kinds")],
         to_states=JOB_STATES.names(f.to_states, "filter.to_states"),
         from_states=JOB_STATES.names(f.from_states, "filter.from_states"), tags=dict(f.tags),
-        batch_job_ids=list(f.batch_job_ids), time_start=from_timestamp(f.time.start),
-        time_end=from_timestamp(f.time.end))
+        batch_job_ids=list(f.batch_job_ids), time_start=from_timestamp(f.time.start, field="filter.time.start"),
+        time_end=from_timestamp(f.time.end, field="filter.time.end"))
 
 
 def _cursor(text: str) -> int:
-    if not text.isdigit():
-        raise InvalidArgument(f"cursor {text!r} is not a cursor returned by WatchEvents", field="cursor")
+    # ASCII digits within int64 only: str.isdigit() also accepts '²' (int() refuses it) and
+    # any length (int() refuses 4300+ digits, the database anything past int64).
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and int(text) < 2**63):
+        raise InvalidArgument(f"cursor {text[:40]!r} is not a cursor returned by WatchEvents", field="cursor")
     return int(text)
 
 
@@ -97,17 +102,22 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             cursor = 0
         else:
             cursor = await self.db.read(store.max_event_id, principal.user_id)
-        bus = self.state.bus
-        yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))
-        while True:
-            seen = bus.high_water
-            rows = await self.db.read(store.list_events, q, after_id=cursor, limit=WATCH_BATCH)
-            if rows:
-                cursor = rows[-1]["id"]
-                yield event_service_pb2.WatchEventsResponse(events=[event_to_message(r) for r in rows],
-                                                            cursor=str(cursor))
-                continue
-            # Events of other users or other filters also advance the global position.
-            cursor = max(cursor, seen) if not q.job_ids and seen else cursor
-            if not await bus.wait_beyond(seen, HEARTBEAT_SECONDS):
-                yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))
+        # Woken only by events of this user (at the filter's sites): subscribed before the
+        # first read, so nothing committed after that read goes unnoticed.
+        events = self.state.fanout.subscribe(principal.user_id, q.site_ids or None, keep_rows=False)
+        try:
+            yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))
+            while True:
+                seen = events.take().upto  # every event up to here is committed and visible
+                rows = await self.db.read(store.list_events, q, after_id=cursor, limit=WATCH_BATCH)
+                if rows:
+                    cursor = rows[-1]["id"]
+                    yield event_service_pb2.WatchEventsResponse(events=[event_to_message(r) for r in rows],
+                                                                cursor=str(cursor))
+                    continue
+                # Events of other users or other filters also advance the global position.
+                cursor = max(cursor, seen) if not q.job_ids and seen else cursor
+                if not await events.wait(HEARTBEAT_SECONDS):
+                    yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))
+        finally:
+            events.close()

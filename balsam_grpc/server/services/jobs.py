@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import operator
 from typing import Any
 
-from google.protobuf import json_format
+import structlog
 
 from balsam_grpc.core.errors import FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import JobState
 from balsam_grpc.core.validation import check_string_map, clean_workdir
 from balsam_grpc.server import paging
-from balsam_grpc.server.convert import EnumCodec, dict_to_struct, from_timestamp, to_timestamp, utcnow
+from balsam_grpc.server.convert import (
+    EnumCodec,
+    dict_to_struct,
+    from_timestamp,
+    shared_timestamp,
+    struct_to_dict,
+    utcnow,
+)
 from balsam_grpc.server.idempotency import idempotent
 from balsam_grpc.server.rpc import Principal, unary
 from balsam_grpc.server.state import ServerState
@@ -18,6 +27,7 @@ from balsam_grpc.server.store import jobs as store
 from balsam_grpc.server.store.tables import apps
 from balsam_grpc.v1 import common_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
+log = structlog.get_logger("balsam.jobs")
 STATES = EnumCodec(job_pb2.JobState, "JOB_STATE_")
 PARENT_POLICY = EnumCodec(job_pb2.ParentFailurePolicy, "PARENT_FAILURE_POLICY_")
 GROUP_BY = EnumCodec(job_service_pb2.JobGroupBy, "JOB_GROUP_BY_")
@@ -32,44 +42,134 @@ MAX_DATA_BYTES = 256 * 1024
 MAX_PARENTS = 10_000
 UPDATABLE = {"name", "tags", "parameters", "data", "priority", "resources", "on_parent_failure", "state",
              "state_message", "return_code", "error_tail"}
-BASIC_COLUMNS = (store.jobs.c.id, store.jobs.c.state, store.jobs.c.workdir, store.jobs.c.app_id,
-                 store.jobs.c.site_id)
 
 
 # ---------------------------------------------------------------------------- conversion
 
 def job_to_message(row: dict[str, Any], view: int = job_service_pb2.JOB_VIEW_FULL) -> job_pb2.Job:
-    msg = job_pb2.Job(id=row["id"], state=STATES.number(row["state"]), workdir=row["workdir"],
-                      app_id=row["app_id"], site_id=row["site_id"])
-    if view == job_service_pb2.JOB_VIEW_BASIC:
-        return msg
-    msg.name = row["name"]
-    msg.tags.update(row["tags"] or {})
-    msg.parameters.update(row["parameters"] or {})
-    dict_to_struct(row["data"], msg.data)
-    msg.parent_ids.extend(row["parent_ids"] or [])
-    msg.transfers.update(row["transfers"] or {})
-    r = msg.resources
-    for name in RESOURCE_LIMITS:
-        setattr(r, name, row[name])
-    r.launch_params.update(row["launch_params"] or {})
-    msg.priority = row["priority"]
-    msg.state_message = row["state_message"]
-    if row["return_code"] is not None:
-        msg.return_code = row["return_code"]
-    msg.error_tail = row["error_tail"]
-    msg.batch_job_id = row["batch_job_id"] or 0
-    if row["session_id"]:
-        msg.lease.session_id = row["session_id"]
-        msg.lease.generation = row["lease_generation"]
-        if row["lease_expire_time"] is not None:
-            msg.lease.expire_time.CopyFrom(to_timestamp(row["lease_expire_time"]))
-    msg.on_parent_failure = PARENT_POLICY.number(row["on_parent_failure"])
-    msg.run_count = row["run_count"]
-    msg.create_time.CopyFrom(to_timestamp(row["create_time"]))
-    msg.update_time.CopyFrom(to_timestamp(row["update_time"]))
-    msg.state_time.CopyFrom(to_timestamp(row["state_time"]))
+    msg = job_pb2.Job()
+    fill_job(msg, row, view)
     return msg
+
+
+def jobs_to_messages(rows: list[dict[str, Any]], view: int, out: Any) -> None:
+    """Append one Job per row to the repeated field `out`, built in place (building
+    separate messages and copying them into the response costs as much again)."""
+    add = out.add
+    fields = _BASIC_FIELDS if view == job_service_pb2.JOB_VIEW_BASIC else _FULL_FIELDS
+    for row in rows:
+        _fill(add(), fields(row), view)
+
+
+def tuples_to_messages(keys: tuple[str, ...], rows: list[tuple[Any, ...]], view: int, out: Any) -> None:
+    """jobs_to_messages for plain row tuples whose columns are named by `keys`: no
+    per-row dict (a third of the cost of listing a page of jobs)."""
+    names = _BASIC_NAMES if view == job_service_pb2.JOB_VIEW_BASIC else _FULL_NAMES
+    fields = operator.itemgetter(*(keys.index(name) for name in names))
+    add = out.add
+    for row in rows:
+        _fill(add(), fields(row), view)
+
+
+def fill_job(msg: job_pb2.Job, row: dict[str, Any], view: int = job_service_pb2.JOB_VIEW_FULL) -> None:
+    """Write `row` into the empty message `msg`."""
+    _fill(msg, (_BASIC_FIELDS if view == job_service_pb2.JOB_VIEW_BASIC else _FULL_FIELDS)(row), view)
+
+
+# The columns a Job message shows, in the order _fill unpacks them. The last ones are
+# usually shared by many jobs (created or changed together) and come from a template.
+_BASIC_NAMES = ("id", "state", "workdir", "app_id", "site_id")
+_SHARED_NAMES = ("state", "on_parent_failure", "create_time", "update_time", "state_time", *RESOURCE_LIMITS)
+_FULL_NAMES = ("id", "workdir", "app_id", "site_id", "name", "tags", "parameters", "data", "parent_ids", "transfers",
+               "launch_params", "priority", "state_message", "return_code", "error_tail", "batch_job_id",
+               "session_id", "lease_generation", "lease_expire_time", "run_count", *_SHARED_NAMES)
+_SHARED_FROM = len(_FULL_NAMES) - len(_SHARED_NAMES)
+_BASIC_FIELDS = operator.itemgetter(*_BASIC_NAMES)
+BASIC_COLUMNS = tuple(store.jobs.c[name] for name in _BASIC_NAMES)
+FULL_COLUMNS = tuple(store.jobs.c[name] for name in _FULL_NAMES)
+_FULL_FIELDS = operator.itemgetter(*_FULL_NAMES)
+
+
+def _fill(msg: job_pb2.Job, fields: tuple[Any, ...], view: int) -> None:
+    """Set the fields of an empty Job message. Default values are skipped (proto3
+    does not send them), so a typical job costs a few microseconds."""
+    if view == job_service_pb2.JOB_VIEW_BASIC:
+        msg.id, state, msg.workdir, msg.app_id, msg.site_id = fields
+        msg.state = _STATE_NUMBERS.get(state, 0)
+        return
+    msg.CopyFrom(_template(fields[_SHARED_FROM:]))  # first: CopyFrom replaces every field
+    (msg.id, msg.workdir, msg.app_id, msg.site_id, name, tags, parameters, data, parent_ids, transfers,
+     launch_params, priority, state_message, return_code, error_tail, batch_job_id, session_id,
+     lease_generation, lease_expire_time, run_count) = fields[:_SHARED_FROM]
+    if name:
+        msg.name = name
+    # Maps are filled item by item: faster than Mapping.update on a protobuf map.
+    if tags:
+        target = msg.tags
+        for k, v in tags.items():
+            target[k] = v
+    if parameters:
+        target = msg.parameters
+        for k, v in parameters.items():
+            target[k] = v
+    if data:
+        dict_to_struct(data, msg.data)
+    if parent_ids:
+        msg.parent_ids.extend(parent_ids)
+    if transfers:
+        target = msg.transfers
+        for k, v in transfers.items():
+            target[k] = v
+    if launch_params:
+        target = msg.resources.launch_params
+        for k, v in launch_params.items():
+            target[k] = v
+    if priority:
+        msg.priority = priority
+    if state_message:
+        msg.state_message = state_message
+    if return_code is not None:
+        msg.return_code = return_code
+    if error_tail:
+        msg.error_tail = error_tail
+    if batch_job_id:
+        msg.batch_job_id = batch_job_id
+    if session_id:
+        msg.lease.session_id = session_id
+        msg.lease.generation = lease_generation
+        if lease_expire_time is not None:
+            msg.lease.expire_time.CopyFrom(shared_timestamp(lease_expire_time))
+    if run_count:
+        msg.run_count = run_count
+
+
+_TEMPLATES: dict[tuple[Any, ...], job_pb2.Job] = {}
+
+
+def _template(shared: tuple[Any, ...]) -> job_pb2.Job:
+    """A Job holding only the _SHARED_NAMES fields, one per distinct combination (jobs
+    created or moved together share all of them): one CopyFrom instead of a dozen
+    field writes. Shared: only ever copied from, never modified."""
+    template = _TEMPLATES.get(shared)
+    if template is None:
+        state, policy, create_time, update_time, state_time, *shape = shared
+        template = job_pb2.Job(
+            state=_STATE_NUMBERS.get(state, 0), on_parent_failure=_POLICY_NUMBERS.get(policy, 0),
+            create_time=shared_timestamp(create_time), update_time=shared_timestamp(update_time),
+            state_time=shared_timestamp(state_time),
+            resources=job_pb2.JobResources(**dict(zip(_RESOURCE_NAMES, shape, strict=True))))
+        if len(_TEMPLATES) >= 4096:
+            _TEMPLATES.clear()
+        _TEMPLATES[shared] = template
+    return template
+
+
+_STATE_NUMBERS = STATES.to_number
+_POLICY_NUMBERS = PARENT_POLICY.to_number
+_RESOURCE_NAMES = tuple(RESOURCE_LIMITS)
+
+
+_DEFAULT_RESOURCES = {name: default for name, (default, _, _) in RESOURCE_LIMITS.items()}
 
 
 def _resources(res: job_pb2.JobResources, field: str) -> dict[str, Any]:
@@ -83,14 +183,44 @@ def _resources(res: job_pb2.JobResources, field: str) -> dict[str, Any]:
     if out["node_packing_count"] > 1 and out["num_nodes"] > 1:
         raise InvalidArgument(f"{field}.node_packing_count > 1 only applies to single-node jobs "
                               f"(num_nodes is {out['num_nodes']})", field=f"{field}.node_packing_count")
-    out["launch_params"] = dict(res.launch_params)
+    out["launch_params"] = _map(res.launch_params)
     return out
 
 
 def _data(struct: Any, field: str) -> dict[str, Any]:
     if struct.ByteSize() > MAX_DATA_BYTES:
         raise InvalidArgument(f"{field} is larger than {MAX_DATA_BYTES // 1024} KiB", field=field, reason="TOO_LARGE")
-    return json_format.MessageToDict(struct)
+    return struct_to_dict(struct, field)
+
+
+def _map(m: Any) -> dict[str, str]:
+    """A protobuf map as a dict (iterating keys beats dict(m), which goes through the
+    abstract Mapping views)."""
+    return {k: m[k] for k in m} if len(m) else {}
+
+
+# Tag keys that already passed check_string_map's pattern (bounded; cleared when full).
+_KNOWN_TAG_KEYS: set[str] = set()
+
+
+def _surely_valid(values: dict[str, str], max_entries: int, max_value_bytes: int,
+                  known_keys: set[str] | None = None) -> bool:
+    """A cheap sufficient test for check_string_map (which runs, and raises with the
+    message a person can act on, whenever this says False): few enough entries, values
+    short enough even at 4 UTF-8 bytes a character, keys already seen valid."""
+    if len(values) > max_entries:
+        return False
+    short = max_value_bytes // 4
+    for key, value in values.items():
+        if len(value) > short or (known_keys is not None and key not in known_keys):
+            return False
+    return True
+
+
+def _remember_tag_keys(tags: dict[str, str]) -> None:
+    if len(_KNOWN_TAG_KEYS) > 10_000:
+        _KNOWN_TAG_KEYS.clear()
+    _KNOWN_TAG_KEYS.update(tags)
 
 
 def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]:
@@ -98,40 +228,54 @@ def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]
     s = state.settings
     if not job.app_id and not (job.app_name and job.site_id):
         raise InvalidArgument(f"{field}: give app_id, or app_name together with site_id", field=f"{field}.app_id")
-    check_string_map(dict(job.tags), f"{field}.tags", max_entries=s.max_map_entries, max_value_bytes=s.max_map_value_bytes)
-    check_string_map(dict(job.parameters), f"{field}.parameters", max_entries=MAX_PARAMETERS,
-                     max_value_bytes=s.max_map_value_bytes, keys=None)
-    check_string_map(dict(job.transfers), f"{field}.transfers", max_entries=s.max_map_entries,
-                     max_value_bytes=s.max_map_value_bytes, keys=None)
+    tags, parameters, transfers = _map(job.tags), _map(job.parameters), _map(job.transfers)
+    if tags and not _surely_valid(tags, s.max_map_entries, s.max_map_value_bytes, _KNOWN_TAG_KEYS):
+        check_string_map(tags, f"{field}.tags", max_entries=s.max_map_entries, max_value_bytes=s.max_map_value_bytes)
+        _remember_tag_keys(tags)
+    if parameters and not _surely_valid(parameters, MAX_PARAMETERS, s.max_map_value_bytes):
+        check_string_map(parameters, f"{field}.parameters", max_entries=MAX_PARAMETERS,
+                         max_value_bytes=s.max_map_value_bytes, keys=None)
+    if transfers and not _surely_valid(transfers, s.max_map_entries, s.max_map_value_bytes):
+        check_string_map(transfers, f"{field}.transfers", max_entries=s.max_map_entries,
+                         max_value_bytes=s.max_map_value_bytes, keys=None)
     if len(job.parent_ids) > MAX_PARENTS:
         raise InvalidArgument(f"{field}.parent_ids has more than {MAX_PARENTS} entries", field=f"{field}.parent_ids",
                               reason="TOO_LARGE")
     if len(job.name) > 255:
         raise InvalidArgument(f"{field}.name is longer than 255 characters", field=f"{field}.name")
+    policy = job.on_parent_failure
     spec = {
         "name": job.name, "app_id": job.app_id, "app_name": job.app_name, "site_id": job.site_id,
-        "workdir": clean_workdir(job.workdir, f"{field}.workdir"), "tags": dict(job.tags),
-        "parameters": dict(job.parameters), "data": _data(job.data, f"{field}.data"),
-        "parent_ids": sorted(set(job.parent_ids)), "transfers": dict(job.transfers),
+        "workdir": clean_workdir(job.workdir, f"{field}.workdir"), "tags": tags,
+        "parameters": parameters, "data": _data(job.data, f"{field}.data") if job.HasField("data") else {},
+        "parent_ids": sorted(set(job.parent_ids)) if len(job.parent_ids) else [], "transfers": transfers,
         "priority": job.priority,
-        "on_parent_failure": PARENT_POLICY.to_name.get(job.on_parent_failure, "FAIL") if job.on_parent_failure else "FAIL",
-        **_resources(job.resources, f"{field}.resources"),
+        "on_parent_failure": PARENT_POLICY.to_name.get(policy, "FAIL") if policy else "FAIL",
     }
-    if job.on_parent_failure and job.on_parent_failure not in PARENT_POLICY.to_name:
-        PARENT_POLICY.name(job.on_parent_failure, f"{field}.on_parent_failure")
+    if job.HasField("resources"):
+        spec.update(_resources(job.resources, f"{field}.resources"))
+    else:
+        spec.update(_DEFAULT_RESOURCES, launch_params={})
+    if policy and policy not in PARENT_POLICY.to_name:
+        PARENT_POLICY.name(policy, f"{field}.on_parent_failure")
     return spec
 
 
 def job_query(f: job_pb2.JobFilter, principal: Principal) -> store.JobQuery:
     check_string_map(dict(f.tags), "filter.tags", max_entries=64, max_value_bytes=4096)
+    # Same rules for excluded tags: an unchecked key broke SQLite's JSON path ('"' in a key)
+    # and 10,000 of them its expression depth, both answered INTERNAL.
+    check_string_map(dict(f.exclude_tags), "filter.exclude_tags", max_entries=64, max_value_bytes=4096)
     return store.JobQuery(
         owner_id=principal.user_id, site_scope=principal.site_id if principal.is_site else None,
         ids=list(f.ids), states=STATES.names(f.states, "filter.states"),
         exclude_states=STATES.names(f.exclude_states, "filter.exclude_states"), tags=dict(f.tags),
         exclude_tags=dict(f.exclude_tags), app_ids=list(f.app_ids), app_names=list(f.app_names),
         site_ids=list(f.site_ids), parent_ids=list(f.parent_ids), workdir_contains=f.workdir_contains,
-        create_start=from_timestamp(f.create_time.start), create_end=from_timestamp(f.create_time.end),
-        update_start=from_timestamp(f.update_time.start), update_end=from_timestamp(f.update_time.end),
+        create_start=from_timestamp(f.create_time.start, field="filter.create_time.start"),
+        create_end=from_timestamp(f.create_time.end, field="filter.create_time.end"),
+        update_start=from_timestamp(f.update_time.start, field="filter.update_time.start"),
+        update_end=from_timestamp(f.update_time.end, field="filter.update_time.end"),
         batch_job_ids=list(f.batch_job_ids), session_id=f.session_id)
 
 
@@ -190,6 +334,26 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.db = state.db
+        # Jobs created since the planner statistics were last refreshed.
+        self._unanalyzed = 0
+        self._stats_task: asyncio.Task[None] | None = None
+
+    def _created(self, count: int) -> None:
+        """After a commit: refresh planner statistics in the background once enough jobs
+        were created (store.refresh_planner_stats decides; the caller never waits)."""
+        self._unanalyzed += count
+        if self._unanalyzed >= store.ANALYZE_MIN_ROWS and self._stats_task is None:
+            self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
+
+    async def _refresh_stats(self) -> None:
+        inserted = self._unanalyzed
+        try:
+            if await self.db.write(store.refresh_planner_stats, inserted):
+                self._unanalyzed -= inserted
+        except Exception:  # noqa: BLE001 - statistics are an optimisation; never fail a caller
+            log.warning("refreshing planner statistics failed", exc_info=True)
+        finally:
+            self._stats_task = None
 
     @unary()
     async def GetJob(self, request, context, principal):  # noqa: N802
@@ -205,22 +369,24 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                                 order)
         after = paging.decode(request.page_token, fp)
         view = request.view or job_service_pb2.JOB_VIEW_FULL
-        columns = None
-        if view == job_service_pb2.JOB_VIEW_BASIC:
-            columns = tuple({c.name: c for c in (*BASIC_COLUMNS, *(store.ORDER_COLUMNS[n] for n, _ in order))}.values())
-        rows = await self.db.read(store.list_jobs, q, order, after, size + 1, columns)
+        shown = BASIC_COLUMNS if view == job_service_pb2.JOB_VIEW_BASIC else FULL_COLUMNS
+        # Only the columns the view shows, plus the sort keys for the next page token.
+        columns = tuple({c.name: c for c in (*shown, *(store.ORDER_COLUMNS[n] for n, _ in order))}.values())
+        keys, rows = await self.db.read(store.list_job_tuples, q, order, after, size + 1, columns, True)
         more = len(rows) > size
         rows = rows[:size]
-        response = job_service_pb2.ListJobsResponse(jobs=[job_to_message(r, view) for r in rows])
+        response = job_service_pb2.ListJobsResponse()
+        tuples_to_messages(keys, rows, view, response.jobs)
         if more:
-            response.next_page_token = paging.encode(fp, store.page_keys(rows[-1], order))
+            response.next_page_token = paging.encode(fp, store.page_keys_of_tuple(keys, rows[-1], order))
         return response
 
     @unary()
     async def CountJobs(self, request, context, principal):  # noqa: N802
         q = job_query(request.filter, principal)
-        group_by = [{"STATE": "state", "SITE": "site", "APP": "app"}[g]
-                    for g in GROUP_BY.names(request.group_by, "group_by")]
+        # A repeated dimension groups the same as once (twice selected the column twice: INTERNAL).
+        group_by = list(dict.fromkeys({"STATE": "state", "SITE": "site", "APP": "app"}[g]
+                                      for g in GROUP_BY.names(request.group_by, "group_by")))
         total, groups = await self.db.read(store.count_jobs, q, group_by)
         response = job_service_pb2.CountJobsResponse(total=total)
         for g in groups:
@@ -244,14 +410,18 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         def work(conn: Any) -> Any:
             def build() -> Any:
                 rows = store.create_jobs(conn, principal.user_id, _scope(principal), specs, utcnow())
-                converted = [job_to_message(r, view) for r in rows]
+                response = response_type()
                 if method == "CreateJob":
-                    return response_type(job=converted[0])
-                return response_type(jobs=converted)
+                    fill_job(response.job, rows[0], view)
+                else:
+                    jobs_to_messages(rows, view, response.jobs)
+                return response
 
             return idempotent(conn, principal.user_id, method, request, response_type, build)
 
-        return await self.db.write(work)
+        response = await self.db.write(work)
+        self._created(len(specs))
+        return response
 
     @unary()
     async def CreateJob(self, request, context, principal):  # noqa: N802
@@ -269,7 +439,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         paths = list(request.update_mask.paths)
         _check_mask(paths)
         values, target = patch_values(request.job, paths, self.state)
-        data = json_format.MessageToDict(request.event_data) or None
+        data = struct_to_dict(request.event_data, "event_data") or None
         message = request.job.state_message if "state_message" in paths else ""
         q = store.JobQuery(owner_id=principal.user_id, site_scope=_scope(principal), ids=[request.job.id])
 
@@ -298,7 +468,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                                   "use UpdateJob", field="update_mask")
         values, target = patch_values(request.patch, paths, self.state)
         tags_merge = values.pop("tags", None)
-        data = json_format.MessageToDict(request.event_data) or None
+        data = struct_to_dict(request.event_data, "event_data") or None
         message = request.patch.state_message if "state_message" in paths else ""
         q = job_query(request.filter, principal)
 

@@ -1,37 +1,25 @@
-"""SessionService: read launcher sessions and close them. The launcher's stream
-(Connect) belongs to the launcher issue and answers UNIMPLEMENTED until then."""
+"""SessionService: read launcher sessions, close them, and the launcher's stream
+(Connect, in services/session_stream.py)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import grpc
 
 from balsam_grpc.core.errors import InvalidArgument
-from balsam_grpc.server.convert import EnumCodec, aware, to_timestamp, utcnow
-from balsam_grpc.server.rpc import Principal, unary
-from balsam_grpc.server.services.sites import Page, only_site, unimplemented_stream
+from balsam_grpc.server.convert import aware, utcnow
+from balsam_grpc.server.rpc import Principal, stream, unary
+from balsam_grpc.server.services.session_convert import STATE, session_to_pb
+from balsam_grpc.server.services.session_stream import SessionStream
+from balsam_grpc.server.services.sites import Page, only_site
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import sessions as store
-from balsam_grpc.v1 import common_pb2, session_pb2, session_service_pb2, session_service_pb2_grpc
+from balsam_grpc.v1 import session_service_pb2, session_service_pb2_grpc
 
-STATE = EnumCodec(session_pb2.SessionState, "SESSION_STATE_")
-JOB_MODE = EnumCodec(common_pb2.JobMode, "JOB_MODE_")
 MAX_SESSION_ID = 32
-
-
-def session_to_pb(row: dict[str, Any]) -> session_pb2.Session:
-    """The one place a sessions row becomes a Session message."""
-    return session_pb2.Session(
-        id=row["id"], site_id=row["site_id"], batch_job_id=row["batch_job_id"] or 0,
-        job_mode=JOB_MODE.number(row["job_mode"]),
-        nodes=[session_pb2.NodeInfo(hostname=n.get("hostname", ""), cpus=int(n.get("cpus", 0)),
-                                    gpus=int(n.get("gpus", 0))) for n in row["nodes"] or []],
-        state=STATE.number(row["state"]), leased_jobs=int(row.get("leased_jobs") or 0), hostname=row["hostname"],
-        create_time=to_timestamp(row["create_time"]), heartbeat_time=to_timestamp(row["heartbeat_time"]),
-        expire_time=to_timestamp(row["expire_time"]),
-    )
 
 
 def _session_id(value: str, field: str = "id") -> str:
@@ -93,8 +81,11 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             store.close_session(conn, principal.user_id, session_id, utcnow())
 
         await self.state.db.write(work)
+        self.state.sessions.closed(session_id)
         return session_service_pb2.DeleteSessionResponse(id=session_id)
 
-    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        await unimplemented_stream(context, "SessionService.Connect is not implemented yet; it is implemented "
-                                            "by the launcher issue")
+    @stream
+    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext,
+                      principal: Principal) -> AsyncIterator[session_service_pb2.SessionServiceConnectResponse]:
+        async for response in SessionStream(self.state, principal).run(request_iterator):
+            yield response

@@ -11,7 +11,7 @@ Scoping rule for site-scoped tokens, applied by every resource servicer:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -24,8 +24,9 @@ from balsam_grpc.core.validation import check_string_map
 from balsam_grpc.server import paging
 from balsam_grpc.server.convert import to_timestamp, utcnow
 from balsam_grpc.server.idempotency import idempotent
-from balsam_grpc.server.rpc import Principal, unary
+from balsam_grpc.server.rpc import Principal, stream, unary
 from balsam_grpc.server.state import ServerSettings, ServerState
+from balsam_grpc.server.store import site_stats
 from balsam_grpc.server.store import sites as store
 from balsam_grpc.v1 import site_pb2, site_service_pb2, site_service_pb2_grpc
 
@@ -163,6 +164,9 @@ async def unimplemented_stream(context: grpc.aio.ServicerContext, what: str) -> 
 # Sites
 # --------------------------------------------------------------------------------------
 
+# Window of ListSiteStatistics: a minute by default (what a router reacts to), a day at most.
+DEFAULT_STATS_WINDOW_S = 60.0
+MAX_STATS_WINDOW_S = 86400.0
 OUTPUT_ONLY = ("id", "owner", "scheduler_snapshot", "liveness", "create_time", "update_time")
 _ALIAS = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -266,7 +270,11 @@ def _elastic_queue(eq: site_pb2.ElasticQueueSettings) -> dict[str, Any]:
 
 class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
     def __init__(self, state: ServerState) -> None:
+        # Imported here: site_stream uses the other servicers' converters, which import this module.
+        from balsam_grpc.server.services.site_stream import SiteHub
+
         self.state = state
+        self.hub = SiteHub(state)
 
     @unary()
     async def GetSite(self, request: site_service_pb2.GetSiteRequest, context: Any,
@@ -339,9 +347,33 @@ class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
         await self.state.db.write(work)
         return site_service_pb2.DeleteSiteResponse(id=request.id)
 
-    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        await unimplemented_stream(context, "SiteService.Connect is not implemented yet; it is implemented "
-                                            "by the site daemon issue")
+    @unary()
+    async def ListSiteStatistics(self, request: site_service_pb2.ListSiteStatisticsRequest, context: Any,
+                                 principal: Principal) -> site_service_pb2.ListSiteStatisticsResponse:
+        """Live figures per site for routing: store/site_stats.py."""
+        window = request.window_seconds or DEFAULT_STATS_WINDOW_S
+        if not 0 < window <= MAX_STATS_WINDOW_S:
+            raise InvalidArgument(f"window_seconds must be in (0, {MAX_STATS_WINDOW_S:g}], got {window:g}",
+                                  field="window_seconds")
+        f = request.filter
+        q = store.SiteQuery(owner_id=principal.user_id, ids=list(f.ids), names=list(f.names),
+                            connected=f.connected if f.HasField("connected") else None,
+                            only_site_id=only_site(principal))
+        now = utcnow()
+        figures = await self.state.db.read(
+            lambda conn: site_stats.site_statistics(conn, q, now=now, window_seconds=window))
+        return site_service_pb2.ListSiteStatisticsResponse(
+            sites=[site_service_pb2.SiteStatistics(**site_stats.as_fields(fig),
+                                                   last_seen_time=to_timestamp(fig.last_seen_time))
+                   for fig in figures],
+            time=to_timestamp(now), window_seconds=window)
+
+    @stream
+    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext,
+                      principal: Principal) -> AsyncIterator[site_service_pb2.SiteServiceConnectResponse]:
+        """The site daemon's work stream: services/site_stream.py."""
+        async for msg in self.hub.serve(request_iterator, context, principal):
+            yield msg
 
 
 __all__ = ["SiteServicer", "site_to_pb", "mask_paths", "check_map", "check_strings", "check_name", "require_id",

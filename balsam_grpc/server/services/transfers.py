@@ -18,7 +18,7 @@ STATE = EnumCodec(transfer_item_pb2.TransferState, "TRANSFER_STATE_")
 DIRECTION = EnumCodec(common_pb2.TransferDirection, "TRANSFER_DIRECTION_")
 
 MUTABLE = ("state", "error", "task_id", "metrics")
-OUTPUT_ONLY = ("id", "job_id", "site_id", "create_time", "update_time")
+OUTPUT_ONLY = ("id", "job_id", "site_id", "create_time", "update_time", "job_workdir")
 IMMUTABLE = ("direction", "slot", "location_alias", "remote_path", "local_path", "recursive")
 MAX_ERROR_CHARS = 16_384
 
@@ -33,6 +33,7 @@ def transfer_to_pb(row: dict[str, Any]) -> transfer_item_pb2.TransferItem:
         metrics=transfer_item_pb2.TransferMetrics(bytes=row["bytes"], files=row["files"],
                                                   duration_seconds=row["duration_seconds"]),
         create_time=to_timestamp(row["create_time"]), update_time=to_timestamp(row["update_time"]),
+        job_workdir=row.get("job_workdir") or "",
     )
 
 

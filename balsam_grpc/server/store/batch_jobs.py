@@ -24,6 +24,22 @@ PENDING_DELETION = "PENDING_DELETION"
 CANCELLABLE = frozenset({PENDING_SUBMISSION, "QUEUED", "RUNNING"})
 # A batch job may be deleted only when it never reached the scheduler or has ended.
 DELETABLE = frozenset({PENDING_SUBMISSION, "SUBMIT_FAILED", "FINISHED"})
+QUEUED, RUNNING, FINISHED, SUBMIT_FAILED = "QUEUED", "RUNNING", "FINISHED", "SUBMIT_FAILED"
+# What the site daemon may report next, from each state (it mirrors the scheduler).
+SITE_TRANSITIONS: dict[str, frozenset[str]] = {
+    PENDING_SUBMISSION: frozenset({QUEUED, RUNNING, FINISHED, SUBMIT_FAILED}),
+    QUEUED: frozenset({RUNNING, FINISHED}),
+    RUNNING: frozenset({FINISHED}),
+    # Removed from the scheduler (or never submitted): it ends.
+    PENDING_DELETION: frozenset({FINISHED, SUBMIT_FAILED}),
+    SUBMIT_FAILED: frozenset(),
+    FINISHED: frozenset(),
+}
+# How far along the scheduler's life each state is: a report behind the current state is
+# an old one arriving late (resent after a reconnect), not an error.
+_PROGRESS = {PENDING_SUBMISSION: 0, QUEUED: 1, RUNNING: 2, SUBMIT_FAILED: 3, FINISHED: 3}
+# States only users (or the server) set; a daemon reporting them is refused.
+_NOT_FROM_SITE = frozenset({PENDING_SUBMISSION, PENDING_DELETION})
 # Fields other than state; editable only before submission.
 EDITABLE_BEFORE_SUBMISSION = ("num_nodes", "wall_time_min", "queue", "project", "job_mode", "partitions",
                               "filter_tags", "optional_params")
@@ -148,3 +164,56 @@ def list_batch_jobs(conn: Connection, q: BatchJobQuery, *, after_id: int | None,
         conds.append(c.id > after_id)
     rows = conn.execute(select(batch_jobs).where(*conds).order_by(c.id).limit(limit))
     return [dict(r._mapping) for r in rows]
+
+
+def site_report(conn: Connection, row: dict[str, Any], state: str, *, scheduler_id: str = "",
+                status_info: str = "", start_time: datetime | None = None, end_time: datetime | None = None,
+                now: datetime) -> bool:
+    """Apply what the site daemon saw in the scheduler to `row` (read FOR UPDATE).
+
+    Returns False when the report changes nothing (an old report arriving late, or a
+    repeat). A state change appends a batch_job_state event. While cancellation is
+    pending, QUEUED/RUNNING reports only record the scheduler id and times: the state
+    stays PENDING_DELETION until the daemon has removed the job. Start and end times
+    default to now when the job is first seen running / when it ends.
+    """
+    current = row["state"]
+    if state in _NOT_FROM_SITE:
+        raise FailedPrecondition(f"batch job {row['id']}: the site daemon cannot set state {state}; it reports "
+                                 f"{', '.join(sorted(_PROGRESS.keys() - {PENDING_SUBMISSION}))}",
+                                 reason="ILLEGAL_TRANSITION")
+    new_state = current
+    if state and state != current:
+        if state in SITE_TRANSITIONS[current]:
+            new_state = state
+        elif current == PENDING_DELETION and state in (QUEUED, RUNNING):
+            pass
+        elif current in _PROGRESS and _PROGRESS[state] <= _PROGRESS[current]:
+            return False
+        else:
+            raise FailedPrecondition(f"batch job {row['id']} is {current}; the site daemon cannot move it to {state}",
+                                     reason="ILLEGAL_TRANSITION")
+    changes: dict[str, Any] = {}
+    if scheduler_id and scheduler_id != row["scheduler_id"]:
+        changes["scheduler_id"] = scheduler_id[:64]
+    if status_info and status_info != row["status_info"]:
+        changes["status_info"] = status_info[:8000]
+    reported = state or current
+    if start_time and start_time != row["start_time"]:
+        changes["start_time"] = start_time
+    elif row["start_time"] is None and reported == RUNNING:
+        changes["start_time"] = now
+    if row["end_time"] is None and (end_time or new_state in (FINISHED, SUBMIT_FAILED)):
+        changes["end_time"] = end_time or now
+    if new_state != current:
+        changes["state"] = new_state
+    if not changes:
+        return False
+    out = dict(conn.execute(
+        update(batch_jobs).where(batch_jobs.c.id == row["id"]).values(update_time=now, **changes)
+        .returning(*batch_jobs.c)
+    ).one()._mapping)
+    if new_state != current:
+        events.append(conn, [_event(out, current, new_state, now, status_info or "reported by the site daemon")])
+    row.update(out)
+    return True

@@ -1,17 +1,25 @@
 """Fast multi-row inserts that hand back the new ids in input order.
 
-PostgreSQL: ids are drawn from the table's sequence in one query and the rows are
-streamed with COPY (a multi-row INSERT of 10,000 rows spends most of its time in
-client-side query parsing). SQLite: the single writer (store.db holds the write lock)
-takes the next ids after MAX(id) and inserts with executemany.
+PostgreSQL, large batches: ids are drawn from the table's sequence in one query and the
+rows are streamed with COPY (a multi-row INSERT of 10,000 rows spends most of its time
+in client-side query parsing), formatted as COPY text by store.codec. Small batches: one
+INSERT ... RETURNING (one round trip instead of nextval + COPY). SQLite: the single
+writer (store.db holds the write lock) takes the next ids after MAX(id) and inserts
+with executemany.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from psycopg.types.json import Jsonb
-from sqlalchemy import JSON, Connection, Table, func, insert, select, text
+from sqlalchemy import Connection, Insert, Table, bindparam, func, insert, select, text
+from sqlalchemy.dialects.postgresql import JSONB
+
+from balsam_grpc.server.store.codec import column_values, copy_text, is_json
+
+# Below this many rows a multi-row INSERT ... RETURNING beats nextval + COPY.
+COPY_MIN_ROWS = 64
+_COPY_CHUNK = 2000
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> list[int]:
@@ -19,23 +27,84 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> l
         return []
     columns = [c.name for c in table.columns if c.name != "id"]
     if conn.dialect.name == "postgresql":
-        ids = list(conn.execute(
-            text(f"SELECT nextval('{table.name}_id_seq') FROM generate_series(1, :n)"), {"n": len(rows)}).scalars())
-        json_cols = {c.name for c in table.columns if isinstance(c.type, JSON) or isinstance(
-            getattr(c.type, "impl", None), JSON) or c.type.__class__.__name__ in ("JSON", "JSONB")}
-        cursor = conn.connection.dbapi_connection.cursor()
-        names = ", ".join(["id", *columns])
-        with cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
-            for new_id, row in zip(ids, rows, strict=True):
-                copy.write_row([new_id, *(_pg_value(row.get(c), c in json_cols) for c in columns)])
+        if len(rows) < COPY_MIN_ROWS:
+            return _insert_returning(conn, table, columns, rows)
+        # One array value: 10,000 rows of one id each cost a driver fetch per row.
+        # Ascending, so ids follow the request order.
+        ids = conn.execute(text(f"SELECT array_agg(v ORDER BY v) FROM (SELECT nextval('{table.name}_id_seq') AS v "
+                                "FROM generate_series(1, :n)) AS drawn"), {"n": len(rows)}).scalar_one()
+        copy_rows(conn, table, columns, rows, ids)
         return ids
     first = conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one() + 1
     ids = list(range(first, first + len(rows)))
-    conn.execute(insert(table), [{**row, "id": i} for i, row in zip(ids, rows, strict=True)])
+    _executemany_insert(conn, table, columns, rows, ids)
     return ids
 
 
-def _pg_value(value: Any, is_json: bool) -> Any:
-    if is_json and value is not None:
-        return Jsonb(value)
-    return value
+def _executemany_insert(conn: Connection, table: Table, columns: list[str], rows: list[dict[str, Any]],
+                        ids: list[int]) -> None:
+    """INSERT with the driver's executemany, values converted by SQLAlchemy's own bind
+    processors a column at a time (each distinct value once): SQLAlchemy's per-row
+    parameter handling costs more than SQLite's insert itself."""
+    dialect = conn.dialect
+    params_by_column: list[list[Any]] = [ids]
+    for name in columns:
+        column = table.c[name]
+        process = column.type.dialect_impl(dialect).bind_processor(dialect)
+        values = column_values(table, name, rows)
+        if process is not None:
+            values = _convert_column(values, process, is_json(column))
+        params_by_column.append(values)
+    names = ", ".join(["id", *columns])
+    marks = ", ".join("?" * (len(columns) + 1))
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})",
+                         list(zip(*params_by_column, strict=True)))
+
+
+def _convert_column(values: list[Any], process: Any, unhashable: bool) -> list[Any]:
+    if unhashable:  # JSON: the same object (shared event data) is converted once, keyed by id()
+        by_id: dict[int, Any] = {}
+        out = []
+        for v in values:
+            key = id(v)
+            if key not in by_id:
+                by_id[key] = process(v)
+            out.append(by_id[key])
+        return out
+    memo = {v: process(v) for v in set(values)}
+    return list(map(memo.__getitem__, values))
+
+
+def copy_rows(conn: Connection, table: Table, columns: list[str], rows: list[dict[str, Any]],
+              ids: list[int] | None = None) -> None:
+    """COPY `rows` into `table` (PostgreSQL), with explicit ids first when given."""
+    cursor = conn.connection.dbapi_connection.cursor()
+    names = ", ".join(["id", *columns] if ids is not None else columns)
+    with cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
+        for start in range(0, len(rows), _COPY_CHUNK):
+            chunk = rows[start:start + _COPY_CHUNK]
+            copy.write(copy_text(table, columns, chunk, ids[start:start + _COPY_CHUNK] if ids is not None else ()))
+
+
+_RETURNING: dict[tuple[str, bool], Insert] = {}
+
+
+def _returning_insert(table: Table, ordered: bool) -> Insert:
+    """INSERT ... RETURNING id where a JSON column's None is SQL NULL, as COPY writes it
+    (SQLAlchemy's default would store the JSON value null)."""
+    stmt = _RETURNING.get((table.name, ordered))
+    if stmt is None:
+        nulls = {c.name: bindparam(c.name, type_=JSONB(none_as_null=True)) for c in table.columns if is_json(c)}
+        stmt = insert(table).values(nulls).returning(table.c.id, sort_by_parameter_order=ordered)
+        _RETURNING[(table.name, ordered)] = stmt
+    return stmt
+
+
+def _insert_returning(conn: Connection, table: Table, columns: list[str], rows: list[dict[str, Any]]) -> list[int]:
+    # Every row gets every column (missing keys take the column default, as with COPY) so
+    # one compiled statement serves all rows; sort_by_parameter_order keeps ids in order.
+    by_column = [column_values(table, c, rows) for c in columns]
+    params = [dict(zip(columns, values, strict=True)) for values in zip(*by_column, strict=True)]
+    if len(rows) == 1:
+        return [conn.execute(_returning_insert(table, False), params[0]).scalar_one()]
+    return list(conn.execute(_returning_insert(table, True), params).scalars())

@@ -9,7 +9,8 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, select, text
 from sqlalchemy.sql import ColumnElement
 
-from balsam_grpc.server.store.bulk import insert_rows
+from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, insert_rows
+from balsam_grpc.server.store.codec import dumps
 from balsam_grpc.server.store.db import MAX_EVENT_ID
 from balsam_grpc.server.store.query import tags_contain
 from balsam_grpc.server.store.tables import events, jobs
@@ -32,16 +33,46 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """
     if not rows:
         return
-    if conn.dialect.name == "postgresql":
-        conn.execute(text(f"SELECT pg_advisory_xact_lock({_EVENT_LOCK_KEY})"))
     for row in rows:
         row.setdefault("subject_id", None)
         row.setdefault("data", None)
         row.setdefault("message", "")
         row.setdefault("from_state", "")
         row.setdefault("job_id", None)
-    top = max(insert_rows(conn, events, rows))
+    if conn.dialect.name == "postgresql" and len(rows) < COPY_MIN_ROWS:
+        top = _insert_locked(conn, rows)
+    else:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({_EVENT_LOCK_KEY})"))
+        top = max(insert_rows(conn, events, rows))
     conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
+
+
+_COLUMNS = ("owner_id", "site_id", "job_id", "kind", "subject_id", "from_state", "to_state", "time", "data", "message")
+_TYPES = ("BIGINT", "BIGINT", "BIGINT", "TEXT", "BIGINT", "TEXT", "TEXT", "TIMESTAMPTZ", "TEXT", "TEXT")
+# The lock and the insert in one round trip (a single create is a handful of them). The
+# lock is a materialized CTE joined to the rows, so it is taken before any row (and its
+# nextval id) is produced; it is held to commit as in the two-statement form.
+_LOCKED_INSERT = text(
+    f"WITH event_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock({_EVENT_LOCK_KEY})) "
+    f"INSERT INTO events ({', '.join(_COLUMNS)}) "
+    f"SELECT {', '.join('v.data::jsonb' if c == 'data' else 'v.' + c for c in _COLUMNS)} "
+    f"FROM event_lock, unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in zip(_COLUMNS, _TYPES, strict=True))}) "
+    f"AS v({', '.join(_COLUMNS)}) RETURNING id")
+
+
+def _insert_locked(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    """PostgreSQL, a few rows: advisory lock + INSERT as one statement; the highest id."""
+    params: dict[str, list[Any]] = {c: [] for c in _COLUMNS}
+    for row in rows:
+        for c in _COLUMNS:
+            value = row[c]
+            if c == "data":
+                value = None if value is None else dumps(value)
+            elif c in ("kind", "from_state", "to_state"):
+                value = str(value)
+            params[c].append(value)
+    return max(conn.execute(_LOCKED_INSERT, params).scalars())
 
 
 def job_event(owner_id: int, site_id: int, job_id: int, src: str, dst: str, now: datetime,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Boolean, ColumnElement, and_, func, literal, not_, or_
+from sqlalchemy import BigInteger, Boolean, ColumnElement, and_, any_, bindparam, column, func, literal, not_, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
@@ -15,6 +17,11 @@ class _TagsContain(FunctionElement[bool]):
 
     PostgreSQL: JSONB containment (`@>`), served by the GIN index on jobs.tags.
     SQLite: one json_extract comparison per pair.
+
+    Every value the SQL needs is a bound literal among the element's own arguments, so
+    SQLAlchemy's statement cache keys on the number of pairs and extracts the values
+    per execution. (Rendering new literals from `tags` at compile time would bake the
+    first query's tags into the cached SQL and reuse them for every later filter.)
     """
 
     type = Boolean()
@@ -22,24 +29,23 @@ class _TagsContain(FunctionElement[bool]):
     name = "tags_contain"
 
     def __init__(self, column: ColumnElement[Any], tags: dict[str, str]) -> None:
-        self.column = column
-        self.tags = dict(sorted(tags.items()))
-        super().__init__(column, literal(json.dumps(self.tags)))
+        pairs = sorted(tags.items())
+        args: list[Any] = [column, literal(json.dumps(dict(pairs)))]
+        for key, value in pairs:
+            args += [literal(json_path(key)), literal(value)]
+        super().__init__(*args)
 
 
 @compiles(_TagsContain, "postgresql")
 def _pg(element: _TagsContain, compiler: Any, **kw: Any) -> str:
-    col = compiler.process(element.column, **kw)
-    val = compiler.process(literal(json.dumps(element.tags)), **kw)
-    return f"({col} @> CAST({val} AS JSONB))"
+    col, document = list(element.clauses)[:2]
+    return f"({compiler.process(col, **kw)} @> CAST({compiler.process(document, **kw)} AS JSONB))"
 
 
 @compiles(_TagsContain)
 def _default(element: _TagsContain, compiler: Any, **kw: Any) -> str:
-    parts = [
-        func.json_extract(element.column, literal(json_path(k))) == literal(v)
-        for k, v in element.tags.items()
-    ]
+    col, _, *pairs = list(element.clauses)
+    parts = [func.json_extract(col, pairs[i]) == pairs[i + 1] for i in range(0, len(pairs), 2)]
     return compiler.process(and_(*parts), **kw)
 
 
@@ -61,4 +67,18 @@ def contains_substring(column: ColumnElement[Any], needle: str) -> ColumnElement
     return column.like(f"%{escaped}%", escape="\\")
 
 
-__all__ = ["tags_contain", "tags_exclude", "contains_substring", "or_"]
+def id_in(col: ColumnElement[Any], ids: Sequence[int], dialect: str) -> ColumnElement[bool]:
+    """`col IN ids` with the whole list as ONE bound value, whatever its length.
+
+    An expanding IN binds one parameter per id: 20,000 ids cost more to render and
+    parse than the update they select, and SQLite refuses more than 32,766 of them.
+    PostgreSQL: `col = ANY(:ids::BIGINT[])`; SQLite: `col IN (SELECT value FROM
+    json_each(:ids))`.
+    """
+    ids = list(ids)
+    if dialect == "postgresql":
+        return col == any_(bindparam(None, ids, type_=ARRAY(BigInteger())))
+    return col.in_(select(column("value")).select_from(func.json_each(bindparam(None, json.dumps(ids)))))
+
+
+__all__ = ["id_in", "tags_contain", "tags_exclude", "contains_substring", "or_"]

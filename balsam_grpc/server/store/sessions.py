@@ -1,24 +1,28 @@
-"""Launcher sessions: read them, and close one on a user's request.
+"""Launcher sessions: open, resume, keep alive, expire, close, and read them.
 
-Scoped by `owner_id`. Sessions are opened and kept alive by SessionService.Connect (the
-launcher issue); this module only reads them and closes them. States are the short names
-of SessionState ("ACTIVE", "CLOSED", "EXPIRED").
+Scoped by `owner_id`. States are the short names of SessionState ("ACTIVE", "CLOSED",
+"EXPIRED"). A session's running jobs are released through the Transitioner
+(store/leases.time_out_held), so they follow their app's timeout policy.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
 
-from balsam_grpc.core.errors import NotFound
-from balsam_grpc.server.store import events
+from balsam_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from balsam_grpc.server.store import batch_jobs as batch_job_store
+from balsam_grpc.server.store import sites as site_store
+from balsam_grpc.server.store.leases import time_out_held
 from balsam_grpc.server.store.tables import jobs, sessions
 
 ACTIVE = "ACTIVE"
 CLOSED = "CLOSED"
+EXPIRED = "EXPIRED"
 
 
 @dataclass
@@ -53,14 +57,85 @@ def require_session(conn: Connection, owner_id: int, session_id: str, *, field: 
     return row
 
 
-def close_session(conn: Connection, owner_id: int, session_id: str, now: datetime) -> dict[str, Any]:
-    """Close a session on a user's request (DeleteSession).
+def open_session(conn: Connection, owner_id: int, site_id: int, batch_job_id: int | None, job_mode: str,
+                 nodes: list[dict[str, Any]], hostname: str, now: datetime, expire_time: datetime) -> dict[str, Any]:
+    """A new ACTIVE session at the caller's site (NOT_FOUND for a site or batch job that
+    is missing or someone else's; INVALID_ARGUMENT for a batch job of another site)."""
+    site_store.require_site(conn, owner_id, site_id, field="open.site_id", reference=True)
+    if batch_job_id:
+        bj = batch_job_store.require_batch_job(conn, owner_id, batch_job_id, field="open.batch_job_id")
+        if bj["site_id"] != site_id:
+            raise InvalidArgument(f"open.batch_job_id: batch job {batch_job_id} belongs to site {bj['site_id']}, "
+                                  f"not {site_id}", field="open.batch_job_id")
+    row = {"id": uuid.uuid4().hex, "owner_id": owner_id, "site_id": site_id, "batch_job_id": batch_job_id or None,
+           "job_mode": job_mode, "nodes": nodes, "state": ACTIVE, "hostname": hostname, "applied_through_seq": 0,
+           "create_time": now, "heartbeat_time": now, "expire_time": expire_time}
+    conn.execute(insert(sessions).values(**row))
+    return {**row, "leased_jobs": 0}
 
-    Kept deliberately simple until the launcher issue refines it: the session becomes
-    CLOSED, and every job it still holds in RUNNING moves to RUN_TIMEOUT (with a job_state
-    event each), loses its lease (session_id cleared, lease generation bumped so a report
-    from the launcher that held it is rejected as stale). What happens next to those jobs
-    (restart or fail) is the job state machine's business, not this function's.
+
+def resume_session(conn: Connection, owner_id: int, session_id: str, now: datetime,
+                   expire_time: datetime) -> dict[str, Any]:
+    """Reattach to an ACTIVE session (its leases are kept); an EXPIRED or CLOSED one is
+    FAILED_PRECONDITION with reason SESSION_EXPIRED / SESSION_CLOSED."""
+    row = conn.execute(select(sessions).where(sessions.c.id == session_id, sessions.c.owner_id == owner_id)
+                       .with_for_update()).first()
+    if row is None:
+        raise NotFound(f"open.resume_session_id: session {session_id!r} not found", field="open.resume_session_id")
+    if row.state != ACTIVE:
+        why = "its stream was gone longer than the lease timeout" if row.state == EXPIRED else "it was closed"
+        raise FailedPrecondition(f"session {session_id} cannot be resumed: {why} and its jobs were released; "
+                                 "open a new session", reason=f"SESSION_{row.state}")
+    conn.execute(update(sessions).where(sessions.c.id == session_id)
+                 .values(heartbeat_time=now, expire_time=expire_time))
+    return require_session(conn, owner_id, session_id)
+
+
+def touch_sessions(conn: Connection, session_ids: list[str], now: datetime, expire_time: datetime) -> None:
+    """Heartbeat of connected sessions: their leases stay valid until `expire_time`."""
+    if session_ids:
+        conn.execute(update(sessions).where(sessions.c.id.in_(session_ids), sessions.c.state == ACTIVE)
+                     .values(heartbeat_time=now, expire_time=expire_time))
+
+
+def active_deadlines(conn: Connection) -> dict[str, datetime]:
+    """expire_time of every ACTIVE session (all owners): what a restarted server must watch."""
+    return {r.id: r.expire_time for r in conn.execute(select(sessions.c.id, sessions.c.expire_time)
+                                                      .where(sessions.c.state == ACTIVE))}
+
+
+def extend_active(conn: Connection, not_before: datetime) -> int:
+    """After a server restart: give every ACTIVE session until `not_before` to resume,
+    since its launcher could not reach the server while it was down."""
+    return conn.execute(update(sessions).where(sessions.c.state == ACTIVE, sessions.c.expire_time < not_before)
+                        .values(expire_time=not_before)).rowcount
+
+
+def expire_session(conn: Connection, session_id: str, now: datetime) -> tuple[dict[str, Any] | None, list[int]]:
+    """Expire an ACTIVE session whose expire_time has passed: state EXPIRED, its running
+    jobs time out. Returns (the session row or None when missing, released job ids); when
+    the session is no longer ACTIVE or was renewed meanwhile, nothing changes."""
+    row = conn.execute(select(sessions).where(sessions.c.id == session_id).with_for_update()).first()
+    if row is None:
+        return None, []
+    session = dict(row._mapping)
+    if session["state"] != ACTIVE or _aware(session["expire_time"]) > now:
+        return session, []
+    conn.execute(update(sessions).where(sessions.c.id == session_id).values(state=EXPIRED))
+    released = time_out_held(conn, session["owner_id"], session_id, now,
+                             f"session {session_id} expired: its launcher was gone longer than the lease timeout")
+    session["state"] = EXPIRED
+    return session, released
+
+
+def close_session(conn: Connection, owner_id: int, session_id: str, now: datetime, *,
+                  reason: str = "closed by its owner") -> dict[str, Any]:
+    """Close a session (DeleteSession, or its launcher half-closing the stream).
+
+    The session becomes CLOSED, and every job it still holds in RUNNING moves to
+    RUN_TIMEOUT through the Transitioner (one event each), which then follows the app's
+    timeout policy (default RESTART_READY); each loses its lease (session_id cleared,
+    lease generation bumped so a report from the launcher that held it is stale).
     Closing a session that is already closed or expired changes nothing.
     """
     row = conn.execute(
@@ -73,21 +148,14 @@ def close_session(conn: Connection, owner_id: int, session_id: str, now: datetim
         return session
     conn.execute(update(sessions).where(sessions.c.id == session_id, sessions.c.owner_id == owner_id)
                  .values(state=CLOSED, expire_time=now))
-    held = conn.execute(
-        update(jobs)
-        .where(jobs.c.owner_id == owner_id, jobs.c.session_id == session_id, jobs.c.state == "RUNNING")
-        .values(state="RUN_TIMEOUT", state_message=f"session {session_id} was closed by its owner",
-                session_id=None, lease_expire_time=None, lease_generation=jobs.c.lease_generation + 1,
-                state_time=now, update_time=now)
-        .returning(jobs.c.id, jobs.c.site_id)
-    ).all()
-    events.append(conn, [
-        events.job_event(owner_id, site_id, job_id, "RUNNING", "RUN_TIMEOUT", now,
-                         message=f"session {session_id} closed by its owner")
-        for job_id, site_id in held
-    ])
+    time_out_held(conn, owner_id, session_id, now, f"session {session_id} {reason}")
     session.update(state=CLOSED, expire_time=now)
     return session
+
+
+def _aware(dt: datetime) -> datetime:
+    """SQLite returns naive datetimes; everything stored is UTC."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
 def list_sessions(conn: Connection, q: SessionQuery, *, after: tuple[datetime, str] | None,

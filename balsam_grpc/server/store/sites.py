@@ -131,3 +131,33 @@ def list_sites(conn: Connection, q: SiteQuery, *, after_id: int | None, limit: i
         conds.append(c.id > after_id)
     rows = conn.execute(select(sites).where(*conds).order_by(c.id).limit(limit))
     return [dict(r._mapping) for r in rows]
+
+
+# ---------------------------------------------------------------------------- daemon liveness
+
+def mark_connected(conn: Connection, owner_id: int, site_id: int, *, hostname: str, version: str,
+                   now: datetime) -> dict[str, Any]:
+    """A daemon holds the site's stream now. Liveness is output only: update_time (the
+    user's last change) is left alone."""
+    row = conn.execute(
+        update(sites).where(sites.c.id == site_id, sites.c.owner_id == owner_id)
+        .values(connected=True, last_seen_time=now, daemon_hostname=hostname, daemon_version=version)
+        .returning(*sites.c)).first()
+    if row is None:
+        raise NotFound(f"site {site_id} not found", field="hello.site_id")
+    return dict(row._mapping)
+
+
+def mark_seen(conn: Connection, owner_id: int, site_id: int, now: datetime, *, connected: bool = True,
+              snapshot: dict[str, Any] | None = None) -> None:
+    """Record the daemon's last message (and its scheduler snapshot, when it sent one);
+    connected=False when its stream ended."""
+    values: dict[str, Any] = {"last_seen_time": now, "connected": connected}
+    if snapshot is not None:
+        values["scheduler_snapshot"] = snapshot
+    conn.execute(update(sites).where(sites.c.id == site_id, sites.c.owner_id == owner_id).values(**values))
+
+
+def reset_connected(conn: Connection) -> int:
+    """At server start no daemon holds a stream yet: clear flags a crash left behind."""
+    return conn.execute(update(sites).where(sites.c.connected.is_(True)).values(connected=False)).rowcount

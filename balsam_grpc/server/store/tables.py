@@ -173,6 +173,10 @@ jobs = Table(
     Column("create_time", Time, nullable=False),
     Column("update_time", Time, nullable=False),
     Column("state_time", Time, nullable=False),
+    # Set when the site daemon has deleted the app's cleanup globs in the finished workdir
+    # (revision 0003); cleanup_info says what it removed or why it could not.
+    Column("cleaned_time", Time, nullable=True),
+    Column("cleanup_info", Text, nullable=True),
     UniqueConstraint("site_id", "workdir"),
     Index("ix_jobs_owner_id_state_site_id", "owner_id", "state", "site_id"),
     Index("ix_jobs_app_id", "app_id"),
@@ -184,6 +188,18 @@ jobs = Table(
         "ix_jobs_runnable", "site_id", text("priority DESC"), "id",
         postgresql_where=text("state IN ('PREPROCESSED', 'RESTART_READY')"),
         sqlite_where=text("state IN ('PREPROCESSED', 'RESTART_READY')"),
+    ),
+    # Lease order of the session stream's acquisition (migration 0002): it stops early.
+    Index(
+        "ix_jobs_lease_order", "site_id", text("priority DESC"), text("num_nodes DESC"), text("wall_time_min DESC"), "id",
+        postgresql_where=text("state IN ('PREPROCESSED', 'RESTART_READY')"),
+        sqlite_where=text("state IN ('PREPROCESSED', 'RESTART_READY')"),
+    ),
+    # The site stream finds finished workdirs still to clean, per site and app.
+    Index(
+        "ix_jobs_cleanup_due", "site_id", "app_id", "id",
+        postgresql_where=text("state = 'JOB_FINISHED' AND cleaned_time IS NULL"),
+        sqlite_where=text("state = 'JOB_FINISHED' AND cleaned_time IS NULL"),
     ),
 )
 

@@ -9,10 +9,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import BigInteger, Boolean, Connection, DateTime, Float, Integer, String, Text, bindparam, select, text, update
 
 from balsam_grpc.core.states import FINAL_STATES, JobState, StepContext, is_legal, settle
 from balsam_grpc.server.store import events as event_log
+from balsam_grpc.server.store.query import id_in
 from balsam_grpc.server.store.tables import apps, job_parents, jobs, transfer_items
 
 S = JobState
@@ -21,6 +22,7 @@ ENGINE_COLUMNS = (jobs.c.id, jobs.c.owner_id, jobs.c.site_id, jobs.c.app_id, job
                   jobs.c.on_parent_failure, jobs.c.pending_parents, jobs.c.session_id)
 _LEAVING_STAGE_IN = (S.READY,)
 _LEAVING_STAGE_OUT = (S.POSTPROCESSED,)
+_NO_VALUES: dict[str, Any] = {}
 
 
 def _get(d: dict[str, Any], snake: str, default: Any = None) -> Any:
@@ -59,11 +61,29 @@ def load_app_rules(conn: Connection, app_ids: Iterable[int]) -> dict[int, AppRul
 def _pending_transfers(conn: Connection, job_ids: list[int], direction: str) -> set[int]:
     if not job_ids:
         return set()
+    return _pending_transfer_directions(conn, job_ids)[direction]
+
+
+def _pending_transfer_directions(conn: Connection, job_ids: list[int]) -> dict[str, set[int]]:
+    """Jobs with unfinished stage-in / stage-out items, in one query."""
+    out: dict[str, set[int]] = {"IN": set(), "OUT": set()}
+    if not job_ids:
+        return out
     rows = conn.execute(
-        select(transfer_items.c.job_id).distinct()
-        .where(transfer_items.c.job_id.in_(job_ids), transfer_items.c.direction == direction,
-               transfer_items.c.state != "DONE"))
-    return {r.job_id for r in rows}
+        select(transfer_items.c.job_id, transfer_items.c.direction).distinct()
+        .where(id_in(transfer_items.c.job_id, job_ids, conn.dialect.name), transfer_items.c.state != "DONE"))
+    for r in rows:
+        out.setdefault(r.direction, set()).add(r.job_id)
+    return out
+
+
+# More distinct value sets than this in one state change and the rows are written by a
+# single UPDATE joined to per-row arrays (PostgreSQL) or executemany (SQLite) instead of
+# one UPDATE per value set.
+_MAX_GROUPS = 8
+# Column types an UPDATE ... FROM unnest(arrays) can carry (JSON values cannot be put
+# in a PostgreSQL array by the driver).
+_ARRAY_SAFE = (Integer, String, DateTime, Boolean, Float)
 
 
 class Transitioner:
@@ -85,55 +105,112 @@ class Transitioner:
             return
         rules = load_app_rules(self.conn, (r["app_id"] for r in rows))
         ids = [r["id"] for r in rows]
-        stage_in = _pending_transfers(self.conn, ids, "IN")
-        stage_out = _pending_transfers(self.conn, ids, "OUT")
+        pending = _pending_transfer_directions(self.conn, ids)
+        stage_in, stage_out = pending["IN"], pending["OUT"]
         updates: dict[str, list[dict[str, Any]]] = defaultdict(list)
         finished, failed = [], []
+        no_rules = AppRules({})
+        # Jobs alike in app, pending transfers and run count take the same path; the
+        # path and its event data are computed once and shared (events are written, never
+        # modified, so sharing the data dict is safe and lets COPY encode it once).
+        paths: dict[tuple[int, bool, bool, int], tuple[JobState, dict[str, Any] | None]] = {}
+        event_row = event_log.job_event
+        now = self.now
         for row in rows:
-            rule = rules.get(row["app_id"]) or AppRules({})
-            ctx = StepContext(
-                has_stage_in=row["id"] in stage_in, has_stage_out=row["id"] in stage_out,
-                has_preprocess=rule.has_preprocess, has_postprocess=rule.has_postprocess,
-                has_error_hook=rule.has_error_hook, has_timeout_hook=rule.has_timeout_hook,
-                run_count=row["run_count"], max_retries=rule.max_retries,
-                restart_on_error=rule.restart_on_error, restart_on_timeout=rule.restart_on_timeout)
-            path = [target, *settle(target, ctx)]
-            final = path[-1]
-            event_data = dict(data or {})
-            if len(path) > 1:
-                event_data["via"] = [str(s) for s in path[:-1]]
-            extra = (values or {}).get(row["id"], {})
-            if "return_code" in extra and extra["return_code"] is not None:
+            job_id = row["id"]
+            key = (row["app_id"], job_id in stage_in, job_id in stage_out, row["run_count"])
+            settled = paths.get(key)
+            if settled is None:
+                rule = rules.get(row["app_id"]) or no_rules
+                ctx = StepContext(
+                    has_stage_in=key[1], has_stage_out=key[2],
+                    has_preprocess=rule.has_preprocess, has_postprocess=rule.has_postprocess,
+                    has_error_hook=rule.has_error_hook, has_timeout_hook=rule.has_timeout_hook,
+                    run_count=row["run_count"], max_retries=rule.max_retries,
+                    restart_on_error=rule.restart_on_error, restart_on_timeout=rule.restart_on_timeout)
+                path = [target, *settle(target, ctx)]
+                shared = dict(data or {})
+                if len(path) > 1:
+                    shared["via"] = [str(s) for s in path[:-1]]
+                settled = paths[key] = (path[-1], shared or None)
+            final, event_data = settled
+            extra = values.get(job_id, _NO_VALUES) if values else _NO_VALUES
+            if extra.get("return_code") is not None:
+                event_data = dict(event_data or {})
                 event_data.setdefault("return_code", extra["return_code"])
-            self.event_rows.append(event_log.job_event(
-                row["owner_id"], row["site_id"], row["id"], row["state"], str(final), self.now,
-                event_data or None, message))
-            updates[str(final)].append({"b_id": row["id"], "b_message": message, **{f"b_{k}": v for k, v in extra.items()}})
-            self.changed[row["id"]] = str(final)
+            final_name = str(final)
+            self.event_rows.append(event_row(row["owner_id"], row["site_id"], job_id, row["state"], final_name, now,
+                                             event_data, message))
+            param = {"b_id": job_id, "b_message": message}
+            for k, v in extra.items():
+                param["b_" + k] = v
+            updates[final_name].append(param)
+            self.changed[job_id] = final_name
             if final is S.JOB_FINISHED:
-                finished.append(row["id"])
-            elif final in (S.FAILED, S.KILLED):
-                failed.append(row["id"])
-            row["state"] = str(final)
+                finished.append(job_id)
+            elif final is S.FAILED or final is S.KILLED:
+                failed.append(job_id)
+            row["state"] = final_name
         for state, params in updates.items():
             self._write(state, params)
         if finished or failed:
             self._cascade(finished, failed)
 
     def _write(self, state: str, params: list[dict[str, Any]]) -> None:
+        """Set `state` (and per-row message and extra columns) on the rows of `params`.
+
+        Rows sharing the same values (the usual bulk case: one message, no extras) are
+        written by one UPDATE per value set; many distinct value sets go out as one
+        UPDATE ... FROM unnest(arrays) on PostgreSQL or one executemany otherwise.
+        """
         extra_keys = sorted({k for p in params for k in p} - {"b_id", "b_message"})
+        keys = ["b_message", *extra_keys]
+        groups: dict[tuple[Any, ...], list[int]] | None = defaultdict(list)
+        try:
+            for p in params:
+                groups[tuple(p.get(k) for k in keys)].append(p["b_id"])  # type: ignore[index]
+        except TypeError:  # an unhashable value (JSON): no grouping
+            groups = None
+        fixed: dict[str, Any] = {"state": state, "state_time": self.now, "update_time": self.now}
+        if state != S.RUNNING:
+            fixed["session_id"] = None
+            fixed["lease_expire_time"] = None
+        for key in extra_keys:  # a caller's explicit value wins over the defaults above
+            fixed.pop(key[2:], None)
+        dialect = self.conn.dialect.name
+        if groups is not None and len(groups) <= _MAX_GROUPS:
+            for group_values, ids in groups.items():
+                columns = {"state_message": group_values[0],
+                           **{k[2:]: v for k, v in zip(extra_keys, group_values[1:], strict=True)}}
+                self.conn.execute(update(jobs).where(id_in(jobs.c.id, ids, dialect)).values({**fixed, **columns}))
+            return
         for p in params:
             for k in extra_keys:
                 p.setdefault(k, None)
-        values: dict[str, Any] = {"state": state, "state_time": self.now, "update_time": self.now,
-                                  "state_message": bindparam("b_message")}
+        if dialect == "postgresql" and all(isinstance(jobs.c[k[2:]].type, _ARRAY_SAFE) for k in extra_keys):
+            self._write_unnest(fixed, extra_keys, params)
+            return
+        values: dict[str, Any] = {**fixed, "state_message": bindparam("b_message")}
         for key in extra_keys:
             values[key[2:]] = bindparam(key)
-        if state != S.RUNNING:
-            values["session_id"] = None
-            values["lease_expire_time"] = None
-        stmt = update(jobs).where(jobs.c.id == bindparam("b_id")).values(**values)
-        self.conn.execute(stmt, params)
+        self.conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(**values), params)
+
+    def _write_unnest(self, fixed: dict[str, Any], extra_keys: list[str], params: list[dict[str, Any]]) -> None:
+        """One UPDATE joined to per-row arrays: `UPDATE jobs SET ... FROM unnest(:ids,
+        :messages, ...) AS v WHERE jobs.id = v.id` (PostgreSQL)."""
+        dialect = self.conn.dialect
+        names = ["b_id", "b_message", *extra_keys]
+        types = [BigInteger(), Text(), *(jobs.c[k[2:]].type for k in extra_keys)]
+        arrays = [f"CAST(:{n} AS {t.compile(dialect=dialect)}[])" for n, t in zip(names, types, strict=True)]
+        aliases = [f"v{i}" for i in range(len(names))]
+        sets = [f"{name} = :f_{name}" if value is not None else f"{name} = NULL" for name, value in fixed.items()]
+        sets.append("state_message = v.v1")
+        sets += [f"{k[2:]} = v.v{i + 2}" for i, k in enumerate(extra_keys)]
+        sql = (f"UPDATE jobs SET {', '.join(sets)} FROM unnest({', '.join(arrays)}) AS v({', '.join(aliases)}) "
+               "WHERE jobs.id = v.v0")
+        bind = {n: [p[n] for p in params] for n in names}
+        bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
+        self.conn.execute(text(sql), bind)
 
     def _cascade(self, finished: list[int], failed: list[int]) -> None:
         """Release children whose parents are all done; fail children of failed parents
@@ -158,12 +235,15 @@ class Transitioner:
             for neg in (p for p in done_parents if p < 0):
                 counts[-neg] += 1
             if counts:
-                self.conn.execute(
-                    update(jobs).where(jobs.c.id == bindparam("b_id"))
-                    .values(pending_parents=jobs.c.pending_parents - bindparam("b_n")),
-                    [{"b_id": cid, "b_n": n} for cid, n in counts.items()])
+                dialect = self.conn.dialect.name
+                by_count: dict[int, list[int]] = defaultdict(list)
+                for child_id, n in counts.items():
+                    by_count[n].append(child_id)
+                for n, child_ids in by_count.items():
+                    self.conn.execute(update(jobs).where(id_in(jobs.c.id, child_ids, dialect))
+                                      .values(pending_parents=jobs.c.pending_parents - n))
                 rows = self.conn.execute(
-                    select(*ENGINE_COLUMNS).where(jobs.c.id.in_(list(counts)), jobs.c.pending_parents <= 0,
+                    select(*ENGINE_COLUMNS).where(id_in(jobs.c.id, list(counts), dialect), jobs.c.pending_parents <= 0,
                                                   jobs.c.state == S.AWAITING_PARENTS))
                 release = [dict(r._mapping) for r in rows]
         fail_ids = {r["id"] for r in fail_children}
@@ -179,7 +259,8 @@ class Transitioner:
             return []
         rows = self.conn.execute(
             select(*ENGINE_COLUMNS).join(job_parents, job_parents.c.child_id == jobs.c.id)
-            .where(job_parents.c.parent_id.in_(parent_ids), jobs.c.state == S.AWAITING_PARENTS))
+            .where(id_in(job_parents.c.parent_id, parent_ids, self.conn.dialect.name),
+                   jobs.c.state == S.AWAITING_PARENTS))
         return [dict(r._mapping) for r in rows]
 
     def flush(self) -> None:

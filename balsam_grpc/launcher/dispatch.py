@@ -1,0 +1,59 @@
+"""Where a placed job's process runs: this process, or the worker rank of its node.
+
+The master only talks to a Dispatcher; `LocalDispatcher` runs everything here (one
+process, or `mpiexec -n 1`), `mpi_dispatch.MpiDispatcher` adds worker ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from balsam_grpc.launcher.process_spec import ProcessSpec
+from balsam_grpc.launcher.runner import ProcessResult, ProcessRunner
+
+
+class Dispatcher(Protocol):
+    def has_runner(self, node_index: int) -> bool: ...
+
+    def start(self, node_index: int | None, spec: ProcessSpec) -> ProcessResult | None: ...
+
+    def kill(self, job_id: int, reason: str, message: str = "") -> None: ...
+
+    def poll(self) -> list[ProcessResult]: ...
+
+    def next_deadline(self) -> float | None: ...
+
+    def poll_interval(self) -> float | None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalDispatcher:
+    """Every process runs here; `local_node` is the node index this process sits on
+    (None: on none of the allocation's nodes, so every job needs an MPI launch)."""
+
+    def __init__(self, runner: ProcessRunner | None = None, local_node: int | None = 0) -> None:
+        self.runner = runner or ProcessRunner()
+        self.local_node = local_node
+
+    def has_runner(self, node_index: int) -> bool:
+        return node_index == self.local_node
+
+    def start(self, node_index: int | None, spec: ProcessSpec) -> ProcessResult | None:
+        return self.runner.start(spec)
+
+    def kill(self, job_id: int, reason: str, message: str = "") -> None:
+        self.runner.kill(job_id, reason, message)
+
+    def poll(self) -> list[ProcessResult]:
+        return self.runner.poll()
+
+    def next_deadline(self) -> float | None:
+        return self.runner.next_deadline()
+
+    def poll_interval(self) -> float | None:
+        # SIGCHLD wakes the master when a local process ends; no polling needed.
+        return None
+
+    def shutdown(self) -> None:
+        self.runner.kill_all("killed", "launcher shut down")

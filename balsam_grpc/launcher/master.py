@@ -1,0 +1,336 @@
+"""Rank 0 of the launcher: the session, the node manager and the jobs.
+
+One asyncio loop: the SessionClient reads leases/acks/kills and writes credits/reports;
+the main loop reaps finished processes (woken by SIGCHLD locally, or by polling worker
+ranks), places queued jobs with the node manager, reports outcomes through the outbox,
+and watches the clock (per-job limits live in the runners; the allocation's end and the
+idle timeout here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import grpc
+import structlog
+
+from balsam_grpc.core.errors import BalsamError
+from balsam_grpc.launcher.config import LauncherConfig
+from balsam_grpc.launcher.dispatch import Dispatcher
+from balsam_grpc.launcher.node_manager import Assignment, NodeManager, Resources
+from balsam_grpc.launcher.nodes import NodeSpec
+from balsam_grpc.launcher.outcomes import outcome_transition, transition
+from balsam_grpc.launcher.process_spec import RunContext, build_process_spec
+from balsam_grpc.launcher.runner import ProcessResult
+from balsam_grpc.launcher.session import Callbacks, SessionClient, wait_or
+from balsam_grpc.v1 import common_pb2, job_pb2, session_pb2
+from balsam_grpc.v1 import session_service_pb2 as pb
+
+log = structlog.get_logger("balsam.launcher")
+VERSION = "0.1.0"
+IDLE_TICK_S = 0.5
+CLOSE_TIMEOUT_S = 15.0
+
+
+@dataclass
+class LocalJob:
+    leased: pb.LeasedJob
+    res: Resources
+    placed: Assignment | None = None
+    started: float = 0.0
+
+    @property
+    def id(self) -> int:
+        return self.leased.job.id
+
+
+@dataclass
+class Counters:
+    started: int = 0
+    done: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    retried: int = 0
+    killed: int = 0
+    unrunnable: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+
+
+def allocation_margins(wall_time_s: float) -> tuple[float, float]:
+    """(seconds before the end to stop taking work, seconds before the end to time out what
+    runs): a tenth / a twentieth of the allocation, at most 2 min / 30 s."""
+    return min(120.0, wall_time_s * 0.10), min(30.0, wall_time_s * 0.05)
+
+
+class Master:
+    def __init__(self, cfg: LauncherConfig, nodes: list[NodeSpec], dispatcher: Dispatcher,
+                 channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], ctx: RunContext) -> None:
+        self.cfg = cfg
+        self.nodes = nodes
+        self.manager = NodeManager(nodes, mpi_mode=cfg.mode == "mpi")
+        self.dispatcher = dispatcher
+        self.ctx = ctx
+        self.jobs: dict[int, LocalJob] = {}
+        self.queue: dict[int, None] = {}  # leased, not started yet (insertion order)
+        self.counters = Counters()
+        self.wake = asyncio.Event()
+        self.stopping = ""
+        self.t0 = time.monotonic()
+        self.end = self.t0 + cfg.wall_time_min * 60 if cfg.wall_time_min > 0 else math.inf
+        stop_margin, kill_margin = allocation_margins(cfg.wall_time_min * 60)
+        self.stop_new_at = self.end - stop_margin
+        self.kill_at = self.end - kill_margin
+        self.idle_since = time.monotonic()
+        self.client = SessionClient(channel, metadata, Callbacks(
+            open_message=self._open_message, credit=self._credit, on_opened=self._on_opened,
+            on_leases=self._on_leases, on_kill=self._on_kill, on_rejection=self._on_rejection,
+            on_session_lost=self._on_session_lost))
+
+    # -- session callbacks ----------------------------------------------------------------
+
+    def _open_message(self) -> pb.SessionOpen:
+        mode = common_pb2.JOB_MODE_SERIAL if self.cfg.mode == "serial" else common_pb2.JOB_MODE_MPI
+        return pb.SessionOpen(site_id=self.cfg.site_id, batch_job_id=self.cfg.batch_job_id, job_mode=mode,
+                              nodes=[session_pb2.NodeInfo(hostname=n.hostname, cpus=n.cpus, gpus=n.gpus)
+                                     for n in self.nodes],
+                              hostname=socket.gethostname(), launcher_version=VERSION)
+
+    def _credit(self) -> pb.SessionCredit:
+        now = time.monotonic()
+        if self.stopping or now >= self.stop_new_at:
+            return pb.SessionCredit(max_jobs=0)
+        cap = self.manager.capacity()
+        queued = [self.jobs[j] for j in self.queue]
+        max_jobs = cap.max_jobs - len(queued)
+        if self.cfg.max_jobs:
+            max_jobs = min(max_jobs, self.cfg.max_jobs - len(self.jobs))
+        footprint = sum((j.res.occupancy * j.res.num_nodes for j in queued), Fraction(0))
+        free_nodes = cap.free_nodes - float(footprint)
+        if max_jobs <= 0 or free_nodes <= 1e-9:
+            return pb.SessionCredit(max_jobs=0)
+        remaining = 0
+        if self.end < math.inf:
+            remaining = max(1, int((self.stop_new_at - now) // 60))
+        return pb.SessionCredit(max_jobs=max_jobs, free_nodes=free_nodes, max_nodes_per_job=cap.max_nodes_per_job,
+                                wall_time_remaining_min=remaining, serial_only=self.cfg.mode == "serial",
+                                filter_tags=self.cfg.credit_tags, app_ids=self.cfg.app_ids)
+
+    def _on_opened(self, opened: pb.SessionOpened, resumed: bool) -> None:
+        held = {lj.job.id: lj for lj in opened.leased_jobs}
+        if not resumed:
+            self._drop_all("a new session replaces the old one")
+        else:
+            for job_id in list(self.jobs):
+                if job_id not in held:
+                    self._drop(job_id, "the server no longer holds it for this session")
+        for job_id, lj in held.items():
+            if job_id not in self.jobs and job_id not in self.client.outbox.pending_job_ids():
+                self._add(lj)
+        log.info("session opened" if not resumed else "session resumed", session=opened.session.id,
+                 lease_timeout_s=opened.lease_timeout_seconds, held=len(held),
+                 applied_through_seq=opened.applied_through_seq)
+        self.wake.set()
+
+    def _on_leases(self, leases: pb.JobLeases) -> None:
+        for lj in leases.jobs:
+            known = self.jobs.get(lj.job.id)
+            if known is not None:
+                known.leased.lease_generation = lj.lease_generation
+                continue
+            self._add(lj)
+        self.wake.set()
+
+    def _on_kill(self, kill: pb.KillJobs) -> None:
+        for job_id in kill.job_ids:
+            self._drop(job_id, kill.reason or "the server asked")
+        self.wake.set()
+
+    def _on_rejection(self, rej: pb.TransitionRejection) -> None:
+        log.warning("transition refused", job_id=rej.job_id, seq=rej.seq, code=rej.code, reason=rej.reason,
+                    message=rej.message)
+        self._drop(rej.job_id, f"the server refused its transition: {rej.reason}")
+        self.wake.set()
+
+    def _on_session_lost(self, why: str) -> None:
+        log.error("session lost; stopping its jobs and opening a new session", why=why)
+        self._drop_all(why)
+        self.wake.set()
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def _add(self, lj: pb.LeasedJob) -> None:
+        self.jobs[lj.job.id] = LocalJob(lj, Resources.from_pb(lj.job.resources))
+        self.queue[lj.job.id] = None
+
+    def _drop(self, job_id: int, why: str) -> None:
+        """Stop a job without reporting anything (the server moved it on already)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if job_id in self.queue:
+            del self.queue[job_id]
+            del self.jobs[job_id]
+            return
+        log.info("killing job", job_id=job_id, why=why)
+        self.counters.killed += 1
+        self.dispatcher.kill(job_id, "killed", why)
+
+    def _drop_all(self, why: str) -> None:
+        for job_id in list(self.jobs):
+            self._drop(job_id, why)
+
+    def _report(self, job: LocalJob, tr: pb.JobTransition) -> None:
+        name = job_pb2.JobState.Name(tr.state).removeprefix("JOB_STATE_")
+        self.counters.by_state[name] = self.counters.by_state.get(name, 0) + 1
+        self.client.report(tr)
+
+    def _schedule(self) -> None:
+        for job_id in list(self.queue):
+            job = self.jobs[job_id]
+            reason = self.manager.never_fits(job.res)
+            if reason:
+                del self.queue[job_id]
+                del self.jobs[job_id]
+                self.counters.unrunnable += 1
+                log.warning("job can never run here", job_id=job_id, reason=reason)
+                self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
+                                             message=f"cannot run in this launcher: {reason}"))
+                continue
+            placed = self.manager.assign(job_id, job.res)
+            if placed is None:
+                continue
+            del self.queue[job_id]
+            job.placed = placed
+            direct = not job.res.needs_mpi_launch and self.dispatcher.has_runner(placed.nodes[0])
+            try:
+                spec = build_process_spec(job.leased, placed, [self.nodes[i].hostname for i in placed.nodes],
+                                          self.ctx, force_mpi_launch=not direct)
+            except (BalsamError, ValueError) as exc:
+                self.manager.release(job_id)
+                del self.jobs[job_id]
+                self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
+                                             message=f"cannot build the command: {exc}"))
+                continue
+            job.started = time.monotonic()
+            self.counters.started += 1
+            failed = self.dispatcher.start(placed.nodes[0] if direct else None, spec)
+            if failed is not None:
+                self._finished(failed)
+        self.client.wake()
+
+    def _finished(self, result: ProcessResult) -> None:
+        job = self.jobs.pop(result.job_id, None)
+        if job is None:
+            return
+        self.manager.release(result.job_id)
+        tr = outcome_transition(job.leased, result)
+        if tr is not None:
+            self._report(job, tr)
+        self.client.wake()
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def request_stop(self, why: str) -> None:
+        if not self.stopping:
+            log.info("launcher stopping", why=why)
+            self.stopping = why
+        self.wake.set()
+
+    def _stop_everything(self, reason_message: str) -> None:
+        """Time out what runs (RUN_TIMEOUT, the app's timeout policy follows) and hand back
+        what never started (RESTART_READY)."""
+        for job_id in list(self.queue):
+            job = self.jobs.pop(job_id)
+            del self.queue[job_id]
+            self._report(job, transition(job.leased, job_pb2.JOB_STATE_RESTART_READY,
+                                         message=f"not started: {reason_message}"))
+        for job_id in list(self.jobs):
+            self.dispatcher.kill(job_id, "timeout", reason_message)
+        self.client.wake()
+
+    def _check_clock(self, now: float) -> None:
+        if now >= self.kill_at and self.jobs and not self.stopping:
+            self.request_stop("the allocation ends (--wall-time)")
+        if now >= self.stop_new_at and not self.jobs and not self.stopping:
+            self.request_stop("the allocation ends (--wall-time)")
+        if self.jobs:
+            self.idle_since = now
+        elif self.cfg.idle_timeout_s and now - self.idle_since >= self.cfg.idle_timeout_s and not self.stopping:
+            self.request_stop(f"idle for {self.cfg.idle_timeout_s:g} s")
+
+    def _progress(self) -> None:
+        c = self.counters
+        log.info("progress", running=len(self.jobs) - len(self.queue), queued=len(self.queue),
+                 busy_nodes=self.manager.busy_nodes(), free_nodes=round(self.manager.free_node_fraction(), 3),
+                 started=c.started, reported=c.by_state, killed=c.killed, outbox=len(self.client.outbox),
+                 session=self.client.session_id)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, self.wake.set)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
+        client_task = asyncio.create_task(self.client.run(), name="session")
+        next_progress = time.monotonic() + self.cfg.progress_interval_s
+        stopped_jobs = False
+        rc = 0
+        try:
+            while True:
+                if client_task.done():
+                    client_task.result()  # raises SessionFatal
+                    break
+                now = time.monotonic()
+                for result in self.dispatcher.poll():
+                    self._finished(result)
+                if self.client.connected.is_set() and not self.stopping:
+                    self._schedule()
+                self._check_clock(now)
+                if self.stopping and not stopped_jobs:
+                    stopped_jobs = True
+                    self._stop_everything(f"the launcher stopped: {self.stopping}")
+                if self.stopping and not self.jobs:
+                    break
+                if now >= next_progress:
+                    next_progress = now + self.cfg.progress_interval_s
+                    if self.jobs or self.counters.started:
+                        self._progress()
+                await wait_or(self.wake, self._tick(now))
+                self.wake.clear()
+            self._progress()
+            self.client.close()
+            done, _ = await asyncio.wait({client_task}, timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                log.warning("session did not close in time", outbox=len(self.client.outbox))
+        except Exception as exc:
+            log.error("launcher failed", error=str(exc), kind=type(exc).__name__)
+            rc = 1
+        finally:
+            if not client_task.done():
+                client_task.cancel()
+                try:
+                    await client_task
+                except (asyncio.CancelledError, Exception):
+                    pass
+            self.dispatcher.shutdown()
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return rc
+
+    def _tick(self, now: float) -> float:
+        timeout = IDLE_TICK_S
+        deadline = self.dispatcher.next_deadline()
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - now))
+        interval = self.dispatcher.poll_interval()
+        if interval is not None:
+            timeout = min(timeout, interval)
+        for t in (self.stop_new_at, self.kill_at):
+            if t > now:
+                timeout = min(timeout, t - now)
+        return max(timeout, 0.0005)

@@ -1,0 +1,175 @@
+"""First-fit packing of jobs onto the allocation's nodes (pure, no I/O).
+
+A single-node job takes `ranks_per_node * ceil(threads_per_rank / threads_per_core)` CPUs,
+`ranks_per_node * gpus_per_rank` GPUs and 1/node_packing_count of the node's occupancy on
+the first node where all three fit. A multi-node job takes whole idle nodes. A job that
+could never fit, even on an empty allocation, gets a reason from `never_fits` so the
+launcher reports it (RUN_ERROR with that message) instead of holding it forever.
+Occupancy is kept as exact fractions: three jobs of packing 3 fill a node exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from balsam_grpc.launcher.nodes import NodeSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """A job's resource request with the server defaults applied to zero values."""
+
+    num_nodes: int = 1
+    ranks_per_node: int = 1
+    threads_per_rank: int = 1
+    threads_per_core: int = 1
+    gpus_per_rank: int = 0
+    node_packing_count: int = 1
+
+    @classmethod
+    def from_pb(cls, res) -> Resources:  # balsam_grpc.v1.job_pb2.JobResources
+        return cls(num_nodes=max(1, res.num_nodes), ranks_per_node=max(1, res.ranks_per_node),
+                   threads_per_rank=max(1, res.threads_per_rank), threads_per_core=max(1, res.threads_per_core),
+                   gpus_per_rank=max(0, res.gpus_per_rank), node_packing_count=max(1, res.node_packing_count))
+
+    @property
+    def cpus_per_node(self) -> int:
+        return self.ranks_per_node * math.ceil(self.threads_per_rank / self.threads_per_core)
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.ranks_per_node * self.gpus_per_rank
+
+    @property
+    def occupancy(self) -> Fraction:
+        # Packing applies to single-node jobs only; a multi-node job owns its nodes.
+        return Fraction(1, self.node_packing_count) if self.num_nodes == 1 else Fraction(1)
+
+    @property
+    def needs_mpi_launch(self) -> bool:
+        return self.num_nodes > 1 or self.ranks_per_node > 1
+
+
+@dataclass(slots=True)
+class Assignment:
+    """Where a job runs: node indices with the CPU and GPU ids it owns on each."""
+
+    job_id: int
+    nodes: list[int]
+    cpu_ids: list[list[int]]
+    gpu_ids: list[list[int]]
+    occupancy: Fraction
+
+
+@dataclass(slots=True)
+class _Node:
+    spec: NodeSpec
+    free_cpus: list[int]
+    free_gpus: list[int]
+    occupancy: Fraction = Fraction(0)
+    jobs: set[int] = field(default_factory=set)
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """Free capacity in the terms of a SessionCredit."""
+
+    max_jobs: int
+    free_nodes: float
+    max_nodes_per_job: int
+
+
+class NodeManager:
+    def __init__(self, nodes: list[NodeSpec], *, mpi_mode: bool) -> None:
+        if not nodes:
+            raise ValueError("a launcher needs at least one node")
+        self.mpi_mode = mpi_mode
+        self.nodes = [_Node(n, list(range(n.cpus)), list(range(n.gpus))) for n in nodes]
+        self.assignments: dict[int, Assignment] = {}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def never_fits(self, res: Resources) -> str | None:
+        """Why this job can never run in this allocation, or None if it can."""
+        if res.needs_mpi_launch and not self.mpi_mode:
+            return (f"needs {res.num_nodes} node(s) x {res.ranks_per_node} rank(s) per node, i.e. an MPI launch, "
+                    "but this launcher runs in serial mode (start it with --mode mpi)")
+        if res.num_nodes > len(self.nodes):
+            return f"needs {res.num_nodes} nodes but this allocation has {len(self.nodes)}"
+        most_cpus = max(n.spec.cpus for n in self.nodes)
+        if res.cpus_per_node > most_cpus:
+            return (f"needs {res.cpus_per_node} CPUs per node ({res.ranks_per_node} ranks x "
+                    f"{res.threads_per_rank} threads / {res.threads_per_core} per core) but nodes have at most "
+                    f"{most_cpus}")
+        most_gpus = max(n.spec.gpus for n in self.nodes)
+        if res.gpus_per_node > most_gpus:
+            return f"needs {res.gpus_per_node} GPUs per node but nodes have at most {most_gpus}"
+        fitting = [n for n in self.nodes if n.spec.cpus >= res.cpus_per_node and n.spec.gpus >= res.gpus_per_node]
+        if len(fitting) < res.num_nodes:
+            return (f"needs {res.num_nodes} nodes with {res.cpus_per_node} CPUs and {res.gpus_per_node} GPUs; "
+                    f"only {len(fitting)} such nodes in this allocation")
+        return None
+
+    def _fits(self, node: _Node, res: Resources) -> bool:
+        return (node.occupancy + res.occupancy <= 1 and len(node.free_cpus) >= res.cpus_per_node
+                and len(node.free_gpus) >= res.gpus_per_node)
+
+    def assign(self, job_id: int, res: Resources) -> Assignment | None:
+        """Place the job now (first fit) or return None when it must wait."""
+        if job_id in self.assignments:
+            raise ValueError(f"job {job_id} is already placed")
+        if res.num_nodes == 1:
+            chosen = next((i for i, n in enumerate(self.nodes) if self._fits(n, res)), None)
+            picks = [] if chosen is None else [chosen]
+        else:
+            picks = [i for i, n in enumerate(self.nodes) if n.idle and self._fits(n, res)][: res.num_nodes]
+        if len(picks) < res.num_nodes:
+            return None
+        cpu_ids, gpu_ids = [], []
+        for i in picks:
+            node = self.nodes[i]
+            cpus, node.free_cpus = node.free_cpus[: res.cpus_per_node], node.free_cpus[res.cpus_per_node:]
+            gpus, node.free_gpus = node.free_gpus[: res.gpus_per_node], node.free_gpus[res.gpus_per_node:]
+            node.occupancy += res.occupancy
+            node.jobs.add(job_id)
+            cpu_ids.append(cpus)
+            gpu_ids.append(gpus)
+        placed = Assignment(job_id, picks, cpu_ids, gpu_ids, res.occupancy)
+        self.assignments[job_id] = placed
+        return placed
+
+    def release(self, job_id: int) -> None:
+        placed = self.assignments.pop(job_id, None)
+        if placed is None:
+            return
+        for i, cpus, gpus in zip(placed.nodes, placed.cpu_ids, placed.gpu_ids, strict=True):
+            node = self.nodes[i]
+            node.free_cpus = sorted(node.free_cpus + cpus)
+            node.free_gpus = sorted(node.free_gpus + gpus)
+            node.occupancy -= placed.occupancy
+            node.jobs.discard(job_id)
+
+    def capacity(self) -> Capacity:
+        """What could start now. Aggregate by nature: two half-free nodes offer 1.0 node of
+        footprint, so a packing-1 job leased against it waits for an idle node."""
+        usable = [n for n in self.nodes if n.free_cpus and n.occupancy < 1]
+        free_nodes = float(sum((1 - n.occupancy for n in usable), Fraction(0)))
+        max_jobs = sum(len(n.free_cpus) for n in usable)
+        idle = sum(1 for n in self.nodes if n.idle)
+        max_nodes = idle if self.mpi_mode else min(idle, 1)
+        if max_nodes == 0 and usable:
+            max_nodes = 1
+        return Capacity(max_jobs=max_jobs, free_nodes=free_nodes, max_nodes_per_job=max_nodes)
+
+    def busy_nodes(self) -> int:
+        return sum(1 for n in self.nodes if not n.idle)
+
+    def free_node_fraction(self) -> float:
+        return float(sum((1 - n.occupancy for n in self.nodes), Fraction(0)))

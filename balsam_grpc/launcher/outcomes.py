@@ -1,0 +1,72 @@
+"""Which transition a finished run reports (pure)."""
+
+from __future__ import annotations
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from balsam_grpc.launcher.runner import ProcessResult
+from balsam_grpc.v1 import app_pb2, job_pb2, session_service_pb2
+
+DEFAULT_MAX_RETRIES = 3
+
+
+def transition(leased: session_service_pb2.LeasedJob, state: int, *, message: str = "",
+               return_code: int | None = None, tail: str = "", data: dict | None = None,
+               when: float | None = None) -> session_service_pb2.JobTransition:
+    tr = session_service_pb2.JobTransition(job_id=leased.job.id, lease_generation=leased.lease_generation,
+                                           state=state, message=message, error_tail=tail)
+    if return_code is not None:
+        tr.return_code = return_code
+    ts = timestamp_pb2.Timestamp()
+    if when is None:
+        ts.GetCurrentTime()
+    else:
+        ts.FromNanoseconds(int(when * 1e9))
+    tr.time.CopyFrom(ts)
+    if data:
+        s = struct_pb2.Struct()
+        s.update(data)
+        tr.data.CopyFrom(s)
+    return tr
+
+
+def quick_failure_retry(leased: session_service_pb2.LeasedJob, elapsed_s: float) -> bool:
+    """A run that failed faster than the app's quick_failure_seconds is retried (RESTART_READY)
+    while the job has retries left; the server counts runs in run_count."""
+    policy = leased.app.retry_policy
+    if policy.quick_failure_seconds <= 0 or elapsed_s >= policy.quick_failure_seconds:
+        return False
+    max_retries = policy.max_retries or DEFAULT_MAX_RETRIES
+    return leased.job.run_count <= max_retries
+
+
+def outcome_transition(leased: session_service_pb2.LeasedJob,
+                       res: ProcessResult) -> session_service_pb2.JobTransition | None:
+    """The transition for a finished process, or None when nothing is to be reported (the
+    job was killed because the server asked or the lease is gone)."""
+    S = job_pb2
+    if res.outcome == "killed":
+        return None
+    if res.outcome == "timeout":
+        return transition(leased, S.JOB_STATE_RUN_TIMEOUT, message=res.message or "timed out",
+                          return_code=res.return_code, tail=res.tail)
+    if res.outcome == "spawn_error":
+        return transition(leased, S.JOB_STATE_RUN_ERROR, message=res.message, tail=res.tail)
+    is_python = leased.app.kind == app_pb2.APP_KIND_PYTHON
+    if res.return_code == 0:
+        if not is_python:
+            return transition(leased, S.JOB_STATE_RUN_DONE, return_code=0)
+        if res.result and res.result.get("ok"):
+            return transition(leased, S.JOB_STATE_RUN_DONE, return_code=0, data={"result": res.result.get("result")})
+        return transition(leased, S.JOB_STATE_RUN_ERROR, return_code=0, tail=res.tail,
+                          message="the Python app exited without writing its result")
+    tail = res.tail
+    if is_python and res.result and not res.result.get("ok"):
+        tail = str(res.result.get("error", ""))[-8192:]
+    rc = res.return_code
+    what = f"exited with return code {rc}" if rc is not None and rc >= 0 else f"was killed by signal {-(rc or 0)}"
+    if quick_failure_retry(leased, res.elapsed_s):
+        return transition(leased, S.JOB_STATE_RESTART_READY, return_code=rc, tail=tail,
+                          message=f"quick failure: {what} after {res.elapsed_s:.2f} s "
+                                  f"(< {leased.app.retry_policy.quick_failure_seconds} s); retrying")
+    return transition(leased, S.JOB_STATE_RUN_ERROR, return_code=rc, tail=tail, message=f"the run {what}")

@@ -1,0 +1,117 @@
+"""What to execute for a leased job on its assigned nodes (pure).
+
+Turns a LeasedJob (job + app + lease) and the node manager's Assignment into a
+ProcessSpec: argv, workdir, environment, CPU ids, time limit and any files to write
+first. A ProcessSpec is plain data, so the master can hand it to a worker rank over MPI.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from balsam_grpc.core.appdef import render_command
+from balsam_grpc.launcher.launch_commands import LaunchSpec, build_argv
+from balsam_grpc.launcher.node_manager import Assignment, Resources
+from balsam_grpc.v1 import app_pb2, session_service_pb2
+
+# Characters that need a shell when they appear outside single quotes.
+_SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?~{}\[\]#!\n\\\"]")
+RESULT_FILE = ".balsam-result.json"
+JOB_FILE = ".balsam-job.json"
+
+
+@dataclass
+class ProcessSpec:
+    """One process to start (a program, a shell script, or an MPI launcher)."""
+
+    job_id: int
+    argv: list[str]
+    cwd: str
+    env: dict[str, str] = field(default_factory=dict)
+    cpu_ids: list[int] = field(default_factory=list)  # bind a directly started process to these
+    timeout_s: float | None = None
+    files: dict[str, str] = field(default_factory=dict)  # name in cwd -> text, written before start
+    result_path: str = ""  # Python-function apps write their outcome here
+    out_name: str = "job.out"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Launcher-wide settings that shape every job's process."""
+
+    data_dir: Path
+    apps_dir: Path
+    mpi_flavor: str = "mpich"
+    mpiexec: str = ""
+    python: str = sys.executable
+    # Seconds per minute of job.wall_time_min (60; tests shrink it to exercise timeouts).
+    job_time_scale: float = 60.0
+
+
+def needs_shell(command: str) -> bool:
+    """Whether a rendered command line uses shell syntax (pipes, expansions, ...)."""
+    unquoted = re.sub(r"'[^']*'", "''", command)
+    if _SHELL_SYNTAX.search(unquoted):
+        return True
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return True
+    # A leading VAR=value assignment is shell syntax too.
+    return not words or "=" in words[0]
+
+
+def job_environment(leased: session_service_pb2.LeasedJob, res: Resources,
+                    gpu_ids: list[int]) -> dict[str, str]:
+    """OMP_NUM_THREADS and CUDA_VISIBLE_DEVICES from the assignment, then the app's environment
+    (which wins: an app that sets OMP_NUM_THREADS means it)."""
+    env = {"OMP_NUM_THREADS": str(res.threads_per_rank), "BALSAM_JOB_ID": str(leased.job.id)}
+    if res.gpus_per_node:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+    env.update(dict(leased.app.environment))
+    return env
+
+
+def build_process_spec(leased: session_service_pb2.LeasedJob, placed: Assignment, hosts: list[str],
+                       ctx: RunContext, *, force_mpi_launch: bool = False) -> ProcessSpec:
+    """The process for a placed job. Raises InvalidArgument when the command cannot be
+    rendered from the job's parameters (the caller reports RUN_ERROR).
+
+    Multi-node and multi-rank jobs get an MPI launch; so does a single-rank job placed on a
+    node where no launcher rank runs (`force_mpi_launch`)."""
+    job, app = leased.job, leased.app
+    res = Resources.from_pb(job.resources)
+    workdir = ctx.data_dir / job.workdir
+    env = job_environment(leased, res, placed.gpu_ids[0] if placed.gpu_ids else [])
+    files: dict[str, str] = {}
+    result_path = ""
+    if app.kind == app_pb2.APP_KIND_PYTHON:
+        files[JOB_FILE] = json_format.MessageToJson(session_service_pb2.LeasedJob(job=job, app=app))
+        result_path = str(workdir / RESULT_FILE)
+        command = shlex.join([ctx.python, "-m", "balsam_grpc.launcher.pyfunc", "--apps", str(ctx.apps_dir),
+                              "--job", JOB_FILE, "--result", RESULT_FILE])
+    else:
+        command = render_command(app, dict(job.parameters))
+    prefix: list[str] = []
+    if res.needs_mpi_launch or force_mpi_launch:
+        spec = LaunchSpec(hosts=hosts, ranks_per_node=res.ranks_per_node, threads_per_rank=res.threads_per_rank,
+                          threads_per_core=res.threads_per_core, gpus_per_rank=res.gpus_per_rank,
+                          cpu_ids=placed.cpu_ids, env=env, launch_params=dict(job.resources.launch_params),
+                          executable=ctx.mpiexec, shares_nodes=placed.occupancy < 1)
+        prefix = build_argv(ctx.mpi_flavor, spec, [])
+    preamble = app.preamble.strip()
+    if preamble or needs_shell(command):
+        script = (preamble + "\n" if preamble else "") + (shlex.join(prefix) + " " if prefix else "") + command
+        argv = ["/bin/bash", "-c", script]
+    else:
+        argv = prefix + shlex.split(command)
+    timeout = job.resources.wall_time_min * ctx.job_time_scale if job.resources.wall_time_min > 0 else None
+    return ProcessSpec(job_id=job.id, argv=argv, cwd=str(workdir), env=env,
+                       cpu_ids=[] if prefix else list(placed.cpu_ids[0]), timeout_s=timeout, files=files,
+                       result_path=result_path)

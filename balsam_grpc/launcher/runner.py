@@ -1,0 +1,184 @@
+"""Start, watch, time out and kill job processes on this node.
+
+Each job runs in its own session (process group), so a kill reaches everything it
+started. stdout and stderr go to `<workdir>/job.out`. `poll()` reaps finished processes,
+enforces time limits and escalates SIGTERM to SIGKILL; it never blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from balsam_grpc.launcher.launch_commands import _ranges
+from balsam_grpc.launcher.process_spec import ProcessSpec
+
+KILL_GRACE_S = 0.5  # SIGTERM first; SIGKILL after this (a kill must land within a second)
+TAIL_BYTES = 8192
+TAIL_LINES = 20
+# Variables of the launcher's own MPI job: a job must not inherit them, or an MPI program
+# it starts would try to join the launcher's MPI world.
+SCRUB_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "OMPI_COMM_WORLD_", "OMPI_MCA_ess", "OMPI_UNIVERSE",
+                  "MPI_LOCAL", "MPIR_CVAR_CH3_INTERFACE_HOSTNAME", "ALPS_APP_", "PALS_")
+_TASKSET = shutil.which("taskset")
+
+
+def job_base_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if not k.startswith(SCRUB_PREFIXES)}
+
+
+def read_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - TAIL_BYTES))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class ProcessResult:
+    """How a job's process ended."""
+
+    job_id: int
+    return_code: int | None
+    # "exit" (ended on its own), "timeout" (its wall time ran out), "killed" (kill() was
+    # called with another reason, e.g. the server's KillJobs), "spawn_error".
+    outcome: str
+    elapsed_s: float
+    tail: str = ""
+    result: dict | None = None  # a Python-function app's outcome file
+    message: str = ""
+
+
+@dataclass
+class _Running:
+    spec: ProcessSpec
+    proc: subprocess.Popen
+    start: float
+    deadline: float | None
+    kill_reason: str = ""
+    kill_message: str = ""
+    term_time: float | None = None
+    killed_hard: bool = False
+    out_path: Path = field(default_factory=Path)
+
+
+class ProcessRunner:
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        self.base_env = job_base_environment(environ)
+        self.running: dict[int, _Running] = {}
+        self.host_cpus = os.cpu_count() or 1
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def _binding(self, cpu_ids: list[int]) -> list[str]:
+        """taskset prefix binding a directly started job to its CPUs: skipped when the ids
+        cover the whole host or name CPUs this host lacks (a preset larger than the host)."""
+        if not cpu_ids or not _TASKSET or max(cpu_ids) >= self.host_cpus or len(cpu_ids) >= self.host_cpus:
+            return []
+        return [_TASKSET, "-c", _ranges(cpu_ids)]
+
+    def start(self, spec: ProcessSpec, now: float | None = None) -> ProcessResult | None:
+        """Start the job; a ProcessResult (outcome spawn_error) when it could not start."""
+        now = time.monotonic() if now is None else now
+        workdir = Path(spec.cwd)
+        out_path = workdir / spec.out_name
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            for name, text in spec.files.items():
+                (workdir / name).write_text(text)
+            if spec.result_path:
+                Path(spec.result_path).unlink(missing_ok=True)
+            env = dict(self.base_env)
+            env.update(spec.env)
+            with open(out_path, "ab") as out:
+                proc = subprocess.Popen(self._binding(spec.cpu_ids) + spec.argv, cwd=workdir, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True, close_fds=True)
+        except OSError as exc:
+            msg = f"could not start {spec.argv[0]!r} in {workdir}: {exc}"
+            try:
+                with open(out_path, "a") as out:
+                    out.write(msg + "\n")
+            except OSError:
+                pass
+            return ProcessResult(spec.job_id, None, "spawn_error", 0.0, tail=msg, message=msg)
+        deadline = now + spec.timeout_s if spec.timeout_s else None
+        self.running[spec.job_id] = _Running(spec, proc, now, deadline, out_path=out_path)
+        return None
+
+    def kill(self, job_id: int, reason: str = "killed", message: str = "", now: float | None = None) -> bool:
+        """SIGTERM the job's process group (SIGKILL follows in poll). False if not running here."""
+        run = self.running.get(job_id)
+        if run is None:
+            return False
+        if not run.kill_reason:
+            run.kill_reason, run.kill_message = reason, message
+            run.term_time = time.monotonic() if now is None else now
+            self._signal(run, signal.SIGTERM)
+        return True
+
+    @staticmethod
+    def _signal(run: _Running, sig: int) -> None:
+        try:
+            os.killpg(run.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group leader is gone and the pgid reused: signal the pid only
+            try:
+                run.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def poll(self, now: float | None = None) -> list[ProcessResult]:
+        now = time.monotonic() if now is None else now
+        done: list[ProcessResult] = []
+        for job_id, run in list(self.running.items()):
+            rc = run.proc.poll()
+            if rc is None:
+                if run.deadline is not None and now >= run.deadline and not run.kill_reason:
+                    self.kill(job_id, "timeout", f"exceeded its wall time of {run.spec.timeout_s:g} s", now=now)
+                elif run.term_time is not None and not run.killed_hard and now - run.term_time >= KILL_GRACE_S:
+                    run.killed_hard = True
+                    self._signal(run, signal.SIGKILL)
+                continue
+            if run.kill_reason:
+                # Whatever the group leader left behind goes too.
+                self._signal(run, signal.SIGKILL)
+            del self.running[job_id]
+            done.append(self._result(run, rc, now))
+        return done
+
+    def _result(self, run: _Running, rc: int, now: float) -> ProcessResult:
+        outcome = run.kill_reason or "exit"
+        result = None
+        if run.spec.result_path:
+            try:
+                result = json.loads(Path(run.spec.result_path).read_text())
+            except (OSError, ValueError):
+                result = None
+        tail = read_tail(run.out_path) if (rc != 0 or outcome != "exit") else ""
+        return ProcessResult(run.spec.job_id, rc, outcome, now - run.start, tail=tail, result=result,
+                             message=run.kill_message)
+
+    def next_deadline(self) -> float | None:
+        times = [r.deadline for r in self.running.values() if r.deadline and not r.kill_reason]
+        times += [r.term_time + KILL_GRACE_S for r in self.running.values() if r.term_time and not r.killed_hard]
+        return min(times) if times else None
+
+    def kill_all(self, reason: str, message: str = "") -> None:
+        for job_id in list(self.running):
+            self.kill(job_id, reason, message)

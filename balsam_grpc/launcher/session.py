@@ -1,0 +1,236 @@
+"""The launcher's end of `SessionService.Connect`: one session kept alive across broken
+streams.
+
+`SessionClient.run()` opens (or resumes) the session, then reads leases, acks and kills
+and writes credits and transition reports. When the stream breaks it reconnects with
+jittered exponential backoff and resumes the same session; the outbox resends whatever the
+server has not applied. If the server says the session is gone (expired or closed), the
+owner is told (it stops its jobs) and a new session is opened. The owner supplies the
+callbacks and the current credit; this module knows nothing about processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from balsam_grpc.core.errors import ERRORS_BY_CODE, BalsamError
+from balsam_grpc.launcher.outbox import Outbox
+from balsam_grpc.v1 import session_service_pb2 as pb
+from balsam_grpc.v1 import session_service_pb2_grpc
+
+BACKOFF_START_S = 0.2
+BACKOFF_MAX_S = 10.0
+REPORT_BATCH = 2000
+# Codes after which retrying the same request cannot help.
+FATAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+               grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
+SESSION_GONE_REASONS = {"SESSION_EXPIRED", "SESSION_CLOSED"}
+
+
+def error_reason(err: grpc.aio.AioRpcError | grpc.RpcError) -> str:
+    """The balsam.v1 ErrorInfo reason of a failed call ('' when absent)."""
+    for key, value in (err.trailing_metadata() or ()):
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info.reason
+    return ""
+
+
+def backoff_delays(start: float = BACKOFF_START_S, cap: float = BACKOFF_MAX_S, rng: random.Random | None = None):
+    """Full-jitter exponential backoff: uniform(0, min(cap, start * 2**n)) but at least start/2."""
+    rng = rng or random.Random()
+    n = 0
+    while True:
+        ceiling = min(cap, start * 2 ** n)
+        yield max(start / 2, rng.uniform(0, ceiling))
+        n += 1
+
+
+class SessionFatal(Exception):
+    """The server refused the launcher in a way a retry cannot fix."""
+
+    def __init__(self, error: BalsamError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class Callbacks:
+    open_message: Callable[[], pb.SessionOpen]
+    credit: Callable[[], pb.SessionCredit]
+    on_opened: Callable[[pb.SessionOpened, bool], None]  # (opened, resumed)
+    on_leases: Callable[[pb.JobLeases], None]
+    on_kill: Callable[[pb.KillJobs], None]
+    on_rejection: Callable[[pb.TransitionRejection], None]
+    on_session_lost: Callable[[str], None]
+
+
+class SessionClient:
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], callbacks: Callbacks,
+                 outbox: Outbox | None = None) -> None:
+        self.stub = session_service_pb2_grpc.SessionServiceStub(channel)
+        self.metadata = metadata
+        self.cb = callbacks
+        self.outbox = outbox or Outbox()
+        self.session_id = ""
+        self.lease_timeout_s = 0
+        self.connected = asyncio.Event()
+        self.closing = False
+        self.close_reason = "done"
+        self.closed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._leases_received = 0
+        self._last_credit: bytes | None = None
+        self.reconnects = 0
+
+    # -- owner API ------------------------------------------------------------------------
+
+    def report(self, transition: pb.JobTransition) -> int:
+        seq = self.outbox.add(transition)
+        self._wake.set()
+        return seq
+
+    def wake(self) -> None:
+        """Something changed: send the current credit (if different) and pending reports."""
+        self._wake.set()
+
+    def close(self, reason: str = "done") -> None:
+        """Once every transition is acknowledged, send close and half-close: the session
+        becomes CLOSED."""
+        self.closing = True
+        self.close_reason = reason
+        self._wake.set()
+
+    # -- stream ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        delays = backoff_delays()
+        while True:
+            try:
+                finished = await self._one_stream()
+            except grpc.aio.AioRpcError as err:
+                self.connected.clear()
+                reason = error_reason(err)
+                if err.code() in FATAL_CODES:
+                    cls = ERRORS_BY_CODE.get(err.code(), BalsamError)
+                    raise SessionFatal(cls(err.details() or str(err.code()), reason=reason or None)) from err
+                if (reason in SESSION_GONE_REASONS or (err.code() == grpc.StatusCode.NOT_FOUND and self.session_id)):
+                    lost = self.session_id
+                    self.session_id = ""
+                    self.outbox.reset()
+                    self.cb.on_session_lost(f"session {lost} is gone ({reason or err.code().name}): "
+                                            f"{err.details()}")
+                    if self.closing:
+                        self.closed.set()
+                        return
+                    continue  # open a new session at once
+                await asyncio.sleep(next(delays))
+                self.reconnects += 1
+                continue
+            self.connected.clear()
+            if finished:
+                self.closed.set()
+                return
+            # The server ended the stream without an error (e.g. it is shutting down): resume.
+            await asyncio.sleep(next(delays))
+            self.reconnects += 1
+            delays = backoff_delays()
+
+    async def _one_stream(self) -> bool:
+        """One connection: True when the session closed normally."""
+        call = self.stub.Connect(metadata=self.metadata)
+        try:
+            open_msg = self.cb.open_message()
+            open_msg.resume_session_id = self.session_id
+            await call.write(pb.SessionServiceConnectRequest(open=open_msg))
+            first = await call.read()
+            if first is grpc.aio.EOF:  # a failed call raises from read(); EOF means it ended with OK
+                raise RuntimeError("the server ended the session stream before answering open")
+            if first.WhichOneof("message") != "opened":
+                raise RuntimeError(f"server answered open with {first.WhichOneof('message')}")
+            opened = first.opened
+            resumed = bool(self.session_id) and opened.session.id == self.session_id
+            if not resumed:
+                self.outbox.reset()
+            self.session_id = opened.session.id
+            self.lease_timeout_s = opened.lease_timeout_seconds
+            self._leases_received = 0
+            self._last_credit = None
+            self.outbox.rewind(opened.applied_through_seq if resumed else 0)
+            self.cb.on_opened(opened, resumed)
+            self.connected.set()
+            self._wake.set()
+            writer = asyncio.create_task(self._writer(call))
+            try:
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        break
+                    self._dispatch(msg)
+            finally:
+                writer.cancel()
+                try:
+                    await writer
+                except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    pass
+            return self.closing
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except BaseException:
+            call.cancel()
+            raise
+
+    def _dispatch(self, msg: pb.SessionServiceConnectResponse) -> None:
+        kind = msg.WhichOneof("message")
+        if kind == "leases":
+            self._leases_received += 1
+            self.cb.on_leases(msg.leases)
+            self._wake.set()
+        elif kind == "ack":
+            self.outbox.ack(msg.ack.applied_through_seq)
+            for rej in msg.ack.rejections:
+                self.cb.on_rejection(rej)
+            if self.closing:
+                self._wake.set()
+        elif kind == "kill":
+            self.cb.on_kill(msg.kill)
+
+    async def _writer(self, call: Any) -> None:
+        half_closed = False
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.outbox.has_unsent():
+                batch = self.outbox.take_unsent(REPORT_BATCH)
+                await call.write(pb.SessionServiceConnectRequest(report=pb.TransitionReport(transitions=batch)))
+            credit = self.cb.credit()
+            credit.leases_received = self._leases_received
+            raw = credit.SerializeToString(deterministic=True)
+            if raw != self._last_credit and not half_closed:
+                self._last_credit = raw
+                await call.write(pb.SessionServiceConnectRequest(credit=credit))
+            if self.closing and not half_closed and len(self.outbox) == 0:
+                half_closed = True
+                await call.write(pb.SessionServiceConnectRequest(close=pb.SessionClose(reason=self.close_reason)))
+                await call.done_writing()
+                return
+
+
+async def wait_or(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
+

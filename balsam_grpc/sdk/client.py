@@ -1,0 +1,283 @@
+"""`Client`: one channel to the server, authenticated calls with deadlines, mapped errors.
+
+- Where the server is: arguments, else BALSAM_SERVER / BALSAM_TOKEN, else the profile
+  file (BALSAM_PROFILE or $BALSAM_HOME/profile.json). TLS from arguments, else
+  BALSAM_TLS_CA / BALSAM_TLS_CLIENT_CERT / BALSAM_TLS_CLIENT_KEY, else the profile.
+- The channel (core.channel) has keepalive with a ping timeout and retries the read-only
+  methods on UNAVAILABLE through the gRPC service config.
+- Every unary call gets a deadline (`timeout`, default 30 s; per call overridable);
+  streams get none.
+- Mutations carry a request_id made once per logical call. On UNAVAILABLE the SDK
+  resends the same request (same id), so the server answers a retried create with the
+  first answer instead of creating twice.
+- RESOURCE_EXHAUSTED with reason SERVER_BUSY (the server's admission control refused
+  the call before doing anything) is retried for any method, after at least the delay
+  the server asked for; other RESOURCE_EXHAUSTED answers are not retried.
+- Failures are raised as the BalsamError hierarchy (sdk.errors) with the server's
+  reason and field.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+from google.protobuf.message import Message
+
+from balsam_grpc.core.channel import auth_metadata, make_channel
+from balsam_grpc.core.services import SERVICES
+from balsam_grpc.core.settings import Profile
+from balsam_grpc.sdk.errors import Unavailable, error_from_rpc
+from balsam_grpc.v1 import auth_service_pb2
+
+if TYPE_CHECKING:
+    from balsam_grpc.sdk.futures import JobWatcher
+    from balsam_grpc.sdk.models import Manager
+    from balsam_grpc.sdk.watch import EventStream
+
+log = structlog.get_logger("balsam.sdk")
+
+DEFAULT_TIMEOUT = 30.0
+MUTATION_ATTEMPTS = 5
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 5.0
+_USE_DEFAULT: Any = object()
+
+STUBS: dict[str, Callable[[grpc.Channel], Any]] = {name: s.stub for name, s in SERVICES.items()}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def backoff_delays(initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX) -> Iterator[float]:
+    """0.2, 0.4, 0.8 ... capped at `maximum` seconds."""
+    delay = initial
+    while True:
+        yield delay
+        delay = min(delay * 2, maximum)
+
+
+def server_busy_delay(err: grpc.RpcError) -> float | None:
+    """Seconds to wait before resending a call the server refused as SERVER_BUSY (its
+    admission control: nothing was done), or None when the refusal is not retryable
+    (a message too large, a rate-limited login, too many streams)."""
+    info = error_from_rpc(err)
+    if info.reason != "SERVER_BUSY":
+        return None
+    try:
+        return max(0.0, int(info.metadata.get("retry_after_ms", "0")) / 1000)
+    except ValueError:
+        return 0.0
+
+
+def _has_request_id(request: Message) -> bool:
+    return "request_id" in request.DESCRIPTOR.fields_by_name
+
+
+class Client:
+    """A connection to a balsam-grpc server.
+
+    >>> client = Client()                                  # profile / environment
+    >>> client = Client("host:50051", token="...", tls_ca="ca.pem", timeout=10)
+    >>> client.jobs.filter(state="RUNNING").count()
+    """
+
+    def __init__(self, server: str | None = None, token: str | None = None, *,
+                 profile: Profile | str | Path | None = None, tls: bool | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT, mutation_attempts: int = MUTATION_ATTEMPTS,
+                 channel_options: tuple[tuple[str, Any], ...] = ()) -> None:
+        if not isinstance(profile, Profile):
+            profile = Profile.load(Path(profile).expanduser() if profile else None)
+        self.server = server or profile.server
+        self.token = token if token is not None else profile.token
+        self.username = profile.username
+        tls_ca = tls_ca if tls_ca is not None else os.environ.get("BALSAM_TLS_CA", profile.tls_ca)
+        tls_cert = tls_cert if tls_cert is not None else os.environ.get("BALSAM_TLS_CLIENT_CERT", profile.tls_cert)
+        tls_key = tls_key if tls_key is not None else os.environ.get("BALSAM_TLS_CLIENT_KEY", profile.tls_key)
+        self.timeout = timeout
+        self.mutation_attempts = max(1, mutation_attempts)
+        self.channel = make_channel(self.server, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                    options=channel_options)
+        self.metadata = auth_metadata(self.token) if self.token else ()
+        self._stubs = {name: factory(self.channel) for name, factory in STUBS.items()}
+        self._watcher: JobWatcher | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- calls --------------------------------------------------------------------
+
+    def stub(self, service: str) -> Any:
+        """The generated stub of a service ("JobService"), for calls the SDK does not wrap."""
+        return self._stubs[service]
+
+    def call(self, service: str, method: str, request: Message, *, timeout: float | None = _USE_DEFAULT) -> Any:
+        """One unary call with auth and a deadline; errors raised as BalsamError.
+
+        A request with a request_id field is a mutation: it gets an id (unless the caller
+        set one) and is resent unchanged on UNAVAILABLE within the deadline.
+        """
+        timeout = self.timeout if timeout is _USE_DEFAULT else timeout
+        rpc = getattr(self._stubs[service], method)
+        mutation = _has_request_id(request)
+        if mutation and not request.request_id:  # type: ignore[attr-defined]
+            request.request_id = new_request_id()  # type: ignore[attr-defined]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = backoff_delays()
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                return rpc(request, metadata=self.metadata, timeout=remaining)
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
+                busy = server_busy_delay(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                if busy is not None and attempt < self.mutation_attempts:
+                    # The server refused before doing anything (admission control): any
+                    # method is safe to resend, after at least the delay it asked for.
+                    delay = max(next(delays), busy)
+                    if deadline is None or time.monotonic() + delay < deadline:
+                        log.info("server busy, retrying", method=f"{service}.{method}", attempt=attempt,
+                                 delay_s=round(delay, 3))
+                        time.sleep(delay)
+                        continue
+                if mutation and code == grpc.StatusCode.UNAVAILABLE and attempt < self.mutation_attempts:
+                    delay = next(delays)
+                    if deadline is None or time.monotonic() + delay < deadline:
+                        log.info("retrying mutation", method=f"{service}.{method}", attempt=attempt,
+                                 request_id=request.request_id)  # type: ignore[attr-defined]
+                        time.sleep(delay)
+                        continue
+                raise error_from_rpc(err) from None
+
+    def open_stream(self, service: str, method: str, request: Message) -> Any:
+        """A server-streaming call with auth and no deadline (the caller iterates and
+        cancels it); errors surface as grpc.RpcError while iterating."""
+        return getattr(self._stubs[service], method)(request, metadata=self.metadata)
+
+    # -- resources ------------------------------------------------------------------
+
+    def _manager(self, model_name: str) -> Manager:
+        from balsam_grpc.sdk import models
+
+        model = getattr(models, model_name)
+        return model.manager_class(model, self)
+
+    @property
+    def jobs(self) -> Manager:
+        return self._manager("Job")
+
+    @property
+    def sites(self) -> Manager:
+        return self._manager("Site")
+
+    @property
+    def apps(self) -> Manager:
+        return self._manager("App")
+
+    @property
+    def batch_jobs(self) -> Manager:
+        return self._manager("BatchJob")
+
+    @property
+    def transfer_items(self) -> Manager:
+        return self._manager("TransferItem")
+
+    @property
+    def events(self) -> Manager:
+        return self._manager("Event")
+
+    def whoami(self) -> auth_service_pb2.GetCurrentUserResponse:
+        """The caller's user and token scope."""
+        return self.call("AuthService", "GetCurrentUser", auth_service_pb2.GetCurrentUserRequest())
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected; Unavailable if not within `timeout`."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"server {self.server} not reachable within {timeout} s", reason="UNAVAILABLE") from None
+
+    # -- events -----------------------------------------------------------------------
+
+    def watch(self, *, since_cursor: str | None = None, replay: bool = False, **filters: Any) -> EventStream:
+        """Events matching `filters` (Event.objects keywords) as they happen, forever:
+        reconnects with backoff and resumes after the last event delivered, so none is
+        missed or repeated. `since_cursor` resumes an earlier watch (its `.cursor`);
+        `replay=True` starts with the whole matching history."""
+        from balsam_grpc.sdk.filters import EVENT_FILTER
+        from balsam_grpc.sdk.watch import EventStream
+
+        criteria = [(False, EVENT_FILTER.normalize(filters))]
+        filter_msg = EVENT_FILTER.build(criteria, resolve=self.resolve_names)
+        return EventStream(self, filter_msg, cursor=since_cursor, replay=replay)
+
+    @property
+    def watcher(self) -> JobWatcher:
+        """The one stream that drives every job future of this client."""
+        from balsam_grpc.sdk.futures import JobWatcher
+
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("client is closed")
+            if self._watcher is None:
+                self._watcher = JobWatcher(self)
+            return self._watcher
+
+    def resolve_names(self, resource: str, names: list[str]) -> list[int]:
+        """Ids of the caller's sites/apps with these names (for filters by name)."""
+        from balsam_grpc.sdk import models
+
+        model = {"site": models.Site, "app": models.App}[resource]
+        return [obj.id for obj in models.Manager(model, self).filter(name=names)]
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.close()
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(server={self.server!r}, user={self.username or '?'})"
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The client `Model.objects` uses: made from the profile/environment on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default
+
+
+def set_default_client(client: Client | None) -> None:
+    """Make `client` the one `Model.objects` uses (None: make a new one on next use)."""
+    global _default
+    with _default_lock:
+        _default = client
+
+
+__all__ = ["Client", "default_client", "set_default_client"]

@@ -1,0 +1,294 @@
+"""Job futures driven by one WatchEvents stream per client, never by polling.
+
+The client's `JobWatcher` watches every event into a final state (JOB_FINISHED, FAILED,
+KILLED) of the caller's jobs. Tracking a job goes:
+
+1. the stream is started and has a position (cursor), so every later transition will
+   arrive through it;
+2. the job is registered;
+3. its current state is read once (a job that is already final resolves at once).
+
+A transition can therefore never slip between the read and the watch. The stream
+resumes from its cursor after a disconnect or a server restart, so nothing is missed
+while it is away; states that could not be read while the server was down are read
+again when the stream reconnects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from balsam_grpc.core.states import FINAL_STATES
+from balsam_grpc.sdk.errors import BalsamError, DeadlineExceeded, JobFailed, NotFound, Unavailable
+from balsam_grpc.sdk.watch import EventStream
+from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
+
+if TYPE_CHECKING:
+    from balsam_grpc.sdk.client import Client
+    from balsam_grpc.sdk.models import Job
+
+log = structlog.get_logger("balsam.sdk.futures")
+
+ALL_COMPLETED = "ALL_COMPLETED"
+FIRST_COMPLETED = "FIRST_COMPLETED"
+FIRST_EXCEPTION = "FIRST_EXCEPTION"
+RETURN_WHEN = (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION)
+FAILED_STATES = frozenset({"FAILED", "KILLED"})
+READ_CHUNK = 5000
+START_TIMEOUT = 30.0
+
+
+class JobWatcher:
+    """One final-state event stream shared by every future of a client."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        final = [job_pb2.JobState.Value(f"JOB_STATE_{s}") for s in sorted(FINAL_STATES)]
+        flt = event_service_pb2.EventFilter(kinds=[event_service_pb2.EVENT_KIND_JOB_STATE], to_states=final)
+        self._stream = EventStream(client, flt, on_connect=self._reconfirm)
+        self.cond = threading.Condition()
+        self._tracked: set[int] = set()
+        self._unconfirmed: set[int] = set()
+        self.final: dict[int, str] = {}      # job id -> final state
+        self.sequence: dict[int, int] = {}   # job id -> order of completion
+        self.missing: set[int] = set()       # tracked ids the server does not know
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._seq = 0
+
+    @property
+    def stream(self) -> EventStream:
+        return self._stream
+
+    # -- tracking ----------------------------------------------------------------------
+
+    def track(self, ids: Iterable[int], start_timeout: float = START_TIMEOUT) -> None:
+        """Start watching these jobs (see the module docstring for the order of steps)."""
+        self._start(start_timeout)
+        with self.cond:
+            new = [i for i in dict.fromkeys(ids) if i not in self._tracked]
+            self._tracked.update(new)
+            self._unconfirmed.update(new)
+        if new:
+            self._read_states(new)
+
+    def is_done(self, job_id: int) -> bool:
+        return job_id in self.final or job_id in self.missing
+
+    def _start(self, timeout: float) -> None:
+        with self.cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="balsam-job-watcher", daemon=True)
+                self._thread.start()
+        if not self._stream.wait_started(timeout):
+            self.raise_error()
+            raise Unavailable(f"could not start watching events at {self._client.server} within {timeout} s",
+                              reason="UNAVAILABLE")
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            for event in self._stream:
+                with self.cond:
+                    if event.job_id in self._tracked:
+                        self._record(event.job_id, event.to_state)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            log.warning("job watcher stopped", error=str(exc))
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
+            self._stream.release_waiters()  # wake a track() waiting for the start
+
+    def _record(self, job_id: int, state: str) -> None:
+        """Under self.cond: a tracked job reached a final state."""
+        if job_id not in self.final:
+            self._seq += 1
+            self.final[job_id] = state
+            self.sequence[job_id] = self._seq
+            self.cond.notify_all()
+
+    def _read_states(self, ids: list[int]) -> None:
+        """Read current states once; jobs already final resolve now. Connection errors
+        leave the ids unconfirmed: they are read again when the stream reconnects."""
+        from balsam_grpc.sdk.models import Manager, Job
+
+        found: dict[int, str] = {}
+        try:
+            for i in range(0, len(ids), READ_CHUNK):
+                query = Manager(Job, self._client).filter(id=ids[i:i + READ_CHUNK])
+                for msg in query.iter_messages(view=job_service_pb2.JOB_VIEW_BASIC):
+                    found[msg.id] = job_pb2.JobState.Name(msg.state).removeprefix("JOB_STATE_")
+        except (Unavailable, DeadlineExceeded) as exc:
+            log.info("job states not readable now; will read on reconnect", error=str(exc), jobs=len(ids))
+            return
+        with self.cond:
+            for job_id in ids:
+                self._unconfirmed.discard(job_id)
+                if job_id not in found:
+                    self.missing.add(job_id)
+                    self.cond.notify_all()
+                elif found[job_id] in FINAL_STATES:
+                    self._record(job_id, found[job_id])
+
+    def _reconfirm(self) -> None:
+        """On every (re)connection of the stream: read what could not be read before."""
+        with self.cond:
+            pending = sorted(self._unconfirmed)
+        if pending:
+            self._read_states(pending)
+
+    def close(self) -> None:
+        self._stream.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------ waiting
+
+def _client_of(jobs: list[Job], client: Client | None) -> Client:
+    if client is not None:
+        return client
+    for job in jobs:
+        if job._client is not None:
+            return job._client
+    from balsam_grpc.sdk.client import default_client
+
+    return default_client()
+
+
+def _ids(jobs: list[Job]) -> list[int]:
+    ids = []
+    for job in jobs:
+        if not job.message.id:
+            raise ValueError("a job must be saved before it can be waited for")
+        ids.append(job.message.id)
+    return ids
+
+
+def _refresh(client: Client, jobs: list[Job], watcher: JobWatcher, *, strict: bool = False) -> None:
+    """Give the objects their final state at once, then their full data from the server
+    (best effort unless `strict`: the answer of wait() does not depend on it)."""
+    from balsam_grpc.sdk.models import Manager, Job
+
+    by_id: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_id.setdefault(job.message.id, []).append(job)
+        state = watcher.final.get(job.message.id)
+        if state is not None:
+            job.message.state = job_pb2.JobState.Value(f"JOB_STATE_{state}")
+    if not by_id:
+        return
+    try:
+        ids = list(by_id)
+        for i in range(0, len(ids), READ_CHUNK):
+            for msg in Manager(Job, client).filter(id=ids[i:i + READ_CHUNK]).iter_messages():
+                for job in by_id.get(msg.id, []):
+                    job._replace(msg)
+    except (Unavailable, DeadlineExceeded):
+        if strict:
+            raise
+
+
+def _finished(ids: list[int], watcher: JobWatcher, return_when: str) -> bool:
+    done = [i for i in ids if watcher.is_done(i)]
+    if len(done) == len(set(ids)):
+        return True
+    if return_when == FIRST_COMPLETED:
+        return bool(done)
+    if return_when == FIRST_EXCEPTION:
+        return any(i in watcher.missing or watcher.final.get(i) in FAILED_STATES for i in done)
+    return False
+
+
+def wait(jobs: list[Job], timeout: float | None = None, return_when: str = ALL_COMPLETED,
+         client: Client | None = None, *, refresh: bool = True) -> tuple[set[Job], set[Job]]:
+    """Like concurrent.futures.wait: (done, not_done) once `return_when` holds or
+    `timeout` seconds pass. Done jobs are refreshed with their final data."""
+    if return_when not in RETURN_WHEN:
+        raise ValueError(f"return_when must be one of {', '.join(RETURN_WHEN)}, not {return_when!r}")
+    ids = _ids(jobs)
+    if not ids:
+        return set(), set()
+    client = _client_of(jobs, client)
+    watcher = client.watcher
+    deadline = None if timeout is None else time.monotonic() + timeout
+    watcher.track(ids, start_timeout=START_TIMEOUT if timeout is None else max(timeout, 5.0))
+    with watcher.cond:
+        while True:
+            watcher.raise_error()
+            if _finished(ids, watcher, return_when):
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            watcher.cond.wait(remaining)
+        done_ids = {i for i in ids if watcher.is_done(i)}
+    done = [j for j in jobs if j.message.id in done_ids]
+    if refresh:
+        _refresh(client, done, watcher)
+    return set(done), {j for j in jobs if j.message.id not in done_ids}
+
+
+def as_completed(jobs: list[Job], timeout: float | None = None, client: Client | None = None) -> Iterator[Job]:
+    """Yield the jobs as they reach a final state (already-final ones first);
+    TimeoutError if `timeout` seconds pass before all have."""
+    ids = _ids(jobs)
+    if not ids:
+        return
+    client = _client_of(jobs, client)
+    watcher = client.watcher
+    deadline = None if timeout is None else time.monotonic() + timeout
+    watcher.track(ids, start_timeout=START_TIMEOUT if timeout is None else max(timeout, 5.0))
+    by_id: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_id.setdefault(job.message.id, []).append(job)
+    pending = set(by_id)
+    while pending:
+        with watcher.cond:
+            while True:
+                watcher.raise_error()
+                ready = [i for i in pending if watcher.is_done(i)]
+                if ready:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{len(pending)} of {len(by_id)} jobs not final after {timeout} s")
+                watcher.cond.wait(remaining)
+            ready.sort(key=lambda i: watcher.sequence.get(i, 0))
+        pending.difference_update(ready)
+        batch = [job for i in ready for job in by_id[i]]
+        _refresh(client, batch, watcher)
+        yield from batch
+
+
+def job_result(job: Job, timeout: float | None = None) -> Any:
+    """See Job.result."""
+    client = _client_of([job], None)
+    done, _ = wait([job], timeout=timeout, client=client, refresh=False)
+    if not done:
+        raise TimeoutError(f"job {job.message.id} not final after {timeout} s (last seen {job.state})")
+    if job.message.id in client.watcher.missing:
+        raise NotFound(f"job {job.message.id} no longer exists", reason="NOT_FOUND")
+    _refresh(client, [job], client.watcher, strict=True)
+    if job.state == "JOB_FINISHED":
+        data = job.data
+        return data["result"] if "result" in data else data
+    message = f"job {job.message.id} ended {job.state}"
+    if job.state_message:
+        message += f": {job.state_message}"
+    if job.error_tail:
+        message += f"\n{job.error_tail}"
+    raise JobFailed(job, message)
+
+
+__all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "BalsamError", "JobWatcher", "as_completed",
+           "job_result", "wait"]

@@ -1,0 +1,137 @@
+"""`EventStream`: EventService.WatchEvents as an endless iterator that survives
+disconnects and server restarts.
+
+The server's contract: resuming with the last cursor received delivers every later
+event exactly once, in order. So the stream keeps the cursor of the last event it handed
+out (an event's id is its cursor) and, when the connection fails with a transient code,
+reconnects after a backoff and resumes from there. Events are also de-duplicated by id,
+so even a server that replays a batch cannot make one appear twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+import structlog
+from google.protobuf.message import Message
+
+from balsam_grpc.sdk.client import backoff_delays
+from balsam_grpc.sdk.errors import error_from_rpc
+from balsam_grpc.v1 import event_service_pb2
+
+if TYPE_CHECKING:
+    from balsam_grpc.sdk.client import Client
+    from balsam_grpc.sdk.models import Event
+
+log = structlog.get_logger("balsam.sdk.watch")
+
+# Codes after which reconnecting can help: the server went away, restarted, shed load,
+# or a proxy cut the stream. Anything else (bad filter, bad token) is raised.
+TRANSIENT = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+})
+
+
+class EventStream:
+    """Iterate to receive `Event`s as they are committed; `close()` from any thread ends
+    the iteration. `cursor` is where a later watch would resume (after the last event
+    handed out); `reconnects` counts the connections after the first."""
+
+    def __init__(self, client: Client, filter_msg: Message, *, cursor: str | None = None, replay: bool = False,
+                 on_connect: Callable[[], None] | None = None) -> None:
+        self._client = client
+        self._filter = filter_msg
+        self._replay = replay
+        self._on_connect = on_connect
+        self.cursor = cursor or ""
+        self.reconnects = 0
+        self._last_id = 0
+        self._closed = threading.Event()
+        self._has_cursor = threading.Event()
+        self._call: grpc.Call | None = None
+        self._lock = threading.Lock()
+        self._events = self._generate()
+        if self.cursor:
+            self._has_cursor.set()
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def wait_started(self, timeout: float | None) -> bool:
+        """True once the stream has a position: every event committed after this
+        returns True will be delivered (use it before reading current states)."""
+        return self._has_cursor.wait(timeout)
+
+    def release_waiters(self) -> None:
+        """Wake every wait_started() (the owner gives up on the stream)."""
+        self._has_cursor.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _request(self) -> event_service_pb2.WatchEventsRequest:
+        return event_service_pb2.WatchEventsRequest(filter=self._filter, cursor=self.cursor,
+                                                    replay_from_start=self._replay and not self.cursor)
+
+    def _generate(self) -> Iterator[Event]:
+        from balsam_grpc.sdk.models import Event
+
+        delays = backoff_delays()
+        connections = 0
+        while not self._closed.is_set():
+            call = self._client.open_stream("EventService", "WatchEvents", self._request())
+            with self._lock:
+                self._call = call
+            if self._closed.is_set():
+                call.cancel()
+                return
+            connections += 1
+            self.reconnects = connections - 1
+            first = True
+            try:
+                for response in call:
+                    for msg in response.events:
+                        if msg.id <= self._last_id:
+                            continue
+                        self._last_id = msg.id
+                        self.cursor = str(msg.id)
+                        yield Event.from_message(msg, self._client)
+                    if response.cursor:
+                        self.cursor = response.cursor
+                        self._has_cursor.set()
+                    if first:
+                        first = False
+                        delays = backoff_delays()  # a working connection resets the backoff
+                        if self._on_connect is not None:
+                            self._on_connect()
+                if self._closed.is_set():
+                    return
+                log.info("watch stream ended by the server; resuming", cursor=self.cursor)
+            except grpc.RpcError as err:
+                if self._closed.is_set():
+                    return
+                code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
+                if code not in TRANSIENT:
+                    raise error_from_rpc(err) from None
+                log.info("watch stream lost; resuming", code=getattr(code, "name", code), cursor=self.cursor)
+            finally:
+                with self._lock:
+                    self._call = None
+                call.cancel()
+            self._closed.wait(next(delays))

@@ -1,0 +1,383 @@
+"""One launcher stream (SessionService.Connect): open or resume a session, lease jobs
+under the launcher's credit, apply its transition reports, and tell it to kill jobs.
+
+How it wakes (no polling interval anywhere):
+- a reader task moves the launcher's messages into a small bounded inbox (so a flood of
+  reports waits in gRPC's flow control, not in server memory) and sets `wake`;
+- its subscription to the fanout (server/fanout.py) sets `wake` when committed events of
+  its (owner, site) arrive; events elsewhere never wake it;
+- the loop then handles the inbox, and looks in the delivered events, without a query,
+  for (a) jobs it holds that left RUNNING without its report (a user kill, a close: their
+  rows are checked, then sent as KillJobs) and, only while credit is left, (b) whether a
+  job of its site became runnable; only then does it run the acquisition transaction.
+  When the fanout could not deliver the events (a gap: the session resumed from an older
+  cursor, or fell far behind) the same is read from the event log.
+Responses are yielded one at a time: grpc.aio completes each write before the loop goes
+on, so nothing is buffered toward a slow launcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
+from balsam_grpc.server.convert import EnumCodec, struct_to_dict, utcnow
+from balsam_grpc.server.fanout import Delivery, Subscription
+from balsam_grpc.server.rpc import Principal
+from balsam_grpc.server.services.apps import app_to_pb
+from balsam_grpc.server.services.jobs import MAX_DATA_BYTES, job_to_message
+from balsam_grpc.server.services.session_convert import session_to_pb
+from balsam_grpc.server.services.sites import check_map
+from balsam_grpc.server.state import ServerState
+from balsam_grpc.server.store import leases
+from balsam_grpc.server.store import sessions as store
+from balsam_grpc.v1 import common_pb2, job_pb2, session_service_pb2
+
+log = structlog.get_logger("balsam.sessions")
+
+JOB_STATES = EnumCodec(job_pb2.JobState, "JOB_STATE_")
+JOB_MODE = EnumCodec(common_pb2.JobMode, "JOB_MODE_")
+INBOX_SIZE = 8
+# Jobs in one JobLeases message; a bigger credit is served by several messages.
+LEASE_BATCH = 1000
+MAX_NODES = 100_000
+MAX_TRANSITIONS = 10_000
+MAX_ERROR_TAIL = 64 * 1024
+MAX_MESSAGE_CHARS = 4096
+_EOF = object()
+Response = session_service_pb2.SessionServiceConnectResponse
+
+
+def node_dicts(nodes: Any) -> list[dict[str, Any]]:
+    if len(nodes) > MAX_NODES:
+        raise InvalidArgument(f"open.nodes has more than {MAX_NODES} entries", field="open.nodes", reason="TOO_LARGE")
+    out = []
+    for i, n in enumerate(nodes):
+        if n.cpus < 0 or n.gpus < 0 or len(n.hostname) > 255:
+            raise InvalidArgument(f"open.nodes[{i}]: cpus and gpus must be >= 0 and hostname at most 255 characters",
+                                  field=f"open.nodes[{i}]")
+        out.append({"hostname": n.hostname, "cpus": n.cpus, "gpus": n.gpus})
+    return out
+
+
+def credit_from_pb(c: session_service_pb2.SessionCredit, state: ServerState) -> leases.Credit:
+    if c.max_jobs < 0 or c.max_nodes_per_job < 0 or c.wall_time_remaining_min < 0:
+        raise InvalidArgument("credit: max_jobs, max_nodes_per_job and wall_time_remaining_min must be >= 0",
+                              field="credit")
+    if not math.isfinite(c.free_nodes) or c.free_nodes < 0:
+        raise InvalidArgument(f"credit.free_nodes must be a finite number >= 0, got {c.free_nodes}",
+                              field="credit.free_nodes")
+    if any(a <= 0 for a in c.app_ids):
+        raise InvalidArgument("credit.app_ids must be positive ids", field="credit.app_ids")
+    tags = check_map(dict(c.filter_tags), "credit.filter_tags", state.settings, tag_keys=True)
+    return leases.Credit(max_jobs=c.max_jobs, free_nodes=c.free_nodes, max_nodes_per_job=c.max_nodes_per_job,
+                         wall_time_remaining_min=c.wall_time_remaining_min, serial_only=c.serial_only,
+                         filter_tags=tags, app_ids=tuple(sorted(set(c.app_ids))))
+
+
+def transition_from_pb(t: session_service_pb2.JobTransition) -> leases.Transition:
+    try:
+        data = struct_to_dict(t.data, "data") if t.HasField("data") else {}
+    except InvalidArgument:  # NaN/Infinity: as with oversized data, keep the state change
+        data = {"data_dropped": "holds NaN or Infinity, which JSON cannot represent"}
+    if data and len(json.dumps(data, default=str)) > MAX_DATA_BYTES:
+        # The state change matters more than an oversized result: keep it, say why data is missing.
+        data = {"data_dropped": f"larger than {MAX_DATA_BYTES // 1024} KiB"}
+    return leases.Transition(
+        seq=t.seq, job_id=t.job_id, lease_generation=t.lease_generation, state=JOB_STATES.to_name.get(t.state, ""),
+        return_code=t.return_code if t.HasField("return_code") else None,
+        error_tail=t.error_tail[-MAX_ERROR_TAIL:], data=data, message=t.message[:MAX_MESSAGE_CHARS])
+
+
+def leased_job_pb(row: dict[str, Any], app_rows: dict[int, dict[str, Any]]) -> session_service_pb2.LeasedJob:
+    return session_service_pb2.LeasedJob(job=job_to_message(row), app=app_to_pb(app_rows[row["app_id"]]),
+                                         lease_generation=row["lease_generation"])
+
+
+class SessionStream:
+    def __init__(self, state: ServerState, principal: Principal) -> None:
+        self.state = state
+        self.db = state.db
+        self.bus = state.bus
+        self.keeper = state.sessions
+        self.principal = principal
+        self.session_id = ""
+        self.ref: leases.SessionRef | None = None
+        self.credit = leases.Credit()  # nothing until the launcher grants some
+        self.look = False  # acquire at the next turn of the loop
+        # Jobs are known to wait (an event made one runnable, or the last batch was full):
+        # acquire at once. Otherwise (new credit) a read checks first that any job fits.
+        self.look_sure = False
+        self.held: dict[int, int] = {}  # job id -> lease generation
+        self.cursor = 0  # events up to here have been looked at
+        self.events: Subscription | None = None
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=INBOX_SIZE)
+        self.wake = asyncio.Event()
+        self.superseded = False
+        self.ended: BalsamError | None = None  # set when the session was closed elsewhere
+        self.closed = False
+        self.close_reason: str | None = None  # set by the launcher's close message
+        self.leases_sent = 0
+        self.counts_leases = False  # the launcher sends leases_received
+        self.in_flight: deque[tuple[int, int, float]] = deque()  # (JobLeases number, jobs, nodes)
+        self.log = log
+
+    def supersede(self) -> None:
+        self.superseded = True
+        self.wake.set()
+
+    def end(self, error: BalsamError) -> None:
+        """The session was closed (DeleteSession): send the last kills, then end with `error`."""
+        self.ended = error
+        self.wake.set()
+
+    # ------------------------------------------------------------------ entry
+
+    async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[Response]:
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            raise InvalidArgument("the stream ended before its first message (open)", field="open") from None
+        if first.WhichOneof("message") != "open":
+            raise InvalidArgument("the first message on a session stream must be open", field="open")
+        opened = await self._open(first.open)
+        assert self.ref is not None
+        # Events after the cursor taken in _open: those the fanout already routed come as a
+        # gap (read from the event log once), later ones as rows.
+        self.events = self.state.fanout.subscribe(self.ref.owner_id, [self.ref.site_id], since=self.cursor,
+                                                  on_wake=self.wake.set)
+        self.keeper.attach(self)
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            yield Response(opened=opened)
+            async for response in self._loop():
+                yield response
+        finally:
+            reader.cancel()
+            self.events.close()
+            self.keeper.detach(self, closed=self.closed)
+
+    async def _open(self, o: session_service_pb2.SessionOpen) -> session_service_pb2.SessionOpened:
+        p = self.principal
+        timeout = self.state.settings.lease_timeout_seconds
+        now = utcnow()
+        expire = now + timedelta(seconds=timeout)
+        if len(o.hostname) > 255:
+            raise InvalidArgument("open.hostname is longer than 255 characters", field="open.hostname")
+        held_rows: list[dict[str, Any]] = []
+        app_rows: dict[int, dict[str, Any]] = {}
+        # Kills and runnable jobs are looked for in events after this point. Taken before
+        # the transaction below: anything committed earlier is in the rows it reads, and
+        # anything later (a kill racing a resume) is still scanned.
+        cursor = self.bus.high_water
+        if o.resume_session_id:
+            sid = o.resume_session_id
+            if len(sid) > 32:
+                raise InvalidArgument("open.resume_session_id is longer than 32 characters",
+                                      field="open.resume_session_id")
+
+            def resume(conn: Any) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]]]:
+                row = store.require_session(conn, p.user_id, sid, field="open.resume_session_id")
+                p.check_site(row["site_id"])
+                if o.site_id and o.site_id != row["site_id"]:
+                    raise InvalidArgument(f"open.site_id {o.site_id} is not the site of session {sid} "
+                                          f"({row['site_id']})", field="open.site_id")
+                row = store.resume_session(conn, p.user_id, sid, now, expire)
+                held = leases.held_jobs(conn, p.user_id, sid)
+                return row, held, leases.load_apps(conn, {r["app_id"] for r in held})
+
+            row, held_rows, app_rows = await self.db.write(resume)
+        else:
+            if o.site_id <= 0:
+                raise InvalidArgument("open.site_id is required", field="open.site_id")
+            p.check_site(o.site_id)
+            mode = JOB_MODE.name(o.job_mode, "open.job_mode") if o.job_mode else "SERIAL"
+            nodes = node_dicts(o.nodes)
+            row = await self.db.write(store.open_session, p.user_id, o.site_id, o.batch_job_id or None, mode, nodes,
+                                      o.hostname, now, expire)
+        self.session_id = row["id"]
+        self.ref = leases.SessionRef(row["id"], p.user_id, row["site_id"], row["job_mode"], row["batch_job_id"])
+        self.held = {r["id"]: r["lease_generation"] for r in held_rows}
+        self.cursor = cursor
+        self.log = log.bind(session_id=self.session_id, site_id=row["site_id"], user_id=p.user_id)
+        self.log.info("session resumed" if o.resume_session_id else "session opened",
+                      held_jobs=len(held_rows), applied_through_seq=row["applied_through_seq"],
+                      hostname=o.hostname, nodes=len(o.nodes), batch_job_id=row["batch_job_id"] or 0)
+        return session_service_pb2.SessionOpened(
+            session=session_to_pb(row), lease_timeout_seconds=timeout,
+            applied_through_seq=row["applied_through_seq"],
+            leased_jobs=[leased_job_pb(r, app_rows) for r in held_rows])
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for msg in requests:
+                await self.inbox.put(msg)
+                self.wake.set()
+            await self.inbox.put(_EOF)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the stream broke; the handler is being cancelled
+            self.log.debug("session stream read ended", error=str(exc))
+        self.wake.set()
+
+    # ------------------------------------------------------------------ loop
+
+    async def _loop(self) -> AsyncIterator[Response]:
+        assert self.events is not None
+        while True:
+            if self.superseded:
+                raise FailedPrecondition(f"session {self.session_id} was resumed on another stream",
+                                         reason="SESSION_RESUMED_ELSEWHERE")
+            if self.ended is not None:
+                # The close committed its events before ending us; the fanout may not have
+                # routed them yet, so the last kills are read from the event log.
+                self.events.take()
+                async for response in self._scan_events(Delivery([], self.cursor, self.bus.high_water)):
+                    yield response
+                raise self.ended
+            while not self.inbox.empty():
+                msg = self.inbox.get_nowait()
+                if msg is _EOF:
+                    if self.close_reason is not None:
+                        await self._close()
+                    else:
+                        # A lost connection can end the requests like a half-close; only an
+                        # explicit close ends the session, so this one stays resumable.
+                        self.log.info("session requests ended without close: kept for resume")
+                    return
+                response = await self._handle(msg)
+                if response is not None:
+                    yield response
+            delivery = self.events.take()
+            if not delivery.empty:
+                async for response in self._scan_events(delivery):
+                    yield response
+            self.cursor = delivery.upto
+            if self.look and not self.credit.exhausted:
+                self.look = False
+                sure, self.look_sure = self.look_sure, False
+                response = await self._acquire(check_first=not sure)
+                if response is not None:
+                    yield response
+                continue
+            self.wake.clear()
+            if self.inbox.empty() and not self.events.pending and not self.superseded and not self.ended:
+                await self.wake.wait()
+
+    async def _handle(self, msg: session_service_pb2.SessionServiceConnectRequest) -> Response | None:
+        kind = msg.WhichOneof("message")
+        if kind == "credit":
+            self._set_credit(msg.credit)
+            return None
+        if kind == "report":
+            return Response(ack=await self._report(msg.report))
+        if kind == "close":
+            if len(msg.close.reason) > 1000:
+                raise InvalidArgument("close.reason is longer than 1000 characters", field="close.reason")
+            self.close_reason = msg.close.reason or "closed by its launcher"
+            return None
+        if kind == "open":
+            raise InvalidArgument("open may only be the first message of a stream", field="open")
+        raise InvalidArgument("empty message: set credit, report or close", field="message")
+
+    def _set_credit(self, c: session_service_pb2.SessionCredit) -> None:
+        credit = credit_from_pb(c, self.state)
+        if c.HasField("leases_received"):
+            self.counts_leases = True
+            while self.in_flight and self.in_flight[0][0] <= c.leases_received:
+                self.in_flight.popleft()
+            for _, n_jobs, nodes in self.in_flight:
+                credit = credit.minus(n_jobs, nodes)
+        self.credit = credit
+        self.look = True
+        self.wake.set()
+
+    async def _acquire(self, *, check_first: bool) -> Response | None:
+        assert self.ref is not None
+        credit = self.credit
+        batch = replace(credit, max_jobs=min(credit.max_jobs, LEASE_BATCH))
+        # Nothing fits now: a job that becomes runnable later commits an event after this
+        # read, which the fanout delivers (and which sets look_sure).
+        if check_first and not await self.db.read(leases.has_candidate, self.ref, batch):
+            return None
+        got = await self.db.write(leases.acquire, self.ref, batch, utcnow())
+        self.credit = credit.minus(len(got.jobs), got.nodes)
+        if len(got.jobs) == LEASE_BATCH and not self.credit.exhausted:
+            self.look = self.look_sure = True  # more may match: serve the rest in the next message
+        if not got.jobs:
+            return None
+        for row in got.jobs:
+            self.held[row["id"]] = row["lease_generation"]
+        self.leases_sent += 1
+        if self.counts_leases:
+            self.in_flight.append((self.leases_sent, len(got.jobs), got.nodes))
+        self.log.info("jobs leased", jobs=len(got.jobs), nodes=round(got.nodes, 3), held=len(self.held))
+        return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps) for r in got.jobs]))
+
+    async def _report(self, report: session_service_pb2.TransitionReport) -> session_service_pb2.TransitionAck:
+        if len(report.transitions) > MAX_TRANSITIONS:
+            raise InvalidArgument(f"report has more than {MAX_TRANSITIONS} transitions; send smaller reports",
+                                  field="report.transitions", reason="TOO_LARGE")
+        transitions = [transition_from_pb(t) for t in report.transitions]
+        result = await self.db.write(leases.apply_report, self.principal.user_id, self.session_id, transitions,
+                                     utcnow())
+        for job_id in result.released:
+            self.held.pop(job_id, None)
+        for r in result.rejections:
+            if r.error.reason == "LEASE_LOST":
+                self.held.pop(r.job_id, None)
+        if result.applied or result.rejections:
+            self.log.info("transitions applied", applied=result.applied, rejected=len(result.rejections),
+                          resent=result.resent, applied_through_seq=result.applied_through_seq)
+        return session_service_pb2.TransitionAck(
+            applied_through_seq=result.applied_through_seq,
+            rejections=[session_service_pb2.TransitionRejection(
+                seq=r.seq, job_id=r.job_id, code=r.error.code.value[0], reason=r.error.reason,
+                message=r.error.message) for r in result.rejections])
+
+    async def _scan_events(self, delivery: Delivery) -> AsyncIterator[Response]:
+        """Look at new events of the site: kills for held jobs, and (only while credit is
+        left and no acquisition is already due) whether new jobs became runnable. Delivered
+        rows cost no query unless they moved a held job; a gap is read from the event log."""
+        assert self.ref is not None
+        gap = delivery.gap_after
+        suspects = {r.job_id for r in delivery.rows if r.job_id in self.held
+                    and leases.may_lose_lease(r.kind, r.from_state, r.to_state)}
+        if self.held and (gap is not None or suspects):
+            if gap is not None:
+                lost = await self.db.read(leases.lost_leases, self.ref.owner_id, self.session_id, dict(self.held),
+                                          gap)
+            else:
+                lost = await self.db.read(leases.check_leases, self.session_id, dict(self.held), suspects)
+            by_reason: dict[str, list[int]] = {}
+            for job_id, now_state in lost:
+                self.held.pop(job_id, None)
+                why = "killed by its owner" if now_state == "KILLED" else f"lease lost: the job is now {now_state}"
+                by_reason.setdefault(why, []).append(job_id)
+            for why, ids in by_reason.items():
+                self.log.info("kill sent", jobs=len(ids), reason=why)
+                yield Response(kill=session_service_pb2.KillJobs(job_ids=ids, reason=why))
+        if not self.credit.exhausted and not self.look:
+            self.look = any(leases.becomes_runnable(r.kind, r.to_state) for r in delivery.rows)
+            if not self.look and gap is not None:
+                self.look = await self.db.read(leases.runnable_since, self.ref.owner_id, self.ref.site_id, gap)
+            self.look_sure = self.look
+
+    async def _close(self) -> None:
+        """The launcher said close and ended its requests: release what it still holds."""
+        await self.db.write(store.close_session, self.principal.user_id, self.session_id, utcnow(),
+                            reason=self.close_reason or "closed by its launcher")
+        self.closed = True
+        self.log.info("session closed by its launcher", released_jobs=len(self.held))
+

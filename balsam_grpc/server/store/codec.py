@@ -1,0 +1,236 @@
+"""Value encoding on the hot paths: JSON columns and PostgreSQL COPY text rows.
+
+JSON: the jobs table carries six JSON columns per row, and the stdlib's `json.loads`
+(encoding detection, whitespace regex) dominates reading a page of jobs. `loads`
+short-cuts empty containers and remembers small flat objects (tags, parameters: few
+distinct values across many rows); callers always get their own copy, never a shared
+object. `dumps` gives json.dumps's output from an encoder built once. Both serve as
+SQLAlchemy's JSON (de)serializers and psycopg's json/jsonb loader (store.db).
+
+COPY: psycopg's `write_row` dumps each JSON value through a Python dumper; formatting a
+whole batch as COPY text here, a column at a time, is cheaper, and each distinct value
+of a column (the shared timestamp, default resources, shared event data) is formatted
+once per batch. `column_values` fills in column defaults for missing keys, as
+SQLAlchemy's insert() would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
+from typing import Any
+
+from psycopg.adapt import Loader
+from psycopg.pq import Format
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, Table
+
+_decoder = json.JSONDecoder()
+_scan = _decoder.scan_once
+# json.dumps builds a new C encoder on every call, a micro-second of set-up for a small
+# dict; this one is built once (same settings as json.dumps; no cycle check: column
+# values come from protobuf messages and cannot refer to themselves).
+_iterencode = c_make_encoder(None, json.JSONEncoder().default, encode_basestring_ascii, None, ": ", ", ",
+                             False, False, True) if c_make_encoder else None
+_SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
+# Memo of small flat JSON texts -> parsed value. Bounded: cleared when full.
+_MEMO: dict[str | bytes, Any] = {}
+_MEMO_MAX = 8192
+_MEMO_TEXT_MAX = 512
+
+
+def _flat(value: Any) -> bool:
+    """A dict or list whose members are all scalars: a shallow copy is a full copy."""
+    t = type(value)
+    if t is dict:
+        members = value.values()
+    elif t is list:
+        members = value
+    else:
+        return False
+    for member in members:
+        if type(member) not in _SCALAR_TYPES:
+            return False
+    return True
+
+
+def loads(data: str | bytes | bytearray | memoryview) -> Any:
+    """json.loads for trusted column text (psycopg hands bytes, SQLite str)."""
+    if type(data) is not str and type(data) is not bytes:
+        data = bytes(data)
+    if len(data) == 2:  # most JSON columns of a job are empty
+        if data == b"{}" or data == "{}":
+            return {}
+        if data == b"[]" or data == "[]":
+            return []
+    hit = _MEMO.get(data)
+    if hit is not None:
+        return hit.copy()
+    text = data if type(data) is str else data.decode()
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:  # leading whitespace or invalid: let json report it properly
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)
+    if len(text) <= _MEMO_TEXT_MAX and _flat(value):
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[data] = value.copy()
+    return value
+
+
+class JsonLoader(Loader):
+    """psycopg loader for json/jsonb text: `loads` without psycopg's extra wrapper call
+    (six JSON columns per job row make the per-value overhead count)."""
+
+    format = Format.TEXT
+    load = staticmethod(loads)  # type: ignore[assignment]
+
+
+def dumps(value: Any) -> str:
+    if type(value) is dict and not value:
+        return "{}"
+    if type(value) is list and not value:
+        return "[]"
+    if _iterencode is None or type(value) is str:  # a bare str: json.dumps returns it encoded, not a chunk list
+        return json.dumps(value)
+    return "".join(_iterencode(value, 0))
+
+
+# ---------------------------------------------------------------------------- COPY text
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+NULL = "\\N"
+
+
+def _text(value: Any) -> str:
+    return str(value).translate(_COPY_ESCAPES)
+
+
+def _integer(value: Any) -> str:
+    return str(int(value))
+
+
+def _float(value: Any) -> str:
+    return repr(float(value))
+
+
+def _boolean(value: Any) -> str:
+    return "t" if value else "f"
+
+
+def _timestamp(value: datetime) -> str:
+    # Always timezone-aware UTC in this store; isoformat keeps the offset so the
+    # server's timezone setting cannot shift it.
+    return value.isoformat()
+
+
+def _json(value: Any) -> str:
+    # JSON text never holds raw tabs or newlines (they are escaped), only backslashes.
+    s = dumps(value)
+    return s.replace("\\", "\\\\") if "\\" in s else s
+
+
+def is_json(column: Any) -> bool:
+    t = column.type
+    return isinstance(t, JSON) or isinstance(getattr(t, "impl", None), JSON) or t.__class__.__name__ in ("JSON", "JSONB")
+
+
+def _formatter(column: Any) -> tuple[Callable[[Any], str], bool]:
+    """(formatter, hashable values) for one column."""
+    t = column.type
+    if is_json(column):
+        return _json, False
+    if isinstance(t, Boolean):
+        return _boolean, True
+    if isinstance(t, Integer):
+        return _integer, True
+    if isinstance(t, Float):
+        return _float, True
+    if isinstance(t, DateTime):
+        return _timestamp, True
+    return _text, True
+
+
+_FORMATTERS: dict[tuple[str, tuple[str, ...]], list[tuple[str, Callable[[Any], str], bool]]] = {}
+
+
+def copy_text(table: Table, columns: Sequence[str], rows: Sequence[dict[str, Any]],
+              first: Sequence[Any] = ()) -> str:
+    """Rows as PostgreSQL COPY text (tab-separated, `\\N` for NULL) for `columns`.
+
+    `first` holds a leading value per row (the pre-drawn ids) written before `columns`.
+    A missing key takes the column's default (see column_values). Formatted a
+    column at a time: each distinct value of a column is formatted once.
+    """
+    key = (table.name, tuple(columns))
+    fmts = _FORMATTERS.get(key)
+    if fmts is None:
+        fmts = _FORMATTERS[key] = [(c, *_formatter(table.c[c])) for c in columns]
+    formatted: list[list[str]] = [list(map(str, first))] if first else []
+    for name, fmt, hashable in fmts:
+        values = column_values(table, name, rows)
+        formatted.append(_format_hashable(values, fmt) if hashable else _format_objects(values, fmt))
+    lines = list(map("\t".join, zip(*formatted, strict=True)))
+    lines.append("")
+    return "\n".join(lines)
+
+
+_NO_DEFAULT = object()
+
+
+def _python_default(column: Any) -> Any:
+    """A zero-argument factory for the column's Python-side default, or _NO_DEFAULT."""
+    default = column.default
+    if default is None or not (default.is_scalar or default.is_callable):
+        return _NO_DEFAULT
+    if default.is_scalar:
+        value = default.arg
+        return lambda: value
+    return lambda: default.arg(None)  # SQLAlchemy wraps callables to take a context
+
+
+_DEFAULTS: dict[tuple[str, str], Any] = {}
+
+
+def column_values(table: Table, name: str, rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """One column of `rows`. A missing key gets the column's Python-side default, as
+    SQLAlchemy's insert() would give it; without a default it is None (NULL)."""
+    key = (table.name, name)
+    factory = _DEFAULTS.get(key)
+    if factory is None:
+        factory = _DEFAULTS[key] = _python_default(table.c[name])
+    if factory is _NO_DEFAULT:
+        return [row.get(name) for row in rows]
+    return [row[name] if name in row else factory() for row in rows]
+
+
+def _format_hashable(values: list[Any], fmt: Callable[[Any], str]) -> list[str]:
+    # Values equal for the column's type format the same way (1 and True in an
+    # integer column, one instant in two time zones), so a set is a safe memo.
+    memo = {v: fmt(v) for v in set(values) if v is not None}
+    memo[None] = NULL
+    return list(map(memo.__getitem__, values))
+
+
+def _format_objects(values: list[Any], fmt: Callable[[Any], str]) -> list[str]:
+    # JSON values are unhashable; the same object (event data shared by many rows) is
+    # encoded once. Keyed by id(): every value stays alive in `values` meanwhile. Empty
+    # containers, most of a job's JSON columns, skip the encoder altogether.
+    memo: dict[int, str] = {id(None): NULL}
+    out = []
+    append = out.append
+    for v in values:
+        t = type(v)
+        if t is dict and not v:
+            append("{}")
+        elif t is list and not v:
+            append("[]")
+        else:
+            s = memo.get(id(v))
+            if s is None:
+                s = memo[id(v)] = fmt(v)
+            append(s)
+    return out

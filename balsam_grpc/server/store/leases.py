@@ -1,0 +1,388 @@
+"""Leases of runnable jobs to launcher sessions: acquisition under a credit, fenced
+transition reports, release of a session's jobs, and the event-log scans that tell a
+session stream when to look again. Pure SQL; no protobuf.
+
+Concurrency: on PostgreSQL the candidate rows are taken with `FOR UPDATE SKIP LOCKED`, so
+two sessions acquiring at once never wait for each other nor get the same job; the
+session row is locked first so a session's acquisition and its expiry serialize. On
+SQLite every write transaction runs under `Database`'s single in-process writer lock
+(store/db.py), which serializes acquisitions the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, or_, select, text, update
+
+from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, InvalidArgument
+from balsam_grpc.core.states import RUNNABLE_STATES, JobState
+from balsam_grpc.server.store import events as event_log
+from balsam_grpc.server.store.query import tags_contain
+from balsam_grpc.server.store.tables import apps, events, jobs, sessions
+from balsam_grpc.server.store.transitions import Transitioner
+
+S = JobState
+ACTIVE = "ACTIVE"
+# What a launcher may report about a job it holds (RESTART_READY: its quick-failure retry).
+REPORTABLE = frozenset({S.RUN_DONE, S.RUN_ERROR, S.RUN_TIMEOUT, S.RESTART_READY})
+_RUNNABLE = sorted(str(s) for s in RUNNABLE_STATES)
+# Slack on node arithmetic so 1/3 + 1/3 + 1/3 still fits in 1.0 node.
+_EPS = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """What a launcher can take now (SessionCredit, lowered by what was leased since)."""
+
+    max_jobs: int = 0
+    free_nodes: float = 0.0
+    max_nodes_per_job: int = 0  # 0 = no limit besides free_nodes
+    wall_time_remaining_min: int = 0  # 0 = no limit
+    serial_only: bool = False
+    filter_tags: dict[str, str] = field(default_factory=dict)
+    app_ids: tuple[int, ...] = ()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.max_jobs <= 0 or self.free_nodes <= _EPS
+
+    def minus(self, n_jobs: int, nodes: float) -> Credit:
+        return replace(self, max_jobs=self.max_jobs - n_jobs, free_nodes=max(0.0, self.free_nodes - nodes))
+
+
+def footprint(num_nodes: int, node_packing_count: int) -> float:
+    """Nodes a job occupies: a single-node job packed n to a node takes 1/n."""
+    return num_nodes / max(1, node_packing_count)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    id: str
+    owner_id: int
+    site_id: int
+    job_mode: str
+    batch_job_id: int | None
+
+
+def lock_active_session(conn: Connection, owner_id: int, session_id: str) -> dict[str, Any]:
+    """The session row, locked for this transaction; refuses a session that is not ACTIVE."""
+    row = conn.execute(select(sessions).where(sessions.c.id == session_id, sessions.c.owner_id == owner_id)
+                       .with_for_update()).first()
+    if row is None:
+        raise FailedPrecondition(f"session {session_id} no longer exists; open a new session",
+                                 reason="SESSION_CLOSED")
+    if row.state != ACTIVE:
+        raise FailedPrecondition(f"session {session_id} is {row.state}; open a new session",
+                                 reason=f"SESSION_{row.state}")
+    return dict(row._mapping)
+
+
+# ---------------------------------------------------------------------------- acquire
+
+def _candidate_conditions(session: SessionRef, credit: Credit, free_nodes: float) -> list[Any]:
+    c = jobs.c
+    # No owner_id term: a site's jobs are all its owner's, and that term would tempt the
+    # planner (with stale statistics after a bulk create) into the owner/state index and a
+    # sort of the whole backlog instead of walking ix_jobs_lease_order and stopping early.
+    conds = [c.site_id == session.site_id, c.state.in_(_RUNNABLE),
+             # footprint <= free_nodes, without a division: num_nodes <= free * packing.
+             c.num_nodes <= (free_nodes + _EPS) * c.node_packing_count]
+    if credit.max_nodes_per_job > 0:
+        conds.append(c.num_nodes <= credit.max_nodes_per_job)
+    if credit.wall_time_remaining_min > 0:
+        conds.append(c.wall_time_min <= credit.wall_time_remaining_min)
+    if credit.serial_only or session.job_mode == "SERIAL":
+        conds += [c.num_nodes == 1, c.ranks_per_node == 1]
+    if credit.filter_tags:
+        conds.append(tags_contain(c.tags, credit.filter_tags))
+    if credit.app_ids:
+        conds.append(c.app_id.in_(list(credit.app_ids)))
+    return conds
+
+
+LEASE_ORDER = (jobs.c.priority.desc(), jobs.c.num_nodes.desc(), jobs.c.wall_time_min.desc(), jobs.c.id)
+
+
+def _pick(conn: Connection, session: SessionRef, credit: Credit) -> list[dict[str, Any]]:
+    """Runnable rows that fit the credit, in lease order, greedily packed.
+
+    On PostgreSQL, sorting is switched off for these queries: with the statistics left
+    stale by a bulk create (the usual moment to acquire), the planner would otherwise sort
+    the whole backlog (tens of ms for 20,000 jobs) instead of walking ix_jobs_lease_order
+    and stopping after a few rows (under a millisecond).
+
+    Each page is queried with the node capacity still free, so its first row always
+    fits; rows skipped inside a page were too big for what was left and stay excluded by
+    the smaller bound of the next page. Locked rows (another session's acquisition in
+    flight) are skipped on PostgreSQL.
+    """
+    if conn.dialect.name != "postgresql":
+        return _pick_pages(conn, session, credit)
+    conn.execute(text("SET LOCAL enable_sort = off"))
+    picked = _pick_pages(conn, session, credit)
+    # Back on at once: the event insert that follows (INSERT ... RETURNING in parameter
+    # order) takes over 100 ms with sorting off. After an error the transaction rolls
+    # back, and the setting with it.
+    conn.execute(text("SET LOCAL enable_sort TO DEFAULT"))
+    return picked
+
+
+def _pick_pages(conn: Connection, session: SessionRef, credit: Credit) -> list[dict[str, Any]]:
+    picked: list[dict[str, Any]] = []
+    free = credit.free_nodes
+    while len(picked) < credit.max_jobs and free > _EPS:
+        want = credit.max_jobs - len(picked)
+        conds = _candidate_conditions(session, credit, free)
+        if picked:
+            conds.append(jobs.c.id.not_in([r["id"] for r in picked]))
+        stmt = select(jobs).where(*conds).order_by(*LEASE_ORDER).limit(want).with_for_update(skip_locked=True)
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        for row in rows:
+            need = footprint(row["num_nodes"], row["node_packing_count"])
+            if need <= free + _EPS:
+                picked.append(row)
+                free -= need
+                if len(picked) >= credit.max_jobs or free <= _EPS:
+                    break
+        if len(rows) < want:
+            break
+    return picked
+
+
+def has_candidate(conn: Connection, session: SessionRef, credit: Credit) -> bool:
+    """Whether a runnable job fits `credit`: a read, so a launcher granting credit with
+    nothing to run costs no acquisition transaction (the session row lock and, on SQLite,
+    the single writer). In lease order like _pick, so it walks the same index."""
+    if credit.exhausted:
+        return False
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL enable_sort = off"))  # as in _pick; the read transaction ends here
+    stmt = (select(jobs.c.id).where(*_candidate_conditions(session, credit, credit.free_nodes))
+            .order_by(*LEASE_ORDER).limit(1))
+    return conn.execute(stmt).first() is not None
+
+
+@dataclass
+class Acquired:
+    jobs: list[dict[str, Any]]
+    apps: dict[int, dict[str, Any]]
+    nodes: float
+
+
+def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime) -> Acquired:
+    """Lease runnable jobs matching `credit` to `session`: each moves to RUNNING through
+    the Transitioner (one event per job), gets the session id, a new lease generation,
+    one more run_count and the session's batch job."""
+    if credit.exhausted:
+        return Acquired([], {}, 0.0)
+    lock_active_session(conn, session.owner_id, session.id)
+    rows = _pick(conn, session, credit)
+    if not rows:
+        return Acquired([], {}, 0.0)
+    values = {r["id"]: {"session_id": session.id, "lease_generation": r["lease_generation"] + 1,
+                        "run_count": r["run_count"] + 1,
+                        "batch_job_id": session.batch_job_id or r["batch_job_id"]} for r in rows}
+    t = Transitioner(conn, now)
+    t.apply(rows, S.RUNNING, message=f"leased to session {session.id}", data={"session_id": session.id},
+            values=values)
+    t.flush()
+    ids = [r["id"] for r in rows]
+    by_id = {r.id: dict(r._mapping) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))}
+    leased = [by_id[i] for i in ids]
+    return Acquired(leased, load_apps(conn, {r["app_id"] for r in leased}),
+                    sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in leased))
+
+
+def load_apps(conn: Connection, app_ids: set[int]) -> dict[int, dict[str, Any]]:
+    if not app_ids:
+        return {}
+    return {r.id: dict(r._mapping) for r in conn.execute(select(apps).where(apps.c.id.in_(sorted(app_ids))))}
+
+
+def held_jobs(conn: Connection, owner_id: int, session_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.session_id == session_id,
+                                           jobs.c.state == S.RUNNING).order_by(jobs.c.id))
+    return [dict(r._mapping) for r in rows]
+
+
+# ---------------------------------------------------------------------------- reports
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    seq: int
+    job_id: int
+    lease_generation: int
+    state: str  # short JobState name, "" when the launcher sent an unknown value
+    return_code: int | None = None
+    error_tail: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    seq: int
+    job_id: int
+    error: BalsamError
+
+
+@dataclass
+class ReportResult:
+    applied_through_seq: int
+    rejections: list[Rejection]
+    released: list[int]  # jobs that left RUNNING (no longer held)
+    applied: int = 0
+    resent: int = 0
+
+
+def _fence(t: Transition, row: dict[str, Any] | None, session_id: str) -> BalsamError | None:
+    """Why this transition may not be applied, or None."""
+    if t.state not in REPORTABLE:
+        return InvalidArgument(
+            f"job {t.job_id}: a launcher may report only {', '.join(sorted(REPORTABLE))}, not {t.state or 'that'}",
+            reason="INVALID_TRANSITION")
+    if row is None:
+        return Aborted(f"job {t.job_id} does not exist (deleted?); stop it", reason="LEASE_LOST")
+    if row["session_id"] != session_id or row["state"] != S.RUNNING:
+        return Aborted(f"job {t.job_id} is no longer held by this session (now {row['state']}); stop it",
+                       reason="LEASE_LOST")
+    if row["lease_generation"] != t.lease_generation:
+        return Aborted(f"job {t.job_id}: lease generation {t.lease_generation} is stale (current "
+                       f"{row['lease_generation']}); stop it", reason="LEASE_LOST")
+    return None
+
+
+def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: list[Transition],
+                 now: datetime) -> ReportResult:
+    """Apply a launcher's report in seq order, in this one transaction, and advance the
+    session's applied_through_seq. A resent seq is ignored; a fenced one is rejected and
+    changes nothing."""
+    session = lock_active_session(conn, owner_id, session_id)
+    applied_through = session["applied_through_seq"]
+    fresh: list[Transition] = []
+    seen: set[int] = set()
+    for t in sorted(transitions, key=lambda t: t.seq):
+        if t.seq > applied_through and t.seq not in seen:
+            seen.add(t.seq)
+            fresh.append(t)
+    result = ReportResult(applied_through, [], [], resent=len(transitions) - len(fresh))
+    if not fresh:
+        return result
+    ids = sorted({t.job_id for t in fresh})
+    rows = {r.id: dict(r._mapping) for r in conn.execute(
+        # Locked in id order, as every bulk job change does, so two never deadlock.
+        select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.id.in_(ids)).order_by(jobs.c.id).with_for_update())}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    values: dict[int, dict[str, Any]] = {}
+    for t in fresh:
+        row = rows.get(t.job_id)
+        why = _fence(t, row, session_id)
+        if why is not None:
+            result.rejections.append(Rejection(t.seq, t.job_id, why))
+            continue
+        assert row is not None
+        values[row["id"]] = {
+            "return_code": t.return_code if t.return_code is not None else row["return_code"],
+            "error_tail": t.error_tail or row["error_tail"],
+            "data": {**(row["data"] or {}), **t.data} if t.data else row["data"],
+        }
+        # Event data: what the launcher sent, so the provenance log keeps it per run.
+        key = (t.state, t.message, json.dumps(t.data, sort_keys=True, default=str) if t.data else "")
+        groups[key].append(row)
+        row["session_id"] = None  # a second transition of the same job in this report is fenced
+        result.released.append(row["id"])
+    if groups:
+        tr = Transitioner(conn, now)
+        for (state, message, data_json), members in groups.items():
+            tr.apply(members, S(state), message=message, data=json.loads(data_json) if data_json else None,
+                     values={r["id"]: values[r["id"]] for r in members})
+        tr.flush()
+    result.applied = len(result.released)
+    result.applied_through_seq = max(applied_through, fresh[-1].seq)
+    conn.execute(update(sessions).where(sessions.c.id == session_id)
+                 .values(applied_through_seq=result.applied_through_seq, heartbeat_time=now))
+    return result
+
+
+# ---------------------------------------------------------------------------- release
+
+def time_out_held(conn: Connection, owner_id: int, session_id: str, now: datetime, message: str) -> list[int]:
+    """Every job the session holds in RUNNING goes to RUN_TIMEOUT through the Transitioner,
+    which then follows the app's timeout policy (default RESTART_READY). The lease
+    generation is bumped so any later report quoting the old lease is stale."""
+    rows = [dict(r._mapping) for r in conn.execute(
+        select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.session_id == session_id, jobs.c.state == S.RUNNING)
+        .order_by(jobs.c.id).with_for_update())]
+    if not rows:
+        return []
+    t = Transitioner(conn, now)
+    t.apply(rows, S.RUN_TIMEOUT, message=message, data={"session_id": session_id},
+            values={r["id"]: {"lease_generation": r["lease_generation"] + 1} for r in rows})
+    t.flush()
+    return [r["id"] for r in rows]
+
+
+# ---------------------------------------------------------------------------- event scans
+# A session learns of new events from the fanout (server/fanout.py), one row at a time,
+# and tests them with the pure predicates; when the fanout could not deliver them (a gap),
+# the *_since/lost_leases queries read the same from the event log.
+
+_RUNNABLE_SET = frozenset(_RUNNABLE)
+
+
+def becomes_runnable(kind: str, to_state: str) -> bool:
+    """Whether an event made its job runnable (the test of runnable_since)."""
+    return kind == event_log.JOB_STATE and to_state in _RUNNABLE_SET
+
+
+def may_lose_lease(kind: str, from_state: str, to_state: str) -> bool:
+    """Whether an event may have taken its job from the session holding it: it left
+    RUNNING (a close, a timeout, a re-lease) or was killed (the test of lost_leases)."""
+    return kind == event_log.JOB_STATE and (from_state == S.RUNNING or to_state == S.KILLED)
+
+
+def runnable_since(conn: Connection, owner_id: int, site_id: int, after_id: int) -> bool:
+    """Did a job of this site become runnable after event `after_id`?"""
+    e = events.c
+    hit = conn.execute(select(e.id).where(e.owner_id == owner_id, e.id > after_id, e.site_id == site_id,
+                                          e.kind == event_log.JOB_STATE, e.to_state.in_(_RUNNABLE)).limit(1)).first()
+    return hit is not None
+
+
+def lost_leases(conn: Connection, owner_id: int, session_id: str, held: dict[int, int],
+                after_id: int) -> list[tuple[int, str]]:
+    """Jobs in `held` (id -> lease generation) that left RUNNING after event `after_id` and
+    are no longer this session's lease: killed by a user, timed out by a close, re-leased.
+    Returns (job id, current state) pairs."""
+    if not held:
+        return []
+    e = events.c
+    moved = {r.job_id for r in conn.execute(
+        select(e.job_id).distinct().where(e.owner_id == owner_id, e.id > after_id, e.kind == event_log.JOB_STATE,
+                                          or_(e.from_state == S.RUNNING, e.to_state == S.KILLED)))}
+    return check_leases(conn, session_id, held, moved)
+
+
+def check_leases(conn: Connection, session_id: str, held: dict[int, int],
+                 suspects: set[int]) -> list[tuple[int, str]]:
+    """Of the `suspects` among `held` (id -> lease generation), the jobs no longer this
+    session's lease, as (job id, current state) pairs ("DELETED" for a job that is gone)."""
+    ids = sorted(suspects & held.keys())
+    if not ids:
+        return []
+    rows = conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.session_id, jobs.c.lease_generation)
+                        .where(jobs.c.id.in_(ids)))
+    found = {r.id: r for r in rows}
+    lost = []
+    for job_id in ids:
+        r = found.get(job_id)
+        if r is None:
+            lost.append((job_id, "DELETED"))
+        elif r.session_id != session_id or r.state != S.RUNNING or r.lease_generation != held[job_id]:
+            lost.append((job_id, r.state))
+    return lost

@@ -1,0 +1,354 @@
+#!/usr/bin/env python3
+"""The XPCS scenario on one machine, all real processes (what `scripts/demo` runs).
+
+1. the server (embedded default: SQLite under the demo's BALSAM_HOME, local user, token
+   in the profile);
+2. three sites like three facilities, made with `balsamctl site init` and started with
+   `balsamctl site start`: the local scheduler with a different artificial queue delay
+   each (`scheduler.options.start_delay_s`), an elastic queue capped at a different
+   number of nodes each (`elastic_queue.max_total_nodes`: pilots come and go with the
+   backlog, and the site scales to zero when it is gone; a pilot node runs one dataset
+   at a time), two file:// transfer locations (`aps`: the instrument's folder the
+   datasets are staged in from; `results`: the folder results are staged out to), and
+   the XPCS analysis app in each apps folder;
+3. the experiment agent (`scripts/xpcs_agent.py`): bursts of synthetic datasets, each
+   routed to the site with the best expected completion; live progress per site; each
+   staged-out result's fitted D checked against the generator's truth;
+4. `balsamctl analytics` for the run: per-site and overall throughput, node utilisation,
+   latency breakdown percentiles (stage-in, wait, run, stage-out, total), PNG plots;
+5. the sites scale to zero (idle pilots exit), then everything is stopped: pilots left
+   cancelled, daemons stopped, server terminated (also on Ctrl-C).
+
+    scripts/xpcs_demo.py [--datasets 200] [--burst 25] [--interval 8] [--home DIR] [--summary FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+sys.path.insert(0, str(ROOT))  # the SDK, for the pilots' bookkeeping (imported where used)
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A facility: its pilots hold at most `max_total_nodes` nodes at once (pilots of up to
+    `pilot_nodes` nodes; one dataset per node at a time), and each pilot starts
+    `queue_delay_s` after it is submitted."""
+
+    name: str
+    max_total_nodes: int
+    pilot_nodes: int
+    queue_delay_s: float
+
+
+SITES = (SiteSpec("alpha", 4, 2, 2.0), SiteSpec("beta", 2, 2, 5.0), SiteSpec("gamma", 1, 1, 10.0))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def say(text: str) -> None:
+    print(f"== {text}", flush=True)
+
+
+class Demo:
+    def __init__(self, home: Path, sites: tuple[SiteSpec, ...], idle_timeout_s: int, database_url: str = "") -> None:
+        self.home = home
+        self.database_url = database_url or f"sqlite:///{home / 'balsam.db'}"
+        # The two transfer locations every site gets (file://, this machine).
+        self.instrument = home / "instrument"
+        self.results = home / "results"
+        self.sites = sites
+        self.idle_timeout_s = idle_timeout_s
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "BALSAM_HOME": str(home), "BALSAM_LOG_FORMAT": "json",
+                    "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        for var in ("BALSAM_SERVER", "BALSAM_TOKEN", "BALSAM_DATABASE_URL"):
+            self.env.pop(var, None)
+        self.server: subprocess.Popen[bytes] | None = None
+        self.site_dirs: dict[str, Path] = {}
+
+    # -- processes -------------------------------------------------------------------
+    def balsamctl(self, *args: str, check: bool = True, timeout: float = 120,
+                  columns: int | None = None) -> subprocess.CompletedProcess[str]:
+        env = self.env if columns is None else {**self.env, "COLUMNS": str(columns)}
+        res = subprocess.run([PY, "-m", "balsam_grpc.cli.main", *args], env=env, text=True,
+                             capture_output=True, timeout=timeout, cwd=self.home, check=False)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"balsamctl {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def start_server(self) -> None:
+        log = open(self.home / "server.log", "ab")  # noqa: SIM115 - the server's lifetime
+        self.server = subprocess.Popen(
+            [PY, "-m", "balsam_grpc.server", "--address", self.address,
+             "--database", self.database_url],
+            env=self.env, stdout=log, stderr=log, cwd=self.home, start_new_session=True)
+        profile = self.home / "profile.json"
+        deadline = time.monotonic() + 60
+        while True:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"the server exited; see {self.home / 'server.log'}")
+            try:
+                if json.loads(profile.read_text()).get("server") == self.address:
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start within 60 s")
+            time.sleep(0.2)
+        where = f"SQLite in {self.home}" if self.database_url.startswith("sqlite") else "PostgreSQL"
+        say(f"server on {self.address} ({where}, log server.log)")
+
+    def create_site(self, spec: SiteSpec) -> None:
+        site_dir = self.home / "sites" / spec.name
+        self.balsamctl("site", "init", str(site_dir), "--platform", "local", "--name", spec.name)
+        path = site_dir / "settings.yml"
+        settings: dict[str, Any] = yaml.safe_load(path.read_text())
+        settings["scheduler"]["options"] = {"start_delay_s": spec.queue_delay_s}
+        settings["scheduler"]["poll_seconds"] = 1
+        # Idle pilots exit after this long: the site scales down between bursts and to zero
+        # at the end.
+        settings["launcher"]["idle_timeout_s"] = self.idle_timeout_s
+        # One launcher rank per pilot node (the local platform's default is one process,
+        # one node): a 2-node pilot runs two datasets at once, and its session reports
+        # two held nodes.
+        settings["launcher"]["mpi_prefix"] = "{mpiexec} -n {num_ranks}"
+        # The facility's capacity for this experiment is the elastic queue's cap on nodes
+        # held (queued + running pilots); pilots are sized from the runnable backlog.
+        settings["elastic_queue"].update({
+            "enabled": True, "max_nodes": spec.pilot_nodes, "max_total_nodes": spec.max_total_nodes,
+            "max_queued": spec.max_total_nodes, "min_wall_time_min": 10, "check_seconds": 1.0})
+        # Stage in from the instrument's folder, stage out to the results folder.
+        settings["transfer_locations"] = {"aps": f"file://{self.instrument}", "results": f"file://{self.results}"}
+        settings["transfers"] = {"batch_linger_s": 0.2, "poll_seconds": 1.0}
+        path.write_text("# Written by scripts/xpcs_demo.py from the `balsamctl site init` template (whose comments\n"
+                        "# explain every key; see SETTINGS_TEMPLATE in balsam_grpc/site/settings.py).\n"
+                        + yaml.safe_dump(settings, sort_keys=False))
+        shutil.copy(ROOT / "balsam_grpc" / "xpcs" / "site_app.py", site_dir / "apps" / "xpcs.py")
+        (site_dir / "apps" / "example.py").unlink(missing_ok=True)
+        self.balsamctl("site", "start", str(site_dir), "--wait", "60")
+        self.site_dirs[spec.name] = site_dir
+        say(f"site {spec.name:<5}: elastic queue of at most {spec.max_total_nodes} node(s) in pilots of at most "
+            f"{spec.pilot_nodes}, queue delay {spec.queue_delay_s:g} s ({site_dir})")
+
+    def run_agent(self, args: list[str]) -> int:
+        return subprocess.run([PY, str(ROOT / "scripts" / "xpcs_agent.py"), *args], env=self.env, cwd=self.home,
+                              check=False).returncode
+
+    def analytics(self, tag: str, plots: Path, json_out: Path | None) -> None:
+        # balsamctl's output is captured, so it sees no terminal: give it the real width
+        # (its tables wrap at 80 columns otherwise).
+        width = max(shutil.get_terminal_size((120, 40)).columns, 110)
+        res = self.balsamctl("analytics", "--tag", f"exp={tag}", "--since", "1d", "--bin", "10",
+                             "--plots", str(plots), check=False, columns=width)
+        sys.stdout.write(res.stdout)
+        if res.returncode != 0:
+            sys.stderr.write(res.stderr)
+        if json_out is not None:
+            res = self.balsamctl("analytics", "--tag", f"exp={tag}", "--since", "1d", "--bin", "10", "-o", "json")
+            json_out.write_text(res.stdout)
+
+    # -- shutdown ---------------------------------------------------------------------
+    def stop(self) -> None:
+        """Kill the run's unfinished jobs (after Ctrl-C: otherwise the elastic queues would
+        start new pilots for them), cancel the pilots, stop the daemons, stop the server;
+        then make sure no pilot of ours is left, not even one still waiting out its queue
+        delay (a daemon that died cannot cancel its pilots)."""
+        if self.server is not None and self.server.poll() is None and self.site_dirs:
+            try:
+                self.kill_unfinished_jobs()
+                self.cancel_pilots()
+            except Exception as exc:  # noqa: BLE001 - shutdown goes on regardless
+                print(f"(could not cancel pilots: {exc})", file=sys.stderr)
+        for site_dir in self.site_dirs.values():
+            if (site_dir / ".site.lock").exists():
+                self.balsamctl("site", "stop", str(site_dir), "--force", "--timeout", "15", check=False)
+        for site_dir in self.site_dirs.values():
+            for rec in (site_dir / "state" / "local-scheduler").glob("*.json"):
+                try:
+                    data = json.loads(rec.read_text())
+                except (OSError, ValueError):
+                    continue
+                if data.get("end_time") is None:
+                    kill_pilot_processes(rec, data)
+        if self.server is not None and self.server.poll() is None:
+            self.server.terminate()
+            try:
+                self.server.wait(20)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait(5)
+
+    def client(self) -> Any:
+        os.environ["BALSAM_HOME"] = str(self.home)
+        from balsam_grpc.sdk import Client
+
+        return Client(self.address, token=json.loads((self.home / "profile.json").read_text())["token"])
+
+    def pilots(self, client: Any) -> list[Any]:
+        from balsam_grpc.v1 import batch_job_service_pb2
+
+        return list(client.call("BatchJobService", "ListBatchJobs",
+                                batch_job_service_pb2.ListBatchJobsRequest(page_size=1000)).batch_jobs)
+
+    def wait_scale_to_zero(self, timeout: float) -> None:
+        """The backlog is gone: idle pilots exit after the launcher's idle timeout and the
+        elastic queues withdraw what is still queued. Wait for that (the demo cancels what
+        is left afterwards), then say how many pilots each site ran."""
+        from balsam_grpc.v1 import batch_job_pb2 as bj
+
+        live = (bj.BATCH_JOB_STATE_QUEUED, bj.BATCH_JOB_STATE_RUNNING, bj.BATCH_JOB_STATE_PENDING_SUBMISSION,
+                bj.BATCH_JOB_STATE_PENDING_DELETION)
+        names = {}
+        started = time.monotonic()
+        with self.client() as client:
+            names = {s.id: s.name for s in client.sites.all()}
+            while True:
+                jobs = self.pilots(client)
+                left = [b for b in jobs if b.state in live]
+                if not left or time.monotonic() - started > timeout:
+                    break
+                time.sleep(1.0)
+        per_site: dict[str, list[Any]] = {}
+        for b in jobs:
+            per_site.setdefault(names.get(b.site_id, str(b.site_id)), []).append(b)
+        def plural(n: int, word: str) -> str:
+            return f"{n} {word}{'s' * (n != 1)}"
+
+        counts = ", ".join(f"{name} {plural(len(bs), 'pilot')} ({plural(sum(b.num_nodes for b in bs), 'node')})"
+                           for name, bs in sorted(per_site.items()))
+        if left:
+            say(f"{len(left)} pilot(s) still up after {timeout:g} s; they are cancelled. Pilots over the run: {counts}")
+        else:
+            say(f"every site scaled to zero after {time.monotonic() - started:.0f} s (idle pilots exited). "
+                f"Pilots over the run: {counts}")
+
+    def kill_unfinished_jobs(self) -> None:
+        with self.client() as client:
+            client.jobs.all().exclude(state=["JOB_FINISHED", "FAILED", "KILLED"]).update(state="KILLED")
+
+    def cancel_pilots(self) -> None:
+        from balsam_grpc.v1 import batch_job_pb2, batch_job_service_pb2
+
+        bj = batch_job_pb2
+        live = (bj.BATCH_JOB_STATE_QUEUED, bj.BATCH_JOB_STATE_RUNNING, bj.BATCH_JOB_STATE_PENDING_SUBMISSION)
+        with self.client() as client:
+            jobs = self.pilots(client)
+            for b in jobs:
+                if b.state in live:
+                    client.call("BatchJobService", "UpdateBatchJob", batch_job_service_pb2.UpdateBatchJobRequest(
+                        batch_job=bj.BatchJob(id=b.id, state=bj.BATCH_JOB_STATE_PENDING_DELETION),
+                        update_mask={"paths": ["state"]}))
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # the daemons cancel them in their schedulers
+                jobs = self.pilots(client)
+                if not any(b.state in (*live, bj.BATCH_JOB_STATE_PENDING_DELETION) for b in jobs):
+                    break
+                time.sleep(0.5)
+
+
+def kill_pilot_processes(record: Path, data: dict[str, Any]) -> None:
+    """A local-scheduler pilot that did not end: its batch script's process group (once
+    started), and its runner process (which may still be waiting out the queue delay; it
+    is ours only if its command line names this record, since pids are reused)."""
+    try:
+        os.killpg(int(data["pgid"]), signal.SIGKILL)
+    except (KeyError, TypeError, ValueError, OSError):
+        pass
+    try:
+        runner = psutil.Process(int(data["pid"]))
+        if str(record) in runner.cmdline():
+            runner.kill()
+    except (KeyError, TypeError, ValueError, psutil.Error):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--home", type=Path, default=ROOT / ".balsam-demo", help="demo BALSAM_HOME (recreated)")
+    p.add_argument("--datasets", type=int, default=200)
+    p.add_argument("--burst", type=int, default=25, help="datasets per burst")
+    p.add_argument("--interval", type=float, default=8.0, help="seconds between burst starts")
+    p.add_argument("--strategy", default="best", help="routing: best, round_robin or fixed")
+    p.add_argument("--sites", type=int, default=3, choices=(1, 2, 3), help="how many of alpha, beta, gamma")
+    p.add_argument("--size", type=int, default=32,
+                   help="detector rows = cols (32 keeps the synthetic data generation, which runs on the same "
+                        "2 cores as everything else, off the critical path)")
+    p.add_argument("--frames", type=int, default=1024)
+    p.add_argument("--idle-timeout", type=int, default=8, help="seconds an idle pilot waits for work before it exits")
+    p.add_argument("--each", action="store_true", help="print every dataset's result as it arrives")
+    p.add_argument("--database", default="", help="the server's database URL (default: SQLite in --home)")
+    p.add_argument("--summary", type=Path, default=None, help="also write the agent's summary JSON here")
+    p.add_argument("--analytics-json", type=Path, default=None, help="also write the analytics as JSON here")
+    a = p.parse_args(argv)
+
+    home = a.home.resolve()
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    demo = Demo(home, SITES[: a.sites], a.idle_timeout, a.database)
+    tag = f"xpcs-{time.strftime('%H%M%S')}"
+    summary = a.summary.resolve() if a.summary else home / "summary.json"
+    plots = home / "plots"
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    code = 1
+    started = time.monotonic()
+    try:
+        demo.start_server()
+        demo.instrument.mkdir()
+        demo.results.mkdir()
+        for spec in demo.sites:
+            demo.create_site(spec)
+        say(f"every site stages datasets in from location aps = file://{demo.instrument} and results out to "
+            f"location results = file://{demo.results}")
+        say(f"agent: {a.datasets} datasets of {a.frames} frames {a.size}x{a.size}, bursts of {a.burst} every "
+            f"{a.interval:g} s, routing '{a.strategy}'. Progress lines: datasets done/submitted per site, "
+            "[Nn] = N nodes held by the site's pilots right now, fit error against the truth")
+        code = demo.run_agent([
+            "--sites", ",".join(s.name for s in demo.sites), "--datasets", str(a.datasets), "--burst", str(a.burst),
+            "--interval", str(a.interval), "--strategy", a.strategy, "--tag", tag, "--size", str(a.size),
+            "--frames", str(a.frames), "--data-dir", str(demo.instrument), "--results-dir", str(demo.results),
+            "--summary", str(summary), *(["--each"] if a.each else [])])
+        say(f"analytics of the run: balsamctl analytics --tag exp={tag} --bin 10 --plots {plots}")
+        demo.analytics(tag, plots, a.analytics_json.resolve() if a.analytics_json else None)
+        demo.wait_scale_to_zero(timeout=a.idle_timeout + 30)
+        say(f"reduced results (staged out): {demo.results / tag}/")
+        say(f"datasets: {demo.instrument / tag}/  summary: {summary}  plots: {plots}/")
+    except KeyboardInterrupt:
+        say("interrupted")
+        code = 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
+        say("stopping: pilots, site daemons, server")
+        demo.stop()
+        say(f"stopped ({time.monotonic() - started:.0f} s in all)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

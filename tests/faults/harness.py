@@ -1,0 +1,514 @@
+"""Real processes for the fault suite: a server that can be killed and restarted on the
+same port, launchers (killed as a whole node: the launcher and its job processes), site
+daemons (`balsamctl site init/start`), an SDK watcher, and the audit that checks every
+scenario's outcome against the server's event log and the jobs' own side effects.
+
+Everything uses short timeouts (lease timeout, keepalive) from the environment and
+settings, so a fault is noticed within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import psutil
+import yaml
+
+from balsam_grpc.sdk import Client, Event
+from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+J = job_pb2
+FINAL = "JOB_FINISHED"
+
+# Fault-suite timings (all through env/settings): a launcher stream gone for LEASE_TIMEOUT
+# seconds loses its session; clients ping every 5 s (the least the server allows) and give
+# up after 1.5 s; the server pings every 2 s and gives up after 2 s.
+LEASE_TIMEOUT = 4
+KEEPALIVE_ENV = {
+    "BALSAM_KEEPALIVE_TIME_MS": "5000",
+    "BALSAM_KEEPALIVE_TIMEOUT_MS": "1500",
+    "BALSAM_SERVER_KEEPALIVE_TIME_MS": "2000",
+    "BALSAM_SERVER_KEEPALIVE_TIMEOUT_MS": "2000",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1,
+             on_timeout: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{on_timeout()}" if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+CREATED_DATABASES: list[str] = []  # dropped at the end of the session (tests/faults/conftest.py)
+
+
+def fresh_postgres(url: str, suffix: str) -> str:
+    """An empty database next to the one `url` names (dropped first); its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = make_url(url)
+    name = f"{base.database}_{suffix}"
+    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    CREATED_DATABASES.append(name)
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_databases(url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        while CREATED_DATABASES:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{CREATED_DATABASES.pop()}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (a node that died: its job
+    processes, in sessions of their own, die with it)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+# ---------------------------------------------------------------------------- server
+class ServerProc:
+    """`python -m balsam_grpc.server` on a fixed port with its own BALSAM_HOME."""
+
+    def __init__(self, home: Path, database_url: str, lease_timeout: int = LEASE_TIMEOUT) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.database_url = database_url
+        self.lease_timeout = lease_timeout
+        self.log_path = home / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
+        self.env.update(BALSAM_HOME=str(home), PYTHONPATH=str(REPO), **KEEPALIVE_ENV)
+
+    @property
+    def profile_path(self) -> Path:
+        return self.home / "profile.json"
+
+    @property
+    def token(self) -> str:
+        return str(json.loads(self.profile_path.read_text())["token"])
+
+    def start(self, timeout: float = 60) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "balsam_grpc.server", "--address", self.address, "--database",
+                 self.database_url, "--lease-timeout", str(self.lease_timeout)],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if not (self.profile_path.exists() and
+                    json.loads(self.profile_path.read_text() or "{}").get("server") == self.address):
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(listening, timeout, "the server to listen", 0.05)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def client(self, address: str = "", **kw: Any) -> Client:
+        kw.setdefault("timeout", 20)
+        return Client(address or self.address, token=self.token, **kw)
+
+
+# ---------------------------------------------------------------------------- launchers
+class LauncherProc:
+    """A launcher (single process, serial mode) started as a real process."""
+
+    def __init__(self, site_dir: Path, server: ServerProc, *args: str, address: str = "") -> None:
+        env = dict(server.env)
+        env.update(BALSAM_SERVER=address or server.address, BALSAM_TOKEN=server.token,
+                   PATH=f"{VENV_BIN}:{env.get('PATH', '')}", BALSAM_LOG_LEVEL="INFO")
+        self.log_path = site_dir / f"launcher-{secrets.token_hex(3)}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "balsam_grpc.launcher", "--site-dir", str(site_dir), "--mode", "serial",
+                 "--progress-interval", "1", *args],
+                cwd=site_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill_node(self) -> None:
+        kill_tree(self.proc.pid)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                kill_tree(self.proc.pid)
+                self.proc.wait(5)
+
+
+# ---------------------------------------------------------------------------- sites
+LEDGER_APPS = textwrap.dedent('''
+    import os
+    import time
+    from pathlib import Path
+    from balsam_grpc.core.appdef import ApplicationDefinition
+
+    LEDGER = {ledger!r}
+
+    def note(word):
+        with open(LEDGER, "a") as fh:
+            fh.write(f"{{word}} {{os.environ.get('BALSAM_JOB_ID', '')}}\\n")
+
+    class Nap(ApplicationDefinition):
+        """Appends 'start <id>' and 'end <id>' to the ledger around a nap."""
+        command_template = ("/bin/sh -c 'echo start $BALSAM_JOB_ID >> {ledger}; sleep {{{{ secs }}}}; "
+                            "echo end $BALSAM_JOB_ID >> {ledger}'")
+        parameters = {{"secs": {{"default": "1"}}}}
+
+    class Hooked(ApplicationDefinition):
+        """Runs quickly; its postprocess hook naps (a hook to kill the daemon in) and
+        appends 'post <job id>' to the hook ledger when it completes."""
+        command_template = "/bin/sh -c 'echo start $BALSAM_JOB_ID >> {ledger}; echo end $BALSAM_JOB_ID >> {ledger}'"
+        parameters = {{"delay": {{"default": "0"}}}}
+
+        def postprocess(self):
+            Path("hook-started").write_text("yes")
+            time.sleep(float(self.job.parameters.get("delay", "0")))
+            with open({hook_ledger!r}, "a") as fh:
+                fh.write(f"post {{self.job.id}}\\n")
+            self.job.data = {{**self.job.data, "post": "done"}}
+''')
+
+
+class SiteProc:
+    """A site made by `balsamctl site init` whose daemon runs as a real process; its
+    pilots run on the `local` scheduler. `address` routes the daemon (and the pilots it
+    starts) through a proxy."""
+
+    FAST: ClassVar[dict[str, Any]] = {
+        "scheduler__poll_seconds": 1, "launcher__idle_timeout_s": 30, "elastic_queue__enabled": True,
+        "elastic_queue__min_wall_time_min": 5, "elastic_queue__check_seconds": 1, "elastic_queue__max_nodes": 1}
+
+    def __init__(self, tmp: Path, server: ServerProc, *, address: str = "", **changes: Any) -> None:
+        self.server = server
+        self.dir = tmp / "site"
+        self.ledger = tmp / "ledger.txt"
+        self.hook_ledger = tmp / "hooks.txt"
+        self.env = dict(server.env)
+        if address:
+            self.env["BALSAM_SERVER"] = address
+            self.env["BALSAM_TOKEN"] = server.token
+        res = self.balsamctl("site", "init", str(self.dir), "--platform", "local", "--name",
+                             f"faults-{secrets.token_hex(3)}")
+        assert "created site" in res.stdout, res.stdout + res.stderr
+        settings = yaml.safe_load((self.dir / "settings.yml").read_text())
+        self.id = int(settings["site_id"])
+        for dotted, value in {**self.FAST, **changes}.items():
+            node = settings
+            *parents, last = dotted.split("__")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+        (self.dir / "settings.yml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        (self.dir / "apps" / "apps.py").write_text(LEDGER_APPS.format(ledger=str(self.ledger),
+                                                                       hook_ledger=str(self.hook_ledger)))
+
+    def balsamctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "balsam_grpc.cli.main", *args], env=self.env, text=True,
+                             capture_output=True, timeout=timeout, cwd=self.dir.parent, check=False)
+        if check and res.returncode != 0:
+            raise AssertionError(f"balsamctl {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def start(self) -> int:
+        out = self.balsamctl("site", "start", str(self.dir), "--wait", "30")
+        assert "connected" in out.stdout, out.stdout
+        return self.pid()
+
+    def pid(self) -> int:
+        return int((self.dir / ".site.lock").read_text().strip())
+
+    def kill9(self) -> None:
+        """SIGKILL the daemon (its hook processes notice their parent died and exit;
+        pilots, process groups of the local scheduler, run on)."""
+        pid = self.pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                 10, "the daemon to die")
+
+    def scheduler_records(self) -> list[dict[str, Any]]:
+        state = self.dir / "state" / "local-scheduler"
+        return [json.loads(p.read_text()) for p in sorted(state.glob("*.json"))] if state.exists() else []
+
+    def log_tail(self, n: int = 40) -> str:
+        path = self.dir / "logs" / "site.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+    def stop(self) -> None:
+        if (self.dir / ".site.lock").exists():
+            self.balsamctl("site", "stop", str(self.dir), "--force", "--timeout", "10", check=False)
+        for rec in self.scheduler_records():
+            pgid = rec.get("pgid") or rec.get("pid")
+            if pgid:
+                try:
+                    os.killpg(int(pgid), signal.SIGKILL)
+                except (ValueError, OSError):
+                    pass
+
+
+# ---------------------------------------------------------------------------- watcher
+class Watcher:
+    """An SDK watch of one site's events on its own thread, compared at the end with
+    the server's event log: every event after its start exactly once, in order."""
+
+    def __init__(self, client: Client, site_id: int) -> None:
+        self.client = client
+        self.site_id = site_id
+        self.stream = client.watch(site=site_id)
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+        assert self.stream.wait_started(30), "the watch did not start"
+        self.first_cursor = int(self.stream.cursor or 0)
+
+    def _collect(self) -> None:
+        try:
+            for event in self.stream:
+                self.events.put(event)
+        except Exception as exc:  # noqa: BLE001 - surfaced by check()
+            self.events.put(exc)
+
+    def check(self, client: Client, timeout: float = 30) -> int:
+        """Wait until the watcher has seen the whole log; assert exactly once, in order.
+        Returns the number of events compared."""
+        log_ids = [e.id for e in client.events.filter(site=self.site_id) if e.id > self.first_cursor]
+        seen: list[Event] = []
+        deadline = time.monotonic() + timeout
+        while len(seen) < len(log_ids) and time.monotonic() < deadline:
+            try:
+                item = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            assert isinstance(item, Event), f"the watch failed: {item!r}"
+            seen.append(item)
+        self.stream.close()
+        self.thread.join(10)
+        while not self.events.empty():
+            item = self.events.get()
+            if isinstance(item, Event):
+                seen.append(item)
+        seen_ids = [e.id for e in seen]
+        assert seen_ids[:len(log_ids)] == log_ids, (
+            f"watcher saw {len(seen_ids)} events, log has {len(log_ids)}; "
+            f"missing {sorted(set(log_ids) - set(seen_ids))[:10]}, extra {sorted(set(seen_ids) - set(log_ids))[:10]}")
+        assert len(seen_ids) == len(set(seen_ids)), "the watcher saw an event twice"
+        return len(log_ids)
+
+
+# ---------------------------------------------------------------------------- audit
+def job_events(client: Client, ids: list[int]) -> list[Any]:
+    stub = client.stub("EventService")
+    out: list[Any] = []
+    for start in range(0, len(ids), 500):
+        token = ""
+        while True:
+            resp = stub.ListEvents(event_service_pb2.ListEventsRequest(
+                filter=event_service_pb2.EventFilter(job_ids=ids[start:start + 500]), page_size=1000,
+                page_token=token), metadata=client.metadata, timeout=30)
+            out += list(resp.events)
+            token = resp.next_page_token
+            if not token:
+                break
+    return out
+
+
+def list_jobs(client: Client, ids: list[int]) -> dict[int, Any]:
+    stub = client.stub("JobService")
+    found: dict[int, Any] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        resp = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=J.JobFilter(ids=chunk), page_size=len(chunk)),
+                             metadata=client.metadata, timeout=30)
+        found.update({j.id: j for j in resp.jobs})
+    return found
+
+
+def states(client: Client, ids: list[int]) -> Counter[str]:
+    return Counter(J.JobState.Name(j.state).removeprefix("JOB_STATE_") for j in list_jobs(client, ids).values())
+
+
+def wait_states(client: Client, ids: list[int], want: str, timeout: float,
+                debug: Callable[[], str] | None = None) -> None:
+    wait_for(lambda: states(client, ids) == Counter({want: len(ids)}), timeout,
+             f"{len(ids)} jobs to reach {want}", 0.2,
+             on_timeout=lambda: f"states: {dict(states(client, ids))}\n{debug() if debug else ''}")
+
+
+def passed_through(event: Any, state: str) -> bool:
+    """The event moved the job into `state`, directly or on the way (data.via)."""
+    if event.WhichOneof("change") != "job_state":
+        return False
+    if J.JobState.Name(event.job_state.to_state) == f"JOB_STATE_{state}":
+        return True
+    via = event.data["via"] if "via" in event.data else []  # noqa: SIM401 - a Struct, not a dict
+    return any(str(v).removeprefix("JOB_STATE_") == state for v in via)
+
+
+def ledger_counts(path: Path | None) -> Counter[tuple[str, int]]:
+    """(word, job id) -> lines in a ledger the jobs (or hooks) append to."""
+    out: Counter[tuple[str, int]] = Counter()
+    if path is None or not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        word, _, job = line.partition(" ")
+        if job.strip().isdigit():
+            out[(word, int(job))] += 1
+    return out
+
+
+@dataclass
+class Audit:
+    """What the invariants found: jobs lost (missing, or not in the state the rules say)
+    and jobs completed twice (more than one RUN_DONE or JOB_FINISHED event, or more
+    completed runs in the ledger than runs the server counted)."""
+
+    jobs: int
+    lost: list[int] = field(default_factory=list)
+    duplicates: list[int] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+    def assert_clean(self) -> None:
+        assert not self.lost and not self.duplicates, "\n".join(self.details[:20])
+
+
+def audit(client: Client, ids: list[int], ledger: Path | None, *, final: str = FINAL,
+          hook_ledger: Path | None = None) -> Audit:
+    result = Audit(jobs=len(ids))
+    jobs = list_jobs(client, ids)
+    events = job_events(client, ids)
+    by_job: dict[int, list[Any]] = {i: [] for i in ids}
+    for e in events:
+        by_job.setdefault(e.job_id, []).append(e)
+    runs = ledger_counts(ledger)
+    hooks = ledger_counts(hook_ledger)
+    for jid in ids:
+        job = jobs.get(jid)
+        state = J.JobState.Name(job.state).removeprefix("JOB_STATE_") if job else "MISSING"
+        if state != final:
+            result.lost.append(jid)
+            result.details.append(f"job {jid}: {state}, expected {final}")
+            continue
+        evs = by_job.get(jid, [])
+        done = sum(passed_through(e, "RUN_DONE") for e in evs)
+        finished = sum(passed_through(e, "JOB_FINISHED") for e in evs)
+        ends = runs[("end", jid)]
+        if done != 1 or finished != 1 or (ledger is not None and not 1 <= ends <= job.run_count):
+            result.duplicates.append(jid)
+            result.details.append(f"job {jid}: RUN_DONE x{done}, JOB_FINISHED x{finished}, "
+                                  f"ledger end x{ends}, run_count {job.run_count}")
+        # A hook is at-least-once (a daemon killed mid-hook runs it again), its result is
+        # applied once: the job passed POSTPROCESSED exactly once.
+        post = sum(passed_through(e, "POSTPROCESSED") for e in evs)
+        if hook_ledger is not None and (hooks[("post", jid)] < 1 or post != 1):
+            result.duplicates.append(jid)
+            result.details.append(f"job {jid}: postprocess ran x{hooks[('post', jid)]}, applied x{post}")
+        ids_in_order = [e.id for e in evs]
+        if ids_in_order != sorted(ids_in_order):
+            result.details.append(f"job {jid}: events out of order")
+            result.duplicates.append(jid)
+    return result
+
+
+def iter_chunks(items: list[int], n: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def create_jobs(client: Client, n: int, prefix: str, **fields: Any) -> list[int]:
+    """n jobs in one BatchCreateJobs call (a request_id: a retried call creates nothing twice)."""
+    from balsam_grpc.sdk import Job
+
+    jobs = [Job(_client=client, workdir=f"{prefix}/{i}-{secrets.token_hex(3)}", **fields) for i in range(n)]
+    return [j.id for j in client.jobs.bulk_create(jobs)]
+
+
+def last_event_id(client: Client) -> int:
+    resp = client.stub("EventService").ListEvents(event_service_pb2.ListEventsRequest(page_size=1, descending=True),
+                                                  metadata=client.metadata, timeout=30)
+    return resp.events[0].id if resp.events else 0
+
+
+def job_progress_after(client: Client, event_id: int) -> bool:
+    """A job changed state after event `event_id` (work flows again)."""
+    resp = client.stub("EventService").ListEvents(event_service_pb2.ListEventsRequest(page_size=1, descending=True),
+                                                  metadata=client.metadata, timeout=30)
+    return bool(resp.events) and resp.events[0].id > event_id and resp.events[0].WhichOneof("change") == "job_state"
+
+
+def site_connected(client: Client, site_id: int) -> bool:
+    return bool(client.sites.get(id=site_id).liveness.connected)

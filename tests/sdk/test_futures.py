@@ -1,0 +1,170 @@
+"""Job futures resolved by WatchEvents: another client changes the jobs through the
+API (as a launcher or a user would) and the waiting side learns it from the stream, not
+by re-reading. Every wait is bounded by a timeout; no test sleeps."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from balsam_grpc.sdk import (
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    App,
+    Client,
+    Job,
+    JobFailed,
+    as_completed,
+    wait,
+)
+
+WAIT = 30  # seconds; only an upper bound for a broken implementation
+
+
+class CallCounter:
+    """Counts the unary calls a client makes, by method."""
+
+    def __init__(self, client: Client) -> None:
+        self.calls: list[str] = []
+        self._original = client.call
+
+        def counting(service: str, method: str, request: Any, **kw: Any) -> Any:
+            self.calls.append(method)
+            return self._original(service, method, request, **kw)
+
+        client.call = counting  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def jobs(client: Client, app: App) -> list[Job]:
+    return [app.submit(f"fut/{app.id}/{i}", word=str(i)) for i in range(3)]
+
+
+def finish(other: Client, job_id: int, result: Any) -> None:
+    """What a launcher does, through another connection: run, then finish with data."""
+    job = other.jobs.get(id=job_id)
+    job.state = "RUNNING"
+    job.save()
+    job.state = "RUN_DONE"
+    job.return_code = 0
+    job.data = {"result": result}
+    job.save()
+
+
+def fail(other: Client, job_id: int) -> None:
+    job = other.jobs.get(id=job_id)
+    job.state = "RUNNING"
+    job.save()
+    job.state = "RUN_ERROR"  # no error hook and no retry policy: the server fails it
+    job.return_code = 139
+    job.state_message = "segfault in rank 3"
+    job.error_tail = "Segmentation fault (core dumped)"
+    job.save()
+
+
+def test_result_resolves_on_another_clients_change(client: Client, other_client: Client, jobs: list[Job]) -> None:
+    job = jobs[0]
+    tracking = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def waiter() -> None:
+        client.watcher.track([job.id])  # watch started and state read: now waiting on events only
+        tracking.set()
+        try:
+            outcome["value"] = job.result(timeout=WAIT)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    counter = CallCounter(client)
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert tracking.wait(WAIT)
+    assert not job.done()  # still PREPROCESSED
+    finish(other_client, job.id, {"answer": 42})
+    thread.join(WAIT)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    assert outcome["value"] == {"answer": 42}
+    assert job.state == "JOB_FINISHED" and job.return_code == 0
+    assert client.watcher.final[job.id] == "JOB_FINISHED"  # learnt from the stream
+    # One state read when tracking started, then only the final refresh: no polling.
+    assert counter.calls.count("ListJobs") <= 3 and "GetJob" not in counter.calls
+
+
+def test_result_raises_job_failed_with_state_message(client: Client, other_client: Client, jobs: list[Job]) -> None:
+    job = jobs[1]
+    client.watcher.track([job.id])
+    fail(other_client, job.id)
+    with pytest.raises(JobFailed) as caught:
+        job.result(timeout=WAIT)
+    assert caught.value.state == "FAILED"
+    assert "segfault in rank 3" in str(caught.value) and "Segmentation fault" in caught.value.error_tail
+    # Already final: answered from the state read, no event needed.
+    with pytest.raises(JobFailed):
+        other_client.jobs.get(id=job.id).result(timeout=WAIT)
+
+
+def test_timeouts(client: Client, jobs: list[Job]) -> None:
+    with pytest.raises(TimeoutError, match="not final"):
+        jobs[0].result(timeout=0.3)
+    done, not_done = wait(jobs, timeout=0.2, client=client)
+    assert done == set() and not_done == set(jobs)
+    assert not jobs[0].done()
+
+
+def test_wait_first_completed_and_first_exception(client: Client, other_client: Client, jobs: list[Job]) -> None:
+    client.watcher.track([j.id for j in jobs])
+    other_client.jobs.get(id=jobs[2].id).kill("not needed")
+    done, not_done = client.jobs.wait(jobs, timeout=WAIT, return_when=FIRST_COMPLETED)
+    assert done == {jobs[2]} and not_done == {jobs[0], jobs[1]}
+    assert jobs[2].state == "KILLED"  # refreshed
+
+    finish(other_client, jobs[0].id, 1)
+    done, not_done = wait(jobs, timeout=WAIT, return_when=FIRST_EXCEPTION)
+    # jobs[2] was KILLED: FIRST_EXCEPTION holds at once.
+    assert jobs[2] in done and jobs[1] in not_done
+    fail(other_client, jobs[1].id)
+    done, not_done = wait(jobs, timeout=WAIT)
+    assert done == set(jobs) and not not_done
+    assert {j.state for j in jobs} == {"JOB_FINISHED", "FAILED", "KILLED"}
+
+
+def test_as_completed_yields_in_completion_order(client: Client, other_client: Client, app: App) -> None:
+    jobs = [app.submit(f"asc/{app.id}/{i}", word=str(i)) for i in range(4)]
+    finish(other_client, jobs[3].id, "already")  # final before anyone watches
+    client.watcher.track([j.id for j in jobs])
+    order = [jobs[2], jobs[0], jobs[1]]
+    results: list[Job] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        for job in client.jobs.as_completed(jobs, timeout=WAIT):
+            results.append(job)
+            started.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    assert started.wait(WAIT)  # the already-final job comes first
+    for job in order:
+        finish(other_client, job.id, job.id)
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert [j.id for j in results] == [jobs[3].id] + [j.id for j in order]
+    assert all(j.state == "JOB_FINISHED" for j in results)
+
+
+def test_as_completed_times_out(client: Client, jobs: list[Job]) -> None:
+    with pytest.raises(TimeoutError, match="3 of 3 jobs not final"):
+        list(as_completed(jobs, timeout=0.3, client=client))
+
+
+def test_one_watcher_per_client_for_many_futures(client: Client, other_client: Client, app: App) -> None:
+    many = client.jobs.bulk_create([Job(workdir=f"many/{app.id}/{i}", app=app, parameters={"word": "x"})
+                                    for i in range(200)])
+    watcher = client.watcher
+    watcher.track([j.id for j in many])
+    assert other_client.jobs.filter(id=[j.id for j in many]).update(state="KILLED").succeeded == 200
+    done, not_done = client.jobs.wait(many, timeout=WAIT)
+    assert len(done) == 200 and not not_done
+    assert client.watcher is watcher and watcher.stream.reconnects == 0

@@ -1,0 +1,429 @@
+"""The event fanout (server/fanout.py): one reader of committed events that wakes only
+the streams they concern, on SQLite and PostgreSQL.
+
+- Site streams, launcher sessions and event watchers are not woken (and run no query)
+  for events of other sites or other users; they are for their own (spies on the store
+  functions they call, as test_session_stream does for acquisitions).
+- Nothing is missed under concurrent commits and subscriptions: a Fanout on a database
+  of its own is stressed with concurrent writers (the database's thread pool) and
+  subscribers joining at random moments, some slow enough to overflow into gaps; every
+  subscriber sees every event of its interest after its start, in id order. The same
+  through the server: WatchEvents streams opened while client threads commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from balsam_grpc.server import fanout as fanout_mod
+from balsam_grpc.server.fanout import Fanout, Subscription
+from balsam_grpc.server.state import EventBus
+from balsam_grpc.server.store import events as event_store
+from balsam_grpc.server.store import leases, site_work
+from balsam_grpc.server.store.db import Database
+from balsam_grpc.server.store.tables import events
+from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_pb2
+from tests.conftest import Caller, Harness
+from tests.server.test_session_stream import Launcher, World
+from tests.server.test_site_stream import SiteClient, _app, _batch_job, _jobs, _site
+
+S = job_pb2
+WAIT = 20.0
+
+
+def _fanout(harness: Harness) -> Fanout:
+    return harness.embedded.server.state.fanout
+
+
+def _caught_up(harness: Harness) -> None:
+    """Every committed event has been routed (the RPCs that committed them have returned,
+    so the bus already knows them)."""
+    state = harness.embedded.server.state
+    deadline = time.monotonic() + WAIT
+    while state.fanout.position < state.bus.high_water:
+        assert time.monotonic() < deadline, "the fanout did not catch up"
+        time.sleep(0.01)
+
+
+def _subscription(harness: Harness, owner_id: int, site_id: int | None = None) -> Subscription:
+    f = _fanout(harness)
+    deadline = time.monotonic() + WAIT
+    while True:
+        subs = f.by_owner.get(owner_id, []) if site_id is None else f.by_site.get((owner_id, site_id), [])
+        if subs:
+            assert len(subs) == 1
+            return subs[0]
+        assert time.monotonic() < deadline, "no subscription"
+        time.sleep(0.01)
+
+
+class Spy:
+    """Counts calls of store functions, by (name, owner_id, site_id-or-session) key."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: Counter[tuple[Any, ...]] = Counter()
+        self.monkeypatch = monkeypatch
+
+    def watch(self, module: Any, name: str, key: Any) -> None:
+        real = getattr(module, name)
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            self.calls[(name, *key(*args, **kw))] += 1
+            return real(*args, **kw)
+
+        self.monkeypatch.setattr(module, name, counted)
+
+    def count(self, name: str, *key: Any) -> int:
+        return self.calls[(name, *key)]
+
+
+def _by_site(conn: Any, owner_id: int, site_id: int, *args: Any, **kw: Any) -> tuple[int, int]:
+    return owner_id, site_id
+
+
+# ---------------------------------------------------------------------------- woken only by what concerns it
+
+def test_site_stream_is_woken_only_by_events_of_its_site(harness: Harness, alice: Caller,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    for name in ("find_work", "site_backlog", "site_events_after"):
+        spy.watch(site_work, name, _by_site)
+    mine, other = _site(alice), _site(alice)
+    other_app = _app(alice, other.id)
+    client = SiteClient(alice, mine.id, capabilities=("batch_jobs",))
+    try:
+        client.welcome()
+        # The first backlog follows the first work scan; then the stream sleeps.
+        client.next("backlog")
+        sub = _subscription(harness, alice.user_id, mine.id)
+        _caught_up(harness)
+        before = (sub.delivered, spy.count("find_work", alice.user_id, mine.id),
+                  spy.count("site_backlog", alice.user_id, mine.id))
+        # Busy elsewhere: jobs, state changes and a pilot at the other site.
+        for _ in range(5):
+            _jobs(alice, other_app, 3)
+        _batch_job(alice, other.id)
+        _caught_up(harness)
+        assert (sub.delivered, spy.count("find_work", alice.user_id, mine.id),
+                spy.count("site_backlog", alice.user_id, mine.id)) == before
+        assert spy.count("site_events_after", alice.user_id, mine.id) == 0  # no event-log query at all
+        assert not sub.pending
+        # Its own pilot: delivered, and the work is found and pushed.
+        bj = _batch_job(alice, mine.id)
+        item = client.next("work")
+        assert item.submit_batch_job.batch_job.id == bj.id
+        assert sub.delivered > before[0]
+        assert spy.count("find_work", alice.user_id, mine.id) > before[1]
+        assert spy.count("site_events_after", alice.user_id, mine.id) == 0  # the rows were the hint
+    finally:
+        client.close()
+
+
+def test_site_stream_skips_the_work_scan_for_events_that_make_no_work(harness: Harness, alice: Caller,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    spy.watch(site_work, "find_work", _by_site)
+    site = _site(alice)
+    app = _app(alice, site.id)  # no hooks, no transfers: new jobs rest in PREPROCESSED
+    client = SiteClient(alice, site.id, capabilities=("batch_jobs", "hooks", "cleanup"))
+    try:
+        client.welcome()
+        client.next("backlog")  # after the first work scan; then the stream sleeps
+        scans = spy.count("find_work", alice.user_id, site.id)
+        sub = _subscription(harness, alice.user_id, site.id)
+        _caught_up(harness)
+        delivered = sub.delivered
+        _jobs(alice, app, 4)
+        _caught_up(harness)
+        # Delivered (the backlog changes) but no work scan: PREPROCESSED makes no site work.
+        assert sub.delivered == delivered + 4
+        backlog = client.next("backlog")
+        while backlog.runnable_jobs < 4:
+            backlog = client.next("backlog")
+        assert spy.count("find_work", alice.user_id, site.id) == scans
+    finally:
+        client.close()
+
+
+def test_session_is_woken_only_by_its_site_and_kills_cost_one_row_check(harness: Harness, alice: Caller,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    spy.watch(leases, "acquire", lambda conn, ref, *a, **k: (ref.id,))
+    spy.watch(leases, "runnable_since", lambda conn, owner_id, site_id, *a, **k: (owner_id, site_id))
+    spy.watch(leases, "lost_leases", lambda conn, owner_id, session_id, *a, **k: (session_id,))
+    spy.watch(leases, "check_leases", lambda conn, session_id, *a, **k: (session_id,))
+    w, elsewhere = World(alice), World(alice)
+    launcher = Launcher(alice)
+    try:
+        opened = launcher.open(w.site.id)
+        sid = opened.session.id
+        launcher.credit(max_jobs=3)
+        (job,) = w.create(1)
+        (held,) = launcher.leased(1)
+        assert held.job.id == job.id
+        sub = _subscription(harness, alice.user_id, w.site.id)
+        _caught_up(harness)
+        before = (sub.delivered, spy.count("acquire", sid), spy.count("check_leases", sid))
+        for _ in range(5):
+            elsewhere.create(2)
+        _caught_up(harness)
+        assert (sub.delivered, spy.count("acquire", sid), spy.count("check_leases", sid)) == before
+        # Its own site: a new job is leased with no look at the event log.
+        (new,) = w.create(1)
+        (leased,) = launcher.leased(1)
+        assert leased.job.id == new.id
+        assert spy.count("runnable_since", alice.user_id, w.site.id) == 0
+        # A kill of a held job: one check of that job's row, then KillJobs.
+        w.kill(job.id)
+        kill = launcher.next("kill")
+        assert list(kill.job_ids) == [job.id]
+        assert spy.count("check_leases", sid) == 1
+        assert spy.count("lost_leases", sid) == 0
+    finally:
+        launcher.cancel()
+
+
+def test_watcher_is_woken_only_by_its_owners_events(harness: Harness, alice: Caller, bob: Caller,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    spy.watch(event_store, "list_events", lambda conn, q, **k: (q.owner_id,))
+    site = _site(alice)
+    app = _app(alice, site.id)
+    bob_app = _app(bob, _site(bob).id)
+    stub = alice.stub(event_service_pb2_grpc.EventServiceStub)
+    responses: queue.Queue[Any] = queue.Queue()
+    call = stub.WatchEvents(event_service_pb2.WatchEventsRequest())
+
+    def pump() -> None:
+        try:
+            for r in call:
+                responses.put(r)
+        except grpc.RpcError:
+            pass
+        responses.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert responses.get(timeout=WAIT).cursor  # the first answer: where it starts
+        sub = _subscription(harness, alice.user_id)
+        _caught_up(harness)
+        deadline = time.monotonic() + WAIT
+        while spy.count("list_events", alice.user_id) < 1:  # its first read, then it waits
+            assert time.monotonic() < deadline, "the watcher never read"
+            time.sleep(0.01)
+        reads = spy.count("list_events", alice.user_id)
+        assert reads == 1
+        delivered = sub.delivered
+        for _ in range(5):
+            _jobs(bob, bob_app, 2)
+        _caught_up(harness)
+        assert sub.delivered == delivered
+        assert spy.count("list_events", alice.user_id) == reads
+        (job,) = _jobs(alice, app, 1)
+        while True:
+            r = responses.get(timeout=WAIT)
+            assert r is not None
+            if r.events:
+                assert [e.job_id for e in r.events] == [job.id]
+                break
+    finally:
+        call.cancel()
+
+
+# ---------------------------------------------------------------------------- nothing missed
+
+OWNERS = (9_000_001, 9_000_002)  # event rows only: no user rows are needed
+SITES = (1, 2, 3)
+STATES = ("PREPROCESSED", "RUNNING", "RUN_DONE", "JOB_FINISHED", "KILLED")
+
+
+def _write_events(conn: Any, rows: list[dict[str, Any]]) -> None:
+    event_store.append(conn, rows)
+
+
+def _ids(conn: Any, owner_id: int, site_id: int | None, after: int, upto: int | None = None) -> list[int]:
+    conds = [events.c.owner_id == owner_id, events.c.id > after]
+    if site_id is not None:
+        conds.append(events.c.site_id == site_id)
+    if upto is not None:
+        conds.append(events.c.id <= upto)
+    return [r[0] for r in conn.execute(select(events.c.id).where(*conds).order_by(events.c.id))]
+
+
+def _max_id(conn: Any, owner_id: int, site_id: int | None) -> int:
+    conds = [events.c.owner_id == owner_id] + ([events.c.site_id == site_id] if site_id is not None else [])
+    return conn.execute(select(func.coalesce(func.max(events.c.id), 0)).where(*conds)).scalar_one()
+
+
+async def _stress(db: Database, seed: int) -> tuple[Fanout, list[dict[str, Any]], int]:
+    bus = EventBus()
+    db.on_events = bus.published
+    fanout = Fanout(db, bus)
+    rng = random.Random(seed)
+    writes_done = asyncio.Event()
+    commits = 0
+
+    async def writer(n: int) -> None:
+        nonlocal commits
+        for _ in range(n):
+            rows = [{"owner_id": rng.choice(OWNERS), "site_id": rng.choice(SITES), "job_id": rng.randint(1, 50),
+                     "kind": event_store.JOB_STATE, "from_state": "RUNNING", "to_state": rng.choice(STATES),
+                     "time": datetime.now(UTC)} for _ in range(rng.randint(1, 4))]
+            await db.write(_write_events, rows)
+            commits += 1
+            await asyncio.sleep(rng.random() * 0.004)
+
+    async def subscriber(i: int) -> dict[str, Any]:
+        await asyncio.sleep(rng.random() * 0.3)
+        owner = rng.choice(OWNERS)
+        site = None if i % 5 == 0 else rng.choice(SITES)
+        sites = None if site is None else [site]
+        style = i % 3
+        if style == 0:
+            # A site stream: subscribe, then the initial scan.
+            sub = fanout.subscribe(owner, sites)
+            start = await db.read(_max_id, owner, site)
+        elif style == 1:
+            # A session: a cursor taken first, a transaction, then subscribe from the cursor.
+            start = bus.high_water
+            await asyncio.sleep(rng.random() * 0.02)
+            sub = fanout.subscribe(owner, sites, since=start)
+        else:
+            # A late subscriber that starts at an old cursor.
+            start = max(0, bus.high_water - rng.randint(0, 30))
+            sub = fanout.subscribe(owner, sites, since=start)
+        slow = i % 2 == 0
+        seen: list[int] = []
+        gaps = 0
+        last_row = start if style else 0  # a scan's subscriber may get rows its scan saw
+        while True:
+            finished = writes_done.is_set() and fanout.position >= bus.high_water
+            d = sub.take()
+            for r in d.rows:
+                assert r.owner_id == owner and (site is None or r.site_id == site), "a foreign event was delivered"
+                assert r.id > last_row, "rows out of order or repeated"
+                last_row = r.id
+                seen.append(r.id)
+            if d.gap_after is not None:
+                gaps += 1
+                seen += await db.read(_ids, owner, site, d.gap_after, d.upto)
+            if finished:
+                break
+            if slow:
+                await asyncio.sleep(0.05)  # falls behind: overflows into gaps
+            else:
+                await sub.wait(0.05)
+        sub.close()
+        return {"owner": owner, "site": site, "start": start, "seen": set(seen), "gaps": gaps}
+
+    writers = [asyncio.create_task(writer(40)) for _ in range(4)]
+    subs = [asyncio.create_task(subscriber(i)) for i in range(12)]
+    await asyncio.gather(*writers)
+    writes_done.set()
+    results = await asyncio.gather(*subs)
+    return fanout, results, commits
+
+
+def test_nothing_missed_under_concurrent_commits_and_subscriptions(harness: Harness,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fanout_mod, "MAX_PENDING", 8)  # slow subscribers overflow into gaps
+    db = Database(harness.url)
+    try:
+        fanout, results, commits = asyncio.run(_stress(db, seed=7))
+        for r in results:
+            expected = set(db.read_sync(_ids, r["owner"], r["site"], r["start"]))
+            missing = expected - r["seen"]
+            assert not missing, f"subscriber {r['owner']}/{r['site']} from {r['start']} missed {sorted(missing)}"
+        assert any(r["gaps"] for r in results), "no subscriber overflowed: the gap path was not exercised"
+        # One read of the new rows per wake, however many subscribers there are.
+        assert 0 < fanout.reads <= commits
+        assert fanout.count == 0 and fanout._task is None  # the dispatcher stops with its last subscriber
+    finally:
+        db.dispose()
+
+
+def test_watchers_miss_nothing_while_clients_commit(harness: Harness, alice: Caller,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from balsam_grpc.server.services import events as event_service
+
+    # No heartbeat: a watcher that missed its wake-up would wait for good (and fail below).
+    monkeypatch.setattr(event_service, "HEARTBEAT_SECONDS", 3600.0)
+    apps = [_app(alice, _site(alice).id) for _ in range(2)]
+    sites = [a.site_id for a in apps]
+    stub = alice.stub(event_service_pb2_grpc.EventServiceStub)
+    final: dict[int | None, int] = {}  # set once the writers are done: the last ids to wait for
+    final_known = threading.Event()
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    n_watchers = 6
+    started: list[int] = []  # watchers that have their starting cursor
+    all_started = threading.Event()
+
+    def writer(i: int) -> None:
+        try:
+            rng = random.Random(i)
+            # Commit until every watcher has joined (at least 15 times): they join mid-stream.
+            for k in range(10_000):
+                if k >= 15 and all_started.is_set():
+                    break
+                _jobs(alice, apps[rng.randrange(2)], rng.randint(1, 3))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    def watcher(delay: float, site_id: int | None) -> None:
+        time.sleep(delay)
+        f = event_service_pb2.EventFilter(site_ids=[site_id] if site_id else [])
+        call = stub.WatchEvents(event_service_pb2.WatchEventsRequest(filter=f), timeout=WAIT * 3)
+        got: list[int] = []
+        start = None
+        try:
+            for r in call:
+                if start is None:
+                    start = int(r.cursor)
+                    started.append(start)
+                    if len(started) == n_watchers:
+                        all_started.set()
+                got += [e.id for e in r.events]
+                if final_known.is_set() and got and got[-1] > final[site_id]:
+                    break
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+        finally:
+            call.cancel()
+        results.append({"start": start, "got": got, "site": site_id})
+
+    watchers = [threading.Thread(target=watcher, args=(0.05 * i, None if i % 3 == 0 else sites[i % 2]))
+                for i in range(n_watchers)]
+    writers = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    for t in (*watchers, *writers):
+        t.start()
+    for t in writers:
+        t.join(WAIT * 3)
+    assert not errors, errors
+    db = harness.db
+    final[None] = db.read_sync(_max_id, alice.user_id, None)
+    for s in sites:
+        final[s] = db.read_sync(_max_id, alice.user_id, s)
+    final_known.set()
+    # One more event at each site: every watcher has something after `final` to wake for.
+    for app in apps:
+        _jobs(alice, app, 1)
+    for t in watchers:
+        t.join(WAIT * 3)
+        assert not t.is_alive(), "a watcher never saw the last event (a missed wake-up)"
+    assert not errors, errors
+    assert len(results) == len(watchers)
+    for r in results:
+        expected = db.read_sync(_ids, alice.user_id, r["site"], r["start"], r["got"][-1])
+        assert r["got"] == expected, f"watcher of site {r['site']} from {r['start']}: gaps or disorder"

@@ -1,0 +1,721 @@
+"""SessionService.Connect, the launcher's stream, through the generated stubs against an
+embedded server with a 2 s lease timeout, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from sqlalchemy import select
+
+from balsam_grpc.server.store.tables import events, jobs
+from balsam_grpc.v1 import (
+    app_pb2,
+    app_service_pb2,
+    app_service_pb2_grpc,
+    common_pb2,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    session_pb2,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    site_pb2,
+    site_service_pb2,
+    site_service_pb2_grpc,
+)
+from tests.conftest import POSTGRES_URL, Caller, Harness, database_params
+
+S = job_pb2
+Req = session_service_pb2.SessionServiceConnectRequest
+LEASE_TIMEOUT = 2
+WAIT = 15.0  # generous bound for anything that should happen "at once"
+
+
+def _fresh_postgres(url: str, suffix: str) -> str:
+    """A database of our own next to the shared test database, dropped and recreated."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    name = f"{parsed.database}_{suffix}"
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return parsed.set(database=name).render_as_string(hide_password=False)
+
+
+class ShortLeaseHarness(Harness):
+    """The shared Harness, with a short lease timeout."""
+
+    def __init__(self, backend: str, url: str) -> None:
+        from balsam_grpc.server.embedded import EmbeddedServer
+        from balsam_grpc.server.state import ServerSettings
+
+        self.backend = backend
+        self.url = url
+        self.embedded = EmbeddedServer(ServerSettings(address="127.0.0.1:0", database_url=url, grace_seconds=0.5,
+                                                      lease_timeout_seconds=LEASE_TIMEOUT))
+        self.server = self.embedded.server
+        self.port = self.embedded.port
+        self.address = self.embedded.address
+        self.channel = grpc.insecure_channel(self.address)
+
+
+@pytest.fixture(scope="module", params=database_params())
+def short(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShortLeaseHarness]:
+    if request.param == "postgres":
+        url = _fresh_postgres(POSTGRES_URL, "sessions")
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('sessions') / 'balsam.db'}"
+    h = ShortLeaseHarness(request.param, url)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def user(short: ShortLeaseHarness) -> Caller:
+    return short.user()
+
+
+class World:
+    """A site with an app (no hooks, no transfers: new jobs are PREPROCESSED at once)."""
+
+    def __init__(self, caller: Caller, **retry: Any) -> None:
+        self.caller = caller
+        self.site = caller.stub(site_service_pb2_grpc.SiteServiceStub).CreateSite(site_service_pb2.CreateSiteRequest(
+            site=site_pb2.Site(name=f"site-{uuid.uuid4().hex[:8]}"))).site
+        self.apps = caller.stub(app_service_pb2_grpc.AppServiceStub)
+        self.app = self.make_app("run", **retry)
+        self.jobs = caller.stub(job_service_pb2_grpc.JobServiceStub)
+        self.n = 0
+
+    def make_app(self, name: str, **retry: Any) -> app_pb2.App:
+        app = app_pb2.App(site_id=self.site.id, name=name, command_template="/bin/true",
+                          retry_policy=app_pb2.RetryPolicy(**retry))
+        return self.apps.CreateApp(app_service_pb2.CreateAppRequest(app=app)).app
+
+    def create(self, count: int = 1, *, app: app_pb2.App | None = None, tags: dict[str, str] | None = None,
+               priority: int = 0, **resources: int) -> list[job_pb2.Job]:
+        specs = []
+        for _ in range(count):
+            self.n += 1
+            specs.append(job_pb2.Job(app_id=(app or self.app).id, workdir=f"w/{self.n}", tags=tags or {},
+                                     priority=priority, resources=job_pb2.JobResources(**resources)))
+        return list(self.jobs.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=specs)).jobs)
+
+    def get(self, job_id: int) -> job_pb2.Job:
+        return self.jobs.GetJob(job_service_pb2.GetJobRequest(id=job_id)).job
+
+    def kill(self, job_id: int) -> None:
+        self.jobs.UpdateJob(job_service_pb2.UpdateJobRequest(job=job_pb2.Job(id=job_id, state=S.JOB_STATE_KILLED),
+                                                             update_mask={"paths": ["state"]}))
+
+
+class Launcher:
+    """A scripted launcher: requests go through a queue, responses are sorted by kind."""
+
+    def __init__(self, caller: Caller, channel: grpc.Channel | None = None) -> None:
+        self.requests: queue.Queue[Req | None] = queue.Queue()
+        self.inbox: dict[str, queue.Queue[Any]] = {k: queue.Queue() for k in ("opened", "leases", "ack", "kill")}
+        self.error: grpc.RpcError | None = None
+        self.done = threading.Event()
+        self.seq = 0
+        stub = session_service_pb2_grpc.SessionServiceStub(channel or caller.harness.channel)
+        self.call = stub.Connect(self._iter(), metadata=caller.metadata)
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _iter(self) -> Iterator[Req]:
+        while True:
+            item = self.requests.get()
+            if item is None:
+                return
+            yield item
+
+    def _pump(self) -> None:
+        try:
+            for response in self.call:
+                kind = response.WhichOneof("message")
+                self.inbox[kind].put(getattr(response, kind))
+        except grpc.RpcError as err:
+            self.error = err
+        finally:
+            self.done.set()
+
+    # -- sending
+    def open(self, site_id: int, **fields: Any) -> session_service_pb2.SessionOpened:
+        fields.setdefault("job_mode", common_pb2.JOB_MODE_MPI)
+        self.requests.put(Req(open=session_service_pb2.SessionOpen(site_id=site_id, hostname="nid0001", **fields)))
+        return self.next("opened")
+
+    def credit(self, **fields: Any) -> None:
+        fields.setdefault("free_nodes", 1000.0)
+        self.requests.put(Req(credit=session_service_pb2.SessionCredit(**fields)))
+
+    def report(self, *transitions: session_service_pb2.JobTransition) -> session_service_pb2.TransitionAck:
+        self.requests.put(Req(report=session_service_pb2.TransitionReport(transitions=list(transitions))))
+        return self.next("ack")
+
+    def transition(self, leased: session_service_pb2.LeasedJob, state: int, **fields: Any
+                   ) -> session_service_pb2.JobTransition:
+        self.seq += 1
+        return session_service_pb2.JobTransition(seq=self.seq, job_id=leased.job.id,
+                                                 lease_generation=leased.lease_generation, state=state, **fields)
+
+    def close(self, reason: str = "done") -> None:
+        self.requests.put(Req(close=session_service_pb2.SessionClose(reason=reason)))
+        self.half_close()
+
+    def half_close(self) -> None:
+        self.requests.put(None)
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self.done.wait(WAIT)
+
+    # -- receiving
+    def next(self, kind: str, timeout: float = WAIT) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.inbox[kind].get(timeout=0.05)
+            except queue.Empty:
+                if self.done.is_set() and self.inbox[kind].empty():
+                    raise AssertionError(f"stream ended while waiting for {kind}: {self.error!r}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no {kind} within {timeout} s") from None
+
+    def leased(self, count: int, timeout: float = WAIT) -> list[session_service_pb2.LeasedJob]:
+        """Exactly `count` leased jobs (over one or more JobLeases messages)."""
+        got: list[session_service_pb2.LeasedJob] = []
+        while len(got) < count:
+            got += list(self.next("leases", timeout).jobs)
+        assert len(got) == count, f"leased {len(got)} jobs, expected {count}"
+        return got
+
+    def nothing(self, kind: str, settle: float = 0.5) -> None:
+        """No message of `kind` arrives within `settle` seconds (a bounded negative check)."""
+        time.sleep(settle)
+        assert self.inbox[kind].empty(), f"unexpected {kind}: {self.inbox[kind].queue[0]}"
+
+
+def wait_for(predicate: Any, timeout: float = WAIT, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_reason(err: grpc.RpcError) -> str:
+    status = rpc_status.from_call(err)
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    return info.reason
+
+
+def job_events(h: ShortLeaseHarness, job_id: int) -> list[tuple[str, str]]:
+    rows = h.db.read_sync(lambda conn: conn.execute(
+        select(events.c.from_state, events.c.to_state).where(events.c.job_id == job_id).order_by(events.c.id)).all())
+    return [(r[0], r[1]) for r in rows]
+
+
+def ids(leased: list[session_service_pb2.LeasedJob]) -> list[int]:
+    return [lj.job.id for lj in leased]
+
+
+# ---------------------------------------------------------------------------- leasing
+
+
+def test_open_then_credit_leases_existing_runnable_jobs(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    created = w.create(3)
+    launcher = Launcher(user)
+    opened = launcher.open(w.site.id)
+    assert opened.lease_timeout_seconds == LEASE_TIMEOUT
+    assert opened.session.state == session_pb2.SESSION_STATE_ACTIVE and opened.session.site_id == w.site.id
+    assert opened.applied_through_seq == 0 and not opened.leased_jobs
+    launcher.credit(max_jobs=10)
+    leased = launcher.leased(3)
+    assert sorted(ids(leased)) == sorted(j.id for j in created)
+    for lj in leased:
+        assert lj.job.state == S.JOB_STATE_RUNNING and lj.lease_generation == 1 and lj.app.id == w.app.id
+        assert lj.job.lease.session_id == opened.session.id and lj.job.run_count == 1
+        assert job_events(short, lj.job.id)[-1] == ("PREPROCESSED", "RUNNING")
+    launcher.close()
+    launcher.done.wait(WAIT)
+    assert launcher.error is None
+
+
+def test_job_created_later_is_leased_without_a_new_credit(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=5)
+    launcher.nothing("leases", 0.3)
+    (job,) = w.create(1)
+    (leased,) = launcher.leased(1)
+    assert leased.job.id == job.id
+    # A job released later (a restart) is leased again too: the credit still has room.
+    (job2,) = w.create(1)
+    assert ids(launcher.leased(1)) == [job2.id]
+    launcher.cancel()
+
+
+def test_credit_limits_jobs_and_node_footprint(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    packed = w.create(6, node_packing_count=4)  # a quarter node each
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=3, free_nodes=10)
+    assert len(launcher.leased(3)) == 3  # max_jobs
+    launcher.nothing("leases", 0.3)
+    launcher.credit(max_jobs=10, free_nodes=0.5)
+    assert len(launcher.leased(2)) == 2  # 2 x 1/4 node fill half a node
+    launcher.nothing("leases", 0.3)
+    launcher.credit(max_jobs=10, free_nodes=1.0)
+    assert len(launcher.leased(1)) == 1  # the last one
+    held = {j.id for j in packed}
+    assert all(w.get(i).state == S.JOB_STATE_RUNNING for i in held)
+    launcher.cancel()
+
+
+def test_credit_filters_size_wall_time_serial_tags_and_apps(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    other_app = w.make_app("other")
+    big = w.create(1, num_nodes=4)[0]
+    mpi1 = w.create(1, num_nodes=1, ranks_per_node=8)[0]
+    long = w.create(1, wall_time_min=120)[0]
+    tagged = w.create(1, tags={"beam": "A", "run": "7"})[0]
+    other = w.create(1, app=other_app)[0]
+    plain = w.create(1)[0]
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    # Tags: containment of every pair.
+    launcher.credit(max_jobs=10, filter_tags={"beam": "A"})
+    assert ids(launcher.leased(1)) == [tagged.id]
+    launcher.nothing("leases", 0.2)
+    # Apps.
+    launcher.credit(max_jobs=10, app_ids=[other_app.id])
+    assert ids(launcher.leased(1)) == [other.id]
+    # Serial only: one node and one rank; wall time: only jobs that fit the time left.
+    launcher.credit(max_jobs=10, serial_only=True, wall_time_remaining_min=60)
+    assert ids(launcher.leased(1)) == [plain.id]
+    # Per-job node limit: the 4-node job stays, the 8-rank and the long job come.
+    launcher.credit(max_jobs=10, max_nodes_per_job=2)
+    assert sorted(ids(launcher.leased(2))) == sorted([mpi1.id, long.id])
+    launcher.nothing("leases", 0.2)
+    launcher.credit(max_jobs=10, free_nodes=3)
+    launcher.nothing("leases", 0.3)
+    launcher.credit(max_jobs=10, free_nodes=4)
+    assert ids(launcher.leased(1)) == [big.id]
+    launcher.cancel()
+
+
+def test_serial_mode_session_gets_only_single_process_jobs(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    w.create(1, num_nodes=2)
+    w.create(1, ranks_per_node=4)
+    (serial,) = w.create(1)
+    launcher = Launcher(user)
+    launcher.open(w.site.id, job_mode=common_pb2.JOB_MODE_SERIAL)
+    launcher.credit(max_jobs=10)
+    assert ids(launcher.leased(1)) == [serial.id]
+    launcher.nothing("leases", 0.3)
+    launcher.cancel()
+
+
+def test_lease_order_priority_then_bigger_first(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    small = w.create(1)[0]
+    short_big = w.create(1, num_nodes=2, wall_time_min=10)[0]
+    long_big = w.create(1, num_nodes=2, wall_time_min=30)[0]
+    urgent = w.create(1, priority=5)[0]
+    huge = w.create(1, num_nodes=8)[0]
+    small2 = w.create(1)[0]
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=6)
+    leased = launcher.leased(6)
+    assert ids(leased) == [urgent.id, huge.id, long_big.id, short_big.id, small.id, small2.id]
+    launcher.cancel()
+
+
+def test_in_flight_leases_are_not_counted_twice(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    w.create(4)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=2, leases_received=0)
+    assert len(launcher.leased(2)) == 2
+    # Computed before the launcher saw that lease: the 2 jobs already sent are subtracted.
+    launcher.credit(max_jobs=2, leases_received=0)
+    launcher.nothing("leases", 0.4)
+    launcher.credit(max_jobs=2, leases_received=1)
+    assert len(launcher.leased(2)) == 2
+    launcher.cancel()
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def test_run_done_finishes_the_job_with_events(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    w.create(1)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=1)
+    (lj,) = launcher.leased(1)
+    data = {"result": 42.0}
+    t = launcher.transition(lj, S.JOB_STATE_RUN_DONE, return_code=0)
+    t.data.update(data)
+    ack = launcher.report(t)
+    assert ack.applied_through_seq == t.seq and not ack.rejections
+    job = w.get(lj.job.id)
+    assert job.state == S.JOB_STATE_JOB_FINISHED and job.return_code == 0 and not job.lease.session_id
+    assert dict(job.data) == data
+    assert job_events(short, lj.job.id)[-2:] == [("PREPROCESSED", "RUNNING"), ("RUNNING", "JOB_FINISHED")]
+    launcher.cancel()
+
+
+def test_run_error_keeps_return_code_and_tail(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    restarting = w.make_app("restarting", on_error=app_pb2.RETRY_ACTION_RESTART)
+    (failing,) = w.create(1)
+    (retried,) = w.create(1, app=restarting)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=2)
+    by_id = {lj.job.id: lj for lj in launcher.leased(2)}
+    ack = launcher.report(
+        launcher.transition(by_id[failing.id], S.JOB_STATE_RUN_ERROR, return_code=3, error_tail="boom\nline 2"),
+        launcher.transition(by_id[retried.id], S.JOB_STATE_RUN_ERROR, return_code=1, error_tail="oops"))
+    assert ack.applied_through_seq == 2 and not ack.rejections
+    job = w.get(failing.id)
+    assert job.state == S.JOB_STATE_FAILED and job.return_code == 3 and job.error_tail == "boom\nline 2"
+    again = w.get(retried.id)
+    assert again.state == S.JOB_STATE_RESTART_READY and again.return_code == 1 and again.error_tail == "oops"
+    # The credit was used up by the two leases; the launcher's next credit gets the retry.
+    launcher.nothing("leases", 0.2)
+    launcher.credit(max_jobs=2)
+    (relj,) = launcher.leased(1)
+    assert relj.job.id == retried.id and relj.lease_generation == 2 and relj.job.run_count == 2
+    launcher.cancel()
+
+
+def test_stale_generation_and_bad_states_are_rejected_and_change_nothing(short: ShortLeaseHarness,
+                                                                       user: Caller) -> None:
+    w = World(user)
+    w.create(1)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=1)
+    (lj,) = launcher.leased(1)
+    stale = launcher.transition(lj, S.JOB_STATE_RUN_DONE)
+    stale.lease_generation = lj.lease_generation - 1
+    illegal = launcher.transition(lj, S.JOB_STATE_JOB_FINISHED)
+    before = job_events(short, lj.job.id)
+    ack = launcher.report(stale, illegal)
+    assert ack.applied_through_seq == illegal.seq
+    codes = {r.seq: (r.code, r.reason) for r in ack.rejections}
+    assert codes == {stale.seq: (grpc.StatusCode.ABORTED.value[0], "LEASE_LOST"),
+                     illegal.seq: (grpc.StatusCode.INVALID_ARGUMENT.value[0], "INVALID_TRANSITION")}
+    assert w.get(lj.job.id).state == S.JOB_STATE_RUNNING
+    assert job_events(short, lj.job.id) == before
+    launcher.cancel()
+
+
+def test_resent_transitions_are_applied_once(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user, on_error=app_pb2.RETRY_ACTION_RESTART)
+    w.create(2)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=2)
+    a, b = launcher.leased(2)
+    ta = launcher.transition(a, S.JOB_STATE_RUN_ERROR, return_code=1)
+    assert launcher.report(ta).applied_through_seq == ta.seq
+    tb = launcher.transition(b, S.JOB_STATE_RUN_DONE)
+    # The first one again (its ack was "lost"), with the new one.
+    ack = launcher.report(ta, tb)
+    assert ack.applied_through_seq == tb.seq and not ack.rejections
+    assert [e for e in job_events(short, a.job.id) if e[0] == "RUNNING"] == [("RUNNING", "RESTART_READY")]
+    assert w.get(b.job.id).state == S.JOB_STATE_JOB_FINISHED
+    ack = launcher.report(ta, tb)
+    assert ack.applied_through_seq == tb.seq and not ack.rejections
+    assert len([e for e in job_events(short, b.job.id) if e[0] == "RUNNING"]) == 1
+    launcher.cancel()
+
+
+# ---------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_sessions_never_share_a_job(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    total = 600
+    launchers = [Launcher(user) for _ in range(3)]
+    for launcher in launchers:
+        launcher.open(w.site.id)
+        launcher.credit(max_jobs=total, free_nodes=total)
+    for i in range(0, total, 100):
+        w.create(100)
+    got: dict[int, list[int]] = {}
+
+    def count() -> bool:
+        for n, launcher in enumerate(launchers):
+            while not launcher.inbox["leases"].empty():
+                got.setdefault(n, []).extend(ids(list(launcher.inbox["leases"].get().jobs)))
+        return sum(len(v) for v in got.values()) >= total
+
+    wait_for(count, what=f"{total} leases")
+    every = [j for v in got.values() for j in v]
+    assert len(every) == total and len(set(every)) == total
+    rows = short.db.read_sync(lambda conn: conn.execute(
+        select(jobs.c.session_id, jobs.c.state).where(jobs.c.site_id == w.site.id)).all())
+    assert {r.state for r in rows} == {"RUNNING"} and all(r.session_id for r in rows)
+    for launcher in launchers:
+        launcher.cancel()
+
+
+# ---------------------------------------------------------------------------- liveness
+
+
+def test_broken_stream_times_out_jobs_and_another_session_takes_them(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    w.create(3)
+    first = Launcher(user)
+    opened = first.open(w.site.id)
+    first.credit(max_jobs=3)
+    old = first.leased(3)
+    first.cancel()  # the launcher dies: no close, no report
+    second = Launcher(user)
+    second.open(w.site.id)
+    second.credit(max_jobs=3)
+    again = second.leased(3, timeout=LEASE_TIMEOUT + WAIT)
+    assert sorted(ids(again)) == sorted(ids(old))
+    assert all(lj.lease_generation == 3 for lj in again)  # leased, released (bumped), leased again
+    for lj in old:
+        path = [e for e in job_events(short, lj.job.id) if e[0] == "RUNNING"]
+        assert path == [("RUNNING", "RESTART_READY")]  # RUN_TIMEOUT, then the default timeout policy
+    session = user.stub(session_service_pb2_grpc.SessionServiceStub).GetSession(
+        session_service_pb2.GetSessionRequest(id=opened.session.id)).session
+    assert session.state == session_pb2.SESSION_STATE_EXPIRED
+    # The dead session cannot be resumed: a clear error, open a new one.
+    zombie = Launcher(user)
+    with pytest.raises(AssertionError):
+        zombie.open(w.site.id, resume_session_id=opened.session.id)
+    assert zombie.error is not None and zombie.error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_reason(zombie.error) == "SESSION_EXPIRED"
+    second.cancel()
+
+
+def test_resume_within_the_timeout_keeps_the_leases(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    w.create(2)
+    first = Launcher(user)
+    opened = first.open(w.site.id)
+    first.credit(max_jobs=2)
+    a, b = first.leased(2)
+    ta = first.transition(a, S.JOB_STATE_RUN_DONE)
+    assert first.report(ta).applied_through_seq == ta.seq
+    first.cancel()
+    resumed = Launcher(user)
+    again = resumed.open(0, resume_session_id=opened.session.id)
+    assert again.session.id == opened.session.id and again.applied_through_seq == ta.seq
+    assert [(lj.job.id, lj.lease_generation) for lj in again.leased_jobs] == [(b.job.id, b.lease_generation)]
+    time.sleep(LEASE_TIMEOUT + 0.5)  # past the old deadline: the resumed stream keeps it alive
+    resumed.seq = ta.seq
+    tb = resumed.transition(b, S.JOB_STATE_RUN_DONE)
+    ack = resumed.report(tb)
+    assert ack.applied_through_seq == tb.seq and not ack.rejections
+    assert w.get(b.job.id).state == S.JOB_STATE_JOB_FINISHED
+    resumed.cancel()
+
+
+def test_user_kill_reaches_the_launcher(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    w.create(2)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=2)
+    a, b = launcher.leased(2)
+    w.kill(a.job.id)
+    kill = launcher.next("kill")
+    assert list(kill.job_ids) == [a.job.id] and "killed" in kill.reason
+    # Its late report is fenced; the other job is untouched.
+    ack = launcher.report(launcher.transition(a, S.JOB_STATE_RUN_DONE))
+    assert [r.reason for r in ack.rejections] == ["LEASE_LOST"]
+    assert w.get(a.job.id).state == S.JOB_STATE_KILLED and w.get(b.job.id).state == S.JOB_STATE_RUNNING
+    launcher.cancel()
+
+
+def test_delete_session_kills_its_jobs_and_they_follow_the_policy(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    w.create(1)
+    launcher = Launcher(user)
+    opened = launcher.open(w.site.id)
+    launcher.credit(max_jobs=1)
+    (lj,) = launcher.leased(1)
+    user.stub(session_service_pb2_grpc.SessionServiceStub).DeleteSession(
+        session_service_pb2.DeleteSessionRequest(id=opened.session.id))
+    kill = launcher.next("kill")
+    assert list(kill.job_ids) == [lj.job.id] and "lease lost" in kill.reason
+    job = w.get(lj.job.id)
+    assert job.state == S.JOB_STATE_RESTART_READY and not job.lease.session_id
+    # Then the stream ends: the launcher opens a new session if it wants more work.
+    assert launcher.done.wait(WAIT) and launcher.error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_reason(launcher.error) == "SESSION_CLOSED"
+
+
+def test_close_then_half_close_closes_the_session(short: ShortLeaseHarness, user: Caller) -> None:
+    w = World(user)
+    w.create(1)
+    launcher = Launcher(user)
+    opened = launcher.open(w.site.id)
+    launcher.credit(max_jobs=1)
+    (lj,) = launcher.leased(1)
+    launcher.close()
+    assert launcher.done.wait(WAIT) and launcher.error is None
+    session = user.stub(session_service_pb2_grpc.SessionServiceStub).GetSession(
+        session_service_pb2.GetSessionRequest(id=opened.session.id)).session
+    assert session.state == session_pb2.SESSION_STATE_CLOSED
+    assert w.get(lj.job.id).state == S.JOB_STATE_RESTART_READY
+
+
+def test_requests_ending_without_close_keep_the_session_resumable(short: ShortLeaseHarness, user: Caller) -> None:
+    """A lost connection can end the request stream like a half-close: without an explicit
+    close the session stays ACTIVE with its leases, and a resume gets them back."""
+    w = World(user)
+    w.create(1)
+    launcher = Launcher(user)
+    opened = launcher.open(w.site.id)
+    launcher.credit(max_jobs=1)
+    (lj,) = launcher.leased(1)
+    launcher.half_close()
+    assert launcher.done.wait(WAIT)
+    sessions = user.stub(session_service_pb2_grpc.SessionServiceStub)
+    session = sessions.GetSession(session_service_pb2.GetSessionRequest(id=opened.session.id)).session
+    assert session.state == session_pb2.SESSION_STATE_ACTIVE
+    assert w.get(lj.job.id).state == S.JOB_STATE_RUNNING
+    again = Launcher(user)
+    resumed = again.open(w.site.id, resume_session_id=opened.session.id)
+    assert [j.job.id for j in resumed.leased_jobs] == [lj.job.id]
+    again.close()
+    assert again.done.wait(WAIT) and again.error is None
+
+
+# ---------------------------------------------------------------------------- access
+
+
+def test_site_token_of_another_site_is_refused(short: ShortLeaseHarness, user: Caller) -> None:
+    mine, other = World(user), World(user)
+    token = short.user(user.username, scope="SITE", site_id=mine.site.id)
+    launcher = Launcher(token)
+    with pytest.raises(AssertionError):
+        launcher.open(other.site.id)
+    assert launcher.error is not None and launcher.error.code() == grpc.StatusCode.PERMISSION_DENIED
+    ok = Launcher(token)
+    assert ok.open(mine.site.id).session.site_id == mine.site.id
+    ok.cancel()
+
+
+def test_bad_first_message_and_unknown_site(short: ShortLeaseHarness, user: Caller) -> None:
+    launcher = Launcher(user)
+    launcher.credit(max_jobs=1)
+    assert launcher.done.wait(WAIT) and launcher.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    stranger = Launcher(short.user())
+    with pytest.raises(AssertionError):
+        stranger.open(World(user).site.id)
+    assert stranger.error is not None and stranger.error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_sessions_left_active_by_a_dead_server_are_expired_after_a_grace(short: ShortLeaseHarness,
+                                                                         user: Caller) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import insert, update
+
+    from balsam_grpc.server.convert import utcnow
+    from balsam_grpc.server.embedded import EmbeddedServer
+    from balsam_grpc.server.state import ServerSettings
+    from balsam_grpc.server.store.tables import sessions
+
+    w = World(user)
+    (job,) = w.create(1)
+    long_ago = utcnow() - timedelta(hours=1)
+    sid = uuid.uuid4().hex
+
+    def crash_leftovers(conn: Any) -> None:
+        conn.execute(insert(sessions).values(
+            id=sid, owner_id=user.user_id, site_id=w.site.id, job_mode="MPI", nodes=[], state="ACTIVE", hostname="x",
+            applied_through_seq=0, create_time=long_ago, heartbeat_time=long_ago, expire_time=long_ago))
+        conn.execute(update(jobs).where(jobs.c.id == job.id).values(state="RUNNING", session_id=sid,
+                                                                    lease_generation=1))
+
+    short.db.write_sync(crash_leftovers)
+    started = utcnow()
+    restarted = EmbeddedServer(ServerSettings(address="127.0.0.1:0", database_url=short.url, grace_seconds=0.2,
+                                              lease_timeout_seconds=LEASE_TIMEOUT))
+    try:
+        def state() -> tuple[str, str, Any]:
+            s = short.db.read_sync(lambda conn: conn.execute(
+                select(sessions.c.state, sessions.c.expire_time).where(sessions.c.id == sid)).one())
+            return s.state, w.get(job.id).state, s.expire_time
+
+        session_state, _, expire = state()
+        if session_state == "ACTIVE":  # still in its grace: one lease timeout from the restart
+            assert expire.replace(tzinfo=expire.tzinfo or started.tzinfo) >= started
+        wait_for(lambda: state()[:2] == ("EXPIRED", S.JOB_STATE_RESTART_READY), LEASE_TIMEOUT + WAIT,
+                 "the recovered session to expire")
+        assert [e for e in job_events(short, job.id) if e[0] == "RUNNING"] == [("RUNNING", "RESTART_READY")]
+    finally:
+        restarted.stop()
+
+
+def test_no_acquisition_for_unrelated_events_or_without_credit(short: ShortLeaseHarness, user: Caller,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from balsam_grpc.server.store import leases
+
+    calls = {"acquire": 0, "runnable_since": 0}
+    for name in calls:
+        real = getattr(leases, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            calls[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(leases, name, counted)
+    w, elsewhere = World(user), World(user)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=1)
+    w.create(1)
+    (lj,) = launcher.leased(1)
+    # Credit used up: new runnable jobs of its own site do not make it look or acquire.
+    before = dict(calls)
+    for _ in range(5):
+        w.create(2)
+    launcher.nothing("leases", 0.5)
+    assert calls == before
+    # Credit again: one acquisition at once; events of another site never reach this
+    # session (the fanout routes by site): no look at the event log, no acquisition.
+    launcher.credit(max_jobs=100)
+    assert len(launcher.leased(10)) == 10
+    after_credit = dict(calls)
+    for _ in range(5):
+        elsewhere.create(2)
+    launcher.nothing("leases", 0.5)
+    assert calls == after_credit
+    launcher.cancel()

@@ -1,0 +1,689 @@
+"""SiteService.Connect, the site daemon's work stream, through the generated stubs on
+SQLite and PostgreSQL (contract: notes/site_stream.md).
+
+A test client plays the daemon: it sends SiteHello, takes WorkItems, answers with
+WorkResults and checks what the server pushes and what the other services then show.
+Barriers rather than sleeps: the server handles a stream's messages in order, so a
+ResultAck for a throw-away unsolicited result proves that everything sent before it was
+processed.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import statistics
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2, struct_pb2
+
+from balsam_grpc.v1 import (
+    app_pb2,
+    app_service_pb2,
+    app_service_pb2_grpc,
+    batch_job_pb2,
+    batch_job_service_pb2,
+    batch_job_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    site_pb2,
+    site_service_pb2,
+    site_service_pb2_grpc,
+)
+
+pb = site_service_pb2
+BJ = batch_job_pb2
+JS = job_pb2
+Code = grpc.StatusCode
+WAIT = 15.0  # generous bound for a message that should come at once (2-core CI machines)
+
+
+class SiteClient:
+    """A scripted site daemon on one stream (sync gRPC, a thread reads responses)."""
+
+    def __init__(self, caller: Any, site_id: int, *, capabilities: tuple[str, ...] = ("batch_jobs", "hooks", "cleanup"),
+                 max_in_flight: int = 16, token: str | None = None) -> None:
+        self.requests: queue.Queue[pb.SiteServiceConnectRequest | None] = queue.Queue()
+        self.responses: queue.Queue[pb.SiteServiceConnectResponse | None] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self.backlogs: list[pb.SiteBacklog] = []
+        self.work: list[pb.WorkItem] = []
+        self._barrier = 0
+        self.send(hello=pb.SiteHello(site_id=site_id, hostname="login1", daemon_version="test",
+                                     capabilities=list(capabilities), max_in_flight=max_in_flight))
+        metadata = (("authorization", f"Bearer {token or caller.token}"),)
+        stub = site_service_pb2_grpc.SiteServiceStub(caller.harness.channel)
+        self.call = stub.Connect(self._outgoing(), metadata=metadata, timeout=120)
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _outgoing(self) -> Any:
+        while True:
+            msg = self.requests.get()
+            if msg is None:
+                return
+            yield msg
+
+    def _pump(self) -> None:
+        try:
+            for msg in self.call:
+                self.responses.put(msg)
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.responses.put(None)
+
+    def send(self, **kw: Any) -> None:
+        self.requests.put(pb.SiteServiceConnectRequest(**kw))
+
+    def next(self, kind: str, timeout: float = WAIT) -> Any:
+        """The next message of `kind` (others are recorded: backlogs, work items)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.responses.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {kind} within {timeout} s") from None
+            if msg is None:
+                self.responses.put(None)
+                raise AssertionError(f"stream ended waiting for {kind}: {self.error}")
+            got = msg.WhichOneof("message")
+            if got == "backlog":
+                self.backlogs.append(msg.backlog)
+            elif got == "work":
+                self.work.append(msg.work)
+            if got == kind:
+                return getattr(msg, kind)
+
+    def welcome(self) -> pb.SiteWelcome:
+        return self.next("welcome")
+
+    def _round_trip(self) -> pb.ResultAck:
+        self._barrier += 1
+        self.send(result=pb.WorkResult(batch_job=pb.BatchJobUpdate(batch_job_id=10**12 + self._barrier,
+                                                                   state=BJ.BATCH_JOB_STATE_QUEUED)))
+        while True:
+            ack = self.next("result_ack")
+            if any(str(10**12 + self._barrier) in e for e in ack.errors):
+                return ack
+
+    def barrier(self) -> tuple[list[pb.WorkItem], pb.ResultAck]:
+        """Returns the work items pushed since the last barrier, once the server has acted
+        on everything sent before it. Two round trips: the server acknowledges results
+        before it pushes the work the same messages made room for, so the second ack
+        comes after that work."""
+        before = len(self.work)
+        self._round_trip()
+        ack = self._round_trip()
+        return self.work[before:], ack
+
+    def result(self, **kw: Any) -> pb.ResultAck:
+        self.send(result=pb.WorkResult(**kw))
+        return self.next("result_ack")
+
+    def ended(self, timeout: float = WAIT) -> grpc.RpcError | None:
+        """Wait for the server to end the stream; returns the error (None when OK)."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "stream did not end"
+        return self.error
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def clients() -> Any:
+    opened: list[SiteClient] = []
+    yield opened
+    for c in opened:
+        c.close()
+
+
+def _site(caller: Any, **kw: Any) -> site_pb2.Site:
+    stub = caller.stub(site_service_pb2_grpc.SiteServiceStub)
+    return stub.CreateSite(pb.CreateSiteRequest(site=site_pb2.Site(name=f"site-{secrets.token_hex(4)}", **kw))).site
+
+
+def _app(caller: Any, site_id: int, **kw: Any) -> app_pb2.App:
+    stub = caller.stub(app_service_pb2_grpc.AppServiceStub)
+    app = app_pb2.App(site_id=site_id, name=f"app-{secrets.token_hex(3)}", command_template="echo hi", **kw)
+    return stub.CreateApp(app_service_pb2.CreateAppRequest(app=app)).app
+
+
+def _jobs(caller: Any, app: app_pb2.App, n: int, **kw: Any) -> list[JS.Job]:
+    stub = caller.stub(job_service_pb2_grpc.JobServiceStub)
+    specs = [JS.Job(app_id=app.id, workdir=f"w/{secrets.token_hex(4)}", **kw) for _ in range(n)]
+    return list(stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=specs)).jobs)
+
+
+def _job(caller: Any, job_id: int) -> JS.Job:
+    return caller.stub(job_service_pb2_grpc.JobServiceStub).GetJob(job_service_pb2.GetJobRequest(id=job_id)).job
+
+
+def _move(caller: Any, job_id: int, *states: int) -> JS.Job:
+    stub = caller.stub(job_service_pb2_grpc.JobServiceStub)
+    job = None
+    for st in states:
+        job = stub.UpdateJob(job_service_pb2.UpdateJobRequest(job=JS.Job(id=job_id, state=st),
+                                                              update_mask=field_mask_pb2.FieldMask(paths=["state"]))).job
+    return job
+
+
+def _batch_job(caller: Any, site_id: int, **kw: Any) -> BJ.BatchJob:
+    stub = caller.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
+    bj = BJ.BatchJob(site_id=site_id, num_nodes=kw.pop("num_nodes", 2), wall_time_min=30, **kw)
+    return stub.CreateBatchJob(batch_job_service_pb2.CreateBatchJobRequest(batch_job=bj)).batch_job
+
+
+def _get_batch_job(caller: Any, bj_id: int) -> BJ.BatchJob:
+    stub = caller.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
+    return stub.GetBatchJob(batch_job_service_pb2.GetBatchJobRequest(id=bj_id)).batch_job
+
+
+def _get_site(caller: Any, site_id: int) -> site_pb2.Site:
+    return caller.stub(site_service_pb2_grpc.SiteServiceStub).GetSite(pb.GetSiteRequest(id=site_id)).site
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _connect(caller: Any, site_id: int, clients: list[SiteClient], **kw: Any) -> SiteClient:
+    client = SiteClient(caller, site_id, **kw)
+    clients.append(client)
+    return client
+
+
+def _job_events(caller: Any, job_id: int) -> list[Any]:
+    stub = caller.stub(event_service_pb2_grpc.EventServiceStub)
+    return list(stub.ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(job_ids=[job_id]))).events)
+
+
+# ---------------------------------------------------------------------------- tests
+
+def test_welcome_backlog_and_liveness(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    app = _app(alice, site.id)
+    _jobs(alice, app, 3, resources=JS.JobResources(num_nodes=2, wall_time_min=20))
+    _jobs(alice, app, 2, resources=JS.JobResources(num_nodes=1, node_packing_count=4, wall_time_min=5))
+    client = _connect(alice, site.id, clients)
+    welcome = client.welcome()
+    assert welcome.site.id == site.id and welcome.server_version
+    assert welcome.site.liveness.connected and welcome.site.liveness.daemon_hostname == "login1"
+    backlog = client.next("backlog")
+    assert backlog.runnable_jobs == 5
+    assert backlog.runnable_node_footprint == pytest.approx(3 * 2 + 2 * 0.25)
+    assert backlog.max_job_nodes == 2 and backlog.max_wall_time_min == 20
+    assert backlog.pending_jobs == 0 and backlog.running_jobs == 0
+    # The backlog follows the jobs: one more runnable job, one running.
+    new = _jobs(alice, app, 1)[0]
+    _wait_for(lambda: client.next("backlog").runnable_jobs == 6, "backlog with 6 runnable jobs")
+    _move(alice, new.id, JS.JOB_STATE_RUNNING)
+    _wait_for(lambda: client.next("backlog").running_jobs == 1, "backlog with a running job")
+    # A snapshot is stored on the site; liveness is visible through GetSite and ListSites.
+    snap = site_pb2.SchedulerSnapshot(queues=[site_pb2.QueueStatus(queue="debug", idle_nodes=3, total_nodes=4)],
+                                      backfill_windows=[site_pb2.BackfillWindow(queue="debug", num_nodes=3,
+                                                                                wall_time_min=45)])
+    snap.time.GetCurrentTime()
+    client.send(snapshot=snap)
+    client.barrier()
+    got = _get_site(alice, site.id)
+    assert got.liveness.connected and got.liveness.daemon_version == "test"
+    assert got.scheduler_snapshot.backfill_windows[0].wall_time_min == 45
+    sites = alice.stub(site_service_pb2_grpc.SiteServiceStub)
+    listed = sites.ListSites(pb.ListSitesRequest(filter=pb.SiteFilter(ids=[site.id], connected=True))).sites
+    assert [s.id for s in listed] == [site.id]
+    client.close()
+    _wait_for(lambda: not _get_site(alice, site.id).liveness.connected, "site marked disconnected")
+
+
+def test_pending_batch_job_is_pushed_at_once(alice: Any, clients: list[SiteClient], harness: Any) -> None:
+    site = _site(alice)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    client.barrier()
+    latencies = []
+    for _ in range(10):
+        start = time.perf_counter()
+        bj = _batch_job(alice, site.id)
+        item = client.next("work")
+        latencies.append((time.perf_counter() - start) * 1000)
+        assert item.id == f"submit:{bj.id}" and item.attempt == 0
+        assert item.submit_batch_job.batch_job.id == bj.id
+        assert item.submit_batch_job.batch_job.state == BJ.BATCH_JOB_STATE_PENDING_SUBMISSION
+        client.send(credit=pb.SiteCredit(items=1))
+    print(f"\n[{harness.backend}] CreateBatchJob -> SubmitBatchJob at the site: median "
+          f"{statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms (n={len(latencies)}, includes the "
+          "CreateBatchJob round trip)")
+
+
+def test_batch_job_results_update_the_batch_job(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    ok, bad = _batch_job(alice, site.id), _batch_job(alice, site.id)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    items = {client.next("work").id for _ in range(2)}
+    assert items == {f"submit:{ok.id}", f"submit:{bad.id}"}
+    ack = client.result(work_id=f"submit:{ok.id}", batch_job=pb.BatchJobUpdate(
+        batch_job_id=ok.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="4242"))
+    assert list(ack.work_ids) == [f"submit:{ok.id}"] and not ack.errors
+    got = _get_batch_job(alice, ok.id)
+    assert got.state == BJ.BATCH_JOB_STATE_QUEUED and got.scheduler_id == "4242"
+    # The same result again (resent after a reconnect): acknowledged, applied once.
+    ack = client.result(work_id=f"submit:{ok.id}", batch_job=pb.BatchJobUpdate(
+        batch_job_id=ok.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="4242"))
+    assert list(ack.work_ids) == [f"submit:{ok.id}"] and not ack.errors
+    # Unsolicited scheduler state changes: running (start time), finished (end time).
+    ack = client.result(batch_job=pb.BatchJobUpdate(batch_job_id=ok.id, state=BJ.BATCH_JOB_STATE_RUNNING))
+    assert not ack.errors
+    got = _get_batch_job(alice, ok.id)
+    assert got.state == BJ.BATCH_JOB_STATE_RUNNING and got.HasField("start_time") and not got.HasField("end_time")
+    # A late, older report changes nothing and is no error.
+    ack = client.result(batch_job=pb.BatchJobUpdate(batch_job_id=ok.id, state=BJ.BATCH_JOB_STATE_QUEUED))
+    assert not ack.errors and _get_batch_job(alice, ok.id).state == BJ.BATCH_JOB_STATE_RUNNING
+    client.result(batch_job=pb.BatchJobUpdate(batch_job_id=ok.id, state=BJ.BATCH_JOB_STATE_FINISHED))
+    got = _get_batch_job(alice, ok.id)
+    assert got.state == BJ.BATCH_JOB_STATE_FINISHED and got.HasField("end_time")
+    assert got.end_time.ToDatetime() >= got.start_time.ToDatetime()
+    # The daemon may not move a finished batch job back, nor set user states.
+    ack = client.result(batch_job=pb.BatchJobUpdate(batch_job_id=ok.id, state=BJ.BATCH_JOB_STATE_PENDING_DELETION))
+    assert ack.errors and "cannot set state PENDING_DELETION" in ack.errors[0]
+    # Submit errors are visible to the user.
+    ack = client.result(work_id=f"submit:{bad.id}", batch_job=pb.BatchJobUpdate(
+        batch_job_id=bad.id, state=BJ.BATCH_JOB_STATE_SUBMIT_FAILED,
+        status_info="sbatch: error: invalid partition specified: nope"))
+    assert list(ack.work_ids) == [f"submit:{bad.id}"] and not ack.errors
+    got = _get_batch_job(alice, bad.id)
+    assert got.state == BJ.BATCH_JOB_STATE_SUBMIT_FAILED and "invalid partition" in got.status_info
+    # Each state change is an event.
+    stub = alice.stub(event_service_pb2_grpc.EventServiceStub)
+    evs = stub.ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(batch_job_ids=[ok.id]))).events
+    assert [e.batch_job_state.to_state for e in evs] == [
+        BJ.BATCH_JOB_STATE_PENDING_SUBMISSION, BJ.BATCH_JOB_STATE_QUEUED, BJ.BATCH_JOB_STATE_RUNNING,
+        BJ.BATCH_JOB_STATE_FINISHED]
+
+
+def test_cancel_work_for_pending_deletion(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    bj = _batch_job(alice, site.id)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    assert client.next("work").id == f"submit:{bj.id}"
+    client.result(work_id=f"submit:{bj.id}", batch_job=pb.BatchJobUpdate(
+        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="77"))
+    stub = alice.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
+    stub.UpdateBatchJob(batch_job_service_pb2.UpdateBatchJobRequest(
+        batch_job=BJ.BatchJob(id=bj.id, state=BJ.BATCH_JOB_STATE_PENDING_DELETION),
+        update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+    item = client.next("work")
+    assert item.id == f"cancel:{bj.id}" and item.cancel_batch_job.batch_job.scheduler_id == "77"
+    ack = client.result(work_id=item.id, batch_job=pb.BatchJobUpdate(batch_job_id=bj.id,
+                                                                     state=BJ.BATCH_JOB_STATE_FINISHED))
+    assert list(ack.work_ids) == [item.id] and not ack.errors
+    assert _get_batch_job(alice, bj.id).state == BJ.BATCH_JOB_STATE_FINISHED
+
+
+def test_postprocess_hook_work_and_result(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
+    job = _jobs(alice, app, 1)[0]
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    work, _ = client.barrier()
+    assert work == []  # PREPROCESSED: nothing for the site to do
+    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    item = client.next("work")
+    assert item.id == f"hook:{job.id}:RUN_DONE:0"
+    assert item.run_hook.hook == pb.HOOK_KIND_POSTPROCESS
+    assert item.run_hook.job.id == job.id and item.run_hook.app.id == app.id and item.run_hook.app.hooks.postprocess
+    client.send(ack=pb.WorkAck(work_ids=[item.id]))
+    data = struct_pb2.Struct()
+    data.update({"energy": -1.5})
+    ack = client.result(work_id=item.id, hook=pb.HookResult(
+        job_id=job.id, hook=pb.HOOK_KIND_POSTPROCESS, job_changes=JS.Job(data=data, tags={"checked": "yes"}),
+        job_mask=field_mask_pb2.FieldMask(paths=["data", "tags"])))
+    assert list(ack.work_ids) == [item.id] and not ack.errors
+    got = _job(alice, job.id)
+    assert got.state == JS.JOB_STATE_JOB_FINISHED  # POSTPROCESSED, then no stage-out: finished
+    assert got.data["energy"] == -1.5 and got.tags["checked"] == "yes"
+
+
+def test_hook_creates_jobs_and_fails_with_traceback(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
+    parent, doomed = _jobs(alice, app, 2)
+    assert parent.state == JS.JOB_STATE_STAGED_IN  # waits for its preprocess hook
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    items = {client.next("work").id for _ in range(2)}
+    assert items == {f"hook:{parent.id}:STAGED_IN:0", f"hook:{doomed.id}:STAGED_IN:0"}
+    children = [JS.Job(app_id=app.id, workdir=f"child/{i}-{secrets.token_hex(3)}", parent_ids=[parent.id])
+                for i in range(2)]
+    ack = client.result(work_id=f"hook:{parent.id}:STAGED_IN:0", hook=pb.HookResult(
+        job_id=parent.id, hook=pb.HOOK_KIND_PREPROCESS, new_jobs=children))
+    assert not ack.errors, ack.errors
+    assert _job(alice, parent.id).state == JS.JOB_STATE_PREPROCESSED
+    stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
+    kids = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=JS.JobFilter(parent_ids=[parent.id]))).jobs
+    assert len(kids) == 2 and all(k.state == JS.JOB_STATE_AWAITING_PARENTS for k in kids)
+    trace = 'Traceback (most recent call last):\n  File "apps.py", line 3\nValueError: bad input'
+    ack = client.result(work_id=f"hook:{doomed.id}:STAGED_IN:0", hook=pb.HookResult(
+        job_id=doomed.id, hook=pb.HOOK_KIND_PREPROCESS, next_state=JS.JOB_STATE_FAILED, state_message=trace))
+    assert not ack.errors
+    got = _job(alice, doomed.id)
+    assert got.state == JS.JOB_STATE_FAILED and "ValueError: bad input" in got.state_message
+    assert "ValueError" in _job_events(alice, doomed.id)[-1].message
+
+
+def test_refused_hook_result_fails_the_job(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(handle_error=True))
+    job = _jobs(alice, app, 1)[0]
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_ERROR)
+    item = client.next("work")
+    assert item.id == f"hook:{job.id}:RUN_ERROR:0" and item.run_hook.hook == pb.HOOK_KIND_HANDLE_ERROR
+    ack = client.result(work_id=item.id, hook=pb.HookResult(job_id=job.id, next_state=JS.JOB_STATE_JOB_FINISHED))
+    assert list(ack.work_ids) == [item.id]
+    assert ack.errors and "JOB_FINISHED" in ack.errors[0]
+    got = _job(alice, job.id)
+    assert got.state == JS.JOB_STATE_FAILED and "not allowed" in got.state_message
+
+
+def test_duplicate_result_is_applied_once(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(handle_timeout=True))
+    job = _jobs(alice, app, 1)[0]
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_TIMEOUT)
+    item = client.next("work")
+    result = pb.HookResult(job_id=job.id, hook=pb.HOOK_KIND_HANDLE_TIMEOUT,
+                           new_jobs=[JS.Job(app_id=app.id, workdir=f"retry/{secrets.token_hex(3)}")])
+    first = client.result(work_id=item.id, hook=result)
+    second = client.result(work_id=item.id, hook=result)
+    assert list(first.work_ids) == list(second.work_ids) == [item.id]
+    assert not first.errors and not second.errors  # the repeat is acknowledged as already applied
+    assert _job(alice, job.id).state == JS.JOB_STATE_RESTART_READY
+    restarts = [e for e in _job_events(alice, job.id) if e.job_state.to_state == JS.JOB_STATE_RESTART_READY]
+    assert len(restarts) == 1
+    stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
+    count = stub.CountJobs(job_service_pb2.CountJobsRequest(filter=JS.JobFilter(app_ids=[app.id]))).total
+    assert count == 2  # the hook's new job was created once
+
+
+def test_reconnect_offers_unresolved_work_again(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    bjs = [_batch_job(alice, site.id) for _ in range(3)]
+    first = _connect(alice, site.id, clients)
+    first.welcome()
+    ids = {first.next("work").id for _ in bjs}
+    assert ids == {f"submit:{b.id}" for b in bjs}
+    first.send(ack=pb.WorkAck(work_ids=sorted(ids)))
+    first.result(work_id=f"submit:{bjs[0].id}", batch_job=pb.BatchJobUpdate(
+        batch_job_id=bjs[0].id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="1"))
+    first.close()
+    second = _connect(alice, site.id, clients)
+    second.welcome()
+    again = [second.next("work") for _ in range(2)]
+    assert {w.id for w in again} == {f"submit:{bjs[1].id}", f"submit:{bjs[2].id}"}
+    assert all(w.attempt >= 1 for w in again)
+    extra, _ = second.barrier()
+    assert extra == []  # the resolved one is not offered again
+
+
+def test_credit_limits_outstanding_work(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    bjs = [_batch_job(alice, site.id) for _ in range(5)]
+    client = _connect(alice, site.id, clients, max_in_flight=2)
+    client.welcome()
+    sent, _ = client.barrier()
+    assert len(sent) == 2
+    more = _batch_job(alice, site.id)  # new work while the daemon has no credit left
+    sent, _ = client.barrier()
+    assert sent == []
+    client.send(credit=pb.SiteCredit(items=1))
+    sent, _ = client.barrier()
+    assert len(sent) == 1
+    client.send(credit=pb.SiteCredit(items=10))
+    sent, _ = client.barrier()
+    assert len(sent) == 3
+    offered = [w.id for w in client.work]
+    assert sorted(offered) == sorted(f"submit:{b.id}" for b in [*bjs, more])
+    assert len(set(offered)) == len(offered)  # nothing offered twice on one stream
+
+
+def test_daemon_without_credit_gets_nothing(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    _batch_job(alice, site.id)
+    client = _connect(alice, site.id, clients, max_in_flight=0)
+    client.welcome()
+    sent, _ = client.barrier()
+    assert sent == []
+
+
+def test_second_connection_replaces_the_first(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    old = _connect(alice, site.id, clients)
+    old.welcome()
+    new = _connect(alice, site.id, clients)
+    new.welcome()
+    err = old.ended()
+    assert err is not None and err.code() == Code.ABORTED and "replaced by a newer connection" in err.details()
+    new.barrier()  # the new stream is alive
+    assert _get_site(alice, site.id).liveness.connected
+
+
+def test_hello_is_validated(alice: Any, bob: Any, harness: Any, clients: list[SiteClient]) -> None:
+    mine, other = _site(alice), _site(alice)
+    token = harness.user(alice.username, scope="SITE", site_id=mine.id).token
+    client = _connect(alice, other.id, clients, token=token)
+    err = client.ended()
+    assert err is not None and err.code() == Code.PERMISSION_DENIED
+    assert not _get_site(alice, other.id).liveness.connected
+    # The site token works for its own site.
+    ok = _connect(alice, mine.id, clients, token=token)
+    assert ok.welcome().site.id == mine.id
+    # Another user's site does not exist for the caller.
+    err = _connect(bob, mine.id, clients).ended()
+    assert err is not None and err.code() == Code.NOT_FOUND
+    err = _connect(alice, mine.id, clients, capabilities=("batch_jobs", "teleport")).ended()
+    assert err is not None and err.code() == Code.INVALID_ARGUMENT and "teleport" in err.details()
+    err = _connect(alice, mine.id, clients, max_in_flight=-1).ended()
+    assert err is not None and err.code() == Code.INVALID_ARGUMENT
+
+
+def test_only_declared_capabilities_get_work(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
+    job = _jobs(alice, app, 1)[0]
+    bj = _batch_job(alice, site.id)
+    hooks_only = _connect(alice, site.id, clients, capabilities=("hooks",))
+    hooks_only.welcome()
+    sent, _ = hooks_only.barrier()
+    assert [w.id for w in sent] == [f"hook:{job.id}:STAGED_IN:0"]
+    batch_only = _connect(alice, site.id, clients, capabilities=("batch_jobs",))
+    batch_only.welcome()
+    sent, _ = batch_only.barrier()
+    assert [w.id for w in sent] == [f"submit:{bj.id}"]
+
+
+def test_cleanup_work_for_finished_jobs(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    app = _app(alice, site.id, cleanup_globs=["*.tmp", "scratch/**"])
+    plain = _app(alice, site.id)
+    job = _jobs(alice, app, 1)[0]
+    other = _jobs(alice, plain, 1)[0]
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    _move(alice, other.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    assert _job(alice, job.id).state == JS.JOB_STATE_JOB_FINISHED
+    item = client.next("work")
+    assert item.id == f"cleanup:{job.id}"
+    assert item.cleanup.workdir == job.workdir and list(item.cleanup.globs) == ["*.tmp", "scratch/**"]
+    sent, _ = client.barrier()
+    assert sent == []  # the app without globs has nothing to clean
+    ack = client.result(work_id=item.id, cleanup=pb.CleanupResult(job_id=job.id, removed_files=3))
+    assert list(ack.work_ids) == [item.id] and not ack.errors
+    client.close()
+    again = _connect(alice, site.id, clients)
+    again.welcome()
+    sent, _ = again.barrier()
+    assert sent == []  # cleaned once, never offered again
+
+
+def test_submission_without_state_fails_the_pilot_not_resubmits(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    bj = _batch_job(alice, site.id)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    item = client.next("work")
+    ack = client.result(work_id=item.id, batch_job=pb.BatchJobUpdate(batch_job_id=bj.id))
+    assert list(ack.work_ids) == [item.id]
+    got = _get_batch_job(alice, bj.id)
+    assert got.state == BJ.BATCH_JOB_STATE_SUBMIT_FAILED and "no state" in got.status_info
+    sent, _ = client.barrier()
+    assert sent == []
+
+
+def test_cancellation_refused_by_the_scheduler_is_not_retried_in_a_loop(alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    bj = _batch_job(alice, site.id)
+    stub = alice.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    submit = client.next("work")
+    # The user cancels while the submission is in flight: the scheduler id is still recorded.
+    stub.UpdateBatchJob(batch_job_service_pb2.UpdateBatchJobRequest(
+        batch_job=BJ.BatchJob(id=bj.id, state=BJ.BATCH_JOB_STATE_PENDING_DELETION),
+        update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+    ack = client.result(work_id=submit.id, batch_job=pb.BatchJobUpdate(
+        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="99"))
+    assert not ack.errors
+    got = _get_batch_job(alice, bj.id)
+    assert got.state == BJ.BATCH_JOB_STATE_PENDING_DELETION and got.scheduler_id == "99"
+    sent, _ = client.barrier()
+    # Held back while the submission was in flight, offered with the scheduler id it needs.
+    assert [w.id for w in sent] == [f"cancel:{bj.id}"]
+    cancel = sent[0]
+    assert cancel.cancel_batch_job.batch_job.scheduler_id == "99"
+    ack = client.result(work_id=cancel.id, batch_job=pb.BatchJobUpdate(
+        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_RUNNING, status_info="qdel: server busy"))
+    assert not ack.errors
+    got = _get_batch_job(alice, bj.id)
+    assert got.state == BJ.BATCH_JOB_STATE_PENDING_DELETION and "busy" in got.status_info
+    client.send(credit=pb.SiteCredit(items=2))
+    sent, _ = client.barrier()
+    assert sent == []  # not offered again on this stream...
+    client.close()
+    again = _connect(alice, site.id, clients)
+    again.welcome()
+    assert again.next("work").id == f"cancel:{bj.id}"  # ...but after a reconnect
+
+
+def test_hook_result_with_bad_new_jobs_fails_the_job_and_creates_nothing(alice: Any,
+                                                                          clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
+    job = _jobs(alice, app, 1)[0]
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    item = client.next("work")
+    new_jobs = [JS.Job(app_id=app.id, workdir=f"ok/{secrets.token_hex(3)}"),
+                JS.Job(app_name="no-such-app", workdir=f"bad/{secrets.token_hex(3)}")]
+    ack = client.result(work_id=item.id, hook=pb.HookResult(job_id=job.id, new_jobs=new_jobs))
+    assert ack.errors and "no-such-app" in ack.errors[0]
+    got = _job(alice, job.id)
+    assert got.state == JS.JOB_STATE_FAILED and "no-such-app" in got.state_message
+    stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
+    assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=JS.JobFilter(app_ids=[app.id]))).total == 1
+    # The job's history is RUN_DONE -> FAILED with nothing of the rolled-back attempt.
+    assert [e.job_state.to_state for e in _job_events(alice, job.id)][-2:] == [JS.JOB_STATE_RUN_DONE,
+                                                                              JS.JOB_STATE_FAILED]
+    # An unsolicited hook result is refused without touching anything.
+    ack = client.result(hook=pb.HookResult(job_id=job.id, next_state=JS.JOB_STATE_RESTART_READY))
+    assert ack.errors and not ack.work_ids
+    assert _job(alice, job.id).state == JS.JOB_STATE_FAILED
+
+
+def test_work_stays_with_its_site(alice: Any, bob: Any, clients: list[SiteClient]) -> None:
+    mine, other = _site(alice), _site(alice)
+    bobs = _site(bob)
+    _batch_job(alice, other.id)
+    _batch_job(bob, bobs.id)
+    app = _app(alice, other.id, hooks=app_pb2.AppHooks(preprocess=True))
+    _jobs(alice, app, 2)
+    client = _connect(alice, mine.id, clients)
+    client.welcome()
+    assert client.next("backlog").pending_jobs == 0  # the other site's STAGED_IN jobs are not ours
+    sent, _ = client.barrier()
+    assert sent == []
+    with pytest.raises(AssertionError):  # a result for another site's batch job is refused
+        bj = _batch_job(alice, other.id)
+        ack = client.result(batch_job=pb.BatchJobUpdate(batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED))
+        assert not ack.errors
+    assert _get_batch_job(alice, bj.id).state == BJ.BATCH_JOB_STATE_PENDING_SUBMISSION
+
+
+def test_hook_work_latency(alice: Any, clients: list[SiteClient], harness: Any) -> None:
+    """Prints how soon a job that reaches RUN_DONE is offered to its site's postprocess hook."""
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
+    jobs = _jobs(alice, app, 10)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    latencies = []
+    for job in jobs:
+        _move(alice, job.id, JS.JOB_STATE_RUNNING)
+        start = time.perf_counter()
+        _move(alice, job.id, JS.JOB_STATE_RUN_DONE)
+        item = client.next("work")
+        latencies.append((time.perf_counter() - start) * 1000)
+        assert item.id == f"hook:{job.id}:RUN_DONE:0"
+    print(f"\n[{harness.backend}] UpdateJob(RUN_DONE) -> RunHook at the site: median "
+          f"{statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms (n={len(latencies)})")
+
+
+def test_server_failure_on_a_result_is_refused_and_not_retried_here(alice: Any, clients: list[SiteClient],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from balsam_grpc.server.store import site_work
+
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
+    job = _jobs(alice, app, 1)[0]
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    item = client.next("work")
+
+    def broken(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("simulated server bug")
+
+    monkeypatch.setattr(site_work, "apply_hook_result", broken)
+    ack = client.result(work_id=item.id, hook=pb.HookResult(job_id=job.id))
+    assert list(ack.work_ids) == [item.id] and "internal server error (incident" in ack.errors[0]
+    assert "simulated" not in ack.errors[0]  # no server internals leak to the daemon
+    sent, _ = client.barrier()  # the stream survives, and the work is not offered again here
+    assert sent == []
+    assert _job(alice, job.id).state == JS.JOB_STATE_STAGED_IN
+    monkeypatch.undo()
+    client.close()
+    again = _connect(alice, site.id, clients)
+    again.welcome()
+    assert again.next("work").id == item.id  # a reconnect offers it again

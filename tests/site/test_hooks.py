@@ -1,0 +1,118 @@
+"""Hooks run in child processes; results follow the contract whatever the hook does."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from balsam_grpc.site.hook_process import HOOK_LOG, HookPool
+from balsam_grpc.site.hooks import natural_next_state
+from balsam_grpc.v1 import app_pb2, job_pb2, site_service_pb2
+
+H = site_service_pb2
+J = job_pb2
+
+APPS = textwrap.dedent('''
+    import os, time
+    from balsam_grpc.core.appdef import ApplicationDefinition
+    from balsam_grpc.v1 import job_pb2
+
+    class Good(ApplicationDefinition):
+        command_template = "echo hi"
+        def postprocess(self):
+            print("post in", os.getcwd())
+            self.job.data = {**self.job.data, "answer": 42}
+            self.job.tags["checked"] = "yes"
+            self.new_jobs.append(job_pb2.Job(app_name="Good", workdir="child", site_id=1))
+        def handle_error(self):
+            self.job.state = "RESTART_READY"
+
+    class Bad(ApplicationDefinition):
+        command_template = "echo hi"
+        def preprocess(self):
+            raise RuntimeError("bad input file")
+        def postprocess(self):
+            os._exit(3)
+        def handle_timeout(self):
+            time.sleep(60)
+''')
+
+
+def app(name, **kw):
+    return app_pb2.App(id=1, site_id=1, name=name, class_path=f"apps.{name}", **kw)
+
+
+def job(state, run_count=1):
+    data = struct_pb2.Struct()
+    data.update({"x": 1})
+    return job_pb2.Job(id=9, app_id=1, site_id=1, workdir="w/9", state=state, run_count=run_count, data=data)
+
+
+def test_natural_next_states():
+    plain = app_pb2.App()
+    restart = app_pb2.App(retry_policy=app_pb2.RetryPolicy(on_error=app_pb2.RETRY_ACTION_RESTART, max_retries=2,
+                                                          on_timeout=app_pb2.RETRY_ACTION_FAIL))
+    assert natural_next_state(H.HOOK_KIND_PREPROCESS, plain, 0) == J.JOB_STATE_PREPROCESSED
+    assert natural_next_state(H.HOOK_KIND_POSTPROCESS, plain, 1) == J.JOB_STATE_POSTPROCESSED
+    assert natural_next_state(H.HOOK_KIND_HANDLE_ERROR, plain, 1) == J.JOB_STATE_FAILED
+    assert natural_next_state(H.HOOK_KIND_HANDLE_ERROR, restart, 2) == J.JOB_STATE_RESTART_READY
+    assert natural_next_state(H.HOOK_KIND_HANDLE_ERROR, restart, 3) == J.JOB_STATE_FAILED
+    assert natural_next_state(H.HOOK_KIND_HANDLE_TIMEOUT, plain, 1) == J.JOB_STATE_RESTART_READY
+    assert natural_next_state(H.HOOK_KIND_HANDLE_TIMEOUT, restart, 1) == J.JOB_STATE_FAILED
+
+
+@pytest.fixture
+def pool(tmp_path):
+    apps = tmp_path / "apps"
+    apps.mkdir()
+    (apps / "apps.py").write_text(APPS)
+    return HookPool(apps, workers=2, timeout_s=5)
+
+
+def run(pool, tmp_path, app_name, hook, state):
+    wd = tmp_path / "data" / "w" / "9"
+    msg = H.RunHook(job=job(state), app=app(app_name), hook=hook)
+    return asyncio.run(pool.run(msg, wd)), wd
+
+
+def test_postprocess_changes_data_tags_and_creates_jobs(pool, tmp_path):
+    result, wd = run(pool, tmp_path, "Good", H.HOOK_KIND_POSTPROCESS, J.JOB_STATE_RUN_DONE)
+    assert result.next_state == J.JOB_STATE_POSTPROCESSED
+    assert sorted(result.job_mask.paths) == ["data", "tags"]
+    assert json_format.MessageToDict(result.job_changes.data) == {"x": 1, "answer": 42}
+    assert dict(result.job_changes.tags) == {"checked": "yes"}
+    assert [j.workdir for j in result.new_jobs] == ["child"]
+    log = (wd / HOOK_LOG).read_text()
+    assert f"post in {wd}" in log and "postprocess job 9" in log
+
+
+def test_hook_chooses_the_state(pool, tmp_path):
+    result, _ = run(pool, tmp_path, "Good", H.HOOK_KIND_HANDLE_ERROR, J.JOB_STATE_RUN_ERROR)
+    assert result.next_state == J.JOB_STATE_RESTART_READY and not result.job_mask.paths
+
+
+def test_exception_fails_the_job_with_the_traceback(pool, tmp_path):
+    result, wd = run(pool, tmp_path, "Bad", H.HOOK_KIND_PREPROCESS, J.JOB_STATE_STAGED_IN)
+    assert result.next_state == J.JOB_STATE_FAILED
+    assert "RuntimeError: bad input file" in result.state_message and "Traceback" in result.state_message
+    assert "bad input file" in (wd / HOOK_LOG).read_text()
+
+
+def test_crashing_hook_process_fails_only_that_job(pool, tmp_path):
+    result, _ = run(pool, tmp_path, "Bad", H.HOOK_KIND_POSTPROCESS, J.JOB_STATE_RUN_DONE)
+    assert result.next_state == J.JOB_STATE_FAILED and "exited with code 3" in result.state_message
+
+
+def test_hanging_hook_is_killed(tmp_path, pool):
+    pool.timeout_s = 1.5
+    result, _ = run(pool, tmp_path, "Bad", H.HOOK_KIND_HANDLE_TIMEOUT, J.JOB_STATE_RUN_TIMEOUT)
+    assert result.next_state == J.JOB_STATE_FAILED and "killed" in result.state_message
+
+
+def test_unknown_app_class_fails_with_a_clear_message(pool, tmp_path):
+    result, _ = run(pool, tmp_path, "Missing", H.HOOK_KIND_POSTPROCESS, J.JOB_STATE_RUN_DONE)
+    assert result.next_state == J.JOB_STATE_FAILED and "not found" in result.state_message
+    assert "apps.Good" in result.state_message

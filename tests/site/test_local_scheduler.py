@@ -1,0 +1,143 @@
+"""The `local` scheduler end to end: real detached processes, records that a new adapter
+instance (a restarted site daemon) reads, cancellation that kills the whole process group,
+and the wall time enforced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from balsam_grpc.site.schedulers import SubmitError, get_scheduler, read_template
+from balsam_grpc.site.schedulers.local import job_from_record
+
+BOUND_S = 20.0
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_script(tmp_path: Path, name: str, command: str) -> Path:
+    sched = get_scheduler("local", state_dir=tmp_path / "state")
+    text = sched.render_script(read_template("local.sh"), {
+        "launcher_command": command, "num_nodes": 2, "wall_time_min": 5, "queue": "", "project": "",
+        "job_name": name, "workdir": str(tmp_path), "env": {"GREETING": "hello there"},
+    })
+    path = tmp_path / f"{name}.sh"
+    path.write_text(text)
+    return path
+
+
+async def submit(sched, script: Path, tmp_path: Path, wall_time_min: int = 5) -> str:
+    return await sched.submit(script, project="", queue="", num_nodes=2, wall_time_min=wall_time_min,
+                              job_name=script.stem, cwd=tmp_path)
+
+
+def wait_until(predicate, what: str):
+    deadline = time.monotonic() + BOUND_S
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_submit_run_finish_seen_by_a_new_adapter(tmp_path):
+    script = make_script(tmp_path, "ok", 'echo "$GREETING from $BALSAM_LOCAL_JOB_ID on $BALSAM_LOCAL_NUM_NODES nodes"\n'
+                                           "touch started; while [ ! -e go ]; do sleep 0.05; done; exit 0")
+    sched = get_scheduler("local", state_dir=tmp_path / "state")
+    sid = run(submit(sched, script, tmp_path))
+    wait_until(lambda: (tmp_path / "started").exists(), "script start")
+    first = run(sched.statuses([sid]))[sid]
+    assert first.state == "running" and first.num_nodes == 2 and first.start_time is not None
+    # A restarted daemon: a new adapter on the same state dir knows the job.
+    restarted = get_scheduler("local", state_dir=tmp_path / "state")
+    assert run(restarted.statuses())[sid].state == "running"
+    (tmp_path / "go").touch()
+    final = wait_until(lambda: (j := run(restarted.statuses([sid]))[sid]).state != "running" and j, "job end")
+    assert final.state == "finished" and final.exit_code == 0
+    assert final.end_time >= final.start_time
+    out = (tmp_path / f"local-{sid}.out").read_text()
+    assert f"hello there from {sid} on 2 nodes" in out
+
+
+def test_nonzero_exit_is_failed_with_code(tmp_path):
+    script = make_script(tmp_path, "bad", "exit 7")
+    sched = get_scheduler("local", state_dir=tmp_path / "state")
+    sid = run(submit(sched, script, tmp_path))
+    final = wait_until(lambda: (j := run(sched.statuses([sid]))[sid]).state not in ("running",) and j, "job end")
+    assert final.state == "failed" and final.exit_code == 7
+
+
+def test_cancel_kills_the_process_group(tmp_path):
+    # The script leaves a background child: cancel must take it down too.
+    script = make_script(tmp_path, "long", "sleep 300 & echo $! > child.pid; touch started; wait")
+    sched = get_scheduler("local", state_dir=tmp_path / "state", kill_grace_s=2.0)
+    sid = run(submit(sched, script, tmp_path))
+    wait_until(lambda: (tmp_path / "child.pid").exists() and (tmp_path / "child.pid").read_text().strip(), "child pid")
+    child = int((tmp_path / "child.pid").read_text())
+    assert psutil.pid_exists(child)
+    other = get_scheduler("local", state_dir=tmp_path / "state", kill_grace_s=2.0)  # cancel from a new instance
+    run(other.cancel(sid))
+    run(other.cancel(sid))  # idempotent
+    wait_until(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+               "background child killed")
+    final = run(sched.statuses([sid]))[sid]
+    assert final.state == "finished" and final.message == "cancelled"
+    assert final.end_time is not None
+
+
+def test_monitor_killed_hard_is_reported_ended_not_running(tmp_path):
+    script = make_script(tmp_path, "orphan", "touch started; sleep 300")
+    sched = get_scheduler("local", state_dir=tmp_path / "state", kill_grace_s=1.0)
+    sid = run(submit(sched, script, tmp_path))
+    rec_pid = wait_until(lambda: __import__("json").loads((tmp_path / "state" / f"{sid}.json").read_text()).get("pid"),
+                         "monitor pid")
+    os.kill(rec_pid, 9)
+    final = wait_until(lambda: (j := run(sched.statuses([sid]))[sid]).state != "running" and j, "vanished monitor")
+    assert final.state == "finished" and final.exit_code is None and "vanished" in final.message
+    run(sched.cancel(sid))  # kills the orphaned script's group and records the end
+    assert run(sched.statuses([sid]))[sid].message == "cancelled"
+
+
+def test_wall_time_is_enforced(tmp_path):
+    # seconds_per_minute compresses the wall time: 1 "minute" lasts 0.5 s here.
+    script = make_script(tmp_path, "slow", "touch started; sleep 300")
+    sched = get_scheduler("local", state_dir=tmp_path / "state", kill_grace_s=1.0, seconds_per_minute=0.5)
+    sid = run(submit(sched, script, tmp_path, wall_time_min=1))
+    final = wait_until(lambda: (j := run(sched.statuses([sid]))[sid]).state != "running" and j, "wall-time kill")
+    assert final.state == "finished" and final.message == "wall time reached"
+    assert final.exit_code == 128 + 15  # SIGTERM
+    assert final.wall_time_min == 1
+
+
+def test_unknown_ids_and_bad_submissions(tmp_path):
+    sched = get_scheduler("local", state_dir=tmp_path / "state")
+    got = run(sched.statuses(["42", "not-a-number"]))
+    assert got["42"].state == "finished" and got["42"].exit_code is None
+    assert got["not-a-number"].state == "unknown"
+    assert run(sched.statuses()) == {}
+    run(sched.cancel("42"))  # nothing to cancel: fine
+    with pytest.raises(SubmitError, match="does not exist"):
+        run(sched.submit(tmp_path / "missing.sh", project="", queue="", num_nodes=1, wall_time_min=1,
+                         job_name="x", cwd=tmp_path))
+
+
+def test_job_from_record_is_pure():
+    base = {"scheduler_id": "3", "num_nodes": 1, "wall_time_min": 5, "submit_time": "2024-01-01T00:00:00+00:00",
+            "start_time": "2024-01-01T00:00:01+00:00", "pid": 123}
+    assert job_from_record(base, monitor_alive=True).state == "running"
+    assert job_from_record(base, monitor_alive=False).state == "finished"
+    ended = {**base, "end_time": "2024-01-01T00:01:00+00:00"}
+    assert job_from_record({**ended, "exit_code": 0, "end_reason": "exited"}, monitor_alive=False).state == "finished"
+    assert job_from_record({**ended, "exit_code": 143, "end_reason": "wall time reached"},
+                           monitor_alive=False).state == "finished"
+    failed = job_from_record({**ended, "exit_code": 2, "end_reason": "exited"}, monitor_alive=False)
+    assert failed.state == "failed" and failed.exit_code == 2 and failed.message == "exit code 2"
+    assert job_from_record({"scheduler_id": "4"}, monitor_alive=False).state == "unknown"

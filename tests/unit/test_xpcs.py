@@ -1,0 +1,85 @@
+"""The XPCS reduction recovers the known decay of synthetic speckle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from balsam_grpc.xpcs.analysis import analyze, load_dataset, save_dataset
+from balsam_grpc.xpcs.fit import fit_decay
+from balsam_grpc.xpcs.geometry import Geometry, ring_labels
+from balsam_grpc.xpcs.multitau import lag_schedule, multitau_g2
+from balsam_grpc.xpcs.synthetic import generate
+
+
+def test_lag_schedule_is_geometric_and_increasing() -> None:
+    schedule = lag_schedule(1024, 8)
+    times = [lag * 2**level for level, lag in schedule]
+    assert schedule[:7] == [(0, lag) for lag in range(1, 8)]
+    assert schedule[7:11] == [(1, 4), (1, 5), (1, 6), (1, 7)]
+    assert times == sorted(set(times))
+    with pytest.raises(ValueError):
+        lag_schedule(100, 7)
+
+
+def test_q_grows_with_radius_and_rings_partition_it() -> None:
+    geo = Geometry(rows=32, cols=32, center_row=0, center_col=0)
+    q = geo.q_map()
+    assert q[0, 0] == 0 and q[0, 10] < q[0, 20] < q[31, 31]
+    labels, centres = ring_labels(q, 4)
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    assert all(q[labels == i].max() <= q[labels == i + 1].min() for i in range(3))
+    assert np.all(np.diff(centres) > 0)
+
+
+def test_fit_recovers_a_clean_exponential() -> None:
+    tau = np.geomspace(1e-3, 1.0, 40)
+    fit = fit_decay(tau, 1.0 + 0.3 * np.exp(-2 * 12.0 * tau))
+    assert fit.ok and fit.gamma_per_s == pytest.approx(12.0, rel=1e-4) and fit.beta == pytest.approx(0.3, rel=1e-4)
+    assert not fit_decay(tau[:2], tau[:2]).ok
+
+
+def test_g2_decay_matches_the_synthetic_truth(tmp_path: Path) -> None:
+    dataset = generate(n_frames=2048, seed=3)
+    path = save_dataset(dataset, tmp_path / "d.npz")
+    frames, meta = load_dataset(path)
+    assert frames.shape == (2048, 64, 64) and meta["truth"]["diffusion_m2_per_s"] == 3e-14
+    results = analyze(frames, meta, n_rings=8)
+    ratios = [r["gamma_per_s"] / r["true_gamma_per_s"] for r in results["rings"]]
+    assert all(0.85 < x < 1.15 for x in ratios), ratios
+    assert results["diffusion_m2_per_s"] == pytest.approx(3e-14, rel=0.08)
+    assert all(0.8 < r["beta"] < 1.1 for r in results["rings"])  # one speckle mode: contrast ~ 1
+    json.dumps(results)  # the results file is plain JSON
+
+
+def test_lower_contrast_with_more_modes() -> None:
+    frames = generate(n_frames=512, modes=4, seed=1)
+    labels, _ = ring_labels(frames.geometry.q_map(), 2)
+    corr = multitau_g2(frames.frames, labels, 2, frames.frame_time_s)
+    assert 0.15 < corr.g2[1, 0] - 1 < 0.3  # beta = 1/4, slightly decayed at the first lag
+
+
+def test_command_line_round_trip(tmp_path: Path) -> None:
+    data, out = tmp_path / "d.npz", tmp_path / "r.json"
+    run = [sys.executable, "-m", "balsam_grpc.xpcs"]
+    subprocess.run([*run, "generate", str(data), "--frames", "256", "--size", "32"], check=True, capture_output=True)
+    done = subprocess.run([*run, "analyze", str(data), str(out), "--rings", "4"], capture_output=True, text=True)
+    assert done.returncode == 0 and "4 rings" in done.stdout
+    assert len(json.loads(out.read_text())["rings"]) == 4
+    bad = subprocess.run([*run, "analyze", str(out), str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error:")
+
+
+def test_pixel_chunks_do_not_change_the_result() -> None:
+    data = generate(rows=24, cols=24, n_frames=256, seed=5)
+    labels, _ = ring_labels(data.geometry.q_map(), 3)
+    whole = multitau_g2(data.frames, labels, 3, data.frame_time_s, chunk_pixels=10**6)
+    pieces = multitau_g2(data.frames, labels, 3, data.frame_time_s, chunk_pixels=37)
+    np.testing.assert_allclose(pieces.g2, whole.g2, rtol=1e-12)
+    np.testing.assert_allclose(pieces.g2_err, whole.g2_err, rtol=1e-9, atol=1e-15)
+    assert list(pieces.pixels) == list(whole.pixels) and pieces.pixels.sum() == (labels >= 0).sum()
