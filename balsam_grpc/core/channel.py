@@ -29,6 +29,10 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 PING_TIMEOUT_MS = 10_000
 # The server accepts a ping at most every 5 s (server.app); a shorter interval earns GOAWAY.
 MIN_KEEPALIVE_TIME_MS = 5_000
+# gRPC's own reconnect backoff defaults to 1 s growing to 120 s: a launcher whose server
+# restarted could then come back after its session's lease ran out. Keep it short.
+INITIAL_RECONNECT_BACKOFF_MS = 200
+MAX_RECONNECT_BACKOFF_MS = 2_000
 
 READ_ONLY_PREFIXES = ("Get", "List", "Count")
 READ_ONLY_METHODS = frozenset({"WatchEvents"})
@@ -100,6 +104,8 @@ def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, An
         "grpc.keepalive_timeout_ms": timeout,
         "grpc.http2.ping_timeout_ms": timeout,
         "grpc.keepalive_permit_without_calls": 1,
+        "grpc.initial_reconnect_backoff_ms": INITIAL_RECONNECT_BACKOFF_MS,
+        "grpc.max_reconnect_backoff_ms": _env_ms("BALSAM_RECONNECT_MAX_MS", MAX_RECONNECT_BACKOFF_MS),
         # Keep pinging an idle connection (the server allows one ping per 5 s).
         "grpc.http2.max_pings_without_data": 0,
         "grpc.enable_retries": 1,

@@ -12,7 +12,6 @@ callbacks and the current credit; this module knows nothing about processes.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.errors import ERRORS_BY_CODE, BalsamError
 from balsam_grpc.launcher.outbox import Outbox
 from balsam_grpc.v1 import session_service_pb2 as pb
@@ -44,16 +44,6 @@ def error_reason(err: grpc.aio.AioRpcError | grpc.RpcError) -> str:
                 if detail.Unpack(info):
                     return info.reason
     return ""
-
-
-def backoff_delays(start: float = BACKOFF_START_S, cap: float = BACKOFF_MAX_S, rng: random.Random | None = None):
-    """Full-jitter exponential backoff: uniform(0, min(cap, start * 2**n)) but at least start/2."""
-    rng = rng or random.Random()
-    n = 0
-    while True:
-        ceiling = min(cap, start * 2 ** n)
-        yield max(start / 2, rng.uniform(0, ceiling))
-        n += 1
 
 
 class SessionFatal(Exception):
@@ -92,6 +82,7 @@ class SessionClient:
         self._leases_received = 0
         self._last_credit: bytes | None = None
         self.reconnects = 0
+        self.opens = 0  # streams the server answered with SessionOpened
 
     # -- owner API ------------------------------------------------------------------------
 
@@ -113,13 +104,24 @@ class SessionClient:
 
     # -- stream ---------------------------------------------------------------------------
 
+    def _backoff(self) -> Backoff:
+        """Once the server has said its lease timeout, reconnect attempts stay well inside
+        it, so a broken stream is resumed before the session expires."""
+        maximum = BACKOFF_MAX_S
+        if self.lease_timeout_s:
+            maximum = max(BACKOFF_START_S, min(maximum, self.lease_timeout_s / 4))
+        return Backoff(initial=BACKOFF_START_S, maximum=maximum)
+
     async def run(self) -> None:
-        delays = backoff_delays()
+        delays = self._backoff()
         while True:
+            opens_before = self.opens
             try:
                 finished = await self._one_stream()
             except grpc.aio.AioRpcError as err:
                 self.connected.clear()
+                if self.opens != opens_before:
+                    delays = self._backoff()  # that connection worked: start over from a short delay
                 reason = error_reason(err)
                 if err.code() in FATAL_CODES:
                     cls = ERRORS_BY_CODE.get(err.code(), BalsamError)
@@ -134,7 +136,7 @@ class SessionClient:
                         self.closed.set()
                         return
                     continue  # open a new session at once
-                await asyncio.sleep(next(delays))
+                await asyncio.sleep(delays.next_delay())
                 self.reconnects += 1
                 continue
             self.connected.clear()
@@ -142,9 +144,9 @@ class SessionClient:
                 self.closed.set()
                 return
             # The server ended the stream without an error (e.g. it is shutting down): resume.
-            await asyncio.sleep(next(delays))
+            delays = self._backoff()
+            await asyncio.sleep(delays.next_delay())
             self.reconnects += 1
-            delays = backoff_delays()
 
     async def _one_stream(self) -> bool:
         """One connection: True when the session closed normally."""
@@ -164,6 +166,7 @@ class SessionClient:
                 self.outbox.reset()
             self.session_id = opened.session.id
             self.lease_timeout_s = opened.lease_timeout_seconds
+            self.opens += 1
             self._leases_received = 0
             self._last_credit = None
             self.outbox.rewind(opened.applied_through_seq if resumed else 0)

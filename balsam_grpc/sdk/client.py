@@ -23,7 +23,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.channel import auth_metadata, make_channel
 from balsam_grpc.core.services import SERVICES
 from balsam_grpc.core.settings import Profile
@@ -55,14 +56,6 @@ STUBS: dict[str, Callable[[grpc.Channel], Any]] = {name: s.stub for name, s in S
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-def backoff_delays(initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX) -> Iterator[float]:
-    """0.2, 0.4, 0.8 ... capped at `maximum` seconds."""
-    delay = initial
-    while True:
-        yield delay
-        delay = min(delay * 2, maximum)
 
 
 def server_busy_delay(err: grpc.RpcError) -> float | None:
@@ -131,7 +124,7 @@ class Client:
         if mutation and not request.request_id:  # type: ignore[attr-defined]
             request.request_id = new_request_id()  # type: ignore[attr-defined]
         deadline = None if timeout is None else time.monotonic() + timeout
-        delays = backoff_delays()
+        delays = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         attempt = 0
         while True:
             attempt += 1
@@ -144,14 +137,14 @@ class Client:
                 if busy is not None and attempt < self.mutation_attempts:
                     # The server refused before doing anything (admission control): any
                     # method is safe to resend, after at least the delay it asked for.
-                    delay = max(next(delays), busy)
+                    delay = max(delays.next_delay(), busy)
                     if deadline is None or time.monotonic() + delay < deadline:
                         log.info("server busy, retrying", method=f"{service}.{method}", attempt=attempt,
                                  delay_s=round(delay, 3))
                         time.sleep(delay)
                         continue
                 if mutation and code == grpc.StatusCode.UNAVAILABLE and attempt < self.mutation_attempts:
-                    delay = next(delays)
+                    delay = delays.next_delay()
                     if deadline is None or time.monotonic() + delay < deadline:
                         log.info("retrying mutation", method=f"{service}.{method}", attempt=attempt,
                                  request_id=request.request_id)  # type: ignore[attr-defined]

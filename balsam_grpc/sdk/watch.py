@@ -18,7 +18,8 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 
-from balsam_grpc.sdk.client import backoff_delays
+from balsam_grpc.core.backoff import Backoff
+from balsam_grpc.sdk.client import BACKOFF_INITIAL, BACKOFF_MAX
 from balsam_grpc.sdk.errors import error_from_rpc
 from balsam_grpc.v1 import event_service_pb2
 
@@ -92,7 +93,7 @@ class EventStream:
     def _generate(self) -> Iterator[Event]:
         from balsam_grpc.sdk.models import Event
 
-        delays = backoff_delays()
+        delays = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         connections = 0
         while not self._closed.is_set():
             call = self._client.open_stream("EventService", "WatchEvents", self._request())
@@ -117,7 +118,7 @@ class EventStream:
                         self._has_cursor.set()
                     if first:
                         first = False
-                        delays = backoff_delays()  # a working connection resets the backoff
+                        delays.reset()  # a working connection starts the backoff over
                         if self._on_connect is not None:
                             self._on_connect()
                 if self._closed.is_set():
@@ -134,4 +135,4 @@ class EventStream:
                 with self._lock:
                     self._call = None
                 call.cancel()
-            self._closed.wait(next(delays))
+            self._closed.wait(delays.next_delay())

@@ -11,14 +11,13 @@ reported as a failure result by the caller-supplied `on_error`.
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.v1 import site_pb2, site_service_pb2, site_service_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -27,25 +26,6 @@ DAEMON_VERSION = "0.1.0"
 
 WorkHandler = Callable[[site_service_pb2.WorkItem], Awaitable[site_service_pb2.WorkResult | None]]
 ErrorResult = Callable[[site_service_pb2.WorkItem, BaseException], site_service_pb2.WorkResult | None]
-
-
-@dataclass
-class Backoff:
-    """Jittered exponential backoff ("full jitter"): a random delay up to a growing cap,
-    so many daemons cut off together do not reconnect in lockstep."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    attempt: int = 0
-    rng: random.Random = field(default_factory=random.Random)
-
-    def next_delay(self) -> float:
-        cap = min(self.maximum, self.initial * (2 ** self.attempt))
-        self.attempt += 1
-        return self.rng.uniform(cap / 2, cap)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class ResultOutbox:
@@ -98,7 +78,7 @@ class SiteStream:
         self.on_error = on_error
         self.on_backlog = on_backlog
         self.on_connected = on_connected
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff(initial=0.5, maximum=30.0)
         self.outbox = ResultOutbox()
         self.connected = asyncio.Event()
         self._stopping = asyncio.Event()

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 

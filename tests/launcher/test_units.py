@@ -3,7 +3,6 @@ specs, outcomes, flags."""
 
 from __future__ import annotations
 
-import random
 import shlex
 from pathlib import Path
 
@@ -11,12 +10,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balsam_grpc.launcher import bootstrap, config, launch_commands, nodes, outcomes, session
+from balsam_grpc.launcher import (
+    bootstrap,
+    config,
+    launch_commands,
+    nodes,
+    outcomes,
+    session,
+)
 from balsam_grpc.launcher.launch_commands import LaunchSpec, build_argv
 from balsam_grpc.launcher.node_manager import NodeManager, Resources
 from balsam_grpc.launcher.nodes import NodeSpec
 from balsam_grpc.launcher.outbox import Outbox
-from balsam_grpc.launcher.process_spec import RunContext, build_process_spec, needs_shell
+from balsam_grpc.launcher.process_spec import (
+    RunContext,
+    build_process_spec,
+    needs_shell,
+)
 from balsam_grpc.launcher.runner import ProcessResult, job_base_environment
 from balsam_grpc.v1 import app_pb2, job_pb2, session_service_pb2
 
@@ -259,11 +269,13 @@ def test_outbox_delivers_every_seq_once_in_order(ops, rnd):
     assert applied == list(range(1, box.last_seq + 1))
 
 
-def test_backoff_is_jittered_growing_and_capped():
-    delays = session.backoff_delays(0.2, 5.0, random.Random(1))
-    got = [next(delays) for _ in range(12)]
-    assert all(0.1 <= d <= 5.0 for d in got) and len(set(got)) > 6
-    assert max(got[8:]) > max(got[:2])
+def test_reconnect_backoff_stays_inside_the_lease_timeout():
+    client = session.SessionClient.__new__(session.SessionClient)
+    client.lease_timeout_s = 0
+    assert client._backoff().maximum == session.BACKOFF_MAX_S
+    client.lease_timeout_s = 4
+    delays = client._backoff()
+    assert max(delays.next_delay() for _ in range(20)) <= 1.0
 
 
 # -- process spec and outcomes -------------------------------------------------------------

@@ -12,9 +12,10 @@ from typing import Any
 
 from seckit import make_site, wait_until
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.channel import channel_options
 from balsam_grpc.site.layout import SiteLayout
-from balsam_grpc.site.stream import Backoff, SiteStream
+from balsam_grpc.site.stream import SiteStream
 from balsam_grpc.site.token_source import TokenSource
 from balsam_grpc.v1 import auth_service_pb2, auth_service_pb2_grpc
 

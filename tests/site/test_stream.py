@@ -10,7 +10,8 @@ import random
 import grpc
 import pytest
 
-from balsam_grpc.site.stream import Backoff, SiteStream
+from balsam_grpc.core.backoff import Backoff
+from balsam_grpc.site.stream import SiteStream
 from balsam_grpc.v1 import site_service_pb2 as S
 from balsam_grpc.v1 import site_service_pb2_grpc
 
