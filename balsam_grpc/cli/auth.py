@@ -22,7 +22,9 @@ def login(
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin "
                                                                           "(scripts)")] = False,
     token: Annotated[str | None, typer.Option("--token", help="use this token instead of a password "
-                                                              "(checked with the server)")] = None,
+                                                              "(checked with the server; visible to ps: "
+                                                              "prefer --token-stdin)")] = None,
+    token_stdin: Annotated[bool, typer.Option("--token-stdin", help="read the token from stdin")] = False,
     tls_ca: Annotated[str | None, typer.Option("--tls-ca", help="CA certificate (PEM) that verifies the "
                                                                 "server; turns TLS on")] = None,
     tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="client certificate (PEM) for "
@@ -39,7 +41,7 @@ def login(
 
       echo "$PASSWORD" | balsamctl login -u alice --password-stdin
 
-      balsamctl login --server 127.0.0.1:50051 --token "$BALSAM_TOKEN"
+      balsamctl login --server 127.0.0.1:50051 --token-stdin < token.txt
     """
     profile = Profile.load(apply_env=False)
     profile.server = server or profile.server
@@ -50,8 +52,14 @@ def login(
             setattr(profile, name, str(Path(value).expanduser().resolve()) if value else "")
     if bool(profile.tls_cert) != bool(profile.tls_key):
         usage("a client certificate needs both --tls-cert and --tls-key")
+    if token_stdin:
+        if token or password_stdin:
+            usage("--token-stdin reads the token from stdin: give neither --token nor --password-stdin")
+        token = sys.stdin.readline().strip()
+        if not token:
+            usage("--token-stdin: stdin held no token")
     if token and (username or password_stdin):
-        usage("give either --token or a user name and password")
+        usage("give either a token or a user name and password")
     if ttl_days < 0:
         usage("--ttl-days must not be negative")
     if token:
@@ -73,7 +81,7 @@ def login(
 
 def _prompt(what: str, *, hide: bool) -> str:
     if not sys.stdin.isatty():
-        usage(f"no {what} given and stdin is not a terminal (use --username/--password-stdin or --token)")
+        usage(f"no {what} given and stdin is not a terminal (use --username/--password-stdin or --token-stdin)")
     return str(typer.prompt(what.capitalize(), hide_input=hide, err=True))
 
 

@@ -199,6 +199,16 @@ def test_login_with_password_and_token(cli_server: CliServer, tmp_path: Path) ->
                                env={"BALSAM_PROFILE": str(tmp_path / "y.json")})
     assert bad_token.returncode == 1 and "UNAUTHENTICATED" in bad_token.stderr
 
+    piped = tmp_path / "by-stdin.json"
+    from_stdin = cli_server.run("login", "--server", cli_server.address, "--token-stdin",
+                                input=saved["token"] + "\n", env={"BALSAM_PROFILE": str(piped)})
+    assert from_stdin.returncode == 0 and "as bob" in from_stdin.stdout
+    assert json.loads(piped.read_text())["token"] == saved["token"]
+    empty = cli_server.run("login", "--server", cli_server.address, "--token-stdin", input="",
+                           env={"BALSAM_PROFILE": str(tmp_path / "z.json")})
+    assert empty.returncode == 2 and "stdin held no token" in empty.stderr
+    assert not (tmp_path / "z.json").exists()
+
 
 def test_unreachable_server_is_one_line(cli_server: CliServer, tmp_path: Path) -> None:
     from tests.cli.conftest import free_port
