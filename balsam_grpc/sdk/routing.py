@@ -7,9 +7,12 @@
 
     (backlog + placed since the last refresh + 1) / max(throughput, capacity, floor)
 
-(throughput and capacity in jobs per minute; capacity = the site's held nodes times the
-best recent throughput per node among the sites) from the server's live statistics (SiteService.ListSiteStatistics), refreshed at most
-every `refresh_seconds`. Counting the jobs it placed since the refresh lets a burst
+(throughput and capacity in jobs per minute; capacity = the site's nodes times the best
+recent throughput per node among the sites, where a site's nodes are the more of those
+its pilots hold now and its elastic queue's node cap) from the server's live statistics
+(SiteService.ListSiteStatistics), refreshed at most every `refresh_seconds`. Before any
+throughput has been seen, sites are weighed by their nodes alone, so the first burst
+already splits by capacity. Counting the jobs it placed since the refresh lets a burst
 spread over the sites instead of piling onto the one that looked best a moment ago.
 The floor keeps a site with no recent throughput (just started, or idle) in play: a new
 site takes work while the others' expected completion is above one job per 1/floor
@@ -50,12 +53,19 @@ class SiteLoad:
     throughput_per_minute: float = 0.0
     queue_wait_p50_seconds: float = 0.0
     held_nodes: int = 0
+    node_capacity: int = 0
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the site can bring to bear: held now, or what its elastic queue may hold."""
+        return max(self.held_nodes, self.node_capacity)
 
     @classmethod
     def from_message(cls, s: site_service_pb2.SiteStatistics) -> SiteLoad:
         return cls(site_id=s.site_id, name=s.site_name, connected=s.connected, backlog_jobs=s.backlog_jobs,
                    running_jobs=s.running_jobs, throughput_per_minute=s.throughput_per_minute,
-                   queue_wait_p50_seconds=s.queue_wait_p50_seconds, held_nodes=s.held_nodes)
+                   queue_wait_p50_seconds=s.queue_wait_p50_seconds, held_nodes=s.held_nodes,
+                   node_capacity=s.node_capacity)
 
 
 def node_rate_per_min(loads: Sequence[SiteLoad]) -> float:
@@ -65,13 +75,17 @@ def node_rate_per_min(loads: Sequence[SiteLoad]) -> float:
 
 def service_rate_per_min(load: SiteLoad, node_rate: float = 0.0, floor_per_min: float = DEFAULT_FLOOR_PER_MIN) -> float:
     """Jobs per minute the site can be expected to deliver: its recent throughput, or
-    what its held nodes would deliver at the best observed rate per node, whichever is
-    more, and never less than the floor.
+    what its nodes would deliver at the best observed rate per node, whichever is more,
+    and never less than the floor.
 
     The capacity term matters when the sites are not saturated: their throughput then
     only mirrors what they were sent (equal sends give equal throughput), and a site
-    with three idle nodes would look no better than a site with one busy node."""
-    return max(load.throughput_per_minute, load.held_nodes * node_rate, floor_per_min)
+    with three idle nodes would look no better than a site with one busy node. With no
+    rate per node observed yet, the floor is scaled by the nodes: sites are then
+    compared by size alone."""
+    if node_rate <= 0:
+        return max(load.throughput_per_minute, floor_per_min * max(1, load.nodes))
+    return max(load.throughput_per_minute, load.nodes * node_rate, floor_per_min)
 
 
 def expected_completion_min(load: SiteLoad, placed: int = 0, floor_per_min: float = DEFAULT_FLOOR_PER_MIN,

@@ -32,7 +32,7 @@ from balsam_grpc.site.journal import Journal
 from balsam_grpc.site.layout import SiteLayout, SiteLock
 from balsam_grpc.site.pilots import PilotDriver
 from balsam_grpc.site.script import DEFAULT_SERIAL_PREFIX, launcher_block, node_args, script_context
-from balsam_grpc.site.settings import SiteSettings, load_settings
+from balsam_grpc.site.settings import ElasticQueueSettings, SiteSettings, load_settings
 from balsam_grpc.site.stream import SiteStream
 from balsam_grpc.site.token_source import TokenSource
 from balsam_grpc.site.transfers.journal import TransferJournal
@@ -79,6 +79,16 @@ def aio_channel(target: str, profile: Profile) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(target, channel_credentials(profile.tls_ca, profile.tls_cert, profile.tls_key),
                                        options=opts)
     return grpc.aio.insecure_channel(target, options=opts)
+
+
+def elastic_queue_message(eq: ElasticQueueSettings) -> site_pb2.ElasticQueueSettings:
+    """The elastic-queue settings the daemon publishes on its Site, so the server can tell
+    routers how many nodes the site may hold."""
+    return site_pb2.ElasticQueueSettings(
+        enabled=eq.enabled, min_nodes=eq.min_nodes, max_nodes=eq.max_nodes, min_wall_time_min=eq.min_wall_time_min,
+        max_wall_time_min=eq.max_wall_time_min, max_queued=eq.max_queued, max_queue_wait_min=eq.wait_timeout_min,
+        use_backfill=eq.use_backfill, queue=eq.queue, project=eq.project, job_mode=eq.job_mode,
+        max_total_nodes=eq.max_total_nodes)
 
 
 class SiteDaemon:
@@ -219,10 +229,11 @@ class SiteDaemon:
         stub = site_service_pb2_grpc.SiteServiceStub(self.channel)
         site = site_pb2.Site(id=self.settings.site_id, hostname=socket.gethostname(), path=str(self.layout.root),
                              scheduler=self.settings.scheduler.name, allowed_queues=list(self.settings.allowed_queues),
-                             allowed_projects=list(self.settings.allowed_projects))
+                             allowed_projects=list(self.settings.allowed_projects),
+                             elastic_queue=elastic_queue_message(self.settings.elastic_queue))
         await stub.UpdateSite(site_service_pb2.UpdateSiteRequest(
             site=site, update_mask=field_mask_pb2.FieldMask(
-                paths=["hostname", "path", "scheduler", "allowed_queues", "allowed_projects"])),
+                paths=["hostname", "path", "scheduler", "allowed_queues", "allowed_projects", "elastic_queue"])),
             metadata=self.metadata, timeout=30)
         try:
             await asyncio.to_thread(self.sync_apps)

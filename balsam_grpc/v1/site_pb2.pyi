@@ -64,7 +64,7 @@ class TransferLocation(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class ElasticQueueSettings(_message.Message):
-    __slots__ = ("enabled", "min_nodes", "max_nodes", "min_wall_time_min", "max_wall_time_min", "max_queued", "max_queue_wait_min", "use_backfill", "queue", "project", "job_mode")
+    __slots__ = ("enabled", "min_nodes", "max_nodes", "min_wall_time_min", "max_wall_time_min", "max_queued", "max_queue_wait_min", "use_backfill", "queue", "project", "job_mode", "max_total_nodes")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     MIN_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class ElasticQueueSettings(_message.Message):
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     JOB_MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOTAL_NODES_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     min_nodes: int
     max_nodes: int
@@ -87,7 +88,8 @@ class ElasticQueueSettings(_message.Message):
     queue: str
     project: str
     job_mode: str
-    def __init__(self, enabled: _Optional[bool] = ..., min_nodes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., min_wall_time_min: _Optional[int] = ..., max_wall_time_min: _Optional[int] = ..., max_queued: _Optional[int] = ..., max_queue_wait_min: _Optional[int] = ..., use_backfill: _Optional[bool] = ..., queue: _Optional[str] = ..., project: _Optional[str] = ..., job_mode: _Optional[str] = ...) -> None: ...
+    max_total_nodes: int
+    def __init__(self, enabled: _Optional[bool] = ..., min_nodes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., min_wall_time_min: _Optional[int] = ..., max_wall_time_min: _Optional[int] = ..., max_queued: _Optional[int] = ..., max_queue_wait_min: _Optional[int] = ..., use_backfill: _Optional[bool] = ..., queue: _Optional[str] = ..., project: _Optional[str] = ..., job_mode: _Optional[str] = ..., max_total_nodes: _Optional[int] = ...) -> None: ...
 
 class Site(_message.Message):
     __slots__ = ("id", "name", "hostname", "path", "owner", "scheduler", "allowed_queues", "allowed_projects", "optional_batch_job_params", "transfer_locations", "elastic_queue", "scheduler_snapshot", "liveness", "create_time", "update_time")

@@ -329,7 +329,7 @@ class ListSiteStatisticsRequest(_message.Message):
     def __init__(self, filter: _Optional[_Union[SiteFilter, _Mapping]] = ..., window_seconds: _Optional[float] = ...) -> None: ...
 
 class SiteStatistics(_message.Message):
-    __slots__ = ("site_id", "site_name", "connected", "backlog_jobs", "backlog_node_footprint", "runnable_jobs", "running_jobs", "running_node_footprint", "active_sessions", "held_nodes", "finished_in_window", "failed_in_window", "throughput_per_minute", "started_in_window", "queue_wait_mean_seconds", "queue_wait_p50_seconds", "finishing_jobs", "last_seen_time")
+    __slots__ = ("site_id", "site_name", "connected", "backlog_jobs", "backlog_node_footprint", "runnable_jobs", "running_jobs", "running_node_footprint", "active_sessions", "held_nodes", "finished_in_window", "failed_in_window", "throughput_per_minute", "started_in_window", "queue_wait_mean_seconds", "queue_wait_p50_seconds", "finishing_jobs", "last_seen_time", "node_capacity")
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_NAME_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +348,7 @@ class SiteStatistics(_message.Message):
     QUEUE_WAIT_P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FINISHING_JOBS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_TIME_FIELD_NUMBER: _ClassVar[int]
+    NODE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     site_id: int
     site_name: str
     connected: bool
@@ -366,7 +367,8 @@ class SiteStatistics(_message.Message):
     queue_wait_p50_seconds: float
     finishing_jobs: int
     last_seen_time: _timestamp_pb2.Timestamp
-    def __init__(self, site_id: _Optional[int] = ..., site_name: _Optional[str] = ..., connected: _Optional[bool] = ..., backlog_jobs: _Optional[int] = ..., backlog_node_footprint: _Optional[float] = ..., runnable_jobs: _Optional[int] = ..., running_jobs: _Optional[int] = ..., running_node_footprint: _Optional[float] = ..., active_sessions: _Optional[int] = ..., held_nodes: _Optional[int] = ..., finished_in_window: _Optional[int] = ..., failed_in_window: _Optional[int] = ..., throughput_per_minute: _Optional[float] = ..., started_in_window: _Optional[int] = ..., queue_wait_mean_seconds: _Optional[float] = ..., queue_wait_p50_seconds: _Optional[float] = ..., finishing_jobs: _Optional[int] = ..., last_seen_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    node_capacity: int
+    def __init__(self, site_id: _Optional[int] = ..., site_name: _Optional[str] = ..., connected: _Optional[bool] = ..., backlog_jobs: _Optional[int] = ..., backlog_node_footprint: _Optional[float] = ..., runnable_jobs: _Optional[int] = ..., running_jobs: _Optional[int] = ..., running_node_footprint: _Optional[float] = ..., active_sessions: _Optional[int] = ..., held_nodes: _Optional[int] = ..., finished_in_window: _Optional[int] = ..., failed_in_window: _Optional[int] = ..., throughput_per_minute: _Optional[float] = ..., started_in_window: _Optional[int] = ..., queue_wait_mean_seconds: _Optional[float] = ..., queue_wait_p50_seconds: _Optional[float] = ..., finishing_jobs: _Optional[int] = ..., last_seen_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_capacity: _Optional[int] = ...) -> None: ...
 
 class ListSiteStatisticsResponse(_message.Message):
     __slots__ = ("sites", "time", "window_seconds")

@@ -61,6 +61,20 @@ def test_capacity_breaks_the_mirror_of_unsaturated_sites():
     assert service_rate_per_min(SiteLoad(4), 24.0, floor_per_min=1.0) == 1.0
 
 
+def test_node_capacity_weighs_sites_before_any_throughput():
+    """The daemons published their elastic-queue caps (4, 2, 1 nodes) and nothing has run:
+    the first burst splits by capacity instead of evenly."""
+    loads = [SiteLoad(1, node_capacity=4), SiteLoad(2, node_capacity=2), SiteLoad(3, node_capacity=1)]
+    placed: Counter[int] = Counter()
+    for _ in range(14):
+        placed[choose_best(loads, placed)] += 1
+    assert placed == {1: 8, 2: 4, 3: 2}
+    # Once a rate per node is known, a site that scaled to zero still counts its cap.
+    idle_big = SiteLoad(4, node_capacity=4)
+    assert service_rate_per_min(idle_big, node_rate=10.0) == 40.0
+    assert SiteLoad(5, held_nodes=3, node_capacity=2).nodes == 3
+
+
 def test_best_skips_disconnected_sites_unless_all_are():
     up = SiteLoad(1, backlog_jobs=50, throughput_per_minute=1.0)
     down = SiteLoad(2, connected=False)
@@ -113,6 +127,22 @@ def test_router_against_the_server(client, sites):
     router.choose()
     assert router.refreshes == 2
     assert sum(router.placements.values()) == 7
+
+
+def test_router_uses_published_node_capacity(client):
+    from balsam_grpc.v1 import site_pb2
+
+    caps = {}
+    for cap, enabled in ((4, True), (2, True), (8, False)):
+        site = client.sites.create(name=f"cap-{cap}-{secrets.token_hex(3)}")
+        site.elastic_queue = site_pb2.ElasticQueueSettings(enabled=enabled, max_nodes=1, max_total_nodes=cap)
+        site.save()
+        caps[site.id] = cap if enabled else 0
+    router = Router(client, list(caps), "best")
+    assert {s.site_id: s.node_capacity for s in router.loads()} == caps
+    placed = Counter(router.choose() for _ in range(7))
+    ids = list(caps)
+    assert placed == {ids[0]: 4, ids[1]: 2, ids[2]: 1}
 
 
 def test_router_strategies_and_errors(client, sites):

@@ -35,7 +35,11 @@ def kit(tmp_path, site_database_url):
 def test_elastic_pilot_runs_jobs_with_hooks_and_scales_to_zero(kit):
     kit.init_site(**FAST)
     kit.start_daemon()
-    assert kit.site().liveness.connected
+    site = kit.site()
+    assert site.liveness.connected
+    # The daemon published its elastic queue, which routers read as the site's capacity.
+    assert site.elastic_queue.enabled and site.elastic_queue.max_nodes == 1
+    assert site.elastic_queue.min_wall_time_min == 5
     assert kit.batch_jobs() == []  # an idle site requests nothing
 
     # node_packing_count 8: the five single-node jobs fit one 1-node pilot.

@@ -254,7 +254,7 @@ def _transfer_locations(locations: Sequence[site_pb2.TransferLocation], settings
 def _elastic_queue(eq: site_pb2.ElasticQueueSettings) -> dict[str, Any]:
     field = "site.elastic_queue"
     for name in ("min_nodes", "max_nodes", "min_wall_time_min", "max_wall_time_min", "max_queued",
-                 "max_queue_wait_min"):
+                 "max_queue_wait_min", "max_total_nodes"):
         if getattr(eq, name) < 0:
             raise InvalidArgument(f"{field}.{name} must be >= 0", field=f"{field}.{name}")
     if eq.max_nodes and eq.min_nodes > eq.max_nodes:

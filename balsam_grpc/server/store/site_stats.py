@@ -64,10 +64,23 @@ class SiteFigures:
     started_in_window: int = 0
     queue_wait_mean_seconds: float = 0.0
     queue_wait_p50_seconds: float = 0.0
+    node_capacity: int = 0
     waits: list[float] = field(default_factory=list, repr=False)
 
 
 # ------------------------------------------------------------------------------ pure parts
+
+def node_capacity(elastic_queue: dict[str, Any] | None) -> int:
+    """The nodes a site's elastic queue may hold at once, from the settings its daemon
+    published (0: no elastic queue, or no cap)."""
+    eq = elastic_queue or {}
+    if not eq.get("enabled"):
+        return 0
+    try:
+        return max(0, int(eq.get("max_total_nodes") or 0))
+    except (TypeError, ValueError):
+        return 0
+
 
 def median(values: list[float]) -> float:
     if not values:
@@ -225,7 +238,8 @@ def site_statistics(conn: Connection, q: SiteQuery, *, now: datetime, window_sec
     """Figures of the selected sites of `q.owner_id`, by site id."""
     rows = list_sites(conn, q, after_id=None, limit=limit)
     figures = {r["id"]: SiteFigures(site_id=r["id"], site_name=r["name"], connected=bool(r["connected"]),
-                                    last_seen_time=aware(r["last_seen_time"])) for r in rows}
+                                    last_seen_time=aware(r["last_seen_time"]),
+                                    node_capacity=node_capacity(r["elastic_queue"])) for r in rows}
     if not figures:
         return []
     site_ids = list(figures)
