@@ -23,7 +23,7 @@ from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, In
 from balsam_grpc.core.states import RUNNABLE_STATES, JobState
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import tags_contain
-from balsam_grpc.server.store.tables import apps, events, jobs, sessions
+from balsam_grpc.server.store.tables import apps, events, jobs, runnable_condition, sessions
 from balsam_grpc.server.store.transitions import Transitioner
 
 S = JobState
@@ -89,7 +89,7 @@ def _candidate_conditions(session: SessionRef, credit: Credit, free_nodes: float
     # No owner_id term: a site's jobs are all its owner's, and that term would tempt the
     # planner (with stale statistics after a bulk create) into the owner/state index and a
     # sort of the whole backlog instead of walking ix_jobs_lease_order and stopping early.
-    conds = [c.site_id == session.site_id, c.state.in_(_RUNNABLE),
+    conds = [c.site_id == session.site_id, runnable_condition(),
              # footprint <= free_nodes, without a division: num_nodes <= free * packing.
              c.num_nodes <= (free_nodes + _EPS) * c.node_packing_count]
     if credit.max_nodes_per_job > 0:

@@ -3,6 +3,8 @@ disk; this module mirrors them for queries (a test checks they agree)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -19,9 +21,12 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    literal_column,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+
+from balsam_grpc.core.states import RUNNABLE_STATES
 
 metadata = MetaData(
     naming_convention={
@@ -37,6 +42,11 @@ Json = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only autoincrements INTEGER PRIMARY KEY; BIGINT elsewhere.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 Time = DateTime(timezone=True)
+# The predicate of the runnable-job partial indexes. Queries that should use them test
+# `runnable_condition()` (the same states as literals): SQLite only uses a partial index
+# when the query's WHERE repeats its predicate, which a bound parameter list does not.
+_RUNNABLE_LITERALS = [f"'{state}'" for state in sorted(RUNNABLE_STATES)]
+RUNNABLE_PREDICATE = f"state IN ({', '.join(_RUNNABLE_LITERALS)})"
 
 
 def _id() -> Column:
@@ -186,14 +196,14 @@ jobs = Table(
     # Acquisition scans only runnable jobs, by site then priority.
     Index(
         "ix_jobs_runnable", "site_id", text("priority DESC"), "id",
-        postgresql_where=text("state IN ('PREPROCESSED', 'RESTART_READY')"),
-        sqlite_where=text("state IN ('PREPROCESSED', 'RESTART_READY')"),
+        postgresql_where=text(RUNNABLE_PREDICATE),
+        sqlite_where=text(RUNNABLE_PREDICATE),
     ),
     # Lease order of the session stream's acquisition (migration 0002): it stops early.
     Index(
         "ix_jobs_lease_order", "site_id", text("priority DESC"), text("num_nodes DESC"), text("wall_time_min DESC"), "id",
-        postgresql_where=text("state IN ('PREPROCESSED', 'RESTART_READY')"),
-        sqlite_where=text("state IN ('PREPROCESSED', 'RESTART_READY')"),
+        postgresql_where=text(RUNNABLE_PREDICATE),
+        sqlite_where=text(RUNNABLE_PREDICATE),
     ),
     # The site stream finds finished workdirs still to clean, per site and app.
     Index(
@@ -278,3 +288,9 @@ idempotency_keys = Table(
     Column("response", LargeBinary, nullable=False),
     Column("create_time", Time, nullable=False),
 )
+
+
+def runnable_condition() -> Any:
+    """`jobs.state IN ('PREPROCESSED', 'RESTART_READY')` with literal states: the
+    predicate of ix_jobs_runnable and ix_jobs_lease_order."""
+    return jobs.c.state.in_([literal_column(lit) for lit in _RUNNABLE_LITERALS])
