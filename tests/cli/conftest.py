@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import POSTGRES_URL, database_params
+from tests.support.databases import fresh_postgres
 
 REPO = Path(__file__).resolve().parents[2]
 BALSAMCTL = str(Path(sys.executable).with_name("balsamctl"))
@@ -31,21 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def fresh_postgres_database(url: str, suffix: str) -> str:
-    """An empty database next to the one `url` names; returns its URL."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    base = make_url(url)
-    name = f"{base.database}_{suffix}"
-    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return base.set(database=name).render_as_string(hide_password=False)
 
 
 @dataclass
@@ -114,7 +100,7 @@ def _start(home: Path, database: str) -> CliServer:
 def cli_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:
     home = tmp_path_factory.mktemp("cli-home")
     if request.param == "postgres":
-        database = fresh_postgres_database(POSTGRES_URL, "cli")
+        database = fresh_postgres(POSTGRES_URL, "cli")
     else:
         database = f"sqlite:///{home / 'balsam.db'}"
     server = _start(home, database)

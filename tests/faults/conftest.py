@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import POSTGRES_URL, database_params
-from tests.faults.harness import ServerProc, drop_databases, fresh_postgres
+from tests.faults.harness import ServerProc
+from tests.support.databases import drop_postgres, fresh_postgres
 from tests.faults.report import ROWS
 
 
@@ -41,17 +42,21 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                   f"duplicate completions in total: {sum(r.duplicates for r in ROWS)}")
 
 
+CREATED_DATABASES: list[str] = []  # dropped at the end of the session
+
+
 def database_url(backend: str, tmp: Path) -> str:
     if backend == "postgres":
-        return fresh_postgres(POSTGRES_URL, f"faults_{secrets.token_hex(3)}")
+        CREATED_DATABASES.append(fresh_postgres(POSTGRES_URL, f"faults_{secrets.token_hex(3)}"))
+        return CREATED_DATABASES[-1]
     return f"sqlite:///{tmp / 'balsam.db'}"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _drop_fault_databases() -> Iterator[None]:
     yield
-    if POSTGRES_URL:
-        drop_databases(POSTGRES_URL)
+    while CREATED_DATABASES:
+        drop_postgres(CREATED_DATABASES.pop())
 
 
 @pytest.fixture(params=database_params())

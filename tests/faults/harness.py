@@ -68,36 +68,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-CREATED_DATABASES: list[str] = []  # dropped at the end of the session (tests/faults/conftest.py)
-
-
-def fresh_postgres(url: str, suffix: str) -> str:
-    """An empty database next to the one `url` names (dropped first); its URL."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    base = make_url(url)
-    name = f"{base.database}_{suffix}"
-    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    CREATED_DATABASES.append(name)
-    return base.set(database=name).render_as_string(hide_password=False)
-
-
-def drop_databases(url: str) -> None:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        while CREATED_DATABASES:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{CREATED_DATABASES.pop()}" WITH (FORCE)'))
-    admin.dispose()
-
-
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants at once (a node that died: its job
     processes, in sessions of their own, die with it)."""

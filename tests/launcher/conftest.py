@@ -31,26 +31,13 @@ from balsam_grpc.v1 import (
     site_service_pb2_grpc,
 )
 from tests.conftest import POSTGRES_URL, database_params
+from tests.support.databases import fresh_postgres
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 LEASE_TIMEOUT = 3
 WAIT = 20.0
 S = job_pb2
-
-
-def fresh_postgres(url: str, suffix: str) -> str:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    name = f"{parsed.database}_{suffix}"
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return parsed.set(database=name).render_as_string(hide_password=False)
 
 
 class Server:

@@ -33,26 +33,12 @@ from balsam_grpc.v1 import (
     site_service_pb2_grpc,
 )
 from tests.conftest import POSTGRES_URL, Caller, Harness, database_params
+from tests.support.databases import fresh_postgres
 
 S = job_pb2
 Req = session_service_pb2.SessionServiceConnectRequest
 LEASE_TIMEOUT = 2
 WAIT = 15.0  # generous bound for anything that should happen "at once"
-
-
-def _fresh_postgres(url: str, suffix: str) -> str:
-    """A database of our own next to the shared test database, dropped and recreated."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    name = f"{parsed.database}_{suffix}"
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return parsed.set(database=name).render_as_string(hide_password=False)
 
 
 class ShortLeaseHarness(Harness):
@@ -75,7 +61,7 @@ class ShortLeaseHarness(Harness):
 @pytest.fixture(scope="module", params=database_params())
 def short(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShortLeaseHarness]:
     if request.param == "postgres":
-        url = _fresh_postgres(POSTGRES_URL, "sessions")
+        url = fresh_postgres(POSTGRES_URL, "sessions")
     else:
         url = f"sqlite:///{tmp_path_factory.mktemp('sessions') / 'balsam.db'}"
     h = ShortLeaseHarness(request.param, url)

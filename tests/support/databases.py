@@ -1,0 +1,34 @@
+"""PostgreSQL databases of a test's own, next to the shared test database
+(BALSAM_TEST_DATABASE_URL), so a test that needs an empty schema or kills connections
+does not disturb the others."""
+
+from __future__ import annotations
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL, make_url
+
+
+def _admin(url: str | URL):  # type: ignore[no-untyped-def]
+    return create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+
+def fresh_postgres(url: str, suffix: str) -> str:
+    """An empty database named `<shared name>_<suffix>` (dropped first if it exists);
+    its URL, with the password kept."""
+    base = make_url(url)
+    name = f"{base.database}_{suffix}"
+    admin = _admin(base)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres(url: str) -> None:
+    """Drop the database `url` names, closing its connections."""
+    name = make_url(url).database
+    admin = _admin(url)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
