@@ -86,9 +86,9 @@ else
     "$BUF" breaking --against '.git#ref=HEAD~1' && echo "ok: no breaking change since $(git rev-parse --short HEAD~1)"
 fi
 
-step "pytest -q -ra $*"
+step "pytest -q -ra --durations=15 $*"
 rc=0
-"$PY" -m pytest -q -ra "$@" || rc=$?
+"$PY" -m pytest -q -ra --durations=15 "$@" || rc=$?
 if [[ $rc -eq 5 ]]; then
     echo "ERROR: pytest collected no tests: that is a failure, not a pass" >&2
 fi
