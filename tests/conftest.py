@@ -3,6 +3,7 @@ with tokens to call it through the generated stubs."""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import tempfile
@@ -13,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 
 _HOME = tempfile.mkdtemp(prefix="balsam-test-home-")
 os.environ["BALSAM_HOME"] = _HOME  # never touch the developer's real profile or database
@@ -20,6 +22,18 @@ os.environ.pop("BALSAM_SERVER", None)
 os.environ.pop("BALSAM_TOKEN", None)
 
 POSTGRES_URL = os.environ.get("BALSAM_TEST_DATABASE_URL", "")
+
+# In-process servers and daemons log with structlog, which prints to stdout by default:
+# lines from their background threads landed between pytest's dots. Through stdlib
+# logging instead, pytest captures them per test and shows them only with a failure.
+logging.getLogger().setLevel(logging.INFO)
+structlog.configure(
+    processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.format_exc_info,
+                structlog.dev.ConsoleRenderer(colors=False)],
+    wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+    logger_factory=structlog.stdlib.LoggerFactory(),
+)
 
 
 def database_params() -> list[Any]:
