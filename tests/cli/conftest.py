@@ -9,13 +9,9 @@ configured one at the same time.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +19,45 @@ import pytest
 
 from tests.conftest import POSTGRES_URL, database_params
 from tests.support.databases import fresh_postgres
+from tests.support.server_proc import ServerProcess
 
-REPO = Path(__file__).resolve().parents[2]
 BALSAMCTL = str(Path(sys.executable).with_name("balsamctl"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
 class CliServer:
-    home: Path
-    address: str
-    process: subprocess.Popen[bytes]
-    env: dict[str, str] = field(default_factory=dict)
-    _client: Any = None
+    """The server process, and `balsamctl` run against it with the server's environment
+    (no BALSAM_* of the test's own, no colour, wide columns)."""
+
+    def __init__(self, home: Path, database: str) -> None:
+        self.server = ServerProcess(home, database, extra_env={"NO_COLOR": "1", "COLUMNS": "200",
+                                                               "PYTHONUNBUFFERED": "1"})
+        self._client: Any = None
+
+    @property
+    def home(self) -> Path:
+        return self.server.home
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.server.env
+
+    def start(self) -> None:
+        self.server.start()
+        try:
+            self.client.wait_ready(30)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self.server.stop(timeout=15)
 
     def run(self, *args: str, input: str | None = None, timeout: float = 120,  # noqa: A002
             env: dict[str, str] | None = None, stdin: Any = None) -> subprocess.CompletedProcess[str]:
@@ -64,36 +81,11 @@ class CliServer:
             from balsam_grpc.core.settings import Profile
             from balsam_grpc.sdk.client import Client
 
-            self._client = Client(profile=Profile.load(self.home / "profile.json", apply_env=False))
+            self._client = Client(profile=Profile.load(self.server.profile_path, apply_env=False))
         return self._client
 
     def call(self, service: str, method: str, request: Any) -> Any:
         return self.client.call(service, method, request)
-
-
-def _start(home: Path, database: str) -> CliServer:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
-    env.update(BALSAM_HOME=str(home), NO_COLOR="1", COLUMNS="200", PYTHONUNBUFFERED="1")
-    log = open(home / "server.log", "wb")  # noqa: SIM115 (kept open for the process's life)
-    process = subprocess.Popen([sys.executable, "-m", "balsam_grpc.server", "--address", address,
-                                "--database", database], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               cwd=REPO)
-    server = CliServer(home=home, address=address, process=process, env=env)
-    profile = home / "profile.json"
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {(home / 'server.log').read_text()}")
-        if profile.exists() and json.loads(profile.read_text() or "{}").get("server") == address:
-            break
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start: {(home / 'server.log').read_text()}")
-        time.sleep(0.1)
-    server.client.wait_ready(30)
-    return server
 
 
 @pytest.fixture(scope="module", params=database_params())
@@ -103,13 +95,7 @@ def cli_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         database = fresh_postgres(POSTGRES_URL, "cli")
     else:
         database = f"sqlite:///{home / 'balsam.db'}"
-    server = _start(home, database)
+    server = CliServer(home, database)
+    server.start()
     yield server
-    if server._client is not None:
-        server._client.close()
-    server.process.terminate()
-    try:
-        server.process.wait(15)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(5)
+    server.stop()

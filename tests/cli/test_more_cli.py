@@ -211,7 +211,7 @@ def test_login_with_password_and_token(cli_server: CliServer, tmp_path: Path) ->
 
 
 def test_unreachable_server_is_one_line(cli_server: CliServer, tmp_path: Path) -> None:
-    from tests.cli.conftest import free_port
+    from tests.support.server_proc import free_port
 
     result = cli_server.run("job", "ls", env={"BALSAM_SERVER": f"127.0.0.1:{free_port()}"}, timeout=120)
     assert result.returncode == 1

@@ -14,7 +14,6 @@ import os
 import queue
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ import yaml
 
 from balsam_grpc.sdk import Client, Event
 from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
+from tests.support.server_proc import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -47,12 +47,6 @@ KEEPALIVE_ENV = {
     "BALSAM_SERVER_KEEPALIVE_TIME_MS": "2000",
     "BALSAM_SERVER_KEEPALIVE_TIMEOUT_MS": "2000",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1,
@@ -85,68 +79,14 @@ def kill_tree(pid: int) -> None:
 
 
 # ---------------------------------------------------------------------------- server
-class ServerProc:
-    """`python -m balsam_grpc.server` on a fixed port with its own BALSAM_HOME."""
+class ServerProc(ServerProcess):
+    """The server with the fault suite's short lease timeout and keepalives, in a session
+    of its own."""
 
     def __init__(self, home: Path, database_url: str, lease_timeout: int = LEASE_TIMEOUT) -> None:
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.database_url = database_url
+        super().__init__(home, database_url, args=("--lease-timeout", str(lease_timeout)),
+                         extra_env={"PYTHONPATH": str(REPO), **KEEPALIVE_ENV}, new_session=True)
         self.lease_timeout = lease_timeout
-        self.log_path = home / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
-        self.env.update(BALSAM_HOME=str(home), PYTHONPATH=str(REPO), **KEEPALIVE_ENV)
-
-    @property
-    def profile_path(self) -> Path:
-        return self.home / "profile.json"
-
-    @property
-    def token(self) -> str:
-        return str(json.loads(self.profile_path.read_text())["token"])
-
-    def start(self, timeout: float = 60) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "balsam_grpc.server", "--address", self.address, "--database",
-                 self.database_url, "--lease-timeout", str(self.lease_timeout)],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-        def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if not (self.profile_path.exists() and
-                    json.loads(self.profile_path.read_text() or "{}").get("server") == self.address):
-                return False
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(listening, timeout, "the server to listen", 0.05)
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
-
-    def client(self, address: str = "", **kw: Any) -> Client:
-        kw.setdefault("timeout", 20)
-        return Client(address or self.address, token=self.token, **kw)
 
 
 # ---------------------------------------------------------------------------- launchers
