@@ -26,7 +26,7 @@ from balsam_grpc.sdk import (
 )
 from balsam_grpc.v1 import job_service_pb2
 
-from .serverproc import free_port
+from tests.support.server_proc import free_port
 
 
 def test_client_from_arguments_env_and_profile(harness: Any, alice: Any, tmp_path: Path,

@@ -19,7 +19,7 @@ import pytest
 
 from balsam_grpc.sdk import Client
 
-from .serverproc import REPO, ServerProcess
+from tests.support.server_proc import REPO, ServerProcess
 
 NODE_DIR = REPO / "examples" / "node"
 
@@ -52,7 +52,7 @@ def _npm_ci(npm: str) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "home")
+    proc = ServerProcess(tmp_path / "home", f"sqlite:///{tmp_path / 'home' / 'balsam.db'}")
     proc.start()
     yield proc
     proc.stop()
@@ -63,7 +63,7 @@ def test_node_client_creates_jobs_and_watches_their_events(server: ServerProcess
     node = _tool("node")
     npm = _tool("npm")
     _npm_ci(npm)
-    env = {**server.env, "BALSAM_SERVER": server.address, "BALSAM_TOKEN": server.token()}
+    env = {**server.env, "BALSAM_SERVER": server.address, "BALSAM_TOKEN": server.token}
     run = subprocess.run([node, "client.js", "--jobs", "4"], cwd=NODE_DIR, env=env, capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 0, f"node client failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
@@ -83,7 +83,7 @@ def test_node_client_creates_jobs_and_watches_their_events(server: ServerProcess
     assert next(line for line in lines if line["type"] == "killed") == {"type": "killed", "updated": 3, "failed": 0}
 
     # What node saw is exactly the server's event log after its starting cursor.
-    with Client(server.address, token=server.token()) as client:
+    with Client(server.address, token=server.token) as client:
         cursor = int(lines[1]["cursor"])
         log = [e for e in client.events.filter(job=job_ids) if e.id > cursor]
         assert [e.id for e in log] == [int(e["id"]) for e in events]

@@ -15,14 +15,14 @@ import pytest
 
 from balsam_grpc.sdk import App, Client, Event, Site
 
-from .serverproc import ServerProcess
+from tests.support.server_proc import ServerProcess
 
 WAIT = 30
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "home")
+    proc = ServerProcess(tmp_path / "home", f"sqlite:///{tmp_path / 'home' / 'balsam.db'}")
     proc.start()
     yield proc
     proc.stop()

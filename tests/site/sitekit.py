@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from balsam_grpc.v1 import (
     site_service_pb2,
     site_service_pb2_grpc,
 )
+from tests.support.server_proc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BJ = batch_job_pb2
@@ -62,12 +62,6 @@ HOOK_APPS = textwrap.dedent('''
             self.job.data = {**self.job.data, "answer": answer}
             print("postprocess read", answer)
 ''')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

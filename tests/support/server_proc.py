@@ -1,6 +1,6 @@
 """A balsam-grpc server as a separate process (`python -m balsam_grpc.server`) on a free
 port with its own BALSAM_HOME and database; it can be stopped (or killed) and started
-again on the same port and database. Used by tests/cli and tests/faults."""
+again on the same port and database. Used by tests/cli, tests/faults and tests/sdk."""
 
 from __future__ import annotations
 
