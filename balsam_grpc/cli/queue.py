@@ -156,16 +156,24 @@ def rm(
                 f"{b.id} ({'cancel' if b in cancel else 'delete'}, {bj_state(b.state)})" for b in cancel + delete))
         else:
             out.confirm(f"{what[0].upper()}{what[1:]}?", assume_yes=yes, what=what)
+            def cancel_one(b: Any) -> None:
+                patch = batch_job_pb2.BatchJob(id=b.id, state=S.BATCH_JOB_STATE_PENDING_DELETION)
+                c.call("BatchJobService", "UpdateBatchJob", batch_job_service_pb2.UpdateBatchJobRequest(
+                    batch_job=patch, update_mask={"paths": ["state"]}))
+                out.write(f"cancelling batch job {b.id}")
+
             for b in cancel + delete:
                 try:
                     if b in cancel:
-                        patch = batch_job_pb2.BatchJob(id=b.id, state=S.BATCH_JOB_STATE_PENDING_DELETION)
-                        c.call("BatchJobService", "UpdateBatchJob", batch_job_service_pb2.UpdateBatchJobRequest(
-                            batch_job=patch, update_mask={"paths": ["state"]}))
-                        out.write(f"cancelling batch job {b.id}")
-                    else:
+                        cancel_one(b)
+                        continue
+                    try:
                         c.call("BatchJobService", "DeleteBatchJob", batch_job_service_pb2.DeleteBatchJobRequest(id=b.id))
                         out.write(f"deleted batch job {b.id}")
+                    except BalsamError as err:
+                        if err.reason != "BATCH_JOB_SUBMITTING":
+                            raise
+                        cancel_one(b)  # its daemon may be submitting it right now
                 except BalsamError as err:
                     failed += 1
                     print_error(f"batch job {b.id}: {describe(err)}")

@@ -123,7 +123,9 @@ class SessionClient:
                 if self.opens != opens_before:
                     delays = self._backoff()  # that connection worked: start over from a short delay
                 reason = error_reason(err)
-                if err.code() in FATAL_CODES:
+                # NOT_FOUND before any session: its site or batch job does not exist (a
+                # pilot whose batch job was deleted), and retrying cannot change that.
+                if err.code() in FATAL_CODES or (err.code() == grpc.StatusCode.NOT_FOUND and not self.session_id):
                     cls = ERRORS_BY_CODE.get(err.code(), BalsamError)
                     raise SessionFatal(cls(err.details() or str(err.code()), reason=reason or None)) from err
                 if (reason in SESSION_GONE_REASONS or (err.code() == grpc.StatusCode.NOT_FOUND and self.session_id)):

@@ -97,6 +97,30 @@ def test_queue_submit_ls_rm(cli_server: CliServer, site: site_pb2.Site) -> None:
     assert bad.returncode == 2 and "--job-mode: 'parallel' is not one of: serial, mpi" in bad.stderr
 
 
+def test_queue_rm_cancels_a_pending_batch_job_its_daemon_may_be_submitting(cli_server: CliServer,
+                                                                         site: site_pb2.Site) -> None:
+    from sqlalchemy import create_engine, update
+
+    from balsam_grpc.server.store.tables import sites
+
+    (created,) = cli_server.json("queue", "submit", "--site", "mini", "-n", "1", "-t", "10")
+    engine = create_engine(cli_server.server.database_url)
+    try:
+        def connected(value: bool) -> None:
+            with engine.begin() as conn:  # as if the site's daemon held its stream
+                conn.execute(update(sites).where(sites.c.id == site.id).values(connected=value))
+
+        connected(True)
+        done = cli_server.run("queue", "rm", created["id"], "--yes")
+        connected(False)
+    finally:
+        engine.dispose()
+    assert done.returncode == 0, done.stderr
+    assert f"cancelling batch job {created['id']}" in done.stdout
+    (left,) = cli_server.json("queue", "ls", "--all", "--site", "mini")
+    assert left["id"] == created["id"] and left["state"] == "BATCH_JOB_STATE_PENDING_DELETION"
+
+
 def _job(cli_server: CliServer, workdir: str, tag: str) -> int:
     (job,) = cli_server.json("job", "create", "--app", "Greeter", "--site", "mini", "-w", workdir, "-p", "who=x",
                              "--tag", tag)

@@ -158,3 +158,11 @@ def test_allocation_end_times_out_running_jobs_and_closes(site, launchers):
     sessions = site.server.call(site.server.sessions.ListSessions, session_service_pb2.ListSessionsRequest(
         filter=session_service_pb2.SessionFilter(site_ids=[site.id]))).sessions
     assert [s.state for s in sessions] == [session_pb2.SESSION_STATE_CLOSED]
+
+
+def test_pilot_of_a_deleted_batch_job_exits_instead_of_retrying(site, launchers):
+    """NOT_FOUND at open (its batch job is gone) cannot change by retrying: the launcher
+    exits with the server's reason, so the allocation is given back."""
+    launchers.append(launcher := Launcher(site, "--mode", "serial", "--batch-job-id", "987654321"))
+    assert launcher.wait() != 0
+    assert "987654321" in launcher.text()

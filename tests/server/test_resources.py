@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 from sqlalchemy import insert, select, update
 
 from balsam_grpc.server.convert import utcnow
-from balsam_grpc.server.store.tables import batch_jobs, events, jobs, sessions, transfer_items
+from balsam_grpc.server.store.tables import batch_jobs, events, jobs, sessions, sites, transfer_items
 from balsam_grpc.v1 import (
     app_pb2,
     app_service_pb2,
@@ -484,6 +484,20 @@ def test_batch_job_open_site_accepts_any_queue_but_no_unknown_params(api: Api) -
                  field="batch_job.optional_params")
     expect_error(lambda: api.batch_job(10**12), Code.NOT_FOUND, field="batch_job.site_id",
                  reason="REFERENCE_NOT_FOUND")
+
+
+def test_pending_batch_job_of_a_connected_site_is_cancelled_not_deleted(harness: Any, api: Api) -> None:
+    """Its daemon may be submitting it: deleting the row would orphan the pilot."""
+    site = api.site()
+    bj = api.batch_job(site.id)
+    set_column(harness, sites, site.id, connected=True)
+    expect_error(lambda: api.batch.DeleteBatchJob(batch_job_service_pb2.DeleteBatchJobRequest(id=bj.id)),
+                 Code.FAILED_PRECONDITION, reason="BATCH_JOB_SUBMITTING")
+    got = api.batch.GetBatchJob(batch_job_service_pb2.GetBatchJobRequest(id=bj.id)).batch_job
+    assert got.state == BJ.BATCH_JOB_STATE_PENDING_SUBMISSION
+    set_column(harness, sites, site.id, connected=False)  # no daemon: nothing can be submitting it
+    api.batch.DeleteBatchJob(batch_job_service_pb2.DeleteBatchJobRequest(id=bj.id))
+    expect_error(lambda: api.batch.GetBatchJob(batch_job_service_pb2.GetBatchJobRequest(id=bj.id)), Code.NOT_FOUND)
 
 
 def test_batch_job_state_rules(harness: Any, api: Api) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from balsam_grpc.core.errors import FailedPrecondition, NotFound
 from balsam_grpc.server.store import events
-from balsam_grpc.server.store.tables import batch_jobs
+from balsam_grpc.server.store.tables import batch_jobs, sites
 
 PENDING_SUBMISSION = "PENDING_SUBMISSION"
 PENDING_DELETION = "PENDING_DELETION"
@@ -137,7 +137,18 @@ def delete_batch_job(conn: Connection, owner_id: int, batch_job_id: int) -> None
         raise FailedPrecondition(
             f"batch job {batch_job_id} is {row['state']}; only {', '.join(sorted(DELETABLE))} batch jobs can "
             "be deleted (cancel it first by setting state PENDING_DELETION)")
+    if row["state"] == PENDING_SUBMISSION and _site_connected(conn, row["site_id"]):
+        # The daemon is offered a pending batch job the moment it exists and may be
+        # submitting it now: deleting the row would leave its pilot unknown to the server.
+        raise FailedPrecondition(
+            f"batch job {batch_job_id} may be being submitted by site {row['site_id']}'s daemon, which is "
+            "connected; cancel it by setting state PENDING_DELETION, then delete it once it is "
+            "FINISHED or SUBMIT_FAILED", reason="BATCH_JOB_SUBMITTING")
     conn.execute(delete(batch_jobs).where(batch_jobs.c.id == batch_job_id, batch_jobs.c.owner_id == owner_id))
+
+
+def _site_connected(conn: Connection, site_id: int) -> bool:
+    return bool(conn.execute(select(sites.c.connected).where(sites.c.id == site_id)).scalar())
 
 
 def list_batch_jobs(conn: Connection, q: BatchJobQuery, *, after_id: int | None,
