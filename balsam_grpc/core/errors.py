@@ -32,6 +32,17 @@ class BalsamError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def with_field_prefix(self, old: str, new: str) -> BalsamError:
+        """The same error with the field path prefix `old` named `new` (a batch path such
+        as "jobs[0]" reported as "job" to a single-item call)."""
+        def rename(text: str) -> str:
+            return new + text[len(old):] if text.startswith(old) else text
+
+        metadata = dict(self.metadata)
+        if "field" in metadata:
+            metadata["field"] = rename(metadata["field"])
+        return type(self)(rename(self.message), reason=self.reason, metadata=metadata)
+
 
 class InvalidArgument(BalsamError):
     code = grpc.StatusCode.INVALID_ARGUMENT

@@ -152,6 +152,23 @@ def test_bad_jobs_are_refused_and_write_nothing(alice, job, field, code):
     assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).total == 0
 
 
+def test_create_job_errors_name_the_job_field(alice):
+    """CreateJob takes one `job`: its errors name job.<field>, not the batch path jobs[0]."""
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=app.id, workdir="/abs",
+                                                                        parameters={"x": "1"})))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("job.workdir") and "jobs[0]" not in err.value.details()
+    info = rpc_status.from_call(err.value)
+    assert info is not None and b"job.workdir" in info.details[0].value
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=app.id, workdir="w",
+                                                                        parameters={"nope": "1"})))
+    assert "job.parameters" in err.value.details() and "jobs[0]" not in err.value.details()
+
+
 def test_duplicate_workdir_in_one_call_and_across_calls(alice):
     site, app = make_site_app(alice)
     stub = jobs_stub(alice)

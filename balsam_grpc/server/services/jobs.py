@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from balsam_grpc.core.errors import FailedPrecondition, InvalidArgument
+from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import JobState
 from balsam_grpc.core.validation import check_string_map, clean_workdir
 from balsam_grpc.server import paging
@@ -425,8 +425,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @unary()
     async def CreateJob(self, request, context, principal):  # noqa: N802
-        return await self._create(principal, [request.job], request, "CreateJob",
-                                  job_service_pb2.CreateJobResponse, job_service_pb2.JOB_VIEW_FULL)
+        try:
+            return await self._create(principal, [request.job], request, "CreateJob",
+                                      job_service_pb2.CreateJobResponse, job_service_pb2.JOB_VIEW_FULL)
+        except BalsamError as exc:
+            raise exc.with_field_prefix("jobs[0]", "job") from None
 
     @unary()
     async def BatchCreateJobs(self, request, context, principal):  # noqa: N802
