@@ -176,13 +176,7 @@ def running_over_time(changes: Iterable[StateChange], footprint: Mapping[int, fl
         elif ch.job_id not in running and now_running:
             running.add(ch.job_id)
             deltas.append((ch.time, ch.site_id, weight))
-    out: dict[int | None, list[tuple[datetime, float]]] = defaultdict(list)
-    level: dict[int | None, float] = defaultdict(float)
-    for t, site_id, delta in deltas:
-        for key in (site_id, None):
-            level[key] += delta
-            out[key].append((t, level[key]))
-    return dict(out)
+    return _step_series(deltas)
 
 
 
@@ -216,6 +210,11 @@ def held_over_time(allocations: Iterable[Allocation], until: datetime) -> dict[i
             continue
         deltas += [(a.start, a.site_id, a.nodes), (end, a.site_id, -a.nodes)]
     deltas.sort(key=lambda d: (d[0], d[2]))  # at one instant, releases before grants
+    return _step_series(deltas)
+
+
+def _step_series(deltas: Iterable[tuple[datetime, int, float]]) -> dict[int | None, list[tuple[datetime, float]]]:
+    """Per site and overall (key None): the running sum of time-ordered (time, site, delta)."""
     out: dict[int | None, list[tuple[datetime, float]]] = defaultdict(list)
     level: dict[int | None, float] = defaultdict(float)
     for t, site_id, delta in deltas:

@@ -11,7 +11,7 @@ asks the server again).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -322,13 +322,20 @@ class Query:
         return BulkResult.from_outcomes(response.outcomes, response.updated_count, response.failed_count, dry_run)
 
     def _update_each(self, fields: dict[str, Any], dry_run: bool) -> BulkResult:
+        def change(obj: Any) -> None:
+            for name, value in fields.items():
+                setattr(obj, name, value)
+            if not dry_run:
+                obj.save()
+
+        return self._each(change, dry_run)
+
+    def _each(self, act: Callable[[Any], None], dry_run: bool) -> BulkResult:
+        """`act` on every selected object, one call each; a refusal is that object's outcome."""
         result = BulkResult(dry_run=dry_run)
         for obj in list(self):
             try:
-                for name, value in fields.items():
-                    setattr(obj, name, value)
-                if not dry_run:
-                    obj.save()
+                act(obj)
             except BalsamError as exc:
                 result.outcomes.append(Outcome(obj.id, exc.code.name, exc.reason, exc.message))
                 result.failed += 1
@@ -344,18 +351,7 @@ class Query:
         if res.delete is None:
             raise TypeError(f"{res.name}s cannot be deleted")
         if res.name != "job":
-            result = BulkResult(dry_run=dry_run)
-            for obj in list(self):
-                try:
-                    if not dry_run:
-                        obj.delete()
-                except BalsamError as exc:
-                    result.outcomes.append(Outcome(obj.id, exc.code.name, exc.reason, exc.message))
-                    result.failed += 1
-                    continue
-                result.outcomes.append(Outcome(obj.id))
-                result.succeeded += 1
-            return result
+            return self._each(lambda obj: None if dry_run else obj.delete(), dry_run)
         try:
             selection = self._selection_for_bulk()
         except MatchesNothing:
