@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python >= 3.11) and install the project with its dev extra. Idempotent.
+# Create .venv (Python >= 3.11) and install the project with its dev and dashboard extras. Idempotent.
 # Usage: scripts/setup_dev.sh          (PYTHON=/path/to/python3.x to choose the interpreter)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -60,9 +60,9 @@ if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]] &&
     "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("balsam-grpc")' 2>/dev/null; then
     echo "setup_dev: dependencies up to date"
 else
-    echo "setup_dev: pip install -e '.[dev]'"
+    echo "setup_dev: pip install -e '.[dev,dashboard]'"
     # The build backend's warnings ignore -q; show pip's output only when it fails.
-    if ! log=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1); then
+    if ! log=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev,dashboard]' 2>&1); then
         echo "$log" >&2
         exit 1
     fi

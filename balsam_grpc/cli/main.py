@@ -27,6 +27,7 @@ app.command("analytics")(analytics.analytics)
 app.command("launcher")(__import__("balsam_grpc.cli.launcher", fromlist=["launcher"]).launcher)
 app.add_typer(__import__("balsam_grpc.cli.site", fromlist=["site_app"]).site_app, name="site")
 app.add_typer(__import__("balsam_grpc.cli.transfers", fromlist=["transfers_app"]).transfers_app, name="transfers")
+app.command("dashboard")(__import__("balsam_grpc.dashboard.command", fromlist=["dashboard"]).dashboard)
 
 
 @server_app.command("start")

@@ -42,6 +42,8 @@ RULES: dict[str, Rule] = {
     "sdk": _never("server", "site", "launcher", "cli", why="the sdk never imports server/site/launcher/cli"),
     # DESIGN: the CLI uses the sdk and starts server/site/launcher as processes, not imports.
     "cli": _never("server", "site", "launcher", why="the cli starts server/site/launcher as processes"),
+    # The web dashboard is one more client of the server: the SDK with the user's token.
+    "dashboard": _only("core", "v1", "sdk", "dashboard", why="the dashboard is a client: core, v1 and the sdk only"),
     # Science code run inside jobs: numpy and core, nothing of the control plane.
     "xpcs": _only("core", "xpcs", why="the XPCS analysis is job payload, independent of the control plane"),
 }
