@@ -66,6 +66,23 @@ else
     echo "WARNING: Slurm did not start (see above): the real-Slurm tests skip" >&2
 fi
 
+step "Chromium for the dashboard's browser tests"
+# tests/dashboard drives Debian's chromium through its chromedriver (Selenium). CI installs
+# them and fails if it cannot; elsewhere the browser tests skip, saying why, when they are absent.
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    echo "ok: $(chromium --version 2>/dev/null | head -1)"
+elif [[ -n $ci ]]; then
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }; then
+        echo "ERROR: could not install chromium and chromium-driver with apt-get and CI=${CI}:" >&2
+        echo "the dashboard's browser tests must run in CI." >&2
+        exit 1
+    fi
+    echo "installed: $(chromium --version 2>/dev/null | head -1)"
+else
+    echo "WARNING: chromium/chromedriver not installed: the dashboard's browser tests skip" >&2
+    echo "(apt-get install -y chromium chromium-driver)" >&2
+fi
+
 step "generated stubs (scripts/gen_protos.py --check)"
 "$PY" scripts/gen_protos.py --check
 

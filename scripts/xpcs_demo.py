@@ -86,6 +86,7 @@ class Demo:
         for var in ("BALSAM_SERVER", "BALSAM_TOKEN", "BALSAM_DATABASE_URL"):
             self.env.pop(var, None)
         self.server: subprocess.Popen[bytes] | None = None
+        self.dashboard: subprocess.Popen[bytes] | None = None
         self.site_dirs: dict[str, Path] = {}
 
     # -- processes -------------------------------------------------------------------
@@ -119,6 +120,17 @@ class Demo:
             time.sleep(0.2)
         where = f"SQLite in {self.home}" if self.database_url.startswith("sqlite") else "PostgreSQL"
         say(f"server on {self.address} ({where}, log server.log)")
+
+    def start_dashboard(self, port: int) -> None:
+        """`balsamctl dashboard` as the demo's user, to watch the run live in a browser."""
+        if not port:
+            with socket.socket() as s:
+                port = 8080 if s.connect_ex(("127.0.0.1", 8080)) else free_port()
+        log = open(self.home / "dashboard.log", "ab")  # noqa: SIM115 - the dashboard's lifetime
+        self.dashboard = subprocess.Popen(
+            [PY, "-m", "balsam_grpc.cli.main", "dashboard", "--address", f"127.0.0.1:{port}"],
+            env=self.env, stdout=log, stderr=log, cwd=self.home, start_new_session=True)
+        say(f"live dashboard: http://127.0.0.1:{port}/ (log dashboard.log)")
 
     def create_site(self, spec: SiteSpec) -> None:
         site_dir = self.home / "sites" / spec.name
@@ -181,6 +193,9 @@ class Demo:
                 self.cancel_pilots()
             except Exception as exc:  # noqa: BLE001 - shutdown goes on regardless
                 print(f"(could not cancel pilots: {exc})", file=sys.stderr)
+        if self.dashboard is not None and self.dashboard.poll() is None:
+            self.dashboard.terminate()
+            self.dashboard.wait(10)
         for site_dir in self.site_dirs.values():
             if (site_dir / ".site.lock").exists():
                 self.balsamctl("site", "stop", str(site_dir), "--force", "--timeout", "15", check=False)
@@ -299,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", type=int, default=8, help="seconds an idle pilot waits for work before it exits")
     p.add_argument("--each", action="store_true", help="print every dataset's result as it arrives")
     p.add_argument("--database", default="", help="the server's database URL (default: SQLite in --home)")
+    p.add_argument("--dashboard-port", type=int, default=0, help="port of the live dashboard (default 8080, or "
+                                                                     "any free port when 8080 is taken)")
     p.add_argument("--summary", type=Path, default=None, help="also write the agent's summary JSON here")
     p.add_argument("--analytics-json", type=Path, default=None, help="also write the analytics as JSON here")
     a = p.parse_args(argv)
@@ -320,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         demo.start_server()
+        demo.start_dashboard(a.dashboard_port)
         demo.instrument.mkdir()
         demo.results.mkdir()
         for spec in demo.sites:

@@ -188,10 +188,14 @@ class Reader:
             request = job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(ids=ran[i:i + 500]))
             for job in self._paged("JobService", "ListJobs", request, "jobs", 500):
                 footprint[job.id] = max(job.resources.num_nodes, 1) / max(job.resources.node_packing_count, 1)
-        bin_seconds = max(10.0, window_seconds / 60)
-        # The SDK's analytics work in naive UTC (Timestamp.ToDatetime()).
-        out = charts(changes, allocations, footprint, start.replace(tzinfo=None), end.replace(tzinfo=None),
-                     bin_seconds, {i: s.name for i, s in names.sites.items()})
+        # The SDK's analytics work in naive UTC (Timestamp.ToDatetime()). The charts span
+        # the window's activity, not the whole window: a minute-old run is not a sliver.
+        end_naive = end.replace(tzinfo=None)
+        first = min((c.time for c in changes), default=end_naive - timedelta(seconds=60))
+        chart_start = max(start.replace(tzinfo=None), first - timedelta(seconds=5))
+        bin_seconds = max(5.0, (end_naive - chart_start).total_seconds() / 60)
+        out = charts(changes, allocations, footprint, chart_start, end_naive, bin_seconds,
+                     {i: s.name for i, s in names.sites.items()})
         out["truncated"] = truncated
         out["footprint_assumed"] = len(ran) > FOOTPRINT_LOOKUP_CAP
         return out

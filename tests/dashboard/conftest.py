@@ -53,6 +53,7 @@ class World:
     bulk_ids: list[int]
     bob_site: Any
     bob_job: Any
+    bob_password: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
@@ -107,7 +108,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             return _listening(port)
         wait_for(up, 60, "the dashboard to listen")
         yield World(kit, alice, bob, f"http://127.0.0.1:{port}", alpha_name, bulk_site, bulk_ids, bob_site,
-                    bob_job, procs)
+                    bob_job, password, procs)
     finally:
         for proc in procs:
             proc.terminate()

@@ -4,6 +4,7 @@ finished jobs are the history test's subjects. Every page gets a screenshot."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import statistics
@@ -15,6 +16,8 @@ from urllib.parse import parse_qs, urlencode, urlparse
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from balsam_grpc.v1 import event_service_pb2
 
 from .conftest import BULK_JOBS, World
 
@@ -212,3 +215,140 @@ def test_another_users_objects_never_appear(world: World, browser: Any, screensh
         clean(*echoed)
     assert world.bob.jobs.get(id=bob_job.id).state != "KILLED"
 
+
+
+# ------------------------------------------------------------------ the stream and the guards, over HTTP
+
+def sse_frames(world: World, stop: Any, *, cursor: str = "", last_event_id: str = "") -> list[tuple[str, dict]]:
+    """(id, batch) of each data message of /events, read until stop(frames) holds."""
+    url = urlparse(world.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=DEADLINE)
+    headers = {"accept": "text/event-stream", **({"last-event-id": last_event_id} if last_event_id else {})}
+    conn.request("GET", "/events" + (f"?cursor={cursor}" if cursor else ""), headers=headers)
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    frames: list[tuple[str, dict]] = []
+    fields: dict[str, str] = {}
+    try:
+        while not stop(frames):
+            line = response.fp.readline().decode().rstrip("\n")
+            if line:
+                key, _, value = line.partition(":")
+                fields[key] = value.removeprefix(" ")
+                continue
+            if "data" in fields and fields.get("event", "message") == "message":
+                frames.append((fields.get("id", ""), json.loads(fields["data"])))
+            fields = {}
+    finally:
+        conn.close()
+    return frames
+
+
+def created(frames: list[tuple[str, dict]]) -> list[int]:
+    return [jid for _, batch in frames for jid in batch["created"]]
+
+
+def test_stream_resumes_after_last_event_id_without_loss_or_repeat(world: World) -> None:
+    from balsam_grpc.sdk import Job
+
+    newest = world.alice.call("EventService", "ListEvents", event_service_pb2.ListEventsRequest(
+        page_size=1, descending=True)).events[0].id
+    app = world.alice.apps.get(site_id=world.bulk_site.id, name="Sim")
+
+    def burst(tag: str, n: int) -> list[int]:
+        jobs = [Job(app=app, workdir=f"stream/{tag}/{i}", tags={"stream": tag}) for i in range(n)]
+        return [j.id for j in world.alice.jobs.bulk_create(jobs, chunk_size=n)]
+
+    first = burst("one", 400)
+    frames1 = sse_frames(world, lambda f: len(f) >= 1, cursor=str(newest))  # then the browser goes away
+    bobs = world.bob.jobs.create(app=world.bob.apps.get(name="BobApp"), workdir="bob/private-2")
+    second = burst("two", 400)
+    wanted = set(first + second)
+    frames2 = sse_frames(world, lambda f: wanted <= set(created(frames1 + f)), cursor=str(newest),
+                         last_event_id=frames1[-1][0])  # EventSource resends its last id
+    delivered = created(frames1) + created(frames2)
+    assert sorted(delivered) == sorted(wanted)  # every new job once: none lost, none repeated
+    assert bobs.id not in delivered and all(str(bobs.id) not in b["jobs"] for _, b in frames1 + frames2)
+    assert all(int(i) > int(frames1[-1][0]) for i, _ in frames2)  # ids are cursors, increasing
+    events = sum(b["events"] for _, b in frames1 + frames2)
+    frames = len(frames1) + len(frames2)
+    print(f"\nDASHBOARD stream: {events} events in {frames} messages")
+    assert frames * 20 <= events  # coalesced, not one message per event
+
+
+def test_guards_refuse_forged_actions_and_foreign_hosts(world: World) -> None:
+    url = urlparse(world.url)
+    victim = world.bulk_ids[1]
+
+    def request(method: str, path: str, body: str = "", **headers: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=DEADLINE)
+        conn.request(method, path, body=body, headers={"content-type": "application/x-www-form-urlencoded",
+                                                       **headers})
+        response = conn.getresponse()
+        text = response.read().decode()
+        conn.close()
+        return response.status, text
+
+    status, page = request("GET", f"/jobs/{victim}/kill")
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    # Another web page posting to the loopback dashboard has no token; a wrong Origin is refused.
+    assert request("POST", f"/jobs/{victim}/kill", "reason=x")[0] == 403
+    assert request("POST", f"/jobs/{victim}/kill", f"csrf={token}", origin="http://evil.example")[0] == 403
+    # DNS rebinding: a foreign Host name gets nothing.
+    assert request("GET", "/jobs", host="evil.example")[0] == 400
+    assert world.alice.jobs.get(id=victim).state == "PREPROCESSED"
+    # Bob's job by URL, even with a valid token: not found, and untouched.
+    assert request("POST", f"/jobs/{world.bob_job.id}/kill", f"csrf={token}")[0] == 404
+    assert world.bob.jobs.get(id=world.bob_job.id).state == "PREPROCESSED"
+    assert request("GET", "/events?cursor=abc")[0] == 400
+    assert request("GET", "/jobs?state=NOPE")[0] == 400
+
+
+def test_a_remote_dashboard_asks_each_viewer_to_log_in(world: World) -> None:
+    """The mode a non-loopback bind gets (serve() adds TLS): no profile user; each
+    browser logs in and sees only what its own balsam user sees."""
+    import threading
+
+    import uvicorn
+
+    from balsam_grpc.dashboard.app import DashboardConfig, create_app
+    from balsam_grpc.sdk import Client
+    from tests.site.sitekit import wait_for
+    from tests.support.server_proc import free_port
+
+    app = create_app(DashboardConfig(login_required=True, allowed_hosts=["*"],
+                                     make_client=lambda token: Client(world.kit.address, token=token, timeout=60)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+
+    def request(method: str, path: str, body: str = "", cookie: str = "") -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
+        conn.request(method, path, body=body, headers={"content-type": "application/x-www-form-urlencoded",
+                                                       **({"cookie": cookie} if cookie else {})})
+        response = conn.getresponse()
+        response.text = response.read().decode()  # type: ignore[attr-defined]
+        conn.close()
+        return response
+
+    try:
+        wait_for(lambda: server.started, 30, "the login-mode dashboard to start")
+        first = request("GET", "/jobs")
+        assert first.status == 303 and first.getheader("location") == "/login?next=/jobs"
+        assert request("GET", "/events").status == 401
+        assert request("POST", "/login?next=/jobs", "username=bob&password=wrong").status == 401
+        login = request("POST", "/login?next=/jobs", f"username=bob&password={world.bob_password}")
+        assert login.status == 303 and login.getheader("location") == "/jobs"
+        set_cookie = login.getheader("set-cookie")
+        assert "httponly" in set_cookie.lower() and "samesite=strict" in set_cookie.lower()
+        cookie = set_cookie.split(";")[0]
+        jobs = request("GET", "/jobs", cookie=cookie)
+        assert jobs.status == 200 and "bob/private-1" in jobs.text and "sweep/00000" not in jobs.text
+        assert request("GET", f"/jobs/{world.bulk_ids[2]}", cookie=cookie).status == 404  # alice's
+        token = re.search(r'name="csrf" value="([^"]+)"', jobs.text).group(1)
+        assert request("POST", "/logout", f"csrf={token}", cookie=cookie).status == 303
+        assert request("GET", "/jobs", cookie=cookie).status == 303  # the session is gone
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -198,16 +198,16 @@
     chartsBox.append(panel);
     return plot;
   }
-  function lineChart(title, chart, yLabel) {
-    const plot = chartPanel(title);
+  function lineChart(plot, chart, yLabel) {
     if (!chart.x.length || !chart.series.length) {
       const p = document.createElement("p"); p.className = "muted"; p.textContent = "Nothing in this window.";
       plot.append(p); return;
     }
     const opts = {
-      width: Math.max(300, plot.clientWidth || 500), height: Math.round(Math.max(200, window.innerHeight * 0.28)),
+      width: Math.max(280, plot.clientWidth), height: Math.round(Math.min(420, Math.max(200, window.innerHeight * 0.28))),
       series: [{}].concat(chart.series.map(function (s, i) {
-        return { label: s.label, stroke: palette[i % palette.length], width: 2, dash: dashes[i % dashes.length] };
+        return { label: s.label, stroke: palette[i % palette.length], width: 2, dash: dashes[i % dashes.length],
+          points: { show: chart.x.length < 3 } };
       })),
       axes: [{}, { label: yLabel }],
       scales: { x: { time: true } },
@@ -216,8 +216,7 @@
     plots.push({ u: u, el: plot });
   }
   function fixed(v, digits) { return v === null || v === undefined ? "–" : Number(v).toFixed(digits); }
-  function latencyTable(d) {
-    const panel = chartPanel("Latency of finished jobs (seconds, p50 / p99)");
+  function latencyTable(panel, d) {
     if (!d.latency.length) {
       const p = document.createElement("p"); p.className = "muted"; p.textContent = "No job finished in this window.";
       panel.append(p); return;
@@ -255,16 +254,21 @@
       .then(function (d) {
         plots.splice(0).forEach(function (p) { p.u.destroy(); });
         chartsBox.replaceChildren();
-        lineChart("Jobs finished per minute, by site", d.throughput, "jobs/min");
-        lineChart("Nodes: running jobs vs held by pilots (all sites)", d.nodes, "nodes");
-        latencyTable(d);
+        // All panels first: the grid settles their widths before a chart is sized to one.
+        const jobs = chartPanel("Jobs finished per minute, by site");
+        const nodes = chartPanel("Nodes: running jobs vs held by pilots (all sites)");
+        const latency = chartPanel("Latency of finished jobs (seconds, p50 / p99)");
+        latency.parentNode.classList.add("wide");
+        lineChart(jobs, d.throughput, "jobs/min");
+        lineChart(nodes, d.nodes, "nodes");
+        latencyTable(latency, d);
       })
       .catch(function () { chartsBox.textContent = "The charts could not be loaded."; });
   }
   if (chartsBox && window.uPlot) {
     drawCharts();
     window.addEventListener("resize", function () {
-      plots.forEach(function (p) { p.u.setSize({ width: Math.max(300, p.el.clientWidth), height: p.u.height }); });
+      plots.forEach(function (p) { p.u.setSize({ width: Math.max(280, p.el.clientWidth), height: p.u.height }); });
     });
   }
   function scheduleCharts() {
