@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,6 +38,15 @@ KEEPALIVE_SECONDS = 15.0   # a comment-free "tick" frame: keeps proxies from clo
 RECONNECT_MS = 1000
 FAILURES_PER_BATCH = 20
 NEW_JOB = (job_pb2.JOB_STATE_UNSPECIFIED, job_pb2.JOB_STATE_CREATED)
+
+
+_open: weakref.WeakSet[Relay] = weakref.WeakSet()
+
+
+def stop_all() -> None:
+    """End every open stream (the dashboard is shutting down: browsers reconnect later)."""
+    for relay in list(_open):
+        relay.stop()
 
 
 def valid_cursor(text: str) -> bool:
@@ -89,7 +99,9 @@ class Relay:
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
         self.error: str | None = None
+        self._stopping = False
         self._thread = threading.Thread(target=self._pump, name="dashboard-relay", daemon=True)
+        _open.add(self)
 
     def _notify(self) -> None:
         try:
@@ -121,6 +133,11 @@ class Relay:
     def close(self) -> None:
         self._stream.close()
 
+    def stop(self) -> None:
+        """From any thread: the stream ends after what it holds now."""
+        self._stopping = True
+        self._notify()
+
     async def frames(self) -> AsyncIterator[str]:
         self._thread.start()
         try:
@@ -140,6 +157,8 @@ class Relay:
                     yield frame(compact(batch), id=str(batch[-1].id))
                 if self.error is not None and not self._pending:
                     yield frame({"message": self.error}, event="failure")
+                    return
+                if self._stopping:
                     return
         finally:
             self.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
 from balsam_grpc.sdk.client import Client
 
@@ -73,5 +74,13 @@ def serve(address: str = "127.0.0.1:8080", *, tls_cert: str = "", tls_key: str =
     if announce:
         print(f"dashboard at {bind.url(tls)}" + ("" if bind.loopback else " (log in with your balsam user)"),
               flush=True)
-    uvicorn.run(app, host=bind.host, port=bind.port, ssl_certfile=tls_cert or None, ssl_keyfile=tls_key or None,
-                log_level="warning", timeout_graceful_shutdown=2, proxy_headers=False)
+    from balsam_grpc.dashboard.live import stop_all
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            stop_all()  # open event streams never end by themselves: end them, then drain
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=bind.host, port=bind.port, ssl_certfile=tls_cert or None,
+                          ssl_keyfile=tls_key or None, log_level="warning", timeout_graceful_shutdown=10,
+                          proxy_headers=False)).run()

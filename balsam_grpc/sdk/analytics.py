@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 
 from balsam_grpc.v1 import event_pb2, job_pb2
 
@@ -52,10 +52,21 @@ def state_change(event: event_pb2.Event) -> StateChange | None:
     if event.WhichOneof("change") != "job_state":
         return None
     change = event.job_state
-    data = json_format.MessageToDict(event.data) if event.HasField("data") else {}
+    # Read data.via off the Struct directly: json_format.MessageToDict of every event was
+    # half the time of a dashboard's or `balsamctl analytics`' pass over 10,000 events.
+    via = event.data.fields.get("via") if event.HasField("data") else None
     return StateChange(job_id=event.job_id, site_id=event.site_id, time=event.time.ToDatetime(),
                        from_state=_state_name(change.from_state), to_state=_state_name(change.to_state),
-                       via=tuple(str(s) for s in data.get("via", ())))
+                       via=tuple(_text(v) for v in via.list_value.values) if via is not None else ())
+
+
+def _text(value: struct_pb2.Value) -> str:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value" and value.number_value.is_integer():
+        return str(int(value.number_value))
+    return str(getattr(value, kind)) if kind else ""
 
 
 def _state_name(number: int) -> str:
