@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import re
-import shlex
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,10 +16,10 @@ from typing import Any, ClassVar
 
 from google.protobuf import json_format
 
+from balsam_grpc.core.command_template import check_template, render_argv, render_script
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.v1 import app_pb2, common_pb2, job_pb2
 
-PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 HOOKS = ("preprocess", "postprocess", "handle_error", "handle_timeout")
 # Package under which site app modules are imported, so two sites' "apps.py" never collide
 # with each other or with real packages.
@@ -39,11 +37,6 @@ _DIRECTIONS = {"in": common_pb2.TRANSFER_DIRECTION_IN, "out": common_pb2.TRANSFE
 _ACTIONS = {"restart": app_pb2.RETRY_ACTION_RESTART, "fail": app_pb2.RETRY_ACTION_FAIL}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-def template_placeholders(template: str) -> list[str]:
-    """Names used as `{{ name }}` in a command template, in order of first use."""
-    return list(dict.fromkeys(PLACEHOLDER.findall(template)))
 
 
 def coerce_parameter(param: app_pb2.AppParameter, value: str) -> Any:
@@ -88,19 +81,15 @@ def resolve_parameters(app: app_pb2.App, parameters: Mapping[str, str]) -> dict[
     return resolved
 
 
-def render_command(app: app_pb2.App, parameters: Mapping[str, str]) -> str:
-    """The app's command line for a job: `{{ name }}` filled with shell-quoted values."""
+def command_argv(app: app_pb2.App, parameters: Mapping[str, str]) -> list[str]:
+    """The argument vector that runs a command app for a job (see core.command_template):
+    the program itself, or for an app declared `shell` bash with the script and the
+    values as its positional parameters. No value is ever pasted into text a shell parses."""
     values = resolve_parameters(app, parameters)
-    raw = {p.name: parameters.get(p.name, p.default_value) for p in app.parameters}
-
-    def fill(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in values:
-            raise InvalidArgument(f"command_template: placeholder {{{{ {name} }}}} is not a parameter of "
-                                  f"app {app.name!r}", field="command_template")
-        return shlex.quote(str(raw[name]))
-
-    return PLACEHOLDER.sub(fill, app.command_template)
+    if app.shell:
+        script, args = render_script(app.command_template, values)
+        return ["/bin/bash", "-c", script, app.name or "balsam-app", *args]
+    return render_argv(app.command_template, values)
 
 
 class JobHandle:
@@ -160,6 +149,8 @@ class ApplicationDefinition:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     command_template: ClassVar[str] = ""
+    # True: command_template is a bash script and values reach it as "$1", "$2", ...
+    shell: ClassVar[bool] = False
     parameters: ClassVar[dict[str, dict[str, Any]]] = {}
     transfers: ClassVar[dict[str, dict[str, Any]]] = {}
     environment_variables: ClassVar[dict[str, str]] = {}
@@ -207,10 +198,13 @@ class ApplicationDefinition:
         if cls.is_python_app() == bool(cls.command_template):
             raise InvalidArgument(f"{where}: define exactly one of command_template or run()",
                                   field="command_template")
+        if not isinstance(cls.shell, bool):
+            raise InvalidArgument(f"{where}: shell must be True or False, not {cls.shell!r}", field="shell")
         app = app_pb2.App(
             site_id=site_id, name=cls.app_name(),
             description=(cls.description or (cls.__doc__ or "")).strip(),
             command_template=cls.command_template,
+            shell=cls.shell,
             environment={str(k): str(v) for k, v in cls.environment_variables.items()},
             preamble=cls.preamble if isinstance(cls.preamble, str) else "\n".join(cls.preamble),
             cleanup_globs=list(cls.cleanup_files),
@@ -223,11 +217,12 @@ class ApplicationDefinition:
         for sname, spec in cls.transfers.items():
             app.transfers.append(_transfer_slot(where, sname, spec))
         app.retry_policy.CopyFrom(_retry_policy(where, cls.retry_policy))
-        declared = {p.name for p in app.parameters}
-        missing = [n for n in template_placeholders(app.command_template) if n not in declared]
-        if missing:
-            raise InvalidArgument(f"{where}: command_template uses {{{{ {missing[0]} }}}}, which is not in "
-                                  "parameters", field="command_template")
+        if app.command_template:
+            try:
+                check_template(app.command_template, [p.name for p in app.parameters], shell=app.shell,
+                               field="command_template")
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{where}: {exc.message}", field=exc.field) from None
         return app
 
 

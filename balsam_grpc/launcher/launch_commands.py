@@ -190,7 +190,10 @@ BUILDERS: dict[str, Callable[[LaunchSpec], list[str]]] = {
 
 
 def build_argv(flavor: str, spec: LaunchSpec, command: Sequence[str]) -> list[str]:
-    """The MPI launcher's argv followed by the job's command."""
+    """The MPI launcher's argv followed by the job's command argv (never a command line:
+    a string would be re-split, and its values with it)."""
+    if isinstance(command, str):
+        raise TypeError("build_argv takes the command as an argument vector (list of str), not a string")
     try:
         builder = BUILDERS[flavor]
     except KeyError:

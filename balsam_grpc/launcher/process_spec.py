@@ -7,21 +7,17 @@ first. A ProcessSpec is plain data, so the master can hand it to a worker rank o
 
 from __future__ import annotations
 
-import re
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import json_format
 
-from balsam_grpc.core.appdef import render_command
+from balsam_grpc.core.appdef import command_argv
 from balsam_grpc.launcher.launch_commands import LaunchSpec, build_argv
 from balsam_grpc.launcher.node_manager import Assignment, Resources
 from balsam_grpc.v1 import app_pb2, session_service_pb2
 
-# Characters that need a shell when they appear outside single quotes.
-_SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?~{}\[\]#!\n\\\"]")
 RESULT_FILE = ".balsam-result.json"
 JOB_FILE = ".balsam-job.json"
 
@@ -54,19 +50,6 @@ class RunContext:
     job_time_scale: float = 60.0
 
 
-def needs_shell(command: str) -> bool:
-    """Whether a rendered command line uses shell syntax (pipes, expansions, ...)."""
-    unquoted = re.sub(r"'[^']*'", "''", command)
-    if _SHELL_SYNTAX.search(unquoted):
-        return True
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return True
-    # A leading VAR=value assignment is shell syntax too.
-    return not words or "=" in words[0]
-
-
 def job_environment(leased: session_service_pb2.LeasedJob, res: Resources,
                     gpu_ids: list[int]) -> dict[str, str]:
     """OMP_NUM_THREADS and CUDA_VISIBLE_DEVICES from the assignment, then the app's environment
@@ -94,24 +77,24 @@ def build_process_spec(leased: session_service_pb2.LeasedJob, placed: Assignment
     if app.kind == app_pb2.APP_KIND_PYTHON:
         files[JOB_FILE] = json_format.MessageToJson(session_service_pb2.LeasedJob(job=job, app=app))
         result_path = str(workdir / RESULT_FILE)
-        command = shlex.join([ctx.python, "-m", "balsam_grpc.launcher.pyfunc", "--apps", str(ctx.apps_dir),
-                              "--job", JOB_FILE, "--result", RESULT_FILE])
+        command = [ctx.python, "-m", "balsam_grpc.launcher.pyfunc", "--apps", str(ctx.apps_dir),
+                   "--job", JOB_FILE, "--result", RESULT_FILE]
     else:
-        command = render_command(app, dict(job.parameters))
-    prefix: list[str] = []
-    if res.needs_mpi_launch or force_mpi_launch:
+        command = command_argv(app, dict(job.parameters))
+    argv = command
+    mpi_launch = res.needs_mpi_launch or force_mpi_launch
+    if mpi_launch:
         spec = LaunchSpec(hosts=hosts, ranks_per_node=res.ranks_per_node, threads_per_rank=res.threads_per_rank,
                           threads_per_core=res.threads_per_core, gpus_per_rank=res.gpus_per_rank,
                           cpu_ids=placed.cpu_ids, env=env, launch_params=dict(job.resources.launch_params),
                           executable=ctx.mpiexec, shares_nodes=placed.occupancy < 1)
-        prefix = build_argv(ctx.mpi_flavor, spec, [])
+        argv = build_argv(ctx.mpi_flavor, spec, command)
     preamble = app.preamble.strip()
-    if preamble or needs_shell(command):
-        script = (preamble + "\n" if preamble else "") + (shlex.join(prefix) + " " if prefix else "") + command
-        argv = ["/bin/bash", "-c", script]
-    else:
-        argv = prefix + shlex.split(command)
+    if preamble:
+        # The preamble (module loads, conda activate) is the app's own text; the command
+        # follows it as arguments, so nothing of the job is pasted into the script.
+        argv = ["/bin/bash", "-c", preamble + '\nexec "$@"', "balsam-preamble", *argv]
     timeout = job.resources.wall_time_min * ctx.job_time_scale if job.resources.wall_time_min > 0 else None
     return ProcessSpec(job_id=job.id, argv=argv, cwd=str(workdir), env=env,
-                       cpu_ids=[] if prefix else list(placed.cpu_ids[0]), timeout_s=timeout, files=files,
+                       cpu_ids=[] if mpi_launch else list(placed.cpu_ids[0]), timeout_s=timeout, files=files,
                        result_path=result_path)

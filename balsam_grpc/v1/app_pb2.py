@@ -26,7 +26,7 @@ from balsam_grpc.v1 import common_pb2 as balsam_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62\x61lsam/v1/app.proto\x12\tbalsam.v1\x1a\x16\x62\x61lsam/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n\x0c\x41ppParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12&\n\x04type\x18\x05 \x01(\x0e\x32\x18.balsam.v1.ParameterType\"\x9b\x01\n\x0cTransferSlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\tdirection\x18\x02 \x01(\x0e\x32\x1c.balsam.v1.TransferDirection\x12\x12\n\nlocal_path\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x11\n\trecursive\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"\x97\x01\n\x0bRetryPolicy\x12\x13\n\x0bmax_retries\x18\x01 \x01(\x05\x12\x1d\n\x15quick_failure_seconds\x18\x02 \x01(\x05\x12(\n\x08on_error\x18\x03 \x01(\x0e\x32\x16.balsam.v1.RetryAction\x12*\n\non_timeout\x18\x04 \x01(\x0e\x32\x16.balsam.v1.RetryAction\"a\n\x08\x41ppHooks\x12\x12\n\npreprocess\x18\x01 \x01(\x08\x12\x13\n\x0bpostprocess\x18\x02 \x01(\x08\x12\x14\n\x0chandle_error\x18\x03 \x01(\x08\x12\x16\n\x0ehandle_timeout\x18\x04 \x01(\x08\"\xb5\x04\n\x03\x41pp\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07site_id\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x18\n\x10\x63ommand_template\x18\x05 \x01(\t\x12+\n\nparameters\x18\x06 \x03(\x0b\x32\x17.balsam.v1.AppParameter\x12*\n\ttransfers\x18\x07 \x03(\x0b\x32\x17.balsam.v1.TransferSlot\x12\x34\n\x0b\x65nvironment\x18\x08 \x03(\x0b\x32\x1f.balsam.v1.App.EnvironmentEntry\x12\x10\n\x08preamble\x18\t \x01(\t\x12\x15\n\rcleanup_globs\x18\n \x03(\t\x12,\n\x0cretry_policy\x18\x0b \x01(\x0b\x32\x16.balsam.v1.RetryPolicy\x12\"\n\x05hooks\x18\x0c \x01(\x0b\x32\x13.balsam.v1.AppHooks\x12 \n\x04kind\x18\r \x01(\x0e\x32\x12.balsam.v1.AppKind\x12\x12\n\nclass_path\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xae\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x01\x12\x16\n\x12PARAMETER_TYPE_INT\x10\x02\x12\x18\n\x14PARAMETER_TYPE_FLOAT\x10\x03\x12\x17\n\x13PARAMETER_TYPE_BOOL\x10\x04\x12\x17\n\x13PARAMETER_TYPE_PATH\x10\x05*\\\n\x0bRetryAction\x12\x1c\n\x18RETRY_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRY_ACTION_RESTART\x10\x01\x12\x15\n\x11RETRY_ACTION_FAIL\x10\x02*L\n\x07\x41ppKind\x12\x18\n\x14\x41PP_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41PP_KIND_SHELL\x10\x01\x12\x13\n\x0f\x41PP_KIND_PYTHON\x10\x02\x42>Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62\x61lsam/v1/app.proto\x12\tbalsam.v1\x1a\x16\x62\x61lsam/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n\x0c\x41ppParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12&\n\x04type\x18\x05 \x01(\x0e\x32\x18.balsam.v1.ParameterType\"\x9b\x01\n\x0cTransferSlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\tdirection\x18\x02 \x01(\x0e\x32\x1c.balsam.v1.TransferDirection\x12\x12\n\nlocal_path\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x11\n\trecursive\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"\x97\x01\n\x0bRetryPolicy\x12\x13\n\x0bmax_retries\x18\x01 \x01(\x05\x12\x1d\n\x15quick_failure_seconds\x18\x02 \x01(\x05\x12(\n\x08on_error\x18\x03 \x01(\x0e\x32\x16.balsam.v1.RetryAction\x12*\n\non_timeout\x18\x04 \x01(\x0e\x32\x16.balsam.v1.RetryAction\"a\n\x08\x41ppHooks\x12\x12\n\npreprocess\x18\x01 \x01(\x08\x12\x13\n\x0bpostprocess\x18\x02 \x01(\x08\x12\x14\n\x0chandle_error\x18\x03 \x01(\x08\x12\x16\n\x0ehandle_timeout\x18\x04 \x01(\x08\"\xc4\x04\n\x03\x41pp\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07site_id\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x18\n\x10\x63ommand_template\x18\x05 \x01(\t\x12+\n\nparameters\x18\x06 \x03(\x0b\x32\x17.balsam.v1.AppParameter\x12*\n\ttransfers\x18\x07 \x03(\x0b\x32\x17.balsam.v1.TransferSlot\x12\x34\n\x0b\x65nvironment\x18\x08 \x03(\x0b\x32\x1f.balsam.v1.App.EnvironmentEntry\x12\x10\n\x08preamble\x18\t \x01(\t\x12\x15\n\rcleanup_globs\x18\n \x03(\t\x12,\n\x0cretry_policy\x18\x0b \x01(\x0b\x32\x16.balsam.v1.RetryPolicy\x12\"\n\x05hooks\x18\x0c \x01(\x0b\x32\x13.balsam.v1.AppHooks\x12 \n\x04kind\x18\r \x01(\x0e\x32\x12.balsam.v1.AppKind\x12\x12\n\nclass_path\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05shell\x18\x11 \x01(\x08\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xae\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x01\x12\x16\n\x12PARAMETER_TYPE_INT\x10\x02\x12\x18\n\x14PARAMETER_TYPE_FLOAT\x10\x03\x12\x17\n\x13PARAMETER_TYPE_BOOL\x10\x04\x12\x17\n\x13PARAMETER_TYPE_PATH\x10\x05*\\\n\x0bRetryAction\x12\x1c\n\x18RETRY_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRY_ACTION_RESTART\x10\x01\x12\x15\n\x11RETRY_ACTION_FAIL\x10\x02*L\n\x07\x41ppKind\x12\x18\n\x14\x41PP_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41PP_KIND_SHELL\x10\x01\x12\x13\n\x0f\x41PP_KIND_PYTHON\x10\x02\x42>Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1'
   _globals['_APP_ENVIRONMENTENTRY']._loaded_options = None
   _globals['_APP_ENVIRONMENTENTRY']._serialized_options = b'8\001'
-  _globals['_PARAMETERTYPE']._serialized_start=1196
-  _globals['_PARAMETERTYPE']._serialized_end=1370
-  _globals['_RETRYACTION']._serialized_start=1372
-  _globals['_RETRYACTION']._serialized_end=1464
-  _globals['_APPKIND']._serialized_start=1466
-  _globals['_APPKIND']._serialized_end=1542
+  _globals['_PARAMETERTYPE']._serialized_start=1211
+  _globals['_PARAMETERTYPE']._serialized_end=1385
+  _globals['_RETRYACTION']._serialized_start=1387
+  _globals['_RETRYACTION']._serialized_end=1479
+  _globals['_APPKIND']._serialized_start=1481
+  _globals['_APPKIND']._serialized_end=1557
   _globals['_APPPARAMETER']._serialized_start=91
   _globals['_APPPARAMETER']._serialized_end=214
   _globals['_TRANSFERSLOT']._serialized_start=217
@@ -51,7 +51,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPHOOKS']._serialized_start=528
   _globals['_APPHOOKS']._serialized_end=625
   _globals['_APP']._serialized_start=628
-  _globals['_APP']._serialized_end=1193
-  _globals['_APP_ENVIRONMENTENTRY']._serialized_start=1143
-  _globals['_APP_ENVIRONMENTENTRY']._serialized_end=1193
+  _globals['_APP']._serialized_end=1208
+  _globals['_APP_ENVIRONMENTENTRY']._serialized_start=1158
+  _globals['_APP_ENVIRONMENTENTRY']._serialized_end=1208
 # @@protoc_insertion_point(module_scope)

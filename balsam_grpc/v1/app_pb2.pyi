@@ -99,7 +99,7 @@ class AppHooks(_message.Message):
     def __init__(self, preprocess: _Optional[bool] = ..., postprocess: _Optional[bool] = ..., handle_error: _Optional[bool] = ..., handle_timeout: _Optional[bool] = ...) -> None: ...
 
 class App(_message.Message):
-    __slots__ = ("id", "site_id", "name", "description", "command_template", "parameters", "transfers", "environment", "preamble", "cleanup_globs", "retry_policy", "hooks", "kind", "class_path", "create_time", "update_time")
+    __slots__ = ("id", "site_id", "name", "description", "command_template", "parameters", "transfers", "environment", "preamble", "cleanup_globs", "retry_policy", "hooks", "kind", "class_path", "create_time", "update_time", "shell")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class App(_message.Message):
     CLASS_PATH_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SHELL_FIELD_NUMBER: _ClassVar[int]
     id: int
     site_id: int
     name: str
@@ -139,4 +140,5 @@ class App(_message.Message):
     class_path: str
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[int] = ..., site_id: _Optional[int] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., command_template: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[AppParameter, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferSlot, _Mapping]]] = ..., environment: _Optional[_Mapping[str, str]] = ..., preamble: _Optional[str] = ..., cleanup_globs: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., hooks: _Optional[_Union[AppHooks, _Mapping]] = ..., kind: _Optional[_Union[AppKind, str]] = ..., class_path: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    shell: bool
+    def __init__(self, id: _Optional[int] = ..., site_id: _Optional[int] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., command_template: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[AppParameter, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferSlot, _Mapping]]] = ..., environment: _Optional[_Mapping[str, str]] = ..., preamble: _Optional[str] = ..., cleanup_globs: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., hooks: _Optional[_Union[AppHooks, _Mapping]] = ..., kind: _Optional[_Union[AppKind, str]] = ..., class_path: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shell: _Optional[bool] = ...) -> None: ...

@@ -136,8 +136,9 @@ LEDGER_APPS = textwrap.dedent('''
 
     class Nap(ApplicationDefinition):
         """Appends 'start <id>' and 'end <id>' to the ledger around a nap."""
-        command_template = ("/bin/sh -c 'echo start $BALSAM_JOB_ID >> {ledger}; sleep {{{{ secs }}}}; "
-                            "echo end $BALSAM_JOB_ID >> {ledger}'")
+        command_template = ("echo start $BALSAM_JOB_ID >> {ledger}; sleep {{{{ secs }}}}; "
+                            "echo end $BALSAM_JOB_ID >> {ledger}")
+        shell = True  # values reach the script as "$1"; never pasted into it
         parameters = {{"secs": {{"default": "1"}}}}
 
     class Hooked(ApplicationDefinition):

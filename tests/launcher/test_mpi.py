@@ -7,9 +7,10 @@ import sys
 
 from tests.launcher.conftest import Launcher, S
 
+# {{ n }} reaches the script as its first positional parameter, not as script text.
 BARRIER = ("/bin/sh -c 'touch ../../barrier/$BALSAM_JOB_ID; n=0; "
-           "while [ $(ls ../../barrier | wc -l) -lt {{ n }} ]; do sleep 0.05; n=$((n+1)); "
-           "[ $n -gt 300 ] && exit 9; done; echo together'")
+           "while [ $(ls ../../barrier | wc -l) -lt \"$1\" ]; do sleep 0.05; n=$((n+1)); "
+           "[ $n -gt 300 ] && exit 9; done; echo together' barrier {{ n }}")
 
 
 def test_mpi_ranks_pack_serial_jobs_and_launch_an_mpi_job(site, launchers):

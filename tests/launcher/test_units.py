@@ -3,7 +3,6 @@ specs, outcomes, flags."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from balsam_grpc.launcher.outbox import Outbox
 from balsam_grpc.launcher.process_spec import (
     RunContext,
     build_process_spec,
-    needs_shell,
 )
 from balsam_grpc.launcher.runner import ProcessResult, job_base_environment
 from balsam_grpc.v1 import app_pb2, job_pb2, session_service_pb2
@@ -293,12 +291,6 @@ def ctx(tmp_path):
                       python="/py", job_time_scale=60)
 
 
-def test_needs_shell():
-    assert not needs_shell("echo 'a b' c")
-    assert needs_shell("echo a | wc") and needs_shell("echo $HOME") and needs_shell("X=1 prog")
-    assert not needs_shell("echo 'a|b'")
-
-
 def test_direct_spec_with_env_threads_gpus_and_timeout(tmp_path):
     lj = leased(env={"FOO": "bar", "OMP_NUM_THREADS": "8"}, threads_per_rank=4, gpus_per_rank=1, wall_time_min=2)
     m = NodeManager([NodeSpec("h", 8, 2)], mpi_mode=False)
@@ -314,11 +306,20 @@ def test_preamble_and_mpi_launch_spec(tmp_path):
     m = NodeManager([NodeSpec("h1", 4, 0), NodeSpec("h2", 4, 0)], mpi_mode=True)
     placed = m.assign(3, Resources.from_pb(lj.job.resources))
     spec = build_process_spec(lj, placed, ["h1", "h2"], ctx(tmp_path))
-    assert spec.argv[:2] == ["/bin/bash", "-c"] and spec.cpu_ids == []
-    script = spec.argv[2].splitlines()
-    assert script[0] == "module load x"
-    assert shlex.split(script[1])[:7] == ["mpiexec", "-n", "4", "-ppn", "2", "-hosts", "h1,h2"]
-    assert shlex.split(script[1])[-2:] == ["echo", "hi there"]
+    # The preamble is the script; the MPI launch and the command follow as its arguments.
+    assert spec.argv[:4] == ["/bin/bash", "-c", 'module load x\nexec "$@"', "balsam-preamble"]
+    assert spec.cpu_ids == []
+    assert spec.argv[4:11] == ["mpiexec", "-n", "4", "-ppn", "2", "-hosts", "h1,h2"]
+    assert spec.argv[-2:] == ["echo", "hi there"]
+
+
+def test_shell_app_under_mpi_gets_values_as_positional_parameters(tmp_path):
+    lj = leased(command="echo {{ x }} > out.txt", num_nodes=2)
+    lj.app.shell = True
+    m = NodeManager([NodeSpec("h1", 4, 0), NodeSpec("h2", 4, 0)], mpi_mode=True)
+    spec = build_process_spec(lj, m.assign(3, Resources.from_pb(lj.job.resources)), ["h1", "h2"], ctx(tmp_path))
+    assert spec.argv[0] == "mpiexec"
+    assert spec.argv[-5:] == ["/bin/bash", "-c", 'echo "${1}" > out.txt', "a", "hi there"]
 
 
 def test_python_app_spec_writes_job_file(tmp_path):

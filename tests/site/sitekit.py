@@ -46,12 +46,14 @@ HOOK_APPS = textwrap.dedent('''
     class Echo(ApplicationDefinition):
         """Plain shell app."""
         command_template = "echo hello {{ who }} > out.txt"
+        shell = True
         parameters = {"who": {"default": "world"}}
         cleanup_files = ["*.tmp"]
 
     class Post(ApplicationDefinition):
         """Shell app whose postprocess reads the output into the job's data."""
         command_template = "echo 42 > answer.txt; echo junk > scratch.tmp"
+        shell = True
         parameters = {"delay": {"default": "0"}}
         cleanup_files = ["*.tmp"]
 

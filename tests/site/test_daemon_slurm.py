@@ -38,6 +38,7 @@ APPS = textwrap.dedent(f'''
     class Echo(ApplicationDefinition):
         """Serial job: records the Slurm node it ran on."""
         command_template = "echo serial on $SLURMD_NODENAME > out.txt"
+        shell = True
 
     class Ranks(ApplicationDefinition):
         """MPI job: every rank prints rank/size@node (workdirs are data/<prefix>/<name>)."""

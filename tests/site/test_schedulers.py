@@ -499,7 +499,7 @@ def test_template_placeholders_and_blocks():
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ("{{ missing }}", "missing"), ("{% if a %}x", "endif"), ("{% endif %}", "without"), ("{% else %}", "without"),
+    ("{{ missing }}", "missing"), ("{% if a %}x", "endif"), ("{% endif %}", "unknown tag .endif."), ("{% else %}", "unknown tag .else."),
 ])
 def test_template_errors(text, match):
     with pytest.raises(TemplateError, match=match):

@@ -36,6 +36,7 @@ APPS = HOOK_APPS + '''
 class Reduce(ApplicationDefinition):
     """Reads its staged inputs, writes the result that is staged out."""
     command_template = "cat raw.dat calib/a.txt calib/sub/b.txt > result.txt"
+    shell = True
     transfers = {
         "raw": {"direction": "in", "local_path": "raw.dat", "required": True},
         "calib": {"direction": "in", "local_path": "calib", "recursive": True},
@@ -46,6 +47,7 @@ class Reduce(ApplicationDefinition):
 class Ingest(ApplicationDefinition):
     """Stage-in of a directory tree only."""
     command_template = "ls calib > listing.txt"
+    shell = True
     transfers = {"calib": {"direction": "in", "local_path": "calib", "recursive": True}}
 '''
 

@@ -10,10 +10,9 @@ import pytest
 from balsam_grpc.core.appdef import (
     ApplicationDefinition,
     JobHandle,
+    command_argv,
     load_app_classes,
-    render_command,
     resolve_parameters,
-    template_placeholders,
 )
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.v1 import app_pb2, job_pb2
@@ -56,10 +55,10 @@ def test_declaration_becomes_app_message() -> None:
     assert Square.app_message(1).kind == app_pb2.APP_KIND_PYTHON
 
 
-def test_render_quotes_values_and_applies_defaults() -> None:
+def test_each_value_is_one_argument_and_defaults_apply() -> None:
     app = Simulate.app_message(1)
-    assert render_command(app, {"steps": "10", "name": "a b; rm -rf /"}) == \
-        "sim --steps 10 --name 'a b; rm -rf /' false"
+    assert command_argv(app, {"steps": "10", "name": "a b; rm -rf /"}) == \
+        ["sim", "--steps", "10", "--name", "a b; rm -rf /", "false"]
     assert resolve_parameters(app, {"steps": "3", "verbose": "yes"}) == {"steps": 3, "name": "run 1", "verbose": True}
 
 
@@ -71,7 +70,7 @@ def test_render_quotes_values_and_applies_defaults() -> None:
 ])
 def test_render_refuses_bad_parameters(params: dict[str, str], field: str) -> None:
     with pytest.raises(InvalidArgument) as err:
-        render_command(Simulate.app_message(1), params)
+        command_argv(Simulate.app_message(1), params)
     assert err.value.field == field
 
 
@@ -87,10 +86,6 @@ def test_bad_declarations_fail_where_the_class_is_defined(attrs: dict, needle: s
     with pytest.raises(InvalidArgument, match="app Bad") as err:
         type("Bad", (ApplicationDefinition,), attrs)
     assert needle in str(err.value)
-
-
-def test_placeholders_in_order() -> None:
-    assert template_placeholders("{{b}} {{ a }} {{b}}") == ["b", "a"]
 
 
 def test_job_handle_reports_changes() -> None:

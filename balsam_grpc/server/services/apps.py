@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from balsam_grpc.core.appdef import template_placeholders
+from balsam_grpc.core.command_template import check_template
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, to_timestamp, utcnow
 from balsam_grpc.server.rpc import Principal, unary
@@ -46,7 +46,7 @@ def app_to_pb(row: dict[str, Any]) -> app_pb2.App:
     hooks = row["hooks"] or {}
     return app_pb2.App(
         id=row["id"], site_id=row["site_id"], name=row["name"], description=row["description"],
-        command_template=row["command_template"],
+        command_template=row["command_template"], shell=bool(row["shell"]),
         parameters=[app_pb2.AppParameter(name=p["name"], required=bool(p.get("required")),
                                          default_value=p.get("default_value", ""), help=p.get("help", ""),
                                          type=PARAMETER_TYPE.number(p.get("type")))
@@ -150,6 +150,8 @@ def _app_values(app: app_pb2.App, fields: Iterable[str], settings: ServerSetting
             out["name"] = check_name(app.name, "app.name")
         elif f in ("description", "command_template", "preamble"):
             out[f] = getattr(app, f)
+        elif f == "shell":
+            out["shell"] = app.shell
         elif f == "parameters":
             out["parameters"] = _parameters(app.parameters, settings)
         elif f == "transfers":
@@ -176,14 +178,11 @@ def _app_values(app: app_pb2.App, fields: Iterable[str], settings: ServerSetting
     return out
 
 
-def _check_template(template: str, parameters: Iterable[dict[str, Any]]) -> None:
-    """Every `{{ name }}` of the command template must be a declared parameter, or every
-    job of the app would fail at launch."""
-    declared = {p["name"] for p in parameters}
-    for name in template_placeholders(template):
-        if name not in declared:
-            raise InvalidArgument(f"app.command_template uses {{{{ {name} }}}}, which is not among app.parameters "
-                                  f"({', '.join(sorted(declared)) or 'none declared'})", field="app.command_template")
+def _check_template(template: str, parameters: Iterable[dict[str, Any]], shell: bool) -> None:
+    """A template that could place a value where a shell re-parses it, or names an undeclared
+    parameter, is refused now rather than failing (or injecting) in every job."""
+    if template:
+        check_template(template, [p["name"] for p in parameters], shell=shell, field="app.command_template")
 
 
 class AppServicer(app_service_pb2_grpc.AppServiceServicer):
@@ -216,7 +215,7 @@ class AppServicer(app_service_pb2_grpc.AppServiceServicer):
         app = request.app
         site_id = require_id(app.site_id, "app.site_id")
         values = _app_values(app, store.MUTABLE, self.state.settings)
-        _check_template(values["command_template"], values["parameters"])
+        _check_template(values["command_template"], values["parameters"], values["shell"])
 
         def build(conn: Connection) -> app_service_pb2.CreateAppResponse:
             site_store.require_site(conn, principal.user_id, site_id, field="app.site_id", reference=True)
@@ -245,7 +244,7 @@ class AppServicer(app_service_pb2_grpc.AppServiceServicer):
                                       f"{row['site_id']}); register the app at the other site instead",
                                       field="app.site_id")
             _check_template(values.get("command_template", row["command_template"]),
-                            values.get("parameters", row["parameters"] or []))
+                            values.get("parameters", row["parameters"] or []), values.get("shell", row["shell"]))
             row = store.update_app(conn, principal.user_id, row, values, utcnow())
             return app_service_pb2.UpdateAppResponse(app=app_to_pb(row))
 

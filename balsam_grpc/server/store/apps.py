@@ -10,6 +10,7 @@ short enum names as values, so other stores (jobs) can read them without protobu
                  "on_timeout": ...}   ("" = not set)
 - hooks: {"preprocess", "postprocess", "handle_error", "handle_timeout"} (booleans)
 - kind: "SHELL" | "PYTHON"
+- shell: the command template is a bash script (core.command_template)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from balsam_grpc.server.store.tables import apps, jobs
 
-MUTABLE = ("name", "description", "command_template", "parameters", "transfers", "environment",
+MUTABLE = ("name", "description", "command_template", "shell", "parameters", "transfers", "environment",
            "preamble", "cleanup_globs", "retry_policy", "hooks", "kind", "class_path")
 
 

@@ -107,6 +107,7 @@ apps = Table(
     Column("name", String(200), nullable=False),
     Column("description", Text, nullable=False, default=""),
     Column("command_template", Text, nullable=False, default=""),
+    Column("shell", Boolean, nullable=False, default=False),
     Column("parameters", Json, nullable=False, default=list),
     Column("transfers", Json, nullable=False, default=list),
     Column("environment", Json, nullable=False, default=dict),

@@ -120,7 +120,7 @@ def validate_platform(data: Any, source: str, *, expected_name: str | None = Non
         out["batch_script"] = read_template(f"{out['scheduler']}.sh")
     try:
         used = template_names(out["batch_script"])
-    except TemplateError as exc:  # pragma: no cover - template_names does not raise today
+    except TemplateError as exc:
         raise PlatformError(source, "batch_script", str(exc)) from exc
     unknown_names = sorted(used - TEMPLATE_NAMES)
     if unknown_names:
