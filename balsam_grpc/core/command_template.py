@@ -15,6 +15,8 @@ Two forms, chosen by the app (`shell`):
 - shell: the template is a bash script. Each `{{ }}` becomes `"${N}"`, a reference to a
   positional parameter, and the values are passed after the script
   (`bash -c SCRIPT APP v1 v2 ...`): bash reads them as data, never as script text.
+  (Bash still evaluates a value used in arithmetic, `$(( ))` or `[[ -eq ]]`, as an
+  expression, as it would any "$1": such parameters should be declared int.)
 
 Rules, checked when the app is registered (and again before each run):
 
@@ -160,7 +162,10 @@ def split_words(text: str) -> list[str]:
     return scan.words
 
 
-MAX_TEMPLATE_CHARS = 65536
+# Generous for a command line, and small enough that checking one costs the server
+# milliseconds: Jinja2 parses about 10,000 tags a second here.
+MAX_TEMPLATE_CHARS = 16384
+MAX_TEMPLATE_TAGS = 200
 
 
 def _line(template: str, lineno: int) -> str:
@@ -173,6 +178,10 @@ def _parse(template: str, shell: bool, field: str) -> tuple[nodes.Template, tupl
     """The checked template and the names it reads (raises InvalidArgument naming `field`)."""
     if len(template) > MAX_TEMPLATE_CHARS:
         raise InvalidArgument(f"{field} is {len(template)} characters long; at most {MAX_TEMPLATE_CHARS}",
+                              field=field)
+    tags = template.count("{{") + template.count("{%")
+    if tags > MAX_TEMPLATE_TAGS:
+        raise InvalidArgument(f"{field} has {tags} {{{{ }}}} and {{% %}} tags; at most {MAX_TEMPLATE_TAGS}",
                               field=field)
     if "\x00" in template:
         raise InvalidArgument(f"{field} contains a NUL character", field=field)

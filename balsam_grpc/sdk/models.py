@@ -333,8 +333,9 @@ class App(Model):
         name="app", service="AppService", field="app", plural="apps", module=app_service_pb2,
         filter=filters.APP_FILTER, list="ListApps", get="GetApp", create="CreateApp", update="UpdateApp",
         delete="DeleteApp",
-        updatable=frozenset({"name", "description", "command_template", "parameters", "transfers", "environment",
-                             "preamble", "cleanup_globs", "retry_policy", "hooks", "kind", "class_path"}))
+        updatable=frozenset({"name", "description", "command_template", "shell", "parameters", "transfers",
+                             "environment", "preamble", "cleanup_globs", "retry_policy", "hooks", "kind",
+                             "class_path"}))
     message_type = app_pb2.App
     _repr_fields = ("name", "site_id")
 
