@@ -218,16 +218,20 @@ def create_app(config: DashboardConfig) -> Starlette:
                 return error_page(request, viewer, 502, "The server refused or failed", err.message)
         return endpoint
 
-    def check_csrf(request: Request, viewer: Viewer, form: Any) -> bool:
+    def same_origin(request: Request) -> bool:
+        """A browser names the page a form came from; another site's page is refused."""
         origin = request.headers.get("origin")
-        if origin and origin.split("://", 1)[-1] != request.headers.get("host", ""):
-            return False
-        return hmac.compare_digest(str(form.get("csrf", "")), viewer.csrf)
+        return not origin or origin.split("://", 1)[-1] == request.headers.get("host", "")
+
+    def check_csrf(request: Request, viewer: Viewer, form: Any) -> bool:
+        return same_origin(request) and hmac.compare_digest(str(form.get("csrf", "")), viewer.csrf)
 
     # ------------------------------------------------------------------ overview
 
     async def overview(request: Request, viewer: Viewer) -> Response:
         window, seconds = parse_window(request.query_params.get("window"))
+        # The cursor before the reads, never alongside: the page's stream resumes after it,
+        # so a change committed between a read and a later cursor would never reach the page.
         cursor = await run_in_threadpool(viewer.reader.cursor_now)
         data = await run_in_threadpool(viewer.reader.overview, seconds)
         return page(request, viewer, "overview.html", title="Overview", window=window, cursor=cursor, o=data)
@@ -253,9 +257,8 @@ def create_app(config: DashboardConfig) -> Starlette:
     async def jobs(request: Request, viewer: Viewer) -> Response:
         query = job_query(request)
         reader = viewer.reader
-        cursor = await run_in_threadpool(reader.cursor_now)
-        names = await run_in_threadpool(reader.names)
-        result = await run_in_threadpool(reader.jobs_page, query, names)
+        cursor = await run_in_threadpool(reader.cursor_now)  # before the reads (see overview)
+        result, names = await run_in_threadpool(reader.jobs_page, query)
         return page(request, viewer, "jobs.html", title="Jobs", q=query, result=result, cursor=cursor,
                     sites=sorted(names.sites.values(), key=lambda s: s.name),
                     apps=sorted({a.name for a in names.apps.values()}))
@@ -335,11 +338,11 @@ def create_app(config: DashboardConfig) -> Starlette:
     async def listing(request: Request, viewer: Viewer, *, template: str, title: str, enum: Any,
                       names: list[str], read: Callable[..., Any], live_kind: str) -> Response:
         states, chosen = states_param(request, enum, names)
+        fragment = request.url.path.endswith("/live")
+        cursor = "" if fragment else await run_in_threadpool(viewer.reader.cursor_now)  # before the reads
         site_ids, site = await site_param(request, viewer)
         token = request.query_params.get("page_token", "")
         rows, next_token = ([], "") if site_ids == [-1] else await run_in_threadpool(read, site_ids, states, token)
-        fragment = request.url.path.endswith("/live")
-        cursor = "" if fragment else await run_in_threadpool(viewer.reader.cursor_now)
         sites = [] if fragment else sorted((await run_in_threadpool(viewer.reader.names)).sites.values(),
                                            key=lambda s: s.name)
         return page(request, viewer, template if not fragment else template.replace(".html", "_live.html"),
@@ -376,6 +379,9 @@ def create_app(config: DashboardConfig) -> Starlette:
             target = "/"
         if request.method == "GET":
             return page(request, None, "login.html", title="Log in", next=target, message="")
+        if not same_origin(request):
+            return page(request, None, "login.html", status=403, title="Log in", next=target,
+                        message="log in from this dashboard's own page")
         form = await small_form(request)
         username, password = str(form.get("username", "")), str(form.get("password", ""))
         try:

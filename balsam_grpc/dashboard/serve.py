@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from balsam_grpc.sdk.client import Client
+from balsam_grpc.sdk.errors import BalsamError
 
 
 class DashboardSetupError(Exception):
@@ -63,10 +64,15 @@ def serve(address: str = "127.0.0.1:8080", *, tls_cert: str = "", tls_key: str =
 
     if bind.loopback:
         probe = make_client(None)
-        if not probe.token:
+        try:
+            if not probe.token:
+                raise DashboardSetupError("no token: run `balsamctl login` (or start a server on this machine) first")
+            probe.whoami()
+        except BalsamError as err:
+            raise DashboardSetupError(f"the server at {probe.server} refused or is unreachable: {err.message}") \
+                from None
+        finally:
             probe.close()
-            raise DashboardSetupError("no token: run `balsamctl login` (or start a server on this machine) first")
-        probe.close()
     config = DashboardConfig(login_required=not bind.loopback, make_client=make_client,
                              allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"] if bind.loopback else ["*"],
                              secure_cookies=tls)

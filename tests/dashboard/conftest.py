@@ -36,6 +36,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 BULK_JOBS = 10_000
+VIEWER_ZONE = "Asia/Tokyo"  # UTC+09:00 all year, and ICU calls it that too
 FAST_SITE = dict(scheduler__poll_seconds=1, launcher__idle_timeout_s=30, elastic_queue__enabled=True,
                  elastic_queue__min_wall_time_min=5, elastic_queue__check_seconds=1, elastic_queue__max_nodes=1,
                  elastic_queue__max_total_nodes=2)
@@ -151,7 +152,9 @@ def browser(screenshots: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                  "--disable-dev-shm-usage", "--window-size=1440,1000",
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    # A viewer far from UTC: the pages must show times in the browser's zone.
+    service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TZ": VIEWER_ZONE})
+    driver = webdriver.Chrome(service=service, options=options)
     driver.set_page_load_timeout(60)
     try:
         yield driver

@@ -8,10 +8,11 @@ import http.client
 import json
 import re
 import statistics
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
+from zoneinfo import ZoneInfo
 
 import pytest
 from selenium.webdriver.common.by import By
@@ -19,7 +20,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from balsam_grpc.v1 import event_service_pb2
 
-from .conftest import BULK_JOBS, World
+from .conftest import BULK_JOBS, VIEWER_ZONE, World
 
 pytestmark = pytest.mark.timeout(240)
 DEADLINE = 90  # generous: 2 shared cores; nothing below is a timing assertion
@@ -149,8 +150,14 @@ def test_job_page_history_matches_balsamctl(world: World, browser: Any, screensh
     assert [p[:3] for p in page] == [e[:3] for e in expected]
     assert all(abs((instant(p[3]) - instant(e[3])).total_seconds()) < 0.001 for p, e in zip(page, expected))
     assert page[-1][2] == "JOB_FINISHED"
-    # Times are shown in the viewer's zone, not as the UTC text the server rendered.
-    assert "UTC" not in browser.find_element(By.CSS_SELECTOR, "#history time").text
+    # Times are shown in the viewer's zone (the browser's), not as the UTC the server rendered.
+    assert browser.find_element(By.ID, "tz").text == VIEWER_ZONE
+    zone = ZoneInfo(VIEWER_ZONE)
+    shown = browser.find_element(By.CSS_SELECTOR, "#history time")
+    local = instant(shown.get_attribute("datetime")).astimezone(zone)
+    # Today's as the time of day, older ones with the date (either, should midnight pass meanwhile).
+    assert shown.text in (local.strftime("%H:%M:%S"), local.strftime("%Y-%m-%d %H:%M:%S"))
+    assert local.utcoffset() == timedelta(hours=9)
     shot(browser, screenshots, "05-job-history")
 
 
@@ -216,6 +223,30 @@ def test_another_users_objects_never_appear(world: World, browser: Any, screensh
     assert world.bob.jobs.get(id=bob_job.id).state != "KILLED"
 
 
+
+
+def test_a_burst_of_events_is_applied_in_a_few_batches(world: World, browser: Any, screenshots: Path) -> None:
+    """3,000 new jobs in a second or two: the page receives every event, in a handful of
+    coalesced messages, and its overview shows the new site's backlog."""
+    from balsam_grpc.sdk import Job
+
+    visit(browser, world.url + "/", "#sites tbody tr")
+    wait_live(browser)
+    site = world.alice.sites.create(name="burst", hostname="burst-login", path="/burst")
+    app = world.alice.apps.create(site_id=site.id, name="Tiny", command_template="true")
+    before = browser.execute_script("return [window.__dash.events, window.__dash.batches]")
+    for round_ in range(3):
+        world.alice.jobs.bulk_create([Job(app=app, workdir=f"burst/{round_}/{i}") for i in range(1000)],
+                                     chunk_size=1000)
+    wait_js(browser, f"return window.__dash.events >= {before[0] + 3000}", "3,000 events on the page")
+    events, batches = browser.execute_script("return [window.__dash.events, window.__dash.batches]")
+    print(f"\nDASHBOARD burst: {events - before[0]} events reached the page in {batches - before[1]} messages")
+    assert batches - before[1] <= 30
+    wait_js(browser, "return Array.from(document.querySelectorAll('#sites tbody tr')).some("
+                     "r => r.textContent.includes('burst') && r.textContent.includes('3,000'))",
+            "the overview to show the burst site's backlog")
+    assert browser.execute_script("return 1 + 1") == 2  # the page still answers
+    shot(browser, screenshots, "11-overview-after-burst")
 
 # ------------------------------------------------------------------ the stream and the guards, over HTTP
 

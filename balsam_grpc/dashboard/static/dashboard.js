@@ -14,10 +14,17 @@
   // Year-first in the viewer's zone whatever their locale: 2026-05-01 14:03:07, never 05/01/2026.
   const parts = new Intl.DateTimeFormat("en-CA", { year: "numeric", month: "2-digit", day: "2-digit",
     hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
-  const fmt = { format: function (d) {
+  function fields(d) {
     const p = {};
     parts.formatToParts(d).forEach(function (x) { p[x.type] = x.value; });
-    return p.year + "-" + p.month + "-" + p.day + " " + p.hour + ":" + p.minute + ":" + p.second;
+    return p;
+  }
+  // Today's times show the time of day only; the full UTC instant is in the tooltip.
+  const fmt = { format: function (d) {
+    const p = fields(d), today = fields(new Date());
+    const clock = p.hour + ":" + p.minute + ":" + p.second;
+    return p.year === today.year && p.month === today.month && p.day === today.day ? clock
+      : p.year + "-" + p.month + "-" + p.day + " " + clock;
   } };
   function localTimes(root) {
     root.querySelectorAll("time[datetime]").forEach(function (t) {
