@@ -23,6 +23,8 @@ from balsam_grpc.v1 import (
     site_service_pb2_grpc,
 )
 
+from tests.support import leases
+
 S = job_pb2
 
 
@@ -96,8 +98,8 @@ def test_ten_thousand_jobs_paged_counted_and_released(alice):
         app_id=app.id, workdir="child", parameters={"x": "1"}, parent_ids=[p1, p2]))).job
     assert child.state == S.JOB_STATE_AWAITING_PARENTS
     for parent in (p1, p2):
-        move(stub, parent, S.JOB_STATE_RUNNING)
-        done = move(stub, parent, S.JOB_STATE_RUN_DONE)
+        leases.run(alice.harness, alice.user_id, parent, "RUN_DONE")
+        done = stub.GetJob(job_service_pb2.GetJobRequest(id=parent)).job
         assert done.state == S.JOB_STATE_JOB_FINISHED  # postprocess/stage-out skipped in the same transaction
         state = stub.GetJob(job_service_pb2.GetJobRequest(id=child.id)).job.state
         assert state == (S.JOB_STATE_PREPROCESSED if parent == p2 else S.JOB_STATE_AWAITING_PARENTS)
@@ -215,25 +217,30 @@ def test_bulk_update_and_delete_report_every_item(alice):
     stub = jobs_stub(alice)
     created = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
         job_pb2.Job(app_id=app.id, workdir=f"w{i}", parameters={"x": "1"}, tags={"g": "a"}) for i in range(6)])).jobs
-    move(stub, created[0].id, S.JOB_STATE_RUNNING)
+    leases.run(alice.harness, alice.user_id, created[0].id, None)  # RUNNING, held by a launcher
     killed = created[5].id
     move(stub, killed, S.JOB_STATE_KILLED)
     result = stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
         filter=job_pb2.JobFilter(tags={"g": "a"}, site_ids=[site.id]),
-        patch=job_pb2.Job(state=S.JOB_STATE_RUNNING, tags={"phase": "2"}), update_mask={"paths": ["state", "tags"]}))
-    assert result.updated_count == 5 and result.failed_count == 1  # a killed job cannot start again
-    refused = [o for o in result.outcomes if o.code != 0]
-    assert [o.id for o in refused] == [killed] and refused[0].reason == "ILLEGAL_TRANSITION"
+        patch=job_pb2.Job(state=S.JOB_STATE_RESTART_READY, tags={"phase": "2"}),
+        update_mask={"paths": ["state", "tags"]}))
+    # only the killed job may restart (a retry); the launcher's job is its launcher's to move
+    assert result.updated_count == 1 and result.failed_count == 5
+    by_id = {o.id: o for o in result.outcomes}
+    assert by_id[killed].code == 0
+    assert (by_id[created[0].id].code, by_id[created[0].id].reason) == (7, "ROLE_NOT_ALLOWED")
+    assert {(by_id[j.id].code, by_id[j.id].reason) for j in created[1:5]} == {(9, "ILLEGAL_TRANSITION")}
     listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(tags={"phase": "2"}))).jobs
-    assert len(listed) == 5 and all(j.tags["g"] == "a" for j in listed)  # tags merged, not replaced
+    assert [j.id for j in listed] == [killed] and listed[0].tags["g"] == "a"  # tags merged, not replaced
+    assert listed[0].state == S.JOB_STATE_RESTART_READY
 
-    move(stub, created[1].id, S.JOB_STATE_KILLED)
     dry = stub.BatchDeleteJobs(job_service_pb2.BatchDeleteJobsRequest(
-        filter=job_pb2.JobFilter(site_ids=[site.id], exclude_states=[S.JOB_STATE_KILLED]), validate_only=True))
-    assert dry.deleted_count == 0 and dry.failed_count == 4 and all(o.code == 9 for o in dry.outcomes)
+        filter=job_pb2.JobFilter(site_ids=[site.id]), validate_only=True))
+    assert dry.deleted_count == 5 and dry.failed_count == 1
     deleted = stub.BatchDeleteJobs(job_service_pb2.BatchDeleteJobsRequest(
         filter=job_pb2.JobFilter(site_ids=[site.id])))
-    assert deleted.deleted_count == 2 and deleted.failed_count == 4
+    assert deleted.deleted_count == 5 and deleted.failed_count == 1
+    assert [(o.id, o.code) for o in deleted.outcomes if o.code] == [(created[0].id, 9)]
     assert all("kill it first" in o.message for o in deleted.outcomes if o.code)
     with pytest.raises(grpc.RpcError) as err:
         stub.BatchDeleteJobs(job_service_pb2.BatchDeleteJobsRequest())
@@ -300,8 +307,7 @@ def test_watch_events_streams_changes_and_resumes_from_cursor(alice):
                 return
 
     threading.Thread(target=consume, daemon=True).start()
-    move(stub, job.id, S.JOB_STATE_RUNNING)
-    move(stub, job.id, S.JOB_STATE_RUN_ERROR)
+    leases.run(alice.harness, alice.user_id, job.id, "RUN_ERROR")
     assert done.wait(10), f"watch delivered {len(received)} events"
     stream.cancel()
     assert [e.job_state.to_state for e in received] == [S.JOB_STATE_RUNNING, S.JOB_STATE_FAILED]
@@ -396,13 +402,13 @@ def test_bulk_state_change_updates_every_row_with_one_event_each(alice):
         job_pb2.Job(app_id=app.id, workdir=f"u{i}", parameters={"x": "1"}, tags={"u": "1"}) for i in range(300)])).jobs
     result = stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
         filter=job_pb2.JobFilter(site_ids=[site.id]), update_mask={"paths": ["state", "state_message"]},
-        patch=job_pb2.Job(state=S.JOB_STATE_RUNNING, state_message="go")))
+        patch=job_pb2.Job(state=S.JOB_STATE_KILLED, state_message="go")))
     assert result.updated_count == 300 and result.failed_count == 0
     listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).jobs
-    assert {(j.state, j.state_message) for j in listed} == {(S.JOB_STATE_RUNNING, "go")}
+    assert {(j.state, j.state_message) for j in listed} == {(S.JOB_STATE_KILLED, "go")}
     assert all(j.state_time.ToDatetime() >= j.create_time.ToDatetime() and j.update_time == j.state_time for j in listed)
     events = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
-        filter=event_service_pb2.EventFilter(job_ids=[j.id for j in created], to_states=[S.JOB_STATE_RUNNING]),
+        filter=event_service_pb2.EventFilter(job_ids=[j.id for j in created], to_states=[S.JOB_STATE_KILLED]),
         page_size=1000)).events
     assert sorted(e.job_id for e in events) == sorted(j.id for j in created)
 
@@ -413,6 +419,7 @@ def test_transitioner_writes_per_row_values(alice, harness, shape):
     one UPDATE per value set, one UPDATE over per-row arrays, and executemany."""
     from balsam_grpc.server.convert import utcnow
     from balsam_grpc.server.store import jobs as job_store
+    from balsam_grpc.core.states import Role
     from balsam_grpc.server.store.transitions import Transitioner
 
     site, app = make_site_app(alice)
@@ -420,8 +427,7 @@ def test_transitioner_writes_per_row_values(alice, harness, shape):
     created = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
         job_pb2.Job(app_id=app.id, workdir=f"v{i}", parameters={"x": "1"}) for i in range(20)])).jobs
     ids = [j.id for j in created]
-    stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
-        filter=job_pb2.JobFilter(ids=ids), patch=job_pb2.Job(state=S.JOB_STATE_RUNNING), update_mask={"paths": ["state"]}))
+    leases.lease(harness, alice.user_id, ids)
 
     def values_for(i: int) -> dict:
         if shape == "uniform":
@@ -433,8 +439,9 @@ def test_transitioner_writes_per_row_values(alice, harness, shape):
     def work(conn):
         rows = job_store.select_for_change(conn, job_store.JobQuery(owner_id=alice.user_id, ids=ids), with_tags=False)
         engine = Transitioner(conn, utcnow())
-        engine.apply(rows, job_store.S.RUN_ERROR, message="boom",
-                     values={r["id"]: values_for(ids.index(r["id"])) for r in rows})
+        refused = engine.move(rows, job_store.S.RUN_ERROR, Role.SESSION, message="boom",
+                              values={r["id"]: values_for(ids.index(r["id"])) for r in rows})
+        assert not refused
         engine.flush()
         return engine.changed
 

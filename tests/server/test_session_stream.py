@@ -418,7 +418,7 @@ def test_stale_generation_and_bad_states_are_rejected_and_change_nothing(short: 
     assert ack.applied_through_seq == illegal.seq
     codes = {r.seq: (r.code, r.reason) for r in ack.rejections}
     assert codes == {stale.seq: (grpc.StatusCode.ABORTED.value[0], "LEASE_LOST"),
-                     illegal.seq: (grpc.StatusCode.INVALID_ARGUMENT.value[0], "INVALID_TRANSITION")}
+                     illegal.seq: (grpc.StatusCode.FAILED_PRECONDITION.value[0], "ILLEGAL_TRANSITION")}
     assert w.get(lj.job.id).state == S.JOB_STATE_RUNNING
     assert job_events(short, lj.job.id) == before
     launcher.cancel()

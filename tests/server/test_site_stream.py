@@ -37,6 +37,7 @@ from balsam_grpc.v1 import (
     site_service_pb2,
     site_service_pb2_grpc,
 )
+from tests.support import leases
 
 pb = site_service_pb2
 BJ = batch_job_pb2
@@ -169,13 +170,18 @@ def _job(caller: Any, job_id: int) -> JS.Job:
     return caller.stub(job_service_pb2_grpc.JobServiceStub).GetJob(job_service_pb2.GetJobRequest(id=job_id)).job
 
 
-def _move(caller: Any, job_id: int, *states: int) -> JS.Job:
-    stub = caller.stub(job_service_pb2_grpc.JobServiceStub)
-    job = None
+_HOLDERS: dict[int, str] = {}  # job id -> the test launcher session holding it
+
+
+def _move(caller: Any, job_id: int, *states: int) -> None:
+    """What a launcher does to a job: RUNNING leases it, later states are its reports."""
     for st in states:
-        job = stub.UpdateJob(job_service_pb2.UpdateJobRequest(job=JS.Job(id=job_id, state=st),
-                                                              update_mask=field_mask_pb2.FieldMask(paths=["state"]))).job
-    return job
+        name = JS.JobState.Name(st).removeprefix("JOB_STATE_")
+        if name == "RUNNING":
+            _HOLDERS[job_id] = leases.lease(caller.harness, caller.user_id, [job_id])
+        else:
+            result = leases.report(caller.harness, caller.user_id, _HOLDERS.pop(job_id), job_id, name)
+            assert not result.rejections, result.rejections
 
 
 def _batch_job(caller: Any, site_id: int, **kw: Any) -> BJ.BatchJob:
@@ -347,7 +353,7 @@ def test_postprocess_hook_work_and_result(alice: Any, clients: list[SiteClient])
     assert work == []  # PREPROCESSED: nothing for the site to do
     _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
     item = client.next("work")
-    assert item.id == f"hook:{job.id}:RUN_DONE:0"
+    assert item.id == f"hook:{job.id}:RUN_DONE:1"
     assert item.run_hook.hook == pb.HOOK_KIND_POSTPROCESS
     assert item.run_hook.job.id == job.id and item.run_hook.app.id == app.id and item.run_hook.app.hooks.postprocess
     client.send(ack=pb.WorkAck(work_ids=[item.id]))
@@ -397,12 +403,12 @@ def test_refused_hook_result_fails_the_job(alice: Any, clients: list[SiteClient]
     client.welcome()
     _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_ERROR)
     item = client.next("work")
-    assert item.id == f"hook:{job.id}:RUN_ERROR:0" and item.run_hook.hook == pb.HOOK_KIND_HANDLE_ERROR
+    assert item.id == f"hook:{job.id}:RUN_ERROR:1" and item.run_hook.hook == pb.HOOK_KIND_HANDLE_ERROR
     ack = client.result(work_id=item.id, hook=pb.HookResult(job_id=job.id, next_state=JS.JOB_STATE_JOB_FINISHED))
     assert list(ack.work_ids) == [item.id]
     assert ack.errors and "JOB_FINISHED" in ack.errors[0]
     got = _job(alice, job.id)
-    assert got.state == JS.JOB_STATE_FAILED and "not allowed" in got.state_message
+    assert got.state == JS.JOB_STATE_FAILED and "RUN_ERROR to JOB_FINISHED" in got.state_message
 
 
 def test_duplicate_result_is_applied_once(alice: Any, clients: list[SiteClient]) -> None:
@@ -656,7 +662,7 @@ def test_hook_work_latency(alice: Any, clients: list[SiteClient], harness: Any) 
         _move(alice, job.id, JS.JOB_STATE_RUN_DONE)
         item = client.next("work")
         latencies.append((time.perf_counter() - start) * 1000)
-        assert item.id == f"hook:{job.id}:RUN_DONE:0"
+        assert item.id == f"hook:{job.id}:RUN_DONE:1"
     print(f"\n[{harness.backend}] UpdateJob(RUN_DONE) -> RunHook at the site: median "
           f"{statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms (n={len(latencies)})")
 

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
-from balsam_grpc.core.states import JobState
+from balsam_grpc.core.states import JobState, Role
 from balsam_grpc.core.validation import check_string_map, clean_workdir
 from balsam_grpc.server import paging
 from balsam_grpc.server.convert import (
@@ -25,6 +25,7 @@ from balsam_grpc.server.rpc import Principal, unary
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import jobs as store
 from balsam_grpc.server.store.tables import apps
+from balsam_grpc.server.store.transitions import Refusal
 from balsam_grpc.v1 import common_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
 log = structlog.get_logger("balsam.jobs")
@@ -321,11 +322,15 @@ def patch_values(patch: job_pb2.Job, paths: list[str], state: ServerState) -> tu
     return values, target
 
 
-def outcome(job_id: int, refusal: str | None) -> common_pb2.ItemOutcome:
+def outcome(job_id: int, refusal: Refusal | None) -> common_pb2.ItemOutcome:
     if refusal is None:
         return common_pb2.ItemOutcome(id=job_id, code=0)
-    reason = "ILLEGAL_TRANSITION" if refusal.startswith("cannot move") else "FAILED_PRECONDITION"
-    return common_pb2.ItemOutcome(id=job_id, code=9, reason=reason, message=refusal)  # 9 = FAILED_PRECONDITION
+    return common_pb2.ItemOutcome(id=job_id, code=refusal.code, reason=refusal.reason, message=refusal.message)
+
+
+def acting_role(principal: Principal) -> Role:
+    """The role a JobService caller acts as (core/states RULES): a site token is the site."""
+    return Role.SITE if principal.is_site else Role.USER
 
 
 # ---------------------------------------------------------------------------- servicer
@@ -452,9 +457,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 row = store.require_one(rows, request.job.id)
                 if "parameters" in values:
                     _recheck_parameters(conn, row, values["parameters"])
-                _, refused = store.update_jobs(conn, rows, values, None, target, utcnow(), message=message, data=data)
+                _, refused = store.update_jobs(conn, rows, values, None, target, utcnow(), role=acting_role(principal),
+                                               message=message, data=data)
                 if refused:
-                    raise store.refuse(refused[row["id"]])
+                    raise refused[row["id"]].error()
                 fresh = store.get_job(conn, principal.user_id, row["id"])
                 return job_service_pb2.UpdateJobResponse(job=job_to_message(fresh))
 
@@ -478,8 +484,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         def work(conn: Any) -> Any:
             def build() -> Any:
                 rows = store.select_for_change(conn, q, with_tags=tags_merge is not None)
-                ids, refused = store.update_jobs(conn, rows, values, tags_merge, target, utcnow(), message=message,
-                                                 data=data, validate_only=request.validate_only)
+                ids, refused = store.update_jobs(conn, rows, values, tags_merge, target, utcnow(),
+                                                 role=acting_role(principal), message=message, data=data,
+                                                 validate_only=request.validate_only)
                 return _bulk_response(job_service_pb2.BatchUpdateJobsResponse, "updated_count", rows, refused)
 
             return idempotent(conn, principal.user_id, "BatchUpdateJobs", request,
@@ -497,7 +504,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 store.require_one(rows, request.id)
                 _, refused = store.delete_jobs(conn, rows, validate_only=False)
                 if refused:
-                    raise FailedPrecondition(refused[request.id])
+                    raise refused[request.id].error()
                 return job_service_pb2.DeleteJobResponse(id=request.id)
 
             return idempotent(conn, principal.user_id, "DeleteJob", request, job_service_pb2.DeleteJobResponse, build)
@@ -523,7 +530,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         return await self.db.write(work)
 
 
-def _bulk_response(response_type: Any, count_field: str, rows: list[dict[str, Any]], refused: dict[int, str]) -> Any:
+def _bulk_response(response_type: Any, count_field: str, rows: list[dict[str, Any]],
+                   refused: dict[int, Refusal]) -> Any:
     response = response_type(outcomes=[outcome(r["id"], refused.get(r["id"])) for r in rows])
     setattr(response, count_field, len(rows) - len(refused))
     response.failed_count = len(refused)

@@ -449,8 +449,6 @@ class SiteStream:
                 # brings the scheduler id the cancellation needs.
                 held = {work_store.cancel_id(int(w.partition(":")[2])) for w in self.outstanding
                         if w.startswith(work_store.SUBMIT)}
-                if work_store.TRANSFER in self.kinds:
-                    await self._release_stage_out()
                 found = await self.db.read(work_store.find_work, self.owner_id, self.site_id, self.kinds,
                                            self.outstanding | self.answered | held, self.credit)
                 work_dirty = len(found) >= self.credit  # more may wait for credit
@@ -504,13 +502,6 @@ class SiteStream:
                 ack.errors.append(f"{result.work_id or 'unsolicited'}: {outcome.message}")
             self.log.debug("site result", work_id=result.work_id, status=outcome.status, detail=outcome.message)
         return ack
-
-    async def _release_stage_out(self) -> None:
-        """Stage-out items of jobs that reached POSTPROCESSED become PENDING (a read first:
-        most scans find none and need no write transaction)."""
-        if await self.db.read(transfer_store.stage_out_waiting, self.owner_id, self.site_id):
-            released = await self.db.write(transfer_store.release_stage_out, self.owner_id, self.site_id, utcnow())
-            self.log.debug("stage-out released", items=released)
 
     async def _seen(self, snapshot: pb.SchedulerSnapshot | None) -> None:
         try:

@@ -36,16 +36,16 @@ from balsam_grpc.server.store.codec import column_values, is_json
 from balsam_grpc.server.store.codec import loads as codec_loads
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from balsam_grpc.core.states import ACTIVE_STATES, JobState, StepContext, illegal_reason, settle
+from balsam_grpc.core.states import ACTIVE_STATES, JobState, Role, StepContext, settle
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import contains_substring, id_in, tags_contain, tags_exclude
 from balsam_grpc.server.store.tables import apps, job_parents, jobs, transfer_items
 from balsam_grpc.server.store.transitions import (
     ENGINE_COLUMNS,
     AppRules,
+    Refusal,
     Transitioner,
     _get,
-    legal,
 )
 
 S = JobState
@@ -540,28 +540,19 @@ def _workdir_conflict(conn: Connection, specs: list[dict[str, Any]], first_index
 
 # ---------------------------------------------------------------------------- update
 
-def check_transition(row: dict[str, Any], target: JobState) -> str | None:
-    """Why a user may not move this job to `target`, or None when allowed."""
-    if not legal(row["state"], target):
-        return illegal_reason(S(row["state"]), target)
-    if row["state"] == S.RUNNING and row.get("session_id") and target is not S.KILLED:
-        return (f"job {row['id']} is leased by launcher session {row['session_id']}; only its launcher reports "
-                "its run, a user can only kill it")
-    return None
-
-
 def update_jobs(conn: Connection, rows: list[dict[str, Any]], values: dict[str, Any], tags_merge: dict[str, str] | None,
-                target: JobState | None, now: datetime, *, message: str = "", data: dict[str, Any] | None = None,
-                validate_only: bool = False) -> tuple[list[int], dict[int, str]]:
-    """Apply a patch to `rows`; returns (changed ids, {id: refusal message})."""
-    refused: dict[int, str] = {}
-    ok_rows = []
-    for row in rows:
-        why = check_transition(row, target) if target is not None and row["state"] != target else None
-        if why:
-            refused[row["id"]] = why
-        else:
-            ok_rows.append(row)
+                target: JobState | None, now: datetime, *, role: Role, message: str = "",
+                data: dict[str, Any] | None = None, validate_only: bool = False,
+                run_values: dict[int, dict[str, Any]] | None = None) -> tuple[list[int], dict[int, Refusal]]:
+    """Apply a patch to `rows` as `role`; returns (changed ids, {id: refusal}). A job
+    the state change is refused for changes in nothing else either."""
+    engine = Transitioner(conn, now)
+    movers = [r for r in rows if target is not None and r["state"] != target]
+    refused: dict[int, Refusal] = {}
+    if movers:
+        assert target is not None
+        _, refused, _, _ = engine.check(movers, target, role, run_values)
+    ok_rows = [r for r in rows if r["id"] not in refused]
     if validate_only or not ok_rows:
         return [r["id"] for r in ok_rows], refused
     ids = [r["id"] for r in ok_rows]
@@ -571,10 +562,10 @@ def update_jobs(conn: Connection, rows: list[dict[str, Any]], values: dict[str, 
         if tags_merge:
             sets["tags"] = _merged_tags(dialect, tags_merge)
         conn.execute(update(jobs).where(id_in(jobs.c.id, ids, dialect)).values(**sets))
-    movers = [r for r in ok_rows if target is not None and r["state"] != target]
+    movers = [r for r in movers if r["id"] not in refused]
     if movers:
-        engine = Transitioner(conn, now)
-        engine.apply(movers, target, message=message, data=data)
+        assert target is not None
+        engine.move(movers, target, role, message=message, data=data, values=run_values)
         engine.flush()
     return ids, refused
 
@@ -598,9 +589,10 @@ def select_for_change(conn: Connection, q: JobQuery, with_tags: bool) -> list[di
 
 # ---------------------------------------------------------------------------- delete
 
-def delete_jobs(conn: Connection, rows: list[dict[str, Any]], validate_only: bool) -> tuple[list[int], dict[int, str]]:
-    refused = {r["id"]: (f"job {r['id']} is RUNNING in launcher session {r['session_id'] or '-'}; "
-                         "kill it first (state KILLED), then delete it")
+def delete_jobs(conn: Connection, rows: list[dict[str, Any]], validate_only: bool) -> tuple[list[int], dict[int, Refusal]]:
+    refused = {r["id"]: Refusal(r["id"], "JOB_RUNNING",
+                                f"job {r['id']} is RUNNING in launcher session {r['session_id'] or '-'}; "
+                                "kill it first (state KILLED), then delete it")
                for r in rows if r["state"] in ACTIVE_STATES}
     ids = [r["id"] for r in rows if r["id"] not in refused]
     if not validate_only and ids:
@@ -614,6 +606,4 @@ def require_one(rows: list[dict[str, Any]], job_id: int) -> dict[str, Any]:
     return rows[0]
 
 
-def refuse(message: str) -> FailedPrecondition:
-    return FailedPrecondition(message, reason="ILLEGAL_TRANSITION" if "cannot move" in message else "FAILED_PRECONDITION")
 

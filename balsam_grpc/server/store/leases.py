@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, or_, select, text, update
 
 from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, InvalidArgument
-from balsam_grpc.core.states import RUNNABLE_STATES, JobState
+from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import tags_contain
 from balsam_grpc.server.store.tables import apps, events, jobs, runnable_condition, sessions
@@ -28,9 +28,8 @@ from balsam_grpc.server.store.transitions import Transitioner
 
 S = JobState
 ACTIVE = "ACTIVE"
-# What a launcher may report about a job it holds (RESTART_READY: its quick-failure retry).
-REPORTABLE = frozenset({S.RUN_DONE, S.RUN_ERROR, S.RUN_TIMEOUT, S.RESTART_READY})
 _RUNNABLE = sorted(str(s) for s in RUNNABLE_STATES)
+_STATE_NAMES = frozenset(str(s) for s in S)
 # Slack on node arithmetic so 1/3 + 1/3 + 1/3 still fits in 1.0 node.
 _EPS = 1e-6
 
@@ -188,9 +187,10 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
                         "run_count": r["run_count"] + 1,
                         "batch_job_id": session.batch_job_id or r["batch_job_id"]} for r in rows}
     t = Transitioner(conn, now)
-    t.apply(rows, S.RUNNING, message=f"leased to session {session.id}", data={"session_id": session.id},
-            values=values)
+    refused = t.move(rows, S.RUNNING, Role.SESSION, message=f"leased to session {session.id}",
+                     data={"session_id": session.id}, values=values)
     t.flush()
+    rows = [r for r in rows if r["id"] not in refused]
     ids = [r["id"] for r in rows]
     by_id = {r.id: dict(r._mapping) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))}
     leased = [by_id[i] for i in ids]
@@ -242,10 +242,8 @@ class ReportResult:
 
 def _fence(t: Transition, row: dict[str, Any] | None, session_id: str) -> BalsamError | None:
     """Why this transition may not be applied, or None."""
-    if t.state not in REPORTABLE:
-        return InvalidArgument(
-            f"job {t.job_id}: a launcher may report only {', '.join(sorted(REPORTABLE))}, not {t.state or 'that'}",
-            reason="INVALID_TRANSITION")
+    if t.state not in _STATE_NAMES:
+        return InvalidArgument(f"job {t.job_id}: the reported state is not a job state", reason="INVALID_TRANSITION")
     if row is None:
         return Aborted(f"job {t.job_id} does not exist (deleted?); stop it", reason="LEASE_LOST")
     if row["session_id"] != session_id or row["state"] != S.RUNNING:
@@ -298,9 +296,14 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
         result.released.append(row["id"])
     if groups:
         tr = Transitioner(conn, now)
+        by_job = {t.job_id: t for t in fresh}
         for (state, message, data_json), members in groups.items():
-            tr.apply(members, S(state), message=message, data=json.loads(data_json) if data_json else None,
-                     values={r["id"]: values[r["id"]] for r in members})
+            refused = tr.move(members, S(state), Role.SESSION, message=message,
+                              data=json.loads(data_json) if data_json else None,
+                              values={r["id"]: values[r["id"]] for r in members})
+            for job_id, refusal in refused.items():
+                result.rejections.append(Rejection(by_job[job_id].seq, job_id, refusal.error()))
+                result.released.remove(job_id)
         tr.flush()
     result.applied = len(result.released)
     result.applied_through_seq = max(applied_through, fresh[-1].seq)
@@ -321,7 +324,7 @@ def time_out_held(conn: Connection, owner_id: int, session_id: str, now: datetim
     if not rows:
         return []
     t = Transitioner(conn, now)
-    t.apply(rows, S.RUN_TIMEOUT, message=message, data={"session_id": session_id},
+    t.move(rows, S.RUN_TIMEOUT, Role.SERVER, message=message, data={"session_id": session_id},
             values={r["id"]: {"lease_generation": r["lease_generation"] + 1} for r in rows})
     t.flush()
     return [r["id"] for r in rows]

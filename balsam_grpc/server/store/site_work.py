@@ -30,13 +30,13 @@ from sqlalchemy import Connection, and_, case, cast, func, or_, select, update
 from sqlalchemy import Float as SqlFloat
 
 from balsam_grpc.core.errors import BalsamError
-from balsam_grpc.core.states import JobState
+from balsam_grpc.core.states import JobState, Role
 from balsam_grpc.server.store import batch_jobs as batch_store
 from balsam_grpc.server.store import jobs as job_store
 from balsam_grpc.server.store import transfers as transfer_store
 from balsam_grpc.server.store.db import MAX_EVENT_ID
 from balsam_grpc.server.store.tables import apps, batch_jobs, events, jobs, sessions
-from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, AppRules, Transitioner, legal
+from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, AppRules, Transitioner
 
 S = JobState
 
@@ -350,9 +350,13 @@ def _lock_job(conn: Connection, owner_id: int, site_id: int, job_id: int) -> dic
 
 
 def _move(conn: Connection, row: dict[str, Any], target: JobState, now: datetime, message: str,
-          data: dict[str, Any]) -> str:
+          data: dict[str, Any], role: Role = Role.SITE) -> str:
+    """Move one job as `role`; a refused move raises its error (FailedPrecondition or
+    PermissionDenied), so a hook asking for a move the site may not make fails the job."""
     engine = Transitioner(conn, now)
-    engine.apply([row], target, message=message, data=data or None)
+    refused = engine.move([row], target, role, message=message, data=data or None)
+    if refused:
+        raise refused[row["id"]].error()
     engine.flush()
     return engine.changed[row["id"]]
 
@@ -384,8 +388,6 @@ def apply_hook_result(conn: Connection, owner_id: int, site_id: int, work_id: st
     rules = AppRules(conn.execute(select(apps.c.hooks, apps.c.retry_policy).where(apps.c.id == row["app_id"]))
                      .one()._mapping)
     target = S(result.next_state) if result.next_state else natural_next_state(state, rules, row["run_count"])
-    if not legal(row["state"], target):
-        return fail(f"the hook asked for {target}, which is not allowed from {state}")
     data = {**result.event_data, **base}
     if result.new_jobs:
         data["new_job_count"] = len(result.new_jobs)

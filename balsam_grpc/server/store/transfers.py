@@ -120,7 +120,8 @@ def list_items(conn: Connection, q: TransferQuery, *, after_id: int | None, limi
 #     PENDING -> DONE | ERROR     (a task that finished before its ACTIVE report arrived)
 #
 # Stage-in items move while their job rests in READY, stage-out items while it rests in
-# POSTPROCESSED; stage-out items wait in AWAITING_JOB until then (release_stage_out).
+# POSTPROCESSED; stage-out items wait in AWAITING_JOB until then (released by the job's
+# transition to POSTPROCESSED, store/transitions.py).
 
 # Where a job rests while the items of a direction move, and where it goes when they are done.
 STAGE_STATE = {"IN": "READY", "OUT": "POSTPROCESSED"}
@@ -133,7 +134,6 @@ SITE_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 # Rows read per page while looking for offerable items past the ones already offered.
 OFFER_PAGE = 500
-RELEASE_BATCH = 5000
 MAX_SITE_ERROR = 4000
 
 
@@ -162,37 +162,6 @@ def offerable_items(conn: Connection, owner_id: int, site_id: int, skip: set[int
         if len(page) < OFFER_PAGE:
             break
     return out[:limit]
-
-
-def stage_out_waiting(conn: Connection, owner_id: int, site_id: int) -> bool:
-    """Whether some stage-out item still waits in AWAITING_JOB for a job that reached
-    POSTPROCESSED (release_stage_out has something to do)."""
-    c = transfer_items.c
-    return conn.execute(
-        select(c.id).join(jobs, jobs.c.id == c.job_id)
-        .where(c.owner_id == owner_id, c.site_id == site_id, c.state == "AWAITING_JOB", c.direction == "OUT",
-               jobs.c.state == STAGE_STATE["OUT"]).limit(1)).first() is not None
-
-
-def release_stage_out(conn: Connection, owner_id: int, site_id: int, now: datetime) -> int:
-    """AWAITING_JOB -> PENDING for the stage-out items of the site's POSTPROCESSED jobs,
-    one transfer_state event each. Returns how many were released."""
-    c = transfer_items.c
-    waiting = select(c.id).join(jobs, jobs.c.id == c.job_id).where(
-        c.owner_id == owner_id, c.site_id == site_id, c.state == "AWAITING_JOB", c.direction == "OUT",
-        jobs.c.state == STAGE_STATE["OUT"]).order_by(c.id).limit(RELEASE_BATCH)
-    ids = [r.id for r in conn.execute(waiting)]
-    if not ids:
-        return 0
-    # The state condition again: only rows this statement really changed get an event.
-    rows = conn.execute(
-        update(transfer_items).where(id_in(c.id, ids, conn.dialect.name), c.state == "AWAITING_JOB")
-        .values(state="PENDING", update_time=now).returning(c.id, c.job_id, c.owner_id, c.site_id)).all()
-    events.append(conn, [{
-        "owner_id": r.owner_id, "site_id": r.site_id, "job_id": r.job_id, "kind": events.TRANSFER_STATE,
-        "subject_id": r.id, "from_state": "AWAITING_JOB", "to_state": "PENDING", "time": now,
-        "message": "job POSTPROCESSED: stage-out may start"} for r in rows])
-    return len(rows)
 
 
 @dataclass
@@ -303,7 +272,7 @@ def settle_jobs(conn: Connection, owner_id: int, site_id: int, job_ids: list[int
     """Jobs resting in READY / POSTPROCESSED whose items of that direction all finished:
     all DONE -> STAGED_IN / STAGED_OUT (and on, by the server's automatic steps), any
     ERROR -> FAILED with the reason. Returns a line per move (for logs)."""
-    from balsam_grpc.core.states import JobState
+    from balsam_grpc.core.states import JobState, Role
     from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, Transitioner
 
     dialect = conn.dialect.name
@@ -329,7 +298,7 @@ def settle_jobs(conn: Connection, owner_id: int, site_id: int, job_ids: list[int
         failed = [i for i in mine if i["state"] == "ERROR"]
         if failed:
             before = job["state"]
-            engine.apply([job], JobState.FAILED, message=failure_message(failed),
+            engine.move([job], JobState.FAILED, Role.SERVER, message=failure_message(failed),
                          data={"failed_transfer_ids": [i["id"] for i in failed][:100]})
             moves.append(f"job {job['id']} {before} -> FAILED")
         elif mine and all(i["state"] == "DONE" for i in mine):
@@ -340,7 +309,7 @@ def settle_jobs(conn: Connection, owner_id: int, site_id: int, job_ids: list[int
         # One apply per job: the event data carries the job's own transfer figures.
         for job in movers:
             before = job["state"]
-            engine.apply([job], JobState(target), message="transfers done",
+            engine.move([job], JobState(target), Role.SERVER, message="transfers done",
                          data=summary[job["id"]])
             moves.append(f"job {job['id']} {before} -> {engine.changed[job['id']]}")
     engine.flush()

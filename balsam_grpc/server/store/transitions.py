@@ -1,6 +1,8 @@
-"""Applies job state changes: validation against the table, the server's automatic
-steps, one event per requested change, and the cascade to child jobs, all inside the
-caller's transaction."""
+"""Applies job state changes: the one check of who may move a job where (core/states
+RULES plus the guards that need the database), the server's automatic steps, one event
+per requested change, stage-out release, retries and the cascade to child jobs, all
+inside the caller's transaction. Every path that changes a job's state goes through
+Transitioner.move."""
 
 from __future__ import annotations
 
@@ -9,19 +11,66 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Connection, DateTime, Float, Integer, String, Text, bindparam, select, text, update
+from dataclasses import dataclass
 
-from balsam_grpc.core.states import FINAL_STATES, JobState, StepContext, is_legal, settle
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    and_,
+    bindparam,
+    func,
+    select,
+    text,
+    update,
+)
+
+from balsam_grpc.core.errors import BalsamError, FailedPrecondition, PermissionDenied
+from balsam_grpc.core.states import (
+    FINAL_STATES,
+    RETRYABLE_STATES,
+    JobState,
+    Role,
+    StepContext,
+    is_legal,
+    restart_point,
+    role_refusal,
+    settle,
+)
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import id_in
-from balsam_grpc.server.store.tables import apps, job_parents, jobs, transfer_items
+from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, transfer_items
 
 S = JobState
 # Columns of a job row the engine needs.
 ENGINE_COLUMNS = (jobs.c.id, jobs.c.owner_id, jobs.c.site_id, jobs.c.app_id, jobs.c.state, jobs.c.run_count,
-                  jobs.c.on_parent_failure, jobs.c.pending_parents, jobs.c.session_id)
-_LEAVING_STAGE_IN = (S.READY,)
-_LEAVING_STAGE_OUT = (S.POSTPROCESSED,)
+                  jobs.c.on_parent_failure, jobs.c.pending_parents, jobs.c.session_id, jobs.c.cleaned_time)
+_STAGE_TARGET = {S.STAGED_IN: "IN", S.STAGED_OUT: "OUT"}
+_RETRY_TARGETS = frozenset({S.AWAITING_PARENTS, S.READY, S.STAGED_IN, S.POSTPROCESSED, S.RESTART_READY})
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why one job was not moved. ROLE_NOT_ALLOWED is PERMISSION_DENIED (the move exists,
+    another party makes it); every other reason is FAILED_PRECONDITION."""
+
+    job_id: int
+    reason: str
+    message: str
+
+    def error(self) -> BalsamError:
+        if self.reason == "ROLE_NOT_ALLOWED":
+            return PermissionDenied(self.message, reason=self.reason)
+        return FailedPrecondition(self.message, reason=self.reason)
+
+    @property
+    def code(self) -> int:
+        return 7 if self.reason == "ROLE_NOT_ALLOWED" else 9  # PERMISSION_DENIED, FAILED_PRECONDITION
 _NO_VALUES: dict[str, Any] = {}
 
 
@@ -95,20 +144,79 @@ class Transitioner:
         self.event_rows: list[dict[str, Any]] = []
         self.changed: dict[int, str] = {}  # job id -> final state, for callers' responses
 
-    def apply(self, rows: list[dict[str, Any]], target: JobState, *, message: str = "",
-              data: dict[str, Any] | None = None, values: dict[int, dict[str, Any]] | None = None) -> None:
-        """Move `rows` (already validated as legal) to `target`, then settle each one.
+    def move(self, rows: list[dict[str, Any]], target: JobState, role: Role, *, message: str = "",
+             data: dict[str, Any] | None = None, values: dict[int, dict[str, Any]] | None = None,
+             data_by_job: dict[int, dict[str, Any]] | None = None) -> dict[int, Refusal]:
+        """Move the `rows` that `role` may move to `target`, then settle each one; the
+        others are left as they are and returned with why.
 
-        `values` holds extra column values per job id (return_code, error_tail, ...).
+        The checks: the table (core/states RULES: the move exists, and `role` makes it);
+        a job enters RUNNING only with a lease (`values` gives its session); STAGED_IN and
+        STAGED_OUT only when every transfer item of that direction is done; a retry only
+        to the job's restart point. `values` holds extra column values per job id
+        (return_code, error_tail, ...); `data_by_job` event data per job, over `data`.
         """
+        ok, refused, retried, values = self.check(rows, target, role, values)
+        if ok:
+            self._apply(ok, target, message=message, data=data, values=values, data_by_job=data_by_job)
+            if retried:
+                self._after_retry(retried, target)
+        return refused
+
+    def check(self, rows: list[dict[str, Any]], target: JobState, role: Role,
+              values: dict[int, dict[str, Any]] | None = None
+              ) -> tuple[list[dict[str, Any]], dict[int, Refusal], list[dict[str, Any]], dict[int, dict[str, Any]] | None]:
+        """move's checks alone: (rows it would move, refusals, the retried among them,
+        `values` with what a retry sets)."""
+        refused: dict[int, Refusal] = {}
         if not rows:
-            return
+            return [], refused, [], values
+        ok: list[dict[str, Any]] = []
+        for row in rows:
+            why = role_refusal(role, S(row["state"]), target)
+            if why is not None:
+                refused[row["id"]] = Refusal(row["id"], why[0], f"job {row['id']}: {why[1]}")
+            elif target is S.RUNNING and not (values or {}).get(row["id"], {}).get("session_id"):
+                refused[row["id"]] = Refusal(row["id"], "LEASE_REQUIRED",
+                                             f"job {row['id']}: a job enters RUNNING only by being leased")
+            else:
+                ok.append(row)
+        direction = _STAGE_TARGET.get(target)
+        if direction and ok:
+            pending = _pending_transfers(self.conn, [r["id"] for r in ok], direction)
+            for row in [r for r in ok if r["id"] in pending]:
+                refused[row["id"]] = Refusal(
+                    row["id"], "TRANSFERS_PENDING",
+                    f"job {row['id']}: {target} is reached only when every {'stage-in' if direction == 'IN' else 'stage-out'} "
+                    "item is done; some are not")
+            ok = [r for r in ok if r["id"] not in pending]
+        # A retry: the owner's, or the server's of a child its retried parent had failed.
+        retried = [r for r in ok if target in _RETRY_TARGETS and S(r["state"]) in RETRYABLE_STATES
+                   and (role is Role.USER or S(r["state"]) in (S.FAILED, S.KILLED))]
+        if retried:
+            points = self.restart_points(retried)
+            for row in retried:
+                point = points[row["id"]]
+                if point is not target and role is Role.USER:
+                    refused[row["id"]] = Refusal(
+                        row["id"], "RESTART_ELSEWHERE",
+                        f"job {row['id']} must restart at {point}, not {target} (RetryJobs picks it)")
+            ok = [r for r in ok if r["id"] not in refused]
+            retried = [r for r in retried if r["id"] not in refused]
+            if retried:
+                values = self._retry_values(retried, target, values)
+        return ok, refused, retried, values
+
+    def _apply(self, rows: list[dict[str, Any]], target: JobState, *, message: str = "",
+               data: dict[str, Any] | None = None, values: dict[int, dict[str, Any]] | None = None,
+               data_by_job: dict[int, dict[str, Any]] | None = None) -> None:
+        """Move `rows` (checked by move) to `target`, then settle each one."""
         rules = load_app_rules(self.conn, (r["app_id"] for r in rows))
         ids = [r["id"] for r in rows]
         pending = _pending_transfer_directions(self.conn, ids)
         stage_in, stage_out = pending["IN"], pending["OUT"]
         updates: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        finished, failed = [], []
+        finished, failed, resting_post = [], [], []
         no_rules = AppRules({})
         # Jobs alike in app, pending transfers and run count take the same path; the
         # path and its event data are computed once and shared (events are written, never
@@ -134,6 +242,8 @@ class Transitioner:
                     shared["via"] = [str(s) for s in path[:-1]]
                 settled = paths[key] = (path[-1], shared or None)
             final, event_data = settled
+            if data_by_job and job_id in data_by_job:
+                event_data = {**(event_data or {}), **data_by_job[job_id]}
             extra = values.get(job_id, _NO_VALUES) if values else _NO_VALUES
             if extra.get("return_code") is not None:
                 event_data = dict(event_data or {})
@@ -149,10 +259,14 @@ class Transitioner:
             if final is S.JOB_FINISHED:
                 finished.append(job_id)
             elif final is S.FAILED or final is S.KILLED:
-                failed.append(job_id)
+                failed.append(row)
+            elif final is S.POSTPROCESSED:
+                resting_post.append(job_id)
             row["state"] = final_name
         for state, params in updates.items():
             self._write(state, params)
+        if resting_post:
+            self._release_stage_out(resting_post)
         if finished or failed:
             self._cascade(finished, failed)
 
@@ -212,20 +326,21 @@ class Transitioner:
         bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
         self.conn.execute(text(sql), bind)
 
-    def _cascade(self, finished: list[int], failed: list[int]) -> None:
+    def _cascade(self, finished: list[int], failed: list[dict[str, Any]]) -> None:
         """Release children whose parents are all done; fail children of failed parents
-        unless their policy ignores parent failures."""
+        unless their policy ignores parent failures (the event names the parent)."""
         done_parents = list(finished)
-        fail_children: list[dict[str, Any]] = []
+        fail_children: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
         if failed:
-            rows = self._children(failed)
+            parent_state = {r["id"]: r["state"] for r in failed}
             seen: set[int] = set()
-            for row in rows:
+            for row in self._children(list(parent_state)):
                 if row["on_parent_failure"] == "IGNORE":
                     done_parents.append(-row["id"])  # one decrement per failed parent link
                 elif row["id"] not in seen:
                     seen.add(row["id"])
-                    fail_children.append(row)
+                    parent = row.pop("parent_id")
+                    fail_children[(parent, parent_state[parent])].append(row)
         release: list[dict[str, Any]] = []
         if done_parents:
             counts: dict[int, int] = defaultdict(int)
@@ -246,26 +361,132 @@ class Transitioner:
                     select(*ENGINE_COLUMNS).where(id_in(jobs.c.id, list(counts), dialect), jobs.c.pending_parents <= 0,
                                                   jobs.c.state == S.AWAITING_PARENTS))
                 release = [dict(r._mapping) for r in rows]
-        fail_ids = {r["id"] for r in fail_children}
+        fail_ids = {r["id"] for rows in fail_children.values() for r in rows}
         release = [r for r in release if r["id"] not in fail_ids]
-        if fail_children:
-            self.apply(fail_children, S.FAILED, message="a parent job failed or was killed")
+        for (parent, state), children in fail_children.items():
+            self.move(children, S.FAILED, Role.SERVER, message=f"parent job {parent} is {state}",
+                      data={"parent_id": parent, "parent_state": state})
         if release:
-            self.apply(release, S.READY, message="all parents finished")
+            self.move(release, S.READY, Role.SERVER, message="all parents finished")
 
     def _children(self, parent_ids: list[int]) -> list[dict[str, Any]]:
         """Children still waiting, one row per (child, parent) link."""
         if not parent_ids:
             return []
         rows = self.conn.execute(
-            select(*ENGINE_COLUMNS).join(job_parents, job_parents.c.child_id == jobs.c.id)
+            select(*ENGINE_COLUMNS, job_parents.c.parent_id).join(job_parents, job_parents.c.child_id == jobs.c.id)
             .where(id_in(job_parents.c.parent_id, parent_ids, self.conn.dialect.name),
-                   jobs.c.state == S.AWAITING_PARENTS))
+                   jobs.c.state == S.AWAITING_PARENTS).order_by(jobs.c.id))
         return [dict(r._mapping) for r in rows]
+
+    def _release_stage_out(self, job_ids: list[int]) -> None:
+        """AWAITING_JOB -> PENDING for the stage-out items of jobs that came to rest in
+        POSTPROCESSED, one transfer_state event each, with the job's own transition."""
+        c = transfer_items.c
+        rows = self.conn.execute(
+            update(transfer_items).where(id_in(c.job_id, job_ids, self.conn.dialect.name), c.direction == "OUT",
+                                         c.state == "AWAITING_JOB")
+            .values(state="PENDING", update_time=self.now).returning(c.id, c.job_id, c.owner_id, c.site_id)).all()
+        self.event_rows.extend(_item_event(r, "AWAITING_JOB", "PENDING", self.now, "job POSTPROCESSED: stage-out may start")
+                               for r in sorted(rows))
+
+    # ------------------------------------------------------------------------ retry
+
+    def restart_points(self, rows: list[dict[str, Any]]) -> dict[int, JobState]:
+        """Where each retryable job restarts (core/states.restart_point), from the state
+        it failed or was killed in (the last event that brought it where it is)."""
+        ids = [r["id"] for r in rows]
+        entered = _entry_events(self.conn, ids)
+        unfinished = _unfinished_parents(self.conn, ids)
+        out: dict[int, JobState] = {}
+        for row in rows:
+            state = S(row["state"])
+            if state in (S.RUN_ERROR, S.RUN_TIMEOUT):
+                failed_from = state
+            else:
+                failed_from = S(entered[row["id"]][0]) if row["id"] in entered else S.CREATED
+            out[row["id"]] = restart_point(failed_from, inputs_gone=row.get("cleaned_time") is not None,
+                                           pending_parents=unfinished.get(row["id"], 0))
+        return out
+
+    def _retry_values(self, rows: list[dict[str, Any]], target: JobState,
+                      values: dict[int, dict[str, Any]] | None) -> dict[int, dict[str, Any]]:
+        """Column values a retry sets: a job waiting on its parents again counts them anew."""
+        out = dict(values or {})
+        if target is S.AWAITING_PARENTS:
+            unfinished = _unfinished_parents(self.conn, [r["id"] for r in rows])
+            for row in rows:
+                out[row["id"]] = {**out.get(row["id"], {}), "pending_parents": unfinished.get(row["id"], 0)}
+        return out
+
+    def _after_retry(self, rows: list[dict[str, Any]], target: JobState) -> None:
+        """A retried job's transfers start again where it restarts (failed items, or all
+        stage-in items when it stages in again), and the children its failure failed
+        wait on it again."""
+        ids = [r["id"] for r in rows]
+        c = transfer_items.c
+        dialect = self.conn.dialect.name
+        resets: list[tuple[Any, str]] = [(and_(c.direction == "OUT", c.state == "ERROR"), "AWAITING_JOB")]
+        if target is S.READY:
+            resets.append((and_(c.direction == "IN", c.state != "PENDING"), "PENDING"))
+        for cond, new_state in resets:
+            changed = self.conn.execute(
+                update(transfer_items).where(id_in(c.job_id, ids, dialect), cond)
+                .values(state=new_state, error="", task_id="", update_time=self.now)
+                .returning(c.id, c.job_id, c.owner_id, c.site_id, c.state)).all()
+            self.event_rows.extend(_item_event(r, "", new_state, self.now, "job retried") for r in sorted(changed))
+        if target is S.POSTPROCESSED:
+            self._release_stage_out(ids)
+        children = self._children_failed_by(ids)
+        if children:
+            self.move(children, S.AWAITING_PARENTS, Role.SERVER, message="a parent job was retried")
+
+    def _children_failed_by(self, parent_ids: list[int]) -> list[dict[str, Any]]:
+        """FAILED children whose failure came from one of `parent_ids` (their failure event
+        names the parent)."""
+        rows = self.conn.execute(
+            select(*ENGINE_COLUMNS).join(job_parents, job_parents.c.child_id == jobs.c.id)
+            .where(id_in(job_parents.c.parent_id, parent_ids, self.conn.dialect.name), jobs.c.state == S.FAILED)
+            .order_by(jobs.c.id)).all()
+        candidates = {r.id: dict(r._mapping) for r in rows}
+        if not candidates:
+            return []
+        entered = _entry_events(self.conn, list(candidates))
+        wanted = set(parent_ids)
+        return [row for job_id, row in candidates.items()
+                if job_id in entered and (entered[job_id][1] or {}).get("parent_id") in wanted]
 
     def flush(self) -> None:
         event_log.append(self.conn, self.event_rows)
         self.event_rows = []
+
+
+def _item_event(row: Any, src: str, dst: str, now: datetime, message: str) -> dict[str, Any]:
+    return {"owner_id": row.owner_id, "site_id": row.site_id, "job_id": row.job_id, "kind": event_log.TRANSFER_STATE,
+            "subject_id": row.id, "from_state": src, "to_state": dst, "time": now, "message": message}
+
+
+def _entry_events(conn: Connection, job_ids: list[int]) -> dict[int, tuple[str, dict[str, Any] | None]]:
+    """(from_state, data) of each job's latest job_state event: how it got where it is."""
+    if not job_ids:
+        return {}
+    e = events.c
+    latest = (select(func.max(e.id)).where(id_in(e.job_id, job_ids, conn.dialect.name), e.kind == event_log.JOB_STATE)
+              .group_by(e.job_id).scalar_subquery())
+    rows = conn.execute(select(e.job_id, e.from_state, e.data).where(e.id.in_(latest)))
+    return {r.job_id: (r.from_state, r.data) for r in rows}
+
+
+def _unfinished_parents(conn: Connection, job_ids: list[int]) -> dict[int, int]:
+    """How many parents of each job have not finished (JOB_FINISHED)."""
+    if not job_ids:
+        return {}
+    parent = jobs.alias("parent")
+    rows = conn.execute(
+        select(job_parents.c.child_id, func.count()).join(parent, parent.c.id == job_parents.c.parent_id)
+        .where(id_in(job_parents.c.child_id, job_ids, conn.dialect.name), parent.c.state != S.JOB_FINISHED)
+        .group_by(job_parents.c.child_id))
+    return {r[0]: r[1] for r in rows}
 
 
 def legal(src: str, dst: JobState) -> bool:

@@ -1,0 +1,261 @@
+"""The job lifecycle sealed (issue 13): every (role, from, to) move through the public API
+against the one table in core/states, and the behaviours around it, on SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, insert, select
+
+from balsam_grpc.core.states import RETRYABLE_STATES, JobState, Role, restart_point, role_refusal
+from balsam_grpc.server.convert import utcnow
+from balsam_grpc.server.store.tables import events, jobs, sessions
+from balsam_grpc.v1 import (
+    app_pb2,
+    app_service_pb2,
+    app_service_pb2_grpc,
+    common_pb2,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    site_pb2,
+    site_service_pb2,
+    site_service_pb2_grpc,
+    transfer_item_pb2,
+    transfer_item_service_pb2,
+    transfer_item_service_pb2_grpc,
+)
+
+S = JobState
+RETRY_TARGETS = {S.AWAITING_PARENTS, S.READY, S.STAGED_IN, S.POSTPROCESSED, S.RESTART_READY}
+
+
+class World:
+    """A site, an app with no hooks and no transfers, and the owner's user and site stubs."""
+
+    def __init__(self, harness: Any, caller: Any) -> None:
+        self.harness, self.caller = harness, caller
+        self.site = caller.stub(site_service_pb2_grpc.SiteServiceStub).CreateSite(site_service_pb2.CreateSiteRequest(
+            site=site_pb2.Site(name=f"site-{uuid.uuid4().hex[:8]}"))).site
+        self.app = caller.stub(app_service_pb2_grpc.AppServiceStub).CreateApp(app_service_pb2.CreateAppRequest(
+            app=app_pb2.App(site_id=self.site.id, name="run", command_template="/bin/true"))).app
+        site_caller = harness.user(caller.username, scope="SITE", site_id=self.site.id)
+        self.stubs = {Role.USER: caller.stub(job_service_pb2_grpc.JobServiceStub),
+                      Role.SITE: site_caller.stub(job_service_pb2_grpc.JobServiceStub)}
+        self.session_id = ""
+
+    def job_in(self, state: S) -> int:
+        """A job resting in `state` (written directly: reaching every state through the API
+        would need a launcher and a site for each); a RUNNING one is held by a session."""
+        now = utcnow()
+        if state is S.RUNNING and not self.session_id:
+            self.session_id = secrets.token_hex(16)
+            self.harness.db.write_sync(lambda conn: conn.execute(insert(sessions).values(
+                id=self.session_id, owner_id=self.caller.user_id, site_id=self.site.id, job_mode="MPI", nodes=[],
+                state="ACTIVE", hostname="nid0001", create_time=now, heartbeat_time=now,
+                expire_time=now + timedelta(hours=1))))
+        values = dict(owner_id=self.caller.user_id, site_id=self.site.id, app_id=self.app.id,
+                      workdir=f"w/{secrets.token_hex(6)}", state=str(state), create_time=now, update_time=now,
+                      state_time=now, session_id=self.session_id if state is S.RUNNING else None,
+                      lease_generation=1 if state is S.RUNNING else 0)
+        return self.harness.db.write_sync(lambda conn: conn.execute(insert(jobs).values(**values)).inserted_primary_key[0])
+
+    def snapshot(self, job_id: int) -> tuple[str, Any, int]:
+        def read(conn: Any) -> tuple[str, Any, int]:
+            row = conn.execute(select(jobs.c.state, jobs.c.update_time).where(jobs.c.id == job_id)).one()
+            count = conn.execute(select(func.count()).select_from(events).where(events.c.job_id == job_id)).scalar_one()
+            return row.state, row.update_time, count
+        return self.harness.db.read_sync(read)
+
+    def job_events(self, job_id: int) -> list[Any]:
+        return self.harness.db.read_sync(lambda conn: conn.execute(
+            select(events).where(events.c.job_id == job_id).order_by(events.c.id)).all())
+
+
+def expected_ok(role: Role, src: S, dst: S) -> bool:
+    """The oracle: the table, plus the retry guard (a job written in FAILED or KILLED with
+    no history restarts from the beginning, READY; RUN_ERROR/RUN_TIMEOUT at RESTART_READY)."""
+    if role_refusal(role, src, dst) is not None:
+        return False
+    if role is Role.USER and src in RETRYABLE_STATES and dst in RETRY_TARGETS:
+        failed_from = src if src in (S.RUN_ERROR, S.RUN_TIMEOUT) else S.CREATED
+        return dst is restart_point(failed_from, inputs_gone=False, pending_parents=0)
+    return True
+
+
+@pytest.fixture
+def world(harness: Any, alice: Any) -> World:
+    return World(harness, alice)
+
+
+_STATES = list(S)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(role=st.sampled_from([Role.USER, Role.SITE]), src=st.sampled_from(_STATES), dst=st.sampled_from(_STATES))
+def test_every_move_through_update_job_follows_the_table(world: World, role: Role, src: S, dst: S) -> None:
+    """USER (a user token) and SITE (a site token) through UpdateJob. SERVER-only moves are
+    refused for both; SESSION moves are the next test's."""
+    if src is dst:
+        return
+    job_id = world.job_in(src)
+    before = world.snapshot(job_id)
+    request = job_service_pb2.UpdateJobRequest(job=job_pb2.Job(id=job_id, state=job_pb2.JobState.Value(f"JOB_STATE_{dst}")),
+                                               update_mask={"paths": ["state"]})
+    if expected_ok(role, src, dst):
+        job = world.stubs[role].UpdateJob(request).job
+        new = world.job_events(job_id)[before[2]:]
+        assert len(new) == 1, (role, src, dst, new)  # once, with one event
+        event = new[0]
+        assert (event.from_state, event.to_state) == (src, job_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"))
+        assert event.to_state == dst or (event.data or {}).get("via", [None])[0] == dst
+    else:
+        with pytest.raises(grpc.RpcError) as err:
+            world.stubs[role].UpdateJob(request)
+        assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED), \
+            (role, src, dst, err.value.details())
+        want = grpc.StatusCode.PERMISSION_DENIED if role_refusal(role, src, dst) and \
+            role_refusal(role, src, dst)[0] == "ROLE_NOT_ALLOWED" else grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.code() == want, (role, src, dst, err.value.details())
+        assert world.snapshot(job_id) == before  # nothing changed, no event
+
+
+def test_every_move_a_session_reports_follows_the_table(world: World, alice: Any) -> None:
+    """SESSION through the launcher's stream: it can only report on a job it holds (in
+    RUNNING; any other job is a lost lease, ABORTED), so every target from RUNNING."""
+    from test_session_stream import Launcher
+
+    launcher = Launcher(alice)
+    launcher.open(world.site.id)
+    try:
+        for dst in _STATES:
+            job = world.stubs[Role.USER].CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+                app_id=world.app.id, workdir=f"s/{secrets.token_hex(4)}"))).job
+            launcher.credit(max_jobs=1)
+            (leased,) = launcher.leased(1)
+            assert leased.job.id == job.id
+            before = world.snapshot(job.id)
+            ack = launcher.report(launcher.transition(leased, job_pb2.JobState.Value(f"JOB_STATE_{dst}")))
+            why = role_refusal(Role.SESSION, S.RUNNING, dst)
+            if why is None:
+                assert not ack.rejections, (dst, ack)
+                new = world.job_events(job.id)[before[2]:]
+                assert len(new) == 1 and new[0].from_state == S.RUNNING, (dst, new)
+                assert new[0].to_state == dst or new[0].data["via"][0] == dst
+            else:
+                (rejection,) = ack.rejections
+                code = grpc.StatusCode.PERMISSION_DENIED if why[0] == "ROLE_NOT_ALLOWED" else \
+                    grpc.StatusCode.FAILED_PRECONDITION
+                assert (rejection.code, rejection.reason) == (code.value[0], why[0]), (dst, rejection)
+                assert world.snapshot(job.id) == before
+            if world.snapshot(job.id)[0] not in ("JOB_FINISHED", "FAILED", "KILLED"):
+                world.stubs[Role.USER].UpdateJob(job_service_pb2.UpdateJobRequest(  # out of the launcher's way
+                    job=job_pb2.Job(id=job.id, state=job_pb2.JOB_STATE_KILLED), update_mask={"paths": ["state"]}))
+    finally:
+        launcher.cancel()
+
+
+# ---------------------------------------------------------------------------- behaviours
+
+
+def _state(world: World, job_id: int) -> str:
+    return world.snapshot(job_id)[0]
+
+
+def _launcher(world: World) -> Any:
+    from test_session_stream import Launcher
+
+    launcher = Launcher(world.caller)
+    launcher.open(world.site.id)
+    return launcher
+
+
+def _run(launcher: Any, job_id: int, state: int = job_pb2.JOB_STATE_RUN_DONE) -> None:
+    """Lease the job to the launcher and report how its run ended."""
+    launcher.credit(max_jobs=1)
+    (leased,) = launcher.leased(1)
+    assert leased.job.id == job_id
+    ack = launcher.report(launcher.transition(leased, state))
+    assert not ack.rejections, ack
+
+
+def _set_state(world: World, job_id: int, state: int) -> Any:
+    return world.stubs[Role.USER].UpdateJob(job_service_pb2.UpdateJobRequest(
+        job=job_pb2.Job(id=job_id, state=state), update_mask={"paths": ["state"]})).job
+
+
+def _items(world: World, job_id: int) -> dict[str, Any]:
+    stub = world.caller.stub(transfer_item_service_pb2_grpc.TransferServiceStub)
+    got = stub.ListTransferItems(transfer_item_service_pb2.ListTransferItemsRequest(
+        filter=transfer_item_service_pb2.TransferItemFilter(job_ids=[job_id]))).transfer_items
+    return {i.slot: i for i in got}
+
+
+def _stage_out_app(world: World) -> Any:
+    slot = app_pb2.TransferSlot(name="result", direction=common_pb2.TRANSFER_DIRECTION_OUT, local_path="out.h5")
+    return world.caller.stub(app_service_pb2_grpc.AppServiceStub).CreateApp(app_service_pb2.CreateAppRequest(
+        app=app_pb2.App(site_id=world.site.id, name=f"out-{secrets.token_hex(3)}", command_template="/bin/true",
+                        transfers=[slot]))).app
+
+
+def test_a_job_enters_running_only_by_being_leased(world: World) -> None:
+    job = world.stubs[Role.USER].CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=world.app.id, workdir="unleased"))).job
+    before = world.snapshot(job.id)
+    with pytest.raises(grpc.RpcError) as err:
+        _set_state(world, job.id, job_pb2.JOB_STATE_RUNNING)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "lease" in err.value.details()
+    assert world.snapshot(job.id) == before
+
+
+def test_stage_out_is_released_with_the_transition_and_staged_out_waits_for_it(world: World) -> None:
+    """No site daemon is connected: the stage-out item becomes PENDING in the same
+    transaction as POSTPROCESSED, and nobody can declare the job STAGED_OUT meanwhile."""
+    app = _stage_out_app(world)
+    job = world.stubs[Role.USER].CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir=f"out/{secrets.token_hex(3)}", transfers={"result": "results:/r/out.h5"}))).job
+    launcher = _launcher(world)
+    try:
+        _run(launcher, job.id)
+    finally:
+        launcher.cancel()
+    assert _state(world, job.id) == "POSTPROCESSED"
+    assert _items(world, job.id)["result"].state == transfer_item_pb2.TRANSFER_STATE_PENDING
+    released = [e for e in world.job_events(job.id) if e.kind == "transfer_state"]
+    assert [(e.from_state, e.to_state) for e in released] == [("AWAITING_JOB", "PENDING")]
+    before = world.snapshot(job.id)
+    with pytest.raises(grpc.RpcError) as err:
+        _set_state(world, job.id, job_pb2.JOB_STATE_STAGED_OUT)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert world.snapshot(job.id) == before
+    assert _items(world, job.id)["result"].state == transfer_item_pb2.TRANSFER_STATE_PENDING
+
+
+def test_staged_out_is_refused_to_the_server_itself_while_items_wait(world: World, harness: Any) -> None:
+    """The guard holds below the role check too: even the server's own move is refused."""
+    from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, Transitioner
+
+    app = _stage_out_app(world)
+    job = world.stubs[Role.USER].CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir=f"out/{secrets.token_hex(3)}", transfers={"result": "results:/r/out.h5"}))).job
+    launcher = _launcher(world)
+    try:
+        _run(launcher, job.id)
+    finally:
+        launcher.cancel()
+
+    def work(conn: Any) -> Any:
+        row = dict(conn.execute(select(*ENGINE_COLUMNS).where(jobs.c.id == job.id)).one()._mapping)
+        return Transitioner(conn, utcnow()).move([row], S.STAGED_OUT, Role.SERVER)
+
+    refused = harness.db.write_sync(work)
+    assert refused[job.id].reason == "TRANSFERS_PENDING"
+    assert _state(world, job.id) == "POSTPROCESSED"
