@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // A small balsam-grpc client in Node.js: loads the .proto files of protos/ at run time
 // (no generated code), creates a site, an app and a few jobs, then watches their events
-// with EventService.WatchEvents while moving them to final states (as a launcher would),
-// and exits once every job is final. Output: one JSON object per line.
+// with EventService.WatchEvents while moving them to final states: the first is run by a
+// launcher session (SessionService.Connect: leased, then reported done), the rest are
+// killed. Exits once every job is final. Output: one JSON object per line.
 //
 // Usage: node client.js [--address HOST:PORT] [--token TOKEN] [--jobs N] [--protos DIR]
 //   address and token default to BALSAM_SERVER and BALSAM_TOKEN.
@@ -37,7 +38,7 @@ function parseArgs(argv) {
 }
 
 function loadServices(protoDir) {
-  const files = ['site_service', 'app_service', 'job_service', 'event_service'].map(
+  const files = ['site_service', 'app_service', 'job_service', 'event_service', 'session_service'].map(
     (name) => `balsam/v1/${name}.proto`);
   const definition = protoLoader.loadSync(files, {
     includeDirs: [protoDir],
@@ -77,6 +78,7 @@ async function main() {
   const apps = new v1.AppService(args.address, creds, options);
   const jobs = new v1.JobService(args.address, creds, options);
   const events = new v1.EventService(args.address, creds, options);
+  const sessions = new v1.SessionService(args.address, creds, options);
   const metadata = new grpc.Metadata();
   metadata.set('authorization', `Bearer ${args.token}`);
   const call = (client, method, request) => unary(client, method, request, metadata, args.timeoutMs);
@@ -138,15 +140,11 @@ async function main() {
   });
   await new Promise((resolve) => stream.once('started', resolve));
 
-  // Move the jobs as a launcher would: the first finishes, the rest are killed.
+  // The first job runs in a launcher session (only a lease moves a job to RUNNING); the
+  // rest are killed.
   const [first, ...rest] = ids;
-  for (const state of ['JOB_STATE_RUNNING', 'JOB_STATE_RUN_DONE']) {
-    await call(jobs, 'UpdateJob', {
-      job: { id: first, state, return_code: 0 },
-      update_mask: { paths: state === 'JOB_STATE_RUN_DONE' ? ['state', 'return_code'] : ['state'] },
-      request_id: requestId(),
-    });
-  }
+  await runOne(sessions, metadata, site.id, first, args.timeoutMs);
+  emit({ type: 'ran', job_id: first });
   if (rest.length) {
     const killed = await call(jobs, 'BatchUpdateJobs', {
       filter: { ids: rest },
@@ -168,6 +166,44 @@ async function main() {
   for (const g of counts.groups) byState[g.state] = Number(g.count);
   emit({ type: 'done', total: Number(counts.total), by_state: byState });
   [sites, apps, jobs, events].forEach((c) => c.close());
+}
+
+// What a launcher does, in miniature: open a session at the site, grant credit for one
+// job with this job's tags, report its run done, close. Resolves when the server has
+// acknowledged the report.
+function runOne(sessions, metadata, siteId, jobId, timeoutMs) {
+  return new Promise((resolve, reject) => {
+    const stream = sessions.Connect(metadata, { deadline: new Date(Date.now() + timeoutMs) });
+    let done = false;
+    stream.on('data', (response) => {
+      if (response.opened) {
+        stream.write({ credit: { max_jobs: 1, free_nodes: 1 } });
+      } else if (response.leases) {
+        const leased = response.leases.jobs.find((lj) => lj.job.id === jobId);
+        if (!leased) {
+          reject(new Error(`expected a lease of job ${jobId}, got ${JSON.stringify(response.leases.jobs)}`));
+          return;
+        }
+        stream.write({
+          report: {
+            transitions: [{ seq: 1, job_id: jobId, lease_generation: leased.lease_generation,
+              state: 'JOB_STATE_RUN_DONE', return_code: 0 }],
+          },
+        });
+      } else if (response.ack) {
+        if (response.ack.rejections.length) {
+          reject(new Error(`report rejected: ${JSON.stringify(response.ack.rejections)}`));
+          return;
+        }
+        done = true;
+        stream.write({ close: { reason: 'node client done' } });
+        stream.end();
+      }
+    });
+    stream.on('error', (err) => reject(new Error(`session failed: ${grpc.status[err.code]}: ${err.details}`)));
+    stream.on('end', () => (done ? resolve() : reject(new Error('session ended before the report was acknowledged'))));
+    stream.write({ open: { site_id: siteId, hostname: 'node-client', job_mode: 'JOB_MODE_SERIAL' } });
+  });
 }
 
 main().catch((err) => {

@@ -87,6 +87,13 @@ class CliServer:
     def call(self, service: str, method: str, request: Any) -> Any:
         return self.client.call(service, method, request)
 
+    def run_job(self, job_id: int, *reports: int) -> None:
+        """Lease the job to a scripted launcher session and report `reports` (the run's
+        end: RUN_DONE, RUN_ERROR, ...), as a launcher would; then close the session."""
+        from tests.support.launcher import client_run_job
+
+        client_run_job(self.client, job_id, *reports)
+
 
 @pytest.fixture(scope="module", params=database_params())
 def cli_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:

@@ -63,11 +63,14 @@ def create(cli_server: CliServer, workdir: str, tags: dict[str, str], app: str =
 
 
 def move(cli_server: CliServer, job_id: int, *states: int) -> None:
-    """Drive a job through legal transitions, as a launcher would report them."""
-    for state in states:
+    """Kill a job as its owner, or run it as a launcher would: lease it (RUNNING) and
+    report the rest."""
+    if states == (S.JOB_STATE_KILLED,):
         cli_server.call("JobService", "UpdateJob", job_service_pb2.UpdateJobRequest(
-            job=job_pb2.Job(id=job_id, state=state, state_message=f"test moved to {S.JobState.Name(state)}"),
-            update_mask={"paths": ["state", "state_message"]}))
+            job=job_pb2.Job(id=job_id, state=S.JOB_STATE_KILLED), update_mask={"paths": ["state"]}))
+        return
+    assert states[0] == S.JOB_STATE_RUNNING
+    cli_server.run_job(job_id, *states[1:])
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -175,7 +178,7 @@ def test_modify_dry_run_previews_and_changes_nothing(cli_server: CliServer, worl
 def test_modify_reports_each_refused_job_and_fails(cli_server: CliServer, world: dict[str, Any]) -> None:
     done = create(cli_server, "refuse/final", {"exp": "refuse"})
     live = create(cli_server, "refuse/live", {"exp": "refuse"})
-    move(cli_server, done, S.JOB_STATE_FAILED)
+    move(cli_server, done, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_ERROR)  # no retry policy: FAILED
     result = cli_server.run("job", "modify", "--tag", "exp=refuse", "--set-state", "KILLED", "--yes")
     assert result.returncode == 1
     assert "modified 1 jobs" in result.stdout
@@ -264,7 +267,7 @@ def test_history_shows_each_transition(cli_server: CliServer, world: dict[str, A
     events = cli_server.json("job", "history", str(job_id))
     moves = [(e["jobState"].get("fromState", "JOB_STATE_UNSPECIFIED"), e["jobState"]["toState"]) for e in events]
     assert moves[-2][1] == "JOB_STATE_RUNNING" and moves[-1][1] == "JOB_STATE_JOB_FINISHED"
-    assert "test moved to JOB_STATE_RUNNING" in [e.get("message") for e in events]
+    assert any(e.get("message", "").startswith("leased to session") for e in events)
     table = cli_server.run("job", "history", str(job_id))
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0].split() == ["TIME", "FROM", "TO", "MESSAGE", "DATA"]

@@ -128,9 +128,8 @@ def _job(cli_server: CliServer, workdir: str, tag: str) -> int:
 
 
 def _move(cli_server: CliServer, job_id: int, *states: int) -> None:
-    for state in states:
-        cli_server.call("JobService", "UpdateJob", job_service_pb2.UpdateJobRequest(
-            job=job_pb2.Job(id=job_id, state=state), update_mask={"paths": ["state"]}))
+    assert states[0] == S.JOB_STATE_RUNNING  # leased, then the launcher's reports
+    cli_server.run_job(job_id, *states[1:])
 
 
 def test_events_list_and_follow(cli_server: CliServer, synced: None) -> None:
@@ -142,7 +141,7 @@ def test_events_list_and_follow(cli_server: CliServer, synced: None) -> None:
     assert int(newest[0]["id"]) >= int(listed[-1]["id"])
     assert cli_server.json("events", "--job", str(job_id), "--to-state", "FAILED") == []
 
-    follower = cli_server.popen("events", "--tag", "exp=events", "-f", "-o", "json", "--timeout", "30")
+    follower = cli_server.popen("events", "--tag", "exp=events", "-f", "-o", "json", "--timeout", "120")
     text = _read_until(follower, str(job_id))  # the listing came out: the stream is open
     _move(cli_server, job_id, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_DONE)
     text += _read_until(follower, "JOB_STATE_JOB_FINISHED")
@@ -168,7 +167,7 @@ def _read_until(process: subprocess.Popen[str], needle: str) -> str:
 
 def test_job_watch_prints_transitions_as_they_happen(cli_server: CliServer, synced: None) -> None:
     job_id = _job(cli_server, "watch/0", "exp=watch")
-    watcher = cli_server.popen("job", "watch", "--tag", "exp=watch", "--replay", "--timeout", "30")
+    watcher = cli_server.popen("job", "watch", "--tag", "exp=watch", "--replay", "--timeout", "120")
     text = _read_until(watcher, "-> PREPROCESSED")  # replayed history: the stream is live from here
     _move(cli_server, job_id, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_ERROR)
     text += _read_until(watcher, "-> FAILED")

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 import pytest
+from google.protobuf import struct_pb2
 
 from balsam_grpc.sdk import (
     FIRST_COMPLETED,
@@ -19,6 +20,9 @@ from balsam_grpc.sdk import (
     as_completed,
     wait,
 )
+
+from balsam_grpc.v1 import job_pb2
+from tests.support.launcher import client_run_job
 
 WAIT = 30  # seconds; only an upper bound for a broken implementation
 
@@ -44,24 +48,15 @@ def jobs(client: Client, app: App) -> list[Job]:
 
 def finish(other: Client, job_id: int, result: Any) -> None:
     """What a launcher does, through another connection: run, then finish with data."""
-    job = other.jobs.get(id=job_id)
-    job.state = "RUNNING"
-    job.save()
-    job.state = "RUN_DONE"
-    job.return_code = 0
-    job.data = {"result": result}
-    job.save()
+    data = struct_pb2.Struct()
+    data.update({"result": result})
+    client_run_job(other, job_id, job_pb2.JOB_STATE_RUN_DONE, return_code=0, data=data)
 
 
 def fail(other: Client, job_id: int) -> None:
-    job = other.jobs.get(id=job_id)
-    job.state = "RUNNING"
-    job.save()
-    job.state = "RUN_ERROR"  # no error hook and no retry policy: the server fails it
-    job.return_code = 139
-    job.state_message = "segfault in rank 3"
-    job.error_tail = "Segmentation fault (core dumped)"
-    job.save()
+    # no error hook and no retry policy: the server fails it
+    client_run_job(other, job_id, job_pb2.JOB_STATE_RUN_ERROR, return_code=139, message="segfault in rank 3",
+                   error_tail="Segmentation fault (core dumped)")
 
 
 def test_result_resolves_on_another_clients_change(client: Client, other_client: Client, jobs: list[Job]) -> None:

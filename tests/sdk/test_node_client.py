@@ -81,6 +81,7 @@ def test_node_client_creates_jobs_and_watches_their_events(server: ServerProcess
     assert transitions == [(first, "RUNNING"), (first, "JOB_FINISHED")] + [(j, "KILLED") for j in rest]
     assert lines[-1]["by_state"] == {"JOB_STATE_JOB_FINISHED": 1, "JOB_STATE_KILLED": 3}
     assert next(line for line in lines if line["type"] == "killed") == {"type": "killed", "updated": 3, "failed": 0}
+    assert next(line for line in lines if line["type"] == "ran") == {"type": "ran", "job_id": str(first)}
 
     # What node saw is exactly the server's event log after its starting cursor.
     with Client(server.address, token=server.token) as client:

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import struct_pb2
 
 from balsam_grpc.sdk import App, Client, Event, Site
+from balsam_grpc.v1 import job_pb2
 
+from tests.support.launcher import client_run_job
 from tests.support.server_proc import ServerProcess
 
 WAIT = 30
@@ -87,7 +90,10 @@ def test_watch_and_futures_survive_server_restart(server: ServerProcess) -> None
     server.stop()
     server.start()
     # The watch is still backing off: these happen while it is disconnected.
-    change(server, jobs[1].id, "RUNNING", "RUN_DONE", data={"result": "after restart"}, return_code=0)
+    data = struct_pb2.Struct()
+    data.update({"result": "after restart"})
+    with connect(server) as other:  # a launcher runs it
+        client_run_job(other, jobs[1].id, job_pb2.JOB_STATE_RUN_DONE, data=data, return_code=0)
     change(server, jobs[2].id, "KILLED")
     with connect(server) as other:
         other.jobs.filter(id=jobs[3].id).update(state="KILLED")

@@ -131,7 +131,7 @@ def test_every_move_through_update_job_follows_the_table(world: World, role: Rol
 def test_every_move_a_session_reports_follows_the_table(world: World, alice: Any) -> None:
     """SESSION through the launcher's stream: it can only report on a job it holds (in
     RUNNING; any other job is a lost lease, ABORTED), so every target from RUNNING."""
-    from test_session_stream import Launcher
+    from tests.support.launcher import Launcher
 
     launcher = Launcher(alice)
     launcher.open(world.site.id)
@@ -171,7 +171,7 @@ def _state(world: World, job_id: int) -> str:
 
 
 def _launcher(world: World) -> Any:
-    from test_session_stream import Launcher
+    from tests.support.launcher import Launcher
 
     launcher = Launcher(world.caller)
     launcher.open(world.site.id)

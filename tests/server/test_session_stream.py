@@ -3,8 +3,6 @@ embedded server with a 2 s lease timeout, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,11 +32,11 @@ from balsam_grpc.v1 import (
 )
 from tests.conftest import POSTGRES_URL, Caller, Harness, database_params
 from tests.support.databases import fresh_postgres
+from tests.support.launcher import WAIT, Launcher  # noqa: F401
 
 S = job_pb2
 Req = session_service_pb2.SessionServiceConnectRequest
 LEASE_TIMEOUT = 2
-WAIT = 15.0  # generous bound for anything that should happen "at once"
 
 
 class ShortLeaseHarness(Harness):
@@ -106,94 +104,6 @@ class World:
     def kill(self, job_id: int) -> None:
         self.jobs.UpdateJob(job_service_pb2.UpdateJobRequest(job=job_pb2.Job(id=job_id, state=S.JOB_STATE_KILLED),
                                                              update_mask={"paths": ["state"]}))
-
-
-class Launcher:
-    """A scripted launcher: requests go through a queue, responses are sorted by kind."""
-
-    def __init__(self, caller: Caller, channel: grpc.Channel | None = None) -> None:
-        self.requests: queue.Queue[Req | None] = queue.Queue()
-        self.inbox: dict[str, queue.Queue[Any]] = {k: queue.Queue() for k in ("opened", "leases", "ack", "kill")}
-        self.error: grpc.RpcError | None = None
-        self.done = threading.Event()
-        self.seq = 0
-        stub = session_service_pb2_grpc.SessionServiceStub(channel or caller.harness.channel)
-        self.call = stub.Connect(self._iter(), metadata=caller.metadata)
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
-
-    def _iter(self) -> Iterator[Req]:
-        while True:
-            item = self.requests.get()
-            if item is None:
-                return
-            yield item
-
-    def _pump(self) -> None:
-        try:
-            for response in self.call:
-                kind = response.WhichOneof("message")
-                self.inbox[kind].put(getattr(response, kind))
-        except grpc.RpcError as err:
-            self.error = err
-        finally:
-            self.done.set()
-
-    # -- sending
-    def open(self, site_id: int, **fields: Any) -> session_service_pb2.SessionOpened:
-        fields.setdefault("job_mode", common_pb2.JOB_MODE_MPI)
-        self.requests.put(Req(open=session_service_pb2.SessionOpen(site_id=site_id, hostname="nid0001", **fields)))
-        return self.next("opened")
-
-    def credit(self, **fields: Any) -> None:
-        fields.setdefault("free_nodes", 1000.0)
-        self.requests.put(Req(credit=session_service_pb2.SessionCredit(**fields)))
-
-    def report(self, *transitions: session_service_pb2.JobTransition) -> session_service_pb2.TransitionAck:
-        self.requests.put(Req(report=session_service_pb2.TransitionReport(transitions=list(transitions))))
-        return self.next("ack")
-
-    def transition(self, leased: session_service_pb2.LeasedJob, state: int, **fields: Any
-                   ) -> session_service_pb2.JobTransition:
-        self.seq += 1
-        return session_service_pb2.JobTransition(seq=self.seq, job_id=leased.job.id,
-                                                 lease_generation=leased.lease_generation, state=state, **fields)
-
-    def close(self, reason: str = "done") -> None:
-        self.requests.put(Req(close=session_service_pb2.SessionClose(reason=reason)))
-        self.half_close()
-
-    def half_close(self) -> None:
-        self.requests.put(None)
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self.done.wait(WAIT)
-
-    # -- receiving
-    def next(self, kind: str, timeout: float = WAIT) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.inbox[kind].get(timeout=0.05)
-            except queue.Empty:
-                if self.done.is_set() and self.inbox[kind].empty():
-                    raise AssertionError(f"stream ended while waiting for {kind}: {self.error!r}") from None
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"no {kind} within {timeout} s") from None
-
-    def leased(self, count: int, timeout: float = WAIT) -> list[session_service_pb2.LeasedJob]:
-        """Exactly `count` leased jobs (over one or more JobLeases messages)."""
-        got: list[session_service_pb2.LeasedJob] = []
-        while len(got) < count:
-            got += list(self.next("leases", timeout).jobs)
-        assert len(got) == count, f"leased {len(got)} jobs, expected {count}"
-        return got
-
-    def nothing(self, kind: str, settle: float = 0.5) -> None:
-        """No message of `kind` arrives within `settle` seconds (a bounded negative check)."""
-        time.sleep(settle)
-        assert self.inbox[kind].empty(), f"unexpected {kind}: {self.inbox[kind].queue[0]}"
 
 
 def wait_for(predicate: Any, timeout: float = WAIT, what: str = "condition") -> Any:

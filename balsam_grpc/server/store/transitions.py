@@ -175,10 +175,9 @@ class Transitioner:
         for row in rows:
             why = role_refusal(role, S(row["state"]), target)
             if why is not None:
-                refused[row["id"]] = Refusal(row["id"], why[0], f"job {row['id']}: {why[1]}")
+                refused[row["id"]] = Refusal(row["id"], why[0], why[1])
             elif target is S.RUNNING and not (values or {}).get(row["id"], {}).get("session_id"):
-                refused[row["id"]] = Refusal(row["id"], "LEASE_REQUIRED",
-                                             f"job {row['id']}: a job enters RUNNING only by being leased")
+                refused[row["id"]] = Refusal(row["id"], "LEASE_REQUIRED", "a job enters RUNNING only by being leased")
             else:
                 ok.append(row)
         direction = _STAGE_TARGET.get(target)
@@ -187,8 +186,8 @@ class Transitioner:
             for row in [r for r in ok if r["id"] in pending]:
                 refused[row["id"]] = Refusal(
                     row["id"], "TRANSFERS_PENDING",
-                    f"job {row['id']}: {target} is reached only when every {'stage-in' if direction == 'IN' else 'stage-out'} "
-                    "item is done; some are not")
+                    f"{target} is reached only when every {'stage-in' if direction == 'IN' else 'stage-out'} "
+                    "item of the job is done; some are not")
             ok = [r for r in ok if r["id"] not in pending]
         # A retry: the owner's, or the server's of a child its retried parent had failed.
         retried = [r for r in ok if target in _RETRY_TARGETS and S(r["state"]) in RETRYABLE_STATES
@@ -200,7 +199,7 @@ class Transitioner:
                 if point is not target and role is Role.USER:
                     refused[row["id"]] = Refusal(
                         row["id"], "RESTART_ELSEWHERE",
-                        f"job {row['id']} must restart at {point}, not {target} (RetryJobs picks it)")
+                        f"a retry of this job restarts it at {point}, not {target} (RetryJobs picks it)")
             ok = [r for r in ok if r["id"] not in refused]
             retried = [r for r in retried if r["id"] not in refused]
             if retried:
@@ -368,6 +367,11 @@ class Transitioner:
                       data={"parent_id": parent, "parent_state": state})
         if release:
             self.move(release, S.READY, Role.SERVER, message="all parents finished")
+
+    def parents_deleted(self, parents: list[dict[str, Any]]) -> None:
+        """Children waiting on these parents, which are being deleted, follow their
+        parent-failure policy (the event names the parent as DELETED)."""
+        self._cascade([], [{"id": p["id"], "state": "DELETED"} for p in parents])
 
     def _children(self, parent_ids: list[int]) -> list[dict[str, Any]]:
         """Children still waiting, one row per (child, parent) link."""
