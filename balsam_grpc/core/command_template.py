@@ -55,11 +55,12 @@ _UNQUOTED_SYNTAX = set("|&;<>()*?[$`")
 _DOUBLE_QUOTED_SYNTAX = set("$`")
 _ASSIGNMENT = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*=")
 
+_DECLARE_SHELL = "declare the app a shell script (`shell = True`; `App.shell` over the API)"
 RIGHT_FORM = (
-    "A value is always passed as exactly one argument and needs no quotes: write it unquoted, "
-    "for example `prog --title={{ x }}` or `prog {{ x }}`. To hand a value to a shell or an interpreter, pass it "
-    "as an argument: `sh -c 'sleep \"$1\"' sh {{ x }}`, or declare the app a shell script (`shell = True`; `App.shell` over the API) and write "
-    "`sleep {{ x }}`: the script then reads the value as \"$1\".")
+    "A value is always passed as exactly one argument and needs no quotes: write it unquoted, for example "
+    "`prog --title={{ x }}` or `prog {{ x }}`. To hand a value to a shell or an interpreter, pass it as an "
+    f"argument: `sh -c 'sleep \"$1\"' sh {{{{ x }}}}`, or {_DECLARE_SHELL} and write `sleep {{{{ x }}}}`: the "
+    "script then reads the value as \"$1\".")
 
 
 def _as_text(value: Any) -> str:
@@ -80,7 +81,7 @@ def _record(context: jinja2.runtime.Context, value: Any) -> str:
 
 # Sandboxed: a template can read its parameters but not reach Python internals (the
 # launcher that renders it holds the site's credential). Strict: a misspelt name fails.
-ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, finalize=_record,
+_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, finalize=_record,
                                     keep_trailing_newline=True)
 
 
@@ -186,7 +187,7 @@ def _parse(template: str, shell: bool, field: str) -> tuple[nodes.Template, tupl
     if "\x00" in template:
         raise InvalidArgument(f"{field} contains a NUL character", field=field)
     try:
-        ast = ENV.parse(template)
+        ast = _ENV.parse(template)
     except jinja2.TemplateSyntaxError as exc:
         raise InvalidArgument(f"{field}: line {exc.lineno}: {exc.message} (Jinja2 template syntax)",
                               field=field) from None
@@ -206,25 +207,25 @@ def _parse(template: str, shell: bool, field: str) -> tuple[nodes.Template, tupl
                                   f"(line {where}: {_line(template, where)}). {RIGHT_FORM}", field=field)
         if scan.open_quote:
             raise InvalidArgument(
-                f"{field}: a {{{{ }}}} value or a {{% %}} tag is inside quotes (line {where}: {_line(template, where)}); "
-                f"every quote must close before the next tag. {RIGHT_FORM}", field=field)
+                f"{field}: a {{{{ }}}} value or a {{% %}} tag is inside quotes (line {where}: "
+                f"{_line(template, where)}); every quote must close before the next tag. {RIGHT_FORM}", field=field)
         if scan.syntax:
             raise InvalidArgument(
                 f"{field}: {scan.syntax} (line {data.lineno}) is shell syntax, but the app runs its "
                 "command without a shell (words are split as by shlex; no pipes, redirections, ;, &, $ expansions, "
-                "backticks, globs or ~). Quote it ('...') to pass it literally, or declare the app shell "
-                "(shell = True) to run the template as a bash script.", field=field)
+                f"backticks, globs or ~). Quote it ('...') to pass it literally, or {_DECLARE_SHELL} to run the "
+                "template as a bash script.", field=field)
     first = ast.body[0] if ast.body else None
-    if not shell and isinstance(first, nodes.Output) and first.nodes and isinstance(first.nodes[0], nodes.TemplateData):
-        if _ASSIGNMENT.match(first.nodes[0].data):
-            raise InvalidArgument(f"{field}: a leading NAME=value assignment needs a shell; set the variable in the "
-                                  "app's environment instead, or declare the app a shell script (`shell = True`; `App.shell` over the API)", field=field)
-    return ast, tuple(sorted(meta.find_undeclared_variables(ast) - set(ENV.globals)))
+    if (not shell and isinstance(first, nodes.Output) and first.nodes
+            and isinstance(first.nodes[0], nodes.TemplateData) and _ASSIGNMENT.match(first.nodes[0].data)):
+        raise InvalidArgument(f"{field}: a leading NAME=value assignment needs a shell; set the variable in the "
+                              f"app's environment instead, or {_DECLARE_SHELL}", field=field)
+    return ast, tuple(sorted(meta.find_undeclared_variables(ast) - set(_ENV.globals)))
 
 
 @functools.lru_cache(maxsize=512)
 def _compiled(template: str, shell: bool) -> jinja2.Template:
-    return ENV.from_string(_parse(template, shell, "command_template")[0])
+    return _ENV.from_string(_parse(template, shell, "command_template")[0])
 
 
 def check_template(template: str, parameters: Collection[str], *, shell: bool,
@@ -237,11 +238,6 @@ def check_template(template: str, parameters: Collection[str], *, shell: bool,
         if name not in declared:
             raise InvalidArgument(f"{field} uses {{{{ {name} }}}}, which is not among the app's parameters "
                                   f"({', '.join(sorted(declared)) or 'none declared'})", field=field)
-
-
-def template_names(template: str) -> list[str]:
-    """Parameter names a (valid) template reads."""
-    return list(_parse(template, False, "command_template")[1])
 
 
 def _render(template: str, values: Mapping[str, Any], shell: bool) -> tuple[str, list[str]]:

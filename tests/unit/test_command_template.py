@@ -152,8 +152,8 @@ def test_accepted_argv_templates(template: str) -> None:
 
 
 @pytest.mark.parametrize("template", [
-    "sleep {{ x }}; echo done > out.txt", "echo \"$HOME\" {{ x }} | wc -c", "for f in *.h5; do run \"$f\" {{ x }}; done",
-    "echo hi # it's {{ x }}",
+    "sleep {{ x }}; echo done > out.txt", "echo \"$HOME\" {{ x }} | wc -c",
+    "for f in *.h5; do run \"$f\" {{ x }}; done", "echo hi # it's {{ x }}",
 ])
 def test_accepted_shell_templates(template: str) -> None:
     check_template(template, ["x"], shell=True)
