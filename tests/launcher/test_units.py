@@ -211,6 +211,8 @@ def test_cpu_bind_param_overrides_and_unknown_flavor():
     assert build_argv("mpich", spec, ["a"])[7:9] == ["-bind-to", "core"]
     with pytest.raises(ValueError, match="unknown MPI launcher"):
         build_argv("mvapich9", spec, ["a"])
+    with pytest.raises(TypeError, match="argument vector"):  # a command line would be re-split
+        build_argv("mpich", spec, "a --title 'x y'")
     assert launch_commands._ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
