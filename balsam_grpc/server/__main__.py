@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from balsam_grpc.core.logging import configure_logging
 from balsam_grpc.server.app import serve
@@ -36,6 +37,9 @@ def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Everything the server writes (the database and its -wal/-shm files, BALSAM_HOME, the
+    # profile with its token) is created owner-only, whatever the caller's umask.
+    os.umask(0o077)
     configure_logging()
     settings = settings_from_args(argv)
     relax_gc()  # process-wide, so decided by the server process, not by a library object

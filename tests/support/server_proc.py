@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from balsam_grpc.sdk import Client
+from tests.support.server_fork import ForkedServer, ServerForker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,10 +32,12 @@ class ServerProcess:
     server.log go there). `env` is the environment of the server and of whatever the test
     runs against it: the test's own, less every BALSAM_* variable, plus BALSAM_HOME and
     `extra_env`. `args` are added to the server's command line; `new_session` starts it
-    in a session of its own."""
+    in a session of its own; with `forker` it is forked from a process that has already
+    imported the server (tests/support/server_fork.py: for tests that restart it often)."""
 
     def __init__(self, home: Path, database_url: str, *, args: Sequence[str] = (),
-                 extra_env: Mapping[str, str] | None = None, new_session: bool = False) -> None:
+                 extra_env: Mapping[str, str] | None = None, new_session: bool = False,
+                 forker: ServerForker | None = None) -> None:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -43,7 +46,8 @@ class ServerProcess:
         self.args = list(args)
         self.new_session = new_session
         self.log_path = home / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.forker = forker
+        self.proc: subprocess.Popen[bytes] | ForkedServer | None = None
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
         self.env.update(BALSAM_HOME=str(home), **(extra_env or {}))
 
@@ -60,11 +64,14 @@ class ServerProcess:
         names this address and the port accepts connections (the server writes the profile
         at start, before it serves). A server that exits or is not up within `timeout`
         seconds is an error (and one still running is killed)."""
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "balsam_grpc.server", "--address", self.address,
-                 "--database", self.database_url, *self.args],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.new_session)
+        argv = ["--address", self.address, "--database", self.database_url, *self.args]
+        if self.forker is not None:
+            self.proc = self.forker.spawn(argv, self.env, self.log_path, new_session=self.new_session)
+        else:
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen([sys.executable, "-m", "balsam_grpc.server", *argv], cwd=REPO,
+                                             env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=self.new_session)
         deadline = time.monotonic() + timeout
         while not self._listening():
             if time.monotonic() > deadline:

@@ -4,15 +4,15 @@ PostgreSQL, large batches: ids are drawn from the table's sequence in one query 
 rows are streamed with COPY (a multi-row INSERT of 10,000 rows spends most of its time
 in client-side query parsing), formatted as COPY text by store.codec. Small batches: one
 INSERT ... RETURNING (one round trip instead of nextval + COPY). SQLite: the single
-writer (store.db holds the write lock) takes the next ids after MAX(id) and inserts
-with executemany.
+writer (store.db holds the write lock) takes the next ids after the highest the table
+ever had and inserts with executemany.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Table, bindparam, func, insert, select, text
+from sqlalchemy import Connection, Insert, Table, bindparam, insert, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from balsam_grpc.server.store.codec import column_values, copy_text, is_json
@@ -35,7 +35,10 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> l
                                 "FROM generate_series(1, :n)) AS drawn"), {"n": len(rows)}).scalar_one()
         copy_rows(conn, table, columns, rows, ids)
         return ids
-    first = conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one() + 1
+    # Above every id the table ever had (AUTOINCREMENT's sqlite_sequence), not only above
+    # its rows: a deleted job's id is never handed out again. The insert moves the sequence.
+    first = conn.execute(text(f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table.name}'), 0), "
+                              f"coalesce((SELECT max(id) FROM {table.name}), 0)) + 1")).scalar_one()
     ids = list(range(first, first + len(rows)))
     _executemany_insert(conn, table, columns, rows, ids)
     return ids

@@ -3,6 +3,16 @@
 The store is synchronous SQLAlchemy Core; servicers call `await db.write(fn, ...)` or
 `await db.read(fn, ...)`, which run `fn(conn, ...)` inside one transaction on a small
 thread pool so the asyncio loop keeps serving streams.
+
+SQLite transactions are SQLAlchemy's, not pysqlite's: pysqlite's default handling opens a
+transaction only before INSERT/UPDATE/DELETE, so a SAVEPOINT taken before the first of
+them was a transaction of its own that its RELEASE committed (a bulk create's jobs
+committed without their events). Here pysqlite's BEGIN handling is off and every
+transaction starts with an explicit BEGIN (BEGIN IMMEDIATE for writes: the write lock is
+taken up front instead of on the first write), so savepoints nest as on PostgreSQL.
+
+A write that fails for lack of disk space answers RESOURCE_EXHAUSTED (STORAGE_FULL)
+naming the database and its disk, and writes nothing; the next write simply tries again.
 """
 
 from __future__ import annotations
@@ -11,6 +21,9 @@ import asyncio
 import contextlib
 import functools
 import gc
+import os
+import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -19,10 +32,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import Connection, create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 
+from balsam_grpc.core.errors import ResourceExhausted
 from balsam_grpc.core.settings import default_database_url
 from balsam_grpc.server.store import codec
 
@@ -35,13 +49,72 @@ IDLE_PING_SECONDS = 5.0
 _IDLE_SINCE = "balsam_idle_since"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+# Execution option: the statement that opens a SQLite transaction (default "BEGIN").
+SQLITE_BEGIN = "balsam_sqlite_begin"
+# Key in Connection.info: the error after which SQLite rolled the transaction back.
+_ROLLED_BACK_BY = "balsam_sqlite_rolled_back_by"
+
+
+class TransactionLost(Exception):
+    """SQLite rolled the whole transaction back after an error (disk full, I/O error, out
+    of memory) that the code in it caught: nothing of it may run or commit any more, or
+    its later statements would each commit on their own."""
+
+    def __init__(self, cause: BaseException | None) -> None:
+        super().__init__(f"SQLite rolled the transaction back after an error: {cause}")
+        self.cause = cause
+
+
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # pysqlite emits no BEGIN; _sqlite_begin does
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.info.pop(_ROLLED_BACK_BY, None)
+    conn.exec_driver_sql(conn.get_execution_options().get(SQLITE_BEGIN, "BEGIN"))
+
+
+def _sqlite_transaction_gone(conn: Connection) -> bool:
+    return conn.in_transaction() and not conn.connection.dbapi_connection.in_transaction
+
+
+def _sqlite_before_statement(conn: Connection, *_: Any) -> None:
+    if _sqlite_transaction_gone(conn):
+        raise TransactionLost(conn.info.get(_ROLLED_BACK_BY))
+
+
+def _sqlite_before_commit(conn: Connection) -> None:
+    if _sqlite_transaction_gone(conn):
+        raise TransactionLost(conn.info.get(_ROLLED_BACK_BY))
+
+
+def _sqlite_error(context: Any) -> None:
+    # SQLITE_FULL, SQLITE_IOERR and SQLITE_NOMEM may roll back the whole transaction, not
+    # only the failed statement: remember why, for the error raised when it is used again.
+    conn = context.connection
+    if conn is not None and not conn.closed and not conn.invalidated and _sqlite_transaction_gone(conn):
+        conn.info.setdefault(_ROLLED_BACK_BY, context.original_exception)
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database file owner-only (0600) before SQLite opens it: SQLite gives its
+    -wal and -shm files the database file's mode. A file left group- or world-readable
+    by an older version is narrowed."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            mode = p.stat().st_mode & 0o777
+            if mode & 0o077:
+                p.chmod(mode & 0o700)
+                log.warning("database file was readable by others; now owner-only", path=str(p),
+                            old_mode=oct(mode))
 
 
 def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
@@ -76,9 +149,13 @@ def make_engine(url: str, idle_ping_seconds: float = IDLE_PING_SECONDS) -> Engin
     json_args = {"json_serializer": codec.dumps, "json_deserializer": codec.loads}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(Path(parsed.database))
         engine = create_engine(url, connect_args={"check_same_thread": False}, pool_size=8, **json_args)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "before_cursor_execute", _sqlite_before_statement)
+        event.listen(engine, "commit", _sqlite_before_commit)
+        event.listen(engine, "handle_error", _sqlite_error)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -112,6 +189,47 @@ def relax_gc() -> None:
         gc.set_threshold(50_000, 20, 100)
 
 
+def storage_full_detail(exc: BaseException) -> str | None:
+    """The driver's words when `exc` (or what it was raised from) means the database's
+    disk is full: SQLite's SQLITE_FULL (or a shared-memory file it could not grow),
+    PostgreSQL's disk_full (SQLSTATE 53100, "could not extend file"). Else None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, sqlite3.Error) and getattr(err, "sqlite_errorcode", None) in _SQLITE_FULL_CODES:
+            return str(err)
+        if getattr(err, "sqlstate", None) == _PG_DISK_FULL:
+            return str(err).strip().splitlines()[0]
+        todo += [getattr(err, "orig", None), getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None
+
+
+_SQLITE_FULL_CODES = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
+_PG_DISK_FULL = "53100"
+
+
+def describe_location(url: URL) -> str:
+    """Where the database lives, for messages: the SQLite file and the filesystem holding
+    it (with its free space now), or the PostgreSQL database and server."""
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database or ":memory:")
+        if not url.database or url.database == ":memory:":
+            return "the in-memory SQLite database"
+        mount = path.resolve().parent
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        try:
+            free = f", {shutil.disk_usage(mount).free:,} bytes free"
+        except OSError:
+            free = ""
+        return f"SQLite database {path} (filesystem mounted at {mount}{free})"
+    return f"PostgreSQL database {url.database!r} on {url.host or 'localhost'}:{url.port or 5432}"
+
+
 class Database:
     def __init__(self, url: str | None = None, *, workers: int = 6,
                  idle_ping_seconds: float = IDLE_PING_SECONDS) -> None:
@@ -121,7 +239,12 @@ class Database:
         self.is_postgres = self.engine.dialect.name == "postgresql"
         # SQLite allows one writer; serialising in-process avoids SQLITE_BUSY on upgrade.
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        # Writers take SQLite's write lock at BEGIN (another process's writer waits on
+        # busy_timeout there instead of failing to upgrade a read transaction).
+        self._writer = self.engine.execution_options(**{SQLITE_BEGIN: "BEGIN IMMEDIATE"}) if self.is_sqlite \
+            else self.engine
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="balsam-db")
+        self._storage_full = False
 
         # Called on the event loop after a commit that appended events: (max event id).
         self.on_events: Callable[[int], None] | None = None
@@ -132,13 +255,40 @@ class Database:
 
     def _write(self, fn: Callable[..., T], *args: Any) -> tuple[T, int | None]:
         lock = self._write_lock or contextlib.nullcontext()
-        with lock, self.engine.begin() as conn:
-            result = fn(conn, *args)
-            return result, conn.info.pop(MAX_EVENT_ID, None)
+        try:
+            with lock, self._writer.begin() as conn:
+                conn.info.pop(MAX_EVENT_ID, None)  # left by a transaction that failed on this connection
+                result = fn(conn, *args)
+                max_event_id = conn.info.pop(MAX_EVENT_ID, None)
+        except Exception as exc:
+            raise self._storage_error(exc) or exc
+        if self._storage_full:
+            self._storage_full = False
+            log.warning("database writes succeed again", database=describe_location(self.engine.url))
+        return result, max_event_id
 
     def read_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        with self.engine.connect() as conn:
-            return fn(conn, *args)
+        try:
+            with self.engine.connect() as conn:
+                return fn(conn, *args)
+        except Exception as exc:
+            raise self._storage_error(exc) or exc
+
+    def _storage_error(self, exc: Exception) -> ResourceExhausted | None:
+        detail = storage_full_detail(exc)
+        if detail is None:
+            return None
+        where = describe_location(self.engine.url)
+        if not self._storage_full:
+            self._storage_full = True
+            log.error("database storage is full; writes are refused until there is room", database=where,
+                      error=detail)
+        err = ResourceExhausted(
+            f"the database's storage is full: {where} ({detail}); nothing was written. "
+            "Free space there and retry: the server writes again as soon as there is room, reads keep working",
+            reason="STORAGE_FULL", metadata={"database": where})
+        err.__cause__ = exc
+        return err
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(self._write, functools.partial(fn, **kwargs), *args)

@@ -53,6 +53,11 @@ def _id() -> Column:
     return Column("id", Id, primary_key=True, autoincrement=True)
 
 
+# Tables with an integer id (`_id()`) take this: SQLite then never hands out an id again
+# once its row is deleted (AUTOINCREMENT, revision 0004); PostgreSQL's sequences never do.
+NEVER_REUSED = {"sqlite_autoincrement": True}
+
+
 users = Table(
     "users", metadata,
     _id(),
@@ -60,6 +65,7 @@ users = Table(
     Column("password_hash", String(300), nullable=False),
     Column("admin", Boolean, nullable=False, default=False),
     Column("create_time", Time, nullable=False),
+    **NEVER_REUSED,
 )
 
 tokens = Table(
@@ -97,6 +103,7 @@ sites = Table(
     Column("create_time", Time, nullable=False),
     Column("update_time", Time, nullable=False),
     UniqueConstraint("owner_id", "name"),
+    **NEVER_REUSED,
 )
 
 apps = Table(
@@ -121,6 +128,7 @@ apps = Table(
     Column("update_time", Time, nullable=False),
     UniqueConstraint("site_id", "name"),
     Index("ix_apps_owner_id", "owner_id"),
+    **NEVER_REUSED,
 )
 
 batch_jobs = Table(
@@ -145,6 +153,7 @@ batch_jobs = Table(
     Column("update_time", Time, nullable=False),
     Index("ix_batch_jobs_site_id_state", "site_id", "state"),
     Index("ix_batch_jobs_owner_id", "owner_id"),
+    **NEVER_REUSED,
 )
 
 jobs = Table(
@@ -212,6 +221,7 @@ jobs = Table(
         postgresql_where=text("state = 'JOB_FINISHED' AND cleaned_time IS NULL"),
         sqlite_where=text("state = 'JOB_FINISHED' AND cleaned_time IS NULL"),
     ),
+    **NEVER_REUSED,
 )
 
 job_parents = Table(
@@ -242,6 +252,7 @@ transfer_items = Table(
     Column("create_time", Time, nullable=False),
     Column("update_time", Time, nullable=False),
     Index("ix_transfer_items_site_id_state", "site_id", "state"),
+    **NEVER_REUSED,
 )
 
 sessions = Table(
@@ -277,6 +288,7 @@ events = Table(
     Column("message", Text, nullable=False, default=""),
     Index("ix_events_owner_id_id", "owner_id", "id"),
     Index("ix_events_job_id", "job_id"),
+    **NEVER_REUSED,
 )
 
 # Answers to mutations carrying a request_id, so a retry gets the first answer.
