@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61lsam/v1/common.proto\x12\tbalsam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"_\n\tTimeRange\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x0bItemOutcome\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t*\xde\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12$\n ERROR_REASON_REFERENCE_NOT_FOUND\x10\x02\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x03\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x04\x12#\n\x1f\x45RROR_REASON_ILLEGAL_TRANSITION\x10\x05\x12\x1b\n\x17\x45RROR_REASON_LEASE_LOST\x10\x06\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x07\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x08\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\t\x12\x1a\n\x16\x45RROR_REASON_TOO_LARGE\x10\n\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x0b\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\x0c\x12\x1b\n\x17\x45RROR_REASON_OVERLOADED\x10\r*J\n\x07JobMode\x12\x18\n\x14JOB_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fJOB_MODE_SERIAL\x10\x01\x12\x10\n\x0cJOB_MODE_MPI\x10\x02*n\n\x11TransferDirection\x12\"\n\x1eTRANSFER_DIRECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSFER_DIRECTION_IN\x10\x01\x12\x1a\n\x16TRANSFER_DIRECTION_OUT\x10\x02\x42>Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61lsam/v1/common.proto\x12\tbalsam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"_\n\tTimeRange\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x0bItemOutcome\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t*\xfd\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12$\n ERROR_REASON_REFERENCE_NOT_FOUND\x10\x02\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x03\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x04\x12#\n\x1f\x45RROR_REASON_ILLEGAL_TRANSITION\x10\x05\x12\x1b\n\x17\x45RROR_REASON_LEASE_LOST\x10\x06\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x07\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x08\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\t\x12\x1a\n\x16\x45RROR_REASON_TOO_LARGE\x10\n\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x0b\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\x0c\x12\x1b\n\x17\x45RROR_REASON_OVERLOADED\x10\r\x12\x1d\n\x19\x45RROR_REASON_STORAGE_FULL\x10\x0e*J\n\x07JobMode\x12\x18\n\x14JOB_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fJOB_MODE_SERIAL\x10\x01\x12\x10\n\x0cJOB_MODE_MPI\x10\x02*n\n\x11TransferDirection\x12\"\n\x1eTRANSFER_DIRECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSFER_DIRECTION_IN\x10\x01\x12\x1a\n\x16TRANSFER_DIRECTION_OUT\x10\x02\x42>Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z<github.com/balsam-grpc/balsam-grpc/gen/go/balsam/v1;balsamv1'
   _globals['_ERRORREASON']._serialized_start=242
-  _globals['_ERRORREASON']._serialized_end=720
-  _globals['_JOBMODE']._serialized_start=722
-  _globals['_JOBMODE']._serialized_end=796
-  _globals['_TRANSFERDIRECTION']._serialized_start=798
-  _globals['_TRANSFERDIRECTION']._serialized_end=908
+  _globals['_ERRORREASON']._serialized_end=751
+  _globals['_JOBMODE']._serialized_start=753
+  _globals['_JOBMODE']._serialized_end=827
+  _globals['_TRANSFERDIRECTION']._serialized_start=829
+  _globals['_TRANSFERDIRECTION']._serialized_end=939
   _globals['_TIMERANGE']._serialized_start=70
   _globals['_TIMERANGE']._serialized_end=165
   _globals['_ITEMOUTCOME']._serialized_start=167

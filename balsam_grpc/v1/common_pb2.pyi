@@ -25,6 +25,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_FAILED_PRECONDITION: _ClassVar[ErrorReason]
     ERROR_REASON_REQUEST_ID_REUSED: _ClassVar[ErrorReason]
     ERROR_REASON_OVERLOADED: _ClassVar[ErrorReason]
+    ERROR_REASON_STORAGE_FULL: _ClassVar[ErrorReason]
 
 class JobMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +52,7 @@ ERROR_REASON_TOO_LARGE: ErrorReason
 ERROR_REASON_FAILED_PRECONDITION: ErrorReason
 ERROR_REASON_REQUEST_ID_REUSED: ErrorReason
 ERROR_REASON_OVERLOADED: ErrorReason
+ERROR_REASON_STORAGE_FULL: ErrorReason
 JOB_MODE_UNSPECIFIED: JobMode
 JOB_MODE_SERIAL: JobMode
 JOB_MODE_MPI: JobMode

@@ -5,6 +5,7 @@ the server writes under BALSAM_HOME are owner-only (issue 12 item 6)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, insert, select, text
 
+from balsam_grpc.core.errors import ResourceExhausted
 from balsam_grpc.server.store import migrate
 from balsam_grpc.server.store.db import Database, make_engine
 from balsam_grpc.server.store.tables import (
@@ -169,6 +171,32 @@ def test_sqlite_savepoint_nests_inside_its_transaction(tmp_path: Path) -> None:
 
         with pytest.raises(RuntimeError):
             db.write_sync(work)
+        assert db.read_sync(lambda conn: conn.execute(select(users.c.username)).all()) == []
+    finally:
+        db.dispose()
+
+
+def test_transaction_sqlite_rolled_back_itself_runs_and_commits_nothing_more(tmp_path: Path) -> None:
+    """SQLITE_FULL (here from a page limit) rolls back the whole transaction: code that
+    catches the error (as a per-item savepoint does) cannot go on writing outside any
+    transaction, and the write answers STORAGE_FULL having written nothing."""
+    db = Database(f"sqlite:///{tmp_path / 'full.db'}", workers=1)
+    try:
+        migrate.upgrade(db.url)
+        now = datetime.now(UTC)
+
+        def work(conn) -> None:  # type: ignore[no-untyped-def]
+            conn.execute(insert(users).values(username="first", password_hash="x", create_time=now))
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+            conn.exec_driver_sql(f"PRAGMA max_page_count = {pages + 2}")
+            with contextlib.suppress(Exception), conn.begin_nested():
+                conn.execute(insert(users), [{"username": f"u{i}", "password_hash": "x" * 200, "create_time": now}
+                                             for i in range(2000)])
+            conn.execute(insert(users).values(username="after", password_hash="x", create_time=now))
+
+        with pytest.raises(ResourceExhausted) as refused:
+            db.write_sync(work)
+        assert refused.value.reason == "STORAGE_FULL" and str(tmp_path / "full.db") in refused.value.message
         assert db.read_sync(lambda conn: conn.execute(select(users.c.username)).all()) == []
     finally:
         db.dispose()

@@ -53,7 +53,7 @@ from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import site_work as work_store
 from balsam_grpc.server.store import sites as site_store
 from balsam_grpc.server.store import transfers as transfer_store
-from balsam_grpc.server.store.db import MAX_EVENT_ID
+from balsam_grpc.server.store.db import MAX_EVENT_ID, TransactionLost, storage_full_detail
 from balsam_grpc.v1 import site_service_pb2 as pb
 
 log = structlog.get_logger("balsam.site_stream")
@@ -181,7 +181,9 @@ def apply_result(conn: Connection, state: ServerState, owner_id: int, site_id: i
     try:
         with conn.begin_nested():
             return _apply_result(conn, state, owner_id, site_id, result, now)
-    except Exception:  # noqa: BLE001 - reported to the daemon, logged with an incident id
+    except Exception as exc:  # noqa: BLE001 - reported to the daemon, logged with an incident id
+        if isinstance(exc, TransactionLost) or storage_full_detail(exc) is not None:
+            raise  # not this result's fault: the whole write fails, the daemon sends it again
         work_store.rolled_back(conn, events_before)
         incident = uuid.uuid4().hex[:12]
         log.exception("site result failed", incident=incident, site_id=site_id, work_id=result.work_id)
