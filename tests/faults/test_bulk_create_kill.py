@@ -5,11 +5,14 @@ or none is; the retry with the same request_id gets the first answer (compared w
 the database holds, and with the answer itself when the killed call got one), or, when
 nothing had committed, creates the jobs once.
 
-The kills are spread over a request's duration (measured on an undisturbed request and
-on every request that finished before its kill), from its first milliseconds to just
-after its answer. A request that never committed is the retry of the next round, so each
-round costs one server start and part of one request; the server processes are forked
-from one that has imported the server already (tests/support/server_fork.py).
+The kills are spread over a request's course, from its first milliseconds to just after
+its answer. The clock is the server process's CPU time, measured on an undisturbed
+request (and on every request that finished before its kill): other load on the machine
+stretches wall-clock time several-fold and unevenly, CPU time hardly, so a kill at 0.9
+lands at the same phase of the request however busy the machine is. A request that
+never committed is the retry of the next round, so each round costs one server start and
+part of one request; the server processes are forked from one that has imported the
+server already (tests/support/server_fork.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from sqlalchemy import Engine, text
 
@@ -42,7 +46,7 @@ pytestmark = pytest.mark.timeout(240)
 
 JOBS = 10_000
 KILLS = 20
-# Kill points as fractions of a request's duration: the last ones fall after the answer.
+# Kill points as fractions of a request's server CPU time: the last ones fall after the answer.
 FRACTIONS = [0.02 + 1.08 * i / (KILLS - 1) for i in range(KILLS)]
 
 
@@ -53,6 +57,8 @@ class Api:
         self.channel = grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 64 << 20)])
         self.metadata = (("authorization", f"Bearer {server.token}"),)
         self.jobs = job_service_pb2_grpc.JobServiceStub(self.channel)
+        # A server that just started may accept TCP before it serves HTTP/2.
+        grpc.channel_ready_future(self.channel).result(timeout=60)
 
     def call(self, request: job_service_pb2.BatchCreateJobsRequest) -> job_service_pb2.BatchCreateJobsResponse:
         return self.jobs.BatchCreateJobs(request, metadata=self.metadata, timeout=120)
@@ -67,11 +73,13 @@ def make_request(app_id: int, n: int) -> job_service_pb2.BatchCreateJobsRequest:
         for i in range(JOBS)])
 
 
-def jobs_without_creation_event(engine: Engine) -> int:
+def jobs_without_creation_event(engine: Engine, n: int | None = None) -> int:
+    """Jobs (of request n, or all) without their creation event."""
     with engine.connect() as conn:
         return conn.execute(text(
-            "SELECT count(*) FROM jobs j WHERE NOT EXISTS (SELECT 1 FROM events e "
-            "WHERE e.job_id = j.id AND e.kind = 'job_state' AND e.from_state = 'CREATED')")).scalar_one()
+            "SELECT count(*) FROM jobs j WHERE j.workdir LIKE :prefix AND NOT EXISTS (SELECT 1 FROM events e "
+            "WHERE e.job_id = j.id AND e.kind = 'job_state' AND e.from_state = 'CREATED')"),
+            {"prefix": "%" if n is None else f"r{n}/%"}).scalar_one()
 
 
 def committed(engine: Engine, n: int) -> tuple[list[int], bool]:
@@ -100,6 +108,24 @@ def server(backend: str, tmp_path: Path, forker: ServerForker) -> Iterator[Serve
     proc.stop(kill=True)
 
 
+def cpu_seconds(server: ServerProcess) -> float:
+    assert server.proc is not None
+    times = psutil.Process(server.proc.pid).cpu_times()
+    return times.user + times.system
+
+
+def kill_at(server: ServerProcess, future: grpc.Future, cpu_budget: float, wall_limit: float) -> float:
+    """kill -9 the server once it has spent `cpu_budget` CPU seconds more (or answered,
+    or `wall_limit` seconds passed: it may be waiting on PostgreSQL); the CPU seconds it
+    had spent."""
+    start, base = time.perf_counter(), cpu_seconds(server)
+    while not future.done() and cpu_seconds(server) - base < cpu_budget and time.perf_counter() - start < wall_limit:
+        time.sleep(0.002)
+    spent = cpu_seconds(server) - base
+    server.stop(kill=True)
+    return spent
+
+
 def test_kill_during_bulk_create_commits_all_or_nothing(server: ServerProcess) -> None:
     engine = make_engine(server.database_url)
     api = Api(server)
@@ -110,9 +136,10 @@ def test_kill_during_bulk_create_commits_all_or_nothing(server: ServerProcess) -
             app=app_pb2.App(site_id=site.id, name="sim", command_template="/bin/true {{ i }}",
                             parameters=[app_pb2.AppParameter(name="i", type=app_pb2.PARAMETER_TYPE_INT)])),
             metadata=api.metadata).app
-        started = time.perf_counter()
-        first = api.call(make_request(app.id, 0))
-        duration = time.perf_counter() - started
+        request = make_request(app.id, 0)
+        started, base = time.perf_counter(), cpu_seconds(server)
+        first = api.call(request)
+        cpu, wall = cpu_seconds(server) - base, time.perf_counter() - started
         assert len(first.jobs) == JOBS
         expected_jobs = JOBS
         n, request = 1, make_request(app.id, 1)
@@ -120,20 +147,16 @@ def test_kill_during_bulk_create_commits_all_or_nothing(server: ServerProcess) -
         for fraction in FRACTIONS:
             future = api.jobs.BatchCreateJobs.future(request, metadata=api.metadata, timeout=120)
             sent = time.perf_counter()
-            time.sleep(duration * fraction)
-            server.stop(kill=True)
-            killed_after = time.perf_counter() - sent
+            spent = kill_at(server, future, cpu * fraction, 3 * wall * fraction)
             try:
                 answer = future.result()
-                duration = time.perf_counter() - sent  # it finished before the kill: a fresh measure
+                wall, cpu = time.perf_counter() - sent, spent  # it finished before the kill: fresh measures
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
                 answer = None
-                if killed_after > duration:  # slower than measured (a busy machine): stretch the scale
-                    duration = killed_after * 1.2
             api.close()
             ids, answered = committed(engine, n)
-            assert jobs_without_creation_event(engine) == 0, f"kill at {fraction:.2f} of the request"
+            assert jobs_without_creation_event(engine, n) == 0, f"kill at {fraction:.2f} of the request"
             assert len(ids) in (0, JOBS) and answered == bool(ids), (fraction, len(ids), answered)
             assert answer is None or answered, "an answered request is not in the database"
             outcomes.append("answered" if answer is not None else "committed" if ids else "nothing")
