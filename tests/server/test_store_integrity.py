@@ -1,5 +1,5 @@
 """What the store guarantees below every RPC: ids are never handed out twice (issue 13
-item 8), also on a database migrated from before revision 0004 with data in it; SQLite
+item 8), also on a database migrated from before revision 0005 with data in it; SQLite
 savepoints nest inside their transaction (issue 12 item 1); the database files and what
 the server writes under BALSAM_HOME are owner-only (issue 12 item 6)."""
 
@@ -69,10 +69,10 @@ def test_deleted_ids_are_never_handed_out_again(alice):
     assert make_site_app(alice)[0].id > other_site.id
 
 
-def _fill_at_revision_0002(url: str) -> dict[str, int]:
-    """A database at revision 0002 with a little of everything; the newest job, batch job
-    and site deleted (their ids only in the event log). Returns the highest id each table
-    ever had."""
+def _fill_before_0005(url: str) -> dict[str, int]:
+    """A database at revision 0004 (the one before 0005) with a little of everything; the
+    newest job, batch job and site deleted (their ids only in the event log). Returns the
+    highest id each table ever had."""
     now = datetime.now(UTC)
     engine = make_engine(url)
     try:
@@ -125,8 +125,8 @@ def test_migration_keeps_the_data_and_ends_id_reuse(backend: str, tmp_path: Path
     else:
         url = f"sqlite:///{tmp_path / 'old.db'}"
     try:
-        assert migrate.upgrade(url, "0002") == "0002"
-        highest = _fill_at_revision_0002(url)
+        assert migrate.upgrade(url, "0004") == "0004"
+        highest = _fill_before_0005(url)
         before = _counts(url)
         assert migrate.upgrade(url) == migrate.head_revision()
         assert _counts(url) == before  # nothing lost, nothing cascaded

@@ -54,7 +54,7 @@ def _id() -> Column:
 
 
 # Tables with an integer id (`_id()`) take this: SQLite then never hands out an id again
-# once its row is deleted (AUTOINCREMENT, revision 0004); PostgreSQL's sequences never do.
+# once its row is deleted (AUTOINCREMENT, revision 0005); PostgreSQL's sequences never do.
 NEVER_REUSED = {"sqlite_autoincrement": True}
 
 

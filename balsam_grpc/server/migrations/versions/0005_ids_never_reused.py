@@ -1,7 +1,7 @@
 """integer ids are never reused: AUTOINCREMENT on SQLite
 
-Revision ID: 0004
-Revises: 0002
+Revision ID: 0005
+Revises: 0004
 
 SQLite gives an INTEGER PRIMARY KEY row max(id) + 1, so after the newest job was deleted
 the next job got its id, and that job's history mixed with the deleted job's events
@@ -26,8 +26,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0002"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
