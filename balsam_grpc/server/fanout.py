@@ -6,11 +6,20 @@ throughput fell ~4x). Now one dispatcher task reads the new event rows once (the
 columns streams route on, in id order, in batches) and hands each row to the
 subscriptions of its (owner, site), and to those of its owner that watch all sites.
 
+Several server processes (replicas) may share one PostgreSQL database. Every transaction
+that writes events notifies at commit with a hint of the (owner, site) pairs it wrote
+(store/events.py); each replica listens on a connection of its own (server/notify.py),
+and a hint that concerns a subscription here wakes the dispatcher (`hint`). Nothing
+depends on a notification arriving: the dispatcher reads from its position, so a missed
+one (a reconnect, which pokes it) costs latency, never an event.
+
 Guarantees (no polling, nothing missed, order kept):
-- The EventBus publishes the highest committed event id after each commit. Event ids
-  become visible in commit order (store/events.py: the advisory lock on PostgreSQL, the
-  single writer on SQLite), so when the bus says N every id <= N is readable. The
-  dispatcher reads (position, N] and only then advances `position`.
+- The bus holds a horizon: every event with id <= it is committed or never will be. On
+  SQLite (one writer, ids visible in commit order) a local commit's highest id is one.
+  On PostgreSQL writers run concurrently, and the dispatcher asks the database
+  (store/events.event_horizon) each time it is woken. It reads (position, horizon] and
+  only then advances `position`. While writers are in flight above the horizon it asks
+  again shortly (their commits notify too; an abort does not).
 - A subscription is registered synchronously on the event loop. Rows routed after that
   reach it; rows up to `position` at that moment were committed before, so a stream that
   subscribes first and scans the database second misses nothing (at worst it is woken
@@ -37,6 +46,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, select
 
+from balsam_grpc.server.store.events import event_horizon
 from balsam_grpc.server.store.tables import events
 
 log = structlog.get_logger("balsam.fanout")
@@ -47,6 +57,9 @@ READ_BATCH = 5000
 MAX_PENDING = 10_000
 # After a failed read (database restart), the dispatcher retries after this long, doubling.
 RETRY_SECONDS = (0.2, 5.0)
+# Writers in flight below ids already drawn: look at the horizon again after this long,
+# doubling (their commits notify as well; this covers an abort, which does not).
+RECHECK_SECONDS = (0.005, 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +136,8 @@ class Subscription:
     async def wait(self, timeout: float | None = None) -> bool:
         """True once something arrived (now or before), False on timeout."""
         try:
-            await asyncio.wait_for(self.notified.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancellation (3.11)
+                await self.notified.wait()
         except TimeoutError:
             return False
         return True
@@ -161,7 +175,8 @@ class Fanout:
         self.by_site: dict[tuple[int, int], list[Subscription]] = {}
         self.by_owner: dict[int, list[Subscription]] = {}
         self.count = 0
-        self.reads = 0  # queries run by the dispatcher (tests, diagnostics)
+        self.reads = 0  # row reads run by the dispatcher (tests, diagnostics)
+        self.hints = 0  # notifications from any replica (tests, diagnostics)
         self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ registry
@@ -173,10 +188,7 @@ class Fanout:
         Events committed before this call are the caller's to read from the database. With
         `since`, it gets the events after that id: those the dispatcher already routed as a
         gap (the caller reads them), the others as rows."""
-        if self._task is None or self._task.done():
-            # Nobody was subscribed: nothing routed is owed to anyone, start at the bus.
-            self.position = self.bus.high_water
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="balsam-event-fanout")
+        self._ensure_running()
         sites = None if site_ids is None else frozenset(site_ids)
         sub = Subscription(self, owner_id, sites, on_wake, keep_rows, after=self.position)
         if since is not None:
@@ -192,6 +204,33 @@ class Fanout:
         self.count += 1
         return sub
 
+    def concerns(self, pairs: Iterable[tuple[int, int]] | None) -> bool:
+        """Would events of these (owner, site) pairs reach a subscription here (None: any)?"""
+        if pairs is None:
+            return self.count > 0
+        return any((o, s) in self.by_site or o in self.by_owner for o, s in pairs)
+
+    def hint(self, pairs: Iterable[tuple[int, int]] | None) -> None:
+        """Another transaction (on any replica) committed events of these pairs: wake the
+        dispatcher when they concern a subscription here. Others are read later, with the
+        next batch that does."""
+        self.hints += 1
+        if self.concerns(pairs):
+            self.bus.poke()
+
+    async def start(self) -> None:
+        """Learn the horizon now (streams opened before the first event take it as their
+        start) and run the dispatcher."""
+        horizon, _ = await self.db.read(event_horizon)
+        self.bus.advance(horizon)
+        self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            # Nothing routed is owed to anyone yet: start at the bus.
+            self.position = max(self.position, self.bus.high_water)
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="balsam-event-fanout")
+
     def unsubscribe(self, sub: Subscription) -> None:
         keys: list[tuple[dict[Any, list[Subscription]], Any]] = (
             [(self.by_owner, sub.owner_id)] if sub.site_ids is None
@@ -206,9 +245,6 @@ class Fanout:
                     del index[key]
         if removed:
             self.count -= 1
-        if self.count == 0 and self._task is not None:
-            self._task.cancel()
-            self._task = None
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -221,10 +257,18 @@ class Fanout:
 
     async def _run(self) -> None:
         delay = RETRY_SECONDS[0]
+        recheck: float | None = None  # seconds until the horizon is asked again, if due
         while True:
-            await self.bus.wait_beyond(self.position, 3600.0)
-            high = self.bus.high_water
+            await self.bus.wait_beyond(self.position, 3600.0 if recheck is None else recheck)
             try:
+                if not self.bus.ordered_commits:
+                    horizon, last = await self.db.read(event_horizon)
+                    self.bus.advance(horizon)
+                    recheck = None if horizon >= last else min(RECHECK_SECONDS[1], 2 * recheck) if recheck \
+                        else RECHECK_SECONDS[0]
+                high = self.bus.high_water
+                if self.count == 0:
+                    self.position = max(self.position, high)  # nobody to route to: no read
                 while self.position < high:
                     rows = await self.db.read(read_events, self.position, high, READ_BATCH)
                     self.reads += 1
@@ -236,6 +280,7 @@ class Fanout:
                 log.exception("reading new events failed; retrying", position=self.position, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(RETRY_SECONDS[1], delay * 2)
+                self.bus.poke()
 
     def _route(self, rows: list[EventRow], upto: int) -> None:
         """Hand each row to the subscriptions it concerns (synchronously: no subscription

@@ -10,6 +10,7 @@ from balsam_grpc.core.settings import DEFAULT_ADDRESS, default_database_url
 from balsam_grpc.server.admission import Admission, AdmissionLimits, LoginLimiter, LoginLimits
 from balsam_grpc.server.auth import Authenticator
 from balsam_grpc.server.fanout import Fanout
+from balsam_grpc.server.notify import Listener
 from balsam_grpc.server.session_keeper import SessionKeeper
 from balsam_grpc.server.store.db import Database
 
@@ -57,29 +58,56 @@ class ServerSettings:
 
 
 class EventBus:
-    """The highest committed event id, and a wake-up when it grows (no polling).
+    """The event horizon (every event with id <= it is committed or never will be) and a
+    wake-up when it may have grown (no polling).
 
-    Its one waiter is the Fanout (server/fanout.py), which reads the new events once and
-    wakes only the streams they concern."""
+    With `ordered_commits` (SQLite: one writer, ids visible in commit order) a local
+    commit's highest id is a horizon. Otherwise (PostgreSQL, writers on several replicas)
+    a commit only pokes the one waiter, the Fanout (server/fanout.py), which asks the
+    database for the horizon, reads the new events once and wakes only the streams they
+    concern."""
 
-    def __init__(self) -> None:
+    def __init__(self, ordered_commits: bool = True) -> None:
+        self.ordered_commits = ordered_commits
         self.high_water = 0
+        self._poked = False
         self._changed = asyncio.Event()
 
     def published(self, max_event_id: int) -> None:
-        if max_event_id > self.high_water:
-            self.high_water = max_event_id
-            self._changed.set()
-            self._changed = asyncio.Event()
+        """A local transaction committed events up to `max_event_id`."""
+        if self.ordered_commits:
+            self.advance(max_event_id)
+        else:
+            self.poke()
+
+    def advance(self, horizon: int) -> None:
+        if horizon > self.high_water:
+            self.high_water = horizon
+            self._wake()
+
+    def poke(self) -> None:
+        """New events may exist (a commit here or on another replica): look."""
+        self._poked = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def wait_beyond(self, cursor: int, timeout: float) -> bool:
-        """True when an event newer than `cursor` may exist, False on timeout."""
-        if self.high_water > cursor:
+        """True when an event newer than `cursor` may exist (or the bus was poked since
+        the last call), False on timeout."""
+        if self.high_water > cursor or self._poked:
+            self._poked = False
             return True
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            # Not wait_for: on Python 3.11 it can swallow a cancellation that arrives as
+            # the event is set, and the dispatcher would outlive its server.
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
         except TimeoutError:
             return False
+        self._poked = False
         return True
 
 
@@ -96,9 +124,15 @@ class ServerState:
             max_failures_per_user=settings.login_max_failures_per_user,
             max_failures_per_address=settings.login_max_failures_per_address,
             window_seconds=settings.login_window_seconds, lockout_seconds=settings.login_lockout_seconds))
-        self.bus = EventBus()
+        self.bus = EventBus(ordered_commits=not db.is_postgres)
         db.on_events = self.bus.published
         # Site streams, launcher sessions and event watchers subscribe here.
         self.fanout = Fanout(db, self.bus)
+        # PostgreSQL: what other replicas commit (and news such as revocations) arrives by
+        # LISTEN/NOTIFY; started and stopped with the server (app.py).
+        self.listener: Listener | None = None
+        if db.is_postgres:
+            self.listener = Listener(settings.database_url, self.fanout.hint)
+            self.listener.on_reconnect(self.bus.poke)
         # Launcher session liveness: started and stopped with the server (app.py).
         self.sessions = SessionKeeper(db, settings.lease_timeout_seconds)

@@ -554,30 +554,3 @@ def test_paging_by_a_time_column_keeps_exact_times(alice):
     assert all(j == full[j.id] for j in seen)  # times (to the microsecond) and every other field
 
 
-@pytest.mark.parametrize("count", [1, 80])  # one locked INSERT statement, or lock + COPY
-def test_event_append_holds_the_commit_order_lock(harness, alice, count):
-    """Event ids must become visible in commit order (watchers resume from the highest
-    id they saw): the appending transaction holds the advisory lock until it commits."""
-    if harness.backend != "postgres":
-        pytest.skip("SQLite has a single writer")
-    from sqlalchemy import select, text
-
-    from balsam_grpc.server.convert import utcnow
-    from balsam_grpc.server.store import events as event_log
-    from balsam_grpc.server.store.tables import events
-
-    def work(conn):
-        rows = [event_log.job_event(alice.user_id, 0, None, "A", "B", utcnow(), {"n": i} if i % 2 else None, "m")
-                for i in range(count)]
-        event_log.append(conn, rows)
-        held = conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 7283001 "
-                                 "AND pid = pg_backend_pid() AND granted")).scalar_one()
-        top = conn.info.get("balsam_max_event_id")
-        stored = conn.execute(select(events.c.data, text("data IS NULL")).where(events.c.owner_id == alice.user_id)
-                              .order_by(events.c.id)).all()
-        return held, top, stored
-
-    held, top, stored = harness.db.write_sync(work)
-    assert held == 1 and top is not None
-    assert [r[0] for r in stored] == [{"n": i} if i % 2 else None for i in range(count)]
-    assert [r[1] for r in stored] == [not i % 2 for i in range(count)]  # None is SQL NULL, not JSON null

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from balsam_grpc.core.errors import InvalidArgument
@@ -73,10 +74,40 @@ def _cursor(text: str) -> int:
     return int(text)
 
 
+class SharedReads:
+    """Watchers with the same filter at the same cursor share one read (and one response
+    message): one user's thousands of watchers cost one query per wake, not thousands."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.pending: dict[tuple[Any, ...], asyncio.Future[event_service_pb2.WatchEventsResponse | None]] = {}
+        self.reads = 0  # queries run (tests, diagnostics)
+
+    async def read(self, q: store.EventQuery, key: str, after: int, upto: int
+                   ) -> event_service_pb2.WatchEventsResponse | None:
+        k = (key, after, upto)
+        shared = self.pending.get(k)
+        if shared is None:
+            shared = asyncio.ensure_future(self._read(q, after, upto))
+            self.pending[k] = shared
+            shared.add_done_callback(lambda _: self.pending.pop(k, None))
+        # Shielded: one watcher going away must not cancel the read the others wait for.
+        return await asyncio.shield(shared)
+
+    async def _read(self, q: store.EventQuery, after: int, upto: int) -> event_service_pb2.WatchEventsResponse | None:
+        self.reads += 1
+        rows = await self.db.read(store.list_events, q, after_id=after, limit=WATCH_BATCH, upto=upto)
+        if not rows:
+            return None
+        return event_service_pb2.WatchEventsResponse(events=[event_to_message(r) for r in rows],
+                                                     cursor=str(rows[-1]["id"]))
+
+
 class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.db = state.db
+        self.watch_reads = SharedReads(state.db)
 
     @unary()
     async def ListEvents(self, request, context, principal):  # noqa: N802
@@ -105,15 +136,17 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         # Woken only by events of this user (at the filter's sites): subscribed before the
         # first read, so nothing committed after that read goes unnoticed.
         events = self.state.fanout.subscribe(principal.user_id, q.site_ids or None, keep_rows=False)
+        key = repr(q)  # the whole selection, owner and (for a site's token) its site included
         try:
             yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))
             while True:
-                seen = events.take().upto  # every event up to here is committed and visible
-                rows = await self.db.read(store.list_events, q, after_id=cursor, limit=WATCH_BATCH)
-                if rows:
-                    cursor = rows[-1]["id"]
-                    yield event_service_pb2.WatchEventsResponse(events=[event_to_message(r) for r in rows],
-                                                                cursor=str(cursor))
+                # Every event up to `seen` is committed or never will be (the horizon): none
+                # can appear later below a cursor this stream already gave out.
+                seen = events.take().upto
+                batch = await self.watch_reads.read(q, key, cursor, seen) if seen > cursor else None
+                if batch is not None:
+                    cursor = int(batch.cursor)
+                    yield batch
                     continue
                 # Events of other users or other filters also advance the global position.
                 cursor = max(cursor, seen) if not q.job_ids and seen else cursor

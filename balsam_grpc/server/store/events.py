@@ -19,17 +19,35 @@ JOB_STATE = "job_state"
 TRANSFER_STATE = "transfer_state"
 BATCH_JOB_STATE = "batch_job_state"
 
-_EVENT_LOCK_KEY = 7283001
+# PostgreSQL: the channel every event-writing transaction notifies (at commit) with a
+# hint of whose events it wrote; each replica listens (server/notify.py).
+EVENTS_CHANNEL = "balsam_events"
+# NOTIFY payloads must stay under 8000 bytes; a hint that would not fit says "*" (everyone).
+MAX_HINT_BYTES = 7000
+WAKE_ALL = "*"
+
+# In-flight markers (PostgreSQL). A writer takes a shared advisory lock whose key encodes
+# the sequence's last value read just before it draws its own ids, so every id it inserts
+# is above its marker, and holds it to commit. Shared locks never wait for each other:
+# writers run concurrently. A reader (event_horizon) reads the sequence first and the
+# markers second: an id at or below min(sequence, lowest marker) can no longer appear.
+_MARK_NS = 0x5BA0_0000  # first key half: namespace + the marker's high bits
+_MARK_LOW_BITS = 31
+_MARK_LOW = (1 << _MARK_LOW_BITS) - 1
+_LAST_ID = "coalesce(pg_sequence_last_value('events_id_seq'::regclass), 0)"
+_MARK = (f"SELECT pg_advisory_xact_lock_shared({_MARK_NS} + (s.v >> {_MARK_LOW_BITS})::int, "
+         f"(s.v & {_MARK_LOW})::int) FROM (SELECT {_LAST_ID} AS v OFFSET 0) AS s")
 
 
 def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """Insert event rows (keys: owner_id, site_id, job_id, kind, subject_id, from_state,
     to_state, time, data, message).
 
-    On PostgreSQL a transaction-scoped advisory lock is taken first and held to commit,
-    so event ids become visible in commit order: watchers resume from the highest id they
-    saw, and a lower id committed later would otherwise be skipped. SQLite has a single
-    writer, so its ids are already in commit order.
+    Watchers resume from the highest id they saw, so no id may become visible below one
+    they were already given. SQLite has a single writer: its ids are visible in commit
+    order. PostgreSQL writers run concurrently; each marks itself in flight (see _MARK)
+    and readers only go up to event_horizon(). Each PostgreSQL transaction also notifies
+    EVENTS_CHANNEL with the (owner, site) pairs it wrote, delivered when it commits.
     """
     if not rows:
         return
@@ -40,30 +58,72 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
         row.setdefault("from_state", "")
         row.setdefault("job_id", None)
     if conn.dialect.name == "postgresql" and len(rows) < COPY_MIN_ROWS:
-        top = _insert_locked(conn, rows)
+        top = _insert_marked(conn, rows, wake_hint(rows))
     else:
         if conn.dialect.name == "postgresql":
-            conn.execute(text(f"SELECT pg_advisory_xact_lock({_EVENT_LOCK_KEY})"))
+            conn.execute(text(_MARK))
+            conn.execute(text("SELECT pg_notify(:channel, :hint)"), {"channel": EVENTS_CHANNEL, "hint": wake_hint(rows)})
         top = max(insert_rows(conn, events, rows))
     conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
 
 
+def wake_hint(rows: list[dict[str, Any]]) -> str:
+    """The NOTIFY payload: the distinct "owner:site" pairs of these events, space-separated
+    (or "*" when that would be too long)."""
+    pairs = sorted({(r["owner_id"], r["site_id"]) for r in rows}, key=lambda p: (p[0], p[1] or 0))
+    hint = " ".join(f"{o}:{s or 0}" for o, s in pairs)
+    return hint if len(hint) <= MAX_HINT_BYTES else WAKE_ALL
+
+
+def parse_hint(payload: str) -> list[tuple[int, int]] | None:
+    """The (owner, site) pairs of a wake hint; None means "wake everyone" (also for a
+    payload this version cannot read)."""
+    try:
+        pairs = [tuple(map(int, item.split(":"))) for item in payload.split()]
+    except ValueError:
+        return None
+    if not pairs or any(len(p) != 2 for p in pairs):
+        return None
+    return pairs  # type: ignore[return-value]
+
+
+def event_horizon(conn: Connection) -> tuple[int, int]:
+    """(horizon, last drawn id): every event with id <= horizon is committed or never will
+    be, so a reader that delivers ids up to it in order never skips one committed later.
+    On SQLite (one writer) both are the highest id."""
+    if conn.dialect.name != "postgresql":
+        top = conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one()
+        return top, top
+    # The sequence is read first (the FROM item) and the markers after it (a correlated
+    # subquery, evaluated per row of FROM): a writer that draws an id after the first read
+    # draws it above `last`; one that drew earlier had marked itself before drawing.
+    last, mark = conn.execute(text(
+        f"SELECT s.last, (SELECT min(((l.classid::bigint - {_MARK_NS}) << {_MARK_LOW_BITS}) | l.objid::bigint) "
+        "FROM pg_locks AS l WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND s.last IS NOT NULL "
+        f"AND l.classid::bigint >= {_MARK_NS} AND l.classid::bigint < {_MARK_NS + (1 << 24)} "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) "
+        f"FROM (SELECT {_LAST_ID} AS last OFFSET 0) AS s")).one()
+    return (last if mark is None else min(last, mark)), last
+
+
 _COLUMNS = ("owner_id", "site_id", "job_id", "kind", "subject_id", "from_state", "to_state", "time", "data", "message")
 _TYPES = ("BIGINT", "BIGINT", "BIGINT", "TEXT", "BIGINT", "TEXT", "TEXT", "TIMESTAMPTZ", "TEXT", "TEXT")
-# The lock and the insert in one round trip (a single create is a handful of them). The
-# lock is a materialized CTE joined to the rows, so it is taken before any row (and its
-# nextval id) is produced; it is held to commit as in the two-statement form.
-_LOCKED_INSERT = text(
-    f"WITH event_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock({_EVENT_LOCK_KEY})) "
+# The marker, the notification and the insert in one round trip (a single create is a
+# handful of them). The marker is a materialized CTE joined to the rows, so it is taken
+# before any row (and its nextval id) is produced; it is held to commit.
+_MARKED_INSERT = text(
+    f"WITH event_mark AS MATERIALIZED ({_MARK}), "
+    "event_wake AS MATERIALIZED (SELECT pg_notify(:channel, :hint)) "
     f"INSERT INTO events ({', '.join(_COLUMNS)}) "
     f"SELECT {', '.join('v.data::jsonb' if c == 'data' else 'v.' + c for c in _COLUMNS)} "
-    f"FROM event_lock, unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in zip(_COLUMNS, _TYPES, strict=True))}) "
+    f"FROM event_mark, event_wake, "
+    f"unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in zip(_COLUMNS, _TYPES, strict=True))}) "
     f"AS v({', '.join(_COLUMNS)}) RETURNING id")
 
 
-def _insert_locked(conn: Connection, rows: list[dict[str, Any]]) -> int:
-    """PostgreSQL, a few rows: advisory lock + INSERT as one statement; the highest id."""
-    params: dict[str, list[Any]] = {c: [] for c in _COLUMNS}
+def _insert_marked(conn: Connection, rows: list[dict[str, Any]], hint: str) -> int:
+    """PostgreSQL, a few rows: marker + notify + INSERT as one statement; the highest id."""
+    params: dict[str, Any] = {c: [] for c in _COLUMNS}
     for row in rows:
         for c in _COLUMNS:
             value = row[c]
@@ -72,7 +132,9 @@ def _insert_locked(conn: Connection, rows: list[dict[str, Any]]) -> int:
             elif c in ("kind", "from_state", "to_state"):
                 value = str(value)
             params[c].append(value)
-    return max(conn.execute(_LOCKED_INSERT, params).scalars())
+    params["channel"] = EVENTS_CHANNEL
+    params["hint"] = hint
+    return max(conn.execute(_MARKED_INSERT, params).scalars())
 
 
 def job_event(owner_id: int, site_id: int, job_id: int, src: str, dst: str, now: datetime,
@@ -121,15 +183,20 @@ def _conditions(q: EventQuery) -> list[ColumnElement[bool]]:
 
 
 def list_events(conn: Connection, q: EventQuery, *, after_id: int | None, limit: int,
-                descending: bool = False) -> list[dict[str, Any]]:
+                descending: bool = False, upto: int | None = None) -> list[dict[str, Any]]:
     c = events.c
     conds = _conditions(q)
     if after_id is not None:
         conds.append(c.id < after_id if descending else c.id > after_id)
+    if upto is not None:
+        conds.append(c.id <= upto)
     order = c.id.desc() if descending else c.id
     rows = conn.execute(select(events).where(*conds).order_by(order).limit(limit))
     return [dict(r._mapping) for r in rows]
 
 
 def max_event_id(conn: Connection, owner_id: int) -> int:
-    return conn.execute(select(func.coalesce(func.max(events.c.id), 0)).where(events.c.owner_id == owner_id)).scalar_one()
+    """The owner's highest event id, but never above the horizon (a watch that starts
+    there misses nothing committed later)."""
+    top = conn.execute(select(func.coalesce(func.max(events.c.id), 0)).where(events.c.owner_id == owner_id)).scalar_one()
+    return min(top, event_horizon(conn)[0]) if conn.dialect.name == "postgresql" else top

@@ -1,0 +1,119 @@
+"""PostgreSQL LISTEN on a connection of its own: how one replica learns what the others
+committed.
+
+Every event-writing transaction notifies `store.events.EVENTS_CHANNEL` at commit (never
+on rollback) with the (owner, site) pairs it wrote; this listener hands each hint to the
+fanout, which wakes only when a stream here is concerned. `CONTROL_CHANNEL` carries
+other cross-replica news (a revoked token, a site stream taken over): its payload is
+"<topic> <argument>", handed to whoever registered for the topic.
+
+Notifications are a wake-up, never the record: they are not replayed to a listener that
+was not connected. After (re)connecting, every handler is told to catch up from its own
+cursor (`on_reconnect`), so a lost connection costs latency, not correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import structlog
+from sqlalchemy.engine import make_url
+
+from balsam_grpc.server.store.events import EVENTS_CHANNEL, parse_hint
+
+log = structlog.get_logger("balsam.notify")
+
+CONTROL_CHANNEL = "balsam_control"
+RECONNECT_SECONDS = (0.2, 5.0)
+
+
+def libpq_url(url: str) -> str:
+    """The SQLAlchemy URL as a libpq connection URI (psycopg.connect takes it)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def notify_control(conn: Any, topic: str, argument: str) -> None:
+    """Inside a write transaction: tell every replica (at commit) about `topic`."""
+    from sqlalchemy import text
+
+    conn.execute(text("SELECT pg_notify(:channel, :payload)"),
+                 {"channel": CONTROL_CHANNEL, "payload": f"{topic} {argument}"})
+
+
+class Listener:
+    """LISTENs for event hints and control messages; reconnects with backoff."""
+
+    def __init__(self, url: str, on_hint: Callable[[list[tuple[int, int]] | None], None]) -> None:
+        self.url = libpq_url(url)
+        self.on_hint = on_hint
+        self.topics: dict[str, list[Callable[[str], None]]] = {}
+        self.reconnect_handlers: list[Callable[[], None]] = []
+        self.connected = asyncio.Event()
+        self.connections = 0  # successful connects (tests, diagnostics)
+        self.received = 0
+        self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    def on_control(self, topic: str, handler: Callable[[str], None]) -> None:
+        self.topics.setdefault(topic, []).append(handler)
+
+    def on_reconnect(self, handler: Callable[[], None]) -> None:
+        self.reconnect_handlers.append(handler)
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="balsam-notify-listener")
+        await asyncio.wait_for(self.connected.wait(), timeout)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        delay = RECONNECT_SECONDS[0]
+        while True:
+            try:
+                # TCP keepalive: a listener behind a dead network notices within ~25 s.
+                async with await psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True, keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                        keepalives_count=3) as conn:
+                    self._conn = conn
+                    await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                    await conn.execute(f"LISTEN {CONTROL_CHANNEL}")
+                    self.connections += 1
+                    if self.connections > 1:
+                        log.info("notification listener reconnected; catching up")
+                    self.connected.set()
+                    delay = RECONNECT_SECONDS[0]
+                    for handler in self.reconnect_handlers:
+                        handler()
+                    async for note in conn.notifies():
+                        self.received += 1
+                        self._dispatch(note.channel, note.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the listener must outlive a database outage
+                log.warning("notification listener lost its connection; reconnecting", error=str(exc),
+                            retry_in=delay)
+            finally:
+                self._conn = None
+                self.connected.clear()
+            await asyncio.sleep(delay)
+            delay = min(RECONNECT_SECONDS[1], delay * 2)
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        try:
+            if channel == EVENTS_CHANNEL:
+                self.on_hint(parse_hint(payload))
+            elif channel == CONTROL_CHANNEL:
+                topic, _, argument = payload.partition(" ")
+                for handler in self.topics.get(topic, ()):
+                    handler(argument)
+        except Exception:  # noqa: BLE001 - one bad handler must not stop the listener
+            log.exception("notification handler failed", channel=channel, payload=payload[:200])
