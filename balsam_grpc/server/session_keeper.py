@@ -2,11 +2,14 @@
 heartbeat, and the reaper that expires a session whose stream stayed away longer than
 the lease timeout.
 
-The reaper sleeps until the earliest deadline it knows (no fixed polling period) and is
-woken when a stream breaks. Deadlines come from streams that broke on this server and,
-at start, from every session left ACTIVE in the database (a server crash or restart):
-those get at least one full lease timeout to resume, since their launchers could not
-reach the server while it was down.
+The database owns expiry, so several replicas can share it: each connected session's
+expire_time is kept ahead by its replica's heartbeat, and any replica's reaper expires
+any ACTIVE session whose expire_time passed (claimed with SKIP LOCKED), so the sessions
+of a replica that died are reaped within one lease timeout by the others. The reaper
+sleeps until the earliest expire_time in the database (at most one lease timeout: a
+session opened meanwhile expires no sooner) and is woken when a stream here breaks.
+At start every ACTIVE session gets at least one lease timeout to resume (its launcher
+could not reach a server that was down).
 """
 
 from __future__ import annotations
@@ -39,16 +42,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
-
-
 class SessionKeeper:
     def __init__(self, db: Database, lease_timeout_seconds: float) -> None:
         self.db = db
         self.lease_timeout = timedelta(seconds=lease_timeout_seconds)
         self.connected: dict[str, Attached] = {}
-        self.deadlines: dict[str, datetime] = {}
         self._changed = asyncio.Event()
         self._has_streams = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -57,18 +55,10 @@ class SessionKeeper:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        now = _now()
-        grace = now + self.lease_timeout
-
-        def recover(conn: Any) -> dict[str, datetime]:
-            store.extend_active(conn, grace)
-            return store.active_deadlines(conn)
-
-        recovered = await self.db.write(recover)
-        for sid, expire in recovered.items():
-            self.deadlines.setdefault(sid, _aware(expire))
-        if recovered:
-            log.info("sessions recovered", active=len(recovered), resume_by=grace.isoformat())
+        grace = _now() + self.lease_timeout
+        extended = await self.db.write(store.extend_active, grace)
+        if extended:
+            log.info("sessions given time to resume", sessions=extended, resume_by=grace.isoformat())
         self._tasks = [asyncio.create_task(self._reap(), name="balsam-session-reaper"),
                        asyncio.create_task(self._heartbeat(), name="balsam-session-heartbeat")]
 
@@ -91,13 +81,11 @@ class SessionKeeper:
         if old is not None and old is not stream:
             old.supersede()
         self.connected[stream.session_id] = stream
-        self.deadlines.pop(stream.session_id, None)
         self._has_streams.set()
         self._changed.set()
 
     def closed(self, session_id: str) -> None:
         """The session was closed by its owner: its stream (if here) sends the kills and ends."""
-        self.deadlines.pop(session_id, None)
         stream = self.connected.get(session_id)
         if stream is not None:
             stream.end(FailedPrecondition(f"session {session_id} was closed by its owner; its jobs were released",
@@ -114,43 +102,40 @@ class SessionKeeper:
             return
         now = _now()
         deadline = now + self.lease_timeout
-        self.deadlines[stream.session_id] = deadline
-        self._changed.set()
-        task = asyncio.get_running_loop().create_task(
-            self.db.write(store.touch_sessions, [stream.session_id], now, deadline))
+        task = asyncio.get_running_loop().create_task(self._touch_and_wake(stream.session_id, now, deadline))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         log.info("session stream gone", session_id=stream.session_id, expires=deadline.isoformat())
 
     # ------------------------------------------------------------------ background tasks
 
+    async def _touch_and_wake(self, session_id: str, now: datetime, deadline: datetime) -> None:
+        await self.db.write(store.touch_sessions, [session_id], now, deadline)
+        self._changed.set()  # the reaper looks at the new deadline
+
     async def _reap(self) -> None:
+        delay = 0.2
         while True:
             self._changed.clear()
-            now = _now()
-            due = sorted(sid for sid, t in self.deadlines.items() if t <= now and sid not in self.connected)
-            for sid in due:
-                await self._expire(sid, now)
-            upcoming = [t for sid, t in self.deadlines.items() if sid not in self.connected]
-            timeout = max(0.0, (min(upcoming) - _now()).total_seconds()) if upcoming else None
+            try:
+                expired = await self.db.write(store.reap_expired, _now(), sorted(self.connected))
+                for session, released in expired:
+                    log.info("session expired", session_id=session["id"], site_id=session["site_id"],
+                             released_jobs=len(released))
+                next_due = await self.db.read(store.next_expiry, sorted(self.connected))
+                delay = 0.2
+            except Exception:  # the reaper must survive a failed transaction (database outage)
+                log.exception("session reaping failed; retrying", retry_in=delay)
+                next_due = _now() + timedelta(seconds=delay)
+                delay = min(self.lease_timeout.total_seconds(), delay * 2)
+            # At most one lease timeout: a session opened after this read expires no sooner.
+            until = self.lease_timeout if next_due is None else min(self.lease_timeout, next_due - _now())
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the task's
+            # cancellation when the event is set at the same moment (the server stopping
+            # right after a stream broke), and the reaper would then never end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
-
-    async def _expire(self, session_id: str, now: datetime) -> None:
-        self.deadlines.pop(session_id, None)
-        try:
-            session, released = await self.db.write(store.expire_session, session_id, now)
-        except Exception:  # the reaper must survive a failed transaction
-            log.exception("session expiry failed; retrying after one lease timeout", session_id=session_id)
-            self.deadlines[session_id] = now + self.lease_timeout
-            return
-        if session is None:
-            return
-        if session["state"] == store.EXPIRED:
-            log.info("session expired", session_id=session_id, site_id=session["site_id"], released_jobs=len(released))
-        elif session["state"] == store.ACTIVE and session_id not in self.connected:
-            # Renewed meanwhile (e.g. by another server process): watch its new deadline.
-            self.deadlines[session_id] = _aware(session["expire_time"])
+                async with asyncio.timeout(max(0.0, until.total_seconds())):
+                    await self._changed.wait()
 
     async def _heartbeat(self) -> None:
         """Keeps expire_time of connected sessions ahead in the database, so GetSession

@@ -98,10 +98,36 @@ def touch_sessions(conn: Connection, session_ids: list[str], now: datetime, expi
                      .values(heartbeat_time=now, expire_time=expire_time))
 
 
-def active_deadlines(conn: Connection) -> dict[str, datetime]:
-    """expire_time of every ACTIVE session (all owners): what a restarted server must watch."""
-    return {r.id: r.expire_time for r in conn.execute(select(sessions.c.id, sessions.c.expire_time)
-                                                      .where(sessions.c.state == ACTIVE))}
+def next_expiry(conn: Connection, exclude: list[str]) -> datetime | None:
+    """The earliest expire_time of an ACTIVE session (any owner, any replica) other than
+    `exclude` (the sessions whose streams this replica holds and keeps alive)."""
+    c = sessions.c
+    conds = [c.state == ACTIVE]
+    if exclude:
+        conds.append(c.id.not_in(exclude))
+    found = conn.execute(select(func.min(c.expire_time)).where(*conds)).scalar_one()
+    return None if found is None else _aware(found)
+
+
+def reap_expired(conn: Connection, now: datetime, exclude: list[str], limit: int = 100
+                 ) -> list[tuple[dict[str, Any], list[int]]]:
+    """Expire ACTIVE sessions whose expire_time has passed, whichever replica held them:
+    each is claimed with FOR UPDATE SKIP LOCKED (on PostgreSQL), so replicas reaping at
+    the same moment take different sessions and none waits on a session being resumed.
+    Returns (session, released job ids) for each one expired."""
+    c = sessions.c
+    conds = [c.state == ACTIVE, c.expire_time <= now]
+    if exclude:
+        conds.append(c.id.not_in(exclude))
+    due = select(c.id).where(*conds).order_by(c.expire_time).limit(limit)
+    if conn.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    out = []
+    for session_id in conn.execute(due).scalars().all():
+        session, released = expire_session(conn, session_id, now)
+        if session is not None and session["state"] == EXPIRED:
+            out.append((session, released))
+    return out
 
 
 def extend_active(conn: Connection, not_before: datetime) -> int:
