@@ -13,8 +13,10 @@ launcher).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,8 +80,45 @@ def idempotent_methods() -> list[tuple[str, str]]:
 
 
 def service_config() -> str:
+    """Retries for the idempotent methods; calls spread over every address of the target
+    (several replicas: a comma-separated list, or a DNS name with several records) by
+    gRPC's round_robin, which leaves out a replica whose health service says NOT_SERVING
+    (draining) as well as one that is unreachable."""
     names = [{"service": svc, "method": method} for svc, method in idempotent_methods()]
-    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                       "healthCheckConfig": {"serviceName": ""},
+                       "methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
+
+
+def channel_target(address: str) -> str:
+    """The gRPC target for a server address: "host:port", a DNS name with several records
+    (resolved by gRPC, which keeps watching it), or several replicas as a comma-separated
+    "host:port,host:port" list (IP literals: gRPC's ipv4:/ipv6: list targets; names are
+    resolved here, once)."""
+    parts = [a.strip() for a in address.split(",") if a.strip()]
+    if len(parts) <= 1:
+        return address.strip()
+    v4: list[str] = []
+    v6: list[str] = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"server address {part!r} in {address!r} needs a port (host:port)")
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+            ips = [str(ip)]
+        except ValueError:
+            infos = socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
+            ips = sorted({str(info[4][0]) for info in infos})
+        for ip_text in ips:
+            if ipaddress.ip_address(ip_text).version == 4:
+                v4.append(f"{ip_text}:{port}")
+            else:
+                v6.append(f"[{ip_text}]:{port}")
+    if v4 and v6:
+        raise ValueError(f"server addresses {address!r} mix IPv4 and IPv6; gRPC takes one family per list")
+    return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
 
 
 def _env_ms(name: str, default: int, minimum: int = 1) -> int:
@@ -146,6 +185,7 @@ def make_channel(profile_or_target: Profile | str, *, tls: bool | None = None, t
     if tls is None:
         tls = bool(tls_ca or tls_cert or tls_key)
     opts = channel_options(options)
+    target = channel_target(target)
     if tls:
         return grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=opts)
     return grpc.insecure_channel(target, options=opts)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import grpc
 import structlog
 
-from balsam_grpc.core.channel import auth_metadata, channel_credentials, channel_options, keepalive_ms
+from balsam_grpc.core.channel import auth_metadata, channel_credentials, channel_options, channel_target, keepalive_ms
 from balsam_grpc.core.settings import Profile
 from balsam_grpc.launcher.config import LauncherConfig
 from balsam_grpc.launcher.dispatch import Dispatcher
@@ -85,8 +85,8 @@ def aio_channel(profile: Profile) -> grpc.aio.Channel:
     opts = channel_options(session_keepalive())
     if profile.tls_ca or profile.tls_cert or profile.tls_key:
         creds = channel_credentials(profile.tls_ca, profile.tls_cert, profile.tls_key)
-        return grpc.aio.secure_channel(profile.server, creds, options=opts)
-    return grpc.aio.insecure_channel(profile.server, options=opts)
+        return grpc.aio.secure_channel(channel_target(profile.server), creds, options=opts)
+    return grpc.aio.insecure_channel(channel_target(profile.server), options=opts)
 
 
 async def run_master(cfg: LauncherConfig, nodes: list[NodeSpec], dispatcher: Dispatcher, ctx: RunContext) -> int:

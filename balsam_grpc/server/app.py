@@ -4,7 +4,11 @@ graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import signal
+from pathlib import Path
+from typing import IO
 
 import grpc
 import structlog
@@ -78,6 +82,7 @@ class BalsamServer:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self._sqlite_lock: IO[str] | None = None
 
     async def start(self) -> int:
         settings = self.settings
@@ -86,12 +91,15 @@ class BalsamServer:
             raise SystemExit(
                 f"refusing to listen on {settings.address} without TLS: pass --tls-cert/--tls-key, "
                 "or --allow-insecure-remote if the network is trusted")
+        self._sqlite_lock = hold_sqlite_lock(settings.database_url)
         await asyncio.to_thread(upgrade, settings.database_url)
         self.db = Database(settings.database_url)
-        # No site daemon holds a stream before this server serves: clear what a crash left.
-        from balsam_grpc.server.store.sites import reset_connected
+        if self.db.is_sqlite:
+            # One process serves SQLite, so no daemon holds a stream before this server
+            # serves: clear what a crash left. (On PostgreSQL other replicas may hold them.)
+            from balsam_grpc.server.store.sites import reset_connected
 
-        await self.db.write(reset_connected)
+            await self.db.write(reset_connected)
         self.state = ServerState(settings, self.db)
         self.server = grpc.aio.server(options=channel_options(settings))
         _add_servicers(self.server, self.state)
@@ -106,6 +114,9 @@ class BalsamServer:
             raise SystemExit(f"could not bind {settings.address}: address in use or not available")
         await self.server.start()
         await self._bootstrap()
+        if self.state.listener is not None:
+            await self.state.listener.start()  # before the horizon is read: no commit falls between
+        await self.state.fanout.start()
         await self.state.sessions.start()
         for name in ["", *service_names()]:
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
@@ -133,13 +144,50 @@ class BalsamServer:
         log.info("server draining", grace_seconds=grace)
         await self.server.stop(grace)
         await self.state.sessions.stop()
+        if self.state.listener is not None:
+            await self.state.listener.stop()
+        await self.state.fanout.stop()
         await asyncio.to_thread(self.db.dispose)
+        if self._sqlite_lock is not None:
+            self._sqlite_lock.close()  # releases the lock
+            self._sqlite_lock = None
         self.server = None
         log.info("server stopped")
 
     async def wait(self) -> None:
         assert self.server is not None
         await self.server.wait_for_termination()
+
+
+def hold_sqlite_lock(url: str) -> IO[str] | None:
+    """SQLite serves one server process: hold an exclusive lock on "<database>.lock" for
+    as long as this server runs (the kernel drops it if the process dies), and refuse to
+    start when another process holds it. None for PostgreSQL and in-memory SQLite."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    path = Path(parsed.database).expanduser().resolve().with_name(Path(parsed.database).name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held open for the server's lifetime
+    try:
+        # A POSIX record lock belongs to the process: servers of one process (tests) share
+        # it, a second process is refused.
+        fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise SystemExit(
+            f"another balsam server (pid {holder}) already serves the SQLite database {parsed.database}; "
+            "SQLite allows one server process. To run several replicas, put them on one PostgreSQL database "
+            "(--database postgresql+psycopg://... or BALSAM_DATABASE_URL)") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def _redact(url: str) -> str:

@@ -21,7 +21,7 @@ import grpc
 import structlog
 from google.protobuf import field_mask_pb2
 
-from balsam_grpc.core.channel import channel_credentials, channel_options
+from balsam_grpc.core.channel import channel_credentials, channel_options, channel_target
 from balsam_grpc.core.errors import BalsamError
 from balsam_grpc.core.settings import Profile
 from balsam_grpc.site.batch import BJ, BatchJobs, update
@@ -75,6 +75,7 @@ def connect_target(settings: SiteSettings, layout: SiteLayout) -> tuple[str, str
 
 def aio_channel(target: str, profile: Profile) -> grpc.aio.Channel:
     opts = channel_options()
+    target = channel_target(target)
     if profile.tls_ca or profile.tls_cert or profile.tls_key:
         return grpc.aio.secure_channel(target, channel_credentials(profile.tls_ca, profile.tls_cert, profile.tls_key),
                                        options=opts)

@@ -1,0 +1,211 @@
+"""Several server replicas on one PostgreSQL database (issue 14).
+
+- Three replicas: the site daemon on one, a launcher on another, a watcher on the third,
+  jobs created through all three. Every job (with a postprocess hook) finishes once, the
+  watcher sees every event once and in order, a kill made on one replica reaches the job
+  running under another, and a hook made due on one is offered by another. Before,
+  each replica woke only on its own commits: hooks waited for an unrelated write through
+  the daemon's replica and kills for one through the launcher's.
+- kill -9 of the replica that holds the daemon's and the launcher's streams under load
+  (they were given all three addresses): both move to the others, the session is
+  resumed within one lease timeout, nothing is lost and nothing runs twice.
+
+PostgreSQL only: SQLite serves one process (a second server on it is refused, see
+tests/server/test_replica_guard.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+import statistics
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from balsam_grpc.sdk import Client
+from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2, session_pb2
+from tests.conftest import POSTGRES_URL
+from tests.faults.conftest import database_url
+from tests.faults.harness import (
+    LauncherProc,
+    ServerProc,
+    SiteProc,
+    Watcher,
+    audit,
+    create_jobs,
+    job_events,
+    last_event_id,
+    passed_through,
+    states,
+    wait_for,
+    wait_states,
+)
+from tests.faults.report import record
+
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.skipif(not POSTGRES_URL, reason="replicas share a PostgreSQL database")]
+J = job_pb2
+
+
+def _replicas(tmp: Path, n: int, start: int | None = None) -> list[ServerProc]:
+    url = database_url("postgres", tmp)
+    servers = [ServerProc(tmp / f"replica-{i}", url) for i in range(n)]
+    for s in servers[: n if start is None else start]:
+        s.start()  # one after the other: the first runs the migrations
+    return servers
+
+
+def _sleeper(marker: str) -> psutil.Process | None:
+    """The `sleep <marker>` process a Nap job runs."""
+    for p in psutil.process_iter(["cmdline"]):
+        if p.info["cmdline"] == ["sleep", marker]:
+            return p
+    return None
+
+
+def _event_times(client: Client, ids: list[int], state: str) -> dict[int, float]:
+    """Job id -> time of the event that moved it into (or through) `state`."""
+    return {e.job_id: e.time.ToNanoseconds() / 1e9 for e in job_events(client, ids) if passed_through(e, state)}
+
+
+def _kill(client: Client, job_id: int) -> None:
+    from google.protobuf import field_mask_pb2
+
+    job = J.Job(id=job_id, state=J.JOB_STATE_KILLED)
+    client.stub("JobService").UpdateJob(job_service_pb2.UpdateJobRequest(
+        job=job, update_mask=field_mask_pb2.FieldMask(paths=["state"])), metadata=client.metadata, timeout=30)
+
+
+def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path: Path) -> None:
+    a, b, c = _replicas(tmp_path, 3)
+    site = SiteProc(tmp_path, a, elastic_queue__enabled=False)
+    clients: list[Client] = []
+    launcher = None
+    try:
+        clients = [s.client() for s in (a, b, c)]
+        site.start()  # its daemon on A
+        launcher = LauncherProc(site.dir, a, address=b.address)  # the launcher on B
+        watcher = Watcher(clients[2], site.id)  # the watcher on C
+        ids: list[int] = []
+        for i, client in enumerate(clients):
+            ids += create_jobs(client, 4, f"via-{i}", app_name="Hooked", site_id=site.id)
+        wait_states(clients[0], ids, "JOB_FINISHED", 90, debug=lambda: site.log_tail() + launcher.text()[-2000:])
+
+        # A kill made on C reaches the job running under the launcher on B.
+        marker = f"{300 + secrets.randbelow(10_000) / 1000:.3f}"
+        (victim,) = create_jobs(clients[0], 1, "kill", app_name="Nap", site_id=site.id, parameters={"secs": marker})
+        proc = wait_for(lambda: _sleeper(marker), 60, "the job's process to start", 0.05)
+        _kill(clients[2], victim)
+        killed_at = time.monotonic()
+        wait_for(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 30,
+                 "the kill to reach the job's process", 0.01)
+        kill_latency = time.monotonic() - killed_at
+
+        # One job alone (no queue in front of its hook): created on C, leased through B,
+        # its hook offered to the daemon on A. The hook's own process start is included.
+        (lone,) = create_jobs(clients[2], 1, "lone", app_name="Hooked", site_id=site.id)
+        wait_states(clients[0], [lone], "JOB_FINISHED", 60, debug=site.log_tail)
+        result = audit(clients[0], ids + [lone], site.ledger, hook_ledger=site.hook_ledger)
+        created = {lone: min(e.time.ToNanoseconds() / 1e9 for e in job_events(clients[0], [lone]))}
+        running = _event_times(clients[0], [lone], "RUNNING")
+        done = _event_times(clients[0], ids + [lone], "RUN_DONE")
+        post = _event_times(clients[0], ids + [lone], "POSTPROCESSED")
+        hook_latency = sorted(post[j] - done[j] for j in ids if j in done and j in post)
+        print(f"\nthree replicas: {len(ids)} hooked jobs at once, RUN_DONE (launcher on B) -> POSTPROCESSED "
+              f"(daemon on A, 2 hook processes at a time) p50 {statistics.median(hook_latency) * 1000:.0f} ms; "
+              f"one job alone: created on C -> RUNNING through B {(running[lone] - created[lone]) * 1000:.0f} ms, "
+              f"RUN_DONE -> POSTPROCESSED by A {(post[lone] - done[lone]) * 1000:.0f} ms; "
+              f"kill on C -> job process gone under B: {kill_latency * 1000:.0f} ms")
+        result.assert_clean()
+        assert len(hook_latency) == len(ids)
+        assert watcher.check(clients[2]) > 0
+        assert states(clients[0], [victim]) == {"KILLED": 1}
+    finally:
+        if launcher is not None:
+            launcher.stop()
+        site.stop()
+        for client in clients:
+            client.close()
+        for s in (a, b, c):
+            s.stop()
+
+
+def test_replica_kill9_its_daemon_and_launcher_move_to_the_others(tmp_path: Path) -> None:
+    a, b, c = _replicas(tmp_path, 3, start=1)
+    everyone = ",".join(s.address for s in (a, b, c))
+    # Only A serves yet, so the daemon's and the launcher's streams land there.
+    site = SiteProc(tmp_path, a, address=everyone, elastic_queue__enabled=False)
+    clients: list[Client] = []
+    launcher = None
+    try:
+        site.start()
+        launcher = LauncherProc(site.dir, a, address=everyone)
+        client_a = a.client()
+        wait_for(lambda: _active_sessions(client_a, site.id), 60,
+                 "the launcher's session", 0.05, on_timeout=launcher.text)
+        (session_id,) = _active_sessions(client_a, site.id)
+        client_a.close()
+        b.start()
+        c.start()
+        clients = [b.client(), c.client()]
+        watcher = Watcher(clients[1], site.id)
+        ids = create_jobs(clients[0], 6, "before", app_name="Nap", site_id=site.id, node_packing_count=8,
+                          parameters={"secs": "2"})
+        wait_for(lambda: states(clients[0], ids).get("RUNNING", 0) >= 2, 60, "jobs to run",
+                 on_timeout=launcher.text)
+        before = last_event_id(clients[0])
+        a.stop(kill=True)
+        down = time.monotonic()
+        ids += create_jobs(clients[1], 4, "during", app_name="Nap", site_id=site.id, node_packing_count=8,
+                           parameters={"secs": "1"})
+        # Recovered: the launcher's session is resumed (not reaped) and jobs progress.
+        wait_for(lambda: _progress_after(clients[0], before), 60, "job progress after the kill", 0.05,
+                 on_timeout=lambda: launcher.text()[-3000:])
+        recovery = time.monotonic() - down
+        wait_states(clients[0], ids, "JOB_FINISHED", 90, debug=lambda: site.log_tail() + launcher.text()[-2000:])
+        result = audit(clients[0], ids, site.ledger)
+        record("replica kill -9 (postgres; 3 replicas; its site + launcher)", recovery,
+               "session resumed on another replica, job progress", result)
+        print(f"\nreplica kill -9: job progress again after {recovery:.2f} s (lease timeout {a.lease_timeout} s)")
+        result.assert_clean()
+        assert all(j.run_count == 1 for j in clients[0].jobs.filter(id=ids)), "a job ran twice"
+        session = clients[0].stub("SessionService").GetSession(_get_session(session_id), metadata=clients[0].metadata,
+                                                                timeout=30).session
+        assert session.state in (session_pb2.SESSION_STATE_ACTIVE, session_pb2.SESSION_STATE_CLOSED), \
+            "the session was reaped: its launcher did not resume it within the lease timeout"
+        assert bool(clients[0].sites.get(id=site.id).liveness.connected)
+        assert watcher.check(clients[1]) > 0
+    finally:
+        if launcher is not None:
+            launcher.stop()
+        site.stop()
+        for client in clients:
+            client.close()
+        for s in (a, b, c):
+            s.stop()
+
+
+def _active_sessions(client: Client, site_id: int) -> list[str]:
+    from balsam_grpc.v1 import session_pb2, session_service_pb2
+
+    resp = client.stub("SessionService").ListSessions(
+        session_service_pb2.ListSessionsRequest(filter=session_service_pb2.SessionFilter(
+            site_ids=[site_id], states=[session_pb2.SESSION_STATE_ACTIVE])),
+        metadata=client.metadata, timeout=30)
+    return [s.id for s in resp.sessions]
+
+
+def _get_session(session_id: str):  # type: ignore[no-untyped-def]
+    from balsam_grpc.v1 import session_service_pb2
+
+    return session_service_pb2.GetSessionRequest(id=session_id)
+
+
+def _progress_after(client: Client, event_id: int) -> bool:
+    """A job left RUNNING after event `event_id` (reported by the launcher: it works again)."""
+    resp = client.stub("EventService").ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(from_states=[J.JOB_STATE_RUNNING]), page_size=1, descending=True),
+        metadata=client.metadata, timeout=30)
+    return bool(resp.events) and resp.events[0].id > event_id
