@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,6 +37,11 @@ log = structlog.get_logger("balsam.dashboard.live")
 COALESCE_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0   # a comment-free "tick" frame: keeps proxies from closing the stream
 RECONNECT_MS = 1000
+# A stream ends after this long and the browser resumes it (Last-Event-ID) at once. Whether
+# a vanished browser cancels the stream depends on the ASGI server (uvicorn's 2.3 spec
+# does; under 2.4 a send to a closed connection is silently dropped): this bounds the cost
+# of one that is not noticed.
+MAX_STREAM_SECONDS = 1800.0
 FAILURES_PER_BATCH = 20
 NEW_JOB = (job_pb2.JOB_STATE_UNSPECIFIED, job_pb2.JOB_STATE_CREATED)
 
@@ -140,9 +146,10 @@ class Relay:
 
     async def frames(self) -> AsyncIterator[str]:
         self._thread.start()
+        ends = time.monotonic() + MAX_STREAM_SECONDS
         try:
             yield f"retry: {RECONNECT_MS}\n\n"
-            while True:
+            while time.monotonic() < ends:
                 try:
                     await asyncio.wait_for(self._wake.wait(), KEEPALIVE_SECONDS)
                 except TimeoutError:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     alice = bob = None
     try:
         kit.start_server()
-        kit.init_site(**FAST_SITE)
-        kit.start_daemon()
+        # The site (balsamctl site init, its daemon) comes up while the jobs are made.
+        site_up = ThreadPoolExecutor(1).submit(lambda: (kit.init_site(**FAST_SITE), kit.start_daemon()))
         alice = Client(kit.address, token=kit.token, timeout=60)
-        alpha_name = alice.sites.get(id=kit.site_id).name
 
         bulk_site = alice.sites.create(name="bulk", hostname="bulk-login", path=str(tmp / "bulk"))
         bulk_app = alice.apps.create(site_id=bulk_site.id, name="Sim", command_template="true")
@@ -108,6 +108,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 raise AssertionError(f"dashboard exited: {(tmp / 'dashboard.log').read_text()[-3000:]}")
             return _listening(port)
         wait_for(up, 60, "the dashboard to listen")
+        site_up.result(timeout=120)
+        alpha_name = alice.sites.get(id=kit.site_id).name
         yield World(kit, alice, bob, f"http://127.0.0.1:{port}", alpha_name, bulk_site, bulk_ids, bob_site,
                     bob_job, password, procs)
     finally:

@@ -4,11 +4,13 @@ finished jobs are the history test's subjects. Every page gets a screenshot."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
 import statistics
 from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
@@ -262,7 +264,7 @@ def sse_frames(world: World, stop: Any, *, cursor: str = "", last_event_id: str 
     fields: dict[str, str] = {}
     try:
         while not stop(frames):
-            line = response.fp.readline().decode().rstrip("\n")
+            line = response.readline().decode().rstrip("\r\n")
             if line:
                 key, _, value = line.partition(":")
                 fields[key] = value.removeprefix(" ")
@@ -335,9 +337,9 @@ def test_guards_refuse_forged_actions_and_foreign_hosts(world: World) -> None:
     assert request("GET", "/jobs?state=NOPE")[0] == 400
 
 
-def test_a_remote_dashboard_asks_each_viewer_to_log_in(world: World) -> None:
-    """The mode a non-loopback bind gets (serve() adds TLS): no profile user; each
-    browser logs in and sees only what its own balsam user sees."""
+@contextlib.contextmanager
+def in_process_dashboard(world: World, *, login_required: bool) -> Iterator[int]:
+    """The dashboard app under uvicorn in a thread of the test (its internals visible)."""
     import threading
 
     import uvicorn
@@ -347,13 +349,47 @@ def test_a_remote_dashboard_asks_each_viewer_to_log_in(world: World) -> None:
     from tests.site.sitekit import wait_for
     from tests.support.server_proc import free_port
 
-    app = create_app(DashboardConfig(login_required=True, allowed_hosts=["*"],
-                                     make_client=lambda token: Client(world.kit.address, token=token, timeout=60)))
+    def make_client(token: str | None) -> Client:
+        return Client(world.kit.address, token=world.kit.token if token is None else token, timeout=60)
+
+    app = create_app(DashboardConfig(login_required=login_required, allowed_hosts=["*"], make_client=make_client))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "the in-process dashboard to start")
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
+
+def test_a_closed_page_ends_its_upstream_watch(world: World) -> None:
+    from balsam_grpc.dashboard import live
+    from tests.site.sitekit import wait_for
+
+    newest = world.alice.call("EventService", "ListEvents", event_service_pb2.ListEventsRequest(
+        page_size=1, descending=True)).events[0].id
+    with in_process_dashboard(world, login_required=False) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
+        conn.request("GET", f"/events?cursor={newest}")
+        response = conn.getresponse()
+        assert response.readline().startswith(b"retry:")
+        relays = list(live._open)
+        assert relays and all(r._thread.is_alive() for r in relays)
+        conn.close()  # the tab closes
+        wait_for(lambda: not any(r._thread.is_alive() for r in relays), DEADLINE, "the upstream watch to end")
+
+
+def test_a_remote_dashboard_asks_each_viewer_to_log_in(world: World) -> None:
+    """The mode a non-loopback bind gets (serve() adds TLS): no profile user; each
+    browser logs in and sees only what its own balsam user sees."""
+    with in_process_dashboard(world, login_required=True) as port:
+        check_login_flow(world, port)
+
+
+def check_login_flow(world: World, port: int) -> None:
     def request(method: str, path: str, body: str = "", cookie: str = "") -> http.client.HTTPResponse:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
         conn.request(method, path, body=body, headers={"content-type": "application/x-www-form-urlencoded",
@@ -363,23 +399,18 @@ def test_a_remote_dashboard_asks_each_viewer_to_log_in(world: World) -> None:
         conn.close()
         return response
 
-    try:
-        wait_for(lambda: server.started, 30, "the login-mode dashboard to start")
-        first = request("GET", "/jobs")
-        assert first.status == 303 and first.getheader("location") == "/login?next=/jobs"
-        assert request("GET", "/events").status == 401
-        assert request("POST", "/login?next=/jobs", "username=bob&password=wrong").status == 401
-        login = request("POST", "/login?next=/jobs", f"username=bob&password={world.bob_password}")
-        assert login.status == 303 and login.getheader("location") == "/jobs"
-        set_cookie = login.getheader("set-cookie")
-        assert "httponly" in set_cookie.lower() and "samesite=strict" in set_cookie.lower()
-        cookie = set_cookie.split(";")[0]
-        jobs = request("GET", "/jobs", cookie=cookie)
-        assert jobs.status == 200 and "bob/private-1" in jobs.text and "sweep/00000" not in jobs.text
-        assert request("GET", f"/jobs/{world.bulk_ids[2]}", cookie=cookie).status == 404  # alice's
-        token = re.search(r'name="csrf" value="([^"]+)"', jobs.text).group(1)
-        assert request("POST", "/logout", f"csrf={token}", cookie=cookie).status == 303
-        assert request("GET", "/jobs", cookie=cookie).status == 303  # the session is gone
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    first = request("GET", "/jobs")
+    assert first.status == 303 and first.getheader("location") == "/login?next=/jobs"
+    assert request("GET", "/events").status == 401
+    assert request("POST", "/login?next=/jobs", "username=bob&password=wrong").status == 401
+    login = request("POST", "/login?next=/jobs", f"username=bob&password={world.bob_password}")
+    assert login.status == 303 and login.getheader("location") == "/jobs"
+    set_cookie = login.getheader("set-cookie")
+    assert "httponly" in set_cookie.lower() and "samesite=strict" in set_cookie.lower()
+    cookie = set_cookie.split(";")[0]
+    jobs = request("GET", "/jobs", cookie=cookie)
+    assert jobs.status == 200 and "bob/private-1" in jobs.text and "sweep/00000" not in jobs.text
+    assert request("GET", f"/jobs/{world.bulk_ids[2]}", cookie=cookie).status == 404  # alice's
+    token = re.search(r'name="csrf" value="([^"]+)"', jobs.text).group(1)
+    assert request("POST", "/logout", f"csrf={token}", cookie=cookie).status == 303
+    assert request("GET", "/jobs", cookie=cookie).status == 303  # the session is gone
