@@ -35,7 +35,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from balsam_grpc.dashboard.live import Relay, valid_cursor
-from balsam_grpc.dashboard.reads import Reader
+from balsam_grpc.dashboard.reads import RETRY_AVAILABLE, Reader
 from balsam_grpc.dashboard.views import (
     BATCH_JOB_STATES,
     BATCH_JOB_STYLE,
@@ -154,7 +154,7 @@ def _templates() -> Environment:
     env.filters["nodes"] = lambda x: f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
     env.globals.update(JOB_STATES=JOB_STATES, PAGE_SIZES=PAGE_SIZES, WINDOWS=WINDOWS, STATE_STYLE=STATE_STYLE,
                        BATCH_JOB_STATES=BATCH_JOB_STATES, TRANSFER_STATES=TRANSFER_STATES,
-                       BATCH_JOB_STYLE=BATCH_JOB_STYLE, TRANSFER_STYLE=TRANSFER_STYLE)
+                       BATCH_JOB_STYLE=BATCH_JOB_STYLE, TRANSFER_STYLE=TRANSFER_STYLE, RETRY_AVAILABLE=RETRY_AVAILABLE)
     return env
 
 
@@ -315,6 +315,27 @@ def create_app(config: DashboardConfig) -> Starlette:
                                     status_code=303)
         return RedirectResponse(f"/jobs/{jid}?flash={quote('killed')}", status_code=303)
 
+    async def job_retry(request: Request, viewer: Viewer) -> Response:
+        jid = job_id(request)
+        if not RETRY_AVAILABLE:
+            return error_page(request, viewer, 501, "Retry is not offered",
+                              "this dashboard's contract has no RetryJobs call; use balsamctl with a newer server")
+        if request.method == "GET":
+            detail = await run_in_threadpool(viewer.reader.job, jid)
+            return page(request, viewer, "confirm_retry.html", title=f"Retry job {jid}?", j=detail)
+        form = await small_form(request)
+        if not check_csrf(request, viewer, form):
+            return error_page(request, viewer, 403, "Refused", "the form was not sent from this dashboard; "
+                              "open the job's page and use its Retry button")
+        try:
+            await run_in_threadpool(viewer.reader.retry, jid, form.get("reset_run_count") == "on")
+        except BalsamError as err:
+            if isinstance(err, NotFound):
+                raise
+            return RedirectResponse(f"/jobs/{jid}?flash={quote('not retried: ' + err.message[:150])}",
+                                    status_code=303)
+        return RedirectResponse(f"/jobs/{jid}?flash={quote('retried')}", status_code=303)
+
     # -------------------------------------------------------- batch jobs, transfers
 
     def states_param(request: Request, enum: Any, names: list[str]) -> tuple[list[int], list[str]]:
@@ -412,6 +433,7 @@ def create_app(config: DashboardConfig) -> Starlette:
         Route("/jobs/{job_id}", viewer_required(job)),
         Route("/jobs/{job_id}/live", viewer_required(job_live)),
         Route("/jobs/{job_id}/kill", viewer_required(job_kill), methods=["GET", "POST"]),
+        Route("/jobs/{job_id}/retry", viewer_required(job_retry), methods=["GET", "POST"]),
         Route("/batch-jobs", viewer_required(batch_jobs)),
         Route("/batch-jobs/live", viewer_required(batch_jobs)),
         Route("/transfers", viewer_required(transfers)),

@@ -26,6 +26,7 @@ from balsam_grpc.dashboard.views import (
 from balsam_grpc.sdk.analytics import allocation, state_change
 from balsam_grpc.sdk.client import Client
 from balsam_grpc.sdk.convert import enum_name
+from balsam_grpc.sdk.errors import FailedPrecondition
 from balsam_grpc.sdk.filters import JOB_FILTER, MatchesNothing
 from balsam_grpc.v1 import (
     app_service_pb2,
@@ -49,6 +50,9 @@ FOOTPRINT_LOOKUP_CAP = 5_000   # jobs whose node footprint is looked up for util
 ACTIVE_PILOT_STATES = (batch_job_pb2.BATCH_JOB_STATE_PENDING_SUBMISSION, batch_job_pb2.BATCH_JOB_STATE_QUEUED,
                        batch_job_pb2.BATCH_JOB_STATE_RUNNING)
 LIST_PAGE = 100
+# RetryJobs is newer than this package's first contract: offered when the stubs have it.
+RETRY_AVAILABLE = hasattr(job_service_pb2, "RetryJobsRequest")
+RETRYABLE_STATES = ("FAILED", "KILLED", "RUN_ERROR", "RUN_TIMEOUT")
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dashboard-read")
 
 
@@ -305,7 +309,16 @@ class Reader:
             "missing_parents": max(0, len(job.parent_ids) - len(parents)),
             "children": [job_row(j, names) for j in children],
             "final": state_of(job.state) in ("JOB_FINISHED", "FAILED", "KILLED"),
+            "retryable": RETRY_AVAILABLE and state_of(job.state) in RETRYABLE_STATES,
         }
+
+    def retry(self, job_id: int, reset_run_count: bool) -> None:
+        """RetryJobs on one job; its refusal (not retryable, ...) raised as the SDK's error."""
+        response = self.call("JobService", "RetryJobs", job_service_pb2.RetryJobsRequest(  # type: ignore[attr-defined]
+            filter=job_pb2.JobFilter(ids=[job_id]), reset_run_count=reset_run_count))
+        refused = [o for o in response.outcomes if o.code]
+        if refused:
+            raise FailedPrecondition(refused[0].message, reason=refused[0].reason or "NOT_RETRYABLE")
 
     def kill(self, job_id: int, message: str) -> Any:
         request = job_service_pb2.UpdateJobRequest(job=job_pb2.Job(

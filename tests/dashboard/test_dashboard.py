@@ -180,6 +180,23 @@ def test_kill_from_the_page_kills_the_job(world: World, browser: Any, screenshot
     shot(browser, screenshots, "07-job-killed")
 
 
+def test_retry_from_the_page_runs_the_killed_job_again(world: World, browser: Any, screenshots: Path) -> None:
+    from balsam_grpc.dashboard.reads import RETRY_AVAILABLE
+
+    if not RETRY_AVAILABLE:
+        pytest.skip("the contract has no RetryJobs yet: the page offers kill only")
+    jid = world.bulk_ids[0]  # killed by the test before
+    visit(browser, f"{world.url}/jobs/{jid}", "#job-state")
+    browser.find_element(By.LINK_TEXT, "Retry…").click()
+    WebDriverWait(browser, DEADLINE).until(lambda d: d.find_elements(By.ID, "confirm-retry"))
+    assert world.alice.jobs.get(id=jid).state == "KILLED"  # asking changed nothing
+    shot(browser, screenshots, "07b-retry-confirm")
+    browser.find_element(By.ID, "confirm-retry").click()
+    WebDriverWait(browser, DEADLINE).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#job-state .badge[data-state=PREPROCESSED]"))
+    assert world.alice.jobs.get(id=jid).state == "PREPROCESSED"  # no parents, no transfers: runnable again
+    assert browser.find_elements(By.LINK_TEXT, "Kill…") and not browser.find_elements(By.LINK_TEXT, "Retry…")
+
 def test_batch_jobs_and_transfers_pages(world: World, browser: Any, screenshots: Path) -> None:
     visit(browser, world.url + "/batch-jobs", "#batch-jobs tbody tr")
     pilots = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#batch-jobs tbody tr")]
