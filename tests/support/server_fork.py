@@ -15,6 +15,7 @@ Protocol on the fork server's stdin/stdout: one JSON request per line
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -131,6 +132,13 @@ def _child(request: dict[str, Any], main: Any) -> None:
 
 def _serve() -> None:
     from balsam_grpc.server.__main__ import main
+
+    # What a server start imports on the way (the servicers, the bootstrap), once here
+    # rather than in every forked server.
+    for module in ("bootstrap", "services.apps", "services.auth", "services.batch_jobs", "services.events",
+                   "services.jobs", "services.sessions", "services.sites", "services.site_stream",
+                   "services.transfers", "services.registry"):
+        importlib.import_module(f"balsam_grpc.server.{module}")
 
     if threading.active_count() != 1:
         raise SystemExit("the fork server must have no threads when it forks")

@@ -84,12 +84,8 @@ def _sqlite_transaction_gone(conn: Connection) -> bool:
     return conn.in_transaction() and not conn.connection.dbapi_connection.in_transaction
 
 
-def _sqlite_before_statement(conn: Connection, *_: Any) -> None:
-    if _sqlite_transaction_gone(conn):
-        raise TransactionLost(conn.info.get(_ROLLED_BACK_BY))
-
-
-def _sqlite_before_commit(conn: Connection) -> None:
+def _refuse_lost_transaction(conn: Connection, *_: Any) -> None:
+    """Before each statement and the commit."""
     if _sqlite_transaction_gone(conn):
         raise TransactionLost(conn.info.get(_ROLLED_BACK_BY))
 
@@ -153,8 +149,8 @@ def make_engine(url: str, idle_ping_seconds: float = IDLE_PING_SECONDS) -> Engin
         engine = create_engine(url, connect_args={"check_same_thread": False}, pool_size=8, **json_args)
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
-        event.listen(engine, "before_cursor_execute", _sqlite_before_statement)
-        event.listen(engine, "commit", _sqlite_before_commit)
+        event.listen(engine, "before_cursor_execute", _refuse_lost_transaction)
+        event.listen(engine, "commit", _refuse_lost_transaction)
         event.listen(engine, "handle_error", _sqlite_error)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
