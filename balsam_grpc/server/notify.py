@@ -28,6 +28,8 @@ from balsam_grpc.server.store.events import EVENTS_CHANNEL, parse_hint
 log = structlog.get_logger("balsam.notify")
 
 CONTROL_CHANNEL = "balsam_control"
+# Control topics: a token was revoked (argument: its id).
+REVOKED = "revoked"
 RECONNECT_SECONDS = (0.2, 5.0)
 
 

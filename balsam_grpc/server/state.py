@@ -10,7 +10,7 @@ from balsam_grpc.core.settings import DEFAULT_ADDRESS, default_database_url
 from balsam_grpc.server.admission import Admission, AdmissionLimits, LoginLimiter, LoginLimits
 from balsam_grpc.server.auth import Authenticator
 from balsam_grpc.server.fanout import Fanout
-from balsam_grpc.server.notify import Listener
+from balsam_grpc.server.notify import REVOKED, Listener
 from balsam_grpc.server.session_keeper import SessionKeeper
 from balsam_grpc.server.store.db import Database
 
@@ -134,5 +134,7 @@ class ServerState:
         if db.is_postgres:
             self.listener = Listener(settings.database_url, self.fanout.hint)
             self.listener.on_reconnect(self.bus.poke)
+            # A token revoked through any replica: no cached answer here, its streams end.
+            self.listener.on_control(REVOKED, self.auth.forget)
         # Launcher session liveness: started and stopped with the server (app.py).
         self.sessions = SessionKeeper(db, settings.lease_timeout_seconds)

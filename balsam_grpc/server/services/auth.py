@@ -20,6 +20,7 @@ from balsam_grpc.core.errors import AlreadyExists, InvalidArgument, NotFound, Pe
 from balsam_grpc.server.admission import peer_address
 from balsam_grpc.server.auth import hash_password, verify_password
 from balsam_grpc.server.convert import EnumCodec, aware, to_timestamp, utcnow
+from balsam_grpc.server.notify import REVOKED, notify_control
 from balsam_grpc.server.rpc import Principal, unary
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import users as user_store
@@ -184,7 +185,13 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             raise InvalidArgument("id is required", field="id")
         if principal.is_site and request.id != principal.token_id:
             raise PermissionDenied("a site-scoped token can revoke only itself; use a user token")
-        row = await self.state.db.write(user_store.revoke_token, principal.user_id, request.id)
+        def revoke(conn: Any) -> dict[str, Any] | None:
+            row = user_store.revoke_token(conn, principal.user_id, request.id)
+            if row is not None and conn.dialect.name == "postgresql":
+                notify_control(conn, REVOKED, request.id)  # other replicas forget it at commit
+            return row
+
+        row = await self.state.db.write(revoke)
         if row is None:
             raise NotFound(f"token {request.id!r} not found", field="id")
         self.state.auth.forget(request.id)
