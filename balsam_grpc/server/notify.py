@@ -28,8 +28,10 @@ from balsam_grpc.server.store.events import EVENTS_CHANNEL, parse_hint
 log = structlog.get_logger("balsam.notify")
 
 CONTROL_CHANNEL = "balsam_control"
-# Control topics: a token was revoked (argument: its id).
+# Control topics: a token was revoked (argument: its id); a connection took a site's
+# stream (argument: "<site id> <stream generation>").
 REVOKED = "revoked"
+SITE_STREAM_CLAIMED = "site_stream"
 RECONNECT_SECONDS = (0.2, 5.0)
 
 

@@ -1,6 +1,9 @@
 """The server's end of SiteService.Connect (contract: notes/site_stream.md).
 
-One stream per site. After SiteHello and SiteWelcome the stream pushes WorkItems found
+One stream per site, across server replicas: each connection takes the site's next
+stream_generation in the database and writes (results, liveness) only while it is still
+the current one, so a stream another connection took over (on any replica) can change
+nothing; the replica holding it is told at commit (NOTIFY) and ends it. After SiteHello and SiteWelcome the stream pushes WorkItems found
 from the database state (store/site_work.py) while the daemon has credit, the SiteBacklog
 whenever it changes, and a ResultAck for every batch of results it applies.
 
@@ -40,6 +43,7 @@ from sqlalchemy import Connection
 from balsam_grpc.core.errors import Aborted, BalsamError, InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Subscription
+from balsam_grpc.server.notify import SITE_STREAM_CLAIMED, notify_control
 from balsam_grpc.server.rpc import Principal
 from balsam_grpc.server.services.apps import app_to_pb
 from balsam_grpc.server.services.batch_jobs import STATE as BATCH_STATE
@@ -228,6 +232,8 @@ class SiteHub:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.streams: dict[int, SiteStream] = {}
+        if state.listener is not None:
+            state.listener.on_control(SITE_STREAM_CLAIMED, self.claimed)
         self.attempts: dict[int, dict[str, int]] = {}
         # Serialises the liveness writes of one site's streams with their (un)registration,
         # so an old stream ending never marks a site disconnected that a new stream holds.
@@ -241,6 +247,17 @@ class SiteHub:
         self.streams[stream.site_id] = stream
         if older is not None:
             older.replace()
+
+    def claimed(self, argument: str) -> None:
+        """A connection (on any replica) took site `argument` = "<site id> <generation>":
+        a stream of an older generation here ends."""
+        try:
+            site_id, generation = map(int, argument.split())
+        except ValueError:
+            return
+        stream = self.streams.get(site_id)
+        if stream is not None and stream.generation < generation:
+            stream.replace()
 
     def unregister(self, stream: SiteStream) -> bool:
         """True when `stream` was the site's live stream (and no newer one took over)."""
@@ -281,6 +298,7 @@ class SiteStream:
         self.principal = principal
         self.owner_id = principal.user_id
         self.site_id = 0
+        self.generation = 0  # the site's stream_generation this stream holds
         self.kinds: set[str] = set()
         self.credit = 0
         # Offered on this stream and not yet resolved by a result: never offered twice here.
@@ -354,12 +372,16 @@ class SiteStream:
         def connect(conn: Connection) -> dict[str, Any]:
             site_store.require_site(conn, self.owner_id, hello.site_id, field="hello.site_id")
             self.principal.check_site(hello.site_id)
-            return site_store.mark_connected(conn, self.owner_id, hello.site_id, hostname=hello.hostname,
-                                             version=hello.daemon_version, now=utcnow())
+            row = site_store.mark_connected(conn, self.owner_id, hello.site_id, hostname=hello.hostname,
+                                            version=hello.daemon_version, now=utcnow())
+            if conn.dialect.name == "postgresql":
+                notify_control(conn, SITE_STREAM_CLAIMED, f"{hello.site_id} {row['stream_generation']}")
+            return row
 
         async with self.hub.lock(hello.site_id):
             row = await self.db.write(connect)
             self.site_id = hello.site_id
+            self.generation = row["stream_generation"]
             self.hub.register(self)
         self.kinds = {k for cap in hello.capabilities for k in work_store.CAPABILITY_KINDS[cap]}
         self.credit = hello.max_in_flight
@@ -482,6 +504,7 @@ class SiteStream:
 
     async def _apply(self, results: list[pb.WorkResult]) -> pb.ResultAck:
         def work(conn: Connection) -> list[work_store.Outcome]:
+            self._fence(conn)
             now = utcnow()
             return [apply_result(conn, self.state, self.owner_id, self.site_id, r, now) for r in results]
 
@@ -511,7 +534,18 @@ class SiteStream:
                     if snapshot is not None else None)
         except (json_format.SerializeToJsonError, ValueError) as exc:  # a time outside the calendar, NaN
             raise InvalidArgument(f"snapshot is not valid: {exc}", field="snapshot") from None
-        await self.db.write(site_store.mark_seen, self.owner_id, self.site_id, utcnow(), snapshot=data)
+        def seen(conn: Connection) -> None:
+            self._fence(conn)
+            site_store.mark_seen(conn, self.owner_id, self.site_id, utcnow(), snapshot=data)
+
+        await self.db.write(seen)
+
+    def _fence(self, conn: Connection) -> None:
+        """Inside a write: refuse it (and end this stream) once another connection of the
+        site, on this replica or another, has taken over."""
+        if not site_store.holds_stream(conn, self.site_id, self.generation):
+            raise Aborted("another connection of this site took over its stream (on this or another server "
+                          "replica); this one is stale", reason="REPLACED")
 
     async def _disconnect(self) -> None:
         if not self.site_id:
@@ -523,7 +557,12 @@ class SiteStream:
                     self.log.info("site stream replaced", outstanding=len(self.outstanding))
                     return  # the newer stream holds the liveness flag now
                 self.log.info("site disconnected", outstanding=len(self.outstanding), taken=len(self.acked))
-                await self.db.write(site_store.mark_seen, self.owner_id, self.site_id, utcnow(), connected=False)
+
+                def gone(conn: Connection) -> None:
+                    if site_store.holds_stream(conn, self.site_id, self.generation):  # else a newer stream holds it
+                        site_store.mark_seen(conn, self.owner_id, self.site_id, utcnow(), connected=False)
+
+                await self.db.write(gone)
 
         with contextlib.suppress(Exception):
             # Shielded: the stream's task may be cancelled (client gone) while this runs.

@@ -137,11 +137,13 @@ def list_sites(conn: Connection, q: SiteQuery, *, after_id: int | None, limit: i
 
 def mark_connected(conn: Connection, owner_id: int, site_id: int, *, hostname: str, version: str,
                    now: datetime) -> dict[str, Any]:
-    """A daemon holds the site's stream now. Liveness is output only: update_time (the
-    user's last change) is left alone."""
+    """A daemon holds the site's stream now: it takes the next stream_generation (the
+    row's value in the result). Liveness is output only: update_time (the user's last
+    change) is left alone."""
     row = conn.execute(
         update(sites).where(sites.c.id == site_id, sites.c.owner_id == owner_id)
-        .values(connected=True, last_seen_time=now, daemon_hostname=hostname, daemon_version=version)
+        .values(connected=True, last_seen_time=now, daemon_hostname=hostname, daemon_version=version,
+                stream_generation=sites.c.stream_generation + 1)
         .returning(*sites.c)).first()
     if row is None:
         raise NotFound(f"site {site_id} not found", field="hello.site_id")
@@ -156,6 +158,16 @@ def mark_seen(conn: Connection, owner_id: int, site_id: int, now: datetime, *, c
     if snapshot is not None:
         values["scheduler_snapshot"] = snapshot
     conn.execute(update(sites).where(sites.c.id == site_id, sites.c.owner_id == owner_id).values(**values))
+
+
+def holds_stream(conn: Connection, site_id: int, generation: int) -> bool:
+    """Is `generation` still the site's current stream? The row is share-locked to the
+    end of the transaction, so a newer connection's claim waits for this transaction:
+    what it writes is either before the takeover or refused."""
+    query = select(sites.c.stream_generation).where(sites.c.id == site_id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(read=True)
+    return conn.execute(query).scalar() == generation
 
 
 def reset_connected(conn: Connection) -> int:

@@ -100,6 +100,9 @@ sites = Table(
     Column("last_seen_time", Time, nullable=True),
     Column("daemon_version", String(64), nullable=False, default=""),
     Column("daemon_hostname", String(255), nullable=False, default=""),
+    # Bumped by every site stream that connects; a stream writes only while it holds the
+    # current one (services/site_stream.py), whichever replica serves it.
+    Column("stream_generation", BigInteger, nullable=False, default=0, server_default="0"),
     Column("create_time", Time, nullable=False),
     Column("update_time", Time, nullable=False),
     UniqueConstraint("owner_id", "name"),
