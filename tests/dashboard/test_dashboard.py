@@ -119,8 +119,10 @@ def test_filter_and_keyset_paging_over_10000_jobs(world: World, browser: Any, sc
     WebDriverWait(browser, DEADLINE).until(lambda d: "Page 1" in d.find_element(By.CSS_SELECTOR, ".pager").text)
     assert row_ids(browser) == expected[:500]
 
-    # The same through the form, by keyboard-reachable controls: site, tag, sort.
+    # The same through the form, by keyboard-reachable controls: site, tag, sort; "/" jumps to it.
     visit(browser, world.url + "/jobs", "form.filters")
+    browser.find_element(By.TAG_NAME, "body").send_keys("/")
+    assert browser.switch_to.active_element.get_attribute("id") == "f-state"
     Select(browser.find_element(By.ID, "f-site")).select_by_visible_text("bulk")
     browser.find_element(By.ID, "f-tag").send_keys("group=b")
     Select(browser.find_element(By.ID, "f-order")).select_by_value("id")
