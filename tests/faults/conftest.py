@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import POSTGRES_URL, database_params
 from tests.faults.harness import ServerProc
-from tests.support.databases import drop_postgres, fresh_postgres
+from tests.support.databases import SESSION_DATABASES, drop_postgres, fresh_postgres
 from tests.faults.report import ROWS
 
 
@@ -42,7 +42,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                   f"duplicate completions in total: {sum(r.duplicates for r in ROWS)}")
 
 
-CREATED_DATABASES: list[str] = []  # dropped at the end of the session
+# Dropped at the end of the session. The list lives in tests/support/databases.py: test
+# modules import this conftest under another module name than pytest does, and a list
+# defined here would be two lists, the tests' never dropped.
+CREATED_DATABASES = SESSION_DATABASES
 
 
 def database_url(backend: str, tmp: Path) -> str:

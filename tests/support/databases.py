@@ -8,6 +8,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
 
+# Databases to drop when the test session ends (tests/faults/conftest.py drops them).
+SESSION_DATABASES: list[str] = []
+
+
 def _admin(url: str | URL):  # type: ignore[no-untyped-def]
     return create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
 
