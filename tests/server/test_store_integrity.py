@@ -13,12 +13,13 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import MetaData, Table, func, insert, inspect, select, text
 
 from balsam_grpc.core.errors import ResourceExhausted
-from balsam_grpc.server.store import migrate
+from balsam_grpc.server.store import migrate, tables
 from balsam_grpc.server.store.db import Database, make_engine
 from balsam_grpc.server.store.tables import (
     apps,
@@ -69,6 +70,12 @@ def test_deleted_ids_are_never_handed_out_again(alice):
     assert make_site_app(alice)[0].id > other_site.id
 
 
+def _as_on_disk(conn: Any, table: Table) -> Table:
+    """`table` with only the columns the database has (later revisions add columns)."""
+    present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    return Table(table.name, MetaData(), *(c._copy() for c in table.columns if c.name in present))
+
+
 def _fill_before_0005(url: str) -> dict[str, int]:
     """A database at revision 0004 (the one before 0005) with a little of everything; the
     newest job, batch job and site deleted (their ids only in the event log). Returns the
@@ -77,6 +84,10 @@ def _fill_before_0005(url: str) -> dict[str, int]:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
+            users, sites, apps, batch_jobs, jobs, job_parents, transfer_items, events = (
+                _as_on_disk(conn, t) for t in (
+                    tables.users, tables.sites, tables.apps, tables.batch_jobs, tables.jobs, tables.job_parents,
+                    tables.transfer_items, tables.events))
             conn.execute(insert(users), [{"username": "u", "password_hash": "x", "create_time": now}])
             conn.execute(insert(sites), [{"owner_id": 1, "name": f"s{i}", "create_time": now, "update_time": now}
                                          for i in (1, 2)])
