@@ -3,8 +3,8 @@
 One environment variable moves everything: BALSAM_HOME (default: the platform's user
 data directory). The database, the server's secret and the profile file live under it.
 Clients (SDK, CLI, site, launcher) read the server address and token from BALSAM_SERVER
-and BALSAM_TOKEN, else from the profile file (BALSAM_PROFILE, default
-$BALSAM_HOME/profile.json).
+and BALSAM_TOKEN (in a job: BALSAM_JOB_TOKEN first), else from the profile file
+(BALSAM_PROFILE, default $BALSAM_HOME/profile.json).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import platformdirs
+
+from balsam_grpc.core.jobenv import JOB_TOKEN_ENV
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -54,7 +56,8 @@ class Profile:
         profile = cls(**known)
         if apply_env:
             profile.server = os.environ.get("BALSAM_SERVER", profile.server)
-            profile.token = os.environ.get("BALSAM_TOKEN", profile.token)
+            # Inside a job, its run's own token (core/jobenv.py) is the one to use.
+            profile.token = os.environ.get(JOB_TOKEN_ENV) or os.environ.get("BALSAM_TOKEN", profile.token)
         return profile
 
     def save(self, path: Path | None = None) -> Path:

@@ -60,7 +60,8 @@ def platform_of(cfg: LauncherConfig) -> Platform:
 
 def run_context(cfg: LauncherConfig, platform: Platform) -> RunContext:
     return RunContext(data_dir=cfg.data_dir, apps_dir=cfg.apps_dir, mpi_flavor=cfg.mpi_flavor or platform.mpi_flavor,
-                      mpiexec=cfg.mpiexec or platform.mpiexec, job_time_scale=cfg.job_time_scale)
+                      mpiexec=cfg.mpiexec or platform.mpiexec, job_time_scale=cfg.job_time_scale,
+                      server=Profile.load().server)
 
 
 # The session stream is the heartbeat: a silently dead connection must be noticed well

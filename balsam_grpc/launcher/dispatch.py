@@ -56,4 +56,4 @@ class LocalDispatcher:
         return None
 
     def shutdown(self) -> None:
-        self.runner.kill_all("killed", "launcher shut down")
+        self.runner.shutdown()

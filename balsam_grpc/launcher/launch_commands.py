@@ -34,6 +34,10 @@ class LaunchSpec:
     executable: str = ""
     # The job shares its nodes with other jobs (packing): Slurm needs --overlap then.
     shares_nodes: bool = False
+    # Secrets (the job's token): in the launcher's environment, never in argv, which every
+    # user of the node can read in /proc. Hydra, PALS, srun --export=ALL, aprun and jsrun
+    # pass the whole environment on; Open MPI needs their names (-x NAME).
+    forward: Sequence[str] = ()
 
     @property
     def num_nodes(self) -> int:
@@ -132,6 +136,8 @@ def openmpi_argv(spec: LaunchSpec) -> list[str]:
     elif spec.cpu_ids:
         argv += ["--bind-to", "core"]
     argv += _env_pairs(spec, "-x")
+    for name in spec.forward:
+        argv += ["-x", name]
     return argv + _params(spec)
 
 

@@ -88,10 +88,7 @@ class MpiDispatcher:
                     waiting.discard(status.Get_source())
             else:
                 time.sleep(0.01)
-        deadline = time.monotonic() + 1.0
-        while self.local.running and time.monotonic() < deadline:
-            self.local.poll()
-            time.sleep(0.01)
+        self.local.shutdown(grace_s=1.0)
 
 
 def worker_loop(comm: MPI.Comm) -> int:
@@ -110,11 +107,7 @@ def worker_loop(comm: MPI.Comm) -> int:
             elif msg[0] == "kill":
                 runner.kill(msg[1], msg[2], msg[3])
             elif msg[0] == "exit":
-                runner.kill_all("killed", "launcher shut down")
-                deadline = time.monotonic() + 1.5
-                while runner.running and time.monotonic() < deadline:
-                    runner.poll()
-                    time.sleep(0.01)
+                runner.shutdown()
                 comm.send("bye", dest=0, tag=TAG_RESULT)
                 return 0
         for result in runner.poll():

@@ -14,6 +14,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from balsam_grpc.core.appdef import command_argv
+from balsam_grpc.core.jobenv import JOB_TOKEN_ENV
 from balsam_grpc.launcher.launch_commands import LaunchSpec, build_argv
 from balsam_grpc.launcher.node_manager import Assignment, Resources
 from balsam_grpc.v1 import app_pb2, session_service_pb2
@@ -35,6 +36,7 @@ class ProcessSpec:
     files: dict[str, str] = field(default_factory=dict)  # name in cwd -> text, written before start
     result_path: str = ""  # Python-function apps write their outcome here
     out_name: str = "job.out"
+    root: str = ""  # the site's data folder: cwd must resolve inside it, symlinks included
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,23 @@ class RunContext:
     python: str = sys.executable
     # Seconds per minute of job.wall_time_min (60; tests shrink it to exercise timeouts).
     job_time_scale: float = 60.0
+    # The server's address, for jobs that call it with their BALSAM_JOB_TOKEN.
+    server: str = ""
 
 
 def job_environment(leased: session_service_pb2.LeasedJob, res: Resources,
-                    gpu_ids: list[int]) -> dict[str, str]:
+                    gpu_ids: list[int], server: str = "") -> dict[str, str]:
     """OMP_NUM_THREADS and CUDA_VISIBLE_DEVICES from the assignment, then the app's environment
-    (which wins: an app that sets OMP_NUM_THREADS means it)."""
+    (which wins: an app that sets OMP_NUM_THREADS means it), then the run's credential
+    and where to use it (core/jobenv.py)."""
     env = {"OMP_NUM_THREADS": str(res.threads_per_rank), "BALSAM_JOB_ID": str(leased.job.id)}
     if res.gpus_per_node:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
     env.update(dict(leased.app.environment))
+    if server:
+        env["BALSAM_SERVER"] = server
+    if leased.job_token:
+        env[JOB_TOKEN_ENV] = leased.job_token
     return env
 
 
@@ -71,7 +80,7 @@ def build_process_spec(leased: session_service_pb2.LeasedJob, placed: Assignment
     job, app = leased.job, leased.app
     res = Resources.from_pb(job.resources)
     workdir = ctx.data_dir / job.workdir
-    env = job_environment(leased, res, placed.gpu_ids[0] if placed.gpu_ids else [])
+    env = job_environment(leased, res, placed.gpu_ids[0] if placed.gpu_ids else [], ctx.server)
     files: dict[str, str] = {}
     result_path = ""
     if app.kind == app_pb2.APP_KIND_PYTHON:
@@ -86,8 +95,10 @@ def build_process_spec(leased: session_service_pb2.LeasedJob, placed: Assignment
     if mpi_launch:
         spec = LaunchSpec(hosts=hosts, ranks_per_node=res.ranks_per_node, threads_per_rank=res.threads_per_rank,
                           threads_per_core=res.threads_per_core, gpus_per_rank=res.gpus_per_rank,
-                          cpu_ids=placed.cpu_ids, env=env, launch_params=dict(job.resources.launch_params),
-                          executable=ctx.mpiexec, shares_nodes=placed.occupancy < 1)
+                          cpu_ids=placed.cpu_ids, env={k: v for k, v in env.items() if k != JOB_TOKEN_ENV},
+                          forward=[JOB_TOKEN_ENV] if JOB_TOKEN_ENV in env else [],
+                          launch_params=dict(job.resources.launch_params), executable=ctx.mpiexec,
+                          shares_nodes=placed.occupancy < 1)
         argv = build_argv(ctx.mpi_flavor, spec, command)
     preamble = app.preamble.strip()
     if preamble:
@@ -97,4 +108,4 @@ def build_process_spec(leased: session_service_pb2.LeasedJob, placed: Assignment
     timeout = job.resources.wall_time_min * ctx.job_time_scale if job.resources.wall_time_min > 0 else None
     return ProcessSpec(job_id=job.id, argv=argv, cwd=str(workdir), env=env,
                        cpu_ids=[] if mpi_launch else list(placed.cpu_ids[0]), timeout_s=timeout, files=files,
-                       result_path=result_path)
+                       result_path=result_path, root=str(ctx.data_dir))

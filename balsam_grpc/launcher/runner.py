@@ -1,8 +1,14 @@
 """Start, watch, time out and kill job processes on this node.
 
 Each job runs in its own session (process group), so a kill reaches everything it
-started. stdout and stderr go to `<workdir>/job.out`. `poll()` reaps finished processes,
-enforces time limits and escalates SIGTERM to SIGKILL; it never blocks.
+started, and the group is handed to a watchdog that kills it if this process dies
+(reaper.py). stdout and stderr go to `<workdir>/job.out`. `poll()` reaps finished
+processes, enforces time limits and escalates SIGTERM to SIGKILL; it never blocks.
+
+A job sees none of the launcher's credentials (core/jobenv.py): it gets its run's own
+token in its spec's environment. Its workdir must resolve inside the site's data folder
+(a symlink there cannot send it elsewhere) and is created owner-only, like job.out and
+the files written for it (core/confined.py).
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from balsam_grpc.core.confined import PathEscape, make_dirs_inside, open_private, write_private
+from balsam_grpc.core.jobenv import job_safe
 from balsam_grpc.launcher.launch_commands import _ranges
 from balsam_grpc.launcher.process_spec import ProcessSpec
+from balsam_grpc.launcher.reaper import Reaper
 
 KILL_GRACE_S = 0.5  # SIGTERM first; SIGKILL after this (a kill must land within a second)
 TAIL_BYTES = 8192
@@ -30,7 +39,8 @@ _TASKSET = shutil.which("taskset")
 
 
 def job_base_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    environ = dict(os.environ if environ is None else environ)
+    """The launcher's environment without its MPI job's variables and its credentials."""
+    environ = job_safe(os.environ if environ is None else environ)
     return {k: v for k, v in environ.items() if not k.startswith(SCRUB_PREFIXES)}
 
 
@@ -80,6 +90,7 @@ class ProcessRunner:
         self.base_env = job_base_environment(environ)
         self.running: dict[int, _Running] = {}
         self.host_cpus = os.cpu_count() or 1
+        self.reaper = Reaper()
 
     def __len__(self) -> int:
         return len(self.running)
@@ -94,28 +105,33 @@ class ProcessRunner:
     def start(self, spec: ProcessSpec, now: float | None = None) -> ProcessResult | None:
         """Start the job; a ProcessResult (outcome spawn_error) when it could not start."""
         now = time.monotonic() if now is None else now
-        workdir = Path(spec.cwd)
+        try:
+            workdir = make_dirs_inside(spec.cwd, spec.root or "/", what="workdir")
+        except (PathEscape, OSError) as exc:
+            # Nothing is written: the path may lead anywhere.
+            msg = f"refused to run job {spec.job_id}: {exc}"
+            return ProcessResult(spec.job_id, None, "spawn_error", 0.0, tail=msg, message=msg)
         out_path = workdir / spec.out_name
         try:
-            workdir.mkdir(parents=True, exist_ok=True)
             for name, text in spec.files.items():
-                (workdir / name).write_text(text)
+                write_private(workdir / name, text.encode())
             if spec.result_path:
                 Path(spec.result_path).unlink(missing_ok=True)
             env = dict(self.base_env)
             env.update(spec.env)
-            with open(out_path, "ab") as out:
+            with os.fdopen(open_private(out_path, append=True), "ab") as out:
                 proc = subprocess.Popen(self._binding(spec.cpu_ids) + spec.argv, cwd=workdir, env=env,
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True, close_fds=True)
-        except OSError as exc:
+        except (PathEscape, OSError) as exc:
             msg = f"could not start {spec.argv[0]!r} in {workdir}: {exc}"
             try:
-                with open(out_path, "a") as out:
+                with os.fdopen(open_private(out_path, append=True), "a") as out:
                     out.write(msg + "\n")
             except OSError:
                 pass
             return ProcessResult(spec.job_id, None, "spawn_error", 0.0, tail=msg, message=msg)
+        self.reaper.watch(proc.pid)  # its own session: the group id is its pid
         deadline = now + spec.timeout_s if spec.timeout_s else None
         self.running[spec.job_id] = _Running(spec, proc, now, deadline, out_path=out_path)
         return None
@@ -158,6 +174,7 @@ class ProcessRunner:
             if run.kill_reason:
                 # Whatever the group leader left behind goes too.
                 self._signal(run, signal.SIGKILL)
+            self.reaper.forget(run.proc.pid)
             del self.running[job_id]
             done.append(self._result(run, rc, now))
         return done
@@ -182,3 +199,12 @@ class ProcessRunner:
     def kill_all(self, reason: str, message: str = "") -> None:
         for job_id in list(self.running):
             self.kill(job_id, reason, message)
+
+    def shutdown(self, grace_s: float = 1.5) -> None:
+        """Stop every job (SIGTERM, SIGKILL after the grace), then the watchdog."""
+        self.kill_all("killed", "launcher shut down")
+        deadline = time.monotonic() + grace_s
+        while self.running and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.01)
+        self.reaper.close()  # kills what is left

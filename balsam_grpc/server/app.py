@@ -101,6 +101,7 @@ class BalsamServer:
 
             await self.db.write(reset_connected)
         self.state = ServerState(settings, self.db)
+        await self.state.auth.job_tokens.load()
         self.server = grpc.aio.server(options=channel_options(settings))
         _add_servicers(self.server, self.state)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

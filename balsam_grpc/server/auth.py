@@ -14,6 +14,8 @@ from sqlalchemy import Connection, select
 
 from balsam_grpc.core.errors import Unauthenticated
 from balsam_grpc.server.convert import aware, utcnow
+from balsam_grpc.server.job_tokens import PREFIX as JOB_TOKEN_PREFIX
+from balsam_grpc.server.job_tokens import JobTokens
 from balsam_grpc.server.rpc import Principal
 from balsam_grpc.server.store import users as user_store
 from balsam_grpc.server.store.db import Database
@@ -60,6 +62,7 @@ class Authenticator:
         self._cache: dict[str, tuple[float, Principal, float]] = {}
         self._expiry: dict[str, float] = {}  # token id -> expiry (epoch seconds)
         self._watchers: dict[str, dict[int, Callable[[Unauthenticated], None]]] = {}
+        self.job_tokens = JobTokens(db)
 
     @staticmethod
     def _bearer(context: grpc.aio.ServicerContext) -> str:
@@ -73,6 +76,8 @@ class Authenticator:
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         secret = self._bearer(context)
+        if secret.startswith(JOB_TOKEN_PREFIX):  # never cached: valid only while its run lasts
+            return await self.job_tokens.authenticate(secret)
         now = time.time()
         hit = self._cache.get(secret)
         if hit and hit[0] > now:
@@ -133,6 +138,8 @@ class Authenticator:
     async def recheck(self, token_id: str) -> Unauthenticated | None:
         """Read the token's row again (another server may have revoked it): why it is no
         longer valid, or None while it still is."""
+        if JobTokens.owns(token_id):
+            return await self.job_tokens.recheck(token_id)
         row = await self.db.read(_token_state, token_id)
         if row is None:
             return Unauthenticated("the token no longer exists; log in again with 'balsamctl login'")

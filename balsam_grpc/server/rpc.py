@@ -38,18 +38,36 @@ log = structlog.get_logger("balsam.rpc")
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: a user, possibly through a token scoped to one site."""
+    """Who is calling: a user, possibly through a token scoped to one site, or one run of
+    a job (server/job_tokens.py), which is scoped to the job's site and further limited."""
 
     user_id: int
     username: str
     admin: bool
     token_id: str
-    scope: str  # "USER" or "SITE"
+    scope: str  # "USER", "SITE" or "JOB"
     site_id: int | None = None
+    job_id: int | None = None  # scope "JOB": the job whose run holds the token
 
     @property
     def is_site(self) -> bool:
-        return self.scope == "SITE"
+        """Scoped to one site (a job token is too, with fewer methods)."""
+        return self.scope in ("SITE", "JOB")
+
+    @property
+    def is_job(self) -> bool:
+        return self.scope == "JOB"
+
+    def check_job_method(self, allowed: bool, method: str) -> None:
+        if self.is_job and not allowed:
+            raise PermissionDenied(
+                f"a job token cannot call {method}: it may read its site's jobs, apps and events, "
+                "create jobs at its site and update its own job")
+
+    def check_own_job(self, job_id: int) -> None:
+        """A job token may change only its own job."""
+        if self.is_job and job_id != self.job_id:
+            raise PermissionDenied(f"this job token belongs to job {self.job_id} and cannot change job {job_id}")
 
     def require_user_scope(self, action: str) -> None:
         if self.is_site:
@@ -135,8 +153,9 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseExcepti
     await context.abort_with_status(_internal_status(incident))
 
 
-def unary(*, public: bool = False) -> Callable[[Handler], Callable[..., Awaitable[Any]]]:
-    """Wrap a unary servicer method `fn(self, request, context, principal)`."""
+def unary(*, public: bool = False, job_token: bool = False) -> Callable[[Handler], Callable[..., Awaitable[Any]]]:
+    """Wrap a unary servicer method `fn(self, request, context, principal)`. `job_token`:
+    a job's run may call it with its job token (server/job_tokens.py)."""
 
     def decorate(fn: Handler) -> Callable[..., Awaitable[Any]]:
         method = _method_name(fn)
@@ -146,6 +165,8 @@ def unary(*, public: bool = False) -> Callable[[Handler], Callable[..., Awaitabl
             started = time.perf_counter()
             try:
                 principal = None if public else await self.state.auth.authenticate(context)
+                if principal is not None:
+                    principal.check_job_method(job_token, method)
                 slot = self.state.admission.admit(principal.user_id if principal else None)
                 try:
                     return await fn(self, request, context, principal)
@@ -161,9 +182,13 @@ def unary(*, public: bool = False) -> Callable[[Handler], Callable[..., Awaitabl
     return decorate
 
 
-def stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
+           job_token: bool = False) -> Any:
     """Wrap a server-streaming or bidi servicer method (an async generator)
-    `fn(self, request_or_iterator, context, principal)`."""
+    `fn(self, request_or_iterator, context, principal)`; `@stream(job_token=True)` as in
+    `unary`."""
+    if fn is None:
+        return functools.partial(stream, job_token=job_token)
     method = _method_name(fn)
 
     @functools.wraps(fn)
@@ -172,6 +197,7 @@ def stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator
         guard = release = None
         try:
             principal = await self.state.auth.authenticate(context)
+            principal.check_job_method(job_token, method)
             release = self.state.admission.open_stream(principal.user_id)
             # Ends the stream when its token is revoked or expires (server/stream_guard.py).
             guard = StreamGuard(self.state.auth, principal,

@@ -5,7 +5,8 @@ whose stdout and stderr go to `<workdir>/balsam-hooks.log`. A fresh process per 
 keeps user code out of the daemon (an exception, a segfault, `os._exit` or a hang can
 only fail that job), re-reads the apps folder so edited apps take effect, and lets the
 daemon kill a hook that overruns its timeout. The cost is an interpreter start per hook
-(a few hundred ms), small next to a batch job.
+(a few hundred ms), small next to a batch job. Hooks run user code: they get none of the
+daemon's credentials (core/jobenv.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from balsam_grpc.core.confined import make_dirs_inside, open_private
+from balsam_grpc.core.jobenv import job_safe
 from balsam_grpc.site.hooks import HOOK_METHODS, failed_result
 from balsam_grpc.v1 import site_service_pb2
 
@@ -44,18 +47,20 @@ class HookPool:
 
     async def _run_child(self, run: site_service_pb2.RunHook, workdir: Path) -> site_service_pb2.HookResult:
         method = HOOK_METHODS.get(run.hook, f"hook {run.hook}")
-        workdir.mkdir(parents=True, exist_ok=True)
+        # The daemon resolved and confined the workdir (cleaner.job_workdir); it is created
+        # owner-only, and a symlink that appears meanwhile is refused.
+        make_dirs_inside(workdir, "/", what="workdir")
         with tempfile.TemporaryDirectory(prefix="balsam-hook-") as tmp:
             request = Path(tmp) / "request.pb"
             result = Path(tmp) / "result.pb"
             request.write_bytes(run.SerializeToString())
-            with open(workdir / HOOK_LOG, "ab") as out:
+            with os.fdopen(open_private(workdir / HOOK_LOG, append=True), "ab") as out:
                 out.write(f"--- {method} job {run.job.id} run {run.job.run_count} ---\n".encode())
                 out.flush()
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "balsam_grpc.site.hook_process", str(request), str(result),
                     str(self.apps_dir), str(workdir), str(os.getpid()), stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                    stderr=out, cwd=str(workdir), start_new_session=True)
+                    stderr=out, cwd=str(workdir), start_new_session=True, env=job_safe(os.environ))
                 try:
                     code = await asyncio.wait_for(proc.wait(), self.timeout_s)
                 except asyncio.TimeoutError:

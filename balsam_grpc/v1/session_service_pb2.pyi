@@ -172,14 +172,16 @@ class SessionOpened(_message.Message):
     def __init__(self, session: _Optional[_Union[_session_pb2.Session, _Mapping]] = ..., lease_timeout_seconds: _Optional[int] = ..., applied_through_seq: _Optional[int] = ..., leased_jobs: _Optional[_Iterable[_Union[LeasedJob, _Mapping]]] = ...) -> None: ...
 
 class LeasedJob(_message.Message):
-    __slots__ = ("job", "app", "lease_generation")
+    __slots__ = ("job", "app", "lease_generation", "job_token")
     JOB_FIELD_NUMBER: _ClassVar[int]
     APP_FIELD_NUMBER: _ClassVar[int]
     LEASE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    JOB_TOKEN_FIELD_NUMBER: _ClassVar[int]
     job: _job_pb2.Job
     app: _app_pb2.App
     lease_generation: int
-    def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ..., app: _Optional[_Union[_app_pb2.App, _Mapping]] = ..., lease_generation: _Optional[int] = ...) -> None: ...
+    job_token: str
+    def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ..., app: _Optional[_Union[_app_pb2.App, _Mapping]] = ..., lease_generation: _Optional[int] = ..., job_token: _Optional[str] = ...) -> None: ...
 
 class JobLeases(_message.Message):
     __slots__ = ("jobs",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 import textwrap
 
 import pytest
@@ -38,6 +39,11 @@ APPS = textwrap.dedent('''
             os._exit(3)
         def handle_timeout(self):
             time.sleep(60)
+
+    class Env(ApplicationDefinition):
+        command_template = "echo hi"
+        def preprocess(self):
+            print("balsam vars:", sorted(k for k in os.environ if k.startswith("BALSAM_")))
 ''')
 
 
@@ -87,6 +93,20 @@ def test_postprocess_changes_data_tags_and_creates_jobs(pool, tmp_path):
     assert [j.workdir for j in result.new_jobs] == ["child"]
     log = (wd / HOOK_LOG).read_text()
     assert f"post in {wd}" in log and "postprocess job 9" in log
+
+
+def test_hooks_get_no_site_credential_and_write_owner_only(pool, tmp_path, monkeypatch):
+    monkeypatch.setenv("BALSAM_TOKEN", "blsm_site_secret")
+    monkeypatch.setenv("BALSAM_GLOBUS_CLIENT_SECRET", "globus-secret")
+    monkeypatch.setenv("BALSAM_SERVER", "127.0.0.1:1")
+    result, wd = run(pool, tmp_path, "Env", H.HOOK_KIND_PREPROCESS, J.JOB_STATE_STAGED_IN)
+    assert result.next_state == J.JOB_STATE_PREPROCESSED, result.state_message
+    log = (wd / HOOK_LOG).read_text()
+    assert "balsam vars: ['BALSAM_SERVER']" in log, log
+    assert "secret" not in log
+    for folder in (wd, wd.parent, wd.parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE((wd / HOOK_LOG).stat().st_mode) == 0o600
 
 
 def test_hook_chooses_the_state(pool, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from balsam_grpc.site.transfers.backends.base import TransferFailed
-from balsam_grpc.site.transfers.backends.local import CopyStats, Stopped, copy_path
+from balsam_grpc.site.transfers.backends.local import CopyStats, Sides, Stopped, copy_path
 from balsam_grpc.site.transfers.backends.rsync import RsyncBackend, describe_failure, parse_stats, rsync_argv
 from balsam_grpc.site.transfers.config import (
     LocationError,
@@ -81,23 +81,23 @@ def _tree(root: Path) -> None:
 def test_copy_file_and_tree(tmp_path):
     src = tmp_path / "src"
     _tree(src)
-    stats = copy_path(src / "a.txt", tmp_path / "dst" / "deep" / "a.txt", False)
+    stats = copy_path(src / "a.txt", tmp_path / "dst" / "deep" / "a.txt", False, Sides(tmp_path, tmp_path))
     assert (tmp_path / "dst" / "deep" / "a.txt").read_text() == "alpha"
     assert (stats.bytes, stats.files) == (5, 1)
-    stats = copy_path(src, tmp_path / "tree", True)
+    stats = copy_path(src, tmp_path / "tree", True, Sides(tmp_path, tmp_path))
     assert (tmp_path / "tree" / "sub" / "b.txt").read_text() == "beta!"
     assert (stats.bytes, stats.files, stats.copied_bytes) == (10, 2, 10)
-    again = copy_path(src, tmp_path / "tree", True)  # already in place: nothing copied
+    again = copy_path(src, tmp_path / "tree", True, Sides(tmp_path, tmp_path))  # already in place: nothing copied
     assert (again.copied_bytes, again.skipped_files) == (0, 2)
     assert not list(tmp_path.rglob("*.balsam-part"))
 
 
 def test_copy_errors_are_clear(tmp_path):
     with pytest.raises(TransferFailed, match="source not found: .*nope"):
-        copy_path(tmp_path / "nope", tmp_path / "x", False)
+        copy_path(tmp_path / "nope", tmp_path / "x", False, Sides(tmp_path, tmp_path))
     _tree(tmp_path / "d")
     with pytest.raises(TransferFailed, match="is a directory, but the app's transfer slot is not recursive"):
-        copy_path(tmp_path / "d", tmp_path / "x", False)
+        copy_path(tmp_path / "d", tmp_path / "x", False, Sides(tmp_path, tmp_path))
 
 
 def test_interrupted_copy_resumes_without_copying_twice(tmp_path):
@@ -122,17 +122,72 @@ def test_interrupted_copy_resumes_without_copying_twice(tmp_path):
     local.os.replace = replace_then_stop  # type: ignore[attr-defined]
     try:
         with pytest.raises(Stopped):
-            copy_path(src, tmp_path / "dst", True, stop=stop)
+            copy_path(src, tmp_path / "dst", True, Sides(tmp_path, tmp_path), stop=stop)
     finally:
         local.os.replace = real_replace  # type: ignore[attr-defined]
     assert CopyStats.__init__ is original and len(done) == 1
     first = Path(done[0])
     inode = first.stat().st_ino
-    stats = copy_path(src, tmp_path / "dst", True)
+    stats = copy_path(src, tmp_path / "dst", True, Sides(tmp_path, tmp_path))
     assert (stats.files, stats.skipped_files) == (3, 1)
     assert first.stat().st_ino == inode
     for i in range(3):
         assert (tmp_path / "dst" / f"f{i}.bin").read_bytes() == (src / f"f{i}.bin").read_bytes()
+
+
+def _local_run(tmp_path: Path, direction: str, remote: str, local: Path, recursive: bool = False) -> tuple[bool, str]:
+    from balsam_grpc.site.transfers.backends.local import LocalBackend
+
+    backend = LocalBackend(parse_location("loc", f"file://{tmp_path / 'loc'}"), data_dir=tmp_path / "data",
+                           wake=lambda: None)
+    item = Item(id=1, job_id=1, direction=direction, location="loc", remote=remote, local=local, recursive=recursive)
+    outcome = backend._run(Task(key="t", location="loc", direction=direction, items=[item]))[1]
+    return outcome.ok, outcome.error
+
+
+def test_symlinks_cannot_lead_a_local_copy_out_of_its_roots(tmp_path):
+    """A symlink inside the location's root (or in the job's workdir) that leads outside
+    it fails the item with the reason; nothing outside is read or written."""
+    loc, data, outside = tmp_path / "loc", tmp_path / "data", tmp_path / "outside"
+    for d in (loc / "tree", data / "job", outside):
+        d.mkdir(parents=True)
+    (outside / "secret.txt").write_text("not for jobs")
+    (loc / "leak.txt").symlink_to(outside / "secret.txt")
+    (loc / "tree" / "leak.txt").symlink_to(outside / "secret.txt")
+    (loc / "exit").symlink_to(outside, target_is_directory=True)
+    (data / "job" / "result.txt").write_text("result")
+
+    ok, error = _local_run(tmp_path, IN, "leak.txt", data / "job" / "in.txt")
+    assert not ok and "refused" in error and "is not inside" in error, error
+    ok, error = _local_run(tmp_path, IN, "tree", data / "job" / "tree", recursive=True)
+    assert not ok and "refused" in error, error
+    assert not (data / "job" / "in.txt").exists() and not (data / "job" / "tree" / "leak.txt").exists()
+
+    ok, error = _local_run(tmp_path, OUT, "exit/result.txt", data / "job" / "result.txt")
+    assert not ok and "refused" in error and "is not inside" in error, error
+    ok, error = _local_run(tmp_path, OUT, "exit", data / "job", recursive=True)
+    assert not ok and "refused" in error, error
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+
+    # The workdir side: a symlink planted in the job's workdir after intake.
+    (loc / "ok.txt").write_text("fine")
+    (data / "job" / "planted").symlink_to(outside, target_is_directory=True)
+    ok, error = _local_run(tmp_path, IN, "ok.txt", data / "job" / "planted" / "x")
+    assert not ok and "refused" in error, error
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+
+
+def test_stage_in_writes_owner_only(tmp_path):
+    loc = tmp_path / "loc"
+    (loc / "in").mkdir(parents=True)
+    (loc / "in" / "a.txt").write_text("a")
+    os.chmod(loc / "in" / "a.txt", 0o644)
+    (tmp_path / "data").mkdir()
+    ok, error = _local_run(tmp_path, IN, "in", tmp_path / "data" / "app" / "job1" / "in", recursive=True)
+    assert ok, error
+    for folder in ("app", "app/job1", "app/job1/in"):
+        assert stat.S_IMODE((tmp_path / "data" / folder).stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE((tmp_path / "data" / "app" / "job1" / "in" / "a.txt").stat().st_mode) == 0o600
 
 
 def test_service_refuses_paths_outside_the_workdir(tmp_path):

@@ -189,7 +189,7 @@ class AppServicer(app_service_pb2_grpc.AppServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    @unary()
+    @unary(job_token=True)
     async def GetApp(self, request: app_service_pb2.GetAppRequest, context: Any,
                      principal: Principal) -> app_service_pb2.GetAppResponse:
         require_id(request.id)
@@ -197,7 +197,7 @@ class AppServicer(app_service_pb2_grpc.AppServiceServicer):
         principal.check_site(row["site_id"])
         return app_service_pb2.GetAppResponse(app=app_to_pb(row))
 
-    @unary()
+    @unary(job_token=True)
     async def ListApps(self, request: app_service_pb2.ListAppsRequest, context: Any,
                        principal: Principal) -> app_service_pb2.ListAppsResponse:
         page = Page("ListApps", principal, request)

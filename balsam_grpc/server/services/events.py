@@ -109,7 +109,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         self.db = state.db
         self.watch_reads = SharedReads(state.db)
 
-    @unary()
+    @unary(job_token=True)
     async def ListEvents(self, request, context, principal):  # noqa: N802
         q = event_query(request.filter, principal)
         size = paging.page_size(request.page_size, default=1000)
@@ -124,7 +124,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             response.next_page_token = paging.encode(fp, [rows[size - 1]["id"]])
         return response
 
-    @stream
+    @stream(job_token=True)
     async def WatchEvents(self, request, context, principal):  # noqa: N802
         q = event_query(request.filter, principal)
         if request.cursor:

@@ -360,12 +360,12 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         finally:
             self._stats_task = None
 
-    @unary()
+    @unary(job_token=True)
     async def GetJob(self, request, context, principal):  # noqa: N802
         row = await self.db.read(store.get_job, principal.user_id, request.id, _scope(principal))
         return job_service_pb2.GetJobResponse(job=job_to_message(row))
 
-    @unary()
+    @unary(job_token=True)
     async def ListJobs(self, request, context, principal):  # noqa: N802
         q = job_query(request.filter, principal)
         order = store.parse_order(request.order_by)
@@ -386,7 +386,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             response.next_page_token = paging.encode(fp, store.page_keys_of_tuple(keys, rows[-1], order))
         return response
 
-    @unary()
+    @unary(job_token=True)
     async def CountJobs(self, request, context, principal):  # noqa: N802
         q = job_query(request.filter, principal)
         # A repeated dimension groups the same as once (twice selected the column twice: INTERNAL).
@@ -428,7 +428,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         self._created(len(specs))
         return response
 
-    @unary()
+    @unary(job_token=True)
     async def CreateJob(self, request, context, principal):  # noqa: N802
         try:
             return await self._create(principal, [request.job], request, "CreateJob",
@@ -436,14 +436,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         except BalsamError as exc:
             raise exc.with_field_prefix("jobs[0]", "job") from None
 
-    @unary()
+    @unary(job_token=True)
     async def BatchCreateJobs(self, request, context, principal):  # noqa: N802
         view = request.view or job_service_pb2.JOB_VIEW_BASIC
         return await self._create(principal, list(request.jobs), request, "BatchCreateJobs",
                                   job_service_pb2.BatchCreateJobsResponse, view)
 
-    @unary()
+    @unary(job_token=True)
     async def UpdateJob(self, request, context, principal):  # noqa: N802
+        principal.check_own_job(request.job.id)
         paths = list(request.update_mask.paths)
         _check_mask(paths)
         values, target = patch_values(request.job, paths, self.state)

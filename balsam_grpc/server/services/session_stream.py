@@ -32,6 +32,7 @@ import structlog
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Delivery, Subscription
+from balsam_grpc.server.job_tokens import JobTokens
 from balsam_grpc.server.rpc import Principal
 from balsam_grpc.server.services.apps import app_to_pb
 from balsam_grpc.server.services.jobs import MAX_DATA_BYTES, job_to_message
@@ -98,9 +99,11 @@ def transition_from_pb(t: session_service_pb2.JobTransition) -> leases.Transitio
         error_tail=t.error_tail[-MAX_ERROR_TAIL:], data=data, message=t.message[:MAX_MESSAGE_CHARS])
 
 
-def leased_job_pb(row: dict[str, Any], app_rows: dict[int, dict[str, Any]]) -> session_service_pb2.LeasedJob:
+def leased_job_pb(row: dict[str, Any], app_rows: dict[int, dict[str, Any]],
+                  tokens: JobTokens) -> session_service_pb2.LeasedJob:
     return session_service_pb2.LeasedJob(job=job_to_message(row), app=app_to_pb(app_rows[row["app_id"]]),
-                                         lease_generation=row["lease_generation"])
+                                         lease_generation=row["lease_generation"],
+                                         job_token=tokens.mint(row["id"], row["lease_generation"]))
 
 
 class SessionStream:
@@ -215,7 +218,7 @@ class SessionStream:
         return session_service_pb2.SessionOpened(
             session=session_to_pb(row), lease_timeout_seconds=timeout,
             applied_through_seq=row["applied_through_seq"],
-            leased_jobs=[leased_job_pb(r, app_rows) for r in held_rows])
+            leased_jobs=[leased_job_pb(r, app_rows, self.state.auth.job_tokens) for r in held_rows])
 
     # ------------------------------------------------------------------ tasks
 
@@ -323,7 +326,7 @@ class SessionStream:
         if self.counts_leases:
             self.in_flight.append((self.leases_sent, len(got.jobs), got.nodes))
         self.log.info("jobs leased", jobs=len(got.jobs), nodes=round(got.nodes, 3), held=len(self.held))
-        return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps) for r in got.jobs]))
+        return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, self.state.auth.job_tokens) for r in got.jobs]))
 
     async def _report(self, report: session_service_pb2.TransitionReport) -> session_service_pb2.TransitionAck:
         if len(report.transitions) > MAX_TRANSITIONS:

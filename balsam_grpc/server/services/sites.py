@@ -276,7 +276,7 @@ class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
         self.state = state
         self.hub = SiteHub(state)
 
-    @unary()
+    @unary(job_token=True)
     async def GetSite(self, request: site_service_pb2.GetSiteRequest, context: Any,
                       principal: Principal) -> site_service_pb2.GetSiteResponse:
         require_id(request.id)
@@ -284,7 +284,7 @@ class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
         principal.check_site(row["id"])
         return site_service_pb2.GetSiteResponse(site=site_to_pb(row, principal.username))
 
-    @unary()
+    @unary(job_token=True)
     async def ListSites(self, request: site_service_pb2.ListSitesRequest, context: Any,
                         principal: Principal) -> site_service_pb2.ListSitesResponse:
         page = Page("ListSites", principal, request)

@@ -35,7 +35,7 @@ from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, insert_rows
 from balsam_grpc.server.store.codec import column_values, is_json
 from balsam_grpc.server.store.codec import loads as codec_loads
 
-from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from balsam_grpc.core.states import ACTIVE_STATES, JobState, Role, StepContext, settle
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import contains_substring, id_in, tags_contain, tags_exclude
@@ -269,9 +269,9 @@ def _resolve_apps(conn: Connection, owner_id: int, site_scope: int | None, specs
     by_id = {s["app_id"] for s in specs if s["app_id"]}
     by_name = {(s["site_id"], s["app_name"]) for s in specs if not s["app_id"]}
     found: dict[int, dict[str, Any]] = {}
+    # Not narrowed to a site token's site: an app of the owner elsewhere is refused below
+    # as PERMISSION_DENIED (sites.py's scoping rule), not reported missing.
     cond = [apps.c.owner_id == owner_id]
-    if site_scope is not None:
-        cond.append(apps.c.site_id == site_scope)
     if by_id:
         for r in conn.execute(select(apps).where(*cond, apps.c.id.in_(sorted(by_id)))):
             found[r.id] = dict(r._mapping)
@@ -286,6 +286,9 @@ def _resolve_apps(conn: Connection, owner_id: int, site_scope: int | None, specs
             what = f"app {spec['app_id']}" if spec["app_id"] else f"app {spec['app_name']!r} at site {spec['site_id']}"
             raise NotFound(f"jobs[{i}]: {what} not found; register it with 'balsamctl app sync'",
                            reason="REFERENCE_NOT_FOUND", field=f"jobs[{i}].app_id")
+        if site_scope is not None and app["site_id"] != site_scope:
+            raise PermissionDenied(f"jobs[{i}]: app {app['id']} is at site {app['site_id']}; this token is scoped "
+                                   f"to site {site_scope}", field=f"jobs[{i}].app_id")
         spec["app_id"], spec["site_id"], spec["_app"] = app["id"], app["site_id"], app
 
 

@@ -306,6 +306,16 @@ idempotency_keys = Table(
 )
 
 
+# Keys the server signs with (server/job_tokens.py). In the database, not a file, so
+# every server process sharing it accepts what another one issued.
+server_keys = Table(
+    "server_keys", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("secret", String(128), nullable=False),
+    Column("create_time", Time, nullable=False),
+)
+
+
 def runnable_condition() -> Any:
     """`jobs.state IN ('PREPROCESSED', 'RESTART_READY')` with literal states: the
     predicate of ix_jobs_runnable and ix_jobs_lease_order."""

@@ -8,9 +8,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from balsam_grpc.core.errors import AlreadyExists
-from balsam_grpc.server.store.tables import tokens, users
+from balsam_grpc.server.store.tables import jobs, server_keys, tokens, users
 
 TOKEN_PREFIX = "blsm_"
 
@@ -71,5 +73,27 @@ def revoke_token(conn: Connection, user_id: int, token_id: str) -> dict[str, Any
     row = conn.execute(
         update(tokens).where(tokens.c.id == token_id, tokens.c.user_id == user_id)
         .values(revoked=True).returning(*tokens.c)
+    ).first()
+    return dict(row._mapping) if row else None
+
+
+def signing_key(conn: Connection, name: str, now: datetime) -> str:
+    """The named server key (hex), created on first use. Two servers starting at once
+    may both try to create it; the loser's insert does nothing and both read the winner's."""
+    row = conn.execute(select(server_keys.c.secret).where(server_keys.c.name == name)).first()
+    if row is not None:
+        return row.secret
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    conn.execute(dialect_insert(server_keys).values(name=name, secret=secrets.token_hex(32), create_time=now)
+                 .on_conflict_do_nothing())
+    return conn.execute(select(server_keys.c.secret).where(server_keys.c.name == name)).one().secret
+
+
+def job_run(conn: Connection, job_id: int) -> dict[str, Any] | None:
+    """What a job token is checked against: the job's owner (with the owner's name), site,
+    state and lease generation."""
+    row = conn.execute(
+        select(jobs.c.owner_id, jobs.c.site_id, jobs.c.state, jobs.c.lease_generation, users.c.username)
+        .join(users, users.c.id == jobs.c.owner_id).where(jobs.c.id == job_id)
     ).first()
     return dict(row._mapping) if row else None

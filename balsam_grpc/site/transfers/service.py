@@ -101,7 +101,8 @@ class TransferService:
             except LocationError as exc:
                 self.location_errors[alias] = exc.message
         self._backend_factory = backend_factory or (
-            lambda loc: make_backend(loc, settings, site_dir=self.site_dir, wake=self.wake))
+            lambda loc: make_backend(loc, settings, site_dir=self.site_dir, data_dir=self.data_dir,
+                                     wake=self.wake))
         self.backends: dict[str, Backend] = {}
         # Queued items per (direction, location), with the time they were queued.
         self.queues: dict[tuple[str, str], list[tuple[float, Item]]] = {}

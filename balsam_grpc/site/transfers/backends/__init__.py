@@ -11,13 +11,13 @@ from balsam_grpc.site.transfers.config import Location, TransferSettings
 __all__ = ["Backend", "TransferFailed", "TransferUnavailable", "make_backend"]
 
 
-def make_backend(location: Location, settings: TransferSettings, *, site_dir: Path,
+def make_backend(location: Location, settings: TransferSettings, *, site_dir: Path, data_dir: Path,
                  wake: Callable[[], None]) -> Backend:
     """The backend of a location, chosen by its URL scheme."""
     if location.scheme == "file":
         from balsam_grpc.site.transfers.backends.local import LocalBackend
 
-        return LocalBackend(location, bandwidth_mb_s=settings.local_bandwidth_mb_s, wake=wake)
+        return LocalBackend(location, data_dir=data_dir, bandwidth_mb_s=settings.local_bandwidth_mb_s, wake=wake)
     if location.scheme == "rsync":
         from balsam_grpc.site.transfers.backends.rsync import RsyncBackend
 

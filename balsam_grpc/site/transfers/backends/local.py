@@ -4,6 +4,12 @@ Every file is copied to a temporary name beside its destination and renamed into
 so a destination file is either absent or complete. A file already in place with the
 size and modification time of its source (copies keep the source's times) is skipped:
 after a restart the copy resumes where it stopped and copies nothing twice.
+
+Paths are confined by where they really lead (core/confined.py): every file read must
+resolve inside the source side's root and every folder or file written inside the
+destination side's, symlinks included. The location's root is one side, the site's data
+folder the other; a stage-in writes owner-only folders and files (they are the job's).
+A violation fails the item with the reason and reads or writes nothing outside.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import structlog
 
+from balsam_grpc.core.confined import PRIVATE_DIR, PathEscape, inside, make_dirs_inside, open_private
 from balsam_grpc.site.transfers.backends.base import TransferFailed
 from balsam_grpc.site.transfers.config import Location, LocationError
 from balsam_grpc.site.transfers.model import IN, ItemOutcome, Status, Task
@@ -59,24 +66,37 @@ class Limiter:
             time.sleep(ahead)
 
 
+@dataclass(frozen=True)
+class Sides:
+    """The folders a copy's source and destination must stay in, and whether what it
+    writes is the job's (owner-only)."""
+
+    source_root: Path
+    destination_root: Path
+    private: bool = False
+
+
 def _same(src: os.stat_result, dst: Path) -> bool:
     try:
-        st = dst.stat()
+        st = dst.lstat()
     except FileNotFoundError:
         return False
     return st.st_size == src.st_size and st.st_mtime_ns == src.st_mtime_ns
 
 
-def copy_file(src: Path, dst: Path, stats: CopyStats, limiter: Limiter, stop: threading.Event) -> None:
+def copy_file(src: Path, dst: Path, sides: Sides, stats: CopyStats, limiter: Limiter, stop: threading.Event) -> None:
+    src = inside(src, sides.source_root, what="source file")
     st = src.stat()
     stats.files += 1
     stats.bytes += st.st_size
     if _same(st, dst):
         stats.skipped_files += 1
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_inside(dst.parent, sides.destination_root, mode=PRIVATE_DIR if sides.private else 0o777,
+                     what="destination folder")
     tmp = dst.with_name(f".{dst.name}{PART_SUFFIX}")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+    fd = open_private(tmp) if sides.private else open_private(tmp, mode=0o666)
+    with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
         while True:
             if stop.is_set():
                 raise Stopped()
@@ -86,59 +106,74 @@ def copy_file(src: Path, dst: Path, stats: CopyStats, limiter: Limiter, stop: th
             fout.write(chunk)
             stats.copied_bytes += len(chunk)
             limiter.account(len(chunk))
-    shutil.copystat(src, tmp)
+    shutil.copystat(src, tmp, follow_symlinks=False)
+    if sides.private:
+        os.chmod(tmp, st.st_mode & 0o700, follow_symlinks=False)
     os.replace(tmp, dst)
 
 
-def copy_path(src: Path, dst: Path, recursive: bool, *, bandwidth_mb_s: float = 0.0,
+def copy_path(src: Path, dst: Path, recursive: bool, sides: Sides, *, bandwidth_mb_s: float = 0.0,
               stop: threading.Event | None = None) -> CopyStats:
     """Copy a file, or a directory tree when `recursive`; raises TransferFailed with a
-    clear message for what the user can fix (missing source, a directory in a file slot)."""
+    clear message for what the user can fix (missing source, a directory in a file slot,
+    a path leading outside its root)."""
     stop = stop or threading.Event()
     stats = CopyStats()
     limiter = Limiter(bandwidth_mb_s)
-    if not src.exists():
-        raise TransferFailed(f"source not found: {src}")
-    if src.is_dir():
-        if not recursive:
-            raise TransferFailed(f"source {src} is a directory, but the app's transfer slot is not recursive")
-        dst.mkdir(parents=True, exist_ok=True)
-        for root, dirs, files in os.walk(src):
-            dirs.sort()
-            rel = Path(root).relative_to(src)
-            (dst / rel).mkdir(parents=True, exist_ok=True)
-            for name in sorted(files):
-                if name.endswith(PART_SUFFIX):
-                    continue
-                copy_file(Path(root) / name, dst / rel / name, stats, limiter, stop)
-        return stats
-    if dst.is_dir():
-        raise TransferFailed(f"destination {dst} is a directory; the slot names a file")
-    copy_file(src, dst, stats, limiter, stop)
+    try:
+        src = inside(src, sides.source_root, what="source")
+        dst = inside(dst, sides.destination_root, what="destination")
+        if not src.exists():
+            raise TransferFailed(f"source not found: {src}")
+        if src.is_dir():
+            if not recursive:
+                raise TransferFailed(f"source {src} is a directory, but the app's transfer slot is not recursive")
+            mode = PRIVATE_DIR if sides.private else 0o777
+            make_dirs_inside(dst, sides.destination_root, mode=mode, what="destination", allow_root=True)
+            for root, dirs, files in os.walk(src):  # never descends into a symlinked folder
+                dirs.sort()
+                rel = Path(root).relative_to(src)
+                make_dirs_inside(dst / rel, sides.destination_root, mode=mode, what="destination folder",
+                                 allow_root=True)
+                for name in sorted(files):
+                    if name.endswith(PART_SUFFIX):
+                        continue
+                    copy_file(Path(root) / name, dst / rel / name, sides, stats, limiter, stop)
+            return stats
+        if dst.is_dir():
+            raise TransferFailed(f"destination {dst} is a directory; the slot names a file")
+        copy_file(src, dst, sides, stats, limiter, stop)
+    except PathEscape as exc:
+        raise TransferFailed(f"refused: {exc}") from None
     return stats
 
 
 class LocalBackend:
     can_adopt = False
 
-    def __init__(self, location: Location, *, bandwidth_mb_s: float = 0.0, wake: Callable[[], None]) -> None:
+    def __init__(self, location: Location, *, data_dir: Path, bandwidth_mb_s: float = 0.0,
+                 wake: Callable[[], None]) -> None:
         self.location = location
+        self.data_dir = data_dir
         self.bandwidth_mb_s = bandwidth_mb_s
         self.wake = wake
         self.running: dict[str, Future[dict[int, ItemOutcome]]] = {}
         self.started: dict[str, float] = {}
         self.stop = threading.Event()
 
-    def _paths(self, task: Task, item_remote: str, item_local: Path, direction: str) -> tuple[Path, Path]:
+    def _paths(self, item_remote: str, item_local: Path, direction: str) -> tuple[Path, Path, Sides]:
         remote = Path(self.location.resolve(item_remote))
-        return (remote, item_local) if direction == IN else (item_local, remote)
+        root = Path(self.location.root)
+        if direction == IN:
+            return remote, item_local, Sides(root, self.data_dir, private=True)
+        return item_local, remote, Sides(self.data_dir, root)
 
     def _run(self, task: Task) -> dict[int, ItemOutcome]:
         out: dict[int, ItemOutcome] = {}
         for item in task.items:
             try:
-                src, dst = self._paths(task, item.remote, item.local, item.direction)
-                stats = copy_path(src, dst, item.recursive, bandwidth_mb_s=self.bandwidth_mb_s, stop=self.stop)
+                src, dst, sides = self._paths(item.remote, item.local, item.direction)
+                stats = copy_path(src, dst, item.recursive, sides, bandwidth_mb_s=self.bandwidth_mb_s, stop=self.stop)
             except Stopped:
                 raise
             except (TransferFailed, LocationError) as exc:

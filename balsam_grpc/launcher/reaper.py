@@ -1,0 +1,118 @@
+"""Job processes die with their launcher, even a launcher killed with SIGKILL.
+
+A launcher that dies without stopping its jobs leaves them running; the server re-leases
+those jobs after the lease timeout and a second run starts beside the orphaned first.
+Each job runs in its own process group (runner.py), so what is to be killed is a list
+of groups, and whoever kills them must outlive the launcher: a small watchdog process,
+`python -m balsam_grpc.launcher.reaper`, in its own session (a signal to the launcher's
+group does not reach it). The launcher writes `+<pgid>` when a job starts and `-<pgid>`
+when it has ended on a pipe to the watchdog's stdin. The pipe's write end lives only in
+the launcher (job processes are started with close_fds), so the kernel closes it when
+the launcher exits however it exits; the watchdog then reads end-of-file, sends SIGKILL
+to every group still registered, and exits.
+
+Why not PR_SET_PDEATHSIG alone: it reaches only the direct child (a shell's children, or
+everything under `mpiexec` that stays in its group, would survive) and fires when the
+forking *thread* exits, not the process. An MPI launch dies with its mpiexec: Hydra's
+proxies kill their ranks when mpiexec's control connection drops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import structlog
+
+log = structlog.get_logger("balsam.launcher")
+
+
+class Reaper:
+    """The launcher's side: started on first use, restarted if it died."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.groups: set[int] = set()
+
+    def _send(self, line: str) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()  # tells the new watchdog every current group, this change included
+            return
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line.encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            log.warning("job watchdog died; starting another", pid=self.proc.pid)
+            self._start()
+
+    def _start(self) -> None:
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "balsam_grpc.launcher.reaper"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         start_new_session=True, close_fds=True)
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("".join(f"+{g}\n" for g in self.groups).encode())
+            self.proc.stdin.flush()
+        except OSError as exc:
+            log.error("could not start the job watchdog: jobs would outlive a killed launcher", error=str(exc))
+            self.proc = None
+
+    def watch(self, pgid: int) -> None:
+        self.groups.add(pgid)
+        self._send(f"+{pgid}\n")
+
+    def forget(self, pgid: int) -> None:
+        if pgid in self.groups:
+            self.groups.discard(pgid)
+            self._send(f"-{pgid}\n")
+
+    def close(self) -> None:
+        """The launcher is done: the watchdog kills what is still registered and exits."""
+        if self.proc is not None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.warning("job watchdog did not exit", pid=self.proc.pid)
+        self.proc = None
+
+
+def kill_groups(groups: set[int], rounds: int = 3) -> None:
+    """SIGKILL each group; again a few times, for processes forked meanwhile."""
+    for _ in range(rounds):
+        alive = set()
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+                alive.add(pgid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not alive:
+            return
+        groups = alive
+        time.sleep(0.05)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the end of the pipe ends it
+    groups: set[int] = set()
+    for raw in sys.stdin.buffer:
+        line = raw.strip()
+        if line[:1] == b"+" and line[1:].isdigit():
+            groups.add(int(line[1:]))
+        elif line[:1] == b"-" and line[1:].isdigit():
+            groups.discard(int(line[1:]))
+    kill_groups(groups)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
