@@ -142,6 +142,7 @@ class Master:
             known = self.jobs.get(lj.job.id)
             if known is not None:
                 known.leased.lease_generation = lj.lease_generation
+                known.leased.job_token = lj.job_token  # the old one ended with the old lease
                 continue
             self._add(lj)
         self.wake.set()

@@ -91,6 +91,7 @@ class ProcessRunner:
         self.running: dict[int, _Running] = {}
         self.host_cpus = os.cpu_count() or 1
         self.reaper = Reaper()
+        self.lingering: set[int] = set()  # groups whose leader ended (poll forgets them when empty)
 
     def __len__(self) -> int:
         return len(self.running)
@@ -161,6 +162,7 @@ class ProcessRunner:
 
     def poll(self, now: float | None = None) -> list[ProcessResult]:
         now = time.monotonic() if now is None else now
+        self._forget_ended_groups()
         done: list[ProcessResult] = []
         for job_id, run in list(self.running.items()):
             rc = run.proc.poll()
@@ -174,10 +176,24 @@ class ProcessRunner:
             if run.kill_reason:
                 # Whatever the group leader left behind goes too.
                 self._signal(run, signal.SIGKILL)
-            self.reaper.forget(run.proc.pid)
+            self.lingering.add(run.proc.pid)
             del self.running[job_id]
             done.append(self._result(run, rc, now))
         return done
+
+    def _forget_ended_groups(self) -> None:
+        """The watchdog keeps a finished job's group until its last process is gone (what
+        the job left running dies with the launcher too), and no longer: a group id is
+        a pid, and the system reuses pids."""
+        for pgid in list(self.lingering):
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                self.lingering.discard(pgid)
+                self.reaper.forget(pgid)
+            except PermissionError:  # the id now belongs to someone else's group
+                self.lingering.discard(pgid)
+                self.reaper.forget(pgid)
 
     def _result(self, run: _Running, rc: int, now: float) -> ProcessResult:
         outcome = run.kill_reason or "exit"

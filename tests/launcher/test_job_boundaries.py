@@ -169,11 +169,15 @@ def _marked_pids(marker: str) -> list[int]:
 @pytest.mark.parametrize("ranks", [0, 2], ids=["one-process", "mpi-ranks"])
 def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks):
     """kill -9 of the launcher (the one process, or the mpiexec running its ranks): no job
-    process is left, whether started directly, by a worker rank, or by mpiexec."""
+    process is left, whether started directly, by a worker rank, or by mpiexec, nor one
+    that a finished job left running."""
     marker = f"9{secrets.randbelow(10**8):08d}"
     app = site.app("sleeper", f"sleep 1000.{marker}")
     jobs = site.jobs(app, 2, resources={"node_packing_count": 4})
-    expected = 2
+    # A job that ends but leaves a process behind: that one dies with the launcher too.
+    leaver = site.app("leaver", f"/bin/sh -c 'sleep 1000.{marker} & echo left one'")
+    left = site.jobs(leaver, resources={"node_packing_count": 4})
+    expected = 3
     if ranks:  # an mpiexec launch on the second node: its ranks must die too
         jobs += site.jobs(app, resources={"ranks_per_node": 2}, priority=1)
         expected += 3  # mpiexec's own argv holds the marker too
@@ -181,6 +185,7 @@ def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks
                                           ranks=ranks))
     try:
         site.wait_states([j.id for j in jobs], S.JOB_STATE_RUNNING, proc=launcher.proc)
+        site.wait_states([j.id for j in left], S.JOB_STATE_JOB_FINISHED, proc=launcher.proc)
         deadline = time.monotonic() + WAIT
         while len(_marked_pids(marker)) < expected:
             assert time.monotonic() < deadline, f"jobs did not start: {_marked_pids(marker)}"
