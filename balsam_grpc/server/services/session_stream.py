@@ -326,7 +326,9 @@ class SessionStream:
         if self.counts_leases:
             self.in_flight.append((self.leases_sent, len(got.jobs), got.nodes))
         self.log.info("jobs leased", jobs=len(got.jobs), nodes=round(got.nodes, 3), held=len(self.held))
-        return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, self.state.auth.job_tokens) for r in got.jobs]))
+        tokens = self.state.auth.job_tokens
+        return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, tokens)
+                                                                   for r in got.jobs]))
 
     async def _report(self, report: session_service_pb2.TransitionReport) -> session_service_pb2.TransitionAck:
         if len(report.transitions) > MAX_TRANSITIONS:
