@@ -3,7 +3,9 @@
 
 Usage: scripts/bench_xpcs.py [--size 512] [--frames 1000] [--rings 16] [--json]
 Prints frames per second of the reduction (g2 for every ring and lag, plus the fits);
-generating the dataset is not timed.
+generating the dataset is not timed. Memory: the reduction's working memory (the peak
+of numpy allocations traced during one untimed run, beyond the dataset) against the
+dataset's size, and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 # One core, as the figure is quoted: pin BLAS/OpenMP pools before numpy loads.
@@ -42,6 +46,10 @@ def main() -> None:
     generated_s = time.perf_counter() - started
     meta = {"frame_time_s": data.frame_time_s, "geometry": data.geometry.to_dict(),
             "truth": {"diffusion_m2_per_s": data.diffusion_m2_per_s, "contrast": data.contrast}}
+    tracemalloc.start()
+    analyze(data.frames, meta, n_rings=args.rings)
+    working_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     best = float("inf")
     for _ in range(args.repeat):
         t0 = time.perf_counter()
@@ -53,6 +61,8 @@ def main() -> None:
         "reduce_s": round(best, 3), "frames_per_s": round(args.frames / best, 1),
         "megapixel_frames_per_s": round(args.frames * args.size**2 / best / 1e6, 1),
         "generate_s": round(generated_s, 2), "median_rate_error": round(float(np.median(errors)), 4),
+        "dataset_mb": round(data.frames.nbytes / 1e6, 1), "working_mb": round(working_bytes / 1e6, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if args.json:
         print(json.dumps(figures))
@@ -61,6 +71,8 @@ def main() -> None:
               f"{figures['lags']} lags, one core")
         print(f"  reduction: {best:.2f} s = {figures['frames_per_s']:.0f} frames/s "
               f"({figures['megapixel_frames_per_s']:.0f} Mpixel-frames/s)")
+        print(f"  memory: dataset {figures['dataset_mb']:.0f} MB, reduction working memory "
+              f"{figures['working_mb']:.0f} MB, process peak RSS {figures['peak_rss_mb']:.0f} MB")
         print(f"  fitted rates vs truth: median error {figures['median_rate_error']:.1%}")
         print(f"  (dataset generation, not timed: {generated_s:.1f} s)")
 

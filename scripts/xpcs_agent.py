@@ -65,6 +65,20 @@ class Record:
     done: float | None = None
     output: str = ""     # the staged-out results file (at the results location)
     message: str = ""
+    deadline_s: float | None = None      # seconds after submission the result is due
+    predicted_s: float | None = None     # the router's predicted turnaround at the chosen site
+    predicted_error_s: float | None = None
+    predicted_miss: bool | None = None   # said at submission: no site was predicted to make the deadline
+
+    @property
+    def turnaround_s(self) -> float | None:
+        return None if self.done is None else self.done - self.submitted
+
+    @property
+    def missed(self) -> bool | None:
+        if self.deadline_s is None:
+            return None
+        return self.turnaround_s is None or self.state != "JOB_FINISHED" or self.turnaround_s > self.deadline_s
 
 
 @dataclass
@@ -90,6 +104,8 @@ class Options:
     each: bool = False       # a line per result, not only progress lines
     progress_every: float = 2.0
     extra_tags: dict[str, str] = field(default_factory=dict)
+    deadline: float | None = None   # seconds after submission each result is due
+    charges: dict[str, float] = field(default_factory=dict)  # site -> charge per node-hour
 
 
 def draw_truth(rng: np.random.Generator) -> float:
@@ -101,7 +117,9 @@ class Agent:
     def __init__(self, client: Client, opts: Options) -> None:
         self.client, self.opts = client, opts
         self.run_id = opts.tag or f"xpcs-{uuid.uuid4().hex[:8]}"
-        self.router = Router(client, opts.sites, opts.strategy, window_seconds=opts.window)
+        self.router = Router(client, opts.sites, opts.strategy, window_seconds=opts.window, app=APP_NAME,
+                             in_location=opts.in_location, out_location=opts.out_location,
+                             charges=opts.charges or None)
         self.names = {s.id: s.name for s in client.sites.filter(id=self.router.site_ids)}
         self.apps = {site_id: client.apps.get(name=APP_NAME, site_id=site_id) for site_id in self.router.site_ids}
         self.started = time.monotonic()
@@ -141,16 +159,16 @@ class Agent:
                     name = f"ds-{index:04d}"
                     data = generate(rows=opts.size, cols=opts.size, n_frames=opts.frames, diffusion_m2_per_s=truth,
                                     seed=opts.seed * 100_003 + index)
-                    save_dataset(data, opts.data_dir / self.run_id / f"{name}.npz", compress=False)
-                    written.append((name, truth))
+                    path = save_dataset(data, opts.data_dir / self.run_id / f"{name}.npz", compress=False)
+                    written.append((name, truth, path.stat().st_size))
                 if first_at is None:
                     first_at = time.monotonic()
                 late = time.monotonic() - (first_at + burst_no * opts.interval)
                 time.sleep(max(0.0, -late))
                 burst_sites: Counter[int] = Counter()
                 with self.burst_lock:
-                    for name, truth in written:
-                        burst_sites[self.submit(name, truth)] += 1
+                    for name, truth, nbytes in written:
+                        burst_sites[self.submit(name, truth, nbytes)] += 1
                 spread = ", ".join(f"{self.names[s]} {n}" for s, n in sorted(burst_sites.items()))
                 self.say(f"burst {burst_no + 1}: {len(written)} datasets routed ({spread}); "
                          f"{first + len(written)}/{opts.datasets} submitted"
@@ -160,11 +178,16 @@ class Agent:
         finally:
             self.submitted.put(None)
 
-    def submit(self, name: str, truth: float) -> int:
+    def submit(self, name: str, truth: float, nbytes: int) -> int:
         """One job: stage the dataset in from the instrument, reduce it, stage the results
-        out to the analysis location (`location:/path`, relative to the location's root)."""
+        out to the analysis location (`location:/path`, relative to the location's root).
+        With a deadline, a job no site is predicted to finish in time is said so now."""
         opts = self.opts
-        site_id = self.router.choose()
+        decision = self.router.decide(input_bytes=nbytes, deadline_s=opts.deadline)
+        site_id, chosen = decision.site_id, decision.chosen
+        if decision.will_miss and chosen is not None:
+            self.say(f"{name} -> {self.names.get(site_id, site_id)}: predicted {chosen.total_s:.0f} s "
+                     f"(±{chosen.error_s:.0f}), past its {opts.deadline:g} s deadline")
         job = self.apps[site_id].submit(
             f"{self.run_id}/{name}", rings=opts.rings,
             transfers={"dataset": f"{opts.in_location}:/{self.run_id}/{name}.npz",
@@ -173,7 +196,10 @@ class Agent:
         output = (opts.results_dir / self.run_id / f"{name}.json").resolve()
         self.submitted.put((job, Record(dataset=name, truth=truth, site_id=site_id,
                                         site_name=self.names.get(site_id, ""), job_id=job.id,
-                                        submitted=self.now(), output=str(output))))
+                                        submitted=self.now(), output=str(output), deadline_s=opts.deadline,
+                                        predicted_s=chosen.total_s if chosen else None,
+                                        predicted_error_s=chosen.error_s if chosen else None,
+                                        predicted_miss=decision.will_miss)))
         self.submitted_by_site[site_id] += 1
         return site_id
 
@@ -264,6 +290,9 @@ class Agent:
     def summary(self) -> dict[str, Any]:
         by_site = Counter(r.site_name for r in self.records)
         errors = [abs(r.rel_error) for r in self.records if r.rel_error is not None]
+        turnarounds = [r.turnaround_s for r in self.records if r.turnaround_s is not None]
+        off = [r.turnaround_s - r.predicted_s for r in self.records
+               if r.turnaround_s is not None and r.predicted_s is not None]
         return {
             "run_id": self.run_id, "strategy": self.opts.strategy, "datasets": len(self.records),
             "finished": sum(r.state == "JOB_FINISHED" for r in self.records),
@@ -271,7 +300,14 @@ class Agent:
             "max_rel_error": max(errors) if errors else None,
             "median_rel_error": float(np.median(errors)) if errors else None,
             "elapsed_s": self.now(), "router_refreshes": self.router.refreshes,
-            "records": [asdict(r) for r in self.records],
+            "turnaround_p50_s": float(np.percentile(turnarounds, 50)) if turnarounds else None,
+            "turnaround_p99_s": float(np.percentile(turnarounds, 99)) if turnarounds else None,
+            "deadline_s": self.opts.deadline,
+            "deadline_misses": sum(bool(r.missed) for r in self.records) if self.opts.deadline else None,
+            "predicted_misses": sum(bool(r.predicted_miss) for r in self.records) if self.opts.deadline else None,
+            "prediction_error_p50_s": float(np.median(np.abs(off))) if off else None,
+            "prediction_bias_s": float(np.median(off)) if off else None,
+            "records": [{**asdict(r), "turnaround_s": r.turnaround_s, "missed": r.missed} for r in self.records],
         }
 
 
@@ -283,6 +319,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--burst", type=int, default=12, help="datasets per burst")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between burst starts")
     p.add_argument("--strategy", choices=STRATEGIES, default="best")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after submission each result is due (the deadline strategy needs it)")
+    p.add_argument("--charges", default="", help="site=charge per node-hour, comma-separated (deadline strategy's "
+                                                 "cost; default 1 everywhere)")
     p.add_argument("--window", type=float, default=30.0, help="throughput window of the router's statistics (s)")
     p.add_argument("--data-dir", type=Path, default=Path("xpcs-data"),
                    help="the instrument's folder: datasets are written here (the sites' location --in-location)")
@@ -303,12 +343,20 @@ def parse_args(argv: list[str] | None = None) -> Options:
     a = p.parse_args(argv)
     if a.datasets < 1 or a.burst < 1 or a.interval < 0:
         p.error("--datasets and --burst must be >= 1 and --interval >= 0")
+    if a.strategy == "deadline" and not a.deadline:
+        p.error("--strategy deadline needs --deadline SECONDS")
+    if a.deadline is not None and a.deadline <= 0:
+        p.error("--deadline must be positive seconds")
+    try:
+        charges = {k.strip(): float(v) for k, v in (kv.split("=", 1) for kv in a.charges.split(",") if kv.strip())}
+    except ValueError:
+        p.error(f"--charges wants site=number pairs, got {a.charges!r}")
     sites: list[Any] = [int(s) if s.strip().isdigit() else s.strip() for s in a.sites.split(",") if s.strip()]
     return Options(sites=sites, datasets=a.datasets, burst=a.burst, interval=a.interval, strategy=a.strategy,
                    window=a.window, data_dir=a.data_dir.resolve(), results_dir=a.results_dir.resolve(),
                    in_location=a.in_location, out_location=a.out_location, size=a.size, frames=a.frames,
                    rings=a.rings, seed=a.seed, tag=a.tag, summary=a.summary, timeout=a.timeout, quiet=a.quiet,
-                   each=a.each)
+                   each=a.each, deadline=a.deadline, charges=charges)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         opts.summary.write_text(json.dumps(summary, indent=1))
     spread = ", ".join(f"{k}: {v}" for k, v in summary["placements"].items())
     err = summary["max_rel_error"]
+    if summary["deadline_misses"] is not None:
+        print(f"deadline {opts.deadline:g} s: {summary['deadline_misses']} missed, "
+              f"{summary['predicted_misses']} predicted at submission", flush=True)
     print(f"reduced {summary['finished']}/{summary['datasets']} datasets in {summary['elapsed_s']:.1f} s; "
           f"routing spread {spread}; max |D error| {err:.1%}" if err is not None else "no results", flush=True)
     return 0 if summary["finished"] == summary["datasets"] else 1

@@ -20,6 +20,16 @@
    cancelled, daemons stopped, server terminated (also on Ctrl-C).
 
     scripts/xpcs_demo.py [--datasets 200] [--burst 25] [--interval 8] [--home DIR] [--summary FILE]
+
+With `--compare`, step 3 runs once per routing policy (`--policies`, default round_robin,
+shortest_backlog, earliest, deadline) on the same sites with the same burst schedule and
+datasets (same seed), each run waiting for the sites to scale to zero first, and every
+dataset due `--deadline` seconds after submission; then it prints per policy the
+turnaround p50/p99, the deadline misses (and how many the router predicted at
+submission), the prediction error and the split between the sites, side by side, and
+writes compare.png (turnaround distributions and site split) and compare.json. The
+history-based policies learn from every earlier run on these sites, as a router in
+service would; the baselines use none, so they go first.
 """
 
 from __future__ import annotations
@@ -299,13 +309,78 @@ def kill_pilot_processes(record: Path, data: dict[str, Any]) -> None:
         pass
 
 
+COMPARE_POLICIES = ("round_robin", "shortest_backlog", "earliest", "deadline")
+
+
+def compare_rows(summaries: dict[str, dict[str, Any]], site_names: list[str]) -> list[dict[str, Any]]:
+    """One row of figures per policy from the agent summaries."""
+    rows = []
+    for policy, s in summaries.items():
+        placements = s.get("placements", {})
+        total = max(sum(placements.values()), 1)
+        rows.append({"policy": policy, "datasets": s["datasets"], "finished": s["finished"],
+                     "p50_s": s["turnaround_p50_s"], "p99_s": s["turnaround_p99_s"],
+                     "misses": s["deadline_misses"], "predicted_misses": s["predicted_misses"],
+                     "prediction_error_p50_s": s["prediction_error_p50_s"],
+                     "split": {n: placements.get(n, 0) for n in site_names},
+                     "split_pct": {n: round(100 * placements.get(n, 0) / total) for n in site_names}})
+    return rows
+
+
+def format_compare(rows: list[dict[str, Any]], site_names: list[str], deadline: float) -> str:
+    def num(v: Any, fmt: str = "{:.1f}") -> str:
+        return "-" if v is None else fmt.format(v)
+    head = (f"{'policy':<17}{'done':>9}{'p50 s':>8}{'p99 s':>8}{'missed':>8}{'predicted':>10}{'|pred err| p50':>16}"
+            + "".join(f"{n:>8}" for n in site_names))
+    lines = [f"turnaround = submission to result staged out; deadline {deadline:g} s after submission", head,
+             "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['policy']:<17}{r['finished']:>4}/{r['datasets']:<4}{num(r['p50_s']):>8}{num(r['p99_s']):>8}"
+                     f"{num(r['misses'], '{}'):>8}{num(r['predicted_misses'], '{}'):>10}"
+                     f"{num(r['prediction_error_p50_s']):>16}"
+                     + "".join(f"{r['split'][n]:>4} {r['split_pct'][n]:>2}%" for n in site_names))
+    return "\n".join(lines)
+
+
+def plot_compare(path: Path, summaries: dict[str, dict[str, Any]], site_names: list[str], deadline: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (cdf, split) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for policy, s in summaries.items():
+        t = np.sort([r["turnaround_s"] for r in s["records"] if r["turnaround_s"] is not None])
+        cdf.step(t, np.arange(1, t.size + 1) / max(t.size, 1), where="post", label=policy)
+    cdf.axvline(deadline, color="k", ls="--", lw=1, label=f"deadline {deadline:g} s")
+    cdf.set(xlabel="turnaround (s)", ylabel="fraction of datasets", title="turnaround per policy")
+    cdf.legend()
+    bottom = np.zeros(len(summaries))
+    for name in site_names:
+        counts = np.array([s["placements"].get(name, 0) for s in summaries.values()], dtype=float)
+        split.bar(list(summaries), counts, bottom=bottom, label=name)
+        bottom += counts
+    split.set(ylabel="datasets", title="split between sites")
+    split.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", type=Path, default=ROOT / ".balsam-demo", help="demo BALSAM_HOME (recreated)")
     p.add_argument("--datasets", type=int, default=200)
     p.add_argument("--burst", type=int, default=25, help="datasets per burst")
     p.add_argument("--interval", type=float, default=8.0, help="seconds between burst starts")
-    p.add_argument("--strategy", default="best", help="routing: best, round_robin or fixed")
+    p.add_argument("--strategy", default="best",
+                   help="routing: earliest, deadline, round_robin, shortest_backlog, best or fixed")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after submission each result is due (default 60 with --compare)")
+    p.add_argument("--compare", action="store_true", help="run the same schedule under each of --policies and "
+                                                          "print them side by side")
+    p.add_argument("--policies", default=",".join(COMPARE_POLICIES), help="policies for --compare, in run order")
     p.add_argument("--sites", type=int, default=3, choices=(1, 2, 3), help="how many of alpha, beta, gamma")
     p.add_argument("--size", type=int, default=32,
                    help="detector rows = cols (32 keeps the synthetic data generation, which runs on the same "
@@ -319,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary", type=Path, default=None, help="also write the agent's summary JSON here")
     p.add_argument("--analytics-json", type=Path, default=None, help="also write the analytics as JSON here")
     a = p.parse_args(argv)
+    policies = [x.strip() for x in a.policies.split(",") if x.strip()] if a.compare else [a.strategy]
+    if a.compare and a.deadline is None:
+        a.deadline = 60.0
+    if "deadline" in policies and not a.deadline:
+        p.error("the deadline policy needs --deadline SECONDS")
 
     home = a.home.resolve()
     if home.exists():
@@ -344,19 +424,41 @@ def main(argv: list[str] | None = None) -> int:
             demo.create_site(spec)
         say(f"every site stages datasets in from location aps = file://{demo.instrument} and results out to "
             f"location results = file://{demo.results}")
-        say(f"agent: {a.datasets} datasets of {a.frames} frames {a.size}x{a.size}, bursts of {a.burst} every "
-            f"{a.interval:g} s, routing '{a.strategy}'. Progress lines: datasets done/submitted per site, "
-            "[Nn] = N nodes held by the site's pilots right now, fit error against the truth")
-        code = demo.run_agent([
-            "--sites", ",".join(s.name for s in demo.sites), "--datasets", str(a.datasets), "--burst", str(a.burst),
-            "--interval", str(a.interval), "--strategy", a.strategy, "--tag", tag, "--size", str(a.size),
-            "--frames", str(a.frames), "--data-dir", str(demo.instrument), "--results-dir", str(demo.results),
-            "--summary", str(summary), *(["--each"] if a.each else [])])
-        say(f"analytics of the run: balsamctl analytics --tag exp={tag} --bin 10 --plots {plots}")
-        demo.analytics(tag, plots, a.analytics_json.resolve() if a.analytics_json else None)
-        demo.wait_scale_to_zero(timeout=a.idle_timeout + 30)
-        say(f"reduced results (staged out): {demo.results / tag}/")
-        say(f"datasets: {demo.instrument / tag}/  summary: {summary}  plots: {plots}/")
+        summaries: dict[str, dict[str, Any]] = {}
+        for policy in policies:
+            run_tag = f"{tag}-{policy}" if a.compare else tag
+            run_summary = home / f"summary-{policy}.json" if a.compare else summary
+            say(f"agent: {a.datasets} datasets of {a.frames} frames {a.size}x{a.size}, bursts of {a.burst} every "
+                f"{a.interval:g} s, routing '{policy}'"
+                + (f", each due {a.deadline:g} s after submission" if a.deadline else "")
+                + ". Progress lines: datasets done/submitted per site, "
+                "[Nn] = N nodes held by the site's pilots right now, fit error against the truth")
+            run_code = demo.run_agent([
+                "--sites", ",".join(s.name for s in demo.sites), "--datasets", str(a.datasets), "--burst", str(a.burst),
+                "--interval", str(a.interval), "--strategy", policy, "--tag", run_tag, "--size", str(a.size),
+                "--frames", str(a.frames), "--data-dir", str(demo.instrument), "--results-dir", str(demo.results),
+                "--summary", str(run_summary), *(["--each"] if a.each else []),
+                *(["--deadline", str(a.deadline)] if a.deadline else [])])
+            code = run_code if policy == policies[0] else max(code, run_code)
+            if a.compare:
+                summaries[policy] = json.loads(run_summary.read_text())
+                demo.wait_scale_to_zero(timeout=a.idle_timeout + 30)
+        if a.compare:
+            names = [spec.name for spec in demo.sites]
+            rows = compare_rows(summaries, names)
+            table = format_compare(rows, names, a.deadline)
+            (home / "compare.json").write_text(json.dumps({"deadline_s": a.deadline, "datasets": a.datasets,
+                                                           "burst": a.burst, "interval_s": a.interval,
+                                                           "rows": rows}, indent=1))
+            plot_compare(home / "compare.png", summaries, names, a.deadline)
+            say(f"policies compared on the same schedule ({home / 'compare.png'}, {home / 'compare.json'}):")
+            print(table, flush=True)
+        else:
+            say(f"analytics of the run: balsamctl analytics --tag exp={tag} --bin 10 --plots {plots}")
+            demo.analytics(tag, plots, a.analytics_json.resolve() if a.analytics_json else None)
+            demo.wait_scale_to_zero(timeout=a.idle_timeout + 30)
+            say(f"reduced results (staged out): {demo.results / tag}/")
+            say(f"datasets: {demo.instrument / tag}/  summary: {summary}  plots: {plots}/")
     except KeyboardInterrupt:
         say("interrupted")
         code = 130

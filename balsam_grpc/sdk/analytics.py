@@ -120,7 +120,7 @@ def timelines(changes: Iterable[StateChange]) -> dict[int, JobTimeline]:
     return out
 
 
-def _phase_seconds(tl: JobTimeline, phase: str) -> float | None:
+def phase_seconds(tl: JobTimeline, phase: str) -> float | None:
     start_which, starts, end_which, ends = PHASES[phase]
     start_entry = tl.first_entry if start_which == "first" else tl.last_entry
     end_entry = tl.first_entry if end_which == "first" else tl.last_entry
@@ -141,7 +141,7 @@ def latency_breakdown(changes: Iterable[StateChange]) -> dict[int | None, dict[s
         if FINISHED not in tl.first_entry:
             continue
         for phase in PHASES:
-            seconds = _phase_seconds(tl, phase)
+            seconds = phase_seconds(tl, phase)
             if seconds is not None:
                 samples[tl.site_id][phase].append(seconds)
                 samples[None][phase].append(seconds)

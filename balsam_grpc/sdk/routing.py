@@ -1,43 +1,75 @@
-"""Routing new jobs to sites: `best` (expected completion), `round_robin`, `fixed`.
+"""Routing new jobs to sites.
 
-    router = Router(client, sites=["alpha", "beta", "gamma"], strategy="best")
-    site_id = router.choose()          # then app_by_site[site_id].submit(...)
+Strategies:
 
-`best` places a job on the site that should finish it first: the one minimising
+- `earliest`: the site with the least predicted completion time of the new job (below).
+- `deadline`: among the sites predicted to finish the job by its deadline, the cheapest
+  (node-hours times the site's charge); when none will, the earliest, and the decision
+  says the job will miss its deadline (at submission, not after the fact).
+- `round_robin` and `shortest_backlog` (fewest jobs queued or running, counting the ones
+  placed since the last refresh): the baselines of the 2021 cross-facility experiments.
+- `best`: the older throughput-following rule, kept for its users (below), and `fixed`.
+
+Predicted completion of a job at a site, in seconds from now (`estimate`):
+
+    stage_in  = fixed + bytes / rate      measured per (location, site) pair and direction
+    wait      = 0 with a free slot; else the sooner of a slot freed by the jobs ahead
+                (running + backlog + placed, served by the held slots at the run time)
+                and a new pilot (the site's measured pilot queue delay, then the slots
+                up to its node cap)
+    run       = the app's run time at the site, linear in the input bytes when the
+                history spans sizes, else its median
+    stage_out = as stage_in, for the results
+    total     = max(stage_in, wait) + run + stage_out   (the job stages in while it waits)
+
+Each term comes from a `LinearModel` fitted to history with the median absolute residual
+as its error; a site without history of its own borrows the pooled history of the others
+(its estimate says so). The estimation functions are pure and take plain values
+(`SiteLoad`, `SiteHistory`); `read_history` is the only part that calls the server:
+job state events (stage-in, run and stage-out phases), the jobs' transfer items (bytes
+and durations) and the sites' pilot batch jobs (queue delay = start - creation).
+
+`best` places a job on the site minimising
 
     (backlog + placed since the last refresh + 1) / max(throughput, capacity, floor)
 
 (throughput and capacity in jobs per minute; capacity = the site's nodes times the best
-recent throughput per node among the sites, where a site's nodes are the more of those
-its pilots hold now and its elastic queue's node cap) from the server's live statistics
-(SiteService.ListSiteStatistics), refreshed at most every `refresh_seconds`. Before any
-throughput has been seen, sites are weighed by their nodes alone, so the first burst
-already splits by capacity. Counting the jobs it placed since the refresh lets a burst
-spread over the sites instead of piling onto the one that looked best a moment ago.
-The floor keeps a site with no recent throughput (just started, or idle) in play: a new
-site takes work while the others' expected completion is above one job per 1/floor
-minutes. Disconnected sites are skipped while any selected site is connected.
+recent throughput per node among the sites) from the server's live statistics
+(SiteService.ListSiteStatistics). It ignores pilot queue delays, data movement and run
+time, which is why `earliest` exists.
 
-The decision functions are pure and take plain `SiteLoad` values, so they are tested
-without a server.
+All strategies count the jobs they placed since the last statistics refresh, so a burst
+spreads instead of piling onto the site that looked best a moment ago. Disconnected
+sites are skipped while any selected site is connected.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
+from balsam_grpc.sdk.analytics import phase_seconds, state_change, timelines
 from balsam_grpc.sdk.errors import InvalidArgument
-from balsam_grpc.v1 import site_service_pb2
+from balsam_grpc.v1 import (
+    batch_job_service_pb2,
+    common_pb2,
+    event_service_pb2,
+    job_service_pb2,
+    site_service_pb2,
+    transfer_item_pb2,
+    transfer_item_service_pb2,
+)
 
 if TYPE_CHECKING:
     from balsam_grpc.sdk.client import Client
 
-STRATEGIES = ("best", "round_robin", "fixed")
+STRATEGIES = ("earliest", "deadline", "round_robin", "shortest_backlog", "best", "fixed")
 DEFAULT_FLOOR_PER_MIN = 1.0
 
 
@@ -121,12 +153,315 @@ def choose_round_robin(site_ids: Sequence[int], turn: int) -> int:
     return site_ids[turn % len(site_ids)]
 
 
+def choose_shortest_backlog(loads: Sequence[SiteLoad], placed: Mapping[int, int] | None = None) -> int:
+    """The site with the fewest jobs queued or running (plus those placed since the
+    figures were read); ties to the lower id."""
+    if not loads:
+        raise InvalidArgument("no sites to route to")
+    placed = placed or {}
+    return min(eligible(loads), key=lambda s: (s.backlog_jobs + s.running_jobs + placed.get(s.site_id, 0),
+                                               s.site_id)).site_id
+
+
+# -- completion prediction: pure functions over measured history ----------------------
+
+@dataclass(frozen=True)
+class LinearModel:
+    """seconds = fixed_s + per_byte_s * bytes, fitted to `samples` observations;
+    `error_s` is the median absolute residual of the fit (its typical error)."""
+
+    fixed_s: float
+    per_byte_s: float = 0.0
+    samples: int = 0
+    error_s: float = 0.0
+
+    def seconds(self, nbytes: float = 0.0) -> float:
+        return max(0.0, self.fixed_s + self.per_byte_s * max(nbytes, 0.0))
+
+    @property
+    def bytes_per_s(self) -> float | None:
+        return 1.0 / self.per_byte_s if self.per_byte_s > 0 else None
+
+
+def fit_linear(samples: Sequence[tuple[float, float]], per_byte_s: float | None = None) -> LinearModel | None:
+    """A LinearModel of (bytes, seconds) samples, robust to a handful of points.
+
+    With `per_byte_s` given (a transfer rate measured by the transfer tasks themselves)
+    only the fixed part is fitted, as the median of what the bytes do not explain. Else,
+    when the sizes vary by more than 10 %, a least-squares line (slope kept >= 0);
+    otherwise the median seconds, and size does not scale the estimate."""
+    if not samples:
+        return None
+    xs = [float(b) for b, _ in samples]
+    ys = [float(t) for _, t in samples]
+    if per_byte_s is None:
+        per_byte_s = 0.0
+        mean_x = statistics.fmean(xs)
+        spread = max(xs) - min(xs)
+        if len(samples) >= 3 and mean_x > 0 and spread > 0.1 * mean_x:
+            mean_y = statistics.fmean(ys)
+            sxx = sum((x - mean_x) ** 2 for x in xs)
+            per_byte_s = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx)
+    fixed = statistics.median(y - per_byte_s * x for x, y in zip(xs, ys, strict=True))
+    residuals = [abs(y - (fixed + per_byte_s * x)) for x, y in zip(xs, ys, strict=True)]
+    return LinearModel(fixed_s=max(fixed, 0.0), per_byte_s=per_byte_s, samples=len(samples),
+                       error_s=statistics.median(residuals))
+
+
+@dataclass(frozen=True)
+class SiteHistory:
+    """What one site's past says about running the app there (all optional: unmeasured
+    terms are borrowed from the pooled history of the sites, see `pooled`)."""
+
+    site_id: int
+    stage_in: LinearModel | None = None
+    stage_out: LinearModel | None = None
+    run: LinearModel | None = None
+    pilot_delay_s: float | None = None
+    pilot_delay_samples: int = 0
+    charge_per_node_hour: float = 1.0
+
+
+def pooled(histories: Iterable[SiteHistory]) -> SiteHistory:
+    """A prior for sites without history: per term, the median over the sites that have it."""
+    hs = list(histories)
+
+    def pool(models: list[LinearModel]) -> LinearModel | None:
+        if not models:
+            return None
+        return LinearModel(statistics.median(m.fixed_s for m in models), statistics.median(m.per_byte_s for m in models),
+                           0, statistics.median(m.error_s for m in models))
+    delays = [h.pilot_delay_s for h in hs if h.pilot_delay_s is not None]
+    return SiteHistory(site_id=0, stage_in=pool([h.stage_in for h in hs if h.stage_in]),
+                       stage_out=pool([h.stage_out for h in hs if h.stage_out]),
+                       run=pool([h.run for h in hs if h.run]),
+                       pilot_delay_s=statistics.median(delays) if delays else None)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A job's predicted completion at one site, in seconds from now, by term."""
+
+    site_id: int
+    stage_in_s: float
+    wait_s: float
+    run_s: float
+    stage_out_s: float
+    error_s: float            # typical error: the terms' errors added in quadrature
+    cost: float               # node-hours times the site's charge
+    borrowed: tuple[str, ...] = ()  # terms taken from the other sites' pooled history
+    name: str = ""
+
+    @property
+    def total_s(self) -> float:
+        return max(self.stage_in_s, self.wait_s) + self.run_s + self.stage_out_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"site_id": self.site_id, "site": self.name, "stage_in_s": self.stage_in_s, "wait_s": self.wait_s,
+                "run_s": self.run_s, "stage_out_s": self.stage_out_s, "total_s": self.total_s,
+                "error_s": self.error_s, "cost": self.cost, "borrowed": list(self.borrowed)}
+
+
+def slot_wait_s(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float, slots_per_node: int = 1) -> float:
+    """Seconds until a slot is free for a job placed now behind the site's backlog.
+
+    The held slots free one every run_s / slots; a new pilot (if the node cap leaves
+    room) arrives after the pilot delay, and from then the capped slots serve the rest.
+    A site with no pilot and no known cap still gets one pilot's worth of slots."""
+    held = load.held_nodes * slots_per_node
+    cap = max(load.node_capacity * slots_per_node, held, slots_per_node)
+    in_front = load.backlog_jobs + load.running_jobs + placed
+    if in_front < held:
+        return 0.0
+    run_s = max(run_s, 1e-3)
+    by_held = (in_front - held + 1) / held * run_s if held else math.inf
+    by_pilot = math.inf
+    if cap > held:
+        served_meanwhile = pilot_delay_s * held / run_s
+        by_pilot = pilot_delay_s + max(0.0, in_front - cap + 1 - served_meanwhile) / cap * run_s
+    return min(by_held, by_pilot)
+
+
+def estimate(load: SiteLoad, history: SiteHistory, prior: SiteHistory | None = None, *, placed: int = 0,
+             input_bytes: float = 0.0, output_bytes: float = 0.0, num_nodes: int = 1) -> Estimate:
+    """The job's predicted completion at `load`'s site (see the module docstring)."""
+    prior = prior or SiteHistory(site_id=0)
+    borrowed: list[str] = []
+
+    def term(name: str, own: LinearModel | None, fallback: LinearModel | None) -> LinearModel:
+        if own is not None:
+            return own
+        borrowed.append(name)
+        return fallback or LinearModel(0.0)
+    stage_in = term("stage_in", history.stage_in, prior.stage_in)
+    run = term("run", history.run, prior.run)
+    stage_out = term("stage_out", history.stage_out, prior.stage_out)
+    delay = history.pilot_delay_s
+    if delay is None:
+        borrowed.append("pilot_delay")
+        delay = prior.pilot_delay_s or 0.0
+    run_s = run.seconds(input_bytes)
+    wait_s = slot_wait_s(load, placed, run_s, delay)
+    error = math.sqrt(stage_in.error_s**2 + run.error_s**2 + stage_out.error_s**2)
+    return Estimate(site_id=load.site_id, name=load.name, stage_in_s=stage_in.seconds(input_bytes), wait_s=wait_s,
+                    run_s=run_s, stage_out_s=stage_out.seconds(output_bytes), error_s=error,
+                    cost=run_s / 3600.0 * num_nodes * history.charge_per_node_hour, borrowed=tuple(borrowed))
+
+
+def estimates(loads: Sequence[SiteLoad], histories: Mapping[int, SiteHistory], placed: Mapping[int, int] | None = None,
+              **job: float) -> list[Estimate]:
+    """Estimates for every eligible site, each from its own history and the pooled prior."""
+    placed = placed or {}
+    prior = pooled(histories.values())
+    return [estimate(s, histories.get(s.site_id, SiteHistory(s.site_id)), prior, placed=placed.get(s.site_id, 0),
+                     **job) for s in eligible(loads)]  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a job goes and why: the chosen site, every site's estimate, and whether
+    the job is predicted to miss its deadline (None: no deadline given)."""
+
+    site_id: int
+    strategy: str
+    estimates: tuple[Estimate, ...] = ()
+    deadline_s: float | None = None
+    will_miss: bool | None = None
+
+    @property
+    def chosen(self) -> Estimate | None:
+        return next((e for e in self.estimates if e.site_id == self.site_id), None)
+
+
+def choose_earliest(ests: Sequence[Estimate]) -> Estimate:
+    """The least predicted completion; ties to the cheaper, then the lower id."""
+    if not ests:
+        raise InvalidArgument("no sites to route to")
+    return min(ests, key=lambda e: (round(e.total_s, 6), e.cost, e.site_id))
+
+
+def choose_for_deadline(ests: Sequence[Estimate], deadline_s: float, margin: float = 1.0) -> tuple[Estimate, bool]:
+    """The cheapest site predicted to finish within `deadline_s` with `margin` typical
+    errors to spare (ties to the earlier); with none, the earliest, flagged as a miss."""
+    if not ests:
+        raise InvalidArgument("no sites to route to")
+    meeting = [e for e in ests if e.total_s + margin * e.error_s <= deadline_s]
+    if meeting:
+        return min(meeting, key=lambda e: (round(e.cost, 9), e.total_s, e.site_id)), False
+    best = choose_earliest(ests)
+    return best, best.total_s > deadline_s
+
+
+# -- gathering the history from the server (the only part here that makes calls) ------
+
+_ID_CHUNK = 500
+
+
+def _paged(client: Client, service: str, method: str, request: Any, field_name: str, limit: int) -> Iterator[Any]:
+    seen = 0
+    while True:
+        request.page_size = min(500, limit - seen)
+        response = client.call(service, method, request)
+        for item in getattr(response, field_name):
+            yield item
+            seen += 1
+        if seen >= limit or not response.next_page_token:
+            return
+        request.page_token = response.next_page_token
+
+
+@dataclass
+class _Samples:
+    stage_in: list[tuple[float, float]] = field(default_factory=list)
+    stage_out: list[tuple[float, float]] = field(default_factory=list)
+    run: list[tuple[float, float]] = field(default_factory=list)
+    in_rates: list[float] = field(default_factory=list)   # seconds per byte of the transfer tasks
+    out_rates: list[float] = field(default_factory=list)
+
+
+def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, int] | None = None, *,
+                 in_location: str | None = None, out_location: str | None = None, max_events: int = 5000,
+                 max_batch_jobs: int = 50, charges: Mapping[int, float] | None = None) -> dict[int, SiteHistory]:
+    """Each site's history from the server: the last `max_events` job state events (its
+    finished jobs' stage-in, run and stage-out phases; only jobs of `app_ids[site]` when
+    given), their transfer items (bytes, and the tasks' own durations for the rate of
+    the (location, site) pair; only `in_location`/`out_location` when given) and the
+    site's last `max_batch_jobs` pilots (queue delay = start - creation)."""
+    request = event_service_pb2.ListEventsRequest(descending=True)
+    request.filter.site_ids.extend(site_ids)
+    request.filter.kinds.append(event_service_pb2.EVENT_KIND_JOB_STATE)
+    changes = [c for c in (state_change(e) for e in _paged(client, "EventService", "ListEvents", request, "events",
+                                                           max_events)) if c is not None]
+    lives = {job_id: tl for job_id, tl in timelines(changes).items() if "JOB_FINISHED" in tl.first_entry}
+    job_ids = sorted(lives)
+    if app_ids is not None and job_ids:
+        wanted = set(app_ids.values())
+        kept = set()
+        for i in range(0, len(job_ids), _ID_CHUNK):
+            jr = job_service_pb2.ListJobsRequest()
+            jr.filter.ids.extend(job_ids[i:i + _ID_CHUNK])
+            kept |= {j.id for j in _paged(client, "JobService", "ListJobs", jr, "jobs", _ID_CHUNK) if j.app_id in wanted}
+        job_ids = [j for j in job_ids if j in kept]
+    moved: dict[int, dict[int, list[Any]]] = defaultdict(lambda: defaultdict(list))  # job -> direction -> items
+    for i in range(0, len(job_ids), _ID_CHUNK):
+        tr = transfer_item_service_pb2.ListTransferItemsRequest()
+        tr.filter.job_ids.extend(job_ids[i:i + _ID_CHUNK])
+        tr.filter.states.append(transfer_item_pb2.TRANSFER_STATE_DONE)
+        for item in _paged(client, "TransferService", "ListTransferItems", tr, "transfer_items", 10 * _ID_CHUNK):
+            moved[item.job_id][item.direction].append(item)
+    stage_in_dir, stage_out_dir = common_pb2.TRANSFER_DIRECTION_IN, common_pb2.TRANSFER_DIRECTION_OUT
+    samples: dict[int, _Samples] = defaultdict(_Samples)
+    for job_id in job_ids:
+        tl = lives[job_id]
+        got = samples[tl.site_id]
+        ins = [t for t in moved[job_id][stage_in_dir] if in_location is None or t.location_alias == in_location]
+        outs = [t for t in moved[job_id][stage_out_dir] if out_location is None or t.location_alias == out_location]
+        in_bytes = float(sum(t.metrics.bytes for t in ins))
+        out_bytes = float(sum(t.metrics.bytes for t in outs))
+        for phase, nbytes, items, rates, into in (("stage_in", in_bytes, ins, got.in_rates, got.stage_in),
+                                                   ("stage_out", out_bytes, outs, got.out_rates, got.stage_out)):
+            seconds = phase_seconds(tl, phase)
+            if seconds is not None and items:
+                into.append((nbytes, seconds))
+                rates += [t.metrics.duration_seconds / t.metrics.bytes for t in items if t.metrics.bytes > 0]
+        run = phase_seconds(tl, "run")
+        if run is not None:
+            got.run.append((in_bytes, run))
+    delays: dict[int, list[float]] = defaultdict(list)
+    br = batch_job_service_pb2.ListBatchJobsRequest()
+    br.filter.site_ids.extend(site_ids)
+    pilots = [b for b in _paged(client, "BatchJobService", "ListBatchJobs", br, "batch_jobs", 10_000)
+              if b.HasField("start_time")]
+    pilots.sort(key=lambda b: b.create_time.ToDatetime())
+    for b in pilots:
+        delays[b.site_id].append(max(0.0, (b.start_time.ToDatetime() - b.create_time.ToDatetime()).total_seconds()))
+    out = {}
+    for site_id in site_ids:
+        got = samples.get(site_id, _Samples())
+        recent = delays.get(site_id, [])[-max_batch_jobs:]
+        out[site_id] = SiteHistory(
+            site_id=site_id,
+            stage_in=fit_linear(got.stage_in, statistics.median(got.in_rates) if got.in_rates else None),
+            stage_out=fit_linear(got.stage_out, statistics.median(got.out_rates) if got.out_rates else None),
+            run=fit_linear(got.run), pilot_delay_s=statistics.median(recent) if recent else None,
+            pilot_delay_samples=len(recent), charge_per_node_hour=(charges or {}).get(site_id, 1.0))
+    return out
+
+
 class Router:
-    """Chooses a site for each new job. Thread-safe; one per submitting process."""
+    """Chooses a site for each new job. Thread-safe; one per submitting process.
+
+    `earliest` and `deadline` need the app (`app`: its name, present at every site) to
+    read run-time history; `in_location`/`out_location` select the transfer location
+    pairs whose rates count. `charges` (site name or id -> charge per node-hour) set the
+    cost `deadline` minimises; history is re-read at most every `history_seconds`."""
 
     def __init__(self, client: Client, sites: Iterable[int | str], strategy: str = "best", *,
                  window_seconds: float = 60.0, refresh_seconds: float = 1.0,
-                 floor_per_min: float = DEFAULT_FLOOR_PER_MIN, clock: Callable[[], float] = time.monotonic) -> None:
+                 floor_per_min: float = DEFAULT_FLOOR_PER_MIN, clock: Callable[[], float] = time.monotonic,
+                 app: str | None = None, in_location: str | None = None, out_location: str | None = None,
+                 charges: Mapping[int | str, float] | None = None, history_seconds: float = 10.0,
+                 deadline_margin: float = 1.0) -> None:
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
         wanted = list(sites)
@@ -138,10 +473,24 @@ class Router:
         self.window_seconds = window_seconds
         self.refresh_seconds = refresh_seconds
         self.floor_per_min = floor_per_min
+        self.history_seconds = history_seconds
+        self.deadline_margin = deadline_margin
+        self.in_location, self.out_location = in_location, out_location
+        self.app_ids: dict[int, int] | None = None
+        if app is not None:
+            self.app_ids = {}
+            for site_id in self.site_ids:
+                found = client.apps.filter(name=app, site_id=site_id).first()
+                if found is None:
+                    raise InvalidArgument(f"no app named {app!r} at site {site_id}: register it there first")
+                self.app_ids[site_id] = found.id
+        self.charges = {self._site_id(client, k): float(v) for k, v in (charges or {}).items()}
         self._clock = clock
         self._lock = threading.Lock()
         self._loads: list[SiteLoad] = []
         self._fetched_at: float | None = None
+        self._history: dict[int, SiteHistory] = {}
+        self._history_at: float | None = None
         self._placed_since_refresh: Counter[int] = Counter()
         self._turn = 0
         self.placements: Counter[int] = Counter()  # site id -> jobs placed, over the router's life
@@ -168,6 +517,12 @@ class Router:
             self._refresh_if_stale()
             return list(self._loads)
 
+    def history(self) -> dict[int, SiteHistory]:
+        """Each site's measured history (re-read if older than history_seconds)."""
+        with self._lock:
+            self._history_if_stale()
+            return dict(self._history)
+
     def _refresh_if_stale(self) -> None:
         now = self._clock()
         if self._fetched_at is not None and now - self._fetched_at < self.refresh_seconds:
@@ -180,9 +535,29 @@ class Router:
         self._placed_since_refresh.clear()  # the new figures count them in the backlog
         self.refreshes += 1
 
-    def choose(self) -> int:
-        """The site id for the next job (counted as placed there)."""
+    def _history_if_stale(self) -> None:
+        now = self._clock()
+        if self._history_at is not None and now - self._history_at < self.history_seconds:
+            return
+        self._history = read_history(self.client, self.site_ids, self.app_ids, in_location=self.in_location,
+                                     out_location=self.out_location, charges=self.charges)
+        self._history_at = now
+
+    def estimates(self, *, input_bytes: float = 0.0, output_bytes: float = 0.0) -> list[Estimate]:
+        """Every eligible site's predicted completion of a job placed now."""
         with self._lock:
+            self._refresh_if_stale()
+            self._history_if_stale()
+            return estimates(self._loads, self._history, self._placed_since_refresh, input_bytes=input_bytes,
+                             output_bytes=output_bytes)
+
+    def decide(self, *, input_bytes: float = 0.0, output_bytes: float = 0.0,
+               deadline_s: float | None = None) -> Decision:
+        """The site for the next job (counted as placed there), with the estimates it
+        was chosen on (for `earliest` and `deadline`; a deadline given to another
+        strategy is still checked against the chosen site's estimate)."""
+        with self._lock:
+            ests: list[Estimate] = []
             if self.strategy == "fixed":
                 site_id = self.site_ids[0]
             elif self.strategy == "round_robin":
@@ -190,11 +565,36 @@ class Router:
                 self._turn += 1
             else:
                 self._refresh_if_stale()
-                site_id = choose_best(self._loads, self._placed_since_refresh, self.floor_per_min)
+                if self.strategy == "best":
+                    site_id = choose_best(self._loads, self._placed_since_refresh, self.floor_per_min)
+                elif self.strategy == "shortest_backlog":
+                    site_id = choose_shortest_backlog(self._loads, self._placed_since_refresh)
+            if self.strategy in ("earliest", "deadline") or deadline_s is not None:
+                self._refresh_if_stale()
+                self._history_if_stale()
+                ests = estimates(self._loads, self._history, self._placed_since_refresh, input_bytes=input_bytes,
+                                 output_bytes=output_bytes)
+            will_miss = None
+            if self.strategy == "earliest":
+                site_id = choose_earliest(ests).site_id
+            elif self.strategy == "deadline":
+                if deadline_s is None:
+                    raise InvalidArgument("the deadline strategy needs a deadline for each job (deadline_s)")
+                chosen, will_miss = choose_for_deadline(ests, deadline_s, self.deadline_margin)
+                site_id = chosen.site_id
+            if deadline_s is not None and will_miss is None:
+                mine = next((e for e in ests if e.site_id == site_id), None)
+                will_miss = mine is not None and mine.total_s > deadline_s
             self._placed_since_refresh[site_id] += 1
             self.placements[site_id] += 1
-            return site_id
+            return Decision(site_id, self.strategy, tuple(ests), deadline_s, will_miss)
+
+    def choose(self, **job: Any) -> int:
+        """The site id for the next job (counted as placed there)."""
+        return self.decide(**job).site_id
 
 
-__all__ = ["STRATEGIES", "Router", "SiteLoad", "choose_best", "choose_round_robin", "eligible",
-           "expected_completion_min", "node_rate_per_min", "service_rate_per_min"]
+__all__ = ["STRATEGIES", "Decision", "Estimate", "LinearModel", "Router", "SiteHistory", "SiteLoad", "choose_best",
+           "choose_earliest", "choose_for_deadline", "choose_round_robin", "choose_shortest_backlog", "eligible",
+           "estimate", "estimates", "expected_completion_min", "fit_linear", "node_rate_per_min", "pooled",
+           "read_history", "service_rate_per_min", "slot_wait_s"]

@@ -48,14 +48,22 @@ def _coarsen(frames: np.ndarray) -> np.ndarray:
     return 0.5 * (frames[0:even:2] + frames[1:even:2])
 
 
+# Bytes of one chunk's float64 working copy (frames x pixels). The coarser levels add
+# at most as much again, so a reduction's working memory is about twice this, whatever
+# the run length; 8 MB chunks stay in the last-level cache's neighbourhood.
+CHUNK_BYTES = 8 << 20
+
+
 def multitau_g2(frames: np.ndarray, labels: np.ndarray, n_rings: int, frame_time_s: float,
-                buffers: int = 8, chunk_pixels: int = 16384) -> Correlation:
+                buffers: int = 8, chunk_pixels: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Correlation:
     """g2 per ring of `frames` (T, rows, cols); `labels` (rows, cols) gives each pixel's
     ring or -1.
 
     Pixels are processed in chunks so that the float64 working copy stays small (a
     512x512 x 1000-frame stack would need 2 GB at once); per-ring sums are accumulated
-    across chunks.
+    across chunks. A chunk holds `chunk_bytes` of float64 series (or `chunk_pixels`
+    pixels when given): bounded by bytes, not pixels, so that longer runs take fewer
+    pixels per chunk instead of more memory.
     """
     if frames.ndim != 3 or frames.shape[1:] != labels.shape:
         raise ValueError(f"frames {frames.shape} and labels {labels.shape} do not match")
@@ -68,10 +76,12 @@ def multitau_g2(frames: np.ndarray, labels: np.ndarray, n_rings: int, frame_time
     counts = np.zeros((n_rings, len(schedule)))
     sums = np.zeros_like(counts)
     squares = np.zeros_like(counts)
+    if chunk_pixels is None:
+        chunk_pixels = max(1, chunk_bytes // (8 * max(frames.shape[0], 1)))
     for start in range(0, pixel_index.size, chunk_pixels):
         chunk = slice(start, start + chunk_pixels)
         series = flat_frames[:, pixel_index[chunk]].astype(np.float64)  # (T, pixels of the chunk)
-        _accumulate(series, pixel_ring[chunk], n_rings, schedule, counts, sums, squares)
+        _accumulate(series, pixel_ring[chunk], n_rings, schedule, counts, sums, squares, buffers)
 
     with np.errstate(invalid="ignore", divide="ignore"):
         g2 = sums / counts
@@ -82,18 +92,23 @@ def multitau_g2(frames: np.ndarray, labels: np.ndarray, n_rings: int, frame_time
 
 
 def _accumulate(series: np.ndarray, rings: np.ndarray, n_rings: int, schedule: list[tuple[int, int]],
-                counts: np.ndarray, sums: np.ndarray, squares: np.ndarray) -> None:
+                counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, buffers: int) -> None:
     level_series, current_level = series, -1
     for i, (level, lag) in enumerate(schedule):
         while current_level < level:
             if current_level >= 0:
                 level_series = _coarsen(level_series)
             current_level += 1
-            # Prefix sums give every lag's past and future means in O(pixels).
-            prefix = np.concatenate([np.zeros((1, level_series.shape[1])), np.cumsum(level_series, axis=0)])
+            # A lag's past mean is the total less the last `lag` frames, its future mean
+            # the total less the first `lag`: partial sums of the first and last
+            # `buffers` frames are all that is needed, not a prefix sum over the level.
+            edge = min(buffers, level_series.shape[0])
+            total = level_series.sum(axis=0)
+            head = np.cumsum(level_series[:edge], axis=0)           # head[k-1] = first k frames
+            tail = np.cumsum(level_series[::-1][:edge], axis=0)     # tail[k-1] = last k frames
         n = level_series.shape[0] - lag
-        past_mean = prefix[n] / n
-        future_mean = (prefix[-1] - prefix[lag]) / n
+        past_mean = (total - tail[lag - 1]) / n
+        future_mean = (total - head[lag - 1]) / n
         numerator = np.einsum("tp,tp->p", level_series[:-lag], level_series[lag:]) / n
         denominator = past_mean * future_mean
         valid = denominator > 0

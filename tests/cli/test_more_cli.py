@@ -193,6 +193,20 @@ def test_analytics_summarises_events(cli_server: CliServer, synced: None) -> Non
     assert table.returncode == 0 and "throughput" in table.stdout and "JOB_FINISHED" in table.stdout
 
 
+
+def test_route_predicts_from_the_apps_history(cli_server: CliServer, synced: None) -> None:
+    for i in range(2):
+        _move(cli_server, _job(cli_server, f"route/{i}", "exp=route"), S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_DONE)
+    (routed,) = cli_server.json("route", "--app", "Greeter", "--deadline", "3600")
+    (mini,) = routed["sites"]
+    assert mini["site"] == "mini" and mini["run_samples"] >= 2 and "run" not in mini["borrowed"]
+    assert mini["total_s"] >= mini["run_s"] >= 0 and mini["meets_deadline"] is True
+    assert routed["choices"]["earliest"] == "mini" and routed["choices"]["deadline"] == "mini"
+    table = cli_server.run("route", "--app", "Greeter")
+    assert table.returncode == 0 and "policies would choose" in table.stdout and "mini" in table.stdout
+    missing = cli_server.run("route", "--app", "NoSuchApp")
+    assert missing.returncode == 2 and "no app named 'NoSuchApp'" in missing.stderr
+
 def test_login_with_password_and_token(cli_server: CliServer, tmp_path: Path) -> None:
     cli_server.call("AuthService", "CreateUser", auth_service_pb2.CreateUserRequest(
         username="bob", password="correct horse battery"))

@@ -83,3 +83,40 @@ def test_pixel_chunks_do_not_change_the_result() -> None:
     np.testing.assert_allclose(pieces.g2, whole.g2, rtol=1e-12)
     np.testing.assert_allclose(pieces.g2_err, whole.g2_err, rtol=1e-9, atol=1e-15)
     assert list(pieces.pixels) == list(whole.pixels) and pieces.pixels.sum() == (labels >= 0).sum()
+
+
+def _g2_by_definition(frames: np.ndarray, labels: np.ndarray, n_rings: int, buffers: int) -> np.ndarray:
+    """Each lag's per-pixel g2 from plain means over the overlapping frames (no partial
+    sums), averaged over each ring: what the kernel's bookkeeping must reproduce."""
+    series = frames.reshape(frames.shape[0], -1).astype(np.float64)
+    flat = labels.ravel()
+    out = []
+    level_series, current = series, 0
+    for level, lag in lag_schedule(frames.shape[0], buffers):
+        while current < level:
+            even = level_series.shape[0] // 2 * 2
+            level_series = 0.5 * (level_series[0:even:2] + level_series[1:even:2])
+            current += 1
+        past, future = level_series[:-lag], level_series[lag:]
+        per_pixel = (past * future).mean(axis=0) / (past.mean(axis=0) * future.mean(axis=0))
+        out.append([per_pixel[flat == ring].mean() for ring in range(n_rings)])
+    return np.array(out).T
+
+
+def test_partial_sums_at_the_ends_give_the_definition() -> None:
+    data = generate(rows=16, cols=16, n_frames=300, seed=7)
+    labels, _ = ring_labels(data.geometry.q_map(), 3)
+    corr = multitau_g2(data.frames, labels, 3, data.frame_time_s, buffers=8, chunk_bytes=8 * 300 * 50)
+    np.testing.assert_allclose(corr.g2, _g2_by_definition(data.frames, labels, 3, 8), rtol=1e-12)
+
+
+def test_chunks_are_bounded_by_bytes_whatever_the_run_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    import balsam_grpc.xpcs.multitau as kernel
+
+    widths = []
+    original = kernel._accumulate
+    monkeypatch.setattr(kernel, "_accumulate", lambda series, *a: (widths.append(series.nbytes), original(series, *a)))
+    data = generate(rows=32, cols=32, n_frames=512, seed=2)
+    labels, _ = ring_labels(data.geometry.q_map(), 2)
+    kernel.multitau_g2(data.frames, labels, 2, data.frame_time_s, chunk_bytes=64 << 10)
+    assert len(widths) > 1 and max(widths) <= 64 << 10

@@ -1,0 +1,210 @@
+"""Completion prediction for routing: the pure estimation functions (no server) and
+the policies built on them (earliest, deadline, shortest_backlog)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from balsam_grpc.sdk import InvalidArgument
+from balsam_grpc.sdk.routing import (
+    Estimate,
+    LinearModel,
+    SiteHistory,
+    SiteLoad,
+    choose_earliest,
+    choose_for_deadline,
+    choose_shortest_backlog,
+    estimate,
+    estimates,
+    fit_linear,
+    pooled,
+    slot_wait_s,
+)
+
+MB = 1e6
+
+
+def test_fit_linear_recovers_a_size_dependence_and_falls_back_to_the_median():
+    line = fit_linear([(b * MB, 2.0 + 0.5 * b) for b in (1, 2, 4, 8)])
+    assert line.fixed_s == pytest.approx(2.0) and line.per_byte_s == pytest.approx(0.5 / MB)
+    assert line.seconds(10 * MB) == pytest.approx(7.0) and line.error_s == pytest.approx(0.0)
+    same_size = fit_linear([(MB, 3.0), (MB, 5.0), (MB, 4.0)])
+    assert same_size.per_byte_s == 0.0 and same_size.fixed_s == 4.0 and same_size.error_s == 1.0
+    # A rate measured by the transfer tasks: only the fixed overhead is fitted.
+    rated = fit_linear([(MB, 1.5), (MB, 1.7)], per_byte_s=1.0 / (10 * MB))
+    assert rated.bytes_per_s == pytest.approx(10 * MB) and rated.fixed_s == pytest.approx(1.5)
+    assert fit_linear([]) is None
+
+
+def test_slot_wait_free_slot_held_slots_and_a_new_pilot():
+    idle = SiteLoad(1, held_nodes=2, running_jobs=1)
+    assert slot_wait_s(idle, placed=0, run_s=10, pilot_delay_s=100) == 0.0
+    full = SiteLoad(1, held_nodes=2, running_jobs=2, backlog_jobs=2, node_capacity=2)
+    # No room for a pilot: the 3rd job behind 4 on 2 slots starts after 1.5 runs.
+    assert slot_wait_s(full, placed=0, run_s=10, pilot_delay_s=5) == pytest.approx(15.0)
+    roomy = SiteLoad(1, held_nodes=2, running_jobs=2, backlog_jobs=2, node_capacity=8)
+    assert slot_wait_s(roomy, placed=0, run_s=10, pilot_delay_s=5) == pytest.approx(5.0)  # the pilot comes first
+    assert slot_wait_s(roomy, placed=0, run_s=10, pilot_delay_s=60) == pytest.approx(15.0)  # the slots free first
+    cold = SiteLoad(1, node_capacity=4)  # nothing held yet: a pilot must start
+    assert slot_wait_s(cold, placed=0, run_s=10, pilot_delay_s=30) == pytest.approx(30.0)
+    assert slot_wait_s(cold, placed=6, run_s=10, pilot_delay_s=30) == pytest.approx(30 + 3 / 4 * 10)
+
+
+def test_estimate_adds_the_terms_and_overlaps_stage_in_with_the_wait():
+    history = SiteHistory(1, stage_in=LinearModel(1.0, 1 / (10 * MB), 5, 0.3),
+                          stage_out=LinearModel(0.5, 0.0, 5, 0.4), run=LinearModel(2.0, 1 / MB, 5, 1.2),
+                          pilot_delay_s=20.0, charge_per_node_hour=2.0)
+    est = estimate(SiteLoad(1, held_nodes=1, running_jobs=1, node_capacity=1), history,
+                   input_bytes=8 * MB, output_bytes=1000)
+    assert est.stage_in_s == pytest.approx(1.8) and est.run_s == pytest.approx(10.0)
+    assert est.wait_s == pytest.approx(10.0)              # behind the one running job
+    assert est.total_s == pytest.approx(10.0 + 10.0 + 0.5)  # stage-in hides in the wait
+    assert est.error_s == pytest.approx((0.3**2 + 1.2**2 + 0.4**2) ** 0.5)
+    assert est.cost == pytest.approx(10.0 / 3600 * 2.0) and est.borrowed == ()
+
+
+def test_a_site_without_history_borrows_the_pooled_history():
+    known = SiteHistory(1, stage_in=LinearModel(1.0), run=LinearModel(30.0), stage_out=LinearModel(1.0),
+                        pilot_delay_s=10.0)
+    new = estimate(SiteLoad(2, node_capacity=2), SiteHistory(2), pooled([known]))
+    assert new.run_s == 30.0 and new.wait_s == 10.0
+    assert set(new.borrowed) == {"stage_in", "run", "stage_out", "pilot_delay"}
+
+
+def test_earliest_prefers_a_short_queue_over_a_big_site_waiting_for_its_pilot():
+    """The big site gets its capacity's share from `best`; predicted completion sees
+    that its pilot is 300 s away while the small site's node is free."""
+    run = LinearModel(20.0)
+    loads = [SiteLoad(1, node_capacity=8), SiteLoad(2, held_nodes=1, node_capacity=1)]
+    histories = {1: SiteHistory(1, run=run, pilot_delay_s=300.0), 2: SiteHistory(2, run=run, pilot_delay_s=5.0)}
+    placed: Counter[int] = Counter()
+    for _ in range(6):
+        placed[choose_earliest(estimates(loads, histories, placed)).site_id] += 1
+    # Site 2 serves jobs every 20 s: five of them are done before the big site's pilot starts.
+    assert placed[2] == 6
+
+
+def test_deadline_picks_the_cheapest_site_that_meets_it_and_flags_misses():
+    fast_dear = Estimate(1, 1, 0, 10, 1, error_s=1, cost=2.0)
+    slow_cheap = Estimate(2, 1, 40, 10, 1, error_s=1, cost=1.0)
+    assert choose_for_deadline([fast_dear, slow_cheap], deadline_s=60) == (slow_cheap, False)
+    assert choose_for_deadline([fast_dear, slow_cheap], deadline_s=30) == (fast_dear, False)
+    # Within the deadline only without the margin of one typical error: not counted as meeting it.
+    assert choose_for_deadline([fast_dear, slow_cheap], deadline_s=51.5) == (fast_dear, False)
+    assert choose_for_deadline([fast_dear, slow_cheap], deadline_s=5) == (fast_dear, True)
+    with pytest.raises(InvalidArgument):
+        choose_for_deadline([], 10)
+
+
+def test_shortest_backlog_counts_queued_running_and_placed():
+    loads = [SiteLoad(1, backlog_jobs=2, running_jobs=2), SiteLoad(2, backlog_jobs=3), SiteLoad(3, connected=False)]
+    assert choose_shortest_backlog(loads) == 2
+    assert choose_shortest_backlog(loads, {2: 2}) == 1
+    with pytest.raises(InvalidArgument):
+        choose_shortest_backlog([])
+
+
+class ScriptedServer:
+    """Stands in for Client.call: one page of canned List responses per method,
+    honouring the filters read_history relies on (job ids, directions)."""
+
+    def __init__(self, events, jobs, items, batch_jobs) -> None:
+        self.events, self.jobs, self.items, self.batch_jobs = events, jobs, items, batch_jobs
+        self.requests: list[tuple[str, object]] = []
+
+    def call(self, service, method, request):
+        from balsam_grpc.v1 import (
+            batch_job_service_pb2,
+            event_service_pb2,
+            job_service_pb2,
+            transfer_item_service_pb2,
+        )
+
+        self.requests.append((method, request))
+        assert (service, method) in {("EventService", "ListEvents"), ("JobService", "ListJobs"),
+                                     ("TransferService", "ListTransferItems"), ("BatchJobService", "ListBatchJobs")}
+        if method == "ListEvents":
+            return event_service_pb2.ListEventsResponse(events=self.events)
+        if method == "ListJobs":
+            return job_service_pb2.ListJobsResponse(jobs=[j for j in self.jobs if j.id in request.filter.ids])
+        if method == "ListTransferItems":
+            return transfer_item_service_pb2.ListTransferItemsResponse(
+                transfer_items=[t for t in self.items if t.job_id in request.filter.job_ids])
+        if method == "ListBatchJobs":
+            return batch_job_service_pb2.ListBatchJobsResponse(batch_jobs=self.batch_jobs)
+        raise AssertionError(method)
+
+
+def _history_fixture():
+    from datetime import datetime, timedelta, timezone
+
+    from balsam_grpc.v1 import batch_job_pb2, common_pb2, event_pb2, job_pb2, transfer_item_pb2
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    events, jobs, items = [], [], []
+
+    def change(job_id, site_id, at, frm, to):
+        e = event_pb2.Event(job_id=job_id, site_id=site_id,
+                            job_state=event_pb2.JobStateChange(from_state=job_pb2.JobState.Value(f"JOB_STATE_{frm}"),
+                                                               to_state=job_pb2.JobState.Value(f"JOB_STATE_{to}")))
+        e.time.FromDatetime(t0 + timedelta(seconds=at))
+        events.append(e)
+
+    # Site 1, app 10: three finished jobs of 1, 2 and 4 MB: stage-in 1 s + 0.5 s/MB,
+    # run 2 s + 3 s/MB, stage-out 0.5 s. Site 1 also ran a job of another app (ignored).
+    for job_id, mb, app_id in ((1, 1, 10), (2, 2, 10), (3, 4, 10), (4, 50, 99)):
+        stage_in, run = 1 + 0.5 * mb, 2 + 3 * mb
+        at = 100.0 * job_id
+        for frm, to, dt in (("CREATED", "READY", 0), ("READY", "STAGED_IN", stage_in),
+                            ("STAGED_IN", "PREPROCESSED", 0.1), ("PREPROCESSED", "RUNNING", 5),
+                            ("RUNNING", "RUN_DONE", run), ("RUN_DONE", "POSTPROCESSED", 0.1),
+                            ("POSTPROCESSED", "STAGED_OUT", 0.5), ("STAGED_OUT", "JOB_FINISHED", 0)):
+            at += dt
+            change(job_id, 1, at, frm, to)
+        jobs.append(job_pb2.Job(id=job_id, app_id=app_id, site_id=1))
+        items.append(transfer_item_pb2.TransferItem(
+            job_id=job_id, site_id=1, direction=common_pb2.TRANSFER_DIRECTION_IN, location_alias="aps",
+            state=transfer_item_pb2.TRANSFER_STATE_DONE,
+            metrics=transfer_item_pb2.TransferMetrics(bytes=int(mb * MB), duration_seconds=0.5 * mb)))
+        items.append(transfer_item_pb2.TransferItem(
+            job_id=job_id, site_id=1, direction=common_pb2.TRANSFER_DIRECTION_OUT, location_alias="results",
+            state=transfer_item_pb2.TRANSFER_STATE_DONE,
+            metrics=transfer_item_pb2.TransferMetrics(bytes=1000, duration_seconds=0.01)))
+    # A job still running at site 1 counts for nothing.
+    change(5, 1, 900, "CREATED", "READY")
+    pilots = []
+    for site_id, delays in ((1, (10, 12, 30)), (2, (40,))):
+        for i, delay in enumerate(delays):
+            b = batch_job_pb2.BatchJob(site_id=site_id, num_nodes=1)
+            b.create_time.FromDatetime(t0 + timedelta(seconds=50 * i))
+            b.start_time.FromDatetime(t0 + timedelta(seconds=50 * i + delay))
+            pilots.append(b)
+    pilots.append(batch_job_pb2.BatchJob(site_id=2, num_nodes=1))  # never started: no sample
+    return ScriptedServer(events, jobs, items, pilots)
+
+
+def test_read_history_measures_phases_rates_and_pilot_delays():
+    from balsam_grpc.sdk.routing import read_history
+
+    server = _history_fixture()
+    history = read_history(server, [1, 2], {1: 10, 2: 20}, in_location="aps", out_location="results",  # type: ignore[arg-type]
+                           charges={2: 0.5})
+    one, two = history[1], history[2]
+    assert one.run.samples == 3 and one.run.per_byte_s == pytest.approx(3 / MB) and one.run.fixed_s == pytest.approx(2)
+    assert one.stage_in.bytes_per_s == pytest.approx(2 * MB) and one.stage_in.fixed_s == pytest.approx(1.0)
+    assert one.stage_out.fixed_s == pytest.approx(0.5, abs=0.02)
+    assert one.pilot_delay_s == 12 and one.pilot_delay_samples == 3
+    assert two.run is None and two.pilot_delay_s == 40 and two.pilot_delay_samples == 1
+    assert two.charge_per_node_hour == 0.5 and one.charge_per_node_hour == 1.0
+    # The estimate a 3 MB job gets at site 2 (no history of its own) borrows site 1's.
+    est = estimate(SiteLoad(2, node_capacity=1), two, pooled(history.values()), input_bytes=3 * MB)
+    assert est.run_s == pytest.approx(11.0) and est.wait_s == 40 and "run" in est.borrowed
+
+
+def test_read_history_stage_in_from_another_location_does_not_count():
+    from balsam_grpc.sdk.routing import read_history
+
+    history = read_history(_history_fixture(), [1], {1: 10}, in_location="elsewhere")  # type: ignore[arg-type]
+    assert history[1].stage_in is None and history[1].run.samples == 3
