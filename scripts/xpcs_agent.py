@@ -106,6 +106,7 @@ class Options:
     extra_tags: dict[str, str] = field(default_factory=dict)
     deadline: float | None = None   # seconds after submission each result is due
     charges: dict[str, float] = field(default_factory=dict)  # site -> charge per node-hour
+    pregenerate: bool = False       # write every dataset before the first burst
 
 
 def draw_truth(rng: np.random.Generator) -> float:
@@ -151,16 +152,13 @@ class Agent:
         (opts.data_dir / self.run_id).mkdir(parents=True, exist_ok=True)
         first_at: float | None = None
         try:
+            # With `pregenerate`, every dataset is written before the first burst, so the
+            # burst times hold on a loaded machine (policies compared on one schedule).
+            bursts = [self.write_burst(rng, first) for first in range(0, opts.datasets, opts.burst)] \
+                if opts.pregenerate else None
             for first in range(0, opts.datasets, opts.burst):
                 burst_no = first // opts.burst
-                written = []
-                for index in range(first, min(first + opts.burst, opts.datasets)):
-                    truth = draw_truth(rng)
-                    name = f"ds-{index:04d}"
-                    data = generate(rows=opts.size, cols=opts.size, n_frames=opts.frames, diffusion_m2_per_s=truth,
-                                    seed=opts.seed * 100_003 + index)
-                    path = save_dataset(data, opts.data_dir / self.run_id / f"{name}.npz", compress=False)
-                    written.append((name, truth, path.stat().st_size))
+                written = bursts[burst_no] if bursts is not None else self.write_burst(rng, first)
                 if first_at is None:
                     first_at = time.monotonic()
                 late = time.monotonic() - (first_at + burst_no * opts.interval)
@@ -177,6 +175,20 @@ class Agent:
             self.producer_error = exc
         finally:
             self.submitted.put(None)
+
+    def write_burst(self, rng: np.random.Generator, first: int) -> list[tuple[str, float, int]]:
+        """The burst's datasets from index `first`, written to the instrument's folder:
+        (name, true D, bytes) each."""
+        opts = self.opts
+        written = []
+        for index in range(first, min(first + opts.burst, opts.datasets)):
+            truth = draw_truth(rng)
+            name = f"ds-{index:04d}"
+            data = generate(rows=opts.size, cols=opts.size, n_frames=opts.frames, diffusion_m2_per_s=truth,
+                            seed=opts.seed * 100_003 + index)
+            path = save_dataset(data, opts.data_dir / self.run_id / f"{name}.npz", compress=False)
+            written.append((name, truth, path.stat().st_size))
+        return written
 
     def submit(self, name: str, truth: float, nbytes: int) -> int:
         """One job: stage the dataset in from the instrument, reduce it, stage the results
@@ -323,6 +335,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="seconds after submission each result is due (the deadline strategy needs it)")
     p.add_argument("--charges", default="", help="site=charge per node-hour, comma-separated (deadline strategy's "
                                                  "cost; default 1 everywhere)")
+    p.add_argument("--pregenerate", action="store_true",
+                   help="write every dataset before the first burst (burst times then hold on a loaded machine)")
     p.add_argument("--window", type=float, default=30.0, help="throughput window of the router's statistics (s)")
     p.add_argument("--data-dir", type=Path, default=Path("xpcs-data"),
                    help="the instrument's folder: datasets are written here (the sites' location --in-location)")
@@ -356,7 +370,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    window=a.window, data_dir=a.data_dir.resolve(), results_dir=a.results_dir.resolve(),
                    in_location=a.in_location, out_location=a.out_location, size=a.size, frames=a.frames,
                    rings=a.rings, seed=a.seed, tag=a.tag, summary=a.summary, timeout=a.timeout, quiet=a.quiet,
-                   each=a.each, deadline=a.deadline, charges=charges)
+                   each=a.each, deadline=a.deadline, charges=charges,
+                   pregenerate=a.pregenerate)
 
 
 def main(argv: list[str] | None = None) -> int:

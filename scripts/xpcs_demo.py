@@ -24,7 +24,8 @@
 With `--compare`, step 3 runs once per routing policy (`--policies`, default round_robin,
 shortest_backlog, earliest, deadline) on the same sites with the same burst schedule and
 datasets (same seed), each run waiting for the sites to scale to zero first, and every
-dataset due `--deadline` seconds after submission; then it prints per policy the
+dataset due `--deadline` seconds after submission (the datasets are written before
+the first burst, so the burst times hold on a loaded machine); then it prints per policy the
 turnaround p50/p99, the deadline misses (and how many the router predicted at
 submission), the prediction error and the split between the sites, side by side, and
 writes compare.png (turnaround distributions and site split) and compare.json. The
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", default="best",
                    help="routing: earliest, deadline, round_robin, shortest_backlog, best or fixed")
     p.add_argument("--deadline", type=float, default=None,
-                   help="seconds after submission each result is due (default 60 with --compare)")
+                   help="seconds after submission each result is due (default 25 with --compare)")
     p.add_argument("--compare", action="store_true", help="run the same schedule under each of --policies and "
                                                           "print them side by side")
     p.add_argument("--policies", default=",".join(COMPARE_POLICIES), help="policies for --compare, in run order")
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     policies = [x.strip() for x in a.policies.split(",") if x.strip()] if a.compare else [a.strategy]
     if a.compare and a.deadline is None:
-        a.deadline = 60.0
+        a.deadline = 25.0
     if "deadline" in policies and not a.deadline:
         p.error("the deadline policy needs --deadline SECONDS")
 
@@ -438,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--interval", str(a.interval), "--strategy", policy, "--tag", run_tag, "--size", str(a.size),
                 "--frames", str(a.frames), "--data-dir", str(demo.instrument), "--results-dir", str(demo.results),
                 "--summary", str(run_summary), *(["--each"] if a.each else []),
-                *(["--deadline", str(a.deadline)] if a.deadline else [])])
+                *(["--deadline", str(a.deadline)] if a.deadline else []),
+                *(["--pregenerate"] if a.compare else [])])
             code = run_code if policy == policies[0] else max(code, run_code)
             if a.compare:
                 summaries[policy] = json.loads(run_summary.read_text())

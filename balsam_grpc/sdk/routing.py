@@ -340,14 +340,22 @@ def choose_earliest(ests: Sequence[Estimate]) -> Estimate:
     return min(ests, key=lambda e: (round(e.total_s, 6), e.cost, e.site_id))
 
 
+# Costs within this fraction of the cheapest count as equal: run-time estimates differ by
+# noise between sites of one charge, and that noise must not pick the site.
+COST_TOLERANCE = 0.10
+
+
 def choose_for_deadline(ests: Sequence[Estimate], deadline_s: float, margin: float = 1.0) -> tuple[Estimate, bool]:
     """The cheapest site predicted to finish within `deadline_s` with `margin` typical
-    errors to spare (ties to the earlier); with none, the earliest, flagged as a miss."""
+    errors to spare (costs within COST_TOLERANCE are equal: then the earliest); with
+    none, the earliest, flagged as a miss."""
     if not ests:
         raise InvalidArgument("no sites to route to")
     meeting = [e for e in ests if e.total_s + margin * e.error_s <= deadline_s]
     if meeting:
-        return min(meeting, key=lambda e: (round(e.cost, 9), e.total_s, e.site_id)), False
+        cheapest = min(e.cost for e in meeting)
+        affordable = [e for e in meeting if e.cost <= cheapest * (1 + COST_TOLERANCE)]
+        return choose_earliest(affordable), False
     best = choose_earliest(ests)
     return best, best.total_s > deadline_s
 
