@@ -435,9 +435,12 @@ def rm(
     all_jobs: Annotated[bool, typer.Option("--all", help="allow an empty filter (every job)")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be deleted; delete nothing")] = False,
+    cascade: Annotated[bool, typer.Option(help="also delete jobs whose children wait on them; each such child "
+                                               "follows its parent-failure policy")] = False,
 ) -> None:
     """Delete the selected jobs, after a confirmation with the count. Running jobs are
-    refused (kill them first: job modify --set-state KILLED).
+    refused (kill them first: job modify --set-state KILLED), and so are jobs whose
+    children still wait on them unless --cascade.
 
     Examples:
 
@@ -456,9 +459,46 @@ def rm(
 
     def run(validate_only: bool) -> job_service_pb2.BatchDeleteJobsResponse:
         return ctx.client().call("JobService", "BatchDeleteJobs", job_service_pb2.BatchDeleteJobsRequest(
-            filter=flt, validate_only=validate_only), timeout=120)
+            filter=flt, validate_only=validate_only, cascade=cascade), timeout=120)
 
     _bulk(run(True), "deleted_count", "delete {n} jobs", yes=yes, dry_run=dry_run, run=run, done="deleted {n} jobs")
+
+
+# ---------------------------------------------------------------------------- retry
+
+@job_app.command("retry")
+@job_filters
+def retry(
+    selection: JobSelection,
+    reset_run_count: Annotated[bool, typer.Option(help="start the run count from zero, so the app's "
+                                                       "max_retries applies afresh")] = False,
+    all_jobs: Annotated[bool, typer.Option("--all", help="allow an empty filter (every retryable job)")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be retried; change nothing")] = False,
+) -> None:
+    """Run FAILED, KILLED, RUN_ERROR and RUN_TIMEOUT jobs again, each from where it must
+    restart (its parents, stage-in, preprocess, stage-out or the run itself); children
+    their failure had failed wait on them again. Other selected jobs are refused.
+
+    Examples:
+
+      balsamctl job retry --state FAILED --tag exp=a --dry-run
+
+      balsamctl job retry --id 17 --reset-run-count --yes
+    """
+    _require_filter(selection, all_jobs)
+    if selection.is_empty:
+        selection.states = ["FAILED", "KILLED", "RUN_ERROR", "RUN_TIMEOUT"]
+    flt = ctx.bulk_filter(selection)
+    if flt is None:
+        out.write("no jobs selected; nothing to retry")
+        return
+
+    def run(validate_only: bool) -> job_service_pb2.RetryJobsResponse:
+        return ctx.client().call("JobService", "RetryJobs", job_service_pb2.RetryJobsRequest(
+            filter=flt, validate_only=validate_only, reset_run_count=reset_run_count), timeout=120)
+
+    _bulk(run(True), "retried_count", "retry {n} jobs", yes=yes, dry_run=dry_run, run=run, done="retried {n} jobs")
 
 
 # -------------------------------------------------------------------------- history

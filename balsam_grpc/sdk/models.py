@@ -20,9 +20,11 @@ from datetime import timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import grpc
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 
+from balsam_grpc.core.errors import ERRORS_BY_CODE, FailedPrecondition
 from balsam_grpc.core.states import FINAL_STATES
 from balsam_grpc.sdk import filters
 from balsam_grpc.sdk.convert import get_field, scalar_text, set_field
@@ -436,6 +438,20 @@ class Job(Model):
         self.state = "KILLED"
         self.state_message = message
         return self.save()
+
+    def retry(self, *, reset_run_count: bool = False) -> Job:
+        """Run a FAILED, KILLED, RUN_ERROR or RUN_TIMEOUT job again from where it must
+        restart (RetryJobs); FailedPrecondition when it is not retryable. Returns self,
+        refreshed."""
+        res = self.resource
+        response = self.client.call(res.service, "RetryJobs", res.request("RetryJobs")(
+            filter=job_pb2.JobFilter(ids=[self._require_id()]), reset_run_count=reset_run_count))
+        if response.failed_count:
+            (outcome,) = [o for o in response.outcomes if o.code]
+            code = next(c for c in grpc.StatusCode if c.value[0] == outcome.code)
+            raise ERRORS_BY_CODE.get(code, FailedPrecondition)(outcome.message, reason=outcome.reason)
+        self.refresh_from_db()
+        return self
 
     def history(self) -> list[Event]:
         """The job's events, oldest first."""

@@ -47,7 +47,7 @@ class Outcome:
 
 @dataclass
 class BulkResult:
-    """Per-object outcomes of `.update()` / `.delete()` on a query."""
+    """Per-object outcomes of `.update()` / `.delete()` / `.retry()` on a query."""
 
     outcomes: list[Outcome] = field(default_factory=list)
     succeeded: int = 0
@@ -343,6 +343,22 @@ class Query:
             result.outcomes.append(Outcome(obj.id))
             result.succeeded += 1
         return result
+
+    def retry(self, *, reset_run_count: bool = False, dry_run: bool = False) -> BulkResult:
+        """Retry every selected job (RetryJobs): FAILED, KILLED, RUN_ERROR and RUN_TIMEOUT
+        jobs go back to where they must restart, and children their failure had failed
+        wait on them again; other jobs are refused per item. `reset_run_count` starts the
+        app's max_retries afresh."""
+        res = self.model.resource
+        if res.name != "job":
+            raise TypeError(f"{res.name}s cannot be retried; only jobs can")
+        try:
+            selection = self._selection_for_bulk()
+        except MatchesNothing:
+            return BulkResult(dry_run=dry_run)
+        response = self.client.call(res.service, "RetryJobs", res.request("RetryJobs")(
+            filter=selection, validate_only=dry_run, reset_run_count=reset_run_count))
+        return BulkResult.from_outcomes(response.outcomes, response.retried_count, response.failed_count, dry_run)
 
     def delete(self, *, dry_run: bool = False) -> BulkResult:
         """Delete every selected object; per-object outcomes. Jobs go in one

@@ -168,12 +168,14 @@ class BatchUpdateJobsResponse(_message.Message):
     def __init__(self, outcomes: _Optional[_Iterable[_Union[_common_pb2.ItemOutcome, _Mapping]]] = ..., updated_count: _Optional[int] = ..., failed_count: _Optional[int] = ...) -> None: ...
 
 class DeleteJobRequest(_message.Message):
-    __slots__ = ("id", "request_id")
+    __slots__ = ("id", "request_id", "cascade")
     ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
     id: int
     request_id: str
-    def __init__(self, id: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    cascade: bool
+    def __init__(self, id: _Optional[int] = ..., request_id: _Optional[str] = ..., cascade: _Optional[bool] = ...) -> None: ...
 
 class DeleteJobResponse(_message.Message):
     __slots__ = ("id",)
@@ -182,14 +184,16 @@ class DeleteJobResponse(_message.Message):
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class BatchDeleteJobsRequest(_message.Message):
-    __slots__ = ("filter", "request_id", "validate_only")
+    __slots__ = ("filter", "request_id", "validate_only", "cascade")
     FILTER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
     filter: _job_pb2.JobFilter
     request_id: str
     validate_only: bool
-    def __init__(self, filter: _Optional[_Union[_job_pb2.JobFilter, _Mapping]] = ..., request_id: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+    cascade: bool
+    def __init__(self, filter: _Optional[_Union[_job_pb2.JobFilter, _Mapping]] = ..., request_id: _Optional[str] = ..., validate_only: _Optional[bool] = ..., cascade: _Optional[bool] = ...) -> None: ...
 
 class BatchDeleteJobsResponse(_message.Message):
     __slots__ = ("outcomes", "deleted_count", "failed_count")
@@ -200,3 +204,25 @@ class BatchDeleteJobsResponse(_message.Message):
     deleted_count: int
     failed_count: int
     def __init__(self, outcomes: _Optional[_Iterable[_Union[_common_pb2.ItemOutcome, _Mapping]]] = ..., deleted_count: _Optional[int] = ..., failed_count: _Optional[int] = ...) -> None: ...
+
+class RetryJobsRequest(_message.Message):
+    __slots__ = ("filter", "request_id", "validate_only", "reset_run_count")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    RESET_RUN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    filter: _job_pb2.JobFilter
+    request_id: str
+    validate_only: bool
+    reset_run_count: bool
+    def __init__(self, filter: _Optional[_Union[_job_pb2.JobFilter, _Mapping]] = ..., request_id: _Optional[str] = ..., validate_only: _Optional[bool] = ..., reset_run_count: _Optional[bool] = ...) -> None: ...
+
+class RetryJobsResponse(_message.Message):
+    __slots__ = ("outcomes", "retried_count", "failed_count")
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    RETRIED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.ItemOutcome]
+    retried_count: int
+    failed_count: int
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[_common_pb2.ItemOutcome, _Mapping]]] = ..., retried_count: _Optional[int] = ..., failed_count: _Optional[int] = ...) -> None: ...

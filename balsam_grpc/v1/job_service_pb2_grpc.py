@@ -80,6 +80,11 @@ class JobServiceStub:
                 request_serializer=balsam_dot_v1_dot_job__service__pb2.BatchDeleteJobsRequest.SerializeToString,
                 response_deserializer=balsam_dot_v1_dot_job__service__pb2.BatchDeleteJobsResponse.FromString,
                 _registered_method=True)
+        self.RetryJobs = channel.unary_unary(
+                '/balsam.v1.JobService/RetryJobs',
+                request_serializer=balsam_dot_v1_dot_job__service__pb2.RetryJobsRequest.SerializeToString,
+                response_deserializer=balsam_dot_v1_dot_job__service__pb2.RetryJobsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -137,7 +142,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteJob(self, request, context):
-        """Deletes one job. Running jobs cannot be deleted (kill them first).
+        """Deletes one job. Running jobs cannot be deleted (kill them first); a job whose
+        children still wait on it is refused unless the request cascades.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +151,17 @@ class JobServiceServicer:
 
     def BatchDeleteJobs(self, request, context):
         """Deletes every job selected by a filter, with a per-item outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryJobs(self, request, context):
+        """Moves FAILED, KILLED, RUN_ERROR and RUN_TIMEOUT jobs back to where they must
+        restart, with a per-item outcome: waiting on their parents again, staging in again
+        (their stage-in failed or their workdir was cleaned), preprocessing again, staging
+        out again, or RESTART_READY. Children that a retried job's failure had failed wait
+        on it again (AWAITING_PARENTS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,6 +214,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.BatchDeleteJobs,
                     request_deserializer=balsam_dot_v1_dot_job__service__pb2.BatchDeleteJobsRequest.FromString,
                     response_serializer=balsam_dot_v1_dot_job__service__pb2.BatchDeleteJobsResponse.SerializeToString,
+            ),
+            'RetryJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJobs,
+                    request_deserializer=balsam_dot_v1_dot_job__service__pb2.RetryJobsRequest.FromString,
+                    response_serializer=balsam_dot_v1_dot_job__service__pb2.RetryJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +465,33 @@ class JobService:
             '/balsam.v1.JobService/BatchDeleteJobs',
             balsam_dot_v1_dot_job__service__pb2.BatchDeleteJobsRequest.SerializeToString,
             balsam_dot_v1_dot_job__service__pb2.BatchDeleteJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balsam.v1.JobService/RetryJobs',
+            balsam_dot_v1_dot_job__service__pb2.RetryJobsRequest.SerializeToString,
+            balsam_dot_v1_dot_job__service__pb2.RetryJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -336,3 +336,29 @@ def test_show_json_and_fields(cli_server: CliServer, world: dict[str, Any]) -> N
     assert table.returncode == 0, table.stderr
     fields = {line.split()[0]: line.split()[1:] for line in table.stdout.splitlines() if line.strip()}
     assert fields["state"] == ["PREPROCESSED"] and fields["app"][0] == "hello"
+
+
+def test_retry_finishes_a_failed_dag(cli_server: CliServer, world: dict[str, Any]) -> None:
+    """One parent, three children: the parent's run fails and fails its children; `job
+    retry` of the whole selection restarts the parent and sets the children waiting, and
+    the DAG then finishes."""
+    parent = create(cli_server, "dag/parent", {"exp": "dag"})
+    children = [int(cli_server.call("JobService", "CreateJob", job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=world["hello"].id, workdir=f"dag/child{i}", parameters={"n": "1"}, parent_ids=[parent],
+        tags={"exp": "dag"}))).job.id) for i in range(3)]
+    move(cli_server, parent, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_ERROR)  # no retry policy: FAILED
+    assert count(cli_server, tags={"exp": "dag"}, states=[S.JOB_STATE_FAILED]) == 4
+
+    dry = cli_server.run("job", "retry", "--tag", "exp=dag", "--dry-run")
+    assert dry.returncode == 0 and "would retry 4 jobs" in dry.stdout, dry.stdout + dry.stderr
+    done = cli_server.run("job", "retry", "--tag", "exp=dag", "--yes")
+    assert done.returncode == 0 and "retried 4 jobs" in done.stdout, done.stdout + done.stderr
+    assert count(cli_server, ids=[parent], states=[S.JOB_STATE_RESTART_READY]) == 1
+    assert count(cli_server, ids=children, states=[S.JOB_STATE_AWAITING_PARENTS]) == 3
+
+    move(cli_server, parent, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_DONE)
+    for child in children:
+        move(cli_server, child, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_DONE)
+    assert count(cli_server, tags={"exp": "dag"}, states=[S.JOB_STATE_JOB_FINISHED]) == 4
+    again = cli_server.run("job", "retry", "--tag", "exp=dag", "--yes")
+    assert again.returncode == 1 and "NOT_RETRYABLE" in again.stderr

@@ -163,3 +163,21 @@ def test_one_watcher_per_client_for_many_futures(client: Client, other_client: C
     done, not_done = client.jobs.wait(many, timeout=WAIT)
     assert len(done) == 200 and not not_done
     assert client.watcher is watcher and watcher.stream.reconnects == 0
+
+
+def test_retry_from_the_sdk(client: Client, other_client: Client, jobs: list[Job]) -> None:
+    """Job.retry() and the query's .retry(): failed jobs run again, others are refused."""
+    from balsam_grpc.sdk.errors import FailedPrecondition
+
+    fail(other_client, jobs[0].id)
+    job = client.jobs.get(id=jobs[0].id)
+    assert job.state == "FAILED" and job.run_count == 1
+    assert job.retry(reset_run_count=True) is job
+    assert job.state == "RESTART_READY" and job.run_count == 0
+    with pytest.raises(FailedPrecondition, match="only FAILED, KILLED, RUN_ERROR, RUN_TIMEOUT"):
+        client.jobs.get(id=jobs[1].id).retry()  # PREPROCESSED: nothing to retry
+    fail(other_client, jobs[1].id)
+    result = client.jobs.filter(id=[jobs[1].id, jobs[2].id]).retry()
+    assert (result.succeeded, result.failed) == (1, 1)
+    assert [(o.id, o.reason) for o in result.failures] == [(jobs[2].id, "NOT_RETRYABLE")]
+    assert client.jobs.get(id=jobs[1].id).state == "RESTART_READY"

@@ -74,6 +74,7 @@ COVERAGE: dict[str, list[str]] = {
     "JobService.BatchUpdateJobs": _JOBS,
     "JobService.DeleteJob": _JOBS,
     "JobService.BatchDeleteJobs": _JOBS,
+    "JobService.RetryJobs": _JOBS,
     "BatchJobService.GetBatchJob": _BY_ID,
     "BatchJobService.ListBatchJobs": _LIST,
     "BatchJobService.CreateBatchJob": _REFERENCE,
@@ -186,6 +187,8 @@ def _probe_jobs(stub: Any, w: Jobs, target: int, app_id: int, *codes: grpc.Statu
     assert updated.updated_count == 0 and not updated.outcomes
     deleted = stub.BatchDeleteJobs(job_service_pb2.BatchDeleteJobsRequest(filter=by_id))
     assert deleted.deleted_count == 0
+    retried = stub.RetryJobs(job_service_pb2.RetryJobsRequest(filter=by_id))
+    assert retried.retried_count == 0 and not retried.outcomes
 
 
 def test_jobs_site_token_of_another_site(harness: Any, alice: Any, jobs_world: Jobs) -> None:

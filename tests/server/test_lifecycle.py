@@ -259,3 +259,76 @@ def test_staged_out_is_refused_to_the_server_itself_while_items_wait(world: Worl
     refused = harness.db.write_sync(work)
     assert refused[job.id].reason == "TRANSFERS_PENDING"
     assert _state(world, job.id) == "POSTPROCESSED"
+
+
+def _create(world: World, workdir: str, parents: list[int] = (), policy: int = 0) -> int:
+    return world.stubs[Role.USER].CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=world.app.id, workdir=workdir, parent_ids=list(parents), on_parent_failure=policy))).job.id
+
+
+def _error_reason(err: grpc.RpcError) -> str:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    info = error_details_pb2.ErrorInfo()
+    rpc_status.from_call(err).details[0].Unpack(info)
+    return info.reason
+
+
+def test_deleting_a_parent_children_wait_on_is_refused_unless_it_cascades(world: World) -> None:
+    stub = world.stubs[Role.USER]
+    tag = secrets.token_hex(3)
+    parent = _create(world, f"del/{tag}/p")
+    strict = _create(world, f"del/{tag}/strict", [parent])
+    lenient = _create(world, f"del/{tag}/lenient", [parent], job_pb2.PARENT_FAILURE_POLICY_IGNORE)
+    before = [world.snapshot(j) for j in (parent, strict, lenient)]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=parent))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and _error_reason(err.value) == "CHILDREN_WAITING"
+    assert f"jobs {strict}, {lenient}" in err.value.details()
+    bulk = stub.BatchDeleteJobs(job_service_pb2.BatchDeleteJobsRequest(filter=job_pb2.JobFilter(ids=[parent])))
+    assert bulk.deleted_count == 0 and [o.reason for o in bulk.outcomes] == ["CHILDREN_WAITING"]
+    assert [world.snapshot(j) for j in (parent, strict, lenient)] == before
+
+    stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=parent, cascade=True))
+    assert world.harness.db.read_sync(lambda c: c.execute(select(jobs.c.id).where(jobs.c.id == parent)).first()) is None
+    assert _state(world, strict) == "FAILED" and _state(world, lenient) == "PREPROCESSED"
+    failed = world.job_events(strict)[-1]
+    assert failed.data == {"parent_id": parent, "parent_state": "DELETED"}
+    assert failed.message == f"parent job {parent} is DELETED"
+
+
+def test_retry_restarts_a_failed_parent_and_the_children_it_failed(world: World) -> None:
+    stub = world.stubs[Role.USER]
+    tag = secrets.token_hex(3)
+    parent = _create(world, f"retry/{tag}/p")
+    children = [_create(world, f"retry/{tag}/c{i}", [parent]) for i in range(2)]
+    bystander = _create(world, f"retry/{tag}/other")
+    launcher = _launcher(world)
+    try:
+        _run(launcher, parent, job_pb2.JOB_STATE_RUN_ERROR)  # no retry policy: FAILED
+        assert _state(world, parent) == "FAILED"
+        for child in children:  # the failure names its cause
+            event = world.job_events(child)[-1]
+            assert (event.to_state, event.message) == ("FAILED", f"parent job {parent} is FAILED")
+            assert event.data == {"parent_id": parent, "parent_state": "FAILED"}
+
+        result = stub.RetryJobs(job_service_pb2.RetryJobsRequest(
+            filter=job_pb2.JobFilter(ids=[parent, bystander]), reset_run_count=True))
+        assert (result.retried_count, result.failed_count) == (1, 1)
+        by_id = {o.id: o for o in result.outcomes}
+        assert by_id[parent].code == 0
+        assert (by_id[bystander].code, by_id[bystander].reason) == (9, "NOT_RETRYABLE")
+        assert _state(world, parent) == "RESTART_READY" and _state(world, bystander) == "PREPROCESSED"
+        assert stub.GetJob(job_service_pb2.GetJobRequest(id=parent)).job.run_count == 0
+        for child in children:
+            assert _state(world, child) == "AWAITING_PARENTS"
+            assert world.job_events(child)[-1].message == "a parent job was retried"
+
+        _run(launcher, parent)  # the rerun succeeds: the children are released
+        assert _state(world, parent) == "JOB_FINISHED"
+        assert {_state(world, c) for c in children} == {"PREPROCESSED"}
+    finally:
+        launcher.cancel()
+    again = stub.RetryJobs(job_service_pb2.RetryJobsRequest(filter=job_pb2.JobFilter(ids=[parent])))
+    assert again.failed_count == 1 and again.outcomes[0].reason == "NOT_RETRYABLE"  # finished: nothing to retry

@@ -503,7 +503,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             def build() -> Any:
                 rows = store.select_for_change(conn, q, with_tags=False)
                 store.require_one(rows, request.id)
-                _, refused = store.delete_jobs(conn, rows, validate_only=False)
+                _, refused = store.delete_jobs(conn, rows, validate_only=False, cascade=request.cascade, now=utcnow())
                 if refused:
                     raise refused[request.id].error()
                 return job_service_pb2.DeleteJobResponse(id=request.id)
@@ -522,11 +522,31 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         def work(conn: Any) -> Any:
             def build() -> Any:
                 rows = store.select_for_change(conn, q, with_tags=False)
-                _, refused = store.delete_jobs(conn, rows, validate_only=request.validate_only)
+                _, refused = store.delete_jobs(conn, rows, validate_only=request.validate_only, cascade=request.cascade,
+                                               now=utcnow())
                 return _bulk_response(job_service_pb2.BatchDeleteJobsResponse, "deleted_count", rows, refused)
 
             return idempotent(conn, principal.user_id, "BatchDeleteJobs", request,
                               job_service_pb2.BatchDeleteJobsResponse, build)
+
+        return await self.db.write(work)
+
+
+    @unary()
+    async def RetryJobs(self, request, context, principal):  # noqa: N802
+        q = job_query(request.filter, principal)
+        if q.is_empty():
+            raise InvalidArgument("refusing to retry with an empty filter; select jobs by ids, state, tag, app or "
+                                  "site", field="filter")
+
+        def work(conn: Any) -> Any:
+            def build() -> Any:
+                rows = store.select_for_change(conn, q, with_tags=False)
+                _, refused = store.retry_jobs(conn, rows, utcnow(), reset_run_count=request.reset_run_count,
+                                              validate_only=request.validate_only)
+                return _bulk_response(job_service_pb2.RetryJobsResponse, "retried_count", rows, refused)
+
+            return idempotent(conn, principal.user_id, "RetryJobs", request, job_service_pb2.RetryJobsResponse, build)
 
         return await self.db.write(work)
 

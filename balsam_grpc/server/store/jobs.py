@@ -36,7 +36,15 @@ from balsam_grpc.server.store.codec import column_values, is_json
 from balsam_grpc.server.store.codec import loads as codec_loads
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from balsam_grpc.core.states import ACTIVE_STATES, JobState, Role, StepContext, settle
+from balsam_grpc.core.states import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    RETRYABLE_STATES,
+    JobState,
+    Role,
+    StepContext,
+    settle,
+)
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import contains_substring, id_in, tags_contain, tags_exclude
 from balsam_grpc.server.store.tables import apps, job_parents, jobs, transfer_items
@@ -592,15 +600,79 @@ def select_for_change(conn: Connection, q: JobQuery, with_tags: bool) -> list[di
 
 # ---------------------------------------------------------------------------- delete
 
-def delete_jobs(conn: Connection, rows: list[dict[str, Any]], validate_only: bool) -> tuple[list[int], dict[int, Refusal]]:
+def delete_jobs(conn: Connection, rows: list[dict[str, Any]], validate_only: bool, *, cascade: bool = False,
+                now: datetime | None = None) -> tuple[list[int], dict[int, Refusal]]:
+    """Delete `rows`, refusing running jobs and, unless `cascade`, jobs whose children
+    still wait on them (the children would wait forever). With `cascade` those children
+    follow their on_parent_failure policy, as if the parent had failed."""
     refused = {r["id"]: Refusal(r["id"], "JOB_RUNNING",
                                 f"job {r['id']} is RUNNING in launcher session {r['session_id'] or '-'}; "
                                 "kill it first (state KILLED), then delete it")
                for r in rows if r["state"] in ACTIVE_STATES}
-    ids = [r["id"] for r in rows if r["id"] not in refused]
+    candidates = [r for r in rows if r["id"] not in refused]
+    waiting = _waiting_children(conn, [r["id"] for r in candidates if r["state"] not in FINAL_STATES])
+    deleted = {r["id"] for r in candidates}
+    waited_on = [r for r in candidates if set(waiting.get(r["id"], ())) - deleted]
+    if not cascade:
+        for r in waited_on:
+            children = sorted(set(waiting[r["id"]]) - deleted)
+            shown = ", ".join(str(c) for c in children[:10]) + (f" and {len(children) - 10} more" if len(children) > 10 else "")
+            refused[r["id"]] = Refusal(r["id"], "CHILDREN_WAITING",
+                                       f"job {r['id']} has children waiting on it (jobs {shown}); delete them first, "
+                                       "or delete with cascade to apply their parent-failure policy")
+        waited_on = []
+    ids = [r["id"] for r in candidates if r["id"] not in refused]
     if not validate_only and ids:
+        if waited_on:
+            engine = Transitioner(conn, now or datetime.now(UTC))
+            engine.parents_deleted(waited_on)
+            engine.flush()
         conn.execute(delete(jobs).where(id_in(jobs.c.id, ids, conn.dialect.name)))
     return ids, refused
+
+
+def _waiting_children(conn: Connection, parent_ids: list[int]) -> dict[int, list[int]]:
+    """Children in AWAITING_PARENTS of each parent."""
+    out: dict[int, list[int]] = {}
+    if not parent_ids:
+        return out
+    rows = conn.execute(select(job_parents.c.parent_id, job_parents.c.child_id)
+                        .join(jobs, jobs.c.id == job_parents.c.child_id)
+                        .where(id_in(job_parents.c.parent_id, parent_ids, conn.dialect.name),
+                               jobs.c.state == S.AWAITING_PARENTS).order_by(job_parents.c.child_id))
+    for r in rows:
+        out.setdefault(r.parent_id, []).append(r.child_id)
+    return out
+
+
+# ---------------------------------------------------------------------------- retry
+
+def retry_jobs(conn: Connection, rows: list[dict[str, Any]], now: datetime, *, reset_run_count: bool,
+               validate_only: bool) -> tuple[list[int], dict[int, Refusal]]:
+    """Move each retryable job to its restart point (Transitioner.restart_points) as its
+    owner; returns (retried ids, {id: refusal})."""
+    refused = {r["id"]: Refusal(r["id"], "NOT_RETRYABLE",
+                                f"job {r['id']} is {r['state']}; only {', '.join(sorted(RETRYABLE_STATES))} jobs "
+                                "can be retried")
+               for r in rows if r["state"] not in RETRYABLE_STATES}
+    candidates = [r for r in rows if r["id"] not in refused]
+    engine = Transitioner(conn, now)
+    by_target: dict[JobState, list[dict[str, Any]]] = {}
+    points = engine.restart_points(candidates)
+    for row in candidates:
+        by_target.setdefault(points[row["id"]], []).append(row)
+    values = {r["id"]: {"run_count": 0} for r in candidates} if reset_run_count else None
+    # Jobs waiting on parents again go first: a retried parent then finds the children it
+    # failed already waiting (a child retried with its parent moves once, not twice).
+    for target in sorted(by_target, key=lambda t: t is not S.AWAITING_PARENTS):
+        group = by_target[target]
+        if validate_only:
+            refused.update(engine.check(group, target, Role.USER, values)[1])
+        else:
+            refused.update(engine.move(group, target, Role.USER, message="retried by its owner",
+                                       data={"retry": True, "reset_run_count": reset_run_count}, values=values))
+    engine.flush()
+    return [r["id"] for r in candidates if r["id"] not in refused], refused
 
 
 def require_one(rows: list[dict[str, Any]], job_id: int) -> dict[str, Any]:
