@@ -245,6 +245,9 @@ def _parameter(where: str, name: str, spec: Any) -> app_pb2.AppParameter:
     param = app_pb2.AppParameter(name=name, required=bool(s.get("required", False)), help=str(s.get("help", "")),
                                  type=_TYPES[type_name])
     if "default" in s:
+        if param.required:
+            raise InvalidArgument(f"{where}: parameter {name!r} is required and has a default; a default makes "
+                                  "it optional: drop one of them")
         default = s["default"]
         param.default_value = str(default).lower() if isinstance(default, bool) else str(default)
         coerce_parameter(param, param.default_value)

@@ -80,6 +80,8 @@ def test_render_refuses_bad_parameters(params: dict[str, str], field: str) -> No
     ({"command_template": "echo", "parameters": {"a": {"requried": True}}}, "unknown key 'requried'"),
     ({"command_template": "echo", "transfers": {"t": {"direction": "sideways", "local_path": "x"}}}, "direction"),
     ({"command_template": "echo", "retry_policy": {"on_error": "pray"}}, "on_error"),
+    ({"command_template": "echo {{ a }}", "parameters": {"a": {"required": True, "default": 1}}},
+     "required and has a default"),
     ({}, "exactly one of command_template or run()"),
 ])
 def test_bad_declarations_fail_where_the_class_is_defined(attrs: dict, needle: str) -> None:

@@ -97,6 +97,10 @@ def _parameters(params: Iterable[app_pb2.AppParameter], settings: ServerSettings
             raise InvalidArgument(f"{field}[{i}].name: parameter {p.name!r} is declared twice",
                                   field=f"{field}[{i}].name")
         seen.add(p.name)
+        if p.required and p.default_value:
+            raise InvalidArgument(f"{field}[{i}]: parameter {p.name!r} is required and has a default "
+                                  f"({p.default_value!r}); a default makes it optional: drop one of them",
+                                  field=f"{field}[{i}].default_value")
         type_name = "STRING" if p.type == 0 else PARAMETER_TYPE.name(p.type, f"{field}[{i}].type")
         _check_default(p, type_name, f"{field}[{i}].default_value")
         out.append({"name": p.name, "required": p.required, "default_value": p.default_value, "help": p.help,
