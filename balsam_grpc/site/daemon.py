@@ -231,10 +231,14 @@ class SiteDaemon:
         site = site_pb2.Site(id=self.settings.site_id, hostname=socket.gethostname(), path=str(self.layout.root),
                              scheduler=self.settings.scheduler.name, allowed_queues=list(self.settings.allowed_queues),
                              allowed_projects=list(self.settings.allowed_projects),
-                             elastic_queue=elastic_queue_message(self.settings.elastic_queue))
+                             elastic_queue=elastic_queue_message(self.settings.elastic_queue),
+                             # Published so the server refuses jobs naming a location this site lacks.
+                             transfer_locations=[site_pb2.TransferLocation(alias=alias, url=url) for alias, url
+                                                 in sorted(self.settings.transfer_locations.items())])
         await stub.UpdateSite(site_service_pb2.UpdateSiteRequest(
             site=site, update_mask=field_mask_pb2.FieldMask(
-                paths=["hostname", "path", "scheduler", "allowed_queues", "allowed_projects", "elastic_queue"])),
+                paths=["hostname", "path", "scheduler", "allowed_queues", "allowed_projects", "elastic_queue",
+                       "transfer_locations"])),
             metadata=self.metadata, timeout=30)
         try:
             await asyncio.to_thread(self.sync_apps)

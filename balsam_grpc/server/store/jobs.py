@@ -47,7 +47,7 @@ from balsam_grpc.core.states import (
 )
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import contains_substring, id_in, tags_contain, tags_exclude
-from balsam_grpc.server.store.tables import apps, job_parents, jobs, transfer_items
+from balsam_grpc.server.store.tables import apps, job_parents, jobs, sites, transfer_items
 from balsam_grpc.server.store.transitions import (
     ENGINE_COLUMNS,
     AppRules,
@@ -343,7 +343,11 @@ def _check_parameters(i: int, spec: dict[str, Any], app: dict[str, Any]) -> None
                                   field=f"jobs[{i}].parameters") from None
 
 
-def _transfer_rows(i: int, spec: dict[str, Any], app: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
+def _transfer_rows(i: int, spec: dict[str, Any], app: dict[str, Any], now: datetime,
+                   aliases: frozenset[str]) -> list[dict[str, Any]]:
+    """Transfer items of a new job, checked against its app's slots and its site's
+    locations (`aliases`; empty when the site has published none yet, and then the site
+    daemon checks them when it moves the items)."""
     given = spec["transfers"]
     if not given and not app.get("transfers"):
         return []
@@ -360,9 +364,15 @@ def _transfer_rows(i: int, spec: dict[str, Any], app: dict[str, Any], now: datet
                                       field=f"jobs[{i}].transfers")
             continue
         alias, sep, remote = given[name].partition(":")
+        where = f"jobs[{i}].transfers.{name}"
         if not sep or not alias or not remote:
-            raise InvalidArgument(f"jobs[{i}].transfers[{name!r}]: {given[name]!r} must look like location:/path",
-                                  field=f"jobs[{i}].transfers")
+            raise InvalidArgument(f"{where}: {given[name]!r} must look like location:/path", field=where)
+        if not remote.startswith("/"):
+            raise InvalidArgument(f"{where}: the path {remote!r} must be absolute (location:/path, from the "
+                                  "location's root)", field=where)
+        if aliases and alias not in aliases:
+            raise InvalidArgument(f"{where}: site {spec['site_id']} has no transfer location {alias!r}; it has "
+                                  f"{', '.join(sorted(aliases))}", reason="UNKNOWN_LOCATION", field=where)
         direction = str(_get(slot, "direction", "")).removeprefix("TRANSFER_DIRECTION_")
         rows.append({"owner_id": spec["owner_id"], "site_id": spec["site_id"], "direction": direction, "slot": name,
                      "location_alias": alias, "remote_path": remote,
@@ -373,6 +383,14 @@ def _transfer_rows(i: int, spec: dict[str, Any], app: dict[str, Any], now: datet
                      "task_id": "", "error": "", "bytes": 0, "files": 0, "duration_seconds": 0.0,
                      "create_time": now, "update_time": now})
     return rows
+
+
+def _location_aliases(conn: Connection, site_ids: set[int]) -> dict[int, frozenset[str]]:
+    """The transfer location aliases each site published (site.transfer_locations)."""
+    if not site_ids:
+        return {}
+    rows = conn.execute(select(sites.c.id, sites.c.transfer_locations).where(sites.c.id.in_(sorted(site_ids))))
+    return {r.id: frozenset(loc.get("alias", "") for loc in r.transfer_locations or []) for r in rows}
 
 
 _NO_PARENTS = (S.READY, "")
@@ -401,12 +419,13 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
     transfers: list[list[dict[str, Any]]] = []
     initial: list[tuple[str, str]] = []
     apps_used: dict[int, dict[str, Any]] = {}
+    aliases = _location_aliases(conn, {s["site_id"] for s in specs if s["transfers"]})
     for i, spec in enumerate(specs):
         spec["owner_id"] = owner_id
         app = spec.pop("_app")
         apps_used[app["id"]] = app
         _check_parameters(i, spec, app)
-        transfers.append(_transfer_rows(i, spec, app, now))
+        transfers.append(_transfer_rows(i, spec, app, now, aliases.get(spec["site_id"], frozenset())))
         if not spec["parent_ids"]:
             spec["pending_parents"] = 0
             initial.append(_NO_PARENTS)
