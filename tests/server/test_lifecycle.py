@@ -20,6 +20,9 @@ from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.store.tables import events, jobs, sessions
 from balsam_grpc.v1 import (
     app_pb2,
+    batch_job_pb2,
+    batch_job_service_pb2,
+    batch_job_service_pb2_grpc,
     app_service_pb2,
     app_service_pb2_grpc,
     common_pb2,
@@ -332,3 +335,129 @@ def test_retry_restarts_a_failed_parent_and_the_children_it_failed(world: World)
         launcher.cancel()
     again = stub.RetryJobs(job_service_pb2.RetryJobsRequest(filter=job_pb2.JobFilter(ids=[parent])))
     assert again.failed_count == 1 and again.outcomes[0].reason == "NOT_RETRYABLE"  # finished: nothing to retry
+
+
+def test_a_parameter_both_required_and_defaulted_is_refused(world: World) -> None:
+    apps = world.caller.stub(app_service_pb2_grpc.AppServiceStub)
+    app = app_pb2.App(site_id=world.site.id, name=f"both-{secrets.token_hex(3)}", command_template="echo {{ n }}",
+                      parameters=[app_pb2.AppParameter(name="n", required=True, default_value="1")])
+    with pytest.raises(grpc.RpcError) as err:
+        apps.CreateApp(app_service_pb2.CreateAppRequest(app=app))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "app.parameters[0]" in err.value.details() and "required and has a default" in err.value.details()
+    listed = apps.ListApps(app_service_pb2.ListAppsRequest()).apps
+    assert app.name not in {a.name for a in listed}
+
+
+def _transfer_app(world: World) -> Any:
+    slots = [app_pb2.TransferSlot(name="data", direction=common_pb2.TRANSFER_DIRECTION_IN, local_path="in.dat",
+                                  required=True),
+             app_pb2.TransferSlot(name="result", direction=common_pb2.TRANSFER_DIRECTION_OUT, local_path="out.h5")]
+    return world.caller.stub(app_service_pb2_grpc.AppServiceStub).CreateApp(app_service_pb2.CreateAppRequest(
+        app=app_pb2.App(site_id=world.site.id, name=f"io-{secrets.token_hex(3)}", command_template="/bin/true",
+                        transfers=slots))).app
+
+
+@pytest.mark.parametrize(("transfers", "field", "needle"), [
+    ({"result": "results:/r/out.h5"}, "job.transfers", "slot 'data' is required"),
+    ({"data": "aps:relative/in.dat"}, "job.transfers.data", "must be absolute"),
+    ({"data": "Elsewhere:/x"}, "job.transfers.data", "has no transfer location 'Elsewhere'; it has aps, results"),
+    ({"data": "aps:/in.dat", "result": "nowhere:/o"}, "job.transfers.result", "no transfer location 'nowhere'"),
+])
+def test_transfers_are_checked_against_slots_and_site_locations_at_creation(
+        world: World, transfers: dict[str, str], field: str, needle: str) -> None:
+    from google.protobuf import field_mask_pb2
+
+    world.caller.stub(site_service_pb2_grpc.SiteServiceStub).UpdateSite(site_service_pb2.UpdateSiteRequest(
+        site=site_pb2.Site(id=world.site.id, transfer_locations=[
+            site_pb2.TransferLocation(alias="aps", url="file:///data/aps"),
+            site_pb2.TransferLocation(alias="results", url="file:///data/results")]),
+        update_mask=field_mask_pb2.FieldMask(paths=["transfer_locations"])))
+    app = _transfer_app(world)
+    stub = world.stubs[Role.USER]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+            app_id=app.id, workdir=f"io/{secrets.token_hex(3)}", transfers=transfers)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    info = error_details_pb2.ErrorInfo()
+    rpc_status.from_call(err.value).details[0].Unpack(info)
+    assert info.metadata["field"] == field
+    assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=job_pb2.JobFilter(app_ids=[app.id]))).total == 0
+    ok = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir=f"io/{secrets.token_hex(3)}", transfers={"data": "aps:/in.dat"}))).job
+    assert ok.state == job_pb2.JOB_STATE_READY  # waits for its stage-in
+
+
+
+def test_cancelling_the_pilot_ends_its_sessions_and_times_out_their_jobs_at_once(world: World) -> None:
+    """The batch job of a running launcher is cancelled: in the same transaction its
+    session closes and its jobs time out and follow the timeout policy (RESTART_READY),
+    not a lease timeout later; the events name the pilot, and the launcher is told to
+    kill them."""
+    from google.protobuf import field_mask_pb2
+
+    from balsam_grpc.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
+
+    batch = world.caller.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
+    bj = batch.CreateBatchJob(batch_job_service_pb2.CreateBatchJobRequest(batch_job=batch_job_pb2.BatchJob(
+        site_id=world.site.id, num_nodes=1, wall_time_min=10))).batch_job
+    held = [_create(world, f"pilot/{secrets.token_hex(3)}") for _ in range(2)]
+    launcher = _launcher_of(world, bj.id)
+    try:
+        launcher.credit(max_jobs=2)
+        assert sorted(lj.job.id for lj in launcher.leased(2)) == held
+        batch.UpdateBatchJob(batch_job_service_pb2.UpdateBatchJobRequest(
+            batch_job=batch_job_pb2.BatchJob(id=bj.id, state=batch_job_pb2.BATCH_JOB_STATE_PENDING_DELETION),
+            update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+        # Already done when the cancellation returns: no waiting for a lease to run out.
+        assert {_state(world, j) for j in held} == {"RESTART_READY"}
+        for job_id in held:
+            event = world.job_events(job_id)[-1]
+            assert (event.from_state, event.to_state) == ("RUNNING", "RESTART_READY")
+            assert event.data["via"] == ["RUN_TIMEOUT"] and event.data["batch_job_id"] == bj.id
+            assert f"ended with its pilot: batch job {bj.id} was cancelled" in event.message
+        sessions = world.caller.stub(session_service_pb2_grpc.SessionServiceStub).ListSessions(
+            session_service_pb2.ListSessionsRequest()).sessions
+        (mine,) = [s for s in sessions if s.batch_job_id == bj.id]
+        assert mine.state == session_pb2.SESSION_STATE_CLOSED
+        kill = launcher.next("kill")
+        assert sorted(kill.job_ids) == held
+    finally:
+        launcher.cancel()
+
+
+def _launcher_of(world: World, batch_job_id: int) -> Any:
+    from tests.support.launcher import Launcher
+
+    launcher = Launcher(world.caller)
+    launcher.open(world.site.id, batch_job_id=batch_job_id)
+    return launcher
+
+
+@pytest.mark.parametrize("reported", ["FINISHED", "SUBMIT_FAILED"])
+def test_a_pilot_that_ends_ends_its_sessions(world: World, harness: Any, reported: str) -> None:
+    """The site daemon reports the batch job ended (or never submitted): its sessions
+    close in that transaction and their jobs time out and restart."""
+    from balsam_grpc.server.store import batch_jobs as batch_store
+    from tests.support import leases
+
+    batch = world.caller.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
+    bj = batch.CreateBatchJob(batch_job_service_pb2.CreateBatchJobRequest(batch_job=batch_job_pb2.BatchJob(
+        site_id=world.site.id, num_nodes=1, wall_time_min=10))).batch_job
+    job = _create(world, f"ended/{secrets.token_hex(3)}")
+    session_id = leases.lease(harness, world.caller.user_id, [job], batch_job_id=bj.id)
+
+    def report(conn: Any) -> bool:
+        row = batch_store.get_batch_job(conn, world.caller.user_id, bj.id, for_update=True)
+        return batch_store.site_report(conn, row, reported, scheduler_id="" if reported == "SUBMIT_FAILED" else "42",
+                                       now=utcnow())
+
+    assert harness.embedded.loop.run(harness.db.write(report))
+    assert _state(world, job) == "RESTART_READY"
+    state = harness.db.read_sync(lambda c: c.execute(select(sessions.c.state).where(sessions.c.id == session_id))
+                                 .scalar_one())
+    assert state == "CLOSED"
+    assert world.job_events(job)[-1].data["batch_job_state"] == reported

@@ -343,6 +343,25 @@ def test_cancel_work_for_pending_deletion(alice: Any, clients: list[SiteClient])
     assert _get_batch_job(alice, bj.id).state == BJ.BATCH_JOB_STATE_FINISHED
 
 
+def test_running_report_for_a_batch_job_pending_deletion_is_acknowledged_as_refused(
+        alice: Any, clients: list[SiteClient]) -> None:
+    site = _site(alice)
+    bj = _batch_job(alice, site.id)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    assert client.next("work").id == f"submit:{bj.id}"
+    client.result(work_id=f"submit:{bj.id}", batch_job=pb.BatchJobUpdate(
+        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="78"))
+    alice.stub(batch_job_service_pb2_grpc.BatchJobServiceStub).UpdateBatchJob(
+        batch_job_service_pb2.UpdateBatchJobRequest(
+            batch_job=BJ.BatchJob(id=bj.id, state=BJ.BATCH_JOB_STATE_PENDING_DELETION),
+            update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+    ack = client.result(batch_job=pb.BatchJobUpdate(batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_RUNNING))
+    assert len(ack.errors) == 1 and "is PENDING_DELETION" in ack.errors[0] and "RUNNING" in ack.errors[0]
+    got = _get_batch_job(alice, bj.id)
+    assert got.state == BJ.BATCH_JOB_STATE_PENDING_DELETION and got.HasField("start_time")  # times recorded
+
+
 def test_postprocess_hook_work_and_result(alice: Any, clients: list[SiteClient]) -> None:
     site = _site(alice)
     app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))

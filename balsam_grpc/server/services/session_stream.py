@@ -342,6 +342,8 @@ class SessionStream:
         for r in result.rejections:
             if r.error.reason == "LEASE_LOST":
                 self.held.pop(r.job_id, None)
+            self.log.warning("transition refused", job_id=r.job_id, seq=r.seq, reason=r.error.reason,
+                             error=r.error.message)
         if result.applied or result.rejections:
             self.log.info("transitions applied", applied=result.applied, rejected=len(result.rejections),
                           resent=result.resent, applied_through_seq=result.applied_through_seq)

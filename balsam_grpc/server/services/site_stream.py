@@ -525,7 +525,9 @@ class SiteStream:
                 self.hub.resolved(self.site_id, result.work_id)
             if outcome.status == work_store.REFUSED:
                 ack.errors.append(f"{result.work_id or 'unsolicited'}: {outcome.message}")
-            self.log.debug("site result", work_id=result.work_id, status=outcome.status, detail=outcome.message)
+                self.log.warning("site result refused", work_id=result.work_id, reason=outcome.message)
+            else:
+                self.log.debug("site result", work_id=result.work_id, status=outcome.status, detail=outcome.message)
         return ack
 
     async def _seen(self, snapshot: pb.SchedulerSnapshot | None) -> None:

@@ -8,14 +8,15 @@ transaction. `partitions` is [{"job_mode": "SERIAL"|"MPI", "num_nodes", "filter_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
 from balsam_grpc.core.errors import FailedPrecondition, NotFound
 from balsam_grpc.server.store import events
-from balsam_grpc.server.store.tables import batch_jobs, sites
+from balsam_grpc.server.store.leases import time_out_held
+from balsam_grpc.server.store.tables import batch_jobs, sessions, sites
 
 PENDING_SUBMISSION = "PENDING_SUBMISSION"
 PENDING_DELETION = "PENDING_DELETION"
@@ -40,6 +41,9 @@ SITE_TRANSITIONS: dict[str, frozenset[str]] = {
 _PROGRESS = {PENDING_SUBMISSION: 0, QUEUED: 1, RUNNING: 2, SUBMIT_FAILED: 3, FINISHED: 3}
 # States only users (or the server) set; a daemon reporting them is refused.
 _NOT_FROM_SITE = frozenset({PENDING_SUBMISSION, PENDING_DELETION})
+# The pilot is gone or going (cancelled, ended, never submitted): its launcher sessions
+# end at once and their jobs follow the app's timeout policy, not a lease timeout later.
+PILOT_GONE = frozenset({PENDING_DELETION, FINISHED, SUBMIT_FAILED})
 # Fields other than state; editable only before submission.
 EDITABLE_BEFORE_SUBMISSION = ("num_nodes", "wall_time_min", "queue", "project", "job_mode", "partitions",
                               "filter_tags", "optional_params")
@@ -128,6 +132,7 @@ def update_batch_job(conn: Connection, row: dict[str, Any], values: dict[str, An
     ).one()._mapping)
     if state_changed:
         events.append(conn, [_event(out, state, new_state, now, "cancellation requested")])  # type: ignore[arg-type]
+        end_pilot_sessions(conn, out, now, "was cancelled")
     return out
 
 
@@ -144,7 +149,25 @@ def delete_batch_job(conn: Connection, owner_id: int, batch_job_id: int) -> None
             f"batch job {batch_job_id} may be being submitted by site {row['site_id']}'s daemon, which is "
             "connected; cancel it by setting state PENDING_DELETION, then delete it once it is "
             "FINISHED or SUBMIT_FAILED", reason="BATCH_JOB_SUBMITTING")
+    end_pilot_sessions(conn, row, datetime.now(UTC), "was deleted")
     conn.execute(delete(batch_jobs).where(batch_jobs.c.id == batch_job_id, batch_jobs.c.owner_id == owner_id))
+
+
+def end_pilot_sessions(conn: Connection, row: dict[str, Any], now: datetime, what: str) -> list[int]:
+    """Close every ACTIVE launcher session of the batch job `row` (its pilot is gone or
+    going); each job a session holds times out at once through the Transitioner, which
+    follows the app's timeout policy (default RESTART_READY), and the events name the
+    pilot. Returns the released job ids."""
+    found = conn.execute(select(sessions.c.id).where(
+        sessions.c.owner_id == row["owner_id"], sessions.c.batch_job_id == row["id"], sessions.c.state == "ACTIVE")
+        .order_by(sessions.c.id).with_for_update()).scalars().all()
+    released: list[int] = []
+    for session_id in found:
+        conn.execute(update(sessions).where(sessions.c.id == session_id).values(state="CLOSED", expire_time=now))
+        released += time_out_held(conn, row["owner_id"], session_id, now,
+                                  f"session {session_id} ended with its pilot: batch job {row['id']} {what}",
+                                  data={"batch_job_id": row["id"], "batch_job_state": row["state"]})
+    return released
 
 
 def _site_connected(conn: Connection, site_id: int) -> bool:
@@ -226,5 +249,7 @@ def site_report(conn: Connection, row: dict[str, Any], state: str, *, scheduler_
     ).one()._mapping)
     if new_state != current:
         events.append(conn, [_event(out, current, new_state, now, status_info or "reported by the site daemon")])
+        if new_state in PILOT_GONE:
+            end_pilot_sessions(conn, out, now, "ended" if new_state == FINISHED else "failed to submit")
     row.update(out)
     return True

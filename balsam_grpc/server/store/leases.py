@@ -314,17 +314,19 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
 
 # ---------------------------------------------------------------------------- release
 
-def time_out_held(conn: Connection, owner_id: int, session_id: str, now: datetime, message: str) -> list[int]:
+def time_out_held(conn: Connection, owner_id: int, session_id: str, now: datetime, message: str,
+                  data: dict[str, Any] | None = None) -> list[int]:
     """Every job the session holds in RUNNING goes to RUN_TIMEOUT through the Transitioner,
     which then follows the app's timeout policy (default RESTART_READY). The lease
-    generation is bumped so any later report quoting the old lease is stale."""
+    generation is bumped so any later report quoting the old lease is stale. `data` adds
+    to the event's data (the cause, such as the pilot's batch job)."""
     rows = [dict(r._mapping) for r in conn.execute(
         select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.session_id == session_id, jobs.c.state == S.RUNNING)
         .order_by(jobs.c.id).with_for_update())]
     if not rows:
         return []
     t = Transitioner(conn, now)
-    t.move(rows, S.RUN_TIMEOUT, Role.SERVER, message=message, data={"session_id": session_id},
+    t.move(rows, S.RUN_TIMEOUT, Role.SERVER, message=message, data={"session_id": session_id, **(data or {})},
             values={r["id"]: {"lease_generation": r["lease_generation"] + 1} for r in rows})
     t.flush()
     return [r["id"] for r in rows]

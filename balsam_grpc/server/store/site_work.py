@@ -304,12 +304,19 @@ def apply_batch_job_report(conn: Connection, owner_id: int, site_id: int, work_i
         report.state = batch_store.QUEUED if report.scheduler_id else batch_store.SUBMIT_FAILED
         if not report.scheduler_id:
             report.status_info = report.status_info or "the site daemon reported no state and no scheduler id"
+    before = row["state"]
     try:
         status = batch_store.site_report(conn, row, report.state, scheduler_id=report.scheduler_id,
                                          status_info=report.status_info, start_time=report.start_time,
                                          end_time=report.end_time, now=now)
     except BalsamError as exc:
         return Outcome(REFUSED, exc.message)
+    if before == batch_store.PENDING_DELETION and report.state in (batch_store.QUEUED, batch_store.RUNNING) \
+            and not work_id:
+        # An unsolicited report (a submit or cancel answer says what became of that work):
+        # the scheduler id and times were recorded, which the cancellation needs; the state not.
+        return Outcome(REFUSED, f"batch job {row['id']} is PENDING_DELETION: it stays so until the daemon reports "
+                                f"it FINISHED; the {report.state} report only recorded its scheduler id and times")
     return Outcome(APPLIED if status else STALE, "" if status else f"batch job {row['id']} is already {row['state']}")
 
 
