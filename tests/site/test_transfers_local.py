@@ -220,7 +220,8 @@ def test_rsync_argv():
     loc = parse_location("r", "rsync://alice@dtn.example.org:2222/srv")
     settings = RsyncSettings(extra_args=["--bwlimit=100M"])
     argv = rsync_argv(_item(IN), loc, settings)
-    assert argv == ["rsync", "-lptgoD", "--partial", "--mkpath", "--stats", "-e", "ssh -o BatchMode=yes -p 2222",
+    assert argv == ["rsync", "-lptgoD", "--chmod=go-rwx", "--partial", "--mkpath", "--stats", "-e",
+                    "ssh -o BatchMode=yes -p 2222",
                     "--bwlimit=100M", "alice@dtn.example.org:/srv/run1/raw.h5", "/site/data/w1/raw.h5"]
     argv = rsync_argv(_item(OUT, recursive=True), parse_location("r", "rsync://bob@h/"), RsyncSettings())
     assert argv[1] == "-a" and argv[-2:] == ["/site/data/w1/calib/", "bob@h:/calib/"]
@@ -260,14 +261,15 @@ def test_rsync_real_run_through_a_stand_in_ssh(tmp_path):
     remote = tmp_path / "remote"
     _tree(remote / "calib")
     loc = parse_location("r", f"rsync://me@nohost{remote}")
-    backend = RsyncBackend(loc, RsyncSettings(ssh_command=str(fake_ssh)), wake=lambda: None)
+    backend = RsyncBackend(loc, RsyncSettings(ssh_command=str(fake_ssh)), data_dir=tmp_path / "site",
+                           wake=lambda: None)
     work = tmp_path / "site" / "w1"
     items = [Item(id=1, job_id=1, direction=IN, location="r", remote="/calib", local=work / "calib", recursive=True),
              Item(id=2, job_id=1, direction=IN, location="r", remote="/calib/a.txt", local=work / "a.txt"),
              Item(id=3, job_id=1, direction=IN, location="r", remote="/missing.txt", local=work / "m.txt")]
     task = Task(key="k1", location="r", direction=IN, items=items)
 
-    async def run() -> object:
+    async def run_task(task: Task) -> object:
         await backend.submit(task)
         while True:
             status = await backend.poll(task)
@@ -275,10 +277,23 @@ def test_rsync_real_run_through_a_stand_in_ssh(tmp_path):
                 return status
             await asyncio.sleep(0.05)
 
-    status = asyncio.run(run())
+    status = asyncio.run(run_task(task))
     assert (work / "calib" / "sub" / "b.txt").read_text() == "beta!"
     assert (work / "a.txt").read_text() == "alpha"
     assert status.outcomes[1].ok and status.outcomes[1].bytes == 10 and status.outcomes[1].files == 2
     assert status.outcomes[2].ok and status.outcomes[2].bytes == 5
     assert not status.outcomes[3].ok and "rsync exit 23" in status.outcomes[3].error
     assert not status.ok
+    for path in (work, work / "calib", work / "calib" / "sub"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    assert stat.S_IMODE((work / "a.txt").stat().st_mode) == 0o600
+
+    # A symlink planted in the workdir after intake: refused, nothing written outside.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (work / "planted").symlink_to(outside, target_is_directory=True)
+    task = Task(key="k2", location="r", direction=IN, items=[
+        Item(id=4, job_id=1, direction=IN, location="r", remote="/calib/a.txt", local=work / "planted" / "a.txt")])
+    status = asyncio.run(run_task(task))
+    assert not status.outcomes[4].ok and "refused" in status.outcomes[4].error
+    assert list(outside.iterdir()) == []

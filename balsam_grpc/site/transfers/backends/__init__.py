@@ -21,7 +21,7 @@ def make_backend(location: Location, settings: TransferSettings, *, site_dir: Pa
     if location.scheme == "rsync":
         from balsam_grpc.site.transfers.backends.rsync import RsyncBackend
 
-        return RsyncBackend(location, settings.rsync, wake=wake)
+        return RsyncBackend(location, settings.rsync, data_dir=data_dir, wake=wake)
     from balsam_grpc.site.transfers.backends.globus import GlobusBackend, site_transfer_client
 
     return GlobusBackend(location, settings.globus,

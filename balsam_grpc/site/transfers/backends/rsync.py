@@ -13,9 +13,11 @@ import re
 import shlex
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
+from balsam_grpc.core.confined import PathEscape, inside, make_dirs_inside
 from balsam_grpc.site.transfers.backends.base import TransferFailed
 from balsam_grpc.site.transfers.config import Location, LocationError, RsyncSettings
 from balsam_grpc.site.transfers.model import IN, Item, ItemOutcome, Status, Task
@@ -41,6 +43,8 @@ def rsync_argv(item: Item, location: Location, settings: RsyncSettings, *, rsync
     local = str(item.local)
     src, dst = (remote, local) if item.direction == IN else (local, remote)
     flags = ["-a"] if item.recursive else ["-lptgoD"]  # -a without -r: a file slot never copies a tree
+    if item.direction == IN:
+        flags.append("--chmod=go-rwx")  # what is staged into a workdir is the job's: owner-only
     if item.recursive:
         src, dst = src.rstrip("/") + "/", dst.rstrip("/") + "/"
     return [rsync, *flags, "--partial", "--mkpath", "--stats", "-e", ssh, *settings.extra_args, src, dst]
@@ -73,8 +77,10 @@ def describe_failure(code: int, stderr: str) -> str:
 class RsyncBackend:
     can_adopt = False
 
-    def __init__(self, location: Location, settings: RsyncSettings, *, wake: Callable[[], None]) -> None:
+    def __init__(self, location: Location, settings: RsyncSettings, *, data_dir: Path,
+                 wake: Callable[[], None]) -> None:
         self.location = location
+        self.data_dir = data_dir
         self.settings = settings
         self.wake = wake
         self.running: dict[str, asyncio.Task[dict[int, ItemOutcome]]] = {}
@@ -84,10 +90,15 @@ class RsyncBackend:
         assert self.rsync is not None
         try:
             argv = rsync_argv(item, self.location, self.settings, rsync=self.rsync)
+            # The workdir side was confined when the item was taken in; a symlink planted
+            # since must not carry the copy out of the site's data folder.
+            inside(item.local, self.data_dir, what="local path", allow_root=False)
+            if item.direction == IN:
+                make_dirs_inside(item.local.parent, self.data_dir, what="local folder")
         except LocationError as exc:
             return ItemOutcome(ok=False, error=str(exc))
-        if item.direction == IN:
-            item.local.parent.mkdir(parents=True, exist_ok=True)
+        except PathEscape as exc:
+            return ItemOutcome(ok=False, error=f"refused: {exc}")
         log.debug("rsync", argv=shlex.join(argv))
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE, start_new_session=True)
