@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Create .venv (Python >= 3.11) and install the project with its dev and dashboard extras. Idempotent.
+# Create .venv (Python >= 3.11) and install the project with the extras the tests need. Idempotent.
 # Usage: scripts/setup_dev.sh          (PYTHON=/path/to/python3.x to choose the interpreter)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV=.venv
 STAMP=$VENV/.balsam-dev-installed
+# What the tests and the demo need: every extra but `launcher` (mpi4py built against a
+# system MPI) and `bench`. A supercomputer install is different: see README, "Installs".
+EXTRAS=${BALSAM_DEV_EXTRAS:-dev,server,postgres,site,mpich,globus,plots,dashboard}
 
 find_python() {
     local c
@@ -55,15 +58,23 @@ PY
 fi
 
 # Reinstall only when pyproject.toml changed (or the last install did not finish).
-want=$( (cat pyproject.toml; "$VENV/bin/python" -V) | sha256sum | cut -d' ' -f1)
+want=$( (cat pyproject.toml; echo "$EXTRAS"; "$VENV/bin/python" -V) | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]] &&
     "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("balsam-grpc")' 2>/dev/null; then
     echo "setup_dev: dependencies up to date"
 else
-    echo "setup_dev: pip install -e '.[dev,dashboard]'"
-    # The build backend's warnings ignore -q; show pip's output only when it fails.
-    if ! log=$("$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev,dashboard]' 2>&1); then
-        echo "$log" >&2
+    log=$VENV/pip-install.log
+    echo "setup_dev: pip install -e '.[$EXTRAS]' (the first run downloads ~100 packages: 1-3 min; full log: $log)"
+    # pip's own log is long and its build-backend warnings ignore -q: show one line per
+    # package fetched and the final summary, and the whole log only when it fails.
+    set +e
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -e ".[$EXTRAS]" 2>&1 | tee "$log" |
+        grep --line-buffered -E '^(Collecting|Building|Installing collected|Successfully installed|ERROR)' |
+        sed -u -E 's/^(.{0,150}).*/  \1/'
+    status=${PIPESTATUS[0]}
+    set -e
+    if [[ $status -ne 0 ]]; then
+        cat "$log" >&2
         exit 1
     fi
     echo "$want" >"$STAMP"

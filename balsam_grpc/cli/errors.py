@@ -3,7 +3,7 @@ something the user did.
 
 Exit codes: 1 for a refused or failed operation (server errors, per-item failures,
 declined confirmation), 2 for bad input caught before anything is sent (typer's usage
-error convention), 130 for Ctrl-C.
+error convention), 3 when a wait selects no jobs, 130 for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from balsam_grpc.core.errors import BalsamError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# `job wait` (and other commands that select jobs to watch) found none: usually a wrong
+# filter, which a script must not take for success.
+EXIT_NO_JOBS = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -62,6 +65,17 @@ def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
 
 def usage(message: str) -> NoReturn:
     raise UsageError(message)
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Fail with the install command when an optional part of balsam-grpc is missing (a
+    client-only install has no server, site daemon or launcher)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"this command needs the {extra!r} extra ({', '.join(missing)} not installed): "
+             f"pip install 'balsam-grpc[{extra}]'")
 
 
 def from_rpc_error(err: grpc.RpcError) -> BalsamError:

@@ -9,7 +9,7 @@ import sys
 import typer
 
 from balsam_grpc.cli import analytics, apps, auth, events, jobs, queue
-from balsam_grpc.cli.errors import BalsamTyper
+from balsam_grpc.cli.errors import BalsamTyper, require_extra
 from balsam_grpc.core.settings import DEFAULT_ADDRESS
 
 # BalsamTyper: errors a user can cause end as one "error: ..." line and an exit code.
@@ -66,6 +66,7 @@ def server_migrate(database: str = typer.Option(None, help="database URL (defaul
 def _exec_server(argv: list[str]) -> None:
     """The CLI starts the server as its own process (layering: cli talks to the server
     only over gRPC); exec keeps signals and the exit code the server's own."""
+    require_extra("server", "sqlalchemy", "alembic", "grpc_health", "grpc_reflection")
     os.execv(sys.executable, [sys.executable, "-m", "balsam_grpc.server", *argv])
 
 

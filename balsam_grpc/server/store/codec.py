@@ -16,14 +16,13 @@ SQLAlchemy's insert() would.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
-from psycopg.adapt import Loader
-from psycopg.pq import Format
 from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, Table
 
 _decoder = json.JSONDecoder()
@@ -81,12 +80,19 @@ def loads(data: str | bytes | bytearray | memoryview) -> Any:
     return value
 
 
-class JsonLoader(Loader):
+@functools.cache
+def json_loader() -> type:
     """psycopg loader for json/jsonb text: `loads` without psycopg's extra wrapper call
-    (six JSON columns per job row make the per-value overhead count)."""
+    (six JSON columns per job row make the per-value overhead count). Made on first use:
+    psycopg is the `postgres` extra, absent from a SQLite-only server install."""
+    from psycopg.adapt import Loader
+    from psycopg.pq import Format
 
-    format = Format.TEXT
-    load = staticmethod(loads)  # type: ignore[assignment]
+    class JsonLoader(Loader):
+        format = Format.TEXT
+        load = staticmethod(loads)  # type: ignore[assignment]
+
+    return JsonLoader
 
 
 def dumps(value: Any) -> str:

@@ -164,7 +164,7 @@ def make_engine(url: str, idle_ping_seconds: float = IDLE_PING_SECONDS) -> Engin
 def _pg_loaders(dbapi_conn: Any, _record: Any) -> None:
     # Runs after SQLAlchemy's own connect hook, so these loaders replace its wrappers.
     for name in ("json", "jsonb"):
-        dbapi_conn.adapters.register_loader(name, codec.JsonLoader)
+        dbapi_conn.adapters.register_loader(name, codec.json_loader())
 
 
 _gc_relaxed = False

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -476,7 +475,7 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
         try:
             with conn.begin_nested():
                 ids = insert_rows(conn, jobs, rows)
-        except (IntegrityError, psycopg.errors.UniqueViolation) as exc:
+        except _unique_violations(conn) as exc:
             raise _workdir_conflict(conn, specs) from exc
     links = [{"child_id": jid, "parent_id": p} for jid, s in zip(ids, specs, strict=True) for p in set(s["parent_ids"])]
     if links:
@@ -553,6 +552,16 @@ def _sqlite_row_estimate(conn: Connection) -> int:
 
 
 ANALYZE_MIN_ROWS = 1000
+
+
+def _unique_violations(conn: Connection) -> tuple[type[BaseException], ...]:
+    """What a duplicate key raises: COPY on PostgreSQL raises psycopg's own error, not
+    SQLAlchemy's (psycopg is imported only there: it is the `postgres` extra)."""
+    if conn.dialect.name != "postgresql":
+        return (IntegrityError,)
+    import psycopg
+
+    return (IntegrityError, psycopg.errors.UniqueViolation)
 
 
 def _workdir_conflict(conn: Connection, specs: list[dict[str, Any]], first_index: int = 0,
