@@ -162,10 +162,18 @@ class JobSelection:
         return {"state": self.exclude_states} if self.exclude_states else {}
 
     def describe(self) -> str:
-        parts = [f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}"
-                 for k, v in self.filter_kwargs().items()]
+        """The selection as the options that made it: `--tag exp=a --state RUNNING`."""
+        def text(value: Any) -> str:
+            if isinstance(value, dict):
+                return " --tag ".join(f"{k}={v}" for k, v in value.items())
+            if isinstance(value, list):
+                return ",".join(map(str, value))
+            return value.isoformat(timespec="seconds") if isinstance(value, datetime) else str(value)
+
+        options = {"tags": "tag"}
+        parts = [f"--{options.get(k, k)} {text(v)}" for k, v in self.filter_kwargs().items()]
         if self.exclude_states:
-            parts.append(f"not state={','.join(self.exclude_states)}")
+            parts.append(f"--exclude-state {','.join(self.exclude_states)}")
         return " ".join(parts) or "all jobs"
 
 

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from balsam_grpc.cli import context as ctx
 from balsam_grpc.cli import output as out
 from balsam_grpc.cli.events import Follower, deadline_after
-from balsam_grpc.cli.errors import EXIT_FAILED, describe, fail, print_error, usage
+from balsam_grpc.cli.errors import EXIT_FAILED, EXIT_NO_JOBS, describe, fail, print_error, usage
 from balsam_grpc.cli.filters import (
     FINAL_STATES,
     STATE_NAMES,
@@ -233,7 +233,7 @@ def _summary(selection: JobSelection, by_state: bool, by_site: bool, fmt: Format
                                      job_service_pb2.CountJobsRequest(filter=flt, group_by=group_by))
     groups = sorted(response.groups, key=lambda g: (ctx.site_name(g.site_id) if by_site else "", g.state))
     if fmt in (Format.json, Format.yaml):
-        out.write(out.dump([{"groups": [out.to_plain(g) for g in groups], "total": str(response.total)}], fmt))
+        out.write(out.dump([{"groups": [out.to_plain(g) for g in groups], "total": response.total}], fmt))
         return
     columns = ([Column("SITE", lambda g: ctx.site_name(g.site_id))] if by_site else []) + (
         [Column("STATE", lambda g: state_name(g.state), no_wrap=True)] if by_state else []) + [
@@ -550,7 +550,8 @@ def wait(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary, only the exit code")] = False,
 ) -> None:
     """Wait until every selected job is final. Exit 0: all JOB_FINISHED; 1: any FAILED or
-    KILLED; 2: --timeout passed first. Driven by the event stream, not polling.
+    KILLED; 2: --timeout passed first; 3: no job matches. Driven by the event stream, not
+    polling.
 
     Examples:
 
@@ -569,9 +570,12 @@ def wait(
             pending.add(job.id)
     total = len(pending) + len(outcome)
     if not total:
+        # Nothing to wait for is almost always a wrong filter (a typo in a tag), not
+        # success: a script's `job wait && next-step` must not go on.
+        follower.close()
         if not quiet:
-            out.write("no jobs selected")
-        return
+            print_error(f"no jobs match {selection.describe()}: nothing to wait for")
+        raise typer.Exit(EXIT_NO_JOBS)
     with follower, out.progress(total=total, description="jobs final", completed=len(outcome)) as advance:
         for batch in follower.batches(deadline) if pending else ():
             for event in batch:

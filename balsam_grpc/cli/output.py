@@ -1,13 +1,16 @@
 """Output formats shared by every command: table, wide, json, yaml.
 
-JSON is the protobuf JSON mapping (google.protobuf.json_format: lowerCamelCase names,
-enum names, 64-bit integers as strings), always one document: a list. YAML is the same
-data. Tables are rich tables that fit the terminal (rich honours NO_COLOR and COLUMNS).
+JSON is the protobuf JSON mapping (google.protobuf.json_format: lowerCamelCase names) in
+the tables' vocabulary: 64-bit integers as numbers (json_format makes them strings) and
+enum values without their type's prefix (JOB_FINISHED, not JOB_STATE_JOB_FINISHED), so
+`jq 'select(.state=="JOB_FINISHED")'` matches what the table shows. Always one document:
+a list. YAML is the same data. Tables are rich tables that fit the terminal (rich honours NO_COLOR and COLUMNS).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console, Group, RenderableType
@@ -68,8 +72,45 @@ def stderr() -> Console:
     return _stderr
 
 
+_INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64})
+
+
 def message_to_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
+    return _plain_message(json_format.MessageToDict(message), message.DESCRIPTOR)
+
+
+def enum_prefix(enum_type: EnumDescriptor) -> str:
+    """JobState -> "JOB_STATE_" (AIP/buf style: every value starts with its type's name)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", enum_type.name).upper() + "_"
+
+
+def _plain_message(data: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
+    if descriptor.full_name.startswith("google.protobuf."):
+        return data  # well-known types keep their JSON forms (timestamps, Struct)
+    for field in descriptor.fields:
+        if field.json_name in data:
+            data[field.json_name] = _plain_field(data[field.json_name], field)
+    return data
+
+
+def _plain_field(value: Any, field: FieldDescriptor) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        value_field = field.message_type.fields_by_name["value"]
+        return {k: _plain_value(v, value_field) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_value(v, field) for v in value]
+    return _plain_value(value, field)
+
+
+def _plain_value(value: Any, field: FieldDescriptor) -> Any:
+    if field.message_type is not None:
+        return _plain_message(value, field.message_type) if isinstance(value, dict) else value
+    if field.enum_type is not None and isinstance(value, str):
+        return value.removeprefix(enum_prefix(field.enum_type))
+    if field.type in _INT64_TYPES and isinstance(value, str):
+        return int(value)
+    return value
 
 
 def to_plain(item: Any) -> Any:

@@ -15,25 +15,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import typer
 import yaml
 
-from balsam_grpc.core.channel import auth_metadata, make_channel
+from balsam_grpc.cli.errors import require_extra
+from balsam_grpc.core.errors import Unavailable
 from balsam_grpc.core.pidlock import SITE_LOCK_FILE, lock_holder
 from balsam_grpc.core.settings import Profile
+from balsam_grpc.sdk.client import Client
 from balsam_grpc.v1 import (
+    auth_service_pb2,
     batch_job_pb2,
     batch_job_service_pb2,
-    batch_job_service_pb2_grpc,
     job_pb2,
     job_service_pb2,
-    job_service_pb2_grpc,
     site_service_pb2,
-    site_service_pb2_grpc,
 )
 
 site_app = typer.Typer(help="Create, run and inspect site daemons.", no_args_is_help=True)
+# What the daemon logs when the apps folder fails to import (site/daemon.py).
+APPS_NOT_SYNCED = "apps folder not synced"
 
 
 
@@ -59,22 +60,19 @@ def _settings(site_dir: Path) -> dict[str, Any]:
     return data
 
 
-def _client(settings: dict[str, Any] | None = None) -> tuple[grpc.Channel, tuple[tuple[str, str], ...]]:
+def _client(settings: dict[str, Any] | None = None) -> Client:
+    """An SDK client from the profile; a site directory's settings name its server."""
     profile = Profile.load()
     if settings and settings.get("server") and not os.environ.get("BALSAM_SERVER"):
         profile.server = str(settings["server"])
     if not profile.token:
         _fail("no token: start a server on this machine (it writes the profile) or set BALSAM_TOKEN")
-    return make_channel(profile), auth_metadata(profile.token)
+    return Client(profile=profile, timeout=10)
 
 
 def _get_site(site_id: int, settings: dict[str, Any]) -> Any:
-    channel, md = _client(settings)
-    try:
-        return site_service_pb2_grpc.SiteServiceStub(channel).GetSite(
-            site_service_pb2.GetSiteRequest(id=site_id), metadata=md, timeout=10).site
-    finally:
-        channel.close()
+    with _client(settings) as client:
+        return client.call("SiteService", "GetSite", site_service_pb2.GetSiteRequest(id=site_id)).site
 
 
 def _site_dir(path: Path) -> Path:
@@ -105,6 +103,7 @@ def start(path: Path = typer.Argument(Path("."), help="site directory"),
 
     Example: balsamctl site start ~/sites/polaris
     """
+    require_extra("site", "psutil")
     site_dir = _site_dir(path)
     settings = _settings(site_dir)
     holder = _lock_holder(site_dir)
@@ -112,6 +111,8 @@ def start(path: Path = typer.Argument(Path("."), help="site directory"),
         _fail(f"a site daemon already runs for {site_dir} (pid {holder})")
     (site_dir / "logs").mkdir(exist_ok=True)
     log_path = site_dir / "logs" / "site.log"
+    # The log is appended to across runs: show only what this run writes.
+    start_offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen([sys.executable, "-m", "balsam_grpc.site", "--site-dir", str(site_dir)],
                                 stdin=devnull, stdout=log, stderr=log, cwd=site_dir, start_new_session=True)
@@ -119,18 +120,28 @@ def start(path: Path = typer.Argument(Path("."), help="site directory"),
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-15:]
-            _fail(f"the site daemon exited with code {code}; {log_path} ends with:\n" + "\n".join(tail))
+            tail = _this_run(log_path, start_offset)[-15:]
+            _fail(f"the site daemon exited with code {code}; this run wrote to {log_path}:\n" + "\n".join(tail))
         try:
             site = _get_site(settings["site_id"], settings)
             if site.liveness.connected:
+                for line in _this_run(log_path, start_offset):
+                    if APPS_NOT_SYNCED in line:
+                        typer.secho(f"warning: the apps folder did not load, so no app was registered: "
+                                    f"{line.strip()}", err=True, fg=typer.colors.YELLOW)
                 typer.echo(f"site {site.name!r} (id {site.id}) daemon running, pid {proc.pid}, connected; "
                            f"log {log_path}")
                 return
-        except grpc.RpcError:
+        except Unavailable:
             pass
         time.sleep(0.3)
     _fail(f"the site daemon (pid {proc.pid}) did not connect within {wait:g} s; see {log_path}")
+
+
+def _this_run(log_path: Path, offset: int) -> list[str]:
+    with open(log_path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace").splitlines()
 
 
 @site_app.command("stop")
@@ -160,6 +171,16 @@ def stop(path: Path = typer.Argument(Path("."), help="site directory"),
     _fail(f"site daemon (pid {pid}) still running after {timeout:g} s (use --force)")
 
 
+def _all_sites(client: Client) -> list[Any]:
+    token, rows = "", []
+    while True:
+        resp = client.call("SiteService", "ListSites", site_service_pb2.ListSitesRequest(page_token=token))
+        rows.extend(resp.sites)
+        token = resp.next_page_token
+        if not token:
+            return rows
+
+
 _ACTIVE_BJ = [batch_job_pb2.BATCH_JOB_STATE_PENDING_SUBMISSION, batch_job_pb2.BATCH_JOB_STATE_QUEUED,
               batch_job_pb2.BATCH_JOB_STATE_RUNNING, batch_job_pb2.BATCH_JOB_STATE_PENDING_DELETION]
 
@@ -179,24 +200,20 @@ def status(path: Path = typer.Argument(Path("."), help="site directory")) -> Non
     pid = _lock_holder(site_dir)
     typer.echo(f"site dir:   {site_dir}")
     typer.echo(f"daemon:     {'running, pid ' + str(pid) if pid else 'not running'}")
-    channel, md = _client(settings)
-    try:
-        site = site_service_pb2_grpc.SiteServiceStub(channel).GetSite(
-            site_service_pb2.GetSiteRequest(id=settings["site_id"]), metadata=md, timeout=10).site
+    with _client(settings) as client:
+        site = client.call("SiteService", "GetSite", site_service_pb2.GetSiteRequest(id=settings["site_id"])).site
         live = site.liveness
         seen = live.last_seen_time.ToDatetime().isoformat(timespec="seconds") if live.HasField("last_seen_time") else "never"
         typer.echo(f"site:       {site.name} (id {site.id}), scheduler {site.scheduler}")
         typer.echo(f"stream:     {'connected' if live.connected else 'not connected'} (last seen {seen} UTC, "
                    f"host {live.daemon_hostname or '-'}, version {live.daemon_version or '-'})")
-        counts = job_service_pb2_grpc.JobServiceStub(channel).CountJobs(job_service_pb2.CountJobsRequest(
-            filter=job_pb2.JobFilter(site_ids=[site.id]), group_by=[job_service_pb2.JOB_GROUP_BY_STATE]),
-            metadata=md, timeout=10)
+        counts = client.call("JobService", "CountJobs", job_service_pb2.CountJobsRequest(
+            filter=job_pb2.JobFilter(site_ids=[site.id]), group_by=[job_service_pb2.JOB_GROUP_BY_STATE]))
         by_state = ", ".join(f"{_state(job_pb2.JobState, g.state, 'JOB_STATE_')} {g.count}"
                              for g in counts.groups if g.count)
         typer.echo(f"jobs:       {counts.total} ({by_state or 'none'})")
-        bjs = batch_job_service_pb2_grpc.BatchJobServiceStub(channel).ListBatchJobs(
-            batch_job_service_pb2.ListBatchJobsRequest(filter=batch_job_service_pb2.BatchJobFilter(
-                site_ids=[site.id], states=_ACTIVE_BJ)), metadata=md, timeout=10).batch_jobs
+        bjs = client.call("BatchJobService", "ListBatchJobs", batch_job_service_pb2.ListBatchJobsRequest(
+            filter=batch_job_service_pb2.BatchJobFilter(site_ids=[site.id], states=_ACTIVE_BJ))).batch_jobs
         typer.echo(f"batch jobs: {len(bjs)} active")
         for bj in bjs:
             typer.echo(f"  {bj.id:>6}  {_state(batch_job_pb2.BatchJobState, bj.state, 'BATCH_JOB_STATE_'):<18} "
@@ -205,10 +222,6 @@ def status(path: Path = typer.Argument(Path("."), help="site directory")) -> Non
         snap = site.scheduler_snapshot
         for w in snap.backfill_windows:
             typer.echo(f"backfill:   {w.num_nodes} nodes for {w.wall_time_min} min in {w.queue or 'any queue'}")
-    except grpc.RpcError as exc:
-        _fail(f"server {exc.code().name}: {exc.details()}")
-    finally:
-        channel.close()
 
 
 @site_app.command("ls")
@@ -217,25 +230,64 @@ def ls() -> None:
 
     Example: balsamctl site ls
     """
-    channel, md = _client()
-    try:
-        stub = site_service_pb2_grpc.SiteServiceStub(channel)
-        token = ""
-        rows = []
-        while True:
-            resp = stub.ListSites(site_service_pb2.ListSitesRequest(page_token=token), metadata=md, timeout=10)
-            rows.extend(resp.sites)
-            token = resp.next_page_token
-            if not token:
-                break
-    except grpc.RpcError as exc:
-        _fail(f"server {exc.code().name}: {exc.details()}")
-    finally:
-        channel.close()
+    with _client() as client:
+        rows = _all_sites(client)
     typer.echo(f"{'ID':>5}  {'NAME':<20} {'SCHEDULER':<10} {'DAEMON':<14} {'HOST':<20} PATH")
     for s in rows:
         live = "connected" if s.liveness.connected else "disconnected"
         typer.echo(f"{s.id:>5}  {s.name:<20} {s.scheduler:<10} {live:<14} {s.hostname:<20} {s.path}")
+
+
+@site_app.command("rm")
+def rm(site: str = typer.Argument(..., help="site directory, or a site's name or id"),
+       yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+       delete_dir: bool = typer.Option(False, "--delete-dir",
+                                       help="also delete the site directory (settings, apps, job workdirs)")) -> None:
+    """Delete a site from the server with its apps, jobs and batch jobs, and revoke its
+    tokens. Refused while its daemon runs or its jobs run. The directory stays unless
+    --delete-dir.
+
+    Example: balsamctl site rm ~/sites/laptop --yes
+    """
+    from balsam_grpc.cli.output import confirm
+
+    site_dir: Path | None = None
+    settings: dict[str, Any] = {}
+    candidate = Path(site).expanduser()
+    if (candidate / "settings.yml").exists():
+        site_dir = _site_dir(candidate)
+        settings = _settings(site_dir)
+        pid = _lock_holder(site_dir)
+        if pid:
+            _fail(f"the site daemon of {site_dir} runs (pid {pid}): stop it first with `balsamctl site stop {site_dir}`")
+    elif delete_dir:
+        _fail("--delete-dir needs the site directory, not a name")
+    with _client(settings) as client:
+        sites = _all_sites(client)
+        wanted = settings.get("site_id") or site
+        found = [s for s in sites if str(s.id) == str(wanted) or (not settings and s.name == site)]
+        if not found:
+            known = ", ".join(sorted(s.name for s in sites)) or "none"
+            _fail(f"no site {site!r} on {client.server}; your sites: {known}")
+        (record,) = found[:1]
+        jobs = client.call("JobService", "CountJobs", job_service_pb2.CountJobsRequest(
+            filter=job_pb2.JobFilter(site_ids=[record.id]))).total
+        where = f" and the directory {site_dir}" if delete_dir else ""
+        confirm(f"Delete site {record.name!r} (id {record.id}) with its {jobs} jobs from {client.server}{where}?",
+                assume_yes=yes, what=f"delete site {record.name!r}")
+        tokens = client.call("AuthService", "ListTokens", auth_service_pb2.ListTokensRequest()).tokens
+        revoked = sum(1 for t in tokens if t.site_id == record.id)
+        # The server revokes the site's tokens in the same transaction.
+        client.call("SiteService", "DeleteSite", site_service_pb2.DeleteSiteRequest(id=record.id))
+    typer.echo(f"deleted site {record.name!r} (id {record.id}) with {jobs} jobs; revoked {revoked} site token(s)")
+    if site_dir is not None and delete_dir:
+        import shutil
+
+        shutil.rmtree(site_dir)
+        typer.echo(f"deleted {site_dir}")
+    elif site_dir is not None:
+        (site_dir / "settings.yml").rename(site_dir / "settings.yml.deleted")
+        typer.echo(f"kept {site_dir} (settings.yml renamed settings.yml.deleted: `site init` can use it again)")
 
 
 @site_app.command("globus-login")

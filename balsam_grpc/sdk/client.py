@@ -15,6 +15,10 @@
   the server asked for; other RESOURCE_EXHAUSTED answers are not retried.
 - Failures are raised as the BalsamError hierarchy (sdk.errors) with the server's
   reason and field.
+- The first call of a client first waits (at most CONNECT_TIMEOUT) for the channel to
+  connect: a server that is not there (connection refused, unknown host) is reported at
+  once with the address tried and how to start one, instead of after the read-only
+  retries' back-off. A connection still in progress then is left to the call's deadline.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ DEFAULT_TIMEOUT = 30.0
 MUTATION_ATTEMPTS = 5
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
+CONNECT_TIMEOUT = 2.0
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # an empty HealthCheckRequest is b""
 _USE_DEFAULT: Any = object()
 
 STUBS: dict[str, Callable[[grpc.Channel], Any]] = {name: s.stub for name, s in SERVICES.items()}
@@ -69,6 +75,11 @@ def server_busy_delay(err: grpc.RpcError) -> float | None:
         return max(0.0, int(info.metadata.get("retry_after_ms", "0")) / 1000)
     except ValueError:
         return 0.0
+
+
+def _one_line(err: grpc.RpcError) -> str:
+    details = err.details() if hasattr(err, "details") else str(err)  # type: ignore[attr-defined]
+    return " ".join(str(details or "").split())
 
 
 def _has_request_id(request: Message) -> bool:
@@ -98,13 +109,17 @@ class Client:
         tls_key = tls_key if tls_key is not None else os.environ.get("BALSAM_TLS_CLIENT_KEY", profile.tls_key)
         self.timeout = timeout
         self.mutation_attempts = max(1, mutation_attempts)
+        # Its own subchannels: gRPC shares them process-wide by default, and a new client
+        # would inherit another's reconnect back-off after a server restart (its first
+        # call, the connect check, failing against a server that is up again).
         self.channel = make_channel(self.server, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                                    options=channel_options)
+                                    options=(("grpc.use_local_subchannel_pool", 1), *channel_options))
         self.metadata = auth_metadata(self.token) if self.token else ()
         self._stubs = {name: factory(self.channel) for name, factory in STUBS.items()}
         self._watcher: JobWatcher | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._connected = False
 
     # -- calls --------------------------------------------------------------------
 
@@ -119,6 +134,8 @@ class Client:
         set one) and is resent unchanged on UNAVAILABLE within the deadline.
         """
         timeout = self.timeout if timeout is _USE_DEFAULT else timeout
+        if not self._connected:
+            self._check_server()
         rpc = getattr(self._stubs[service], method)
         mutation = _has_request_id(request)
         if mutation and not request.request_id:  # type: ignore[attr-defined]
@@ -155,7 +172,32 @@ class Client:
     def open_stream(self, service: str, method: str, request: Message) -> Any:
         """A server-streaming call with auth and no deadline (the caller iterates and
         cancels it); errors surface as grpc.RpcError while iterating."""
+        if not self._connected:
+            self._check_server()
         return getattr(self._stubs[service], method)(request, metadata=self.metadata)
+
+    def _check_server(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Raise Unavailable when no server answers at all.
+
+        One health-check call (not in the channel's retry policy, not wait_for_ready) with
+        a short deadline: a refused connection or an unknown host fails it at once, where
+        a first real call would go through the read-only retries' back-off for seconds.
+        Any answer from a server (even UNIMPLEMENTED or UNAUTHENTICATED) means it is
+        there; a deadline passing (a slow network) is left to the real call's deadline.
+        """
+        probe = self.channel.unary_unary(HEALTH_CHECK, request_serializer=bytes, response_deserializer=bytes)
+        try:
+            probe(b"", timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable(
+                    f"no balsam server answers at {self.server} ({_one_line(err)}): start one with "
+                    "`balsamctl server start`, or point BALSAM_SERVER (or `balsamctl login --server`) at yours",
+                    reason="UNAVAILABLE") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return
+        self._connected = True
 
     # -- resources ------------------------------------------------------------------
 

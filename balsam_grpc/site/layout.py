@@ -65,8 +65,12 @@ class SiteLayout:
     def log_file(self) -> Path:
         return self.logs_dir / "site.log"
 
+    def dirs(self) -> tuple[Path, ...]:
+        """The folders every site directory has."""
+        return (self.apps_dir, self.data_dir, self.logs_dir, self.qsubmit_dir, self.state_dir)
+
     def make_dirs(self) -> None:
-        for d in (self.apps_dir, self.data_dir, self.logs_dir, self.qsubmit_dir, self.state_dir):
+        for d in self.dirs():
             d.mkdir(parents=True, exist_ok=True)
 
     def read_token(self) -> str:

@@ -95,6 +95,15 @@ class CliServer:
         client_run_job(self.client, job_id, *reports)
 
 
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one "error: ..." line a failed command prints (no traceback)."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
 @pytest.fixture(scope="module", params=database_params())
 def cli_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:
     home = tmp_path_factory.mktemp("cli-home")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from balsam_grpc.v1 import app_pb2, app_service_pb2, job_pb2, job_service_pb2, site_pb2, site_service_pb2
-from tests.cli.conftest import CliServer
+from tests.cli.conftest import CliServer, one_error_line
 
 N_FILE_JOBS = 3000
 S = job_pb2
@@ -73,14 +73,6 @@ def move(cli_server: CliServer, job_id: int, *states: int) -> None:
     cli_server.run_job(job_id, *states[1:])
 
 
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
-
-
 # ------------------------------------------------------------------ create and list
 
 def test_file_jobs_listed_as_json_with_their_fields(cli_server: CliServer, world: dict[str, Any]) -> None:
@@ -90,10 +82,23 @@ def test_file_jobs_listed_as_json_with_their_fields(cli_server: CliServer, world
     sample = by_workdir["bulk/1234"]
     assert sample["parameters"] == {"n": "1234", "label": "x"}  # the default filled in
     assert sample["tags"] == {"exp": "bulk", "parity": "even"}
-    assert sample["appId"] == str(world["hello"].id)
+    assert sample["appId"] == world["hello"].id
     # No transfers or hooks: the server moved every job on to PREPROCESSED.
-    assert {j["state"] for j in jobs} == {"JOB_STATE_PREPROCESSED"}
+    assert {j["state"] for j in jobs} == {"PREPROCESSED"}
     assert [int(j["id"]) for j in jobs] == sorted(int(j["id"]) for j in jobs)
+
+
+def test_json_and_table_speak_one_vocabulary(cli_server: CliServer, world: dict[str, Any]) -> None:
+    """Ids are JSON numbers and states bare names, as in the table: a jq filter written
+    from what the table shows matches."""
+    listed = cli_server.json("job", "ls", "--tag", "exp=bulk", "--limit", "3")
+    assert all(type(j["id"]) is int and type(j["appId"]) is int and type(j["siteId"]) is int for j in listed)
+    assert {j["state"] for j in listed} == {"PREPROCESSED"}
+    table = cli_server.run("job", "ls", "--id", str(listed[0]["id"]), "--no-header")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.split()[:2] == [str(listed[0]["id"]), listed[0]["state"]]
+    yaml_text = cli_server.run("job", "ls", "--id", str(listed[0]["id"]), "-o", "yaml").stdout
+    assert f"id: {listed[0]['id']}\n" in yaml_text and "state: PREPROCESSED" in yaml_text
 
 
 def test_table_output_has_header_rows_and_names(cli_server: CliServer, world: dict[str, Any]) -> None:
@@ -127,9 +132,9 @@ def test_filters_by_tag_state_app_id_and_limit(cli_server: CliServer, world: dic
     assert len(cli_server.json("job", "ls", "--tag", "exp=bulk", "--app", "hello", "--site", "laptop",
                                "--since", "1h", "-n", "7")) == 7
     some = cli_server.json("job", "ls", "--tag", "exp=bulk", "-n", "3")
-    ids = [j["id"] for j in some]
+    ids = [str(j["id"]) for j in some]
     picked = cli_server.json("job", "ls", "--id", ",".join(ids[:2]), "--id", ids[2])
-    assert [j["id"] for j in picked] == ids
+    assert [str(j["id"]) for j in picked] == ids
 
 
 def test_by_state_summary_uses_server_counts(cli_server: CliServer, world: dict[str, Any]) -> None:
@@ -143,9 +148,9 @@ def test_by_state_summary_uses_server_counts(cli_server: CliServer, world: dict[
     assert sorted(rows[1:3]) == [["KILLED", "1"], ["PREPROCESSED", "1"]]
     assert rows[-1] == ["total", "2"]
     (doc,) = cli_server.json("job", "ls", "--tag", "exp=bulk", "--by-state", "--by-site")
-    assert doc["total"] == str(N_FILE_JOBS)
-    assert doc["groups"] == [{"state": "JOB_STATE_PREPROCESSED", "siteId": str(world["site"].id),
-                              "count": str(N_FILE_JOBS)}]
+    assert doc["total"] == N_FILE_JOBS
+    assert doc["groups"] == [{"state": "PREPROCESSED", "siteId": world["site"].id,
+                              "count": N_FILE_JOBS}]
 
 
 # ------------------------------------------------------------------ bulk changes
@@ -261,12 +266,19 @@ def test_wait_exits_2_on_timeout(cli_server: CliServer, world: dict[str, Any]) -
     assert "timed out after 1 s: 1 of 1 jobs not final" in one_error_line(result)
 
 
+def test_wait_with_nothing_selected_fails(cli_server: CliServer, world: dict[str, Any]) -> None:
+    """A wait that selects nothing (a typo in a tag) must not let `wait && next-step` go on."""
+    result = cli_server.run("job", "wait", "--tag", "exp=no-such-experiment", "--timeout", "30")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "no jobs match --tag exp=no-such-experiment: nothing to wait for" in one_error_line(result)
+
+
 def test_history_shows_each_transition(cli_server: CliServer, world: dict[str, Any]) -> None:
     job_id = create(cli_server, "history/0", {"exp": "history"})
     move(cli_server, job_id, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_DONE)
     events = cli_server.json("job", "history", str(job_id))
-    moves = [(e["jobState"].get("fromState", "JOB_STATE_UNSPECIFIED"), e["jobState"]["toState"]) for e in events]
-    assert moves[-2][1] == "JOB_STATE_RUNNING" and moves[-1][1] == "JOB_STATE_JOB_FINISHED"
+    moves = [(e["jobState"].get("fromState", "UNSPECIFIED"), e["jobState"]["toState"]) for e in events]
+    assert moves[-2][1] == "RUNNING" and moves[-1][1] == "JOB_FINISHED"
     assert any(e.get("message", "").startswith("leased to session") for e in events)
     table = cli_server.run("job", "history", str(job_id))
     assert table.returncode == 0, table.stderr

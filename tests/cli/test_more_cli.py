@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from balsam_grpc.v1 import auth_service_pb2, job_pb2, job_service_pb2, site_pb2, site_service_pb2
-from tests.cli.conftest import CliServer
+from tests.cli.conftest import CliServer, one_error_line
 
 S = job_pb2
 
@@ -80,15 +80,15 @@ def test_app_sync_refuses_a_bad_declaration(cli_server: CliServer, site: site_pb
 def test_queue_submit_ls_rm(cli_server: CliServer, site: site_pb2.Site) -> None:
     (created,) = cli_server.json("queue", "submit", "--site", "mini", "-n", "2", "-t", "30", "--job-mode", "serial",
                                  "--tag", "exp=q")
-    assert created["state"] == "BATCH_JOB_STATE_PENDING_SUBMISSION" and created["numNodes"] == 2
-    assert created["filterTags"] == {"exp": "q"} and created["jobMode"] == "JOB_MODE_SERIAL"
+    assert created["state"] == "PENDING_SUBMISSION" and created["numNodes"] == 2
+    assert created["filterTags"] == {"exp": "q"} and created["jobMode"] == "SERIAL"
     listed = cli_server.json("queue", "ls", "--site", "mini")
     assert [b["id"] for b in listed] == [created["id"]]
-    refused = cli_server.run("queue", "rm", created["id"], stdin=subprocess.DEVNULL)
+    refused = cli_server.run("queue", "rm", str(created["id"]), stdin=subprocess.DEVNULL)
     assert refused.returncode == 1 and "refusing to delete 1 batch job(s)" in refused.stderr
-    dry = cli_server.run("queue", "rm", created["id"], "--dry-run")
+    dry = cli_server.run("queue", "rm", str(created["id"]), "--dry-run")
     assert dry.returncode == 0 and f"{created['id']} (delete, PENDING_SUBMISSION)" in dry.stdout
-    done = cli_server.run("queue", "rm", created["id"], "99999", "--yes")
+    done = cli_server.run("queue", "rm", str(created["id"]), "99999", "--yes")
     assert done.returncode == 1  # one of the two did not exist: reported, not silent
     assert f"deleted batch job {created['id']}" in done.stdout
     assert "batch job 99999:" in done.stderr and "(NOT_FOUND)" in done.stderr
@@ -111,14 +111,14 @@ def test_queue_rm_cancels_a_pending_batch_job_its_daemon_may_be_submitting(cli_s
                 conn.execute(update(sites).where(sites.c.id == site.id).values(connected=value))
 
         connected(True)
-        done = cli_server.run("queue", "rm", created["id"], "--yes")
+        done = cli_server.run("queue", "rm", str(created["id"]), "--yes")
         connected(False)
     finally:
         engine.dispose()
     assert done.returncode == 0, done.stderr
     assert f"cancelling batch job {created['id']}" in done.stdout
     (left,) = cli_server.json("queue", "ls", "--all", "--site", "mini")
-    assert left["id"] == created["id"] and left["state"] == "BATCH_JOB_STATE_PENDING_DELETION"
+    assert left["id"] == created["id"] and left["state"] == "PENDING_DELETION"
 
 
 def _job(cli_server: CliServer, workdir: str, tag: str) -> int:
@@ -135,8 +135,8 @@ def _move(cli_server: CliServer, job_id: int, *states: int) -> None:
 def test_events_list_and_follow(cli_server: CliServer, synced: None) -> None:
     job_id = _job(cli_server, "ev/0", "exp=events")
     listed = cli_server.json("events", "--job", str(job_id))
-    assert listed and all(e["jobId"] == str(job_id) for e in listed)
-    assert listed[-1]["jobState"]["toState"] == "JOB_STATE_PREPROCESSED"
+    assert listed and all(e["jobId"] == job_id for e in listed)
+    assert listed[-1]["jobState"]["toState"] == "PREPROCESSED"
     newest = cli_server.json("events", "--newest", "-n", "1")
     assert int(newest[0]["id"]) >= int(listed[-1]["id"])
     assert cli_server.json("events", "--job", str(job_id), "--to-state", "FAILED") == []
@@ -144,12 +144,12 @@ def test_events_list_and_follow(cli_server: CliServer, synced: None) -> None:
     follower = cli_server.popen("events", "--tag", "exp=events", "-f", "-o", "json", "--timeout", "120")
     text = _read_until(follower, str(job_id))  # the listing came out: the stream is open
     _move(cli_server, job_id, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_DONE)
-    text += _read_until(follower, "JOB_STATE_JOB_FINISHED")
+    text += _read_until(follower, '"JOB_FINISHED"')
     follower.terminate()
     follower.communicate(timeout=30)
     seen = [json.loads(line) for line in text.splitlines() if line.strip()]
     to_states = [e["jobState"]["toState"] for e in seen]
-    assert to_states[-2:] == ["JOB_STATE_RUNNING", "JOB_STATE_JOB_FINISHED"]
+    assert to_states[-2:] == ["RUNNING", "JOB_FINISHED"]
     assert len({e["id"] for e in seen}) == len(seen)  # listing and stream overlap without repeats
 
 
@@ -247,13 +247,15 @@ def test_login_with_password_and_token(cli_server: CliServer, tmp_path: Path) ->
     assert not (tmp_path / "z.json").exists()
 
 
-def test_unreachable_server_is_one_line(cli_server: CliServer, tmp_path: Path) -> None:
+def test_unreachable_server_is_one_line_with_the_address_and_what_to_do(cli_server: CliServer) -> None:
     from tests.support.server_proc import free_port
 
-    result = cli_server.run("job", "ls", env={"BALSAM_SERVER": f"127.0.0.1:{free_port()}"}, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
-    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+    address = f"127.0.0.1:{free_port()}"
+    for command in (["job", "ls"], ["site", "ls"], ["whoami"]):
+        result = cli_server.run(*command, env={"BALSAM_SERVER": address}, timeout=120)
+        assert result.returncode == 1
+        line = one_error_line(result)
+        assert f"no balsam server answers at {address}" in line and "balsamctl server start" in line, line
 
 
 @pytest.mark.parametrize("command", [

@@ -84,6 +84,17 @@ def test_unreachable_server_is_unavailable_within_the_deadline() -> None:
             c.wait_ready(timeout=0.5)
 
 
+def test_missing_server_is_reported_by_the_first_call_with_address_and_remedy() -> None:
+    """Not the read-only retries' "failed to connect to all addresses" after their
+    back-off: one health-check probe, then what was tried and how to start a server."""
+    address = f"127.0.0.1:{free_port()}"
+    with Client(address, token="t", timeout=60) as c:
+        with pytest.raises(Unavailable) as caught:
+            c.jobs.filter(state="RUNNING").count()
+    assert f"no balsam server answers at {address}" in caught.value.message
+    assert "balsamctl server start" in caught.value.message
+
+
 def test_default_deadline_applies_to_unary_calls() -> None:
     # A listener that accepts connections but never speaks HTTP/2: calls hang until
     # their deadline, which the client sets by default.

@@ -129,8 +129,8 @@ def test_stage_in_run_stage_out(kit, tmp_path):
     assert done == {i.id for i in items.values()}
     # The CLI shows the items and the per-task figures (bytes, files, duration, rate).
     listing = json.loads(kit.balsamctl("transfers", "ls", "--job", str(job.id), "-o", "json").stdout)
-    assert {(i["slot"], i["state"]) for i in listing} == {("raw", "TRANSFER_STATE_DONE"), ("calib", "TRANSFER_STATE_DONE"),
-                                                         ("result", "TRANSFER_STATE_DONE")}
+    assert {(i["slot"], i["state"]) for i in listing} == {("raw", "DONE"), ("calib", "DONE"),
+                                                         ("result", "DONE")}
     tasks = json.loads(kit.balsamctl("transfers", "tasks", "--job", str(job.id), "-o", "json").stdout)
     assert sorted(t["items"] for t in tasks) == [1, 2] and sum(t["bytes"] for t in tasks) == 11 + 16 + 27
     print("\nSTAGING timeline:")
