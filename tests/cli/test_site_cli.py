@@ -94,3 +94,27 @@ def test_rm_deletes_the_site_and_revokes_its_tokens(cli_server: CliServer, tmp_p
     assert again.returncode == 0, again.stderr
     missing = cli_server.run("site", "rm", "no-such-site", "--yes")
     assert missing.returncode == 1 and "no site 'no-such-site'" in one_error_line(missing)
+
+
+def test_start_shows_only_this_runs_log_and_warns_on_broken_apps(cli_server: CliServer, tmp_path: Path) -> None:
+    site_dir = tmp_path / "starter"
+    made = cli_server.run("site", "init", str(site_dir), "--name", "starter")
+    assert made.returncode == 0, made.stderr
+    settings = site_dir / "settings.yml"
+    good = settings.read_text()
+    (site_dir / "logs" / "site.log").write_text("STALE LINE FROM AN EARLIER RUN\n")
+    settings.write_text(good + "no_such_setting: 1\n")
+    failed = cli_server.run("site", "start", str(site_dir), "--wait", "60")
+    assert failed.returncode == 1
+    assert "no_such_setting" in failed.stderr and "STALE LINE" not in failed.stderr, failed.stderr
+
+    settings.write_text(good)
+    (site_dir / "apps" / "broken.py").write_text("import no_such_module_for_this_test\n")
+    started = cli_server.run("site", "start", str(site_dir), "--wait", "90")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "warning: the apps folder did not load" in started.stderr
+        assert "no_such_module_for_this_test" in started.stderr
+    finally:
+        stopped = cli_server.run("site", "stop", str(site_dir), "--timeout", "60", "--force")
+        assert stopped.returncode == 0, stopped.stderr
