@@ -46,7 +46,7 @@ class Hello(ApplicationDefinition):
 '''
 
 DEFAULT_LOCAL = {"scheduler": "local", "scheduler_options": {}, "queues": {}, "default_queue": "",
-                 "default_project": ""}
+                 "default_project": "", "max_total_nodes": 1}
 
 
 def platform_preset(name: str) -> dict[str, Any]:
@@ -149,7 +149,8 @@ def _write_files(layout: SiteLayout, token: str, site_id: int, name: str, server
         layout.write_token(token)
         text = render_settings_template(
             site_id=site_id, name=name, server=server, platform=platform, scheduler=preset["scheduler"],
-            queues=queues, projects=[project] if project else [], elastic=elastic, max_nodes=1)
+            queues=queues, projects=[project] if project else [], elastic=elastic, max_nodes=1,
+            max_total_nodes=int(preset.get("max_total_nodes") or 0))
         options = preset.get("scheduler_options") or {}
         if options:
             import yaml

@@ -342,7 +342,7 @@ elastic_queue:
   wall_time_margin_min: 5     # added to the longest job's wall time
   max_queued: 1               # pilots queued at once
   # Most nodes held by this site's pilots at once, queued + running; 0 = no cap.
-  max_total_nodes: 0
+  max_total_nodes: {max_total_nodes}
   wait_timeout_min: 0         # withdraw pilots queued longer than this; 0 = never
   use_backfill: false         # fit pilots into the scheduler's backfill windows
 
@@ -367,7 +367,7 @@ cleanup:
 
 def render_settings_template(*, site_id: int, name: str, server: str, platform: str, scheduler: str,
                              queues: dict[str, QueueLimits], projects: list[str], elastic: bool,
-                             max_nodes: int) -> str:
+                             max_nodes: int, max_total_nodes: int = 0) -> str:
     queue_lines = "".join(
         f"  {q}: {{max_nodes: {lim.max_nodes}, max_wall_time_min: {lim.max_wall_time_min}, "
         f"max_queued: {lim.max_queued}}}\n" for q, lim in queues.items()) or "  {}\n"
@@ -376,4 +376,4 @@ def render_settings_template(*, site_id: int, name: str, server: str, platform: 
         site_id=site_id, name=name, server=server, platform=platform, scheduler=scheduler,
         projects="[" + ", ".join(projects) + "]", queues=queue_lines.rstrip("\n") if queues else "  {}",
         elastic="true" if elastic else "false", queue=first_queue or '""',
-        project=projects[0] if projects else "", max_nodes=max_nodes)
+        project=projects[0] if projects else "", max_nodes=max_nodes, max_total_nodes=max_total_nodes)

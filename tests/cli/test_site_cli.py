@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from balsam_grpc.v1 import auth_service_pb2, site_service_pb2
 from tests.cli.conftest import CliServer, one_error_line
@@ -45,7 +46,9 @@ def test_init_with_an_unusable_path_creates_nothing_and_a_retry_works(cli_server
     good = cli_server.run("site", "init", str(tmp_path / "site"), "--name", "unusable")
     assert good.returncode == 0, good.stderr
     assert "unusable" in _site_names(cli_server)
-    assert (tmp_path / "site" / "settings.yml").exists()
+    settings = yaml.safe_load((tmp_path / "site" / "settings.yml").read_text())
+    # The local platform is this one machine: one node's worth of pilots, not one per backlog step.
+    assert settings["elastic_queue"]["max_total_nodes"] == 1
 
 
 def test_init_refused_by_the_server_leaves_no_directory(cli_server: CliServer, tmp_path: Path) -> None:

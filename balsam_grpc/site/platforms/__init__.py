@@ -47,6 +47,8 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "scheduler_options": dict, "batch_script": str, "launcher_mpi_prefix": str, "preamble": str,
+    # The elastic queue's max_total_nodes a new site starts with (0 or absent: no cap).
+    "max_total_nodes": int,
 }
 
 
@@ -90,8 +92,8 @@ def validate_platform(data: Any, source: str, *, expected_name: str | None = Non
         raise PlatformError(source, "scheduler", f"{out['scheduler']!r} is not one of {', '.join(SCHEDULER_NAMES)}")
     if out["mpi_launch"] not in MPI_LAUNCH_METHODS:
         raise PlatformError(source, "mpi_launch", f"{out['mpi_launch']!r} is not one of {', '.join(MPI_LAUNCH_METHODS)}")
-    for key in ("cpus_per_node", "gpus_per_node"):
-        if out[key] < 0:
+    for key in ("cpus_per_node", "gpus_per_node", "max_total_nodes"):
+        if out.get(key, 0) < 0:
             raise PlatformError(source, key, f"must be >= 0, got {out[key]}")
     queues: dict[str, dict] = {}
     for q, limits in out["queues"].items():
