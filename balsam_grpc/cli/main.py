@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from balsam_grpc.cli import analytics, apps, auth, events, jobs, queue
+from balsam_grpc.cli import analytics, apps, auth, events, jobs, queue, users
 from balsam_grpc.cli.errors import BalsamTyper, require_extra
 from balsam_grpc.core.settings import DEFAULT_ADDRESS
 
@@ -22,6 +22,8 @@ app.command("whoami")(auth.whoami)
 app.add_typer(apps.app_app, name="app")
 app.add_typer(jobs.job_app, name="job")
 app.add_typer(queue.queue_app, name="queue")
+app.add_typer(users.user_app, name="user")
+app.add_typer(users.token_app, name="token")
 app.command("events")(events.events)
 app.command("analytics")(analytics.analytics)
 app.command("route")(__import__("balsam_grpc.cli.route", fromlist=["route"]).route)

@@ -27,10 +27,11 @@ async def ensure_local_user(state: ServerState, address: str) -> None:
         user = user_store.get_user_by_name(conn, username)
         if user is None:
             # Random password: the local user authenticates with the profile token;
-            # `balsamctl login` on another machine needs a password set by an admin.
+            # `balsamctl login` on another machine needs a password: `balsamctl user passwd`.
             user = user_store.create_user(conn, username, hash_password(secrets.token_urlsafe(24)),
                                           admin=True, now=now)
-            log.info("created local user", username=username)
+            log.info("created local user (an administrator; `balsamctl user passwd` sets a password for "
+                     "logins from elsewhere, `balsamctl user add` adds users)", username=username)
         if profile.token:
             row = user_store.resolve_token(conn, profile.token)
             if row and row["user_id"] == user["id"] and not row["revoked"] and aware(row["expire_time"]) > now:

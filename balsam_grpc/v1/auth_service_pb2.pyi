@@ -20,16 +20,18 @@ TOKEN_SCOPE_USER: TokenScope
 TOKEN_SCOPE_SITE: TokenScope
 
 class User(_message.Message):
-    __slots__ = ("id", "username", "admin", "create_time")
+    __slots__ = ("id", "username", "admin", "create_time", "disabled")
     ID_FIELD_NUMBER: _ClassVar[int]
     USERNAME_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_FIELD_NUMBER: _ClassVar[int]
     id: int
     username: str
     admin: bool
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[int] = ..., username: _Optional[str] = ..., admin: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    disabled: bool
+    def __init__(self, id: _Optional[int] = ..., username: _Optional[str] = ..., admin: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disabled: _Optional[bool] = ...) -> None: ...
 
 class TokenInfo(_message.Message):
     __slots__ = ("id", "scope", "site_id", "description", "create_time", "expire_time", "revoked")
@@ -140,3 +142,41 @@ class RevokeTokenResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     token: TokenInfo
     def __init__(self, token: _Optional[_Union[TokenInfo, _Mapping]] = ...) -> None: ...
+
+class ListUsersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListUsersResponse(_message.Message):
+    __slots__ = ("users",)
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedCompositeFieldContainer[User]
+    def __init__(self, users: _Optional[_Iterable[_Union[User, _Mapping]]] = ...) -> None: ...
+
+class SetPasswordRequest(_message.Message):
+    __slots__ = ("username", "password")
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    username: str
+    password: str
+    def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
+
+class SetPasswordResponse(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ...) -> None: ...
+
+class DisableUserRequest(_message.Message):
+    __slots__ = ("username",)
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    username: str
+    def __init__(self, username: _Optional[str] = ...) -> None: ...
+
+class DisableUserResponse(_message.Message):
+    __slots__ = ("user", "revoked_tokens")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    revoked_tokens: int
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., revoked_tokens: _Optional[int] = ...) -> None: ...

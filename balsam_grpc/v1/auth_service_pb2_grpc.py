@@ -66,6 +66,21 @@ class AuthServiceStub:
                 request_serializer=balsam_dot_v1_dot_auth__service__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=balsam_dot_v1_dot_auth__service__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/balsam.v1.AuthService/ListUsers',
+                request_serializer=balsam_dot_v1_dot_auth__service__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=balsam_dot_v1_dot_auth__service__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.SetPassword = channel.unary_unary(
+                '/balsam.v1.AuthService/SetPassword',
+                request_serializer=balsam_dot_v1_dot_auth__service__pb2.SetPasswordRequest.SerializeToString,
+                response_deserializer=balsam_dot_v1_dot_auth__service__pb2.SetPasswordResponse.FromString,
+                _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/balsam.v1.AuthService/DisableUser',
+                request_serializer=balsam_dot_v1_dot_auth__service__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=balsam_dot_v1_dot_auth__service__pb2.DisableUserResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -115,6 +130,29 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUsers(self, request, context):
+        """Lists every user (administrators only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPassword(self, request, context):
+        """Sets a user's password: one's own with a user token, anyone's as an administrator.
+        Setting the password of a disabled user enables it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableUser(self, request, context):
+        """Disables a user (administrators only): its password stops working and every one of
+        its tokens, site tokens included, is revoked at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +185,21 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=balsam_dot_v1_dot_auth__service__pb2.RevokeTokenRequest.FromString,
                     response_serializer=balsam_dot_v1_dot_auth__service__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=balsam_dot_v1_dot_auth__service__pb2.ListUsersRequest.FromString,
+                    response_serializer=balsam_dot_v1_dot_auth__service__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'SetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPassword,
+                    request_deserializer=balsam_dot_v1_dot_auth__service__pb2.SetPasswordRequest.FromString,
+                    response_serializer=balsam_dot_v1_dot_auth__service__pb2.SetPasswordResponse.SerializeToString,
+            ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=balsam_dot_v1_dot_auth__service__pb2.DisableUserRequest.FromString,
+                    response_serializer=balsam_dot_v1_dot_auth__service__pb2.DisableUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +366,87 @@ class AuthService:
             '/balsam.v1.AuthService/RevokeToken',
             balsam_dot_v1_dot_auth__service__pb2.RevokeTokenRequest.SerializeToString,
             balsam_dot_v1_dot_auth__service__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balsam.v1.AuthService/ListUsers',
+            balsam_dot_v1_dot_auth__service__pb2.ListUsersRequest.SerializeToString,
+            balsam_dot_v1_dot_auth__service__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balsam.v1.AuthService/SetPassword',
+            balsam_dot_v1_dot_auth__service__pb2.SetPasswordRequest.SerializeToString,
+            balsam_dot_v1_dot_auth__service__pb2.SetPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balsam.v1.AuthService/DisableUser',
+            balsam_dot_v1_dot_auth__service__pb2.DisableUserRequest.SerializeToString,
+            balsam_dot_v1_dot_auth__service__pb2.DisableUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -115,3 +115,14 @@ def cli_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def sqlite_cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:
+    """A server process on SQLite only, for tests of the CLI's own behaviour whose server
+    side runs on both databases elsewhere."""
+    home = tmp_path_factory.mktemp("cli-sqlite")
+    server = CliServer(home, f"sqlite:///{home / 'balsam.db'}")
+    server.start()
+    yield server
+    server.stop()

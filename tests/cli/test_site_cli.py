@@ -4,7 +4,6 @@ fails, so a retry works; rm deletes the site and revokes its tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,10 @@ from tests.cli.conftest import CliServer, one_error_line
 
 
 @pytest.fixture(scope="module")
-def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:
+def cli_server(sqlite_cli_server: CliServer) -> CliServer:
     """SQLite only: what is checked here is the CLI's and init's own steps; the server's
     site and token store runs on both databases in tests/server."""
-    home = tmp_path_factory.mktemp("site-cli")
-    server = CliServer(home, f"sqlite:///{home / 'balsam.db'}")
-    server.start()
-    yield server
-    server.stop()
+    return sqlite_cli_server
 
 
 def _site_names(cli_server: CliServer) -> list[str]:

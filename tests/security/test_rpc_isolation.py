@@ -100,6 +100,9 @@ COVERAGE: dict[str, list[str]] = {
                                "server/test_auth.py::test_site_token_cannot_mint_tokens_or_users"],
     "AuthService.RevokeToken": ["server/test_auth.py::test_revoking_another_users_token_is_not_found",
                                 "server/test_auth.py::test_site_token_cannot_mint_tokens_or_users"],
+    "AuthService.ListUsers": ["server/test_auth.py::test_only_admins_list_users"],
+    "AuthService.SetPassword": ["server/test_auth.py::test_set_password_own_or_as_admin"],
+    "AuthService.DisableUser": ["server/test_auth.py::test_disabling_a_user_revokes_its_tokens_and_login"],
 }
 
 EXEMPT: dict[str, str] = {

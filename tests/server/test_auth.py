@@ -279,7 +279,8 @@ def test_reflection_lists_all_eight_services(harness: Any) -> None:
     from google.protobuf.descriptor_pool import DescriptorPool
     pool = DescriptorPool(db)
     methods = {m.name for m in pool.FindServiceByName("balsam.v1.AuthService").methods}
-    assert methods == {"Login", "GetCurrentUser", "CreateUser", "CreateToken", "ListTokens", "RevokeToken"}
+    assert methods == {"Login", "GetCurrentUser", "CreateUser", "CreateToken", "ListTokens", "RevokeToken",
+                       "ListUsers", "SetPassword", "DisableUser"}
 
 
 def test_health_reports_serving(harness: Any) -> None:
@@ -287,3 +288,61 @@ def test_health_reports_serving(harness: Any) -> None:
     for name in ("", *sorted(SERVICES)):
         resp = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=30)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+# -- user administration ---------------------------------------------------------------
+
+def test_only_admins_list_users(harness: Any, alice: Any) -> None:
+    admin = harness.user(admin=True)
+    listed = admin.stub(auth_service_pb2_grpc.AuthServiceStub).ListUsers(pb.ListUsersRequest()).users
+    assert {alice.username, admin.username} <= {u.username for u in listed}
+    assert [u.id for u in listed] == sorted(u.id for u in listed)
+    expect_error(lambda: alice.stub(auth_service_pb2_grpc.AuthServiceStub).ListUsers(pb.ListUsersRequest()),
+                 Code.PERMISSION_DENIED)
+    site = harness.user(admin.username, scope="SITE", site_id=add_site(harness, admin.user_id))
+    expect_error(lambda: site.stub(auth_service_pb2_grpc.AuthServiceStub).ListUsers(pb.ListUsersRequest()),
+                 Code.PERMISSION_DENIED)
+
+
+def test_set_password_own_or_as_admin(harness: Any, alice: Any, bob: Any) -> None:
+    mine = alice.stub(auth_service_pb2_grpc.AuthServiceStub)
+    assert mine.SetPassword(pb.SetPasswordRequest(password="alice's new pw")).user.username == alice.username
+    assert anonymous(harness).Login(pb.LoginRequest(username=alice.username, password="alice's new pw")).token
+    expect_error(lambda: mine.SetPassword(pb.SetPasswordRequest(username=bob.username, password="taken over")),
+                 Code.PERMISSION_DENIED)
+    expect_error(lambda: mine.SetPassword(pb.SetPasswordRequest(password="short")), Code.INVALID_ARGUMENT,
+                 "INVALID_FIELD")
+    admin = harness.user(admin=True).stub(auth_service_pb2_grpc.AuthServiceStub)
+    admin.SetPassword(pb.SetPasswordRequest(username=bob.username, password="set by the admin"))
+    assert anonymous(harness).Login(pb.LoginRequest(username=bob.username, password="set by the admin")).token
+    expect_error(lambda: admin.SetPassword(pb.SetPasswordRequest(username="nobody-" + secrets.token_hex(3),
+                                                                 password="long enough pw")), Code.NOT_FOUND)
+    site = harness.user(alice.username, scope="SITE", site_id=add_site(harness, alice.user_id))
+    expect_error(lambda: site.stub(auth_service_pb2_grpc.AuthServiceStub).SetPassword(
+        pb.SetPasswordRequest(password="from a site token")), Code.PERMISSION_DENIED)
+
+
+def test_disabling_a_user_revokes_its_tokens_and_login(harness: Any) -> None:
+    admin_caller = harness.user(admin=True)
+    admin = admin_caller.stub(auth_service_pb2_grpc.AuthServiceStub)
+    carol = harness.user()
+    carol_site = harness.user(carol.username, scope="SITE", site_id=add_site(harness, carol.user_id))
+    expect_error(lambda: carol.stub(auth_service_pb2_grpc.AuthServiceStub).DisableUser(
+        pb.DisableUserRequest(username=admin_caller.username)), Code.PERMISSION_DENIED)
+    expect_error(lambda: admin.DisableUser(pb.DisableUserRequest(username=admin_caller.username)),
+                 Code.FAILED_PRECONDITION)
+
+    disabled = admin.DisableUser(pb.DisableUserRequest(username=carol.username))
+    assert disabled.user.disabled and disabled.revoked_tokens == 2
+    for token in (carol.token, carol_site.token):
+        expect_error(lambda token=token: whoami(harness, token), Code.UNAUTHENTICATED)
+    expect_error(lambda: anonymous(harness).Login(pb.LoginRequest(username=carol.username, password=PASSWORD)),
+                 Code.UNAUTHENTICATED)
+    listed = {u.username: u for u in admin.ListUsers(pb.ListUsersRequest()).users}
+    assert listed[carol.username].disabled and not listed[admin_caller.username].disabled
+    expect_error(lambda: admin.DisableUser(pb.DisableUserRequest(username="nobody-" + secrets.token_hex(3))),
+                 Code.NOT_FOUND)
+
+    admin.SetPassword(pb.SetPasswordRequest(username=carol.username, password="a fresh start"))
+    back = anonymous(harness).Login(pb.LoginRequest(username=carol.username, password="a fresh start"))
+    assert not back.user.disabled and whoami(harness, back.token).user.username == carol.username

@@ -16,7 +16,14 @@ import grpc
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
 
-from balsam_grpc.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from balsam_grpc.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from balsam_grpc.server.admission import peer_address
 from balsam_grpc.server.auth import hash_password, verify_password
 from balsam_grpc.server.convert import EnumCodec, aware, to_timestamp, utcnow
@@ -52,7 +59,7 @@ def _dummy() -> str:
 
 def user_msg(row: dict[str, Any]) -> pb.User:
     return pb.User(id=row["id"], username=row["username"], admin=bool(row["admin"]),
-                   create_time=to_timestamp(row["create_time"]))
+                   create_time=to_timestamp(row["create_time"]), disabled=user_store.is_disabled(row))
 
 
 def token_msg(row: dict[str, Any]) -> pb.TokenInfo:
@@ -196,3 +203,47 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             raise NotFound(f"token {request.id!r} not found", field="id")
         self.state.auth.forget(request.id)
         return pb.RevokeTokenResponse(token=token_msg(row))
+
+    @unary()
+    async def ListUsers(self, request: pb.ListUsersRequest, context: grpc.aio.ServicerContext,
+                        principal: Principal) -> pb.ListUsersResponse:
+        principal.require_user_scope("list users")
+        if not principal.admin:
+            raise PermissionDenied("only administrators can list users")
+        rows = await self.state.db.read(user_store.list_users)
+        return pb.ListUsersResponse(users=[user_msg(r) for r in rows])
+
+    @unary()
+    async def SetPassword(self, request: pb.SetPasswordRequest, context: grpc.aio.ServicerContext,
+                          principal: Principal) -> pb.SetPasswordResponse:
+        principal.require_user_scope("set passwords")
+        username = request.username or principal.username
+        if username != principal.username and not principal.admin:
+            raise PermissionDenied("only administrators can set another user's password")
+        if not MIN_PASSWORD <= len(request.password) <= MAX_PASSWORD:
+            raise InvalidArgument(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters long",
+                                  field="password")
+        password_hash = await asyncio.to_thread(hash_password, request.password)
+        row = await self.state.db.write(user_store.set_password, username, password_hash)
+        if row is None:
+            raise NotFound(f"no user {username!r}", field="username")
+        return pb.SetPasswordResponse(user=user_msg(row))
+
+    @unary()
+    async def DisableUser(self, request: pb.DisableUserRequest, context: grpc.aio.ServicerContext,
+                          principal: Principal) -> pb.DisableUserResponse:
+        principal.require_user_scope("disable users")
+        if not principal.admin:
+            raise PermissionDenied("only administrators can disable users")
+        if not request.username:
+            raise InvalidArgument("username is required", field="username")
+        if request.username == principal.username:
+            raise FailedPrecondition("you cannot disable yourself; ask another administrator",
+                                     field="username")
+        found = await self.state.db.write(user_store.disable_user, request.username)
+        if found is None:
+            raise NotFound(f"no user {request.username!r}", field="username")
+        row, revoked = found
+        for token_id in revoked:
+            self.state.auth.forget(token_id, reason="the user was disabled")
+        return pb.DisableUserResponse(user=user_msg(row), revoked_tokens=len(revoked))

@@ -15,6 +15,13 @@ from balsam_grpc.core.errors import AlreadyExists
 from balsam_grpc.server.store.tables import jobs, server_keys, tokens, users
 
 TOKEN_PREFIX = "blsm_"
+# A disabled user's password hash starts with this (as a locked account in /etc/shadow):
+# no password verifies against it, and setting a new password enables the user again.
+DISABLED_MARK = "!"
+
+
+def is_disabled(row: dict[str, Any]) -> bool:
+    return str(row["password_hash"]).startswith(DISABLED_MARK)
 
 
 def digest(secret: str) -> str:
@@ -97,3 +104,27 @@ def job_run(conn: Connection, job_id: int) -> dict[str, Any] | None:
         .join(users, users.c.id == jobs.c.owner_id).where(jobs.c.id == job_id)
     ).first()
     return dict(row._mapping) if row else None
+
+
+def list_users(conn: Connection) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in conn.execute(select(users).order_by(users.c.id))]
+
+
+def set_password(conn: Connection, username: str, password_hash: str) -> dict[str, Any] | None:
+    row = conn.execute(update(users).where(users.c.username == username)
+                       .values(password_hash=password_hash).returning(*users.c)).first()
+    return dict(row._mapping) if row else None
+
+
+def disable_user(conn: Connection, username: str) -> tuple[dict[str, Any], list[str]] | None:
+    """Lock the password and revoke every active token; (user row, revoked token ids)."""
+    user = get_user_by_name(conn, username)
+    if user is None:
+        return None
+    if not is_disabled(user):
+        user = dict(conn.execute(update(users).where(users.c.id == user["id"])
+                                 .values(password_hash=DISABLED_MARK + user["password_hash"])
+                                 .returning(*users.c)).one()._mapping)
+    revoked = conn.execute(update(tokens).where(tokens.c.user_id == user["id"], tokens.c.revoked.is_(False))
+                           .values(revoked=True).returning(tokens.c.id)).scalars().all()
+    return user, list(revoked)
