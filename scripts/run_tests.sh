@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # The one test command: environment, PostgreSQL, contract checks, then pytest.
-# Usage: scripts/run_tests.sh [pytest args...]   (paths relative to the repo root)
-# Env: CI=true makes an unreachable PostgreSQL an error; BALSAM_TEST_DB_NAME (default
-# balsam_test) names the database that is dropped and recreated for this run; CI=true also makes
-# a Slurm that does not start an error (scripts/slurm.sh, needs root), elsewhere a warning.
+# Usage: scripts/run_tests.sh [--with-slurm] [pytest args...]   (paths relative to the repo root)
+#
+# Outside CI it changes nothing on the machine beyond this checkout (.venv, caches) and
+# its own PostgreSQL databases, which it drops on exit: no packages installed, nothing
+# written under /etc, no daemons left running. --with-slurm (always on under CI=true)
+# installs and starts a real Slurm on loopback (scripts/slurm.sh, needs root) for the
+# real-Slurm tests, and stops on exit the Slurm daemons it started (a Slurm that was
+# already running is left alone).
+# Env: CI=true makes an unreachable PostgreSQL and a Slurm that does not start errors;
+# BALSAM_TEST_DB_NAME (default balsam_test) names this run's database: it and every
+# <name>_* database the tests make are dropped at exit (scripts/test_databases.py).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -11,6 +18,28 @@ step() { printf '\n=== %s\n' "$*"; }
 case ${CI:-} in "" | false | 0) ci="" ;; *) ci=1 ;; esac
 PY=.venv/bin/python
 BUF=.venv/bin/buf
+with_slurm=$ci
+args=()
+for arg in "$@"; do
+    if [[ $arg == --with-slurm ]]; then with_slurm=1; else args+=("$arg"); fi
+done
+set -- ${args[@]+"${args[@]}"}
+
+# What this run started or made is undone on any exit (failures and Ctrl-C too).
+started_slurm=""
+made_db=""
+cleanup() {
+    local rc=$?
+    if [[ -n $made_db ]]; then
+        "$PY" scripts/test_databases.py drop "$made_db" || echo "WARNING: could not drop $made_db, ${made_db}_*" >&2
+    fi
+    if [[ -n $started_slurm ]]; then
+        echo "stopping the Slurm daemons this run started (scripts/slurm.sh stop)"
+        scripts/slurm.sh stop || echo "WARNING: scripts/slurm.sh stop failed" >&2
+    fi
+    return "$rc"
+}
+trap cleanup EXIT
 
 step "environment (scripts/setup_dev.sh)"
 scripts/setup_dev.sh
@@ -25,21 +54,8 @@ pg_up() {
 }
 if pg_up; then
     db=${BALSAM_TEST_DB_NAME:-balsam_test}
-    # No DROP ... WITH (FORCE): a concurrent run using the same database should fail here, not
-    # lose its connections halfway through.
-    "$PY" - "$db" <<'EOF'
-import sys
-import psycopg
-from psycopg import sql
-
-db = sql.Identifier(sys.argv[1])
-try:
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(db))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(db))
-except psycopg.Error as exc:
-    sys.exit(f"cannot recreate database {sys.argv[1]}: {exc}\n(another run using it? set BALSAM_TEST_DB_NAME)")
-EOF
+    "$PY" scripts/test_databases.py fresh "$db"
+    made_db=$db
     export BALSAM_TEST_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$db"
     echo "fresh database $db; BALSAM_TEST_DATABASE_URL=$BALSAM_TEST_DATABASE_URL"
 elif [[ -n $ci ]]; then
@@ -52,18 +68,24 @@ fi
 
 step "Slurm on loopback (scripts/slurm.sh start)"
 # A real Slurm (installed if missing) for tests/site/test_slurm_real.py and the end-to-end
-# tests; they run only when BALSAM_TEST_SLURM=1. Outside CI, BALSAM_TEST_SLURM=0 skips this step.
-if [[ -z $ci && ${BALSAM_TEST_SLURM:-} == 0 ]]; then
-    echo "skipped: BALSAM_TEST_SLURM=0 (the real-Slurm tests skip)"
-elif scripts/slurm.sh start; then
-    export BALSAM_TEST_SLURM=1
-    echo "Slurm is up; BALSAM_TEST_SLURM=1"
-elif [[ -n $ci ]]; then
-    echo "ERROR: Slurm did not start and CI=${CI}: the real-Slurm tests must run in CI." >&2
-    exit 1
-else
+# tests; they run only when BALSAM_TEST_SLURM=1.
+if [[ -z $with_slurm ]]; then
     export BALSAM_TEST_SLURM=0
-    echo "WARNING: Slurm did not start (see above): the real-Slurm tests skip" >&2
+    echo "skipped: the real-Slurm tests skip (--with-slurm installs and starts Slurm; CI does)"
+else
+    slurm_was_up=""
+    if scripts/slurm.sh status >/dev/null 2>&1; then slurm_was_up=1; fi
+    if scripts/slurm.sh start; then
+        [[ -n $slurm_was_up ]] || started_slurm=1
+        export BALSAM_TEST_SLURM=1
+        echo "Slurm is up${slurm_was_up:+ (it already was: left running at exit)}; BALSAM_TEST_SLURM=1"
+    elif [[ -n $ci ]]; then
+        echo "ERROR: Slurm did not start and CI=${CI}: the real-Slurm tests must run in CI." >&2
+        exit 1
+    else
+        export BALSAM_TEST_SLURM=0
+        echo "WARNING: Slurm did not start (see above): the real-Slurm tests skip" >&2
+    fi
 fi
 
 step "Chromium for the dashboard's browser tests"
@@ -102,6 +124,11 @@ elif ! git cat-file -e 'HEAD~1:protos/balsam' 2>/dev/null; then
 else
     "$BUF" breaking --against '.git#ref=HEAD~1' && echo "ok: no breaking change since $(git rev-parse --short HEAD~1)"
 fi
+
+step "documentation (mkdocs build --strict)"
+docs_site=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --quiet --site-dir "$docs_site" && echo "ok"
+rm -rf "$docs_site"
 
 step "pytest -q -ra --durations=15 $*"
 rc=0

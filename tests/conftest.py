@@ -150,3 +150,11 @@ def alice(harness: Harness) -> Caller:
 @pytest.fixture
 def bob(harness: Harness) -> Caller:
     return harness.user()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Drop the databases tests made for themselves (fixtures of module scope that leave
+    theirs to the end); a test run leaves only the shared one, which run_tests.sh drops."""
+    from tests.support.databases import drop_created
+
+    drop_created()

@@ -58,19 +58,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('xpcs-db') / 'balsam.db'}"
         return
-    import psycopg
-    from sqlalchemy.engine import make_url
+    from tests.support.databases import drop_postgres, fresh_postgres
 
-    base = make_url(POSTGRES_URL)
-    name = f"balsam_xpcs_e2e_{uuid.uuid4().hex[:8]}"
-    dsn = base.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    url = fresh_postgres(POSTGRES_URL, f"xpcs_e2e_{uuid.uuid4().hex[:8]}")
     try:
-        yield base.set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_postgres(url)
 
 
 @pytest.fixture(scope="module")

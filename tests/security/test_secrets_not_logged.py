@@ -43,18 +43,13 @@ def _free_port() -> int:
 def _database(tmp: Path, db_password: str) -> str:
     if not POSTGRES_URL:
         return f"sqlite:///{tmp / 'balsam.db'}"
-    from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    base = make_url(POSTGRES_URL)
-    name = f"{base.database}_secrets"
-    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
+    from tests.support.databases import fresh_postgres
+
+    base = make_url(fresh_postgres(POSTGRES_URL, "secrets"))
     # Trust authentication ignores the password; the server must still never print it.
-    return base.set(database=name, password=db_password).render_as_string(hide_password=False)
+    return base.set(password=db_password).render_as_string(hide_password=False)
 
 
 def random_part(token: str) -> str:

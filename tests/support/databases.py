@@ -1,6 +1,10 @@
 """PostgreSQL databases of a test's own, next to the shared test database
 (BALSAM_TEST_DATABASE_URL), so a test that needs an empty schema or kills connections
-does not disturb the others."""
+does not disturb the others.
+
+Every database made here is named `<shared name>_<suffix>` and remembered: the test
+session drops whatever is left at its end (tests/conftest.py), and scripts/run_tests.sh
+drops `<shared name>_*` on exit, so a run that was killed leaves nothing behind either."""
 
 from __future__ import annotations
 
@@ -10,6 +14,13 @@ from sqlalchemy.engine import URL, make_url
 
 # Databases to drop when the test session ends (tests/faults/conftest.py drops them).
 SESSION_DATABASES: list[str] = []
+CREATED: set[str] = set()
+
+
+def drop_created() -> None:
+    """Drop every database fresh_postgres made that is still there."""
+    for url in sorted(CREATED):
+        drop_postgres(url)
 
 
 def _admin(url: str | URL):  # type: ignore[no-untyped-def]
@@ -26,11 +37,14 @@ def fresh_postgres(url: str, suffix: str) -> str:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    return base.set(database=name).render_as_string(hide_password=False)
+    made = base.set(database=name).render_as_string(hide_password=False)
+    CREATED.add(made)
+    return made
 
 
 def drop_postgres(url: str) -> None:
     """Drop the database `url` names, closing its connections."""
+    CREATED.discard(url)
     name = make_url(url).database
     admin = _admin(url)
     with admin.connect() as conn:
