@@ -56,8 +56,10 @@ def submit(
     site: Annotated[str, typer.Option("--site", help="site name or id")],
     num_nodes: Annotated[int, typer.Option("--num-nodes", "-n", help="nodes to request")],
     wall_time_min: Annotated[int, typer.Option("--wall-time-min", "-t", help="wall time in minutes")],
-    queue: Annotated[str, typer.Option("--queue", "-q", help="scheduler queue or partition")] = "",
-    project: Annotated[str, typer.Option("--project", "-A", help="project/account charged")] = "",
+    queue: Annotated[str, typer.Option("--queue", "-q", help="scheduler queue or partition (default: the "
+                                                             "site's only allowed one)")] = "",
+    project: Annotated[str, typer.Option("--project", "-A", help="project/account charged (default: the "
+                                                                 "site's only allowed one)")] = "",
     job_mode: Annotated[str, typer.Option("--job-mode", help="serial or mpi")] = "mpi",
     tag: Annotated[list[str] | None, typer.Option("--tag", help="only run jobs with tag key=value")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-x", help="extra scheduler option key=value "
@@ -75,8 +77,12 @@ def submit(
         mode = enum_number(common_pb2.JobMode.DESCRIPTOR, job_mode, "job mode")
     except ValueError:
         usage(f"--job-mode: {job_mode!r} is not one of: {', '.join(n.lower() for n in enum_names(common_pb2.JobMode.DESCRIPTOR))}")
+    target = ctx.resolve_site(parse_refs([site])[0])
+    # A site that allows exactly one queue or project (the local platform) needs no flag.
+    queue = queue or (target.allowed_queues[0] if len(target.allowed_queues) == 1 else "")
+    project = project or (target.allowed_projects[0] if len(target.allowed_projects) == 1 else "")
     batch_job = batch_job_pb2.BatchJob(
-        site_id=ctx.resolve_site(parse_refs([site])[0]).id, num_nodes=num_nodes, wall_time_min=wall_time_min,
+        site_id=target.id, num_nodes=num_nodes, wall_time_min=wall_time_min,
         queue=queue, project=project, job_mode=mode, filter_tags=parse_tags(tag),
         optional_params=parse_key_values(param, "--param"))
     created = ctx.client().call("BatchJobService", "CreateBatchJob",
