@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from balsam_grpc.core import pyvalues
 from balsam_grpc.launcher.runner import ProcessResult
 from balsam_grpc.v1 import app_pb2, job_pb2, session_service_pb2
 
 DEFAULT_MAX_RETRIES = 3
+# What a Python-function app's outcome puts in the job's data (core.pyvalues).
+_RESULT_KEYS = (pyvalues.RESULT_KEY, pyvalues.RESULT_JSON_KEY)
 
 
 def transition(leased: session_service_pb2.LeasedJob, state: int, *, message: str = "",
@@ -57,16 +60,21 @@ def outcome_transition(leased: session_service_pb2.LeasedJob,
         if not is_python:
             return transition(leased, S.JOB_STATE_RUN_DONE, return_code=0)
         if res.result and res.result.get("ok"):
-            return transition(leased, S.JOB_STATE_RUN_DONE, return_code=0, data={"result": res.result.get("result")})
+            return transition(leased, S.JOB_STATE_RUN_DONE, return_code=0,
+                              data={k: v for k, v in res.result.items() if k in _RESULT_KEYS})
         return transition(leased, S.JOB_STATE_RUN_ERROR, return_code=0, tail=res.tail,
                           message="the Python app exited without writing its result")
     tail = res.tail
+    data = None
     if is_python and res.result and not res.result.get("ok"):
         tail = str(res.result.get("error", ""))[-8192:]
+        if pyvalues.EXCEPTION_KEY in res.result:  # job.result() re-raises it in the caller
+            data = {pyvalues.EXCEPTION_KEY: res.result[pyvalues.EXCEPTION_KEY]}
     rc = res.return_code
     what = f"exited with return code {rc}" if rc is not None and rc >= 0 else f"was killed by signal {-(rc or 0)}"
     if quick_failure_retry(leased, res.elapsed_s):
         return transition(leased, S.JOB_STATE_RESTART_READY, return_code=rc, tail=tail,
                           message=f"quick failure: {what} after {res.elapsed_s:.2f} s "
                                   f"(< {leased.app.retry_policy.quick_failure_seconds} s); retrying")
-    return transition(leased, S.JOB_STATE_RUN_ERROR, return_code=rc, tail=tail, message=f"the run {what}")
+    return transition(leased, S.JOB_STATE_RUN_ERROR, return_code=rc, tail=tail, message=f"the run {what}",
+                      data=data)

@@ -1,9 +1,12 @@
 """`python -m balsam_grpc.launcher.pyfunc`: run one Python-function app in its own process.
 
 Loads the site's app classes, builds the JobHandle, calls `run(**parameters)` with the
-typed parameters and writes the outcome as JSON: {"ok": true, "result": <return value>}
-or {"ok": false, "error": <traceback>}. Output goes to job.out like any other job, so
-kill, timeout and tails work the same.
+typed parameters plus the pickled keyword arguments the SDK sent (core.pyvalues), and
+writes the outcome as JSON: {"ok": true, "result_pickle": ..., "result": <small plain-JSON
+copy>} or {"ok": false, "error": <traceback>, "exception_pickle": ...}. A return value
+that cannot be pickled or is too large fails the run with the reason; nothing is
+dropped silently. Output goes to job.out like any other job, so kill, timeout and tails
+work the same.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from balsam_grpc.core import pyvalues
 from balsam_grpc.core.appdef import JobHandle, load_app_classes, resolve_parameters
 from balsam_grpc.v1 import session_service_pb2
 
@@ -42,18 +46,26 @@ def main(argv: list[str] | None = None) -> int:
             raise LookupError(f"app class {leased.app.class_path!r} not found in {a.apps} "
                               f"(found: {', '.join(sorted(classes)) or 'none'})")
         handle = JobHandle(leased.job, Path.cwd())
-        value = cls(handle).run(**resolve_parameters(leased.app, dict(leased.job.parameters)))
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"run() returned a value that is not JSON-serialisable: {exc}") from exc
-    except BaseException:  # noqa: BLE001 - any failure of user code is the job's failure
+        kwargs = resolve_parameters(leased.app, dict(leased.job.parameters))
+        pickled_args = leased.job.data.fields.get(pyvalues.ARGS_KEY)
+        if pickled_args is not None:
+            kwargs.update(pyvalues.decode(pickled_args.string_value))
+        value = cls(handle).run(**kwargs)
+        outcome = {"ok": True, pyvalues.RESULT_KEY: pyvalues.encode(value, "run()'s return value")}
+        if (copy := pyvalues.readable(value)) is not None:
+            outcome[pyvalues.RESULT_JSON_KEY] = copy
+    except BaseException as exc:  # noqa: BLE001 - any failure of user code is the job's failure
         tb = traceback.format_exc()
         sys.stderr.write(tb)
         sys.stderr.flush()
-        _write(result, {"ok": False, "error": tb})
+        outcome = {"ok": False, "error": tb}
+        try:  # the caller's job.result() re-raises it; an exception that will not pickle leaves the text
+            outcome[pyvalues.EXCEPTION_KEY] = pyvalues.encode(exc, "the exception")
+        except ValueError:
+            pass
+        _write(result, outcome)
         return 1
-    _write(result, {"ok": True, "result": value})
+    _write(result, outcome)
     return 0
 
 

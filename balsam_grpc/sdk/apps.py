@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from balsam_grpc.core.appdef import ApplicationDefinition, load_app_classes, resolve_parameters
 from balsam_grpc.sdk.errors import NotFound
-from balsam_grpc.sdk.models import App, Job, Manager, Site, split_job_options
+from balsam_grpc.sdk.models import App, Job, Manager, Site, split_submit
 from balsam_grpc.v1 import app_pb2, app_service_pb2
 
 if TYPE_CHECKING:
@@ -55,8 +55,9 @@ def submit(app_def: type[ApplicationDefinition], workdir: str, *, site: Any = No
     from balsam_grpc.sdk.client import default_client
 
     client = client or default_client()
-    options, params = split_job_options(kwargs)
-    resolve_parameters(app_def.app_message(0), params)
+    declaration = app_def.app_message(0)
+    options, params = split_submit(declaration, kwargs)
+    resolve_parameters(declaration, params)
     site_id = resolve_site_id(client, site, app_def)
     job = Job(_client=client, workdir=workdir, app_name=app_def.app_name(), site_id=site_id, parameters=params,
               **options)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from balsam_grpc.core import pyvalues
 from balsam_grpc.core.states import FINAL_STATES
 from balsam_grpc.sdk.errors import BalsamError, DeadlineExceeded, JobFailed, NotFound, Unavailable
 from balsam_grpc.sdk.watch import EventStream
@@ -279,9 +280,16 @@ def job_result(job: Job, timeout: float | None = None) -> Any:
     if job.message.id in client.watcher.missing:
         raise NotFound(f"job {job.message.id} no longer exists", reason="NOT_FOUND")
     _refresh(client, [job], client.watcher, strict=True)
+    data = job.data
     if job.state == "JOB_FINISHED":
-        data = job.data
+        if pyvalues.RESULT_KEY in data:  # a Python-function app's return value, as it was
+            return pyvalues.decode(data[pyvalues.RESULT_KEY])
         return data["result"] if "result" in data else data
+    if pyvalues.EXCEPTION_KEY in data:
+        # What the app raised, re-raised here; its traceback in the launcher is the cause.
+        remote = pyvalues.decode(data[pyvalues.EXCEPTION_KEY])
+        if isinstance(remote, BaseException):
+            raise remote from pyvalues.RemoteTraceback(job.error_tail or job.state_message)
     message = f"job {job.message.id} ended {job.state}"
     if job.state_message:
         message += f": {job.state_message}"

@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 
-from balsam_grpc.core.errors import ERRORS_BY_CODE, FailedPrecondition
+from balsam_grpc.core.errors import ERRORS_BY_CODE, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import FINAL_STATES
 from balsam_grpc.sdk import filters
 from balsam_grpc.sdk.convert import get_field, scalar_text, set_field
@@ -330,6 +330,35 @@ def split_job_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return options, params
 
 
+def split_submit(app: app_pb2.App, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """submit() keywords for `app`: (job fields, app parameters). A Python-function app
+    also takes keyword arguments of any picklable type: every keyword that is not a
+    declared scalar parameter travels pickled in the job's data (core.pyvalues), size
+    limited, refused here with the reason when it cannot be pickled or is too large."""
+    if app.kind != app_pb2.APP_KIND_PYTHON:
+        return split_job_options(kwargs)
+    from balsam_grpc.core import pyvalues
+
+    declared = {p.name for p in app.parameters}
+    for name in declared & set(kwargs):
+        if not isinstance(kwargs[name], (str, int, float, bool)):
+            raise InvalidArgument(f"parameters.{name}: {name!r} is a declared parameter of {app.name} (text or a "
+                                  f"number), got {type(kwargs[name]).__name__}; leave it out of `parameters` to pass "
+                                  "any Python object", field=f"parameters.{name}")
+    plain = {k: v for k, v in kwargs.items() if k in _JOB_OPTIONS or k in _RESOURCE_FIELDS or k == "parameters"
+             or k in declared}
+    pickled = {k: v for k, v in kwargs.items() if k not in plain}
+    options, params = split_job_options(plain)
+    if pickled:
+        data = dict(options.get("data") or {})
+        try:
+            data[pyvalues.ARGS_KEY] = pyvalues.encode(pickled, f"the arguments ({', '.join(pickled)}) of {app.name}")
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field="data") from None
+        options["data"] = data
+    return options, params
+
+
 class App(Model):
     resource = Resource(
         name="app", service="AppService", field="app", plural="apps", module=app_service_pb2,
@@ -348,7 +377,7 @@ class App(Model):
         parameters are checked against the app's declaration before anything is sent."""
         from balsam_grpc.core.appdef import resolve_parameters
 
-        options, params = split_job_options(kwargs)
+        options, params = split_submit(self._msg, kwargs)  # type: ignore[arg-type]
         resolve_parameters(self._msg, params)  # type: ignore[arg-type]
         job = Job(_client=self._client, workdir=workdir, app_id=self._require_id(), parameters=params, **options)
         return job.save()
@@ -466,8 +495,10 @@ class Job(Model):
         return bool(done)
 
     def result(self, timeout: float | None = None) -> Any:
-        """Block until the job is final. JOB_FINISHED: its data["result"] if set (Python
-        function apps), else its data dict. FAILED/KILLED: JobFailed with the state
+        """Block until the job is final. JOB_FINISHED: a Python-function app's return
+        value as it was (any picklable type), else data["result"] if set, else the data
+        dict. FAILED/KILLED: the exception a Python-function app raised, re-raised here
+        with the launcher's traceback as its cause; otherwise JobFailed with the state
         message and error tail. TimeoutError if `timeout` seconds pass first."""
         from balsam_grpc.sdk.futures import job_result
 
