@@ -9,7 +9,6 @@ message, so they can be fuzzed.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -74,71 +73,23 @@ def load_platform(name: str, site_dir: Path | None = None) -> Platform:
 
 # -- scheduler node lists (pure) --------------------------------------------------------
 
-_BRACKET = re.compile(r"^([^\[\]]*)\[([^\[\]]+)\](.*)$")
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in node list {text!r}")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if depth != 0:
-        raise ValueError(f"unbalanced '[' in node list {text!r}")
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _expand_ranges(spec: str, limit: int) -> list[str]:
-    out: list[str] = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if "-" in item:
-            lo, _, hi = item.partition("-")
-            if not (lo.isdigit() and hi.isdigit()):
-                raise ValueError(f"bad range {item!r} in node list")
-            a, b = int(lo), int(hi)
-            if b < a:
-                raise ValueError(f"descending range {item!r} in node list")
-            if b - a + 1 + len(out) > limit:
-                raise ValueError(f"node list expands to more than {limit} names")
-            width = len(lo)
-            out += [str(i).zfill(width) for i in range(a, b + 1)]
-        else:
-            out.append(item)
-    return out
 
 
 def expand_slurm_nodelist(text: str, limit: int = 100_000) -> list[str]:
-    """`nid[0001-0003,0007],gpu1` -> nid0001 nid0002 nid0003 nid0007 gpu1 (zero padding kept).
+    """`nid[0001-0003,0007],gpu1` -> nid0001 nid0002 nid0003 nid0007 gpu1 (zero padding kept;
+    `r[1-2]n[3-4]` expands as a product). python-hostlist does the expansion; errors and
+    lists longer than `limit` are ValueError."""
+    import hostlist
 
-    Several bracket groups in one name (`r[1-2]n[3-4]`) expand as a product."""
-    hosts: list[str] = []
-    for part in _split_top_level(text.strip()):
-        names = [part]
-        expanded: list[str] = []
-        while names:
-            name = names.pop(0)
-            m = _BRACKET.match(name)
-            if not m:
-                expanded.append(name)
-                continue
-            prefix, ranges, rest = m.groups()
-            names = [prefix + r + rest for r in _expand_ranges(ranges, limit)] + names
-            if len(names) + len(expanded) + len(hosts) > limit:
-                raise ValueError(f"node list expands to more than {limit} names")
-        hosts += expanded
+    try:
+        hosts = hostlist.expand_hostlist(text.strip(), allow_duplicates=True)
+    except hostlist.BadHostlist as exc:
+        raise ValueError(f"bad node list {text!r}: {exc}") from None
+    hosts = [h.strip() for h in hosts if h.strip()]
+    if any(c.isspace() for h in hosts for c in h):
+        raise ValueError(f"bad node list {text!r}: a host name holds white space")
+    if len(hosts) > limit:
+        raise ValueError(f"node list expands to more than {limit} names")
     return hosts
 
 
@@ -162,10 +113,11 @@ def parse_lsf_hostfile(text: str) -> list[str]:
 def parse_cobalt_partname(text: str, limit: int = 100_000) -> list[str]:
     """COBALT_PARTNAME on Theta is a list of node ids like `3824-3827,3830`; nodes are named
     `nid` + the id zero-padded to five digits."""
-    ids = _expand_ranges(text.strip(), limit)
-    if not all(i.isdigit() for i in ids):
+    spec = text.strip()
+    if not spec or not all(c.isdigit() or c in ",-" for c in spec):
         raise ValueError(f"COBALT_PARTNAME {text!r} is not a list of numeric node ids")
-    return [f"nid{int(i):05d}" for i in ids]
+    ids = expand_slurm_nodelist(f"nid[{spec}]", limit)
+    return [f"nid{int(i.removeprefix('nid')):05d}" for i in ids]
 
 
 def scheduler_hosts(env: Mapping[str, str], read_file=lambda p: Path(p).read_text()) -> tuple[str, list[str]]:

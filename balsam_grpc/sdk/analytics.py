@@ -8,6 +8,7 @@ are recorded in one event with `data.via`; they count as entered at that event's
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -87,17 +88,13 @@ class Percentiles:
         if not values:
             nan = math.nan
             return cls(0, nan, nan, nan, nan, nan)
-        ordered = sorted(values)
-        return cls(len(ordered), _quantile(ordered, 0.5), _quantile(ordered, 0.9), _quantile(ordered, 0.99),
-                   sum(ordered) / len(ordered), ordered[-1])
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    pos = q * (len(ordered) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+        if len(values) == 1:  # statistics.quantiles wants two points before Python 3.13
+            (v,) = values
+            return cls(1, v, v, v, v, v)
+        # The stdlib, not numpy (the SDK's core install has no numpy); "inclusive" is
+        # numpy's default linear interpolation between closest ranks.
+        cuts = statistics.quantiles(values, n=100, method="inclusive")
+        return cls(len(values), cuts[49], cuts[89], cuts[98], statistics.fmean(values), max(values))
 
 
 @dataclass

@@ -29,6 +29,7 @@ import psutil
 import structlog
 from google.protobuf import timestamp_pb2
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.site.journal import Journal, SubmitIntent, SubmittedJob
 from balsam_grpc.site.schedulers import (
     SchedulerJob,
@@ -302,6 +303,7 @@ class BatchJobs:
         if scheduler_id:
             # A scheduler that cannot answer now (controller restarting) gets a few tries
             # before the work item fails; it is offered again after the next reconnect.
+            delays = Backoff(initial=1.0, maximum=4.0)
             for attempt in range(CANCEL_ATTEMPTS):
                 try:
                     await self.scheduler.cancel(scheduler_id)
@@ -311,7 +313,7 @@ class BatchJobs:
                         raise
                     log.warning("cancel failed, retrying", batch_job_id=bj.id, scheduler_id=scheduler_id,
                                 error=str(exc))
-                    await asyncio.sleep(2 ** attempt)
+                    await asyncio.sleep(delays.next_delay())
             log.info("batch job cancelled", batch_job_id=bj.id, scheduler_id=scheduler_id)
         self.tracked.pop(bj.id, None)
         self.journal.forget([bj.id])

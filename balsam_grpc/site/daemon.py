@@ -21,6 +21,7 @@ import grpc
 import structlog
 from google.protobuf import field_mask_pb2
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.channel import channel_credentials, channel_options, channel_target
 from balsam_grpc.core.errors import BalsamError
 from balsam_grpc.core.settings import Profile
@@ -269,7 +270,7 @@ class SiteDaemon:
                 log.exception("scheduler poll failed")
 
     async def _prepare_until_done(self) -> None:
-        delay = 1.0
+        delays = Backoff(initial=1.0, maximum=30.0)
         while True:
             try:
                 await self.prepare()
@@ -279,8 +280,7 @@ class SiteDaemon:
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                                   grpc.StatusCode.NOT_FOUND):
                     raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30)
+            await asyncio.sleep(delays.next_delay())
 
     async def run(self) -> None:
         self._stop = asyncio.Event()

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.site.transfers.backends import Backend, TransferFailed, TransferUnavailable, make_backend
 from balsam_grpc.site.transfers.config import Location, LocationError, TransferSettings, parse_location
 from balsam_grpc.site.transfers.journal import TransferJournal
@@ -275,7 +276,7 @@ class TransferService:
         retrying an unreachable backend with backoff."""
         try:
             backend = self.backend(task.location)
-            delay = self.settings.api_backoff_s
+            delays = Backoff(initial=max(self.settings.api_backoff_s, 0.01), maximum=MAX_BACKOFF_S)
             while True:
                 try:
                     if not task.submission_id:
@@ -290,10 +291,10 @@ class TransferService:
                         self._finish(task, ERROR, error=f"{exc} (gave up after {attempts} attempts; the items can be "
                                                         "retried with `balsamctl transfers retry`)")
                         return
+                    delay = delays.next_delay()
                     log.warning("transfer submission will be retried", task=task.key, attempt=attempts,
-                                in_seconds=delay, error=str(exc))
+                                in_seconds=round(delay, 3), error=str(exc))
                     await asyncio.sleep(delay)
-                    delay = min(max(delay * 2, 0.01), MAX_BACKOFF_S)
                     continue
                 break
             self.journal.update_task(task, state=SUBMITTED, task_id=task_id, submitted=time.time())
