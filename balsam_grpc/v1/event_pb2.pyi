@@ -41,7 +41,7 @@ class BatchJobStateChange(_message.Message):
     def __init__(self, batch_job_id: _Optional[int] = ..., from_state: _Optional[_Union[_batch_job_pb2.BatchJobState, str]] = ..., to_state: _Optional[_Union[_batch_job_pb2.BatchJobState, str]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("id", "job_id", "site_id", "time", "job_state", "transfer_state", "batch_job_state", "data", "message")
+    __slots__ = ("id", "job_id", "site_id", "time", "job_state", "transfer_state", "batch_job_state", "data", "message", "receive_time")
     ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class Event(_message.Message):
     BATCH_JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVE_TIME_FIELD_NUMBER: _ClassVar[int]
     id: int
     job_id: int
     site_id: int
@@ -60,4 +61,5 @@ class Event(_message.Message):
     batch_job_state: BatchJobStateChange
     data: _struct_pb2.Struct
     message: str
-    def __init__(self, id: _Optional[int] = ..., job_id: _Optional[int] = ..., site_id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_state: _Optional[_Union[JobStateChange, _Mapping]] = ..., transfer_state: _Optional[_Union[TransferStateChange, _Mapping]] = ..., batch_job_state: _Optional[_Union[BatchJobStateChange, _Mapping]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    receive_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[int] = ..., job_id: _Optional[int] = ..., site_id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_state: _Optional[_Union[JobStateChange, _Mapping]] = ..., transfer_state: _Optional[_Union[TransferStateChange, _Mapping]] = ..., batch_job_state: _Optional[_Union[BatchJobStateChange, _Mapping]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., message: _Optional[str] = ..., receive_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -461,3 +461,55 @@ def test_a_pilot_that_ends_ends_its_sessions(world: World, harness: Any, reporte
                                  .scalar_one())
     assert state == "CLOSED"
     assert world.job_events(job)[-1].data["batch_job_state"] == reported
+
+
+def test_reported_times_are_kept_bounded_and_the_receive_time_too(world: World) -> None:
+    """A launcher's transition carries when it happened: the event's time is that (used by
+    analytics), not before the job's previous event, not later than the server's clock
+    plus a second; receive_time is the server's clock."""
+    from datetime import UTC, datetime, timedelta
+
+    from google.protobuf import timestamp_pb2
+
+    from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc
+
+    jobs_ = [_create(world, f"times/{secrets.token_hex(3)}") for _ in range(3)]
+    launcher = _launcher(world)
+    try:
+        launcher.credit(max_jobs=3)
+        leased = {lj.job.id: lj for lj in launcher.leased(3)}
+        lease_time = {j: world.job_events(j)[-1].time for j in jobs_}
+        now = datetime.now(UTC)
+        reported = {jobs_[0]: _aware(lease_time[jobs_[0]]) + timedelta(milliseconds=1),  # kept as reported
+                    jobs_[1]: now - timedelta(days=1),  # before its lease: bounded by that event
+                    jobs_[2]: now + timedelta(hours=1)}  # the future: bounded by the server's clock
+        transitions = []
+        for job_id, when in reported.items():
+            ts = timestamp_pb2.Timestamp()
+            ts.FromDatetime(when)
+            transitions.append(launcher.transition(leased[job_id], job_pb2.JOB_STATE_RUN_DONE, time=ts))
+        before_report = datetime.now(UTC)
+        ack = launcher.report(*transitions)
+        after_report = datetime.now(UTC)
+        assert not ack.rejections
+    finally:
+        launcher.cancel()
+    events = world.caller.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(
+        event_service_pb2.ListEventsRequest(filter=event_service_pb2.EventFilter(
+            job_ids=jobs_, to_states=[job_pb2.JOB_STATE_JOB_FINISHED]))).events
+    by_job = {e.job_id: e for e in events}
+    for job_id in jobs_:
+        received = by_job[job_id].receive_time.ToDatetime(tzinfo=UTC)
+        assert before_report - timedelta(seconds=1) <= received <= after_report + timedelta(seconds=1)
+    assert by_job[jobs_[0]].time.ToDatetime(tzinfo=UTC) == reported[jobs_[0]]
+    assert by_job[jobs_[1]].time.ToDatetime(tzinfo=UTC) == _aware(lease_time[jobs_[1]])
+    future = by_job[jobs_[2]]
+    assert future.time.ToDatetime(tzinfo=UTC) == future.receive_time.ToDatetime(tzinfo=UTC) + timedelta(seconds=1)
+    job = world.stubs[Role.USER].GetJob(job_service_pb2.GetJobRequest(id=jobs_[0])).job
+    assert job.state_time.ToDatetime(tzinfo=UTC) == reported[jobs_[0]]
+
+
+def _aware(dt: Any) -> Any:
+    from datetime import UTC
+
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt

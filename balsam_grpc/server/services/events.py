@@ -33,6 +33,7 @@ def event_to_message(row: dict[str, Any]) -> event_pb2.Event:
     msg = event_pb2.Event(id=row["id"], job_id=row["job_id"] or 0, site_id=row["site_id"] or 0,
                           message=row["message"] or "")
     msg.time.CopyFrom(to_timestamp(row["time"]))
+    msg.receive_time.CopyFrom(to_timestamp(row.get("receive_time") or row["time"]))
     kind = row["kind"]
     if kind == store.JOB_STATE:
         msg.job_state.from_state = JOB_STATES.number(row["from_state"])

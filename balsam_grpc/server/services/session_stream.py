@@ -24,13 +24,13 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
-from balsam_grpc.server.convert import EnumCodec, struct_to_dict, utcnow
+from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Delivery, Subscription
 from balsam_grpc.server.job_tokens import JobTokens
 from balsam_grpc.server.rpc import Principal
@@ -96,7 +96,19 @@ def transition_from_pb(t: session_service_pb2.JobTransition) -> leases.Transitio
     return leases.Transition(
         seq=t.seq, job_id=t.job_id, lease_generation=t.lease_generation, state=JOB_STATES.to_name.get(t.state, ""),
         return_code=t.return_code if t.HasField("return_code") else None,
-        error_tail=t.error_tail[-MAX_ERROR_TAIL:], data=data, message=t.message[:MAX_MESSAGE_CHARS])
+        error_tail=t.error_tail[-MAX_ERROR_TAIL:], data=data, message=t.message[:MAX_MESSAGE_CHARS],
+        time=_reported_time(t))
+
+
+def _reported_time(t: session_service_pb2.JobTransition) -> datetime | None:
+    """The launcher's time of the transition; None when unset or not a real instant (the
+    server's receive time is used then)."""
+    if not t.HasField("time"):
+        return None
+    try:
+        return from_timestamp(t.time, field="time")
+    except (InvalidArgument, ValueError, OverflowError):
+        return None
 
 
 def leased_job_pb(row: dict[str, Any], app_rows: dict[int, dict[str, Any]],

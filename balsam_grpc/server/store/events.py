@@ -57,6 +57,7 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
         row.setdefault("message", "")
         row.setdefault("from_state", "")
         row.setdefault("job_id", None)
+        row.setdefault("receive_time", row["time"])
     if conn.dialect.name == "postgresql" and len(rows) < COPY_MIN_ROWS:
         top = _insert_marked(conn, rows, wake_hint(rows))
     else:
@@ -106,8 +107,9 @@ def event_horizon(conn: Connection) -> tuple[int, int]:
     return (last if mark is None else min(last, mark)), last
 
 
-_COLUMNS = ("owner_id", "site_id", "job_id", "kind", "subject_id", "from_state", "to_state", "time", "data", "message")
-_TYPES = ("BIGINT", "BIGINT", "BIGINT", "TEXT", "BIGINT", "TEXT", "TEXT", "TIMESTAMPTZ", "TEXT", "TEXT")
+_COLUMNS = ("owner_id", "site_id", "job_id", "kind", "subject_id", "from_state", "to_state", "time", "receive_time",
+            "data", "message")
+_TYPES = ("BIGINT", "BIGINT", "BIGINT", "TEXT", "BIGINT", "TEXT", "TEXT", "TIMESTAMPTZ", "TIMESTAMPTZ", "TEXT", "TEXT")
 # The marker, the notification and the insert in one round trip (a single create is a
 # handful of them). The marker is a materialized CTE joined to the rows, so it is taken
 # before any row (and its nextval id) is produced; it is held to commit.
@@ -138,9 +140,13 @@ def _insert_marked(conn: Connection, rows: list[dict[str, Any]], hint: str) -> i
 
 
 def job_event(owner_id: int, site_id: int, job_id: int, src: str, dst: str, now: datetime,
-              data: dict[str, Any] | None = None, message: str = "") -> dict[str, Any]:
+              data: dict[str, Any] | None = None, message: str = "",
+              receive_time: datetime | None = None) -> dict[str, Any]:
+    """A job_state event row; `now` is when it happened, `receive_time` when the server
+    recorded it (default: the same)."""
     return {"owner_id": owner_id, "site_id": site_id, "job_id": job_id, "kind": JOB_STATE,
-            "from_state": src, "to_state": dst, "time": now, "data": data, "message": message}
+            "from_state": src, "to_state": dst, "time": now, "receive_time": receive_time or now, "data": data,
+            "message": message}
 
 
 @dataclass

@@ -222,6 +222,7 @@ class Transition:
     error_tail: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    time: datetime | None = None  # when it happened, by the launcher's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +301,8 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
         for (state, message, data_json), members in groups.items():
             refused = tr.move(members, S(state), Role.SESSION, message=message,
                               data=json.loads(data_json) if data_json else None,
-                              values={r["id"]: values[r["id"]] for r in members})
+                              values={r["id"]: values[r["id"]] for r in members},
+                              times={r["id"]: by_job[r["id"]].time for r in members if by_job[r["id"]].time})
             for job_id, refusal in refused.items():
                 result.rejections.append(Rejection(by_job[job_id].seq, job_id, refusal.error()))
                 result.released.remove(job_id)

@@ -286,7 +286,8 @@ events = Table(
     Column("subject_id", Id, nullable=True),  # transfer item / batch job id
     Column("from_state", String(32), nullable=False, default=""),
     Column("to_state", String(32), nullable=False),
-    Column("time", Time, nullable=False),
+    Column("time", Time, nullable=False),  # when it happened (the reporter's time, bounded)
+    Column("receive_time", Time, nullable=True),  # when the server recorded it (NULL: the same as time)
     Column("data", Json, nullable=True),
     Column("message", Text, nullable=False, default=""),
     Index("ix_events_owner_id_id", "owner_id", "id"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dataclasses import dataclass
@@ -49,7 +49,11 @@ from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, tra
 S = JobState
 # Columns of a job row the engine needs.
 ENGINE_COLUMNS = (jobs.c.id, jobs.c.owner_id, jobs.c.site_id, jobs.c.app_id, jobs.c.state, jobs.c.run_count,
-                  jobs.c.on_parent_failure, jobs.c.pending_parents, jobs.c.session_id, jobs.c.cleaned_time)
+                  jobs.c.on_parent_failure, jobs.c.pending_parents, jobs.c.session_id, jobs.c.cleaned_time,
+                  jobs.c.state_time)
+# How far ahead of the server's clock a reported time may be (clocks of login and compute
+# nodes drift a little); later ones are recorded at the server's time plus this.
+MAX_CLOCK_SKEW = timedelta(seconds=1)
 _STAGE_TARGET = {S.STAGED_IN: "IN", S.STAGED_OUT: "OUT"}
 _RETRY_TARGETS = frozenset({S.AWAITING_PARENTS, S.READY, S.STAGED_IN, S.POSTPROCESSED, S.RESTART_READY})
 
@@ -146,7 +150,8 @@ class Transitioner:
 
     def move(self, rows: list[dict[str, Any]], target: JobState, role: Role, *, message: str = "",
              data: dict[str, Any] | None = None, values: dict[int, dict[str, Any]] | None = None,
-             data_by_job: dict[int, dict[str, Any]] | None = None) -> dict[int, Refusal]:
+             data_by_job: dict[int, dict[str, Any]] | None = None,
+             times: dict[int, datetime] | None = None) -> dict[int, Refusal]:
         """Move the `rows` that `role` may move to `target`, then settle each one; the
         others are left as they are and returned with why.
 
@@ -154,11 +159,13 @@ class Transitioner:
         a job enters RUNNING only with a lease (`values` gives its session); STAGED_IN and
         STAGED_OUT only when every transfer item of that direction is done; a retry only
         to the job's restart point. `values` holds extra column values per job id
-        (return_code, error_tail, ...); `data_by_job` event data per job, over `data`.
+        (return_code, error_tail, ...); `data_by_job` event data per job, over `data`;
+        `times` when each move happened by the reporter's clock (event_time bounds it).
         """
         ok, refused, retried, values = self.check(rows, target, role, values)
         if ok:
-            self._apply(ok, target, message=message, data=data, values=values, data_by_job=data_by_job)
+            self._apply(ok, target, message=message, data=data, values=values, data_by_job=data_by_job,
+                        times=times)
             if retried:
                 self._after_retry(retried, target)
         return refused
@@ -208,7 +215,8 @@ class Transitioner:
 
     def _apply(self, rows: list[dict[str, Any]], target: JobState, *, message: str = "",
                data: dict[str, Any] | None = None, values: dict[int, dict[str, Any]] | None = None,
-               data_by_job: dict[int, dict[str, Any]] | None = None) -> None:
+               data_by_job: dict[int, dict[str, Any]] | None = None,
+               times: dict[int, datetime] | None = None) -> None:
         """Move `rows` (checked by move) to `target`, then settle each one."""
         rules = load_app_rules(self.conn, (r["app_id"] for r in rows))
         ids = [r["id"] for r in rows]
@@ -248,9 +256,14 @@ class Transitioner:
                 event_data = dict(event_data or {})
                 event_data.setdefault("return_code", extra["return_code"])
             final_name = str(final)
-            self.event_rows.append(event_row(row["owner_id"], row["site_id"], job_id, row["state"], final_name, now,
-                                             event_data, message))
             param = {"b_id": job_id, "b_message": message}
+            when = now
+            if times:  # then every row of the call carries its own state_time
+                if job_id in times:
+                    when = event_time(times[job_id], row.get("state_time"), now)
+                param["b_state_time"] = when
+            self.event_rows.append(event_row(row["owner_id"], row["site_id"], job_id, row["state"], final_name, when,
+                                             event_data, message, now))
             for k, v in extra.items():
                 param["b_" + k] = v
             updates[final_name].append(param)
@@ -463,6 +476,20 @@ class Transitioner:
     def flush(self) -> None:
         event_log.append(self.conn, self.event_rows)
         self.event_rows = []
+
+
+def event_time(reported: datetime, previous: datetime | None, now: datetime) -> datetime:
+    """A reported time, bounded: not before the job's previous event (`previous`, its
+    state_time) and not later than the server's clock plus MAX_CLOCK_SKEW."""
+    reported = _aware(reported)
+    if previous is not None:
+        reported = max(reported, _aware(previous))
+    return min(reported, now + MAX_CLOCK_SKEW)
+
+
+def _aware(dt: datetime) -> datetime:
+    """SQLite returns naive datetimes; everything stored is UTC."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
 def _item_event(row: Any, src: str, dst: str, now: datetime, message: str) -> dict[str, Any]:
