@@ -8,10 +8,12 @@ file, plus PostgreSQL when BALSAM_TEST_DATABASE_URL is set) and prints, per data
 bulk create (10,000 jobs per call) jobs/s, single create p50/p95, filtered list items/s
 and bulk state update transitions/s. Figures, never assertions.
 
-Each figure also comes with the server process's CPU time per item (`*_server_cpu_us`),
-which other load on the machine disturbs far less than wall-clock rates. With
-`--rounds R` the whole sequence runs R times (fresh jobs each round) and the best round
-of each figure is kept. The benchmark deletes its site at the end, so repeated runs
+Each figure also comes with CPU time per item, which other load on the machine disturbs
+far less than wall-clock rates: the server process's (`*_server_cpu_us`), the database's
+(`*_database_cpu_us`: the PostgreSQL backends serving the database, read from /proc;
+SQLite runs inside the server) and their sum (`*_total_cpu_us`). With `--rounds R` the
+whole sequence runs R times (fresh jobs each round) and each figure is the median over
+the rounds. The benchmark deletes its site at the end, so repeated runs
 against one database measure the same amount of data.
 """
 
@@ -29,12 +31,12 @@ import time
 from pathlib import Path
 
 import grpc
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
+from benchkit import DatabaseCpu, cpu_s  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402
     app_pb2,
     app_service_pb2,
@@ -78,37 +80,48 @@ def bench(url: str, n: int, rounds: int = 1) -> dict[str, float]:
         proc, token = start_server(url, home)
         try:
             address = Profile.load(Path(home) / "profile.json", apply_env=False).server
-            results = [run(address, token, n, psutil.Process(proc.pid), r) for r in range(rounds)]
-            return best(results)
+            database = DatabaseCpu(url)
+            try:
+                results = [run(address, token, n, CpuClock(proc.pid, database), r) for r in range(rounds)]
+            finally:
+                database.close()
+            return median_of(results)
         finally:
             proc.terminate()
             proc.wait(30)
 
 
-def best(results: list[dict[str, float]]) -> dict[str, float]:
-    """The best round of each figure: lowest latency and CPU time, highest rate."""
-    pick = {key: (min if key.endswith(("_ms", "_cpu_us")) else max) for key in results[0]}
-    return {key: pick[key](r[key] for r in results) for key in results[0]}
+def median_of(results: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds (not the best of each figure from different
+    rounds, which would pair figures no single round produced)."""
+    return {key: round(statistics.median(r[key] for r in results), 3) for key in results[0]}
 
 
 class CpuClock:
-    """CPU seconds (user + system) the server process spent since the last reading."""
+    """CPU seconds (user + system) the server process and the database's backends spent
+    since the last reading."""
 
-    def __init__(self, process: psutil.Process) -> None:
-        self.process = process
-        self.last = self._now()
+    def __init__(self, server_pid: int, database: DatabaseCpu) -> None:
+        self.server_pid = server_pid
+        self.database = database
+        self.last = (cpu_s(server_pid), database.reading())
 
-    def _now(self) -> float:
-        times = self.process.cpu_times()
-        return times.user + times.system
-
-    def lap(self) -> float:
-        now = self._now()
-        spent, self.last = now - self.last, now
+    def lap(self) -> tuple[float, float]:
+        now = (cpu_s(self.server_pid), self.database.reading())
+        spent = (now[0] - self.last[0], DatabaseCpu.spent(self.last[1], now[1]))
+        self.last = now
         return spent
 
 
-def run(address: str, token: str, n: int, server: psutil.Process, round_: int = 0) -> dict[str, float]:
+def per_item(figures: dict[str, float], name: str, spent: tuple[float, float], items: int) -> None:
+    """`name`_{server,database,total}_cpu_us: CPU microseconds per item."""
+    items = max(items, 1)
+    figures[f"{name}_server_cpu_us"] = round(spent[0] / items * 1e6, 1)
+    figures[f"{name}_database_cpu_us"] = round(spent[1] / items * 1e6, 1)
+    figures[f"{name}_total_cpu_us"] = round(sum(spent) / items * 1e6, 1)
+
+
+def run(address: str, token: str, n: int, cpu: CpuClock, round_: int = 0) -> dict[str, float]:
     md = (("authorization", f"Bearer {token}"),)
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20)])
     sites = site_service_pb2_grpc.SiteServiceStub(channel)
@@ -120,9 +133,8 @@ def run(address: str, token: str, n: int, server: psutil.Process, round_: int = 
         site_id=site.id, name="sim", command_template="/bin/true {{ i }}",
         parameters=[app_pb2.AppParameter(name="i", type=app_pb2.PARAMETER_TYPE_INT)])), metadata=md).app
     figures: dict[str, float] = {}
-    cpu = CpuClock(server)
 
-    total, elapsed, spent = 0, 0.0, 0.0
+    total, elapsed, spent = 0, 0.0, (0.0, 0.0)
     for start in range(0, n, BATCH):
         count = min(BATCH, n - start)
         batch = [job_pb2.Job(app_id=app.id, workdir=f"bulk/{start + i}", parameters={"i": str(i)},
@@ -131,11 +143,12 @@ def run(address: str, token: str, n: int, server: psutil.Process, round_: int = 
         t0 = time.perf_counter()
         jobs.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=batch), metadata=md, timeout=600)
         elapsed += time.perf_counter() - t0
-        spent += cpu.lap()
+        lap = cpu.lap()
+        spent = (spent[0] + lap[0], spent[1] + lap[1])
         total += count
         print(f"  round {round_ + 1}: bulk create {total}/{n} jobs", file=sys.stderr)
     figures["bulk_create_jobs_per_s"] = round(total / elapsed)
-    figures["bulk_create_server_cpu_us"] = round(spent / total * 1e6, 1)
+    per_item(figures, "bulk_create", spent, total)
 
     latencies = []
     for i in range(300):
@@ -149,7 +162,7 @@ def run(address: str, token: str, n: int, server: psutil.Process, round_: int = 
     latencies = latencies[20:]  # warm-up
     figures["single_create_p50_ms"] = round(statistics.median(latencies), 3)
     figures["single_create_p95_ms"] = round(statistics.quantiles(latencies, n=20)[18], 3)
-    figures["single_create_server_cpu_us"] = round(spent / len(latencies) * 1e6, 1)
+    per_item(figures, "single_create", spent, len(latencies))
 
     cpu.lap()
     t0, listed, token_ = time.perf_counter(), 0, ""
@@ -162,7 +175,7 @@ def run(address: str, token: str, n: int, server: psutil.Process, round_: int = 
         if not token_:
             break
     figures["list_items_per_s"] = round(listed / (time.perf_counter() - t0))
-    figures["list_server_cpu_us"] = round(cpu.lap() / listed * 1e6, 1)
+    per_item(figures, "list", cpu.lap(), listed)
 
     t0 = time.perf_counter()
     result = jobs.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
@@ -171,7 +184,7 @@ def run(address: str, token: str, n: int, server: psutil.Process, round_: int = 
         metadata=md, timeout=600)
     # KILLED: the one bulk state change a user makes (only a lease starts a job).
     figures["bulk_update_transitions_per_s"] = round(result.updated_count / (time.perf_counter() - t0))
-    figures["bulk_update_server_cpu_us"] = round(cpu.lap() / max(result.updated_count, 1) * 1e6, 1)
+    per_item(figures, "bulk_update", cpu.lap(), result.updated_count)
     sites.DeleteSite(site_service_pb2.DeleteSiteRequest(id=site.id), metadata=md, timeout=600)
     channel.close()
     return figures
@@ -181,7 +194,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database", action="append", help="database URL (repeatable)")
     parser.add_argument("-n", type=int, default=20_000, help="jobs for the bulk figures (default 20000)")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the sequence, keep each figure's best round")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the sequence; each figure is the median over rounds")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
     urls = args.database or []

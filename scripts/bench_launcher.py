@@ -2,13 +2,18 @@
 """Launcher figures against a real server process and one local launcher process.
 
 Usage: scripts/bench_launcher.py [-n N] [--json] [--database URL] [--lease-timeout S]
+                                 [--fake-cpus C]
 
 - submit-to-RUNNING latency p50/p99: jobs created one at a time while the launcher waits
   idle; measured between the job's creation event and its RUNNING event (server clock);
 - throughput: N (default 10,000) `/bin/true` jobs created in bulk, from the first creation
-  to the last JOB_FINISHED (makespan and jobs/s); the launcher presents one node of 64
-  "CPUs" and jobs use node_packing_count=64, so up to 64 run at once on this 2-core host;
-- dead-launcher recovery: SIGKILL the launcher while 20 jobs run, start another at once,
+  to the last JOB_FINISHED (makespan and jobs/s); the launcher presents one node with the
+  machine's real CPUs and jobs are packed one per CPU (node_packing_count = the CPUs; the
+  default packing of 1 would run one job per node at a time).
+  `--fake-cpus C` instead presents C made-up CPUs and packs C jobs per node: a figure of
+  the launcher's own overhead, not of what a user's pilot achieves on this machine (the
+  output labels it `fake_cpus`). For the whole user path see scripts/bench_e2e.py;
+- dead-launcher recovery: SIGKILL the launcher while up to 20 jobs run (one per slot), start another at once,
   time until all 20 are RUNNING under the new session (the server's lease timeout
   dominates; --lease-timeout, default the server's 20 s).
 Figures, never assertions; with --json one JSON object.
@@ -53,8 +58,7 @@ from balsam_grpc.v1 import (  # noqa: E402
 )
 
 S = job_pb2
-PACKING = 64
-RECOVERY_JOBS = 20
+MAX_RECOVERY_JOBS = 20
 
 
 def free_port() -> int:
@@ -83,7 +87,9 @@ def start_server(url: str, home: str, lease_timeout: int) -> tuple[subprocess.Po
 
 
 class Bench:
-    def __init__(self, profile: Profile, site_dir: Path, home: str) -> None:
+    def __init__(self, profile: Profile, site_dir: Path, home: str, fake_cpus: int) -> None:
+        # 0: the launcher detects the real CPUs and jobs keep the default packing.
+        self.fake_cpus = fake_cpus
         self.profile = profile
         self.md = (("authorization", f"Bearer {profile.token}"),)
         self.channel = grpc.insecure_channel(profile.server, options=[("grpc.max_receive_message_length", 256 << 20)])
@@ -106,10 +112,11 @@ class Bench:
         env = dict(os.environ, BALSAM_HOME=self.home, BALSAM_SERVER=self.profile.server,
                    BALSAM_TOKEN=self.profile.token, BALSAM_LOG_LEVEL="WARNING")
         return subprocess.Popen([sys.executable, "-m", "balsam_grpc.launcher", "--mode", "serial", "--site-dir",
-                                 str(self.site_dir), "--site-id", str(self.site.id), "--cpus-per-node", str(PACKING),
-                                 "--gpus-per-node", "0", *extra], env=env)
+                                 str(self.site_dir), "--site-id", str(self.site.id), "--cpus-per-node",
+                                 str(self.fake_cpus), "--gpus-per-node", "0", *extra], env=env)
 
-    def create(self, app: app_pb2.App, n: int, packing: int = PACKING) -> list[int]:
+    def create(self, app: app_pb2.App, n: int) -> list[int]:
+        packing = self.fake_cpus or psutil.cpu_count(logical=True) or 1
         ids: list[int] = []
         for start in range(0, n, 5000):
             batch = []
@@ -135,7 +142,10 @@ class Bench:
             if self.count(ids, states, app_id) >= want:
                 return time.monotonic()
             time.sleep(every)
-        raise SystemExit(f"timed out waiting for {want} jobs in {[S.JobState.Name(s) for s in states]}")
+        got = self.jobs.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(
+            ids=ids or [], app_ids=[app_id]), page_size=20), metadata=self.md).jobs
+        raise SystemExit(f"timed out waiting for {want} jobs in {[S.JobState.Name(s) for s in states]}; "
+                         f"some are {[(j.id, S.JobState.Name(j.state), j.state_message[-200:]) for j in got]}")
 
     def event_times(self, job_id: int) -> dict[str, float]:
         got = self.events.ListEvents(event_service_pb2.ListEventsRequest(
@@ -196,8 +206,9 @@ def run(b: Bench, n: int, latency_samples: int, server_pid: int) -> dict[str, fl
         failed = b.count(None, [S.JOB_STATE_FAILED], b.true_app.id)
         figures["failed"] = failed
 
-        ids = b.create(b.sleep_app, RECOVERY_JOBS)
-        b.wait_count(ids, [S.JOB_STATE_RUNNING], b.sleep_app.id, RECOVERY_JOBS, 60)
+        recovery_jobs = min(MAX_RECOVERY_JOBS, b.fake_cpus or psutil.cpu_count(logical=True) or 1)
+        ids = b.create(b.sleep_app, recovery_jobs)
+        b.wait_count(ids, [S.JOB_STATE_RUNNING], b.sleep_app.id, recovery_jobs, 60)
         time.sleep(0.5)  # let the processes start
         old_session = b.jobs.GetJob(job_service_pb2.GetJobRequest(id=ids[0]), metadata=b.md).job.lease.session_id
         os.kill(launcher.pid, signal.SIGKILL)
@@ -239,6 +250,8 @@ def main() -> None:
     p.add_argument("--database", default="", help="database URL (default: a temporary SQLite file)")
     p.add_argument("--lease-timeout", type=int, default=20, help="server lease timeout in seconds")
     p.add_argument("--latency-samples", type=int, default=50)
+    p.add_argument("--fake-cpus", type=int, default=0,
+                   help="present this many made-up CPUs and pack as many jobs per node (default: the real CPUs)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="balsam-bench-launcher-") as home:
         url = a.database or f"sqlite:///{Path(home) / 'balsam.db'}"
@@ -246,8 +259,9 @@ def main() -> None:
         try:
             site_dir = Path(home) / "site"
             site_dir.mkdir()
-            figures = {"database": url.split(":", 1)[0], "lease_timeout_s": a.lease_timeout,
-                       **run(Bench(profile, site_dir, home), a.n, a.latency_samples, server.pid)}
+            cpus = {"fake_cpus": a.fake_cpus} if a.fake_cpus else {"real_cpus": psutil.cpu_count(logical=True)}
+            figures = {"database": url.split(":", 1)[0], "lease_timeout_s": a.lease_timeout, **cpus,
+                       **run(Bench(profile, site_dir, home, a.fake_cpus), a.n, a.latency_samples, server.pid)}
         finally:
             server.terminate()
             server.wait(30)

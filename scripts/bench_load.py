@@ -2,7 +2,7 @@
 """Load on a real server process: many clients, site streams and launcher sessions at once.
 
 Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites N]
-                             [--sessions N] [--duration S] [--burst N] [--json]
+                             [--sessions N] [--duration S] [--burst N] [--lease-backlog N] [--json]
 
 1. Starts `python -m balsam_grpc.server` on loopback (default database: PostgreSQL from
    BALSAM_TEST_DATABASE_URL when set, else a temporary SQLite file).
@@ -15,7 +15,12 @@ Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites 
    - `--sites` site streams (SiteService.Connect: hello, credit, ack and answer the
      batch-job submissions a producer keeps creating);
    - `--sessions` launcher sessions (SessionService.Connect: open, credit, report
-     RUN_DONE for every leased job, credit again) over the jobs the clients create;
+     RUN_DONE for every leased job, credit again) over a backlog of `--lease-backlog`
+     runnable jobs seeded at the work sites (plus the jobs the clients create): the
+     sessions are never starved, so the lease rate is the server's, not the create
+     rate. `jobs_leased_per_s` counts the leases the server made (jobs that left the
+     runnable state, read from the database after the run); `lease_backlog_left` says
+     whether the backlog ran out (then the rate is bounded by it, not by the server);
    - slow consumers that never read: a WatchEvents replaying the whole event log and a
      session with a large credit at the seed site. The server must push back on them
      (HTTP/2 flow control), not buffer: its RSS is sampled every second (psutil).
@@ -129,7 +134,7 @@ def retried(call: Any, attempts: int = 30) -> Any:
     raise AssertionError("unreachable")
 
 
-def setup(address: str, token: str, n_sites: int, n_jobs: int) -> dict[str, Any]:
+def setup(address: str, token: str, n_sites: int, n_jobs: int, lease_backlog: int) -> dict[str, Any]:
     md = (("authorization", f"Bearer {token}"),)
     channel = grpc.insecure_channel(address, options=OPTIONS)
     sites = site_service_pb2_grpc.SiteServiceStub(channel)
@@ -162,6 +167,13 @@ def setup(address: str, token: str, n_sites: int, n_jobs: int) -> dict[str, Any]
             print(f"  seeded {done}/{n_jobs} jobs ({done / (time.perf_counter() - started):.0f} jobs/s)",
                   file=sys.stderr)
     elapsed = time.perf_counter() - started
+    for start in range(0, lease_backlog, SEED_BATCH):
+        count = min(SEED_BATCH, lease_backlog - start)
+        batch = [job_pb2.Job(app_id=work[(start + i) % len(work)][1], workdir=f"backlog/{start + i}",
+                             parameters={"i": str(i)}, tags={"load": "backlog"}) for i in range(count)]
+        request = job_service_pb2.BatchCreateJobsRequest(jobs=batch, view=job_service_pb2.JOB_VIEW_BASIC,
+                                                         request_id=f"backlog-{stamp}-{start}")
+        retried(lambda r=request: jobs.BatchCreateJobs(r, metadata=md, timeout=900))
     state = jobs.GetJob(job_service_pb2.GetJobRequest(id=first_id), metadata=md).job.state if n_jobs else 0
     channel.close()
     return {"seed_site": seed_site, "seed_app": seed_app, "work": work, "first_id": first_id or 0,
@@ -446,8 +458,9 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         proc, address, token = start_server(url, home)
         server = psutil.Process(proc.pid)
         try:
-            print(f"seeding {args.jobs} jobs ...", file=sys.stderr)
-            world = setup(address, token, args.sites, args.jobs)
+            print(f"seeding {args.jobs} jobs and a lease backlog of {args.lease_backlog} ...", file=sys.stderr)
+            world = setup(address, token, args.sites, args.jobs, args.lease_backlog)
+            leasable_before = leasable(address, token, world)
             rss_seeded = server.memory_info().rss
             ctx = mp.get_context("spawn")
             out = ctx.Queue()
@@ -487,6 +500,7 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 p.join(30)
             elapsed = args.duration
             alive = proc.poll() is None
+            leases = leases_made(address, token, world, leasable_before) if alive else {}
         finally:
             proc.terminate()
             try:
@@ -494,11 +508,38 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
     figures = report(world, results, rss, rss_seeded, elapsed, alive, args)
+    if leases:
+        figures["jobs_leased_per_s"] = round(leases["leased"] / elapsed, 1)
+        figures["lease_backlog_left"] = leases["backlog_left"]
     # How much CPU the server got: on a shared 2-core machine the rates above are bounded
     # by this, not by the server's design.
     figures["server_cpu_percent_of_one_core"] = round(100 * cpu / wall, 1)
     figures["machine_load_average_1m"] = round(os.getloadavg()[0], 2)
     return figures
+
+
+def _count(address: str, token: str, f: job_pb2.JobFilter) -> int:
+    md = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(address, options=OPTIONS) as channel:
+        return job_service_pb2_grpc.JobServiceStub(channel).CountJobs(
+            job_service_pb2.CountJobsRequest(filter=f), metadata=md, timeout=600).total
+
+
+def leasable(address: str, token: str, world: dict[str, Any]) -> int:
+    """Jobs at the work sites still in the runnable state (never leased)."""
+    return _count(address, token, job_pb2.JobFilter(app_ids=[a for _, a in world["work"]],
+                                                    states=[world["seed_state"]]))
+
+
+def leases_made(address: str, token: str, world: dict[str, Any], leasable_before: int) -> dict[str, int]:
+    """Leases the server made during the load: the work sites' jobs that left the runnable
+    state, whether they were there before (the backlog) or created during the load."""
+    apps = [a for _, a in world["work"]]
+    created = _count(address, token, job_pb2.JobFilter(app_ids=apps, tags={"load": "work"}))
+    after = leasable(address, token, world)
+    backlog_left = _count(address, token, job_pb2.JobFilter(app_ids=apps, tags={"load": "backlog"},
+                                                            states=[world["seed_state"]]))
+    return {"leased": leasable_before + created - after, "backlog_left": backlog_left}
 
 
 def report(world: dict[str, Any], results: list[dict[str, Any]], rss: list[tuple[float, int]], rss_seeded: int,
@@ -543,6 +584,8 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=100, help="launcher sessions (default 100)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
     parser.add_argument("--burst", type=int, default=2000, help="concurrent calls in the overload burst")
+    parser.add_argument("--lease-backlog", type=int, default=20_000,
+                        help="runnable jobs seeded at the work sites for the sessions to lease (default 20,000)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
     url = args.database or os.environ.get("BALSAM_TEST_DATABASE_URL") or ""

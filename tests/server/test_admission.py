@@ -278,7 +278,7 @@ def test_load_script_runs_and_reports(tmp_path: Any) -> None:
     env = {k: v for k, v in os.environ.items() if k != "BALSAM_TEST_DATABASE_URL"}
     done = subprocess.run([sys.executable, str(script), "--database", f"sqlite:///{tmp_path / 'load.db'}",
                            "--jobs", "20000", "--duration", "6", "--clients", "4", "--sites", "5",
-                           "--sessions", "10", "--burst", "600", "--json"],
+                           "--sessions", "10", "--burst", "600", "--lease-backlog", "2000", "--json"],
                           capture_output=True, text=True, timeout=170, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
@@ -287,6 +287,8 @@ def test_load_script_runs_and_reports(tmp_path: Any) -> None:
                 "errors_by_code", "requests_per_s"):
         assert key in figures
     assert {"create", "list", "update"} <= set(figures["requests_per_s"])
+    # Leases the server made, counted in the database: the sessions drew on the backlog.
+    assert figures["jobs_leased_per_s"] > 0 and 0 <= figures["lease_backlog_left"] < 2000
     assert figures["server_rss_mb_over_time"] and figures["server_alive"]
     burst = figures["burst"]
     assert sum(burst["codes"].values()) == 600 and set(burst["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}

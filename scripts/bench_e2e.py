@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""The path a user runs, measured end to end: N no-op jobs through a real site.
+
+Usage: scripts/bench_e2e.py [-n 1000] [--database URL] [--rounds K] [--latency-samples L]
+                            [--peers] [--json]
+
+Everything is a real process, started the way a user starts it (tests/site/sitekit.py):
+the server (`python -m balsam_grpc.server`, SQLite in a temp dir or `--database`), a site
+made by `balsamctl site init --platform local` and started by `balsamctl site start`,
+its local scheduler, and one pilot (a 1-node batch job) whose launcher presents the
+machine's real CPUs; jobs are packed one per CPU (node_packing_count = the CPUs: the
+default packing of 1 would run one job per node at a time), so the pilot has as many
+slots as the machine has CPUs, like the peers' workers.
+
+Per round:
+- latency: with the pilot idle, one `/bin/true` job at a time; submit->RUNNING is the
+  time between the job's creation event and its RUNNING event (server clock);
+- throughput: N `/bin/true` jobs created in one call; jobs/s and makespan from before the
+  create call until the last is JOB_FINISHED; CPU per job of the server, the database
+  (PostgreSQL: the backends serving this database, found through pg_stat_activity and
+  read from /proc; SQLite runs inside the server), the launcher (its own CPU; the jobs'
+  processes apart) and the site daemon.
+With `--rounds K` each figure is the median over the K rounds. RSS of each process at the
+end. `--peers` (the `bench-peers` extra: parsl, dask[distributed]) runs the same N `/bin/true`
+tasks on Parsl's HighThroughputExecutor and a Dask LocalCluster (2 workers each) in the
+same run, and prints the ratios. On a shared machine prefer the CPU-per-job figures.
+Figures, never assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from balsam_grpc.v1 import (  # noqa: E402
+    batch_job_pb2,
+    batch_job_service_pb2,
+    batch_job_service_pb2_grpc,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+)
+from benchkit import DatabaseCpu, cpu_s, rss_mb  # noqa: E402
+from tests.site.sitekit import SiteKit, wait_for  # noqa: E402
+
+J = job_pb2
+NOOP_APPS = '''
+from balsam_grpc.core.appdef import ApplicationDefinition
+
+
+class Noop(ApplicationDefinition):
+    """The no-op task every system in this benchmark runs."""
+    command_template = "/bin/true"
+'''
+PEER_WORKERS = 2
+SLOTS = psutil.cpu_count(logical=True) or 1  # what the launcher detects on the local platform
+STARTED = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- the site
+
+class RealPath:
+    """Server, site, daemon and one idle pilot, as a user would have them."""
+
+    def __init__(self, tmp: Path, database_url: str) -> None:
+        self.kit = SiteKit(tmp, database_url)
+        self.db = DatabaseCpu(self.kit.database_url)
+        self.launcher_pid = 0
+        self.daemon_pid = 0
+
+    def start(self) -> None:
+        kit = self.kit
+        kit.start_server()
+        say(f"server up on {kit.address}")
+        # No elastic queue: one pilot, submitted below, that stays for the whole run.
+        kit.init_site(apps=NOOP_APPS, scheduler__poll_seconds=1, launcher__idle_timeout_s=3600,
+                      elastic_queue__enabled=False)
+        self.daemon_pid = kit.start_daemon()
+        say(f"site {kit.site_id} made by `balsamctl site init --platform local`, its daemon started")
+        kit.stub(batch_job_service_pb2_grpc.BatchJobServiceStub).CreateBatchJob(
+            batch_job_service_pb2.CreateBatchJobRequest(batch_job=batch_job_pb2.BatchJob(
+                site_id=kit.site_id, num_nodes=1, wall_time_min=120, queue="local", project="local")),
+            metadata=kit.metadata, timeout=30)
+        self.launcher_pid = wait_for(self._find_launcher, 60, "the pilot's launcher to start", 0.2)
+        say(f"pilot submitted to the local scheduler, launcher pid {self.launcher_pid}")
+        # Warm-up: the first lease, the first spawn, the app loaded in the launcher.
+        self.run_batch(1, "warmup")
+
+    def _find_launcher(self) -> int:
+        site = str(self.kit.site_dir)
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "balsam_grpc.launcher" in cmd and site in cmd:
+                return int(proc.info["pid"])
+        return 0
+
+    def stop(self) -> None:
+        self.db.close()
+        say("stopping")
+        if self.launcher_pid:  # the pilot ends its session cleanly, then the daemon stops quickly
+            try:
+                psutil.Process(self.launcher_pid).terminate()
+                psutil.Process(self.launcher_pid).wait(30)
+            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                pass
+        self.kit.stop()
+        say("stopped")
+
+    # -- jobs --------------------------------------------------------------------------
+    def create(self, n: int, tag: str) -> list[int]:
+        jobs = [J.Job(app_name="Noop", site_id=self.kit.site_id, workdir=f"{tag}/{i}", tags={"bench": tag},
+                      resources=J.JobResources(node_packing_count=SLOTS)) for i in range(n)]
+        resp = self.kit.stub(job_service_pb2_grpc.JobServiceStub).BatchCreateJobs(
+            job_service_pb2.BatchCreateJobsRequest(jobs=jobs, request_id=str(uuid.uuid4()),
+                                                   view=job_service_pb2.JOB_VIEW_BASIC),
+            metadata=self.kit.metadata, timeout=600)
+        return [j.id for j in resp.jobs]
+
+    def count(self, tag: str, states: list[int]) -> int:
+        return self.kit.stub(job_service_pb2_grpc.JobServiceStub).CountJobs(job_service_pb2.CountJobsRequest(
+            filter=J.JobFilter(tags={"bench": tag}, states=states)), metadata=self.kit.metadata, timeout=60).total
+
+    def wait_done(self, tag: str, n: int, timeout: float, every: float) -> None:
+        def done() -> bool:
+            if self.count(tag, [J.JOB_STATE_FAILED, J.JOB_STATE_KILLED]):
+                raise SystemExit(f"jobs tagged {tag} failed:\n{self.kit.debug()}")
+            return self.count(tag, [J.JOB_STATE_JOB_FINISHED]) >= n
+        wait_for(done, timeout, f"{n} jobs tagged {tag} to finish", every)
+
+    def run_batch(self, n: int, tag: str, every: float = 0.05) -> float:
+        t0 = time.monotonic()
+        self.create(n, tag)
+        self.wait_done(tag, n, 600 + n, every)
+        return time.monotonic() - t0
+
+    # -- phases ------------------------------------------------------------------------
+    def latency(self, samples: int, round_: int) -> list[float]:
+        out = []
+        for i in range(samples):
+            tag = f"lat-{round_}-{i}"
+            (job_id,) = self.create(1, tag)
+            self.wait_done(tag, 1, 60, 0.01)
+            out.append(self.kit.latency_to_running(job_id) * 1000)
+            time.sleep(0.05)  # the launcher is idle again before the next one
+        return out
+
+    def throughput(self, n: int, round_: int) -> dict[str, float]:
+        procs = {"server": self.kit.server.pid, "launcher": self.launcher_pid, "daemon": self.daemon_pid}
+        cpu0 = {k: cpu_s(p) for k, p in procs.items()}
+        db0 = self.db.reading()
+        makespan = self.run_batch(n, f"tp-{round_}")
+        cpu1 = {k: cpu_s(p) for k, p in procs.items()}
+        db_spent = self.db.spent(db0, self.db.reading())
+        figures = {"jobs_per_s": n / makespan, "makespan_s": makespan}
+        for k in procs:
+            figures[f"{k}_cpu_ms_per_job"] = (cpu1[k] - cpu0[k]) / n * 1000
+        figures["database_cpu_ms_per_job"] = db_spent / n * 1000
+        figures["total_cpu_ms_per_job"] = sum(figures[f"{k}_cpu_ms_per_job"] for k in (*procs, "database"))
+        return figures
+
+    def rss(self) -> dict[str, float]:
+        out = {"server_rss_mb": rss_mb([self.kit.server.pid]), "launcher_rss_mb": rss_mb([self.launcher_pid]),
+               "daemon_rss_mb": rss_mb([self.daemon_pid])}
+        if self.db.conn is not None:
+            out["database_backends_rss_mb"] = rss_mb(self.db.pids())
+        return out
+
+
+# ---------------------------------------------------------------------------- peers
+
+def _run_true() -> int:
+    return subprocess.run(["/bin/true"], check=False).returncode
+
+
+def bench_parsl(n: int, samples: int, run_dir: Path) -> dict[str, float]:
+    import parsl
+    from parsl.app.app import python_app
+    from parsl.config import Config
+    from parsl.executors import HighThroughputExecutor
+    from parsl.providers import LocalProvider
+
+    config = Config(executors=[HighThroughputExecutor(
+        label="htex", max_workers_per_node=PEER_WORKERS, provider=LocalProvider(init_blocks=1, max_blocks=1))],
+        run_dir=str(run_dir), usage_tracking=0)
+    dfk = parsl.load(config)
+    try:
+        task = python_app(_run_true)
+        task().result()  # warm-up: the workers are up
+        lat = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            task().result()
+            lat.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        futures = [task() for _ in range(n)]
+        failed = sum(1 for f in futures if f.result() != 0)
+        makespan = time.perf_counter() - t0
+    finally:
+        dfk.cleanup()
+        parsl.clear()
+    return {"jobs_per_s": n / makespan, "makespan_s": makespan, "submit_to_result_p50_ms": statistics.median(lat),
+            "failed": failed}
+
+
+def bench_dask(n: int, samples: int) -> dict[str, float]:
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=PEER_WORKERS, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.submit(_run_true, pure=False).result()  # warm-up
+        lat = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            client.submit(_run_true, pure=False).result()
+            lat.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        results = client.gather(client.map(lambda _i: _run_true(), range(n), pure=False))
+        makespan = time.perf_counter() - t0
+    return {"jobs_per_s": n / makespan, "makespan_s": makespan, "submit_to_result_p50_ms": statistics.median(lat),
+            "failed": sum(1 for r in results if r != 0)}
+
+
+# ---------------------------------------------------------------------------- the run
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {key: round(statistics.median(r[key] for r in rounds), 3) for key in rounds[0]}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="balsam-bench-e2e-") as tmp:
+        path = RealPath(Path(tmp), args.database)
+        try:
+            path.start()
+            rounds = []
+            for r in range(args.rounds):
+                say(f"round {r + 1}/{args.rounds}: latency ({args.latency_samples} jobs one at a time) ...")
+                lat = path.latency(args.latency_samples, r)
+                say(f"round {r + 1}/{args.rounds}: {args.n} jobs at once ...")
+                figures = path.throughput(args.n, r)
+                figures["submit_to_running_p50_ms"] = statistics.median(lat)
+                figures["submit_to_running_p99_ms"] = pct(lat, 0.99)
+                rounds.append(figures)
+            out: dict[str, Any] = {
+                "database": path.kit.database_url.split(":", 1)[0].split("+", 1)[0], "jobs": args.n,
+                "rounds": args.rounds, "latency_samples": args.latency_samples,
+                "launcher_slots": SLOTS, "machine_load_average_1m": round(os.getloadavg()[0], 2),
+                **median_of(rounds), **path.rss()}
+        finally:
+            path.stop()
+        if args.peers:
+            peers: dict[str, dict[str, float]] = {"parsl_htex": [], "dask_local": []}  # type: ignore[dict-item]
+            for r in range(args.rounds):
+                say(f"round {r + 1}/{args.rounds}: peers (Parsl HTEX, Dask LocalCluster) ...")
+                peers["parsl_htex"].append(bench_parsl(args.n, args.latency_samples, Path(tmp) / f"parsl-{r}"))
+                peers["dask_local"].append(bench_dask(args.n, args.latency_samples))
+            for name, results in peers.items():
+                med = median_of(results)  # type: ignore[arg-type]
+                out[name] = med
+                out[f"ratio_to_{name}"] = round(out["jobs_per_s"] / med["jobs_per_s"], 3)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=1000, help="jobs in the throughput phase (default 1000)")
+    parser.add_argument("--database", default="", help="database URL (default: SQLite in a temp dir)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat; each figure is the median over rounds")
+    parser.add_argument("--latency-samples", type=int, default=30, help="jobs one at a time per round")
+    parser.add_argument("--peers", action="store_true", help="also run Parsl HTEX and Dask LocalCluster")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    args.rounds = max(1, args.rounds)
+    figures = run(args)
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    for key, value in figures.items():
+        print(f"{key:32s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

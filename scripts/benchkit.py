@@ -1,0 +1,63 @@
+"""What the benchmarks measure besides wall clock: CPU and memory of the processes involved,
+including the database's own (PostgreSQL backends are processes of their own; a benchmark
+that counts only the server's CPU hides the larger part of a bulk write)."""
+
+from __future__ import annotations
+
+import psutil
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (not its children)."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return t.user + t.system
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return round(total / 2**20, 1)
+
+
+class DatabaseCpu:
+    """CPU of the PostgreSQL backends serving one database (the server's pool), read from
+    /proc for the pids pg_stat_activity lists, excluding this reader's own backend. A
+    backend that exits between two readings loses what it spent since the first: the
+    figure is a lower bound (the server's pool keeps its connections, so little is lost).
+    SQLite has no process of its own: its work is in the server's CPU."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = None
+        if url.startswith("postgresql"):
+            import psycopg
+            from sqlalchemy.engine import make_url
+
+            u = make_url(url)
+            self.conn = psycopg.connect(host=u.host or "127.0.0.1", port=u.port or 5432, user=u.username,
+                                        password=u.password, dbname=u.database, autocommit=True)
+            self.dbname = u.database
+
+    def pids(self) -> list[int]:
+        if self.conn is None:
+            return []
+        rows = self.conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                                 (self.dbname,)).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def reading(self) -> dict[int, float]:
+        return {pid: cpu_s(pid) for pid in self.pids()}
+
+    @staticmethod
+    def spent(before: dict[int, float], after: dict[int, float]) -> float:
+        return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()

@@ -1,0 +1,33 @@
+"""scripts/bench_e2e.py, small: it runs the real user path (server, `balsamctl site init`,
+daemon, local scheduler, pilot) and reports every figure, so it does not rot. No timing
+is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_e2e.py"
+
+
+@pytest.mark.timeout(150)
+def test_bench_e2e_runs_the_real_path_and_reports() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("BALSAM_SERVER", "BALSAM_TOKEN", "BALSAM_HOME")}
+    done = subprocess.run([sys.executable, str(SCRIPT), "-n", "20", "--latency-samples", "3", "--json"],
+                          capture_output=True, text=True, timeout=140, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["database"] == "sqlite" and figures["jobs"] == 20
+    assert figures["jobs_per_s"] > 0 and figures["makespan_s"] > 0
+    assert 0 < figures["submit_to_running_p50_ms"] <= figures["submit_to_running_p99_ms"]
+    # The pilot really ran the jobs: its launcher and the server spent CPU on them.
+    assert figures["launcher_cpu_ms_per_job"] > 0 and figures["server_cpu_ms_per_job"] > 0
+    assert figures["database_cpu_ms_per_job"] == 0  # SQLite: inside the server
+    for proc in ("server", "launcher", "daemon"):
+        assert figures[f"{proc}_rss_mb"] > 0
+    assert "parsl_htex" not in figures
