@@ -41,14 +41,17 @@ def server_start(
     tls_key: str = typer.Option("", help="server private key (PEM)"),
     tls_client_ca: str = typer.Option("", help="CA for client certificates (turns on mTLS)"),
     allow_insecure_remote: bool = typer.Option(False, help="listen on a non-loopback address without TLS"),
+    metrics_address: str = typer.Option("", help="serve Prometheus metrics at http://HOST:PORT/metrics"),
 ) -> None:
-    """Start the server in the foreground (SIGTERM drains, then stops).
+    """Start the server in the foreground (SIGTERM drains, then stops). Several servers
+    on one PostgreSQL database serve as replicas (docs/architecture.md).
 
-    Example: balsamctl server start --address 127.0.0.1:50051
+    Example: balsamctl server start --address 127.0.0.1:50051 --metrics-address 127.0.0.1:9464
     """
     argv = []
     for flag, value in (("--address", address), ("--database", database), ("--tls-cert", tls_cert),
-                        ("--tls-key", tls_key), ("--tls-client-ca", tls_client_ca)):
+                        ("--tls-key", tls_key), ("--tls-client-ca", tls_client_ca),
+                        ("--metrics-address", metrics_address)):
         if value:
             argv += [flag, value]
     if allow_insecure_remote:

@@ -24,6 +24,8 @@ def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
                    help="listen on a non-loopback address without TLS")
     p.add_argument("--lease-timeout", type=int, default=defaults.lease_timeout_seconds,
                    help="seconds a launcher stream may be gone before its session expires")
+    p.add_argument("--metrics-address", default=defaults.metrics_address,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (env BALSAM_METRICS_ADDRESS)")
     p.add_argument("--migrate-only", action="store_true", help="apply database migrations and exit")
     a = p.parse_args(argv)
     if a.migrate_only:
@@ -33,7 +35,7 @@ def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
         raise SystemExit(0)
     return ServerSettings(address=a.address, database_url=a.database, tls_cert=a.tls_cert, tls_key=a.tls_key,
                           tls_client_ca=a.tls_client_ca, allow_insecure_remote=a.allow_insecure_remote,
-                          lease_timeout_seconds=a.lease_timeout)
+                          lease_timeout_seconds=a.lease_timeout, metrics_address=a.metrics_address)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,6 +82,7 @@ class BalsamServer:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.metrics_port = 0
         self._sqlite_lock: IO[str] | None = None
 
     async def start(self) -> int:
@@ -119,6 +120,9 @@ class BalsamServer:
             await self.state.listener.start()  # before the horizon is read: no commit falls between
         await self.state.fanout.start()
         await self.state.sessions.start()
+        if settings.metrics_address:
+            self.metrics_port = self.state.metrics.serve(settings.metrics_address)
+            log.info("metrics served", address=settings.metrics_address, port=self.metrics_port)
         for name in ["", *service_names()]:
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("server started", address=settings.address, port=self.port, tls=creds is not None,
@@ -148,6 +152,7 @@ class BalsamServer:
         if self.state.listener is not None:
             await self.state.listener.stop()
         await self.state.fanout.stop()
+        await asyncio.to_thread(self.state.metrics.stop)
         await asyncio.to_thread(self.db.dispose)
         if self._sqlite_lock is not None:
             self._sqlite_lock.close()  # releases the lock

@@ -167,9 +167,10 @@ class Subscription:
 class Fanout:
     """The registry of subscriptions and the dispatcher task that feeds them."""
 
-    def __init__(self, db: Any, bus: Any) -> None:
+    def __init__(self, db: Any, bus: Any, metrics: Any = None) -> None:
         self.db = db
         self.bus = bus
+        self.metrics = metrics
         # Every committed event with id <= position has been routed.
         self.position = 0
         self.by_site: dict[tuple[int, int], list[Subscription]] = {}
@@ -272,6 +273,8 @@ class Fanout:
                 while self.position < high:
                     rows = await self.db.read(read_events, self.position, high, READ_BATCH)
                     self.reads += 1
+                    if self.metrics is not None:
+                        self.metrics.events_read.inc(len(rows))
                     self._route(rows, rows[-1].id if len(rows) == READ_BATCH else high)
                 delay = RETRY_SECONDS[0]
             except asyncio.CancelledError:
@@ -295,3 +298,5 @@ class Fanout:
         self.position = upto
         for sub, mine in per_sub.items():
             sub._deliver(mine)
+        if self.metrics is not None and per_sub:
+            self.metrics.events_delivered.inc(sum(len(m) for m in per_sub.values()))

@@ -28,6 +28,7 @@ from balsam_grpc.core.errors import (
     ERROR_DOMAIN,
     BalsamError,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 from balsam_grpc.server.stream_guard import StreamGuard
@@ -153,6 +154,27 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseExcepti
     await context.abort_with_status(_internal_status(incident))
 
 
+def _admit(state: Any, principal: Principal | None) -> Any:
+    try:
+        return state.admission.admit(principal.user_id if principal else None)
+    except ResourceExhausted:
+        state.metrics.admission_rejections.labels("unary").inc()
+        raise
+
+
+def _code_name(exc: BaseException) -> str:
+    """The status code a failure is answered with (for metrics)."""
+    if isinstance(exc, BalsamError):
+        return str(exc.code.name)
+    return "UNAVAILABLE" if database_unavailable(exc) is not None else "INTERNAL"
+
+
+def _record(state: Any, method: str, code: str, started: float) -> None:
+    metrics = state.metrics
+    metrics.calls.labels(method, code).inc()
+    metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
 def unary(*, public: bool = False, job_token: bool = False) -> Callable[[Handler], Callable[..., Awaitable[Any]]]:
     """Wrap a unary servicer method `fn(self, request, context, principal)`. `job_token`:
     a job's run may call it with its job token (server/job_tokens.py)."""
@@ -163,19 +185,24 @@ def unary(*, public: bool = False, job_token: bool = False) -> Callable[[Handler
         @functools.wraps(fn)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
+            code = "OK"
             try:
                 principal = None if public else await self.state.auth.authenticate(context)
                 if principal is not None:
                     principal.check_job_method(job_token, method)
-                slot = self.state.admission.admit(principal.user_id if principal else None)
+                slot = _admit(self.state, principal)
                 try:
                     return await fn(self, request, context, principal)
                 finally:
                     slot.release()
             except grpc.aio.AbortError:
+                code = "ABORTED_BY_HANDLER"
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status right here
+                code = _code_name(exc)
                 await _fail(context, method, exc, started, request)
+            finally:
+                _record(self.state, method, code, started)
 
         return wrapper
 
@@ -195,10 +222,17 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         guard = release = None
+        code = "OK"
+        open_streams = self.state.metrics.streams_open.labels(method)
         try:
             principal = await self.state.auth.authenticate(context)
             principal.check_job_method(job_token, method)
-            release = self.state.admission.open_stream(principal.user_id)
+            try:
+                release = self.state.admission.open_stream(principal.user_id)
+            except ResourceExhausted:
+                self.state.metrics.admission_rejections.labels("stream").inc()
+                raise
+            open_streams.inc()
             # Ends the stream when its token is revoked or expires (server/stream_guard.py).
             guard = StreamGuard(self.state.auth, principal,
                                 recheck_seconds=self.state.settings.stream_token_recheck_seconds)
@@ -208,18 +242,24 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
                 yield item
                 guard.sending = False
         except grpc.aio.AbortError:
+            code = "ABORTED_BY_HANDLER"
             raise
         except asyncio.CancelledError:
             reason = guard.absorb() if guard is not None else None
             if reason is None:
+                code = "CANCELLED"
                 raise
+            code = _code_name(reason)
             await _fail(context, method, reason, started)
         except Exception as exc:  # noqa: BLE001
+            code = _code_name(exc)
             await _fail(context, method, exc, started, request)
         finally:
             if guard is not None:
                 guard.close()
             if release is not None:
                 release()
+                open_streams.dec()
+            _record(self.state, method, code, started)
 
     return wrapper

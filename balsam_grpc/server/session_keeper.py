@@ -43,8 +43,9 @@ def _now() -> datetime:
 
 
 class SessionKeeper:
-    def __init__(self, db: Database, lease_timeout_seconds: float) -> None:
+    def __init__(self, db: Database, lease_timeout_seconds: float, metrics: Any = None) -> None:
         self.db = db
+        self.metrics = metrics
         self.lease_timeout = timedelta(seconds=lease_timeout_seconds)
         self.connected: dict[str, Attached] = {}
         self._changed = asyncio.Event()
@@ -119,6 +120,8 @@ class SessionKeeper:
             self._changed.clear()
             try:
                 expired = await self.db.write(store.reap_expired, _now(), sorted(self.connected))
+                if self.metrics is not None and expired:
+                    self.metrics.sessions_expired.inc(len(expired))
                 for session, released in expired:
                     log.info("session expired", session_id=session["id"], site_id=session["site_id"],
                              released_jobs=len(released))

@@ -10,6 +10,7 @@ from balsam_grpc.core.settings import DEFAULT_ADDRESS, default_database_url
 from balsam_grpc.server.admission import Admission, AdmissionLimits, LoginLimiter, LoginLimits
 from balsam_grpc.server.auth import Authenticator
 from balsam_grpc.server.fanout import Fanout
+from balsam_grpc.server.metrics import Metrics
 from balsam_grpc.server.notify import REVOKED, Listener
 from balsam_grpc.server.session_keeper import SessionKeeper
 from balsam_grpc.server.store.db import Database
@@ -55,6 +56,8 @@ class ServerSettings:
     # without them a half-open stream holds its site or session until TCP gives up.
     keepalive_time_ms: int = field(default_factory=lambda: _env_int("BALSAM_SERVER_KEEPALIVE_TIME_MS", 20_000))
     keepalive_timeout_ms: int = field(default_factory=lambda: _env_int("BALSAM_SERVER_KEEPALIVE_TIMEOUT_MS", 10_000))
+    # "host:port" to serve Prometheus metrics on (/metrics); empty: not served.
+    metrics_address: str = field(default_factory=lambda: os.environ.get("BALSAM_METRICS_ADDRESS", ""))
 
 
 class EventBus:
@@ -124,10 +127,13 @@ class ServerState:
             max_failures_per_user=settings.login_max_failures_per_user,
             max_failures_per_address=settings.login_max_failures_per_address,
             window_seconds=settings.login_window_seconds, lockout_seconds=settings.login_lockout_seconds))
+        # Prometheus metrics of this replica (served on settings.metrics_address).
+        self.metrics = Metrics()
+        self.metrics.watch_pool(db.engine)
         self.bus = EventBus(ordered_commits=not db.is_postgres)
         db.on_events = self.bus.published
         # Site streams, launcher sessions and event watchers subscribe here.
-        self.fanout = Fanout(db, self.bus)
+        self.fanout = Fanout(db, self.bus, self.metrics)
         # PostgreSQL: what other replicas commit (and news such as revocations) arrives by
         # LISTEN/NOTIFY; started and stopped with the server (app.py).
         self.listener: Listener | None = None
@@ -137,4 +143,4 @@ class ServerState:
             # A token revoked through any replica: no cached answer here, its streams end.
             self.listener.on_control(REVOKED, self.auth.forget)
         # Launcher session liveness: started and stopped with the server (app.py).
-        self.sessions = SessionKeeper(db, settings.lease_timeout_seconds)
+        self.sessions = SessionKeeper(db, settings.lease_timeout_seconds, self.metrics)

@@ -332,6 +332,7 @@ class SessionStream:
             self.look = self.look_sure = True  # more may match: serve the rest in the next message
         if not got.jobs:
             return None
+        self.state.metrics.jobs_leased.inc(len(got.jobs))
         for row in got.jobs:
             self.held[row["id"]] = row["lease_generation"]
         self.leases_sent += 1
