@@ -63,4 +63,6 @@ def test_two_replicas_reap_each_session_once(harness, alice, monkeypatch):
 
     monkeypatch.setattr(store, "reap_expired", spy)
     ids = asyncio.run(_reaped(harness, alice, replicas=2 if harness.backend == "postgres" else 1, sessions=6))
-    assert sorted(expired) == sorted(ids), "a session was expired twice, or by nobody"
+    # The test server's own reaper (one more replica) may take some of them, and sessions
+    # other tests left behind: each of these six is expired exactly once, by someone.
+    assert sorted(e for e in expired if e in ids) == sorted(ids), "a session was expired twice, or by nobody"
