@@ -13,8 +13,9 @@ Strategies:
 Predicted completion of a job at a site, in seconds from now (`estimate`):
 
     stage_in  = fixed + bytes / rate      measured per (location, site) pair and direction
-    wait      = 0 with a free slot; else the sooner of a slot freed by the jobs ahead
-                (running + backlog + placed, served by the held slots at the run time)
+    wait      = dispatch + 0 with a free slot; else the sooner of a slot freed by the jobs
+                ahead (running + backlog + placed, served by the held slots at the run
+                time plus dispatch: the measured gap from a freed slot to the next start)
                 and a new pilot (the site's measured pilot queue delay, then the slots
                 up to its node cap)
     run       = the app's run time at the site, linear in the input bytes when the
@@ -220,6 +221,7 @@ class SiteHistory:
     pilot_delay_s: float | None = None
     pilot_delay_samples: int = 0
     charge_per_node_hour: float = 1.0
+    dispatch_s: float | None = None  # a freed slot to the next waiting job's start (launcher latency)
 
 
 def pooled(histories: Iterable[SiteHistory]) -> SiteHistory:
@@ -232,10 +234,12 @@ def pooled(histories: Iterable[SiteHistory]) -> SiteHistory:
         return LinearModel(statistics.median(m.fixed_s for m in models), statistics.median(m.per_byte_s for m in models),
                            0, statistics.median(m.error_s for m in models))
     delays = [h.pilot_delay_s for h in hs if h.pilot_delay_s is not None]
+    dispatches = [h.dispatch_s for h in hs if h.dispatch_s is not None]
     return SiteHistory(site_id=0, stage_in=pool([h.stage_in for h in hs if h.stage_in]),
                        stage_out=pool([h.stage_out for h in hs if h.stage_out]),
                        run=pool([h.run for h in hs if h.run]),
-                       pilot_delay_s=statistics.median(delays) if delays else None)
+                       pilot_delay_s=statistics.median(delays) if delays else None,
+                       dispatch_s=statistics.median(dispatches) if dispatches else None)
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,7 @@ class Estimate:
 def slot_wait_s(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float, slots_per_node: int = 1) -> float:
     """Seconds until a slot is free for a job placed now behind the site's backlog.
 
+    `run_s` is a slot's turnover per job (the run plus the launcher's dispatch gap).
     The held slots free one every run_s / slots; a new pilot (if the node cap leaves
     room) arrives after the pilot delay, and from then the capped slots serve the rest.
     A site with no pilot and no known cap still gets one pilot's worth of slots."""
@@ -300,8 +305,9 @@ def estimate(load: SiteLoad, history: SiteHistory, prior: SiteHistory | None = N
     if delay is None:
         borrowed.append("pilot_delay")
         delay = prior.pilot_delay_s or 0.0
+    dispatch = history.dispatch_s if history.dispatch_s is not None else (prior.dispatch_s or 0.0)
     run_s = run.seconds(input_bytes)
-    wait_s = slot_wait_s(load, placed, run_s, delay)
+    wait_s = dispatch + slot_wait_s(load, placed, run_s + dispatch, delay)
     error = math.sqrt(stage_in.error_s**2 + run.error_s**2 + stage_out.error_s**2)
     return Estimate(site_id=load.site_id, name=load.name, stage_in_s=stage_in.seconds(input_bytes), wait_s=wait_s,
                     run_s=run_s, stage_out_s=stage_out.seconds(output_bytes), error_s=error,
@@ -378,6 +384,26 @@ def _paged(client: Client, service: str, method: str, request: Any, field_name: 
         request.page_token = response.next_page_token
 
 
+def dispatch_gaps(lives: Iterable[Any]) -> dict[int, list[float]]:
+    """Per site: for each job that was runnable when another job's run ended and started
+    after it, the time from that run's end (the freed slot) to its start. What a slot
+    costs per job beyond the run itself: the launcher noticing, starting the process."""
+    by_site: dict[int, list[tuple[Any, Any, Any]]] = defaultdict(list)  # (runnable, start, run done)
+    for tl in lives:
+        runnable = tl.first_entry.get("PREPROCESSED") or tl.first_entry.get("STAGED_IN")
+        start, done = tl.last_entry.get("RUNNING"), tl.last_entry.get("RUN_DONE")
+        if runnable and start and done:
+            by_site[tl.site_id].append((runnable, start, done))
+    gaps: dict[int, list[float]] = defaultdict(list)
+    for site_id, jobs in by_site.items():
+        ends = sorted(done for _, _, done in jobs)
+        for runnable, start, _ in jobs:
+            freed = [e for e in ends if e <= start]
+            if freed and runnable <= freed[-1]:
+                gaps[site_id].append((start - freed[-1]).total_seconds())
+    return gaps
+
+
 @dataclass
 class _Samples:
     stage_in: list[tuple[float, float]] = field(default_factory=list)
@@ -435,6 +461,7 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
         run = phase_seconds(tl, "run")
         if run is not None:
             got.run.append((in_bytes, run))
+    dispatch = dispatch_gaps(lives[j] for j in job_ids)
     delays: dict[int, list[float]] = defaultdict(list)
     br = batch_job_service_pb2.ListBatchJobsRequest()
     br.filter.site_ids.extend(site_ids)
@@ -452,7 +479,8 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
             stage_in=fit_linear(got.stage_in, statistics.median(got.in_rates) if got.in_rates else None),
             stage_out=fit_linear(got.stage_out, statistics.median(got.out_rates) if got.out_rates else None),
             run=fit_linear(got.run), pilot_delay_s=statistics.median(recent) if recent else None,
-            pilot_delay_samples=len(recent), charge_per_node_hour=(charges or {}).get(site_id, 1.0))
+            pilot_delay_samples=len(recent), charge_per_node_hour=(charges or {}).get(site_id, 1.0),
+            dispatch_s=statistics.median(dispatch[site_id]) if dispatch.get(site_id) else None)
     return out
 
 
@@ -603,6 +631,7 @@ class Router:
 
 
 __all__ = ["STRATEGIES", "Decision", "Estimate", "LinearModel", "Router", "SiteHistory", "SiteLoad", "choose_best",
-           "choose_earliest", "choose_for_deadline", "choose_round_robin", "choose_shortest_backlog", "eligible",
+           "choose_earliest", "choose_for_deadline", "choose_round_robin", "choose_shortest_backlog", "dispatch_gaps",
+           "eligible",
            "estimate", "estimates", "expected_completion_min", "fit_linear", "node_rate_per_min", "pooled",
            "read_history", "service_rate_per_min", "slot_wait_s"]

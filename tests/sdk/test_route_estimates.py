@@ -65,6 +65,31 @@ def test_estimate_adds_the_terms_and_overlaps_stage_in_with_the_wait():
     assert est.cost == pytest.approx(10.0 / 3600 * 2.0) and est.borrowed == ()
 
 
+def test_the_dispatch_gap_adds_to_each_slot_turnover():
+    history = SiteHistory(1, run=LinearModel(2.0), pilot_delay_s=0.0, dispatch_s=1.5)
+    one_slot = SiteLoad(1, held_nodes=1, node_capacity=1, running_jobs=1, backlog_jobs=3)
+    # Four jobs ahead of it on one slot, each holding the slot 2 s + 1.5 s, then its own dispatch.
+    assert estimate(one_slot, history).wait_s == pytest.approx(4 * 3.5 + 1.5)
+
+
+def test_dispatch_gaps_count_only_jobs_that_waited_for_the_freed_slot():
+    from datetime import datetime, timedelta
+
+    from balsam_grpc.sdk.analytics import JobTimeline
+    from balsam_grpc.sdk.routing import dispatch_gaps
+
+    t0 = datetime(2026, 1, 1)
+
+    def life(site, runnable, start, done):
+        at = {"PREPROCESSED": t0 + timedelta(seconds=runnable), "RUNNING": t0 + timedelta(seconds=start),
+              "RUN_DONE": t0 + timedelta(seconds=done)}
+        return JobTimeline(site, first_entry=dict(at), last_entry=dict(at))
+    lives = [life(1, 0, 0, 10), life(1, 1, 12, 20),   # waited for the first: 2 s gap
+             life(1, 30, 31, 35),                     # runnable after the slot freed: no sample
+             life(2, 0, 0, 5), life(2, 0, 6, 9)]
+    assert dispatch_gaps(lives) == {1: [2.0], 2: [1.0]}
+
+
 def test_a_site_without_history_borrows_the_pooled_history():
     known = SiteHistory(1, stage_in=LinearModel(1.0), run=LinearModel(30.0), stage_out=LinearModel(1.0),
                         pilot_delay_s=10.0)
