@@ -124,8 +124,10 @@ class SessionClient:
                     delays = self._backoff()  # that connection worked: start over from a short delay
                 reason = error_reason(err)
                 # NOT_FOUND before any session: its site or batch job does not exist (a
-                # pilot whose batch job was deleted), and retrying cannot change that.
-                if err.code() in FATAL_CODES or (err.code() == grpc.StatusCode.NOT_FOUND and not self.session_id):
+                # pilot whose batch job was deleted), and retrying cannot change that; nor
+                # for a pilot whose batch job was cancelled or has ended (PILOT_ENDED).
+                if err.code() in FATAL_CODES or (err.code() == grpc.StatusCode.NOT_FOUND and not self.session_id) \
+                        or reason == "PILOT_ENDED":
                     cls = ERRORS_BY_CODE.get(err.code(), BalsamError)
                     raise SessionFatal(cls(err.details() or str(err.code()), reason=reason or None)) from err
                 if (reason in SESSION_GONE_REASONS or (err.code() == grpc.StatusCode.NOT_FOUND and self.session_id)):

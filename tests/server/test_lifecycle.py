@@ -427,6 +427,15 @@ def test_cancelling_the_pilot_ends_its_sessions_and_times_out_their_jobs_at_once
         assert sorted(kill.job_ids) == held
     finally:
         launcher.cancel()
+    # A launcher reconnecting for the cancelled pilot gets no new session (and no jobs).
+    from tests.support.launcher import Launcher
+
+    again = Launcher(world.caller)
+    again.requests.put(session_service_pb2.SessionServiceConnectRequest(open=session_service_pb2.SessionOpen(
+        site_id=world.site.id, batch_job_id=bj.id, hostname="nid0001")))
+    assert again.done.wait(30) and again.error is not None
+    assert again.error.code() == grpc.StatusCode.FAILED_PRECONDITION and "PENDING_DELETION" in again.error.details()
+    assert _error_reason(again.error) == "PILOT_ENDED"
 
 
 def _launcher_of(world: World, batch_job_id: int) -> Any:

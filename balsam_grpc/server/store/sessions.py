@@ -60,13 +60,21 @@ def require_session(conn: Connection, owner_id: int, session_id: str, *, field: 
 def open_session(conn: Connection, owner_id: int, site_id: int, batch_job_id: int | None, job_mode: str,
                  nodes: list[dict[str, Any]], hostname: str, now: datetime, expire_time: datetime) -> dict[str, Any]:
     """A new ACTIVE session at the caller's site (NOT_FOUND for a site or batch job that
-    is missing or someone else's; INVALID_ARGUMENT for a batch job of another site)."""
+    is missing or someone else's; INVALID_ARGUMENT for a batch job of another site;
+    FAILED_PRECONDITION PILOT_ENDED for a batch job cancelled, ended or never submitted,
+    whose sessions were ended with it). The batch job row is locked, so a session opened
+    while its pilot is being cancelled is either refused or ended by the cancellation."""
     site_store.require_site(conn, owner_id, site_id, field="open.site_id", reference=True)
     if batch_job_id:
-        bj = batch_job_store.require_batch_job(conn, owner_id, batch_job_id, field="open.batch_job_id")
+        bj = batch_job_store.require_batch_job(conn, owner_id, batch_job_id, field="open.batch_job_id",
+                                               for_update=True)
         if bj["site_id"] != site_id:
             raise InvalidArgument(f"open.batch_job_id: batch job {batch_job_id} belongs to site {bj['site_id']}, "
                                   f"not {site_id}", field="open.batch_job_id")
+        if bj["state"] in batch_job_store.PILOT_GONE:
+            raise FailedPrecondition(f"open.batch_job_id: batch job {batch_job_id} is {bj['state']}: its pilot is "
+                                     "ending and takes no new session", reason="PILOT_ENDED",
+                                     field="open.batch_job_id")
     row = {"id": uuid.uuid4().hex, "owner_id": owner_id, "site_id": site_id, "batch_job_id": batch_job_id or None,
            "job_mode": job_mode, "nodes": nodes, "state": ACTIVE, "hostname": hostname, "applied_through_seq": 0,
            "create_time": now, "heartbeat_time": now, "expire_time": expire_time}
