@@ -4,7 +4,7 @@ and 3 replicas, and the cross-replica wake-up latency.
 
 Usage: scripts/bench_replicas.py [--database URL] [--replicas 1,2,3] [--duration S]
                                  [--jobs N] [--clients N] [--sites N] [--sessions N]
-                                 [--wakeups N] [--json]
+                                 [--lease-backlog N] [--wakeups N] [--json]
 
 For each replica count, on a fresh database of its own (created next to --database,
 default BALSAM_TEST_DATABASE_URL, and dropped afterwards): starts that many
@@ -118,7 +118,7 @@ def run_load(url: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     try:
         target, token = replicas.target, replicas.token
         print(f"{n} replica(s): seeding {args.jobs} jobs ...", file=sys.stderr)
-        world = bench_load.setup(replicas.addresses[0], token, args.sites, args.jobs)
+        world = bench_load.setup(replicas.addresses[0], token, args.sites, args.jobs, args.lease_backlog)
         ctx = mp.get_context("spawn")
         out = ctx.Queue()
         ready = ctx.Event()
@@ -226,6 +226,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16, help="unary client threads (default 16)")
     parser.add_argument("--sites", type=int, default=20, help="site streams (default 20)")
     parser.add_argument("--sessions", type=int, default=40, help="launcher sessions (default 40)")
+    parser.add_argument("--lease-backlog", type=int, default=5_000,
+                        help="runnable jobs seeded for the sessions to lease (default 5,000)")
     parser.add_argument("--wakeups", type=int, default=200, help="jobs for the wake-up latency (default 200)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
