@@ -43,6 +43,7 @@ from tests.faults.harness import (
     wait_states,
 )
 from tests.faults.report import record
+from tests.support.databases import drop_postgres
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(not POSTGRES_URL, reason="replicas share a PostgreSQL database")]
@@ -130,6 +131,7 @@ def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path
             client.close()
         for s in (a, b, c):
             s.stop()
+        drop_postgres(a.database_url)
 
 
 def test_replica_kill9_its_daemon_and_launcher_move_to_the_others(tmp_path: Path) -> None:
@@ -185,6 +187,7 @@ def test_replica_kill9_its_daemon_and_launcher_move_to_the_others(tmp_path: Path
             client.close()
         for s in (a, b, c):
             s.stop()
+        drop_postgres(a.database_url)
 
 
 def _active_sessions(client: Client, site_id: int) -> list[str]:
