@@ -2,7 +2,7 @@
 """The path a user runs, measured end to end: N no-op jobs through a real site.
 
 Usage: scripts/bench_e2e.py [-n 1000] [--database URL] [--rounds K] [--latency-samples L]
-                            [--peers] [--json]
+                            [--lease-prefetch P] [--peers] [--json]
 
 Everything is a real process, started the way a user starts it (tests/site/sitekit.py):
 the server (`python -m balsam_grpc.server`, SQLite in a temp dir or `--database`), a site
@@ -80,8 +80,9 @@ def say(text: str) -> None:
 class RealPath:
     """Server, site, daemon and one idle pilot, as a user would have them."""
 
-    def __init__(self, tmp: Path, database_url: str) -> None:
+    def __init__(self, tmp: Path, database_url: str, lease_prefetch: int) -> None:
         self.kit = SiteKit(tmp, database_url)
+        self.lease_prefetch = lease_prefetch
         self.db = DatabaseCpu(self.kit.database_url)
         self.launcher_pid = 0
         self.daemon_pid = 0
@@ -91,8 +92,9 @@ class RealPath:
         kit.start_server()
         say(f"server up on {kit.address}")
         # No elastic queue: one pilot, submitted below, that stays for the whole run.
+        extra = ["--lease-prefetch", str(self.lease_prefetch)] if self.lease_prefetch else []
         kit.init_site(apps=NOOP_APPS, scheduler__poll_seconds=1, launcher__idle_timeout_s=3600,
-                      elastic_queue__enabled=False)
+                      launcher__extra_args=extra, elastic_queue__enabled=False)
         self.daemon_pid = kit.start_daemon()
         say(f"site {kit.site_id} made by `balsamctl site init --platform local`, its daemon started")
         kit.stub(batch_job_service_pb2_grpc.BatchJobServiceStub).CreateBatchJob(
@@ -197,6 +199,8 @@ def bench_parsl(n: int, samples: int, run_dir: Path) -> dict[str, float]:
     from parsl.executors import HighThroughputExecutor
     from parsl.providers import LocalProvider
 
+    # HTEX starts its interchange and workers as scripts from the environment's bin folder.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     config = Config(executors=[HighThroughputExecutor(
         label="htex", max_workers_per_node=PEER_WORKERS, provider=LocalProvider(init_blocks=1, max_blocks=1))],
         run_dir=str(run_dir), usage_tracking=0)
@@ -251,7 +255,7 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="balsam-bench-e2e-") as tmp:
-        path = RealPath(Path(tmp), args.database)
+        path = RealPath(Path(tmp), args.database, args.lease_prefetch)
         try:
             path.start()
             rounds = []
@@ -266,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out: dict[str, Any] = {
                 "database": path.kit.database_url.split(":", 1)[0].split("+", 1)[0], "jobs": args.n,
                 "rounds": args.rounds, "latency_samples": args.latency_samples,
-                "launcher_slots": SLOTS, "machine_load_average_1m": round(os.getloadavg()[0], 2),
+                "launcher_slots": SLOTS, "lease_prefetch": args.lease_prefetch, "machine_load_average_1m": round(os.getloadavg()[0], 2),
                 **median_of(rounds), **path.rss()}
         finally:
             path.stop()
@@ -289,6 +293,8 @@ def main() -> int:
     parser.add_argument("--database", default="", help="database URL (default: SQLite in a temp dir)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat; each figure is the median over rounds")
     parser.add_argument("--latency-samples", type=int, default=30, help="jobs one at a time per round")
+    parser.add_argument("--lease-prefetch", type=int, default=0,
+                        help="the pilot's launcher leases this many jobs ahead of free slots (default 0: off)")
     parser.add_argument("--peers", action="store_true", help="also run Parsl HTEX and Dask LocalCluster")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()

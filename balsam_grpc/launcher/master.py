@@ -107,11 +107,15 @@ class Master:
             return pb.SessionCredit(max_jobs=0)
         cap = self.manager.capacity()
         queued = [self.jobs[j] for j in self.queue]
-        max_jobs = cap.max_jobs - len(queued)
+        # Prefetch: up to lease_prefetch jobs (of at most a node each) held ahead of free
+        # slots, so a freed slot starts the next job without a round trip and the server
+        # leases in batches instead of one job per freed slot.
+        prefetch = self.cfg.lease_prefetch
+        max_jobs = cap.max_jobs + prefetch - len(queued)
         if self.cfg.max_jobs:
             max_jobs = min(max_jobs, self.cfg.max_jobs - len(self.jobs))
         footprint = sum((j.res.occupancy * j.res.num_nodes for j in queued), Fraction(0))
-        free_nodes = cap.free_nodes - float(footprint)
+        free_nodes = cap.free_nodes + prefetch - float(footprint)
         if max_jobs <= 0 or free_nodes <= 1e-9:
             return pb.SessionCredit(max_jobs=0)
         remaining = 0
