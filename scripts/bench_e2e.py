@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -138,7 +137,8 @@ class RealPath:
 
     def count(self, tag: str, states: list[int]) -> int:
         return self.kit.stub(job_service_pb2_grpc.JobServiceStub).CountJobs(job_service_pb2.CountJobsRequest(
-            filter=J.JobFilter(tags={"bench": tag}, states=states)), metadata=self.kit.metadata, timeout=60).total
+            filter=J.JobFilter(site_ids=[self.kit.site_id], tags={"bench": tag}, states=states)),
+            metadata=self.kit.metadata, timeout=60).total
 
     def wait_done(self, tag: str, n: int, timeout: float, every: float) -> None:
         def done() -> bool:
@@ -189,6 +189,8 @@ class RealPath:
 # ---------------------------------------------------------------------------- peers
 
 def _run_true() -> int:
+    import subprocess  # inside: Parsl ships the function by value, without this module's globals
+
     return subprocess.run(["/bin/true"], check=False).returncode
 
 
