@@ -55,3 +55,69 @@ def parse_tag(text: str) -> tuple[str, str]:
     if not sep or not _TAG_KEY.match(key):
         raise InvalidArgument(f"tag {text!r} must look like key=value (key: letters, digits, _.:/-)", field="tags")
     return key, value
+
+
+# ---------------------------------------------------------------------------- byte budgets
+
+KiB = 1024
+# Every stored free-form field: the most bytes it may hold (UTF-8 for text; the sum of
+# keys and values for maps and lists; the serialized size for Structs). Keyed by the
+# protobuf message and field. The server checks every request against this one table
+# before any servicer code runs (server/wire.py `FieldLimits`), so each way a value
+# reaches the database meets the same limit; clients may check before sending.
+FIELD_LIMITS: dict[str, int] = {
+    "balsam.v1.Job.name": 1 * KiB,
+    "balsam.v1.Job.workdir": 4 * KiB,
+    "balsam.v1.Job.tags": 32 * KiB,
+    "balsam.v1.Job.parameters": 64 * KiB,
+    "balsam.v1.Job.data": 256 * KiB,
+    "balsam.v1.Job.transfers": 32 * KiB,
+    "balsam.v1.Job.state_message": 4 * KiB,
+    "balsam.v1.Job.error_tail": 64 * KiB,
+    "balsam.v1.JobResources.launch_params": 4 * KiB,
+    # Copied into the event of every job a call changes: small, and budgeted per call
+    # (check_event_budget).
+    "balsam.v1.UpdateJobRequest.event_data": 4 * KiB,
+    "balsam.v1.BatchUpdateJobsRequest.event_data": 4 * KiB,
+    "balsam.v1.App.description": 4 * KiB,
+    "balsam.v1.App.command_template": 64 * KiB,
+    "balsam.v1.App.environment": 64 * KiB,
+    "balsam.v1.App.preamble": 64 * KiB,
+    "balsam.v1.App.cleanup_globs": 16 * KiB,
+    "balsam.v1.App.class_path": 1 * KiB,
+    "balsam.v1.AppParameter.default_value": 4 * KiB,
+    "balsam.v1.AppParameter.help": 4 * KiB,
+    "balsam.v1.TransferSlot.local_path": 4 * KiB,
+    "balsam.v1.TransferSlot.description": 4 * KiB,
+    "balsam.v1.Site.path": 4 * KiB,
+    "balsam.v1.Site.optional_batch_job_params": 16 * KiB,
+    "balsam.v1.Site.allowed_queues": 16 * KiB,
+    "balsam.v1.Site.allowed_projects": 16 * KiB,
+    "balsam.v1.BatchJob.project": 1 * KiB,
+    "balsam.v1.BatchJob.queue": 1 * KiB,
+    "balsam.v1.BatchJob.filter_tags": 16 * KiB,
+    "balsam.v1.BatchJob.optional_params": 16 * KiB,
+    "balsam.v1.BatchJob.status_info": 4 * KiB,
+    "balsam.v1.TransferItem.error": 16 * KiB,
+    "balsam.v1.TransferItem.task_id": 1 * KiB,
+}
+# What one bulk update may write into events in all (event_data and state_message are
+# copied into the event of every selected job): 2 MiB into 100 jobs wrote 197 MiB.
+MAX_EVENT_BYTES_PER_CALL = 16 * 1024 * KiB
+
+
+def field_too_large(path: str, size: int, limit: int) -> InvalidArgument:
+    return InvalidArgument(f"{path} is {size:,} bytes; the limit is {limit:,} bytes", field=path, reason="TOO_LARGE",
+                           metadata={"limit_bytes": str(limit)})
+
+
+def check_event_budget(jobs: int, per_event_bytes: int, field: str = "event_data") -> None:
+    """A bulk change copies `per_event_bytes` (event data and message) into the event of
+    each of `jobs` jobs: refuse when that writes more than MAX_EVENT_BYTES_PER_CALL."""
+    total = jobs * per_event_bytes
+    if per_event_bytes and total > MAX_EVENT_BYTES_PER_CALL:
+        raise InvalidArgument(
+            f"{field} and state_message ({per_event_bytes:,} bytes) would be copied into the events of {jobs:,} "
+            f"jobs ({total:,} bytes); one call may write at most {MAX_EVENT_BYTES_PER_CALL:,} bytes of event "
+            "data: select fewer jobs or send less", field=field, reason="TOO_LARGE",
+            metadata={"limit_bytes": str(MAX_EVENT_BYTES_PER_CALL)})

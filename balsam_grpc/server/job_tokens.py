@@ -22,7 +22,7 @@ import re
 
 from balsam_grpc.core.errors import Unauthenticated
 from balsam_grpc.server.convert import utcnow
-from balsam_grpc.server.rpc import Principal
+from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.store import users as user_store
 from balsam_grpc.server.store.db import Database
 

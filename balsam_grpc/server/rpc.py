@@ -1,21 +1,28 @@
 """The one place where RPCs are authenticated, logged and their errors mapped.
 
-Every servicer method is wrapped with `unary` or `server_stream`/`bidi_stream`: the
-wrapper resolves the caller's token to a Principal, binds request context for the logs,
-and turns a BalsamError into a status with a google.rpc.ErrorInfo detail. Anything
-unexpected becomes INTERNAL with an incident id that is also in the server log, never
-UNKNOWN and never a stack trace sent to the caller.
+Authentication happens in `Authentication`, a server interceptor: it sees the method
+and the metadata before gRPC reads the request body, so a call without a valid token is
+refused UNAUTHENTICATED without its body ever being received or parsed (a flood of
+large bodies with a made-up token costs the server nothing). The Principal it resolves
+reaches the handler through a context variable (the interceptor and the handler run in
+one contextvars.Context per call).
+
+Every servicer method is wrapped with `unary` or `stream`: the wrapper takes the
+Principal, admits the call (server/admission.py), and turns a BalsamError into a status
+with a google.rpc.ErrorInfo detail. Anything unexpected becomes INTERNAL with an incident
+id that is also in the server log, never UNKNOWN and never a stack trace sent to the
+caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -24,61 +31,16 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from balsam_grpc.core.errors import (
-    ERROR_DOMAIN,
-    BalsamError,
-    PermissionDenied,
-    ResourceExhausted,
-    Unavailable,
-)
+from balsam_grpc.core.errors import ERROR_DOMAIN, BalsamError, ResourceExhausted, Unauthenticated, Unavailable
+from balsam_grpc.server.auth import Authenticator
+from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.stream_guard import StreamGuard
 from balsam_grpc.server.unstorable import nul_refusal
 
 log = structlog.get_logger("balsam.rpc")
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: a user, possibly through a token scoped to one site, or one run of
-    a job (server/job_tokens.py), which is scoped to the job's site and further limited."""
-
-    user_id: int
-    username: str
-    admin: bool
-    token_id: str
-    scope: str  # "USER", "SITE" or "JOB"
-    site_id: int | None = None
-    job_id: int | None = None  # scope "JOB": the job whose run holds the token
-
-    @property
-    def is_site(self) -> bool:
-        """Scoped to one site (a job token is too, with fewer methods)."""
-        return self.scope in ("SITE", "JOB")
-
-    @property
-    def is_job(self) -> bool:
-        return self.scope == "JOB"
-
-    def check_job_method(self, allowed: bool, method: str) -> None:
-        if self.is_job and not allowed:
-            raise PermissionDenied(
-                f"a job token cannot call {method}: it may read its site's jobs, apps and events, "
-                "create jobs at its site and update its own job")
-
-    def check_own_job(self, job_id: int) -> None:
-        """A job token may change only its own job."""
-        if self.is_job and job_id != self.job_id:
-            raise PermissionDenied(f"this job token belongs to job {self.job_id} and cannot change job {job_id}")
-
-    def require_user_scope(self, action: str) -> None:
-        if self.is_site:
-            raise PermissionDenied(f"a site-scoped token cannot {action}; use a user token")
-
-    def check_site(self, site_id: int) -> None:
-        """A site token may act only for its own site."""
-        if self.is_site and site_id != self.site_id:
-            raise PermissionDenied(
-                f"this token is scoped to site {self.site_id} and cannot act for site {site_id}")
+_PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("balsam_principal", default=None)
 
 
 def to_status(err: BalsamError) -> grpc.Status:
@@ -175,6 +137,59 @@ def _record(state: Any, method: str, code: str, started: float) -> None:
     metrics.latency.labels(method).observe(time.perf_counter() - started)
 
 
+class Authentication(grpc.aio.ServerInterceptor):
+    """Resolves the caller from the call's metadata before the request is read.
+
+    Every method is protected except those in `public` (full names, "/pkg.Service/Method")
+    and those of the services in `public_services` (health, reflection). A refused call
+    gets a handler that never reads the request: its status is sent while the client's
+    body, whatever its size, is still unread in the client's send window."""
+
+    def __init__(self, auth: Authenticator, public: Collection[str] = (), public_services: Collection[str] = (),
+                 on_refused: Callable[[], None] | None = None) -> None:
+        self.auth = auth
+        self.public = public
+        self.public_services = tuple(f"/{name}/" for name in public_services)
+        # Called for each refusal: gRPC core may have buffered part of the unread body
+        # (up to the stream's flow-control window), freed when the call ends.
+        self.on_refused = on_refused
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method in self.public or method.startswith(self.public_services):
+            return handler
+        started = time.perf_counter()
+        try:
+            _PRINCIPAL.set(await self.auth.authenticate(details.invocation_metadata))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status right here
+            if self.on_refused is not None:
+                self.on_refused()
+            return _refusal(method.rsplit("/", 1)[-1], exc, started)
+        return handler
+
+
+def _refusal(method: str, exc: BaseException, started: float) -> grpc.RpcMethodHandler:
+    """A handler that answers `exc` as a status and reads nothing of the request (the
+    request side is declared streaming, so gRPC waits for the behaviour to ask)."""
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(exc, Unauthenticated):  # expected, and possibly a flood: keep it quiet
+            await context.abort_with_status(to_status(exc))
+        await _fail(context, method, exc, started)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled (resolved by Authentication)."""
+    principal = _PRINCIPAL.get()
+    if principal is None:  # a protected method reached without the interceptor: a wiring bug
+        raise RuntimeError("no authenticated principal for this call; is the Authentication interceptor installed?")
+    return principal
+
+
 def unary(*, public: bool = False, job_token: bool = False) -> Callable[[Handler], Callable[..., Awaitable[Any]]]:
     """Wrap a unary servicer method `fn(self, request, context, principal)`. `job_token`:
     a job's run may call it with its job token (server/job_tokens.py)."""
@@ -187,7 +202,7 @@ def unary(*, public: bool = False, job_token: bool = False) -> Callable[[Handler
             started = time.perf_counter()
             code = "OK"
             try:
-                principal = None if public else await self.state.auth.authenticate(context)
+                principal = None if public else current_principal()
                 if principal is not None:
                     principal.check_job_method(job_token, method)
                 slot = _admit(self.state, principal)
@@ -204,6 +219,7 @@ def unary(*, public: bool = False, job_token: bool = False) -> Callable[[Handler
             finally:
                 _record(self.state, method, code, started)
 
+        wrapper.public = public  # type: ignore[attr-defined]  # read by wire.register
         return wrapper
 
     return decorate
@@ -225,7 +241,7 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
         code = "OK"
         open_streams = self.state.metrics.streams_open.labels(method)
         try:
-            principal = await self.state.auth.authenticate(context)
+            principal = current_principal()
             principal.check_job_method(job_token, method)
             try:
                 release = self.state.admission.open_stream(principal.user_id)

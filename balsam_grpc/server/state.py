@@ -58,6 +58,11 @@ class ServerSettings:
     keepalive_timeout_ms: int = field(default_factory=lambda: _env_int("BALSAM_SERVER_KEEPALIVE_TIMEOUT_MS", 10_000))
     # "host:port" to serve Prometheus metrics on (/metrics); empty: not served.
     metrics_address: str = field(default_factory=lambda: os.environ.get("BALSAM_METRICS_ADDRESS", ""))
+    # Connections that do not finish TLS and the HTTP/2 preface within this are closed.
+    handshake_timeout_ms: int = field(
+        default_factory=lambda: _env_int("BALSAM_SERVER_HANDSHAKE_TIMEOUT_MS", 10_000))
+    # Connections without any call for this long are closed (clients reconnect on demand).
+    connection_idle_ms: int = field(default_factory=lambda: _env_int("BALSAM_SERVER_CONNECTION_IDLE_MS", 300_000))
 
 
 class EventBus:

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 import structlog
 
 from balsam_grpc.core.errors import Unauthenticated
-
-if TYPE_CHECKING:
-    from balsam_grpc.server.auth import Authenticator
-    from balsam_grpc.server.rpc import Principal
+from balsam_grpc.server.auth import Authenticator
+from balsam_grpc.server.principal import Principal
 
 log = structlog.get_logger("balsam.rpc")
 

@@ -1,6 +1,20 @@
-"""Servicer registration with requests that cannot be parsed answered INVALID_ARGUMENT.
+"""Servicer registration: per-method receive limits, requests that cannot be parsed
+answered INVALID_ARGUMENT, and memory handed back after large requests.
 
-grpc parses a request before any servicer code runs; when parsing fails (corrupt wire
+Receive limits: the server-wide grpc.max_receive_message_length is the largest method's
+(BatchCreateJobs: the jobs-per-call cap times a generous per-job size, and the site and
+session streams that carry as much); every other method accepts what one object or one
+filter can legitimately need (`receive_limits`). The check runs in the deserializer on
+the raw bytes, before any parsing, and answers RESOURCE_EXHAUSTED naming the limit.
+Unauthenticated calls never get this far (server/rpc.py Authentication refuses them
+before the body is read).
+
+Memory: glibc keeps the heap a large request grew (a 40 MiB BatchCreateJobs parses into
+hundreds of MiB of short-lived objects) and the process's RSS stays at its peak. After
+such requests have finished `MemoryTrimmer` calls malloc_trim(0), which returns the
+free pages to the system (measured: see tests/server/test_wire_limits.py).
+
+Parsing: grpc parses a request before any servicer code runs; when parsing fails (corrupt wire
 format, invalid UTF-8 in a string field, nesting deeper than protobuf's recursion limit)
 it answers UNKNOWN "Unexpected DecodeError", which tells the caller nothing and breaks
 the rule that a caller's mistake never gets UNKNOWN/INTERNAL. Here every method handler
@@ -11,20 +25,98 @@ INVALID_ARGUMENT naming the message type.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
 from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 
-from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.core.errors import BalsamError, InvalidArgument, ResourceExhausted
+from balsam_grpc.core.validation import FIELD_LIMITS, field_too_large
 from balsam_grpc.server.rpc import to_status
 
 log = structlog.get_logger("balsam.rpc")
+
+KiB, MiB = 1024, 1024 * 1024
+# What one BatchCreateJobs job may take on average: a job with a few tags and parameters
+# and a little data is well under 1 KiB; a batch of the largest jobs must be split.
+BULK_JOB_BYTES = 6 * KiB
+# One object with its free-form fields (core/validation.py FIELD_LIMITS) at their limits.
+OBJECT_REQUEST_BYTES = 4 * MiB
+# A Get/List/Delete/filter request: a filter with tens of thousands of ids fits.
+SMALL_REQUEST_BYTES = 1 * MiB
+# Methods that carry one object (anything not named here or below is small).
+_OBJECT_METHODS = (
+    "JobService.CreateJob", "JobService.UpdateJob", "JobService.BatchUpdateJobs", "AppService.CreateApp",
+    "AppService.UpdateApp", "SiteService.CreateSite", "SiteService.UpdateSite", "BatchJobService.CreateBatchJob",
+    "BatchJobService.UpdateBatchJob", "TransferService.UpdateTransferItem",
+)
+
+
+def receive_limits(max_message_bytes: int, max_jobs_per_call: int) -> dict[str, int]:
+    """The largest request (per message, on streams) each method accepts, by
+    "Service.Method"; methods not listed accept SMALL_REQUEST_BYTES."""
+    bulk = min(max_message_bytes, max_jobs_per_call * BULK_JOB_BYTES)
+    limits = {name: min(max_message_bytes, OBJECT_REQUEST_BYTES) for name in _OBJECT_METHODS}
+    limits["JobService.BatchCreateJobs"] = bulk
+    # A hook result may create up to the cap of jobs; a launcher report holds up to
+    # 10,000 transitions with their error tails.
+    limits["SiteService.Connect"] = max_message_bytes
+    limits["SessionService.Connect"] = max_message_bytes
+    return limits
+
+
+class MemoryTrimmer:
+    """Returns freed heap memory to the system once large requests are done.
+
+    `received(n)` counts request bytes; `settled()` (a handler finished) schedules one
+    malloc_trim(0) in a thread, `delay` seconds later so the response has been sent and
+    freed too, when at least `threshold` bytes arrived since the last trim. No-op where
+    glibc is not the allocator."""
+
+    def __init__(self, threshold: int = 8 * MiB, delay: float = 0.5) -> None:
+        self.threshold = threshold
+        self.delay = delay
+        self.pending = 0
+        self.trims = 0
+        self._scheduled = False
+        path = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(path) if path else None
+        self._trim = getattr(libc, "malloc_trim", None)
+
+    def received(self, size: int) -> None:
+        self.pending += size
+
+    def refused(self) -> None:
+        """A call was refused unread: gRPC core may have buffered up to a flow-control
+        window of its body (measured: a flood of refused 40 MiB bodies otherwise keeps
+        tens of MiB more resident)."""
+        self.pending = max(self.pending, self.threshold)
+        self.settled()
+
+    def settled(self) -> None:
+        if self._trim is None or self._scheduled or self.pending < self.threshold:
+            return
+        self._scheduled = True
+        asyncio.get_running_loop().call_later(self.delay, self._start)
+
+    def _start(self) -> None:
+        self.pending = 0
+        task = asyncio.ensure_future(asyncio.to_thread(self._trim, 0))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
+        self._scheduled = False
+        self.trims += 1
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("malloc_trim failed", error=str(task.exception()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +132,101 @@ class Undecodable:
             "protobuf library from the balsam.v1 protos", metadata={"message_type": self.type_name})
 
 
-def _tolerant(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
+class FieldLimits:
+    """Checks a request against core.validation.FIELD_LIMITS: InvalidArgument naming the
+    field's path in the request (`jobs[12].data`) and its limit.
+
+    Cheap on large requests: a message no bigger than the smallest limit below it cannot
+    break any, so only fields whose limit is under the enclosing message's serialized
+    size (computed in C) are measured in Python; a batch of ordinary jobs costs one
+    ByteSize() per job."""
+
+    def __init__(self, limits: Mapping[str, int] = FIELD_LIMITS) -> None:
+        self.limits = limits
+        # per message type: (limited fields sorted by limit, nested fields, smallest limit in the subtree)
+        self._plans: dict[str, tuple[list[tuple[int, FieldDescriptor]], list[FieldDescriptor], float]] = {}
+
+    def _plan(self, desc: Descriptor) -> tuple[list[tuple[int, FieldDescriptor]], list[FieldDescriptor], float]:
+        plan = self._plans.get(desc.full_name)
+        if plan is not None:
+            return plan
+        self._plans[desc.full_name] = ([], [], float("inf"))  # recursion guard (Struct is recursive)
+        own = sorted(((self.limits[f"{desc.full_name}.{f.name}"], f) for f in desc.fields
+                      if f"{desc.full_name}.{f.name}" in self.limits), key=lambda pair: pair[0])
+        floor = own[0][0] if own else float("inf")
+        nested = []
+        for f in desc.fields:
+            if f.message_type is None or f.message_type.GetOptions().map_entry:
+                continue
+            if f"{desc.full_name}.{f.name}" in self.limits:
+                continue
+            below = self._plan(f.message_type)[2]
+            if below != float("inf"):
+                nested.append(f)
+                floor = min(floor, below)
+        plan = (own, nested, floor)
+        self._plans[desc.full_name] = plan
+        return plan
+
+    def check(self, msg: Any, path: str = "") -> None:
+        own, nested, floor = self._plan(msg.DESCRIPTOR)
+        if floor == float("inf"):
+            return
+        size = msg.ByteSize()
+        if size <= floor:
+            return
+        for limit, f in own:
+            if limit >= size:
+                break
+            used = _field_bytes(msg, f, limit)
+            if used > limit:
+                raise field_too_large(f"{path}{f.name}", used, limit)
+        for f in nested:
+            if f.is_repeated:
+                for i, item in enumerate(getattr(msg, f.name)):
+                    self.check(item, f"{path}{f.name}[{i}].")
+            elif msg.HasField(f.name):
+                self.check(getattr(msg, f.name), f"{path}{f.name}.")
+
+
+def _field_bytes(msg: Any, f: FieldDescriptor, limit: int) -> int:
+    value = getattr(msg, f.name)
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:
+        return sum(_text_bytes(k) + _text_bytes(v) for k, v in value.items())
+    if f.message_type is not None:
+        return value.ByteSize() if not f.is_repeated else sum(v.ByteSize() for v in value)
+    if f.is_repeated:
+        return sum(_text_bytes(v) for v in value)
+    return _text_bytes(value)
+
+
+def _text_bytes(value: Any) -> int:
+    return len(value.encode()) if isinstance(value, str) else len(value) if isinstance(value, bytes) else 8
+
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """Stands in for a request message larger than its method accepts (never parsed)."""
+
+    method: str
+    size: int
+    limit: int
+
+    def refusal(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"the {self.method} request is {self.size:,} bytes; this method accepts at most {self.limit:,} bytes "
+            "per message (split the request)", reason="REQUEST_TOO_LARGE",
+            metadata={"limit_bytes": str(self.limit), "size_bytes": str(self.size)})
+
+
+def _tolerant(parse: Callable[[bytes], Any], type_name: str, method: str, limit: int,
+              trimmer: MemoryTrimmer | None) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
+        size = len(data)
+        if trimmer is not None:
+            trimmer.received(size)
+        if size > limit:
+            return Oversized(method, size, limit)
         try:
             return parse(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's malformed request
@@ -50,24 +235,41 @@ def _tolerant(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes]
     return deserialize
 
 
-async def _refuse(context: grpc.aio.ServicerContext, method: str, bad: Undecodable) -> None:
-    err = bad.refusal()
+_REFUSED = (Undecodable, Oversized)
+
+
+async def _refuse(context: grpc.aio.ServicerContext, method: str, err: BalsamError) -> None:
     log.info("rpc refused", method=method, code=err.code.name, reason=err.reason, error=err.message)
     await context.abort_with_status(to_status(err))
 
 
-def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[Any]:
+def _problem(request: Any, limits: FieldLimits | None) -> BalsamError | None:
+    """Why a unary request must be refused before its handler runs, if it must."""
+    if isinstance(request, _REFUSED):
+        return request.refusal()
+    if limits is not None:
+        try:
+            limits.check(request)
+        except BalsamError as err:
+            return err
+    return None
+
+
+def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str,
+             settled: Callable[[], None]) -> AsyncIterator[Any]:
     async def iterate() -> AsyncIterator[Any]:
         async for msg in requests:
-            if isinstance(msg, Undecodable):
-                await _refuse(context, method, msg)  # sends the status and raises AbortError
+            if isinstance(msg, _REFUSED):
+                await _refuse(context, method, msg.refusal())  # sends the status and raises AbortError
             yield msg
+            settled()  # the stream's handler is done with the previous message
 
     return iterate()
 
 
 def _handler(method: str, behavior: Callable[..., Any], client_streaming: bool, server_streaming: bool,
-             deserialize: Callable[[bytes], Any], serialize: Callable[[Any], bytes]) -> grpc.RpcMethodHandler:
+             deserialize: Callable[[bytes], Any], serialize: Callable[[Any], bytes],
+             settled: Callable[[], None], limits: FieldLimits | None) -> grpc.RpcMethodHandler:
     if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
         # The generated base class's synchronous UNIMPLEMENTED stub: nothing to guard.
         factory = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
@@ -76,41 +278,65 @@ def _handler(method: str, behavior: Callable[..., Any], client_streaming: bool, 
         return factory(behavior, deserialize, serialize)
     if not client_streaming and not server_streaming:
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, Undecodable):
-                await _refuse(context, method, request)
-            return await behavior(request, context)
+            try:
+                problem = _problem(request, limits)
+                if problem is not None:
+                    await _refuse(context, method, problem)
+                return await behavior(request, context)
+            finally:
+                settled()
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
     if not client_streaming:
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, Undecodable):
-                await _refuse(context, method, request)
+            problem = _problem(request, limits)
+            if problem is not None:
+                await _refuse(context, method, problem)
             async for response in behavior(request, context):
                 yield response
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+    # Messages on the site and session streams are not refused for field sizes: a daemon
+    # resends what the server refused, so those servicers truncate or drop oversized
+    # values (with the same FIELD_LIMITS) and say so instead.
     if not server_streaming:
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await behavior(_checked(requests, context, method), context)
+            return await behavior(_checked(requests, context, method, settled), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
 
     async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for response in behavior(_checked(requests, context, method), context):
+        async for response in behavior(_checked(requests, context, method, settled), context):
             yield response
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
 
 
-def register(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor) -> None:
+def register(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor, *,
+             limits: Mapping[str, int] | None = None, trimmer: MemoryTrimmer | None = None,
+             field_limits: FieldLimits | None = None) -> list[str]:
     """Add `servicer`'s methods for `service` to `server` (what the generated
-    add_*Servicer_to_server does, with tolerant request parsing)."""
+    add_*Servicer_to_server does, with receive and field limits and tolerant request
+    parsing). Returns the full names ("/pkg.Service/Method") of the methods that need no
+    token."""
     handlers = {}
+    public = []
     for m in service.methods:
+        name = f"{service.name}.{m.name}"
+        behavior = getattr(servicer, m.name)
+        if getattr(behavior, "public", False):
+            public.append(f"/{service.full_name}/{m.name}")
         request_cls = message_factory.GetMessageClass(m.input_type)
         response_cls = message_factory.GetMessageClass(m.output_type)
+        limit = (limits or {}).get(name, SMALL_REQUEST_BYTES)
         handlers[m.name] = _handler(
-            f"{service.name}.{m.name}", getattr(servicer, m.name), m.client_streaming, m.server_streaming,
-            _tolerant(request_cls.FromString, m.input_type.full_name), response_cls.SerializeToString)
+            name, behavior, m.client_streaming, m.server_streaming,
+            _tolerant(request_cls.FromString, m.input_type.full_name, name, limit, trimmer),
+            response_cls.SerializeToString, trimmer.settled if trimmer is not None else _nothing, field_limits)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+    return public
+
+
+def _nothing() -> None:
+    pass

@@ -11,7 +11,8 @@ from sqlalchemy import Connection
 from balsam_grpc.core.command_template import check_template
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, to_timestamp, utcnow
-from balsam_grpc.server.rpc import Principal, unary
+from balsam_grpc.server.principal import Principal
+from balsam_grpc.server.rpc import unary
 from balsam_grpc.server.services.sites import (
     Page,
     check_map,

@@ -28,7 +28,8 @@ from balsam_grpc.server.admission import peer_address
 from balsam_grpc.server.auth import hash_password, verify_password
 from balsam_grpc.server.convert import EnumCodec, aware, to_timestamp, utcnow
 from balsam_grpc.server.notify import REVOKED, notify_control
-from balsam_grpc.server.rpc import Principal, unary
+from balsam_grpc.server.principal import Principal
+from balsam_grpc.server.rpc import unary
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import users as user_store
 from balsam_grpc.server.store.tables import sites, tokens

@@ -9,7 +9,8 @@ from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.core.validation import check_string_map
 from balsam_grpc.server import paging
 from balsam_grpc.server.convert import EnumCodec, dict_to_struct, from_timestamp, to_timestamp
-from balsam_grpc.server.rpc import Principal, stream, unary
+from balsam_grpc.server.principal import Principal
+from balsam_grpc.server.rpc import stream, unary
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import events as store
 from balsam_grpc.v1 import (

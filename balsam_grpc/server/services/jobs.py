@@ -21,7 +21,8 @@ from balsam_grpc.server.convert import (
     utcnow,
 )
 from balsam_grpc.server.idempotency import idempotent
-from balsam_grpc.server.rpc import Principal, unary
+from balsam_grpc.server.principal import Principal
+from balsam_grpc.server.rpc import unary
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import jobs as store
 from balsam_grpc.server.store.tables import apps

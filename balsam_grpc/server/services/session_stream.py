@@ -33,7 +33,7 @@ from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgu
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Delivery, Subscription
 from balsam_grpc.server.job_tokens import JobTokens
-from balsam_grpc.server.rpc import Principal
+from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.services.apps import app_to_pb
 from balsam_grpc.server.services.jobs import MAX_DATA_BYTES, job_to_message
 from balsam_grpc.server.services.session_convert import session_to_pb

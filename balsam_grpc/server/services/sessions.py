@@ -11,7 +11,8 @@ import grpc
 
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.server.convert import aware, utcnow
-from balsam_grpc.server.rpc import Principal, stream, unary
+from balsam_grpc.server.principal import Principal
+from balsam_grpc.server.rpc import stream, unary
 from balsam_grpc.server.services.session_convert import STATE, session_to_pb
 from balsam_grpc.server.services.session_stream import SessionStream
 from balsam_grpc.server.services.sites import Page, only_site

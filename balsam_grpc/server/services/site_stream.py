@@ -44,7 +44,7 @@ from balsam_grpc.core.errors import Aborted, BalsamError, InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Subscription
 from balsam_grpc.server.notify import SITE_STREAM_CLAIMED, notify_control
-from balsam_grpc.server.rpc import Principal
+from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.services.apps import app_to_pb
 from balsam_grpc.server.services.batch_jobs import STATE as BATCH_STATE
 from balsam_grpc.server.services.batch_jobs import batch_job_to_pb

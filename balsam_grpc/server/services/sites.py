@@ -24,7 +24,8 @@ from balsam_grpc.core.validation import check_string_map
 from balsam_grpc.server import paging
 from balsam_grpc.server.convert import to_timestamp, utcnow
 from balsam_grpc.server.idempotency import idempotent
-from balsam_grpc.server.rpc import Principal, stream, unary
+from balsam_grpc.server.principal import Principal
+from balsam_grpc.server.rpc import stream, unary
 from balsam_grpc.server.state import ServerSettings, ServerState
 from balsam_grpc.server.store import site_stats
 from balsam_grpc.server.store import sites as store
