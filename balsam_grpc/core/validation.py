@@ -62,9 +62,11 @@ def parse_tag(text: str) -> tuple[str, str]:
 KiB = 1024
 # Every stored free-form field: the most bytes it may hold (UTF-8 for text; the sum of
 # keys and values for maps and lists; the serialized size for Structs). Keyed by the
-# protobuf message and field. The server checks every request against this one table
-# before any servicer code runs (server/wire.py `FieldLimits`), so each way a value
-# reaches the database meets the same limit; clients may check before sending.
+# protobuf message and field. The server checks every unary request against this one
+# table before any servicer code runs (server/wire.py `FieldLimits`: INVALID_ARGUMENT
+# naming the field and its limit); clients may check before sending. Messages on the site
+# and session streams are not refused (a daemon would resend them forever): their
+# servicers drop an oversized value with a note instead, using the same table.
 FIELD_LIMITS: dict[str, int] = {
     "balsam.v1.Job.name": 1 * KiB,
     "balsam.v1.Job.workdir": 4 * KiB,
@@ -79,6 +81,7 @@ FIELD_LIMITS: dict[str, int] = {
     # (check_event_budget).
     "balsam.v1.UpdateJobRequest.event_data": 4 * KiB,
     "balsam.v1.BatchUpdateJobsRequest.event_data": 4 * KiB,
+    "balsam.v1.HookResult.event_data": 4 * KiB,
     "balsam.v1.App.description": 4 * KiB,
     "balsam.v1.App.command_template": 64 * KiB,
     "balsam.v1.App.environment": 64 * KiB,
@@ -101,9 +104,10 @@ FIELD_LIMITS: dict[str, int] = {
     "balsam.v1.TransferItem.error": 16 * KiB,
     "balsam.v1.TransferItem.task_id": 1 * KiB,
 }
-# What one bulk update may write into events in all (event_data and state_message are
-# copied into the event of every selected job): 2 MiB into 100 jobs wrote 197 MiB.
-MAX_EVENT_BYTES_PER_CALL = 16 * 1024 * KiB
+# What one bulk update may copy in all: event_data and state_message go into the event of
+# every selected job, and patched data and tags into every selected job (one 2 MiB
+# event_data into 100 jobs wrote 197 MiB; ListEvents and watch replays then broke).
+MAX_BULK_COPY_BYTES = 16 * 1024 * KiB
 
 
 def field_too_large(path: str, size: int, limit: int) -> InvalidArgument:
@@ -111,13 +115,13 @@ def field_too_large(path: str, size: int, limit: int) -> InvalidArgument:
                            metadata={"limit_bytes": str(limit)})
 
 
-def check_event_budget(jobs: int, per_event_bytes: int, field: str = "event_data") -> None:
-    """A bulk change copies `per_event_bytes` (event data and message) into the event of
-    each of `jobs` jobs: refuse when that writes more than MAX_EVENT_BYTES_PER_CALL."""
-    total = jobs * per_event_bytes
-    if per_event_bytes and total > MAX_EVENT_BYTES_PER_CALL:
+def check_bulk_copy(jobs: int, per_job_bytes: int, field: str = "event_data") -> None:
+    """A bulk change copies `per_job_bytes` (event data, message, patched values) to each
+    of `jobs` jobs: refuse when that writes more than MAX_BULK_COPY_BYTES."""
+    total = jobs * per_job_bytes
+    if total > MAX_BULK_COPY_BYTES:
         raise InvalidArgument(
-            f"{field} and state_message ({per_event_bytes:,} bytes) would be copied into the events of {jobs:,} "
-            f"jobs ({total:,} bytes); one call may write at most {MAX_EVENT_BYTES_PER_CALL:,} bytes of event "
-            "data: select fewer jobs or send less", field=field, reason="TOO_LARGE",
-            metadata={"limit_bytes": str(MAX_EVENT_BYTES_PER_CALL)})
+            f"this change copies {per_job_bytes:,} bytes (event_data, state_message and patched data and tags) to "
+            f"each of {jobs:,} jobs, {total:,} bytes in all; one call may copy at most {MAX_BULK_COPY_BYTES:,} "
+            "bytes: select fewer jobs or send less", field=field, reason="TOO_LARGE",
+            metadata={"limit_bytes": str(MAX_BULK_COPY_BYTES)})

@@ -2,7 +2,9 @@
 disconnects and server restarts.
 
 The server's contract: resuming with the last cursor received delivers every later
-event exactly once, in order. So the stream keeps the cursor of the last event it handed
+event exactly once, in order. Only failures that a reconnect can cure are resumed
+(`should_resume`); a refusal that would repeat on every resume (a bad filter, a revoked
+token, an answer over the receive limit) is raised instead of retried forever. So the stream keeps the cursor of the last event it handed
 out (an event's id is its cursor) and, when the connection fails with a transient code,
 reconnects after a backoff and resumes from there. Events are also de-duplicated by id,
 so even a server that replays a batch cannot make one appear twice.
@@ -29,13 +31,34 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("balsam.sdk.watch")
 
-# Codes after which reconnecting can help: the server went away, restarted, shed load,
-# or a proxy cut the stream. Anything else (bad filter, bad token) is raised.
+# Codes after which reconnecting helps: the server went away or restarted, or a proxy
+# cut the stream.
 TRANSIENT = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
     grpc.StatusCode.CANCELLED,
 })
+# Codes that may come from a passing fault (a server bug hit by one request, a proxy
+# reset) but also from one that repeats: retried at most this many times in a row
+# without an answer from the server in between, then raised.
+SUSPECT = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+MAX_SUSPECT_RETRIES = 5
+# RESOURCE_EXHAUSTED is retried only when the server's admission control asked for it
+# (SERVER_BUSY, TOO_MANY_STREAMS: nothing was done, come back later). Any other (a
+# message larger than this client's receive limit) repeats on every resume: raised.
+RETRY_LATER_REASONS = frozenset({"SERVER_BUSY", "TOO_MANY_STREAMS"})
+
+
+def should_resume(err: grpc.RpcError, suspect_failures: int) -> bool:
+    """Whether a watch that failed with `err` may reconnect and resume (everything else,
+    PERMISSION_DENIED, INVALID_ARGUMENT, UNAUTHENTICATED, NOT_FOUND, ..., is raised)."""
+    code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
+    if code in TRANSIENT:
+        return True
+    if code in SUSPECT:
+        return suspect_failures < MAX_SUSPECT_RETRIES
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return error_from_rpc(err).reason in RETRY_LATER_REASONS
+    return False
 
 
 class EventStream:
@@ -95,6 +118,7 @@ class EventStream:
 
         delays = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         connections = 0
+        suspect_failures = 0  # INTERNAL/UNKNOWN in a row, without a response in between
         while not self._closed.is_set():
             call = self._client.open_stream("EventService", "WatchEvents", self._request())
             with self._lock:
@@ -107,6 +131,7 @@ class EventStream:
             first = True
             try:
                 for response in call:
+                    suspect_failures = 0
                     for msg in response.events:
                         if msg.id <= self._last_id:
                             continue
@@ -128,8 +153,12 @@ class EventStream:
                 if self._closed.is_set():
                     return
                 code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
-                if code not in TRANSIENT:
+                if not should_resume(err, suspect_failures):
+                    log.warning("watch stream failed; not resuming", code=getattr(code, "name", code),
+                                error=err.details() if hasattr(err, "details") else str(err))  # type: ignore[attr-defined]
                     raise error_from_rpc(err) from None
+                if code in SUSPECT:
+                    suspect_failures += 1
                 log.info("watch stream lost; resuming", code=getattr(code, "name", code), cursor=self.cursor)
             finally:
                 with self._lock:

@@ -16,6 +16,23 @@ from balsam_grpc.core.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 10_000
+# Every list and watch answer stays under this many bytes, whatever its page size: the
+# receive limit gRPC clients have by default (4 MiB) less room for the envelope. One item
+# always fits (core/validation.py FIELD_LIMITS keeps each far smaller).
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024 - 64 * 1024
+_ITEM_FRAMING = 6  # a repeated field's tag and length prefix, per item
+
+
+def fitting(messages: Any, budget: int = MAX_RESPONSE_BYTES) -> int:
+    """How many of `messages` (a list or repeated field), from the first, fit in one
+    answer of `budget` bytes; at least one. A page cut here continues after the last
+    item kept: build its page token from that item."""
+    used = 0
+    for i, message in enumerate(messages):
+        used += message.ByteSize() + _ITEM_FRAMING
+        if used > budget:
+            return max(i, 1)
+    return len(messages)
 
 
 def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:

@@ -211,8 +211,8 @@ class AppServicer(app_service_pb2_grpc.AppServiceServicer):
                            names=list(f.names), only_site_id=only_site(principal))
         after = page.after_id()
         rows = await self.state.db.read(lambda conn: store.list_apps(conn, q, after_id=after, limit=page.limit))
-        rows, token = page.finish(rows)
-        return app_service_pb2.ListAppsResponse(apps=[app_to_pb(r) for r in rows], next_page_token=token)
+        found, token = page.finish(rows, app_to_pb)
+        return app_service_pb2.ListAppsResponse(apps=found, next_page_token=token)
 
     @unary()
     async def CreateApp(self, request: app_service_pb2.CreateAppRequest, context: Any,

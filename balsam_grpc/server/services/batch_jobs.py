@@ -134,9 +134,8 @@ class BatchJobServicer(batch_job_service_pb2_grpc.BatchJobServiceServicer):
         after = page.after_id()
         rows = await self.state.db.read(lambda conn: store.list_batch_jobs(conn, q, after_id=after,
                                                                            limit=page.limit))
-        rows, token = page.finish(rows)
-        return batch_job_service_pb2.ListBatchJobsResponse(batch_jobs=[batch_job_to_pb(r) for r in rows],
-                                                           next_page_token=token)
+        found, token = page.finish(rows, batch_job_to_pb)
+        return batch_job_service_pb2.ListBatchJobsResponse(batch_jobs=found, next_page_token=token)
 
     @unary()
     async def CreateBatchJob(self, request: batch_job_service_pb2.CreateBatchJobRequest, context: Any,

@@ -101,8 +101,9 @@ class SharedReads:
         rows = await self.db.read(store.list_events, q, after_id=after, limit=WATCH_BATCH, upto=upto)
         if not rows:
             return None
-        return event_service_pb2.WatchEventsResponse(events=[event_to_message(r) for r in rows],
-                                                     cursor=str(rows[-1]["id"]))
+        batch = [event_to_message(r) for r in rows]
+        kept = paging.fitting(batch)  # cut by bytes too: the rest follow in the next message
+        return event_service_pb2.WatchEventsResponse(events=batch[:kept], cursor=str(rows[kept - 1]["id"]))
 
 
 class EventServicer(event_service_pb2_grpc.EventServiceServicer):
@@ -121,9 +122,11 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         after_id = int(after[0]) if after else None
         rows = await self.db.read(store.list_events, q, after_id=after_id, limit=size + 1,
                                   descending=request.descending)
-        response = event_service_pb2.ListEventsResponse(events=[event_to_message(r) for r in rows[:size]])
-        if len(rows) > size:
-            response.next_page_token = paging.encode(fp, [rows[size - 1]["id"]])
+        events = [event_to_message(r) for r in rows[:size]]
+        kept = paging.fitting(events)  # cut by bytes as well as by count
+        response = event_service_pb2.ListEventsResponse(events=events[:kept])
+        if len(rows) > kept:
+            response.next_page_token = paging.encode(fp, [rows[kept - 1]["id"]])
         return response
 
     @stream(job_token=True)

@@ -10,7 +10,7 @@ import structlog
 
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import JobState, Role
-from balsam_grpc.core.validation import check_string_map, clean_workdir
+from balsam_grpc.core.validation import check_bulk_copy, check_string_map, clean_workdir
 from balsam_grpc.server import paging
 from balsam_grpc.server.convert import (
     EnumCodec,
@@ -383,6 +383,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         rows = rows[:size]
         response = job_service_pb2.ListJobsResponse()
         tuples_to_messages(keys, rows, view, response.jobs)
+        if response.ByteSize() > paging.MAX_RESPONSE_BYTES:  # cut by bytes too; the next page starts after
+            kept = paging.fitting(response.jobs)
+            del response.jobs[kept:]
+            rows, more = rows[:kept], True
         if more:
             response.next_page_token = paging.encode(fp, store.page_keys_of_tuple(keys, rows[-1], order))
         return response
@@ -481,11 +485,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         tags_merge = values.pop("tags", None)
         data = struct_to_dict(request.event_data, "event_data") or None
         message = request.patch.state_message if "state_message" in paths else ""
+        copied = (request.event_data.ByteSize() + len(message.encode())
+                  + (request.patch.data.ByteSize() if "data" in values else 0)
+                  + sum(len(k) + len(v) for k, v in (tags_merge or {}).items()))
         q = job_query(request.filter, principal)
 
         def work(conn: Any) -> Any:
             def build() -> Any:
                 rows = store.select_for_change(conn, q, with_tags=tags_merge is not None)
+                check_bulk_copy(len(rows), copied)
                 ids, refused = store.update_jobs(conn, rows, values, tags_merge, target, utcnow(),
                                                  role=acting_role(principal), message=message, data=data,
                                                  validate_only=request.validate_only)

@@ -67,9 +67,8 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
                                only_site_id=only_site(principal))
         after = _after(page)
         rows = await self.state.db.read(lambda conn: store.list_sessions(conn, q, after=after, limit=page.limit))
-        rows, token = page.finish(rows, _page_key)
-        return session_service_pb2.ListSessionsResponse(sessions=[session_to_pb(r) for r in rows],
-                                                        next_page_token=token)
+        found, token = page.finish(rows, session_to_pb, _page_key)
+        return session_service_pb2.ListSessionsResponse(sessions=found, next_page_token=token)
 
     @unary()
     async def DeleteSession(self, request: session_service_pb2.DeleteSessionRequest, context: Any,

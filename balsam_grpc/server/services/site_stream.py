@@ -41,6 +41,8 @@ from google.protobuf import json_format
 from sqlalchemy import Connection
 
 from balsam_grpc.core.errors import Aborted, BalsamError, InvalidArgument
+from balsam_grpc.core.validation import FIELD_LIMITS
+from balsam_grpc.server.auth import Principal
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Subscription
 from balsam_grpc.server.notify import SITE_STREAM_CLAIMED, notify_control
@@ -129,7 +131,9 @@ def hook_outcome(result: pb.HookResult, site_id: int, state: ServerState) -> wor
         out.hook = HOOK_KINDS.name(result.hook, "result.hook.hook").lower() if result.hook else ""
         out.next_state = JOB_STATES.name(result.next_state, "result.hook.next_state") if result.next_state else ""
         out.message = result.state_message[:MAX_HOOK_MESSAGE]
-        out.event_data = struct_to_dict(result.event_data)
+        limit = FIELD_LIMITS["balsam.v1.HookResult.event_data"]
+        out.event_data = struct_to_dict(result.event_data) if result.event_data.ByteSize() <= limit else {
+            "event_data_dropped": f"larger than {limit:,} bytes"}
         for path in result.job_mask.paths:
             if path not in HOOK_CHANGE_FIELDS:
                 raise InvalidArgument(f"result.hook.job_mask: a hook may change {', '.join(HOOK_CHANGE_FIELDS)}, "

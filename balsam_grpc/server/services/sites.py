@@ -22,6 +22,7 @@ from sqlalchemy import Connection
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.core.validation import check_string_map
 from balsam_grpc.server import paging
+from balsam_grpc.server.auth import Principal
 from balsam_grpc.server.convert import to_timestamp, utcnow
 from balsam_grpc.server.idempotency import idempotent
 from balsam_grpc.server.principal import Principal
@@ -32,6 +33,7 @@ from balsam_grpc.server.store import sites as store
 from balsam_grpc.v1 import site_pb2, site_service_pb2, site_service_pb2_grpc
 
 R = TypeVar("R", bound=Message)
+M = TypeVar("M", bound=Message)
 # Keys of non-tag maps (environment, optional batch-job parameters): any printable text.
 _MAP_KEY = re.compile(r"^[^\x00-\x1f]{1,256}$")
 
@@ -134,13 +136,16 @@ class Page:
         """Rows to fetch: one more than a page tells whether another page exists."""
         return self.size + 1
 
-    def finish(self, rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], list[Any]] | None = None
-               ) -> tuple[list[dict[str, Any]], str]:
-        if len(rows) <= self.size:
-            return rows, ""
-        rows = rows[: self.size]
-        last = key(rows[-1]) if key else [rows[-1]["id"]]
-        return rows, paging.encode(self.fp, last)
+    def finish(self, rows: list[dict[str, Any]], to_message: Callable[[dict[str, Any]], M],
+               key: Callable[[dict[str, Any]], list[Any]] | None = None) -> tuple[list[M], str]:
+        """The page's messages, cut by count and by bytes (paging.fitting), and the token
+        of the page after them ("" when none)."""
+        messages = [to_message(r) for r in rows[: self.size]]
+        kept = paging.fitting(messages)
+        if kept == len(rows):
+            return messages, ""
+        last = rows[kept - 1]
+        return messages[:kept], paging.encode(self.fp, key(last) if key else [last["id"]])
 
 
 async def mutate(state: ServerState, principal: Principal, method: str, request: Message,
@@ -295,9 +300,8 @@ class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
                             only_site_id=only_site(principal))
         rows = await self.state.db.read(lambda conn: store.list_sites(conn, q, after_id=page.after_id(),
                                                                       limit=page.limit))
-        rows, token = page.finish(rows)
-        return site_service_pb2.ListSitesResponse(sites=[site_to_pb(r, principal.username) for r in rows],
-                                                  next_page_token=token)
+        found, token = page.finish(rows, lambda r: site_to_pb(r, principal.username))
+        return site_service_pb2.ListSitesResponse(sites=found, next_page_token=token)
 
     @unary()
     async def CreateSite(self, request: site_service_pb2.CreateSiteRequest, context: Any,

@@ -83,9 +83,8 @@ class TransferServicer(transfer_item_service_pb2_grpc.TransferServiceServicer):
             task_id=f.task_id, only_site_id=only_site(principal))
         after = page.after_id()
         rows = await self.state.db.read(lambda conn: store.list_items(conn, q, after_id=after, limit=page.limit))
-        rows, token = page.finish(rows)
-        return transfer_item_service_pb2.ListTransferItemsResponse(
-            transfer_items=[transfer_to_pb(r) for r in rows], next_page_token=token)
+        found, token = page.finish(rows, transfer_to_pb)
+        return transfer_item_service_pb2.ListTransferItemsResponse(transfer_items=found, next_page_token=token)
 
     @unary()
     async def UpdateTransferItem(self, request: transfer_item_service_pb2.UpdateTransferItemRequest, context: Any,
