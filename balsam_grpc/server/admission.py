@@ -7,21 +7,28 @@
   retries exactly these refusals: nothing ran, so any method is safe to resend.
 - Streams: a cap on the long-lived streams (site, session, watch) one user holds, so a
   reconnect storm or a leak in a client cannot exhaust the server's tasks and memory.
-- Login attempts: after N wrong passwords for a user name (or M from one address) within
-  a window, Login is refused for a while before any password is verified
-  (LoginLimiter), so passwords cannot be guessed at the speed of scrypt.
+- Streams: opening one also holds a unary slot of its user until its first message
+  (server/rpc.py), so a reconnect storm of one user's streams queues within that user's
+  budget, not ahead of other users' calls.
+- Login attempts: after N wrong passwords for a user name from one address (or M from
+  that address for any names) within a window, Login from there is refused for a while,
+  with backoff, before any password is verified (LoginLimiter), so passwords cannot be
+  guessed at the speed of scrypt and nobody can lock a user out from elsewhere.
 
-Everything here is pure bookkeeping on the event loop thread (no locks, no awaits).
+Call and stream admission is pure bookkeeping on the event loop thread (no locks, no
+awaits); the login counts live in the database, shared by every server process.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from balsam_grpc.core.errors import ResourceExhausted
+from balsam_grpc.server.convert import utcnow
+from balsam_grpc.server.store import logins
+from balsam_grpc.server.store.db import Database
 
 SERVER_BUSY = "SERVER_BUSY"
 TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
@@ -131,75 +138,66 @@ class Admission:
 
 @dataclass(frozen=True, slots=True)
 class LoginLimits:
+    # Wrong passwords for one user name from one address before that pair is blocked.
     max_failures_per_user: int = 5
+    # Wrong passwords from one address, whatever the names, before the address is blocked.
     max_failures_per_address: int = 20
     window_seconds: float = 300.0
     lockout_seconds: float = 60.0
+    # Each failure after a block ended doubles the next block, up to this.
+    max_lockout_seconds: float = 900.0
 
 
 class LoginLimiter:
-    """Wrong-password counts per key ("user:<name>", "addr:<ip>") in a sliding window.
+    """Wrong-password limits per (user name, client address), and per address across
+    names, with exponential backoff; kept in the database (store/logins.py) so every
+    server process on it enforces the same counts.
 
-    A key with too many failures in the window is blocked until `lockout_seconds` after
-    its latest failure; attempts refused while blocked verify nothing and count nothing
-    (they cannot reveal anything). A successful login clears its user name's count, not
-    its address's. At most `max_keys` keys are remembered (oldest dropped first), so a
-    flood of made-up user names cannot grow the server's memory.
+    Failures from one address block only that (name, address) pair and, past a higher
+    count, that address: an attacker elsewhere cannot lock a user out (five wrong
+    passwords used to block the name from everywhere). A blocked pair is refused before
+    any password is verified, and refused attempts count nothing. After the block ends,
+    each further failure within the window blocks again for twice as long (capped). A
+    successful login clears its pair. Rows idle longer than the window are deleted, so a
+    flood of made-up names leaves little behind.
     """
 
-    def __init__(self, limits: LoginLimits | None = None, clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = 100_000) -> None:
+    def __init__(self, db: Database, limits: LoginLimits | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.db = db
         self.limits = limits or LoginLimits()
         self.clock = clock
-        self.max_keys = max_keys
-        self._failures: OrderedDict[str, list[float]] = OrderedDict()
-
-    def _recent(self, key: str, now: float) -> list[float]:
-        times = self._failures.get(key)
-        if not times:
-            return []
-        cutoff = now - self.limits.window_seconds
-        while times and times[0] <= cutoff:
-            times.pop(0)
-        if not times:
-            del self._failures[key]
-        return times
-
-    def _limit(self, key: str) -> int:
-        return self.limits.max_failures_per_user if key.startswith("user:") else self.limits.max_failures_per_address
-
-    def check(self, username: str, address: str) -> None:
-        """Raise Refused (LOGIN_RATE_LIMITED) while either key is blocked."""
-        now = self.clock()
-        wait = 0.0
-        for key in self.keys(username, address):
-            times = self._recent(key, now)
-            if len(times) >= self._limit(key):
-                wait = max(wait, times[-1] + self.limits.lockout_seconds - now)
-        if wait > 0:
-            ms = max(1, int(wait * 1000))
-            raise Refused(f"too many failed logins; retry after {ms / 1000:.0f} s", reason=LOGIN_RATE_LIMITED,
-                          retry_after_ms=ms)
-
-    def failed(self, username: str, address: str) -> None:
-        now = self.clock()
-        for key in self.keys(username, address):
-            times = self._recent(key, now)
-            times.append(now)
-            self._failures[key] = times
-            self._failures.move_to_end(key)
-        while len(self._failures) > self.max_keys:
-            self._failures.popitem(last=False)
-
-    def succeeded(self, username: str) -> None:
-        self._failures.pop(f"user:{username}", None)
 
     @staticmethod
-    def keys(username: str, address: str) -> list[str]:
-        keys = [f"user:{username[:200]}"]
-        if address:
-            keys.append(f"addr:{address}")
-        return keys
+    def keys(username: str, address: str) -> list[tuple[str, str]]:
+        """The pair's key, and the address's own (user name ""; the names a client may
+        log in with are never empty)."""
+        return [(username[:200], address[:64]), ("", address[:64])]
+
+    def lockout(self, key: tuple[str, str], failures: int) -> timedelta | None:
+        """How long `key` is blocked after its `failures`-th failure in the window."""
+        limits = self.limits
+        threshold = limits.max_failures_per_address if key[0] == "" else limits.max_failures_per_user
+        if failures < threshold:
+            return None
+        seconds = limits.lockout_seconds * 2 ** min(failures - threshold, 32)
+        return timedelta(seconds=min(seconds, limits.max_lockout_seconds))
+
+    async def check(self, username: str, address: str) -> None:
+        """Raise Refused (LOGIN_RATE_LIMITED) while the pair or the address is blocked."""
+        until = await self.db.read(logins.blocked_until, self.keys(username, address))
+        wait = (until - self.clock()).total_seconds() if until is not None else 0.0
+        if wait > 0:
+            ms = max(1, int(wait * 1000))
+            raise Refused(f"too many failed logins from this address; retry after {max(1, round(wait))} s",
+                          reason=LOGIN_RATE_LIMITED, retry_after_ms=ms)
+
+    async def failed(self, username: str, address: str) -> None:
+        await self.db.write(logins.record_failure, self.keys(username, address), self.clock(),
+                            timedelta(seconds=self.limits.window_seconds), self.lockout)
+
+    async def succeeded(self, username: str, address: str) -> None:
+        await self.db.write(logins.clear, self.keys(username, address)[0])
 
 
 def peer_address(peer: str | None) -> str:

@@ -44,8 +44,9 @@ class ServerSettings:
     busy_retry_after_ms: int = 250
     # Calls gRPC core may queue before the event loop takes them (then admission decides).
     max_pending_requests: int = 20_000
-    # Login attempts: after this many wrong passwords for a user (or from one address)
-    # within the window, Login is refused for the lockout time.
+    # Login attempts: after this many wrong passwords for a user from one address (or from
+    # one address for any users) within the window, Login from there is refused for the
+    # lockout time, doubled by each later failure (admission.py LoginLimiter).
     login_max_failures_per_user: int = 5
     login_max_failures_per_address: int = 20
     login_window_seconds: float = 300.0
@@ -128,7 +129,7 @@ class ServerState:
             max_unary_in_flight=settings.max_unary_in_flight,
             max_unary_in_flight_per_user=settings.max_unary_in_flight_per_user,
             max_streams_per_user=settings.max_streams_per_user, retry_after_ms=settings.busy_retry_after_ms))
-        self.logins = LoginLimiter(LoginLimits(
+        self.logins = LoginLimiter(db, LoginLimits(
             max_failures_per_user=settings.login_max_failures_per_user,
             max_failures_per_address=settings.login_max_failures_per_address,
             window_seconds=settings.login_window_seconds, lockout_seconds=settings.login_lockout_seconds))

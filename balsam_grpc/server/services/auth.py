@@ -109,7 +109,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         ttl = self._ttl(request.ttl_seconds)
         # Refused before any password is verified once too many attempts failed (admission.py).
         address = peer_address(context.peer())
-        self.state.logins.check(request.username, address)
+        await self.state.logins.check(request.username, address)
         user = None
         if USERNAME_RE.fullmatch(request.username) and len(request.password) <= MAX_PASSWORD:
             user = await self.state.db.read(user_store.get_user_by_name, request.username)
@@ -118,9 +118,9 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         ok = await asyncio.to_thread(
             lambda: verify_password(request.password[:MAX_PASSWORD], user["password_hash"] if user else _dummy()))
         if user is None or not ok:
-            self.state.logins.failed(request.username, address)
+            await self.state.logins.failed(request.username, address)
             raise Unauthenticated(WRONG_LOGIN)
-        self.state.logins.succeeded(request.username)
+        await self.state.logins.succeeded(request.username, address)
         secret, row = await self.state.db.write(
             lambda conn: user_store.issue_token(conn, user["id"], scope="USER", site_id=None, ttl=ttl,
                                                 description="login", now=utcnow()))

@@ -42,7 +42,6 @@ from sqlalchemy import Connection
 
 from balsam_grpc.core.errors import Aborted, BalsamError, InvalidArgument
 from balsam_grpc.core.validation import FIELD_LIMITS
-from balsam_grpc.server.auth import Principal
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Subscription
 from balsam_grpc.server.notify import SITE_STREAM_CLAIMED, notify_control

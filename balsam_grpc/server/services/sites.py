@@ -22,7 +22,6 @@ from sqlalchemy import Connection
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.core.validation import check_string_map
 from balsam_grpc.server import paging
-from balsam_grpc.server.auth import Principal
 from balsam_grpc.server.convert import to_timestamp, utcnow
 from balsam_grpc.server.idempotency import idempotent
 from balsam_grpc.server.principal import Principal

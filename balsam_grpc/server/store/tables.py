@@ -306,6 +306,18 @@ idempotency_keys = Table(
     Column("create_time", Time, nullable=False),
 )
 
+# Wrong passwords per (user name, client address), and per address for any name
+# (username ""): the login limiter's state, shared by every server process on the database.
+login_failures = Table(
+    "login_failures", metadata,
+    Column("username", String(200), primary_key=True),
+    Column("address", String(64), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("last_failure", Time, nullable=False),
+    Column("blocked_until", Time, nullable=True),
+    Index("ix_login_failures_last_failure", "last_failure"),
+)
+
 
 # Keys the server signs with (server/job_tokens.py). In the database, not a file, so
 # every server process sharing it accepts what another one issued.
