@@ -7,9 +7,6 @@
   retries exactly these refusals: nothing ran, so any method is safe to resend.
 - Streams: a cap on the long-lived streams (site, session, watch) one user holds, so a
   reconnect storm or a leak in a client cannot exhaust the server's tasks and memory.
-- Streams: opening one also holds a unary slot of its user until its first message
-  (server/rpc.py), so a reconnect storm of one user's streams queues within that user's
-  budget, not ahead of other users' calls.
 - Login attempts: after N wrong passwords for a user name from one address (or M from
   that address for any names) within a window, Login from there is refused for a while,
   with backoff, before any password is verified (LoginLimiter), so passwords cannot be

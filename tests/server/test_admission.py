@@ -295,30 +295,3 @@ def test_load_script_runs_and_reports(tmp_path: Any) -> None:
     assert burst["call_after_burst"] == "OK"
     assert not {code for code in figures["errors_by_code"] if "INTERNAL" in code or "UNKNOWN" in code}
 
-
-def test_opening_streams_spends_the_openers_budget_not_others(harness: Any, alice: Any, bob: Any,
-                                                            limits: Callable[..., Admission],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stream being opened (its first reads) holds one of its user's call slots until
-    its first message: alice's storm of watch streams is refused SERVER_BUSY past her own
-    budget while bob's call is admitted, and established streams hold no slot."""
-    adm = limits(max_unary_in_flight=100, max_unary_in_flight_per_user=3, max_streams_per_user=100)
-    gate = Gate(harness, monkeypatch)
-    stub = event_service_pb2_grpc.EventServiceStub(harness.channel)
-    opening = [stub.WatchEvents(event_service_pb2.WatchEventsRequest(), metadata=alice.metadata, timeout=WAIT * 2)
-               for _ in range(3)]
-    wait_until(lambda: adm.per_user.get(alice.user_id) == 3 and gate.waiting == 3, "alice's streams opening")
-    storm = stub.WatchEvents(event_service_pb2.WatchEventsRequest(), metadata=alice.metadata, timeout=WAIT * 2)
-    with pytest.raises(grpc.RpcError) as caught:
-        next(storm)
-    assert caught.value.code() == Code.RESOURCE_EXHAUSTED and error_info(caught.value).reason == "SERVER_BUSY"
-    bobs = whoami_future(bob)
-    wait_until(lambda: adm.per_user.get(bob.user_id) == 1, "bob's call admitted")
-    gate.open()
-    assert bobs.result().user.id == bob.user_id
-    assert all(next(s).cursor for s in opening)  # the streams are established...
-    wait_until(lambda: alice.user_id not in adm.per_user, "the opening slots released")
-    assert adm.streams.get(alice.user_id) == 3  # ...and still open
-    for s in opening:
-        s.cancel()
-    wait_until(lambda: adm.streams == {}, "every stream released")
