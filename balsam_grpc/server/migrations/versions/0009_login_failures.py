@@ -1,7 +1,7 @@
 """login_failures: wrong passwords per (user name, client address), in the database
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 
 Login limiting used to count failures per user name in each server process, so five
 wrong passwords from anywhere locked the user out everywhere, and a second server
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
