@@ -23,6 +23,9 @@ os.environ.pop("BALSAM_TOKEN", None)
 
 POSTGRES_URL = os.environ.get("BALSAM_TEST_DATABASE_URL", "")
 
+# The edge-probe table (issue 12) printed at the end of a run.
+pytest_plugins = ["tests.support.edge_table"]
+
 # In-process servers and daemons log with structlog, which prints to stdout by default:
 # lines from their background threads landed between pytest's dots. Through stdlib
 # logging instead, pytest captures them per test and shows them only with a failure.

@@ -99,6 +99,8 @@ def database_on(disk: Path, backend: str) -> Iterator[tuple[str, str]]:
         admin.dispose()
 
 
+@pytest.mark.edge("bulk create with the database on a full tmpfs",
+                   "RESOURCE_EXHAUSTED naming the disk, nothing written, reads served, recovers")
 @pytest.mark.parametrize("backend", database_params())
 def test_full_disk_refuses_writes_cleanly_and_recovers(backend: str) -> None:
     with small_tmpfs("24m" if backend == "postgres" else "4m") as disk, \

@@ -90,6 +90,8 @@ def _foreign_job(server: Server, tmp_path: Path) -> int:
     return site.jobs(site.app("theirs", "true"))[0].id
 
 
+@pytest.mark.edge("a job's environment and what its credential may do",
+                   "no BALSAM_TOKEN; a run-scoped token: own site and job only, dead after the run")
 def test_a_job_holds_only_its_runs_scoped_token(server, site, launchers, tmp_path):
     other_site = Site(server, tmp_path / "other-site")
     other_app = other_site.app("elsewhere", "true")
@@ -137,6 +139,8 @@ def test_a_job_holds_only_its_runs_scoped_token(server, site, launchers, tmp_pat
     assert stat.S_IMODE((workdir / "job.out").stat().st_mode) == 0o600
 
 
+@pytest.mark.edge("a workdir that is a symlink out of the data folder",
+                   "RUN_ERROR with the reason; nothing written outside")
 def test_a_symlinked_workdir_is_refused(server, site, launchers, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -167,7 +171,9 @@ def _marked_pids(marker: str) -> list[int]:
 
 
 @pytest.mark.parametrize("ranks", [0, 2], ids=["one-process", "mpi-ranks"])
-def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks):
+@pytest.mark.edge("kill -9 of a launcher with jobs running",
+                   "no job process alive 5 s later (the test waits up to 10 s)")
+def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks, record_property):
     """kill -9 of the launcher (the one process, or the mpiexec running its ranks): no job
     process is left, whether started directly, by a worker rank, or by mpiexec, nor one
     that a finished job left running."""
@@ -191,10 +197,12 @@ def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks
             assert time.monotonic() < deadline, f"jobs did not start: {_marked_pids(marker)}"
             time.sleep(0.1)
         launcher.kill9()
-        deadline = time.monotonic() + 10
+        killed = time.monotonic()
+        deadline = killed + 10
         while _marked_pids(marker):
             assert time.monotonic() < deadline, f"job processes outlived their launcher: {_marked_pids(marker)}"
             time.sleep(0.1)
+        record_property("observed", f"{expected} job processes gone {time.monotonic() - killed:.1f} s after the kill")
     finally:
         for pid in _marked_pids(marker):  # only on failure: processes this test started
             try:

@@ -100,6 +100,8 @@ def run(client: ScriptedClient) -> BaseException:
     return caught.value
 
 
+@pytest.mark.edge("the SDK watcher answered a refusal that repeats",
+                   "raised to the caller with the reason, not retried forever")
 @pytest.mark.parametrize("failure", [
     Failure(Code.PERMISSION_DENIED, "this token is scoped to site 1 and cannot act for site 2"),
     Failure(Code.INVALID_ARGUMENT, "filter.tags key '\"' is invalid"),

@@ -66,6 +66,8 @@ def test_lockout_backs_off_and_is_capped() -> None:
     assert lim.lockout(address, 4) is None and lim.lockout(address, 5).total_seconds() == 30
 
 
+@pytest.mark.edge("wrong passwords for alice from one address",
+                   "that (user, address) blocked with backoff; alice still logs in from another")
 def test_a_user_locked_out_from_one_address_logs_in_from_another(harness: Any, alice: Any) -> None:
     """Item 9 of issue 12: five wrong passwords used to lock the user out from anywhere."""
     clock = Clock()

@@ -62,7 +62,9 @@ def call_raw(channel: grpc.Channel, body: bytes, token: str) -> grpc.RpcError | 
         return err
 
 
-def test_bogus_token_flood_leaves_memory_alone(server: ServerProcess) -> None:
+@pytest.mark.edge("10 rounds of 3 x 40 MiB BatchCreateJobs with a made-up token",
+                   "UNAUTHENTICATED; server RSS within 100 MiB of its start")
+def test_bogus_token_flood_leaves_memory_alone(server: ServerProcess, record_property) -> None:
     assert server.proc is not None
     body = bulk_create_bytes(40 * MiB)
     assert len(body) >= 40 * MiB
@@ -82,12 +84,15 @@ def test_bogus_token_flood_leaves_memory_alone(server: ServerProcess) -> None:
             for r in results:
                 assert isinstance(r, grpc.RpcError) and r.code() == grpc.StatusCode.UNAUTHENTICATED, r
         grown = rss_bytes(server.proc.pid) - start
+    record_property("observed", f"30 x UNAUTHENTICATED; RSS grew {grown / MiB:.0f} MiB")
     assert grown < 100 * MiB, f"server RSS grew by {grown / MiB:.0f} MiB under a bogus-token flood"
     # The server still answers real clients.
     with server.client() as client:
         assert client.whoami().user.username
 
 
+@pytest.mark.edge("a 2 MiB GetJob; a 62 MiB BatchCreateJobs",
+                   "RESOURCE_EXHAUSTED naming the method and its limit, before parsing")
 def test_method_limit_refused_before_parsing(server: ServerProcess) -> None:
     """A GetJob of 2 MiB (its limit is 1 MiB) and a BatchCreateJobs over its own limit."""
     options = [("grpc.max_send_message_length", -1)]
@@ -127,7 +132,9 @@ def _closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def test_idle_connections_are_closed(server: ServerProcess) -> None:
+@pytest.mark.edge("300 silent TCP connections + 20 half prefaces",
+                   "closed after the handshake grace; real clients served meanwhile")
+def test_idle_connections_are_closed(server: ServerProcess, record_property) -> None:
     silent = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(300)]
     partial = []
     for _ in range(20):
@@ -146,6 +153,7 @@ def test_idle_connections_are_closed(server: ServerProcess) -> None:
                 assert client.whoami().user.username  # a real client keeps working meanwhile
                 open_socks = [s for s in open_socks if not _closed_by_peer(s)]
                 time.sleep(0.2)
+            record_property("observed", f"all 320 closed after {time.monotonic() - opened:.1f} s")
             # Not closed before the handshake timeout: the grace is honoured.
             assert time.monotonic() - opened >= HANDSHAKE_TIMEOUT_MS / 1000 * 0.9
     finally:

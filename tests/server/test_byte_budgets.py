@@ -70,6 +70,8 @@ def count_jobs(stub, app_id: int) -> int:
                                                                   state_message="m" * 5000)),
      "job.state_message", "4,096"),
 ])
+@pytest.mark.edge("a stored free-form field over its limit",
+                   "INVALID_ARGUMENT naming the field and the limit; nothing created")
 def test_stored_field_limits_name_the_field_and_limit(alice, build, field, limit) -> None:
     app = make_app(alice)
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
@@ -85,6 +87,8 @@ def test_stored_field_limits_name_the_field_and_limit(alice, build, field, limit
     assert count_jobs(stub, app.id) == 0
 
 
+@pytest.mark.edge("2 MiB event_data; 4 KB copied into 2,200 events",
+                   "INVALID_ARGUMENT (field limit; 16 MiB per-call copy budget); nothing written")
 def test_event_data_limit_and_bulk_copy_budget(alice) -> None:
     app = make_app(alice)
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
@@ -113,6 +117,8 @@ def test_event_data_limit_and_bulk_copy_budget(alice) -> None:
     assert counts == 0
 
 
+@pytest.mark.edge("6 MiB of jobs listed, 5 MiB of events listed and watched",
+                   "every answer under the receive limit; each item once, in order")
 def test_list_and_watch_pages_are_cut_by_bytes(alice) -> None:
     """30 jobs of 200 KiB data (6 MiB) listed 100 per page, and 1,200 events of 4 KiB
     (5 MiB) listed and replayed: every answer under the byte budget, every item exactly

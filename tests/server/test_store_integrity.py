@@ -45,6 +45,7 @@ from tests.support.databases import drop_postgres, fresh_postgres
 from tests.support.server_proc import REPO
 
 
+@pytest.mark.edge("delete a job, create the next", "a new id, never a deleted one")
 def test_deleted_ids_are_never_handed_out_again(alice):
     site, app = make_site_app(alice)
     stub = jobs_stub(alice)
@@ -217,6 +218,7 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.edge("SQLite database, WAL and SHM files under umask 022", "0600, their folder 0700")
 def test_sqlite_files_are_owner_only_even_with_a_permissive_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

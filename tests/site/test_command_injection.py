@@ -39,7 +39,9 @@ FAST = dict(scheduler__poll_seconds=1, launcher__idle_timeout_s=3, elastic_queue
             elastic_queue__min_wall_time_min=5, elastic_queue__check_seconds=1, elastic_queue__max_nodes=1)
 
 
-def test_hostile_values_reach_the_program_as_one_literal_argument(tmp_path):
+@pytest.mark.edge("hostile parameter values (; $() ` newline quotes globs --option) through a real site",
+                   "each value is one literal argument; quoted placeholders refused")
+def test_hostile_values_reach_the_program_as_one_literal_argument(tmp_path, record_property):
     kit = SiteKit(tmp_path)  # the database plays no part here: SQLite only
     kit.start_server()
     try:
@@ -84,6 +86,8 @@ def test_hostile_values_reach_the_program_as_one_literal_argument(tmp_path):
             if job.state != J.JOB_STATE_JOB_FINISHED or got != want:
                 wrong.append((app, value, J.JobState.Name(job.state), got, job.state_message[-200:]))
         ran = sorted(str(p.relative_to(kit.site_dir)) for p in kit.site_dir.rglob("PWNED*"))
+        record_property("observed", f"{len(done) - len(wrong)} of {len(done)} jobs got one literal argument; "
+                        f"{len(ran)} ran code")
         assert not ran, f"hostile values ran code: {ran}"
         assert not wrong, f"{len(wrong)} of {len(done)} jobs did not get their value as one literal argument: {wrong}"
     finally:

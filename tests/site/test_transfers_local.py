@@ -145,6 +145,8 @@ def _local_run(tmp_path: Path, direction: str, remote: str, local: Path, recursi
     return outcome.ok, outcome.error
 
 
+@pytest.mark.edge("file:// stage-in and stage-out through symlinks out of their roots",
+                   "the item fails with the reason; nothing read or written outside")
 def test_symlinks_cannot_lead_a_local_copy_out_of_its_roots(tmp_path):
     """A symlink inside the location's root (or in the job's workdir) that leads outside
     it fails the item with the reason; nothing outside is read or written."""
