@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 import uuid
@@ -178,42 +177,26 @@ class Client:
         return getattr(self._stubs[service], method)(request, metadata=self.metadata)
 
     def _check_server(self, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Raise Unavailable when no server can be connected to at all.
+        """Raise Unavailable when no server answers at all.
 
-        Watches the channel connect instead of sending a call, so nothing of the caller's
-        first call is spent: a probe call whose answer was lost on a connection that had
-        reached the server (a proxy or network cut) used to read as "no server". A channel
-        that fails to connect (refused, unknown host, TLS handshake) within `timeout` is
-        then asked once with a health check, not in the retry policy, for the reason to
-        report; one still connecting after `timeout` (a slow network) is left to the real
-        call's deadline.
+        One health-check call (not in the channel's retry policy, not wait_for_ready) with
+        a short deadline: a refused connection or an unknown host fails it at once, where
+        a first real call would go through the read-only retries' back-off for seconds.
+        Any answer from a server (even UNIMPLEMENTED or UNAUTHENTICATED) means it is
+        there; a deadline passing (a slow network) is left to the real call's deadline.
         """
-        seen: queue.SimpleQueue[grpc.ChannelConnectivity] = queue.SimpleQueue()
-
-        def watch(state: grpc.ChannelConnectivity) -> None:
-            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
-                seen.put(state)
-
-        self.channel.subscribe(watch, try_to_connect=True)
+        probe = self.channel.unary_unary(HEALTH_CHECK, request_serializer=bytes, response_deserializer=bytes)
         try:
-            state = seen.get(timeout=timeout)
-        except queue.Empty:
-            return
-        finally:
-            self.channel.unsubscribe(watch)
-        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            probe = self.channel.unary_unary(HEALTH_CHECK, request_serializer=bytes, response_deserializer=bytes)
-            try:
-                probe(b"", timeout=timeout, metadata=self.metadata)
-            except grpc.RpcError as err:
-                code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    raise Unavailable(
-                        f"no balsam server answers at {self.server} ({_one_line(err)}): start one with "
-                        "`balsamctl server start`, or point BALSAM_SERVER (or `balsamctl login --server`) at yours",
-                        reason="UNAVAILABLE") from None
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return
+            probe(b"", timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable(
+                    f"no balsam server answers at {self.server} ({_one_line(err)}): start one with "
+                    "`balsamctl server start`, or point BALSAM_SERVER (or `balsamctl login --server`) at yours",
+                    reason="UNAVAILABLE") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return
         self._connected = True
 
     # -- resources ------------------------------------------------------------------
@@ -258,6 +241,7 @@ class Client:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise Unavailable(f"server {self.server} not reachable within {timeout} s", reason="UNAVAILABLE") from None
+        # Connected: the first call needs no probe (whose answer, if lost, would read as "no server").
         self._connected = True
 
     # -- events -----------------------------------------------------------------------
