@@ -13,7 +13,7 @@ from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, to_timestamp, utcnow
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import unary
-from balsam_grpc.server.services.sites import (
+from balsam_grpc.server.services.common import (
     Page,
     check_map,
     check_name,

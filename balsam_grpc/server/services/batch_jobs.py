@@ -12,7 +12,7 @@ from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, to_timestamp, utcnow
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import unary
-from balsam_grpc.server.services.sites import Page, check_map, mask_paths, mutate, only_site, require_id
+from balsam_grpc.server.services.common import Page, check_map, mask_paths, mutate, only_site, require_id
 from balsam_grpc.server.state import ServerSettings, ServerState
 from balsam_grpc.server.store import batch_jobs as store
 from balsam_grpc.server.store import sites as site_store

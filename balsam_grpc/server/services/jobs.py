@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
+from balsam_grpc.core.errors import BalsamError, InvalidArgument
 from balsam_grpc.core.states import JobState, Role
 from balsam_grpc.core.validation import check_bulk_copy, check_string_map, clean_workdir
 from balsam_grpc.server import paging

@@ -37,7 +37,7 @@ from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.services.apps import app_to_pb
 from balsam_grpc.server.services.jobs import MAX_DATA_BYTES, job_to_message
 from balsam_grpc.server.services.session_convert import session_to_pb
-from balsam_grpc.server.services.sites import check_map
+from balsam_grpc.server.services.common import check_map
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import leases
 from balsam_grpc.server.store import sessions as store

@@ -15,7 +15,7 @@ from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import stream, unary
 from balsam_grpc.server.services.session_convert import STATE, session_to_pb
 from balsam_grpc.server.services.session_stream import SessionStream
-from balsam_grpc.server.services.sites import Page, only_site
+from balsam_grpc.server.services.common import Page, only_site
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import sessions as store
 from balsam_grpc.v1 import session_service_pb2, session_service_pb2_grpc

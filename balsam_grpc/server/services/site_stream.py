@@ -51,7 +51,7 @@ from balsam_grpc.server.services.batch_jobs import STATE as BATCH_STATE
 from balsam_grpc.server.services.batch_jobs import batch_job_to_pb
 from balsam_grpc.server.services.jobs import STATES as JOB_STATES
 from balsam_grpc.server.services.jobs import _data, job_spec, job_to_message
-from balsam_grpc.server.services.sites import site_to_pb
+from balsam_grpc.server.services.site_convert import site_to_pb
 from balsam_grpc.server.services.transfers import STATE as TRANSFER_STATE
 from balsam_grpc.server.services.transfers import transfer_to_pb
 from balsam_grpc.server.state import ServerState

@@ -1,5 +1,4 @@
-"""SiteService: sites of the caller. Also the helpers shared by the resource servicers
-(update masks, map limits, pagination, request_id handling).
+"""SiteService: sites of the caller.
 
 Scoping rule for site-scoped tokens, applied by every resource servicer:
 - objects of other users do not exist: NOT_FOUND, by id and in lists;
@@ -11,163 +10,33 @@ Scoping rule for site-scoped tokens, applied by every resource servicer:
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import grpc
-from google.protobuf import field_mask_pb2, json_format
-from google.protobuf.message import Message
 from sqlalchemy import Connection
 
 from balsam_grpc.core.errors import InvalidArgument
-from balsam_grpc.core.validation import check_string_map
-from balsam_grpc.server import paging
 from balsam_grpc.server.convert import to_timestamp, utcnow
-from balsam_grpc.server.idempotency import idempotent
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import stream, unary
+from balsam_grpc.server.services.common import (
+    Page,
+    check_map,
+    check_name,
+    check_strings,
+    mask_paths,
+    mutate,
+    only_site,
+    require_id,
+    too_large,
+)
+from balsam_grpc.server.services.site_convert import message_dict, site_to_pb
+from balsam_grpc.server.services.site_stream import SiteHub
 from balsam_grpc.server.state import ServerSettings, ServerState
 from balsam_grpc.server.store import site_stats
 from balsam_grpc.server.store import sites as store
 from balsam_grpc.v1 import site_pb2, site_service_pb2, site_service_pb2_grpc
-
-R = TypeVar("R", bound=Message)
-M = TypeVar("M", bound=Message)
-# Keys of non-tag maps (environment, optional batch-job parameters): any printable text.
-_MAP_KEY = re.compile(r"^[^\x00-\x1f]{1,256}$")
-
-# --------------------------------------------------------------------------------------
-# Helpers shared by the resource servicers (apps, batch_jobs, transfers, sessions).
-# --------------------------------------------------------------------------------------
-
-
-def mask_paths(mask: field_mask_pb2.FieldMask, *, resource: str, mutable: Iterable[str],
-               output_only: Iterable[str] = (), immutable: Iterable[str] = ()) -> list[str]:
-    """The distinct paths of an update mask, refusing unknown, output-only and immutable
-    ones with INVALID_ARGUMENT naming the path."""
-    mutable, output_only, immutable = set(mutable), set(output_only), set(immutable)
-    out: list[str] = []
-    for path in mask.paths:
-        if path in mutable:
-            if path not in out:
-                out.append(path)
-            continue
-        if path in output_only:
-            why = f"{resource}.{path} is output only and cannot be changed"
-        elif path in immutable:
-            why = f"{resource}.{path} cannot be changed after creation"
-        else:
-            why = f"unknown field path {path!r} for {resource}"
-        raise InvalidArgument(f"update_mask: {why}; updatable fields: {', '.join(sorted(mutable))}",
-                              field="update_mask")
-    return out
-
-
-def check_map(values: dict[str, str], field: str, settings: ServerSettings, *, tag_keys: bool = False
-              ) -> dict[str, str]:
-    """Bound a string map (entries, bytes per value); tag maps also get the tag key rule."""
-    if tag_keys:
-        check_string_map(values, field, max_entries=settings.max_map_entries,
-                         max_value_bytes=settings.max_map_value_bytes)
-    else:
-        check_string_map(values, field, max_entries=settings.max_map_entries,
-                         max_value_bytes=settings.max_map_value_bytes, keys=_MAP_KEY)
-    return dict(values)
-
-
-def too_large(message: str, field: str) -> InvalidArgument:
-    """Oversized input: INVALID_ARGUMENT with reason TOO_LARGE, as core.validation does."""
-    return InvalidArgument(message, field=field, reason="TOO_LARGE")
-
-
-def check_strings(values: Sequence[str], field: str, settings: ServerSettings) -> list[str]:
-    """A list of non-empty strings, bounded like a map; duplicates dropped, order kept."""
-    if len(values) > settings.max_map_entries:
-        raise too_large(f"{field} has {len(values)} entries; at most {settings.max_map_entries} are allowed", field)
-    out: list[str] = []
-    for i, v in enumerate(values):
-        if not v.strip():
-            raise InvalidArgument(f"{field}[{i}] is empty", field=field)
-        if len(v.encode()) > settings.max_map_value_bytes:
-            raise too_large(f"{field}[{i}] is longer than {settings.max_map_value_bytes} bytes", field)
-        if v not in out:
-            out.append(v)
-    return out
-
-
-def check_name(value: str, field: str, *, max_len: int = 200) -> str:
-    if not value or not value.strip():
-        raise InvalidArgument(f"{field} is required", field=field)
-    if value != value.strip():
-        raise InvalidArgument(f"{field} must not start or end with whitespace", field=field)
-    if len(value) > max_len:
-        raise InvalidArgument(f"{field} is {len(value)} characters long; at most {max_len} are allowed", field=field)
-    if any(ord(ch) < 32 for ch in value):
-        raise InvalidArgument(f"{field} must not contain control characters", field=field)
-    return value
-
-
-def require_id(value: int, field: str = "id") -> int:
-    if value <= 0:
-        raise InvalidArgument(f"{field} is required (a positive id)", field=field)
-    return value
-
-
-class Page:
-    """Keyset pagination of one List call, bound to its method, caller and filter."""
-
-    def __init__(self, method: str, principal: Principal, request: Any, *extra: Any) -> None:
-        self.fp = paging.fingerprint(method, principal.user_id, principal.site_id,
-                                     request.filter.SerializeToString(deterministic=True).hex(), *extra)
-        self.size = paging.page_size(request.page_size)
-        self.last = paging.decode(request.page_token, self.fp)
-
-    def after_id(self) -> int | None:
-        if self.last is None:
-            return None
-        if len(self.last) != 1 or not isinstance(self.last[0], int) or isinstance(self.last[0], bool):
-            raise InvalidArgument("page_token is corrupt; pass the next_page_token of the previous response "
-                                  "unchanged", reason="INVALID_PAGE_TOKEN", field="page_token")
-        return self.last[0]
-
-    @property
-    def limit(self) -> int:
-        """Rows to fetch: one more than a page tells whether another page exists."""
-        return self.size + 1
-
-    def finish(self, rows: list[dict[str, Any]], to_message: Callable[[dict[str, Any]], M],
-               key: Callable[[dict[str, Any]], list[Any]] | None = None) -> tuple[list[M], str]:
-        """The page's messages, cut by count and by bytes (paging.fitting), and the token
-        of the page after them ("" when none)."""
-        messages = [to_message(r) for r in rows[: self.size]]
-        kept = paging.fitting(messages)
-        if kept == len(rows):
-            return messages, ""
-        last = rows[kept - 1]
-        return messages[:kept], paging.encode(self.fp, key(last) if key else [last["id"]])
-
-
-async def mutate(state: ServerState, principal: Principal, method: str, request: Message,
-                 response_type: type[R], build: Callable[[Connection], R]) -> R:
-    """Run `build(conn)` in one write transaction; a repeated request_id gets the first answer."""
-
-    def work(conn: Connection) -> R:
-        return idempotent(conn, principal.user_id, method, request, response_type, lambda: build(conn))
-
-    return await state.db.write(work)
-
-
-def only_site(principal: Principal) -> int | None:
-    return principal.site_id if principal.is_site else None
-
-
-async def unimplemented_stream(context: grpc.aio.ServicerContext, what: str) -> None:
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, what)
-
-
-# --------------------------------------------------------------------------------------
-# Sites
-# --------------------------------------------------------------------------------------
 
 # Window of ListSiteStatistics: a minute by default (what a router reacts to), a day at most.
 DEFAULT_STATS_WINDOW_S = 60.0
@@ -176,30 +45,6 @@ OUTPUT_ONLY = ("id", "owner", "scheduler_snapshot", "liveness", "create_time", "
 _ALIAS = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-def _dump(msg: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
-
-def site_to_pb(row: dict[str, Any], owner: str) -> site_pb2.Site:
-    """The one place a sites row becomes a Site message."""
-    site = site_pb2.Site(
-        id=row["id"], name=row["name"], hostname=row["hostname"], path=row["path"], owner=owner,
-        scheduler=row["scheduler"], allowed_queues=row["allowed_queues"] or [],
-        allowed_projects=row["allowed_projects"] or [],
-        optional_batch_job_params=row["optional_batch_job_params"] or {},
-        transfer_locations=[site_pb2.TransferLocation(alias=t.get("alias", ""), url=t.get("url", ""))
-                            for t in row["transfer_locations"] or []],
-        liveness=site_pb2.SiteLiveness(connected=bool(row["connected"]),
-                                       last_seen_time=to_timestamp(row["last_seen_time"]),
-                                       daemon_version=row["daemon_version"] or "",
-                                       daemon_hostname=row["daemon_hostname"] or ""),
-        create_time=to_timestamp(row["create_time"]), update_time=to_timestamp(row["update_time"]),
-    )
-    if row["elastic_queue"]:
-        json_format.ParseDict(row["elastic_queue"], site.elastic_queue, ignore_unknown_fields=True)
-    if row["scheduler_snapshot"]:
-        json_format.ParseDict(row["scheduler_snapshot"], site.scheduler_snapshot, ignore_unknown_fields=True)
-    return site
 
 
 def _site_values(site: site_pb2.Site, fields: Iterable[str], settings: ServerSettings) -> dict[str, Any]:
@@ -270,14 +115,11 @@ def _elastic_queue(eq: site_pb2.ElasticQueueSettings) -> dict[str, Any]:
                               field=f"{field}.min_wall_time_min")
     if eq.job_mode.lower() not in ("", "serial", "mpi"):
         raise InvalidArgument(f"{field}.job_mode {eq.job_mode!r} must be serial or mpi", field=f"{field}.job_mode")
-    return _dump(eq)
+    return message_dict(eq)
 
 
 class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
     def __init__(self, state: ServerState) -> None:
-        # Imported here: site_stream uses the other servicers' converters, which import this module.
-        from balsam_grpc.server.services.site_stream import SiteHub
-
         self.state = state
         self.hub = SiteHub(state)
 
@@ -379,6 +221,3 @@ class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
         async for msg in self.hub.serve(request_iterator, context, principal):
             yield msg
 
-
-__all__ = ["SiteServicer", "site_to_pb", "mask_paths", "check_map", "check_strings", "check_name", "require_id",
-           "too_large", "Page", "mutate", "only_site", "unimplemented_stream"]

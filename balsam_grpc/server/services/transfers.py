@@ -10,7 +10,7 @@ from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.server.convert import EnumCodec, to_timestamp, utcnow
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import unary
-from balsam_grpc.server.services.sites import Page, mask_paths, mutate, only_site, require_id
+from balsam_grpc.server.services.common import Page, mask_paths, mutate, only_site, require_id
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import transfers as store
 from balsam_grpc.v1 import common_pb2, transfer_item_pb2, transfer_item_service_pb2, transfer_item_service_pb2_grpc
