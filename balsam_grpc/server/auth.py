@@ -5,6 +5,7 @@ metadata alone, who is calling (before the request body is read) and maps refusa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -13,6 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 
+import structlog
 from sqlalchemy import Connection, select
 
 from balsam_grpc.core.errors import Unauthenticated
@@ -23,6 +25,8 @@ from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.store import users as user_store
 from balsam_grpc.server.store.db import Database
 from balsam_grpc.server.store.tables import tokens
+
+log = structlog.get_logger("balsam.auth")
 
 # The shape of every secret store/users.py issues: one that does not match is unknown
 # without a database read (a flood of made-up tokens costs no queries).
@@ -58,7 +62,9 @@ class Authenticator:
     effect at once: RevokeToken calls forget(), which drops the cache entry and ends the
     streams opened with that token (watch()). Another server process sharing the
     database honours it within `cache_seconds` for calls, and within the stream
-    recheck period (server/stream_guard.py) for open streams.
+    recheck period (server/stream_guard.py) for open streams: one re-read of the token's
+    row per period for all the streams opened with it (one user's 2,000 watch streams
+    cost one query per period, not 2,000 arriving together).
     """
 
     MAX_CACHED = 10_000
@@ -69,6 +75,7 @@ class Authenticator:
         self._cache: dict[str, tuple[float, Principal, float]] = {}
         self._expiry: dict[str, float] = {}  # token id -> expiry (epoch seconds)
         self._watchers: dict[str, dict[int, Callable[[Unauthenticated], None]]] = {}
+        self._rechecks: dict[str, asyncio.Task[None]] = {}  # token id -> its periodic re-read
         self.job_tokens = JobTokens(db)
 
     @staticmethod
@@ -130,11 +137,18 @@ class Authenticator:
         for callback in list(self._watchers.get(token_id, {}).values()):
             callback(Unauthenticated(reason))
 
-    def watch(self, token_id: str, callback: Callable[[Unauthenticated], None]) -> Callable[[], None]:
-        """Call `callback` when `token_id` is revoked here; returns the unwatch function."""
+    def watch(self, token_id: str, callback: Callable[[Unauthenticated], None],
+              recheck_seconds: float = 0.0) -> Callable[[], None]:
+        """Call `callback` when `token_id` is revoked here, or (with `recheck_seconds`)
+        when a re-read of its row, shared by all its watchers, finds it no longer valid.
+        Returns the unwatch function. On the event loop only."""
         watchers = self._watchers.setdefault(token_id, {})
         key = id(callback)
         watchers[key] = callback
+        running = self._rechecks.get(token_id)
+        if recheck_seconds > 0 and (running is None or running.done()):
+            self._rechecks[token_id] = asyncio.get_running_loop().create_task(
+                self._recheck_loop(token_id, recheck_seconds), name="balsam-token-recheck")
 
         def unwatch() -> None:
             found = self._watchers.get(token_id)
@@ -142,8 +156,24 @@ class Authenticator:
                 found.pop(key, None)
                 if not found:
                     del self._watchers[token_id]
+                    task = self._rechecks.pop(token_id, None)
+                    if task is not None:
+                        task.cancel()
 
         return unwatch
+
+    async def _recheck_loop(self, token_id: str, seconds: float) -> None:
+        while token_id in self._watchers:
+            await asyncio.sleep(seconds)
+            try:
+                problem = await self.recheck(token_id)
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end healthy streams
+                log.warning("stream token recheck failed", token_id=token_id, error=str(exc))
+                continue
+            if problem is not None:
+                for callback in list(self._watchers.get(token_id, {}).values()):
+                    callback(problem)
+                return
 
     async def recheck(self, token_id: str) -> Unauthenticated | None:
         """Read the token's row again (another server may have revoked it): why it is no

@@ -5,7 +5,8 @@ for days. The guard ends it (UNAUTHENTICATED, so the client knows to get a new t
 - at once when the token is revoked through this server (Authenticator.forget notifies);
 - when the token expires (a timer at its expiry time);
 - within `recheck_seconds` when it is revoked through another server process sharing
-  the database (a periodic re-read of the token row; this server's cache cannot know).
+  the database (a periodic re-read of the token row, one for all the streams of that
+  token: Authenticator.watch; this server's cache cannot know).
 
 How it ends the stream: the handler's task is cancelled while the handler is awaiting
 (inside the servicer's generator), and the wrapper in server/rpc.py turns that
@@ -39,28 +40,14 @@ class StreamGuard:
         self.task = asyncio.current_task()
         self.reason: Unauthenticated | None = None
         self.sending = False  # the wrapper is handing a message to gRPC
-        self._unwatch = auth.watch(principal.token_id, self.trip)
+        self._unwatch = auth.watch(principal.token_id, self.trip, recheck_seconds)
         self._handles: list[asyncio.TimerHandle] = []
-        self._recheck: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         expires = auth.expiry(principal.token_id)
         if expires is not None:
             delay = max(0.0, expires - time.time())
             self._handles.append(loop.call_later(
                 delay, self.trip, Unauthenticated("token expired; log in again with 'balsamctl login'")))
-        if recheck_seconds > 0:
-            self._recheck = asyncio.ensure_future(self._recheck_loop())
-
-    async def _recheck_loop(self) -> None:
-        while self.reason is None:
-            await asyncio.sleep(self.recheck_seconds)
-            try:
-                problem = await self.auth.recheck(self.principal.token_id)
-            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end healthy streams
-                log.warning("stream token recheck failed", error=str(exc))
-                continue
-            if problem is not None:
-                self.trip(problem)
 
     def trip(self, reason: Unauthenticated) -> None:
         """The token is no longer valid: end the stream."""
@@ -95,5 +82,3 @@ class StreamGuard:
         self._unwatch()
         for handle in self._handles:
             handle.cancel()
-        if self._recheck is not None:
-            self._recheck.cancel()

@@ -6,6 +6,7 @@ expires. Other tokens' streams are untouched."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -116,6 +117,33 @@ def test_revocation_by_another_server_reaches_open_streams(harness: Any, alice: 
     harness.db.write_sync(lambda conn: user_store.revoke_token(conn, alice.user_id, tid))
     assert_unauthenticated(s, "revoked")
     assert_unauthenticated(w, "revoked")
+
+
+def test_streams_of_one_token_share_one_recheck(harness: Any, alice: Any, recheck: None,
+                                               streams: list[StreamClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 streams of one token re-read its row once per period between them, not once
+    each (one user's 2,000 watchers used to bring 2,000 reads together every period)."""
+    from balsam_grpc.server import auth as auth_mod
+
+    tid = token_id(harness, alice)
+    reads: list[float] = []
+    real = auth_mod._token_state
+
+    def counted(conn: Any, token: str) -> Any:
+        if token == tid:
+            reads.append(time.monotonic())
+        return real(conn, token)
+
+    monkeypatch.setattr(auth_mod, "_token_state", counted)
+    for _ in range(20):
+        watch_stream(harness, alice, streams)
+    wait_until(lambda: len(reads) >= 4, "the token re-read a few times")
+    first, last = reads[0], reads[-1]
+    # Re-reads at least a period apart: at most one per 0.2 s over the span (20 per
+    # period when each stream re-read for itself).
+    assert len(reads) <= (last - first) / 0.2 + 2, f"{len(reads)} re-reads in {last - first:.2f} s"
+    for s in streams:
+        assert not s.ended.is_set()
 
 
 def test_expired_and_revoked_tokens_are_refused_for_new_calls(harness: Any, alice: Any) -> None:

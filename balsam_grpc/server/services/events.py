@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 from balsam_grpc.core.errors import InvalidArgument
@@ -155,7 +156,9 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
                     continue
                 # Events of other users or other filters also advance the global position.
                 cursor = max(cursor, seen) if not q.job_ids and seen else cursor
-                if not await events.wait(HEARTBEAT_SECONDS):
+                # Spread over +-20%: thousands of watchers opened together must not all
+                # send their heartbeat in the same instant, every period, ahead of others' calls.
+                if not await events.wait(HEARTBEAT_SECONDS * random.uniform(0.8, 1.2)):  # noqa: S311
                     yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))
         finally:
             events.close()
