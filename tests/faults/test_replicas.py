@@ -1,11 +1,12 @@
 """Several server replicas on one PostgreSQL database (issue 14).
 
 - Three replicas: the site daemon on one, a launcher on another, a watcher on the third,
-  jobs created through all three. Every job (with a postprocess hook) finishes once, the
-  watcher sees every event once and in order, a kill made on one replica reaches the job
-  running under another, and a hook made due on one is offered by another. Before,
-  each replica woke only on its own commits: hooks waited for an unrelated write through
-  the daemon's replica and kills for one through the launcher's.
+  jobs created through all three. Every job (a file:// stage-in its run reads, a
+  postprocess hook, a file:// stage-out of what it wrote) finishes once with each step
+  once and in order, the watcher sees every event once and in order, a kill made on one
+  replica reaches the job running under another, and a hook made due on one is offered
+  by another. Before, each replica woke only on its own commits: hooks waited for an
+  unrelated write through the daemon's replica and kills for one through the launcher's.
 - kill -9 of the replica that holds the daemon's and the launcher's streams under load
   (they were given all three addresses): both move to the others, the session is
   resumed within one lease timeout, nothing is lost and nothing runs twice.
@@ -24,8 +25,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from balsam_grpc.sdk import Client
-from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2, session_pb2
+from balsam_grpc.sdk import Client, Job
+from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2, session_pb2, transfer_item_pb2
+from balsam_grpc.v1 import transfer_item_service_pb2
 from tests.conftest import POSTGRES_URL
 from tests.faults.conftest import database_url
 from tests.faults.harness import (
@@ -48,6 +50,21 @@ from tests.support.databases import drop_postgres
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(not POSTGRES_URL, reason="replicas share a PostgreSQL database")]
 J = job_pb2
+T = transfer_item_pb2
+
+# Hooked (tests/faults/harness.py) with data staging: the run reads its staged-in input
+# and writes an output (the input and its job id) that is staged out after the hook.
+STAGED_APP = """
+
+class Staged(Hooked):
+    command_template = ("/bin/sh -c 'echo start $BALSAM_JOB_ID >> {ledger}; cat in.dat > out.dat; "
+                        "echo $BALSAM_JOB_ID >> out.dat; echo end $BALSAM_JOB_ID >> {ledger}'")
+    transfers = {{"inp": {{"direction": "in", "local_path": "in.dat", "required": True}},
+                 "out": {{"direction": "out", "local_path": "out.dat"}}}}
+"""
+# One job's steps in the order their events must come (by event id).
+STAGED_STEPS = ("STAGED_IN", "RUNNING", "RUN_DONE", "POSTPROCESSED", "STAGED_OUT", "JOB_FINISHED")
+PAYLOAD = "staged input\n"
 
 
 def _replicas(tmp: Path, n: int, start: int | None = None) -> list[ServerProc]:
@@ -56,6 +73,52 @@ def _replicas(tmp: Path, n: int, start: int | None = None) -> list[ServerProc]:
     for s in servers[: n if start is None else start]:
         s.start()  # one after the other: the first runs the migrations
     return servers
+
+
+def _staged_site(tmp: Path, server: ServerProc, **changes: object) -> SiteProc:
+    """A site whose apps include Staged, with file:// locations `src` (holding in.dat) and
+    `dst`, and a transfer service that starts and polls its copies without delay."""
+    for name in ("src", "dst"):
+        (tmp / name).mkdir()
+    (tmp / "src" / "in.dat").write_text(PAYLOAD)
+    site = SiteProc(tmp, server, transfer_locations={"src": f"file://{tmp / 'src'}", "dst": f"file://{tmp / 'dst'}"},
+                    transfers__batch_linger_s=0.05, transfers__poll_seconds=0.2, **changes)
+    apps = site.dir / "apps" / "apps.py"
+    apps.write_text(apps.read_text() + STAGED_APP.format(ledger=str(site.ledger)))
+    return site
+
+
+def _create_staged(client: Client, n: int, prefix: str, site_id: int) -> list[int]:
+    """n Staged jobs in one call, each staging its output to dst:/<its workdir>/out.dat."""
+    jobs = []
+    for i in range(n):
+        workdir = f"{prefix}/{i}-{secrets.token_hex(3)}"
+        jobs.append(Job(_client=client, workdir=workdir, app_name="Staged", site_id=site_id,
+                        transfers={"inp": "src:/in.dat", "out": f"dst:/{workdir}/out.dat"}))
+    return [j.id for j in client.jobs.bulk_create(jobs)]
+
+
+def _check_staging(client: Client, tmp: Path, ids: list[int]) -> None:
+    """Every job's transfer items are DONE, each reached DONE once, its steps came once
+    each and in order, and its staged-out output is what its run wrote."""
+    resp = client.stub("TransferService").ListTransferItems(transfer_item_service_pb2.ListTransferItemsRequest(
+        filter=transfer_item_service_pb2.TransferItemFilter(job_ids=ids), page_size=1000),
+        metadata=client.metadata, timeout=30)
+    items = {(i.job_id, i.slot): i for i in resp.transfer_items}
+    assert set(items) == {(j, slot) for j in ids for slot in ("inp", "out")}
+    assert {T.TransferState.Name(i.state) for i in items.values()} == {"TRANSFER_STATE_DONE"}
+    by_job: dict[int, list] = {j: [] for j in ids}
+    for e in job_events(client, ids):
+        by_job[e.job_id].append(e)
+    for job_id, evs in by_job.items():
+        done = [e.transfer_state.transfer_item_id for e in evs if e.WhichOneof("change") == "transfer_state"
+                and e.transfer_state.to_state == T.TRANSFER_STATE_DONE]
+        assert sorted(done) == sorted(i.id for (j, _), i in items.items() if j == job_id), f"job {job_id}: {done}"
+        steps = [s for e in sorted(evs, key=lambda e: e.id) for s in STAGED_STEPS if passed_through(e, s)]
+        assert steps == list(STAGED_STEPS), f"job {job_id}: steps {steps}"
+    jobs = {j.id: j for j in client.jobs.filter(id=ids)}
+    for job_id in ids:
+        assert (tmp / "dst" / jobs[job_id].workdir / "out.dat").read_text() == f"{PAYLOAD}{job_id}\n"
 
 
 def _sleeper(marker: str) -> psutil.Process | None:
@@ -81,7 +144,7 @@ def _kill(client: Client, job_id: int) -> None:
 
 def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path: Path) -> None:
     a, b, c = _replicas(tmp_path, 3)
-    site = SiteProc(tmp_path, a, elastic_queue__enabled=False)
+    site = _staged_site(tmp_path, a, elastic_queue__enabled=False)
     clients: list[Client] = []
     launcher = None
     try:
@@ -91,7 +154,7 @@ def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path
         watcher = Watcher(clients[2], site.id)  # the watcher on C
         ids: list[int] = []
         for i, client in enumerate(clients):
-            ids += create_jobs(client, 4, f"via-{i}", app_name="Hooked", site_id=site.id)
+            ids += _create_staged(client, 2, f"via-{i}", site.id)
         wait_states(clients[0], ids, "JOB_FINISHED", 90, debug=lambda: site.log_tail() + launcher.text()[-2000:])
 
         # A kill made on C reaches the job running under the launcher on B.
@@ -114,13 +177,14 @@ def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path
         done = _event_times(clients[0], ids + [lone], "RUN_DONE")
         post = _event_times(clients[0], ids + [lone], "POSTPROCESSED")
         hook_latency = sorted(post[j] - done[j] for j in ids if j in done and j in post)
-        print(f"\nthree replicas: {len(ids)} hooked jobs at once, RUN_DONE (launcher on B) -> POSTPROCESSED "
-              f"(daemon on A, 2 hook processes at a time) p50 {statistics.median(hook_latency) * 1000:.0f} ms; "
+        print(f"\nthree replicas: {len(ids)} jobs (stage-in, run, hook, stage-out) at once, RUN_DONE "
+              f"(launcher on B) -> POSTPROCESSED (daemon on A, 2 hook processes at a time) p50 {statistics.median(hook_latency) * 1000:.0f} ms; "
               f"one job alone: created on C -> RUNNING through B {(running[lone] - created[lone]) * 1000:.0f} ms, "
               f"RUN_DONE -> POSTPROCESSED by A {(post[lone] - done[lone]) * 1000:.0f} ms; "
               f"kill on C -> job process gone under B: {kill_latency * 1000:.0f} ms")
         result.assert_clean()
         assert len(hook_latency) == len(ids)
+        _check_staging(clients[0], tmp_path, ids)
         assert watcher.check(clients[2]) > 0
         assert states(clients[0], [victim]) == {"KILLED": 1}
     finally:
