@@ -178,7 +178,8 @@ def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path
         post = _event_times(clients[0], ids + [lone], "POSTPROCESSED")
         hook_latency = sorted(post[j] - done[j] for j in ids if j in done and j in post)
         print(f"\nthree replicas: {len(ids)} jobs (stage-in, run, hook, stage-out) at once, RUN_DONE "
-              f"(launcher on B) -> POSTPROCESSED (daemon on A, 2 hook processes at a time) p50 {statistics.median(hook_latency) * 1000:.0f} ms; "
+              f"(launcher on B) -> POSTPROCESSED (daemon on A, 2 hook processes at a time) "
+              f"p50 {statistics.median(hook_latency) * 1000:.0f} ms; "
               f"one job alone: created on C -> RUNNING through B {(running[lone] - created[lone]) * 1000:.0f} ms, "
               f"RUN_DONE -> POSTPROCESSED by A {(post[lone] - done[lone]) * 1000:.0f} ms; "
               f"kill on C -> job process gone under B: {kill_latency * 1000:.0f} ms")
