@@ -23,6 +23,7 @@ import psycopg
 import structlog
 from sqlalchemy.engine import make_url
 
+from balsam_grpc.core.aio import wait_event
 from balsam_grpc.server.store.events import EVENTS_CHANNEL, parse_hint
 
 log = structlog.get_logger("balsam.notify")
@@ -70,7 +71,8 @@ class Listener:
 
     async def start(self, timeout: float = 30.0) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="balsam-notify-listener")
-        await asyncio.wait_for(self.connected.wait(), timeout)
+        if not await wait_event(self.connected, timeout):
+            raise TimeoutError(f"no LISTEN connection to the database within {timeout:g} s")
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -40,6 +40,7 @@ import structlog
 from google.protobuf import json_format
 from sqlalchemy import Connection
 
+from balsam_grpc.core.aio import wait_event
 from balsam_grpc.core.errors import Aborted, BalsamError, InvalidArgument
 from balsam_grpc.core.validation import FIELD_LIMITS
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
@@ -500,9 +501,7 @@ class SiteStream:
             # 5. Sleep until something happens.
             if not self.inbound.empty() or self.events.pending or self.replaced or (work_dirty and self.credit > 0):
                 continue
-            try:
-                await asyncio.wait_for(self.wake.wait(), BACKLOG_REFRESH_SECONDS)
-            except TimeoutError:
+            if not await wait_event(self.wake, BACKLOG_REFRESH_SECONDS):
                 backlog_dirty = True
 
     async def _apply(self, results: list[pb.WorkResult]) -> pb.ResultAck:
