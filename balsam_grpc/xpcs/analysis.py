@@ -1,9 +1,13 @@
-"""The reduction of one dataset: load frames, ring masks, multi-tau g2, fits, results file."""
+"""The reduction of one dataset: frames (a raw HDF5 file, streamed; or an array) -> ring
+masks, multi-tau g2, two-time maps, fits; a JSON summary and a results HDF5 file in the
+layout pyXPCSViewer opens."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,70 +15,144 @@ import numpy as np
 
 from balsam_grpc.xpcs.fit import fit_decay
 from balsam_grpc.xpcs.geometry import Geometry, ring_labels
-from balsam_grpc.xpcs.multitau import multitau_g2
+from balsam_grpc.xpcs.h5io import ResultArrays, is_h5, open_raw, write_raw, write_results
+from balsam_grpc.xpcs.multitau import MultiTau
 from balsam_grpc.xpcs.synthetic import Dataset
+from balsam_grpc.xpcs.twotime import MAX_BINS, MAX_BYTES, TwoTime, TwoTimeAccumulator
 
 
 def save_dataset(dataset: Dataset, path: Path, *, compress: bool = True) -> Path:
-    """One .npz: frames plus the metadata (geometry, frame time, and the known truth).
+    """Frames plus metadata (geometry, frame time, the known truth): a raw HDF5 file when
+    `path` ends in .h5/.hdf/.hdf5 (see h5io), else one .npz.
 
     Compression halves the file but costs about twice the generation time; a live
     agent writing bursts saves uncompressed, like a detector's raw stream."""
-    meta = {"frame_time_s": dataset.frame_time_s, "geometry": dataset.geometry.to_dict(),
-            "truth": {"diffusion_m2_per_s": dataset.diffusion_m2_per_s, "contrast": dataset.contrast}}
     path = Path(path)
+    if is_h5(path):
+        return write_raw(path, [dataset.frames], n_frames=dataset.frames.shape[0], geometry=dataset.geometry,
+                         frame_time_s=dataset.frame_time_s, truth=dataset.meta()["truth"],
+                         compression="lzf" if compress else None)
     with path.open("wb") as fh:  # a file handle keeps numpy from appending ".npz"
         save = np.savez_compressed if compress else np.savez
-        save(fh, frames=dataset.frames, meta=np.array(json.dumps(meta)))
+        save(fh, frames=dataset.frames, meta=np.array(json.dumps(dataset.meta())))
     return path
 
 
 def load_dataset(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The whole frame stack and its metadata (small datasets; `analyze_file` streams)."""
+    if is_h5(path):
+        with open_raw(path) as raw:
+            return raw.frames[()], raw.meta
     with np.load(path, allow_pickle=False) as data:
         if "frames" not in data or "meta" not in data:
             raise ValueError(f"{path}: not an XPCS dataset (needs 'frames' and 'meta')")
         return data["frames"], json.loads(str(data["meta"]))
 
 
-def analyze(frames: np.ndarray, meta: dict[str, Any], *, n_rings: int = 8, buffers: int = 8) -> dict[str, Any]:
-    """g2 per q-ring and a decay fit per ring, as a JSON-ready dict."""
+@dataclass
+class Reduction:
+    summary: dict[str, Any]      # JSON-ready: per ring g2, fits; D; truth; timings
+    arrays: ResultArrays         # what the results HDF5 file holds
+    geometry: Geometry
+    twotime: TwoTime | None
+
+    def write_h5(self, path: Path) -> Path:
+        return write_results(path, self.arrays, self.geometry)
+
+
+def reduce_stream(blocks: Iterable[np.ndarray], n_frames: int, meta: dict[str, Any], *, n_rings: int = 8,
+                  buffers: int = 8, twotime: bool = True, twotime_rings: list[int] | None = None,
+                  twotime_max_bins: int = MAX_BINS, twotime_max_bytes: int = MAX_BYTES) -> Reduction:
+    """One pass over the frames (blocks in time order): multi-tau g2, two-time maps, the
+    time-averaged image and the mean intensity per frame, then a decay fit per ring."""
     started = time.perf_counter()
     geometry = Geometry(**meta["geometry"])
     q_map = geometry.q_map()
     labels, q_centres = ring_labels(q_map, n_rings)
-    corr = multitau_g2(frames, labels, n_rings, meta["frame_time_s"], buffers=buffers)
-    # A ring's decay rate is D <q^2> over its pixels, not D q_centre^2.
+    frame_time = float(meta["frame_time_s"])
+    kernel = MultiTau(labels, n_rings, n_frames, frame_time, buffers=buffers)
+    c2 = (TwoTimeAccumulator(labels, n_rings, n_frames, frame_time, rings=twotime_rings,
+                             max_bins=twotime_max_bins, max_bytes=twotime_max_bytes) if twotime else None)
+    image = np.zeros(labels.shape)
+    intensity = np.zeros(n_frames)
     inside = labels >= 0
+    fed = 0
+    for block in blocks:
+        block = np.asarray(block)
+        kernel.update(block)
+        if c2 is not None:
+            c2.update(block)
+        image += block.sum(axis=0, dtype=np.float64)
+        intensity[fed:fed + block.shape[0]] = block[:, inside].mean(axis=1, dtype=np.float64)
+        fed += block.shape[0]
+    corr = kernel.result()
+    maps = c2.result() if c2 is not None else None
+    correlate_s = time.perf_counter() - started
+
+    # A ring's decay rate is D <q^2> over its pixels, not D q_centre^2.
     q2_mean = (np.bincount(labels[inside], weights=q_map[inside] ** 2, minlength=n_rings)
                / np.maximum(np.bincount(labels[inside], minlength=n_rings), 1))
     rings = []
     truth_d = (meta.get("truth") or {}).get("diffusion_m2_per_s")
     for i, q in enumerate(q_centres):
         fit = fit_decay(corr.tau_s, corr.g2[i], corr.g2_err[i])
-        ring = {"q_per_m": float(q), "q2_mean_per_m2": float(q2_mean[i]), "pixels": int(corr.pixels[i]), "g2": _floats(corr.g2[i]),
-                "g2_err": _floats(corr.g2_err[i]), "baseline": fit.baseline, "beta": fit.beta, "gamma_per_s": fit.gamma_per_s,
-                "gamma_err": fit.gamma_err, "relaxation_time_s": fit.relaxation_time_s,
-                "chi2_reduced": fit.chi2_reduced, "fit_ok": fit.ok}
+        ring = {"q_per_m": float(q), "q2_mean_per_m2": float(q2_mean[i]), "pixels": int(corr.pixels[i]),
+                "g2": _floats(corr.g2[i]), "g2_err": _floats(corr.g2_err[i]), "baseline": fit.baseline,
+                "beta": fit.beta, "gamma_per_s": fit.gamma_per_s, "gamma_err": fit.gamma_err,
+                "relaxation_time_s": fit.relaxation_time_s, "chi2_reduced": fit.chi2_reduced, "fit_ok": fit.ok}
         if truth_d:
             ring["true_gamma_per_s"] = truth_d * float(q2_mean[i])
         rings.append(ring)
     gammas = np.array([r["gamma_per_s"] for r in rings])
-    q2 = q2_mean
     ok = np.isfinite(gammas)
     # Gamma = D q^2 through the origin: D is the least-squares slope.
-    diffusion = float((q2[ok] @ gammas[ok]) / (q2[ok] @ q2[ok])) if ok.any() else float("nan")
-    return {
-        "frames": int(frames.shape[0]), "shape": list(frames.shape[1:]), "frame_time_s": meta["frame_time_s"],
+    diffusion = float((q2_mean[ok] @ gammas[ok]) / (q2_mean[ok] @ q2_mean[ok])) if ok.any() else float("nan")
+    summary = {
+        "frames": int(n_frames), "shape": list(labels.shape), "frame_time_s": frame_time,
         "tau_s": _floats(corr.tau_s), "rings": rings, "diffusion_m2_per_s": diffusion,
-        "truth": meta.get("truth"), "seconds": time.perf_counter() - started,
+        "truth": meta.get("truth"), "correlate_seconds": correlate_s, "seconds": time.perf_counter() - started,
+        "twotime": None if maps is None else {"rings": [int(r) for r in maps.rings], "bins": int(maps.maps.shape[1]),
+                                               "avg_frame": maps.avg_frame, "bin_s": maps.bin_s},
     }
+    arrays = ResultArrays(q_per_m=q_centres, tau_s=corr.tau_s, g2=corr.g2, g2_err=corr.g2_err, frame_time_s=frame_time,
+                          labels=labels, saxs_2d=image / max(n_frames, 1), intensity_t=intensity,
+                          twotime=None if maps is None else maps.maps,
+                          twotime_rings=None if maps is None else maps.rings,
+                          twotime_avg_frame=1 if maps is None else maps.avg_frame, summary=summary)
+    return Reduction(summary=summary, arrays=arrays, geometry=geometry, twotime=maps)
 
 
-def analyze_file(dataset_path: Path, results_path: Path, *, n_rings: int = 8, buffers: int = 8) -> dict[str, Any]:
+def analyze(frames: np.ndarray, meta: dict[str, Any], *, n_rings: int = 8, buffers: int = 8,
+            twotime: bool = False) -> dict[str, Any]:
+    """g2 per q-ring and a decay fit per ring of frames in memory, as a JSON-ready dict."""
+    return reduce_stream([frames], frames.shape[0], meta, n_rings=n_rings, buffers=buffers, twotime=twotime).summary
+
+
+def reduce_file(dataset_path: Path, *, n_rings: int = 8, buffers: int = 8, twotime: bool = True,
+                block_frames: int | None = None, **kwargs: Any) -> Reduction:
+    """Reduce a raw HDF5 file (streamed a block at a time) or an .npz (loaded whole)."""
+    if is_h5(dataset_path):
+        with open_raw(dataset_path) as raw:
+            return reduce_stream(raw.blocks(block_frames), raw.n_frames, raw.meta, n_rings=n_rings, buffers=buffers,
+                                 twotime=twotime, **kwargs)
     frames, meta = load_dataset(dataset_path)
-    results = analyze(frames, meta, n_rings=n_rings, buffers=buffers)
+    return reduce_stream([frames], frames.shape[0], meta, n_rings=n_rings, buffers=buffers, twotime=twotime, **kwargs)
+
+
+def analyze_file(dataset_path: Path, results_path: Path, *, n_rings: int = 8, buffers: int = 8,
+                 viewer_path: Path | None = None) -> dict[str, Any]:
+    """Reduce a dataset; write the JSON summary to `results_path` (or, if it ends in .h5/
+    .hdf, the results HDF5 file) and the results HDF5 file also to `viewer_path`."""
+    want_h5 = viewer_path is not None or is_h5(results_path)
+    reduction = reduce_file(Path(dataset_path), n_rings=n_rings, buffers=buffers, twotime=want_h5)
+    results = reduction.summary
     results["dataset"] = str(dataset_path)
-    Path(results_path).write_text(json.dumps(results, indent=1, allow_nan=True))
+    if is_h5(results_path):
+        reduction.write_h5(Path(results_path))
+    else:
+        Path(results_path).write_text(json.dumps(results, indent=1, allow_nan=True))
+    if viewer_path is not None:
+        reduction.write_h5(Path(viewer_path))
     return results
 
 

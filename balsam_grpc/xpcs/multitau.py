@@ -1,14 +1,22 @@
-"""Multi-tau intensity autocorrelation.
+"""Multi-tau intensity autocorrelation, streamed over frames.
 
 Level 0 correlates the frames at lags 1 .. buffers-1. Every next level first averages
 neighbouring frames in pairs (doubling the time step) and correlates lags buffers/2 ..
 buffers-1 of that coarser series, so lag times grow geometrically while each level does
 the same small amount of work. Each lag is a full time average over the overlapping
-frames, computed for all pixels at once; g2 uses the symmetric normalisation per pixel
+frames; g2 uses the symmetric normalisation per pixel
 
     g2_pixel(tau) = <I(t) I(t+tau)>_t / (<I(t)>_t <I(t+tau)>_t)
 
 and is then averaged over the pixels of each q-ring.
+
+Frames arrive in blocks (`MultiTau.update`), in time order, so a run never has to be
+held in memory: per pixel and level the state is the last buffers-1 frames (the pairs
+that straddle two blocks, and the tail sums of the past means), the first buffers-1
+frames (the head sums of the future means), the running total, one product sum per lag
+and the odd frame waiting for its partner at the next level. That is about 25 numbers
+per pixel and level, and the number of levels grows with log2 of the run length: the
+memory of a run twice as long grows by one level, not twice.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ class Correlation:
     g2: np.ndarray         # (n_rings, n_lags)
     g2_err: np.ndarray     # (n_rings, n_lags) standard error over the ring's pixels
     pixels: np.ndarray     # (n_rings,) pixels that contributed per ring
+    lag_frames: np.ndarray | None = None  # (n_lags,) lag in frames (tau_s / frame time)
 
 
 def lag_schedule(n_frames: int, buffers: int) -> list[tuple[int, int]]:
@@ -43,76 +52,145 @@ def lag_schedule(n_frames: int, buffers: int) -> list[tuple[int, int]]:
     return schedule
 
 
-def _coarsen(frames: np.ndarray) -> np.ndarray:
-    even = frames.shape[0] // 2 * 2
-    return 0.5 * (frames[0:even:2] + frames[1:even:2])
-
-
-# Bytes of one chunk's float64 working copy (frames x pixels). The coarser levels add
-# at most as much again, so a reduction's working memory is about twice this, whatever
-# the run length; 8 MB chunks stay in the last-level cache's neighbourhood.
+# Bytes of one pixel tile's float64 working copy (frames of a block x pixels of the
+# tile): 8 MB tiles stay in the last-level cache's neighbourhood.
 CHUNK_BYTES = 8 << 20
 
 
-def multitau_g2(frames: np.ndarray, labels: np.ndarray, n_rings: int, frame_time_s: float,
-                buffers: int = 8, chunk_pixels: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Correlation:
-    """g2 per ring of `frames` (T, rows, cols); `labels` (rows, cols) gives each pixel's
-    ring or -1.
+class MultiTau:
+    """g2 per ring, fed frame blocks in time order.
 
-    Pixels are processed in chunks so that the float64 working copy stays small (a
-    512x512 x 1000-frame stack would need 2 GB at once); per-ring sums are accumulated
-    across chunks. A chunk holds `chunk_bytes` of float64 series (or `chunk_pixels`
-    pixels when given): bounded by bytes, not pixels, so that longer runs take fewer
-    pixels per chunk instead of more memory.
-    """
+    `labels` (rows, cols) gives each pixel's ring or -1; `n_frames` is the run's length
+    (it fixes the lag schedule; a raw file's header says it). Each block is processed in
+    pixel tiles of `chunk_bytes` of float64 (or `chunk_pixels` pixels when given)."""
+
+    def __init__(self, labels: np.ndarray, n_rings: int, n_frames: int, frame_time_s: float, *,
+                 buffers: int = 8, chunk_bytes: int = CHUNK_BYTES, chunk_pixels: int | None = None) -> None:
+        flat = np.asarray(labels).ravel()
+        self.shape = np.asarray(labels).shape
+        self.pixel_index = np.flatnonzero((flat >= 0) & (flat < n_rings))
+        self.pixel_ring = flat[self.pixel_index]
+        self.n_rings, self.n_frames, self.frame_time_s, self.buffers = n_rings, n_frames, frame_time_s, buffers
+        self.chunk_bytes, self.chunk_pixels = chunk_bytes, chunk_pixels
+        self.schedule = lag_schedule(n_frames, buffers)
+        self.n_levels = max((level for level, _ in self.schedule), default=-1) + 1
+        self.level_lags = [[lag for lv, lag in self.schedule if lv == level] for level in range(self.n_levels)]
+        hold, pixels = buffers - 1, self.pixel_index.size
+        self.hold = hold
+        self.carry = np.zeros((self.n_levels, hold, pixels))    # the last `hold` frames, oldest first
+        self.head = np.zeros((self.n_levels, hold, pixels))     # the first `hold` frames
+        self.total = np.zeros((self.n_levels, pixels))
+        self.pending = np.zeros((self.n_levels, pixels))        # an odd frame awaiting its pair
+        self.products = [np.zeros((len(lags), pixels)) for lags in self.level_lags]
+        self.seen = [0] * self.n_levels                          # frames per level so far
+        self.fed = 0
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(a.nbytes for a in (self.carry, self.head, self.total, self.pending, *self.products))
+
+    def update(self, block: np.ndarray) -> None:
+        """Feed the next frames, (m, rows, cols) or (m, rows*cols), in time order."""
+        block = np.asarray(block)
+        m = block.shape[0]
+        if block.reshape(m, -1).shape[1] != int(np.prod(self.shape)):
+            raise ValueError(f"frames of shape {block.shape[1:]} do not match the labels {self.shape}")
+        if self.fed + m > self.n_frames:
+            raise ValueError(f"more frames than announced ({self.fed + m} > {self.n_frames})")
+        self.fed += m
+        if m == 0 or self.n_levels == 0:
+            return
+        picked = block.reshape(m, -1)[:, self.pixel_index]
+        # New frames per level: level L+1 gets a frame for every completed pair of level L.
+        counts, new = [], m
+        for level in range(self.n_levels):
+            counts.append(new)
+            new = (self.seen[level] + new) // 2 - self.seen[level] // 2
+        tile = self.chunk_pixels or max(1, self.chunk_bytes // (8 * (m + self.hold)))
+        for start in range(0, picked.shape[1], tile):
+            cols = slice(start, start + tile)
+            self._feed(0, picked[:, cols].astype(np.float64), cols, counts)
+        for level, count in enumerate(counts):
+            self.seen[level] += count
+
+    def _feed(self, level: int, x: np.ndarray, cols: slice, counts: list[int]) -> None:
+        while level < self.n_levels and x.shape[0]:
+            m, seen, hold = x.shape[0], self.seen[level], self.hold
+            kept = min(seen, hold)
+            carry = self.carry[level, :, cols]
+            products = self.products[level][:, cols]
+            for j, lag in enumerate(self.level_lags[level]):
+                if m > lag:
+                    products[j] += np.einsum("tp,tp->p", x[:-lag], x[lag:])
+                lo, hi = max(0, lag - kept), min(lag, m)  # new frames whose partner is held
+                if hi > lo:
+                    products[j] += np.einsum("tp,tp->p", carry[hold + lo - lag:hold + hi - lag], x[lo:hi])
+            self.total[level, cols] += x.sum(axis=0)
+            if seen < hold:
+                take = min(hold - seen, m)
+                self.head[level, seen:seen + take, cols] = x[:take]
+            if m >= hold:
+                carry[:] = x[m - hold:]
+            else:
+                carry[:hold - m] = carry[m:].copy()
+                carry[hold - m:] = x
+            if level + 1 >= self.n_levels:
+                return
+            rest = x
+            if seen % 2:
+                first = 0.5 * (self.pending[level, cols] + x[0])
+                rest = x[1:]
+            pairs = rest.shape[0] // 2 * 2
+            coarse = 0.5 * (rest[0:pairs:2] + rest[1:pairs:2])
+            if seen % 2:
+                coarse = np.concatenate([first[None], coarse])
+            if rest.shape[0] % 2:
+                self.pending[level, cols] = rest[-1]
+            level, x = level + 1, coarse
+
+    def result(self) -> Correlation:
+        if self.fed != self.n_frames:
+            raise ValueError(f"{self.fed} frames fed, {self.n_frames} announced")
+        n_rings, rings = self.n_rings, self.pixel_ring
+        counts = np.zeros((n_rings, len(self.schedule)))
+        sums = np.zeros_like(counts)
+        squares = np.zeros_like(counts)
+        i = 0
+        for level, lags in enumerate(self.level_lags):
+            length = self.seen[level]
+            for j, lag in enumerate(lags):
+                # A lag's past mean is the total less the last `lag` frames, its future
+                # mean the total less the first `lag`.
+                n = length - lag
+                past = (self.total[level] - self.carry[level, self.hold - lag:].sum(axis=0)) / n
+                future = (self.total[level] - self.head[level, :lag].sum(axis=0)) / n
+                denominator = past * future
+                valid = denominator > 0
+                per_pixel = np.where(valid, self.products[level][j] / n / np.where(valid, denominator, 1.0), 0.0)
+                counts[:, i] = np.bincount(rings, weights=valid, minlength=n_rings)
+                sums[:, i] = np.bincount(rings, weights=per_pixel, minlength=n_rings)
+                squares[:, i] = np.bincount(rings, weights=per_pixel**2, minlength=n_rings)
+                i += 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            g2 = sums / counts
+            var = np.maximum(squares / counts - g2**2, 0.0)
+            err = np.sqrt(var / np.maximum(counts - 1, 1))
+        lag_frames = np.array([lag * (2**level) for level, lag in self.schedule], dtype=np.float64)
+        return Correlation(tau_s=lag_frames * self.frame_time_s, g2=g2, g2_err=err,
+                           pixels=np.bincount(rings, minlength=n_rings), lag_frames=lag_frames)
+
+
+def multitau_g2(frames: np.ndarray, labels: np.ndarray, n_rings: int, frame_time_s: float,
+                buffers: int = 8, chunk_pixels: int | None = None, chunk_bytes: int = CHUNK_BYTES,
+                block_frames: int | None = None) -> Correlation:
+    """g2 per ring of `frames` (T, rows, cols) held in memory; `labels` (rows, cols) gives
+    each pixel's ring or -1. The frames go through `MultiTau` in blocks of `block_frames`
+    (all at once by default: then each pixel tile's whole series is one block)."""
     if frames.ndim != 3 or frames.shape[1:] != labels.shape:
         raise ValueError(f"frames {frames.shape} and labels {labels.shape} do not match")
-    flat_labels = labels.ravel()
-    pixel_index = np.flatnonzero((flat_labels >= 0) & (flat_labels < n_rings))
-    pixel_ring = flat_labels[pixel_index]
-    flat_frames = frames.reshape(frames.shape[0], -1)
-
-    schedule = lag_schedule(frames.shape[0], buffers)
-    counts = np.zeros((n_rings, len(schedule)))
-    sums = np.zeros_like(counts)
-    squares = np.zeros_like(counts)
-    if chunk_pixels is None:
-        chunk_pixels = max(1, chunk_bytes // (8 * max(frames.shape[0], 1)))
-    for start in range(0, pixel_index.size, chunk_pixels):
-        chunk = slice(start, start + chunk_pixels)
-        series = flat_frames[:, pixel_index[chunk]].astype(np.float64)  # (T, pixels of the chunk)
-        _accumulate(series, pixel_ring[chunk], n_rings, schedule, counts, sums, squares, buffers)
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        g2 = sums / counts
-        var = np.maximum(squares / counts - g2**2, 0.0)
-        err = np.sqrt(var / np.maximum(counts - 1, 1))
-    tau = np.array([lag * (2**level) * frame_time_s for level, lag in schedule])
-    return Correlation(tau_s=tau, g2=g2, g2_err=err, pixels=np.bincount(pixel_ring, minlength=n_rings))
-
-
-def _accumulate(series: np.ndarray, rings: np.ndarray, n_rings: int, schedule: list[tuple[int, int]],
-                counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, buffers: int) -> None:
-    level_series, current_level = series, -1
-    for i, (level, lag) in enumerate(schedule):
-        while current_level < level:
-            if current_level >= 0:
-                level_series = _coarsen(level_series)
-            current_level += 1
-            # A lag's past mean is the total less the last `lag` frames, its future mean
-            # the total less the first `lag`: partial sums of the first and last
-            # `buffers` frames are all that is needed, not a prefix sum over the level.
-            edge = min(buffers, level_series.shape[0])
-            total = level_series.sum(axis=0)
-            head = np.cumsum(level_series[:edge], axis=0)           # head[k-1] = first k frames
-            tail = np.cumsum(level_series[::-1][:edge], axis=0)     # tail[k-1] = last k frames
-        n = level_series.shape[0] - lag
-        past_mean = (total - tail[lag - 1]) / n
-        future_mean = (total - head[lag - 1]) / n
-        numerator = np.einsum("tp,tp->p", level_series[:-lag], level_series[lag:]) / n
-        denominator = past_mean * future_mean
-        valid = denominator > 0
-        per_pixel = np.where(valid, numerator / np.where(valid, denominator, 1.0), 0.0)
-        counts[:, i] += np.bincount(rings, weights=valid, minlength=n_rings)
-        sums[:, i] += np.bincount(rings, weights=per_pixel, minlength=n_rings)
-        squares[:, i] += np.bincount(rings, weights=per_pixel**2, minlength=n_rings)
+    kernel = MultiTau(labels, n_rings, frames.shape[0], frame_time_s, buffers=buffers,
+                      chunk_bytes=chunk_bytes, chunk_pixels=chunk_pixels)
+    step = block_frames or max(frames.shape[0], 1)
+    for start in range(0, frames.shape[0], step):
+        kernel.update(frames[start:start + step])
+    return kernel.result()

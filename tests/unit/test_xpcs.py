@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from balsam_grpc.xpcs.analysis import analyze, load_dataset, save_dataset
+from balsam_grpc.xpcs.analysis import analyze, load_dataset, reduce_file, save_dataset
 from balsam_grpc.xpcs.fit import fit_decay
 from balsam_grpc.xpcs.geometry import Geometry, ring_labels
-from balsam_grpc.xpcs.multitau import lag_schedule, multitau_g2
+from balsam_grpc.xpcs.h5io import open_raw, read_results
+from balsam_grpc.xpcs.multitau import MultiTau, lag_schedule, multitau_g2
 from balsam_grpc.xpcs.synthetic import generate
+from balsam_grpc.xpcs.twotime import choose_binning, two_time
 
 
 def test_lag_schedule_is_geometric_and_increasing() -> None:
@@ -110,13 +112,101 @@ def test_partial_sums_at_the_ends_give_the_definition() -> None:
     np.testing.assert_allclose(corr.g2, _g2_by_definition(data.frames, labels, 3, 8), rtol=1e-12)
 
 
-def test_chunks_are_bounded_by_bytes_whatever_the_run_length(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiles_are_bounded_by_bytes_whatever_the_run_length(monkeypatch: pytest.MonkeyPatch) -> None:
     import balsam_grpc.xpcs.multitau as kernel
 
     widths = []
-    original = kernel._accumulate
-    monkeypatch.setattr(kernel, "_accumulate", lambda series, *a: (widths.append(series.nbytes), original(series, *a)))
+    original = kernel.MultiTau._feed
+
+    def spy(self, level, x, cols, counts):  # type: ignore[no-untyped-def]
+        widths.append(x.nbytes)
+        return original(self, level, x, cols, counts)
+
+    monkeypatch.setattr(kernel.MultiTau, "_feed", spy)
     data = generate(rows=32, cols=32, n_frames=512, seed=2)
     labels, _ = ring_labels(data.geometry.q_map(), 2)
     kernel.multitau_g2(data.frames, labels, 2, data.frame_time_s, chunk_bytes=64 << 10)
     assert len(widths) > 1 and max(widths) <= 64 << 10
+
+
+@pytest.mark.parametrize("block", [1, 5, 37, 300])
+def test_frames_streamed_in_blocks_give_the_definition(block: int) -> None:
+    """Blocks of any size (odd ones split the pairs of every level) give the same g2."""
+    data = generate(rows=12, cols=12, n_frames=300, seed=7)
+    labels, _ = ring_labels(data.geometry.q_map(), 3)
+    corr = multitau_g2(data.frames, labels, 3, data.frame_time_s, buffers=8, block_frames=block, chunk_pixels=50)
+    np.testing.assert_allclose(corr.g2, _g2_by_definition(data.frames, labels, 3, 8), rtol=1e-12)
+
+
+def test_streamed_state_grows_by_one_level_when_the_run_doubles() -> None:
+    labels, _ = ring_labels(Geometry(rows=16, cols=16, center_row=0, center_col=0).q_map(), 2)
+    short, long = (MultiTau(labels, 2, n, 1e-3) for n in (4096, 8192))
+    assert long.n_levels == short.n_levels + 1
+    assert long.state_bytes < 1.2 * short.state_bytes
+    with pytest.raises(ValueError, match="announced"):
+        short.update(np.zeros((4097, 16, 16), np.uint16))
+
+
+def _two_time_by_definition(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    x = frames[:, mask].astype(np.float64)
+    mean = x.mean(axis=1)
+    return (x @ x.T / x.shape[1]) / np.outer(mean, mean)
+
+
+def test_two_time_maps_give_the_definition_and_its_diagonals_the_decay() -> None:
+    data = generate(rows=24, cols=24, n_frames=160, seed=4)
+    labels, _ = ring_labels(data.geometry.q_map(), 3)
+    tt = two_time(data.frames, labels, 3, data.frame_time_s, block_frames=23)
+    assert tt.maps.shape == (3, 160, 160) and tt.avg_frame == 1
+    for ring in range(3):
+        np.testing.assert_allclose(tt.maps[ring], _two_time_by_definition(data.frames, labels == ring), rtol=1e-9)
+    np.testing.assert_allclose(tt.maps, np.transpose(tt.maps, (0, 2, 1)), rtol=1e-12)
+    lags, g2 = tt.g2()
+    assert lags[0] == data.frame_time_s and np.all(g2[:, 0] > g2[:, 40])  # decays with the lag
+    # Binned: the map of the frames averaged in pairs; one ring only.
+    binned = two_time(data.frames, labels, 3, data.frame_time_s, rings=[1], avg_frame=2, block_frames=7)
+    pairs = data.frames.reshape(80, 2, 24, 24).sum(axis=1)
+    np.testing.assert_allclose(binned.maps[0], _two_time_by_definition(pairs, labels == 1), rtol=1e-6)
+    assert list(binned.rings) == [1] and binned.bin_s == 2 * data.frame_time_s
+
+
+def test_two_time_memory_is_capped_by_wider_bins() -> None:
+    assert choose_binning(1000, 100) == 1
+    assert choose_binning(4000, 100, max_bins=1000) == 4
+    short, long = choose_binning(10_000, 50_000, max_bytes=64 << 20), choose_binning(20_000, 50_000, max_bytes=64 << 20)
+    assert long == 2 * short and 20_000 // long == 10_000 // short
+
+
+def test_raw_hdf5_round_trip_and_streamed_reduction(tmp_path: Path) -> None:
+    dataset = generate(rows=20, cols=20, n_frames=200, seed=6)
+    path = save_dataset(dataset, tmp_path / "raw.h5")
+    with open_raw(path) as raw:
+        assert raw.meta == dataset.meta() and raw.n_frames == 200
+        blocks = list(raw.blocks(block_frames=48))
+    assert [b.shape[0] for b in blocks] == [48, 48, 48, 48, 8]
+    np.testing.assert_array_equal(np.concatenate(blocks), dataset.frames)
+    whole = analyze(dataset.frames, dataset.meta(), n_rings=4)
+    streamed = reduce_file(path, n_rings=4, block_frames=16)
+    np.testing.assert_allclose([r["g2"] for r in streamed.summary["rings"]], [r["g2"] for r in whole["rings"]],
+                               rtol=1e-12)
+    out = streamed.write_h5(tmp_path / "r_results.hdf")
+    back = read_results(out)
+    np.testing.assert_allclose(back.g2, [r["g2"] for r in whole["rings"]], rtol=1e-12)
+    np.testing.assert_allclose(back.twotime, streamed.twotime.maps, rtol=1e-6)
+    assert list(back.twotime_rings) == [0, 1, 2, 3] and back.summary["frames"] == 200
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="bad.h5"):
+        open_raw(tmp_path / "bad.h5")
+    with pytest.raises(ValueError, match="missing"):
+        open_raw(out)  # a results file is not a raw file
+
+
+def test_command_line_writes_and_reads_hdf5(tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "balsam_grpc.xpcs"]
+    raw, summary, viewer = tmp_path / "d.h5", tmp_path / "r.json", tmp_path / "d_results.hdf"
+    subprocess.run([*run, "generate", str(raw), "--frames", "256", "--size", "24"], check=True, capture_output=True)
+    done = subprocess.run([*run, "analyze", str(raw), str(summary), "--rings", "3", "--viewer", str(viewer)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    back = read_results(viewer)
+    np.testing.assert_allclose(back.g2, [r["g2"] for r in json.loads(summary.read_text())["rings"]], rtol=1e-12)

@@ -1,0 +1,132 @@
+"""Two-time correlation C(t1, t2) per q-ring, streamed over frames.
+
+    C(t1, t2) = <I(t1) I(t2)>_ring / (<I(t1)>_ring <I(t2)>_ring)
+
+with the averages over the ring's pixels (the definition of the ESRF `xpcs-correlator`
+and of the two-time maps pyXPCSViewer shows). A map pairs every time with every other, so
+the frames of a run must be kept until its end; to keep memory bounded whatever the
+run's length, frames are averaged in time bins of `avg_frame` consecutive frames, chosen
+so that the kept bins fit in `max_bytes` (float32, the ring pixels only) and number at
+most `max_bins`. A run twice as long then has bins twice as wide, not twice the memory.
+The maps themselves are (rings, bins, bins) float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Defaults: at most 1024 time bins and 256 MB of binned frames.
+MAX_BINS = 1024
+MAX_BYTES = 256 << 20
+# Pixels per tile of the final matrix products (float64 copies of bins x tile).
+TILE_BYTES = 16 << 20
+
+
+@dataclass
+class TwoTime:
+    maps: np.ndarray        # (n_rings, bins, bins) C(t1, t2), symmetric
+    t_s: np.ndarray         # (bins,) start time of each bin, seconds from the first frame
+    bin_s: float            # width of a bin in seconds (avg_frame * frame time)
+    avg_frame: int          # frames averaged per bin
+    rings: np.ndarray       # (n_rings,) ring index of each map
+
+    def g2(self) -> tuple[np.ndarray, np.ndarray]:
+        """g2 from the maps: the mean of each map's diagonal at lag k (k = 1 .. bins-1),
+        and the lags in seconds. Shape (n_rings, bins-1)."""
+        bins = self.maps.shape[1]
+        g2 = np.array([[np.diagonal(m, offset=k).mean() for k in range(1, bins)] for m in self.maps])
+        return np.arange(1, bins) * self.bin_s, g2
+
+
+def choose_binning(n_frames: int, pixels: int, *, max_bins: int = MAX_BINS, max_bytes: int = MAX_BYTES) -> int:
+    """Frames per time bin so that n_frames // avg_frame bins of `pixels` float32 fit."""
+    bins = max(1, min(n_frames, max_bins, max_bytes // max(4 * pixels, 1)))
+    return -(-n_frames // bins)
+
+
+class TwoTimeAccumulator:
+    """Feed frame blocks in time order (`update`), then `result()`.
+
+    `labels` (rows, cols) gives each pixel's ring or -1; `rings` selects the rings to
+    map (all by default). `avg_frame` overrides the automatic binning."""
+
+    def __init__(self, labels: np.ndarray, n_rings: int, n_frames: int, frame_time_s: float, *,
+                 rings: list[int] | None = None, avg_frame: int | None = None,
+                 max_bins: int = MAX_BINS, max_bytes: int = MAX_BYTES) -> None:
+        flat = np.asarray(labels).ravel()
+        self.shape = np.asarray(labels).shape
+        self.rings = np.arange(n_rings) if rings is None else np.asarray(sorted(set(rings)), dtype=int)
+        if self.rings.size and (self.rings.min() < 0 or self.rings.max() >= n_rings):
+            raise ValueError(f"rings {list(self.rings)} outside 0..{n_rings - 1}")
+        # Pixels sorted by ring: each ring is one contiguous range of columns.
+        chosen = np.flatnonzero(np.isin(flat, self.rings))
+        order = np.argsort(flat[chosen], kind="stable")
+        self.pixel_index = chosen[order]
+        self.bounds = np.searchsorted(flat[self.pixel_index], np.append(self.rings, n_rings))
+        self.avg_frame = avg_frame or choose_binning(n_frames, self.pixel_index.size, max_bins=max_bins,
+                                                     max_bytes=max_bytes)
+        if self.avg_frame < 1:
+            raise ValueError(f"avg_frame must be >= 1, got {self.avg_frame}")
+        self.n_bins = n_frames // self.avg_frame
+        if self.n_bins < 2:
+            raise ValueError(f"{n_frames} frames make fewer than 2 bins of {self.avg_frame}")
+        self.n_frames, self.frame_time_s = n_frames, frame_time_s
+        self.binned = np.zeros((self.n_bins, self.pixel_index.size), dtype=np.float32)  # sums per bin
+        self.fed = 0
+
+    @property
+    def state_bytes(self) -> int:
+        return self.binned.nbytes
+
+    def update(self, block: np.ndarray) -> None:
+        block = np.asarray(block)
+        m = block.shape[0]
+        if self.fed + m > self.n_frames:
+            raise ValueError(f"more frames than announced ({self.fed + m} > {self.n_frames})")
+        picked = block.reshape(m, -1)[:, self.pixel_index]
+        bins = (self.fed + np.arange(m)) // self.avg_frame
+        keep = bins < self.n_bins  # the remainder after the last full bin is dropped
+        if keep.any():
+            bins, picked = bins[keep], picked[keep]
+            starts = np.flatnonzero(np.r_[True, bins[1:] != bins[:-1]])
+            self.binned[bins[starts]] += np.add.reduceat(picked, starts, axis=0, dtype=np.float64).astype(np.float32)
+        self.fed += m
+
+    def result(self) -> TwoTime:
+        if self.fed != self.n_frames:
+            raise ValueError(f"{self.fed} frames fed, {self.n_frames} announced")
+        n = self.n_bins
+        maps = np.zeros((self.rings.size, n, n))
+        tile = max(1, TILE_BYTES // (8 * n))
+        for r in range(self.rings.size):
+            lo, hi = int(self.bounds[r]), int(self.bounds[r + 1])
+            if hi <= lo:
+                maps[r] = np.nan
+                continue
+            products = np.zeros((n, n))
+            means = np.zeros(n)
+            for start in range(lo, hi, tile):
+                x = self.binned[:, start:min(start + tile, hi)].astype(np.float64)
+                products += x @ x.T
+                means += x.sum(axis=1)
+            pixels = hi - lo
+            means /= pixels
+            with np.errstate(invalid="ignore", divide="ignore"):
+                maps[r] = products / pixels / np.outer(means, means)
+        bin_s = self.avg_frame * self.frame_time_s
+        return TwoTime(maps=maps, t_s=np.arange(n) * bin_s, bin_s=bin_s, avg_frame=self.avg_frame, rings=self.rings)
+
+
+def two_time(frames: np.ndarray, labels: np.ndarray, n_rings: int, frame_time_s: float, *,
+             rings: list[int] | None = None, avg_frame: int | None = None, max_bins: int = MAX_BINS,
+             max_bytes: int = MAX_BYTES, block_frames: int = 256) -> TwoTime:
+    """Two-time maps of `frames` (T, rows, cols) in memory (see `TwoTimeAccumulator`)."""
+    if frames.ndim != 3 or frames.shape[1:] != labels.shape:
+        raise ValueError(f"frames {frames.shape} and labels {labels.shape} do not match")
+    acc = TwoTimeAccumulator(labels, n_rings, frames.shape[0], frame_time_s, rings=rings, avg_frame=avg_frame,
+                             max_bins=max_bins, max_bytes=max_bytes)
+    for start in range(0, frames.shape[0], block_frames):
+        acc.update(frames[start:start + block_frames])
+    return acc.result()
