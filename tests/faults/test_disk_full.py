@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_pb2, job_service_pb2
 from tests.conftest import POSTGRES_URL, Harness, database_params
-from tests.server.test_jobs import error_reason, jobs_stub, make_site_app
+from tests.support.records import error_reason, jobs_stub, make_site_app
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -5,45 +5,21 @@ bytes as well as by count with nothing lost or repeated across the cut."""
 
 from __future__ import annotations
 
-import uuid
-
 import grpc
 import pytest
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from balsam_grpc.server.paging import MAX_RESPONSE_BYTES
 from balsam_grpc.v1 import (
-    app_pb2,
-    app_service_pb2,
-    app_service_pb2_grpc,
     event_service_pb2,
     event_service_pb2_grpc,
     job_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
-    site_pb2,
-    site_service_pb2,
-    site_service_pb2_grpc,
 )
+from tests.support.records import error_info, error_reason, make_site_app
 
 Code = grpc.StatusCode
-
-
-def make_app(caller) -> app_pb2.App:
-    site = caller.stub(site_service_pb2_grpc.SiteServiceStub).CreateSite(
-        site_service_pb2.CreateSiteRequest(site=site_pb2.Site(name=f"site-{uuid.uuid4().hex[:6]}"))).site
-    return caller.stub(app_service_pb2_grpc.AppServiceStub).CreateApp(app_service_pb2.CreateAppRequest(
-        app=app_pb2.App(site_id=site.id, name="hello", command_template="echo hi"))).app
-
-
-def info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(err)
-    assert status is not None and status.details
-    out = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(out)
-    return out
 
 
 def struct_of(nbytes: int) -> struct_pb2.Struct:
@@ -73,7 +49,7 @@ def count_jobs(stub, app_id: int) -> int:
 @pytest.mark.edge("a stored free-form field over its limit",
                    "INVALID_ARGUMENT naming the field and the limit; nothing created")
 def test_stored_field_limits_name_the_field_and_limit(alice, build, field, limit) -> None:
-    app = make_app(alice)
+    _, app = make_site_app(alice, command_template="echo hi", parameters=[])
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
     request = build(app)
     method = stub.CreateJob if isinstance(request, job_service_pb2.CreateJobRequest) else stub.BatchCreateJobs
@@ -82,7 +58,7 @@ def test_stored_field_limits_name_the_field_and_limit(alice, build, field, limit
     err = caught.value
     assert err.code() == Code.INVALID_ARGUMENT, err
     assert field in err.details() and f"the limit is {limit} bytes" in err.details(), err.details()
-    detail = info(err)
+    detail = error_info(err)
     assert detail.reason == "TOO_LARGE" and detail.metadata["field"] == field
     assert count_jobs(stub, app.id) == 0
 
@@ -90,7 +66,7 @@ def test_stored_field_limits_name_the_field_and_limit(alice, build, field, limit
 @pytest.mark.edge("2 MiB event_data; 4 KB copied into 2,200 events",
                    "INVALID_ARGUMENT (field limit; 16 MiB per-call copy budget); nothing written")
 def test_event_data_limit_and_bulk_copy_budget(alice) -> None:
-    app = make_app(alice)
+    _, app = make_site_app(alice, command_template="echo hi", parameters=[])
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
     events = alice.stub(event_service_pb2_grpc.EventServiceStub)
     stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
@@ -109,7 +85,7 @@ def test_event_data_limit_and_bulk_copy_budget(alice) -> None:
         stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(event_data=struct_of(4000), **kill))
     assert caught.value.code() == Code.INVALID_ARGUMENT
     assert "2,200 jobs" in caught.value.details() and "16,777,216" in caught.value.details()
-    assert info(caught.value).reason == "TOO_LARGE"
+    assert error_reason(caught.value) == "TOO_LARGE"
     killed = event_service_pb2.EventFilter(to_states=[job_pb2.JOB_STATE_KILLED])
     assert not events.ListEvents(event_service_pb2.ListEventsRequest(filter=killed)).events  # nothing written
     counts = stub.CountJobs(job_service_pb2.CountJobsRequest(
@@ -123,7 +99,7 @@ def test_list_and_watch_pages_are_cut_by_bytes(alice) -> None:
     """30 jobs of 200 KiB data (6 MiB) listed 100 per page, and 1,200 events of 4 KiB
     (5 MiB) listed and replayed: every answer under the byte budget, every item exactly
     once, in order, the cut continuing right after the last item sent."""
-    app = make_app(alice)
+    _, app = make_site_app(alice, command_template="echo hi", parameters=[])
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
     big = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
         jobs=[job_pb2.Job(app_id=app.id, workdir=f"big/{i}", data=struct_of(200 * 1024)) for i in range(30)]))

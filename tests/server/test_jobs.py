@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
 
 import grpc
 import pytest
@@ -11,50 +10,21 @@ from grpc_status import rpc_status
 
 from balsam_grpc.v1 import (
     app_pb2,
-    app_service_pb2,
-    app_service_pb2_grpc,
     event_service_pb2,
     event_service_pb2_grpc,
     job_pb2,
     job_service_pb2,
-    job_service_pb2_grpc,
-    site_pb2,
-    site_service_pb2,
-    site_service_pb2_grpc,
 )
 
 from tests.support import leases
+from tests.support.records import error_reason, jobs_stub, make_site_app
 
 S = job_pb2
-
-
-def make_site_app(caller, **app_fields):
-    site = caller.stub(site_service_pb2_grpc.SiteServiceStub).CreateSite(
-        site_service_pb2.CreateSiteRequest(site=site_pb2.Site(name=f"site-{uuid.uuid4().hex[:6]}"))).site
-    fields = {"name": "hello", "command_template": "echo {{ x }}",
-              "parameters": [app_pb2.AppParameter(name="x", required=True, type=app_pb2.PARAMETER_TYPE_INT)]}
-    fields.update(app_fields)
-    app = caller.stub(app_service_pb2_grpc.AppServiceStub).CreateApp(
-        app_service_pb2.CreateAppRequest(app=app_pb2.App(site_id=site.id, **fields))).app
-    return site, app
-
-
-def jobs_stub(caller):
-    return caller.stub(job_service_pb2_grpc.JobServiceStub)
 
 
 def move(stub, job_id, state):
     return stub.UpdateJob(job_service_pb2.UpdateJobRequest(
         job=job_pb2.Job(id=job_id, state=state), update_mask={"paths": ["state"]})).job
-
-
-def error_reason(err: grpc.RpcError) -> str:
-    from google.rpc import error_details_pb2
-
-    status = rpc_status.from_call(err)
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
-    return info.reason
 
 
 def test_ten_thousand_jobs_paged_counted_and_released(alice):

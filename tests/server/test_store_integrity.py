@@ -40,7 +40,7 @@ from balsam_grpc.v1 import (
     site_service_pb2_grpc,
 )
 from tests.conftest import POSTGRES_URL, Harness, database_params
-from tests.server.test_jobs import jobs_stub, make_site_app
+from tests.support.records import jobs_stub, make_site_app
 from tests.support.databases import drop_postgres, fresh_postgres
 from tests.support.server_proc import REPO
 
