@@ -7,8 +7,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=.venv
 STAMP=$VENV/.balsam-dev-installed
 # What the tests and the demo need: every extra but `launcher` (mpi4py built against a
-# system MPI) and `bench`. A supercomputer install is different: see README, "Installs".
-EXTRAS=${BALSAM_DEV_EXTRAS:-dev,server,postgres,site,mpich,globus,plots,dashboard}
+# system MPI) and `bench`; `xpcs-check` brings the outside checks of the XPCS reduction
+# (pyXPCSViewer's reader, ESRF's correlator). A supercomputer install is different: see
+# README, "Installs".
+EXTRAS=${BALSAM_DEV_EXTRAS:-dev,server,postgres,site,mpich,globus,plots,dashboard,xpcs-check}
 
 find_python() {
     local c

@@ -4,11 +4,25 @@ Level 0 correlates the frames at lags 1 .. buffers-1. Every next level first ave
 neighbouring frames in pairs (doubling the time step) and correlates lags buffers/2 ..
 buffers-1 of that coarser series, so lag times grow geometrically while each level does
 the same small amount of work. Each lag is a full time average over the overlapping
-frames; g2 uses the symmetric normalisation per pixel
+frames. Two normalisations (`normalization=`):
 
-    g2_pixel(tau) = <I(t) I(t+tau)>_t / (<I(t)>_t <I(t+tau)>_t)
+- "ring" (the default): the products are averaged over the ring's pixels first and
+  normalised by the ring-mean intensities at the two times,
 
-and is then averaged over the pixels of each q-ring.
+      g2(tau) = sum_t <I(t) I(t+tau)>_ring / sum_t <I(t)>_ring <I(t+tau)>_ring
+
+  as ESRF's xpcs-correlator does (at level 0 the two agree to float32 precision). The
+  ring mean over many pixels is a precise estimate of the mean intensity, so g2 - 1 is
+  unbiased for a ring of uniform mean intensity (the synthetic data; a ring that crosses
+  a beamstop edge or an anisotropic pattern is not uniform).
+- "pixel": the symmetric normalisation per pixel, averaged over the ring,
+
+      g2_pixel(tau) = <I(t) I(t+tau)>_t / (<I(t)>_t <I(t+tau)>_t)
+
+  which copes with rings of uneven intensity but divides by each pixel's own time
+  average: over a finite run that average fluctuates with the speckle, and g2 - 1 reads
+  low by about (correlation time / run length) (a few % at 1000 frames; the test
+  `test_normalisations_against_the_truth` prints both against the generator's truth).
 
 Frames arrive in blocks (`MultiTau.update`), in time order, so a run never has to be
 held in memory: per pixel and level the state is the last buffers-1 frames (the pairs
@@ -65,11 +79,22 @@ class MultiTau:
     pixel tiles of `chunk_bytes` of float64 (or `chunk_pixels` pixels when given)."""
 
     def __init__(self, labels: np.ndarray, n_rings: int, n_frames: int, frame_time_s: float, *,
-                 buffers: int = 8, chunk_bytes: int = CHUNK_BYTES, chunk_pixels: int | None = None) -> None:
+                 buffers: int = 8, chunk_bytes: int = CHUNK_BYTES, chunk_pixels: int | None = None,
+                 normalization: str = "ring") -> None:
+        if normalization not in ("ring", "pixel"):
+            raise ValueError(f"normalization must be 'ring' or 'pixel', got {normalization!r}")
         flat = np.asarray(labels).ravel()
         self.shape = np.asarray(labels).shape
-        self.pixel_index = np.flatnonzero((flat >= 0) & (flat < n_rings))
+        inside = np.flatnonzero((flat >= 0) & (flat < n_rings))
+        self.pixel_index = inside[np.argsort(flat[inside], kind="stable")]  # sorted by ring
         self.pixel_ring = flat[self.pixel_index]
+        bounds = np.searchsorted(self.pixel_ring, np.arange(n_rings + 1))
+        self.ring_starts = bounds[:-1][np.diff(bounds) > 0]
+        self.filled_rings = np.flatnonzero(np.diff(bounds) > 0)
+        self.normalization = normalization
+        # "ring": the same multi-tau sums over the ring-mean series (one pseudo-pixel per ring).
+        self.means = (MultiTau(np.arange(n_rings), n_rings, n_frames, frame_time_s, buffers=buffers,
+                               normalization="pixel") if normalization == "ring" else None)
         self.n_rings, self.n_frames, self.frame_time_s, self.buffers = n_rings, n_frames, frame_time_s, buffers
         self.chunk_bytes, self.chunk_pixels = chunk_bytes, chunk_pixels
         self.schedule = lag_schedule(n_frames, buffers)
@@ -87,7 +112,8 @@ class MultiTau:
 
     @property
     def state_bytes(self) -> int:
-        return sum(a.nbytes for a in (self.carry, self.head, self.total, self.pending, *self.products))
+        own = sum(a.nbytes for a in (self.carry, self.head, self.total, self.pending, *self.products))
+        return own + (self.means.state_bytes if self.means is not None else 0)
 
     def update(self, block: np.ndarray) -> None:
         """Feed the next frames, (m, rows, cols) or (m, rows*cols), in time order."""
@@ -101,6 +127,13 @@ class MultiTau:
         if m == 0 or self.n_levels == 0:
             return
         picked = block.reshape(m, -1)[:, self.pixel_index]
+        if self.means is not None:
+            ring_means = np.zeros((m, self.n_rings))
+            if self.ring_starts.size:
+                sums = np.add.reduceat(picked, self.ring_starts, axis=1, dtype=np.float64)
+                pixels = np.diff(np.append(self.ring_starts, picked.shape[1]))
+                ring_means[:, self.filled_rings] = sums / pixels
+            self.means.update(ring_means)
         # New frames per level: level L+1 gets a frame for every completed pair of level L.
         counts, new = [], m
         for level in range(self.n_levels):
@@ -162,9 +195,12 @@ class MultiTau:
                 # A lag's past mean is the total less the last `lag` frames, its future
                 # mean the total less the first `lag`.
                 n = length - lag
-                past = (self.total[level] - self.carry[level, self.hold - lag:].sum(axis=0)) / n
-                future = (self.total[level] - self.head[level, :lag].sum(axis=0)) / n
-                denominator = past * future
+                if self.means is not None:  # sum_t m(t) m(t+lag) of each pixel's ring
+                    denominator = self.means.products[level][j][rings] / n
+                else:
+                    past = (self.total[level] - self.carry[level, self.hold - lag:].sum(axis=0)) / n
+                    future = (self.total[level] - self.head[level, :lag].sum(axis=0)) / n
+                    denominator = past * future
                 valid = denominator > 0
                 per_pixel = np.where(valid, self.products[level][j] / n / np.where(valid, denominator, 1.0), 0.0)
                 counts[:, i] = np.bincount(rings, weights=valid, minlength=n_rings)
@@ -182,14 +218,14 @@ class MultiTau:
 
 def multitau_g2(frames: np.ndarray, labels: np.ndarray, n_rings: int, frame_time_s: float,
                 buffers: int = 8, chunk_pixels: int | None = None, chunk_bytes: int = CHUNK_BYTES,
-                block_frames: int | None = None) -> Correlation:
+                block_frames: int | None = None, normalization: str = "ring") -> Correlation:
     """g2 per ring of `frames` (T, rows, cols) held in memory; `labels` (rows, cols) gives
     each pixel's ring or -1. The frames go through `MultiTau` in blocks of `block_frames`
     (all at once by default: then each pixel tile's whole series is one block)."""
     if frames.ndim != 3 or frames.shape[1:] != labels.shape:
         raise ValueError(f"frames {frames.shape} and labels {labels.shape} do not match")
     kernel = MultiTau(labels, n_rings, frames.shape[0], frame_time_s, buffers=buffers,
-                      chunk_bytes=chunk_bytes, chunk_pixels=chunk_pixels)
+                      chunk_bytes=chunk_bytes, chunk_pixels=chunk_pixels, normalization=normalization)
     step = block_frames or max(frames.shape[0], 1)
     for start in range(0, frames.shape[0], step):
         kernel.update(frames[start:start + step])
