@@ -10,6 +10,9 @@ from __future__ import annotations
 import grpc
 
 ERROR_DOMAIN = "balsam.v1"
+# UNAVAILABLE with this reason: the server replica is shutting down and ended the stream;
+# reconnect at once (through another replica), without backing off.
+DRAINING = "DRAINING"
 
 
 class BalsamError(Exception):
@@ -101,3 +104,24 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[BalsamError]] = {
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Aborted,
                 PermissionDenied, Unauthenticated, ResourceExhausted, Unavailable, DeadlineExceeded)
 }
+
+
+def error_reason(err: grpc.RpcError) -> str:
+    """The balsam.v1 ErrorInfo reason of a failed call ('' when absent)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in (trailers or ()):
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info.reason
+    return ""
+
+
+def is_draining(err: grpc.RpcError) -> bool:
+    """The server ended the call because it is shutting down (reconnect elsewhere at once)."""
+    code = err.code() if hasattr(err, "code") else None
+    return code == grpc.StatusCode.UNAVAILABLE and error_reason(err) == DRAINING

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from balsam_grpc.core.backoff import Backoff
-from balsam_grpc.core.errors import ERRORS_BY_CODE, BalsamError
+from balsam_grpc.core.errors import ERRORS_BY_CODE, BalsamError, error_reason, is_draining
 from balsam_grpc.launcher.outbox import Outbox
 from balsam_grpc.v1 import session_service_pb2 as pb
 from balsam_grpc.v1 import session_service_pb2_grpc
@@ -32,18 +31,6 @@ REPORT_BATCH = 2000
 FATAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
 SESSION_GONE_REASONS = {"SESSION_EXPIRED", "SESSION_CLOSED"}
-
-
-def error_reason(err: grpc.aio.AioRpcError | grpc.RpcError) -> str:
-    """The balsam.v1 ErrorInfo reason of a failed call ('' when absent)."""
-    for key, value in (err.trailing_metadata() or ()):
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info.reason
-    return ""
 
 
 class SessionFatal(Exception):
@@ -140,6 +127,11 @@ class SessionClient:
                         self.closed.set()
                         return
                     continue  # open a new session at once
+                if is_draining(err) and self.opens != opens_before:
+                    # The replica is shutting down and ended a stream that worked: resume
+                    # the session through another one now (refused again: back off).
+                    self.reconnects += 1
+                    continue
                 await asyncio.sleep(delays.next_delay())
                 self.reconnects += 1
                 continue

@@ -192,9 +192,13 @@ class BalsamServer:
         if self.server is None:
             return
         grace = self.settings.grace_seconds if grace is None else grace
+        # Drain (server/drain.py): NOT_SERVING first, so clients' round_robin stops
+        # picking this replica; then the streams are ended with UNAVAILABLE DRAINING and
+        # their clients reconnect elsewhere at once; then unary calls get the grace.
         for name in ["", *service_names()]:
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("server draining", grace_seconds=grace)
+        log.info("server draining", streams=len(self.state.drain.streams), grace_seconds=grace)
+        await self.state.drain.start(self.settings.drain_seconds)
         await self.server.stop(grace)
         await self.state.sessions.stop()
         if self.state.listener is not None:

@@ -243,6 +243,8 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
         try:
             principal = current_principal()
             principal.check_job_method(job_token, method)
+            drain = self.state.drain
+            drain.admit()  # a draining server takes no new stream
             try:
                 release = self.state.admission.open_stream(principal.user_id)
             except ResourceExhausted:
@@ -252,6 +254,7 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
             # Ends the stream when its token is revoked or expires (server/stream_guard.py).
             guard = StreamGuard(self.state.auth, principal,
                                 recheck_seconds=self.state.settings.stream_token_recheck_seconds)
+            drain.add(guard)  # and when the server drains (server/drain.py); no await since admit()
             async for item in fn(self, request, context, principal):
                 guard.check()
                 guard.sending = True
@@ -273,6 +276,7 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
         finally:
             if guard is not None:
                 guard.close()
+                self.state.drain.discard(guard)
             if release is not None:
                 release()
                 open_streams.dec()

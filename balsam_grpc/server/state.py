@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from balsam_grpc.core.settings import DEFAULT_ADDRESS, default_database_url
 from balsam_grpc.server.admission import Admission, AdmissionLimits, LoginLimiter, LoginLimits
 from balsam_grpc.server.auth import Authenticator
+from balsam_grpc.server.drain import Drain
 from balsam_grpc.server.fanout import Fanout
 from balsam_grpc.server.metrics import Metrics
 from balsam_grpc.server.notify import REVOKED, Listener
@@ -37,6 +38,9 @@ class ServerSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     token_ttl_seconds: int = 30 * 24 * 3600
     grace_seconds: float = 5.0
+    # Stopping (SIGTERM): streams are ended (clients reconnect to another replica) and
+    # their cleanup awaited for at most this long, before the grace for unary calls.
+    drain_seconds: float = 5.0
     # Admission control (server/admission.py): overload is refused with RESOURCE_EXHAUSTED.
     max_unary_in_flight: int = 512
     max_unary_in_flight_per_user: int = 128
@@ -150,3 +154,5 @@ class ServerState:
             self.listener.on_control(REVOKED, self.auth.forget)
         # Launcher session liveness: started and stopped with the server (app.py).
         self.sessions = SessionKeeper(db, settings.lease_timeout_seconds, self.metrics)
+        # The streams this process holds, ended (and new ones refused) when it drains.
+        self.drain = Drain()

@@ -23,7 +23,7 @@ import time
 
 import structlog
 
-from balsam_grpc.core.errors import Unauthenticated
+from balsam_grpc.core.errors import BalsamError, Unauthenticated
 from balsam_grpc.server.auth import Authenticator
 from balsam_grpc.server.principal import Principal
 
@@ -38,7 +38,7 @@ class StreamGuard:
         self.recheck_seconds = recheck_seconds
         self.send_grace_seconds = send_grace_seconds
         self.task = asyncio.current_task()
-        self.reason: Unauthenticated | None = None
+        self.reason: BalsamError | None = None
         self.sending = False  # the wrapper is handing a message to gRPC
         self._unwatch = auth.watch(principal.token_id, self.trip, recheck_seconds)
         self._handles: list[asyncio.TimerHandle] = []
@@ -49,12 +49,13 @@ class StreamGuard:
             self._handles.append(loop.call_later(
                 delay, self.trip, Unauthenticated("token expired; log in again with 'balsamctl login'")))
 
-    def trip(self, reason: Unauthenticated) -> None:
-        """The token is no longer valid: end the stream."""
+    def trip(self, reason: BalsamError) -> None:
+        """End the stream with `reason` (its token is no longer valid, or the server drains)."""
         if self.reason is not None or self.task is None or self.task.done():
             return
         self.reason = reason
-        log.info("stream ended: token no longer valid", token_id=self.principal.token_id, reason=reason.message)
+        if isinstance(reason, Unauthenticated):
+            log.info("stream ended: token no longer valid", token_id=self.principal.token_id, reason=reason.message)
         if self.sending:
             self._handles.append(asyncio.get_running_loop().call_later(self.send_grace_seconds, self._cancel))
         else:
@@ -68,7 +69,7 @@ class StreamGuard:
         if self.reason is not None:
             raise self.reason
 
-    def absorb(self) -> Unauthenticated | None:
+    def absorb(self) -> BalsamError | None:
         """Inside `except CancelledError`: the reason when this guard caused it (the
         cancellation is then withdrawn), None when it came from elsewhere."""
         if self.reason is None:

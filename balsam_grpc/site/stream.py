@@ -18,6 +18,7 @@ import grpc
 import structlog
 
 from balsam_grpc.core.backoff import Backoff
+from balsam_grpc.core.errors import error_reason, is_draining
 from balsam_grpc.v1 import site_pb2, site_service_pb2, site_service_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -93,12 +94,18 @@ class SiteStream:
     # ----- public -----------------------------------------------------------------
     async def run(self) -> None:
         while not self._stopping.is_set():
+            handover = False
+            connections = self.connections
             try:
                 await self._connect_once()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
-                log.warning("site stream ended", code=exc.code().name, details=exc.details())
+                # A draining replica ended a stream that worked: reconnect now, another
+                # replica takes it (refused again at once: back off as usual).
+                handover = is_draining(exc) and self.connections > connections
+                log.warning("site stream ended", code=exc.code().name, details=exc.details(),
+                            reason=error_reason(exc), reconnect_now=handover)
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     # Revoked or expired: a renewed token may already be in the token file.
                     refresh = getattr(self.token, "refresh", None)
@@ -112,6 +119,8 @@ class SiteStream:
                 self._call = None
             if self._stopping.is_set():
                 break
+            if handover:
+                continue
             delay = self.backoff.next_delay()
             log.info("reconnecting", in_seconds=round(delay, 2), unacknowledged_results=len(self.outbox))
             try:

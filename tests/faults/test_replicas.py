@@ -10,6 +10,9 @@
 - kill -9 of the replica that holds the daemon's and the launcher's streams under load
   (they were given all three addresses): both move to the others, the session is
   resumed within one lease timeout, nothing is lost and nothing runs twice.
+- Drain (SIGTERM) of the replica that holds them: it ends their streams with
+  UNAVAILABLE DRAINING, both reconnect to the other replica at once (no backoff), the
+  session is resumed (not reaped), nothing is lost and nothing runs twice.
 
 PostgreSQL only: SQLite serves one process (a second server on it is refused, see
 tests/server/test_replica_guard.py).
@@ -17,7 +20,9 @@ tests/server/test_replica_guard.py).
 
 from __future__ import annotations
 
+import json
 import secrets
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -253,6 +258,89 @@ def test_replica_kill9_its_daemon_and_launcher_move_to_the_others(tmp_path: Path
         for s in (a, b, c):
             s.stop()
         drop_postgres(a.database_url)
+
+
+def test_replica_drain_hands_its_streams_over(tmp_path: Path) -> None:
+    a, b = _replicas(tmp_path, 2, start=1)
+    both = f"{a.address},{b.address}"
+    # Only A serves yet, so the daemon's and the launcher's streams land there.
+    site = SiteProc(tmp_path, a, address=both, elastic_queue__enabled=False)
+    launcher = client = None
+    try:
+        site.start()
+        launcher = LauncherProc(site.dir, a, address=both)
+        client_a = a.client()
+        wait_for(lambda: _active_sessions(client_a, site.id), 60, "the launcher's session", 0.05,
+                 on_timeout=launcher.text)
+        (session_id,) = _active_sessions(client_a, site.id)
+        client_a.close()
+        b.start()
+        client = b.client()
+        ids = create_jobs(client, 4, "before", app_name="Nap", site_id=site.id, node_packing_count=8,
+                          parameters={"secs": "1.5"})
+        wait_for(lambda: states(client, ids).get("RUNNING", 0) >= 2, 60, "jobs to run", on_timeout=launcher.text)
+        # Their channels have reached B too (they try a replica that was down every <= 2 s).
+        wait_for(lambda: _connected_to(site.pid(), b.port) and _connected_to(launcher.proc.pid, b.port), 30,
+                 "the daemon's and the launcher's channels to connect to B", 0.05)
+        b_log = b.log_path.stat().st_size
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGTERM)
+        drained = time.monotonic()
+        # Handed over: B holds the site's stream and the launcher resumed its session there.
+        wait_for(lambda: _logged(b, b_log, "site connected") and _logged(b, b_log, "session resumed", session_id), 30,
+                 "the daemon and the launcher to reconnect to B", 0.01,
+                 on_timeout=lambda: a.log_tail() + launcher.text()[-2000:])
+        handover = time.monotonic() - drained
+        ids += create_jobs(client, 1, "after", app_name="Nap", site_id=site.id, parameters={"secs": "0.2"})
+        wait_states(client, ids, "JOB_FINISHED", 90, debug=lambda: site.log_tail() + launcher.text()[-2000:])
+        a.stop()  # exited by now (drain, then the grace for unary calls)
+        result = audit(client, ids, site.ledger)
+        record("replica drain (postgres; 2 replicas; its site + launcher)", handover,
+               "streams ended DRAINING, both reconnected to the other replica", result)
+        print(f"\nreplica drain: daemon and launcher on the other replica {handover * 1000:.0f} ms after SIGTERM")
+        result.assert_clean()
+        assert all(j.run_count == 1 for j in client.jobs.filter(id=ids)), "a job ran twice"
+        drain_lines = [e for e in _log_events(a, 0) if e.get("event") == "streams handed over"]
+        assert drain_lines and drain_lines[0]["streams"] >= 2, a.log_tail()
+        drained_streams = {e["method"] for e in _log_events(a, 0) if e.get("reason") == "DRAINING"}
+        assert drained_streams == {"Site.Connect", "Session.Connect"}, drained_streams
+        # The same session carried on (resumed on B, never reaped or replaced).
+        assert _active_sessions(client, site.id) == [session_id]
+        assert bool(client.sites.get(id=site.id).liveness.connected)
+    finally:
+        if launcher is not None:
+            launcher.stop()
+        site.stop()
+        if client is not None:
+            client.close()
+        for s in (a, b):
+            s.stop()
+        drop_postgres(a.database_url)
+
+
+def _connected_to(pid: int, port: int) -> bool:
+    """The process has a TCP connection established to `port` (on this host)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return False
+    return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in conns)
+
+
+def _log_events(server: ServerProc, offset: int) -> list[dict]:
+    """The server's JSON log lines written after byte `offset`."""
+    out = []
+    for line in server.log_path.read_bytes()[offset:].decode(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _logged(server: ServerProc, offset: int, event: str, session_id: str = "") -> bool:
+    return any(e.get("event") == event and (not session_id or e.get("session_id") == session_id)
+               for e in _log_events(server, offset))
 
 
 def _active_sessions(client: Client, site_id: int) -> list[str]:
