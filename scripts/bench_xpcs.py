@@ -1,11 +1,24 @@
 #!/usr/bin/env python3
-"""XPCS kernel speed: multi-tau g2 of a synthetic speckle stack on one core.
+"""XPCS kernels on one core: ours against ESRF's xpcs-correlator, on the same raw HDF5 file.
 
-Usage: scripts/bench_xpcs.py [--size 512] [--frames 1000] [--rings 16] [--json]
-Prints frames per second of the reduction (g2 for every ring and lag, plus the fits);
-generating the dataset is not timed. Memory: the reduction's working memory (the peak
-of numpy allocations traced during one untimed run, beyond the dataset) against the
-dataset's size, and the process's peak RSS.
+Usage: scripts/bench_xpcs.py [--size 128] [--frames 2000] [--rings 16] [--no-theirs] [--json]
+
+Writes a synthetic raw file (size x size x frames, and one twice as long), then runs each
+kernel in its own child process pinned to one core, reading the same file:
+
+  ours multi-tau      multi-tau g2 streamed from the file in frame blocks (+ fits)
+  ours + two-time     the same pass also keeps the two-time maps (time bins capped)
+  theirs              xpcs-correlator's correlator_dense_chunked, no dask, one numba/BLAS
+                      thread, given the h5py dataset (its streaming input); it computes the
+                      full two-time matrix per ring and g2 at every lag from its diagonals
+  theirs-in-memory    the same given the frames as an array (read before the clock starts;
+                      its growth then excludes the frames)
+
+and prints frames/s (frames / wall seconds of the reduction, the file read included),
+the child's peak RSS, and the reduction's growth: the highest RSS sampled while it ran
+less the RSS just before, against the dataset's size. xpcs-correlator's numba JIT is measured apart (a first call on a tiny dataset) and
+left out of its timed run. Last: ours on the run twice as long, to show memory flat in
+run length. Needs the `xpcs-check` extra for the comparison (else --no-theirs).
 """
 
 from __future__ import annotations
@@ -14,67 +27,175 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-import tracemalloc
 from pathlib import Path
 
-# One core, as the figure is quoted: pin BLAS/OpenMP pools before numpy loads.
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+# One core, as the figures are quoted: pin BLAS/OpenMP/numba pools before numpy loads.
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ[var] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
-from balsam_grpc.xpcs.analysis import analyze  # noqa: E402
-from balsam_grpc.xpcs.synthetic import generate  # noqa: E402
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RssSampler:
+    """The highest RSS seen while the reduction runs (sampled every 2 ms): the process's
+    ru_maxrss would also count what imports and numba's compiler held before."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def child(kind: str, path: Path, rings: int) -> dict:
+    """One kernel on one file, in this process: seconds, peak and baseline RSS."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    import h5py
+    import numpy as np
+
+    from balsam_grpc.xpcs.analysis import reduce_file
+    from balsam_grpc.xpcs.geometry import Geometry, ring_labels
+    from balsam_grpc.xpcs.h5io import FRAMES, open_raw
+
+    out: dict = {"kind": kind}
+    with open_raw(path) as raw:
+        meta, n_frames, out["dataset_mb"] = raw.meta, raw.n_frames, raw.nbytes / 1e6
+    labels, _ = ring_labels(Geometry(**meta["geometry"]).q_map(), rings)
+    if kind.startswith("theirs"):
+        import xpcscorr
+
+        correlate = xpcscorr.correlator_dense_chunked
+        options = {"dask_cluster_type": None, "chunks_N": 1}
+        tiny = np.random.default_rng(0).poisson(5.0, (32, 8, 8)).astype(np.uint16)
+        started = time.perf_counter()
+        correlate(tiny, np.ones((8, 8), dtype=np.int32), extra_options=options)  # numba compiles here
+        out["jit_s"] = time.perf_counter() - started
+        if kind == "theirs-in-memory":  # the frames read first, not timed
+            with h5py.File(path, "r") as f:
+                frames = f[FRAMES][()]
+            out["baseline_mb"] = _rss_mb()
+            with RssSampler() as rss:
+                started = time.perf_counter()
+                res = correlate(frames, labels + 1, extra_options=options)
+                out["seconds"] = time.perf_counter() - started
+        else:
+            out["baseline_mb"] = _rss_mb()
+            with RssSampler() as rss, h5py.File(path, "r") as f:
+                started = time.perf_counter()
+                res = correlate(f[FRAMES], labels + 1, extra_options=options)
+                out["seconds"] = time.perf_counter() - started
+        out["g2_lag1"] = [float(x) for x in res.g2[:, 0]]
+    else:
+        out["baseline_mb"] = _rss_mb()
+        with RssSampler() as rss:
+            started = time.perf_counter()
+            red = reduce_file(path, n_rings=rings, twotime=(kind == "ours+twotime"))
+            out["seconds"] = time.perf_counter() - started
+        out["g2_lag1"] = [float(r["g2"][0]) for r in red.summary["rings"]]
+        out["rate_error"] = float(np.median([abs(r["gamma_per_s"] / r["true_gamma_per_s"] - 1)
+                                             for r in red.summary["rings"]]))
+        if red.twotime is not None:
+            out["twotime_bins"], out["avg_frame"] = int(red.twotime.maps.shape[1]), red.twotime.avg_frame
+    out["frames"] = n_frames
+    out["frames_per_s"] = n_frames / out["seconds"]
+    out["peak_mb"] = _peak_mb()               # the process's, imports and JIT included
+    out["growth_mb"] = rss.peak - out["baseline_mb"]  # what the reduction itself added
+    return out
+
+
+def run_child(kind: str, path: Path, rings: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", kind, "--file", str(path), "--rings", str(rings)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=512, help="detector rows = cols")
-    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=128, help="detector rows = cols")
+    parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--rings", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=2, help="timed runs; the best is reported")
+    parser.add_argument("--no-theirs", action="store_true", help="skip xpcs-correlator")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if args.child:
+        print(json.dumps(child(args.child, args.file, args.rings)))
+        return
 
-    started = time.perf_counter()
-    data = generate(rows=args.size, cols=args.size, n_frames=args.frames, seed=1)
-    generated_s = time.perf_counter() - started
-    meta = {"frame_time_s": data.frame_time_s, "geometry": data.geometry.to_dict(),
-            "truth": {"diffusion_m2_per_s": data.diffusion_m2_per_s, "contrast": data.contrast}}
-    tracemalloc.start()
-    analyze(data.frames, meta, n_rings=args.rings)
-    working_bytes = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    best = float("inf")
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        results = analyze(data.frames, meta, n_rings=args.rings)
-        best = min(best, time.perf_counter() - t0)
-    errors = [abs(r["gamma_per_s"] / r["true_gamma_per_s"] - 1) for r in results["rings"]]
-    figures = {
-        "size": args.size, "frames": args.frames, "rings": args.rings, "lags": len(results["tau_s"]),
-        "reduce_s": round(best, 3), "frames_per_s": round(args.frames / best, 1),
-        "megapixel_frames_per_s": round(args.frames * args.size**2 / best / 1e6, 1),
-        "generate_s": round(generated_s, 2), "median_rate_error": round(float(np.median(errors)), 4),
-        "dataset_mb": round(data.frames.nbytes / 1e6, 1), "working_mb": round(working_bytes / 1e6, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+    from balsam_grpc.xpcs.h5io import write_raw
+    from balsam_grpc.xpcs.synthetic import default_geometry, iter_frames
+
+    with tempfile.TemporaryDirectory(prefix="bench-xpcs-") as tmp:
+        files = {}
+        started = time.perf_counter()
+        for n in (args.frames, 2 * args.frames):
+            files[n] = write_raw(Path(tmp) / f"raw-{n}.h5", iter_frames(rows=args.size, cols=args.size, n_frames=n, seed=1),
+                                 n_frames=n, geometry=default_geometry(args.size, args.size), frame_time_s=1e-3,
+                                 truth={"diffusion_m2_per_s": 3e-14, "contrast": 1.0})
+        generated_s = time.perf_counter() - started
+        kinds = ["ours", "ours+twotime"] + ([] if args.no_theirs else ["theirs", "theirs-in-memory"])
+        runs = [run_child(kind, files[args.frames], args.rings) for kind in kinds]
+        longer = [run_child(kind, files[2 * args.frames], args.rings) for kind in ("ours", "ours+twotime")]
+    load = os.getloadavg()[0]
     if args.json:
-        print(json.dumps(figures))
-    else:
-        print(f"XPCS multi-tau g2, {args.size}x{args.size} x {args.frames} frames, {args.rings} rings, "
-              f"{figures['lags']} lags, one core")
-        print(f"  reduction: {best:.2f} s = {figures['frames_per_s']:.0f} frames/s "
-              f"({figures['megapixel_frames_per_s']:.0f} Mpixel-frames/s)")
-        print(f"  memory: dataset {figures['dataset_mb']:.0f} MB, reduction working memory "
-              f"{figures['working_mb']:.0f} MB, process peak RSS {figures['peak_rss_mb']:.0f} MB")
-        print(f"  fitted rates vs truth: median error {figures['median_rate_error']:.1%}")
-        print(f"  (dataset generation, not timed: {generated_s:.1f} s)")
+        print(json.dumps({"size": args.size, "frames": args.frames, "rings": args.rings, "load": load,
+                          "runs": runs, "twice_as_long": longer}))
+        return
+    ds = runs[0]["dataset_mb"]
+    print(f"XPCS kernels, {args.size}x{args.size} x {args.frames} frames (uint16, {ds:.0f} MB), {args.rings} rings, "
+          f"one core, load average {load:.1f} (generation, not timed: {generated_s:.1f} s)")
+    print(f"  {'kernel':18s} {'frames/s':>9s} {'seconds':>8s} {'peak RSS':>9s} {'growth':>8s} {'growth/dataset':>15s}")
+    for r in runs:
+        print(f"  {r['kind']:18s} {r['frames_per_s']:9.0f} {r['seconds']:8.2f} {r['peak_mb']:7.0f}MB "
+              f"{r['growth_mb']:6.0f}MB {r['growth_mb'] / ds:14.2f}x")
+    by = {r["kind"]: r for r in runs}
+    if "theirs" in by:
+        t = by["theirs"]
+        m = by["theirs-in-memory"]
+        print(f"  ours/theirs frames/s: multi-tau {by['ours']['frames_per_s'] / t['frames_per_s']:.1f}x "
+              f"({by['ours']['frames_per_s'] / m['frames_per_s']:.1f}x theirs in memory), with two-time "
+              f"{by['ours+twotime']['frames_per_s'] / t['frames_per_s']:.1f}x; xpcs-correlator's numba JIT "
+              f"(not in its time): {t['jit_s']:.1f} s")
+        worst = max(abs(a - b) for a, b in zip(by["ours"]["g2_lag1"], t["g2_lag1"], strict=True))
+        print(f"  g2 at lag 1, ours vs theirs: largest difference over the rings {worst:.1e}")
+    tt = by["ours+twotime"]
+    print(f"  ours two-time: {tt['twotime_bins']} bins of {tt['avg_frame']} frames (theirs: every frame); "
+          f"fitted rates vs truth: "
+          f"median error {by['ours']['rate_error']:.1%}")
+    print(f"  run twice as long ({2 * args.frames} frames, {2 * ds:.0f} MB), ours:")
+    for short, long in zip(runs[:2], longer, strict=True):
+        print(f"    {short['kind']:16s} peak RSS {short['peak_mb']:.0f} -> {long['peak_mb']:.0f} MB, growth "
+              f"{short['growth_mb']:.0f} -> {long['growth_mb']:.0f} MB; {long['frames_per_s']:.0f} frames/s")
 
 
 if __name__ == "__main__":

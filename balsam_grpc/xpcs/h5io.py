@@ -45,8 +45,10 @@ FRAMES = "/entry/data/data"
 DETECTOR = "/entry/instrument/detector_1"
 ENERGY = "/entry/instrument/incident_beam/incident_energy"
 TRUTH = "/entry/sample/synthetic"
-# Frames per block when reading: as many as fit in this many bytes (at least one).
+# Frames per block when reading: as many as fit in this many bytes (at least one), at
+# most BLOCK_FRAMES (more frames per block only add memory, not speed).
 BLOCK_BYTES = 32 << 20
+BLOCK_FRAMES = 128
 H5_SUFFIXES = (".h5", ".hdf", ".hdf5", ".nxs")
 
 
@@ -117,7 +119,7 @@ class RawFile:
 
     def block_frames(self, block_bytes: int = BLOCK_BYTES) -> int:
         frame_bytes = int(np.prod(self.frames.shape[1:])) * self.frames.dtype.itemsize
-        frames = max(1, block_bytes // max(frame_bytes, 1))
+        frames = max(1, min(BLOCK_FRAMES, block_bytes // max(frame_bytes, 1)))
         chunk = (self.frames.chunks or (1,))[0]
         return max(chunk, frames // chunk * chunk)  # whole HDF5 chunks per read
 

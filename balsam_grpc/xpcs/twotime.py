@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Defaults: at most 1024 time bins and 256 MB of binned frames.
-MAX_BINS = 1024
+# Defaults: at most 512 time bins (maps of 2 MB per ring) and 256 MB of binned frames.
+MAX_BINS = 512
 MAX_BYTES = 256 << 20
 # Pixels per tile of the final matrix products (float64 copies of bins x tile).
 TILE_BYTES = 16 << 20
