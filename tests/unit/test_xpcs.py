@@ -205,7 +205,7 @@ def test_two_time_maps_give_the_definition_and_its_diagonals_the_decay() -> None
 
 
 def test_two_time_memory_is_capped_by_wider_bins() -> None:
-    assert choose_binning(1000, 100) == 1
+    assert choose_binning(500, 100) == 1 and choose_binning(1000, 100) == 2  # at most MAX_BINS = 512 bins
     assert choose_binning(4000, 100, max_bins=1000) == 4
     short, long = choose_binning(10_000, 50_000, max_bytes=64 << 20), choose_binning(20_000, 50_000, max_bytes=64 << 20)
     assert long == 2 * short and 20_000 // long == 10_000 // short
