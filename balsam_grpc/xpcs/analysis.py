@@ -15,7 +15,7 @@ import numpy as np
 
 from balsam_grpc.xpcs.fit import fit_decay
 from balsam_grpc.xpcs.geometry import Geometry, ring_labels
-from balsam_grpc.xpcs.h5io import ResultArrays, is_h5, open_raw, write_raw, write_results
+from balsam_grpc.xpcs.h5io import ResultArrays, holds_h5, is_h5, open_raw, write_raw, write_results
 from balsam_grpc.xpcs.multitau import MultiTau
 from balsam_grpc.xpcs.synthetic import Dataset
 from balsam_grpc.xpcs.twotime import MAX_BINS, MAX_BYTES, TwoTime, TwoTimeAccumulator
@@ -40,7 +40,7 @@ def save_dataset(dataset: Dataset, path: Path, *, compress: bool = True) -> Path
 
 def load_dataset(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """The whole frame stack and its metadata (small datasets; `analyze_file` streams)."""
-    if is_h5(path):
+    if holds_h5(path):
         with open_raw(path) as raw:
             return raw.frames[()], raw.meta
     with np.load(path, allow_pickle=False) as data:
@@ -131,7 +131,7 @@ def analyze(frames: np.ndarray, meta: dict[str, Any], *, n_rings: int = 8, buffe
 def reduce_file(dataset_path: Path, *, n_rings: int = 8, buffers: int = 8, twotime: bool = True,
                 block_frames: int | None = None, **kwargs: Any) -> Reduction:
     """Reduce a raw HDF5 file (streamed a block at a time) or an .npz (loaded whole)."""
-    if is_h5(dataset_path):
+    if holds_h5(dataset_path):
         with open_raw(dataset_path) as raw:
             return reduce_stream(raw.blocks(block_frames), raw.n_frames, raw.meta, n_rings=n_rings, buffers=buffers,
                                  twotime=twotime, **kwargs)

@@ -52,8 +52,23 @@ BLOCK_FRAMES = 128
 H5_SUFFIXES = (".h5", ".hdf", ".hdf5", ".nxs")
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def is_h5(path: Path | str) -> bool:
+    """An HDF5 path by its suffix (for files to write)."""
     return Path(path).suffix.lower() in H5_SUFFIXES
+
+
+def holds_h5(path: Path | str) -> bool:
+    """An existing file that is HDF5, by its signature whatever its name (a staged-in
+    dataset keeps the app's local name), or else by its suffix."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return fh.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return is_h5(path)
 
 
 def _scalar(group: h5py.Group, name: str, value: float, units: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from balsam_grpc.xpcs.analysis import analyze, load_dataset, reduce_file, save_dataset
+from balsam_grpc.xpcs.analysis import analyze, analyze_file, load_dataset, reduce_file, save_dataset
 from balsam_grpc.xpcs.fit import fit_decay
 from balsam_grpc.xpcs.geometry import Geometry, ring_labels
 from balsam_grpc.xpcs.h5io import open_raw, read_results
@@ -244,3 +244,15 @@ def test_command_line_writes_and_reads_hdf5(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     back = read_results(viewer)
     np.testing.assert_allclose(back.g2, [r["g2"] for r in json.loads(summary.read_text())["rings"]], rtol=1e-12)
+
+
+def test_the_site_app_takes_a_raw_file_under_its_local_name(tmp_path: Path) -> None:
+    """A staged-in raw HDF5 file keeps the app's local name (dataset.npz): it is known by
+    its signature, and the app also leaves the viewer's results file."""
+    from balsam_grpc.xpcs.site_app import DATASET_FILE, RESULT_FILE, VIEWER_FILE
+
+    dataset = generate(rows=16, cols=16, n_frames=128, seed=8)
+    staged = save_dataset(dataset, tmp_path / "ds.h5", compress=False).rename(tmp_path / DATASET_FILE)
+    summary = analyze_file(staged, tmp_path / RESULT_FILE, n_rings=3, viewer_path=tmp_path / VIEWER_FILE)
+    assert summary["frames"] == 128 and summary["twotime"]["bins"] == 128
+    np.testing.assert_allclose(read_results(tmp_path / VIEWER_FILE).g2, [r["g2"] for r in summary["rings"]])
