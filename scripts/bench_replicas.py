@@ -44,22 +44,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_load  # noqa: E402
+from benchkit import bearer, site_with_app  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from balsam_grpc.v1 import (  # noqa: E402
-    app_pb2,
-    app_service_pb2,
-    app_service_pb2_grpc,
-    job_pb2,
-    job_service_pb2,
-    job_service_pb2_grpc,
-    session_service_pb2,
-    session_service_pb2_grpc,
-    site_pb2,
-    site_service_pb2,
-    site_service_pb2_grpc,
-)
+from balsam_grpc.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc  # noqa: E402
+from balsam_grpc.v1 import session_service_pb2, session_service_pb2_grpc  # noqa: E402
 
 ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
 
@@ -175,13 +165,10 @@ def streams_process(target: str, token: str, world: dict[str, Any], args: argpar
 async def wakeups(url: str, count: int) -> dict[str, Any]:
     replicas = Replicas(url, 2)
     try:
-        md = (("authorization", f"Bearer {replicas.token}"),)
+        md = bearer(replicas.token)
         a, b = replicas.addresses
         with grpc.insecure_channel(a) as ch:
-            site = site_service_pb2_grpc.SiteServiceStub(ch).CreateSite(site_service_pb2.CreateSiteRequest(
-                site=site_pb2.Site(name=f"wake-{secrets.token_hex(3)}")), metadata=md).site
-            app = app_service_pb2_grpc.AppServiceStub(ch).CreateApp(app_service_pb2.CreateAppRequest(
-                app=app_pb2.App(site_id=site.id, name="noop", command_template="/bin/true")), metadata=md).app
+            site_id, app_id = site_with_app(ch, md, f"wake-{secrets.token_hex(3)}")
         latencies: list[float] = []
         async with grpc.aio.insecure_channel(b) as channel_b, grpc.aio.insecure_channel(a) as channel_a:
             jobs_a = job_service_pb2_grpc.JobServiceStub(channel_a)
@@ -189,7 +176,7 @@ async def wakeups(url: str, count: int) -> dict[str, Any]:
             Req = session_service_pb2.SessionServiceConnectRequest
 
             async def requests() -> Any:
-                yield Req(open=session_service_pb2.SessionOpen(site_id=site.id, hostname="bench"))
+                yield Req(open=session_service_pb2.SessionOpen(site_id=site_id, hostname="bench"))
                 yield Req(credit=session_service_pb2.SessionCredit(max_jobs=count + 10, free_nodes=count + 10.0))
                 await asyncio.Event().wait()  # keep the stream open
 
@@ -204,7 +191,7 @@ async def wakeups(url: str, count: int) -> dict[str, Any]:
             await asyncio.sleep(1.0)  # the session is open and its credit applied
             for i in range(count):
                 await jobs_a.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
-                    app_id=app.id, workdir=f"wake/{i}")), metadata=md, timeout=30)
+                    app_id=app_id, workdir=f"wake/{i}")), metadata=md, timeout=30)
                 created = time.perf_counter()
                 leased = await asyncio.wait_for(queue.get(), 30)
                 latencies.append((leased - created) * 1000)

@@ -37,22 +37,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_api import start_server  # noqa: E402
+from benchkit import bearer, site_with_app  # noqa: E402
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
-from balsam_grpc.v1 import (  # noqa: E402
-    app_pb2,
-    app_service_pb2,
-    app_service_pb2_grpc,
-    common_pb2,
-    job_pb2,
-    job_service_pb2,
-    job_service_pb2_grpc,
-    session_service_pb2,
-    session_service_pb2_grpc,
-    site_pb2,
-    site_service_pb2,
-    site_service_pb2_grpc,
-)
+from balsam_grpc.v1 import common_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc  # noqa: E402
+from balsam_grpc.v1 import session_service_pb2, session_service_pb2_grpc  # noqa: E402
 
 Req = session_service_pb2.SessionServiceConnectRequest
 SLOTS = 16
@@ -102,18 +91,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(address: str, token: str, n: int, m: int, recovery: bool = True) -> dict[str, float]:
-    md = (("authorization", f"Bearer {token}"),)
+    md = bearer(token)
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    sites = site_service_pb2_grpc.SiteServiceStub(channel)
-    apps = app_service_pb2_grpc.AppServiceStub(channel)
     jobs = job_service_pb2_grpc.JobServiceStub(channel)
     out: dict[str, float] = {}
 
     def world(name: str) -> tuple[int, int]:
-        site = sites.CreateSite(site_service_pb2.CreateSiteRequest(site=site_pb2.Site(name=name)), metadata=md).site
-        app = apps.CreateApp(app_service_pb2.CreateAppRequest(app=app_pb2.App(
-            site_id=site.id, name="true", command_template="/bin/true")), metadata=md).app
-        return site.id, app.id
+        return site_with_app(channel, md, name)
 
     # Latency: one job at a time into an idle, waiting session.
     site_id, app_id = world("latency")

@@ -1,8 +1,11 @@
 """What the benchmarks measure besides wall clock: CPU and memory of the processes involved,
 including the database's own (PostgreSQL backends are processes of their own; a benchmark
-that counts only the server's CPU hides the larger part of a bulk write)."""
+that counts only the server's CPU hides the larger part of a bulk write), and the setup
+several benchmarks share (call metadata, a site with an app to lease from)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import psutil
 
@@ -61,3 +64,21 @@ class DatabaseCpu:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying `token`."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def site_with_app(channel: Any, md: tuple[tuple[str, str], ...], name: str) -> tuple[int, int]:
+    """A new site named `name` with one app, "true" (/bin/true): (site id, app id). The
+    world a session benchmark leases from."""
+    from balsam_grpc.v1 import app_pb2, app_service_pb2, app_service_pb2_grpc, site_pb2, site_service_pb2
+    from balsam_grpc.v1 import site_service_pb2_grpc
+
+    site = site_service_pb2_grpc.SiteServiceStub(channel).CreateSite(
+        site_service_pb2.CreateSiteRequest(site=site_pb2.Site(name=name)), metadata=md).site
+    app = app_service_pb2_grpc.AppServiceStub(channel).CreateApp(app_service_pb2.CreateAppRequest(
+        app=app_pb2.App(site_id=site.id, name="true", command_template="/bin/true")), metadata=md).app
+    return site.id, app.id
