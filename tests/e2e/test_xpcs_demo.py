@@ -28,7 +28,7 @@ from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 0.15  # relative error of the fitted D; the kernel's is a few percent
-DATASETS = 24
+DATASETS = 12  # two bursts of 6, more than alpha and beta hold at once (4 + 2 nodes)
 CAPS = {"alpha": 4, "beta": 2, "gamma": 1}  # elastic_queue.max_total_nodes of the demo's sites
 
 POSTGRES_URL = os.environ.get("BALSAM_TEST_DATABASE_URL", "")
