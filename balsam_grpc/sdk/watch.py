@@ -21,6 +21,7 @@ import structlog
 from google.protobuf.message import Message
 
 from balsam_grpc.core.backoff import Backoff
+from balsam_grpc.core.errors import is_draining
 from balsam_grpc.sdk.client import BACKOFF_INITIAL, BACKOFF_MAX
 from balsam_grpc.sdk.errors import error_from_rpc
 from balsam_grpc.v1 import event_service_pb2
@@ -160,6 +161,8 @@ class EventStream:
                 if code in SUSPECT:
                     suspect_failures += 1
                 log.info("watch stream lost; resuming", code=getattr(code, "name", code), cursor=self.cursor)
+                if not first and is_draining(err):
+                    continue  # its replica is shutting down: resume through another one now
             finally:
                 with self._lock:
                     self._call = None

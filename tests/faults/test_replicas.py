@@ -10,9 +10,10 @@
 - kill -9 of the replica that holds the daemon's and the launcher's streams under load
   (they were given all three addresses): both move to the others, the session is
   resumed within one lease timeout, nothing is lost and nothing runs twice.
-- Drain (SIGTERM) of the replica that holds them: it ends their streams with
-  UNAVAILABLE DRAINING, both reconnect to the other replica at once (no backoff), the
-  session is resumed (not reaped), nothing is lost and nothing runs twice.
+- Drain (SIGTERM) of the replica that holds them and an SDK watch: it ends their streams
+  with UNAVAILABLE DRAINING, all reconnect to the other replica at once (no backoff), the
+  session is resumed (not reaped), nothing is lost and nothing runs twice, and the watch
+  sees every event once and in order.
 
 PostgreSQL only: SQLite serves one process (a second server on it is refused, see
 tests/server/test_replica_guard.py).
@@ -265,7 +266,7 @@ def test_replica_drain_hands_its_streams_over(tmp_path: Path) -> None:
     both = f"{a.address},{b.address}"
     # Only A serves yet, so the daemon's and the launcher's streams land there.
     site = SiteProc(tmp_path, a, address=both, elastic_queue__enabled=False)
-    launcher = client = None
+    launcher = client = watch_client = None
     try:
         site.start()
         launcher = LauncherProc(site.dir, a, address=both)
@@ -274,6 +275,8 @@ def test_replica_drain_hands_its_streams_over(tmp_path: Path) -> None:
                  on_timeout=launcher.text)
         (session_id,) = _active_sessions(client_a, site.id)
         client_a.close()
+        watch_client = a.client(address=both)
+        watcher = Watcher(watch_client, site.id)  # an SDK watch, on A as well
         b.start()
         client = b.client()
         ids = create_jobs(client, 4, "before", app_name="Nap", site_id=site.id, node_packing_count=8,
@@ -303,7 +306,9 @@ def test_replica_drain_hands_its_streams_over(tmp_path: Path) -> None:
         drain_lines = [e for e in _log_events(a, 0) if e.get("event") == "streams handed over"]
         assert drain_lines and drain_lines[0]["streams"] >= 2, a.log_tail()
         drained_streams = {e["method"] for e in _log_events(a, 0) if e.get("reason") == "DRAINING"}
-        assert drained_streams == {"Site.Connect", "Session.Connect"}, drained_streams
+        assert drained_streams == {"Site.Connect", "Session.Connect", "Event.WatchEvents"}, drained_streams
+        # The watch resumed through B from its cursor: every event once, in order.
+        assert watcher.check(client) > 0 and watcher.stream.reconnects >= 1
         # The same session carried on (resumed on B, never reaped or replaced).
         assert _active_sessions(client, site.id) == [session_id]
         assert bool(client.sites.get(id=site.id).liveness.connected)
@@ -311,8 +316,9 @@ def test_replica_drain_hands_its_streams_over(tmp_path: Path) -> None:
         if launcher is not None:
             launcher.stop()
         site.stop()
-        if client is not None:
-            client.close()
+        for c in (client, watch_client):
+            if c is not None:
+                c.close()
         for s in (a, b):
             s.stop()
         drop_postgres(a.database_url)
