@@ -76,14 +76,15 @@ def reduce_stream(blocks: Iterable[np.ndarray], n_frames: int, meta: dict[str, A
     image = np.zeros(labels.shape)
     intensity = np.zeros(n_frames)
     inside = labels >= 0
+    pixels_per_ring = np.bincount(labels[inside], minlength=n_rings).astype(np.float64)
     fed = 0
     for block in blocks:
         block = np.asarray(block)
-        kernel.update(block)
+        ring_means = kernel.update(block)
         if c2 is not None:
             c2.update(block)
         image += block.sum(axis=0, dtype=np.float64)
-        intensity[fed:fed + block.shape[0]] = block[:, inside].mean(axis=1, dtype=np.float64)
+        intensity[fed:fed + block.shape[0]] = ring_means @ pixels_per_ring / pixels_per_ring.sum()
         fed += block.shape[0]
     corr = kernel.result()
     maps = c2.result() if c2 is not None else None

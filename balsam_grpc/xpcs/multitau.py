@@ -88,9 +88,8 @@ class MultiTau:
         inside = np.flatnonzero((flat >= 0) & (flat < n_rings))
         self.pixel_index = inside[np.argsort(flat[inside], kind="stable")]  # sorted by ring
         self.pixel_ring = flat[self.pixel_index]
-        bounds = np.searchsorted(self.pixel_ring, np.arange(n_rings + 1))
-        self.ring_starts = bounds[:-1][np.diff(bounds) > 0]
-        self.filled_rings = np.flatnonzero(np.diff(bounds) > 0)
+        self.bounds = np.searchsorted(self.pixel_ring, np.arange(n_rings + 1))  # ring r: bounds[r]:bounds[r+1]
+        self.ring_pixels = np.diff(self.bounds)
         self.normalization = normalization
         # "ring": the same multi-tau sums over the ring-mean series (one pseudo-pixel per ring).
         self.means = (MultiTau(np.arange(n_rings), n_rings, n_frames, frame_time_s, buffers=buffers,
@@ -115,8 +114,9 @@ class MultiTau:
         own = sum(a.nbytes for a in (self.carry, self.head, self.total, self.pending, *self.products))
         return own + (self.means.state_bytes if self.means is not None else 0)
 
-    def update(self, block: np.ndarray) -> None:
-        """Feed the next frames, (m, rows, cols) or (m, rows*cols), in time order."""
+    def update(self, block: np.ndarray) -> np.ndarray:
+        """Feed the next frames, (m, rows, cols) or (m, rows*cols), in time order. Returns
+        the mean intensity of each ring in each frame, (m, n_rings)."""
         block = np.asarray(block)
         m = block.shape[0]
         if block.reshape(m, -1).shape[1] != int(np.prod(self.shape)):
@@ -124,16 +124,10 @@ class MultiTau:
         if self.fed + m > self.n_frames:
             raise ValueError(f"more frames than announced ({self.fed + m} > {self.n_frames})")
         self.fed += m
+        ring_sums = np.zeros((m, self.n_rings))
         if m == 0 or self.n_levels == 0:
-            return
+            return ring_sums
         picked = block.reshape(m, -1)[:, self.pixel_index]
-        if self.means is not None:
-            ring_means = np.zeros((m, self.n_rings))
-            if self.ring_starts.size:
-                sums = np.add.reduceat(picked, self.ring_starts, axis=1, dtype=np.float64)
-                pixels = np.diff(np.append(self.ring_starts, picked.shape[1]))
-                ring_means[:, self.filled_rings] = sums / pixels
-            self.means.update(ring_means)
         # New frames per level: level L+1 gets a frame for every completed pair of level L.
         counts, new = [], m
         for level in range(self.n_levels):
@@ -141,10 +135,21 @@ class MultiTau:
             new = (self.seen[level] + new) // 2 - self.seen[level] // 2
         tile = self.chunk_pixels or max(1, self.chunk_bytes // (8 * (m + self.hold)))
         for start in range(0, picked.shape[1], tile):
-            cols = slice(start, start + tile)
-            self._feed(0, picked[:, cols].astype(np.float64), cols, counts)
+            stop = min(start + tile, picked.shape[1])
+            x = picked[:, start:stop].astype(np.float64)
+            # Ring sums from the tile (pixels are sorted by ring: a tile spans few rings).
+            first, last = np.searchsorted(self.bounds, [start, stop - 1], side="right") - 1
+            for r in range(first, last + 1):
+                lo, hi = max(self.bounds[r], start) - start, min(self.bounds[r + 1], stop) - start
+                if hi > lo:
+                    ring_sums[:, r] += x[:, lo:hi].sum(axis=1)
+            self._feed(0, x, slice(start, stop), counts)
         for level, count in enumerate(counts):
             self.seen[level] += count
+        ring_means = ring_sums / np.maximum(self.ring_pixels, 1)
+        if self.means is not None:
+            self.means.update(ring_means)
+        return ring_means
 
     def _feed(self, level: int, x: np.ndarray, cols: slice, counts: list[int]) -> None:
         while level < self.n_levels and x.shape[0]:

@@ -228,6 +228,8 @@ def test_raw_hdf5_round_trip_and_streamed_reduction(tmp_path: Path) -> None:
     np.testing.assert_allclose(back.g2, [r["g2"] for r in whole["rings"]], rtol=1e-12)
     np.testing.assert_allclose(back.twotime, streamed.twotime.maps, rtol=1e-6)
     assert list(back.twotime_rings) == [0, 1, 2, 3] and back.summary["frames"] == 200
+    np.testing.assert_allclose(back.intensity_t, dataset.frames[:, back.labels >= 0].mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(back.saxs_2d, dataset.frames.mean(axis=0), rtol=1e-6)
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="bad.h5"):
         open_raw(tmp_path / "bad.h5")
