@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """API throughput of a real server process, through the generated stubs.
 
-Usage: scripts/bench_api.py [--database URL ...] [-n N] [--rounds R] [--json]
+Usage: scripts/bench_api.py [--database URL ...] [-n N] [--rounds R] [--count-at M] [--json]
 
 Starts `python -m balsam_grpc.server` once per database (default: a temporary SQLite
 file, plus PostgreSQL when BALSAM_TEST_DATABASE_URL is set) and prints, per database:
@@ -15,6 +15,10 @@ SQLite runs inside the server) and their sum (`*_total_cpu_us`). With `--rounds 
 whole sequence runs R times (fresh jobs each round) and each figure is the median over
 the rounds. The benchmark deletes its site at the end, so repeated runs
 against one database measure the same amount of data.
+
+`--count-at M` then fills a site with M jobs (bulk creates) and times CountJobs over
+them: grouped by state (`count_by_state_p50_ms`, answered from the counts table) and
+grouped by app (`count_by_app_p50_ms`, which counts the jobs themselves), p50 of 30 calls.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def start_server(url: str, home: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start within 60 s")
 
 
-def bench(url: str, n: int, rounds: int = 1) -> dict[str, float]:
+def bench(url: str, n: int, rounds: int = 1, count_at: int = 0) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="balsam-bench-") as home:
         proc, token = start_server(url, home)
         try:
@@ -85,7 +89,10 @@ def bench(url: str, n: int, rounds: int = 1) -> dict[str, float]:
                 results = [run(address, token, n, CpuClock(proc.pid, database), r) for r in range(rounds)]
             finally:
                 database.close()
-            return median_of(results)
+            figures = median_of(results)
+            if count_at:
+                figures.update(count_bench(address, token, count_at))
+            return figures
         finally:
             proc.terminate()
             proc.wait(30)
@@ -190,11 +197,44 @@ def run(address: str, token: str, n: int, cpu: CpuClock, round_: int = 0) -> dic
     return figures
 
 
+def count_bench(address: str, token: str, total: int) -> dict[str, float]:
+    """CountJobs latency with `total` jobs at one site (see the module's docstring)."""
+    md = (("authorization", f"Bearer {token}"),)
+    channel = grpc.insecure_channel(address)
+    sites = site_service_pb2_grpc.SiteServiceStub(channel)
+    jobs = job_service_pb2_grpc.JobServiceStub(channel)
+    site = sites.CreateSite(site_service_pb2.CreateSiteRequest(site=site_pb2.Site(name=f"count-{time.time_ns()}")),
+                            metadata=md).site
+    app = app_service_pb2_grpc.AppServiceStub(channel).CreateApp(app_service_pb2.CreateAppRequest(app=app_pb2.App(
+        site_id=site.id, name="sim", command_template="/bin/true")), metadata=md).app
+    for start in range(0, total, BATCH):
+        jobs.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+            job_pb2.Job(app_id=app.id, workdir=f"c/{start + i}") for i in range(min(BATCH, total - start))]),
+            metadata=md, timeout=600)
+        if start % 100_000 == 0:
+            print(f"  count: {start + BATCH}/{total} jobs", file=sys.stderr)
+    figures: dict[str, float] = {}
+    for name, group in (("state", job_service_pb2.JOB_GROUP_BY_STATE), ("app", job_service_pb2.JOB_GROUP_BY_APP)):
+        times = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            answer = jobs.CountJobs(job_service_pb2.CountJobsRequest(group_by=[group]), metadata=md, timeout=600)
+            times.append((time.perf_counter() - t0) * 1000)
+        assert answer.total >= total, answer.total
+        figures[f"count_by_{name}_p50_ms"] = round(statistics.median(times), 3)
+    figures["count_jobs"] = total
+    sites.DeleteSite(site_service_pb2.DeleteSiteRequest(id=site.id), metadata=md, timeout=1200)
+    channel.close()
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database", action="append", help="database URL (repeatable)")
     parser.add_argument("-n", type=int, default=20_000, help="jobs for the bulk figures (default 20000)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sequence; each figure is the median over rounds")
+    parser.add_argument("--count-at", type=int, default=0, metavar="M",
+                        help="also time CountJobs over a site of M jobs (for example 1000000)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
     urls = args.database or []
@@ -207,7 +247,7 @@ def main() -> int:
     for url in urls:
         backend = url.split(":", 1)[0].split("+", 1)[0]
         print(f"benchmarking {backend} ...", file=sys.stderr)
-        results[backend] = bench(url, args.n, max(1, args.rounds))
+        results[backend] = bench(url, args.n, max(1, args.rounds), args.count_at)
     if args.json:
         print(json.dumps(results))
     else:

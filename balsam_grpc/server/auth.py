@@ -101,7 +101,7 @@ class Authenticator:
             if hit[2] <= now:
                 raise Unauthenticated("token expired; log in again with 'balsamctl login'")
             return hit[1]
-        row = await self.db.read(user_store.resolve_token, secret) if _SECRET_SHAPE.fullmatch(secret) else None
+        row = await self.db.read_now(user_store.resolve_token, secret) if _SECRET_SHAPE.fullmatch(secret) else None
         if row is None:
             raise Unauthenticated("unknown token; log in again with 'balsamctl login'")
         if row["revoked"]:
@@ -180,7 +180,7 @@ class Authenticator:
         longer valid, or None while it still is."""
         if JobTokens.owns(token_id):
             return await self.job_tokens.recheck(token_id)
-        row = await self.db.read(_token_state, token_id)
+        row = await self.db.read_now(_token_state, token_id)
         if row is None:
             return Unauthenticated("the token no longer exists; log in again with 'balsamctl login'")
         if row["revoked"]:

@@ -231,7 +231,7 @@ class Fanout:
     async def start(self) -> None:
         """Learn the horizon now (streams opened before the first event take it as their
         start) and run the dispatcher."""
-        horizon, _ = await self.db.read(event_horizon)
+        horizon, _ = await self.db.read_now(event_horizon)
         self.bus.advance(horizon)
         self._ensure_running()
 
@@ -273,8 +273,8 @@ class Fanout:
             try:
                 if not self.bus.ordered_commits:
                     start = self.position
-                    horizon, last, rows = await self.db.read(read_horizon_and_events, start, READ_BATCH,
-                                                             self.count > 0)
+                    horizon, last, rows = await self.db.read_now(read_horizon_and_events, start, READ_BATCH,
+                                                                 self.count > 0)
                     self.bus.advance(horizon)
                     recheck = None if horizon >= last else min(RECHECK_SECONDS[1], 2 * recheck) if recheck \
                         else RECHECK_SECONDS[0]
@@ -284,7 +284,7 @@ class Fanout:
                 if self.count == 0:
                     self.position = max(self.position, high)  # nobody to route to: no read
                 while self.position < high:
-                    self._read(await self.db.read(read_events, self.position, high, READ_BATCH), high)
+                    self._read(await self.db.read_now(read_events, self.position, high, READ_BATCH), high)
                 delay = RETRY_SECONDS[0]
             except asyncio.CancelledError:
                 raise

@@ -157,7 +157,7 @@ def test_migration_keeps_the_data_and_ends_id_reuse(backend: str, tmp_path: Path
                 assert conn.execute(select(jobs.c.batch_job_id).where(jobs.c.id == 1)).scalar_one() == 1
                 if backend == "sqlite":
                     indexes = set(conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'index'")).scalars())
-                    assert {"ix_jobs_runnable", "ix_jobs_lease_order", "ix_jobs_cleanup_due"} <= indexes
+                    assert {"ix_jobs_session_id", "ix_jobs_lease_order", "ix_jobs_cleanup_due"} <= indexes
                     sequences = dict(conn.execute(text("SELECT name, seq FROM sqlite_sequence")).all())
                     for table in ("batch_jobs", "transfer_items", "users", "apps"):
                         assert sequences[table] >= highest[table], table

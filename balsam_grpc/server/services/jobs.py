@@ -24,6 +24,7 @@ from balsam_grpc.server.idempotency import idempotent
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import unary
 from balsam_grpc.server.state import ServerState
+from balsam_grpc.server.store import job_counts
 from balsam_grpc.server.store import jobs as store
 from balsam_grpc.server.store.tables import apps
 from balsam_grpc.server.store.transitions import Refusal
@@ -343,6 +344,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         # Jobs created since the planner statistics were last refreshed.
         self._unanalyzed = 0
         self._stats_task: asyncio.Task[None] | None = None
+        # Owners whose job_counts rows are being compacted (store/job_counts.py).
+        self._compacting: dict[int, asyncio.Task[None]] = {}
 
     def _created(self, count: int) -> None:
         """After a commit: refresh planner statistics in the background once enough jobs
@@ -363,7 +366,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @unary(job_token=True)
     async def GetJob(self, request, context, principal):  # noqa: N802
-        row = await self.db.read(store.get_job, principal.user_id, request.id, _scope(principal))
+        row = await self.db.read_now(store.get_job, principal.user_id, request.id, _scope(principal))
         return job_service_pb2.GetJobResponse(job=job_to_message(row))
 
     @unary(job_token=True)
@@ -378,7 +381,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         shown = BASIC_COLUMNS if view == job_service_pb2.JOB_VIEW_BASIC else FULL_COLUMNS
         # Only the columns the view shows, plus the sort keys for the next page token.
         columns = tuple({c.name: c for c in (*shown, *(store.ORDER_COLUMNS[n] for n, _ in order))}.values())
-        keys, rows = await self.db.read(store.list_job_tuples, q, order, after, size + 1, columns, True)
+        keys, rows = await self.db.read_now(store.list_job_tuples, q, order, after, size + 1, columns, True)
         more = len(rows) > size
         rows = rows[:size]
         response = job_service_pb2.ListJobsResponse()
@@ -397,12 +400,33 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         # A repeated dimension groups the same as once (twice selected the column twice: INTERNAL).
         group_by = list(dict.fromkeys({"STATE": "state", "SITE": "site", "APP": "app"}[g]
                                       for g in GROUP_BY.names(request.group_by, "group_by")))
-        total, groups = await self.db.read(store.count_jobs, q, group_by)
+        if job_counts.answers(q, group_by):
+            # From the counts the triggers keep: as fast at a million jobs as at ten.
+            total, groups, untidy = await self.db.read_now(job_counts.count, q, group_by)
+            if untidy:
+                self._compact_counts(principal.user_id)
+        else:
+            total, groups = await self.db.read_now(store.count_jobs, q, group_by)
         response = job_service_pb2.CountJobsResponse(total=total)
         for g in groups:
             response.groups.add(state=STATES.number(g.get("state")), site_id=g.get("site") or 0,
                                 app_id=g.get("app") or 0, count=g["count"])
         return response
+
+    def _compact_counts(self, owner_id: int) -> None:
+        """Fold the owner's job_counts rows in the background (the caller never waits)."""
+        if owner_id in self._compacting:
+            return
+
+        async def run() -> None:
+            try:
+                await self.db.write(job_counts.compact, owner_id)
+            except Exception:  # noqa: BLE001 - an optimisation; the next read asks again
+                log.warning("compacting job counts failed", owner_id=owner_id, exc_info=True)
+            finally:
+                self._compacting.pop(owner_id, None)
+
+        self._compacting[owner_id] = asyncio.get_running_loop().create_task(run())
 
     async def _create(self, principal: Principal, jobs: list[job_pb2.Job], request: Any, method: str,
                       response_type: Any, view: int) -> Any:

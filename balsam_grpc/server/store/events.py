@@ -68,6 +68,23 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
     conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
 
 
+def marked_insert_sql(source: str) -> str:
+    """`_MARKED_INSERT` for callers that insert other rows in the same statement: the
+    CTEs event_mark and event_wake (params :channel, :hint) and an INSERT INTO events
+    ... SELECT from `source`, a FROM item with the event columns (_COLUMNS; data as
+    jsonb text), as a CTE `new_events` returning the ids. The caller passes the highest
+    of them to note_inserted."""
+    return (f"event_mark AS MATERIALIZED ({_MARK}), event_wake AS MATERIALIZED (SELECT pg_notify(:channel, :hint)), "
+            f"new_events AS (INSERT INTO events ({', '.join(_COLUMNS)}) "
+            f"SELECT {', '.join('v.data::jsonb' if c == 'data' else 'v.' + c for c in _COLUMNS)} "
+            f"FROM event_mark, event_wake, {source} RETURNING id)")
+
+
+def note_inserted(conn: Connection, top: int) -> None:
+    """Record the highest event id a statement built with marked_insert_sql inserted."""
+    conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
+
+
 def wake_hint(rows: list[dict[str, Any]]) -> str:
     """The NOTIFY payload: the distinct "owner:site" pairs of these events, space-separated
     (or "*" when that would be too long)."""

@@ -26,12 +26,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.types import UserDefinedType
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, insert_rows
 from balsam_grpc.server.store.codec import column_values, is_json
+from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -469,8 +470,11 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
         spec["state_message"] = message
         spec["create_time"] = spec["update_time"] = spec["state_time"] = now
         spec.update(_NEW_JOB_DEFAULTS)
+    events_done = False
     if conn.dialect.name == "postgresql" and len(rows) < COPY_MIN_ROWS:
-        ids = _insert_unless_taken(conn, rows)
+        # The jobs and their creation events in one statement (one round trip).
+        ids = _insert_with_events(conn, owner_id, rows, event_data, now)
+        events_done = True
     else:
         try:
             with conn.begin_nested():
@@ -483,6 +487,10 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
     items = [dict(t, job_id=jid) for jid, ts in zip(ids, transfers, strict=True) for t in ts]
     if items:
         insert_rows(conn, transfer_items, items)
+    if events_done:
+        for row, jid in zip(rows, ids, strict=True):
+            row["id"] = jid
+        return rows
     event_rows = []
     job_event = event_log.job_event
     for row, jid, data in zip(rows, ids, event_data, strict=True):
@@ -494,26 +502,65 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
 
 
 _JOB_COLUMNS = [c.name for c in jobs.columns if c.name != "id"]
-# A taken (site, workdir) is skipped instead of raising, so no savepoint is needed to
-# keep the transaction usable for the error message: two round trips fewer per create.
-_INSERT_UNLESS_TAKEN = (pg_insert(jobs).on_conflict_do_nothing(index_elements=["site_id", "workdir"])
-                        .returning(jobs.c.id, jobs.c.site_id, jobs.c.workdir))
 
 
-def _insert_unless_taken(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
-    """Insert a few jobs in one statement (PostgreSQL) and return their ids in row
-    order; AlreadyExists (rolling the whole call back) when a workdir is taken."""
-    by_column = [column_values(jobs, c, rows) for c in _JOB_COLUMNS]
-    params = [dict(zip(_JOB_COLUMNS, values, strict=True)) for values in zip(*by_column, strict=True)]
-    if len(params) == 1:
-        got = conn.execute(_INSERT_UNLESS_TAKEN, params[0]).first()
-        by_key = {} if got is None else {(got.site_id, got.workdir): got.id}
-    else:
-        by_key = {(r.site_id, r.workdir): r.id for r in conn.execute(_INSERT_UNLESS_TAKEN, params)}
+_PG_DIALECT = postgresql.dialect()
+
+
+def _pg_type(column: Any) -> str:
+    return "TEXT" if is_json(column) else column.type.compile(dialect=_PG_DIALECT)
+
+
+_JOB_TYPES = [_pg_type(jobs.c[c]) for c in _JOB_COLUMNS]
+_JSON_COLUMNS = {c for c in _JOB_COLUMNS if is_json(jobs.c[c])}
+# Jobs from parameter arrays (one per column, JSON as text), a taken (site, workdir)
+# skipped instead of raising (no savepoint needed to keep the transaction usable for
+# the error message); then their creation events, joined to the new rows by (site,
+# workdir) (unique within a create), marked and notified as store.events.append does.
+# One round trip for what took two.
+_INSERT_WITH_EVENTS = text(
+    "WITH new_jobs AS ("
+    f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) "
+    f"SELECT {', '.join(f'j.{c}::jsonb' if c in _JSON_COLUMNS else f'j.{c}' for c in _JOB_COLUMNS)} "
+    f"FROM unnest({', '.join(f'CAST(:j_{c} AS {t}[])' for c, t in zip(_JOB_COLUMNS, _JOB_TYPES, strict=True))}) "
+    f"AS j({', '.join(_JOB_COLUMNS)}) "
+    "ON CONFLICT (site_id, workdir) DO NOTHING RETURNING id, site_id, workdir), "
+    + event_log.marked_insert_sql(
+        "(SELECT e.owner_id, n.site_id, n.id AS job_id, e.kind, e.subject_id, e.from_state, e.to_state, e.time, "
+        "e.receive_time, e.data, e.message FROM new_jobs AS n JOIN unnest(CAST(:e_site_id AS BIGINT[]), "
+        "CAST(:e_workdir AS TEXT[]), CAST(:e_owner_id AS BIGINT[]), CAST(:e_kind AS TEXT[]), CAST(:e_subject_id AS BIGINT[]), "
+        "CAST(:e_from_state AS TEXT[]), CAST(:e_to_state AS TEXT[]), CAST(:e_time AS TIMESTAMPTZ[]), "
+        "CAST(:e_receive_time AS TIMESTAMPTZ[]), CAST(:e_data AS TEXT[]), CAST(:e_message AS TEXT[])) "
+        "AS e(site_id, workdir, owner_id, kind, subject_id, from_state, to_state, time, receive_time, data, message) "
+        "ON e.site_id = n.site_id AND e.workdir = n.workdir ORDER BY n.id) AS v")
+    + " SELECT n.id, n.site_id, n.workdir, (SELECT max(id) FROM new_events) AS top FROM new_jobs AS n")
+
+
+def _insert_with_events(conn: Connection, owner_id: int, rows: list[dict[str, Any]],
+                        event_data: list[dict[str, Any] | None], now: datetime) -> list[int]:
+    """PostgreSQL, a few jobs: insert them and their CREATED -> state events in one
+    statement; their ids in row order. AlreadyExists (rolling the whole call back, the
+    notification with it) when a workdir is taken."""
+    params: dict[str, Any] = {}
+    for c in _JOB_COLUMNS:
+        values = column_values(jobs, c, rows)
+        params[f"j_{c}"] = [codec_dumps(v) for v in values] if c in _JSON_COLUMNS else values
+    params.update(
+        e_site_id=[r["site_id"] for r in rows], e_workdir=[r["workdir"] for r in rows], e_owner_id=[owner_id] * len(rows),
+        e_kind=[event_log.JOB_STATE] * len(rows), e_subject_id=[None] * len(rows),
+        e_from_state=[str(S.CREATED)] * len(rows), e_to_state=[str(r["state"]) for r in rows],
+        e_time=[now] * len(rows), e_receive_time=[now] * len(rows),
+        e_data=[None if d is None else codec_dumps(d) for d in event_data],
+        e_message=[r["state_message"] for r in rows],
+        channel=event_log.EVENTS_CHANNEL,
+        hint=event_log.wake_hint([{"owner_id": owner_id, "site_id": r["site_id"]} for r in rows]))
+    got = conn.execute(_INSERT_WITH_EVENTS, params).all()
+    by_key = {(r.site_id, r.workdir): r.id for r in got}
     for i, row in enumerate(rows):
         if (row["site_id"], row["workdir"]) not in by_key:
             # Rows inserted by this statement are not the conflict: look for another job.
             raise _workdir_conflict(conn, [row], first_index=i, exclude=list(by_key.values()))
+    event_log.note_inserted(conn, max(r.top for r in got))
     return [by_key[(row["site_id"], row["workdir"])] for row in rows]
 
 

@@ -203,16 +203,15 @@ jobs = Table(
     UniqueConstraint("site_id", "workdir"),
     Index("ix_jobs_owner_id_state_site_id", "owner_id", "state", "site_id"),
     Index("ix_jobs_app_id", "app_id"),
-    Index("ix_jobs_session_id", "session_id"),
-    Index("ix_jobs_batch_job_id", "batch_job_id"),
+    # Partial: every query asks for one value, and a new job has neither (revision 0010).
+    Index("ix_jobs_session_id", "session_id", postgresql_where=text("session_id IS NOT NULL"),
+          sqlite_where=text("session_id IS NOT NULL")),
+    Index("ix_jobs_batch_job_id", "batch_job_id", postgresql_where=text("batch_job_id IS NOT NULL"),
+          sqlite_where=text("batch_job_id IS NOT NULL")),
     Index("ix_jobs_tags_gin", "tags", postgresql_using="gin", postgresql_ops={"tags": "jsonb_path_ops"}),
-    # Acquisition scans only runnable jobs, by site then priority.
-    Index(
-        "ix_jobs_runnable", "site_id", text("priority DESC"), "id",
-        postgresql_where=text(RUNNABLE_PREDICATE),
-        sqlite_where=text(RUNNABLE_PREDICATE),
-    ),
     # Lease order of the session stream's acquisition (migration 0002): it stops early.
+    # Also serves every query on runnable jobs of a site (0010 dropped ix_jobs_runnable,
+    # a prefix of it with the same predicate).
     Index(
         "ix_jobs_lease_order", "site_id", text("priority DESC"), text("num_nodes DESC"), text("wall_time_min DESC"), "id",
         postgresql_where=text(RUNNABLE_PREDICATE),
@@ -225,6 +224,21 @@ jobs = Table(
         sqlite_where=text("state = 'JOB_FINISHED' AND cleaned_time IS NULL"),
     ),
     **NEVER_REUSED,
+)
+
+# Jobs per (owner, site, state), written by triggers on jobs in the transaction of every
+# insert, state change and delete (revision 0010, store/job_counts.py). The count of a
+# group is the sum over its shards: on PostgreSQL each writing transaction adds its own
+# row (shard = its transaction id) and compaction folds them into shard 0; SQLite's
+# single writer updates shard 0 in place. No foreign keys: a cascade's deletes write the
+# deltas that cancel a deleted site's rows.
+job_counts = Table(
+    "job_counts", metadata,
+    Column("owner_id", Id, primary_key=True),
+    Column("site_id", Id, primary_key=True),
+    Column("state", String(32), primary_key=True),
+    Column("shard", BigInteger, primary_key=True),
+    Column("n", BigInteger, nullable=False),
 )
 
 job_parents = Table(
@@ -331,5 +345,5 @@ server_keys = Table(
 
 def runnable_condition() -> Any:
     """`jobs.state IN ('PREPROCESSED', 'RESTART_READY')` with literal states: the
-    predicate of ix_jobs_runnable and ix_jobs_lease_order."""
+    predicate of ix_jobs_lease_order."""
     return jobs.c.state.in_([literal_column(lit) for lit in _RUNNABLE_LITERALS])

@@ -1,0 +1,80 @@
+"""CountJobs from the job_counts table (revision 0010) instead of the jobs themselves.
+
+Triggers on jobs keep job_counts exact in the transaction of every insert, state change
+and delete (cascades included): the count of (owner, site, state) is the sum of n over
+its shards. Reading it costs the number of its rows, not of the jobs. On PostgreSQL each
+writing transaction adds a row of its own per group it changed (no writer waits on
+another's counter); `compact` folds committed rows into shard 0:
+
+    DELETE the owner's shards <> 0 RETURNING them, add their sums into shard 0
+
+in one statement. It only ever moves counts it deleted itself, so it is exact with
+writers and other compactions running: rows of transactions in flight are invisible to
+it and stay, and of two compactions the second deletes (and moves) only what the first
+left.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, func, select, text
+
+from balsam_grpc.server.store.tables import job_counts
+
+# The groups CountJobs may ask the table for; any other dimension counts the jobs.
+GROUPS = {"state": job_counts.c.state, "site": job_counts.c.site_id}
+# A read that met more rows than this (plus a few per group) asks for a compaction.
+COMPACT_AFTER_ROWS = 64
+
+
+def answers(q: Any, group_by: list[str]) -> bool:
+    """Can the table answer this JobQuery: owner, site and state terms only."""
+    if any(g not in GROUPS for g in group_by):
+        return False
+    return not any((q.ids, q.tags, q.exclude_tags, q.app_ids, q.app_names, q.parent_ids, q.workdir_contains,
+                    q.create_start, q.create_end, q.update_start, q.update_end, q.batch_job_ids, q.session_id))
+
+
+def count(conn: Connection, q: Any, group_by: list[str]) -> tuple[int, list[dict[str, Any]], bool]:
+    """(total, groups as store.jobs.count_jobs gives them, whether to compact)."""
+    c = job_counts.c
+    conds = [c.owner_id == q.owner_id]
+    if q.site_scope is not None:
+        conds.append(c.site_id == q.site_scope)
+    if q.site_ids:
+        conds.append(c.site_id.in_(q.site_ids))
+    if q.states:
+        conds.append(c.state.in_(q.states))
+    if q.exclude_states:
+        conds.append(c.state.not_in(q.exclude_states))
+    cols = [GROUPS[g].label(g) for g in group_by]
+    stmt = select(*cols, func.coalesce(func.sum(c.n), 0).label("count"), func.count().label("rows")).where(*conds)
+    if cols:
+        stmt = stmt.group_by(*cols).having(func.sum(c.n) != 0).order_by(*cols)
+    rows = conn.execute(stmt).all()
+    groups = [{g: getattr(r, g) for g in group_by} | {"count": int(r.count)} for r in rows]
+    read = sum(r.rows for r in rows)
+    total = sum(g["count"] for g in groups)
+    return total, (groups if group_by else []), read > COMPACT_AFTER_ROWS + 4 * len(rows)
+
+
+_COMPACT = text("""
+WITH moved AS (
+  DELETE FROM job_counts WHERE owner_id = :owner AND shard <> 0 RETURNING owner_id, site_id, state, n
+), summed AS (
+  SELECT owner_id, site_id, state, sum(n) AS n FROM moved GROUP BY owner_id, site_id, state
+)
+INSERT INTO job_counts (owner_id, site_id, state, shard, n)
+SELECT owner_id, site_id, state, 0, n FROM summed ORDER BY owner_id, site_id, state
+ON CONFLICT (owner_id, site_id, state, shard) DO UPDATE SET n = job_counts.n + excluded.n
+""")
+
+
+def compact(conn: Connection, owner_id: int) -> None:
+    """Fold the owner's committed shards into shard 0 and drop groups counted at zero
+    (PostgreSQL; SQLite keeps shard 0 only)."""
+    if conn.dialect.name != "postgresql":
+        return
+    conn.execute(_COMPACT, {"owner": owner_id})
+    conn.execute(text("DELETE FROM job_counts WHERE owner_id = :owner AND shard = 0 AND n = 0"), {"owner": owner_id})
