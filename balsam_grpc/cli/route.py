@@ -86,7 +86,8 @@ def route(
              "stage_in_rate": _rate(history[e.site_id], "stage_in"),
              "pilot_delay_s": history[e.site_id].pilot_delay_s,
              "pilot_delay_samples": history[e.site_id].pilot_delay_samples,
-             "meets_deadline": None if deadline is None else e.total_s <= deadline}
+             "pilot_delay_high_s": history[e.site_id].pilot_delay_high_s,
+             "meets_deadline": None if deadline is None else e.high_s <= deadline}
             for e in ests]
     if output in (Format.json, Format.yaml):
         out.write(out.dump([{"app": app, "deadline_s": deadline, "sites": rows,
@@ -105,13 +106,16 @@ def route(
                Column("RUN", secs("run_s", "run"), justify="right"),
                Column("STAGE_OUT", secs("stage_out_s", "stage_out"), justify="right"),
                Column("TOTAL_S", lambda r: f"{r['total_s']:.1f} ±{r['error_s']:.1f}", justify="right", no_wrap=True),
+               Column(f"P{round(100 * router.quantile)}_S", lambda r: f"{r['high_s']:.1f}", justify="right"),
                Column("COST_NODE_H", lambda r: f"{r['cost']:.4f}", justify="right"),
                Column("RUN_SAMPLES", lambda r: r["run_samples"], justify="right"),
                Column("IN_RATE", lambda r: r["stage_in_rate"], justify="right"),
                Column("PILOT_DELAY", lambda r: "-" if r["pilot_delay_s"] is None
-                      else f"{r['pilot_delay_s']:.1f} (n={r['pilot_delay_samples']})", justify="right")]
+                      else f"{r['pilot_delay_s']:.1f}..{r['pilot_delay_high_s']:.1f} (n={r['pilot_delay_samples']})",
+                      justify="right")]
     if deadline is not None:
-        columns.append(Column("MEETS", lambda r: "yes" if r["meets_deadline"] else "NO"))
+        columns.append(Column(f"MEETS_AT_P{round(100 * router.quantile)}",
+                              lambda r: "yes" if r["meets_deadline"] else "NO"))
     out.render(rows, columns, output, no_header=no_header,
                title=f"one more {app} job ({input_bytes:g} B in, {output_bytes:g} B out), seconds from now; "
                      "* = borrowed from the other sites' history")

@@ -166,31 +166,64 @@ def choose_shortest_backlog(loads: Sequence[SiteLoad], placed: Mapping[int, int]
 
 # -- completion prediction: pure functions over measured history ----------------------
 
+# The quantile the deadline policy plans for: each term's spread is measured as how far
+# its QUANTILE lies above its typical value (see `LinearModel.high_seconds`).
+QUANTILE = 0.9
+
+
+def quantile(values: Sequence[float], q: float = QUANTILE) -> float:
+    """The q-quantile of `values` (linear interpolation; with few samples it tends to
+    the largest, which errs on the safe side)."""
+    if not values:
+        raise ValueError("quantile of no values")
+    xs = sorted(values)
+    pos = min(max(q, 0.0), 1.0) * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
 @dataclass(frozen=True)
 class LinearModel:
     """seconds = fixed_s + per_byte_s * bytes, fitted to `samples` observations;
-    `error_s` is the median absolute residual of the fit (its typical error)."""
+    `error_s` is the median absolute residual of the fit (its typical error).
+
+    The spread, for planning against a deadline: `upper_s` is the QUANTILE of the signed
+    residuals (how far a slow occurrence lies above the fit) and `per_byte_high_s` the
+    QUANTILE of the seconds per byte the transfer tasks measured (the slow rates), so
+    `high_seconds` is a pessimistic but observed duration, not the mean."""
 
     fixed_s: float
     per_byte_s: float = 0.0
     samples: int = 0
     error_s: float = 0.0
+    upper_s: float = 0.0
+    per_byte_high_s: float | None = None
 
     def seconds(self, nbytes: float = 0.0) -> float:
         return max(0.0, self.fixed_s + self.per_byte_s * max(nbytes, 0.0))
+
+    def high_seconds(self, nbytes: float = 0.0) -> float:
+        """The duration at the model's high quantile: the slow transfer rate plus the
+        residual quantile (both observed; never below `seconds`)."""
+        rate = self.per_byte_s if self.per_byte_high_s is None else max(self.per_byte_s, self.per_byte_high_s)
+        return max(self.seconds(nbytes), self.fixed_s + rate * max(nbytes, 0.0) + max(self.upper_s, 0.0))
 
     @property
     def bytes_per_s(self) -> float | None:
         return 1.0 / self.per_byte_s if self.per_byte_s > 0 else None
 
 
-def fit_linear(samples: Sequence[tuple[float, float]], per_byte_s: float | None = None) -> LinearModel | None:
+def fit_linear(samples: Sequence[tuple[float, float]], per_byte_s: float | None = None,
+               per_byte_high_s: float | None = None, q: float = QUANTILE) -> LinearModel | None:
     """A LinearModel of (bytes, seconds) samples, robust to a handful of points.
 
     With `per_byte_s` given (a transfer rate measured by the transfer tasks themselves)
     only the fixed part is fitted, as the median of what the bytes do not explain. Else,
     when the sizes vary by more than 10 %, a least-squares line (slope kept >= 0);
-    otherwise the median seconds, and size does not scale the estimate."""
+    otherwise the median seconds, and size does not scale the estimate. The spread
+    (`upper_s`) is the q-quantile of the residuals; `per_byte_high_s` (the slow rate
+    of the transfer tasks) is kept as given."""
     if not samples:
         return None
     xs = [float(b) for b, _ in samples]
@@ -204,9 +237,10 @@ def fit_linear(samples: Sequence[tuple[float, float]], per_byte_s: float | None 
             sxx = sum((x - mean_x) ** 2 for x in xs)
             per_byte_s = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx)
     fixed = statistics.median(y - per_byte_s * x for x, y in zip(xs, ys, strict=True))
-    residuals = [abs(y - (fixed + per_byte_s * x)) for x, y in zip(xs, ys, strict=True)]
+    signed = [y - (fixed + per_byte_s * x) for x, y in zip(xs, ys, strict=True)]
     return LinearModel(fixed_s=max(fixed, 0.0), per_byte_s=per_byte_s, samples=len(samples),
-                       error_s=statistics.median(residuals))
+                       error_s=statistics.median(abs(r) for r in signed), upper_s=max(0.0, quantile(signed, q)),
+                       per_byte_high_s=per_byte_high_s)
 
 
 @dataclass(frozen=True)
@@ -221,24 +255,30 @@ class SiteHistory:
     pilot_delay_s: float | None = None
     pilot_delay_samples: int = 0
     charge_per_node_hour: float = 1.0
+    pilot_delay_high_s: float | None = None  # the QUANTILE of the measured pilot queue delays
     dispatch_s: float | None = None  # a freed slot to the next waiting job's start (launcher latency)
 
 
 def pooled(histories: Iterable[SiteHistory]) -> SiteHistory:
-    """A prior for sites without history: per term, the median over the sites that have it."""
+    """A prior for sites without history: per term, the median over the sites that have it
+    (and the widest spread: a borrowed term is the less certain)."""
     hs = list(histories)
 
     def pool(models: list[LinearModel]) -> LinearModel | None:
         if not models:
             return None
+        highs = [m.per_byte_high_s for m in models if m.per_byte_high_s is not None]
         return LinearModel(statistics.median(m.fixed_s for m in models), statistics.median(m.per_byte_s for m in models),
-                           0, statistics.median(m.error_s for m in models))
+                           0, statistics.median(m.error_s for m in models),
+                           upper_s=max(m.upper_s for m in models), per_byte_high_s=max(highs) if highs else None)
     delays = [h.pilot_delay_s for h in hs if h.pilot_delay_s is not None]
+    high_delays = [h.pilot_delay_high_s for h in hs if h.pilot_delay_high_s is not None]
     dispatches = [h.dispatch_s for h in hs if h.dispatch_s is not None]
     return SiteHistory(site_id=0, stage_in=pool([h.stage_in for h in hs if h.stage_in]),
                        stage_out=pool([h.stage_out for h in hs if h.stage_out]),
                        run=pool([h.run for h in hs if h.run]),
                        pilot_delay_s=statistics.median(delays) if delays else None,
+                       pilot_delay_high_s=max(high_delays) if high_delays else None,
                        dispatch_s=statistics.median(dispatches) if dispatches else None)
 
 
@@ -255,15 +295,24 @@ class Estimate:
     cost: float               # node-hours times the site's charge
     borrowed: tuple[str, ...] = ()  # terms taken from the other sites' pooled history
     name: str = ""
+    spread_s: float = 0.0     # how far the QUANTILE of the completion lies above total_s
+    spreads: tuple[tuple[str, float], ...] = ()  # each term's share of it (term, seconds)
+    cost_high: float = 0.0    # the cost at the run time's high quantile
 
     @property
     def total_s(self) -> float:
         return max(self.stage_in_s, self.wait_s) + self.run_s + self.stage_out_s
 
+    @property
+    def high_s(self) -> float:
+        """The completion the deadline policy plans for: total_s plus the spread."""
+        return self.total_s + self.spread_s
+
     def as_dict(self) -> dict[str, Any]:
         return {"site_id": self.site_id, "site": self.name, "stage_in_s": self.stage_in_s, "wait_s": self.wait_s,
                 "run_s": self.run_s, "stage_out_s": self.stage_out_s, "total_s": self.total_s,
-                "error_s": self.error_s, "cost": self.cost, "borrowed": list(self.borrowed)}
+                "error_s": self.error_s, "high_s": self.high_s, "spread_s": self.spread_s,
+                "spreads": dict(self.spreads), "cost": self.cost, "borrowed": list(self.borrowed)}
 
 
 def slot_wait_s(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float, slots_per_node: int = 1) -> float:
@@ -287,9 +336,22 @@ def slot_wait_s(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float,
     return min(by_held, by_pilot)
 
 
+def completion_s(load: SiteLoad, placed: int, *, stage_in_s: float, run_s: float, stage_out_s: float,
+                 pilot_delay_s: float, dispatch_s: float) -> tuple[float, float]:
+    """(wait, total) of a job placed now, from one value per term (see the module docstring)."""
+    wait_s = dispatch_s + slot_wait_s(load, placed, run_s + dispatch_s, pilot_delay_s)
+    return wait_s, max(stage_in_s, wait_s) + run_s + stage_out_s
+
+
 def estimate(load: SiteLoad, history: SiteHistory, prior: SiteHistory | None = None, *, placed: int = 0,
              input_bytes: float = 0.0, output_bytes: float = 0.0, num_nodes: int = 1) -> Estimate:
-    """The job's predicted completion at `load`'s site (see the module docstring)."""
+    """The job's predicted completion at `load`'s site (see the module docstring).
+
+    The spread: each term in turn (stage-in, pilot queue delay, run time, stage-out) is
+    set to its high quantile, the others kept typical, and the completion recomputed;
+    the excesses over `total_s` are added in quadrature (the terms vary independently).
+    A slow run also delays the jobs ahead in the queue, and a slow pilot every job that
+    waits for it: recomputing through the queue model counts both."""
     prior = prior or SiteHistory(site_id=0)
     borrowed: list[str] = []
 
@@ -301,17 +363,28 @@ def estimate(load: SiteLoad, history: SiteHistory, prior: SiteHistory | None = N
     stage_in = term("stage_in", history.stage_in, prior.stage_in)
     run = term("run", history.run, prior.run)
     stage_out = term("stage_out", history.stage_out, prior.stage_out)
-    delay = history.pilot_delay_s
+    delay, delay_high = history.pilot_delay_s, history.pilot_delay_high_s
     if delay is None:
         borrowed.append("pilot_delay")
-        delay = prior.pilot_delay_s or 0.0
+        delay, delay_high = prior.pilot_delay_s or 0.0, prior.pilot_delay_high_s
+    delay_high = max(delay, delay_high if delay_high is not None else delay)
     dispatch = history.dispatch_s if history.dispatch_s is not None else (prior.dispatch_s or 0.0)
-    run_s = run.seconds(input_bytes)
-    wait_s = dispatch + slot_wait_s(load, placed, run_s + dispatch, delay)
+    typical = {"stage_in_s": stage_in.seconds(input_bytes), "run_s": run.seconds(input_bytes),
+               "stage_out_s": stage_out.seconds(output_bytes), "pilot_delay_s": delay}
+    high = {"stage_in_s": stage_in.high_seconds(input_bytes), "run_s": run.high_seconds(input_bytes),
+            "stage_out_s": stage_out.high_seconds(output_bytes), "pilot_delay_s": delay_high}
+    wait_s, total = completion_s(load, placed, dispatch_s=dispatch, **typical)
+    spreads = []
+    for key in ("stage_in_s", "pilot_delay_s", "run_s", "stage_out_s"):
+        _, slow = completion_s(load, placed, dispatch_s=dispatch, **{**typical, key: high[key]})
+        spreads.append((key.removesuffix("_s"), max(0.0, slow - total)))
     error = math.sqrt(stage_in.error_s**2 + run.error_s**2 + stage_out.error_s**2)
-    return Estimate(site_id=load.site_id, name=load.name, stage_in_s=stage_in.seconds(input_bytes), wait_s=wait_s,
-                    run_s=run_s, stage_out_s=stage_out.seconds(output_bytes), error_s=error,
-                    cost=run_s / 3600.0 * num_nodes * history.charge_per_node_hour, borrowed=tuple(borrowed))
+    node_hours = num_nodes * history.charge_per_node_hour / 3600.0
+    return Estimate(site_id=load.site_id, name=load.name, stage_in_s=typical["stage_in_s"], wait_s=wait_s,
+                    run_s=typical["run_s"], stage_out_s=typical["stage_out_s"], error_s=error,
+                    cost=typical["run_s"] * node_hours, borrowed=tuple(borrowed),
+                    spread_s=math.sqrt(sum(d * d for _, d in spreads)), spreads=tuple(spreads),
+                    cost_high=high["run_s"] * node_hours)
 
 
 def estimates(loads: Sequence[SiteLoad], histories: Mapping[int, SiteHistory], placed: Mapping[int, int] | None = None,
@@ -326,7 +399,8 @@ def estimates(loads: Sequence[SiteLoad], histories: Mapping[int, SiteHistory], p
 @dataclass(frozen=True)
 class Decision:
     """Where a job goes and why: the chosen site, every site's estimate, and whether
-    the job is predicted to miss its deadline (None: no deadline given)."""
+    the job is predicted to miss its deadline (None: no deadline given): `will_miss`
+    when its typical completion is past it, `at_risk` when the high quantile is."""
 
     site_id: int
     strategy: str
@@ -338,6 +412,13 @@ class Decision:
     def chosen(self) -> Estimate | None:
         return next((e for e in self.estimates if e.site_id == self.site_id), None)
 
+    @property
+    def at_risk(self) -> bool | None:
+        mine = self.chosen
+        if self.deadline_s is None or mine is None:
+            return None
+        return mine.high_s > self.deadline_s
+
 
 def choose_earliest(ests: Sequence[Estimate]) -> Estimate:
     """The least predicted completion; ties to the cheaper, then the lower id."""
@@ -346,22 +427,26 @@ def choose_earliest(ests: Sequence[Estimate]) -> Estimate:
     return min(ests, key=lambda e: (round(e.total_s, 6), e.cost, e.site_id))
 
 
-# Costs within this fraction of the cheapest count as equal: run-time estimates differ by
-# noise between sites of one charge, and that noise must not pick the site.
+# Costs within this fraction of the cheapest count as equal (at least; see below).
 COST_TOLERANCE = 0.10
 
 
-def choose_for_deadline(ests: Sequence[Estimate], deadline_s: float, margin: float = 1.0) -> tuple[Estimate, bool]:
-    """The cheapest site predicted to finish within `deadline_s` with `margin` typical
-    errors to spare (costs within COST_TOLERANCE are equal: then the earliest); with
-    none, the earliest, flagged as a miss."""
+def choose_for_deadline(ests: Sequence[Estimate], deadline_s: float) -> tuple[Estimate, bool]:
+    """The cheapest site predicted to finish within `deadline_s` at the high quantile of
+    its completion (`Estimate.high_s`: the spread of every term included, not the
+    typical completion), or the earliest when none is; the flag says the chosen site's
+    typical completion is past the deadline (a predicted miss).
+
+    Costs count as equal when they differ by less than COST_TOLERANCE or by less than
+    the cheapest site's own run-time spread: with one charge everywhere, run-time noise
+    between sites must not pick the site (then the earliest of them wins)."""
     if not ests:
         raise InvalidArgument("no sites to route to")
-    meeting = [e for e in ests if e.total_s + margin * e.error_s <= deadline_s]
+    meeting = [e for e in ests if e.high_s <= deadline_s]
     if meeting:
-        cheapest = min(e.cost for e in meeting)
-        affordable = [e for e in meeting if e.cost <= cheapest * (1 + COST_TOLERANCE)]
-        return choose_earliest(affordable), False
+        cheapest = min(meeting, key=lambda e: (e.cost, e.site_id))
+        bound = max(cheapest.cost * (1 + COST_TOLERANCE), cheapest.cost_high)
+        return choose_earliest([e for e in meeting if e.cost <= bound]), False
     best = choose_earliest(ests)
     return best, best.total_s > deadline_s
 
@@ -415,12 +500,15 @@ class _Samples:
 
 def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, int] | None = None, *,
                  in_location: str | None = None, out_location: str | None = None, max_events: int = 5000,
-                 max_batch_jobs: int = 50, charges: Mapping[int, float] | None = None) -> dict[int, SiteHistory]:
+                 max_batch_jobs: int = 50, charges: Mapping[int, float] | None = None,
+                 q: float = QUANTILE) -> dict[int, SiteHistory]:
     """Each site's history from the server: the last `max_events` job state events (its
     finished jobs' stage-in, run and stage-out phases; only jobs of `app_ids[site]` when
     given), their transfer items (bytes, and the tasks' own durations for the rate of
     the (location, site) pair; only `in_location`/`out_location` when given) and the
-    site's last `max_batch_jobs` pilots (queue delay = start - creation)."""
+    site's last `max_batch_jobs` pilots (queue delay = start - creation). Each term's
+    spread is its q-quantile: of the fit residuals, the tasks' seconds per byte and the
+    pilot queue delays."""
     request = event_service_pb2.ListEventsRequest(descending=True)
     request.filter.site_ids.extend(site_ids)
     request.filter.kinds.append(event_service_pb2.EVENT_KIND_JOB_STATE)
@@ -474,11 +562,14 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
     for site_id in site_ids:
         got = samples.get(site_id, _Samples())
         recent = delays.get(site_id, [])[-max_batch_jobs:]
+        def rated(samples: list[tuple[float, float]], rates: list[float]) -> LinearModel | None:
+            if not rates:
+                return fit_linear(samples, q=q)
+            return fit_linear(samples, statistics.median(rates), quantile(rates, q), q=q)
         out[site_id] = SiteHistory(
-            site_id=site_id,
-            stage_in=fit_linear(got.stage_in, statistics.median(got.in_rates) if got.in_rates else None),
-            stage_out=fit_linear(got.stage_out, statistics.median(got.out_rates) if got.out_rates else None),
-            run=fit_linear(got.run), pilot_delay_s=statistics.median(recent) if recent else None,
+            site_id=site_id, stage_in=rated(got.stage_in, got.in_rates), stage_out=rated(got.stage_out, got.out_rates),
+            run=fit_linear(got.run, q=q), pilot_delay_s=statistics.median(recent) if recent else None,
+            pilot_delay_high_s=quantile(recent, q) if recent else None,
             pilot_delay_samples=len(recent), charge_per_node_hour=(charges or {}).get(site_id, 1.0),
             dispatch_s=statistics.median(dispatch[site_id]) if dispatch.get(site_id) else None)
     return out
@@ -490,14 +581,17 @@ class Router:
     `earliest` and `deadline` need the app (`app`: its name, present at every site) to
     read run-time history; `in_location`/`out_location` select the transfer location
     pairs whose rates count. `charges` (site name or id -> charge per node-hour) set the
-    cost `deadline` minimises; history is re-read at most every `history_seconds`."""
+    cost `deadline` minimises; history is re-read at most every `history_seconds`.
+    `quantile` is the high quantile of each term `deadline` plans for (0.9: a site is
+    trusted with a job when it would make the deadline with every term as slow as its
+    slowest tenth of the history, one term at a time, added in quadrature)."""
 
     def __init__(self, client: Client, sites: Iterable[int | str], strategy: str = "best", *,
                  window_seconds: float = 60.0, refresh_seconds: float = 1.0,
                  floor_per_min: float = DEFAULT_FLOOR_PER_MIN, clock: Callable[[], float] = time.monotonic,
                  app: str | None = None, in_location: str | None = None, out_location: str | None = None,
                  charges: Mapping[int | str, float] | None = None, history_seconds: float = 10.0,
-                 deadline_margin: float = 1.0) -> None:
+                 quantile: float = QUANTILE) -> None:
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
         wanted = list(sites)
@@ -510,7 +604,9 @@ class Router:
         self.refresh_seconds = refresh_seconds
         self.floor_per_min = floor_per_min
         self.history_seconds = history_seconds
-        self.deadline_margin = deadline_margin
+        if not 0.5 <= quantile < 1.0:
+            raise InvalidArgument(f"quantile must be in [0.5, 1), not {quantile}")
+        self.quantile = quantile
         self.in_location, self.out_location = in_location, out_location
         self.app_ids: dict[int, int] | None = None
         if app is not None:
@@ -576,7 +672,7 @@ class Router:
         if self._history_at is not None and now - self._history_at < self.history_seconds:
             return
         self._history = read_history(self.client, self.site_ids, self.app_ids, in_location=self.in_location,
-                                     out_location=self.out_location, charges=self.charges)
+                                     out_location=self.out_location, charges=self.charges, q=self.quantile)
         self._history_at = now
 
     def estimates(self, *, input_bytes: float = 0.0, output_bytes: float = 0.0) -> list[Estimate]:
@@ -616,7 +712,7 @@ class Router:
             elif self.strategy == "deadline":
                 if deadline_s is None:
                     raise InvalidArgument("the deadline strategy needs a deadline for each job (deadline_s)")
-                chosen, will_miss = choose_for_deadline(ests, deadline_s, self.deadline_margin)
+                chosen, will_miss = choose_for_deadline(ests, deadline_s)
                 site_id = chosen.site_id
             if deadline_s is not None and will_miss is None:
                 mine = next((e for e in ests if e.site_id == site_id), None)

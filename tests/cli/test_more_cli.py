@@ -201,6 +201,7 @@ def test_route_predicts_from_the_apps_history(cli_server: CliServer, synced: Non
     (mini,) = routed["sites"]
     assert mini["site"] == "mini" and mini["run_samples"] >= 2 and "run" not in mini["borrowed"]
     assert mini["total_s"] >= mini["run_s"] >= 0 and mini["meets_deadline"] is True
+    assert mini["high_s"] >= mini["total_s"] and set(mini["spreads"]) == {"stage_in", "pilot_delay", "run", "stage_out"}
     assert routed["choices"]["earliest"] == "mini" and routed["choices"]["deadline"] == "mini"
     table = cli_server.run("route", "--app", "Greeter")
     assert table.returncode == 0 and "policies would choose" in table.stdout and "mini" in table.stdout
