@@ -192,6 +192,16 @@ class Demo:
             res = self.balsamctl("analytics", "--tag", f"exp={tag}", "--since", "1d", "--bin", "10", "-o", "json")
             json_out.write_text(res.stdout)
 
+    def science(self, tag: str, plots: Path, rings: str = "") -> None:
+        """`balsamctl results` for the run's staged-out results: fitted D against the
+        truth per dataset, and the pictures (g2 with fits, D against truth)."""
+        width = max(shutil.get_terminal_size((120, 40)).columns, 100)
+        res = self.balsamctl("results", "--tag", f"exp={tag}", "--plots", str(plots), "--datasets-plotted", "2",
+                             *(["--rings", rings] if rings else []), check=False, columns=width)
+        sys.stdout.write(res.stdout)
+        if res.returncode != 0:
+            sys.stderr.write(res.stderr)
+
     # -- shutdown ---------------------------------------------------------------------
     def stop(self) -> None:
         """Kill the run's unfinished jobs (after Ctrl-C: otherwise the elastic queues would
@@ -390,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="detector rows = cols (32 keeps the synthetic data generation, which runs on the same "
                         "2 cores as everything else, off the critical path)")
     p.add_argument("--frames", type=int, default=1024)
+    p.add_argument("--rings", default="", help="q rings in the g2 pictures, e.g. 0,3,7 (default four from low "
+                                                "to high q)")
     p.add_argument("--idle-timeout", type=int, default=8, help="seconds an idle pilot waits for work before it exits")
     p.add_argument("--each", action="store_true", help="print every dataset's result as it arrives")
     p.add_argument("--database", default="", help="the server's database URL (default: SQLite in --home)")
@@ -458,9 +470,14 @@ def main(argv: list[str] | None = None) -> int:
             plot_compare(home / "compare.png", summaries, names, a.deadline)
             say(f"policies compared on the same schedule ({home / 'compare.png'}, {home / 'compare.json'}):")
             print(table, flush=True)
+            last = f"{tag}-{policies[-1]}"
+            say(f"the science of the last run: balsamctl results --tag exp={last} --plots {plots}")
+            demo.science(last, plots, a.rings)
         else:
             say(f"analytics of the run: balsamctl analytics --tag exp={tag} --bin 10 --plots {plots}")
             demo.analytics(tag, plots, a.analytics_json.resolve() if a.analytics_json else None)
+            say(f"the science: balsamctl results --tag exp={tag} --plots {plots}")
+            demo.science(tag, plots, a.rings)
             demo.wait_scale_to_zero(timeout=a.idle_timeout + 30)
             say(f"reduced results (staged out): {demo.results / tag}/")
             say(f"datasets: {demo.instrument / tag}/  summary: {summary}  plots: {plots}/")

@@ -16,12 +16,19 @@ Predicted completion of a job at a site, in seconds from now (`estimate`):
     wait      = dispatch + 0 with a free slot; else the sooner of a slot freed by the jobs
                 ahead (running + backlog + placed, served by the held slots at the run
                 time plus dispatch: the measured gap from a freed slot to the next start)
-                and a new pilot (the site's measured pilot queue delay, then the slots
-                up to its node cap)
+                and a new pilot: stage_in + the site's measured cold start (a job runnable
+                to running in a pilot asked for after it: the elastic queue's reaction,
+                the batch queue delay, the launcher's start), then the slots up to its
+                node cap. An elastic queue asks for pilots for runnable jobs only, so
+                the stage-in does not overlap that wait.
     run       = the app's run time at the site, linear in the input bytes when the
                 history spans sizes, else its median
     stage_out = as stage_in, for the results
     total     = max(stage_in, wait) + run + stage_out   (the job stages in while it waits)
+
+For the deadline policy each term also has a measured spread (its 90th percentile: of the
+fit residuals, of the transfer tasks' seconds per byte, of the cold starts); the
+completion at that quantile is `Estimate.high_s` (see `estimate`).
 
 Each term comes from a `LinearModel` fitted to history with the median absolute residual
 as its error; a site without history of its own borrows the pooled history of the others
@@ -315,31 +322,43 @@ class Estimate:
                 "spreads": dict(self.spreads), "cost": self.cost, "borrowed": list(self.borrowed)}
 
 
-def slot_wait_s(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float, slots_per_node: int = 1) -> float:
-    """Seconds until a slot is free for a job placed now behind the site's backlog.
+def slot_waits(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float,
+               slots_per_node: int = 1) -> tuple[float, float]:
+    """(by a held slot, by a new pilot): seconds until a slot is free for a job placed now
+    behind the site's backlog, either way (inf when that way is closed).
 
     `run_s` is a slot's turnover per job (the run plus the launcher's dispatch gap).
     The held slots free one every run_s / slots; a new pilot (if the node cap leaves
-    room) arrives after the pilot delay, and from then the capped slots serve the rest.
-    A site with no pilot and no known cap still gets one pilot's worth of slots."""
+    room) starts its first job `pilot_delay_s` after the job is runnable (the cold
+    start: the elastic queue asking for it, the batch queue, the launcher starting),
+    and from then the capped slots serve the rest. A site with no pilot and no known
+    cap still gets one pilot's worth of slots."""
     held = load.held_nodes * slots_per_node
     cap = max(load.node_capacity * slots_per_node, held, slots_per_node)
     in_front = load.backlog_jobs + load.running_jobs + placed
     if in_front < held:
-        return 0.0
+        return 0.0, math.inf
     run_s = max(run_s, 1e-3)
     by_held = (in_front - held + 1) / held * run_s if held else math.inf
     by_pilot = math.inf
     if cap > held:
         served_meanwhile = pilot_delay_s * held / run_s
         by_pilot = pilot_delay_s + max(0.0, in_front - cap + 1 - served_meanwhile) / cap * run_s
-    return min(by_held, by_pilot)
+    return by_held, by_pilot
+
+
+def slot_wait_s(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float, slots_per_node: int = 1) -> float:
+    """Seconds until a slot is free (the sooner of `slot_waits`)."""
+    return min(slot_waits(load, placed, run_s, pilot_delay_s, slots_per_node))
 
 
 def completion_s(load: SiteLoad, placed: int, *, stage_in_s: float, run_s: float, stage_out_s: float,
                  pilot_delay_s: float, dispatch_s: float) -> tuple[float, float]:
-    """(wait, total) of a job placed now, from one value per term (see the module docstring)."""
-    wait_s = dispatch_s + slot_wait_s(load, placed, run_s + dispatch_s, pilot_delay_s)
+    """(wait, total) of a job placed now, from one value per term (see the module
+    docstring). A held slot can be waited for while the job stages in; a new pilot is
+    only asked for once the job is runnable (staged in), so that way adds the two."""
+    by_held, by_pilot = slot_waits(load, placed, run_s + dispatch_s, pilot_delay_s)
+    wait_s = min(dispatch_s + by_held, stage_in_s + by_pilot)
     return wait_s, max(stage_in_s, wait_s) + run_s + stage_out_s
 
 
@@ -489,6 +508,32 @@ def dispatch_gaps(lives: Iterable[Any]) -> dict[int, list[float]]:
     return gaps
 
 
+def cold_starts(lives: Mapping[int, Any], pilot_of_job: Mapping[int, int],
+                pilots: Iterable[Any]) -> dict[int, list[float]]:
+    """Per site, for each pilot whose first job was runnable before the pilot was asked
+    for (it waited for this pilot): seconds from that job being runnable to running.
+    `lives` maps job id to its JobTimeline, `pilot_of_job` job id to batch job id, and
+    `pilots` are BatchJob messages (id, site_id, create_time)."""
+    first: dict[int, tuple[Any, Any]] = {}  # pilot id -> (running, runnable) of its first job
+    for job_id, pilot_id in pilot_of_job.items():
+        tl = lives.get(job_id)
+        if tl is None or not pilot_id:
+            continue
+        runnable = tl.first_entry.get("PREPROCESSED") or tl.first_entry.get("STAGED_IN")
+        running = tl.first_entry.get("RUNNING")
+        if runnable is None or running is None:
+            continue
+        if pilot_id not in first or running < first[pilot_id][0]:
+            first[pilot_id] = (running, runnable)
+    out: dict[int, list[float]] = defaultdict(list)
+    for b in sorted(pilots, key=lambda b: b.create_time.ToDatetime()):
+        if b.id in first:
+            running, runnable = first[b.id]
+            if runnable <= b.create_time.ToDatetime():
+                out[b.site_id].append(max(0.0, (running - runnable).total_seconds()))
+    return out
+
+
 @dataclass
 class _Samples:
     stage_in: list[tuple[float, float]] = field(default_factory=list)
@@ -506,7 +551,8 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
     finished jobs' stage-in, run and stage-out phases; only jobs of `app_ids[site]` when
     given), their transfer items (bytes, and the tasks' own durations for the rate of
     the (location, site) pair; only `in_location`/`out_location` when given) and the
-    site's last `max_batch_jobs` pilots (queue delay = start - creation). Each term's
+    site's last `max_batch_jobs` pilots: the cold start (`cold_starts`; where no job
+    waited for a pilot, the queue delay = start - creation). Each term's
     spread is its q-quantile: of the fit residuals, the tasks' seconds per byte and the
     pilot queue delays."""
     request = event_service_pb2.ListEventsRequest(descending=True)
@@ -516,13 +562,17 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
                                                            max_events)) if c is not None]
     lives = {job_id: tl for job_id, tl in timelines(changes).items() if "JOB_FINISHED" in tl.first_entry}
     job_ids = sorted(lives)
-    if app_ids is not None and job_ids:
-        wanted = set(app_ids.values())
-        kept = set()
-        for i in range(0, len(job_ids), _ID_CHUNK):
-            jr = job_service_pb2.ListJobsRequest()
-            jr.filter.ids.extend(job_ids[i:i + _ID_CHUNK])
-            kept |= {j.id for j in _paged(client, "JobService", "ListJobs", jr, "jobs", _ID_CHUNK) if j.app_id in wanted}
+    pilot_of_job: dict[int, int] = {}  # the cold starts count jobs of any app: a pilot is a pilot
+    kept = set()
+    wanted = set(app_ids.values()) if app_ids is not None else None
+    for i in range(0, len(job_ids), _ID_CHUNK):
+        jr = job_service_pb2.ListJobsRequest()
+        jr.filter.ids.extend(job_ids[i:i + _ID_CHUNK])
+        for j in _paged(client, "JobService", "ListJobs", jr, "jobs", _ID_CHUNK):
+            pilot_of_job[j.id] = j.batch_job_id
+            if wanted is None or j.app_id in wanted:
+                kept.add(j.id)
+    if wanted is not None:
         job_ids = [j for j in job_ids if j in kept]
     moved: dict[int, dict[int, list[Any]]] = defaultdict(lambda: defaultdict(list))  # job -> direction -> items
     for i in range(0, len(job_ids), _ID_CHUNK):
@@ -556,8 +606,11 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
     pilots = [b for b in _paged(client, "BatchJobService", "ListBatchJobs", br, "batch_jobs", 10_000)
               if b.HasField("start_time")]
     pilots.sort(key=lambda b: b.create_time.ToDatetime())
+    cold = cold_starts(lives, pilot_of_job, pilots)
     for b in pilots:
         delays[b.site_id].append(max(0.0, (b.start_time.ToDatetime() - b.create_time.ToDatetime()).total_seconds()))
+    for site_id, seconds in cold.items():  # measured from the job's side: preferred
+        delays[site_id] = seconds
     out = {}
     for site_id in site_ids:
         got = samples.get(site_id, _Samples())
@@ -726,8 +779,32 @@ class Router:
         return self.decide(**job).site_id
 
 
-__all__ = ["STRATEGIES", "Decision", "Estimate", "LinearModel", "Router", "SiteHistory", "SiteLoad", "choose_best",
-           "choose_earliest", "choose_for_deadline", "choose_round_robin", "choose_shortest_backlog", "dispatch_gaps",
-           "eligible",
-           "estimate", "estimates", "expected_completion_min", "fit_linear", "node_rate_per_min", "pooled",
-           "read_history", "service_rate_per_min", "slot_wait_s"]
+__all__ = [
+    "STRATEGIES",
+    "Decision",
+    "Estimate",
+    "LinearModel",
+    "Router",
+    "SiteHistory",
+    "SiteLoad",
+    "choose_best",
+    "choose_earliest",
+    "choose_for_deadline",
+    "choose_round_robin",
+    "choose_shortest_backlog",
+    "cold_starts",
+    "completion_s",
+    "dispatch_gaps",
+    "eligible",
+    "estimate",
+    "estimates",
+    "expected_completion_min",
+    "fit_linear",
+    "node_rate_per_min",
+    "pooled",
+    "quantile",
+    "read_history",
+    "service_rate_per_min",
+    "slot_wait_s",
+    "slot_waits",
+]

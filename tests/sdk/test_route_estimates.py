@@ -96,7 +96,7 @@ def test_a_site_without_history_borrows_the_pooled_history():
     known = SiteHistory(1, stage_in=LinearModel(1.0), run=LinearModel(30.0), stage_out=LinearModel(1.0),
                         pilot_delay_s=10.0)
     new = estimate(SiteLoad(2, node_capacity=2), SiteHistory(2), pooled([known]))
-    assert new.run_s == 30.0 and new.wait_s == 10.0
+    assert new.run_s == 30.0 and new.wait_s == 1.0 + 10.0  # staged in, then the pilot is asked for
     assert set(new.borrowed) == {"stage_in", "run", "stage_out", "pilot_delay"}
 
 
@@ -158,6 +158,40 @@ def test_fit_linear_keeps_the_high_quantile_of_residuals_and_the_slow_rate():
     assert stage_in.seconds(10 * MB) == pytest.approx(2.0) and stage_in.high_seconds(10 * MB) == pytest.approx(3.0)
     # Never below the typical value, whatever the residuals say.
     assert LinearModel(5.0, upper_s=-2.0).high_seconds() == 5.0
+
+
+def test_a_new_pilot_is_waited_for_after_the_stage_in_a_held_slot_meanwhile():
+    """The first --compare run's cold starts came in 6-9 s late: an elastic queue asks
+    for a pilot only for runnable (staged-in) jobs, so stage-in and the pilot's cold
+    start add up, while a held slot can free up during the stage-in."""
+    history = SiteHistory(1, stage_in=LinearModel(3.0), run=LinearModel(4.0), pilot_delay_s=10.0)
+    cold = estimate(SiteLoad(1, node_capacity=2), history)
+    assert cold.wait_s == pytest.approx(13.0) and cold.total_s == pytest.approx(17.0)
+    busy = estimate(SiteLoad(1, held_nodes=1, node_capacity=1, running_jobs=1), history)
+    assert busy.wait_s == pytest.approx(4.0) and busy.total_s == pytest.approx(8.0)
+
+
+def test_cold_starts_are_measured_from_the_job_that_waited_for_the_pilot():
+    from datetime import datetime, timedelta
+
+    from balsam_grpc.sdk.analytics import JobTimeline
+    from balsam_grpc.sdk.routing import cold_starts
+    from balsam_grpc.v1 import batch_job_pb2
+
+    t0 = datetime(2026, 1, 1)
+
+    def life(runnable, running):
+        return JobTimeline(1, first_entry={"PREPROCESSED": t0 + timedelta(seconds=runnable),
+                                           "RUNNING": t0 + timedelta(seconds=running)})
+
+    def pilot(pid, site, created):
+        b = batch_job_pb2.BatchJob(id=pid, site_id=site)
+        b.create_time.FromDatetime(t0 + timedelta(seconds=created))
+        return b
+    lives = {1: life(0, 12), 2: life(0, 15),   # pilot 10 asked for at 1 s: job 1 (first) waited 12 s
+             3: life(50, 51),                  # pilot 11 asked for at 40 s, before job 3 was runnable: no sample
+             4: life(60, 61)}                  # never in a pilot: no sample
+    assert cold_starts(lives, {1: 10, 2: 10, 3: 11, 4: 0}, [pilot(10, 1, 1), pilot(11, 1, 40)]) == {1: [12.0]}
 
 
 def test_the_spread_counts_each_term_through_the_queue_in_quadrature():
@@ -321,7 +355,7 @@ def test_read_history_measures_phases_rates_and_pilot_delays():
     assert two.charge_per_node_hour == 0.5 and one.charge_per_node_hour == 1.0
     # The estimate a 3 MB job gets at site 2 (no history of its own) borrows site 1's.
     est = estimate(SiteLoad(2, node_capacity=1), two, pooled(history.values()), input_bytes=3 * MB)
-    assert est.run_s == pytest.approx(11.0) and est.wait_s == 40 and "run" in est.borrowed
+    assert est.run_s == pytest.approx(11.0) and est.wait_s == pytest.approx(2.5 + 40) and "run" in est.borrowed
 
 
 def test_read_history_stage_in_from_another_location_does_not_count():
