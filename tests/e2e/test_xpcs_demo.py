@@ -180,6 +180,17 @@ def test_analytics_agree_with_the_run(run):
     assert f"done {DATASETS:>3}/{DATASETS:<3}" in out  # the live progress reached the end
 
 
+def test_the_science_pictures_and_the_d_table(run):
+    """`balsamctl results --tag exp=RUN` read the staged-out results: a row per dataset
+    (fitted D, truth, error) and the pictures: g2 with fits, D against the truth."""
+    out, plots = run["stdout"], run["home"] / "plots"
+    assert f"{DATASETS} XPCS results" in out and "|D error| median" in out
+    pictures = sorted(p.name for p in plots.glob("*.png") if p.name.startswith(("g2-", "diffusion")))
+    assert len(pictures) == 3 and "diffusion.png" in pictures, pictures
+    for name in pictures:
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_no_process_of_the_run_is_left(run):
     """Server, daemons, launchers, mpiexec and job processes all name the demo's folder
     on their command line; none may outlive the demo."""
