@@ -201,6 +201,9 @@ class Demo:
         sys.stdout.write(res.stdout)
         if res.returncode != 0:
             sys.stderr.write(res.stderr)
+        first = next(iter(sorted((self.instrument / tag).glob("*.npz"))), None)
+        if first is not None:
+            print(f"plot: {two_time_picture(first, plots)}", flush=True)
 
     # -- shutdown ---------------------------------------------------------------------
     def stop(self) -> None:
@@ -318,6 +321,22 @@ def kill_pilot_processes(record: Path, data: dict[str, Any]) -> None:
             runner.kill()
     except (KeyError, TypeError, ValueError, psutil.Error):
         pass
+
+
+def two_time_picture(dataset: Path, plots: Path, n_rings: int = 8) -> Path:
+    """The two-time map of one dataset's middle q ring (the analysis's `two_time`; the
+    demo's results files are the JSON summaries, which carry no map)."""
+    from balsam_grpc.cli.xpcs_plots import plot_two_time
+    from balsam_grpc.xpcs.analysis import load_dataset
+    from balsam_grpc.xpcs.geometry import Geometry, ring_labels
+    from balsam_grpc.xpcs.twotime import two_time
+
+    frames, meta = load_dataset(dataset)
+    labels, q_centres = ring_labels(Geometry(**meta["geometry"]).q_map(), n_rings)
+    ring = n_rings // 2
+    maps = two_time(frames, labels, n_rings, meta["frame_time_s"], rings=[ring])
+    return plot_two_time(plots / f"twotime-{dataset.stem}.png", maps.maps[0], maps.bin_s,
+                         title=f"{dataset.stem} ring {ring}: two-time", q_per_m=float(q_centres[ring]))
 
 
 COMPARE_POLICIES = ("round_robin", "shortest_backlog", "earliest", "deadline")

@@ -1,6 +1,7 @@
 """`balsamctl results`: the science in the XPCS results, as a table and as pictures.
 
-The results are the files the analysis jobs staged out: given as paths (files or
+The results are the files the analysis jobs staged out (the JSON summary, or the HDF5
+results file in pyXPCSViewer's layout, read with h5py): given as paths (files or
 folders), or found from the jobs (`--tag exp=RUN`): each finished job's stage-out
 transfer ("result": "results:/RUN/ds.json") names a location alias of its site, and a
 file:// location is a folder on this machine. The CLI reads those files; it never runs
@@ -66,7 +67,8 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def results(
-    paths: Annotated[list[Path] | None, typer.Argument(help="results files, or folders of them (*.json)")] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help="results files (the JSON summary, or the HDF5 results "
+                                                                "in pyXPCSViewer's layout), or folders of them")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="read the results the finished jobs with this "
                                                                 "tag (k=v) staged out to a file:// location")] = None,
     plots: Annotated[Path | None, typer.Option("--plots", help="write the pictures (PNG) into this folder")] = None,
@@ -86,7 +88,7 @@ def results(
 
       balsamctl results --tag exp=xpcs-1234 --plots pictures/
     """
-    require_extra("plots", "numpy", *(("matplotlib",) if plots is not None else ()))
+    require_extra("plots", "numpy", "h5py", *(("matplotlib",) if plots is not None else ()))
     from balsam_grpc.cli.xpcs_plots import (
         diffusion_error,
         load_results,
@@ -116,7 +118,8 @@ def results(
     except ValueError as exc:
         fail(str(exc))
     if not found_results:
-        fail(f"no XPCS results among {len(files)} path(s) (results hold tau_s, rings and diffusion_m2_per_s)")
+        fail(f"no XPCS results among {len(files)} path(s) (a JSON summary with tau_s, rings and "
+             "diffusion_m2_per_s, or an HDF5 results file with /xpcs/balsam/summary)")
     if chosen_rings is not None:
         n = min(len(r["rings"]) for r in found_results)
         if any(not 0 <= i < n for i in chosen_rings):
@@ -167,8 +170,8 @@ def results(
 
 
 def _two_time(folder: Path, result: dict[str, Any], name: str) -> list[Path]:
-    """The two-time map, when the results carry one ("two_time": {"c2": 2-D list,
-    "frame_time_s" or "bin_s", "ring", "q_per_m"})."""
+    """The two-time map, when the results carry one (HDF5 results with /xpcs/twotime:
+    `load_results` puts it under "two_time": c2, bin_s, ring, q_per_m)."""
     tt = result.get("two_time")
     if not isinstance(tt, dict) or "c2" not in tt:
         return []

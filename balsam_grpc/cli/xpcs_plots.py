@@ -40,17 +40,52 @@ def is_result(data: Any) -> bool:
     return isinstance(data, dict) and all(k in data for k in RESULT_KEYS)
 
 
+H5_SUFFIXES = (".h5", ".hdf", ".hdf5", ".nxs")
+
+
+def read_h5_result(path: Path) -> dict[str, Any] | None:
+    """A results file in pyXPCSViewer's layout written by the reduction: its summary
+    (/xpcs/balsam/summary: g2, fits, D, truth) and, when present, the two-time map of
+    its first mapped ring (/xpcs/twotime/correlation_map/c2_NNNNN, one triangle stored,
+    NNNNN the 1-based ring). None for other HDF5 files."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "/xpcs/balsam/summary" not in f:
+            return None
+        raw = f["/xpcs/balsam/summary"][()]
+        data = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        maps = f.get("/xpcs/twotime/correlation_map")
+        if maps is not None and len(maps):
+            name = min(maps)
+            half = maps[name][()].astype(np.float64)
+            ring = int(name.rsplit("_", 1)[-1]) - 1
+            avg = int(f["/xpcs/twotime/config/avg_frame"][()]) if "/xpcs/twotime/config/avg_frame" in f else 1
+            frame_time = float(data.get("frame_time_s") or 1.0)
+            rings = data.get("rings") or []
+            data["two_time"] = {"c2": half + half.T - np.diag(np.diag(half)), "ring": ring, "bin_s": avg * frame_time,
+                                "q_per_m": rings[ring]["q_per_m"] if ring < len(rings) else None}
+    return data
+
+
 def load_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """The XPCS results among `paths` (files, or folders searched for *.json), each with
-    its file name under "path"; other JSON files are skipped, unreadable ones raise."""
+    """The XPCS results among `paths` (files, or folders searched for *.json and HDF5
+    results), each with its file name under "path"; other files are skipped, unreadable
+    ones raise."""
     found: list[dict[str, Any]] = []
     for path in paths:
-        files = sorted(Path(path).rglob("*.json")) if Path(path).is_dir() else [Path(path)]
+        if Path(path).is_dir():
+            files = sorted(p for p in Path(path).rglob("*") if p.suffix in (".json", *H5_SUFFIXES))
+        else:
+            files = [Path(path)]
         for file in files:
             try:
-                data = json.loads(file.read_text())
+                if file.suffix in H5_SUFFIXES:
+                    data = read_h5_result(file)
+                else:
+                    data = json.loads(file.read_text())
             except (OSError, ValueError) as exc:
-                raise ValueError(f"{file}: not readable as JSON results ({exc})") from exc
+                raise ValueError(f"{file}: not readable as XPCS results ({exc})") from exc
             if is_result(data):
                 found.append({**data, "path": str(file)})
     return found
@@ -122,20 +157,24 @@ def plot_g2(path: Path, result: dict[str, Any], rings: Sequence[int] | None = No
     ax.grid(True, which="both", alpha=0.25)
 
     q2 = np.array([r["q2_mean_per_m2"] for r in all_rings]) / PER_ANGSTROM**2
+    exponent = math.floor(math.log10(q2.max())) if q2.max() > 0 else 0
+    unit = 10.0**exponent    # q^2 axis in units of 10^exponent 1/A^2 (no offset text to miss)
     gamma = np.array([r["gamma_per_s"] for r in all_rings], dtype=float)
     gamma_err = np.array([r.get("gamma_err") or 0.0 for r in all_rings], dtype=float)
     ok = np.isfinite(gamma)
-    rates.errorbar(q2[ok], gamma[ok], yerr=np.nan_to_num(gamma_err[ok]), fmt="o", ms=4, color="C0", capsize=2,
+    rates.errorbar(q2[ok] / unit, gamma[ok], yerr=np.nan_to_num(gamma_err[ok]), fmt="o", ms=4, color="C0", capsize=2,
                    label="fitted Γ per ring")
     line = np.linspace(0.0, q2.max() * 1.05, 50)
     d = result["diffusion_m2_per_s"]
-    rates.plot(line, d * PER_ANGSTROM**2 * line, "-", color="C0",
+    rates.plot(line / unit, d * PER_ANGSTROM**2 * line, "-", color="C0",
                label=f"Γ = D q², D = {d / UM2:.4g} ± {diffusion_error(result) / UM2:.2g} µm²/s")
     truth = _truth_d(result)
     if truth:
-        rates.plot(line, truth * PER_ANGSTROM**2 * line, "--", color="C3", label=f"truth D = {truth / UM2:.4g} µm²/s")
-    rates.set(xlabel="q² (Å⁻²)", ylabel="Γ (s⁻¹)", title="relaxation rate against q²", xlim=(0, None), ylim=(0, None))
-    rates.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
+        rates.plot(line / unit, truth * PER_ANGSTROM**2 * line, "--", color="C3",
+                   label=f"truth (generator): D = {truth / UM2:.4g} µm²/s")
+    power = "".join("⁰¹²³⁴⁵⁶⁷⁸⁹"[int(c)] if c.isdigit() else "⁻" for c in str(exponent))
+    rates.set(xlabel=f"q² (10{power} Å⁻²)", ylabel="Γ (s⁻¹)", title="relaxation rate against q²", xlim=(0, None),
+              ylim=(0, None))
     rates.legend(fontsize=8, loc="upper left")
     rates.grid(True, alpha=0.25)
     fig.tight_layout()

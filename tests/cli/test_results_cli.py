@@ -61,25 +61,34 @@ def folder(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     run.mkdir()
     (run / "ds-0000.json").write_text(json.dumps({**result(2.06e-14, 2e-14), "dataset": "/x/ds-0000.npz"}))
-    c2 = np.ones((40, 40)) + 0.5 * np.eye(40)
-    (run / "ds-0001.json").write_text(json.dumps({**result(3.9e-14, 4e-14), "dataset": "/x/ds-0001.npz",
-                                                  "two_time": {"c2": c2.tolist(), "ring": 2, "q_per_m": 3e7}}))
+    (run / "ds-0001.json").write_text(json.dumps({**result(3.9e-14, 4e-14), "dataset": "/x/ds-0001.npz"}))
     (run / "other.json").write_text(json.dumps({"not": "a result"}))
+    # The reduction's own HDF5 results (pyXPCSViewer's layout, with a two-time map).
+    from balsam_grpc.xpcs.analysis import reduce_stream
+    from balsam_grpc.xpcs.synthetic import generate
+
+    data = generate(rows=16, cols=16, n_frames=256, diffusion_m2_per_s=3e-14, seed=3)
+    meta = {"frame_time_s": data.frame_time_s, "geometry": data.geometry.to_dict(),
+            "truth": {"diffusion_m2_per_s": 3e-14, "contrast": data.contrast}}
+    reduction = reduce_stream([data.frames], 256, meta, n_rings=4, twotime=True, twotime_rings=[1])
+    reduction.summary["dataset"] = "/x/ds-0002.h5"
+    reduction.write_h5(run / "ds-0002.h5")
     return run
 
 
 def test_results_table_pictures_and_bad_input(folder: Path, tmp_path: Path) -> None:
     plots = tmp_path / "pictures"
-    res = balsamctl("results", str(folder), "--plots", str(plots), "--rings", "0,5", "-o", "json", home=tmp_path,
+    res = balsamctl("results", str(folder), "--plots", str(plots), "--rings", "0,3", "-o", "json", home=tmp_path,
                     subprocess_=True)
     assert res.exit_code == 0, res.stderr
     (report,) = json.loads(res.stdout)
     rows = {r["dataset"]: r for r in report["results"]}
-    assert set(rows) == {"ds-0000", "ds-0001"}  # other.json is not a result
+    assert set(rows) == {"ds-0000", "ds-0001", "ds-0002"}  # other.json is not a result
+    assert rows["ds-0002"]["rings"] == 4 and rows["ds-0002"]["true_diffusion_m2_per_s"] == 3e-14
     assert rows["ds-0000"]["rel_error"] == pytest.approx(0.03) and rows["ds-0001"]["rel_error"] == pytest.approx(-0.025)
     assert rows["ds-0000"]["rings_fitted"] == 6 and rows["ds-0000"]["diffusion_err_m2_per_s"] == pytest.approx(0.0)
     names = sorted(Path(p).name for p in report["plots"])
-    assert names == ["diffusion.png", "g2-ds-0000.png", "g2-ds-0001.png", "twotime-ds-0001.png"]
+    assert names == ["diffusion.png", "g2-ds-0000.png", "g2-ds-0001.png", "g2-ds-0002.png", "twotime-ds-0002.png"]
     for name in names:
         assert (plots / name).read_bytes()[:8] == PNG
     table = balsamctl("results", str(folder / "ds-0000.json"), home=tmp_path)
@@ -87,7 +96,7 @@ def test_results_table_pictures_and_bad_input(folder: Path, tmp_path: Path) -> N
     assert "|D error| median 3.00%" in table.stdout
     # In process the CLI's errors arrive as exceptions (balsamctl prints them, exit 2 / 1).
     out_of_range = balsamctl("results", str(folder), "--rings", "0,9", home=tmp_path).exception
-    assert isinstance(out_of_range, UsageError) and "rings 0..5" in str(out_of_range)
+    assert isinstance(out_of_range, UsageError) and "rings 0..3" in str(out_of_range)
     nothing = balsamctl("results", str(tmp_path / "missing.json"), home=tmp_path).exception
     assert isinstance(nothing, CliError) and "no such results file" in str(nothing)
     empty = balsamctl("results", str(folder / "other.json"), home=tmp_path).exception

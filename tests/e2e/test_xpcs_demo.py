@@ -185,8 +185,8 @@ def test_the_science_pictures_and_the_d_table(run):
     (fitted D, truth, error) and the pictures: g2 with fits, D against the truth."""
     out, plots = run["stdout"], run["home"] / "plots"
     assert f"{DATASETS} XPCS results" in out and "|D error| median" in out
-    pictures = sorted(p.name for p in plots.glob("*.png") if p.name.startswith(("g2-", "diffusion")))
-    assert len(pictures) == 3 and "diffusion.png" in pictures, pictures
+    pictures = sorted(p.name for p in plots.glob("*.png") if p.name.startswith(("g2-", "diffusion", "twotime-")))
+    assert len(pictures) == 4 and "diffusion.png" in pictures and "twotime-ds-0000.png" in pictures, pictures
     for name in pictures:
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
