@@ -94,6 +94,7 @@ def results(
         load_results,
         plot_diffusion,
         plot_g2,
+        result_name,
     )
 
     chosen_rings = _rings(rings)
@@ -129,7 +130,7 @@ def results(
         truth = (r.get("truth") or {}).get("diffusion_m2_per_s")
         fitted = r.get("diffusion_m2_per_s")
         rel = (fitted - truth) / truth if truth and fitted is not None and math.isfinite(fitted) else None
-        rows.append({"dataset": Path(str(r.get("dataset") or r["path"])).stem, "path": r["path"],
+        rows.append({"dataset": result_name(r), "path": r["path"],
                      "frames": r.get("frames"), "rings": len(r["rings"]),
                      "rings_fitted": sum(bool(x.get("fit_ok")) for x in r["rings"]),
                      "diffusion_m2_per_s": fitted, "diffusion_err_m2_per_s": diffusion_error(r),

@@ -98,8 +98,10 @@ def default_rings(n_rings: int, count: int = 4) -> list[int]:
     return sorted({round(i * (n_rings - 1) / (count - 1)) for i in range(count)})
 
 
-def _name(result: dict[str, Any]) -> str:
-    source = result.get("dataset") or result.get("path") or "dataset"
+def result_name(result: dict[str, Any]) -> str:
+    """The results file's name (the dataset field is the job's local copy, the same
+    name in every workdir)."""
+    source = result.get("path") or result.get("dataset") or "dataset"
     return Path(str(source)).stem
 
 
@@ -152,7 +154,7 @@ def plot_g2(path: Path, result: dict[str, Any], rings: Sequence[int] | None = No
     ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set(xlabel="delay τ (s)", ylabel="g₂(q, τ)",
-           title=f"{_name(result)}: g₂ per q ring (points ± s.e. over pixels; lines: fits)")
+           title=f"{result_name(result)}: g₂ per q ring (points ± s.e. over pixels; lines: fits)")
     ax.legend(fontsize=8, loc="upper right", title="fit: g₂ = b + β exp(−2Γτ)", title_fontsize=8)
     ax.grid(True, which="both", alpha=0.25)
 
@@ -215,7 +217,7 @@ def plot_two_time(path: Path, c2: np.ndarray, frame_time_s: float, *, title: str
 def plot_diffusion(path: Path, results: Sequence[dict[str, Any]]) -> Path:
     """Fitted D against the truth, one point per dataset (with one standard error), and
     the relative error of each; datasets without a truth are left out."""
-    rows = [(t, r["diffusion_m2_per_s"], diffusion_error(r), _name(r)) for r in results
+    rows = [(t, r["diffusion_m2_per_s"], diffusion_error(r), result_name(r)) for r in results
             if (t := _truth_d(r)) and r.get("diffusion_m2_per_s") is not None
             and math.isfinite(r["diffusion_m2_per_s"])]
     if not rows:

@@ -60,8 +60,8 @@ def balsamctl(*args: str, home: Path, subprocess_: bool = False) -> Any:
 def folder(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     run.mkdir()
-    (run / "ds-0000.json").write_text(json.dumps({**result(2.06e-14, 2e-14), "dataset": "/x/ds-0000.npz"}))
-    (run / "ds-0001.json").write_text(json.dumps({**result(3.9e-14, 4e-14), "dataset": "/x/ds-0001.npz"}))
+    (run / "ds-0000.json").write_text(json.dumps({**result(2.06e-14, 2e-14), "dataset": "/work/1/dataset.npz"}))
+    (run / "ds-0001.json").write_text(json.dumps({**result(3.9e-14, 4e-14), "dataset": "/work/2/dataset.npz"}))
     (run / "other.json").write_text(json.dumps({"not": "a result"}))
     # The reduction's own HDF5 results (pyXPCSViewer's layout, with a two-time map).
     from balsam_grpc.xpcs.analysis import reduce_stream
@@ -83,7 +83,8 @@ def test_results_table_pictures_and_bad_input(folder: Path, tmp_path: Path) -> N
     assert res.exit_code == 0, res.stderr
     (report,) = json.loads(res.stdout)
     rows = {r["dataset"]: r for r in report["results"]}
-    assert set(rows) == {"ds-0000", "ds-0001", "ds-0002"}  # other.json is not a result
+    # Named by their results files (the jobs' local copies all have one name), other.json is not a result.
+    assert set(rows) == {"ds-0000", "ds-0001", "ds-0002"}
     assert rows["ds-0002"]["rings"] == 4 and rows["ds-0002"]["true_diffusion_m2_per_s"] == 3e-14
     assert rows["ds-0000"]["rel_error"] == pytest.approx(0.03) and rows["ds-0001"]["rel_error"] == pytest.approx(-0.025)
     assert rows["ds-0000"]["rings_fitted"] == 6 and rows["ds-0000"]["diffusion_err_m2_per_s"] == pytest.approx(0.0)
