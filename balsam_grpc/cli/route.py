@@ -1,10 +1,11 @@
 """`balsamctl route`: where a new job of an app would go, and why.
 
 Prints each site's predicted completion of one more job, by term (stage-in, wait for a
-slot or a pilot, run, stage-out), with its typical error and cost, the history the
-figures come from (samples, transfer rate, pilot delay; `*` marks a term borrowed from
-the other sites' pooled history), and the site each routing policy would choose.
-Nothing is submitted and no placement is counted.
+slot or a pilot, run, stage-out), with its typical error, its 90th percentile (what the
+deadline policy plans for: each term's measured spread, see balsam_grpc.sdk.routing)
+and cost, the history the figures come from (samples, transfer rate, the cold start's
+median..p90; `*` marks a term borrowed from the other sites' pooled history), and the
+site each routing policy would choose. Nothing is submitted and no placement is counted.
 """
 
 from __future__ import annotations
