@@ -351,7 +351,7 @@ def compare_rows(summaries: dict[str, dict[str, Any]], site_names: list[str]) ->
         rows.append({"policy": policy, "datasets": s["datasets"], "finished": s["finished"],
                      "p50_s": s["turnaround_p50_s"], "p99_s": s["turnaround_p99_s"],
                      "misses": s["deadline_misses"], "predicted_misses": s["predicted_misses"],
-                     "at_risk": s.get("at_risk"), "beyond_high": s.get("beyond_high"),
+                     "at_risk": s.get("at_risk"), "beyond_high": s.get("beyond_high"), "load": s.get("load_1min"),
                      "prediction_error_p50_s": s["prediction_error_p50_s"],
                      "split": {n: placements.get(n, 0) for n in site_names},
                      "split_pct": {n: round(100 * placements.get(n, 0) / total) for n in site_names}})
@@ -362,16 +362,18 @@ def format_compare(rows: list[dict[str, Any]], site_names: list[str], deadline: 
     def num(v: Any, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v)
     head = (f"{'policy':<17}{'done':>9}{'p50 s':>8}{'p99 s':>8}{'missed':>8}{'predicted':>10}{'at risk':>9}"
-            f"{'|pred err| p50':>16}{'> p90':>7}" + "".join(f"{n:>8}" for n in site_names))
+            f"{'|pred err| p50':>16}{'> p90':>7}" + "".join(f"{n:>8}" for n in site_names) + f"{'load':>6}")
     lines = [f"turnaround = submission to result staged out; deadline {deadline:g} s after submission", head,
              "-" * len(head)]
     for r in rows:
         lines.append(f"{r['policy']:<17}{r['finished']:>4}/{r['datasets']:<4}{num(r['p50_s']):>8}{num(r['p99_s']):>8}"
                      f"{num(r['misses'], '{}'):>8}{num(r['predicted_misses'], '{}'):>10}{num(r['at_risk'], '{}'):>9}"
                      f"{num(r['prediction_error_p50_s']):>16}{num(r['beyond_high'], '{}'):>7}"
-                     + "".join(f"{r['split'][n]:>4} {r['split_pct'][n]:>2}%" for n in site_names))
+                     + "".join(f"{r['split'][n]:>4} {r['split_pct'][n]:>2}%" for n in site_names)
+                     + f"{num(r.get('load')):>6}")
     lines.append("predicted: typical completion past the deadline at submission; at risk: its p90 past it; "
-                 "> p90: turnarounds beyond the predicted p90")
+                 "> p90: turnarounds beyond the predicted p90; load: the machine's 1-minute load average at the "
+                 f"end of the policy's run ({os.cpu_count()} cores)")
     return "\n".join(lines)
 
 
@@ -478,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             code = run_code if policy == policies[0] else max(code, run_code)
             if a.compare:
                 summaries[policy] = json.loads(run_summary.read_text())
+                # The machine's load over the policy's run (1-minute average at its end):
+                # the policies run one after another, and a loaded machine runs slower.
+                summaries[policy]["load_1min"] = os.getloadavg()[0]
                 demo.wait_scale_to_zero(timeout=a.idle_timeout + 30)
         if a.compare:
             names = [spec.name for spec in demo.sites]
