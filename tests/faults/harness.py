@@ -30,6 +30,7 @@ import yaml
 
 from balsam_grpc.sdk import Client, Event
 from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
+from tests.support.server_fork import shared_forker
 from tests.support.server_proc import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,11 +82,13 @@ def kill_tree(pid: int) -> None:
 # ---------------------------------------------------------------------------- server
 class ServerProc(ServerProcess):
     """The server with the fault suite's short lease timeout and keepalives, in a session
-    of its own."""
+    of its own, forked from the run's server fork server (tests/support/server_fork.py:
+    a second of CPU less per start, and the scenarios restart it)."""
 
     def __init__(self, home: Path, database_url: str, lease_timeout: int = LEASE_TIMEOUT) -> None:
         super().__init__(home, database_url, args=("--lease-timeout", str(lease_timeout)),
-                         extra_env={"PYTHONPATH": str(REPO), **KEEPALIVE_ENV}, new_session=True)
+                         extra_env={"PYTHONPATH": str(REPO), **KEEPALIVE_ENV}, new_session=True,
+                         forker=shared_forker())
         self.lease_timeout = lease_timeout
 
 

@@ -15,6 +15,7 @@ Protocol on the fork server's stdin/stdout: one JSON request per line
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
@@ -96,6 +97,19 @@ class ServerForker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+_SHARED: ServerForker | None = None
+
+
+def shared_forker() -> ServerForker:
+    """One fork server for the whole test run, started on first use and closed at exit
+    (for servers started a few times per test: the CLI tests' and the fault suite's)."""
+    global _SHARED
+    if _SHARED is None or _SHARED.proc.poll() is not None:
+        _SHARED = ServerForker()
+        atexit.register(_SHARED.close)
+    return _SHARED
 
 
 def _child(request: dict[str, Any], main: Any) -> None:
