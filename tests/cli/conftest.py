@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import POSTGRES_URL, database_params
+from tests.support.cli_fork import CliForker
 from tests.support.databases import fresh_postgres
+from tests.support.server_fork import shared_forker
 from tests.support.server_proc import ServerProcess
 
 BALSAMCTL = str(Path(sys.executable).with_name("balsamctl"))
@@ -28,9 +30,10 @@ class CliServer:
     """The server process, and `balsamctl` run against it with the server's environment
     (no BALSAM_* of the test's own, no colour, wide columns)."""
 
-    def __init__(self, home: Path, database: str) -> None:
+    def __init__(self, home: Path, database: str, forker: CliForker | None = None) -> None:
+        self.forker = forker
         self.server = ServerProcess(home, database, extra_env={"NO_COLOR": "1", "COLUMNS": "200",
-                                                               "PYTHONUNBUFFERED": "1"})
+                                                               "PYTHONUNBUFFERED": "1"}, forker=shared_forker())
         self._client: Any = None
 
     @property
@@ -61,7 +64,11 @@ class CliServer:
 
     def run(self, *args: str, input: str | None = None, timeout: float = 120,  # noqa: A002
             env: dict[str, str] | None = None, stdin: Any = None) -> subprocess.CompletedProcess[str]:
-        """`balsamctl ARGS` as a subprocess; stdin is not a terminal unless given."""
+        """`balsamctl ARGS` as a process of its own (forked from one that has imported the
+        CLI, when the server has a forker); stdin is not a terminal unless given."""
+        if self.forker is not None:
+            return self.forker.run(BALSAMCTL, args, env={**self.env, **(env or {})}, input=input, stdin=stdin,
+                                   timeout=timeout)
         return subprocess.run([BALSAMCTL, *args], input=input, capture_output=True, text=True, timeout=timeout,
                               env={**self.env, **(env or {})}, stdin=stdin if input is None else None)
 
@@ -105,24 +112,25 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.fixture(scope="module", params=database_params())
-def cli_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:
+def cli_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+               cli_forker: CliForker) -> Iterator[CliServer]:
     home = tmp_path_factory.mktemp("cli-home")
     if request.param == "postgres":
         database = fresh_postgres(POSTGRES_URL, "cli")
     else:
         database = f"sqlite:///{home / 'balsam.db'}"
-    server = CliServer(home, database)
+    server = CliServer(home, database, cli_forker)
     server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def sqlite_cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliServer]:
+def sqlite_cli_server(tmp_path_factory: pytest.TempPathFactory, cli_forker: CliForker) -> Iterator[CliServer]:
     """A server process on SQLite only, for tests of the CLI's own behaviour whose server
     side runs on both databases elsewhere."""
     home = tmp_path_factory.mktemp("cli-sqlite")
-    server = CliServer(home, f"sqlite:///{home / 'balsam.db'}")
+    server = CliServer(home, f"sqlite:///{home / 'balsam.db'}", cli_forker)
     server.start()
     yield server
     server.stop()

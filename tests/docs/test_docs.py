@@ -8,7 +8,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from tests.support.server_fork import shared_forker
 from tests.support.server_proc import REPO, ServerProcess
 
 TUTORIAL = REPO / "docs" / "tutorial.md"
@@ -20,14 +22,19 @@ def tutorial_blocks() -> list[str]:
     return MARKED.findall(TUTORIAL.read_text())
 
 
-def test_tutorial_commands_run_against_a_server(tmp_path: Path) -> None:
+def test_tutorial_commands_run_against_a_server(tmp_path: Path, cli_forker: Any) -> None:
+    """Each `balsamctl` of the blocks is the CLI forked from a process that has imported
+    it (tests/support/cli_fork.py: a shim first on PATH), its stdin, stdout, stderr,
+    environment and folder the shell's; everything else runs as a user's shell runs it."""
     blocks = tutorial_blocks()
     assert len(blocks) >= 8, "the tutorial lost its marked blocks"
     server = ServerProcess(tmp_path / "home", f"sqlite:///{tmp_path / 'balsam.db'}",
-                           extra_env={"NO_COLOR": "1", "COLUMNS": "160"})
+                           extra_env={"NO_COLOR": "1", "COLUMNS": "160"}, forker=shared_forker())
     server.start()
     try:
-        env = {**server.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{server.env.get('PATH', '')}"}
+        shims = cli_forker.shim(tmp_path / "bin", str(Path(sys.executable).with_name("balsamctl"))).parent
+        env = {**server.env,
+               "PATH": os.pathsep.join([str(shims), str(Path(sys.executable).parent), server.env.get("PATH", "")])}
         work = tmp_path / "work"
         work.mkdir()
         for number, block in enumerate(blocks, start=1):
