@@ -64,9 +64,13 @@ KiB = 1024
 # keys and values for maps and lists; the serialized size for Structs). Keyed by the
 # protobuf message and field. The server checks every unary request against this one
 # table before any servicer code runs (server/wire.py `FieldLimits`: INVALID_ARGUMENT
-# naming the field and its limit); clients may check before sending. Messages on the site
-# and session streams are not refused (a daemon would resend them forever): their
-# servicers drop an oversized value with a note instead, using the same table.
+# naming the field and its limit); clients may check before sending. The site stream
+# checks each WorkResult against it: an oversized result is refused with the field's
+# name and nothing of it is stored (a hook's job fails with that message); the site
+# daemon cuts what it writes itself (`clip_utf8`) so it never sends one. The session
+# stream keeps a job's state change and cuts its report's text to these limits (a
+# refused transition would make the launcher stop the job, and its next run report the
+# same), noting what was cut.
 FIELD_LIMITS: dict[str, int] = {
     "balsam.v1.Job.name": 1 * KiB,
     "balsam.v1.Job.workdir": 4 * KiB,
@@ -103,11 +107,32 @@ FIELD_LIMITS: dict[str, int] = {
     "balsam.v1.BatchJob.status_info": 4 * KiB,
     "balsam.v1.TransferItem.error": 16 * KiB,
     "balsam.v1.TransferItem.task_id": 1 * KiB,
+    # What the site daemon reports on its stream (SiteService.Connect, WorkResult).
+    "balsam.v1.HookResult.state_message": 4 * KiB,
+    "balsam.v1.BatchJobUpdate.status_info": 4 * KiB,
+    "balsam.v1.BatchJobUpdate.scheduler_id": 1 * KiB,
+    "balsam.v1.CleanupResult.error": 4 * KiB,
+    # What a launcher reports on its session stream (SessionService.Connect).
+    "balsam.v1.JobTransition.message": 4 * KiB,
+    "balsam.v1.JobTransition.error_tail": 64 * KiB,
+    "balsam.v1.JobTransition.data": 256 * KiB,
 }
 # What one bulk update may copy in all: event_data and state_message go into the event of
 # every selected job, and patched data and tags into every selected job (one 2 MiB
 # event_data into 100 jobs wrote 197 MiB; ListEvents and watch replays then broke).
 MAX_BULK_COPY_BYTES = 16 * 1024 * KiB
+
+
+def clip_utf8(text: str, limit: int, *, keep_end: bool = False) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8 at a character boundary: its start,
+    or its end with `keep_end` (the tail of an error output)."""
+    if len(text) * 4 <= limit:
+        return text
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    cut = raw[len(raw) - limit:] if keep_end else raw[:limit]
+    return cut.decode("utf-8", "ignore")  # a character split at the cut is dropped
 
 
 def field_too_large(path: str, size: int, limit: int) -> InvalidArgument:

@@ -30,6 +30,7 @@ import structlog
 from google.protobuf import timestamp_pb2
 
 from balsam_grpc.core.backoff import Backoff
+from balsam_grpc.core.validation import FIELD_LIMITS, clip_utf8
 from balsam_grpc.site.journal import Journal, SubmitIntent, SubmittedJob
 from balsam_grpc.site.schedulers import (
     SchedulerJob,
@@ -107,10 +108,13 @@ def timestamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
+_STATUS_INFO_LIMIT = FIELD_LIMITS["balsam.v1.BatchJobUpdate.status_info"]
+
+
 def update(batch_job_id: int, state: int, *, scheduler_id: str = "", status_info: str = "",
            start: datetime | None = None, end: datetime | None = None) -> site_service_pb2.WorkResult:
     msg = site_service_pb2.BatchJobUpdate(batch_job_id=batch_job_id, state=state, scheduler_id=scheduler_id,
-                                          status_info=status_info[:4000])
+                                          status_info=clip_utf8(status_info, _STATUS_INFO_LIMIT))
     if start is not None:
         msg.start_time.CopyFrom(timestamp(start))
     if end is not None:

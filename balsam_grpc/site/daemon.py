@@ -25,6 +25,7 @@ from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.channel import channel_credentials, channel_options, channel_target
 from balsam_grpc.core.errors import BalsamError
 from balsam_grpc.core.settings import Profile
+from balsam_grpc.core.validation import FIELD_LIMITS, clip_utf8
 from balsam_grpc.site.batch import BJ, BatchJobs, update
 from balsam_grpc.site.cleaner import clean_workdir, job_workdir
 from balsam_grpc.site.hook_process import HookPool
@@ -40,6 +41,7 @@ from balsam_grpc.site.transfers.journal import TransferJournal
 from balsam_grpc.site.transfers.service import TransferService, transfer_failure
 from balsam_grpc.v1 import batch_job_pb2, site_pb2, site_service_pb2, site_service_pb2_grpc
 
+_CLEANUP_ERROR_LIMIT = FIELD_LIMITS["balsam.v1.CleanupResult.error"]
 log = structlog.get_logger(__name__)
 
 CAPABILITIES = ["batch_jobs", "hooks", "cleanup", "transfers"]
@@ -195,7 +197,7 @@ class SiteDaemon:
             workdir = job_workdir(self.layout.data_dir, c.workdir)
             removed, errors = await asyncio.to_thread(clean_workdir, workdir, list(c.globs))
             return site_service_pb2.WorkResult(cleanup=site_service_pb2.CleanupResult(
-                job_id=c.job_id, removed_files=removed, error="; ".join(errors)[:4000]))
+                job_id=c.job_id, removed_files=removed, error=clip_utf8("; ".join(errors), _CLEANUP_ERROR_LIMIT)))
         raise BalsamError(f"work kind {kind!r} is not handled by this daemon")
 
     def failure(self, item: site_service_pb2.WorkItem, exc: BaseException) -> site_service_pb2.WorkResult | None:
@@ -210,7 +212,7 @@ class SiteDaemon:
                                                                   f"site daemon could not run the hook: {message}"))
         if kind == "cleanup":
             return site_service_pb2.WorkResult(cleanup=site_service_pb2.CleanupResult(
-                job_id=item.cleanup.job_id, error=message[:4000]))
+                job_id=item.cleanup.job_id, error=clip_utf8(message, _CLEANUP_ERROR_LIMIT)))
         if kind == "start_transfers":
             return transfer_failure(item.start_transfers, f"site daemon could not take the transfer: {message}")
         # A failed cancel is retried when the work is offered again after a reconnect;

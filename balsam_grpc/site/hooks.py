@@ -15,6 +15,7 @@ from typing import Any
 
 from google.protobuf import field_mask_pb2, struct_pb2
 
+from balsam_grpc.core.validation import FIELD_LIMITS, clip_utf8
 from balsam_grpc.v1 import app_pb2, job_pb2, site_service_pb2
 
 HOOK_METHODS = {
@@ -43,8 +44,10 @@ def natural_next_state(hook: int, app: app_pb2.App, run_count: int) -> int:
 
 
 def failed_result(job_id: int, hook: int, message: str) -> site_service_pb2.HookResult:
+    # The traceback's end says what went wrong: keep it, within the server's limit.
+    tail = clip_utf8(message, FIELD_LIMITS["balsam.v1.HookResult.state_message"], keep_end=True)
     return site_service_pb2.HookResult(job_id=job_id, hook=hook, next_state=job_pb2.JOB_STATE_FAILED,
-                                       state_message=message[-8000:])
+                                       state_message=tail)
 
 
 def build_hook_result(run: site_service_pb2.RunHook, next_state: str | None, changed: dict[str, Any],

@@ -312,6 +312,30 @@ def test_run_error_keeps_return_code_and_tail(short: ShortLeaseHarness, user: Ca
     launcher.cancel()
 
 
+@pytest.mark.edge("a launcher's report with a 16 KiB message and a 210 KB error tail (multi-byte text)",
+                   "state change kept; text cut to the byte limits of FIELD_LIMITS, noted in the data")
+def test_report_text_is_cut_to_the_field_limits_in_bytes(short: ShortLeaseHarness, user: Caller) -> None:
+    """The session stream used to cut by characters (4,096 of them, 64 Ki of them): a
+    message of 4-byte characters stored 16 KiB, a tail of 3-byte ones 192 KiB."""
+    w = World(user)
+    (job,) = w.create(1)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=1)
+    (lj,) = launcher.leased(1)
+    message = "\U0001F600" * 4096  # 16 KiB of UTF-8
+    tail = "start " + "\u20ac" * 70_000 + " the end"  # 210 KB
+    ack = launcher.report(launcher.transition(lj, S.JOB_STATE_RUN_ERROR, return_code=2, message=message,
+                                              error_tail=tail))
+    assert ack.applied_through_seq == 1 and not ack.rejections
+    got = w.get(job.id)
+    assert got.state == S.JOB_STATE_FAILED and got.return_code == 2  # the state change is kept
+    assert len(got.error_tail.encode()) <= 64 * 1024 and got.error_tail.endswith(" the end")
+    assert len(got.state_message.encode()) <= 4 * 1024 and got.state_message.startswith("\U0001F600")
+    assert set(got.data["cut_by_server"]) == {"error_tail", "message"}
+    launcher.cancel()
+
+
 def test_stale_generation_and_bad_states_are_rejected_and_change_nothing(short: ShortLeaseHarness,
                                                                        user: Caller) -> None:
     w = World(user)

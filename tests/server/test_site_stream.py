@@ -648,6 +648,52 @@ def test_hook_result_with_bad_new_jobs_fails_the_job_and_creates_nothing(alice: 
     assert _job(alice, job.id).state == JS.JOB_STATE_FAILED
 
 
+@pytest.mark.edge("site stream results over FIELD_LIMITS (a hook's 40 KB tags, new job's 5 KB workdir, 100 KB status_info)",
+                   "refused naming the field; nothing stored; the hook's job FAILED with the reason")
+def test_results_over_the_field_limits_are_refused_by_name(alice: Any, clients: list[SiteClient]) -> None:
+    """The unary calls refuse a field over its limit; results on the site stream used to
+    store whatever came (a hook's job_changes.tags had no limit at all)."""
+    site = _site(alice)
+    app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
+    job, other = _jobs(alice, app, 2)
+    bj = _batch_job(alice, site.id)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    submit = client.next("work")
+    assert submit.id == f"submit:{bj.id}"
+    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    _move(alice, other.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    items = {client.next("work").id for _ in range(2)}
+    hook_ids = {j.id: f"hook:{j.id}:RUN_DONE:1" for j in (job, other)}  # run 1
+    assert items == set(hook_ids.values())
+
+    changes = JS.Job(tags={"big": "x" * 40_000})
+    ack = client.result(work_id=hook_ids[job.id], hook=pb.HookResult(
+        job_id=job.id, job_changes=changes, job_mask=field_mask_pb2.FieldMask(paths=["tags"])))
+    assert ack.errors and "result.hook.job_changes.tags" in ack.errors[0] and "32,768 bytes" in ack.errors[0]
+    got = _job(alice, job.id)
+    assert got.state == JS.JOB_STATE_FAILED and "result.hook.job_changes.tags" in got.state_message
+    assert "big" not in got.tags
+
+    child = JS.Job(app_id=app.id, workdir="w/" + "d" * 5000)
+    ack = client.result(work_id=hook_ids[other.id], hook=pb.HookResult(job_id=other.id, new_jobs=[child]))
+    assert ack.errors and "result.hook.new_jobs[0].workdir" in ack.errors[0]
+    assert _job(alice, other.id).state == JS.JOB_STATE_FAILED
+    stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
+    assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=JS.JobFilter(app_ids=[app.id]))).total == 2
+
+    ack = client.result(work_id=submit.id, batch_job=pb.BatchJobUpdate(
+        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="7", status_info="y" * 100_000))
+    assert ack.errors and "result.batch_job.status_info" in ack.errors[0] and "4,096 bytes" in ack.errors[0]
+    got_bj = _get_batch_job(alice, bj.id)
+    assert got_bj.state == BJ.BATCH_JOB_STATE_PENDING_SUBMISSION and len(got_bj.status_info) < 1000
+    # Within the limits the same results are applied.
+    ack = client.result(work_id=submit.id, batch_job=pb.BatchJobUpdate(
+        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="7", status_info="queued"))
+    assert not ack.errors, ack.errors
+    assert _get_batch_job(alice, bj.id).state == BJ.BATCH_JOB_STATE_QUEUED
+
+
 def test_work_stays_with_its_site(alice: Any, bob: Any, clients: list[SiteClient]) -> None:
     mine, other = _site(alice), _site(alice)
     bobs = _site(bob)

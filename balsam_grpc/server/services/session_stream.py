@@ -19,7 +19,6 @@ on, so nothing is buffered toward a slow launcher.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections import deque
 from collections.abc import AsyncIterator
@@ -30,12 +29,13 @@ from typing import Any
 import structlog
 
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
+from balsam_grpc.core.validation import FIELD_LIMITS, clip_utf8
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Delivery, Subscription
 from balsam_grpc.server.job_tokens import JobTokens
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.services.apps import app_to_pb
-from balsam_grpc.server.services.jobs import MAX_DATA_BYTES, job_to_message
+from balsam_grpc.server.services.jobs import job_to_message
 from balsam_grpc.server.services.session_convert import session_to_pb
 from balsam_grpc.server.services.common import check_map
 from balsam_grpc.server.state import ServerState
@@ -52,8 +52,9 @@ INBOX_SIZE = 8
 LEASE_BATCH = 1000
 MAX_NODES = 100_000
 MAX_TRANSITIONS = 10_000
-MAX_ERROR_TAIL = 64 * 1024
-MAX_MESSAGE_CHARS = 4096
+_TAIL_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.error_tail"]
+_MESSAGE_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.message"]
+_DATA_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.data"]
 _EOF = object()
 Response = session_service_pb2.SessionServiceConnectResponse
 
@@ -86,18 +87,29 @@ def credit_from_pb(c: session_service_pb2.SessionCredit, state: ServerState) -> 
 
 
 def transition_from_pb(t: session_service_pb2.JobTransition) -> leases.Transition:
+    """A launcher's report in store terms, within FIELD_LIMITS (bytes of UTF-8). The
+    state change is always kept: a refused transition would make the launcher stop the
+    job, and its next run would report the same. What is over a limit is cut (the error
+    tail keeps its end) or, for data, dropped, and the data says which field and why."""
+    notes: dict[str, str] = {}
     try:
         data = struct_to_dict(t.data, "data") if t.HasField("data") else {}
     except InvalidArgument:  # NaN/Infinity: as with oversized data, keep the state change
         data = {"data_dropped": "holds NaN or Infinity, which JSON cannot represent"}
-    if data and len(json.dumps(data, default=str)) > MAX_DATA_BYTES:
-        # The state change matters more than an oversized result: keep it, say why data is missing.
-        data = {"data_dropped": f"larger than {MAX_DATA_BYTES // 1024} KiB"}
+    if data and t.data.ByteSize() > _DATA_LIMIT:
+        data = {"data_dropped": f"data is {t.data.ByteSize():,} bytes; the limit is {_DATA_LIMIT:,} bytes"}
+    error_tail = clip_utf8(t.error_tail, _TAIL_LIMIT, keep_end=True)
+    if len(error_tail) != len(t.error_tail):
+        notes["error_tail"] = f"cut to its last {_TAIL_LIMIT:,} bytes"
+    message = clip_utf8(t.message, _MESSAGE_LIMIT)
+    if len(message) != len(t.message):
+        notes["message"] = f"cut to its first {_MESSAGE_LIMIT:,} bytes"
+    if notes:
+        data = {**data, "cut_by_server": notes}
     return leases.Transition(
         seq=t.seq, job_id=t.job_id, lease_generation=t.lease_generation, state=JOB_STATES.to_name.get(t.state, ""),
         return_code=t.return_code if t.HasField("return_code") else None,
-        error_tail=t.error_tail[-MAX_ERROR_TAIL:], data=data, message=t.message[:MAX_MESSAGE_CHARS],
-        time=_reported_time(t))
+        error_tail=error_tail, data=data, message=message, time=_reported_time(t))
 
 
 def _reported_time(t: session_service_pb2.JobTransition) -> datetime | None:

@@ -42,7 +42,6 @@ from sqlalchemy import Connection
 
 from balsam_grpc.core.aio import wait_event
 from balsam_grpc.core.errors import Aborted, BalsamError, InvalidArgument
-from balsam_grpc.core.validation import FIELD_LIMITS
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Subscription
 from balsam_grpc.server.notify import SITE_STREAM_CLAIMED, notify_control
@@ -60,6 +59,7 @@ from balsam_grpc.server.store import site_work as work_store
 from balsam_grpc.server.store import sites as site_store
 from balsam_grpc.server.store import transfers as transfer_store
 from balsam_grpc.server.store.db import MAX_EVENT_ID, TransactionLost, storage_full_detail
+from balsam_grpc.server.wire import FieldLimits
 from balsam_grpc.v1 import site_service_pb2 as pb
 
 log = structlog.get_logger("balsam.site_stream")
@@ -80,7 +80,8 @@ MAX_ANSWERED = 10_000
 RESULT_BATCH = 200
 # Daemon messages read ahead of the loop (each is one result, credit, ack or snapshot).
 INBOX_SIZE = 64
-MAX_HOOK_MESSAGE = 64 * 1024
+# Checks results against core.validation.FIELD_LIMITS (what unary requests get in wire.py).
+RESULT_LIMITS = FieldLimits()
 HOOK_KINDS = EnumCodec(pb.HookKind, "HOOK_KIND_")
 HOOK_CHANGE_FIELDS = ("data", "parameters", "tags")
 
@@ -123,17 +124,20 @@ def batch_report(update: pb.BatchJobUpdate) -> work_store.BatchJobReport:
         end_time=from_timestamp(update.end_time, update.HasField("end_time")))
 
 
-def hook_outcome(result: pb.HookResult, site_id: int, state: ServerState) -> work_store.HookOutcome:
-    """A HookResult in store terms; input that cannot be read becomes `refusal` (the job
-    is failed with it rather than left waiting for a hook that already ran)."""
+def hook_outcome(result: pb.HookResult, site_id: int, state: ServerState,
+                 too_large: str | None = None) -> work_store.HookOutcome:
+    """A HookResult in store terms; input that cannot be read, or a field over its limit
+    (`too_large`), becomes `refusal` (the job is failed with it rather than left waiting
+    for a hook that already ran; nothing else of the result is stored)."""
     out = work_store.HookOutcome(job_id=result.job_id)
+    if too_large:
+        out.refusal = too_large
+        return out
     try:
         out.hook = HOOK_KINDS.name(result.hook, "result.hook.hook").lower() if result.hook else ""
         out.next_state = JOB_STATES.name(result.next_state, "result.hook.next_state") if result.next_state else ""
-        out.message = result.state_message[:MAX_HOOK_MESSAGE]
-        limit = FIELD_LIMITS["balsam.v1.HookResult.event_data"]
-        out.event_data = struct_to_dict(result.event_data) if result.event_data.ByteSize() <= limit else {
-            "event_data_dropped": f"larger than {limit:,} bytes"}
+        out.message = result.state_message
+        out.event_data = struct_to_dict(result.event_data)
         for path in result.job_mask.paths:
             if path not in HOOK_CHANGE_FIELDS:
                 raise InvalidArgument(f"result.hook.job_mask: a hook may change {', '.join(HOOK_CHANGE_FIELDS)}, "
@@ -155,7 +159,6 @@ def hook_outcome(result: pb.HookResult, site_id: int, state: ServerState) -> wor
 
 
 MAX_TRANSFER_ITEMS = 10_000
-MAX_TRANSFER_ERROR = 4000
 
 
 def transfer_reports(update: pb.TransferUpdate) -> list[transfer_store.SiteReport]:
@@ -176,7 +179,7 @@ def transfer_reports(update: pb.TransferUpdate) -> list[transfer_store.SiteRepor
         if m.bytes < 0 or m.files < 0 or m.duration_seconds < 0:
             raise InvalidArgument(f"{where}.metrics must not be negative", field=f"{where}.metrics")
         out.append(transfer_store.SiteReport(
-            id=item.id, state=state, task_id=item.task_id[:128], error=item.error[:MAX_TRANSFER_ERROR],
+            id=item.id, state=state, task_id=item.task_id, error=item.error,
             bytes=m.bytes, files=m.files, duration_seconds=m.duration_seconds))
     return out
 
@@ -198,9 +201,23 @@ def apply_result(conn: Connection, state: ServerState, owner_id: int, site_id: i
         return work_store.Outcome(work_store.REFUSED, f"internal server error (incident {incident})", park=True)
 
 
+def too_large(result: pb.WorkResult) -> str | None:
+    """Why `result` breaks FIELD_LIMITS (the field's path and its limit), if it does."""
+    try:
+        RESULT_LIMITS.check(result, "result.")
+    except BalsamError as exc:
+        return exc.message
+    return None
+
+
 def _apply_result(conn: Connection, state: ServerState, owner_id: int, site_id: int, result: pb.WorkResult,
                   now: datetime) -> work_store.Outcome:
     kind = result.WhichOneof("outcome")
+    # The same limits as the unary calls: an oversized result is refused, naming the
+    # field, and nothing of it is stored (a hook's job fails with the reason).
+    oversized = too_large(result)
+    if oversized and kind != "hook":
+        return work_store.Outcome(work_store.REFUSED, f"{result.work_id}: {oversized}" if result.work_id else oversized)
     if kind == "batch_job":
         try:
             report = batch_report(result.batch_job)
@@ -211,7 +228,7 @@ def _apply_result(conn: Connection, state: ServerState, owner_id: int, site_id: 
         return work_store.Outcome(work_store.REFUSED, f"an unsolicited result may only report a batch job, not {kind}")
     if kind == "hook":
         return work_store.apply_hook_result(conn, owner_id, site_id, result.work_id,
-                                            hook_outcome(result.hook, site_id, state), now)
+                                            hook_outcome(result.hook, site_id, state, oversized), now)
     if kind == "cleanup":
         c = result.cleanup
         return work_store.apply_cleanup_result(conn, owner_id, site_id, result.work_id, c.job_id, c.removed_files,
