@@ -10,6 +10,7 @@ from balsam_grpc.core.logging import configure_logging
 from balsam_grpc.server.app import serve
 from balsam_grpc.server.state import ServerSettings
 from balsam_grpc.server.store.db import relax_gc
+from balsam_grpc.server.wire import limit_malloc_arenas
 
 
 def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     # Everything the server writes (the database and its -wal/-shm files, BALSAM_HOME, the
     # profile with its token) is created owner-only, whatever the caller's umask.
     os.umask(0o077)
+    limit_malloc_arenas()  # before any thread: memory comes back after large requests
     configure_logging()
     settings = settings_from_args(argv)
     relax_gc()  # process-wide, so decided by the server process, not by a library object
