@@ -90,8 +90,9 @@ def _foreign_job(server: Server, tmp_path: Path) -> int:
     return site.jobs(site.app("theirs", "true"))[0].id
 
 
-@pytest.mark.edge("a job's environment and what its credential may do",
-                   "no BALSAM_TOKEN; a run-scoped token: own site and job only, dead after the run")
+@pytest.mark.edge("a job's environment, what its credential may do, its files' modes",
+                   "no site credential, only allow-listed BALSAM_ variables; a run-scoped token: own site and job only, dead after the run; "
+                   "workdir 0700, job.out 0600")
 def test_a_job_holds_only_its_runs_scoped_token(server, site, launchers, tmp_path):
     other_site = Site(server, tmp_path / "other-site")
     other_app = other_site.app("elsewhere", "true")

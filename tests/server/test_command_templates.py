@@ -27,6 +27,8 @@ def _app(site_id: int, template: str, *, shell: bool = False, name: str = "sim")
     ("python -c 'print({{ x }})'", False, "inside quotes"),
     ("echo {{ x }} > out.txt", False, "shell syntax"),
 ])
+@pytest.mark.edge("a command template with a placeholder inside quotes, or shell syntax without shell",
+                  "refused at registration (INVALID_ARGUMENT) showing the right form; nothing stored")
 def test_unsafe_templates_are_refused_with_the_right_form(api: Api, template: str, shell: bool,
                                                           needle: str) -> None:
     site = api.site()

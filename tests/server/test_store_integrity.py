@@ -168,6 +168,8 @@ def test_migration_keeps_the_data_and_ends_id_reuse(backend: str, tmp_path: Path
             drop_postgres(url)
 
 
+@pytest.mark.edge("SQLite: a savepoint released, then its transaction fails",
+                  "the savepoint's rows roll back with it (nested transactions really nest)")
 def test_sqlite_savepoint_nests_inside_its_transaction(tmp_path: Path) -> None:
     """A savepoint released before the transaction's first other write commits nothing
     by itself: when the transaction rolls back, the savepoint's rows go with it."""
