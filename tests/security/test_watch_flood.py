@@ -41,7 +41,7 @@ from balsam_grpc.v1 import (
     site_service_pb2,
     site_service_pb2_grpc,
 )
-from tests.support.server_fork import ServerForker
+from tests.support.server_fork import shared_forker
 from tests.support.server_proc import ServerProcess, free_port
 
 MiB = 1024 * 1024
@@ -76,15 +76,13 @@ def rss_mib(pid: int) -> float:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     home = tmp_path_factory.mktemp("watch-flood")
-    forker = ServerForker()
-    proc = ServerProcess(home, f"sqlite:///{home / 'balsam.db'}", forker=forker,
+    proc = ServerProcess(home, f"sqlite:///{home / 'balsam.db'}", forker=shared_forker(),
                          extra_env={"BALSAM_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"})
     try:
         proc.start()
         yield proc
     finally:
         proc.stop(kill=True)  # its shutdown is not what this module tests
-        forker.close()
 
 
 def _login_b(channel: grpc.Channel, admin_md: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
