@@ -85,13 +85,22 @@ class TwoTimeAccumulator:
         m = block.shape[0]
         if self.fed + m > self.n_frames:
             raise ValueError(f"more frames than announced ({self.fed + m} > {self.n_frames})")
-        picked = block.reshape(m, -1)[:, self.pixel_index]
-        bins = (self.fed + np.arange(m)) // self.avg_frame
-        keep = bins < self.n_bins  # the remainder after the last full bin is dropped
-        if keep.any():
-            bins, picked = bins[keep], picked[keep]
-            starts = np.flatnonzero(np.r_[True, bins[1:] != bins[:-1]])
-            self.binned[bins[starts]] += np.add.reduceat(picked, starts, axis=0, dtype=np.float64).astype(np.float32)
+        # Frames past the last full bin are dropped; the rest add to their bins, whole
+        # bins of the block at once (sums of counts are exact in float32 below 2**24).
+        usable = max(0, min(m, self.n_bins * self.avg_frame - self.fed))
+        if usable:
+            picked = np.take(block.reshape(m, -1)[:usable], self.pixel_index, axis=1)
+            i = 0
+            while i < usable:
+                b, offset = divmod(self.fed + i, self.avg_frame)
+                k = min(self.avg_frame - offset, usable - i)    # frames of bin b in this block
+                whole = (usable - i - k) // self.avg_frame      # full bins after it
+                self.binned[b] += picked[i:i + k].sum(axis=0, dtype=np.float32)
+                i += k
+                if whole:
+                    span = picked[i:i + whole * self.avg_frame].reshape(whole, self.avg_frame, -1)
+                    self.binned[b + 1:b + 1 + whole] += span.sum(axis=1, dtype=np.float32)
+                    i += whole * self.avg_frame
         self.fed += m
 
     def result(self) -> TwoTime:
