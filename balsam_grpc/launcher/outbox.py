@@ -36,6 +36,10 @@ class Outbox:
     def has_unsent(self) -> bool:
         return self.last_seq > self._sent_through
 
+    def awaiting_ack(self) -> bool:
+        """Some transitions were handed to the stream and not acknowledged yet."""
+        return self._sent_through > self.acked_through
+
     def take_unsent(self, limit: int = 1000) -> list[session_service_pb2.JobTransition]:
         """The next transitions to write on the stream, in seq order (marked as sent)."""
         out = []

@@ -200,22 +200,37 @@ class SessionClient:
             self.outbox.ack(msg.ack.applied_through_seq)
             for rej in msg.ack.rejections:
                 self.cb.on_rejection(rej)
-            if self.closing:
-                self._wake.set()
+            self._wake.set()  # reports held back while this one was in flight go now
         elif kind == "kill":
             self.cb.on_kill(msg.kill)
+
+    def _credit_now(self) -> tuple[pb.SessionCredit, bytes]:
+        credit = self.cb.credit()
+        credit.leases_received = self._leases_received
+        return credit, credit.SerializeToString(deterministic=True)
 
     async def _writer(self, call: Any) -> None:
         half_closed = False
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.outbox.has_unsent():
-                batch = self.outbox.take_unsent(REPORT_BATCH)
-                await call.write(pb.SessionServiceConnectRequest(report=pb.TransitionReport(transitions=batch)))
-            credit = self.cb.credit()
-            credit.leases_received = self._leases_received
-            raw = credit.SerializeToString(deterministic=True)
+            # One report in flight at a time: what finishes while the server applies it goes
+            # in the next one, so a busy launcher's reports coalesce (one transaction for
+            # many jobs) and an idle one's go out at once.
+            if self.outbox.has_unsent() and not self.outbox.awaiting_ack():
+                while self.outbox.has_unsent():
+                    report = pb.TransitionReport(transitions=self.outbox.take_unsent(REPORT_BATCH))
+                    if not self.outbox.has_unsent() and not half_closed:
+                        # The last report carries the credit its jobs freed: the server
+                        # leases in the report's own transaction and round trip.
+                        credit, raw = self._credit_now()
+                        if raw != self._last_credit:
+                            self._last_credit = raw
+                            report.credit.CopyFrom(credit)
+                    await call.write(pb.SessionServiceConnectRequest(report=report))
+            if self.outbox.has_unsent():
+                continue  # the credit rides on the next report, sent when the ack comes
+            credit, raw = self._credit_now()
             if raw != self._last_credit and not half_closed:
                 self._last_credit = raw
                 await call.write(pb.SessionServiceConnectRequest(credit=credit))

@@ -136,10 +136,12 @@ class JobTransition(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., job_id: _Optional[int] = ..., lease_generation: _Optional[int] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., return_code: _Optional[int] = ..., error_tail: _Optional[str] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TransitionReport(_message.Message):
-    __slots__ = ("transitions",)
+    __slots__ = ("transitions", "credit")
     TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
     transitions: _containers.RepeatedCompositeFieldContainer[JobTransition]
-    def __init__(self, transitions: _Optional[_Iterable[_Union[JobTransition, _Mapping]]] = ...) -> None: ...
+    credit: SessionCredit
+    def __init__(self, transitions: _Optional[_Iterable[_Union[JobTransition, _Mapping]]] = ..., credit: _Optional[_Union[SessionCredit, _Mapping]] = ...) -> None: ...
 
 class SessionServiceConnectRequest(_message.Message):
     __slots__ = ("open", "credit", "report", "close")

@@ -241,6 +241,24 @@ def test_outbox_numbers_acks_and_resends_after_reconnect():
     assert box.add(tr()) == 1
 
 
+def test_outbox_awaits_the_ack_of_what_it_sent_then_not_after_a_reconnect():
+    """The writer sends one report at a time (what finishes meanwhile goes in the next):
+    awaiting_ack is what holds it back, and a reconnect must not leave it waiting for an
+    ack that the broken stream will never bring."""
+    box = Outbox()
+    box.add(tr())
+    assert not box.awaiting_ack()
+    box.take_unsent()
+    box.add(tr())
+    assert box.awaiting_ack() and box.has_unsent()
+    box.ack(1)
+    assert not box.awaiting_ack()
+    box.take_unsent()
+    assert box.awaiting_ack()
+    box.rewind(1)  # reconnect: the server applied only seq 1; seq 2 is resent
+    assert not box.awaiting_ack() and box.has_unsent()
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.sampled_from(["add", "send", "ack", "reconnect"]), max_size=60), st.randoms())
 def test_outbox_delivers_every_seq_once_in_order(ops, rnd):

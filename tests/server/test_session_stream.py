@@ -287,6 +287,37 @@ def test_run_done_finishes_the_job_with_events(short: ShortLeaseHarness, user: C
     launcher.cancel()
 
 
+def test_report_with_credit_refills_the_slot_in_its_own_transaction(short: ShortLeaseHarness,
+                                                                    user: Caller) -> None:
+    """A report carrying the launcher's new credit is answered by its ack and the leases
+    under that credit, taken in the report's transaction (one `now`: the finished job's
+    event and the new lease's event have the same time), with no credit message."""
+    w = World(user)
+    first, second = w.create(2)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=1, leases_received=0)
+    (lj,) = launcher.leased(1)
+    assert lj.job.id == first.id
+    report = session_service_pb2.TransitionReport(
+        transitions=[launcher.transition(lj, S.JOB_STATE_RUN_DONE, return_code=0)],
+        credit=session_service_pb2.SessionCredit(max_jobs=1, free_nodes=1000.0, leases_received=1))
+    launcher.requests.put(Req(report=report))
+    assert launcher.next("ack").applied_through_seq == 1
+    (refill,) = launcher.leased(1)
+    assert refill.job.id == second.id and refill.lease_generation == 1
+
+    def event_time(job_id: int, to_state: str) -> Any:
+        return short.db.read_sync(lambda conn: conn.execute(select(events.c.time).where(
+            events.c.job_id == job_id, events.c.to_state == to_state)).scalar_one())
+
+    assert event_time(first.id, "JOB_FINISHED") == event_time(second.id, "RUNNING")
+    # The credit rode on the report: it was used up by the refill, nothing more is leased.
+    w.create(1)
+    launcher.nothing("leases", 0.3)
+    launcher.cancel()
+
+
 def test_run_error_keeps_return_code_and_tail(short: ShortLeaseHarness, user: Caller) -> None:
     w = World(user)
     restarting = w.make_app("restarting", on_error=app_pb2.RETRY_ACTION_RESTART)

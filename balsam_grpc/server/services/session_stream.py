@@ -123,6 +123,13 @@ def _reported_time(t: session_service_pb2.JobTransition) -> datetime | None:
         return None
 
 
+def _checked(report: session_service_pb2.TransitionReport) -> session_service_pb2.TransitionReport:
+    if len(report.transitions) > MAX_TRANSITIONS:
+        raise InvalidArgument(f"report has more than {MAX_TRANSITIONS} transitions; send smaller reports",
+                              field="report.transitions", reason="TOO_LARGE")
+    return report
+
+
 def leased_job_pb(row: dict[str, Any], app_rows: dict[int, dict[str, Any]],
                   tokens: JobTokens) -> session_service_pb2.LeasedJob:
     return session_service_pb2.LeasedJob(job=job_to_message(row), app=app_to_pb(app_rows[row["app_id"]]),
@@ -273,8 +280,14 @@ class SessionStream:
                 async for response in self._scan_events(Delivery([], self.cursor, self.bus.high_water)):
                     yield response
                 raise self.ended
+            # What the launcher sent, in order; reports that follow one another are applied
+            # in one transaction (with the leases of the last credit among them).
+            messages = []
             while not self.inbox.empty():
-                msg = self.inbox.get_nowait()
+                messages.append(self.inbox.get_nowait())
+            i = 0
+            while i < len(messages):
+                msg = messages[i]
                 if msg is _EOF:
                     if self.close_reason is not None:
                         await self._close()
@@ -283,6 +296,20 @@ class SessionStream:
                         # explicit close ends the session, so this one stays resumable.
                         self.log.info("session requests ended without close: kept for resume")
                     return
+                if msg.WhichOneof("message") == "report":
+                    reports = [_checked(msg.report)]
+                    size = len(msg.report.transitions)
+                    i += 1
+                    while i < len(messages) and messages[i] is not _EOF \
+                            and messages[i].WhichOneof("message") == "report" \
+                            and size + len(messages[i].report.transitions) <= MAX_TRANSITIONS:
+                        reports.append(messages[i].report)
+                        size += len(messages[i].report.transitions)
+                        i += 1
+                    async for response in self._reports(reports):
+                        yield response
+                    continue
+                i += 1
                 response = await self._handle(msg)
                 if response is not None:
                     yield response
@@ -307,8 +334,6 @@ class SessionStream:
         if kind == "credit":
             self._set_credit(msg.credit)
             return None
-        if kind == "report":
-            return Response(ack=await self._report(msg.report))
         if kind == "close":
             if len(msg.close.reason) > 1000:
                 raise InvalidArgument("close.reason is longer than 1000 characters", field="close.reason")
@@ -330,16 +355,21 @@ class SessionStream:
         self.look = True
         self.wake.set()
 
+    def _batch(self) -> leases.Credit:
+        return replace(self.credit, max_jobs=min(self.credit.max_jobs, LEASE_BATCH))
+
     async def _acquire(self, *, check_first: bool) -> Response | None:
         assert self.ref is not None
-        credit = self.credit
-        batch = replace(credit, max_jobs=min(credit.max_jobs, LEASE_BATCH))
+        batch = self._batch()
         # Nothing fits now: a job that becomes runnable later commits an event after this
         # read, which the fanout delivers (and which sets look_sure).
         if check_first and not await self.db.read(leases.has_candidate, self.ref, batch):
             return None
-        got = await self.db.write(leases.acquire, self.ref, batch, utcnow())
-        self.credit = credit.minus(len(got.jobs), got.nodes)
+        return self._leased(await self.db.write(leases.acquire, self.ref, batch, utcnow()))
+
+    def _leased(self, got: leases.Acquired) -> Response | None:
+        """Account for an acquisition under the current credit; the JobLeases to send."""
+        self.credit = self.credit.minus(len(got.jobs), got.nodes)
         if len(got.jobs) == LEASE_BATCH and not self.credit.exhausted:
             self.look = self.look_sure = True  # more may match: serve the rest in the next message
         if not got.jobs:
@@ -355,13 +385,29 @@ class SessionStream:
         return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, tokens)
                                                                    for r in got.jobs]))
 
-    async def _report(self, report: session_service_pb2.TransitionReport) -> session_service_pb2.TransitionAck:
-        if len(report.transitions) > MAX_TRANSITIONS:
-            raise InvalidArgument(f"report has more than {MAX_TRANSITIONS} transitions; send smaller reports",
-                                  field="report.transitions", reason="TOO_LARGE")
-        transitions = [transition_from_pb(t) for t in report.transitions]
-        result = await self.db.write(leases.apply_report, self.principal.user_id, self.session_id, transitions,
-                                     utcnow())
+    async def _reports(self, reports: list[session_service_pb2.TransitionReport]) -> AsyncIterator[Response]:
+        """Apply reports that arrived together in one transaction and answer one ack. When
+        they carry a credit (the last one counts, as for credit messages), the leases under
+        it are taken in the same transaction and sent right after the ack."""
+        assert self.ref is not None
+        transitions = [transition_from_pb(t) for report in reports for t in report.transitions]
+        credited = False
+        for report in reports:
+            if report.HasField("credit"):
+                self._set_credit(report.credit)
+                credited = True
+        batch = self._batch() if credited and not self.credit.exhausted else None
+        result, got = await self.db.write(leases.report_and_acquire, self.ref, transitions, batch, utcnow())
+        yield Response(ack=self._ack(result))
+        if batch is not None:
+            # This transaction looked for jobs under the new credit: no second look is due
+            # (_leased asks for one when the batch came back full).
+            self.look = self.look_sure = False
+            response = self._leased(got)
+            if response is not None:
+                yield response
+
+    def _ack(self, result: leases.ReportResult) -> session_service_pb2.TransitionAck:
         for job_id in result.released:
             self.held.pop(job_id, None)
         for r in result.rejections:

@@ -314,6 +314,19 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
     return result
 
 
+def report_and_acquire(conn: Connection, session: SessionRef, transitions: list[Transition],
+                       credit: Credit | None, now: datetime) -> tuple[ReportResult, Acquired]:
+    """A launcher's report and, when it came with a credit, the leases under that credit,
+    in one transaction: a finished job's slot is refilled without a second transaction
+    (nor a read to check first). Jobs the report released are not leased again here: the
+    report's own moves are in this transaction, and a job it sent back to a runnable state
+    (RESTART_READY) may be leased like any other."""
+    result = apply_report(conn, session.owner_id, session.id, transitions, now)
+    if credit is None or credit.exhausted:
+        return result, Acquired([], {}, 0.0)
+    return result, acquire(conn, session, credit, now)
+
+
 # ---------------------------------------------------------------------------- release
 
 def time_out_held(conn: Connection, owner_id: int, session_id: str, now: datetime, message: str,
