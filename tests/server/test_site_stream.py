@@ -573,6 +573,37 @@ def test_cleanup_work_for_finished_jobs(alice: Any, clients: list[SiteClient]) -
     assert sent == []  # cleaned once, never offered again
 
 
+def test_a_finished_job_looks_for_cleanups_only(alice: Any, clients: list[SiteClient],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event says what work it may have made: a job that finished makes the stream ask
+    for cleanups, not for batch jobs, hooks and transfers as well (each a query); a job
+    that merely started asks for nothing."""
+    from balsam_grpc.server.store import site_work
+
+    site = _site(alice)
+    app = _app(alice, site.id)
+    job = _jobs(alice, app, 1)[0]
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    client.barrier()
+    asked: list[set[str]] = []
+    real = site_work.find_work
+
+    def spy(conn: Any, owner_id: int, site_id: int, kinds: set[str], *rest: Any) -> Any:
+        if site_id == site.id:
+            asked.append(set(kinds))
+        return real(conn, owner_id, site_id, kinds, *rest)
+
+    monkeypatch.setattr(site_work, "find_work", spy)
+    _move(alice, job.id, JS.JOB_STATE_RUNNING)
+    _move(alice, job.id, JS.JOB_STATE_RUN_DONE)
+    _wait_for(lambda: {site_work.CLEANUP} in asked, "the stream to look for cleanups after the job finished")
+    assert not any(kinds & {site_work.HOOK, site_work.TRANSFER} for kinds in asked), asked
+    for kind in ("job_state", "batch_job_state", "transfer_state"):
+        for state in ("RUNNING", "JOB_FINISHED", "READY", "POSTPROCESSED", "RUN_DONE", "PENDING", "QUEUED"):
+            assert bool(site_work.kinds_made(kind, state)) == site_work.may_make_work(kind, state)
+
+
 def test_submission_without_state_fails_the_pilot_not_resubmits(alice: Any, clients: list[SiteClient]) -> None:
     site = _site(alice)
     bj = _batch_job(alice, site.id)

@@ -10,8 +10,9 @@ whenever it changes, and a ResultAck for every batch of results it applies.
 What wakes it (no polling period on the way from "work exists" to "work pushed"):
 - its subscription to the fanout (server/fanout.py): committed events of its (owner,
   site) are delivered to it, and only those. It recomputes the backlog for any of them,
-  and looks for work only when one may have made work (site_work.may_make_work: not for
-  every job that merely started or stopped running). When the fanout could not deliver
+  and looks for work only when one may have made work, and only for the kinds it may
+  have made (site_work.kinds_made: nothing for a job that merely started or stopped
+  running, cleanups for one that finished). When the fanout could not deliver
   the rows (a gap) one indexed query over the event log answers the same;
 - a message from the daemon (results, credit, acks, snapshots), moved by a reader task
   into a small bounded inbox, so a flooding daemon waits in gRPC's flow control, not in
@@ -432,7 +433,10 @@ class SiteStream:
     async def _loop(self) -> AsyncIterator[pb.SiteServiceConnectResponse]:
         assert self.events is not None
         loop = asyncio.get_running_loop()
-        work_dirty = True
+        # Work kinds that may have work to offer: a delivered event names the kind it may
+        # have made (site_work.kinds_made), so a job that finished looks for cleanups only,
+        # not for batch jobs, hooks and transfers as well.
+        dirty: set[str] = set(work_store.ALL_KINDS)
         backlog_dirty = True
         last_backlog: dict[str, Any] | None = None
         last_backlog_at = -1e9
@@ -454,7 +458,7 @@ class SiteStream:
                     if msg.credit.items < 0:
                         raise InvalidArgument("credit.items must be >= 0", field="credit.items")
                     self.credit = min(MAX_CREDIT, self.credit + msg.credit.items)
-                    work_dirty = True
+                    dirty.update(work_store.ALL_KINDS)
                 elif kind == "ack":
                     self.acked.update(w for w in msg.ack.work_ids if w in self.outstanding)
                 elif kind == "result":
@@ -473,7 +477,9 @@ class SiteStream:
             for start in range(0, len(results), RESULT_BATCH):
                 yield pb.SiteServiceConnectResponse(result_ack=await self._apply(results[start:start + RESULT_BATCH]))
             if results:
-                work_dirty = True  # a result may release held work (a cancellation after its submission)
+                # A result may release held work: a cancellation waits for its submission's
+                # result; work the server failed on is parked. Look at those kinds again.
+                dirty |= work_store.kinds_released(r.work_id for r in results)
             if self.reader_done and self.inbound.empty():
                 if self.reader_error is not None:
                     self.log.info("site stream broken", error=str(self.reader_error))
@@ -484,25 +490,28 @@ class SiteStream:
                 newest, may_work = await self.db.read(work_store.site_events_after, self.owner_id, self.site_id,
                                                       delivery.gap_after)
                 backlog_dirty = backlog_dirty or newest is not None
-                work_dirty = work_dirty or may_work
+                if may_work:
+                    dirty.update(work_store.ALL_KINDS)
             if delivery.rows:
                 backlog_dirty = True
-                work_dirty = work_dirty or any(work_store.may_make_work(r.kind, r.to_state) for r in delivery.rows)
+                for r in delivery.rows:
+                    dirty |= work_store.kinds_made(r.kind, r.to_state)
             # 3. Work, within the daemon's credit.
-            if work_dirty and self.credit > 0 and self.kinds:
+            if dirty & self.kinds and self.credit > 0:
                 # A cancellation waits for the submission in flight on this stream: its result
                 # brings the scheduler id the cancellation needs.
                 held = {work_store.cancel_id(int(w.partition(":")[2])) for w in self.outstanding
                         if w.startswith(work_store.SUBMIT)}
-                found = await self.db.read(work_store.find_work, self.owner_id, self.site_id, self.kinds,
+                found = await self.db.read(work_store.find_work, self.owner_id, self.site_id, dirty & self.kinds,
                                            self.outstanding | self.answered | held, self.credit)
-                work_dirty = len(found) >= self.credit  # more may wait for credit
+                if len(found) < self.credit:  # else more may wait for credit: stay dirty
+                    dirty.clear()
                 for work in found:
                     self.outstanding.add(work.id)
                     self.credit -= 1
                     yield pb.SiteServiceConnectResponse(work=work_to_pb(work, self.hub.offer(self.site_id, work.id)))
-            elif not self.kinds:
-                work_dirty = False
+            elif not dirty & self.kinds:
+                dirty.clear()
             # 4. Backlog, coalesced.
             if backlog_dirty:
                 wait = last_backlog_at + BACKLOG_MIN_INTERVAL - loop.time()
@@ -516,7 +525,7 @@ class SiteStream:
                 elif backlog_timer is None or backlog_timer.cancelled() or backlog_timer.when() < loop.time():
                     backlog_timer = loop.call_later(wait, self.wake.set)
             # 5. Sleep until something happens.
-            if not self.inbound.empty() or self.events.pending or self.replaced or (work_dirty and self.credit > 0):
+            if not self.inbound.empty() or self.events.pending or self.replaced or (dirty & self.kinds and self.credit > 0):
                 continue
             if not await wait_event(self.wake, BACKLOG_REFRESH_SECONDS):
                 backlog_dirty = True

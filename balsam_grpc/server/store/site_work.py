@@ -22,6 +22,7 @@ result finds the subject elsewhere and is answered as already applied ("stale").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -218,6 +219,41 @@ def may_make_work(kind: str, to_state: str) -> bool:
         return to_state in _WORK_STATE_SET
     # an item released or retried by its user
     return kind == batch_store.events.TRANSFER_STATE and to_state == "PENDING"
+
+
+ALL_KINDS = frozenset((SUBMIT, CANCEL, HOOK, CLEANUP, TRANSFER))
+_NO_KINDS: frozenset[str] = frozenset()
+_HOOK_KINDS = frozenset((HOOK,))
+_BATCH_KINDS = frozenset((SUBMIT, CANCEL))
+_CLEANUP_KINDS = frozenset((CLEANUP,))
+_TRANSFER_KINDS = frozenset((TRANSFER,))
+_KINDS_OF_STATE = {**{str(s): _HOOK_KINDS for s in HOOK_STATES}, str(S.JOB_FINISHED): _CLEANUP_KINDS,
+                   str(S.READY): _TRANSFER_KINDS, str(S.POSTPROCESSED): _TRANSFER_KINDS}
+
+
+def kinds_made(kind: str, to_state: str) -> frozenset[str]:
+    """The work kinds an event of the site may have made (none for most job events, as
+    may_make_work): find_work then asks only for those. A job resting in a hook state may
+    need its hook, a finished one its cleanup, one in READY or POSTPROCESSED its
+    transfers; a batch job event, submissions and cancellations."""
+    if kind == batch_store.events.JOB_STATE:
+        return _KINDS_OF_STATE.get(to_state, _NO_KINDS)
+    if kind == batch_store.events.BATCH_JOB_STATE:
+        return _BATCH_KINDS
+    if kind == batch_store.events.TRANSFER_STATE and to_state == "PENDING":
+        return _TRANSFER_KINDS
+    return _NO_KINDS
+
+
+def kinds_released(work_ids: Iterable[str]) -> set[str]:
+    """The work kinds results may have released: their own (work held back on the stream
+    while its item was out) and cancellations (held while a submission is in flight); an
+    unsolicited batch job report, submissions and cancellations."""
+    out = {CANCEL}
+    for work_id in work_ids:
+        kind = work_id.partition(":")[0]
+        out.update(_BATCH_KINDS if not work_id or kind not in ALL_KINDS else (kind,))
+    return out
 
 
 def site_events_after(conn: Connection, owner_id: int, site_id: int, cursor: int) -> tuple[int | None, bool]:
