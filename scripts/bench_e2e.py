@@ -91,7 +91,7 @@ class RealPath:
         kit.start_server()
         say(f"server up on {kit.address}")
         # No elastic queue: one pilot, submitted below, that stays for the whole run.
-        extra = ["--lease-prefetch", str(self.lease_prefetch)] if self.lease_prefetch else []
+        extra = ["--lease-prefetch", str(self.lease_prefetch)] if self.lease_prefetch >= 0 else []
         kit.init_site(apps=NOOP_APPS, scheduler__poll_seconds=1, launcher__idle_timeout_s=3600,
                       launcher__extra_args=extra, elastic_queue__enabled=False)
         self.daemon_pid = kit.start_daemon()
@@ -300,8 +300,9 @@ def main() -> int:
     parser.add_argument("--database", default="", help="database URL (default: SQLite in a temp dir)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat; each figure is the median over rounds")
     parser.add_argument("--latency-samples", type=int, default=30, help="jobs one at a time per round")
-    parser.add_argument("--lease-prefetch", type=int, default=0,
-                        help="the pilot's launcher leases this many jobs ahead of free slots (default 0: off)")
+    parser.add_argument("--lease-prefetch", type=int, default=-1,
+                        help="the pilot's launcher holds this many jobs ahead of free slots (0: off; default: the "
+                             "launcher's own default)")
     parser.add_argument("--peers", action="store_true", help="also run Parsl HTEX and Dask LocalCluster")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()

@@ -24,8 +24,9 @@ class LauncherConfig:
     app_ids: list[int] = field(default_factory=list)
     partition: str = ""
     max_jobs: int = 0  # most jobs held at once; 0 = as many as fit
-    # Jobs leased ahead of free slots, started as slots free (0 = lease only what fits now).
-    lease_prefetch: int = 0
+    # Jobs held ahead of free slots, started as slots free (0 = lease only what fits now;
+    # -1 = automatic, see master.auto_prefetch).
+    lease_prefetch: int = -1
     platform: str = "local"
     cpus_per_node: int = 0
     gpus_per_node: int | None = None
@@ -83,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-id", type=int, action="append", default=[], help="only jobs of this app")
     p.add_argument("--partition", default="", help="only jobs tagged partition=NAME")
     p.add_argument("--max-jobs", type=int, default=0, help="most jobs held at once (0 = as many as fit)")
-    p.add_argument("--lease-prefetch", type=int, default=0,
-                   help="lease up to this many jobs ahead of free slots and start them as slots free (each is "
-                        "RUNNING on the server from its lease; unstarted ones are handed back on exit)")
+    p.add_argument("--lease-prefetch", type=int, default=-1,
+                   help="hold up to this many jobs ahead of free slots and start them as slots free: they stay "
+                        "in their runnable state on the server (not RUNNING) until started, and unstarted ones "
+                        "are released when the session closes (0 = off; default: 4 per slot, 8 to 256)")
     p.add_argument("--platform", default="local", help="node preset (cpus/gpus per node, MPI launcher)")
     p.add_argument("--cpus-per-node", type=int, default=0, help="override the preset's CPUs per node")
     p.add_argument("--gpus-per-node", type=int, default=None, help="override the preset's GPUs per node")
@@ -107,7 +109,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     return LauncherConfig(mode=a.mode, site_dir=site_dir, site_id=site_id, batch_job_id=a.batch_job_id,
                           wall_time_min=a.wall_time, idle_timeout_s=a.idle_timeout, filter_tags=dict(a.tag),
                           app_ids=list(a.app_id), partition=a.partition, max_jobs=a.max_jobs,
-                          lease_prefetch=max(0, a.lease_prefetch),
+                          lease_prefetch=max(-1, a.lease_prefetch),
                           platform=a.platform, cpus_per_node=a.cpus_per_node, gpus_per_node=a.gpus_per_node,
                           mpi_flavor=a.mpi_flavor, mpiexec=a.mpiexec, job_time_scale=a.job_time_scale,
                           progress_interval_s=a.progress_interval)

@@ -49,6 +49,18 @@ class LocalJob:
     def id(self) -> int:
         return self.leased.job.id
 
+    @property
+    def held_ahead(self) -> bool:
+        """Leased ahead of a free slot: still in its runnable state on the server until
+        this launcher reports RUNNING when it starts it."""
+        return self.leased.job.state != job_pb2.JOB_STATE_RUNNING
+
+
+def auto_prefetch(slots: int) -> int:
+    """Jobs held ahead by default: 4 per slot, between 8 and 256. Refilled when half are
+    gone, so the server leases them in batches, not one per finished job."""
+    return max(8, min(256, 4 * slots))
+
 
 @dataclass
 class Counters:
@@ -87,6 +99,8 @@ class Master:
         self.stop_new_at = self.end - stop_margin
         self.kill_at = self.end - kill_margin
         self.idle_since = time.monotonic()
+        self.prefetch = cfg.lease_prefetch if cfg.lease_prefetch >= 0 else auto_prefetch(
+            self.manager.capacity().max_jobs)
         self.client = SessionClient(channel, metadata, Callbacks(
             open_message=self._open_message, credit=self._credit, on_opened=self._on_opened,
             on_leases=self._on_leases, on_kill=self._on_kill, on_rejection=self._on_rejection,
@@ -107,23 +121,35 @@ class Master:
             return pb.SessionCredit(max_jobs=0)
         cap = self.manager.capacity()
         queued = [self.jobs[j] for j in self.queue]
-        # Prefetch: up to lease_prefetch jobs (of at most a node each) held ahead of free
-        # slots, so a freed slot starts the next job without a round trip and the server
-        # leases in batches instead of one job per freed slot.
-        prefetch = self.cfg.lease_prefetch
-        max_jobs = cap.max_jobs + prefetch - len(queued)
+        ahead = [j for j in queued if j.held_ahead]
+        leased = [j for j in queued if not j.held_ahead]  # RUNNING, about to be placed
+        max_jobs = cap.max_jobs - len(leased)
+        free_nodes = cap.free_nodes - float(sum((j.res.occupancy * j.res.num_nodes for j in leased), Fraction(0)))
+        # Held ahead (prefetch): up to `prefetch` jobs of at most a node each, left in their
+        # runnable state on the server until started here, so a freed slot starts the next
+        # job without a round trip. Asked for again only once half are gone, so the server
+        # leases them in batches.
+        reserve_jobs = 0
+        reserve_nodes = 0.0
+        if self.prefetch and len(ahead) <= self.prefetch // 2:
+            reserve_jobs = self.prefetch - len(ahead)
+            reserve_nodes = self.prefetch - float(sum((j.res.occupancy * j.res.num_nodes for j in ahead), Fraction(0)))
         if self.cfg.max_jobs:
             max_jobs = min(max_jobs, self.cfg.max_jobs - len(self.jobs))
-        footprint = sum((j.res.occupancy * j.res.num_nodes for j in queued), Fraction(0))
-        free_nodes = cap.free_nodes + prefetch - float(footprint)
+            reserve_jobs = min(reserve_jobs, self.cfg.max_jobs - len(self.jobs) - max(0, max_jobs))
         if max_jobs <= 0 or free_nodes <= 1e-9:
+            max_jobs, free_nodes = 0, 0.0
+        if reserve_jobs <= 0 or reserve_nodes <= 1e-9:
+            reserve_jobs, reserve_nodes = 0, 0.0
+        if not max_jobs and not reserve_jobs:
             return pb.SessionCredit(max_jobs=0)
         remaining = 0
         if self.end < math.inf:
             remaining = max(1, int((self.stop_new_at - now) // 60))
         return pb.SessionCredit(max_jobs=max_jobs, free_nodes=free_nodes, max_nodes_per_job=cap.max_nodes_per_job,
                                 wall_time_remaining_min=remaining, serial_only=self.cfg.mode == "serial",
-                                filter_tags=self.cfg.credit_tags, app_ids=self.cfg.app_ids)
+                                filter_tags=self.cfg.credit_tags, app_ids=self.cfg.app_ids,
+                                reserve_jobs=reserve_jobs, reserve_nodes=reserve_nodes)
 
     def _on_opened(self, opened: pb.SessionOpened, resumed: bool) -> None:
         held = {lj.job.id: lj for lj in opened.leased_jobs}
@@ -195,6 +221,13 @@ class Master:
         self.counters.by_state[name] = self.counters.by_state.get(name, 0) + 1
         self.client.report(tr)
 
+    def _start_on_server(self, job: LocalJob) -> None:
+        """A job held ahead becomes RUNNING on the server by this report, which goes before
+        its outcome's (any outcome but RUNNING is refused for a job not RUNNING)."""
+        if job.held_ahead:
+            self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUNNING, message="started"))
+            job.leased.job.state = job_pb2.JOB_STATE_RUNNING
+
     def _schedule(self) -> None:
         for job_id in list(self.queue):
             job = self.jobs[job_id]
@@ -204,6 +237,7 @@ class Master:
                 del self.jobs[job_id]
                 self.counters.unrunnable += 1
                 log.warning("job can never run here", job_id=job_id, reason=reason)
+                self._start_on_server(job)
                 self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
                                              message=f"cannot run in this launcher: {reason}"))
                 continue
@@ -219,9 +253,11 @@ class Master:
             except (BalsamError, ValueError) as exc:
                 self.manager.release(job_id)
                 del self.jobs[job_id]
+                self._start_on_server(job)
                 self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
                                              message=f"cannot build the command: {exc}"))
                 continue
+            self._start_on_server(job)
             job.started = time.monotonic()
             self.counters.started += 1
             failed = self.dispatcher.start(placed.nodes[0] if direct else None, spec)
@@ -253,6 +289,8 @@ class Master:
         for job_id in list(self.queue):
             job = self.jobs.pop(job_id)
             del self.queue[job_id]
+            if job.held_ahead:
+                continue  # never RUNNING: the server releases it when the session closes
             self._report(job, transition(job.leased, job_pb2.JOB_STATE_RESTART_READY,
                                          message=f"not started: {reason_message}"))
         for job_id in list(self.jobs):

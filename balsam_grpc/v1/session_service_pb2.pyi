@@ -87,7 +87,7 @@ class SessionOpen(_message.Message):
     def __init__(self, site_id: _Optional[int] = ..., batch_job_id: _Optional[int] = ..., job_mode: _Optional[_Union[_common_pb2.JobMode, str]] = ..., nodes: _Optional[_Iterable[_Union[_session_pb2.NodeInfo, _Mapping]]] = ..., resume_session_id: _Optional[str] = ..., hostname: _Optional[str] = ..., launcher_version: _Optional[str] = ...) -> None: ...
 
 class SessionCredit(_message.Message):
-    __slots__ = ("max_jobs", "free_nodes", "max_nodes_per_job", "wall_time_remaining_min", "serial_only", "filter_tags", "app_ids", "leases_received")
+    __slots__ = ("max_jobs", "free_nodes", "max_nodes_per_job", "wall_time_remaining_min", "serial_only", "filter_tags", "app_ids", "leases_received", "reserve_jobs", "reserve_nodes")
     class FilterTagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,8 @@ class SessionCredit(_message.Message):
     FILTER_TAGS_FIELD_NUMBER: _ClassVar[int]
     APP_IDS_FIELD_NUMBER: _ClassVar[int]
     LEASES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_NODES_FIELD_NUMBER: _ClassVar[int]
     max_jobs: int
     free_nodes: float
     max_nodes_per_job: int
@@ -111,7 +113,9 @@ class SessionCredit(_message.Message):
     filter_tags: _containers.ScalarMap[str, str]
     app_ids: _containers.RepeatedScalarFieldContainer[int]
     leases_received: int
-    def __init__(self, max_jobs: _Optional[int] = ..., free_nodes: _Optional[float] = ..., max_nodes_per_job: _Optional[int] = ..., wall_time_remaining_min: _Optional[int] = ..., serial_only: _Optional[bool] = ..., filter_tags: _Optional[_Mapping[str, str]] = ..., app_ids: _Optional[_Iterable[int]] = ..., leases_received: _Optional[int] = ...) -> None: ...
+    reserve_jobs: int
+    reserve_nodes: float
+    def __init__(self, max_jobs: _Optional[int] = ..., free_nodes: _Optional[float] = ..., max_nodes_per_job: _Optional[int] = ..., wall_time_remaining_min: _Optional[int] = ..., serial_only: _Optional[bool] = ..., filter_tags: _Optional[_Mapping[str, str]] = ..., app_ids: _Optional[_Iterable[int]] = ..., leases_received: _Optional[int] = ..., reserve_jobs: _Optional[int] = ..., reserve_nodes: _Optional[float] = ...) -> None: ...
 
 class JobTransition(_message.Message):
     __slots__ = ("seq", "job_id", "lease_generation", "state", "time", "return_code", "error_tail", "data", "message")

@@ -171,8 +171,9 @@ def test_pilot_of_a_deleted_batch_job_exits_instead_of_retrying(site, launchers)
 
 def test_lease_prefetch_starts_each_job_once_and_hands_back_unstarted_ones(site, launchers):
     """--lease-prefetch holds jobs leased ahead of the free slots: each starts exactly once
-    as slots free, and on exit the ones never started go back (RESTART_READY) at once,
-    not after a lease timeout."""
+    as slots free; one held ahead is not RUNNING (its runnable state, leased to the
+    session) until started; on exit the ones never started are released at once (not
+    after a lease timeout), never having been RUNNING."""
     short = site.app("short", "/bin/sh -c 'echo start >> starts; sleep 0.2'")
     launchers.append(launcher := Launcher(site, "--mode", "serial", "--cpus-per-node", "2",
                                           "--lease-prefetch", "3"))
@@ -186,21 +187,29 @@ def test_lease_prefetch_starts_each_job_once_and_hands_back_unstarted_ones(site,
     long_app = site.app("long", "/bin/sh -c 'echo $$ > pid; exec sleep 60'")
     held = [j.id for j in site.jobs(long_app, 5, resources={"node_packing_count": 2})]
     # Two run (the slots), three are held ahead of them: the server leased all five.
-    site.wait_states(held, S.JOB_STATE_RUNNING, timeout=WAIT, proc=launcher.proc)
     deadline = time.monotonic() + WAIT
-    while sum((site.path / "data" / site.get(i).workdir / "pid").exists() for i in held) < 2:
+    while sum((site.path / "data" / site.get(i).workdir / "pid").exists() for i in held) < 2 or \
+            sum(bool(site.get(i).lease.session_id) for i in held) < 5:
         assert time.monotonic() < deadline, launcher.text()[-3000:]
         time.sleep(0.05)
+    site.wait_states([i for i in held if (site.path / "data" / site.get(i).workdir / "pid").exists()],
+                     S.JOB_STATE_RUNNING, timeout=WAIT, proc=launcher.proc)
     time.sleep(0.5)  # a third start (a bug) would show its pid file by now
     started = [i for i in held if (site.path / "data" / site.get(i).workdir / "pid").exists()]
     assert len(started) == 2
+    unstarted = [i for i in held if i not in started]
+    for job_id in unstarted:  # held ahead: leased to the session, not RUNNING
+        job = site.get(job_id)
+        assert job.state == S.JOB_STATE_PREPROCESSED and job.lease.session_id, job
     os.kill(launcher.proc.pid, signal.SIGTERM)
     assert launcher.wait(30) == 0
-    unstarted = [i for i in held if i not in started]
     states = site.states(held)
     assert all(states[i] != S.JOB_STATE_RUNNING for i in held), states
     for job_id in unstarted:
-        assert ("RUNNING", "RESTART_READY") in site.events_of(job_id)
+        job = site.get(job_id)
+        assert job.state == S.JOB_STATE_PREPROCESSED and not job.lease.session_id, job
+        assert ("PREPROCESSED", "PREPROCESSED") in site.events_of(job_id)  # the release, for other sessions
+        assert all(p[1] != "RUNNING" for p in site.events_of(job_id)), site.events_of(job_id)
         assert not (site.path / "data" / site.get(job_id).workdir / "pid").exists()
     sessions = site.server.call(site.server.sessions.ListSessions, session_service_pb2.ListSessionsRequest(
         filter=session_service_pb2.SessionFilter(site_ids=[site.id]))).sessions

@@ -318,6 +318,58 @@ def test_report_with_credit_refills_the_slot_in_its_own_transaction(short: Short
     launcher.cancel()
 
 
+def test_jobs_held_ahead_stay_runnable_until_started_and_are_released_on_close(short: ShortLeaseHarness,
+                                                                               user: Caller) -> None:
+    """reserve_jobs leases jobs ahead of the free capacity without making them RUNNING: no
+    other session gets them, only the holder's RUNNING report (with its generation) starts
+    one, a start and an end may share a report, and a close releases the rest with an event
+    that wakes a session with credit."""
+    w = World(user)
+    created = w.create(4)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=1, free_nodes=1.0, reserve_jobs=2, reserve_nodes=2.0, leases_received=0)
+    leased = launcher.leased(3)
+    running = [lj for lj in leased if lj.job.state == S.JOB_STATE_RUNNING]
+    ahead = [lj for lj in leased if lj.job.state == S.JOB_STATE_PREPROCESSED]
+    assert len(running) == 1 and len(ahead) == 2
+    for lj in ahead:
+        job = w.get(lj.job.id)
+        assert job.state == S.JOB_STATE_PREPROCESSED and job.lease.session_id == running[0].job.lease.session_id
+        assert lj.lease_generation == 1 and job.run_count == 0
+        assert job_events(short, lj.job.id)[-1][1] == "PREPROCESSED"  # no event for the lease itself
+    other = Launcher(user)
+    other.open(w.site.id)
+    other.credit(max_jobs=10)
+    (fourth,) = other.leased(1)  # the one job nobody holds
+    assert fourth.job.id not in ids(leased)
+    other.nothing("leases", 0.3)
+    # A stale generation cannot start a held job; the right one can, and may end it in the same report.
+    stale = launcher.transition(ahead[0], S.JOB_STATE_RUNNING)
+    stale.lease_generation = 7
+    assert launcher.report(stale).rejections[0].reason == "LEASE_LOST"
+    assert w.get(ahead[0].job.id).state == S.JOB_STATE_PREPROCESSED
+    ahead[0].lease_generation = 1
+    ack = launcher.report(launcher.transition(ahead[0], S.JOB_STATE_RUNNING),
+                          launcher.transition(ahead[0], S.JOB_STATE_RUN_DONE, return_code=0))
+    assert not ack.rejections
+    done = w.get(ahead[0].job.id)
+    assert done.state == S.JOB_STATE_JOB_FINISHED and done.run_count == 1
+    assert job_events(short, done.id)[-2:] == [("PREPROCESSED", "RUNNING"), ("RUNNING", "JOB_FINISHED")]
+    # Close: the one never started is released (not RUNNING at any point), and the other
+    # session, which has credit left, is woken by its event and leases it.
+    launcher.close()
+    launcher.done.wait(WAIT)
+    # (the RUNNING one it never reported timed out and restarts: the other session takes it too)
+    taken = {lj.job.id: lj for lj in other.leased(2)}
+    assert sorted(taken) == sorted([ahead[1].job.id, running[0].job.id])
+    assert taken[ahead[1].job.id].lease_generation == 3  # held, released, leased again
+    assert ("PREPROCESSED", "PREPROCESSED") in job_events(short, ahead[1].job.id)
+    assert [e for e in job_events(short, ahead[1].job.id) if e[1] == "RUNNING"] == [("PREPROCESSED", "RUNNING")]
+    assert sorted(ids(leased) + [fourth.job.id]) == sorted(j.id for j in created)
+    other.cancel()
+
+
 def test_run_error_keeps_return_code_and_tail(short: ShortLeaseHarness, user: Caller) -> None:
     w = World(user)
     restarting = w.make_app("restarting", on_error=app_pb2.RETRY_ACTION_RESTART)

@@ -50,6 +50,8 @@ JOB_MODE = EnumCodec(common_pb2.JobMode, "JOB_MODE_")
 INBOX_SIZE = 8
 # Jobs in one JobLeases message; a bigger credit is served by several messages.
 LEASE_BATCH = 1000
+# Jobs one session may hold ahead of its free capacity (SessionCredit.reserve_jobs).
+MAX_RESERVE = 10_000
 MAX_NODES = 100_000
 MAX_TRANSITIONS = 10_000
 _TAIL_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.error_tail"]
@@ -72,18 +74,20 @@ def node_dicts(nodes: Any) -> list[dict[str, Any]]:
 
 
 def credit_from_pb(c: session_service_pb2.SessionCredit, state: ServerState) -> leases.Credit:
-    if c.max_jobs < 0 or c.max_nodes_per_job < 0 or c.wall_time_remaining_min < 0:
-        raise InvalidArgument("credit: max_jobs, max_nodes_per_job and wall_time_remaining_min must be >= 0",
-                              field="credit")
-    if not math.isfinite(c.free_nodes) or c.free_nodes < 0:
-        raise InvalidArgument(f"credit.free_nodes must be a finite number >= 0, got {c.free_nodes}",
-                              field="credit.free_nodes")
+    if c.max_jobs < 0 or c.max_nodes_per_job < 0 or c.wall_time_remaining_min < 0 or c.reserve_jobs < 0:
+        raise InvalidArgument("credit: max_jobs, max_nodes_per_job, wall_time_remaining_min and reserve_jobs must "
+                              "be >= 0", field="credit")
+    for name in ("free_nodes", "reserve_nodes"):
+        value = getattr(c, name)
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgument(f"credit.{name} must be a finite number >= 0, got {value}", field=f"credit.{name}")
     if any(a <= 0 for a in c.app_ids):
         raise InvalidArgument("credit.app_ids must be positive ids", field="credit.app_ids")
     tags = check_map(dict(c.filter_tags), "credit.filter_tags", state.settings, tag_keys=True)
     return leases.Credit(max_jobs=c.max_jobs, free_nodes=c.free_nodes, max_nodes_per_job=c.max_nodes_per_job,
                          wall_time_remaining_min=c.wall_time_remaining_min, serial_only=c.serial_only,
-                         filter_tags=tags, app_ids=tuple(sorted(set(c.app_ids))))
+                         filter_tags=tags, app_ids=tuple(sorted(set(c.app_ids))),
+                         reserve_jobs=min(c.reserve_jobs, MAX_RESERVE), reserve_nodes=c.reserve_nodes)
 
 
 def transition_from_pb(t: session_service_pb2.JobTransition) -> leases.Transition:
@@ -162,7 +166,8 @@ class SessionStream:
         self.close_reason: str | None = None  # set by the launcher's close message
         self.leases_sent = 0
         self.counts_leases = False  # the launcher sends leases_received
-        self.in_flight: deque[tuple[int, int, float]] = deque()  # (JobLeases number, jobs, nodes)
+        # (JobLeases number, jobs, nodes, jobs held ahead, their nodes)
+        self.in_flight: deque[tuple[int, int, float, int, float]] = deque()
         self.log = log
 
     def supersede(self) -> None:
@@ -349,14 +354,15 @@ class SessionStream:
             self.counts_leases = True
             while self.in_flight and self.in_flight[0][0] <= c.leases_received:
                 self.in_flight.popleft()
-            for _, n_jobs, nodes in self.in_flight:
-                credit = credit.minus(n_jobs, nodes)
+            for _, n_jobs, nodes, n_held, held_nodes in self.in_flight:
+                credit = credit.minus(n_jobs, nodes, n_held, held_nodes)
         self.credit = credit
         self.look = True
         self.wake.set()
 
     def _batch(self) -> leases.Credit:
-        return replace(self.credit, max_jobs=min(self.credit.max_jobs, LEASE_BATCH))
+        return replace(self.credit, max_jobs=min(self.credit.max_jobs, LEASE_BATCH),
+                       reserve_jobs=min(self.credit.reserve_jobs, LEASE_BATCH))
 
     async def _acquire(self, *, check_first: bool) -> Response | None:
         assert self.ref is not None
@@ -369,8 +375,9 @@ class SessionStream:
 
     def _leased(self, got: leases.Acquired) -> Response | None:
         """Account for an acquisition under the current credit; the JobLeases to send."""
-        self.credit = self.credit.minus(len(got.jobs), got.nodes)
-        if len(got.jobs) == LEASE_BATCH and not self.credit.exhausted:
+        started = len(got.jobs) - got.reserved
+        self.credit = self.credit.minus(started, got.nodes, got.reserved, got.reserved_nodes)
+        if LEASE_BATCH in (started, got.reserved) and not self.credit.exhausted:
             self.look = self.look_sure = True  # more may match: serve the rest in the next message
         if not got.jobs:
             return None
@@ -379,8 +386,9 @@ class SessionStream:
             self.held[row["id"]] = row["lease_generation"]
         self.leases_sent += 1
         if self.counts_leases:
-            self.in_flight.append((self.leases_sent, len(got.jobs), got.nodes))
-        self.log.info("jobs leased", jobs=len(got.jobs), nodes=round(got.nodes, 3), held=len(self.held))
+            self.in_flight.append((self.leases_sent, started, got.nodes, got.reserved, got.reserved_nodes))
+        self.log.info("jobs leased", jobs=len(got.jobs), held_ahead=got.reserved, nodes=round(got.nodes, 3),
+                      held=len(self.held))
         tokens = self.state.auth.job_tokens
         return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, tokens)
                                                                    for r in got.jobs]))

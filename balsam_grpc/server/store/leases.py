@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, or_, select, text, update
+from sqlalchemy import Connection, and_, or_, select, text, update
 
 from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role
@@ -29,6 +29,7 @@ from balsam_grpc.server.store.transitions import Transitioner
 S = JobState
 ACTIVE = "ACTIVE"
 _RUNNABLE = sorted(str(s) for s in RUNNABLE_STATES)
+_RUNNABLE_SET = frozenset(_RUNNABLE)
 _STATE_NAMES = frozenset(str(s) for s in S)
 # Slack on node arithmetic so 1/3 + 1/3 + 1/3 still fits in 1.0 node.
 _EPS = 1e-6
@@ -45,13 +46,31 @@ class Credit:
     serial_only: bool = False
     filter_tags: dict[str, str] = field(default_factory=dict)
     app_ids: tuple[int, ...] = ()
+    # Held ahead of free capacity (prefetch): leased but left in their runnable state.
+    reserve_jobs: int = 0
+    reserve_nodes: float = 0.0
+
+    @property
+    def start_exhausted(self) -> bool:
+        return self.max_jobs <= 0 or self.free_nodes <= _EPS
+
+    @property
+    def reserve_exhausted(self) -> bool:
+        return self.reserve_jobs <= 0 or self.reserve_nodes <= _EPS
 
     @property
     def exhausted(self) -> bool:
-        return self.max_jobs <= 0 or self.free_nodes <= _EPS
+        return self.start_exhausted and self.reserve_exhausted
 
-    def minus(self, n_jobs: int, nodes: float) -> Credit:
-        return replace(self, max_jobs=self.max_jobs - n_jobs, free_nodes=max(0.0, self.free_nodes - nodes))
+    def minus(self, n_jobs: int, nodes: float, reserved_jobs: int = 0, reserved_nodes: float = 0.0) -> Credit:
+        return replace(self, max_jobs=self.max_jobs - n_jobs, free_nodes=max(0.0, self.free_nodes - nodes),
+                       reserve_jobs=self.reserve_jobs - reserved_jobs,
+                       reserve_nodes=max(0.0, self.reserve_nodes - reserved_nodes))
+
+    def reserve_part(self) -> Credit:
+        """The held-ahead part as a credit of its own (to pick jobs with)."""
+        return replace(self, max_jobs=self.reserve_jobs, free_nodes=self.reserve_nodes, reserve_jobs=0,
+                       reserve_nodes=0.0)
 
 
 def footprint(num_nodes: int, node_packing_count: int) -> float:
@@ -89,6 +108,7 @@ def _candidate_conditions(session: SessionRef, credit: Credit, free_nodes: float
     # planner (with stale statistics after a bulk create) into the owner/state index and a
     # sort of the whole backlog instead of walking ix_jobs_lease_order and stopping early.
     conds = [c.site_id == session.site_id, runnable_condition(),
+             c.session_id.is_(None),  # not held ahead by a session (SessionCredit.reserve_jobs)
              # footprint <= free_nodes, without a division: num_nodes <= free * packing.
              c.num_nodes <= (free_nodes + _EPS) * c.node_packing_count]
     if credit.max_nodes_per_job > 0:
@@ -107,7 +127,8 @@ def _candidate_conditions(session: SessionRef, credit: Credit, free_nodes: float
 LEASE_ORDER = (jobs.c.priority.desc(), jobs.c.num_nodes.desc(), jobs.c.wall_time_min.desc(), jobs.c.id)
 
 
-def _pick(conn: Connection, session: SessionRef, credit: Credit) -> list[dict[str, Any]]:
+def _pick(conn: Connection, session: SessionRef, credit: Credit, exclude: list[int] | None = None
+          ) -> list[dict[str, Any]]:
     """Runnable rows that fit the credit, in lease order, greedily packed.
 
     On PostgreSQL, sorting is switched off for these queries: with the statistics left
@@ -121,9 +142,9 @@ def _pick(conn: Connection, session: SessionRef, credit: Credit) -> list[dict[st
     flight) are skipped on PostgreSQL.
     """
     if conn.dialect.name != "postgresql":
-        return _pick_pages(conn, session, credit)
+        return _pick_pages(conn, session, credit, exclude or [])
     conn.execute(text("SET LOCAL enable_sort = off"))
-    picked = _pick_pages(conn, session, credit)
+    picked = _pick_pages(conn, session, credit, exclude or [])
     # Back on at once: the event insert that follows (INSERT ... RETURNING in parameter
     # order) takes over 100 ms with sorting off. After an error the transaction rolls
     # back, and the setting with it.
@@ -131,14 +152,14 @@ def _pick(conn: Connection, session: SessionRef, credit: Credit) -> list[dict[st
     return picked
 
 
-def _pick_pages(conn: Connection, session: SessionRef, credit: Credit) -> list[dict[str, Any]]:
+def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: list[int]) -> list[dict[str, Any]]:
     picked: list[dict[str, Any]] = []
     free = credit.free_nodes
     while len(picked) < credit.max_jobs and free > _EPS:
         want = credit.max_jobs - len(picked)
         conds = _candidate_conditions(session, credit, free)
-        if picked:
-            conds.append(jobs.c.id.not_in([r["id"] for r in picked]))
+        if picked or exclude:
+            conds.append(jobs.c.id.not_in(exclude + [r["id"] for r in picked]))
         stmt = select(jobs).where(*conds).order_by(*LEASE_ORDER).limit(want).with_for_update(skip_locked=True)
         rows = [dict(r._mapping) for r in conn.execute(stmt)]
         for row in rows:
@@ -161,16 +182,20 @@ def has_candidate(conn: Connection, session: SessionRef, credit: Credit) -> bool
         return False
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET LOCAL enable_sort = off"))  # as in _pick; the read transaction ends here
-    stmt = (select(jobs.c.id).where(*_candidate_conditions(session, credit, credit.free_nodes))
+    free = max(0.0 if credit.start_exhausted else credit.free_nodes,
+               0.0 if credit.reserve_exhausted else credit.reserve_nodes)
+    stmt = (select(jobs.c.id).where(*_candidate_conditions(session, credit, free))
             .order_by(*LEASE_ORDER).limit(1))
     return conn.execute(stmt).first() is not None
 
 
 @dataclass
 class Acquired:
-    jobs: list[dict[str, Any]]
+    jobs: list[dict[str, Any]]  # RUNNING ones first, then those held ahead (in their runnable state)
     apps: dict[int, dict[str, Any]]
-    nodes: float
+    nodes: float  # footprint of the RUNNING ones
+    reserved: int = 0  # how many of `jobs` are held ahead
+    reserved_nodes: float = 0.0
 
 
 def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime) -> Acquired:
@@ -180,22 +205,34 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
     if credit.exhausted:
         return Acquired([], {}, 0.0)
     lock_active_session(conn, session.owner_id, session.id)
-    rows = _pick(conn, session, credit)
-    if not rows:
-        return Acquired([], {}, 0.0)
-    values = {r["id"]: {"session_id": session.id, "lease_generation": r["lease_generation"] + 1,
-                        "run_count": r["run_count"] + 1,
-                        "batch_job_id": session.batch_job_id or r["batch_job_id"]} for r in rows}
-    t = Transitioner(conn, now)
-    refused = t.move(rows, S.RUNNING, Role.SESSION, message=f"leased to session {session.id}",
-                     data={"session_id": session.id}, values=values)
-    t.flush()
-    rows = [r for r in rows if r["id"] not in refused]
+    rows = _pick(conn, session, credit) if not credit.start_exhausted else []
+    if rows:
+        values = {r["id"]: {"session_id": session.id, "lease_generation": r["lease_generation"] + 1,
+                            "run_count": r["run_count"] + 1,
+                            "batch_job_id": session.batch_job_id or r["batch_job_id"]} for r in rows}
+        t = Transitioner(conn, now)
+        refused = t.move(rows, S.RUNNING, Role.SESSION, message=f"leased to session {session.id}",
+                         data={"session_id": session.id}, values=values)
+        t.flush()
+        rows = [r for r in rows if r["id"] not in refused]
     ids = [r["id"] for r in rows]
-    by_id = {r.id: dict(r._mapping) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))}
+    held: list[int] = []
+    if not credit.reserve_exhausted:
+        # Held ahead: the lease (session, a new generation) without a state change or an
+        # event; the launcher's RUNNING report starts it (apply_report).
+        held = [r["id"] for r in _pick(conn, session, credit.reserve_part(), exclude=ids)]
+        if held:
+            conn.execute(update(jobs).where(jobs.c.id.in_(held), jobs.c.session_id.is_(None))
+                         .values(session_id=session.id, lease_generation=jobs.c.lease_generation + 1,
+                                 batch_job_id=session.batch_job_id or jobs.c.batch_job_id, update_time=now))
+    if not ids and not held:
+        return Acquired([], {}, 0.0)
+    by_id = {r.id: dict(r._mapping) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids + held)))}
     leased = [by_id[i] for i in ids]
-    return Acquired(leased, load_apps(conn, {r["app_id"] for r in leased}),
-                    sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in leased))
+    reserved = [by_id[i] for i in held]
+    return Acquired(leased + reserved, load_apps(conn, {r["app_id"] for r in leased + reserved}),
+                    sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in leased),
+                    len(reserved), sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in reserved))
 
 
 def load_apps(conn: Connection, app_ids: set[int]) -> dict[int, dict[str, Any]]:
@@ -205,8 +242,10 @@ def load_apps(conn: Connection, app_ids: set[int]) -> dict[int, dict[str, Any]]:
 
 
 def held_jobs(conn: Connection, owner_id: int, session_id: str) -> list[dict[str, Any]]:
+    """The session's jobs: RUNNING under its lease, and held ahead in their runnable state
+    (a job leaving RUNNING, or any state change of one held ahead, clears its session)."""
     rows = conn.execute(select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.session_id == session_id,
-                                           jobs.c.state == S.RUNNING).order_by(jobs.c.id))
+                                           jobs.c.state.in_([S.RUNNING, *_RUNNABLE])).order_by(jobs.c.id))
     return [dict(r._mapping) for r in rows]
 
 
@@ -239,15 +278,51 @@ class ReportResult:
     released: list[int]  # jobs that left RUNNING (no longer held)
     applied: int = 0
     resent: int = 0
+    started: int = 0  # jobs held ahead that the launcher started (now RUNNING)
+
+
+def _apply_starts(conn: Connection, session_id: str, starts: list[Transition], rows: dict[int, dict[str, Any]],
+                  result: ReportResult, now: datetime) -> None:
+    """RUNNING reports of jobs held ahead: each moves to RUNNING (one event) under the
+    lease it already has; run_count counts the run from here."""
+    ok: list[dict[str, Any]] = []
+    by_job: dict[int, Transition] = {}
+    for t in starts:
+        row = rows.get(t.job_id)
+        why = _fence(t, row, session_id) if t.job_id not in by_job else Aborted(
+            f"job {t.job_id} was started twice in one report", reason="LEASE_LOST")
+        if why is not None:
+            result.rejections.append(Rejection(t.seq, t.job_id, why))
+            continue
+        assert row is not None
+        by_job[t.job_id] = t
+        ok.append(row)
+    if not ok:
+        return
+    tr = Transitioner(conn, now)
+    refused = tr.move(ok, S.RUNNING, Role.SESSION, message=f"started by session {session_id}",
+                      data={"session_id": session_id},
+                      values={r["id"]: {"session_id": session_id, "run_count": r["run_count"] + 1} for r in ok},
+                      times={r["id"]: by_job[r["id"]].time for r in ok if by_job[r["id"]].time})
+    tr.flush()
+    for row in ok:
+        if row["id"] in refused:
+            result.rejections.append(Rejection(by_job[row["id"]].seq, row["id"], refused[row["id"]].error()))
+            continue
+        row["state"] = S.RUNNING
+        row["run_count"] += 1
+        result.started += 1
 
 
 def _fence(t: Transition, row: dict[str, Any] | None, session_id: str) -> BalsamError | None:
-    """Why this transition may not be applied, or None."""
+    """Why this transition may not be applied, or None. RUNNING starts a job held ahead
+    (still in its runnable state); every other state ends a RUNNING one."""
     if t.state not in _STATE_NAMES:
         return InvalidArgument(f"job {t.job_id}: the reported state is not a job state", reason="INVALID_TRANSITION")
     if row is None:
         return Aborted(f"job {t.job_id} does not exist (deleted?); stop it", reason="LEASE_LOST")
-    if row["session_id"] != session_id or row["state"] != S.RUNNING:
+    held_state = str(row["state"]) in _RUNNABLE_SET if t.state == S.RUNNING else row["state"] == S.RUNNING
+    if row["session_id"] != session_id or not held_state:
         return Aborted(f"job {t.job_id} is no longer held by this session (now {row['state']}); stop it",
                        reason="LEASE_LOST")
     if row["lease_generation"] != t.lease_generation:
@@ -276,9 +351,16 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
     rows = {r.id: dict(r._mapping) for r in conn.execute(
         # Locked in id order, as every bulk job change does, so two never deadlock.
         select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.id.in_(ids)).order_by(jobs.c.id).with_for_update())}
+    # Starts first (a job held ahead may start and end in one report: its start always
+    # has the lower seq); its row is then RUNNING for the transitions after it.
+    starts = [t for t in fresh if t.state == S.RUNNING]
+    if starts:
+        _apply_starts(conn, session_id, starts, rows, result, now)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     values: dict[int, dict[str, Any]] = {}
     for t in fresh:
+        if t.state == S.RUNNING:
+            continue
         row = rows.get(t.job_id)
         why = _fence(t, row, session_id)
         if why is not None:
@@ -307,7 +389,7 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
                 result.rejections.append(Rejection(by_job[job_id].seq, job_id, refusal.error()))
                 result.released.remove(job_id)
         tr.flush()
-    result.applied = len(result.released)
+    result.applied = len(result.released) + result.started
     result.applied_through_seq = max(applied_through, fresh[-1].seq)
     conn.execute(update(sessions).where(sessions.c.id == session_id)
                  .values(applied_through_seq=result.applied_through_seq, heartbeat_time=now))
@@ -335,6 +417,7 @@ def time_out_held(conn: Connection, owner_id: int, session_id: str, now: datetim
     which then follows the app's timeout policy (default RESTART_READY). The lease
     generation is bumped so any later report quoting the old lease is stale. `data` adds
     to the event's data (the cause, such as the pilot's batch job)."""
+    release_held_ahead(conn, owner_id, session_id, now, message)
     rows = [dict(r._mapping) for r in conn.execute(
         select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.session_id == session_id, jobs.c.state == S.RUNNING)
         .order_by(jobs.c.id).with_for_update())]
@@ -347,12 +430,31 @@ def time_out_held(conn: Connection, owner_id: int, session_id: str, now: datetim
     return [r["id"] for r in rows]
 
 
+def release_held_ahead(conn: Connection, owner_id: int, session_id: str, now: datetime, message: str) -> list[int]:
+    """Jobs the session held ahead and never started become leasable again: session
+    cleared, lease generation bumped (a late RUNNING report is stale), state unchanged.
+    Each gets an event (from and to its state), so sessions with credit look again."""
+    rows = conn.execute(
+        select(jobs.c.id, jobs.c.owner_id, jobs.c.site_id, jobs.c.state).where(
+            jobs.c.owner_id == owner_id, jobs.c.session_id == session_id, jobs.c.state.in_(_RUNNABLE))
+        .order_by(jobs.c.id).with_for_update()).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    conn.execute(update(jobs).where(jobs.c.id.in_(ids))
+                 .values(session_id=None, lease_generation=jobs.c.lease_generation + 1, update_time=now))
+    event_log.append(conn, [event_log.job_event(r.owner_id, r.site_id, r.id, r.state, r.state, now,
+                                                data={"session_id": session_id, "released": True},
+                                                message=f"released, not started: {message}"[:4000])
+                            for r in rows])
+    return ids
+
+
 # ---------------------------------------------------------------------------- event scans
 # A session learns of new events from the fanout (server/fanout.py), one row at a time,
 # and tests them with the pure predicates; when the fanout could not deliver them (a gap),
 # the *_since/lost_leases queries read the same from the event log.
 
-_RUNNABLE_SET = frozenset(_RUNNABLE)
 
 
 def becomes_runnable(kind: str, to_state: str) -> bool:
@@ -362,8 +464,10 @@ def becomes_runnable(kind: str, to_state: str) -> bool:
 
 def may_lose_lease(kind: str, from_state: str, to_state: str) -> bool:
     """Whether an event may have taken its job from the session holding it: it left
-    RUNNING (a close, a timeout, a re-lease) or was killed (the test of lost_leases)."""
-    return kind == event_log.JOB_STATE and (from_state == S.RUNNING or to_state == S.KILLED)
+    RUNNING (a close, a timeout, a re-lease), was killed, or a job held ahead changed
+    state other than by starting (the test of lost_leases)."""
+    return kind == event_log.JOB_STATE and (
+        from_state == S.RUNNING or to_state == S.KILLED or (from_state in _RUNNABLE_SET and to_state != S.RUNNING))
 
 
 def runnable_since(conn: Connection, owner_id: int, site_id: int, after_id: int) -> bool:
@@ -384,7 +488,8 @@ def lost_leases(conn: Connection, owner_id: int, session_id: str, held: dict[int
     e = events.c
     moved = {r.job_id for r in conn.execute(
         select(e.job_id).distinct().where(e.owner_id == owner_id, e.id > after_id, e.kind == event_log.JOB_STATE,
-                                          or_(e.from_state == S.RUNNING, e.to_state == S.KILLED)))}
+                                          or_(e.from_state == S.RUNNING, e.to_state == S.KILLED,
+                                              and_(e.from_state.in_(_RUNNABLE), e.to_state != S.RUNNING))))}
     return check_leases(conn, session_id, held, moved)
 
 
@@ -403,6 +508,7 @@ def check_leases(conn: Connection, session_id: str, held: dict[int, int],
         r = found.get(job_id)
         if r is None:
             lost.append((job_id, "DELETED"))
-        elif r.session_id != session_id or r.state != S.RUNNING or r.lease_generation != held[job_id]:
+        elif r.session_id != session_id or r.lease_generation != held[job_id] or not (
+                r.state == S.RUNNING or r.state in _RUNNABLE_SET):
             lost.append((job_id, r.state))
     return lost

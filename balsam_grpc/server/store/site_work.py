@@ -282,13 +282,19 @@ def site_backlog(conn: Connection, owner_id: int, site_id: int) -> dict[str, Any
     useless; ungrouped, it scanned the whole table (20 ms per call at 100,000 jobs, and a
     site stream recomputes its backlog for every burst of its site's events)."""
     footprint = cast(jobs.c.num_nodes, SqlFloat) / jobs.c.node_packing_count
-    by_state = {r.state: r for r in conn.execute(
-        select(jobs.c.state, func.count().label("n"), func.sum(footprint).label("nodes"),
+    # A runnable job held ahead by a launcher (it has a session) waits for that launcher:
+    # counted with the running ones, not as backlog that needs a pilot.
+    held = case((and_(jobs.c.state.in_([str(s) for s in RUNNABLE]), jobs.c.session_id.is_not(None)),
+                 str(S.RUNNING)), else_=jobs.c.state)
+    grouped = conn.execute(
+        select(held.label("state"), func.count().label("n"), func.sum(footprint).label("nodes"),
                func.max(jobs.c.num_nodes).label("max_nodes"), func.max(jobs.c.wall_time_min).label("max_wall"))
         .where(jobs.c.owner_id == owner_id, jobs.c.site_id == site_id, jobs.c.state.in_(_BACKLOG_STATES))
-        .group_by(jobs.c.state))}
+        .group_by(jobs.c.state, held)).all()
+    by_state = {r.state: r for r in grouped if r.state != str(S.RUNNING)}
     runnable = [by_state[str(s)] for s in RUNNABLE if str(s) in by_state]
     counts = {state: int(r.n) for state, r in by_state.items()}
+    counts[str(S.RUNNING)] = sum(int(r.n) for r in grouped if r.state == str(S.RUNNING))
     active = conn.execute(select(func.count()).select_from(sessions).where(
         sessions.c.owner_id == owner_id, sessions.c.site_id == site_id, sessions.c.state == "ACTIVE")).scalar_one()
     return {"runnable_jobs": sum(int(r.n) for r in runnable),
