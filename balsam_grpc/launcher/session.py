@@ -180,8 +180,9 @@ class SessionClient:
                 writer.cancel()
                 try:
                     await writer
-                except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
-                    pass
+                except (asyncio.CancelledError, asyncio.InvalidStateError, grpc.aio.AioRpcError,
+                        grpc.aio.UsageError):
+                    pass  # a write on the call that just ended ("RPC already finished"): reconnecting
             return self.closing
         except asyncio.CancelledError:
             call.cancel()
