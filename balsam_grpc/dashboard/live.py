@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from balsam_grpc.core.aio import wait_event
 from balsam_grpc.dashboard.reads import state_of, ts
 from balsam_grpc.dashboard.views import FAILURE_STATES
 from balsam_grpc.sdk.client import Client
@@ -150,9 +151,7 @@ class Relay:
         try:
             yield f"retry: {RECONNECT_MS}\n\n"
             while time.monotonic() < ends:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), KEEPALIVE_SECONDS)
-                except TimeoutError:
+                if not await wait_event(self._wake, KEEPALIVE_SECONDS):
                     yield frame({}, event="tick")
                     continue
                 await asyncio.sleep(COALESCE_SECONDS)

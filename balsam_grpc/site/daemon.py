@@ -21,6 +21,7 @@ import grpc
 import structlog
 from google.protobuf import field_mask_pb2
 
+from balsam_grpc.core.aio import wait_event
 from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.channel import channel_credentials, channel_options, channel_target
 from balsam_grpc.core.errors import BalsamError
@@ -260,10 +261,7 @@ class SiteDaemon:
     async def _poll_loop(self) -> None:
         assert self.batch is not None and self._poll_now is not None
         while True:
-            try:
-                await asyncio.wait_for(self._poll_now.wait(), self.settings.scheduler.poll_seconds)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._poll_now, self.settings.scheduler.poll_seconds)
             self._poll_now.clear()
             try:
                 if await self.batch.poll() and self.pilots is not None:

@@ -62,8 +62,9 @@ class HookPool:
                     str(self.apps_dir), str(workdir), str(os.getpid()), stdin=asyncio.subprocess.DEVNULL, stdout=out,
                     stderr=out, cwd=str(workdir), start_new_session=True, env=job_safe(os.environ))
                 try:
-                    code = await asyncio.wait_for(proc.wait(), self.timeout_s)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.timeout_s):
+                        code = await proc.wait()
+                except TimeoutError:
                     _kill_group(proc.pid)
                     await proc.wait()
                     return failed_result(run.job.id, run.hook,

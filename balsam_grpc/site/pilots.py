@@ -25,6 +25,7 @@ import grpc
 import structlog
 from google.protobuf import field_mask_pb2
 
+from balsam_grpc.core.aio import wait_event
 from balsam_grpc.site.elastic import (
     Backlog,
     Pilot,
@@ -104,10 +105,7 @@ class PilotDriver:
     async def run(self) -> None:
         period = self.settings.elastic_queue.check_seconds
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), period)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, period)
             self._wake.clear()
             try:
                 await self.evaluate()

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import structlog
 
+from balsam_grpc.core.aio import wait_event
 from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.errors import error_reason, is_draining
 from balsam_grpc.v1 import site_pb2, site_service_pb2, site_service_pb2_grpc
@@ -123,10 +124,7 @@ class SiteStream:
                 continue
             delay = self.backoff.next_delay()
             log.info("reconnecting", in_seconds=round(delay, 2), unacknowledged_results=len(self.outbox))
-            try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._stopping, delay)
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
         """Stop taking work, let running work finish (bounded), flush results, close."""

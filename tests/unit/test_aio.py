@@ -11,7 +11,9 @@ import pytest
 
 from balsam_grpc.core.aio import wait_event
 
-SERVER = Path(__file__).resolve().parents[2] / "balsam_grpc" / "server"
+PACKAGE = Path(__file__).resolve().parents[2] / "balsam_grpc"
+# The launcher's session.py still has one (being rewritten on another branch).
+NOT_YET = {"launcher/session.py"}
 
 
 async def _set_and_cancel(waiter) -> bool:  # type: ignore[no-untyped-def]
@@ -52,12 +54,13 @@ def _wait_for_on_wait(path: Path) -> list[str]:
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "wait_for"
                 and node.args and isinstance(node.args[0], ast.Call)
                 and isinstance(node.args[0].func, ast.Attribute) and node.args[0].func.attr == "wait"):
-            found.append(f"{path.relative_to(SERVER.parent)}:{node.lineno}")
+            found.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno}")
     return found
 
 
-def test_the_server_never_waits_on_an_event_with_wait_for() -> None:
-    found = [hit for path in sorted(SERVER.rglob("*.py")) for hit in _wait_for_on_wait(path)]
+def test_nothing_waits_on_an_event_or_process_with_wait_for() -> None:
+    found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _wait_for_on_wait(path)
+             if hit.rpartition(":")[0] not in NOT_YET]
     assert not found, f"use core.aio.wait_event instead of asyncio.wait_for(event.wait(), ...): {found}"
 
 
