@@ -5,8 +5,10 @@
   (before any database work) with reason SERVER_BUSY and a retry delay, both in the
   ErrorInfo metadata (`retry_after_ms`) and in the `retry-after-ms` trailer. The SDK
   retries exactly these refusals: nothing ran, so any method is safe to resend.
-- Streams: a cap on the long-lived streams (site, session, watch) one user holds, so a
-  reconnect storm or a leak in a client cannot exhaust the server's tasks and memory.
+- Streams: a cap on the long-lived streams one user holds, so a reconnect storm or a leak
+  in a client cannot exhaust the server's tasks and memory. Watch streams and the work
+  streams of site daemons and launchers count separately: a user's runaway watchers
+  (a dashboard open in many tabs) cannot keep that user's own sites and pilots out.
 - Login attempts: after N wrong passwords for a user name from one address (or M from
   that address for any names) within a window, Login from there is refused for a while,
   with backoff, before any password is verified (LoginLimiter), so passwords cannot be
@@ -34,6 +36,15 @@ RETRY_AFTER_KEY = "retry_after_ms"
 RETRY_AFTER_TRAILER = "retry-after-ms"
 # Public calls (Login) have no user yet; they share one per-user budget.
 ANONYMOUS = -1
+# Stream kinds, each with its own per-user budget.
+WATCH = "watch"
+WORK = "work"
+_KIND_NAMES = {WATCH: "watch streams", WORK: "site and launcher streams"}
+
+
+def stream_kind(method: str) -> str:
+    """WATCH for read-only event streams, WORK for the site and session streams."""
+    return WATCH if method.rpartition(".")[2].startswith("Watch") else WORK
 
 
 class Refused(ResourceExhausted):
@@ -77,7 +88,7 @@ class Admission:
         self.limits = limits or AdmissionLimits()
         self.in_flight = 0
         self.per_user: dict[int, int] = {}
-        self.streams: dict[int, int] = {}
+        self.streams: dict[tuple[int, str], int] = {}
         self.refused = 0  # since start, for logs and benchmarks
 
     def admit(self, user_id: int | None) -> Slot:
@@ -105,16 +116,21 @@ class Admission:
         else:
             del self.per_user[user]
 
-    def open_stream(self, user_id: int) -> Callable[[], None]:
-        """Count one stream of `user_id`; returns its release function (idempotent)."""
-        held = self.streams.get(user_id, 0)
+    def held(self, user_id: int, kind: str | None = None) -> int:
+        """Streams `user_id` holds now, of `kind` or of every kind."""
+        return sum(n for (user, k), n in self.streams.items() if user == user_id and kind in (None, k))
+
+    def open_stream(self, user_id: int, kind: str = WORK) -> Callable[[], None]:
+        """Count one stream of `user_id` of `kind`; returns its release function (idempotent)."""
+        key = (user_id, kind)
+        held = self.streams.get(key, 0)
         if held >= self.limits.max_streams_per_user:
             self.refused += 1
             # Streams reconnect with their own backoff; a longer hint spreads a storm out.
             retry = self.limits.retry_after_ms * 4
-            raise Refused(f"this user already holds {held} streams (the limit); close some or retry after "
-                          f"{retry} ms", reason=TOO_MANY_STREAMS, retry_after_ms=retry)
-        self.streams[user_id] = held + 1
+            raise Refused(f"this user already holds {held} {_KIND_NAMES[kind]} (the limit); close some or retry "
+                          f"after {retry} ms", reason=TOO_MANY_STREAMS, retry_after_ms=retry)
+        self.streams[key] = held + 1
         done = False
 
         def release() -> None:
@@ -122,11 +138,11 @@ class Admission:
             if done:
                 return
             done = True
-            left = self.streams[user_id] - 1
+            left = self.streams[key] - 1
             if left:
-                self.streams[user_id] = left
+                self.streams[key] = left
             else:
-                del self.streams[user_id]
+                del self.streams[key]
 
         return release
 

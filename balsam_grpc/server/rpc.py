@@ -32,6 +32,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from balsam_grpc.core.errors import ERROR_DOMAIN, BalsamError, ResourceExhausted, Unauthenticated, Unavailable
+from balsam_grpc.server.admission import stream_kind
 from balsam_grpc.server.auth import Authenticator
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.stream_guard import StreamGuard
@@ -233,6 +234,7 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
     if fn is None:
         return functools.partial(stream, job_token=job_token)
     method = _method_name(fn)
+    kind = stream_kind(method)
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -246,7 +248,7 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
             drain = self.state.drain
             drain.admit()  # a draining server takes no new stream
             try:
-                release = self.state.admission.open_stream(principal.user_id)
+                release = self.state.admission.open_stream(principal.user_id, kind)
             except ResourceExhausted:
                 self.state.metrics.admission_rejections.labels("stream").inc()
                 raise

@@ -96,7 +96,7 @@ def test_revoking_a_token_ends_its_streams_at_once(harness: Any, alice: Any, str
     # The site can be connected again with a valid token, and is free to be.
     fresh = harness.user(alice.username, scope="SITE", site_id=site.id)
     site_stream(harness, fresh, site.id, streams)
-    wait_until(lambda: harness.server.state.admission.streams.get(alice.user_id) == 2,
+    wait_until(lambda: harness.server.state.admission.held(alice.user_id) == 2,
                "the revoked streams released their admission slots")
 
 

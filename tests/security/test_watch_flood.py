@@ -203,7 +203,7 @@ def test_one_users_watchers_leave_other_users_alone(server: ServerProcess, recor
             assert len(watchers.refused) == EXTRA
             for err in watchers.refused:
                 assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
-                assert f"{LIMIT} streams" in err.details() and "close" in err.details(), err.details()
+                assert f"{LIMIT} watch streams" in err.details() and "close" in err.details(), err.details()
                 assert any(k == "retry-after-ms" for k, _ in err.trailing_metadata() or ()), err
             delivered = metric(metrics_port, "balsam_events_delivered_total")
             read = metric(metrics_port, "balsam_events_read_total")

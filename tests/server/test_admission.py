@@ -15,9 +15,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from balsam_grpc.server.admission import (
+    WATCH,
+    WORK,
     Admission,
     AdmissionLimits,
     Refused,
+    stream_kind,
 )
 from balsam_grpc.v1 import auth_service_pb2 as pb
 from balsam_grpc.v1 import auth_service_pb2_grpc, event_service_pb2, event_service_pb2_grpc
@@ -123,6 +126,28 @@ def test_streams_per_user() -> None:
     assert adm.streams == {}
 
 
+def test_watch_streams_do_not_crowd_out_work_streams() -> None:
+    """A user's runaway watchers (a dashboard left open many times) must not keep that
+    user's own site daemon and launchers from connecting: each kind has its own budget."""
+    adm = Admission(AdmissionLimits(max_streams_per_user=2, retry_after_ms=10))
+    watches = [adm.open_stream(7, WATCH), adm.open_stream(7, WATCH)]
+    with pytest.raises(Refused):
+        adm.open_stream(7, WATCH)
+    site, session = adm.open_stream(7, WORK), adm.open_stream(7, WORK)
+    with pytest.raises(Refused) as caught:
+        adm.open_stream(7, WORK)
+    assert "site and launcher" in str(caught.value)
+    for release in (*watches, site, session):
+        release()
+    assert adm.streams == {}
+
+
+def test_stream_kind_of_each_streaming_method() -> None:
+    assert stream_kind("EventService.WatchEvents") == WATCH
+    assert stream_kind("SiteService.Connect") == WORK
+    assert stream_kind("SessionService.Connect") == WORK
+
+
 # -- on the wire --------------------------------------------------------------------------
 
 def test_server_cap_refuses_with_retry_after_and_recovers(harness: Any, alice: Any, bob: Any,
@@ -214,7 +239,7 @@ def test_stream_cap_per_user(harness: Any, alice: Any, bob: Any, limits: Callabl
     bobs = stub.WatchEvents(event_service_pb2.WatchEventsRequest(), metadata=bob.metadata)
     assert next(bobs).cursor
     first.cancel()
-    wait_until(lambda: adm.streams.get(alice.user_id, 0) == 0, "alice's stream released")
+    wait_until(lambda: adm.held(alice.user_id) == 0, "alice's stream released")
     again = stub.WatchEvents(event_service_pb2.WatchEventsRequest(), metadata=alice.metadata)
     assert next(again).cursor
     again.cancel()
