@@ -156,15 +156,13 @@ def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
-def cli_forker() -> Iterator[Any]:
+def cli_forker() -> Any:
     """`balsamctl` forked from a process that has imported it (tests/support/cli_fork.py):
     half a second of CPU less per command. Streaming commands (popen) and the tests of
     the console script itself still start `balsamctl` as a program."""
-    from tests.support.cli_fork import CliForker
+    from tests.support.cli_fork import shared_cli_forker
 
-    forker = CliForker()
-    yield forker
-    forker.close()
+    return shared_cli_forker()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import POSTGRES_URL, database_params
-from tests.support.cli_fork import CliForker
+from tests.support.cli_fork import BALSAMCTL, CliForker
 from tests.support.databases import fresh_postgres
 from tests.support.server_fork import shared_forker
 from tests.support.server_proc import ServerProcess
-
-BALSAMCTL = str(Path(sys.executable).with_name("balsamctl"))
 
 
 class CliServer:

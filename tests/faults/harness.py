@@ -31,6 +31,7 @@ import yaml
 from balsam_grpc.sdk import Client, Event
 from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
 from tests.support.server_fork import shared_forker
+from tests.support.cli_fork import BALSAMCTL, shared_cli_forker
 from tests.support.server_proc import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,8 +194,8 @@ class SiteProc:
                                                                        hook_ledger=str(self.hook_ledger)))
 
     def balsamctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([sys.executable, "-m", "balsam_grpc.cli.main", *args], env=self.env, text=True,
-                             capture_output=True, timeout=timeout, cwd=self.dir.parent, check=False)
+        # Forked from a process that has imported the CLI (tests/support/cli_fork.py).
+        res = shared_cli_forker().run(BALSAMCTL, args, env=self.env, timeout=timeout, cwd=self.dir.parent)
         if check and res.returncode != 0:
             raise AssertionError(f"balsamctl {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res

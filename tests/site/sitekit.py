@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 import uuid
@@ -32,6 +31,8 @@ from balsam_grpc.v1 import (
     site_service_pb2,
     site_service_pb2_grpc,
 )
+from tests.support.cli_fork import BALSAMCTL, shared_cli_forker
+from tests.support.server_fork import ForkedServer, shared_forker
 from tests.support.server_proc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,16 +90,15 @@ class SiteKit:
         self.env = {**os.environ, "BALSAM_HOME": str(self.home), "BALSAM_LOG_FORMAT": "json"}
         self.env.pop("BALSAM_SERVER", None)
         self.env.pop("BALSAM_TOKEN", None)
-        self.server: subprocess.Popen[bytes] | None = None
+        self.server: ForkedServer | None = None
         self.channel: grpc.Channel | None = None
         self.site_id = 0
 
     # ----- processes ---------------------------------------------------------------
     def start_server(self) -> None:
-        log = open(self.tmp / "server.log", "ab")
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "balsam_grpc.server", "--address", self.address, "--database", self.database_url],
-            env=self.env, stdout=log, stderr=log, cwd=self.tmp, start_new_session=True)
+        # Forked from a process that has imported the server (tests/support/server_fork.py).
+        self.server = shared_forker().spawn(["--address", self.address, "--database", self.database_url], self.env,
+                                            self.tmp / "server.log", cwd=self.tmp, new_session=True)
         profile = self.home / "profile.json"
 
         def ready() -> bool:
@@ -126,8 +126,8 @@ class SiteKit:
             self.channel = None
 
     def balsamctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([sys.executable, "-m", "balsam_grpc.cli.main", *args], env=self.env, text=True,
-                             capture_output=True, timeout=timeout, cwd=self.tmp)
+        # Forked from a process that has imported the CLI (tests/support/cli_fork.py).
+        res = shared_cli_forker().run(BALSAMCTL, args, env=self.env, timeout=timeout, cwd=self.tmp)
         if check and res.returncode != 0:
             raise AssertionError(f"balsamctl {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res

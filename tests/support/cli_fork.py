@@ -19,6 +19,7 @@ answers are the child's pid, then, when the fork server has reaped it, its exit 
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import locale
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+BALSAMCTL = str(Path(sys.executable).with_name("balsamctl"))  # the console script
 
 
 class CliForker:
@@ -54,8 +56,9 @@ class CliForker:
             raise RuntimeError(f"the balsamctl fork server did not start ({self.proc.poll()})")
 
     def run(self, argv0: str, args: Sequence[str], *, env: Mapping[str, str], input: str | None = None,  # noqa: A002
-            stdin: Any = None, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-        """What `subprocess.run([argv0, *args], input=, stdin=, env=, capture_output=True,
+            stdin: Any = None, timeout: float | None = None,
+            cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+        """What `subprocess.run([argv0, *args], input=, stdin=, env=, cwd=, capture_output=True,
         text=True, timeout=)` answers, the command forked rather than started."""
         cmd = [argv0, *args]
         to_close: list[int] = []
@@ -76,7 +79,7 @@ class CliForker:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(self.path)
-            request = json.dumps({"argv": cmd, "env": dict(env), "cwd": os.getcwd()}).encode() + b"\n"
+            request = json.dumps({"argv": cmd, "env": dict(env), "cwd": str(cwd or os.getcwd())}).encode() + b"\n"
             socket.send_fds(conn, [request], [child_in, out_w, err_w])
         finally:
             for fd in to_close:
@@ -120,6 +123,19 @@ class CliForker:
         for name in os.listdir(self._dir):
             os.unlink(os.path.join(self._dir, name))
         os.rmdir(self._dir)
+
+
+_SHARED: CliForker | None = None
+
+
+def shared_cli_forker() -> CliForker:
+    """One balsamctl fork server for the whole test run, started on first use and closed
+    at exit."""
+    global _SHARED
+    if _SHARED is None or _SHARED.proc.poll() is not None:
+        _SHARED = CliForker()
+        atexit.register(_SHARED.close)
+    return _SHARED
 
 
 def _text(data: bytes) -> str:
