@@ -85,7 +85,7 @@ class Follower:
     def _pump(self) -> None:
         try:
             for event in self.stream:
-                self.queue.put(event.message)
+                self.queue.put(event)  # EventStream without `wrap` hands out the messages
         except BaseException as err:  # handed to the command's thread, raised there
             self.queue.put(err)
             self.stream.release_waiters()

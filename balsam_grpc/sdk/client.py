@@ -1,92 +1,38 @@
-"""`Client`: one channel to the server, authenticated calls with deadlines, mapped errors.
+"""`Client`: the SDK's entry point, a `ServiceClient` (sdk.service: channel, calls,
+deadlines, retries, the missing-server check) with the resources on top: managers of
+every model (`client.jobs`, ...), event watches and job futures.
 
-- Where the server is: arguments, else BALSAM_SERVER / BALSAM_TOKEN, else the profile
-  file (BALSAM_PROFILE or $BALSAM_HOME/profile.json). TLS from arguments, else
-  BALSAM_TLS_CA / BALSAM_TLS_CLIENT_CERT / BALSAM_TLS_CLIENT_KEY, else the profile.
-- The channel (core.channel) has keepalive with a ping timeout and retries the read-only
-  methods on UNAVAILABLE through the gRPC service config.
-- Every unary call gets a deadline (`timeout`, default 30 s; per call overridable);
-  streams get none.
-- Mutations carry a request_id made once per logical call. On UNAVAILABLE the SDK
-  resends the same request (same id), so the server answers a retried create with the
-  first answer instead of creating twice.
-- RESOURCE_EXHAUSTED with reason SERVER_BUSY (the server's admission control refused
-  the call before doing anything) is retried for any method, after at least the delay
-  the server asked for; other RESOURCE_EXHAUSTED answers are not retried.
-- Failures are raised as the BalsamError hierarchy (sdk.errors) with the server's
-  reason and field.
-- The first call of a client first waits (at most CONNECT_TIMEOUT) for the channel to
-  connect: a server that is not there (connection refused, unknown host) is reported at
-  once with the address tried and how to start one, instead of after the read-only
-  retries' back-off. A connection still in progress then is left to the call's deadline.
+The SDK's modules form layers, each importing only those below it (no circles):
+errors, convert, filters -> service -> query -> watch -> futures -> models -> apps,
+client. Below the client they see it only as a `service.Connection`; the default
+client of `Model.objects` is reached through `service.default_connection()`, which this
+module provides.
 """
 
 from __future__ import annotations
 
-import os
 import threading
-import time
-import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import grpc
-import structlog
-from google.protobuf.message import Message
-
-from balsam_grpc.core.backoff import Backoff
-from balsam_grpc.core.channel import auth_metadata, make_channel
-from balsam_grpc.core.services import SERVICES
-from balsam_grpc.core.settings import Profile
-from balsam_grpc.sdk.errors import Unavailable, error_from_rpc
-from balsam_grpc.v1 import auth_service_pb2
-
-if TYPE_CHECKING:
-    from balsam_grpc.sdk.futures import JobWatcher
-    from balsam_grpc.sdk.models import Manager
-    from balsam_grpc.sdk.watch import EventStream
-
-log = structlog.get_logger("balsam.sdk")
-
-DEFAULT_TIMEOUT = 30.0
-MUTATION_ATTEMPTS = 5
-BACKOFF_INITIAL = 0.2
-BACKOFF_MAX = 5.0
-CONNECT_TIMEOUT = 2.0
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # an empty HealthCheckRequest is b""
-_USE_DEFAULT: Any = object()
-
-STUBS: dict[str, Callable[[grpc.Channel], Any]] = {name: s.stub for name, s in SERVICES.items()}
+from balsam_grpc.sdk import models, service
+from balsam_grpc.sdk.filters import EVENT_FILTER
+from balsam_grpc.sdk.futures import JobWatcher
+from balsam_grpc.sdk.models import Event, Manager
+from balsam_grpc.sdk.service import (  # noqa: F401 - re-exported for callers of sdk.client
+    BACKOFF_INITIAL,
+    BACKOFF_MAX,
+    CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    HEALTH_CHECK,
+    MUTATION_ATTEMPTS,
+    ServiceClient,
+    new_request_id,
+    server_busy_delay,
+)
+from balsam_grpc.sdk.watch import EventStream
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def server_busy_delay(err: grpc.RpcError) -> float | None:
-    """Seconds to wait before resending a call the server refused as SERVER_BUSY (its
-    admission control: nothing was done), or None when the refusal is not retryable
-    (a message too large, a rate-limited login, too many streams)."""
-    info = error_from_rpc(err)
-    if info.reason != "SERVER_BUSY":
-        return None
-    try:
-        return max(0.0, int(info.metadata.get("retry_after_ms", "0")) / 1000)
-    except ValueError:
-        return 0.0
-
-
-def _one_line(err: grpc.RpcError) -> str:
-    details = err.details() if hasattr(err, "details") else str(err)  # type: ignore[attr-defined]
-    return " ".join(str(details or "").split())
-
-
-def _has_request_id(request: Message) -> bool:
-    return "request_id" in request.DESCRIPTOR.fields_by_name
-
-
-class Client:
+class Client(ServiceClient):
     """A connection to a balsam-grpc server.
 
     >>> client = Client()                                  # profile / environment
@@ -94,116 +40,13 @@ class Client:
     >>> client.jobs.filter(state="RUNNING").count()
     """
 
-    def __init__(self, server: str | None = None, token: str | None = None, *,
-                 profile: Profile | str | Path | None = None, tls: bool | None = None,
-                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-                 timeout: float | None = DEFAULT_TIMEOUT, mutation_attempts: int = MUTATION_ATTEMPTS,
-                 channel_options: tuple[tuple[str, Any], ...] = ()) -> None:
-        if not isinstance(profile, Profile):
-            profile = Profile.load(Path(profile).expanduser() if profile else None)
-        self.server = server or profile.server
-        self.token = token if token is not None else profile.token
-        self.username = profile.username
-        tls_ca = tls_ca if tls_ca is not None else os.environ.get("BALSAM_TLS_CA", profile.tls_ca)
-        tls_cert = tls_cert if tls_cert is not None else os.environ.get("BALSAM_TLS_CLIENT_CERT", profile.tls_cert)
-        tls_key = tls_key if tls_key is not None else os.environ.get("BALSAM_TLS_CLIENT_KEY", profile.tls_key)
-        self.timeout = timeout
-        self.mutation_attempts = max(1, mutation_attempts)
-        # Its own subchannels: gRPC shares them process-wide by default, and a new client
-        # would inherit another's reconnect back-off after a server restart (its first
-        # call, the connect check, failing against a server that is up again).
-        self.channel = make_channel(self.server, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                                    options=(("grpc.use_local_subchannel_pool", 1), *channel_options))
-        self.metadata = auth_metadata(self.token) if self.token else ()
-        self._stubs = {name: factory(self.channel) for name, factory in STUBS.items()}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._watcher: JobWatcher | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-        self._connected = False
-
-    # -- calls --------------------------------------------------------------------
-
-    def stub(self, service: str) -> Any:
-        """The generated stub of a service ("JobService"), for calls the SDK does not wrap."""
-        return self._stubs[service]
-
-    def call(self, service: str, method: str, request: Message, *, timeout: float | None = _USE_DEFAULT) -> Any:
-        """One unary call with auth and a deadline; errors raised as BalsamError.
-
-        A request with a request_id field is a mutation: it gets an id (unless the caller
-        set one) and is resent unchanged on UNAVAILABLE within the deadline.
-        """
-        timeout = self.timeout if timeout is _USE_DEFAULT else timeout
-        if not self._connected:
-            self._check_server()
-        rpc = getattr(self._stubs[service], method)
-        mutation = _has_request_id(request)
-        if mutation and not request.request_id:  # type: ignore[attr-defined]
-            request.request_id = new_request_id()  # type: ignore[attr-defined]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delays = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
-        attempt = 0
-        while True:
-            attempt += 1
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            try:
-                return rpc(request, metadata=self.metadata, timeout=remaining)
-            except grpc.RpcError as err:
-                code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
-                busy = server_busy_delay(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-                if busy is not None and attempt < self.mutation_attempts:
-                    # The server refused before doing anything (admission control): any
-                    # method is safe to resend, after at least the delay it asked for.
-                    delay = max(delays.next_delay(), busy)
-                    if deadline is None or time.monotonic() + delay < deadline:
-                        log.info("server busy, retrying", method=f"{service}.{method}", attempt=attempt,
-                                 delay_s=round(delay, 3))
-                        time.sleep(delay)
-                        continue
-                if mutation and code == grpc.StatusCode.UNAVAILABLE and attempt < self.mutation_attempts:
-                    delay = delays.next_delay()
-                    if deadline is None or time.monotonic() + delay < deadline:
-                        log.info("retrying mutation", method=f"{service}.{method}", attempt=attempt,
-                                 request_id=request.request_id)  # type: ignore[attr-defined]
-                        time.sleep(delay)
-                        continue
-                raise error_from_rpc(err) from None
-
-    def open_stream(self, service: str, method: str, request: Message) -> Any:
-        """A server-streaming call with auth and no deadline (the caller iterates and
-        cancels it); errors surface as grpc.RpcError while iterating."""
-        if not self._connected:
-            self._check_server()
-        return getattr(self._stubs[service], method)(request, metadata=self.metadata)
-
-    def _check_server(self, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Raise Unavailable when no server answers at all.
-
-        One health-check call (not in the channel's retry policy, not wait_for_ready) with
-        a short deadline: a refused connection or an unknown host fails it at once, where
-        a first real call would go through the read-only retries' back-off for seconds.
-        Any answer from a server (even UNIMPLEMENTED or UNAUTHENTICATED) means it is
-        there; a deadline passing (a slow network) is left to the real call's deadline.
-        """
-        probe = self.channel.unary_unary(HEALTH_CHECK, request_serializer=bytes, response_deserializer=bytes)
-        try:
-            probe(b"", timeout=timeout, metadata=self.metadata)
-        except grpc.RpcError as err:
-            code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(
-                    f"no balsam server answers at {self.server} ({_one_line(err)}): start one with "
-                    "`balsamctl server start`, or point BALSAM_SERVER (or `balsamctl login --server`) at yours",
-                    reason="UNAVAILABLE") from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return
-        self._connected = True
 
     # -- resources ------------------------------------------------------------------
 
     def _manager(self, model_name: str) -> Manager:
-        from balsam_grpc.sdk import models
-
         model = getattr(models, model_name)
         return model.manager_class(model, self)
 
@@ -231,18 +74,10 @@ class Client:
     def events(self) -> Manager:
         return self._manager("Event")
 
-    def whoami(self) -> auth_service_pb2.GetCurrentUserResponse:
-        """The caller's user and token scope."""
-        return self.call("AuthService", "GetCurrentUser", auth_service_pb2.GetCurrentUserRequest())
-
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the channel is connected; Unavailable if not within `timeout`."""
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise Unavailable(f"server {self.server} not reachable within {timeout} s", reason="UNAVAILABLE") from None
-        # Connected: the first call needs no probe (whose answer, if lost, would read as "no server").
-        self._connected = True
+    def resolve_names(self, resource: str, names: list[str]) -> list[int]:
+        """Ids of the caller's sites/apps with these names (for filters by name)."""
+        model = {"site": models.Site, "app": models.App}[resource]
+        return [obj.id for obj in models.Manager(model, self).filter(name=names)]
 
     # -- events -----------------------------------------------------------------------
 
@@ -251,31 +86,20 @@ class Client:
         reconnects with backoff and resumes after the last event delivered, so none is
         missed or repeated. `since_cursor` resumes an earlier watch (its `.cursor`);
         `replay=True` starts with the whole matching history."""
-        from balsam_grpc.sdk.filters import EVENT_FILTER
-        from balsam_grpc.sdk.watch import EventStream
-
         criteria = [(False, EVENT_FILTER.normalize(filters))]
         filter_msg = EVENT_FILTER.build(criteria, resolve=self.resolve_names)
-        return EventStream(self, filter_msg, cursor=since_cursor, replay=replay)
+        return EventStream(self, filter_msg, cursor=since_cursor, replay=replay,
+                           wrap=lambda msg: Event.from_message(msg, self))
 
     @property
     def watcher(self) -> JobWatcher:
         """The one stream that drives every job future of this client."""
-        from balsam_grpc.sdk.futures import JobWatcher
-
         with self._lock:
             if self._closed:
                 raise RuntimeError("client is closed")
             if self._watcher is None:
                 self._watcher = JobWatcher(self)
             return self._watcher
-
-    def resolve_names(self, resource: str, names: list[str]) -> list[int]:
-        """Ids of the caller's sites/apps with these names (for filters by name)."""
-        from balsam_grpc.sdk import models
-
-        model = {"site": models.Site, "app": models.App}[resource]
-        return [obj.id for obj in models.Manager(model, self).filter(name=names)]
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -285,16 +109,13 @@ class Client:
             watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.close()
-        self.channel.close()
+        super().close()
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"Client(server={self.server!r}, user={self.username or '?'})"
 
 
 _default: Client | None = None
@@ -316,5 +137,7 @@ def set_default_client(client: Client | None) -> None:
     with _default_lock:
         _default = client
 
+
+service.provide_default(default_client)
 
 __all__ = ["Client", "default_client", "set_default_client"]

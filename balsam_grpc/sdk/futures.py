@@ -19,19 +19,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
 from balsam_grpc.core import pyvalues
 from balsam_grpc.core.states import FINAL_STATES
 from balsam_grpc.sdk.errors import BalsamError, DeadlineExceeded, JobFailed, NotFound, Unavailable
+from balsam_grpc.sdk.service import Connection, default_connection
 from balsam_grpc.sdk.watch import EventStream
-from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
+from balsam_grpc.v1 import event_pb2, event_service_pb2, job_pb2, job_service_pb2
 
-if TYPE_CHECKING:
-    from balsam_grpc.sdk.client import Client
-    from balsam_grpc.sdk.models import Job
+# A job object (sdk.models.Job, which sits above this module): futures use its message,
+# its _client, its state and data, and _replace(message) to give it fresh data.
+Job = Any
 
 log = structlog.get_logger("balsam.sdk.futures")
 
@@ -44,10 +45,36 @@ READ_CHUNK = 5000
 START_TIMEOUT = 30.0
 
 
+class Client(Connection, Protocol):
+    """A connection that owns one JobWatcher (sdk.client.Client)."""
+
+    @property
+    def watcher(self) -> JobWatcher: ...
+
+
+def list_jobs(client: Connection, ids: list[int], view: int = 0) -> Iterator[job_pb2.Job]:
+    """The jobs with these ids (those that exist), READ_CHUNK ids per ListJobs page walk."""
+    for i in range(0, len(ids), READ_CHUNK):
+        chunk = ids[i:i + READ_CHUNK]
+        token = ""
+        while True:
+            request = job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(ids=chunk), page_size=len(chunk),
+                                                      page_token=token, view=view)  # type: ignore[arg-type]
+            response = client.call("JobService", "ListJobs", request)
+            yield from response.jobs
+            token = response.next_page_token
+            if not token:
+                break
+
+
+def _final_state(event: event_pb2.Event) -> str:
+    return job_pb2.JobState.Name(event.job_state.to_state).removeprefix("JOB_STATE_")
+
+
 class JobWatcher:
     """One final-state event stream shared by every future of a client."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Connection) -> None:
         self._client = client
         final = [job_pb2.JobState.Value(f"JOB_STATE_{s}") for s in sorted(FINAL_STATES)]
         flt = event_service_pb2.EventFilter(kinds=[event_service_pb2.EVENT_KIND_JOB_STATE], to_states=final)
@@ -101,7 +128,7 @@ class JobWatcher:
             for event in self._stream:
                 with self.cond:
                     if event.job_id in self._tracked:
-                        self._record(event.job_id, event.to_state)
+                        self._record(event.job_id, _final_state(event))
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             log.warning("job watcher stopped", error=str(exc))
             with self.cond:
@@ -120,14 +147,10 @@ class JobWatcher:
     def _read_states(self, ids: list[int]) -> None:
         """Read current states once; jobs already final resolve now. Connection errors
         leave the ids unconfirmed: they are read again when the stream reconnects."""
-        from balsam_grpc.sdk.models import Manager, Job
-
         found: dict[int, str] = {}
         try:
-            for i in range(0, len(ids), READ_CHUNK):
-                query = Manager(Job, self._client).filter(id=ids[i:i + READ_CHUNK])
-                for msg in query.iter_messages(view=job_service_pb2.JOB_VIEW_BASIC):
-                    found[msg.id] = job_pb2.JobState.Name(msg.state).removeprefix("JOB_STATE_")
+            for msg in list_jobs(self._client, ids, view=job_service_pb2.JOB_VIEW_BASIC):
+                found[msg.id] = job_pb2.JobState.Name(msg.state).removeprefix("JOB_STATE_")
         except (Unavailable, DeadlineExceeded) as exc:
             log.info("job states not readable now; will read on reconnect", error=str(exc), jobs=len(ids))
             return
@@ -161,9 +184,7 @@ def _client_of(jobs: list[Job], client: Client | None) -> Client:
     for job in jobs:
         if job._client is not None:
             return job._client
-    from balsam_grpc.sdk.client import default_client
-
-    return default_client()
+    return default_connection()  # type: ignore[no-any-return]
 
 
 def _ids(jobs: list[Job]) -> list[int]:
@@ -178,8 +199,6 @@ def _ids(jobs: list[Job]) -> list[int]:
 def _refresh(client: Client, jobs: list[Job], watcher: JobWatcher, *, strict: bool = False) -> None:
     """Give the objects their final state at once, then their full data from the server
     (best effort unless `strict`: the answer of wait() does not depend on it)."""
-    from balsam_grpc.sdk.models import Manager, Job
-
     by_id: dict[int, list[Job]] = {}
     for job in jobs:
         by_id.setdefault(job.message.id, []).append(job)
@@ -189,11 +208,9 @@ def _refresh(client: Client, jobs: list[Job], watcher: JobWatcher, *, strict: bo
     if not by_id:
         return
     try:
-        ids = list(by_id)
-        for i in range(0, len(ids), READ_CHUNK):
-            for msg in Manager(Job, client).filter(id=ids[i:i + READ_CHUNK]).iter_messages():
-                for job in by_id.get(msg.id, []):
-                    job._replace(msg)
+        for msg in list_jobs(client, list(by_id)):
+            for job in by_id.get(msg.id, []):
+                job._replace(msg)
     except (Unavailable, DeadlineExceeded):
         if strict:
             raise
@@ -299,4 +316,4 @@ def job_result(job: Job, timeout: float | None = None) -> Any:
 
 
 __all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "BalsamError", "JobWatcher", "as_completed",
-           "job_result", "wait"]
+           "job_result", "list_jobs", "wait"]

@@ -18,17 +18,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 
+from balsam_grpc.core import pyvalues
+from balsam_grpc.core.appdef import resolve_parameters
 from balsam_grpc.core.errors import ERRORS_BY_CODE, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import FINAL_STATES
-from balsam_grpc.sdk import filters
+from balsam_grpc.sdk import filters, futures
 from balsam_grpc.sdk.convert import get_field, scalar_text, set_field
 from balsam_grpc.sdk.query import Query
+from balsam_grpc.sdk.service import Connection, default_connection
 from balsam_grpc.v1 import (
     app_pb2,
     app_service_pb2,
@@ -44,8 +47,8 @@ from balsam_grpc.v1 import (
     transfer_item_service_pb2,
 )
 
-if TYPE_CHECKING:
-    from balsam_grpc.sdk.client import Client
+# Models reach their client only through what sdk.service.Connection offers.
+Client = Connection
 
 BULK_CHUNK = 1000
 
@@ -83,9 +86,7 @@ class Manager:
     def client(self) -> Client:
         if self.bound_client is not None:
             return self.bound_client
-        from balsam_grpc.sdk.client import default_client
-
-        return default_client()
+        return default_connection()  # type: ignore[no-any-return]
 
     def all(self) -> Query:
         return Query(self)
@@ -214,9 +215,7 @@ class Model:
     def client(self) -> Client:
         if self._client is not None:
             return self._client
-        from balsam_grpc.sdk.client import default_client
-
-        return default_client()
+        return default_connection()  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
         """The protobuf JSON mapping with the proto field names."""
@@ -337,8 +336,6 @@ def split_submit(app: app_pb2.App, kwargs: dict[str, Any]) -> tuple[dict[str, An
     limited, refused here with the reason when it cannot be pickled or is too large."""
     if app.kind != app_pb2.APP_KIND_PYTHON:
         return split_job_options(kwargs)
-    from balsam_grpc.core import pyvalues
-
     declared = {p.name for p in app.parameters}
     for name in declared & set(kwargs):
         if not isinstance(kwargs[name], (str, int, float, bool)):
@@ -375,8 +372,6 @@ class App(Model):
         priority, resources or num_nodes/ranks_per_node/..., on_parent_failure) are
         keywords; every other keyword (or `parameters={...}`) is an app parameter. The
         parameters are checked against the app's declaration before anything is sent."""
-        from balsam_grpc.core.appdef import resolve_parameters
-
         options, params = split_submit(self._msg, kwargs)  # type: ignore[arg-type]
         resolve_parameters(self._msg, params)  # type: ignore[arg-type]
         job = Job(_client=self._client, workdir=workdir, app_id=self._require_id(), parameters=params, **options)
@@ -389,15 +384,11 @@ class JobManager(Manager):
     def wait(self, jobs: Iterable[Job], timeout: float | None = None, return_when: str = "ALL_COMPLETED"
              ) -> tuple[set[Job], set[Job]]:
         """(done, not_done) like concurrent.futures.wait; driven by WatchEvents."""
-        from balsam_grpc.sdk.futures import wait
-
-        return wait(list(jobs), timeout=timeout, return_when=return_when, client=self.bound_client)
+        return futures.wait(list(jobs), timeout=timeout, return_when=return_when, client=self.bound_client)
 
     def as_completed(self, jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
         """Jobs as they reach a final state; TimeoutError when `timeout` passes first."""
-        from balsam_grpc.sdk.futures import as_completed
-
-        return as_completed(list(jobs), timeout=timeout, client=self.bound_client)
+        return futures.as_completed(list(jobs), timeout=timeout, client=self.bound_client)
 
     def group_by(self, *dimensions: str) -> dict[Any, int]:
         return Query(self).group_by(*dimensions)
@@ -489,9 +480,7 @@ class Job(Model):
     # Futures, driven by the client's shared WatchEvents stream.
     def done(self) -> bool:
         """Whether the job has reached a final state (JOB_FINISHED, FAILED, KILLED)."""
-        from balsam_grpc.sdk.futures import wait
-
-        done, _ = wait([self], timeout=0, client=self._client)
+        done, _ = futures.wait([self], timeout=0, client=self._client)
         return bool(done)
 
     def result(self, timeout: float | None = None) -> Any:
@@ -500,9 +489,7 @@ class Job(Model):
         dict. FAILED/KILLED: the exception a Python-function app raised, re-raised here
         with the launcher's traceback as its cause; otherwise JobFailed with the state
         message and error tail. TimeoutError if `timeout` seconds pass first."""
-        from balsam_grpc.sdk.futures import job_result
-
-        return job_result(self, timeout)
+        return futures.job_result(self, timeout)
 
 
 # ------------------------------------------------------------------ batch jobs, transfers

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -21,11 +21,8 @@ from google.protobuf.message import Message
 
 from balsam_grpc.sdk.errors import BalsamError, MultipleObjectsReturned, NotFound
 from balsam_grpc.sdk.filters import MatchesNothing
+from balsam_grpc.sdk.service import Connection
 from balsam_grpc.v1 import job_pb2
-
-if TYPE_CHECKING:
-    from balsam_grpc.sdk.client import Client
-    from balsam_grpc.sdk.models import Manager, Model
 
 DEFAULT_PAGE = 500
 RESOURCE_SHORTCUTS = frozenset(job_pb2.JobResources.DESCRIPTOR.fields_by_name)
@@ -69,6 +66,17 @@ class BulkResult:
         return cls(out, succeeded, failed, dry_run)
 
 
+class Source(Protocol):
+    """What a query is built from (sdk.models.Manager): a model class (its `resource`,
+    `from_message`, and a constructor taking field keywords) and a client."""
+
+    model: Any
+    bound_client: Connection | None
+
+    @property
+    def client(self) -> Connection: ...
+
+
 def _code_name(number: int) -> str:
     for code in grpc.StatusCode:
         if code.value[0] == number:
@@ -79,7 +87,7 @@ def _code_name(number: int) -> str:
 class Query:
     """A selection of one resource. Build with `Model.objects` / `client.jobs`."""
 
-    def __init__(self, manager: Manager, criteria: tuple[tuple[bool, tuple[tuple[str, Any], ...]], ...] = (),
+    def __init__(self, manager: Source, criteria: tuple[tuple[bool, tuple[tuple[str, Any], ...]], ...] = (),
                  order: tuple[str, ...] = (), start: int = 0, stop: int | None = None,
                  page_size: int | None = None) -> None:
         self._manager = manager
@@ -92,11 +100,11 @@ class Query:
     # -- building -------------------------------------------------------------------
 
     @property
-    def model(self) -> type[Model]:
+    def model(self) -> Any:
         return self._manager.model
 
     @property
-    def client(self) -> Client:
+    def client(self) -> Connection:
         return self._manager.client
 
     def _clone(self, **changes: Any) -> Query:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Any
 
 import grpc
 import structlog
@@ -22,13 +22,9 @@ from google.protobuf.message import Message
 
 from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.errors import is_draining
-from balsam_grpc.sdk.client import BACKOFF_INITIAL, BACKOFF_MAX
 from balsam_grpc.sdk.errors import error_from_rpc
+from balsam_grpc.sdk.service import BACKOFF_INITIAL, BACKOFF_MAX, Connection
 from balsam_grpc.v1 import event_service_pb2
-
-if TYPE_CHECKING:
-    from balsam_grpc.sdk.client import Client
-    from balsam_grpc.sdk.models import Event
 
 log = structlog.get_logger("balsam.sdk.watch")
 
@@ -63,13 +59,17 @@ def should_resume(err: grpc.RpcError, suspect_failures: int) -> bool:
 
 
 class EventStream:
-    """Iterate to receive `Event`s as they are committed; `close()` from any thread ends
+    """Iterate to receive events as they are committed; `close()` from any thread ends
     the iteration. `cursor` is where a later watch would resume (after the last event
-    handed out); `reconnects` counts the connections after the first."""
+    handed out); `reconnects` counts the connections after the first.
 
-    def __init__(self, client: Client, filter_msg: Message, *, cursor: str | None = None, replay: bool = False,
-                 on_connect: Callable[[], None] | None = None) -> None:
+    Each event is handed out as `wrap(message)`: `Client.watch` wraps them in
+    `sdk.models.Event`; without `wrap` they are the event_pb2.Event messages."""
+
+    def __init__(self, client: Connection, filter_msg: Message, *, cursor: str | None = None, replay: bool = False,
+                 on_connect: Callable[[], None] | None = None, wrap: Callable[[Message], Any] | None = None) -> None:
         self._client = client
+        self._wrap = wrap
         self._filter = filter_msg
         self._replay = replay
         self._on_connect = on_connect
@@ -84,10 +84,10 @@ class EventStream:
         if self.cursor:
             self._has_cursor.set()
 
-    def __iter__(self) -> Iterator[Event]:
+    def __iter__(self) -> Iterator[Any]:
         return self
 
-    def __next__(self) -> Event:
+    def __next__(self) -> Any:
         return next(self._events)
 
     def wait_started(self, timeout: float | None) -> bool:
@@ -114,9 +114,7 @@ class EventStream:
         return event_service_pb2.WatchEventsRequest(filter=self._filter, cursor=self.cursor,
                                                     replay_from_start=self._replay and not self.cursor)
 
-    def _generate(self) -> Iterator[Event]:
-        from balsam_grpc.sdk.models import Event
-
+    def _generate(self) -> Iterator[Any]:
         delays = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         connections = 0
         suspect_failures = 0  # INTERNAL/UNKNOWN in a row, without a response in between
@@ -138,7 +136,7 @@ class EventStream:
                             continue
                         self._last_id = msg.id
                         self.cursor = str(msg.id)
-                        yield Event.from_message(msg, self._client)
+                        yield msg if self._wrap is None else self._wrap(msg)
                     if response.cursor:
                         self.cursor = response.cursor
                         self._has_cursor.set()
