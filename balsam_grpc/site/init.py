@@ -112,8 +112,8 @@ def init_site(path: Path, *, platform: str = "local", name: str = "", elastic: b
     preset = platform_preset(platform)
     profile = profile or Profile.load()
     name = name or layout.root.name
-    queues = {q: QueueLimits(int(v.get("max_nodes", 0)), int(v.get("max_wall_time_min", 0)),
-                             int(v.get("max_queued", 0)))
+    queues = {q: QueueLimits(max_nodes=int(v.get("max_nodes", 0)), max_wall_time_min=int(v.get("max_wall_time_min", 0)),
+                             max_queued=int(v.get("max_queued", 0)))
               for q, v in (preset.get("queues") or {}).items()}
     default_queue = preset.get("default_queue") or ""
     if default_queue and default_queue in queues:  # the default queue first: the template uses it

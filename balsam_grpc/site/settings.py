@@ -1,28 +1,31 @@
 """The site's settings file (`<site dir>/settings.yml`): schema, defaults, validation.
 
-Pure: `parse_settings(dict)` validates a mapping and returns frozen dataclasses; every
-error names the offending key ("elastic_queue.max_nodes must be ...") so a user can fix
-the file without reading code. `SETTINGS_TEMPLATE` is the commented file written by
-`balsamctl site init`.
+Pure: `parse_settings(dict)` validates a mapping and returns frozen pydantic models;
+every error names the offending key and what it allows ("elastic_queue.max_nodes must be
+>= 1, got 0"), so a user can fix the file without reading code. `SETTINGS_TEMPLATE` is
+the commented file written by `balsamctl site init`.
+
+Types, ranges and unknown keys are checked by pydantic (site/schema.py: strict types,
+no extra keys); `_check` keeps the rules that relate one key to another.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
-import types
+import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, Field, ValidationError
 
 from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.site.schema import Section, Text
 from balsam_grpc.site.transfers.config import TransferSettings, check_transfer_settings, parse_locations
 
 JOB_MODES = ("serial", "mpi")
+JobMode = Literal["serial", "mpi"]
 
 
 class SettingsError(InvalidArgument):
@@ -33,209 +36,173 @@ class SettingsError(InvalidArgument):
         self.key = key
 
 
-@dataclass(frozen=True)
-class QueueLimits:
+class QueueLimits(Section):
     """Limits of one scheduler queue the site may submit to."""
 
-    max_nodes: int = 0          # 0 = no limit
-    max_wall_time_min: int = 0  # 0 = no limit
-    max_queued: int = 0         # batch jobs of this site queued at once; 0 = no limit
+    max_nodes: int = Field(0, ge=0)          # 0 = no limit
+    max_wall_time_min: int = Field(0, ge=0)  # 0 = no limit
+    max_queued: int = Field(0, ge=0)         # batch jobs of this site queued at once; 0 = no limit
 
 
-@dataclass(frozen=True)
-class SchedulerSettings:
-    name: str = "local"
-    options: dict[str, Any] = field(default_factory=dict)
+class SchedulerSettings(Section):
+    name: Text = "local"
+    options: dict[str, Any] = Field(default_factory=dict)
     # How often the scheduler (squeue, qstat, ...) is asked for states. This polls the
     # local batch scheduler, never our server.
-    poll_seconds: float = 5.0
+    poll_seconds: float = Field(5.0, gt=0)
 
 
-@dataclass(frozen=True)
-class LauncherSettings:
-    mode: str = "serial"
+class LauncherSettings(Section):
+    mode: JobMode = "serial"
     # Idle launchers exit after this many seconds without work (scale to zero).
-    idle_timeout_s: int = 60
+    idle_timeout_s: int = Field(60, ge=0)
     # Prefix that starts the launcher across the allocation; {num_nodes} and {num_ranks}
     # are filled in. Empty = the platform's default.
-    mpi_prefix: str = ""
+    mpi_prefix: Text = ""
     # Extra command-line arguments for the launcher.
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[Text] = Field(default_factory=list)
     # Shell lines run in the batch script before the launcher (module loads, conda
     # activate). Empty = the platform's preamble.
-    preamble: str = ""
+    preamble: Text = ""
     # The launcher's own node preset (--platform: cpus/gpus per node, MPI flavor). Empty =
     # cpus/gpus per node and MPI flavor from the site's platform preset.
-    platform: str = ""
+    platform: Text = ""
 
 
-@dataclass(frozen=True)
-class ElasticQueueSettings:
+class ElasticQueueSettings(Section):
     enabled: bool = False
-    queue: str = ""
-    project: str = ""
-    job_mode: str = "serial"
-    min_nodes: int = 1
-    max_nodes: int = 1
-    min_wall_time_min: int = 10
-    max_wall_time_min: int = 60
+    queue: Text = ""
+    project: Text = ""
+    job_mode: JobMode = "serial"
+    min_nodes: int = Field(1, ge=1)
+    max_nodes: int = Field(1, ge=1)
+    min_wall_time_min: int = Field(10, ge=1)
+    max_wall_time_min: int = Field(60, ge=1)
     # Added to the longest runnable job's wall time when sizing a pilot.
-    wall_time_margin_min: int = 5
-    max_queued: int = 1
+    wall_time_margin_min: int = Field(5, ge=0)
+    max_queued: int = Field(1, ge=1)
     # The most nodes the site's pilots hold at once, queued and running together (its
     # share of the machine); 0 = no cap. Without a cap, pilots keep being added while the
     # backlog outgrows the running ones (max_queued only bounds the waiting ones).
-    max_total_nodes: int = 0
+    max_total_nodes: int = Field(0, ge=0)
     # Withdraw pilots queued longer than this (0 = never).
-    wait_timeout_min: int = 0
+    wait_timeout_min: int = Field(0, ge=0)
     use_backfill: bool = False
     # How often the backlog is re-evaluated when nothing is pushed (withdrawals).
-    check_seconds: float = 10.0
+    check_seconds: float = Field(10.0, gt=0)
 
 
-@dataclass(frozen=True)
-class QueueMaintainerSettings:
+class QueueMaintainerSettings(Section):
     enabled: bool = False
-    queue: str = ""
-    project: str = ""
-    job_mode: str = "serial"
-    num_queued: int = 1
-    nodes: int = 1
-    wall_time_min: int = 30
+    queue: Text = ""
+    project: Text = ""
+    job_mode: JobMode = "serial"
+    num_queued: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1)
+    wall_time_min: int = Field(30, ge=1)
 
 
-@dataclass(frozen=True)
-class ProcessingSettings:
-    workers: int = 2
+class ProcessingSettings(Section):
+    workers: int = Field(2, ge=1)
     # A hook running longer than this is killed and the job fails with that reason.
-    hook_timeout_s: int = 600
+    hook_timeout_s: int = Field(600, ge=1)
 
 
-@dataclass(frozen=True)
-class CleanupSettings:
+class CleanupSettings(Section):
     enabled: bool = True
 
 
-@dataclass(frozen=True)
-class SiteSettings:
-    site_id: int
-    name: str
-    server: str = ""
-    platform: str = "local"
-    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
-    allowed_projects: list[str] = field(default_factory=list)
-    allowed_queues: dict[str, QueueLimits] = field(default_factory=dict)
-    batch_script_template: str = ""
-    launcher: LauncherSettings = field(default_factory=LauncherSettings)
-    elastic_queue: ElasticQueueSettings = field(default_factory=ElasticQueueSettings)
-    queue_maintainer: QueueMaintainerSettings = field(default_factory=QueueMaintainerSettings)
-    processing: ProcessingSettings = field(default_factory=ProcessingSettings)
-    cleanup: CleanupSettings = field(default_factory=CleanupSettings)
-    max_in_flight: int = 32
+class SiteSettings(Section):
+    site_id: int = Field(ge=1)
+    name: Text = Field(min_length=1)
+    server: Text = ""
+    platform: Text = "local"
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    allowed_projects: list[Text] = Field(default_factory=list)
+    allowed_queues: dict[str, QueueLimits] = Field(default_factory=dict)
+    batch_script_template: Text = ""
+    launcher: LauncherSettings = Field(default_factory=LauncherSettings)
+    elastic_queue: ElasticQueueSettings = Field(default_factory=ElasticQueueSettings)
+    queue_maintainer: QueueMaintainerSettings = Field(default_factory=QueueMaintainerSettings)
+    processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
+    cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
+    max_in_flight: int = Field(32, ge=1)
     # Data staging (balsam_grpc/site/transfers): location alias -> globus://<collection>,
     # file:///path or rsync://user@host/path, and the transfer service's settings.
-    transfer_locations: dict[str, str] = field(default_factory=dict)
-    transfers: TransferSettings = field(default_factory=TransferSettings)
+    transfer_locations: dict[str, Text] = Field(default_factory=dict)
+    transfers: TransferSettings = Field(default_factory=TransferSettings)
 
 
-def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+# -- pydantic's errors in the file's own terms ----------------------------------------------
+
+_WANTS = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "string_type": "text", "list_type": "a list", "dict_type": "a mapping",
+    "model_type": "a mapping of keys to values", "model_attributes_type": "a mapping of keys to values",
+}
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotated type `tp`; nested dataclasses recurse."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise SettingsError(f"{key} must be a list, got {value!r}", key)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _, val_tp = typing.get_args(tp)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise SettingsError(f"{key} must be a mapping, got {value!r}", key)
-        return {str(k): (v if val_tp is Any else _convert(v, val_tp, f"{key}.{k}")) for k, v in value.items()}
-    if isinstance(origin, type) and issubclass(origin, types.UnionType):  # pragma: no cover
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SettingsError(f"{key} must be true or false, got {value!r}", key)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SettingsError(f"{key} must be {_type_name(int)}, got {value!r}", key)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SettingsError(f"{key} must be {_type_name(float)}, got {value!r}", key)
-        if not math.isfinite(value):  # YAML's .nan/.inf: no period or timeout can be one
-            raise SettingsError(f"{key} must be a finite number, got {value!r}", key)
-        return float(value)
-    if tp is str:
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise SettingsError(f"{key} must be {_type_name(str)}, got {value!r}", key)
-        return str(value)
-    return value
+def _section_at(root: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The settings section (model class) at `path` of the file, if there is one."""
+    tp: Any = root
+    for part in path:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            info = tp.model_fields.get(str(part))
+            if info is None:
+                return None
+            tp = info.annotation
+        elif typing.get_origin(tp) in (dict, list):
+            tp = typing.get_args(tp)[-1]  # `part` is a key or an index
+        else:
+            return None
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
 
 
-def _build(cls: Any, data: Any, prefix: str) -> Any:
-    where = prefix or "the top level"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"{where} must be a mapping of keys to values, got {data!r}", prefix)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
-            raise SettingsError(f"unknown key {full}{hint}", full)
-    values = {}
-    for name, f in fields.items():
-        full = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            values[name] = _convert(data[name], hints[name], full)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SettingsError(f"{full} is required", full)
-    return cls(**values)
+def _describe(err: Any, root: type[BaseModel]) -> tuple[str, str]:
+    """(key, message) for one pydantic error: the dotted key and what it allows."""
+    loc = tuple(err["loc"])
+    dict_key = "[key]" in loc
+    loc = tuple(p for p in loc if p != "[key]")
+    key = ".".join(str(p) for p in loc)
+    where = key or "the top level"
+    kind, got, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    if dict_key:
+        return key, f"{where}: keys must be text, got {got!r}"
+    if kind == "extra_forbidden":
+        section = _section_at(root, loc[:-1])
+        known = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+        return key, f"unknown key {key}{hint}"
+    if kind == "missing":
+        return key, f"{key} is required"
+    if kind in _WANTS:
+        return key, f"{where} must be {_WANTS[kind]}, got {got!r}"
+    if kind == "greater_than_equal":
+        return key, f"{key} must be >= {ctx['ge']}, got {got!r}"
+    if kind == "greater_than":
+        return key, f"{key} must be > {ctx['gt']}, got {got!r}"
+    if kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return key, f"{key} must be one of {', '.join(allowed)}, got {got!r}"
+    if kind == "string_too_short":
+        return key, f"{key} must not be empty"
+    return key, f"{where}: {err['msg']}, got {got!r}"
 
 
-def _positive(value: int, key: str, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise SettingsError(f"{key} must be {'>= 0' if zero_ok else '>= 1'}, got {value}", key)
+def _settings_error(exc: ValidationError) -> SettingsError:
+    """Every problem pydantic found, in one message; `key` is the first one's."""
+    found = [_describe(e, SiteSettings) for e in exc.errors(include_url=False)]
+    return SettingsError("; ".join(message for _, message in found), found[0][0])
 
 
 def _check(s: SiteSettings) -> None:
-    """Rules across fields, each naming the key to change."""
-    _positive(s.site_id, "site_id")
-    if not s.name:
-        raise SettingsError("name must not be empty", "name")
-    if s.scheduler.poll_seconds <= 0:
-        raise SettingsError(f"scheduler.poll_seconds must be > 0, got {s.scheduler.poll_seconds}",
-                            "scheduler.poll_seconds")
-    _positive(s.max_in_flight, "max_in_flight")
-    if s.launcher.mode not in JOB_MODES:
-        raise SettingsError(f"launcher.mode must be one of {', '.join(JOB_MODES)}, got {s.launcher.mode!r}",
-                            "launcher.mode")
-    _positive(s.launcher.idle_timeout_s, "launcher.idle_timeout_s", zero_ok=True)
-    for q, limits in s.allowed_queues.items():
-        for name in ("max_nodes", "max_wall_time_min", "max_queued"):
-            _positive(getattr(limits, name), f"allowed_queues.{q}.{name}", zero_ok=True)
+    """Rules that relate keys to each other, each naming the key to change (pydantic
+    has checked each key alone)."""
     for section in ("elastic_queue", "queue_maintainer"):
         sub = getattr(s, section)
-        if sub.job_mode not in JOB_MODES:
-            raise SettingsError(f"{section}.job_mode must be one of {', '.join(JOB_MODES)}, got {sub.job_mode!r}",
-                                f"{section}.job_mode")
         if sub.enabled and s.allowed_queues and sub.queue not in s.allowed_queues:
             raise SettingsError(f"{section}.queue {sub.queue!r} is not in allowed_queues "
                                 f"({', '.join(s.allowed_queues)})", f"{section}.queue")
@@ -243,11 +210,6 @@ def _check(s: SiteSettings) -> None:
             raise SettingsError(f"{section}.project {sub.project!r} is not in allowed_projects "
                                 f"({', '.join(s.allowed_projects)})", f"{section}.project")
     eq = s.elastic_queue
-    for name in ("min_nodes", "max_nodes", "min_wall_time_min", "max_wall_time_min", "max_queued"):
-        _positive(getattr(eq, name), f"elastic_queue.{name}")
-    _positive(eq.wall_time_margin_min, "elastic_queue.wall_time_margin_min", zero_ok=True)
-    _positive(eq.wait_timeout_min, "elastic_queue.wait_timeout_min", zero_ok=True)
-    _positive(eq.max_total_nodes, "elastic_queue.max_total_nodes", zero_ok=True)
     if 0 < eq.max_total_nodes < eq.min_nodes:
         raise SettingsError(f"elastic_queue.max_total_nodes ({eq.max_total_nodes}) is smaller than min_nodes "
                             f"({eq.min_nodes}): no pilot could ever start; raise it or set 0 (no cap)",
@@ -258,14 +220,6 @@ def _check(s: SiteSettings) -> None:
     if eq.min_wall_time_min > eq.max_wall_time_min:
         raise SettingsError(f"elastic_queue.min_wall_time_min ({eq.min_wall_time_min}) is larger than "
                             f"max_wall_time_min ({eq.max_wall_time_min})", "elastic_queue.min_wall_time_min")
-    if eq.check_seconds <= 0:
-        raise SettingsError(f"elastic_queue.check_seconds must be > 0, got {eq.check_seconds}",
-                            "elastic_queue.check_seconds")
-    qm = s.queue_maintainer
-    for name in ("num_queued", "nodes", "wall_time_min"):
-        _positive(getattr(qm, name), f"queue_maintainer.{name}")
-    _positive(s.processing.workers, "processing.workers")
-    _positive(s.processing.hook_timeout_s, "processing.hook_timeout_s")
     try:
         parse_locations(s.transfer_locations)
         check_transfer_settings(s.transfers)
@@ -275,7 +229,10 @@ def _check(s: SiteSettings) -> None:
 
 def parse_settings(data: Any) -> SiteSettings:
     """Validate a parsed settings.yml mapping; raises SettingsError naming the key."""
-    settings = _build(SiteSettings, data, "")
+    try:
+        settings = SiteSettings.model_validate({} if data is None else data)
+    except ValidationError as exc:
+        raise _settings_error(exc) from None
     _check(settings)
     return settings
 

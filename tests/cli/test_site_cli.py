@@ -101,10 +101,13 @@ def test_start_shows_only_this_runs_log_and_warns_on_broken_apps(cli_server: Cli
     settings = site_dir / "settings.yml"
     good = settings.read_text()
     (site_dir / "logs" / "site.log").write_text("STALE LINE FROM AN EARLIER RUN\n")
-    settings.write_text(good + "no_such_setting: 1\n")
+    # Two mistakes: both are reported in one run, each with its key and what it allows.
+    assert "mode: serial " in good
+    settings.write_text(good.replace("mode: serial ", "mode: parallel ", 1) + "no_such_setting: 1\n")
     failed = cli_server.run("site", "start", str(site_dir), "--wait", "60")
     assert failed.returncode == 1
-    assert "no_such_setting" in failed.stderr and "STALE LINE" not in failed.stderr, failed.stderr
+    assert "unknown key no_such_setting" in failed.stderr and "STALE LINE" not in failed.stderr, failed.stderr
+    assert "launcher.mode must be one of serial, mpi, got 'parallel'" in failed.stderr, failed.stderr
 
     settings.write_text(good)
     (site_dir / "apps" / "broken.py").write_text("import no_such_module_for_this_test\n")

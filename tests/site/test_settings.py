@@ -27,7 +27,7 @@ def test_template_parses_to_valid_settings(tmp_path):
     path.write_text(template())
     s = load_settings(path)
     assert s.site_id == 7 and s.name == "laptop" and s.scheduler.name == "local"
-    assert s.allowed_queues["default"] == QueueLimits(4, 60, 2)
+    assert s.allowed_queues["default"] == QueueLimits(max_nodes=4, max_wall_time_min=60, max_queued=2)
     assert s.elastic_queue.enabled and s.elastic_queue.queue == "default" and s.elastic_queue.max_nodes == 2
     assert s.launcher.mode == "serial" and s.processing.workers == 2 and s.cleanup.enabled
 
@@ -107,3 +107,29 @@ def test_elastic_queue_max_total_nodes(tmp_path):
         with pytest.raises(SettingsError) as err:
             parse_settings(data(**changes))
         assert err.value.key == "elastic_queue.max_total_nodes" and words in str(err.value)
+
+
+def test_every_mistake_is_reported_at_once_with_its_key(tmp_path):
+    """pydantic checks the whole file: a user fixes every mistake in one edit, not one per
+    start. The first mistake's key is the error's key."""
+    d = data(launcher__mode="parallel", processing__workers=0, elastic_queue__use_backfill="yes")
+    d["cleanup"]["enable"] = True
+    with pytest.raises(SettingsError) as err:
+        parse_settings(d)
+    text = str(err.value)
+    for words in ("launcher.mode must be one of serial, mpi, got 'parallel'", "processing.workers must be >= 1",
+                  "elastic_queue.use_backfill must be true or false, got 'yes'",
+                  "unknown key cleanup.enable; did you mean 'enabled'?"):
+        assert words in text, text
+    assert err.value.key in {"launcher.mode", "processing.workers", "elastic_queue.use_backfill", "cleanup.enable"}
+
+
+def test_empty_values_mean_the_default_and_numbers_may_be_text():
+    d = data(launcher__mpi_prefix=None, processing=None, elastic_queue__project=1234)
+    d["allowed_projects"] = [1234]
+    s = parse_settings(d)
+    assert s.launcher.mpi_prefix == "" and s.processing.workers == 2 and s.elastic_queue.project == "1234"
+    for bad, words in ((float("nan"), "finite"), (True, "a number")):
+        with pytest.raises(SettingsError) as err:
+            parse_settings(data(scheduler__poll_seconds=bad))
+        assert err.value.key == "scheduler.poll_seconds" and words in str(err.value)

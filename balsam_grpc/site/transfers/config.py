@@ -5,44 +5,44 @@ from __future__ import annotations
 
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from pydantic import Field
+
 from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.site.schema import Section, Text
 
 SCHEMES = ("globus", "file", "rsync")
 SYNC_LEVELS = ("", "exists", "size", "mtime", "checksum")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
-@dataclass(frozen=True)
-class GlobusSettings:
+class GlobusSettings(Section):
     # Native (user login) or confidential (client credentials) app registered at Globus.
-    client_id: str = ""
+    client_id: Text = ""
     # Client credentials: the secret is read from this environment variable (never from
     # the settings file); empty variable = user login.
-    client_secret_env: str = "BALSAM_GLOBUS_CLIENT_SECRET"
+    client_secret_env: Text = "BALSAM_GLOBUS_CLIENT_SECRET"
     # The Globus collection that serves this site's filesystem (the job workdirs).
-    local_collection: str = ""
+    local_collection: Text = ""
     # Site path prefix -> collection path prefix, longest prefix first wins, for
     # collections rooted elsewhere than "/" (a GCS collection rooted at /lus/eagle).
-    path_map: dict[str, str] = field(default_factory=dict)
+    path_map: dict[str, Text] = Field(default_factory=dict)
     # Skip files already at the destination: "", exists, size, mtime or checksum.
-    sync_level: str = ""
+    sync_level: Text = ""
     verify_checksum: bool = True
     # Collections whose data_access consent the login asks for (GCS v5 mapped collections).
-    data_access_collections: list[str] = field(default_factory=list)
+    data_access_collections: list[Text] = Field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class RsyncSettings:
+class RsyncSettings(Section):
     # Remote shell for rsync -e; BatchMode: never wait for a password prompt.
-    ssh_command: str = "ssh -o BatchMode=yes"
-    extra_args: list[str] = field(default_factory=list)
+    ssh_command: Text = "ssh -o BatchMode=yes"
+    extra_args: list[Text] = Field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class TransferSettings:
+class TransferSettings(Section):
     # Items per backend task (one Globus task, one copy job).
     batch_size: int = 100
     # How long a not-full batch waits for more items before it is submitted.
@@ -59,8 +59,8 @@ class TransferSettings:
     api_backoff_s: float = 2.0
     # Local copies: limit in MB/s (0 = none).
     local_bandwidth_mb_s: float = 0.0
-    globus: GlobusSettings = field(default_factory=GlobusSettings)
-    rsync: RsyncSettings = field(default_factory=RsyncSettings)
+    globus: GlobusSettings = Field(default_factory=GlobusSettings)
+    rsync: RsyncSettings = Field(default_factory=RsyncSettings)
 
 
 class LocationError(InvalidArgument):
@@ -120,7 +120,7 @@ def parse_locations(locations: dict[str, str]) -> dict[str, Location]:
 
 
 def check_transfer_settings(s: TransferSettings) -> None:
-    """Rules across fields (the settings loader checks types)."""
+    """Ranges and rules across fields (pydantic has checked the types)."""
     def positive(value: float, key: str) -> None:
         if value <= 0:
             raise InvalidArgument(f"transfers.{key} must be > 0, got {value}", field=f"transfers.{key}")

@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(site_dir / "settings.yml")
         globus = settings.transfers.globus
         if args.collection:
-            from dataclasses import replace
-
-            globus = replace(globus, data_access_collections=[*globus.data_access_collections, *args.collection])
+            globus = globus.model_copy(
+                update={"data_access_collections": [*globus.data_access_collections, *args.collection]})
         app = make_app(site_dir, globus, interactive=not args.check, extra_scopes=args.scope)
     except (SettingsError, TransferFailed) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
