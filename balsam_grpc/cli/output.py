@@ -77,7 +77,11 @@ _INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT6
 
 
 def message_to_dict(message: Message) -> dict[str, Any]:
-    return _plain_message(json_format.MessageToDict(message), message.DESCRIPTOR)
+    """Every field, at its default value too (0, "", [], {}; null for an unset message or
+    optional field), so a jq filter never meets a missing key; ids as numbers, enums as
+    bare names (the table's vocabulary)."""
+    data = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    return _plain_message(data, message.DESCRIPTOR)
 
 
 def enum_prefix(enum_type: EnumDescriptor) -> str:
@@ -91,6 +95,9 @@ def _plain_message(data: dict[str, Any], descriptor: Descriptor) -> dict[str, An
     for field in descriptor.fields:
         if field.json_name in data:
             data[field.json_name] = _plain_field(data[field.json_name], field)
+        elif field.containing_oneof is None or field.containing_oneof.name.startswith("_"):
+            # An unset message or proto3 `optional` field (never one alternative of a oneof).
+            data[field.json_name] = None
     return data
 
 

@@ -99,6 +99,11 @@ def test_json_and_table_speak_one_vocabulary(cli_server: CliServer, world: dict[
     assert table.stdout.split()[:2] == [str(listed[0]["id"]), listed[0]["state"]]
     yaml_text = cli_server.run("job", "ls", "--id", str(listed[0]["id"]), "-o", "yaml").stdout
     assert f"id: {listed[0]['id']}\n" in yaml_text and "state: PREPROCESSED" in yaml_text
+    # Every field is there, zero values too: `jq 'select(.priority == 0)'` or `.parentIds == []` match.
+    fields = {f.json_name for f in job_pb2.Job.DESCRIPTOR.fields
+              if f.containing_oneof is None or f.containing_oneof.name.startswith("_")}
+    assert fields <= set(listed[0]), sorted(fields - set(listed[0]))
+    assert listed[0]["priority"] == 0 and listed[0]["parentIds"] == [] and listed[0]["returnCode"] is None
 
 
 def test_table_output_has_header_rows_and_names(cli_server: CliServer, world: dict[str, Any]) -> None:
