@@ -15,10 +15,11 @@
   the server asked for; other RESOURCE_EXHAUSTED answers are not retried.
 - Failures are raised as the BalsamError hierarchy (sdk.errors) with the server's
   reason and field.
-- The first call of a client first waits (at most CONNECT_TIMEOUT) for the channel to
-  connect: a server that is not there (connection refused, unknown host) is reported at
-  once with the address tried and how to start one, instead of after the read-only
-  retries' back-off. A connection still in progress then is left to the call's deadline.
+- The first call of a client first checks (within CONNECT_TIMEOUT) that a server is
+  there: one that is not (connection refused, unknown host) is reported at once with the
+  address tried and how to start one, instead of after the read-only retries' back-off;
+  a check whose answer was lost is repeated, not taken for a missing server. A
+  connection still in progress then is left to the call's deadline.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ DEFAULT_TIMEOUT = 30.0
 MUTATION_ATTEMPTS = 5
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
-CONNECT_TIMEOUT = 2.0
+# The missing-server check's time (the report comes within 2 s).
+CONNECT_TIMEOUT = 1.5
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # an empty HealthCheckRequest is b""
 _USE_DEFAULT: Any = object()
 
@@ -75,6 +77,20 @@ def server_busy_delay(err: grpc.RpcError) -> float | None:
 def _one_line(err: grpc.RpcError) -> str:
     details = err.details() if hasattr(err, "details") else str(err)  # type: ignore[attr-defined]
     return " ".join(str(details or "").split())
+
+
+def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    return err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
+
+
+# How gRPC words a connection nothing accepted (the OS's refusal, a name that does not
+# resolve, no route): no server is there, and waiting longer would not change that.
+_NOTHING_THERE = ("connection refused", "dns resolution failed", "errors resolving", "name or service not known",
+                  "no route to host", "network is unreachable", "no such file or directory")
+
+
+def _refused(err: grpc.RpcError) -> bool:
+    return any(words in _one_line(err).lower() for words in _NOTHING_THERE)
 
 
 def _has_request_id(request: Message) -> bool:
@@ -181,40 +197,59 @@ class ServiceClient:
             self._check_server()
         return getattr(self._stubs[service], method)(request, metadata=self.metadata)
 
-    def _check_server(self, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Raise Unavailable when no server answers at all.
-
-        One health-check call (not in the channel's retry policy, not wait_for_ready) with
-        a short deadline: a refused connection or an unknown host fails it at once, where
-        a first real call would go through the read-only retries' back-off for seconds.
-        Any answer from a server (even UNIMPLEMENTED or UNAUTHENTICATED) means it is
-        there; a deadline passing (a slow network) is left to the real call's deadline.
-        """
+    def _probe(self, timeout: float, *, wait_for_ready: bool = False) -> grpc.RpcError | None:
+        """One health-check call (not in the channel's retry policy): None when any server
+        answered (even UNIMPLEMENTED or UNAUTHENTICATED mean one is there), else the error."""
         probe = self.channel.unary_unary(HEALTH_CHECK, request_serializer=bytes, response_deserializer=bytes)
         try:
-            probe(b"", timeout=timeout, metadata=self.metadata)
+            probe(b"", timeout=max(timeout, 0.001), metadata=self.metadata, wait_for_ready=wait_for_ready)
         except grpc.RpcError as err:
-            code = err.code() if hasattr(err, "code") else None  # type: ignore[attr-defined]
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(
-                    f"no balsam server answers at {self.server} ({_one_line(err)}): start one with "
-                    "`balsamctl server start`, or point BALSAM_SERVER (or `balsamctl login --server`) at yours",
-                    reason="UNAVAILABLE") from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return
-        self._connected = True
+            if _code(err) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return err
+        return None
+
+    def _check_server(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Raise Unavailable when no server is there, within `timeout` seconds.
+
+        A probe fails at once when nothing accepts the connection (refused, unknown host,
+        unreachable): that is reported right away, with the address and how to start a
+        server, where a first real call would go through the read-only retries' back-off
+        for seconds. A probe that failed any other way (the connection was reset, or the
+        answer was lost on a connection that reached something) is not taken for a missing
+        server: it is sent again, waiting for the channel to (re)connect, for the rest of
+        `timeout`, and only if that gets no answer either is the server reported missing.
+        A probe that only ran out of time (a slow network) is left to the real call.
+
+        No connectivity subscription (channel.subscribe, channel_ready_future): its polling
+        thread can make the process hang at exit (see wait_ready).
+        """
+        deadline = time.monotonic() + timeout
+        err = self._probe(timeout)
+        if err is not None and _code(err) == grpc.StatusCode.UNAVAILABLE and not _refused(err):
+            err = self._probe(deadline - time.monotonic(), wait_for_ready=True)
+        if err is None:
+            self._connected = True
+        elif _code(err) == grpc.StatusCode.UNAVAILABLE or _refused(err):
+            raise Unavailable(
+                f"no balsam server answers at {self.server} ({_one_line(err)}): start one with "
+                "`balsamctl server start`, or point BALSAM_SERVER (or `balsamctl login --server`) at yours",
+                reason="UNAVAILABLE") from None
 
     def whoami(self) -> auth_service_pb2.GetCurrentUserResponse:
         """The caller's user and token scope."""
         return self.call("AuthService", "GetCurrentUser", auth_service_pb2.GetCurrentUserRequest())
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the channel is connected; Unavailable if not within `timeout`."""
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise Unavailable(f"server {self.server} not reachable within {timeout} s", reason="UNAVAILABLE") from None
-        # Connected: the first call needs no probe (whose answer, if lost, would read as "no server").
+        """Block until a server answers on this channel; Unavailable if not within `timeout`.
+
+        A health-check call that waits for the channel to connect, rather than
+        grpc.channel_ready_future: that one subscribes to the channel's connectivity,
+        whose polling thread, when the process exits while it is still watching, leaves
+        the interpreter's exit blocked in the channel's deallocation for good (a short
+        `balsamctl` command hung that way)."""
+        if self._probe(timeout, wait_for_ready=True) is not None:
+            raise Unavailable(f"server {self.server} not reachable within {timeout} s", reason="UNAVAILABLE")
+        # Connected: the first call needs no probe of its own.
         self._connected = True
 
     # -- lifetime ---------------------------------------------------------------------

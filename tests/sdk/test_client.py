@@ -95,6 +95,21 @@ def test_missing_server_is_reported_by_the_first_call_with_address_and_remedy() 
     assert "balsamctl server start" in caught.value.message
 
 
+def test_a_lost_first_answer_is_not_taken_for_a_missing_server(harness: Any, alice: Any) -> None:
+    """The first call's server check goes out while a proxy swallows every answer (then
+    resets the connection): the server is there, so the check is sent again once the
+    connection is back, and the call works, once. It used to report "no balsam server"."""
+    from tests.support.proxy import Proxy
+
+    name = f"lost-probe-{free_port()}"
+    with Proxy(harness.address) as proxy, Client(harness.address, token=alice.token) as direct:
+        proxy.drop_responses(0.5)
+        with Client(proxy.address, token=alice.token) as through:
+            through.sites.create(name=name, hostname="login1", path="/home/u/site")
+        assert proxy.swallowed > 0, "no answer was swallowed: the fault did not happen"
+        assert direct.sites.filter(name=name).count() == 1
+
+
 def test_default_deadline_applies_to_unary_calls() -> None:
     # A listener that accepts connections but never speaks HTTP/2: calls hang until
     # their deadline, which the client sets by default.
