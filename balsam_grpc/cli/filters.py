@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
 from balsam_grpc.cli.errors import usage
 from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.core.times import TimeError, parse_time
 from balsam_grpc.core.validation import parse_tag
 from balsam_grpc.sdk.convert import enum_names, enum_number
 from balsam_grpc.v1 import job_pb2
@@ -28,8 +28,6 @@ from balsam_grpc.v1 import job_pb2
 JOB_STATE = job_pb2.JobState.DESCRIPTOR
 STATE_NAMES = enum_names(JOB_STATE)
 FINAL_STATES = ("JOB_FINISHED", "FAILED", "KILLED")
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d|day|w)s?\s*$", re.IGNORECASE)
-_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400, "day": 86400, "w": 604800}
 
 
 def split_list(values: Iterable[str] | None) -> list[str]:
@@ -80,17 +78,10 @@ def parse_since(text: str | None, now: datetime | None = None) -> datetime | Non
     """An ISO 8601 time (naive = local time) or a relative age: 30s, 10m, 2h, 1d, 1w."""
     if not text:
         return None
-    match = _RELATIVE.match(text)
     try:
-        if match:
-            seconds = float(match.group(1)) * _UNITS[match.group(2).lower()]
-            return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
-        parsed = datetime.fromisoformat(text.strip())
-        return parsed if parsed.tzinfo else parsed.astimezone()
-    except OverflowError:  # an age reaching before year 1
-        usage(f"--since: {text!r} is further back than any time can be")
-    except ValueError:  # not ISO, or a local time that cannot be placed in a time zone (year 1)
-        usage(f"--since: {text!r} is neither an ISO time (2024-05-01T12:00) nor an age like 10m, 2h or 1d")
+        return parse_time(text, now=now)
+    except TimeError as err:
+        usage(f"--since: {err}")
 
 
 _MAX_ID = 2**63 - 1  # ids are int64 on the wire

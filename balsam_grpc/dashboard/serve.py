@@ -3,10 +3,10 @@ and a login (the same rule the server applies to its own address)."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from balsam_grpc.core.addresses import is_loopback_host
 from balsam_grpc.sdk.client import Client
 from balsam_grpc.sdk.errors import BalsamError
 
@@ -22,12 +22,7 @@ class BindAddress:
 
     @property
     def loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def url(self, tls: bool) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -7,10 +7,11 @@ import re
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from balsam_grpc.core import times as core_times
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.core.validation import parse_tag
 from balsam_grpc.sdk.analytics import (
@@ -56,8 +57,6 @@ ORDER_KEYS = ("id", "create_time", "update_time", "state_time", "priority", "wor
 PAGE_SIZES = (50, 100, 500)
 DEFAULT_PAGE_SIZE = 100
 MAX_TRAIL = 25  # pages one can step back through with "Previous" (keyset tokens go forward only)
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NAME = re.compile(r"^[A-Za-z0-9_.:@+-]{1,200}$")
 
 
@@ -88,15 +87,10 @@ def parse_window(text: str | None) -> tuple[str, int]:
 
 def parse_time(text: str, what: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 time (naive = UTC) or an age like 30s, 10m, 2h, 1d, 1w (that long ago)."""
-    match = _AGE.match(text)
     try:
-        if match:
-            return (now or datetime.now(UTC)) - timedelta(seconds=float(match.group(1)) *
-                                                           _AGE_UNITS[match.group(2).lower()])
-        parsed = datetime.fromisoformat(text.strip())
-    except (ValueError, OverflowError):
-        raise BadQuery(f"{what} {text!r}: give an ISO time (2026-05-01T12:00) or an age like 10m, 2h, 1d") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return core_times.parse_time(text, now=now, naive=UTC)
+    except core_times.TimeError as err:
+        raise BadQuery(f"{what} {err}") from None
 
 
 def _split(values: Iterable[str]) -> list[str]:

@@ -16,6 +16,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from balsam_grpc.core.addresses import is_loopback_address
 from balsam_grpc.core.services import SERVICES
 from balsam_grpc.server import rpc, wire
 from balsam_grpc.server.state import ServerSettings, ServerState
@@ -110,11 +111,6 @@ def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(pair)
 
 
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
 class BalsamServer:
     """A running server. `await start()` returns the bound port (useful with port 0)."""
 
@@ -131,7 +127,7 @@ class BalsamServer:
     async def start(self) -> int:
         settings = self.settings
         creds = _credentials(settings)
-        if creds is None and not _is_loopback(settings.address) and not settings.allow_insecure_remote:
+        if creds is None and not is_loopback_address(settings.address) and not settings.allow_insecure_remote:
             raise SystemExit(
                 f"refusing to listen on {settings.address} without TLS: pass --tls-cert/--tls-key, "
                 "or --allow-insecure-remote if the network is trusted")
