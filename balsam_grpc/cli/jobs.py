@@ -233,7 +233,11 @@ def _summary(selection: JobSelection, by_state: bool, by_site: bool, fmt: Format
                                      job_service_pb2.CountJobsRequest(filter=flt, group_by=group_by))
     groups = sorted(response.groups, key=lambda g: (ctx.site_name(g.site_id) if by_site else "", g.state))
     if fmt in (Format.json, Format.yaml):
-        out.write(out.dump([{"groups": [out.to_plain(g) for g in groups], "total": response.total}], fmt))
+        # The dimensions grouped by, and the count: a dimension not asked for is no field
+        # of the answer (its 0 is no site or state).
+        keys = {"count"} | ({"state"} if by_state else set()) | ({"siteId"} if by_site else set())
+        rows = [{k: v for k, v in out.to_plain(g).items() if k in keys} for g in groups]
+        out.write(out.dump([{"groups": rows, "total": response.total}], fmt))
         return
     columns = ([Column("SITE", lambda g: ctx.site_name(g.site_id))] if by_site else []) + (
         [Column("STATE", lambda g: state_name(g.state), no_wrap=True)] if by_state else []) + [
