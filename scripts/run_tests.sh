@@ -8,6 +8,8 @@
 # installs and starts a real Slurm on loopback (scripts/slurm.sh, needs root) for the
 # real-Slurm tests, and stops on exit the Slurm daemons it started (a Slurm that was
 # already running is left alone).
+# Under CI=true it also installs Debian's MPICH (libmpich-dev, mpich) when no mpicc is on
+# PATH, for the system-MPI launcher install test.
 # Env: CI=true makes an unreachable PostgreSQL and a Slurm that does not start errors;
 # BALSAM_TEST_DB_NAME (default balsam_test) names this run's database: it and every
 # <name>_* database the tests make are dropped at exit (scripts/test_databases.py).
@@ -103,6 +105,26 @@ elif [[ -n $ci ]]; then
 else
     echo "WARNING: chromium/chromedriver not installed: the dashboard's browser tests skip" >&2
     echo "(apt-get install -y chromium chromium-driver)" >&2
+fi
+
+step "a system MPI for the launcher install test (tests/packaging/test_system_mpi.py)"
+# A launcher install built against an MPI already on the machine (mpi4py from source with
+# its mpicc), as on a supercomputer. CI installs Debian's MPICH and must run that test;
+# elsewhere it runs when an mpicc is on PATH and skips, saying why, otherwise.
+if command -v mpicc >/dev/null 2>&1; then
+    echo "ok: $(command -v mpicc)"
+elif [[ -n $ci ]]; then
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmpich-dev mpich; }; then
+        echo "ERROR: could not install libmpich-dev and mpich with apt-get and CI=${CI}:" >&2
+        echo "the system-MPI launcher install test must run in CI." >&2
+        exit 1
+    fi
+    echo "installed: $(command -v mpicc)"
+else
+    echo "skipped: no mpicc on PATH: the system-MPI launcher install test skips (apt-get install -y libmpich-dev mpich)"
+fi
+if [[ -n $ci ]]; then
+    export BALSAM_TEST_SYSTEM_MPI=1
 fi
 
 step "generated stubs (scripts/gen_protos.py --check)"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.server_proc import REPO, ServerProcess
+from tests.packaging.conftest import dir_mb
+from tests.support.server_proc import ServerProcess
 
 ROUND_TRIP = textwrap.dedent('''
     import sys
@@ -41,24 +42,17 @@ ROUND_TRIP = textwrap.dedent('''
 ''')
 
 
-def _dir_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
-
-
 @pytest.fixture(scope="module")
-def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def client_venv(tmp_path_factory: pytest.TempPathFactory, project_wheel: Path) -> Iterator[Path]:
     tmp = tmp_path_factory.mktemp("client-install")
-    dist, venv = tmp / "dist", tmp / "venv"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(dist), str(REPO)], check=True, capture_output=True, cwd=tmp)
-    wheel = next(dist.glob("balsam_grpc-*.whl"))
+    venv, wheel = tmp / "venv", project_wheel
     # No pip in the new venv: the dev venv's pip installs into it (--python), which is
     # what `python -m venv` + `pip install` would do, without installing pip twice.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     result = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
                              "--disable-pip-version-check", "-q", str(wheel)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    print(f"\nclient-only venv: {_dir_mb(venv):.0f} MB")
+    print(f"\nclient-only venv: {dir_mb(venv):.0f} MB")
     try:
         yield venv
     finally:
