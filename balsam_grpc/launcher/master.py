@@ -20,6 +20,7 @@ from fractions import Fraction
 import grpc
 import structlog
 
+from balsam_grpc.core.aio import wait_event
 from balsam_grpc.core.errors import BalsamError
 from balsam_grpc.launcher.config import LauncherConfig
 from balsam_grpc.launcher.dispatch import Dispatcher
@@ -28,7 +29,7 @@ from balsam_grpc.launcher.nodes import NodeSpec
 from balsam_grpc.launcher.outcomes import outcome_transition, transition
 from balsam_grpc.launcher.process_spec import RunContext, build_process_spec
 from balsam_grpc.launcher.runner import ProcessResult
-from balsam_grpc.launcher.session import Callbacks, SessionClient, wait_or
+from balsam_grpc.launcher.session import Callbacks, SessionClient
 from balsam_grpc.v1 import common_pb2, job_pb2, session_pb2
 from balsam_grpc.v1 import session_service_pb2 as pb
 
@@ -343,7 +344,7 @@ class Master:
                     next_progress = now + self.cfg.progress_interval_s
                     if self.jobs or self.counters.started:
                         self._progress()
-                await wait_or(self.wake, self._tick(now))
+                await wait_event(self.wake, self._tick(now))
                 self.wake.clear()
             self._progress()
             self.client.close()

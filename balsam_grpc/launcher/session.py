@@ -240,12 +240,3 @@ class SessionClient:
                 await call.write(pb.SessionServiceConnectRequest(close=pb.SessionClose(reason=self.close_reason)))
                 await call.done_writing()
                 return
-
-
-async def wait_or(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-        return True
-    except TimeoutError:
-        return False
-

@@ -12,8 +12,6 @@ import pytest
 from balsam_grpc.core.aio import wait_event
 
 PACKAGE = Path(__file__).resolve().parents[2] / "balsam_grpc"
-# The launcher's session.py still has one (being rewritten on another branch).
-NOT_YET = {"launcher/session.py"}
 
 
 async def _set_and_cancel(waiter) -> bool:  # type: ignore[no-untyped-def]
@@ -59,8 +57,7 @@ def _wait_for_on_wait(path: Path) -> list[str]:
 
 
 def test_nothing_waits_on_an_event_or_process_with_wait_for() -> None:
-    found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _wait_for_on_wait(path)
-             if hit.rpartition(":")[0] not in NOT_YET]
+    found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _wait_for_on_wait(path)]
     assert not found, f"use core.aio.wait_event instead of asyncio.wait_for(event.wait(), ...): {found}"
 
 
