@@ -107,7 +107,7 @@ else
     echo "(apt-get install -y chromium chromium-driver)" >&2
 fi
 
-step "a system MPI for the launcher install test (tests/packaging/test_system_mpi.py)"
+step "a system MPI for the launcher install test (tests/install/test_system_mpi.py)"
 # A launcher install built against an MPI already on the machine (mpi4py from source with
 # its mpicc), as on a supercomputer. CI installs Debian's MPICH and must run that test;
 # elsewhere it runs when an mpicc is on PATH and skips, saying why, otherwise.

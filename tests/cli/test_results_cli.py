@@ -41,8 +41,7 @@ def result(fitted: float, truth: float, n_rings: int = 6) -> dict:
 
 def balsamctl(*args: str, home: Path, subprocess_: bool = False) -> Any:
     """In process (no server is needed; a subprocess per call costs seconds of imports),
-    except for pictures: matplotlib imports `packaging`, which tests/packaging shadows
-    inside pytest."""
+    or as the console program when `subprocess_`."""
     env = {"BALSAM_HOME": str(home), "COLUMNS": "140"}
     if subprocess_:
         res = subprocess.run([sys.executable, "-m", "balsam_grpc.cli.main", *args], capture_output=True, text=True,

@@ -6,12 +6,9 @@ extra (in scripts/setup_dev.sh's default extras); without them these tests skip,
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,34 +22,12 @@ from balsam_grpc.xpcs.synthetic import default_geometry, generate, iter_frames
 from balsam_grpc.xpcs.twotime import two_time
 
 
-@contextlib.contextmanager
-def _pypi_packaging() -> Iterator[None]:
-    """The test package tests/packaging is importable as `packaging` under pytest and
-    hides PyPI's `packaging`, which dask (under xpcs-correlator) imports: put PyPI's in
-    sys.modules while importing, then restore whatever was there."""
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    saved_modules = {k: v for k, v in sys.modules.items() if k == "packaging" or k.startswith("packaging.")}
-    saved_path = sys.path[:]
-    for name in saved_modules:
-        del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != tests_dir]
-    try:
-        importlib.import_module("packaging.version")
-        yield
-    finally:
-        sys.path[:] = saved_path
-        for name in [k for k in sys.modules if k == "packaging" or k.startswith("packaging.")]:
-            del sys.modules[name]
-        sys.modules.update(saved_modules)
-
-
 def _import_or_skip(module: str, package: str, attr: str | None = None):  # type: ignore[no-untyped-def]
     started = time.perf_counter()
     try:
-        with _pypi_packaging():
-            mod = importlib.import_module(module)
-            if attr:
-                mod = getattr(mod, attr)  # xpcscorr loads its correlators on first access
+        mod = importlib.import_module(module)
+        if attr:
+            mod = getattr(mod, attr)  # xpcscorr loads its correlators on first access
     except ImportError as exc:
         print(f"skipped: {package} cannot be imported ({exc}); install the xpcs-check extra")
         pytest.skip(f"{package} cannot be imported: {exc}")

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.launcher.conftest import S, Server, Site
-from tests.packaging.conftest import dir_mb
+from tests.install.conftest import dir_mb
 
 # Compiling mpi4py takes minutes on a first run without pip's cache (a busy 2-core machine).
 pytestmark = pytest.mark.timeout(1200)

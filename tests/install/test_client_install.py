@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.packaging.conftest import dir_mb
+from tests.install.conftest import dir_mb
 from tests.support.server_proc import ServerProcess
 
 ROUND_TRIP = textwrap.dedent('''
