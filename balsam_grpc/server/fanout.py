@@ -46,6 +46,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, select
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.server.store.events import event_horizon
 from balsam_grpc.server.store.tables import events
 
@@ -56,7 +57,6 @@ READ_BATCH = 5000
 # Rows one subscription may hold before they are replaced by a gap (read from the database).
 MAX_PENDING = 10_000
 # After a failed read (database restart), the dispatcher retries after this long, doubling.
-RETRY_SECONDS = (0.2, 5.0)
 # Writers in flight below ids already drawn: look at the horizon again after this long,
 # doubling (their commits notify as well; this covers an abort, which does not).
 RECHECK_SECONDS = (0.005, 0.5)
@@ -266,7 +266,7 @@ class Fanout:
     # ------------------------------------------------------------------ dispatcher
 
     async def _run(self) -> None:
-        delay = RETRY_SECONDS[0]
+        backoff = Backoff(initial=0.2, maximum=5.0)
         recheck: float | None = None  # seconds until the horizon is asked again, if due
         while True:
             await self.bus.wait_beyond(self.position, 3600.0 if recheck is None else recheck)
@@ -285,13 +285,13 @@ class Fanout:
                     self.position = max(self.position, high)  # nobody to route to: no read
                 while self.position < high:
                     self._read(await self.db.read_now(read_events, self.position, high, READ_BATCH), high)
-                delay = RETRY_SECONDS[0]
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the dispatcher must outlive a database outage
-                log.exception("reading new events failed; retrying", position=self.position, retry_in=delay)
+                delay = backoff.next_delay()
+                log.exception("reading new events failed; retrying", position=self.position, retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
-                delay = min(RETRY_SECONDS[1], delay * 2)
                 self.bus.poke()
 
     def _read(self, rows: list[EventRow], upto: int) -> None:

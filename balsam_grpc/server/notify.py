@@ -23,6 +23,7 @@ import psycopg
 import structlog
 from sqlalchemy.engine import make_url
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.aio import wait_event
 from balsam_grpc.server.store.events import EVENTS_CHANNEL, parse_hint
 
@@ -33,7 +34,6 @@ CONTROL_CHANNEL = "balsam_control"
 # stream (argument: "<site id> <stream generation>").
 REVOKED = "revoked"
 SITE_STREAM_CLAIMED = "site_stream"
-RECONNECT_SECONDS = (0.2, 5.0)
 
 
 def libpq_url(url: str) -> str:
@@ -82,7 +82,7 @@ class Listener:
                 await task
 
     async def _run(self) -> None:
-        delay = RECONNECT_SECONDS[0]
+        backoff = Backoff(initial=0.2, maximum=5.0)
         while True:
             try:
                 # TCP keepalive: a listener behind a dead network notices within ~25 s.
@@ -96,7 +96,7 @@ class Listener:
                     if self.connections > 1:
                         log.info("notification listener reconnected; catching up")
                     self.connected.set()
-                    delay = RECONNECT_SECONDS[0]
+                    backoff.reset()
                     for handler in self.reconnect_handlers:
                         handler()
                     async for note in conn.notifies():
@@ -105,13 +105,11 @@ class Listener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the listener must outlive a database outage
-                log.warning("notification listener lost its connection; reconnecting", error=str(exc),
-                            retry_in=delay)
+                log.warning("notification listener lost its connection; reconnecting", error=str(exc))
             finally:
                 self._conn = None
                 self.connected.clear()
-            await asyncio.sleep(delay)
-            delay = min(RECONNECT_SECONDS[1], delay * 2)
+            await asyncio.sleep(backoff.next_delay())
 
     def _dispatch(self, channel: str, payload: str) -> None:
         try:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition
 from balsam_grpc.server.store import sessions as store
 from balsam_grpc.server.store.db import Database
@@ -115,7 +116,7 @@ class SessionKeeper:
         self._changed.set()  # the reaper looks at the new deadline
 
     async def _reap(self) -> None:
-        delay = 0.2
+        backoff = Backoff(initial=0.2, maximum=self.lease_timeout.total_seconds())
         while True:
             self._changed.clear()
             try:
@@ -126,11 +127,11 @@ class SessionKeeper:
                     log.info("session expired", session_id=session["id"], site_id=session["site_id"],
                              released_jobs=len(released))
                 next_due = await self.db.read(store.next_expiry, sorted(self.connected))
-                delay = 0.2
+                backoff.reset()
             except Exception:  # the reaper must survive a failed transaction (database outage)
-                log.exception("session reaping failed; retrying", retry_in=delay)
+                delay = backoff.next_delay()
+                log.exception("session reaping failed; retrying", retry_in=round(delay, 2))
                 next_due = _now() + timedelta(seconds=delay)
-                delay = min(self.lease_timeout.total_seconds(), delay * 2)
             # At most one lease timeout: a session opened after this read expires no sooner.
             until = self.lease_timeout if next_due is None else min(self.lease_timeout, next_due - _now())
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the task's
