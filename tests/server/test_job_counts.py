@@ -23,7 +23,7 @@ from balsam_grpc.v1 import (
     site_service_pb2,
     site_service_pb2_grpc,
 )
-from tests.server.test_jobs import jobs_stub, make_site_app
+from tests.support.records import jobs_stub, make_site_app
 
 BY_STATE_SITE = [job_service_pb2.JOB_GROUP_BY_STATE, job_service_pb2.JOB_GROUP_BY_SITE]
 
