@@ -16,7 +16,7 @@ from balsam_grpc.xpcs.geometry import Geometry, ring_labels
 from balsam_grpc.xpcs.h5io import open_raw, read_results
 from balsam_grpc.xpcs.multitau import MultiTau, lag_schedule, multitau_g2
 from balsam_grpc.xpcs.synthetic import Dataset, generate
-from balsam_grpc.xpcs.twotime import choose_binning, two_time
+from balsam_grpc.xpcs.twotime import TwoTimeAccumulator, choose_binning, two_time
 
 
 def test_lag_schedule_is_geometric_and_increasing() -> None:
@@ -202,6 +202,29 @@ def test_two_time_maps_give_the_definition_and_its_diagonals_the_decay() -> None
     pairs = data.frames.reshape(80, 2, 24, 24).sum(axis=1)
     np.testing.assert_allclose(binned.maps[0], _two_time_by_definition(pairs, labels == 1), rtol=1e-6)
     assert list(binned.rings) == [1] and binned.bin_s == 2 * data.frame_time_s
+
+
+def test_two_time_single_precision_product_only_when_exact() -> None:
+    # Integer counts: the product runs in float32 tiles small enough to be exact, so the
+    # maps equal the float64 definition; large counts (peak**2 * 256 pixels past 2**24) or
+    # non-integer frames take float64. Sum-first binning (avg_frame 3) gives the same maps.
+    rng = np.random.default_rng(11)
+    labels = np.where(np.arange(40 * 40).reshape(40, 40) % 3 == 0, -1, np.arange(40 * 40).reshape(40, 40) % 2)
+    small = rng.poisson(4.0, size=(90, 40, 40)).astype(np.uint16)
+    large = rng.poisson(3000.0, size=(90, 40, 40)).astype(np.uint16)
+    noninteger = small + rng.random((90, 40, 40)).astype(np.float32)
+    for frames, exact, avg in ((small, True, 1), (small, True, 3), (large, False, 1), (noninteger, False, 3)):
+        acc = TwoTimeAccumulator(labels, 2, 90, 0.01, avg_frame=avg)
+        # Blocks of 16 split bins of 3 (their parts summed apart: exact for counts only).
+        block = 16 if exact else 18
+        for start in range(0, 90, block):
+            acc.update(frames[start:start + block])
+        assert (acc._exact_tile(0, acc.pixel_index.size) > 0) == exact
+        # (bins are float32 sums: exact for counts, rounded alike for non-integer frames)
+        binned = frames.reshape(90 // avg, avg, 40, 40).sum(axis=1, dtype=np.float32).astype(np.float64)
+        maps = acc.result().maps
+        for ring in range(2):
+            np.testing.assert_allclose(maps[ring], _two_time_by_definition(binned, labels == ring), rtol=1e-12)
 
 
 def test_two_time_memory_is_capped_by_wider_bins() -> None:
