@@ -210,6 +210,7 @@ class Agent:
             transfers={"dataset": f"{opts.in_location}:/{self.run_id}/{name}.npz",
                        "result": f"{opts.out_location}:/{self.run_id}/{name}.json"},
             tags={"exp": self.run_id, "dataset": name, **opts.extra_tags}, num_nodes=1, node_packing_count=1)
+        self.router.record(decision, job.id)  # its error, once finished, calibrates the margin
         output = (opts.results_dir / self.run_id / f"{name}.json").resolve()
         self.submitted.put((job, Record(dataset=name, truth=truth, site_id=site_id,
                                         site_name=self.names.get(site_id, ""), job_id=job.id,

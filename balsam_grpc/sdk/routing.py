@@ -30,6 +30,16 @@ For the deadline policy each term also has a measured spread (its 90th percentil
 fit residuals, of the transfer tasks' seconds per byte, of the cold starts); the
 completion at that quantile is `Estimate.high_s` (see `estimate`).
 
+Those spreads miss the error of the queue model itself (a pilot that starts jobs late,
+a backlog that drains slower than the run times say), so the margin is calibrated on
+the router's own record, conformal style: for each job it routed (`Router.record`) that
+has since finished, the excess of its actual turnaround (creation to finished, from the
+job history `read_history` reads) over the completion predicted at that quantile; the
+QUANTILE of those excesses (`calibrated_margin`, with the finite-sample rank of split
+conformal prediction) widens every later estimate's margin (`Estimate.calibration_s`,
+never negative: the margin only widens). With fewer than MIN_CALIBRATION finished
+predictions the per-term spreads stand alone.
+
 Each term comes from a `LinearModel` fitted to history with the median absolute residual
 as its error; a site without history of its own borrows the pooled history of the others
 (its estimate says so). The estimation functions are pure and take plain values
@@ -57,7 +67,7 @@ import math
 import statistics
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -264,6 +274,7 @@ class SiteHistory:
     charge_per_node_hour: float = 1.0
     pilot_delay_high_s: float | None = None  # the QUANTILE of the measured pilot queue delays
     dispatch_s: float | None = None  # a freed slot to the next waiting job's start (launcher latency)
+    turnarounds: tuple[tuple[int, float], ...] = ()  # (job id, creation to finished, s) of finished jobs
 
 
 def pooled(histories: Iterable[SiteHistory]) -> SiteHistory:
@@ -305,20 +316,29 @@ class Estimate:
     spread_s: float = 0.0     # how far the QUANTILE of the completion lies above total_s
     spreads: tuple[tuple[str, float], ...] = ()  # each term's share of it (term, seconds)
     cost_high: float = 0.0    # the cost at the run time's high quantile
+    calibration_s: float = 0.0  # the margin added from the router's past prediction errors
 
     @property
     def total_s(self) -> float:
         return max(self.stage_in_s, self.wait_s) + self.run_s + self.stage_out_s
 
     @property
-    def high_s(self) -> float:
-        """The completion the deadline policy plans for: total_s plus the spread."""
+    def spread_high_s(self) -> float:
+        """The completion at the high quantile by the per-term spreads alone (what the
+        calibration measures its excesses against)."""
         return self.total_s + self.spread_s
+
+    @property
+    def high_s(self) -> float:
+        """The completion the deadline policy plans for: total_s plus the spread plus
+        the calibration margin."""
+        return self.total_s + self.spread_s + self.calibration_s
 
     def as_dict(self) -> dict[str, Any]:
         return {"site_id": self.site_id, "site": self.name, "stage_in_s": self.stage_in_s, "wait_s": self.wait_s,
                 "run_s": self.run_s, "stage_out_s": self.stage_out_s, "total_s": self.total_s,
                 "error_s": self.error_s, "high_s": self.high_s, "spread_s": self.spread_s,
+                "calibration_s": self.calibration_s,
                 "spreads": dict(self.spreads), "cost": self.cost, "borrowed": list(self.borrowed)}
 
 
@@ -363,8 +383,10 @@ def completion_s(load: SiteLoad, placed: int, *, stage_in_s: float, run_s: float
 
 
 def estimate(load: SiteLoad, history: SiteHistory, prior: SiteHistory | None = None, *, placed: int = 0,
-             input_bytes: float = 0.0, output_bytes: float = 0.0, num_nodes: int = 1) -> Estimate:
+             input_bytes: float = 0.0, output_bytes: float = 0.0, num_nodes: int = 1,
+             calibration_s: float | None = None) -> Estimate:
     """The job's predicted completion at `load`'s site (see the module docstring).
+    `calibration_s` (from `calibrated_margin`; None: too little record) widens the margin.
 
     The spread: each term in turn (stage-in, pilot queue delay, run time, stage-out) is
     set to its high quantile, the others kept typical, and the completion recomputed;
@@ -403,16 +425,53 @@ def estimate(load: SiteLoad, history: SiteHistory, prior: SiteHistory | None = N
                     run_s=typical["run_s"], stage_out_s=typical["stage_out_s"], error_s=error,
                     cost=typical["run_s"] * node_hours, borrowed=tuple(borrowed),
                     spread_s=math.sqrt(sum(d * d for _, d in spreads)), spreads=tuple(spreads),
-                    cost_high=high["run_s"] * node_hours)
+                    cost_high=high["run_s"] * node_hours, calibration_s=max(0.0, calibration_s or 0.0))
 
 
 def estimates(loads: Sequence[SiteLoad], histories: Mapping[int, SiteHistory], placed: Mapping[int, int] | None = None,
-              **job: float) -> list[Estimate]:
+              calibration_s: float | None = None, **job: float) -> list[Estimate]:
     """Estimates for every eligible site, each from its own history and the pooled prior."""
     placed = placed or {}
     prior = pooled(histories.values())
     return [estimate(s, histories.get(s.site_id, SiteHistory(s.site_id)), prior, placed=placed.get(s.site_id, 0),
-                     **job) for s in eligible(loads)]  # type: ignore[arg-type]
+                     calibration_s=calibration_s, **job) for s in eligible(loads)]  # type: ignore[arg-type]
+
+
+# Finished predictions needed before the calibration margin replaces "no margin"; the
+# newest CALIBRATION_WINDOW of them count (the queue model's error drifts with the load).
+MIN_CALIBRATION = 20
+CALIBRATION_WINDOW = 500
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the router predicted for a job it routed: its completion, typical and at
+    the high quantile by the per-term spreads (`Estimate.spread_high_s`)."""
+
+    job_id: int
+    site_id: int
+    total_s: float
+    high_s: float
+
+
+def prediction_excesses(predictions: Iterable[Prediction], turnarounds: Mapping[int, float]) -> list[float]:
+    """Per prediction whose job has finished (`turnarounds`: job id -> seconds from
+    creation to finished), how far the actual turnaround lies above the predicted high
+    quantile (negative: it came in under). In the order of `predictions`."""
+    return [turnarounds[p.job_id] - p.high_s for p in predictions if p.job_id in turnarounds]
+
+
+def calibrated_margin(excesses: Sequence[float], q: float = QUANTILE,
+                      min_samples: int = MIN_CALIBRATION) -> float | None:
+    """The margin to add to the predicted high quantile so that, were the errors to come
+    as they did, a fraction q of turnarounds would land within it: the ceil((n+1) q)-th
+    smallest of the n excesses (split conformal prediction's rank; the largest when that
+    rank passes n), at least 0. None with fewer than `min_samples` excesses."""
+    n = len(excesses)
+    if n < max(min_samples, 1):
+        return None
+    rank = min(n, math.ceil((n + 1) * q))
+    return max(0.0, sorted(excesses)[rank - 1])
 
 
 @dataclass(frozen=True)
@@ -600,6 +659,11 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
         if run is not None:
             got.run.append((in_bytes, run))
     dispatch = dispatch_gaps(lives[j] for j in job_ids)
+    turnarounds: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for job_id in job_ids:
+        total = phase_seconds(lives[job_id], "total")
+        if total is not None:
+            turnarounds[lives[job_id].site_id].append((job_id, total))
     delays: dict[int, list[float]] = defaultdict(list)
     br = batch_job_service_pb2.ListBatchJobsRequest()
     br.filter.site_ids.extend(site_ids)
@@ -624,7 +688,8 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
             run=fit_linear(got.run, q=q), pilot_delay_s=statistics.median(recent) if recent else None,
             pilot_delay_high_s=quantile(recent, q) if recent else None,
             pilot_delay_samples=len(recent), charge_per_node_hour=(charges or {}).get(site_id, 1.0),
-            dispatch_s=statistics.median(dispatch[site_id]) if dispatch.get(site_id) else None)
+            dispatch_s=statistics.median(dispatch[site_id]) if dispatch.get(site_id) else None,
+            turnarounds=tuple(turnarounds.get(site_id, ())))
     return out
 
 
@@ -637,14 +702,17 @@ class Router:
     cost `deadline` minimises; history is re-read at most every `history_seconds`.
     `quantile` is the high quantile of each term `deadline` plans for (0.9: a site is
     trusted with a job when it would make the deadline with every term as slow as its
-    slowest tenth of the history, one term at a time, added in quadrature)."""
+    slowest tenth of the history, one term at a time, added in quadrature), widened by
+    the router's own past errors: `record` each routed job's id with its decision, and
+    once MIN_CALIBRATION of them have finished, their excesses over the predicted high
+    quantile set the margin (`calibrated_margin`)."""
 
     def __init__(self, client: Client, sites: Iterable[int | str], strategy: str = "best", *,
                  window_seconds: float = 60.0, refresh_seconds: float = 1.0,
                  floor_per_min: float = DEFAULT_FLOOR_PER_MIN, clock: Callable[[], float] = time.monotonic,
                  app: str | None = None, in_location: str | None = None, out_location: str | None = None,
                  charges: Mapping[int | str, float] | None = None, history_seconds: float = 10.0,
-                 quantile: float = QUANTILE) -> None:
+                 quantile: float = QUANTILE, min_calibration: int = MIN_CALIBRATION) -> None:
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
         wanted = list(sites)
@@ -660,6 +728,7 @@ class Router:
         if not 0.5 <= quantile < 1.0:
             raise InvalidArgument(f"quantile must be in [0.5, 1), not {quantile}")
         self.quantile = quantile
+        self.min_calibration = min_calibration
         self.in_location, self.out_location = in_location, out_location
         self.app_ids: dict[int, int] | None = None
         if app is not None:
@@ -680,6 +749,7 @@ class Router:
         self._turn = 0
         self.placements: Counter[int] = Counter()  # site id -> jobs placed, over the router's life
         self.refreshes = 0
+        self._predictions: deque[Prediction] = deque(maxlen=4 * CALIBRATION_WINDOW)
 
     @staticmethod
     def _site_id(client: Client, site: int | str) -> int:
@@ -728,13 +798,32 @@ class Router:
                                      out_location=self.out_location, charges=self.charges, q=self.quantile)
         self._history_at = now
 
+    def record(self, decision: Decision, job_id: int) -> None:
+        """Keep what `decision` predicted for the job it placed (`job_id`), to calibrate
+        the margin once the job has finished. A decision without estimates is ignored."""
+        chosen = decision.chosen
+        if chosen is not None:
+            with self._lock:
+                self._predictions.append(Prediction(int(job_id), chosen.site_id, chosen.total_s, chosen.spread_high_s))
+
+    def calibration(self) -> tuple[float | None, int]:
+        """(margin, finished predictions it rests on): see `calibrated_margin`."""
+        with self._lock:
+            self._history_if_stale()
+            return self._calibration()
+
+    def _calibration(self) -> tuple[float | None, int]:
+        done = {job_id: s for h in self._history.values() for job_id, s in h.turnarounds}
+        excesses = prediction_excesses(self._predictions, done)[-CALIBRATION_WINDOW:]
+        return calibrated_margin(excesses, self.quantile, self.min_calibration), len(excesses)
+
     def estimates(self, *, input_bytes: float = 0.0, output_bytes: float = 0.0) -> list[Estimate]:
         """Every eligible site's predicted completion of a job placed now."""
         with self._lock:
             self._refresh_if_stale()
             self._history_if_stale()
-            return estimates(self._loads, self._history, self._placed_since_refresh, input_bytes=input_bytes,
-                             output_bytes=output_bytes)
+            return estimates(self._loads, self._history, self._placed_since_refresh, self._calibration()[0],
+                             input_bytes=input_bytes, output_bytes=output_bytes)
 
     def decide(self, *, input_bytes: float = 0.0, output_bytes: float = 0.0,
                deadline_s: float | None = None) -> Decision:
@@ -757,8 +846,8 @@ class Router:
             if self.strategy in ("earliest", "deadline") or deadline_s is not None:
                 self._refresh_if_stale()
                 self._history_if_stale()
-                ests = estimates(self._loads, self._history, self._placed_since_refresh, input_bytes=input_bytes,
-                                 output_bytes=output_bytes)
+                ests = estimates(self._loads, self._history, self._placed_since_refresh, self._calibration()[0],
+                                 input_bytes=input_bytes, output_bytes=output_bytes)
             will_miss = None
             if self.strategy == "earliest":
                 site_id = choose_earliest(ests).site_id
@@ -784,9 +873,11 @@ __all__ = [
     "Decision",
     "Estimate",
     "LinearModel",
+    "Prediction",
     "Router",
     "SiteHistory",
     "SiteLoad",
+    "calibrated_margin",
     "choose_best",
     "choose_earliest",
     "choose_for_deadline",
@@ -802,6 +893,7 @@ __all__ = [
     "fit_linear",
     "node_rate_per_min",
     "pooled",
+    "prediction_excesses",
     "quantile",
     "read_history",
     "service_rate_per_min",

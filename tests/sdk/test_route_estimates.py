@@ -12,8 +12,10 @@ from balsam_grpc.sdk import InvalidArgument
 from balsam_grpc.sdk.routing import (
     Estimate,
     LinearModel,
+    Prediction,
     SiteHistory,
     SiteLoad,
+    calibrated_margin,
     choose_earliest,
     choose_for_deadline,
     choose_shortest_backlog,
@@ -21,6 +23,7 @@ from balsam_grpc.sdk.routing import (
     estimates,
     fit_linear,
     pooled,
+    prediction_excesses,
     quantile,
     slot_wait_s,
 )
@@ -291,6 +294,10 @@ class ScriptedServer:
 
 
 def _history_fixture():
+    return ScriptedServer(*_fixture_parts())
+
+
+def _fixture_parts():
     from datetime import datetime, timedelta, timezone
 
     from balsam_grpc.v1 import batch_job_pb2, common_pb2, event_pb2, job_pb2, transfer_item_pb2
@@ -335,7 +342,7 @@ def _history_fixture():
             b.start_time.FromDatetime(t0 + timedelta(seconds=50 * i + delay))
             pilots.append(b)
     pilots.append(batch_job_pb2.BatchJob(site_id=2, num_nodes=1))  # never started: no sample
-    return ScriptedServer(events, jobs, items, pilots)
+    return events, jobs, items, pilots
 
 
 def test_read_history_measures_phases_rates_and_pilot_delays():
@@ -363,3 +370,81 @@ def test_read_history_stage_in_from_another_location_does_not_count():
 
     history = read_history(_history_fixture(), [1], {1: 10}, in_location="elsewhere")  # type: ignore[arg-type]
     assert history[1].stage_in is None and history[1].run.samples == 3
+
+
+def test_read_history_keeps_the_turnarounds_of_finished_jobs_of_the_app():
+    from balsam_grpc.sdk.routing import read_history
+
+    history = read_history(_history_fixture(), [1, 2], {1: 10, 2: 20})  # type: ignore[arg-type]
+    # Creation to finished: stage-in 1 + 0.5/MB, 0.1, 5, run 2 + 3/MB, 0.1, 0.5 (job 4 is
+    # another app's, job 5 has not finished).
+    assert dict(history[1].turnarounds) == pytest.approx({1: 12.2, 2: 15.7, 3: 22.7})
+    assert history[2].turnarounds == ()
+
+
+def test_calibration_margin_from_past_excesses_and_its_fallback():
+    preds = [Prediction(job_id=i, site_id=1, total_s=10.0, high_s=12.0) for i in range(30)]
+    # Jobs 0..24 finished 3 .. 27 s over their predicted p90 excess -2 .. 22; the rest still run.
+    done = {i: 12.0 + i - 2.0 for i in range(25)}
+    excesses = prediction_excesses(preds, done)
+    assert excesses == [i - 2.0 for i in range(25)]
+    # Rank ceil(26 * 0.9) = 24 of 25: the 24th smallest excess.
+    assert calibrated_margin(excesses, 0.9) == 21.0
+    assert calibrated_margin(excesses[:19], 0.9) is None            # too little record: per-term spreads only
+    assert calibrated_margin([-5.0] * 30, 0.9) == 0.0               # an over-cautious predictor is not narrowed
+    assert calibrated_margin([1.0, 2.0], 0.9, min_samples=2) == 2.0  # rank past n: the largest
+    base = SiteHistory(1, run=LinearModel(10.0, upper_s=2.0))
+    plain = estimate(SiteLoad(1, held_nodes=1), base)
+    wider = estimate(SiteLoad(1, held_nodes=1), base, calibration_s=21.0)
+    assert wider.total_s == plain.total_s and wider.spread_s == plain.spread_s
+    assert wider.high_s == pytest.approx(plain.high_s + 21.0) and wider.spread_high_s == plain.high_s
+    assert wider.as_dict()["calibration_s"] == 21.0
+    assert estimates([SiteLoad(1, held_nodes=1)], {1: base}, calibration_s=None)[0].high_s == plain.high_s
+
+
+def test_calibrated_p90_covers_a_biased_predictor():
+    # The queue model runs 30 % slow plus noise the per-term spreads do not see: its own
+    # p90 covers far fewer than 90 % of turnarounds; calibrated on 200 earlier jobs, the
+    # next 2000 land within the widened p90 about 90 % of the time.
+    import random
+
+    rng = random.Random(7)
+
+    def job(i):
+        total = rng.uniform(20.0, 120.0)
+        actual = 1.3 * total + rng.gauss(0.0, 8.0) + rng.expovariate(1 / 5.0)
+        return Prediction(job_id=i, site_id=1, total_s=total, high_s=total + 6.0), actual
+
+    past = [job(i) for i in range(200)]
+    margin = calibrated_margin(prediction_excesses([p for p, _ in past], {p.job_id: a for p, a in past}), 0.9)
+    future = [job(1000 + i) for i in range(2000)]
+    raw = sum(a <= p.high_s for p, a in future) / len(future)
+    covered = sum(a <= p.high_s + margin for p, a in future) / len(future)
+    print(f"p90 coverage: per-term spreads {raw:.1%}, calibrated {covered:.1%} (margin {margin:.1f} s)")
+    assert raw < 0.6 and 0.86 <= covered <= 0.94
+
+
+def test_the_router_calibrates_on_the_jobs_it_recorded():
+    from balsam_grpc.sdk.routing import Router
+    from balsam_grpc.v1 import site_service_pb2
+
+    class WithStatistics(ScriptedServer):
+        def call(self, service, method, request):
+            if method == "ListSiteStatistics":
+                return site_service_pb2.ListSiteStatisticsResponse(
+                    sites=[site_service_pb2.SiteStatistics(site_id=1, connected=True, held_nodes=4)])
+            return super().call(service, method, request)
+
+    router = Router(WithStatistics(*_fixture_parts()), [1], "earliest", min_calibration=3)  # type: ignore[arg-type]
+    first = router.decide(input_bytes=MB)
+    assert first.chosen.calibration_s == 0.0 and router.calibration() == (None, 0)
+    router.record(first, 1)
+    router.record(first, 5)         # has not finished: no error yet
+    router.record(first, 2)
+    assert router.calibration() == (None, 2)   # fewer than min_calibration
+    router.record(first, 3)
+    margin, used = router.calibration()
+    # Turnarounds 12.2, 15.7, 22.7 s against one predicted p90: rank ceil(4 * 0.9) = 4 > 3, the largest.
+    assert used == 3 and margin == pytest.approx(22.7 - first.chosen.spread_high_s) and margin > 0
+    later = router.decide(input_bytes=MB).chosen
+    assert later.calibration_s == pytest.approx(margin) and later.high_s == pytest.approx(later.spread_high_s + margin)
