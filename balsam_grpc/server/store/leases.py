@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, or_, select, text, update
 
 from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, InvalidArgument
-from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role
+from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role, role_refusal
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import tags_contain
 from balsam_grpc.server.store.tables import apps, events, jobs, runnable_condition, sessions
@@ -321,6 +321,12 @@ def _fence(t: Transition, row: dict[str, Any] | None, session_id: str) -> Balsam
         return InvalidArgument(f"job {t.job_id}: the reported state is not a job state", reason="INVALID_TRANSITION")
     if row is None:
         return Aborted(f"job {t.job_id} does not exist (deleted?); stop it", reason="LEASE_LOST")
+    if (t.state == S.RUNNING and row["session_id"] == session_id and row["state"] == S.RUNNING
+            and row["lease_generation"] == t.lease_generation):
+        # Held and already started: RUNNING -> RUNNING is no move, but the lease stands, so
+        # the launcher must not be told to stop the job (LEASE_LOST would kill its run).
+        reason, message = role_refusal(Role.SESSION, S.RUNNING, S.RUNNING) or ("ILLEGAL_TRANSITION", "")
+        return FailedPrecondition(f"job {t.job_id}: {message}", reason=reason)
     held_state = str(row["state"]) in _RUNNABLE_SET if t.state == S.RUNNING else row["state"] == S.RUNNING
     if row["session_id"] != session_id or not held_state:
         return Aborted(f"job {t.job_id} is no longer held by this session (now {row['state']}); stop it",
