@@ -198,22 +198,28 @@ class Acquired:
     reserved_nodes: float = 0.0
 
 
-def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime) -> Acquired:
+def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime, *,
+            tr: Transitioner | None = None) -> Acquired:
     """Lease runnable jobs matching `credit` to `session`: each moves to RUNNING through
     the Transitioner (one event per job), gets the session id, a new lease generation,
-    one more run_count and the session's batch job."""
+    one more run_count and the session's batch job.
+
+    With `tr` the session row is already locked by the caller (report_and_acquire) and
+    the events go into its Transitioner, which the caller flushes."""
     if credit.exhausted:
         return Acquired([], {}, 0.0)
-    lock_active_session(conn, session.owner_id, session.id)
+    if tr is None:
+        lock_active_session(conn, session.owner_id, session.id)
     rows = _pick(conn, session, credit) if not credit.start_exhausted else []
     if rows:
         values = {r["id"]: {"session_id": session.id, "lease_generation": r["lease_generation"] + 1,
                             "run_count": r["run_count"] + 1,
                             "batch_job_id": session.batch_job_id or r["batch_job_id"]} for r in rows}
-        t = Transitioner(conn, now)
+        t = tr or Transitioner(conn, now)
         refused = t.move(rows, S.RUNNING, Role.SESSION, message=f"leased to session {session.id}",
                          data={"session_id": session.id}, values=values)
-        t.flush()
+        if tr is None:
+            t.flush()
         rows = [r for r in rows if r["id"] not in refused]
     ids = [r["id"] for r in rows]
     held: list[int] = []
@@ -281,8 +287,8 @@ class ReportResult:
     started: int = 0  # jobs held ahead that the launcher started (now RUNNING)
 
 
-def _apply_starts(conn: Connection, session_id: str, starts: list[Transition], rows: dict[int, dict[str, Any]],
-                  result: ReportResult, now: datetime) -> None:
+def _apply_starts(tr: Transitioner, session_id: str, starts: list[Transition], rows: dict[int, dict[str, Any]],
+                  result: ReportResult) -> None:
     """RUNNING reports of jobs held ahead: each moves to RUNNING (one event) under the
     lease it already has; run_count counts the run from here."""
     ok: list[dict[str, Any]] = []
@@ -299,12 +305,10 @@ def _apply_starts(conn: Connection, session_id: str, starts: list[Transition], r
         ok.append(row)
     if not ok:
         return
-    tr = Transitioner(conn, now)
     refused = tr.move(ok, S.RUNNING, Role.SESSION, message=f"started by session {session_id}",
                       data={"session_id": session_id},
                       values={r["id"]: {"session_id": session_id, "run_count": r["run_count"] + 1} for r in ok},
                       times={r["id"]: by_job[r["id"]].time for r in ok if by_job[r["id"]].time})
-    tr.flush()
     for row in ok:
         if row["id"] in refused:
             result.rejections.append(Rejection(by_job[row["id"]].seq, row["id"], refused[row["id"]].error()))
@@ -338,11 +342,22 @@ def _fence(t: Transition, row: dict[str, Any] | None, session_id: str) -> Balsam
 
 
 def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: list[Transition],
-                 now: datetime) -> ReportResult:
+                 now: datetime, *, tr: Transitioner | None = None) -> ReportResult:
     """Apply a launcher's report in seq order, in this one transaction, and advance the
     session's applied_through_seq. A resent seq is ignored; a fenced one is rejected and
-    changes nothing."""
+    changes nothing. Starts and ends go through one Transitioner (one event insert); with
+    `tr` it is the caller's, and the caller flushes it."""
     session = lock_active_session(conn, owner_id, session_id)
+    own = tr is None
+    tr = tr or Transitioner(conn, now)
+    result = _apply_report(conn, session, session_id, owner_id, transitions, now, tr)
+    if own:
+        tr.flush()
+    return result
+
+
+def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, owner_id: int,
+                  transitions: list[Transition], now: datetime, tr: Transitioner) -> ReportResult:
     applied_through = session["applied_through_seq"]
     fresh: list[Transition] = []
     seen: set[int] = set()
@@ -361,7 +376,7 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
     # has the lower seq); its row is then RUNNING for the transitions after it.
     starts = [t for t in fresh if t.state == S.RUNNING]
     if starts:
-        _apply_starts(conn, session_id, starts, rows, result, now)
+        _apply_starts(tr, session_id, starts, rows, result)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     values: dict[int, dict[str, Any]] = {}
     for t in fresh:
@@ -384,7 +399,6 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
         row["session_id"] = None  # a second transition of the same job in this report is fenced
         result.released.append(row["id"])
     if groups:
-        tr = Transitioner(conn, now)
         by_job = {t.job_id: t for t in fresh}
         for (state, message, data_json), members in groups.items():
             refused = tr.move(members, S(state), Role.SESSION, message=message,
@@ -394,7 +408,6 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
             for job_id, refusal in refused.items():
                 result.rejections.append(Rejection(by_job[job_id].seq, job_id, refusal.error()))
                 result.released.remove(job_id)
-        tr.flush()
     result.applied = len(result.released) + result.started
     result.applied_through_seq = max(applied_through, fresh[-1].seq)
     conn.execute(update(sessions).where(sessions.c.id == session_id)
@@ -409,10 +422,15 @@ def report_and_acquire(conn: Connection, session: SessionRef, transitions: list[
     (nor a read to check first). Jobs the report released are not leased again here: the
     report's own moves are in this transaction, and a job it sent back to a runnable state
     (RESTART_READY) may be leased like any other."""
-    result = apply_report(conn, session.owner_id, session.id, transitions, now)
-    if credit is None or credit.exhausted:
-        return result, Acquired([], {}, 0.0)
-    return result, acquire(conn, session, credit, now)
+    # One lock of the session row (in apply_report) and one Transitioner: the report's
+    # events and the leases' go out in one insert, in that order.
+    tr = Transitioner(conn, now)
+    result = apply_report(conn, session.owner_id, session.id, transitions, now, tr=tr)
+    got = Acquired([], {}, 0.0)
+    if credit is not None and not credit.exhausted:
+        got = acquire(conn, session, credit, now, tr=tr)
+    tr.flush()
+    return result, got
 
 
 # ---------------------------------------------------------------------------- release

@@ -147,6 +147,14 @@ class Transitioner:
         self.now = now
         self.event_rows: list[dict[str, Any]] = []
         self.changed: dict[int, str] = {}  # job id -> final state, for callers' responses
+        # Apps' rules read in this transaction (an app row does not change inside it).
+        self.rules: dict[int, AppRules] = {}
+
+    def _app_rules(self, app_ids: Iterable[int]) -> dict[int, AppRules]:
+        missing = set(app_ids) - self.rules.keys()
+        if missing:
+            self.rules.update(load_app_rules(self.conn, missing))
+        return self.rules
 
     def move(self, rows: list[dict[str, Any]], target: JobState, role: Role, *, message: str = "",
              data: dict[str, Any] | None = None, values: dict[int, dict[str, Any]] | None = None,
@@ -218,9 +226,14 @@ class Transitioner:
                data_by_job: dict[int, dict[str, Any]] | None = None,
                times: dict[int, datetime] | None = None) -> None:
         """Move `rows` (checked by move) to `target`, then settle each one."""
-        rules = load_app_rules(self.conn, (r["app_id"] for r in rows))
-        ids = [r["id"] for r in rows]
-        pending = _pending_transfer_directions(self.conn, ids)
+        if target is S.RUNNING:
+            # Nothing follows RUNNING on its own (core/states.automatic_step): neither the
+            # app's hooks nor pending transfers can change the path, so neither is read.
+            rules: dict[int, AppRules] = {}
+            pending: dict[str, set[int]] = {"IN": set(), "OUT": set()}
+        else:
+            rules = self._app_rules(r["app_id"] for r in rows)
+            pending = _pending_transfer_directions(self.conn, [r["id"] for r in rows])
         stage_in, stage_out = pending["IN"], pending["OUT"]
         updates: dict[str, list[dict[str, Any]]] = defaultdict(list)
         finished, failed, resting_post = [], [], []
