@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, or_, select, text, update
+from sqlalchemy import Connection, Float, Integer, and_, bindparam, or_, select, text, update
 
 from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role, role_refusal
 from balsam_grpc.server.store import events as event_log
-from balsam_grpc.server.store.query import tags_contain
+from balsam_grpc.server.store.query import ids_param, ids_value, tags_contain
 from balsam_grpc.server.store.tables import apps, events, jobs, runnable_condition, sessions
 from balsam_grpc.server.store.transitions import Transitioner
 
@@ -87,10 +87,29 @@ class SessionRef:
     batch_job_id: int | None
 
 
+# The hot path's statements are built once (per shape and dialect) with named parameters:
+# building a Select and its cache key each time costs several times what SQLAlchemy
+# spends running a statement it has compiled before. Immutable, so shared freely.
+_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _statement(key: tuple[Any, ...], build: Any) -> Any:
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        stmt = _STATEMENTS[key] = build()
+    return stmt
+
+
+_LOCK_SESSION = (select(sessions)
+                 .where(sessions.c.id == bindparam("b_sid"), sessions.c.owner_id == bindparam("b_owner"))
+                 .with_for_update())
+_ADVANCE_SESSION = (update(sessions).where(sessions.c.id == bindparam("b_sid"))
+                    .values(applied_through_seq=bindparam("b_seq"), heartbeat_time=bindparam("b_now")))
+
+
 def lock_active_session(conn: Connection, owner_id: int, session_id: str) -> dict[str, Any]:
     """The session row, locked for this transaction; refuses a session that is not ACTIVE."""
-    row = conn.execute(select(sessions).where(sessions.c.id == session_id, sessions.c.owner_id == owner_id)
-                       .with_for_update()).first()
+    row = conn.execute(_LOCK_SESSION, {"b_sid": session_id, "b_owner": owner_id}).first()
     if row is None:
         raise FailedPrecondition(f"session {session_id} no longer exists; open a new session",
                                  reason="SESSION_CLOSED")
@@ -127,11 +146,18 @@ def _candidate_conditions(session: SessionRef, credit: Credit, free_nodes: float
 LEASE_ORDER = (jobs.c.priority.desc(), jobs.c.num_nodes.desc(), jobs.c.wall_time_min.desc(), jobs.c.id)
 
 
-def _pick(conn: Connection, session: SessionRef, credit: Credit, exclude: list[int] | None = None
-          ) -> list[dict[str, Any]]:
+_SORT_OFF = text("SET LOCAL enable_sort = off")
+# Back on before anything writes: an event insert (INSERT ... RETURNING in parameter
+# order) takes over 100 ms with sorting off, and a jobs UPDATE fires the job_counts
+# trigger. After an error the transaction rolls back, and the setting with it.
+_SORT_DEFAULT = text("SET LOCAL enable_sort TO DEFAULT")
+
+
+def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: list[int]) -> list[dict[str, Any]]:
     """Runnable rows that fit the credit, in lease order, greedily packed.
 
-    On PostgreSQL, sorting is switched off for these queries: with the statistics left
+    On PostgreSQL the caller switches sorting off around these queries (_SORT_OFF): with
+    the statistics left
     stale by a bulk create (the usual moment to acquire), the planner would otherwise sort
     the whole backlog (tens of ms for 20,000 jobs) instead of walking ix_jobs_lease_order
     and stopping after a few rows (under a millisecond).
@@ -141,27 +167,23 @@ def _pick(conn: Connection, session: SessionRef, credit: Credit, exclude: list[i
     the smaller bound of the next page. Locked rows (another session's acquisition in
     flight) are skipped on PostgreSQL.
     """
-    if conn.dialect.name != "postgresql":
-        return _pick_pages(conn, session, credit, exclude or [])
-    conn.execute(text("SET LOCAL enable_sort = off"))
-    picked = _pick_pages(conn, session, credit, exclude or [])
-    # Back on at once: the event insert that follows (INSERT ... RETURNING in parameter
-    # order) takes over 100 ms with sorting off. After an error the transaction rolls
-    # back, and the setting with it.
-    conn.execute(text("SET LOCAL enable_sort TO DEFAULT"))
-    return picked
-
-
-def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: list[int]) -> list[dict[str, Any]]:
     picked: list[dict[str, Any]] = []
     free = credit.free_nodes
+    dialect = conn.dialect.name
+    serial = credit.serial_only or session.job_mode == "SERIAL"
+    params: dict[str, Any] = {"b_site": session.site_id, "b_maxn": credit.max_nodes_per_job,
+                              "b_wall": credit.wall_time_remaining_min, "b_apps": ids_value(credit.app_ids, dialect)}
     while len(picked) < credit.max_jobs and free > _EPS:
         want = credit.max_jobs - len(picked)
-        conds = _candidate_conditions(session, credit, free)
-        if picked or exclude:
-            conds.append(jobs.c.id.not_in(exclude + [r["id"] for r in picked]))
-        stmt = select(jobs).where(*conds).order_by(*LEASE_ORDER).limit(want).with_for_update(skip_locked=True)
-        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        excluded = exclude + [r["id"] for r in picked]
+        shape = (dialect, credit.max_nodes_per_job > 0, credit.wall_time_remaining_min > 0, serial,
+                 bool(credit.app_ids), bool(excluded))
+        if credit.filter_tags:  # the tags are in the statement: built each time
+            stmt = _pick_statement(*shape, tags=credit.filter_tags)
+        else:
+            stmt = _statement(("pick", *shape), lambda: _pick_statement(*shape))
+        params.update(b_free=free + _EPS, b_lim=want, b_excl=ids_value(excluded, dialect))
+        rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
         for row in rows:
             need = footprint(row["num_nodes"], row["node_packing_count"])
             if need <= free + _EPS:
@@ -174,14 +196,37 @@ def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: 
     return picked
 
 
+def _pick_statement(dialect: str, max_nodes: bool, wall_time: bool, serial: bool, app_ids: bool, exclude: bool,
+                    tags: dict[str, str] | None = None) -> Any:
+    """_pick_pages's query for one shape of credit, with named parameters (b_site, b_free,
+    b_maxn, b_wall, b_apps, b_excl, b_lim); the terms are _candidate_conditions's."""
+    c = jobs.c
+    conds = [c.site_id == bindparam("b_site"), runnable_condition(), c.session_id.is_(None),
+             c.num_nodes <= bindparam("b_free", type_=Float()) * c.node_packing_count]
+    if max_nodes:
+        conds.append(c.num_nodes <= bindparam("b_maxn"))
+    if wall_time:
+        conds.append(c.wall_time_min <= bindparam("b_wall"))
+    if serial:
+        conds += [c.num_nodes == 1, c.ranks_per_node == 1]
+    if tags:
+        conds.append(tags_contain(c.tags, tags))
+    if app_ids:
+        conds.append(ids_param(c.app_id, "b_apps", dialect))
+    if exclude:
+        conds.append(~ids_param(c.id, "b_excl", dialect))
+    return (select(jobs).where(*conds).order_by(*LEASE_ORDER).limit(bindparam("b_lim", type_=Integer()))
+            .with_for_update(skip_locked=True))
+
+
 def has_candidate(conn: Connection, session: SessionRef, credit: Credit) -> bool:
     """Whether a runnable job fits `credit`: a read, so a launcher granting credit with
     nothing to run costs no acquisition transaction (the session row lock and, on SQLite,
-    the single writer). In lease order like _pick, so it walks the same index."""
+    the single writer). In lease order like _pick_pages, so it walks the same index."""
     if credit.exhausted:
         return False
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SET LOCAL enable_sort = off"))  # as in _pick; the read transaction ends here
+        conn.execute(_SORT_OFF)  # as in acquire; the read transaction ends here
     free = max(0.0 if credit.start_exhausted else credit.free_nodes,
                0.0 if credit.reserve_exhausted else credit.reserve_nodes)
     stmt = (select(jobs.c.id).where(*_candidate_conditions(session, credit, free))
@@ -210,41 +255,55 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
         return Acquired([], {}, 0.0)
     if tr is None:
         lock_active_session(conn, session.owner_id, session.id)
-    rows = _pick(conn, session, credit) if not credit.start_exhausted else []
+    t = tr or Transitioner(conn, now)
+    # Both picks in one window with sorting off (see _pick_pages). Nothing that writes
+    # jobs runs inside it: the job_counts trigger's plan, cached by its backend, would be
+    # planned with sorting off for good (a 100-fold slower UPDATE was measured).
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        conn.execute(_SORT_OFF)
+    rows = _pick_pages(conn, session, credit, []) if not credit.start_exhausted else []
+    reserved: list[dict[str, Any]] = []
+    if not credit.reserve_exhausted:
+        reserved = _pick_pages(conn, session, credit.reserve_part(), [r["id"] for r in rows])
+    if postgres:
+        conn.execute(_SORT_DEFAULT)
+    message = f"leased to session {session.id}"
     if rows:
         values = {r["id"]: {"session_id": session.id, "lease_generation": r["lease_generation"] + 1,
                             "run_count": r["run_count"] + 1,
                             "batch_job_id": session.batch_job_id or r["batch_job_id"]} for r in rows}
-        t = tr or Transitioner(conn, now)
-        refused = t.move(rows, S.RUNNING, Role.SESSION, message=f"leased to session {session.id}",
-                         data={"session_id": session.id}, values=values)
-        if tr is None:
-            t.flush()
+        refused = t.move(rows, S.RUNNING, Role.SESSION, message=message, data={"session_id": session.id},
+                         values=values)
         rows = [r for r in rows if r["id"] not in refused]
-    ids = [r["id"] for r in rows]
-    held: list[int] = []
-    if not credit.reserve_exhausted:
+        # The rows as written (Transitioner._write), without reading them back.
+        for r in rows:
+            r.update(values[r["id"]], state_message=message, state_time=now, update_time=now)
+    if reserved:
         # Held ahead: the lease (session, a new generation) without a state change or an
-        # event; the launcher's RUNNING report starts it (apply_report).
-        held = [r["id"] for r in _pick(conn, session, credit.reserve_part(), exclude=ids)]
-        if held:
-            conn.execute(update(jobs).where(jobs.c.id.in_(held), jobs.c.session_id.is_(None))
-                         .values(session_id=session.id, lease_generation=jobs.c.lease_generation + 1,
-                                 batch_job_id=session.batch_job_id or jobs.c.batch_job_id, update_time=now))
-    if not ids and not held:
+        # event; the launcher's RUNNING report starts it (apply_report). The picked rows
+        # are locked and have no session, so the UPDATE changes each of them.
+        conn.execute(update(jobs).where(jobs.c.id.in_([r["id"] for r in reserved]), jobs.c.session_id.is_(None))
+                     .values(session_id=session.id, lease_generation=jobs.c.lease_generation + 1,
+                             batch_job_id=session.batch_job_id or jobs.c.batch_job_id, update_time=now))
+        for r in reserved:
+            r.update(session_id=session.id, lease_generation=r["lease_generation"] + 1,
+                     batch_job_id=session.batch_job_id or r["batch_job_id"], update_time=now)
+    if tr is None:
+        t.flush()
+    if not rows and not reserved:
         return Acquired([], {}, 0.0)
-    by_id = {r.id: dict(r._mapping) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids + held)))}
-    leased = [by_id[i] for i in ids]
-    reserved = [by_id[i] for i in held]
-    return Acquired(leased + reserved, load_apps(conn, {r["app_id"] for r in leased + reserved}),
-                    sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in leased),
+    return Acquired(rows + reserved, load_apps(conn, {r["app_id"] for r in rows + reserved}),
+                    sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in rows),
                     len(reserved), sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in reserved))
 
 
 def load_apps(conn: Connection, app_ids: set[int]) -> dict[int, dict[str, Any]]:
     if not app_ids:
         return {}
-    return {r.id: dict(r._mapping) for r in conn.execute(select(apps).where(apps.c.id.in_(sorted(app_ids))))}
+    dialect = conn.dialect.name
+    stmt = _statement(("apps", dialect), lambda: select(apps).where(ids_param(apps.c.id, "b_ids", dialect)))
+    return {r.id: dict(r._mapping) for r in conn.execute(stmt, {"b_ids": ids_value(sorted(app_ids), dialect)})}
 
 
 def held_jobs(conn: Connection, owner_id: int, session_id: str) -> list[dict[str, Any]]:
@@ -369,9 +428,12 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     if not fresh:
         return result
     ids = sorted({t.job_id for t in fresh})
-    rows = {r.id: dict(r._mapping) for r in conn.execute(
-        # Locked in id order, as every bulk job change does, so two never deadlock.
-        select(jobs).where(jobs.c.owner_id == owner_id, jobs.c.id.in_(ids)).order_by(jobs.c.id).with_for_update())}
+    dialect = conn.dialect.name
+    # Locked in id order, as every bulk job change does, so two never deadlock.
+    stmt = _statement(("report_rows", dialect), lambda: select(jobs).where(
+        jobs.c.owner_id == bindparam("b_owner"), ids_param(jobs.c.id, "b_ids", dialect))
+        .order_by(jobs.c.id).with_for_update())
+    rows = {r.id: dict(r._mapping) for r in conn.execute(stmt, {"b_owner": owner_id, "b_ids": ids_value(ids, dialect)})}
     # Starts first (a job held ahead may start and end in one report: its start always
     # has the lower seq); its row is then RUNNING for the transitions after it.
     starts = [t for t in fresh if t.state == S.RUNNING]
@@ -410,8 +472,7 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
                 result.released.remove(job_id)
     result.applied = len(result.released) + result.started
     result.applied_through_seq = max(applied_through, fresh[-1].seq)
-    conn.execute(update(sessions).where(sessions.c.id == session_id)
-                 .values(applied_through_seq=result.applied_through_seq, heartbeat_time=now))
+    conn.execute(_ADVANCE_SESSION, {"b_sid": session_id, "b_seq": result.applied_through_seq, "b_now": now})
     return result
 
 

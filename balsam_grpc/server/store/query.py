@@ -81,4 +81,17 @@ def id_in(col: ColumnElement[Any], ids: Sequence[int], dialect: str) -> ColumnEl
     return col.in_(select(column("value")).select_from(func.json_each(bindparam(None, json.dumps(ids)))))
 
 
-__all__ = ["id_in", "tags_contain", "tags_exclude", "contains_substring", "or_"]
+
+def ids_param(col: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
+    """id_in with a named parameter and no value: for a statement built once and run
+    many times (bind `ids_value(ids, dialect)` to `name`)."""
+    if dialect == "postgresql":
+        return col == any_(bindparam(name, type_=ARRAY(BigInteger())))
+    return col.in_(select(column("value")).select_from(func.json_each(bindparam(name))))
+
+
+def ids_value(ids: Sequence[int], dialect: str) -> Any:
+    return list(ids) if dialect == "postgresql" else json.dumps(list(ids))
+
+
+__all__ = ["id_in", "ids_param", "ids_value", "tags_contain", "tags_exclude", "contains_substring", "or_"]
