@@ -43,7 +43,7 @@ from balsam_grpc.core.states import (
     settle,
 )
 from balsam_grpc.server.store import events as event_log
-from balsam_grpc.server.store.query import id_in
+from balsam_grpc.server.store.query import id_in, ids_param, ids_value
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, transfer_items
 
 S = JobState
@@ -137,6 +137,8 @@ _MAX_GROUPS = 8
 # Column types an UPDATE ... FROM unnest(arrays) can carry (JSON values cannot be put
 # in a PostgreSQL array by the driver).
 _ARRAY_SAFE = (Integer, String, DateTime, Boolean, Float)
+# The grouped UPDATEs of _write, by (dialect, columns set): immutable, built once.
+_UPDATES: dict[tuple[str, tuple[str, ...]], Any] = {}
 
 
 class Transitioner:
@@ -319,9 +321,16 @@ class Transitioner:
         dialect = self.conn.dialect.name
         if groups is not None and len(groups) <= _MAX_GROUPS:
             for group_values, ids in groups.items():
-                columns = {"state_message": group_values[0],
+                columns = {**fixed, "state_message": group_values[0],
                            **{k[2:]: v for k, v in zip(extra_keys, group_values[1:], strict=True)}}
-                self.conn.execute(update(jobs).where(id_in(jobs.c.id, ids, dialect)).values({**fixed, **columns}))
+                names = tuple(columns)
+                stmt = _UPDATES.get((dialect, names))
+                if stmt is None:  # built once per set of columns: see store/leases._STATEMENTS
+                    stmt = _UPDATES[(dialect, names)] = update(jobs).where(ids_param(jobs.c.id, "w_ids", dialect)) \
+                        .values({name: bindparam("w_" + name, type_=jobs.c[name].type) for name in names})
+                params = {"w_" + name: value for name, value in columns.items()}
+                params["w_ids"] = ids_value(ids, dialect)
+                self.conn.execute(stmt, params)
             return
         for p in params:
             for k in extra_keys:
