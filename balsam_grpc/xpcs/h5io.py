@@ -208,7 +208,7 @@ def _ascii_list(names: list[str]) -> np.ndarray:
 def write_results(path: Path | str, res: ResultArrays, geometry: Geometry) -> Path:
     """Write `res` in the layout pyXPCSViewer reads (see the module's docstring)."""
     path = Path(path)
-    n_rings, rows, cols = res.q_per_m.size, geometry.rows, geometry.cols
+    n_rings = res.q_per_m.size
     roi = np.where(res.labels >= 0, res.labels + 1, 0).astype(np.uint32)   # 1-based bins, 0 = none
     q_a = res.q_per_m * 1e-10                                                 # 1/Angstrom
     qmap_id = hashlib.sha256(roi.tobytes() + json.dumps(geometry.to_dict(), sort_keys=True).encode()).hexdigest()

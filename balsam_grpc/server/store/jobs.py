@@ -35,7 +35,7 @@ from balsam_grpc.server.store.codec import column_values, is_json
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
 
-from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from balsam_grpc.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from balsam_grpc.core.states import (
     ACTIVE_STATES,
     FINAL_STATES,
