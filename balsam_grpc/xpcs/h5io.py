@@ -76,6 +76,18 @@ def _scalar(group: h5py.Group, name: str, value: float, units: str) -> None:
     group[name].attrs["units"] = units
 
 
+def _detector(f: h5py.File, geometry: Geometry, frame_time_s: float) -> h5py.Group:
+    """The detector and beam metadata both layouts share (frame time, pixel size, energy)."""
+    det = f.require_group(DETECTOR)
+    _scalar(det, "frame_time", frame_time_s, "s")
+    _scalar(det, "count_time", frame_time_s, "s")
+    _scalar(det, "x_pixel_size", geometry.pixel_size_m, "m")
+    _scalar(det, "y_pixel_size", geometry.pixel_size_m, "m")
+    f[ENERGY] = HC_KEV_A / (geometry.wavelength_m * 1e10)
+    f[ENERGY].attrs["units"] = "keV"
+    return det
+
+
 def write_raw(path: Path | str, blocks: Iterable[np.ndarray], *, n_frames: int, geometry: Geometry,
               frame_time_s: float, truth: dict[str, float] | None = None, chunk_frames: int = 16,
               compression: str | None = None) -> Path:
@@ -88,16 +100,10 @@ def write_raw(path: Path | str, blocks: Iterable[np.ndarray], *, n_frames: int, 
     with h5py.File(path, "w") as f:
         data = f.create_dataset(FRAMES, shape=shape, dtype=np.uint16, compression=compression,
                                 chunks=(max(1, min(chunk_frames, n_frames)), geometry.rows, geometry.cols))
-        det = f.require_group(DETECTOR)
-        _scalar(det, "frame_time", frame_time_s, "s")
-        _scalar(det, "count_time", frame_time_s, "s")
-        _scalar(det, "x_pixel_size", geometry.pixel_size_m, "m")
-        _scalar(det, "y_pixel_size", geometry.pixel_size_m, "m")
+        det = _detector(f, geometry, frame_time_s)
         _scalar(det, "distance", geometry.distance_m, "m")
         _scalar(det, "beam_center_x", geometry.center_col, "pixel")
         _scalar(det, "beam_center_y", geometry.center_row, "pixel")
-        f[ENERGY] = HC_KEV_A / (geometry.wavelength_m * 1e10)
-        f[ENERGY].attrs["units"] = "keV"
         if truth:
             f.require_group(TRUTH).attrs.update(truth)
         written = 0
@@ -219,13 +225,7 @@ def write_results(path: Path | str, res: ResultArrays, geometry: Geometry) -> Pa
     with h5py.File(path, "w") as f:
         f["/entry/start_time"] = datetime.now(UTC).isoformat(timespec="seconds")
         f.require_group("/entry/instrument/bluesky/metadata")  # marks the NeXus flavour of the layout
-        det = f.require_group(DETECTOR)
-        _scalar(det, "frame_time", res.frame_time_s, "s")
-        _scalar(det, "count_time", res.frame_time_s, "s")
-        _scalar(det, "x_pixel_size", geometry.pixel_size_m, "m")
-        _scalar(det, "y_pixel_size", geometry.pixel_size_m, "m")
-        f[ENERGY] = HC_KEV_A / (geometry.wavelength_m * 1e10)
-        f[ENERGY].attrs["units"] = "keV"
+        _detector(f, geometry, res.frame_time_s)
 
         qmap = f.require_group("/xpcs/qmap")
         qmap.attrs["hash"] = qmap_id

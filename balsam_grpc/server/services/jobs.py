@@ -20,9 +20,9 @@ from balsam_grpc.server.convert import (
     struct_to_dict,
     utcnow,
 )
-from balsam_grpc.server.idempotency import idempotent
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import unary
+from balsam_grpc.server.services.common import mutate
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import job_counts
 from balsam_grpc.server.store import jobs as store
@@ -441,19 +441,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 if spec["site_id"]:
                     principal.check_site(spec["site_id"])
 
-        def work(conn: Any) -> Any:
-            def build() -> Any:
-                rows = store.create_jobs(conn, principal.user_id, _scope(principal), specs, utcnow())
-                response = response_type()
-                if method == "CreateJob":
-                    fill_job(response.job, rows[0], view)
-                else:
-                    jobs_to_messages(rows, view, response.jobs)
-                return response
+        def build(conn: Any) -> Any:
+            rows = store.create_jobs(conn, principal.user_id, _scope(principal), specs, utcnow())
+            response = response_type()
+            if method == "CreateJob":
+                fill_job(response.job, rows[0], view)
+            else:
+                jobs_to_messages(rows, view, response.jobs)
+            return response
 
-            return idempotent(conn, principal.user_id, method, request, response_type, build)
-
-        response = await self.db.write(work)
+        response = await mutate(self.state, principal, method, request, response_type, build)
         self._created(len(specs))
         return response
 
@@ -481,22 +478,19 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         message = request.job.state_message if "state_message" in paths else ""
         q = store.JobQuery(owner_id=principal.user_id, site_scope=_scope(principal), ids=[request.job.id])
 
-        def work(conn: Any) -> Any:
-            def build() -> Any:
-                rows = store.select_for_change(conn, q, with_tags=False)
-                row = store.require_one(rows, request.job.id)
-                if "parameters" in values:
-                    _recheck_parameters(conn, row, values["parameters"])
-                _, refused = store.update_jobs(conn, rows, values, None, target, utcnow(), role=acting_role(principal),
-                                               message=message, data=data)
-                if refused:
-                    raise refused[row["id"]].error()
-                fresh = store.get_job(conn, principal.user_id, row["id"])
-                return job_service_pb2.UpdateJobResponse(job=job_to_message(fresh))
+        def build(conn: Any) -> Any:
+            rows = store.select_for_change(conn, q, with_tags=False)
+            row = store.require_one(rows, request.job.id)
+            if "parameters" in values:
+                _recheck_parameters(conn, row, values["parameters"])
+            _, refused = store.update_jobs(conn, rows, values, None, target, utcnow(), role=acting_role(principal),
+                                           message=message, data=data)
+            if refused:
+                raise refused[row["id"]].error()
+            fresh = store.get_job(conn, principal.user_id, row["id"])
+            return job_service_pb2.UpdateJobResponse(job=job_to_message(fresh))
 
-            return idempotent(conn, principal.user_id, "UpdateJob", request, job_service_pb2.UpdateJobResponse, build)
-
-        return await self.db.write(work)
+        return await mutate(self.state, principal, "UpdateJob", request, job_service_pb2.UpdateJobResponse, build)
 
     @unary()
     async def BatchUpdateJobs(self, request, context, principal):  # noqa: N802
@@ -514,36 +508,30 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                   + sum(len(k) + len(v) for k, v in (tags_merge or {}).items()))
         q = job_query(request.filter, principal)
 
-        def work(conn: Any) -> Any:
-            def build() -> Any:
-                rows = store.select_for_change(conn, q, with_tags=tags_merge is not None)
-                check_bulk_copy(len(rows), copied)
-                ids, refused = store.update_jobs(conn, rows, values, tags_merge, target, utcnow(),
-                                                 role=acting_role(principal), message=message, data=data,
-                                                 validate_only=request.validate_only)
-                return _bulk_response(job_service_pb2.BatchUpdateJobsResponse, "updated_count", rows, refused)
+        def build(conn: Any) -> Any:
+            rows = store.select_for_change(conn, q, with_tags=tags_merge is not None)
+            check_bulk_copy(len(rows), copied)
+            ids, refused = store.update_jobs(conn, rows, values, tags_merge, target, utcnow(),
+                                             role=acting_role(principal), message=message, data=data,
+                                             validate_only=request.validate_only)
+            return _bulk_response(job_service_pb2.BatchUpdateJobsResponse, "updated_count", rows, refused)
 
-            return idempotent(conn, principal.user_id, "BatchUpdateJobs", request,
-                              job_service_pb2.BatchUpdateJobsResponse, build)
-
-        return await self.db.write(work)
+        return await mutate(self.state, principal, "BatchUpdateJobs", request,
+                            job_service_pb2.BatchUpdateJobsResponse, build)
 
     @unary()
     async def DeleteJob(self, request, context, principal):  # noqa: N802
         q = store.JobQuery(owner_id=principal.user_id, site_scope=_scope(principal), ids=[request.id])
 
-        def work(conn: Any) -> Any:
-            def build() -> Any:
-                rows = store.select_for_change(conn, q, with_tags=False)
-                store.require_one(rows, request.id)
-                _, refused = store.delete_jobs(conn, rows, validate_only=False, cascade=request.cascade, now=utcnow())
-                if refused:
-                    raise refused[request.id].error()
-                return job_service_pb2.DeleteJobResponse(id=request.id)
+        def build(conn: Any) -> Any:
+            rows = store.select_for_change(conn, q, with_tags=False)
+            store.require_one(rows, request.id)
+            _, refused = store.delete_jobs(conn, rows, validate_only=False, cascade=request.cascade, now=utcnow())
+            if refused:
+                raise refused[request.id].error()
+            return job_service_pb2.DeleteJobResponse(id=request.id)
 
-            return idempotent(conn, principal.user_id, "DeleteJob", request, job_service_pb2.DeleteJobResponse, build)
-
-        return await self.db.write(work)
+        return await mutate(self.state, principal, "DeleteJob", request, job_service_pb2.DeleteJobResponse, build)
 
     @unary()
     async def BatchDeleteJobs(self, request, context, principal):  # noqa: N802
@@ -552,17 +540,14 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             raise InvalidArgument("refusing to delete with an empty filter; select jobs by state, tag, app, site "
                                   "or ids (every state: list all states explicitly)", field="filter")
 
-        def work(conn: Any) -> Any:
-            def build() -> Any:
-                rows = store.select_for_change(conn, q, with_tags=False)
-                _, refused = store.delete_jobs(conn, rows, validate_only=request.validate_only, cascade=request.cascade,
-                                               now=utcnow())
-                return _bulk_response(job_service_pb2.BatchDeleteJobsResponse, "deleted_count", rows, refused)
+        def build(conn: Any) -> Any:
+            rows = store.select_for_change(conn, q, with_tags=False)
+            _, refused = store.delete_jobs(conn, rows, validate_only=request.validate_only, cascade=request.cascade,
+                                           now=utcnow())
+            return _bulk_response(job_service_pb2.BatchDeleteJobsResponse, "deleted_count", rows, refused)
 
-            return idempotent(conn, principal.user_id, "BatchDeleteJobs", request,
-                              job_service_pb2.BatchDeleteJobsResponse, build)
-
-        return await self.db.write(work)
+        return await mutate(self.state, principal, "BatchDeleteJobs", request,
+                            job_service_pb2.BatchDeleteJobsResponse, build)
 
 
     @unary()
@@ -572,16 +557,13 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             raise InvalidArgument("refusing to retry with an empty filter; select jobs by ids, state, tag, app or "
                                   "site", field="filter")
 
-        def work(conn: Any) -> Any:
-            def build() -> Any:
-                rows = store.select_for_change(conn, q, with_tags=False)
-                _, refused = store.retry_jobs(conn, rows, utcnow(), reset_run_count=request.reset_run_count,
-                                              validate_only=request.validate_only)
-                return _bulk_response(job_service_pb2.RetryJobsResponse, "retried_count", rows, refused)
+        def build(conn: Any) -> Any:
+            rows = store.select_for_change(conn, q, with_tags=False)
+            _, refused = store.retry_jobs(conn, rows, utcnow(), reset_run_count=request.reset_run_count,
+                                          validate_only=request.validate_only)
+            return _bulk_response(job_service_pb2.RetryJobsResponse, "retried_count", rows, refused)
 
-            return idempotent(conn, principal.user_id, "RetryJobs", request, job_service_pb2.RetryJobsResponse, build)
-
-        return await self.db.write(work)
+        return await mutate(self.state, principal, "RetryJobs", request, job_service_pb2.RetryJobsResponse, build)
 
 
 def _bulk_response(response_type: Any, count_field: str, rows: list[dict[str, Any]],
