@@ -43,6 +43,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Every cache the run writes (pip's, matplotlib's, buf's, the system-MPI test's wheel)
+# stays in this checkout, so the run leaves nothing behind in the user's home.
+export XDG_CACHE_HOME="$PWD/.cache"
+
 step "environment (scripts/setup_dev.sh)"
 scripts/setup_dev.sh
 

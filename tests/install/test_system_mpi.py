@@ -13,8 +13,9 @@ wheel, does not count). BALSAM_TEST_MPICC names another compiler wrapper.
 Cost: the venv is made once per run. mpi4py is compiled without optimisation (CFLAGS
 -O0: what is tested is which MPI it links, and -O3 of its one large C file takes minutes)
 and only on the first run: pip keeps the wheel it built in a cache of this test's own
-(~/.cache/balsam-grpc-tests/pip-system-mpi, so an unoptimised mpi4py never reaches a
-user's pip cache); a cached build made against another MPI would fail the library check.
+($XDG_CACHE_HOME/balsam-grpc-tests/pip-system-mpi, which scripts/run_tests.sh puts in the
+checkout, so an unoptimised mpi4py never reaches a user's pip cache); a cached build made
+against another MPI would fail the library check.
 Its size and time are printed.
 """
 
