@@ -46,6 +46,14 @@ class Principal:
         if self.is_site:
             raise PermissionDenied(f"a site-scoped token cannot {action}; use a user token")
 
+    def require_admin(self, action: str) -> None:
+        """Only an administrator's user token may `action` (a site token never may)."""
+        self.require_user_scope(action)
+        if not self.admin:
+            raise PermissionDenied(
+                f"only administrators can {action} and user {self.username!r} is not one; ask an "
+                "administrator (the server's first user, created at its first start, is one) to do it")
+
     def check_site(self, site_id: int) -> None:
         """A site token may act only for its own site."""
         if self.is_site and site_id != self.site_id:

@@ -137,9 +137,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     @unary()
     async def CreateUser(self, request: pb.CreateUserRequest, context: grpc.aio.ServicerContext,
                          principal: Principal) -> pb.CreateUserResponse:
-        principal.require_user_scope("create users")
-        if not principal.admin:
-            raise PermissionDenied("only administrators can create users")
+        principal.require_admin("create users")
         if not USERNAME_RE.fullmatch(request.username):
             raise InvalidArgument("username must be 1-150 characters of letters, digits and _ . @ -",
                                   field="username")
@@ -208,9 +206,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     @unary()
     async def ListUsers(self, request: pb.ListUsersRequest, context: grpc.aio.ServicerContext,
                         principal: Principal) -> pb.ListUsersResponse:
-        principal.require_user_scope("list users")
-        if not principal.admin:
-            raise PermissionDenied("only administrators can list users")
+        principal.require_admin("list users")
         rows = await self.state.db.read(user_store.list_users)
         return pb.ListUsersResponse(users=[user_msg(r) for r in rows])
 
@@ -219,8 +215,8 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
                           principal: Principal) -> pb.SetPasswordResponse:
         principal.require_user_scope("set passwords")
         username = request.username or principal.username
-        if username != principal.username and not principal.admin:
-            raise PermissionDenied("only administrators can set another user's password")
+        if username != principal.username:
+            principal.require_admin("set another user's password")
         if not MIN_PASSWORD <= len(request.password) <= MAX_PASSWORD:
             raise InvalidArgument(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters long",
                                   field="password")
@@ -233,9 +229,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     @unary()
     async def DisableUser(self, request: pb.DisableUserRequest, context: grpc.aio.ServicerContext,
                           principal: Principal) -> pb.DisableUserResponse:
-        principal.require_user_scope("disable users")
-        if not principal.admin:
-            raise PermissionDenied("only administrators can disable users")
+        principal.require_admin("disable users")
         if not request.username:
             raise InvalidArgument("username is required", field="username")
         if request.username == principal.username:
