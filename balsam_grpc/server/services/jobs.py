@@ -535,10 +535,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @unary()
     async def BatchDeleteJobs(self, request, context, principal):  # noqa: N802
-        q = job_query(request.filter, principal)
-        if q.is_empty():
-            raise InvalidArgument("refusing to delete with an empty filter; select jobs by state, tag, app, site "
-                                  "or ids (every state: list all states explicitly)", field="filter")
+        q = _require_selection(job_query(request.filter, principal), "BatchDeleteJobs", "delete")
 
         def build(conn: Any) -> Any:
             rows = store.select_for_change(conn, q, with_tags=False)
@@ -552,10 +549,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @unary()
     async def RetryJobs(self, request, context, principal):  # noqa: N802
-        q = job_query(request.filter, principal)
-        if q.is_empty():
-            raise InvalidArgument("refusing to retry with an empty filter; select jobs by ids, state, tag, app or "
-                                  "site", field="filter")
+        q = _require_selection(job_query(request.filter, principal), "RetryJobs", "retry")
 
         def build(conn: Any) -> Any:
             rows = store.select_for_change(conn, q, with_tags=False)
@@ -564,6 +558,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             return _bulk_response(job_service_pb2.RetryJobsResponse, "retried_count", rows, refused)
 
         return await mutate(self.state, principal, "RetryJobs", request, job_service_pb2.RetryJobsResponse, build)
+
+
+def _require_selection(q: store.JobQuery, rpc: str, verb: str) -> store.JobQuery:
+    """An empty filter would change every job of the caller: a forgotten filter must not, so
+    all jobs are chosen explicitly."""
+    if q.is_empty():
+        raise InvalidArgument(f"{rpc} refuses an empty filter, which would {verb} every job this token "
+                              f"reaches; select jobs by ids, state, tag, app or site (to {verb} all of them, "
+                              "list every state in filter.states)", field="filter")
+    return q
 
 
 def _bulk_response(response_type: Any, count_field: str, rows: list[dict[str, Any]],
