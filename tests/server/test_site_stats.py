@@ -9,7 +9,7 @@ machine cannot move an event across them.
 from __future__ import annotations
 
 import secrets
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -195,8 +195,60 @@ def test_pure_window_figures():
            site_stats.WindowEvent(11, 1, 101, "PREPROCESSED", "RUNNING", now),
            site_stats.WindowEvent(12, 2, 102, "PREPROCESSED", "RUNNING", now),  # no runnable event known
            site_stats.WindowEvent(13, 3, 103, "RUN_DONE", "JOB_FINISHED", now)]  # site not selected
-    site_stats.window_figures(figs, evs, {11: now - timedelta(seconds=6)}, 30.0)
+    site_stats.window_figures(figs, evs, {11: now - timedelta(seconds=6)}, now - timedelta(seconds=30), now)
     assert figs[1].finished_in_window == 1 and figs[1].throughput_per_minute == pytest.approx(2.0)
     assert figs[1].queue_wait_mean_seconds == pytest.approx(6.0)
     assert figs[2].started_in_window == 1 and figs[2].queue_wait_p50_seconds == 0.0
     assert site_stats.median([3.0, 1.0, 2.0, 10.0]) == 2.5 and site_stats.median([]) == 0.0
+
+
+NOON = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def run_of(site_id: int, first_job: int, starts_ago: list[float], finishes_ago: list[float],
+           now: datetime = NOON) -> list[site_stats.WindowEvent]:
+    """Events of jobs first_job.. that started and (the first len(finishes_ago)) finished
+    the given seconds before `now`, in id (= time) order."""
+    evs = [(now - timedelta(seconds=ago), job, "PREPROCESSED", "RUNNING")
+           for job, ago in enumerate(starts_ago, first_job)]
+    evs += [(now - timedelta(seconds=ago), job, "RUN_DONE", "JOB_FINISHED")
+            for job, ago in enumerate(finishes_ago, first_job)]
+    return [site_stats.WindowEvent(i, site_id, job, src, dst, t)
+            for i, (t, job, src, dst) in enumerate(sorted(evs), first_job * 1000)]
+
+
+def throughputs(window_seconds: float, *runs: list[site_stats.WindowEvent]) -> dict[int, float]:
+    site_ids = {ev.site_id for run in runs for ev in run}
+    figs = {i: site_stats.SiteFigures(i, f"s{i}", True, None) for i in site_ids}
+    events = sorted((ev for run in runs for ev in run), key=lambda ev: ev.id)
+    site_stats.window_figures(figs, events, {}, NOON - timedelta(seconds=window_seconds), NOON)
+    return {i: fig.throughput_per_minute for i, fig in figs.items()}
+
+
+def test_throughput_divides_by_the_part_of_the_window_at_work():
+    """A run 40 s old in a one-hour window: 48 finished over 40 s is 72 a minute, not the
+    0.8 of 48 over 60 minutes."""
+    young = run_of(1, 1, [40 - i * 0.5 for i in range(80)], [30 - i * 0.5 for i in range(48)])
+    # Site 2 was already at work when the window opened: a job that started before it
+    # finished in it, so the whole window counts (6 finished in 60 minutes).
+    old = run_of(2, 200, [1800.0 - i for i in range(5)], [1700.0 - i for i in range(5)])
+    old.append(site_stats.WindowEvent(300_000, 2, 299, "RUN_DONE", "JOB_FINISHED", NOON - timedelta(seconds=10)))
+    # Site 3 started 3 s ago: two jobs done read as 12 a minute (10 s at the least), not 40.
+    fresh = run_of(3, 400, [3.0, 2.0], [2.0, 1.0])
+    got = throughputs(3600.0, young, old, fresh)
+    assert got[1] == pytest.approx(72.0)
+    assert got[2] == pytest.approx(0.1)
+    assert got[3] == pytest.approx(12.0)
+    # A window shorter than that least time is still the most a figure divides by.
+    assert throughputs(5.0, run_of(4, 500, [3.0], [2.0]))[4] == pytest.approx(12.0)
+
+
+def test_a_young_run_reads_its_own_rate_through_the_rpc(harness, alice):
+    site = make_site(alice)
+    seed = Seeder(harness, alice.user_id, site)
+    for i in range(6):
+        seed.events(seed.job("JOB_FINISHED"), ("PREPROCESSED", "RUNNING", 40 - i), ("RUN_DONE", "JOB_FINISHED", 30 - i))
+    (s,) = stats(alice, 3600.0, ids=[site]).sites
+    slowest = (utcnow() - seed.now).total_seconds()  # the server's clock read falls within
+    assert s.finished_in_window == 6
+    assert 6 / ((40 + slowest) / 60) <= s.throughput_per_minute <= 6 / (40 / 60)
