@@ -49,13 +49,17 @@ class StateChange:
 
 
 def state_change(event: event_pb2.Event) -> StateChange | None:
-    """The job state change an event message records, or None for other events."""
+    """The job state change an event message records, or None for other events and for
+    a job's event that left its state as it was (a job held ahead for a launcher and
+    released unstarted: data.released): it entered no state, so it is no transition."""
     if event.WhichOneof("change") != "job_state":
         return None
     change = event.job_state
     # Read data.via off the Struct directly: json_format.MessageToDict of every event was
     # half the time of a dashboard's or `balsamctl analytics`' pass over 10,000 events.
     via = event.data.fields.get("via") if event.HasField("data") else None
+    if change.from_state == change.to_state and via is None:
+        return None
     return StateChange(job_id=event.job_id, site_id=event.site_id, time=event.time.ToDatetime(),
                        from_state=_state_name(change.from_state), to_state=_state_name(change.to_state),
                        via=tuple(_text(v) for v in via.list_value.values) if via is not None else ())

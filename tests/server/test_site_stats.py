@@ -146,6 +146,19 @@ def test_window_throughput_and_queue_wait(harness, alice):
     assert s.queue_wait_p50_seconds == pytest.approx(3.0, abs=1e-3)
 
 
+def test_a_held_ahead_jobs_release_does_not_restart_its_queue_wait(harness, alice):
+    """A job runnable 50 s ago, held ahead by a launcher and released unstarted 30 s ago
+    (an event from and to PREPROCESSED), started 20 s ago: it waited 30 s, not 10."""
+    site = make_site(alice)
+    seed = Seeder(harness, alice.user_id, site)
+    job = seed.job("RUNNING")
+    seed.events(job, ("CREATED", "PREPROCESSED", 50), ("PREPROCESSED", "PREPROCESSED", 30),
+                ("PREPROCESSED", "RUNNING", 20))
+    (s,) = stats(alice, 60.0, ids=[site]).sites
+    assert s.started_in_window == 1
+    assert s.queue_wait_p50_seconds == pytest.approx(30.0, abs=1e-3)
+
+
 def test_scoping_and_bad_window(harness, alice, bob):
     site = make_site(alice)
     seed = Seeder(harness, alice.user_id, site)

@@ -90,3 +90,15 @@ def test_state_change_from_event_message() -> None:
     assert change is not None and change.entered == ("RUN_DONE", "POSTPROCESSED", "JOB_FINISHED")
     assert change.time == T0 and change.from_state == "RUNNING"
     assert state_change(event_pb2.Event(id=2)) is None
+
+
+def test_a_held_ahead_jobs_release_is_no_state_change() -> None:
+    """Releasing a job a launcher held ahead writes an event from and to its state
+    (data.released): the job entered no state, so analytics do not count it; counted, it
+    moved the job's last PREPROCESSED entry and stretched a run's span to the release."""
+    data = struct_pb2.Struct()
+    data.update({"session_id": "s1", "released": True})
+    released = event_pb2.Event(id=3, job_id=7, site_id=3, data=data)
+    released.time.FromDatetime(at(100))
+    released.job_state.from_state = released.job_state.to_state = job_pb2.JOB_STATE_PREPROCESSED
+    assert state_change(released) is None

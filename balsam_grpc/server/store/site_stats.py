@@ -238,7 +238,10 @@ def _runnable_since(conn: Connection, owner_id: int, starts: list[WindowEvent]) 
         rows = conn.execute(
             select(c.job_id, c.id, c.to_state, c.time)
             .where(c.job_id.in_(job_ids[i:i + _IN_CHUNK]), c.owner_id == owner_id, c.kind == JOB_STATE,
-                   c.to_state.in_([str(s) for s in RUNNABLE_STATES])))
+                   c.to_state.in_([str(s) for s in RUNNABLE_STATES]),
+                   # not a held-ahead job's release (from and to its state): the job
+                   # waited since it entered the state, not since it was released
+                   c.from_state != c.to_state))
         for job_id, event_id, to_state, time in rows:
             entered[job_id].append((event_id, to_state, aware(time)))
     out: dict[int, datetime] = {}
