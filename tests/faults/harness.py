@@ -404,6 +404,20 @@ def iter_chunks(items: list[int], n: int) -> Iterator[list[int]]:
         yield items[i:i + n]
 
 
+def launcher_site(server: ServerProc, client: Client, tmp: Path, secs: float = 3) -> tuple[Any, Path, Any, Path]:
+    """A site directory with settings for a launcher, and an app that naps `secs` seconds
+    and writes its start and end to the returned ledger file."""
+    site_dir = tmp / "site"
+    (site_dir / "apps").mkdir(parents=True)
+    (site_dir / "data").mkdir()
+    site = client.sites.create(name=f"lk-{secrets.token_hex(3)}", hostname="localhost", path=str(site_dir))
+    (site_dir / "settings.yml").write_text(f"site_id: {site.id}\n")
+    ledger = tmp / "ledger.txt"
+    app = client.apps.create(site_id=site.id, name="nap", command_template=(
+        f"/bin/sh -c 'echo start $BALSAM_JOB_ID >> {ledger}; sleep {secs}; echo end $BALSAM_JOB_ID >> {ledger}'"))
+    return site, site_dir, app, ledger
+
+
 def create_jobs(client: Client, n: int, prefix: str, **fields: Any) -> list[int]:
     """n jobs in one BatchCreateJobs call (a request_id: a retried call creates nothing twice)."""
     from balsam_grpc.sdk import Job

@@ -25,12 +25,12 @@ from tests.faults.harness import (
     Watcher,
     audit,
     create_jobs,
+    launcher_site,
     states,
     wait_for,
     wait_states,
 )
 from tests.faults.report import record
-from tests.faults.test_launcher_kill import launcher_site
 from tests.support.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(150)

@@ -5,7 +5,6 @@ job once, an SDK watcher sees every event exactly once."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tests.faults.harness import (
     Watcher,
     audit,
     create_jobs,
+    launcher_site,
     states,
     wait_for,
     wait_states,
@@ -25,18 +25,6 @@ from tests.faults.harness import (
 from tests.faults.report import record
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def launcher_site(server: ServerProc, client, tmp: Path, secs: float = 3):
-    site_dir = tmp / "site"
-    (site_dir / "apps").mkdir(parents=True)
-    (site_dir / "data").mkdir()
-    site = client.sites.create(name=f"lk-{secrets.token_hex(3)}", hostname="localhost", path=str(site_dir))
-    (site_dir / "settings.yml").write_text(f"site_id: {site.id}\n")
-    ledger = tmp / "ledger.txt"
-    app = client.apps.create(site_id=site.id, name="nap", command_template=(
-        f"/bin/sh -c 'echo start $BALSAM_JOB_ID >> {ledger}; sleep {secs}; echo end $BALSAM_JOB_ID >> {ledger}'"))
-    return site, site_dir, app, ledger
 
 
 def test_kill9_launcher_mid_run_second_launcher_finishes(server: ServerProc, tmp_path: Path) -> None:

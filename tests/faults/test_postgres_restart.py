@@ -31,12 +31,12 @@ from tests.faults.harness import (
     ServerProc,
     audit,
     create_jobs,
+    launcher_site,
     states,
     wait_for,
     wait_states,
 )
 from tests.faults.report import record
-from tests.faults.test_launcher_kill import launcher_site
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.runs_last,
               pytest.mark.skipif(not POSTGRES_URL, reason="BALSAM_TEST_DATABASE_URL not set"),

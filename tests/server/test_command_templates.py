@@ -4,15 +4,22 @@ the `shell` declaration round-trips and decides which templates are valid."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
 from balsam_grpc.v1 import app_pb2, app_service_pb2
-from tests.server.test_resources import Api, api, expect_error  # noqa: F401 - api is a fixture
 from tests.support.hostile import RIGHT_FORM
+from tests.support.resources import Api, expect_error
 
 Code = grpc.StatusCode
+
+
+@pytest.fixture
+def api(alice: Any) -> Api:
+    return Api(alice)
 
 
 def _app(site_id: int, template: str, *, shell: bool = False, name: str = "sim") -> app_pb2.App:

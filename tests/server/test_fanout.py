@@ -35,8 +35,9 @@ from balsam_grpc.server.store.db import Database
 from balsam_grpc.server.store.tables import events
 from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_pb2
 from tests.conftest import Caller, Harness
-from tests.server.test_session_stream import Launcher, World
-from tests.server.test_site_stream import SiteClient, _app, _batch_job, _jobs, _site
+from tests.support.launcher import Launcher
+from tests.support.records import World, make_app, make_batch_job, make_jobs, make_site
+from tests.support.site_stream import SiteClient
 
 S = job_pb2
 WAIT = 20.0
@@ -104,8 +105,8 @@ def test_site_stream_is_woken_only_by_events_of_its_site(harness: Harness, alice
     spy = Spy(monkeypatch)
     for name in ("find_work", "site_backlog", "site_events_after"):
         spy.watch(site_work, name, _by_site)
-    mine, other = _site(alice), _site(alice)
-    other_app = _app(alice, other.id)
+    mine, other = make_site(alice), make_site(alice)
+    other_app = make_app(alice, other.id)
     client = SiteClient(alice, mine.id, capabilities=("batch_jobs",))
     try:
         client.welcome()
@@ -117,15 +118,15 @@ def test_site_stream_is_woken_only_by_events_of_its_site(harness: Harness, alice
                   spy.count("site_backlog", alice.user_id, mine.id))
         # Busy elsewhere: jobs, state changes and a pilot at the other site.
         for _ in range(5):
-            _jobs(alice, other_app, 3)
-        _batch_job(alice, other.id)
+            make_jobs(alice, other_app, 3)
+        make_batch_job(alice, other.id)
         _caught_up(harness)
         assert (sub.delivered, spy.count("find_work", alice.user_id, mine.id),
                 spy.count("site_backlog", alice.user_id, mine.id)) == before
         assert spy.count("site_events_after", alice.user_id, mine.id) == 0  # no event-log query at all
         assert not sub.pending
         # Its own pilot: delivered, and the work is found and pushed.
-        bj = _batch_job(alice, mine.id)
+        bj = make_batch_job(alice, mine.id)
         item = client.next("work")
         assert item.submit_batch_job.batch_job.id == bj.id
         assert sub.delivered > before[0]
@@ -139,8 +140,8 @@ def test_site_stream_skips_the_work_scan_for_events_that_make_no_work(harness: H
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
     spy.watch(site_work, "find_work", _by_site)
-    site = _site(alice)
-    app = _app(alice, site.id)  # no hooks, no transfers: new jobs rest in PREPROCESSED
+    site = make_site(alice)
+    app = make_app(alice, site.id)  # no hooks, no transfers: new jobs rest in PREPROCESSED
     client = SiteClient(alice, site.id, capabilities=("batch_jobs", "hooks", "cleanup"))
     try:
         client.welcome()
@@ -149,7 +150,7 @@ def test_site_stream_skips_the_work_scan_for_events_that_make_no_work(harness: H
         sub = _subscription(harness, alice.user_id, site.id)
         _caught_up(harness)
         delivered = sub.delivered
-        _jobs(alice, app, 4)
+        make_jobs(alice, app, 4)
         _caught_up(harness)
         # Delivered (the backlog changes) but no work scan: PREPROCESSED makes no site work.
         assert sub.delivered == delivered + 4
@@ -203,9 +204,9 @@ def test_watcher_is_woken_only_by_its_owners_events(harness: Harness, alice: Cal
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
     spy.watch(event_store, "list_events", lambda conn, q, **k: (q.owner_id,))
-    site = _site(alice)
-    app = _app(alice, site.id)
-    bob_app = _app(bob, _site(bob).id)
+    site = make_site(alice)
+    app = make_app(alice, site.id)
+    bob_app = make_app(bob, make_site(bob).id)
     stub = alice.stub(event_service_pb2_grpc.EventServiceStub)
     responses: queue.Queue[Any] = queue.Queue()
     call = stub.WatchEvents(event_service_pb2.WatchEventsRequest())
@@ -231,11 +232,11 @@ def test_watcher_is_woken_only_by_its_owners_events(harness: Harness, alice: Cal
         assert reads == 1
         delivered = sub.delivered
         for _ in range(5):
-            _jobs(bob, bob_app, 2)
+            make_jobs(bob, bob_app, 2)
         _caught_up(harness)
         assert sub.delivered == delivered
         assert spy.count("list_events", alice.user_id) == reads
-        (job,) = _jobs(alice, app, 1)
+        (job,) = make_jobs(alice, app, 1)
         while True:
             r = responses.get(timeout=WAIT)
             assert r is not None
@@ -374,7 +375,7 @@ def test_watchers_miss_nothing_while_clients_commit(harness: Harness, alice: Cal
 
     # No heartbeat: a watcher that missed its wake-up would wait for good (and fail below).
     monkeypatch.setattr(event_service, "HEARTBEAT_SECONDS", 3600.0)
-    apps = [_app(alice, _site(alice).id) for _ in range(2)]
+    apps = [make_app(alice, make_site(alice).id) for _ in range(2)]
     sites = [a.site_id for a in apps]
     stub = alice.stub(event_service_pb2_grpc.EventServiceStub)
     final: dict[int | None, int] = {}  # set once the writers are done: the last ids to wait for
@@ -392,7 +393,7 @@ def test_watchers_miss_nothing_while_clients_commit(harness: Harness, alice: Cal
             for k in range(10_000):
                 if k >= 15 and all_started.is_set():
                     break
-                _jobs(alice, apps[rng.randrange(2)], rng.randint(1, 3))
+                make_jobs(alice, apps[rng.randrange(2)], rng.randint(1, 3))
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
@@ -433,7 +434,7 @@ def test_watchers_miss_nothing_while_clients_commit(harness: Harness, alice: Cal
     final_known.set()
     # One more event at each site: every watcher has something after `final` to wake for.
     for app in apps:
-        _jobs(alice, app, 1)
+        make_jobs(alice, app, 1)
     for t in watchers:
         t.join(WAIT * 3)
         assert not t.is_alive(), "a watcher never saw the last event (a missed wake-up)"

@@ -31,13 +31,7 @@ from balsam_grpc.v1 import (
     transfer_item_pb2,
     transfer_item_service_pb2,
 )
-from test_resources import (  # same directory; pytest puts it on sys.path
-    Api,
-    expect_error,
-    insert_job,
-    insert_session,
-    insert_transfer,
-)
+from tests.support.resources import Api, expect_error, insert_job, insert_session, insert_transfer
 
 Code = grpc.StatusCode
 Mask = field_mask_pb2.FieldMask

@@ -17,13 +17,13 @@ from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.session_keeper import SessionKeeper
 from balsam_grpc.server.store import sessions as store
 from balsam_grpc.server.store.db import Database
-from tests.server.test_site_stream import _site
+from tests.support.records import make_site
 
 LEASE = 1.0
 
 
 async def _reaped(harness, alice, replicas: int, sessions: int) -> list[str]:
-    site = _site(alice)
+    site = make_site(alice)
     dbs = [Database(harness.url, workers=2) for _ in range(replicas)]
     keepers = [SessionKeeper(db, LEASE) for db in dbs]
     try:

@@ -17,22 +17,16 @@ from sqlalchemy import select
 from balsam_grpc.server.store.tables import events, jobs
 from balsam_grpc.v1 import (
     app_pb2,
-    app_service_pb2,
-    app_service_pb2_grpc,
     common_pb2,
     job_pb2,
-    job_service_pb2,
-    job_service_pb2_grpc,
     session_pb2,
     session_service_pb2,
     session_service_pb2_grpc,
-    site_pb2,
-    site_service_pb2,
-    site_service_pb2_grpc,
 )
 from tests.conftest import POSTGRES_URL, Caller, Harness, database_params
 from tests.support.databases import fresh_postgres
-from tests.support.launcher import WAIT, Launcher  # noqa: F401
+from tests.support.launcher import WAIT, Launcher
+from tests.support.records import World
 
 S = job_pb2
 Req = session_service_pb2.SessionServiceConnectRequest
@@ -70,40 +64,6 @@ def short(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture
 def user(short: ShortLeaseHarness) -> Caller:
     return short.user()
-
-
-class World:
-    """A site with an app (no hooks, no transfers: new jobs are PREPROCESSED at once)."""
-
-    def __init__(self, caller: Caller, **retry: Any) -> None:
-        self.caller = caller
-        self.site = caller.stub(site_service_pb2_grpc.SiteServiceStub).CreateSite(site_service_pb2.CreateSiteRequest(
-            site=site_pb2.Site(name=f"site-{uuid.uuid4().hex[:8]}"))).site
-        self.apps = caller.stub(app_service_pb2_grpc.AppServiceStub)
-        self.app = self.make_app("run", **retry)
-        self.jobs = caller.stub(job_service_pb2_grpc.JobServiceStub)
-        self.n = 0
-
-    def make_app(self, name: str, **retry: Any) -> app_pb2.App:
-        app = app_pb2.App(site_id=self.site.id, name=name, command_template="/bin/true",
-                          retry_policy=app_pb2.RetryPolicy(**retry))
-        return self.apps.CreateApp(app_service_pb2.CreateAppRequest(app=app)).app
-
-    def create(self, count: int = 1, *, app: app_pb2.App | None = None, tags: dict[str, str] | None = None,
-               priority: int = 0, **resources: int) -> list[job_pb2.Job]:
-        specs = []
-        for _ in range(count):
-            self.n += 1
-            specs.append(job_pb2.Job(app_id=(app or self.app).id, workdir=f"w/{self.n}", tags=tags or {},
-                                     priority=priority, resources=job_pb2.JobResources(**resources)))
-        return list(self.jobs.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=specs)).jobs)
-
-    def get(self, job_id: int) -> job_pb2.Job:
-        return self.jobs.GetJob(job_service_pb2.GetJobRequest(id=job_id)).job
-
-    def kill(self, job_id: int) -> None:
-        self.jobs.UpdateJob(job_service_pb2.UpdateJobRequest(job=job_pb2.Job(id=job_id, state=S.JOB_STATE_KILLED),
-                                                             update_mask={"paths": ["state"]}))
 
 
 def wait_for(predicate: Any, timeout: float = WAIT, what: str = "condition") -> Any:

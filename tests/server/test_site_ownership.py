@@ -15,7 +15,8 @@ import pytest
 
 from balsam_grpc.server.embedded import EmbeddedServer
 from balsam_grpc.server.state import ServerSettings
-from tests.server.test_site_stream import SiteClient, _get_site, _site
+from tests.support.records import get_site, make_site
+from tests.support.site_stream import SiteClient
 
 Code = grpc.StatusCode
 
@@ -28,7 +29,7 @@ def test_a_daemon_moving_to_another_replica_takes_its_site_over(harness: Any, al
     via_other = SimpleNamespace(token=alice.token, harness=SimpleNamespace(channel=channel))
     streams: list[SiteClient] = []
     try:
-        site = _site(alice)
+        site = make_site(alice)
         old = SiteClient(alice, site.id)
         streams.append(old)
         old.welcome()
@@ -38,10 +39,10 @@ def test_a_daemon_moving_to_another_replica_takes_its_site_over(harness: Any, al
         err = old.ended()
         assert err is not None and err.code() == Code.ABORTED and "replaced" in err.details()
         new.barrier()  # the new stream serves
-        assert _get_site(alice, site.id).liveness.connected  # the stale stream's end did not clear it
+        assert get_site(alice, site.id).liveness.connected  # the stale stream's end did not clear it
         new.close()
         deadline = time.monotonic() + 30
-        while _get_site(alice, site.id).liveness.connected:
+        while get_site(alice, site.id).liveness.connected:
             assert time.monotonic() < deadline, "the site stayed connected after its current stream ended"
             time.sleep(0.05)
     finally:

@@ -1,19 +1,15 @@
 """SiteService.Connect, the site daemon's work stream, through the generated stubs on
 SQLite and PostgreSQL (contract: notes/site_stream.md).
 
-A test client plays the daemon: it sends SiteHello, takes WorkItems, answers with
-WorkResults and checks what the server pushes and what the other services then show.
-Barriers rather than sleeps: the server handles a stream's messages in order, so a
-ResultAck for a throw-away unsolicited result proves that everything sent before it was
-processed.
+A test client (tests/support/site_stream.py) plays the daemon: it sends SiteHello, takes
+WorkItems, answers with WorkResults and checks what the server pushes and what the other
+services then show.
 """
 
 from __future__ import annotations
 
-import queue
 import secrets
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -23,8 +19,6 @@ from google.protobuf import field_mask_pb2, struct_pb2
 
 from balsam_grpc.v1 import (
     app_pb2,
-    app_service_pb2,
-    app_service_pb2_grpc,
     batch_job_pb2,
     batch_job_service_pb2,
     batch_job_service_pb2_grpc,
@@ -37,108 +31,14 @@ from balsam_grpc.v1 import (
     site_service_pb2,
     site_service_pb2_grpc,
 )
-from tests.support import leases
+from tests.support.leases import move
+from tests.support.records import get_job, get_site, make_app, make_batch_job, make_jobs, make_site
+from tests.support.site_stream import WAIT, SiteClient
 
 pb = site_service_pb2
 BJ = batch_job_pb2
 JS = job_pb2
 Code = grpc.StatusCode
-WAIT = 15.0  # generous bound for a message that should come at once (2-core CI machines)
-
-
-class SiteClient:
-    """A scripted site daemon on one stream (sync gRPC, a thread reads responses)."""
-
-    def __init__(self, caller: Any, site_id: int, *, capabilities: tuple[str, ...] = ("batch_jobs", "hooks", "cleanup"),
-                 max_in_flight: int = 16, token: str | None = None) -> None:
-        self.requests: queue.Queue[pb.SiteServiceConnectRequest | None] = queue.Queue()
-        self.responses: queue.Queue[pb.SiteServiceConnectResponse | None] = queue.Queue()
-        self.error: grpc.RpcError | None = None
-        self.backlogs: list[pb.SiteBacklog] = []
-        self.work: list[pb.WorkItem] = []
-        self._barrier = 0
-        self.send(hello=pb.SiteHello(site_id=site_id, hostname="login1", daemon_version="test",
-                                     capabilities=list(capabilities), max_in_flight=max_in_flight))
-        metadata = (("authorization", f"Bearer {token or caller.token}"),)
-        stub = site_service_pb2_grpc.SiteServiceStub(caller.harness.channel)
-        self.call = stub.Connect(self._outgoing(), metadata=metadata, timeout=120)
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
-
-    def _outgoing(self) -> Any:
-        while True:
-            msg = self.requests.get()
-            if msg is None:
-                return
-            yield msg
-
-    def _pump(self) -> None:
-        try:
-            for msg in self.call:
-                self.responses.put(msg)
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            self.responses.put(None)
-
-    def send(self, **kw: Any) -> None:
-        self.requests.put(pb.SiteServiceConnectRequest(**kw))
-
-    def next(self, kind: str, timeout: float = WAIT) -> Any:
-        """The next message of `kind` (others are recorded: backlogs, work items)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                msg = self.responses.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {kind} within {timeout} s") from None
-            if msg is None:
-                self.responses.put(None)
-                raise AssertionError(f"stream ended waiting for {kind}: {self.error}")
-            got = msg.WhichOneof("message")
-            if got == "backlog":
-                self.backlogs.append(msg.backlog)
-            elif got == "work":
-                self.work.append(msg.work)
-            if got == kind:
-                return getattr(msg, kind)
-
-    def welcome(self) -> pb.SiteWelcome:
-        return self.next("welcome")
-
-    def _round_trip(self) -> pb.ResultAck:
-        self._barrier += 1
-        self.send(result=pb.WorkResult(batch_job=pb.BatchJobUpdate(batch_job_id=10**12 + self._barrier,
-                                                                   state=BJ.BATCH_JOB_STATE_QUEUED)))
-        while True:
-            ack = self.next("result_ack")
-            if any(str(10**12 + self._barrier) in e for e in ack.errors):
-                return ack
-
-    def barrier(self) -> tuple[list[pb.WorkItem], pb.ResultAck]:
-        """Returns the work items pushed since the last barrier, once the server has acted
-        on everything sent before it. Two round trips: the server acknowledges results
-        before it pushes the work the same messages made room for, so the second ack
-        comes after that work."""
-        before = len(self.work)
-        self._round_trip()
-        ack = self._round_trip()
-        return self.work[before:], ack
-
-    def result(self, **kw: Any) -> pb.ResultAck:
-        self.send(result=pb.WorkResult(**kw))
-        return self.next("result_ack")
-
-    def ended(self, timeout: float = WAIT) -> grpc.RpcError | None:
-        """Wait for the server to end the stream; returns the error (None when OK)."""
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "stream did not end"
-        return self.error
-
-    def close(self) -> None:
-        self.requests.put(None)
-        self.call.cancel()
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -149,54 +49,9 @@ def clients() -> Any:
         c.close()
 
 
-def _site(caller: Any, **kw: Any) -> site_pb2.Site:
-    stub = caller.stub(site_service_pb2_grpc.SiteServiceStub)
-    return stub.CreateSite(pb.CreateSiteRequest(site=site_pb2.Site(name=f"site-{secrets.token_hex(4)}", **kw))).site
-
-
-def _app(caller: Any, site_id: int, **kw: Any) -> app_pb2.App:
-    stub = caller.stub(app_service_pb2_grpc.AppServiceStub)
-    app = app_pb2.App(site_id=site_id, name=f"app-{secrets.token_hex(3)}", command_template="echo hi", **kw)
-    return stub.CreateApp(app_service_pb2.CreateAppRequest(app=app)).app
-
-
-def _jobs(caller: Any, app: app_pb2.App, n: int, **kw: Any) -> list[JS.Job]:
-    stub = caller.stub(job_service_pb2_grpc.JobServiceStub)
-    specs = [JS.Job(app_id=app.id, workdir=f"w/{secrets.token_hex(4)}", **kw) for _ in range(n)]
-    return list(stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=specs)).jobs)
-
-
-def _job(caller: Any, job_id: int) -> JS.Job:
-    return caller.stub(job_service_pb2_grpc.JobServiceStub).GetJob(job_service_pb2.GetJobRequest(id=job_id)).job
-
-
-_HOLDERS: dict[int, str] = {}  # job id -> the test launcher session holding it
-
-
-def _move(caller: Any, job_id: int, *states: int) -> None:
-    """What a launcher does to a job: RUNNING leases it, later states are its reports."""
-    for st in states:
-        name = JS.JobState.Name(st).removeprefix("JOB_STATE_")
-        if name == "RUNNING":
-            _HOLDERS[job_id] = leases.lease(caller.harness, caller.user_id, [job_id])
-        else:
-            result = leases.report(caller.harness, caller.user_id, _HOLDERS.pop(job_id), job_id, name)
-            assert not result.rejections, result.rejections
-
-
-def _batch_job(caller: Any, site_id: int, **kw: Any) -> BJ.BatchJob:
-    stub = caller.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
-    bj = BJ.BatchJob(site_id=site_id, num_nodes=kw.pop("num_nodes", 2), wall_time_min=30, **kw)
-    return stub.CreateBatchJob(batch_job_service_pb2.CreateBatchJobRequest(batch_job=bj)).batch_job
-
-
 def _get_batch_job(caller: Any, bj_id: int) -> BJ.BatchJob:
     stub = caller.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
     return stub.GetBatchJob(batch_job_service_pb2.GetBatchJobRequest(id=bj_id)).batch_job
-
-
-def _get_site(caller: Any, site_id: int) -> site_pb2.Site:
-    return caller.stub(site_service_pb2_grpc.SiteServiceStub).GetSite(pb.GetSiteRequest(id=site_id)).site
 
 
 def _wait_for(predicate: Any, what: str, timeout: float = WAIT) -> None:
@@ -221,10 +76,10 @@ def _job_events(caller: Any, job_id: int) -> list[Any]:
 # ---------------------------------------------------------------------------- tests
 
 def test_welcome_backlog_and_liveness(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    app = _app(alice, site.id)
-    _jobs(alice, app, 3, resources=JS.JobResources(num_nodes=2, wall_time_min=20))
-    _jobs(alice, app, 2, resources=JS.JobResources(num_nodes=1, node_packing_count=4, wall_time_min=5))
+    site = make_site(alice)
+    app = make_app(alice, site.id)
+    make_jobs(alice, app, 3, resources=JS.JobResources(num_nodes=2, wall_time_min=20))
+    make_jobs(alice, app, 2, resources=JS.JobResources(num_nodes=1, node_packing_count=4, wall_time_min=5))
     client = _connect(alice, site.id, clients)
     welcome = client.welcome()
     assert welcome.site.id == site.id and welcome.server_version
@@ -235,9 +90,9 @@ def test_welcome_backlog_and_liveness(alice: Any, clients: list[SiteClient]) -> 
     assert backlog.max_job_nodes == 2 and backlog.max_wall_time_min == 20
     assert backlog.pending_jobs == 0 and backlog.running_jobs == 0
     # The backlog follows the jobs: one more runnable job, one running.
-    new = _jobs(alice, app, 1)[0]
+    new = make_jobs(alice, app, 1)[0]
     _wait_for(lambda: client.next("backlog").runnable_jobs == 6, "backlog with 6 runnable jobs")
-    _move(alice, new.id, JS.JOB_STATE_RUNNING)
+    move(alice, new.id, JS.JOB_STATE_RUNNING)
     _wait_for(lambda: client.next("backlog").running_jobs == 1, "backlog with a running job")
     # A snapshot is stored on the site; liveness is visible through GetSite and ListSites.
     snap = site_pb2.SchedulerSnapshot(queues=[site_pb2.QueueStatus(queue="debug", idle_nodes=3, total_nodes=4)],
@@ -246,25 +101,25 @@ def test_welcome_backlog_and_liveness(alice: Any, clients: list[SiteClient]) -> 
     snap.time.GetCurrentTime()
     client.send(snapshot=snap)
     client.barrier()
-    got = _get_site(alice, site.id)
+    got = get_site(alice, site.id)
     assert got.liveness.connected and got.liveness.daemon_version == "test"
     assert got.scheduler_snapshot.backfill_windows[0].wall_time_min == 45
     sites = alice.stub(site_service_pb2_grpc.SiteServiceStub)
     listed = sites.ListSites(pb.ListSitesRequest(filter=pb.SiteFilter(ids=[site.id], connected=True))).sites
     assert [s.id for s in listed] == [site.id]
     client.close()
-    _wait_for(lambda: not _get_site(alice, site.id).liveness.connected, "site marked disconnected")
+    _wait_for(lambda: not get_site(alice, site.id).liveness.connected, "site marked disconnected")
 
 
 def test_pending_batch_job_is_pushed_at_once(alice: Any, clients: list[SiteClient], harness: Any) -> None:
-    site = _site(alice)
+    site = make_site(alice)
     client = _connect(alice, site.id, clients)
     client.welcome()
     client.barrier()
     latencies = []
     for _ in range(10):
         start = time.perf_counter()
-        bj = _batch_job(alice, site.id)
+        bj = make_batch_job(alice, site.id)
         item = client.next("work")
         latencies.append((time.perf_counter() - start) * 1000)
         assert item.id == f"submit:{bj.id}" and item.attempt == 0
@@ -277,8 +132,8 @@ def test_pending_batch_job_is_pushed_at_once(alice: Any, clients: list[SiteClien
 
 
 def test_batch_job_results_update_the_batch_job(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    ok, bad = _batch_job(alice, site.id), _batch_job(alice, site.id)
+    site = make_site(alice)
+    ok, bad = make_batch_job(alice, site.id), make_batch_job(alice, site.id)
     client = _connect(alice, site.id, clients)
     client.welcome()
     items = {client.next("work").id for _ in range(2)}
@@ -323,18 +178,26 @@ def test_batch_job_results_update_the_batch_job(alice: Any, clients: list[SiteCl
         BJ.BATCH_JOB_STATE_FINISHED]
 
 
-def test_cancel_work_for_pending_deletion(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    bj = _batch_job(alice, site.id)
+def _queued_then_pending_deletion(alice: Any, clients: list[SiteClient],
+                                  scheduler_id: str) -> tuple[SiteClient, BJ.BatchJob]:
+    """A batch job the daemon submitted (QUEUED as `scheduler_id`) that its user then
+    asked to delete."""
+    site = make_site(alice)
+    bj = make_batch_job(alice, site.id)
     client = _connect(alice, site.id, clients)
     client.welcome()
     assert client.next("work").id == f"submit:{bj.id}"
     client.result(work_id=f"submit:{bj.id}", batch_job=pb.BatchJobUpdate(
-        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="77"))
-    stub = alice.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
-    stub.UpdateBatchJob(batch_job_service_pb2.UpdateBatchJobRequest(
-        batch_job=BJ.BatchJob(id=bj.id, state=BJ.BATCH_JOB_STATE_PENDING_DELETION),
-        update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id=scheduler_id))
+    alice.stub(batch_job_service_pb2_grpc.BatchJobServiceStub).UpdateBatchJob(
+        batch_job_service_pb2.UpdateBatchJobRequest(
+            batch_job=BJ.BatchJob(id=bj.id, state=BJ.BATCH_JOB_STATE_PENDING_DELETION),
+            update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+    return client, bj
+
+
+def test_cancel_work_for_pending_deletion(alice: Any, clients: list[SiteClient]) -> None:
+    client, bj = _queued_then_pending_deletion(alice, clients, "77")
     item = client.next("work")
     assert item.id == f"cancel:{bj.id}" and item.cancel_batch_job.batch_job.scheduler_id == "77"
     ack = client.result(work_id=item.id, batch_job=pb.BatchJobUpdate(batch_job_id=bj.id,
@@ -345,17 +208,7 @@ def test_cancel_work_for_pending_deletion(alice: Any, clients: list[SiteClient])
 
 def test_running_report_for_a_batch_job_pending_deletion_is_acknowledged_as_refused(
         alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    bj = _batch_job(alice, site.id)
-    client = _connect(alice, site.id, clients)
-    client.welcome()
-    assert client.next("work").id == f"submit:{bj.id}"
-    client.result(work_id=f"submit:{bj.id}", batch_job=pb.BatchJobUpdate(
-        batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED, scheduler_id="78"))
-    alice.stub(batch_job_service_pb2_grpc.BatchJobServiceStub).UpdateBatchJob(
-        batch_job_service_pb2.UpdateBatchJobRequest(
-            batch_job=BJ.BatchJob(id=bj.id, state=BJ.BATCH_JOB_STATE_PENDING_DELETION),
-            update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+    client, bj = _queued_then_pending_deletion(alice, clients, "78")
     ack = client.result(batch_job=pb.BatchJobUpdate(batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_RUNNING))
     assert len(ack.errors) == 1 and "is PENDING_DELETION" in ack.errors[0] and "RUNNING" in ack.errors[0]
     got = _get_batch_job(alice, bj.id)
@@ -363,14 +216,14 @@ def test_running_report_for_a_batch_job_pending_deletion_is_acknowledged_as_refu
 
 
 def test_postprocess_hook_work_and_result(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
-    job = _jobs(alice, app, 1)[0]
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
+    job = make_jobs(alice, app, 1)[0]
     client = _connect(alice, site.id, clients)
     client.welcome()
     work, _ = client.barrier()
     assert work == []  # PREPROCESSED: nothing for the site to do
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
     item = client.next("work")
     assert item.id == f"hook:{job.id}:RUN_DONE:1"
     assert item.run_hook.hook == pb.HOOK_KIND_POSTPROCESS
@@ -382,15 +235,15 @@ def test_postprocess_hook_work_and_result(alice: Any, clients: list[SiteClient])
         job_id=job.id, hook=pb.HOOK_KIND_POSTPROCESS, job_changes=JS.Job(data=data, tags={"checked": "yes"}),
         job_mask=field_mask_pb2.FieldMask(paths=["data", "tags"])))
     assert list(ack.work_ids) == [item.id] and not ack.errors
-    got = _job(alice, job.id)
+    got = get_job(alice, job.id)
     assert got.state == JS.JOB_STATE_JOB_FINISHED  # POSTPROCESSED, then no stage-out: finished
     assert got.data["energy"] == -1.5 and got.tags["checked"] == "yes"
 
 
 def test_hook_creates_jobs_and_fails_with_traceback(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
-    parent, doomed = _jobs(alice, app, 2)
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
+    parent, doomed = make_jobs(alice, app, 2)
     assert parent.state == JS.JOB_STATE_STAGED_IN  # waits for its preprocess hook
     client = _connect(alice, site.id, clients)
     client.welcome()
@@ -401,7 +254,7 @@ def test_hook_creates_jobs_and_fails_with_traceback(alice: Any, clients: list[Si
     ack = client.result(work_id=f"hook:{parent.id}:STAGED_IN:0", hook=pb.HookResult(
         job_id=parent.id, hook=pb.HOOK_KIND_PREPROCESS, new_jobs=children))
     assert not ack.errors, ack.errors
-    assert _job(alice, parent.id).state == JS.JOB_STATE_PREPROCESSED
+    assert get_job(alice, parent.id).state == JS.JOB_STATE_PREPROCESSED
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
     kids = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=JS.JobFilter(parent_ids=[parent.id]))).jobs
     assert len(kids) == 2 and all(k.state == JS.JOB_STATE_AWAITING_PARENTS for k in kids)
@@ -409,34 +262,34 @@ def test_hook_creates_jobs_and_fails_with_traceback(alice: Any, clients: list[Si
     ack = client.result(work_id=f"hook:{doomed.id}:STAGED_IN:0", hook=pb.HookResult(
         job_id=doomed.id, hook=pb.HOOK_KIND_PREPROCESS, next_state=JS.JOB_STATE_FAILED, state_message=trace))
     assert not ack.errors
-    got = _job(alice, doomed.id)
+    got = get_job(alice, doomed.id)
     assert got.state == JS.JOB_STATE_FAILED and "ValueError: bad input" in got.state_message
     assert "ValueError" in _job_events(alice, doomed.id)[-1].message
 
 
 def test_refused_hook_result_fails_the_job(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(handle_error=True))
-    job = _jobs(alice, app, 1)[0]
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(handle_error=True))
+    job = make_jobs(alice, app, 1)[0]
     client = _connect(alice, site.id, clients)
     client.welcome()
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_ERROR)
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_ERROR)
     item = client.next("work")
     assert item.id == f"hook:{job.id}:RUN_ERROR:1" and item.run_hook.hook == pb.HOOK_KIND_HANDLE_ERROR
     ack = client.result(work_id=item.id, hook=pb.HookResult(job_id=job.id, next_state=JS.JOB_STATE_JOB_FINISHED))
     assert list(ack.work_ids) == [item.id]
     assert ack.errors and "JOB_FINISHED" in ack.errors[0]
-    got = _job(alice, job.id)
+    got = get_job(alice, job.id)
     assert got.state == JS.JOB_STATE_FAILED and "RUN_ERROR to JOB_FINISHED" in got.state_message
 
 
 def test_duplicate_result_is_applied_once(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(handle_timeout=True))
-    job = _jobs(alice, app, 1)[0]
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(handle_timeout=True))
+    job = make_jobs(alice, app, 1)[0]
     client = _connect(alice, site.id, clients)
     client.welcome()
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_TIMEOUT)
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_TIMEOUT)
     item = client.next("work")
     result = pb.HookResult(job_id=job.id, hook=pb.HOOK_KIND_HANDLE_TIMEOUT,
                            new_jobs=[JS.Job(app_id=app.id, workdir=f"retry/{secrets.token_hex(3)}")])
@@ -444,7 +297,7 @@ def test_duplicate_result_is_applied_once(alice: Any, clients: list[SiteClient])
     second = client.result(work_id=item.id, hook=result)
     assert list(first.work_ids) == list(second.work_ids) == [item.id]
     assert not first.errors and not second.errors  # the repeat is acknowledged as already applied
-    assert _job(alice, job.id).state == JS.JOB_STATE_RESTART_READY
+    assert get_job(alice, job.id).state == JS.JOB_STATE_RESTART_READY
     restarts = [e for e in _job_events(alice, job.id) if e.job_state.to_state == JS.JOB_STATE_RESTART_READY]
     assert len(restarts) == 1
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
@@ -453,8 +306,8 @@ def test_duplicate_result_is_applied_once(alice: Any, clients: list[SiteClient])
 
 
 def test_reconnect_offers_unresolved_work_again(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    bjs = [_batch_job(alice, site.id) for _ in range(3)]
+    site = make_site(alice)
+    bjs = [make_batch_job(alice, site.id) for _ in range(3)]
     first = _connect(alice, site.id, clients)
     first.welcome()
     ids = {first.next("work").id for _ in bjs}
@@ -473,13 +326,13 @@ def test_reconnect_offers_unresolved_work_again(alice: Any, clients: list[SiteCl
 
 
 def test_credit_limits_outstanding_work(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    bjs = [_batch_job(alice, site.id) for _ in range(5)]
+    site = make_site(alice)
+    bjs = [make_batch_job(alice, site.id) for _ in range(5)]
     client = _connect(alice, site.id, clients, max_in_flight=2)
     client.welcome()
     sent, _ = client.barrier()
     assert len(sent) == 2
-    more = _batch_job(alice, site.id)  # new work while the daemon has no credit left
+    more = make_batch_job(alice, site.id)  # new work while the daemon has no credit left
     sent, _ = client.barrier()
     assert sent == []
     client.send(credit=pb.SiteCredit(items=1))
@@ -494,8 +347,8 @@ def test_credit_limits_outstanding_work(alice: Any, clients: list[SiteClient]) -
 
 
 def test_daemon_without_credit_gets_nothing(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    _batch_job(alice, site.id)
+    site = make_site(alice)
+    make_batch_job(alice, site.id)
     client = _connect(alice, site.id, clients, max_in_flight=0)
     client.welcome()
     sent, _ = client.barrier()
@@ -503,7 +356,7 @@ def test_daemon_without_credit_gets_nothing(alice: Any, clients: list[SiteClient
 
 
 def test_second_connection_replaces_the_first(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
+    site = make_site(alice)
     old = _connect(alice, site.id, clients)
     old.welcome()
     new = _connect(alice, site.id, clients)
@@ -511,16 +364,16 @@ def test_second_connection_replaces_the_first(alice: Any, clients: list[SiteClie
     err = old.ended()
     assert err is not None and err.code() == Code.ABORTED and "replaced by a newer connection" in err.details()
     new.barrier()  # the new stream is alive
-    assert _get_site(alice, site.id).liveness.connected
+    assert get_site(alice, site.id).liveness.connected
 
 
 def test_hello_is_validated(alice: Any, bob: Any, harness: Any, clients: list[SiteClient]) -> None:
-    mine, other = _site(alice), _site(alice)
+    mine, other = make_site(alice), make_site(alice)
     token = harness.user(alice.username, scope="SITE", site_id=mine.id).token
     client = _connect(alice, other.id, clients, token=token)
     err = client.ended()
     assert err is not None and err.code() == Code.PERMISSION_DENIED
-    assert not _get_site(alice, other.id).liveness.connected
+    assert not get_site(alice, other.id).liveness.connected
     # The site token works for its own site.
     ok = _connect(alice, mine.id, clients, token=token)
     assert ok.welcome().site.id == mine.id
@@ -534,10 +387,10 @@ def test_hello_is_validated(alice: Any, bob: Any, harness: Any, clients: list[Si
 
 
 def test_only_declared_capabilities_get_work(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
-    job = _jobs(alice, app, 1)[0]
-    bj = _batch_job(alice, site.id)
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
+    job = make_jobs(alice, app, 1)[0]
+    bj = make_batch_job(alice, site.id)
     hooks_only = _connect(alice, site.id, clients, capabilities=("hooks",))
     hooks_only.welcome()
     sent, _ = hooks_only.barrier()
@@ -549,16 +402,16 @@ def test_only_declared_capabilities_get_work(alice: Any, clients: list[SiteClien
 
 
 def test_cleanup_work_for_finished_jobs(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    app = _app(alice, site.id, cleanup_globs=["*.tmp", "scratch/**"])
-    plain = _app(alice, site.id)
-    job = _jobs(alice, app, 1)[0]
-    other = _jobs(alice, plain, 1)[0]
+    site = make_site(alice)
+    app = make_app(alice, site.id, cleanup_globs=["*.tmp", "scratch/**"])
+    plain = make_app(alice, site.id)
+    job = make_jobs(alice, app, 1)[0]
+    other = make_jobs(alice, plain, 1)[0]
     client = _connect(alice, site.id, clients)
     client.welcome()
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
-    _move(alice, other.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
-    assert _job(alice, job.id).state == JS.JOB_STATE_JOB_FINISHED
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    move(alice, other.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    assert get_job(alice, job.id).state == JS.JOB_STATE_JOB_FINISHED
     item = client.next("work")
     assert item.id == f"cleanup:{job.id}"
     assert item.cleanup.workdir == job.workdir and list(item.cleanup.globs) == ["*.tmp", "scratch/**"]
@@ -580,9 +433,9 @@ def test_a_finished_job_looks_for_cleanups_only(alice: Any, clients: list[SiteCl
     that merely started asks for nothing."""
     from balsam_grpc.server.store import site_work
 
-    site = _site(alice)
-    app = _app(alice, site.id)
-    job = _jobs(alice, app, 1)[0]
+    site = make_site(alice)
+    app = make_app(alice, site.id)
+    job = make_jobs(alice, app, 1)[0]
     client = _connect(alice, site.id, clients)
     client.welcome()
     client.barrier()
@@ -595,8 +448,8 @@ def test_a_finished_job_looks_for_cleanups_only(alice: Any, clients: list[SiteCl
         return real(conn, owner_id, site_id, kinds, *rest)
 
     monkeypatch.setattr(site_work, "find_work", spy)
-    _move(alice, job.id, JS.JOB_STATE_RUNNING)
-    _move(alice, job.id, JS.JOB_STATE_RUN_DONE)
+    move(alice, job.id, JS.JOB_STATE_RUNNING)
+    move(alice, job.id, JS.JOB_STATE_RUN_DONE)
     _wait_for(lambda: {site_work.CLEANUP} in asked, "the stream to look for cleanups after the job finished")
     assert not any(kinds & {site_work.HOOK, site_work.TRANSFER} for kinds in asked), asked
     for kind in ("job_state", "batch_job_state", "transfer_state"):
@@ -605,8 +458,8 @@ def test_a_finished_job_looks_for_cleanups_only(alice: Any, clients: list[SiteCl
 
 
 def test_submission_without_state_fails_the_pilot_not_resubmits(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    bj = _batch_job(alice, site.id)
+    site = make_site(alice)
+    bj = make_batch_job(alice, site.id)
     client = _connect(alice, site.id, clients)
     client.welcome()
     item = client.next("work")
@@ -619,8 +472,8 @@ def test_submission_without_state_fails_the_pilot_not_resubmits(alice: Any, clie
 
 
 def test_cancellation_refused_by_the_scheduler_is_not_retried_in_a_loop(alice: Any, clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    bj = _batch_job(alice, site.id)
+    site = make_site(alice)
+    bj = make_batch_job(alice, site.id)
     stub = alice.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
     client = _connect(alice, site.id, clients)
     client.welcome()
@@ -655,18 +508,18 @@ def test_cancellation_refused_by_the_scheduler_is_not_retried_in_a_loop(alice: A
 
 def test_hook_result_with_bad_new_jobs_fails_the_job_and_creates_nothing(alice: Any,
                                                                           clients: list[SiteClient]) -> None:
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
-    job = _jobs(alice, app, 1)[0]
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
+    job = make_jobs(alice, app, 1)[0]
     client = _connect(alice, site.id, clients)
     client.welcome()
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
     item = client.next("work")
     new_jobs = [JS.Job(app_id=app.id, workdir=f"ok/{secrets.token_hex(3)}"),
                 JS.Job(app_name="no-such-app", workdir=f"bad/{secrets.token_hex(3)}")]
     ack = client.result(work_id=item.id, hook=pb.HookResult(job_id=job.id, new_jobs=new_jobs))
     assert ack.errors and "no-such-app" in ack.errors[0]
-    got = _job(alice, job.id)
+    got = get_job(alice, job.id)
     assert got.state == JS.JOB_STATE_FAILED and "no-such-app" in got.state_message
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
     assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=JS.JobFilter(app_ids=[app.id]))).total == 1
@@ -676,7 +529,7 @@ def test_hook_result_with_bad_new_jobs_fails_the_job_and_creates_nothing(alice: 
     # An unsolicited hook result is refused without touching anything.
     ack = client.result(hook=pb.HookResult(job_id=job.id, next_state=JS.JOB_STATE_RESTART_READY))
     assert ack.errors and not ack.work_ids
-    assert _job(alice, job.id).state == JS.JOB_STATE_FAILED
+    assert get_job(alice, job.id).state == JS.JOB_STATE_FAILED
 
 
 @pytest.mark.edge("site stream results over FIELD_LIMITS (a hook's 40 KB tags, new job's 5 KB workdir, 100 KB status_info)",
@@ -684,16 +537,16 @@ def test_hook_result_with_bad_new_jobs_fails_the_job_and_creates_nothing(alice: 
 def test_results_over_the_field_limits_are_refused_by_name(alice: Any, clients: list[SiteClient]) -> None:
     """The unary calls refuse a field over its limit; results on the site stream used to
     store whatever came (a hook's job_changes.tags had no limit at all)."""
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
-    job, other = _jobs(alice, app, 2)
-    bj = _batch_job(alice, site.id)
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
+    job, other = make_jobs(alice, app, 2)
+    bj = make_batch_job(alice, site.id)
     client = _connect(alice, site.id, clients)
     client.welcome()
     submit = client.next("work")
     assert submit.id == f"submit:{bj.id}"
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
-    _move(alice, other.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    move(alice, other.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
     items = {client.next("work").id for _ in range(2)}
     hook_ids = {j.id: f"hook:{j.id}:RUN_DONE:1" for j in (job, other)}  # run 1
     assert items == set(hook_ids.values())
@@ -702,14 +555,14 @@ def test_results_over_the_field_limits_are_refused_by_name(alice: Any, clients: 
     ack = client.result(work_id=hook_ids[job.id], hook=pb.HookResult(
         job_id=job.id, job_changes=changes, job_mask=field_mask_pb2.FieldMask(paths=["tags"])))
     assert ack.errors and "result.hook.job_changes.tags" in ack.errors[0] and "32,768 bytes" in ack.errors[0]
-    got = _job(alice, job.id)
+    got = get_job(alice, job.id)
     assert got.state == JS.JOB_STATE_FAILED and "result.hook.job_changes.tags" in got.state_message
     assert "big" not in got.tags
 
     child = JS.Job(app_id=app.id, workdir="w/" + "d" * 5000)
     ack = client.result(work_id=hook_ids[other.id], hook=pb.HookResult(job_id=other.id, new_jobs=[child]))
     assert ack.errors and "result.hook.new_jobs[0].workdir" in ack.errors[0]
-    assert _job(alice, other.id).state == JS.JOB_STATE_FAILED
+    assert get_job(alice, other.id).state == JS.JOB_STATE_FAILED
     stub = alice.stub(job_service_pb2_grpc.JobServiceStub)
     assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=JS.JobFilter(app_ids=[app.id]))).total == 2
 
@@ -726,19 +579,19 @@ def test_results_over_the_field_limits_are_refused_by_name(alice: Any, clients: 
 
 
 def test_work_stays_with_its_site(alice: Any, bob: Any, clients: list[SiteClient]) -> None:
-    mine, other = _site(alice), _site(alice)
-    bobs = _site(bob)
-    _batch_job(alice, other.id)
-    _batch_job(bob, bobs.id)
-    app = _app(alice, other.id, hooks=app_pb2.AppHooks(preprocess=True))
-    _jobs(alice, app, 2)
+    mine, other = make_site(alice), make_site(alice)
+    bobs = make_site(bob)
+    make_batch_job(alice, other.id)
+    make_batch_job(bob, bobs.id)
+    app = make_app(alice, other.id, hooks=app_pb2.AppHooks(preprocess=True))
+    make_jobs(alice, app, 2)
     client = _connect(alice, mine.id, clients)
     client.welcome()
     assert client.next("backlog").pending_jobs == 0  # the other site's STAGED_IN jobs are not ours
     sent, _ = client.barrier()
     assert sent == []
     with pytest.raises(AssertionError):  # a result for another site's batch job is refused
-        bj = _batch_job(alice, other.id)
+        bj = make_batch_job(alice, other.id)
         ack = client.result(batch_job=pb.BatchJobUpdate(batch_job_id=bj.id, state=BJ.BATCH_JOB_STATE_QUEUED))
         assert not ack.errors
     assert _get_batch_job(alice, bj.id).state == BJ.BATCH_JOB_STATE_PENDING_SUBMISSION
@@ -746,16 +599,16 @@ def test_work_stays_with_its_site(alice: Any, bob: Any, clients: list[SiteClient
 
 def test_hook_work_latency(alice: Any, clients: list[SiteClient], harness: Any) -> None:
     """Prints how soon a job that reaches RUN_DONE is offered to its site's postprocess hook."""
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
-    jobs = _jobs(alice, app, 10)
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(postprocess=True))
+    jobs = make_jobs(alice, app, 10)
     client = _connect(alice, site.id, clients)
     client.welcome()
     latencies = []
     for job in jobs:
-        _move(alice, job.id, JS.JOB_STATE_RUNNING)
+        move(alice, job.id, JS.JOB_STATE_RUNNING)
         start = time.perf_counter()
-        _move(alice, job.id, JS.JOB_STATE_RUN_DONE)
+        move(alice, job.id, JS.JOB_STATE_RUN_DONE)
         item = client.next("work")
         latencies.append((time.perf_counter() - start) * 1000)
         assert item.id == f"hook:{job.id}:RUN_DONE:1"
@@ -767,9 +620,9 @@ def test_server_failure_on_a_result_is_refused_and_not_retried_here(alice: Any, 
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from balsam_grpc.server.store import site_work
 
-    site = _site(alice)
-    app = _app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
-    job = _jobs(alice, app, 1)[0]
+    site = make_site(alice)
+    app = make_app(alice, site.id, hooks=app_pb2.AppHooks(preprocess=True))
+    job = make_jobs(alice, app, 1)[0]
     client = _connect(alice, site.id, clients)
     client.welcome()
     item = client.next("work")
@@ -783,7 +636,7 @@ def test_server_failure_on_a_result_is_refused_and_not_retried_here(alice: Any, 
     assert "simulated" not in ack.errors[0]  # no server internals leak to the daemon
     sent, _ = client.barrier()  # the stream survives, and the work is not offered again here
     assert sent == []
-    assert _job(alice, job.id).state == JS.JOB_STATE_STAGED_IN
+    assert get_job(alice, job.id).state == JS.JOB_STATE_STAGED_IN
     monkeypatch.undo()
     client.close()
     again = _connect(alice, site.id, clients)

@@ -26,7 +26,9 @@ from balsam_grpc.v1 import (
     transfer_item_service_pb2,
     transfer_item_service_pb2_grpc,
 )
-from test_site_stream import SiteClient, _app, _job, _jobs, _move, _site, _wait_for, pb  # noqa: F401
+from tests.support.leases import move
+from tests.support.records import get_job, make_app, make_jobs, make_site
+from tests.support.site_stream import SiteClient, pb
 
 JS = job_pb2
 T = transfer_item_pb2
@@ -49,7 +51,7 @@ def _slots() -> list[app_pb2.TransferSlot]:
 
 
 def _transfer_job(caller: Any, app: app_pb2.App, **kw: Any) -> JS.Job:
-    (job,) = _jobs(caller, app, 1, transfers={"raw": "aps:/data/run1/raw.dat", "calib": "aps:/calib/v2",
+    (job,) = make_jobs(caller, app, 1, transfers={"raw": "aps:/data/run1/raw.dat", "calib": "aps:/calib/v2",
                                               "result": "eagle:/results/run1.h5"}, **kw)
     return job
 
@@ -87,8 +89,8 @@ def _transfer_work(work: list[pb.WorkItem]) -> dict[str, pb.WorkItem]:
 
 
 def test_stage_in_then_stage_out_moves_the_job(alice, site_clients):
-    site = _site(alice)
-    app = _app(alice, site.id, transfers=_slots())
+    site = make_site(alice)
+    app = make_app(alice, site.id, transfers=_slots())
     job = _transfer_job(alice, app)
     assert job.state == JS.JOB_STATE_READY  # waits for its stage-in
     items = _items(alice, job.id)
@@ -120,17 +122,17 @@ def test_stage_in_then_stage_out_moves_the_job(alice, site_clients):
     assert {i.state for i in _items(alice, job.id).values() if i.direction == IN} == {T.TRANSFER_STATE_ACTIVE}
     metrics = T.TransferMetrics(bytes=1000, files=1, duration_seconds=2.0)
     _report(client, "k1:done-a", _item(raw.id, T.TRANSFER_STATE_DONE, task_id="task-1", metrics=metrics))
-    assert _job(alice, job.id).state == JS.JOB_STATE_READY  # one stage-in item still moving
+    assert get_job(alice, job.id).state == JS.JOB_STATE_READY  # one stage-in item still moving
     _report(client, "k1:done-b", _item(calib.id, T.TRANSFER_STATE_DONE, task_id="task-1",
                                        metrics=T.TransferMetrics(bytes=24, files=3, duration_seconds=2.0)))
-    assert _job(alice, job.id).state == JS.JOB_STATE_PREPROCESSED  # STAGED_IN, no preprocess hook
+    assert get_job(alice, job.id).state == JS.JOB_STATE_PREPROCESSED  # STAGED_IN, no preprocess hook
     got = _items(alice, job.id)["raw"]
     assert (got.state, got.task_id, got.metrics.bytes, got.metrics.files) == (T.TRANSFER_STATE_DONE, "task-1", 1000, 1)
 
     # A repeated report (resent after a reconnect) changes nothing.
     ack = _report(client, "k1:done-a", _item(raw.id, T.TRANSFER_STATE_DONE, task_id="task-1", metrics=metrics))
     assert not ack.errors
-    assert _job(alice, job.id).state == JS.JOB_STATE_PREPROCESSED
+    assert get_job(alice, job.id).state == JS.JOB_STATE_PREPROCESSED
 
     staged = [e for e in _events(alice, job.id) if e.WhichOneof("change") == "job_state"
               and e.job_state.from_state == JS.JOB_STATE_READY]
@@ -140,15 +142,15 @@ def test_stage_in_then_stage_out_moves_the_job(alice, site_clients):
 
     # The run: stage-out is released when the job reaches POSTPROCESSED and offered at once.
     assert _items(alice, job.id)["result"].state == T.TRANSFER_STATE_AWAITING_JOB
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
-    assert _job(alice, job.id).state == JS.JOB_STATE_POSTPROCESSED
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    assert get_job(alice, job.id).state == JS.JOB_STATE_POSTPROCESSED
     item = client.next("work")
     assert item.id == f"transfer:{result.id}"
     sent = item.start_transfers.items[0]
     assert (sent.direction, sent.state, sent.remote_path) == (OUT, T.TRANSFER_STATE_PENDING, "/results/run1.h5")
     _report(client, "k2:done", _item(result.id, T.TRANSFER_STATE_DONE, task_id="task-2",
                                      metrics=T.TransferMetrics(bytes=5, files=1, duration_seconds=0.5)))
-    assert _job(alice, job.id).state == JS.JOB_STATE_JOB_FINISHED
+    assert get_job(alice, job.id).state == JS.JOB_STATE_JOB_FINISHED
 
     changes = [(e.transfer_state.transfer_item_id, e.transfer_state.from_state, e.transfer_state.to_state)
                for e in _events(alice, job.id) if e.WhichOneof("change") == "transfer_state"]
@@ -163,8 +165,8 @@ def test_stage_in_then_stage_out_moves_the_job(alice, site_clients):
 
 
 def test_failed_stage_in_fails_the_job_with_the_reason(alice, site_clients):
-    site = _site(alice)
-    app = _app(alice, site.id, transfers=_slots())
+    site = make_site(alice)
+    app = make_app(alice, site.id, transfers=_slots())
     job = _transfer_job(alice, app)
     items = _items(alice, job.id)
     client = _connect(alice, site.id, site_clients)
@@ -172,7 +174,7 @@ def test_failed_stage_in_fails_the_job_with_the_reason(alice, site_clients):
     ack = _report(client, "k:error", _item(items["raw"].id, T.TRANSFER_STATE_ERROR, task_id="t",
                                            error="source file not found: /data/run1/raw.dat"))
     assert not ack.errors
-    failed = _job(alice, job.id)
+    failed = get_job(alice, job.id)
     assert failed.state == JS.JOB_STATE_FAILED
     for part in ("stage-in", "'raw'", "aps:/data/run1/raw.dat", "raw.dat", "source file not found"):
         assert part in failed.state_message, failed.state_message
@@ -185,24 +187,24 @@ def test_failed_stage_in_fails_the_job_with_the_reason(alice, site_clients):
 
 
 def test_failed_stage_out_fails_the_job(alice, site_clients):
-    site = _site(alice)
-    app = _app(alice, site.id, transfers=[app_pb2.TransferSlot(name="result", direction=OUT, local_path="r.h5")])
-    (job,) = _jobs(alice, app, 1, transfers={"result": "eagle:/results/r.h5"})
+    site = make_site(alice)
+    app = make_app(alice, site.id, transfers=[app_pb2.TransferSlot(name="result", direction=OUT, local_path="r.h5")])
+    (job,) = make_jobs(alice, app, 1, transfers={"result": "eagle:/results/r.h5"})
     assert job.state == JS.JOB_STATE_PREPROCESSED  # nothing to stage in
     client = _connect(alice, site.id, site_clients)
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
     item = client.next("work")
     item_id = item.start_transfers.items[0].id
     _report(client, "k:err", _item(item_id, T.TRANSFER_STATE_ERROR, error="permission denied on /results"))
-    failed = _job(alice, job.id)
+    failed = get_job(alice, job.id)
     assert failed.state == JS.JOB_STATE_FAILED
     assert "stage-out of slot 'result' (r.h5 -> eagle:/results/r.h5) failed: permission denied" in failed.state_message
 
 
 def test_offers_follow_capability_job_state_and_reconnects(alice, site_clients):
-    site = _site(alice)
-    app = _app(alice, site.id, transfers=_slots())
-    (parent,) = _jobs(alice, _app(alice, site.id), 1)
+    site = make_site(alice)
+    app = make_app(alice, site.id, transfers=_slots())
+    (parent,) = make_jobs(alice, make_app(alice, site.id), 1)
     child = _transfer_job(alice, app, parent_ids=[parent.id])
     assert child.state == JS.JOB_STATE_AWAITING_PARENTS
     ready = _transfer_job(alice, app)
@@ -222,7 +224,7 @@ def test_offers_follow_capability_job_state_and_reconnects(alice, site_clients):
     _report(client, "k:d", _item(items["calib"].id, T.TRANSFER_STATE_DONE, task_id="t1"))
 
     # The parent finishes: the child becomes READY and its stage-in is offered without a poll.
-    _move(alice, parent.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    move(alice, parent.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
     child_items = _items(alice, child.id)
     got = {client.next("work").id for _ in range(2)}
     assert got == {f"transfer:{child_items['raw'].id}", f"transfer:{child_items['calib'].id}"}
@@ -240,11 +242,11 @@ def test_offers_follow_capability_job_state_and_reconnects(alice, site_clients):
 
 
 def test_refused_reports(alice, bob, site_clients):
-    site = _site(alice)
-    app = _app(alice, site.id, transfers=_slots())
+    site = make_site(alice)
+    app = make_app(alice, site.id, transfers=_slots())
     job = _transfer_job(alice, app)
     items = _items(alice, job.id)
-    other_site = _site(alice)
+    other_site = make_site(alice)
     client = _connect(alice, other_site.id, site_clients)
     # An item of another site.
     ack = _report(client, "k:x", _item(items["raw"].id, T.TRANSFER_STATE_DONE))
@@ -261,7 +263,7 @@ def test_refused_reports(alice, bob, site_clients):
     # An unsolicited transfer update (no work id) is refused.
     ack = client.result(transfers=pb.TransferUpdate(items=[_item(items["raw"].id, T.TRANSFER_STATE_DONE)]))
     assert ack.errors
-    assert _job(alice, job.id).state == JS.JOB_STATE_READY
+    assert get_job(alice, job.id).state == JS.JOB_STATE_READY
     assert {i.state for i in _items(alice, job.id).values()} == {T.TRANSFER_STATE_PENDING,
                                                                  T.TRANSFER_STATE_AWAITING_JOB}
     # A finished item ignores later reports (a stale ERROR after DONE changes nothing).
@@ -274,16 +276,16 @@ def test_refused_reports(alice, bob, site_clients):
 def test_user_retry_of_a_failed_item_is_offered_again(alice, site_clients):
     """ERROR -> PENDING by the user (UpdateTransferItem) wakes the stream; the item is
     offered again only while its job still waits for it."""
-    site = _site(alice)
-    app = _app(alice, site.id, transfers=[app_pb2.TransferSlot(name="result", direction=OUT, local_path="r.h5")])
-    (job,) = _jobs(alice, app, 1, transfers={"result": "eagle:/r.h5"})
+    site = make_site(alice)
+    app = make_app(alice, site.id, transfers=[app_pb2.TransferSlot(name="result", direction=OUT, local_path="r.h5")])
+    (job,) = make_jobs(alice, app, 1, transfers={"result": "eagle:/r.h5"})
     client = _connect(alice, site.id, site_clients)
-    _move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
     item_id = client.next("work").start_transfers.items[0].id
     # Report the item as failed but keep the job: the report arrives after the user killed
     # nothing; here the job fails, so a retry is not offered.
     _report(client, "k:e", _item(item_id, T.TRANSFER_STATE_ERROR, error="disk full"))
-    assert _job(alice, job.id).state == JS.JOB_STATE_FAILED
+    assert get_job(alice, job.id).state == JS.JOB_STATE_FAILED
     stub = alice.stub(transfer_item_service_pb2_grpc.TransferServiceStub)
     stub.UpdateTransferItem(transfer_item_service_pb2.UpdateTransferItemRequest(
         transfer_item=T.TransferItem(id=item_id, state=T.TRANSFER_STATE_PENDING),
@@ -293,9 +295,9 @@ def test_user_retry_of_a_failed_item_is_offered_again(alice, site_clients):
 
 
 def test_many_items_are_offered_within_credit(alice, site_clients):
-    site = _site(alice)
-    app = _app(alice, site.id, transfers=[app_pb2.TransferSlot(name="raw", direction=IN, local_path="raw")])
-    jobs = _jobs(alice, app, 30, transfers={"raw": f"aps:/d/{secrets.token_hex(2)}"})
+    site = make_site(alice)
+    app = make_app(alice, site.id, transfers=[app_pb2.TransferSlot(name="raw", direction=IN, local_path="raw")])
+    jobs = make_jobs(alice, app, 30, transfers={"raw": f"aps:/d/{secrets.token_hex(2)}"})
     client = _connect(alice, site.id, site_clients, max_in_flight=8)
     work, _ = client.barrier()
     first = _transfer_work(work)

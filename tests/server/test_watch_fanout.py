@@ -14,14 +14,14 @@ import pytest
 
 from balsam_grpc.server.store import events as event_store
 from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc
-from tests.server.test_site_stream import _app, _jobs, _site
+from tests.support.records import make_app, make_jobs, make_site
 
 WATCHERS = 200
 
 
 def test_watchers_of_one_selection_share_one_read_per_wake(harness: Any, alice: Any,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    app = _app(alice, _site(alice).id)
+    app = make_app(alice, make_site(alice).id)
     reads = 0
     lock = threading.Lock()
     real = event_store.list_events
@@ -42,7 +42,7 @@ def test_watchers_of_one_selection_share_one_read_per_wake(harness: Any, alice: 
             for call in calls:  # each has its starting cursor: subscribed
                 await asyncio.wait_for(call.read(), 60)
             before = reads
-            await asyncio.to_thread(_jobs, alice, app, 1)
+            await asyncio.to_thread(make_jobs, alice, app, 1)
 
             async def first_event(call: Any) -> int:
                 while True:

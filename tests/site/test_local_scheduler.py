@@ -4,48 +4,14 @@ and the wall time enforced."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from balsam_grpc.site.schedulers import SubmitError, get_scheduler, read_template
+from balsam_grpc.site.schedulers import SubmitError, get_scheduler
 from balsam_grpc.site.schedulers.local import job_from_record
-
-BOUND_S = 20.0
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def make_script(tmp_path: Path, name: str, command: str) -> Path:
-    sched = get_scheduler("local", state_dir=tmp_path / "state")
-    text = sched.render_script(read_template("local.sh"), {
-        "launcher_command": command, "num_nodes": 2, "wall_time_min": 5, "queue": "", "project": "",
-        "job_name": name, "workdir": str(tmp_path), "env": {"GREETING": "hello there"},
-    })
-    path = tmp_path / f"{name}.sh"
-    path.write_text(text)
-    return path
-
-
-async def submit(sched, script: Path, tmp_path: Path, wall_time_min: int = 5) -> str:
-    return await sched.submit(script, project="", queue="", num_nodes=2, wall_time_min=wall_time_min,
-                              job_name=script.stem, cwd=tmp_path)
-
-
-def wait_until(predicate, what: str):
-    deadline = time.monotonic() + BOUND_S
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.local_scheduler import make_script, run, submit, wait_until
 
 
 def test_submit_run_finish_seen_by_a_new_adapter(tmp_path):

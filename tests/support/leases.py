@@ -15,6 +15,7 @@ from balsam_grpc.server.store import leases
 from balsam_grpc.server.store import sessions as session_store
 from balsam_grpc.server.store.tables import jobs
 from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, Transitioner
+from balsam_grpc.v1 import job_pb2
 
 
 def _write(harness: Any, fn: Any) -> Any:
@@ -63,3 +64,17 @@ def run(harness: Any, owner_id: int, job_id: int, outcome: str | None = "RUN_DON
         result = report(harness, owner_id, session_id, job_id, outcome)
         assert not result.rejections, result.rejections
     return session_id
+
+
+_holders: dict[int, str] = {}  # job id -> the session move() leased it to
+
+
+def move(caller: Any, job_id: int, *states: int) -> None:
+    """What a launcher does to a job: RUNNING leases it, later states are its reports."""
+    for st in states:
+        name = job_pb2.JobState.Name(st).removeprefix("JOB_STATE_")
+        if name == "RUNNING":
+            _holders[job_id] = lease(caller.harness, caller.user_id, [job_id])
+        else:
+            result = report(caller.harness, caller.user_id, _holders.pop(job_id), job_id, name)
+            assert not result.rejections, result.rejections
