@@ -62,17 +62,24 @@ class Reduction:
 
 def reduce_stream(blocks: Iterable[np.ndarray], n_frames: int, meta: dict[str, Any], *, n_rings: int = 8,
                   buffers: int = 8, twotime: bool = True, twotime_rings: list[int] | None = None,
-                  twotime_max_bins: int = MAX_BINS, twotime_max_bytes: int = MAX_BYTES) -> Reduction:
+                  twotime_max_bins: int = MAX_BINS, twotime_max_bytes: int = MAX_BYTES,
+                  workers: int = 1) -> Reduction:
     """One pass over the frames (blocks in time order): multi-tau g2, two-time maps, the
-    time-averaged image and the mean intensity per frame, then a decay fit per ring."""
+    time-averaged image and the mean intensity per frame, then a decay fit per ring.
+
+    `workers` threads share the kernels' work (multi-tau pixel tiles, two-time rings):
+    the results are the same whatever their number."""
     started = time.perf_counter()
     geometry = Geometry(**meta["geometry"])
     q_map = geometry.q_map()
     labels, q_centres = ring_labels(q_map, n_rings)
     frame_time = float(meta["frame_time_s"])
-    kernel = MultiTau(labels, n_rings, n_frames, frame_time, buffers=buffers)
+    kernel = MultiTau(labels, n_rings, n_frames, frame_time, buffers=buffers, workers=workers)
     c2 = (TwoTimeAccumulator(labels, n_rings, n_frames, frame_time, rings=twotime_rings,
-                             max_bins=twotime_max_bins, max_bytes=twotime_max_bytes) if twotime else None)
+                             max_bins=twotime_max_bins, max_bytes=twotime_max_bytes, workers=workers)
+          if twotime else None)
+    # Both kernels over the same pixels in the same order (all rings mapped): one gather.
+    shared = c2 is not None and np.array_equal(c2.pixel_index, kernel.pixel_index)
     image = np.zeros(labels.shape)
     intensity = np.zeros(n_frames)
     inside = labels >= 0
@@ -80,9 +87,14 @@ def reduce_stream(blocks: Iterable[np.ndarray], n_frames: int, meta: dict[str, A
     fed = 0
     for block in blocks:
         block = np.asarray(block)
-        ring_means = kernel.update(block)
-        if c2 is not None:
-            c2.update(block)
+        if shared:
+            picked = kernel.pick(block)
+            ring_means = kernel.update_pixels(picked)
+            c2.update_pixels(picked)
+        else:
+            ring_means = kernel.update(block)
+            if c2 is not None:
+                c2.update(block)
         image += block.sum(axis=0, dtype=np.float64)
         intensity[fed:fed + block.shape[0]] = ring_means @ pixels_per_ring / pixels_per_ring.sum()
         fed += block.shape[0]
@@ -141,11 +153,11 @@ def reduce_file(dataset_path: Path, *, n_rings: int = 8, buffers: int = 8, twoti
 
 
 def analyze_file(dataset_path: Path, results_path: Path, *, n_rings: int = 8, buffers: int = 8,
-                 viewer_path: Path | None = None) -> dict[str, Any]:
+                 viewer_path: Path | None = None, workers: int = 1) -> dict[str, Any]:
     """Reduce a dataset; write the JSON summary to `results_path` (or, if it ends in .h5/
     .hdf, the results HDF5 file) and the results HDF5 file also to `viewer_path`."""
     want_h5 = viewer_path is not None or is_h5(results_path)
-    reduction = reduce_file(Path(dataset_path), n_rings=n_rings, buffers=buffers, twotime=want_h5)
+    reduction = reduce_file(Path(dataset_path), n_rings=n_rings, buffers=buffers, twotime=want_h5, workers=workers)
     results = reduction.summary
     results["dataset"] = str(dataset_path)
     if is_h5(results_path):

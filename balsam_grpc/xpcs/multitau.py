@@ -35,6 +35,7 @@ memory of a run twice as long grows by one level, not twice.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,11 +77,13 @@ class MultiTau:
 
     `labels` (rows, cols) gives each pixel's ring or -1; `n_frames` is the run's length
     (it fixes the lag schedule; a raw file's header says it). Each block is processed in
-    pixel tiles of `chunk_bytes` of float64 (or `chunk_pixels` pixels when given)."""
+    pixel tiles of `chunk_bytes` of float64 (or `chunk_pixels` pixels when given); with
+    `workers` > 1 that many threads take the tiles of a block (numpy's loops release the
+    GIL, so two cores run two tiles), with the same results as one."""
 
     def __init__(self, labels: np.ndarray, n_rings: int, n_frames: int, frame_time_s: float, *,
                  buffers: int = 8, chunk_bytes: int = CHUNK_BYTES, chunk_pixels: int | None = None,
-                 normalization: str = "ring") -> None:
+                 normalization: str = "ring", workers: int = 1) -> None:
         if normalization not in ("ring", "pixel"):
             raise ValueError(f"normalization must be 'ring' or 'pixel', got {normalization!r}")
         flat = np.asarray(labels).ravel()
@@ -96,6 +99,9 @@ class MultiTau:
                                normalization="pixel") if normalization == "ring" else None)
         self.n_rings, self.n_frames, self.frame_time_s, self.buffers = n_rings, n_frames, frame_time_s, buffers
         self.chunk_bytes, self.chunk_pixels = chunk_bytes, chunk_pixels
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
         self.schedule = lag_schedule(n_frames, buffers)
         self.n_levels = max((level for level, _ in self.schedule), default=-1) + 1
         self.level_lags = [[lag for lv, lag in self.schedule if lv == level] for level in range(self.n_levels)]
@@ -114,36 +120,58 @@ class MultiTau:
         own = sum(a.nbytes for a in (self.carry, self.head, self.total, self.pending, *self.products))
         return own + (self.means.state_bytes if self.means is not None else 0)
 
-    def update(self, block: np.ndarray) -> np.ndarray:
-        """Feed the next frames, (m, rows, cols) or (m, rows*cols), in time order. Returns
-        the mean intensity of each ring in each frame, (m, n_rings)."""
+    def pick(self, block: np.ndarray) -> np.ndarray:
+        """The ring pixels of frames (m, rows, cols) or (m, rows*cols), in this kernel's
+        column order (sorted by ring), as `update_pixels` takes them."""
         block = np.asarray(block)
         m = block.shape[0]
         if block.reshape(m, -1).shape[1] != int(np.prod(self.shape)):
             raise ValueError(f"frames of shape {block.shape[1:]} do not match the labels {self.shape}")
+        return np.take(block.reshape(m, -1), self.pixel_index, axis=1)  # take: ~10x faster than [:, index]
+
+    def update(self, block: np.ndarray) -> np.ndarray:
+        """Feed the next frames, (m, rows, cols) or (m, rows*cols), in time order. Returns
+        the mean intensity of each ring in each frame, (m, n_rings)."""
+        return self.update_pixels(self.pick(block))
+
+    def update_pixels(self, picked: np.ndarray) -> np.ndarray:
+        """`update` for frames whose ring pixels are already picked (`pick`): (m, pixels)."""
+        m = picked.shape[0]
         if self.fed + m > self.n_frames:
             raise ValueError(f"more frames than announced ({self.fed + m} > {self.n_frames})")
         self.fed += m
         ring_sums = np.zeros((m, self.n_rings))
         if m == 0 or self.n_levels == 0:
             return ring_sums
-        picked = np.take(block.reshape(m, -1), self.pixel_index, axis=1)  # take: ~10x faster than [:, index]
         # New frames per level: level L+1 gets a frame for every completed pair of level L.
         counts, new = [], m
         for level in range(self.n_levels):
             counts.append(new)
             new = (self.seen[level] + new) // 2 - self.seen[level] // 2
         tile = self.chunk_pixels or max(1, self.chunk_bytes // (8 * (m + self.hold)))
-        for start in range(0, picked.shape[1], tile):
+
+        def feed_tile(start: int) -> list[tuple[int, np.ndarray]]:
             stop = min(start + tile, picked.shape[1])
             x = picked[:, start:stop].astype(np.float64)
             # Ring sums from the tile (pixels are sorted by ring: a tile spans few rings).
             first, last = np.searchsorted(self.bounds, [start, stop - 1], side="right") - 1
+            sums = []
             for r in range(first, last + 1):
                 lo, hi = max(self.bounds[r], start) - start, min(self.bounds[r + 1], stop) - start
                 if hi > lo:
-                    ring_sums[:, r] += x[:, lo:hi].sum(axis=1)
-            self._feed(0, x, slice(start, stop), counts)
+                    sums.append((r, x[:, lo:hi].sum(axis=1)))
+            self._feed(0, x, slice(start, stop), counts)   # tiles write disjoint columns of the state
+            return sums
+
+        starts = range(0, picked.shape[1], tile)
+        if self.workers > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(self.workers) as pool:   # numpy releases the GIL in its loops
+                partials = list(pool.map(feed_tile, starts))
+        else:
+            partials = [feed_tile(start) for start in starts]
+        for sums in partials:       # added in tile order: the same sums whatever the workers
+            for r, s in sums:
+                ring_sums[:, r] += s
         for level, count in enumerate(counts):
             self.seen[level] += count
         ring_means = ring_sums / np.maximum(self.ring_pixels, 1)

@@ -22,6 +22,8 @@ picked, so the gather touches a bin once rather than each of its frames.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,11 +65,15 @@ class TwoTimeAccumulator:
     """Feed frame blocks in time order (`update`), then `result()`.
 
     `labels` (rows, cols) gives each pixel's ring or -1; `rings` selects the rings to
-    map (all by default). `avg_frame` overrides the automatic binning."""
+    map (all by default). `avg_frame` overrides the automatic binning. With `workers` > 1
+    that many threads compute the rings' maps at the end (BLAS releases the GIL)."""
 
     def __init__(self, labels: np.ndarray, n_rings: int, n_frames: int, frame_time_s: float, *,
                  rings: list[int] | None = None, avg_frame: int | None = None,
-                 max_bins: int = MAX_BINS, max_bytes: int = MAX_BYTES) -> None:
+                 max_bins: int = MAX_BINS, max_bytes: int = MAX_BYTES, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
         flat = np.asarray(labels).ravel()
         self.shape = np.asarray(labels).shape
         self.rings = np.arange(n_rings) if rings is None else np.asarray(sorted(set(rings)), dtype=int)
@@ -99,44 +105,52 @@ class TwoTimeAccumulator:
         return self.binned.nbytes
 
     def update(self, block: np.ndarray) -> None:
+        """Feed the next frames, (m, rows, cols) or (m, rows*cols), in time order."""
         block = np.asarray(block)
-        m = block.shape[0]
+        flat = block.reshape(block.shape[0], -1)
+        if self.sum_first:
+            # Sums over frames are elementwise, so picking the pixels after summing gives
+            # the same numbers.
+            self._bin(flat, lambda sums: np.take(sums, self.pixel_index, axis=-1))
+        else:
+            self._bin(np.take(flat, self.pixel_index, axis=1), None)
+
+    def update_pixels(self, picked: np.ndarray) -> None:
+        """`update` for frames whose pixels are already picked, (m, pixels) in the order of
+        `pixel_index` (a multi-tau kernel over the same rings picks the same: the
+        reduction picks once for both)."""
+        self._bin(picked, None)
+
+    def _bin(self, frames: np.ndarray, pick: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """Add frames (m, columns) to their bins; `pick` maps summed columns to the ring
+        pixels (None: the columns are the ring pixels)."""
+        m = frames.shape[0]
         if self.fed + m > self.n_frames:
             raise ValueError(f"more frames than announced ({self.fed + m} > {self.n_frames})")
         # Frames past the last full bin are dropped; the rest add to their bins, whole
         # bins of the block at once (sums of counts are exact in float32 below 2**24).
         usable = max(0, min(m, self.n_bins * self.avg_frame - self.fed))
         if usable:
-            self.integral = self.integral and (np.issubdtype(block.dtype, np.integer) or block.dtype == np.bool_)
-            flat = block.reshape(m, -1)[:usable]
-            # Sums over frames are elementwise, so picking the pixels before or after
-            # summing gives the same numbers.
-            if self.sum_first:
-                def pick(sums: np.ndarray) -> np.ndarray:
-                    return np.take(sums, self.pixel_index, axis=-1)
-                frames = flat
-            else:
-                def pick(sums: np.ndarray) -> np.ndarray:
-                    return sums
-                frames = np.take(flat, self.pixel_index, axis=1)
+            self.integral = self.integral and (np.issubdtype(frames.dtype, np.integer) or frames.dtype == np.bool_)
             i = 0
             while i < usable:
                 b, offset = divmod(self.fed + i, self.avg_frame)
                 k = min(self.avg_frame - offset, usable - i)    # frames of bin b in this block
                 whole = (usable - i - k) // self.avg_frame      # full bins after it
-                self.binned[b] += pick(frames[i:i + k].sum(axis=0, dtype=np.float32))
+                sums = frames[i:i + k].sum(axis=0, dtype=np.float32)
+                self.binned[b] += sums if pick is None else pick(sums)
                 i += k
                 if whole:
                     # Bins b+1.. have had no frame yet (bins fill in time order): written,
                     # not added to; their frames summed in order, one frame at a time.
                     span = frames[i:i + whole * self.avg_frame].reshape(whole, self.avg_frame, -1)
                     target = self.binned[b + 1:b + 1 + whole]
-                    sums = np.empty(span[:, 0].shape, np.float32) if self.sum_first else target
+                    sums = target if pick is None else np.empty(span[:, 0].shape, np.float32)
                     sums[...] = span[:, 0]
                     for j in range(1, self.avg_frame):
                         sums += span[:, j]
-                    if self.sum_first:
-                        target[...] = np.take(sums, self.pixel_index, axis=1)  # (take's out= is slower)
+                    if pick is not None:
+                        target[...] = pick(sums)  # (take's out= is slower)
                     i += whole * self.avg_frame
         self.fed += m
 
@@ -157,11 +171,12 @@ class TwoTimeAccumulator:
         n = self.n_bins
         maps = np.zeros((self.rings.size, n, n))
         tile = max(1, TILE_BYTES // (8 * n))
-        for r in range(self.rings.size):
+
+        def ring_map(r: int) -> None:
             lo, hi = int(self.bounds[r]), int(self.bounds[r + 1])
             if hi <= lo:
                 maps[r] = np.nan
-                continue
+                return
             products = np.zeros((n, n))
             means = np.zeros(n)
             exact = self._exact_tile(lo, hi)
@@ -176,6 +191,15 @@ class TwoTimeAccumulator:
             means /= pixels
             with np.errstate(invalid="ignore", divide="ignore"):
                 maps[r] = products / pixels / np.outer(means, means)
+
+        if self.workers > 1 and self.rings.size > 1:
+            # Largest rings first, so the last ring a worker starts is a small one.
+            order = sorted(range(self.rings.size), key=lambda r: self.bounds[r] - self.bounds[r + 1])
+            with ThreadPoolExecutor(self.workers) as pool:   # BLAS releases the GIL
+                list(pool.map(ring_map, order))
+        else:
+            for r in range(self.rings.size):
+                ring_map(r)
         bin_s = self.avg_frame * self.frame_time_s
         return TwoTime(maps=maps, t_s=np.arange(n) * bin_s, bin_s=bin_s, avg_frame=self.avg_frame, rings=self.rings)
 

@@ -281,3 +281,29 @@ def test_the_site_app_takes_a_raw_file_under_its_local_name(tmp_path: Path) -> N
     summary = analyze_file(staged, tmp_path / RESULT_FILE, n_rings=3, viewer_path=tmp_path / VIEWER_FILE)
     assert summary["frames"] == 128 and summary["twotime"]["bins"] == 128
     np.testing.assert_allclose(read_results(tmp_path / VIEWER_FILE).g2, [r["g2"] for r in summary["rings"]])
+
+
+def test_two_workers_and_the_shared_gather_give_the_same_numbers(tmp_path: Path) -> None:
+    # Threads take multi-tau pixel tiles and two-time rings; the reduction picks the ring
+    # pixels once for both kernels (all rings mapped) or apart (some). Bit for bit alike.
+    dataset = generate(rows=24, cols=24, n_frames=300, seed=8)
+    path = save_dataset(dataset, tmp_path / "raw.h5")
+    runs = [reduce_file(path, n_rings=4, block_frames=64, workers=workers, twotime_rings=rings)
+            for workers in (1, 2) for rings in (None, [1, 3])]
+    labels, _ = ring_labels(dataset.geometry.q_map(), 4)
+    apart = MultiTau(labels, 4, 300, dataset.frame_time_s, chunk_pixels=50)
+    for start in range(0, 300, 64):
+        apart.update(dataset.frames[start:start + 64])
+    for run in runs:
+        np.testing.assert_array_equal(run.arrays.g2, runs[0].arrays.g2)
+        np.testing.assert_array_equal(run.arrays.intensity_t, runs[0].arrays.intensity_t)
+    np.testing.assert_allclose(apart.result().g2, runs[0].arrays.g2, rtol=1e-12)
+    np.testing.assert_array_equal(runs[2].twotime.maps, runs[0].twotime.maps)
+    np.testing.assert_array_equal(runs[3].twotime.maps, runs[1].twotime.maps)
+    np.testing.assert_array_equal(runs[1].twotime.maps, runs[0].twotime.maps[[1, 3]])
+    threaded = MultiTau(labels, 4, 300, dataset.frame_time_s, chunk_pixels=50, workers=2)
+    for start in range(0, 300, 64):
+        threaded.update(dataset.frames[start:start + 64])
+    np.testing.assert_array_equal(threaded.result().g2, apart.result().g2)
+    with pytest.raises(ValueError, match="workers"):
+        MultiTau(labels, 4, 300, dataset.frame_time_s, workers=0)
