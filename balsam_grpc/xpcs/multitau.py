@@ -70,6 +70,8 @@ def lag_schedule(n_frames: int, buffers: int) -> list[tuple[int, int]]:
 # Bytes of one pixel tile's float64 working copy (frames of a block x pixels of the
 # tile): 8 MB tiles stay in the last-level cache's neighbourhood.
 CHUNK_BYTES = 8 << 20
+# int32 sums below this do not overflow.
+INT32_LIMIT = 2**31
 
 
 class MultiTau:
@@ -113,6 +115,7 @@ class MultiTau:
         self.pending = np.zeros((self.n_levels, pixels))        # an odd frame awaiting its pair
         self.products = [np.zeros((len(lags), pixels)) for lags in self.level_lags]
         self.seen = [0] * self.n_levels                          # frames per level so far
+        self.peak = 0                                            # the largest count fed so far
         self.fed = 0
 
     @property
@@ -149,17 +152,22 @@ class MultiTau:
             counts.append(new)
             new = (self.seen[level] + new) // 2 - self.seen[level] // 2
         tile = self.chunk_pixels or max(1, self.chunk_bytes // (8 * (m + self.hold)))
+        # Counts (unsigned integers) go in as int32 while their products are exact (`_feed`).
+        counted = picked.dtype.kind == "u" or picked.dtype == np.bool_
+        if counted and picked.size:
+            self.peak = max(self.peak, int(picked.max()))
+        as_int = counted and self._int_exact(m, 0)
 
         def feed_tile(start: int) -> list[tuple[int, np.ndarray]]:
             stop = min(start + tile, picked.shape[1])
-            x = picked[:, start:stop].astype(np.float64)
+            x = picked[:, start:stop].astype(np.int32 if as_int else np.float64)
             # Ring sums from the tile (pixels are sorted by ring: a tile spans few rings).
             first, last = np.searchsorted(self.bounds, [start, stop - 1], side="right") - 1
             sums = []
             for r in range(first, last + 1):
                 lo, hi = max(self.bounds[r], start) - start, min(self.bounds[r + 1], stop) - start
                 if hi > lo:
-                    sums.append((r, x[:, lo:hi].sum(axis=1)))
+                    sums.append((r, x[:, lo:hi].sum(axis=1, dtype=np.float64)))
             self._feed(0, x, slice(start, stop), counts)   # tiles write disjoint columns of the state
             return sums
 
@@ -179,39 +187,61 @@ class MultiTau:
             self.means.update(ring_means)
         return ring_means
 
+    def _int_exact(self, rows: int, level: int) -> bool:
+        """Whether `rows` frames of `level`, as int32 sums of 2**level frames of counts at
+        most `peak`, have int32 product sums that cannot overflow (so are exact)."""
+        largest = self.peak << level
+        return largest < INT32_LIMIT and rows * largest * largest < INT32_LIMIT
+
     def _feed(self, level: int, x: np.ndarray, cols: slice, counts: list[int]) -> None:
+        """Correlate the tile's new frames `x` (frames, pixels) at `level` and pass their
+        pair averages down the levels. An int32 `x` holds counts summed over 2**level
+        frames (the average times 2**level): its product sums are integers, exact and
+        twice as fast as float64's, and scaled by 4**-level (exact: a power of 2) they are
+        the float64 sums of the averages to the bit; the kept state (carry, head, totals)
+        holds averages as float64. Past the level where int32 could overflow, float64."""
+        weight = 1.0    # of an int32 x: 2**-level (the frames summed); 1 for a float x
         while level < self.n_levels and x.shape[0]:
             m, seen, hold = x.shape[0], self.seen[level], self.hold
+            integer = x.dtype.kind == "i"
             kept = min(seen, hold)
             carry = self.carry[level, :, cols]
             products = self.products[level][:, cols]
             for j, lag in enumerate(self.level_lags[level]):
                 if m > lag:
-                    products[j] += np.einsum("tp,tp->p", x[:-lag], x[lag:])
+                    sums = np.einsum("tp,tp->p", x[:-lag], x[lag:])
+                    products[j] += weight * weight * sums if integer else sums
                 lo, hi = max(0, lag - kept), min(lag, m)  # new frames whose partner is held
                 if hi > lo:
-                    products[j] += np.einsum("tp,tp->p", carry[hold + lo - lag:hold + hi - lag], x[lo:hi])
-            self.total[level, cols] += x.sum(axis=0)
+                    new = x[lo:hi] * weight if integer else x[lo:hi]
+                    products[j] += np.einsum("tp,tp->p", carry[hold + lo - lag:hold + hi - lag], new)
+            self.total[level, cols] += x.sum(axis=0, dtype=np.float64) * weight if integer else x.sum(axis=0)
             if seen < hold:
                 take = min(hold - seen, m)
-                self.head[level, seen:seen + take, cols] = x[:take]
+                self.head[level, seen:seen + take, cols] = x[:take] * weight if integer else x[:take]
             if m >= hold:
-                carry[:] = x[m - hold:]
+                carry[:] = x[m - hold:] * weight if integer else x[m - hold:]
             else:
                 carry[:hold - m] = carry[m:].copy()
-                carry[hold - m:] = x
+                carry[hold - m:] = x * weight if integer else x
             if level + 1 >= self.n_levels:
                 return
-            rest = x
-            if seen % 2:
-                first = 0.5 * (self.pending[level, cols] + x[0])
-                rest = x[1:]
+            rest = x[1:] if seen % 2 else x
             pairs = rest.shape[0] // 2 * 2
-            coarse = 0.5 * (rest[0:pairs:2] + rest[1:pairs:2])
-            if seen % 2:
-                coarse = np.concatenate([first[None], coarse])
+            stay = integer and self._int_exact(pairs // 2 + seen % 2, level + 1)
+            if stay:    # sums of pairs: the next level's int32 x
+                coarse = rest[0:pairs:2] + rest[1:pairs:2]
+                if seen % 2:
+                    first = (self.pending[level, cols] / weight).astype(np.int32) + x[0]
+                    coarse = np.concatenate([first[None], coarse])
+            else:       # averages of pairs as float64 (exact: halves of integers)
+                coarse = (rest[0:pairs:2] + rest[1:pairs:2]) * (0.5 * weight)
+                if seen % 2:
+                    x0 = x[0] * weight if integer else x[0]
+                    coarse = np.concatenate([(0.5 * (self.pending[level, cols] + x0))[None], coarse])
             if rest.shape[0] % 2:
-                self.pending[level, cols] = rest[-1]
+                self.pending[level, cols] = rest[-1] * weight if integer else rest[-1]
+            weight = 0.5 * weight if stay else 1.0
             level, x = level + 1, coarse
 
     def result(self) -> Correlation:
