@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""XPCS kernels on one core: ours against ESRF's xpcs-correlator, on the same raw HDF5 file.
+"""XPCS kernels on one core and on two: ours against ESRF's xpcs-correlator, on the same raw HDF5 file.
 
-Usage: scripts/bench_xpcs.py [--size 128] [--frames 2000] [--rings 16] [--no-theirs] [--json]
+Usage: scripts/bench_xpcs.py [--size 128] [--frames 2000] [--rings 16] [--no-theirs] [--no-two-cores] [--json]
 
 Writes a synthetic raw file (size x size x frames, and one twice as long), then runs each
-kernel in its own child process pinned to one core, reading the same file:
+kernel in its own child process pinned to one core (BLAS, OpenMP and numba pools of one
+thread), reading the same file:
 
   ours multi-tau      multi-tau g2 streamed from the file in frame blocks (+ fits)
   ours + two-time     the same pass also keeps the two-time maps (time bins capped)
@@ -13,6 +14,11 @@ kernel in its own child process pinned to one core, reading the same file:
                       full two-time matrix per ring and g2 at every lag from its diagonals
   theirs-in-memory    the same given the frames as an array (read before the clock starts;
                       its growth then excludes the frames)
+
+and then on two cores (pinned to two, pools of two threads): ours + two-time with
+workers=2 (threads over multi-tau pixel tiles and two-time rings) and theirs with two
+numba/BLAS threads. Per CPU-second a second core can only cost; per wall-second is what
+it buys.
 
 and prints frames/s (frames / wall seconds of the reduction, the file read included;
 and frames per CPU-second, which a busy machine disturbs less),
@@ -35,9 +41,10 @@ import threading
 import time
 from pathlib import Path
 
-# One core, as the figures are quoted: pin BLAS/OpenMP/numba pools before numpy loads.
+# One core (or the child's CORES): pin BLAS/OpenMP/numba pools before numpy loads.
+CORES = int(os.environ.get("BENCH_XPCS_CORES", "1"))
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ[var] = "1"
+    os.environ[var] = str(CORES)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -77,7 +84,7 @@ class RssSampler:
 def child(kind: str, path: Path, rings: int) -> dict:
     """One kernel on one file, in this process: seconds, peak and baseline RSS."""
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:CORES]))
     import h5py
     import numpy as np
 
@@ -85,11 +92,11 @@ def child(kind: str, path: Path, rings: int) -> dict:
     from balsam_grpc.xpcs.geometry import Geometry, ring_labels
     from balsam_grpc.xpcs.h5io import FRAMES, open_raw
 
-    out: dict = {"kind": kind}
+    out: dict = {"kind": kind, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1}
     with open_raw(path) as raw:
         meta, n_frames, out["dataset_mb"] = raw.meta, raw.n_frames, raw.nbytes / 1e6
     labels, _ = ring_labels(Geometry(**meta["geometry"]).q_map(), rings)
-    if kind.startswith("theirs"):
+    if kind.startswith("theirs"):  # theirs, theirs-in-memory, theirs x2
         import xpcscorr
 
         correlate = xpcscorr.correlator_dense_chunked
@@ -117,7 +124,7 @@ def child(kind: str, path: Path, rings: int) -> dict:
         out["baseline_mb"] = _rss_mb()
         with RssSampler() as rss:
             started, cpu = time.perf_counter(), time.process_time()
-            red = reduce_file(path, n_rings=rings, twotime=(kind == "ours+twotime"))
+            red = reduce_file(path, n_rings=rings, twotime=kind.startswith("ours+twotime"), workers=CORES)
             out["seconds"], out["cpu_s"] = time.perf_counter() - started, time.process_time() - cpu
         out["g2_lag1"] = [float(r["g2"][0]) for r in red.summary["rings"]]
         out["rate_error"] = float(np.median([abs(r["gamma_per_s"] / r["true_gamma_per_s"] - 1)
@@ -132,9 +139,9 @@ def child(kind: str, path: Path, rings: int) -> dict:
     return out
 
 
-def run_child(kind: str, path: Path, rings: int) -> dict:
+def run_child(kind: str, path: Path, rings: int, cores: int = 1) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", kind, "--file", str(path), "--rings", str(rings)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "BENCH_XPCS_CORES": str(cores)})
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -146,6 +153,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--rings", type=int, default=16)
     parser.add_argument("--no-theirs", action="store_true", help="skip xpcs-correlator")
+    parser.add_argument("--no-two-cores", action="store_true", help="skip the runs on two cores")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
@@ -167,6 +175,9 @@ def main() -> None:
         generated_s = time.perf_counter() - started
         kinds = ["ours", "ours+twotime"] + ([] if args.no_theirs else ["theirs", "theirs-in-memory"])
         runs = [run_child(kind, files[args.frames], args.rings) for kind in kinds]
+        if not args.no_two_cores and len(os.sched_getaffinity(0)) >= 2:
+            runs += [run_child(kind, files[args.frames], args.rings, cores=2)
+                     for kind in ["ours+twotime"] + ([] if args.no_theirs else ["theirs"])]
         longer = [run_child(kind, files[2 * args.frames], args.rings) for kind in ("ours", "ours+twotime")]
     load = os.getloadavg()[0]
     if args.json:
@@ -175,31 +186,42 @@ def main() -> None:
         return
     ds = runs[0]["dataset_mb"]
     print(f"XPCS kernels, {args.size}x{args.size} x {args.frames} frames (uint16, {ds:.0f} MB), {args.rings} rings, "
-          f"one core, load average {load:.1f} (generation, not timed: {generated_s:.1f} s)")
-    print(f"  {'kernel':18s} {'frames/s':>9s} {'per CPU-s':>9s} {'seconds':>8s} {'peak RSS':>9s} {'growth':>8s} "
-          f"{'growth/dataset':>15s}")
+          f"load average {load:.1f} (generation, not timed: {generated_s:.1f} s)")
+    print(f"  {'kernel':18s} {'cores':>5s} {'frames/s':>9s} {'per CPU-s':>9s} {'seconds':>8s} {'peak RSS':>9s} "
+          f"{'peak/dataset':>12s} {'growth':>8s} {'growth/dataset':>15s}")
     for r in runs:
-        print(f"  {r['kind']:18s} {r['frames_per_s']:9.0f} {r['frames_per_cpu_s']:9.0f} {r['seconds']:8.2f} "
-              f"{r['peak_mb']:7.0f}MB "
+        print(f"  {r['kind']:18s} {r['cores']:5d} {r['frames_per_s']:9.0f} {r['frames_per_cpu_s']:9.0f} "
+              f"{r['seconds']:8.2f} {r['peak_mb']:7.0f}MB {r['peak_mb'] / ds:11.2f}x "
               f"{r['growth_mb']:6.0f}MB {r['growth_mb'] / ds:14.2f}x")
-    by = {r["kind"]: r for r in runs}
-    if "theirs" in by:
-        t = by["theirs"]
-        m = by["theirs-in-memory"]
-        print(f"  ours/theirs frames per CPU-s: multi-tau {by['ours']['frames_per_cpu_s'] / t['frames_per_cpu_s']:.1f}x "
-              f"({by['ours']['frames_per_cpu_s'] / m['frames_per_cpu_s']:.1f}x theirs in memory), with two-time "
-              f"{by['ours+twotime']['frames_per_cpu_s'] / t['frames_per_cpu_s']:.1f}x; xpcs-correlator's numba JIT "
-              f"(not in its time): {t['jit_s']:.1f} s")
-        worst = max(abs(a - b) for a, b in zip(by["ours"]["g2_lag1"], t["g2_lag1"], strict=True))
+    by = {(r["kind"], r["cores"]): r for r in runs}
+    ours, tt = by[("ours", 1)], by[("ours+twotime", 1)]
+    if ("theirs", 1) in by:
+        t, m = by[("theirs", 1)], by[("theirs-in-memory", 1)]
+        print(f"  ours/theirs, one core, frames per CPU-s: multi-tau "
+              f"{ours['frames_per_cpu_s'] / t['frames_per_cpu_s']:.1f}x "
+              f"({ours['frames_per_cpu_s'] / m['frames_per_cpu_s']:.1f}x theirs in memory), with two-time "
+              f"{tt['frames_per_cpu_s'] / t['frames_per_cpu_s']:.1f}x "
+              f"({tt['frames_per_cpu_s'] / m['frames_per_cpu_s']:.1f}x theirs in memory); per wall-s with two-time "
+              f"{tt['frames_per_s'] / t['frames_per_s']:.1f}x; xpcs-correlator's numba JIT (not in its time): "
+              f"{t['jit_s']:.1f} s")
+        worst = max(abs(a - b) for a, b in zip(ours["g2_lag1"], t["g2_lag1"], strict=True))
         print(f"  g2 at lag 1, ours vs theirs: largest difference over the rings {worst:.1e}")
-    tt = by["ours+twotime"]
+    if ("ours+twotime", 2) in by:
+        tt2 = by[("ours+twotime", 2)]
+        line = (f"  two cores, ours with two-time (workers=2): {tt2['frames_per_s']:.0f} frames per wall-s "
+                f"({tt2['frames_per_s'] / tt['frames_per_s']:.2f}x its one-core), {tt2['frames_per_cpu_s']:.0f} per CPU-s")
+        if ("theirs", 2) in by:
+            t2 = by[("theirs", 2)]
+            line += (f"; theirs {t2['frames_per_s']:.0f} per wall-s: ours/theirs on two cores "
+                     f"{tt2['frames_per_s'] / t2['frames_per_s']:.1f}x per wall-s")
+        print(line)
     print(f"  ours two-time: {tt['twotime_bins']} bins of {tt['avg_frame']} frames (theirs: every frame); "
-          f"fitted rates vs truth: "
-          f"median error {by['ours']['rate_error']:.1%}")
-    print(f"  run twice as long ({2 * args.frames} frames, {2 * ds:.0f} MB), ours:")
-    for short, long in zip(runs[:2], longer, strict=True):
+          f"fitted rates vs truth: median error {ours['rate_error']:.1%}")
+    print(f"  run twice as long ({2 * args.frames} frames, {2 * ds:.0f} MB), ours on one core:")
+    for short, long in zip((ours, tt), longer, strict=True):
         print(f"    {short['kind']:16s} peak RSS {short['peak_mb']:.0f} -> {long['peak_mb']:.0f} MB, growth "
-              f"{short['growth_mb']:.0f} -> {long['growth_mb']:.0f} MB; {long['frames_per_cpu_s']:.0f} frames per CPU-s")
+              f"{short['growth_mb']:.0f} -> {long['growth_mb']:.0f} MB (growth/dataset {short['growth_mb'] / ds:.2f}x "
+              f"-> {long['growth_mb'] / (2 * ds):.2f}x); {long['frames_per_cpu_s']:.0f} frames per CPU-s")
 
 
 if __name__ == "__main__":
