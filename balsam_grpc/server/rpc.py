@@ -8,7 +8,8 @@ reaches the handler through a context variable (the interceptor and the handler 
 one contextvars.Context per call).
 
 Every servicer method is wrapped with `unary` or `stream`: the wrapper takes the
-Principal, admits the call (server/admission.py), and turns a BalsamError into a status
+Principal, admits the call (server/admission.py), marks a stream's database work as bulk
+(store/db.py Lanes: unary calls' transactions go first), and turns a BalsamError into a status
 with a google.rpc.ErrorInfo detail. Anything unexpected becomes INTERNAL with an incident
 id that is also in the server log, never UNKNOWN and never a stack trace sent to the
 caller.
@@ -35,6 +36,7 @@ from balsam_grpc.core.errors import ERROR_DOMAIN, BalsamError, ResourceExhausted
 from balsam_grpc.server.admission import stream_kind
 from balsam_grpc.server.auth import Authenticator
 from balsam_grpc.server.principal import Principal
+from balsam_grpc.server.store.db import bulk_work
 from balsam_grpc.server.stream_guard import StreamGuard
 from balsam_grpc.server.unstorable import nul_refusal
 
@@ -239,6 +241,9 @@ def stream(fn: Callable[..., AsyncIterator[Any]] | None = None, *,
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
+        # A stream's transactions wait while unary calls have theirs to run (store/db.py
+        # Lanes): a person waiting on a call goes before a daemon's next batch.
+        bulk_work()
         guard = release = None
         code = "OK"
         open_streams = self.state.metrics.streams_open.labels(method)

@@ -13,12 +13,21 @@ taken up front instead of on the first write), so savepoints nest as on PostgreS
 
 A write that fails for lack of disk space answers RESOURCE_EXHAUSTED (STORAGE_FULL)
 naming the database and its disk, and writes nothing; the next write simply tries again.
+
+Interactive work first (`Lanes`): a task that runs the work of a long-lived stream (site
+daemons, launchers, watchers) calls `bulk_work()`, and its transactions then wait for a
+bulk slot before they enter the pool. While any interactive transaction (a unary call,
+the server's own upkeep) is queued or running, only `bulk_when_busy` bulk transactions
+run at once, else up to `bulk_when_idle`. Without it, 100 launcher sessions kept the
+pool's queue ~600 ms deep and every unary call waited behind them. Streams lose little:
+a delayed stream coalesces more reports into its next transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import gc
 import os
@@ -26,6 +35,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -226,9 +236,75 @@ def describe_location(url: URL) -> str:
     return f"PostgreSQL database {url.database!r} on {url.host or 'localhost'}:{url.port or 5432}"
 
 
+_BULK: contextvars.ContextVar[bool] = contextvars.ContextVar("balsam_db_bulk", default=False)
+
+
+def bulk_work() -> None:
+    """From here on, the calling task's transactions (and those of tasks it creates) are
+    bulk work, which yields to interactive work (`Lanes`)."""
+    _BULK.set(True)
+
+
+class Lanes:
+    """Admits transactions to the pool, interactive ones first. Event-loop bookkeeping only
+    (no locks): interactive work enters at once; bulk work enters while fewer than its
+    limit of bulk transactions are in the pool, in arrival order, at least one at a time,
+    so streams slow down under interactive load but never stop."""
+
+    def __init__(self, bulk_when_idle: int, bulk_when_busy: int) -> None:
+        self.bulk_when_idle = max(1, bulk_when_idle)
+        self.bulk_when_busy = max(1, min(bulk_when_busy, self.bulk_when_idle))
+        self.interactive = 0  # interactive transactions queued or running in the pool
+        self.bulk = 0  # bulk transactions queued or running in the pool
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    def _limit(self) -> int:
+        return self.bulk_when_busy if self.interactive else self.bulk_when_idle
+
+    def enter_interactive(self) -> None:
+        self.interactive += 1
+
+    def leave_interactive(self) -> None:
+        self.interactive -= 1
+        self._admit_waiting()
+
+    async def enter_bulk(self) -> None:
+        if not self._waiting and self.bulk < self._limit():
+            self.bulk += 1
+            return
+        admitted = asyncio.get_running_loop().create_future()
+        self._waiting.append(admitted)
+        try:
+            await admitted
+        except asyncio.CancelledError:
+            if admitted.cancelled():
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(admitted)
+            else:  # admitted, then cancelled before it could run: hand the slot on
+                self.leave_bulk()
+            raise
+
+    def leave_bulk(self) -> None:
+        self.bulk -= 1
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and self.bulk < self._limit():
+            admitted = self._waiting.popleft()
+            if not admitted.done():
+                self.bulk += 1
+                admitted.set_result(None)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
+        loop.call_soon_threadsafe(fn)
+
+
 class Database:
     def __init__(self, url: str | None = None, *, workers: int = 6,
-                 idle_ping_seconds: float = IDLE_PING_SECONDS) -> None:
+                 idle_ping_seconds: float = IDLE_PING_SECONDS, bulk_when_idle: int | None = None,
+                 bulk_when_busy: int = 1) -> None:
         self.url = url or default_database_url()
         self.engine = make_engine(self.url, idle_ping_seconds)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
@@ -243,6 +319,8 @@ class Database:
         self._now_reader = self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres \
             else self.engine
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="balsam-db")
+        # Bulk work never takes every worker: interactive work finds one free.
+        self.lanes = Lanes(bulk_when_idle if bulk_when_idle is not None else workers - 1, bulk_when_busy)
         self._storage_full = False
 
         # Called on the event loop after a commit that appended events: (max event id).
@@ -296,24 +374,47 @@ class Database:
         err.__cause__ = exc
         return err
 
+    async def _run(self, call: Callable[[], T]) -> T:
+        lanes = self.lanes
+        if _BULK.get():
+            await lanes.enter_bulk()
+            leave = lanes.leave_bulk
+        else:
+            lanes.enter_interactive()
+            leave = lanes.leave_interactive
+        loop = asyncio.get_running_loop()
+        try:
+            job = self._pool.submit(call)
+        except BaseException:
+            leave()
+            raise
+        try:
+            result = await asyncio.wrap_future(job, loop=loop)
+        except asyncio.CancelledError:
+            # The caller gave up, the transaction may still run: its slot is held until then.
+            job.add_done_callback(lambda _: _call_soon(loop, leave))
+            raise
+        except BaseException:
+            leave()
+            raise
+        leave()
+        return result
+
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        call = functools.partial(self._write, functools.partial(fn, **kwargs), *args)
-        result, max_event_id = await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        result, max_event_id = await self._run(functools.partial(self._write, functools.partial(fn, **kwargs), *args))
         if max_event_id is not None and self.on_events is not None:
             self.on_events(max_event_id)
         return result
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        call = functools.partial(self.read_sync, functools.partial(fn, **kwargs), *args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return await self._run(functools.partial(self.read_sync, functools.partial(fn, **kwargs), *args))
 
     async def read_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`read` for a function whose statements need no common transaction (each one
         alone is consistent: READ COMMITTED gives every statement its own snapshot
         anyway). On PostgreSQL it runs in autocommit: no BEGIN and ROLLBACK round trips,
         two of a one-query read's three. Not for SET LOCAL, locks or FOR UPDATE."""
-        call = functools.partial(self.read_now_sync, functools.partial(fn, **kwargs), *args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return await self._run(functools.partial(self.read_now_sync, functools.partial(fn, **kwargs), *args))
 
     def dispose(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
