@@ -535,3 +535,36 @@ def test_paging_by_a_time_column_keeps_exact_times(alice):
     assert all(j == full[j.id] for j in seen)  # times (to the microsecond) and every other field
 
 
+
+
+def test_a_refresh_that_was_not_due_is_not_asked_again_at_every_create():
+    """Between ANALYZE_MIN_ROWS and a tenth of the table, each single create used to ask
+    the database again (one more write transaction per create under load)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from balsam_grpc.server.services.jobs import JobServicer
+    from balsam_grpc.server.store import jobs as job_store
+
+    asked: list[int] = []
+
+    class Db:
+        async def write(self, fn, inserted):
+            assert fn is job_store.refresh_planner_stats
+            asked.append(inserted)
+            return False  # a small share of a big table: not due
+
+    async def scenario() -> None:
+        servicer = JobServicer(SimpleNamespace(db=Db()))
+        servicer._created(job_store.ANALYZE_MIN_ROWS)
+        await servicer._stats_task
+        for _ in range(job_store.ANALYZE_MIN_ROWS - 1):
+            servicer._created(1)
+            if servicer._stats_task is not None:
+                await servicer._stats_task
+        assert asked == [job_store.ANALYZE_MIN_ROWS]
+        servicer._created(1)  # as many again since the last answer: ask once more
+        await servicer._stats_task
+        assert asked == [job_store.ANALYZE_MIN_ROWS, 2 * job_store.ANALYZE_MIN_ROWS]
+
+    asyncio.run(scenario())

@@ -341,8 +341,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.db = state.db
-        # Jobs created since the planner statistics were last refreshed.
+        # Jobs created since the planner statistics were last refreshed, and how many make
+        # it worth asking the database whether to refresh them.
         self._unanalyzed = 0
+        self._stats_due = store.ANALYZE_MIN_ROWS
         self._stats_task: asyncio.Task[None] | None = None
         # Owners whose job_counts rows are being compacted (store/job_counts.py).
         self._compacting: dict[int, asyncio.Task[None]] = {}
@@ -351,7 +353,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         """After a commit: refresh planner statistics in the background once enough jobs
         were created (store.refresh_planner_stats decides; the caller never waits)."""
         self._unanalyzed += count
-        if self._unanalyzed >= store.ANALYZE_MIN_ROWS and self._stats_task is None:
+        if self._unanalyzed >= self._stats_due and self._stats_task is None:
             self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
 
     async def _refresh_stats(self) -> None:
@@ -359,6 +361,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         try:
             if await self.db.write(store.refresh_planner_stats, inserted):
                 self._unanalyzed -= inserted
+                self._stats_due = store.ANALYZE_MIN_ROWS
+            else:
+                # Too small a share of the table yet: ask again after as many more, not
+                # after every create (that was one more transaction per create).
+                self._stats_due = inserted + store.ANALYZE_MIN_ROWS
         except Exception:  # noqa: BLE001 - statistics are an optimisation; never fail a caller
             log.warning("refreshing planner statistics failed", exc_info=True)
         finally:
