@@ -2,25 +2,27 @@
 """Load on a real server process: many clients, site streams and launcher sessions at once.
 
 Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites N]
-                             [--sessions N] [--duration S] [--burst N] [--lease-backlog N] [--json]
+                             [--sessions N] [--duration S] [--burst N] [--lease-backlog N]
+                             [--only create|list|update ...] [--json]
 
 1. Starts `python -m balsam_grpc.server` on loopback (default database: PostgreSQL from
    BALSAM_TEST_DATABASE_URL when set, else a temporary SQLite file).
 2. Seeds N jobs (default 1,000,000 on PostgreSQL, 100,000 on SQLite) with BatchCreateJobs
    of 10,000 jobs per call at one "seed" site, and prints the seeding rate.
 3. For `--duration` seconds, all at once:
-   - `--clients` client threads (in two processes) creating single jobs, listing with a
-     filter (tags + state, page of 100, following page tokens) over the seeded jobs,
-     and updating seeded jobs' tags;
+   - `--clients` client threads (in two processes) creating single jobs (30 %), listing
+     with a filter (40 %: tags + state, page of 100, following page tokens) over the
+     seeded jobs, and updating seeded jobs' tags (30 %); `--only` runs some of them;
    - `--sites` site streams (SiteService.Connect: hello, credit, ack and answer the
      batch-job submissions a producer keeps creating);
    - `--sessions` launcher sessions (SessionService.Connect: open, credit, report
-     RUN_DONE for every leased job, credit again) over a backlog of `--lease-backlog`
-     runnable jobs seeded at the work sites (plus the jobs the clients create): the
-     sessions are never starved, so the lease rate is the server's, not the create
-     rate. `jobs_leased_per_s` counts the leases the server made (jobs that left the
-     runnable state, read from the database after the run); `lease_backlog_left` says
-     whether the backlog ran out (then the rate is bounded by it, not by the server);
+     RUN_DONE for every leased job with the freed credit on the report, as the launcher
+     does) over a backlog of `--lease-backlog` runnable jobs seeded at the work sites
+     (plus the jobs the clients create): the sessions are never starved, so the lease
+     rate is the server's, not the create rate. `jobs_leased_per_s` counts the leases
+     the server made in the window (jobs that left the runnable state, counted in the
+     database at its start and end); `lease_backlog_left` says whether the backlog ran
+     out (then the rate is bounded by it, not by the server);
    - slow consumers that never read: a WatchEvents replaying the whole event log and a
      session with a large credit at the seed site. The server must push back on them
      (HTTP/2 flow control), not buffer: its RSS is sampled every second (psutil).
@@ -28,9 +30,13 @@ Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites 
    refuses what it cannot take with RESOURCE_EXHAUSTED; nothing else fails and the
    server answers normally afterwards.
 
-Prints requests/s held per kind, p50/p99 latency of a filtered list and of a create,
-server RSS over time, and errors by status code. Figures, never assertions (the test
-tests/server/test_admission.py runs a small configuration and checks that it reports).
+Prints unary calls/s answered within the window (in total and per kind) with their p50
+and p99 latency, stream messages/s apart from them, the CPU the server and the database
+(PostgreSQL: its backends serving this database) spent in the window, in all and per
+unary call (streams included; with `--sites 0 --sessions 0` the unary calls' own cost),
+server RSS over time, errors by status code, and the load average before and after.
+Figures, never assertions (the test tests/server/test_admission.py runs a small
+configuration and checks that it reports).
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
+sys.path.insert(0, str(ROOT / "scripts"))
+from benchkit import DatabaseCpu  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402
     app_pb2,
     app_service_pb2,
@@ -184,16 +192,31 @@ def setup(address: str, token: str, n_sites: int, n_jobs: int, lease_backlog: in
 # ---------------------------------------------------------------------------- unary clients
 
 def client_process(address: str, token: str, world: dict[str, Any], threads: int, duration: float,
-                   proc_index: int, out: Any) -> None:
-    """`threads` threads, each looping create / filtered list / update until `duration`."""
+                   proc_index: int, out: Any, ready: Any, go: Any, start: Any, kinds: tuple[str, ...]) -> None:
+    """`threads` threads, each looping create / filtered list / update (`kinds`: the ones
+    to run) from the parent's start signal for `duration` seconds. Only calls that end
+    within the window count."""
     md = (("authorization", f"Bearer {token}"),)
     channel = grpc.insecure_channel(address, options=OPTIONS)
     stub = job_service_pb2_grpc.JobServiceStub(channel)
-    stop_at = time.monotonic() + duration
+    grpc.channel_ready_future(channel).result(timeout=60)
     lock = threading.Lock()
     latencies: dict[str, list[float]] = {"create": [], "list": [], "update": []}
     ok: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    mix = [(share, kind) for share, kind in ((0.3, "create"), (0.4, "list"), (0.3, "update")) if kind in kinds]
+    total_share = sum(share for share, _ in mix)
+    ready.set()
+    go.wait()
+    stop_at = start.value + duration
+
+    def pick(roll: float) -> str:
+        roll *= total_share
+        for share, kind in mix:
+            if roll < share:
+                return kind
+            roll -= share
+        return mix[-1][1]
 
     def loop(t: int) -> None:
         rng = random.Random(proc_index * 1000 + t)
@@ -204,17 +227,15 @@ def client_process(address: str, token: str, world: dict[str, Any], threads: int
         i = 0
         while time.monotonic() < stop_at:
             i += 1
-            roll = rng.random()
+            kind = pick(rng.random())
             t0 = time.perf_counter()
             try:
-                if roll < 0.3:
-                    kind = "create"
+                if kind == "create":
                     _, app_id = world["work"][rng.randrange(len(world["work"]))]
                     stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
                         app_id=app_id, workdir=f"load/{proc_index}/{t}/{i}", parameters={"i": str(i)},
                         tags={"load": "work"})), metadata=md, timeout=60)
-                elif roll < 0.7:
-                    kind = "list"
+                elif kind == "list":
                     shard = rng.randrange(SHARDS)
                     page = stub.ListJobs(job_service_pb2.ListJobsRequest(
                         filter=job_pb2.JobFilter(tags={"load": "seed", "shard": str(shard)},
@@ -223,7 +244,6 @@ def client_process(address: str, token: str, world: dict[str, Any], threads: int
                     # Follow the pages half the time, start over otherwise (deep and shallow pages).
                     page_tokens[shard] = page.next_page_token if rng.random() < 0.5 else ""
                 else:
-                    kind = "update"
                     if not world["last_id"]:
                         continue
                     job_id = rng.randint(world["first_id"], world["last_id"])
@@ -231,8 +251,9 @@ def client_process(address: str, token: str, world: dict[str, Any], threads: int
                         job=job_pb2.Job(id=job_id, tags={"load": "seed", "shard": str(
                             (job_id - world["first_id"]) % SHARDS), "touched": str(i)}),
                         update_mask={"paths": ["tags"]}), metadata=md, timeout=60)
-                mine[kind].append((time.perf_counter() - t0) * 1000)
-                my_ok[kind] += 1
+                if time.monotonic() <= stop_at:  # a call that ends after the window is not counted
+                    mine[kind].append((time.perf_counter() - t0) * 1000)
+                    my_ok[kind] += 1
             except grpc.RpcError as err:
                 my_err[code_name(err)] += 1
             except Exception as exc:  # noqa: BLE001 - a bug in this script: counted, not hidden
@@ -351,12 +372,14 @@ async def session_stream(stub: Any, md: Any, site_id: int, stop: asyncio.Event, 
                         seq=seq, job_id=leased.job.id, lease_generation=leased.lease_generation,
                         state=job_pb2.JOB_STATE_RUN_DONE, return_code=0))
                 tally.ok["session_jobs_leased"] += len(transitions)
-                queue.put_nowait(Req(report=session_service_pb2.TransitionReport(transitions=transitions)))
+                # The credit the jobs freed rides on their report, as the launcher sends it
+                # (launcher/session.py): the server leases in the report's transaction.
+                queue.put_nowait(Req(report=session_service_pb2.TransitionReport(transitions=transitions,
+                                                                                 credit=credit.credit)))
             elif kind == "ack":
                 tally.ok["session_reports_acked"] += 1
                 if msg.ack.rejections:
                     tally.errors["session_rejections"] += len(msg.ack.rejections)
-                queue.put_nowait(credit)
     except grpc.aio.AioRpcError as err:
         tally.errors[f"session_stream {err.code().name}"] += 1
     finally:
@@ -409,7 +432,7 @@ async def burst(address: str, md: Any, n: int, world: dict[str, Any]) -> dict[st
 
 
 async def streams_main(address: str, token: str, world: dict[str, Any], n_sites: int, n_sessions: int,
-                       duration: float, n_burst: int, ready: Any) -> dict[str, Any]:
+                       duration: float, n_burst: int, ready: Any, go: Any, start: Any) -> dict[str, Any]:
     md = (("authorization", f"Bearer {token}"),)
     tally = Tally()
     stop = asyncio.Event()
@@ -428,7 +451,8 @@ async def streams_main(address: str, token: str, world: dict[str, Any], n_sites:
                                                           max_jobs=100_000, read=False)))
         slow_watch = events.WatchEvents(event_service_pb2.WatchEventsRequest(replay_from_start=True), metadata=md)
         ready.set()
-        await asyncio.sleep(duration)
+        await asyncio.to_thread(go.wait)
+        await asyncio.sleep(max(0.0, start.value + duration - time.monotonic()))
         # The clients stop at the same moment: let their last calls finish, so the burst's
         # refusals are not mixed into their figures.
         await asyncio.sleep(2.0)
@@ -440,8 +464,9 @@ async def streams_main(address: str, token: str, world: dict[str, Any], n_sites:
 
 
 def streams_process(address: str, token: str, world: dict[str, Any], n_sites: int, n_sessions: int,
-                    duration: float, n_burst: int, ready: Any, out: Any) -> None:
-    out.put(asyncio.run(streams_main(address, token, world, n_sites, n_sessions, duration, n_burst, ready)))
+                    duration: float, n_burst: int, ready: Any, go: Any, start: Any, out: Any) -> None:
+    out.put(asyncio.run(streams_main(address, token, world, n_sites, n_sessions, duration, n_burst, ready, go,
+                                     start)))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -453,6 +478,42 @@ def pct(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
 
 
+class Window:
+    """What the server and the database spent, and the leases made, between the start of
+    the load and the end of its `duration` (the clients' window): taken at both instants."""
+
+    def __init__(self, server: psutil.Process, url: str, address: str, token: str, world: dict[str, Any]) -> None:
+        self.server, self.address, self.token, self.world = server, address, token, world
+        self.database = DatabaseCpu(url)
+        self.at: list[dict[str, Any]] = []
+
+    def take(self) -> None:
+        self.at.append({"time": time.monotonic(), "server_cpu": sum(self.server.cpu_times()[:2]),
+                        "database_cpu": self.database.reading(), "leasable": leasable(self.address, self.token,
+                                                                                      self.world),
+                        "created": created(self.address, self.token, self.world)})
+
+    def figures(self, unary_calls: int) -> dict[str, Any]:
+        first, last = self.at[0], self.at[-1]
+        seconds = last["time"] - first["time"]
+        server = last["server_cpu"] - first["server_cpu"]
+        database = DatabaseCpu.spent(first["database_cpu"], last["database_cpu"])
+        leased = first["leasable"] + (last["created"] - first["created"]) - last["leasable"]
+        per_call = max(1, unary_calls)
+        self.database.close()
+        return {
+            "jobs_leased_per_s": round(leased / seconds, 1),
+            # How much CPU the server got: on a shared 2-core machine the rates above are
+            # bounded by this, not by the server's design.
+            "server_cpu_percent_of_one_core": round(100 * server / seconds, 1),
+            "database_cpu_percent_of_one_core": round(100 * database / seconds, 1) if self.database.conn else None,
+            # All the CPU of the window per unary call, the streams' work included; with
+            # --sites 0 --sessions 0 it is the unary calls' own cost.
+            "server_cpu_ms_per_unary_call": round(1000 * server / per_call, 3),
+            "database_cpu_ms_per_unary_call": round(1000 * database / per_call, 3) if self.database.conn else None,
+        }
+
+
 def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="balsam-load-") as home:
         proc, address, token = start_server(url, home)
@@ -460,60 +521,62 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         try:
             print(f"seeding {args.jobs} jobs and a lease backlog of {args.lease_backlog} ...", file=sys.stderr)
             world = setup(address, token, args.sites, args.jobs, args.lease_backlog)
-            leasable_before = leasable(address, token, world)
             rss_seeded = server.memory_info().rss
             ctx = mp.get_context("spawn")
             out = ctx.Queue()
-            ready = ctx.Event()
+            go = ctx.Event()
+            start = ctx.Value("d", 0.0)
+            ready = [ctx.Event() for _ in range(3)]
             streams = ctx.Process(target=streams_process, args=(address, token, world, args.sites, args.sessions,
-                                                                args.duration, args.burst, ready, out))
+                                                                args.duration, args.burst, ready[0], go, start, out))
             streams.start()
-            ready.wait(120)
-            print(f"load for {args.duration:g} s: {args.clients} clients, {args.sites} site streams, "
-                  f"{args.sessions} sessions, 2 slow consumers ...", file=sys.stderr)
             procs = max(1, min(2, args.clients))
             per = [args.clients // procs + (1 if i < args.clients % procs else 0) for i in range(procs)]
-            clients = [ctx.Process(target=client_process, args=(address, token, world, n, args.duration, i, out))
+            clients = [ctx.Process(target=client_process, args=(address, token, world, n, args.duration, i, out,
+                                                                ready[1 + i], go, start, tuple(args.only)))
                        for i, n in enumerate(per)]
-            t0 = time.monotonic()
-            cpu0 = sum(server.cpu_times()[:2])
             for c in clients:
                 c.start()
+            for event in ready[:1 + len(clients)]:
+                event.wait(120)
+            print(f"load for {args.duration:g} s: {args.clients} clients ({', '.join(args.only)}), {args.sites} site "
+                  f"streams, {args.sessions} sessions, 2 slow consumers ...", file=sys.stderr)
+            window = Window(server, url, address, token, world)
+            window.take()
+            t0 = start.value = time.monotonic()
+            go.set()
             rss: list[tuple[float, int]] = []
             results: list[dict[str, Any]] = []
-            deadline = time.monotonic() + args.duration + 300
+            deadline = t0 + args.duration + 300
             # Results are drained while waiting: a child blocks at exit until its queued
             # result has been read.
             while len(results) < len(clients) + 1:
                 rss.append((round(time.monotonic() - t0, 1), server.memory_info().rss))
+                if len(window.at) == 1 and time.monotonic() >= t0 + args.duration:
+                    window.take()
                 try:
-                    results.append(out.get(timeout=1.0))
+                    results.append(out.get(timeout=max(0.01, min(1.0, t0 + args.duration - time.monotonic()))
+                                           if len(window.at) == 1 else 1.0))
                 except Empty:
                     pass
                 if proc.poll() is not None:
                     raise SystemExit("the server died under load")
                 if time.monotonic() > deadline:
                     raise SystemExit("load processes did not finish within the duration + 300 s")
-            wall = time.monotonic() - t0
-            cpu = sum(server.cpu_times()[:2]) - cpu0
             for p in (*clients, streams):
                 p.join(30)
-            elapsed = args.duration
             alive = proc.poll() is None
-            leases = leases_made(address, token, world, leasable_before) if alive else {}
+            leases = leases_left(address, token, world) if alive else {}
         finally:
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    figures = report(world, results, rss, rss_seeded, elapsed, alive, args)
-    if leases:
-        figures["jobs_leased_per_s"] = round(leases["leased"] / elapsed, 1)
-        figures["lease_backlog_left"] = leases["backlog_left"]
-    # How much CPU the server got: on a shared 2-core machine the rates above are bounded
-    # by this, not by the server's design.
-    figures["server_cpu_percent_of_one_core"] = round(100 * cpu / wall, 1)
+    figures = report(world, results, rss, rss_seeded, args.duration, alive, args)
+    unary_calls = round(figures["unary_calls_per_s"] * args.duration)
+    figures.update(window.figures(unary_calls))
+    figures.update(leases)
     figures["machine_load_average_1m"] = round(os.getloadavg()[0], 2)
     return figures
 
@@ -531,15 +594,17 @@ def leasable(address: str, token: str, world: dict[str, Any]) -> int:
                                                     states=[world["seed_state"]]))
 
 
-def leases_made(address: str, token: str, world: dict[str, Any], leasable_before: int) -> dict[str, int]:
-    """Leases the server made during the load: the work sites' jobs that left the runnable
-    state, whether they were there before (the backlog) or created during the load."""
+def created(address: str, token: str, world: dict[str, Any]) -> int:
+    """Jobs the clients created at the work sites so far."""
+    return _count(address, token, job_pb2.JobFilter(app_ids=[a for _, a in world["work"]], tags={"load": "work"}))
+
+
+def leases_left(address: str, token: str, world: dict[str, Any]) -> dict[str, int]:
+    """Whether the sessions could have leased more: the seeded backlog still runnable (at
+    zero the lease rate was bounded by the backlog, not by the server)."""
     apps = [a for _, a in world["work"]]
-    created = _count(address, token, job_pb2.JobFilter(app_ids=apps, tags={"load": "work"}))
-    after = leasable(address, token, world)
-    backlog_left = _count(address, token, job_pb2.JobFilter(app_ids=apps, tags={"load": "backlog"},
-                                                            states=[world["seed_state"]]))
-    return {"leased": leasable_before + created - after, "backlog_left": backlog_left}
+    return {"lease_backlog_left": _count(address, token, job_pb2.JobFilter(app_ids=apps, tags={"load": "backlog"},
+                                                                           states=[world["seed_state"]]))}
 
 
 def report(world: dict[str, Any], results: list[dict[str, Any]], rss: list[tuple[float, int]], rss_seeded: int,
@@ -556,12 +621,17 @@ def report(world: dict[str, Any], results: list[dict[str, Any]], rss: list[tuple
         burst_result = r.get("burst") or burst_result
     mb = [(t, round(v / 2**20, 1)) for t, v in rss]
     settled = [v for t, v in mb if t >= min(10.0, elapsed / 3)] or [v for _, v in mb]
+    unary = {k: v for k, v in ok.items() if k in latencies}
     figures = {
         "jobs_seeded": args.jobs,
         "seed_jobs_per_s": world["seed_jobs_per_s"],
         "duration_s": elapsed,
         "clients": args.clients, "site_streams": args.sites, "sessions": args.sessions,
-        "requests_per_s": {k: round(v / elapsed, 1) for k, v in sorted(ok.items())},
+        "machine_load_average_1m_before": args.load_before,
+        # Unary calls answered OK within the window (a call that ends after it is not counted).
+        "unary_calls_per_s": round(sum(unary.values()) / elapsed, 1),
+        "requests_per_s": {k: round(v / elapsed, 1) for k, v in sorted(unary.items())},
+        "stream_messages_per_s": {k: round(v / elapsed, 1) for k, v in sorted(ok.items()) if k not in latencies},
         "list_p50_ms": pct(latencies["list"], 0.5), "list_p99_ms": pct(latencies["list"], 0.99),
         "create_p50_ms": pct(latencies["create"], 0.5), "create_p99_ms": pct(latencies["create"], 0.99),
         "update_p50_ms": pct(latencies["update"], 0.5), "update_p99_ms": pct(latencies["update"], 0.99),
@@ -586,8 +656,11 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=2000, help="concurrent calls in the overload burst")
     parser.add_argument("--lease-backlog", type=int, default=20_000,
                         help="runnable jobs seeded at the work sites for the sessions to lease (default 20,000)")
+    parser.add_argument("--only", nargs="+", choices=("create", "list", "update"), default=["create", "list", "update"],
+                        help="unary kinds the clients send (default all three: 30%% create, 40%% list, 30%% update)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
+    args.load_before = round(os.getloadavg()[0], 2)
     url = args.database or os.environ.get("BALSAM_TEST_DATABASE_URL") or ""
     if not url:
         url = f"sqlite:///{tempfile.mkdtemp(prefix='balsam-load-db-')}/load.db"
