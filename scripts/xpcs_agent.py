@@ -209,7 +209,8 @@ class Agent:
             f"{self.run_id}/{name}", rings=opts.rings,
             transfers={"dataset": f"{opts.in_location}:/{self.run_id}/{name}.npz",
                        "result": f"{opts.out_location}:/{self.run_id}/{name}.json"},
-            tags={"exp": self.run_id, "dataset": name, **opts.extra_tags}, num_nodes=1, node_packing_count=1)
+            tags={"exp": self.run_id, "dataset": name, **opts.extra_tags}, num_nodes=1, node_packing_count=1,
+            data=decision.job_data())  # the prediction travels with the job: any router calibrates on it
         self.router.record(decision, job.id)  # its error, once finished, calibrates the margin
         output = (opts.results_dir / self.run_id / f"{name}.json").resolve()
         self.submitted.put((job, Record(dataset=name, truth=truth, site_id=site_id,

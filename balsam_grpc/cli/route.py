@@ -6,6 +6,10 @@ deadline policy plans for: each term's measured spread, see balsam_grpc.sdk.rout
 and cost, the history the figures come from (samples, transfer rate, the cold start's
 median..p90; `*` marks a term borrowed from the other sites' pooled history), and the
 site each routing policy would choose. Nothing is submitted and no placement is counted.
+
+The high quantile includes the margin calibrated on the routed jobs that have finished
+(their predictions travel in their data, see `Decision.job_data`): the same margin the
+router of the experiment plans with, once MIN_CALIBRATION of them have finished.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def route(
     router = Router(client, site_ids, "earliest", app=app, in_location=in_location, out_location=out_location)
     loads = router.loads()
     history = router.history()
-    ests = estimates(loads, history, input_bytes=input_bytes, output_bytes=output_bytes)
+    margin, finished = router.calibration()
+    ests = estimates(loads, history, calibration_s=margin, input_bytes=input_bytes, output_bytes=output_bytes)
     choices: dict[str, Any] = {"earliest": choose_earliest(ests).site_id,
                                "shortest_backlog": choose_shortest_backlog(loads), "best": choose_best(loads),
                                "round_robin": site_ids[0]}
@@ -92,6 +97,8 @@ def route(
             for e in ests]
     if output in (Format.json, Format.yaml):
         out.write(out.dump([{"app": app, "deadline_s": deadline, "sites": rows,
+                             "calibration": {"margin_s": margin, "finished_predictions": finished,
+                                             "needed": router.min_calibration},
                              "choices": {k: names.get(v, v) for k, v in choices.items()}}], output))
         return
 
@@ -120,6 +127,13 @@ def route(
     out.render(rows, columns, output, no_header=no_header,
                title=f"one more {app} job ({input_bytes:g} B in, {output_bytes:g} B out), seconds from now; "
                      "* = borrowed from the other sites' history")
+    p = round(100 * router.quantile)
+    if margin is None:
+        out.stdout().print(f"P{p}_S by the per-term spreads alone: {finished} routed job(s) finished with a "
+                           f"prediction, {router.min_calibration} needed to calibrate")
+    else:
+        out.stdout().print(f"P{p}_S includes a calibrated margin of {margin:.1f} s (from {finished} routed jobs' "
+                           "predictions against their turnarounds)")
     picks = "  ".join(f"{k}: {names.get(v, v)}" for k, v in choices.items() if k in STRATEGIES)
     out.stdout().print(f"policies would choose  {picks}")
     if deadline is not None and choices.get("deadline") is not None and miss:

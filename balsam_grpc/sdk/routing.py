@@ -38,7 +38,10 @@ job history `read_history` reads) over the completion predicted at that quantile
 QUANTILE of those excesses (`calibrated_margin`, with the finite-sample rank of split
 conformal prediction) widens every later estimate's margin (`Estimate.calibration_s`,
 never negative: the margin only widens). With fewer than MIN_CALIBRATION finished
-predictions the per-term spreads stand alone.
+predictions the per-term spreads stand alone. A prediction also travels with its job
+(`Decision.job_data()`, under ROUTING_KEY in the job's data, set at submission), so any
+router, `balsamctl route` included, reads the record of every routed job that has
+finished (`read_history`) and plans with the same calibrated margin.
 
 Each term comes from a `LinearModel` fitted to history with the median absolute residual
 as its error; a site without history of its own borrows the pooled history of the others
@@ -71,6 +74,8 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from google.protobuf import json_format
 
 from balsam_grpc.sdk.analytics import phase_seconds, state_change, timelines
 from balsam_grpc.sdk.errors import InvalidArgument
@@ -275,6 +280,7 @@ class SiteHistory:
     pilot_delay_high_s: float | None = None  # the QUANTILE of the measured pilot queue delays
     dispatch_s: float | None = None  # a freed slot to the next waiting job's start (launcher latency)
     turnarounds: tuple[tuple[int, float], ...] = ()  # (job id, creation to finished, s) of finished jobs
+    predictions: tuple[Prediction, ...] = ()  # what a router predicted for them (`Decision.job_data`)
 
 
 def pooled(histories: Iterable[SiteHistory]) -> SiteHistory:
@@ -454,6 +460,22 @@ class Prediction:
     high_s: float
 
 
+# The key of a job's data under which its routing prediction travels.
+ROUTING_KEY = "routing"
+
+
+def recorded_prediction(job_id: int, data: Mapping[str, Any]) -> Prediction | None:
+    """The prediction a job's data holds (`Decision.job_data`), or None (not routed, or
+    not by a router that says so)."""
+    entry = data.get(ROUTING_KEY)
+    if not isinstance(entry, Mapping):
+        return None
+    try:
+        return Prediction(int(job_id), int(entry["site_id"]), float(entry["total_s"]), float(entry["high_s"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def prediction_excesses(predictions: Iterable[Prediction], turnarounds: Mapping[int, float]) -> list[float]:
     """Per prediction whose job has finished (`turnarounds`: job id -> seconds from
     creation to finished), how far the actual turnaround lies above the predicted high
@@ -496,6 +518,17 @@ class Decision:
         if self.deadline_s is None or mine is None:
             return None
         return mine.high_s > self.deadline_s
+
+    def job_data(self) -> dict[str, Any]:
+        """What to put in the job's data at submission (`data=`) so that every router
+        reading the history, in any process, calibrates on this prediction once the job
+        has finished: the chosen site's typical completion and its high quantile by the
+        per-term spreads. Empty when the decision has no estimate."""
+        mine = self.chosen
+        if mine is None:
+            return {}
+        return {ROUTING_KEY: {"site_id": mine.site_id, "strategy": self.strategy, "total_s": round(mine.total_s, 3),
+                              "high_s": round(mine.spread_high_s, 3), "deadline_s": self.deadline_s}}
 
 
 def choose_earliest(ests: Sequence[Estimate]) -> Estimate:
@@ -622,6 +655,7 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
     lives = {job_id: tl for job_id, tl in timelines(changes).items() if "JOB_FINISHED" in tl.first_entry}
     job_ids = sorted(lives)
     pilot_of_job: dict[int, int] = {}  # the cold starts count jobs of any app: a pilot is a pilot
+    recorded: dict[int, Prediction] = {}
     kept = set()
     wanted = set(app_ids.values()) if app_ids is not None else None
     for i in range(0, len(job_ids), _ID_CHUNK):
@@ -631,6 +665,11 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
             pilot_of_job[j.id] = j.batch_job_id
             if wanted is None or j.app_id in wanted:
                 kept.add(j.id)
+                routed = j.data.fields.get(ROUTING_KEY) if j.HasField("data") else None
+                if routed is not None:
+                    found = recorded_prediction(j.id, {ROUTING_KEY: json_format.MessageToDict(routed)})
+                    if found is not None:
+                        recorded[j.id] = found
     if wanted is not None:
         job_ids = [j for j in job_ids if j in kept]
     moved: dict[int, dict[int, list[Any]]] = defaultdict(lambda: defaultdict(list))  # job -> direction -> items
@@ -689,7 +728,8 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
             pilot_delay_high_s=quantile(recent, q) if recent else None,
             pilot_delay_samples=len(recent), charge_per_node_hour=(charges or {}).get(site_id, 1.0),
             dispatch_s=statistics.median(dispatch[site_id]) if dispatch.get(site_id) else None,
-            turnarounds=tuple(turnarounds.get(site_id, ())))
+            turnarounds=tuple(turnarounds.get(site_id, ())),
+            predictions=tuple(recorded[j] for j, _ in turnarounds.get(site_id, ()) if j in recorded))
     return out
 
 
@@ -703,7 +743,8 @@ class Router:
     `quantile` is the high quantile of each term `deadline` plans for (0.9: a site is
     trusted with a job when it would make the deadline with every term as slow as its
     slowest tenth of the history, one term at a time, added in quadrature), widened by
-    the router's own past errors: `record` each routed job's id with its decision, and
+    the router's own past errors: `record` each routed job's id with its decision (and
+    submit the job with `data=decision.job_data()`, so other routers see it too), and
     once MIN_CALIBRATION of them have finished, their excesses over the predicted high
     quantile set the margin (`calibrated_margin`)."""
 
@@ -814,7 +855,11 @@ class Router:
 
     def _calibration(self) -> tuple[float | None, int]:
         done = {job_id: s for h in self._history.values() for job_id, s in h.turnarounds}
-        excesses = prediction_excesses(self._predictions, done)[-CALIBRATION_WINDOW:]
+        # This router's own record and every job's, as the history carries them, in the
+        # order the jobs were created.
+        made = {p.job_id: p for h in self._history.values() for p in h.predictions}
+        made.update((p.job_id, p) for p in self._predictions)
+        excesses = prediction_excesses([made[j] for j in sorted(made)], done)[-CALIBRATION_WINDOW:]
         return calibrated_margin(excesses, self.quantile, self.min_calibration), len(excesses)
 
     def estimates(self, *, input_bytes: float = 0.0, output_bytes: float = 0.0) -> list[Estimate]:
@@ -874,6 +919,7 @@ __all__ = [
     "Estimate",
     "LinearModel",
     "Prediction",
+    "ROUTING_KEY",
     "Router",
     "SiteHistory",
     "SiteLoad",
@@ -896,6 +942,7 @@ __all__ = [
     "prediction_excesses",
     "quantile",
     "read_history",
+    "recorded_prediction",
     "service_rate_per_min",
     "slot_wait_s",
     "slot_waits",

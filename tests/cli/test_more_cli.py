@@ -208,6 +208,28 @@ def test_route_predicts_from_the_apps_history(cli_server: CliServer, synced: Non
     missing = cli_server.run("route", "--app", "NoSuchApp")
     assert missing.returncode == 2 and "no app named 'NoSuchApp'" in missing.stderr
 
+def test_route_calibrates_on_the_routed_jobs_that_finished(cli_server: CliServer, synced: None) -> None:
+    # Jobs submitted with a router's prediction in their data (Decision.job_data) are the
+    # record `balsamctl route` calibrates on: here predicted 100 s early at p90, so once
+    # MIN_CALIBRATION of them have finished the margin is over 100 s.
+    from balsam_grpc.sdk.routing import MIN_CALIBRATION, ROUTING_KEY
+
+    (plain,) = cli_server.json("route", "--app", "Greeter")
+    assert plain["calibration"]["margin_s"] is None and plain["sites"][0]["calibration_s"] == 0.0
+    greeter = cli_server.client.apps.filter(name="Greeter").first()
+    predicted = {ROUTING_KEY: {"site_id": greeter.site_id, "strategy": "deadline", "total_s": 0.0, "high_s": -100.0}}
+    for i in range(MIN_CALIBRATION):
+        job = greeter.submit(f"calib/{i}", who="x", tags={"exp": "calib"}, data=predicted)
+        _move(cli_server, job.id, S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_DONE)
+    (routed,) = cli_server.json("route", "--app", "Greeter")
+    calibration, (mini,) = routed["calibration"], routed["sites"]
+    assert calibration["finished_predictions"] == MIN_CALIBRATION and calibration["margin_s"] >= 100.0
+    assert mini["calibration_s"] == calibration["margin_s"]
+    assert mini["high_s"] == pytest.approx(mini["total_s"] + mini["spread_s"] + mini["calibration_s"])
+    table = cli_server.run("route", "--app", "Greeter")
+    assert table.returncode == 0 and "calibrated margin" in table.stdout
+
+
 def test_login_with_password_and_token(cli_server: CliServer, tmp_path: Path) -> None:
     cli_server.call("AuthService", "CreateUser", auth_service_pb2.CreateUserRequest(
         username="bob", password="correct horse battery"))

@@ -448,3 +448,40 @@ def test_the_router_calibrates_on_the_jobs_it_recorded():
     assert used == 3 and margin == pytest.approx(22.7 - first.chosen.spread_high_s) and margin > 0
     later = router.decide(input_bytes=MB).chosen
     assert later.calibration_s == pytest.approx(margin) and later.high_s == pytest.approx(later.spread_high_s + margin)
+
+
+def test_a_fresh_router_calibrates_on_the_predictions_the_jobs_carry():
+    # What `balsamctl route` sees: a new router with no record of its own. The routed
+    # jobs were submitted with data=decision.job_data(); once finished, their predictions
+    # come back with the history and set the same margin as the router that recorded them.
+    from google.protobuf import struct_pb2
+
+    from balsam_grpc.sdk.routing import ROUTING_KEY, Decision, Router, read_history, recorded_prediction
+    from balsam_grpc.v1 import site_service_pb2
+
+    class WithStatistics(ScriptedServer):
+        def call(self, service, method, request):
+            if method == "ListSiteStatistics":
+                return site_service_pb2.ListSiteStatisticsResponse(
+                    sites=[site_service_pb2.SiteStatistics(site_id=1, connected=True, held_nodes=4)])
+            return super().call(service, method, request)
+
+    events, jobs, items, pilots = _fixture_parts()
+    server = WithStatistics(events, jobs, items, pilots)
+    recording = Router(server, [1], "earliest", min_calibration=3)  # type: ignore[arg-type]
+    decision = recording.decide(input_bytes=MB)
+    data = decision.job_data()
+    assert data[ROUTING_KEY]["high_s"] == pytest.approx(decision.chosen.spread_high_s, abs=1e-3)
+    assert Decision(1, "round_robin").job_data() == {} and recorded_prediction(1, {"other": 1}) is None
+    for job in jobs[:3]:    # jobs 1..3 (finished) were routed; job 4 was not: nothing to count
+        job.data.CopyFrom(struct_pb2.Struct())
+        job.data.update(data)
+    history = read_history(server, [1], {1: 10})  # type: ignore[arg-type]
+    assert [p.job_id for p in history[1].predictions] == [1, 2, 3]
+    fresh = Router(server, [1], "earliest", min_calibration=3)  # type: ignore[arg-type]
+    margin, used = fresh.calibration()
+    assert used == 3 and margin == pytest.approx(22.7 - decision.chosen.spread_high_s, abs=1e-3) and margin > 0
+    assert fresh.estimates(input_bytes=MB)[0].calibration_s == pytest.approx(margin)
+    for job_id in (1, 2, 3):   # recorded in memory as well: counted once
+        fresh.record(decision, job_id)
+    assert fresh.calibration()[1] == 3
