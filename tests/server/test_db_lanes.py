@@ -1,10 +1,9 @@
-"""Interactive database work goes first (store/db.py Lanes): the streams of site daemons
+"""Interactive database work goes first (store/db.py Workers): the streams of site daemons
 and launchers cannot keep a unary call waiting behind their transactions, and they keep
 making progress themselves. Ordering and progress only, never timings."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,63 +12,102 @@ import grpc
 import pytest
 
 from balsam_grpc.server.services import events as event_service
-from balsam_grpc.server.store.db import Lanes
+from balsam_grpc.server.store.db import Workers
 from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc
 
 WAIT = 20.0  # bound on every wait below (never reached when things work)
 
 
-# -- the lanes alone ------------------------------------------------------------------------
+# -- the threads alone -----------------------------------------------------------------------
 
-def test_bulk_work_yields_to_interactive_work_and_still_progresses() -> None:
-    async def scenario() -> None:
-        lanes = Lanes(bulk_when_idle=3, bulk_when_busy=1)
-        order: list[str] = []
+class Jobs:
+    """Jobs that record when they start and run until released."""
 
-        async def bulk(name: str) -> None:
-            await lanes.enter_bulk()
-            order.append(name)
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.gates: dict[str, threading.Event] = {}
 
-        # Idle: bulk work takes up to three places at once.
-        for name in ("b1", "b2", "b3"):
-            await bulk(name)
-        late = [asyncio.ensure_future(bulk(name)) for name in ("b4", "b5")]
-        await asyncio.sleep(0)
-        assert order == ["b1", "b2", "b3"] and lanes.bulk == 3
-        # Interactive work enters at once, whatever bulk work holds or waits for.
-        lanes.enter_interactive()
-        # While it runs only one bulk transaction may: two leaving admit nobody...
-        lanes.leave_bulk()
-        lanes.leave_bulk()
-        await asyncio.sleep(0)
-        assert order == ["b1", "b2", "b3"] and lanes.bulk == 1
-        # ...the last leaving admits the next, in arrival order (never none at all).
-        lanes.leave_bulk()
-        await asyncio.sleep(0)
-        assert order == ["b1", "b2", "b3", "b4"] and lanes.bulk == 1
-        # Interactive work done: the bulk limit is back to three.
-        lanes.leave_interactive()
-        await asyncio.sleep(0)
-        assert order == ["b1", "b2", "b3", "b4", "b5"] and lanes.bulk == 2
-        await asyncio.gather(*late)
+    def __call__(self, name: str) -> Callable[[], str]:
+        gate = self.gates[name] = threading.Event()
 
-    asyncio.run(scenario())
+        def run() -> str:
+            self.started.append(name)
+            assert gate.wait(WAIT)
+            return name
+
+        return run
+
+    def wait_started(self, *names: str) -> None:
+        deadline = threading.Event()
+        timer = threading.Timer(WAIT, deadline.set)
+        timer.start()
+        while not set(names) <= set(self.started) and not deadline.is_set():
+            deadline.wait(0.005)
+        timer.cancel()
+        assert set(names) <= set(self.started), (names, self.started)
 
 
-def test_a_bulk_waiter_cancelled_after_admission_hands_its_place_on() -> None:
-    async def scenario() -> None:
-        lanes = Lanes(bulk_when_idle=1, bulk_when_busy=1)
-        await lanes.enter_bulk()
-        first = asyncio.ensure_future(lanes.enter_bulk())
-        second = asyncio.ensure_future(lanes.enter_bulk())
-        await asyncio.sleep(0)
-        lanes.leave_bulk()  # admits `first`...
-        first.cancel()  # ...which is cancelled before it ran
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        assert first.cancelled() and second.done() and lanes.bulk == 1
+def test_a_free_thread_takes_interactive_work_before_bulk_work_beyond_the_reserve() -> None:
+    workers, jobs = Workers(3, bulk_reserved=1), Jobs()
+    try:
+        b1 = workers.submit(jobs("b1"), bulk=True)
+        i1 = workers.submit(jobs("i1"))
+        b2 = workers.submit(jobs("b2"), bulk=True)  # the last free thread: bulk work below its cap
+        jobs.wait_started("b1", "i1", "b2")
+        b3 = workers.submit(jobs("b3"), bulk=True)
+        i2 = workers.submit(jobs("i2"))  # after b3, yet before it
+        jobs.gates["i1"].set()
+        jobs.wait_started("i2")
+        assert "b3" not in jobs.started
+        jobs.gates["i2"].set()
+        assert i1.result(WAIT) == "i1" and i2.result(WAIT) == "i2"
+        # Bulk work never takes the last thread: b3 waits for a bulk job to end.
+        assert "b3" not in jobs.started
+        jobs.gates["b1"].set()
+        jobs.wait_started("b3")
+        for name in ("b2", "b3"):
+            jobs.gates[name].set()
+        assert [f.result(WAIT) for f in (b1, b2, b3)] == ["b1", "b2", "b3"]
+    finally:
+        for gate in jobs.gates.values():
+            gate.set()
+        workers.shutdown()
 
-    asyncio.run(scenario())
+
+def test_bulk_work_keeps_its_reserved_threads_under_interactive_load() -> None:
+    workers, jobs = Workers(3, bulk_reserved=1), Jobs()
+    try:
+        first = [workers.submit(jobs(f"i{n}")) for n in range(3)]
+        jobs.wait_started("i0", "i1", "i2")
+        i3 = workers.submit(jobs("i3"))
+        b1 = workers.submit(jobs("b1"), bulk=True)  # after i3, yet before it: no thread runs bulk work
+        jobs.gates["i0"].set()
+        jobs.wait_started("b1")
+        assert "i3" not in jobs.started
+        for gate in jobs.gates.values():
+            gate.set()
+        assert [f.result(WAIT) for f in (*first, i3, b1)] == ["i0", "i1", "i2", "i3", "b1"]
+    finally:
+        for gate in jobs.gates.values():
+            gate.set()
+        workers.shutdown()
+
+
+def test_a_job_cancelled_before_it_ran_never_runs() -> None:
+    workers, jobs = Workers(2, bulk_reserved=1), Jobs()
+    try:
+        held = [workers.submit(jobs("i0")), workers.submit(jobs("i1"))]
+        jobs.wait_started("i0", "i1")
+        dropped = workers.submit(jobs("never"))
+        assert dropped.cancel()
+        for gate in jobs.gates.values():
+            gate.set()
+        assert [f.result(WAIT) for f in held] == ["i0", "i1"]
+    finally:
+        for gate in jobs.gates.values():
+            gate.set()
+        workers.shutdown()
+    assert "never" not in jobs.started
 
 
 # -- on the server --------------------------------------------------------------------------
@@ -98,14 +136,14 @@ def held_stream_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event,
 def test_a_unary_call_is_answered_while_stream_work_fills_the_database_pool(
         harness: Any, alice: Any, held_stream_reads: tuple[threading.Event, Callable[[], int]]) -> None:
     gate, entered = held_stream_reads
-    workers = harness.db._pool._max_workers
+    workers = harness.db.workers.workers
     watch = event_service_pb2_grpc.EventServiceStub(harness.channel)
     streams = [watch.WatchEvents(event_service_pb2.WatchEventsRequest(), metadata=alice.metadata, timeout=2 * WAIT)
                for _ in range(workers + 2)]
     try:
-        # More stream transactions than database threads are waiting: as many as bulk work
-        # may hold are in the pool, blocked.
-        limit = harness.db.lanes.bulk_when_idle
+        # More stream transactions than database threads are waiting: all threads but one
+        # run them, blocked.
+        limit = workers - 1
         deadline = threading.Event()
         timer = threading.Timer(WAIT, deadline.set)
         timer.start()

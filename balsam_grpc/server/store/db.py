@@ -14,13 +14,14 @@ taken up front instead of on the first write), so savepoints nest as on PostgreS
 A write that fails for lack of disk space answers RESOURCE_EXHAUSTED (STORAGE_FULL)
 naming the database and its disk, and writes nothing; the next write simply tries again.
 
-Interactive work first (`Lanes`): a task that runs the work of a long-lived stream (site
-daemons, launchers, watchers) calls `bulk_work()`, and its transactions then wait for a
-bulk slot before they enter the pool. While any interactive transaction (a unary call,
-the server's own upkeep) is queued or running, only `bulk_when_busy` bulk transactions
-run at once, else up to `bulk_when_idle`. Without it, 100 launcher sessions kept the
-pool's queue ~600 ms deep and every unary call waited behind them. Streams lose little:
-a delayed stream coalesces more reports into its next transaction.
+Interactive work first (`Workers`): a task that runs the work of a long-lived stream
+(site daemons, launchers, watchers) calls `bulk_work()`, and its transactions then go to
+the bulk queue. A free database thread takes interactive work (unary calls, the server's
+own upkeep) before bulk work, except that bulk work always gets up to `bulk_reserved`
+threads when it has any waiting (streams slow down under interactive load, never stop),
+and never takes the last thread (a unary call always finds one). Without it, 100
+launcher sessions kept the pool's queue ~600 ms deep and every unary call waited behind
+them. A delayed stream loses little: it coalesces more reports into its next transaction.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -241,70 +242,84 @@ _BULK: contextvars.ContextVar[bool] = contextvars.ContextVar("balsam_db_bulk", d
 
 def bulk_work() -> None:
     """From here on, the calling task's transactions (and those of tasks it creates) are
-    bulk work, which yields to interactive work (`Lanes`)."""
+    bulk work, which yields to interactive work (`Workers`)."""
     _BULK.set(True)
 
 
-class Lanes:
-    """Admits transactions to the pool, interactive ones first. Event-loop bookkeeping only
-    (no locks): interactive work enters at once; bulk work enters while fewer than its
-    limit of bulk transactions are in the pool, in arrival order, at least one at a time,
-    so streams slow down under interactive load but never stop."""
+class Workers:
+    """The database threads, with two queues: `submit(call, bulk)` returns a
+    concurrent.futures.Future. A free thread takes, in this order: bulk work while fewer
+    than `bulk_reserved` threads run bulk work; interactive work; bulk work while fewer
+    than all threads but one run bulk work. Each queue is first in, first out."""
 
-    def __init__(self, bulk_when_idle: int, bulk_when_busy: int) -> None:
-        self.bulk_when_idle = max(1, bulk_when_idle)
-        self.bulk_when_busy = max(1, min(bulk_when_busy, self.bulk_when_idle))
-        self.interactive = 0  # interactive transactions queued or running in the pool
-        self.bulk = 0  # bulk transactions queued or running in the pool
-        self._waiting: deque[asyncio.Future[None]] = deque()
+    def __init__(self, workers: int, bulk_reserved: int = 2, name: str = "balsam-db") -> None:
+        self.workers = max(2, workers)
+        self.bulk_reserved = max(1, min(bulk_reserved, self.workers - 1))
+        self.bulk_running = 0
+        self._interactive: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
+        self._bulk: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+                         for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
-    def _limit(self) -> int:
-        return self.bulk_when_busy if self.interactive else self.bulk_when_idle
+    def submit(self, call: Callable[[], T], bulk: bool = False) -> Future[T]:
+        job: Future[T] = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the database is closed")
+            (self._bulk if bulk else self._interactive).append((job, call))
+            self._ready.notify()
+        return job
 
-    def enter_interactive(self) -> None:
-        self.interactive += 1
+    def _next(self) -> tuple[Future[Any], Callable[[], Any], bool] | None:
+        """Under the lock: the next job for a free thread (and whether it is bulk)."""
+        if self._bulk and self.bulk_running < self.bulk_reserved:
+            return (*self._bulk.popleft(), True)
+        if self._interactive:
+            return (*self._interactive.popleft(), False)
+        if self._bulk and self.bulk_running < self.workers - 1:
+            return (*self._bulk.popleft(), True)
+        return None
 
-    def leave_interactive(self) -> None:
-        self.interactive -= 1
-        self._admit_waiting()
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                picked = self._next()
+                while picked is None:
+                    if self._closed and not self._interactive and not self._bulk:
+                        return
+                    self._ready.wait()
+                    picked = self._next()
+                job, call, bulk = picked
+                if bulk:
+                    self.bulk_running += 1
+            try:
+                if job.set_running_or_notify_cancel():
+                    try:
+                        job.set_result(call())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                        job.set_exception(exc)
+            finally:
+                if bulk:
+                    with self._ready:
+                        self.bulk_running -= 1
+                        self._ready.notify()  # a bulk job may have waited for this thread
 
-    async def enter_bulk(self) -> None:
-        if not self._waiting and self.bulk < self._limit():
-            self.bulk += 1
-            return
-        admitted = asyncio.get_running_loop().create_future()
-        self._waiting.append(admitted)
-        try:
-            await admitted
-        except asyncio.CancelledError:
-            if admitted.cancelled():
-                with contextlib.suppress(ValueError):
-                    self._waiting.remove(admitted)
-            else:  # admitted, then cancelled before it could run: hand the slot on
-                self.leave_bulk()
-            raise
-
-    def leave_bulk(self) -> None:
-        self.bulk -= 1
-        self._admit_waiting()
-
-    def _admit_waiting(self) -> None:
-        while self._waiting and self.bulk < self._limit():
-            admitted = self._waiting.popleft()
-            if not admitted.done():
-                self.bulk += 1
-                admitted.set_result(None)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
-        loop.call_soon_threadsafe(fn)
+    def shutdown(self) -> None:
+        """Run what is queued, then stop the threads."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join()
 
 
 class Database:
     def __init__(self, url: str | None = None, *, workers: int = 6,
-                 idle_ping_seconds: float = IDLE_PING_SECONDS, bulk_when_idle: int | None = None,
-                 bulk_when_busy: int = 1) -> None:
+                 idle_ping_seconds: float = IDLE_PING_SECONDS, bulk_reserved: int = 2) -> None:
         self.url = url or default_database_url()
         self.engine = make_engine(self.url, idle_ping_seconds)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
@@ -318,9 +333,7 @@ class Database:
         # Reads of single statements: no transaction on PostgreSQL (read_now).
         self._now_reader = self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres \
             else self.engine
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="balsam-db")
-        # Bulk work never takes every worker: interactive work finds one free.
-        self.lanes = Lanes(bulk_when_idle if bulk_when_idle is not None else workers - 1, bulk_when_busy)
+        self.workers = Workers(workers, bulk_reserved)
         self._storage_full = False
 
         # Called on the event loop after a commit that appended events: (max event id).
@@ -375,30 +388,7 @@ class Database:
         return err
 
     async def _run(self, call: Callable[[], T]) -> T:
-        lanes = self.lanes
-        if _BULK.get():
-            await lanes.enter_bulk()
-            leave = lanes.leave_bulk
-        else:
-            lanes.enter_interactive()
-            leave = lanes.leave_interactive
-        loop = asyncio.get_running_loop()
-        try:
-            job = self._pool.submit(call)
-        except BaseException:
-            leave()
-            raise
-        try:
-            result = await asyncio.wrap_future(job, loop=loop)
-        except asyncio.CancelledError:
-            # The caller gave up, the transaction may still run: its slot is held until then.
-            job.add_done_callback(lambda _: _call_soon(loop, leave))
-            raise
-        except BaseException:
-            leave()
-            raise
-        leave()
-        return result
+        return await asyncio.wrap_future(self.workers.submit(call, bulk=_BULK.get()))
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         result, max_event_id = await self._run(functools.partial(self._write, functools.partial(fn, **kwargs), *args))
@@ -417,5 +407,5 @@ class Database:
         return await self._run(functools.partial(self.read_now_sync, functools.partial(fn, **kwargs), *args))
 
     def dispose(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self.workers.shutdown()
         self.engine.dispose()
