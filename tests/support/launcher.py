@@ -76,6 +76,15 @@ class Launcher:
         self.requests.put(Req(close=session_service_pb2.SessionClose(reason=reason)))
         self.half_close()
 
+    def settle(self) -> None:
+        """Return once the session has acted on every event delivered to it before this
+        call, an acquisition they called for included. One turn of the session's loop
+        answers the reports in its inbox, then takes the delivered events and runs what
+        they call for; the second of two empty reports is sent after the first's answer,
+        so it is answered on a later turn, after all of that."""
+        self.report()
+        self.report()
+
     def half_close(self) -> None:
         self.requests.put(None)
 
