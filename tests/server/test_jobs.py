@@ -568,3 +568,22 @@ def test_a_refresh_that_was_not_due_is_not_asked_again_at_every_create():
         assert asked == [job_store.ANALYZE_MIN_ROWS, 2 * job_store.ANALYZE_MIN_ROWS]
 
     asyncio.run(scenario())
+
+
+def test_an_update_without_a_state_change_answers_the_whole_job_as_stored(alice, bob):
+    """Such an update is one UPDATE ... RETURNING (store.patch_job): its answer is the
+    stored job, every field, and another user's job is not found (nor changed)."""
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    job = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir="patched", parameters={"x": "1"}, tags={"a": "1"}, priority=3))).job
+    updated = stub.UpdateJob(job_service_pb2.UpdateJobRequest(
+        job=job_pb2.Job(id=job.id, tags={"b": "2"}, name="renamed"), update_mask={"paths": ["tags", "name"]})).job
+    assert updated == stub.GetJob(job_service_pb2.GetJobRequest(id=job.id)).job
+    assert dict(updated.tags) == {"b": "2"} and updated.name == "renamed" and updated.priority == 3
+    assert updated.update_time.ToDatetime() >= job.update_time.ToDatetime()
+    with pytest.raises(grpc.RpcError) as err:
+        jobs_stub(bob).UpdateJob(job_service_pb2.UpdateJobRequest(
+            job=job_pb2.Job(id=job.id, tags={"c": "3"}), update_mask={"paths": ["tags"]}))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(stub.GetJob(job_service_pb2.GetJobRequest(id=job.id)).job.tags) == {"b": "2"}
