@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Index, TextClause, text
+from sqlalchemy import Index, TextClause, inspect, text
 from sqlalchemy.schema import CreateIndex
 
 from balsam_grpc.server.store import migrate
@@ -29,6 +31,11 @@ def _has_expressions(index: Index) -> bool:
     return any(isinstance(e, TextClause) for e in index.expressions)
 
 
+def _kept_on_sqlite(fk: Any) -> bool:
+    """The foreign keys revision 0011 drops on PostgreSQL only (jobs.owner_id, jobs.site_id)."""
+    return fk.table.name == "jobs" and [c.name for c in fk.columns] in (["owner_id"], ["site_id"])
+
+
 def _differences(url: str) -> tuple[list[Any], dict[str, tuple[str, str]]]:
     """(autogenerate's differences, {index: (DDL on disk, DDL from tables.py)} for the
     expression indexes Alembic skips on SQLite)."""
@@ -37,6 +44,8 @@ def _differences(url: str) -> tuple[list[Any], dict[str, tuple[str, str]]]:
     sqlite = engine.dialect.name == "sqlite"
 
     def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        if sqlite and type_ == "foreign_key_constraint" and reflected and _kept_on_sqlite(obj):
+            return False
         return not (sqlite and type_ == "index" and (reflected or _has_expressions(obj))
                     and name in expression_indexes)
 
@@ -83,3 +92,45 @@ def test_tables_match_the_migrations(backend: str, tmp_path: Path) -> None:
     assert diffs == []
     for name, (on_disk, declared) in ddl.items():
         assert on_disk == declared, name
+
+
+def _downgrade(url: str, revision: str) -> None:
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(migrate.MIGRATIONS))
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def _job_foreign_keys(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {fk["referred_table"] for fk in inspect(conn).get_foreign_keys("jobs")}
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", database_params())
+def test_jobs_foreign_keys_up_and_down(backend: str, tmp_path: Path) -> None:
+    """Revision 0011 drops jobs' keys to users and sites on PostgreSQL (app_id's cascade
+    covers them) and its downgrade restores them; SQLite keeps all four throughout."""
+    if backend == "postgres":
+        url = fresh_postgres(POSTGRES_URL, f"fk_{secrets.token_hex(3)}")
+    else:
+        url = f"sqlite:///{tmp_path / 'fk.db'}"
+    everything = {"users", "sites", "apps", "batch_jobs"}
+    try:
+        migrate.upgrade(url, "0011")
+        assert _job_foreign_keys(url) == (everything if backend == "sqlite" else {"apps", "batch_jobs"})
+        _downgrade(url, "0010")
+        assert _job_foreign_keys(url) == everything
+        migrate.upgrade(url, "0011")
+        assert _job_foreign_keys(url) == (everything if backend == "sqlite" else {"apps", "batch_jobs"})
+    finally:
+        if backend == "postgres":
+            drop_postgres(url)

@@ -162,8 +162,10 @@ batch_jobs = Table(
 jobs = Table(
     "jobs", metadata,
     _id(),
-    Column("owner_id", Id, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    Column("site_id", Id, ForeignKey("sites.id", ondelete="CASCADE"), nullable=False),
+    # No foreign keys on owner_id and site_id (revision 0011; SQLite keeps them): they
+    # are the app's, and app_id's cascade already follows a deleted owner or site.
+    Column("owner_id", Id, nullable=False),
+    Column("site_id", Id, nullable=False),
     Column("app_id", Id, ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
     Column("name", String(255), nullable=False, default=""),
     Column("workdir", Text, nullable=False),
