@@ -17,7 +17,9 @@ SQLAlchemy's insert() would.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import operator
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
@@ -163,20 +165,77 @@ def _formatter(column: Any) -> tuple[Callable[[Any], str], bool]:
 _FORMATTERS: dict[tuple[str, tuple[str, ...]], list[tuple[str, Callable[[Any], str], bool]]] = {}
 
 
+def _formatters(table: Table, columns: Sequence[str]) -> list[tuple[str, Callable[[Any], str], bool]]:
+    key = (table.name, tuple(columns))
+    fmts = _FORMATTERS.get(key)
+    if fmts is None:
+        fmts = _FORMATTERS[key] = [(c, *_formatter(table.c[c])) for c in columns]
+    return fmts
+
+
+class CopyBatch:
+    """Rows laid out for COPY text. `names` is the column order to COPY in: the columns
+    whose values differ between rows first, then those with one value in every row
+    (most of a bulk create's: owner, site, app, state, times, resources, defaults),
+    formatted once for the whole batch into a shared tail of each line.
+
+    `text(start, stop, ids)` formats rows[start:stop], the pre-drawn ids first when given.
+    """
+
+    def __init__(self, table: Table, columns: Sequence[str], rows: Sequence[dict[str, Any]],
+                 with_ids: bool = False) -> None:
+        self.varying: list[tuple[list[Any], Callable[[Any], str], bool]] = []
+        constant: list[tuple[str, str]] = []
+        varying_names: list[str] = []
+        for name, fmt, hashable in _formatters(table, columns):
+            values = column_values(table, name, rows)
+            if _one_value(values, hashable):
+                first = values[0]
+                constant.append((name, NULL if first is None else fmt(first)))
+            else:
+                varying_names.append(name)
+                self.varying.append((values, fmt, hashable))
+        self.names = ["id"] * with_ids + varying_names + [name for name, _ in constant]
+        self.tail = "\t".join(text for _, text in constant) if constant else None
+        self.size = len(rows)
+
+    def text(self, start: int, stop: int, ids: Sequence[Any] = ()) -> str:
+        stop = min(stop, self.size)
+        formatted: list[Any] = [list(map(str, ids))] if ids else []
+        for values, fmt, hashable in self.varying:
+            chunk = values[start:stop]
+            formatted.append(_format_hashable(chunk, fmt) if hashable else _format_objects(chunk, fmt))
+        if self.tail is not None:
+            formatted.append([self.tail] * (stop - start))
+        lines = list(map("\t".join, zip(*formatted, strict=True)))
+        lines.append("")
+        return "\n".join(lines)
+
+
+def _one_value(values: list[Any], hashable: bool) -> bool:
+    """Every value formats as the first one does. Hashable: equal values (for the
+    column's type: 1 and True in an integer column, one instant in two time zones).
+    JSON: the same object, or all empty dicts or all empty lists (1 == True would make
+    equal dicts {"a": 1} and {"a": true} different JSON)."""
+    if not values:
+        return False
+    first = values[0]
+    if hashable or (type(first) in (dict, list) and not first):
+        return values.count(first) == len(values)
+    return all(map(operator.is_, values, itertools.repeat(first)))
+
+
 def copy_text(table: Table, columns: Sequence[str], rows: Sequence[dict[str, Any]],
               first: Sequence[Any] = ()) -> str:
-    """Rows as PostgreSQL COPY text (tab-separated, `\\N` for NULL) for `columns`.
+    """Rows as PostgreSQL COPY text (tab-separated, `\\N` for NULL) for `columns`, in
+    that order.
 
     `first` holds a leading value per row (the pre-drawn ids) written before `columns`.
     A missing key takes the column's default (see column_values). Formatted a
     column at a time: each distinct value of a column is formatted once.
     """
-    key = (table.name, tuple(columns))
-    fmts = _FORMATTERS.get(key)
-    if fmts is None:
-        fmts = _FORMATTERS[key] = [(c, *_formatter(table.c[c])) for c in columns]
     formatted: list[list[str]] = [list(map(str, first))] if first else []
-    for name, fmt, hashable in fmts:
+    for name, fmt, hashable in _formatters(table, columns):
         values = column_values(table, name, rows)
         formatted.append(_format_hashable(values, fmt) if hashable else _format_objects(values, fmt))
     lines = list(map("\t".join, zip(*formatted, strict=True)))
@@ -208,6 +267,10 @@ def column_values(table: Table, name: str, rows: Sequence[dict[str, Any]]) -> li
     factory = _DEFAULTS.get(key)
     if factory is None:
         factory = _DEFAULTS[key] = _python_default(table.c[name])
+    try:  # every row has the key (as a create's rows do): one C-level pass
+        return list(map(operator.itemgetter(name), rows))
+    except KeyError:
+        pass
     if factory is _NO_DEFAULT:
         return [row.get(name) for row in rows]
     return [row[name] if name in row else factory() for row in rows]

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, select, text
 from sqlalchemy.sql import ColumnElement
 
-from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, insert_rows
+from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, append_rows
 from balsam_grpc.server.store.codec import dumps
 from balsam_grpc.server.store.db import MAX_EVENT_ID
 from balsam_grpc.server.store.query import tags_contain
@@ -64,7 +64,7 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text(_MARK))
             conn.execute(text("SELECT pg_notify(:channel, :hint)"), {"channel": EVENTS_CHANNEL, "hint": wake_hint(rows)})
-        top = max(insert_rows(conn, events, rows))
+        top = append_rows(conn, events, rows)
     conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
 
 
