@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -26,6 +27,7 @@ from balsam_grpc.server.services.common import mutate
 from balsam_grpc.server.state import ServerState
 from balsam_grpc.server.store import job_counts
 from balsam_grpc.server.store import jobs as store
+from balsam_grpc.server.store.bulk import COPY_MIN_ROWS
 from balsam_grpc.server.store.tables import apps
 from balsam_grpc.server.store.transitions import Refusal
 from balsam_grpc.v1 import common_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
@@ -43,6 +45,8 @@ RESOURCE_LIMITS = {  # field: (default, minimum, maximum)
 MAX_PARAMETERS = 256
 MAX_DATA_BYTES = 256 * 1024
 MAX_PARENTS = 10_000
+# Jobs a large PostgreSQL create converts while the database takes in the chunk before.
+STREAM_CHUNK = 1000
 UPDATABLE = {"name", "tags", "parameters", "data", "priority", "resources", "on_parent_failure", "state",
              "state_message", "return_code", "error_tail"}
 
@@ -442,6 +446,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                                   "are allowed (split the request)", field="jobs", reason="TOO_LARGE")
         if not jobs:
             raise InvalidArgument("no jobs given", field="jobs")
+        if method == "BatchCreateJobs" and self.db.is_postgres and len(jobs) >= COPY_MIN_ROWS \
+                and all(len(j.parent_ids) <= MAX_PARENTS for j in jobs):
+            return await self._create_streamed(principal, jobs, request, response_type, view)
         specs = [job_spec(j, f"jobs[{i}]", self.state) for i, j in enumerate(jobs)]
         if principal.is_site:
             for spec in specs:
@@ -459,6 +466,39 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
         response = await mutate(self.state, principal, method, request, response_type, build)
         self._created(len(specs))
+        return response
+
+    async def _create_streamed(self, principal: Principal, jobs: list[job_pb2.Job], request: Any, response_type: Any,
+                               view: int) -> Any:
+        """A large batch on PostgreSQL: each chunk of jobs is validated and converted while
+        the database takes in the chunk before (store.create_jobs_streamed); an invalid job
+        fails the whole call as before, with nothing written."""
+        state = self.state
+        references = (
+            {j.app_id for j in jobs if j.app_id},
+            {(j.site_id, j.app_name) for j in jobs if not j.app_id},
+            {p for j in jobs if len(j.parent_ids) for p in j.parent_ids},
+            any(len(j.transfers) for j in jobs),
+        )
+
+        def chunks() -> Iterator[list[dict[str, Any]]]:
+            for start in range(0, len(jobs), STREAM_CHUNK):
+                specs = [job_spec(j, f"jobs[{i}]", state)
+                         for i, j in enumerate(jobs[start:start + STREAM_CHUNK], start)]
+                if principal.is_site:
+                    for spec in specs:
+                        if spec["site_id"]:
+                            principal.check_site(spec["site_id"])
+                yield specs
+
+        def build(conn: Any) -> Any:
+            response = response_type()
+            store.create_jobs_streamed(conn, principal.user_id, _scope(principal), len(jobs), references, chunks(),
+                                       utcnow(), lambda rows: jobs_to_messages(rows, view, response.jobs))
+            return response
+
+        response = await mutate(self.state, principal, "BatchCreateJobs", request, response_type, build)
+        self._created(len(jobs))
         return response
 
     @unary(job_token=True)

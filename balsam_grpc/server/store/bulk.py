@@ -29,10 +29,7 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> l
     if conn.dialect.name == "postgresql":
         if len(rows) < COPY_MIN_ROWS:
             return _insert_returning(conn, table, columns, rows)
-        # One array value: 10,000 rows of one id each cost a driver fetch per row.
-        # Ascending, so ids follow the request order.
-        ids = conn.execute(text(f"SELECT array_agg(v ORDER BY v) FROM (SELECT nextval('{table.name}_id_seq') AS v "
-                                "FROM generate_series(1, :n)) AS drawn"), {"n": len(rows)}).scalar_one()
+        ids = draw_ids(conn, table, len(rows))
         copy_rows(conn, table, columns, rows, ids)
         return ids
     # Above every id the table ever had (AUTOINCREMENT's sqlite_sequence), not only above
@@ -42,6 +39,13 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> l
     ids = list(range(first, first + len(rows)))
     _executemany_insert(conn, table, columns, rows, ids)
     return ids
+
+
+def draw_ids(conn: Connection, table: Table, n: int) -> list[int]:
+    """PostgreSQL: n new ids of `table`, ascending (so they follow the request order).
+    One array value: 10,000 rows of one id each cost a driver fetch per row."""
+    return conn.execute(text(f"SELECT array_agg(v ORDER BY v) FROM (SELECT nextval('{table.name}_id_seq') AS v "
+                             "FROM generate_series(1, :n)) AS drawn"), {"n": n}).scalar_one()
 
 
 def _executemany_insert(conn: Connection, table: Table, columns: list[str], rows: list[dict[str, Any]],
@@ -88,6 +92,45 @@ def copy_rows(conn: Connection, table: Table, columns: list[str], rows: list[dic
         for start in range(0, len(rows), _COPY_CHUNK):
             stop = start + _COPY_CHUNK
             copy.write(batch.text(start, stop, ids[start:stop] if ids is not None else ()))
+
+
+class CopyStream:
+    """One COPY into `table` (PostgreSQL) kept open while the caller writes rows in
+    chunks, so that PostgreSQL takes in one chunk while the caller makes the next. The
+    layout (store.codec.CopyBatch: which columns all rows share) is the first chunk's;
+    a chunk that does not fit it ends the COPY and starts another with its own."""
+
+    def __init__(self, conn: Connection, table: Table, columns: list[str], with_ids: bool = False) -> None:
+        self.cursor = conn.connection.dbapi_connection.cursor()
+        self.table, self.columns, self.with_ids = table, columns, with_ids
+        self.layout: tuple[list[str], str | None] | None = None
+        self.copy: Any = None
+        self.opened: Any = None  # the cursor's copy() context manager: it ends the COPY
+
+    def write(self, rows: list[dict[str, Any]], ids: list[int] | None = None) -> None:
+        if not rows:
+            return
+        batch = CopyBatch(self.table, self.columns, rows, with_ids=self.with_ids)
+        layout = (batch.names, batch.tail)
+        if layout != self.layout:
+            self._end(None)
+            self.opened = self.cursor.copy(f"COPY {self.table.name} ({', '.join(batch.names)}) FROM STDIN")
+            self.copy = self.opened.__enter__()
+            self.layout = layout
+        for start in range(0, len(rows), _COPY_CHUNK):
+            stop = start + _COPY_CHUNK
+            self.copy.write(batch.text(start, stop, ids[start:stop] if ids is not None else ()))
+
+    def _end(self, exc: BaseException | None) -> None:
+        opened, self.opened, self.copy, self.layout = self.opened, None, None, None
+        if opened is not None:
+            opened.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+
+    def __enter__(self) -> CopyStream:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._end(exc)
 
 
 def append_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,7 +31,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, insert_rows
+from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, CopyStream, draw_ids, insert_rows
 from balsam_grpc.server.store.codec import column_values, is_json
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
@@ -280,23 +280,10 @@ def parents_of(conn: Connection, job_ids: list[int]) -> dict[int, list[int]]:
 
 # ---------------------------------------------------------------------------- create
 
-def _resolve_apps(conn: Connection, owner_id: int, site_scope: int | None, specs: list[dict[str, Any]]) -> None:
+def _resolve_apps(specs: list[dict[str, Any]], site_scope: int | None, lookups: _Lookups, offset: int = 0) -> None:
     """Fill app_id/site_id of each spec and attach the app row as spec['_app']."""
-    by_id = {s["app_id"] for s in specs if s["app_id"]}
-    by_name = {(s["site_id"], s["app_name"]) for s in specs if not s["app_id"]}
-    found: dict[int, dict[str, Any]] = {}
-    # Not narrowed to a site token's site: an app of the owner elsewhere is refused below
-    # as PERMISSION_DENIED (sites.py's scoping rule), not reported missing.
-    cond = [apps.c.owner_id == owner_id]
-    if by_id:
-        for r in conn.execute(select(apps).where(*cond, apps.c.id.in_(sorted(by_id)))):
-            found[r.id] = dict(r._mapping)
-    named: dict[tuple[int, str], dict[str, Any]] = {}
-    if by_name:
-        rows = conn.execute(select(apps).where(*cond, tuple_(apps.c.site_id, apps.c.name).in_(sorted(by_name))))
-        for r in rows:
-            named[(r.site_id, r.name)] = dict(r._mapping)
-    for i, spec in enumerate(specs):
+    found, named = lookups.apps, lookups.named_apps
+    for i, spec in enumerate(specs, offset):
         app = found.get(spec["app_id"]) if spec["app_id"] else named.get((spec["site_id"], spec["app_name"]))
         if app is None:
             what = f"app {spec['app_id']}" if spec["app_id"] else f"app {spec['app_name']!r} at site {spec['site_id']}"
@@ -406,78 +393,133 @@ _NEW_JOB_DEFAULTS = {"return_code": None, "error_tail": "", "batch_job_id": None
                      "lease_generation": 0, "lease_expire_time": None, "run_count": 0}
 
 
+@dataclass
+class _Lookups:
+    """What checking new jobs reads from the database: their apps, their parents'
+    states and their sites' transfer locations."""
+    apps: dict[int, dict[str, Any]] = field(default_factory=dict)
+    named_apps: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    parents: dict[int, str] = field(default_factory=dict)
+    aliases: dict[int, frozenset[str]] = field(default_factory=dict)
+
+
+@dataclass
+class _Creation:
+    """Jobs being created, over one or more chunks of specs: the rows (each spec becomes
+    its row in place), their transfer items and creation-event data, and what the
+    checks carry from one chunk to the next."""
+    owner_id: int
+    site_scope: int | None
+    now: datetime
+    lookups: _Lookups
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    transfers: list[list[dict[str, Any]]] = field(default_factory=list)
+    event_data: list[dict[str, Any] | None] = field(default_factory=list)
+    seen: dict[tuple[int, str], int] = field(default_factory=dict)
+    rules: dict[int, AppRules] = field(default_factory=dict)
+    # (state, stage-in, stage-out, app) -> (final state, event data): the path is the
+    # same for every job with the same inputs, and one shared event-data dict lets the
+    # COPY formatter encode it once.
+    paths: dict[tuple[str, bool, bool, int], tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
+
+    def add(self, specs: list[dict[str, Any]]) -> None:
+        """Check the next specs (numbered on from those added before) and turn them into rows."""
+        offset = len(self.rows)
+        lookups, now = self.lookups, self.now
+        _resolve_apps(specs, self.site_scope, lookups, offset)
+        seen = self.seen
+        for i, spec in enumerate(specs, offset):
+            key = (spec["site_id"], spec["workdir"])
+            if key in seen:
+                raise InvalidArgument(f"jobs[{i}].workdir {spec['workdir']!r} repeats jobs[{seen[key]}] at the same "
+                                      "site", field=f"jobs[{i}].workdir")
+            seen[key] = i
+        parents = lookups.parents
+        initial: list[tuple[str, str]] = []
+        for i, spec in enumerate(specs, offset):
+            spec["owner_id"] = self.owner_id
+            app = spec.pop("_app")
+            if app["id"] not in self.rules:
+                # The app rows fetched above carry the hooks the rules need: no second query.
+                self.rules[app["id"]] = AppRules(app)
+            _check_parameters(i, spec, app)
+            self.transfers.append(_transfer_rows(i, spec, app, now, lookups.aliases.get(spec["site_id"], frozenset())))
+            if not spec["parent_ids"]:
+                spec["pending_parents"] = 0
+                initial.append(_NO_PARENTS)
+                continue
+            missing = [p for p in spec["parent_ids"] if p not in parents]
+            if missing:
+                raise NotFound(f"jobs[{i}].parent_ids: job {missing[0]} not found", reason="REFERENCE_NOT_FOUND",
+                               field=f"jobs[{i}].parent_ids")
+            states = [parents[p] for p in spec["parent_ids"]]
+            broken = [s for s in states if s in (S.FAILED, S.KILLED)]
+            if broken and spec["on_parent_failure"] != "IGNORE":
+                initial.append((S.FAILED, "a parent job failed or was killed before this job was created"))
+                spec["pending_parents"] = 0
+                continue
+            pending = sum(1 for s in states if s not in (S.JOB_FINISHED, S.FAILED, S.KILLED))
+            spec["pending_parents"] = pending
+            initial.append((S.AWAITING_PARENTS, "") if pending else _NO_PARENTS)
+        paths, event_data = self.paths, self.event_data
+        for spec, ts, (state, message) in zip(specs, self.transfers[offset:], initial, strict=True):
+            # Creation is the CREATED -> initial transition; steps with no work are taken at once.
+            has_in = any(t["direction"] == "IN" for t in ts) if ts else False
+            has_out = any(t["direction"] == "OUT" for t in ts) if ts else False
+            key = (state, has_in, has_out, spec["app_id"])
+            settled = paths.get(key)
+            if settled is None:
+                ctx = StepContext(has_stage_in=has_in, has_stage_out=has_out,
+                                  has_preprocess=self.rules[spec["app_id"]].has_preprocess)
+                path = [S(state), *settle(S(state), ctx)]
+                steps = [str(p) for p in path[:-1]]
+                settled = paths[key] = (str(path[-1]), {"via": steps} if steps else None)
+            event_data.append(settled[1])
+            # The spec becomes the row: drop what is not a column, add the rest.
+            spec.pop("app_name", None)
+            spec["state"] = settled[0]
+            spec["state_message"] = message
+            spec["create_time"] = spec["update_time"] = spec["state_time"] = now
+            spec.update(_NEW_JOB_DEFAULTS)
+        self.rows.extend(specs)
+
+
+def _lookups(conn: Connection, owner_id: int, app_ids: set[int], app_names: set[tuple[int, str]],
+             parent_ids: set[int], with_transfers: bool) -> _Lookups:
+    """Read what creating jobs with these apps (by id, or by (site, name)) and parents
+    needs; the transfer locations of the apps' sites when some job gives transfers."""
+    found = _Lookups()
+    # Not narrowed to a site token's site: an app of the owner elsewhere is refused in
+    # _resolve_apps as PERMISSION_DENIED (sites.py's scoping rule), not reported missing.
+    cond = [apps.c.owner_id == owner_id]
+    if app_ids:
+        for r in conn.execute(select(apps).where(*cond, apps.c.id.in_(sorted(app_ids)))):
+            found.apps[r.id] = dict(r._mapping)
+    if app_names:
+        rows = conn.execute(select(apps).where(*cond, tuple_(apps.c.site_id, apps.c.name).in_(sorted(app_names))))
+        for r in rows:
+            found.named_apps[(r.site_id, r.name)] = dict(r._mapping)
+    ordered = sorted(parent_ids)
+    for i in range(0, len(ordered), CHUNK):
+        chunk = ordered[i:i + CHUNK]
+        for r in conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.owner_id == owner_id, jobs.c.id.in_(chunk))):
+            found.parents[r.id] = r.state
+    if with_transfers:
+        sites_used = {a["site_id"] for a in found.apps.values()} | {a["site_id"] for a in found.named_apps.values()}
+        found.aliases = _location_aliases(conn, sites_used)
+    return found
+
+
 def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: list[dict[str, Any]],
                 now: datetime) -> list[dict[str, Any]]:
     """Create jobs atomically. Specs are validated dicts of job columns plus app_name,
     parent_ids and transfers. Returns the created rows in request order."""
-    _resolve_apps(conn, owner_id, site_scope, specs)
-    seen: dict[tuple[int, str], int] = {}
-    for i, spec in enumerate(specs):
-        key = (spec["site_id"], spec["workdir"])
-        if key in seen:
-            raise InvalidArgument(f"jobs[{i}].workdir {spec['workdir']!r} repeats jobs[{seen[key]}] at the same site",
-                                  field=f"jobs[{i}].workdir")
-        seen[key] = i
-    parent_ids = sorted({p for s in specs for p in s["parent_ids"]})
-    parents: dict[int, str] = {}
-    for i in range(0, len(parent_ids), CHUNK):
-        chunk = parent_ids[i:i + CHUNK]
-        for r in conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.owner_id == owner_id, jobs.c.id.in_(chunk))):
-            parents[r.id] = r.state
-    transfers: list[list[dict[str, Any]]] = []
-    initial: list[tuple[str, str]] = []
-    apps_used: dict[int, dict[str, Any]] = {}
-    aliases = _location_aliases(conn, {s["site_id"] for s in specs if s["transfers"]})
-    for i, spec in enumerate(specs):
-        spec["owner_id"] = owner_id
-        app = spec.pop("_app")
-        apps_used[app["id"]] = app
-        _check_parameters(i, spec, app)
-        transfers.append(_transfer_rows(i, spec, app, now, aliases.get(spec["site_id"], frozenset())))
-        if not spec["parent_ids"]:
-            spec["pending_parents"] = 0
-            initial.append(_NO_PARENTS)
-            continue
-        missing = [p for p in spec["parent_ids"] if p not in parents]
-        if missing:
-            raise NotFound(f"jobs[{i}].parent_ids: job {missing[0]} not found", reason="REFERENCE_NOT_FOUND",
-                           field=f"jobs[{i}].parent_ids")
-        states = [parents[p] for p in spec["parent_ids"]]
-        broken = [s for s in states if s in (S.FAILED, S.KILLED)]
-        if broken and spec["on_parent_failure"] != "IGNORE":
-            initial.append((S.FAILED, "a parent job failed or was killed before this job was created"))
-            spec["pending_parents"] = 0
-            continue
-        pending = sum(1 for s in states if s not in (S.JOB_FINISHED, S.FAILED, S.KILLED))
-        spec["pending_parents"] = pending
-        initial.append((S.AWAITING_PARENTS, "") if pending else _NO_PARENTS)
-    # The app rows fetched above carry the hooks the rules need: no second query.
-    rules = {app_id: AppRules(app) for app_id, app in apps_used.items()}
-    # (state, stage-in, stage-out, app) -> (final state, event data): the path is the
-    # same for every job with the same inputs, and one shared event-data dict lets the
-    # COPY formatter encode it once.
-    paths: dict[tuple[str, bool, bool, int], tuple[str, dict[str, Any] | None]] = {}
-    rows = specs
-    event_data: list[dict[str, Any] | None] = []
-    for spec, ts, (state, message) in zip(specs, transfers, initial, strict=True):
-        # Creation is the CREATED -> initial transition; steps with no work are taken at once.
-        has_in = any(t["direction"] == "IN" for t in ts) if ts else False
-        has_out = any(t["direction"] == "OUT" for t in ts) if ts else False
-        key = (state, has_in, has_out, spec["app_id"])
-        settled = paths.get(key)
-        if settled is None:
-            ctx = StepContext(has_stage_in=has_in, has_stage_out=has_out,
-                              has_preprocess=rules[spec["app_id"]].has_preprocess)
-            path = [S(state), *settle(S(state), ctx)]
-            steps = [str(p) for p in path[:-1]]
-            settled = paths[key] = (str(path[-1]), {"via": steps} if steps else None)
-        event_data.append(settled[1])
-        # The spec becomes the row: drop what is not a column, add the rest.
-        spec.pop("app_name", None)
-        spec["state"] = settled[0]
-        spec["state_message"] = message
-        spec["create_time"] = spec["update_time"] = spec["state_time"] = now
-        spec.update(_NEW_JOB_DEFAULTS)
+    lookups = _lookups(conn, owner_id, {s["app_id"] for s in specs if s["app_id"]},
+                       {(s["site_id"], s["app_name"]) for s in specs if not s["app_id"]},
+                       {p for s in specs for p in s["parent_ids"]}, any(s["transfers"] for s in specs))
+    creation = _Creation(owner_id, site_scope, now, lookups)
+    creation.add(specs)
+    rows, transfers, event_data = creation.rows, creation.transfers, creation.event_data
     events_done = False
     if conn.dialect.name == "postgresql" and len(rows) < COPY_MIN_ROWS:
         # The jobs and their creation events in one statement (one round trip).
@@ -489,24 +531,63 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
                 ids = insert_rows(conn, jobs, rows)
         except _unique_violations(conn) as exc:
             raise _workdir_conflict(conn, specs) from exc
-    links = [{"child_id": jid, "parent_id": p} for jid, s in zip(ids, specs, strict=True) for p in set(s["parent_ids"])]
+    for row, jid in zip(rows, ids, strict=True):
+        row["id"] = jid
+    _write_dependents(conn, creation, events_done)
+    return rows
+
+
+def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None, count: int,
+                         references: tuple[set[int], set[tuple[int, str]], set[int], bool],
+                         chunks: Iterable[list[dict[str, Any]]], now: datetime,
+                         on_rows: Callable[[list[dict[str, Any]]], None]) -> None:
+    """PostgreSQL, a large create: create_jobs over `count` specs that arrive in chunks
+    (made, and validated, by the caller as they are asked for), each checked, turned
+    into rows and written to one open COPY while PostgreSQL takes in the chunk before:
+    the server's conversion and the database's inserts overlap instead of taking turns.
+    `references` are the (app ids, (site id, app name) pairs, parent ids, any transfers)
+    of all the jobs, read up front (nothing else can run while the COPY is open).
+    `on_rows` gets each chunk's rows, with their ids, as soon as they are written.
+    Anything raised (by the chunks, the checks or the database) leaves nothing behind:
+    the transaction fails as a whole."""
+    lookups = _lookups(conn, owner_id, *references)
+    creation = _Creation(owner_id, site_scope, now, lookups)
+    ids = draw_ids(conn, jobs, count)
+    try:
+        with conn.begin_nested(), CopyStream(conn, jobs, _JOB_COLUMNS, with_ids=True) as stream:
+            for specs in chunks:
+                start = len(creation.rows)
+                creation.add(specs)
+                if len(creation.rows) > count:
+                    raise ValueError(f"more than the {count} jobs announced")
+                chunk_ids = ids[start:start + len(specs)]
+                for row, jid in zip(specs, chunk_ids, strict=True):
+                    row["id"] = jid
+                stream.write(specs, chunk_ids)
+                on_rows(specs)
+    except _unique_violations(conn) as exc:
+        raise _workdir_conflict(conn, creation.rows) from exc
+    if len(creation.rows) != count:
+        raise ValueError(f"{len(creation.rows)} jobs given, {count} announced")
+    _write_dependents(conn, creation, False)
+
+
+def _write_dependents(conn: Connection, creation: _Creation, events_done: bool) -> None:
+    """Parent links, transfer items and (unless written with the jobs) creation events of
+    rows that have their ids."""
+    rows = creation.rows
+    links = [{"child_id": row["id"], "parent_id": p} for row in rows for p in set(row["parent_ids"])]
     if links:
         conn.execute(insert(job_parents), links)
-    items = [dict(t, job_id=jid) for jid, ts in zip(ids, transfers, strict=True) for t in ts]
+    items = [dict(t, job_id=row["id"]) for row, ts in zip(rows, creation.transfers, strict=True) for t in ts]
     if items:
         insert_rows(conn, transfer_items, items)
     if events_done:
-        for row, jid in zip(rows, ids, strict=True):
-            row["id"] = jid
-        return rows
-    event_rows = []
+        return
     job_event = event_log.job_event
-    for row, jid, data in zip(rows, ids, event_data, strict=True):
-        row["id"] = jid
-        event_rows.append(job_event(owner_id, row["site_id"], jid, S.CREATED, row["state"], now, data,
-                                    row["state_message"]))
-    event_log.append(conn, event_rows)
-    return rows
+    owner_id, now = creation.owner_id, creation.now
+    event_log.append(conn, [job_event(owner_id, row["site_id"], row["id"], S.CREATED, row["state"], now, data,
+                                      row["state_message"]) for row, data in zip(rows, creation.event_data, strict=True)])
 
 
 _JOB_COLUMNS = [c.name for c in jobs.columns if c.name != "id"]

@@ -1,0 +1,132 @@
+"""A large BatchCreateJobs on PostgreSQL converts each chunk of jobs while the database
+takes in the one before (services.jobs._create_streamed, store.jobs.create_jobs_streamed).
+It must answer exactly as the one-piece create does: an invalid, conflicting or unknown
+job in any chunk fails the whole call, naming that job, with nothing written; chunks
+that lay their COPY out differently (store.bulk.CopyStream) read back as sent. The chunk
+is made small here so a few hundred jobs span several (both databases run these; SQLite
+takes the one-piece path, which must answer the same)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from balsam_grpc.server.services import jobs as job_service
+from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_pb2, job_service_pb2
+from tests.support.records import jobs_stub, make_site_app
+
+CHUNK = 40
+SIZE = 5 * CHUNK + 7
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(job_service, "STREAM_CHUNK", CHUNK)
+
+
+def batch(app_id: int, prefix: str, size: int = SIZE) -> list[job_pb2.Job]:
+    return [job_pb2.Job(app_id=app_id, workdir=f"{prefix}/{i}", parameters={"x": str(i)}, tags={"k": str(i % 3)})
+            for i in range(size)]
+
+
+def count(stub, site_id: int) -> int:
+    return stub.CountJobs(job_service_pb2.CountJobsRequest(filter=job_pb2.JobFilter(site_ids=[site_id]))).total
+
+
+def refused(stub, jobs: list[job_pb2.Job]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=jobs))
+    return err.value
+
+
+def test_chunks_laid_out_differently_read_back_as_sent(alice):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    sent = batch(app.id, "layout")
+    for i in range(CHUNK, 2 * CHUNK):  # the second chunk names its jobs, the first does not
+        sent[i].name = f"named {i}"
+    sent[3 * CHUNK + 1].priority = 7  # one job in the fourth chunk differs from the rest
+    sent[3 * CHUNK + 2].resources.num_nodes = 3
+    created = list(stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
+        jobs=sent, view=job_service_pb2.JOB_VIEW_FULL)).jobs)
+    assert [j.workdir for j in created] == [j.workdir for j in sent]
+    ids = [j.id for j in created]
+    assert ids == sorted(ids) and len(set(ids)) == SIZE
+    listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]),
+                                                           page_size=1000)).jobs
+    assert list(listed) == created
+    for want, back in zip(sent, listed, strict=True):
+        assert (back.name, back.workdir, dict(back.tags), dict(back.parameters), back.priority) == (
+            want.name, want.workdir, dict(want.tags), dict(want.parameters), want.priority)
+        assert back.resources.num_nodes == (want.resources.num_nodes or 1)
+    events = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(job_ids=ids), page_size=1000)).events
+    assert [e.job_id for e in events] == ids  # one creation event each, in the jobs' order
+    counts = stub.CountJobs(job_service_pb2.CountJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]),
+                                                             group_by=[job_service_pb2.JOB_GROUP_BY_STATE]))
+    assert counts.total == SIZE and [g.count for g in counts.groups] == [SIZE]
+
+
+@pytest.mark.parametrize("where", [0, 3 * CHUNK + 5, SIZE - 1])
+def test_an_invalid_job_in_any_chunk_fails_the_call_and_writes_nothing(alice, where):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    jobs = batch(app.id, "invalid")
+    jobs[where].resources.num_nodes = 10**6
+    err = refused(stub, jobs)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and f"jobs[{where}].resources.num_nodes" in err.details()
+    assert count(stub, site.id) == 0
+    jobs[where].resources.num_nodes = 1
+    jobs[where].parameters["x"] = "not a number"
+    err = refused(stub, jobs)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and f"jobs[{where}].parameters" in err.details()
+    assert count(stub, site.id) == 0
+    jobs[where].parameters["x"] = "1"
+    assert len(stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=jobs)).jobs) == SIZE
+
+
+def test_a_workdir_repeated_across_chunks_or_already_taken_names_the_job(alice):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    jobs = batch(app.id, "dup")
+    jobs[4 * CHUNK + 1].workdir = jobs[2].workdir
+    err = refused(stub, jobs)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and f"jobs[{4 * CHUNK + 1}].workdir" in err.details()
+    assert "repeats jobs[2]" in err.details()
+    stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=app.id, workdir="dup/150",
+                                                                     parameters={"x": "1"})))
+    err = refused(stub, batch(app.id, "dup"))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "jobs[150].workdir" in err.details()
+    assert count(stub, site.id) == 1
+
+
+def test_an_unknown_app_or_parent_in_a_later_chunk_is_not_found(alice):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    jobs = batch(app.id, "missing")
+    jobs[2 * CHUNK + 3].app_id = app.id + 10_000
+    err = refused(stub, jobs)
+    assert err.code() == grpc.StatusCode.NOT_FOUND and f"jobs[{2 * CHUNK + 3}]" in err.details()
+    jobs = batch(app.id, "missing")
+    jobs[SIZE - 2].parent_ids.append(10**12)
+    err = refused(stub, jobs)
+    assert err.code() == grpc.StatusCode.NOT_FOUND and f"jobs[{SIZE - 2}].parent_ids" in err.details()
+    assert count(stub, site.id) == 0
+
+
+def test_parents_and_app_names_resolve_in_every_chunk(alice):
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    parent = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir="parent", parameters={"x": "1"}))).job
+    jobs = batch(app.id, "children")
+    for i in range(0, SIZE, 7):
+        jobs[i].parent_ids.append(parent.id)
+    for i in range(1, SIZE, 5):
+        jobs[i].ClearField("app_id")
+        jobs[i].app_name, jobs[i].site_id = app.name, site.id
+    created = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=jobs)).jobs
+    assert len(created) == SIZE and all(j.app_id == app.id for j in created)
+    waiting = [j.id for i, j in enumerate(created) if i % 7 == 0]
+    assert {j.state for j in created if j.id in waiting} == {job_pb2.JOB_STATE_AWAITING_PARENTS}
+    assert {j.state for j in created if j.id not in waiting} == {job_pb2.JOB_STATE_PREPROCESSED}
