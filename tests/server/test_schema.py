@@ -32,8 +32,8 @@ def _has_expressions(index: Index) -> bool:
 
 
 def _kept_on_sqlite(fk: Any) -> bool:
-    """The foreign keys revision 0011 drops on PostgreSQL only (jobs.owner_id, jobs.site_id)."""
-    return fk.table.name == "jobs" and [c.name for c in fk.columns] in (["owner_id"], ["site_id"])
+    """The foreign keys revision 0011 drops on PostgreSQL only (jobs.owner_id, site_id, app_id)."""
+    return fk.table.name == "jobs" and [c.name for c in fk.columns] in (["owner_id"], ["site_id"], ["app_id"])
 
 
 def _differences(url: str) -> tuple[list[Any], dict[str, tuple[str, str]]]:
@@ -107,18 +107,24 @@ def _downgrade(url: str, revision: str) -> None:
 
 
 def _job_foreign_keys(url: str) -> set[str]:
+    """The tables jobs' foreign keys refer to, plus "trigger" when apps has the trigger
+    that deletes a deleted app's jobs."""
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            return {fk["referred_table"] for fk in inspect(conn).get_foreign_keys("jobs")}
+            keys = {fk["referred_table"] for fk in inspect(conn).get_foreign_keys("jobs")}
+            if conn.dialect.name == "postgresql" and conn.execute(text(
+                    "SELECT 1 FROM pg_trigger WHERE tgname = 'apps_delete_jobs'")).first():
+                keys.add("trigger")
+            return keys
     finally:
         engine.dispose()
 
 
 @pytest.mark.parametrize("backend", database_params())
 def test_jobs_foreign_keys_up_and_down(backend: str, tmp_path: Path) -> None:
-    """Revision 0011 drops jobs' keys to users and sites on PostgreSQL (app_id's cascade
-    covers them) and its downgrade restores them; SQLite keeps all four throughout."""
+    """Revision 0011 drops jobs' keys to users, sites and apps on PostgreSQL (a trigger
+    on apps cascades instead) and its downgrade restores them; SQLite keeps all four."""
     if backend == "postgres":
         url = fresh_postgres(POSTGRES_URL, f"fk_{secrets.token_hex(3)}")
     else:
@@ -126,11 +132,11 @@ def test_jobs_foreign_keys_up_and_down(backend: str, tmp_path: Path) -> None:
     everything = {"users", "sites", "apps", "batch_jobs"}
     try:
         migrate.upgrade(url, "0011")
-        assert _job_foreign_keys(url) == (everything if backend == "sqlite" else {"apps", "batch_jobs"})
+        assert _job_foreign_keys(url) == (everything if backend == "sqlite" else {"batch_jobs", "trigger"})
         _downgrade(url, "0010")
         assert _job_foreign_keys(url) == everything
         migrate.upgrade(url, "0011")
-        assert _job_foreign_keys(url) == (everything if backend == "sqlite" else {"apps", "batch_jobs"})
+        assert _job_foreign_keys(url) == (everything if backend == "sqlite" else {"batch_jobs", "trigger"})
     finally:
         if backend == "postgres":
             drop_postgres(url)

@@ -162,11 +162,11 @@ batch_jobs = Table(
 jobs = Table(
     "jobs", metadata,
     _id(),
-    # No foreign keys on owner_id and site_id (revision 0011; SQLite keeps them): they
-    # are the app's, and app_id's cascade already follows a deleted owner or site.
+    # No foreign keys (revision 0011; SQLite keeps them): owner and site are the app's,
+    # a create reads its apps FOR KEY SHARE, and a trigger on apps deletes their jobs.
     Column("owner_id", Id, nullable=False),
     Column("site_id", Id, nullable=False),
-    Column("app_id", Id, ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("app_id", Id, nullable=False),
     Column("name", String(255), nullable=False, default=""),
     Column("workdir", Text, nullable=False),
     Column("tags", Json, nullable=False, default=dict),
