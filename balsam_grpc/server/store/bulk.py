@@ -129,7 +129,7 @@ class CopyStream:
     def __enter__(self) -> CopyStream:
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self._end(exc)
 
 

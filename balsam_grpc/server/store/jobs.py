@@ -524,7 +524,7 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
                        {p for s in specs for p in s["parent_ids"]}, any(s["transfers"] for s in specs))
     creation = _Creation(owner_id, site_scope, now, lookups)
     creation.add(specs)
-    rows, transfers, event_data = creation.rows, creation.transfers, creation.event_data
+    rows, event_data = creation.rows, creation.event_data
     events_done = False
     if conn.dialect.name == "postgresql" and len(rows) < COPY_MIN_ROWS:
         # The jobs and their creation events in one statement (one round trip).
@@ -592,7 +592,8 @@ def _write_dependents(conn: Connection, creation: _Creation, events_done: bool) 
     job_event = event_log.job_event
     owner_id, now = creation.owner_id, creation.now
     event_log.append(conn, [job_event(owner_id, row["site_id"], row["id"], S.CREATED, row["state"], now, data,
-                                      row["state_message"]) for row, data in zip(rows, creation.event_data, strict=True)])
+                                      row["state_message"])
+                            for row, data in zip(rows, creation.event_data, strict=True)])
 
 
 _JOB_COLUMNS = [c.name for c in jobs.columns if c.name != "id"]
