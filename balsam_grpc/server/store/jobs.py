@@ -492,16 +492,11 @@ def _lookups(conn: Connection, owner_id: int, app_ids: set[int], app_names: set[
     # Not narrowed to a site token's site: an app of the owner elsewhere is refused in
     # _resolve_apps as PERMISSION_DENIED (sites.py's scoping rule), not reported missing.
     cond = [apps.c.owner_id == owner_id]
-    # FOR KEY SHARE (PostgreSQL; SQLite has one writer): the app cannot be deleted before
-    # this create commits. jobs.app_id has no foreign key there (revision 0011): this lock
-    # is its check, taken once per app instead of once per job.
     if app_ids:
-        stmt = select(apps).where(*cond, apps.c.id.in_(sorted(app_ids))).with_for_update(read=True, key_share=True)
-        for r in conn.execute(stmt):
+        for r in conn.execute(select(apps).where(*cond, apps.c.id.in_(sorted(app_ids)))):
             found.apps[r.id] = dict(r._mapping)
     if app_names:
-        rows = conn.execute(select(apps).where(*cond, tuple_(apps.c.site_id, apps.c.name).in_(sorted(app_names)))
-                            .with_for_update(read=True, key_share=True))
+        rows = conn.execute(select(apps).where(*cond, tuple_(apps.c.site_id, apps.c.name).in_(sorted(app_names))))
         for r in rows:
             found.named_apps[(r.site_id, r.name)] = dict(r._mapping)
     ordered = sorted(parent_ids)

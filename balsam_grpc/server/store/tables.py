@@ -163,7 +163,7 @@ jobs = Table(
     "jobs", metadata,
     _id(),
     # No foreign keys (revision 0011; SQLite keeps them): owner and site are the app's,
-    # a create reads its apps FOR KEY SHARE, and a trigger on apps deletes their jobs.
+    # and statement triggers check app_id per INSERT and delete a deleted app's jobs.
     Column("owner_id", Id, nullable=False),
     Column("site_id", Id, nullable=False),
     Column("app_id", Id, nullable=False),
