@@ -23,6 +23,7 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from balsam_grpc.server.store.rows import owned_row
 from balsam_grpc.server.store.tables import apps, jobs
 
 MUTABLE = ("name", "description", "command_template", "shell", "parameters", "transfers", "environment",
@@ -40,11 +41,7 @@ class AppQuery:
 
 
 def get_app(conn: Connection, owner_id: int, app_id: int, *, for_update: bool = False) -> dict[str, Any] | None:
-    stmt = select(apps).where(apps.c.id == app_id, apps.c.owner_id == owner_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = conn.execute(stmt).first()
-    return dict(row._mapping) if row else None
+    return owned_row(conn, apps, owner_id, app_id, for_update=for_update)
 
 
 def require_app(conn: Connection, owner_id: int, app_id: int, *, field: str = "id",

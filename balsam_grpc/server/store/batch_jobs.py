@@ -16,6 +16,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 from balsam_grpc.core.errors import FailedPrecondition, NotFound
 from balsam_grpc.server.store import events
 from balsam_grpc.server.store.leases import time_out_held
+from balsam_grpc.server.store.rows import owned_row
 from balsam_grpc.server.store.tables import batch_jobs, sessions, sites
 
 PENDING_SUBMISSION = "PENDING_SUBMISSION"
@@ -64,11 +65,7 @@ class BatchJobQuery:
 
 def get_batch_job(conn: Connection, owner_id: int, batch_job_id: int, *,
                   for_update: bool = False) -> dict[str, Any] | None:
-    stmt = select(batch_jobs).where(batch_jobs.c.id == batch_job_id, batch_jobs.c.owner_id == owner_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = conn.execute(stmt).first()
-    return dict(row._mapping) if row else None
+    return owned_row(conn, batch_jobs, owner_id, batch_job_id, for_update=for_update)
 
 
 def require_batch_job(conn: Connection, owner_id: int, batch_job_id: int, *, field: str = "id",

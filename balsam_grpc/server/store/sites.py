@@ -16,6 +16,7 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from balsam_grpc.server.store.rows import owned_row
 from balsam_grpc.server.store.tables import jobs, sites, tokens
 
 SCHEDULERS = ("local", "slurm", "pbs", "cobalt", "lsf")
@@ -35,11 +36,7 @@ class SiteQuery:
 
 
 def get_site(conn: Connection, owner_id: int, site_id: int, *, for_update: bool = False) -> dict[str, Any] | None:
-    stmt = select(sites).where(sites.c.id == site_id, sites.c.owner_id == owner_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = conn.execute(stmt).first()
-    return dict(row._mapping) if row else None
+    return owned_row(conn, sites, owner_id, site_id, for_update=for_update)
 
 
 def require_site(conn: Connection, owner_id: int, site_id: int, *, field: str = "id",

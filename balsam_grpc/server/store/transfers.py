@@ -17,6 +17,7 @@ from sqlalchemy import Connection, and_, or_, select, update
 from balsam_grpc.core.errors import FailedPrecondition, NotFound
 from balsam_grpc.server.store import events
 from balsam_grpc.server.store.query import id_in
+from balsam_grpc.server.store.rows import owned_row
 from balsam_grpc.server.store.tables import jobs, transfer_items
 
 # State changes a user may request: retry a failed transfer.
@@ -38,11 +39,7 @@ class TransferQuery:
 
 
 def get_item(conn: Connection, owner_id: int, item_id: int, *, for_update: bool = False) -> dict[str, Any] | None:
-    stmt = select(transfer_items).where(transfer_items.c.id == item_id, transfer_items.c.owner_id == owner_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = conn.execute(stmt).first()
-    return dict(row._mapping) if row else None
+    return owned_row(conn, transfer_items, owner_id, item_id, for_update=for_update)
 
 
 def require_item(conn: Connection, owner_id: int, item_id: int, *, field: str = "id",
