@@ -142,6 +142,23 @@ def test_site_update_validates_values(api: Api) -> None:
     assert api.sites.GetSite(site_service_pb2.GetSiteRequest(id=site.id)).site == site
 
 
+def test_an_empty_update_mask_is_refused_with_an_example(harness: Any, api: Api) -> None:
+    site = api.site()
+    bj = api.batch_job(site.id)
+    job = insert_job(harness, api.caller.user_id, site.id, api.app(site.id).id)
+    item = insert_transfer(harness, api.caller.user_id, site.id, job)
+    for call, example in [
+        (lambda: api.sites.UpdateSite(site_service_pb2.UpdateSiteRequest(site=site_pb2.Site(id=site.id))),
+         "'hostname'"),
+        (lambda: api.batch.UpdateBatchJob(batch_job_service_pb2.UpdateBatchJobRequest(batch_job=BJ.BatchJob(id=bj.id))),
+         "'state' with state PENDING_DELETION to cancel"),
+        (lambda: api.transfers.UpdateTransferItem(transfer_item_service_pb2.UpdateTransferItemRequest(
+            transfer_item=TS.TransferItem(id=item))), "'state' with state PENDING to retry a failed transfer"),
+    ]:
+        err = expect_error(call, Code.INVALID_ARGUMENT, field="update_mask")
+        assert err.details() == f"update_mask is required: name the fields to change (for example {example})"
+
+
 def test_site_delete_refused_while_a_job_runs_then_cascades(harness: Any, api: Api) -> None:
     site = api.site()
     app = api.app(site.id)

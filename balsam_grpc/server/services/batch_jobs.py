@@ -161,10 +161,7 @@ class BatchJobServicer(batch_job_service_pb2_grpc.BatchJobServiceServicer):
         bj = request.batch_job
         bj_id = require_id(bj.id, "batch_job.id")
         paths = mask_paths(request.update_mask, resource="batch_job", mutable=MUTABLE, output_only=OUTPUT_ONLY,
-                           immutable=IMMUTABLE)
-        if not paths:
-            raise InvalidArgument("update_mask is required: name the fields to change (for example 'state' "
-                                  "with state PENDING_DELETION to cancel)", field="update_mask")
+                           immutable=IMMUTABLE, example="'state' with state PENDING_DELETION to cancel")
         new_state = STATE.name(bj.state, "batch_job.state") if "state" in paths else None
         values = _values(bj, [p for p in paths if p != "state"], self.state.settings)
 

@@ -26,9 +26,13 @@ _MAP_KEY = re.compile(r"^[^\x00-\x1f]{1,256}$")
 
 
 def mask_paths(mask: field_mask_pb2.FieldMask, *, resource: str, mutable: Iterable[str],
-               output_only: Iterable[str] = (), immutable: Iterable[str] = ()) -> list[str]:
+               output_only: Iterable[str] = (), immutable: Iterable[str] = (), example: str = "") -> list[str]:
     """The distinct paths of an update mask, refusing unknown, output-only and immutable
-    ones with INVALID_ARGUMENT naming the path."""
+    ones with INVALID_ARGUMENT naming the path. With an `example` (of a change), an empty
+    mask is refused too, the example showing what to name."""
+    if example and not mask.paths:
+        raise InvalidArgument(f"update_mask is required: name the fields to change (for example {example})",
+                              field="update_mask")
     mutable, output_only, immutable = set(mutable), set(output_only), set(immutable)
     out: list[str] = []
     for path in mask.paths:

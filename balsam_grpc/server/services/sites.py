@@ -165,10 +165,8 @@ class SiteServicer(site_service_pb2_grpc.SiteServiceServicer):
     async def UpdateSite(self, request: site_service_pb2.UpdateSiteRequest, context: Any,
                          principal: Principal) -> site_service_pb2.UpdateSiteResponse:
         site_id = require_id(request.site.id, "site.id")
-        paths = mask_paths(request.update_mask, resource="site", mutable=store.MUTABLE, output_only=OUTPUT_ONLY)
-        if not paths:
-            raise InvalidArgument("update_mask is required: name the fields to change (for example 'hostname')",
-                                  field="update_mask")
+        paths = mask_paths(request.update_mask, resource="site", mutable=store.MUTABLE, output_only=OUTPUT_ONLY,
+                           example="'hostname'")
         values = _site_values(request.site, paths, self.state.settings)
 
         def build(conn: Connection) -> site_service_pb2.UpdateSiteResponse:

@@ -92,10 +92,7 @@ class TransferServicer(transfer_item_service_pb2_grpc.TransferServiceServicer):
         item = request.transfer_item
         item_id = require_id(item.id, "transfer_item.id")
         paths = mask_paths(request.update_mask, resource="transfer_item", mutable=MUTABLE, output_only=OUTPUT_ONLY,
-                           immutable=IMMUTABLE)
-        if not paths:
-            raise InvalidArgument("update_mask is required: name the fields to change (for example 'state' with "
-                                  "state PENDING to retry a failed transfer)", field="update_mask")
+                           immutable=IMMUTABLE, example="'state' with state PENDING to retry a failed transfer")
         new_state = STATE.name(item.state, "transfer_item.state") if "state" in paths else None
         values = _values(item, paths)
 
