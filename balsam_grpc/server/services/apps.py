@@ -83,21 +83,28 @@ def _check_default(p: app_pb2.AppParameter, type_name: str, field: str) -> None:
                               f"{type_name}", field=field) from None
 
 
+def _named(entries: Iterable[Any], field: str, what: str, settings: ServerSettings) -> list[Any]:
+    """The entries of a declared list (parameters, transfer slots): at most
+    max_map_entries, each named by an identifier no other entry has."""
+    entries = list(entries)
+    if len(entries) > settings.max_map_entries:
+        raise too_large(f"{field} has {len(entries)} entries; at most {settings.max_map_entries}", field)
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        if not e.name.isidentifier() or not e.name.isascii():
+            raise InvalidArgument(f"{field}[{i}].name {e.name!r} must be an identifier (letters, digits and "
+                                  "'_', not starting with a digit)", field=f"{field}[{i}].name")
+        if e.name in seen:
+            raise InvalidArgument(f"{field}[{i}].name: {what} {e.name!r} is declared twice",
+                                  field=f"{field}[{i}].name")
+        seen.add(e.name)
+    return entries
+
+
 def _parameters(params: Iterable[app_pb2.AppParameter], settings: ServerSettings) -> list[dict[str, Any]]:
     field = "app.parameters"
-    params = list(params)
-    if len(params) > settings.max_map_entries:
-        raise too_large(f"{field} has {len(params)} entries; at most {settings.max_map_entries}", field)
-    seen: set[str] = set()
     out = []
-    for i, p in enumerate(params):
-        if not p.name.isidentifier() or not p.name.isascii():
-            raise InvalidArgument(f"{field}[{i}].name {p.name!r} must be an identifier (letters, digits and "
-                                  "'_', not starting with a digit)", field=f"{field}[{i}].name")
-        if p.name in seen:
-            raise InvalidArgument(f"{field}[{i}].name: parameter {p.name!r} is declared twice",
-                                  field=f"{field}[{i}].name")
-        seen.add(p.name)
+    for i, p in enumerate(_named(params, field, "parameter", settings)):
         if p.required and p.default_value:
             raise InvalidArgument(f"{field}[{i}]: parameter {p.name!r} is required and has a default "
                                   f"({p.default_value!r}); a default makes it optional: drop one of them",
@@ -111,17 +118,8 @@ def _parameters(params: Iterable[app_pb2.AppParameter], settings: ServerSettings
 
 def _transfers(slots: Iterable[app_pb2.TransferSlot], settings: ServerSettings) -> list[dict[str, Any]]:
     field = "app.transfers"
-    slots = list(slots)
-    if len(slots) > settings.max_map_entries:
-        raise too_large(f"{field} has {len(slots)} entries; at most {settings.max_map_entries}", field)
-    seen: set[str] = set()
     out = []
-    for i, t in enumerate(slots):
-        if not t.name.isidentifier() or not t.name.isascii():
-            raise InvalidArgument(f"{field}[{i}].name {t.name!r} must be an identifier", field=f"{field}[{i}].name")
-        if t.name in seen:
-            raise InvalidArgument(f"{field}[{i}].name: slot {t.name!r} is declared twice", field=f"{field}[{i}].name")
-        seen.add(t.name)
+    for i, t in enumerate(_named(slots, field, "slot", settings)):
         if t.direction == 0:
             raise InvalidArgument(f"{field}[{i}].direction is required (IN or OUT) for slot {t.name!r}",
                                   field=f"{field}[{i}].direction")
