@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--rings", type=int, default=8)
     ana.add_argument("--buffers", type=int, default=8)
     ana.add_argument("--viewer", type=Path, default=None, help="also write the results file pyXPCSViewer opens")
+    ana.add_argument("--workers", type=int, default=1,
+                     help="threads for the correlations (2: a second core; the same results)")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output}: {args.frames} frames of {args.size}x{args.size}")
         else:
             results = analyze_file(args.dataset, args.output, n_rings=args.rings, buffers=args.buffers,
-                                   viewer_path=args.viewer)
+                                   viewer_path=args.viewer, workers=args.workers)
             print(f"wrote {args.output}: {len(results['rings'])} rings, {len(results['tau_s'])} lags, "
                   f"D = {results['diffusion_m2_per_s']:.3e} m^2/s in {results['seconds']:.2f} s")
     except (OSError, ValueError) as exc:

@@ -29,6 +29,7 @@ class XpcsAnalysis(ApplicationDefinition):
 
     parameters: ClassVar[dict[str, dict[str, Any]]] = {
         "rings": {"default": 8, "type": "int", "help": "number of q-rings"},
+        "workers": {"default": 1, "type": "int", "help": "threads for the correlations (the same results)"},
     }
     transfers: ClassVar[dict[str, dict[str, Any]]] = {
         "dataset": {"direction": "in", "local_path": DATASET_FILE, "required": True,
@@ -43,14 +44,14 @@ class XpcsAnalysis(ApplicationDefinition):
     cleanup_files: ClassVar[list[str]] = [DATASET_FILE]
     retry_policy: ClassVar[dict[str, Any]] = {"max_retries": 1, "on_error": "restart", "on_timeout": "restart"}
 
-    def run(self, rings: int = 8) -> dict:
+    def run(self, rings: int = 8, workers: int = 1) -> dict:
         from balsam_grpc.xpcs.analysis import (
             analyze_file,  # numpy loads in the job's process only
         )
 
         workdir = Path(self.job.workdir)
         results = analyze_file(workdir / DATASET_FILE, workdir / RESULT_FILE, n_rings=int(rings),
-                               viewer_path=workdir / VIEWER_FILE)
+                               viewer_path=workdir / VIEWER_FILE, workers=int(workers))
         fitted = [r for r in results["rings"] if r["fit_ok"]]
         return {
             "diffusion_m2_per_s": results["diffusion_m2_per_s"],

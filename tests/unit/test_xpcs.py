@@ -93,7 +93,8 @@ def test_command_line_round_trip(tmp_path: Path) -> None:
     data, out = tmp_path / "d.npz", tmp_path / "r.json"
     run = [sys.executable, "-m", "balsam_grpc.xpcs"]
     subprocess.run([*run, "generate", str(data), "--frames", "256", "--size", "32"], check=True, capture_output=True)
-    done = subprocess.run([*run, "analyze", str(data), str(out), "--rings", "4"], capture_output=True, text=True)
+    done = subprocess.run([*run, "analyze", str(data), str(out), "--rings", "4", "--workers", "2"], capture_output=True,
+                          text=True)
     assert done.returncode == 0 and "4 rings" in done.stdout
     assert len(json.loads(out.read_text())["rings"]) == 4
     bad = subprocess.run([*run, "analyze", str(out), str(tmp_path / "x.json")], capture_output=True, text=True)
