@@ -279,6 +279,7 @@ class SiteHistory:
     charge_per_node_hour: float = 1.0
     pilot_delay_high_s: float | None = None  # the QUANTILE of the measured pilot queue delays
     dispatch_s: float | None = None  # a freed slot to the next waiting job's start (launcher latency)
+    start_interval_s: float | None = None  # mean time between starts while jobs waited (`start_intervals`)
     turnarounds: tuple[tuple[int, float], ...] = ()  # (job id, creation to finished, s) of finished jobs
     predictions: tuple[Prediction, ...] = ()  # what a router predicted for them (`Decision.job_data`)
 
@@ -298,12 +299,14 @@ def pooled(histories: Iterable[SiteHistory]) -> SiteHistory:
     delays = [h.pilot_delay_s for h in hs if h.pilot_delay_s is not None]
     high_delays = [h.pilot_delay_high_s for h in hs if h.pilot_delay_high_s is not None]
     dispatches = [h.dispatch_s for h in hs if h.dispatch_s is not None]
+    intervals = [h.start_interval_s for h in hs if h.start_interval_s is not None]
     return SiteHistory(site_id=0, stage_in=pool([h.stage_in for h in hs if h.stage_in]),
                        stage_out=pool([h.stage_out for h in hs if h.stage_out]),
                        run=pool([h.run for h in hs if h.run]),
                        pilot_delay_s=statistics.median(delays) if delays else None,
                        pilot_delay_high_s=max(high_delays) if high_delays else None,
-                       dispatch_s=statistics.median(dispatches) if dispatches else None)
+                       dispatch_s=statistics.median(dispatches) if dispatches else None,
+                       start_interval_s=statistics.median(intervals) if intervals else None)
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,12 @@ class Estimate:
         return max(self.stage_in_s, self.wait_s) + self.run_s + self.stage_out_s
 
     @property
+    def informed(self) -> bool:
+        """Whether any run history stood behind it: before any site has run the app the
+        estimate is a placeholder (no run time), and its error would calibrate nothing."""
+        return self.run_s > 0
+
+    @property
     def spread_high_s(self) -> float:
         """The completion at the high quantile by the per-term spreads alone (what the
         calibration measures its excesses against)."""
@@ -349,7 +358,7 @@ class Estimate:
 
 
 def slot_waits(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float,
-               slots_per_node: int = 1) -> tuple[float, float]:
+               slots_per_node: int = 1, start_interval_s: float = 0.0) -> tuple[float, float]:
     """(by a held slot, by a new pilot): seconds until a slot is free for a job placed now
     behind the site's backlog, either way (inf when that way is closed).
 
@@ -358,18 +367,23 @@ def slot_waits(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float,
     room) starts its first job `pilot_delay_s` after the job is runnable (the cold
     start: the elastic queue asking for it, the batch queue, the launcher starting),
     and from then the capped slots serve the rest. A site with no pilot and no known
-    cap still gets one pilot's worth of slots."""
+    cap still gets one pilot's worth of slots.
+
+    `start_interval_s` is the site's measured time between starts while jobs waited:
+    the queue advances no faster than that, whatever the slots would allow (a pilot
+    that leased jobs ahead serves them alone while another pilot idles; jobs sharing
+    the site's cores run slower together than their run times alone say)."""
     held = load.held_nodes * slots_per_node
     cap = max(load.node_capacity * slots_per_node, held, slots_per_node)
     in_front = load.backlog_jobs + load.running_jobs + placed
     if in_front < held:
         return 0.0, math.inf
     run_s = max(run_s, 1e-3)
-    by_held = (in_front - held + 1) / held * run_s if held else math.inf
+    by_held = (in_front - held + 1) * max(run_s / held, start_interval_s) if held else math.inf
     by_pilot = math.inf
     if cap > held:
-        served_meanwhile = pilot_delay_s * held / run_s
-        by_pilot = pilot_delay_s + max(0.0, in_front - cap + 1 - served_meanwhile) / cap * run_s
+        served_meanwhile = pilot_delay_s / max(run_s / held, start_interval_s) if held else 0.0
+        by_pilot = pilot_delay_s + max(0.0, in_front - cap + 1 - served_meanwhile) * max(run_s / cap, start_interval_s)
     return by_held, by_pilot
 
 
@@ -379,11 +393,11 @@ def slot_wait_s(load: SiteLoad, placed: int, run_s: float, pilot_delay_s: float,
 
 
 def completion_s(load: SiteLoad, placed: int, *, stage_in_s: float, run_s: float, stage_out_s: float,
-                 pilot_delay_s: float, dispatch_s: float) -> tuple[float, float]:
+                 pilot_delay_s: float, dispatch_s: float, start_interval_s: float = 0.0) -> tuple[float, float]:
     """(wait, total) of a job placed now, from one value per term (see the module
     docstring). A held slot can be waited for while the job stages in; a new pilot is
     only asked for once the job is runnable (staged in), so that way adds the two."""
-    by_held, by_pilot = slot_waits(load, placed, run_s + dispatch_s, pilot_delay_s)
+    by_held, by_pilot = slot_waits(load, placed, run_s + dispatch_s, pilot_delay_s, start_interval_s=start_interval_s)
     wait_s = min(dispatch_s + by_held, stage_in_s + by_pilot)
     return wait_s, max(stage_in_s, wait_s) + run_s + stage_out_s
 
@@ -416,14 +430,16 @@ def estimate(load: SiteLoad, history: SiteHistory, prior: SiteHistory | None = N
         delay, delay_high = prior.pilot_delay_s or 0.0, prior.pilot_delay_high_s
     delay_high = max(delay, delay_high if delay_high is not None else delay)
     dispatch = history.dispatch_s if history.dispatch_s is not None else (prior.dispatch_s or 0.0)
+    interval = history.start_interval_s if history.start_interval_s is not None else (prior.start_interval_s or 0.0)
     typical = {"stage_in_s": stage_in.seconds(input_bytes), "run_s": run.seconds(input_bytes),
                "stage_out_s": stage_out.seconds(output_bytes), "pilot_delay_s": delay}
     high = {"stage_in_s": stage_in.high_seconds(input_bytes), "run_s": run.high_seconds(input_bytes),
             "stage_out_s": stage_out.high_seconds(output_bytes), "pilot_delay_s": delay_high}
-    wait_s, total = completion_s(load, placed, dispatch_s=dispatch, **typical)
+    wait_s, total = completion_s(load, placed, dispatch_s=dispatch, start_interval_s=interval, **typical)
     spreads = []
     for key in ("stage_in_s", "pilot_delay_s", "run_s", "stage_out_s"):
-        _, slow = completion_s(load, placed, dispatch_s=dispatch, **{**typical, key: high[key]})
+        _, slow = completion_s(load, placed, dispatch_s=dispatch, start_interval_s=interval,
+                               **{**typical, key: high[key]})
         spreads.append((key.removesuffix("_s"), max(0.0, slow - total)))
     error = math.sqrt(stage_in.error_s**2 + run.error_s**2 + stage_out.error_s**2)
     node_hours = num_nodes * history.charge_per_node_hour / 3600.0
@@ -523,9 +539,10 @@ class Decision:
         """What to put in the job's data at submission (`data=`) so that every router
         reading the history, in any process, calibrates on this prediction once the job
         has finished: the chosen site's typical completion and its high quantile by the
-        per-term spreads. Empty when the decision has no estimate."""
+        per-term spreads. Empty when the decision has no estimate or an uninformed one
+        (`Estimate.informed`)."""
         mine = self.chosen
-        if mine is None:
+        if mine is None or not mine.informed:
             return {}
         return {ROUTING_KEY: {"site_id": mine.site_id, "strategy": self.strategy, "total_s": round(mine.total_s, 3),
                               "high_s": round(mine.spread_high_s, 3), "deadline_s": self.deadline_s}}
@@ -598,6 +615,30 @@ def dispatch_gaps(lives: Iterable[Any]) -> dict[int, list[float]]:
             if freed and runnable <= freed[-1]:
                 gaps[site_id].append((start - freed[-1]).total_seconds())
     return gaps
+
+
+def start_intervals(lives: Mapping[int, Any], pilot_of_job: Mapping[int, int]) -> dict[int, list[float]]:
+    """Per site: for each job that was runnable before the site's previous start and was
+    not its pilot's first job (that one waited for the pilot: a cold start), the time
+    from the previous start to its own. Their mean is how fast the site's queue
+    actually advanced while jobs waited, whatever held them up. `lives` maps job id to
+    its JobTimeline, `pilot_of_job` job id to batch job id."""
+    by_site: dict[int, list[tuple[Any, Any, int]]] = defaultdict(list)  # (start, runnable, job id)
+    for job_id, tl in lives.items():
+        runnable = tl.first_entry.get("PREPROCESSED") or tl.first_entry.get("STAGED_IN")
+        start = tl.first_entry.get("RUNNING")
+        if runnable and start:
+            by_site[tl.site_id].append((start, runnable, job_id))
+    out: dict[int, list[float]] = defaultdict(list)
+    for site_id, jobs in by_site.items():
+        jobs.sort()
+        firsts = {}
+        for start, _, job_id in jobs:
+            firsts.setdefault(pilot_of_job.get(job_id), job_id)
+        for (before, _, _), (start, runnable, job_id) in zip(jobs, jobs[1:]):
+            if runnable <= before and firsts.get(pilot_of_job.get(job_id)) != job_id:
+                out[site_id].append((start - before).total_seconds())
+    return out
 
 
 def cold_starts(lives: Mapping[int, Any], pilot_of_job: Mapping[int, int],
@@ -698,6 +739,7 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
         if run is not None:
             got.run.append((in_bytes, run))
     dispatch = dispatch_gaps(lives[j] for j in job_ids)
+    intervals = start_intervals({j: lives[j] for j in job_ids}, pilot_of_job)
     turnarounds: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for job_id in job_ids:
         total = phase_seconds(lives[job_id], "total")
@@ -728,6 +770,7 @@ def read_history(client: Client, site_ids: Sequence[int], app_ids: Mapping[int, 
             pilot_delay_high_s=quantile(recent, q) if recent else None,
             pilot_delay_samples=len(recent), charge_per_node_hour=(charges or {}).get(site_id, 1.0),
             dispatch_s=statistics.median(dispatch[site_id]) if dispatch.get(site_id) else None,
+            start_interval_s=statistics.fmean(intervals[site_id]) if intervals.get(site_id) else None,
             turnarounds=tuple(turnarounds.get(site_id, ())),
             predictions=tuple(recorded[j] for j, _ in turnarounds.get(site_id, ()) if j in recorded))
     return out
@@ -841,9 +884,10 @@ class Router:
 
     def record(self, decision: Decision, job_id: int) -> None:
         """Keep what `decision` predicted for the job it placed (`job_id`), to calibrate
-        the margin once the job has finished. A decision without estimates is ignored."""
+        the margin once the job has finished. A decision without estimates, or with an
+        uninformed one, is ignored."""
         chosen = decision.chosen
-        if chosen is not None:
+        if chosen is not None and chosen.informed:
             with self._lock:
                 self._predictions.append(Prediction(int(job_id), chosen.site_id, chosen.total_s, chosen.spread_high_s))
 
@@ -946,4 +990,5 @@ __all__ = [
     "service_rate_per_min",
     "slot_wait_s",
     "slot_waits",
+    "start_intervals",
 ]

@@ -485,3 +485,44 @@ def test_a_fresh_router_calibrates_on_the_predictions_the_jobs_carry():
     for job_id in (1, 2, 3):   # recorded in memory as well: counted once
         fresh.record(decision, job_id)
     assert fresh.calibration()[1] == 3
+
+
+def test_the_queue_advances_no_faster_than_the_measured_interval_between_starts():
+    # Site 1 holds 4 slots, but one pilot leased the burst ahead and served it alone on its
+    # 2 slots while the other idled: starts came 2 s apart, not 4 s / 4 slots. Jobs that
+    # were their pilot's first (a cold start) or were not yet runnable do not count.
+    from datetime import datetime, timedelta, timezone
+
+    from balsam_grpc.sdk.analytics import JobTimeline
+    from balsam_grpc.sdk.routing import slot_waits, start_intervals
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def life(runnable, start):
+        return JobTimeline(site_id=1, first_entry={"PREPROCESSED": t0 + timedelta(seconds=runnable),
+                                                    "RUNNING": t0 + timedelta(seconds=start)})
+
+    lives = {1: life(0, 5), 2: life(0, 5), 3: life(0, 9), 4: life(0, 9), 5: life(0, 13), 6: life(12, 17),
+             7: life(30, 40)}
+    pilots = {1: 100, 2: 100, 3: 100, 4: 100, 5: 100, 6: 100, 7: 101}   # job 7: first of a new pilot
+    # Job 2 starts with job 1 (0 s), 3 and 4 after 4 s and 0 s, 5 and 6 (runnable at 12 s,
+    # before 5 started) 4 s each; 1 and 7 were their pilots' first jobs.
+    assert start_intervals(lives, pilots) == {1: [0.0, 4.0, 0.0, 4.0, 4.0]}
+    load = SiteLoad(1, backlog_jobs=8, running_jobs=0, held_nodes=4, node_capacity=4)
+    by_slots, _ = slot_waits(load, 0, 4.0, 2.0)
+    by_interval, _ = slot_waits(load, 0, 4.0, 2.0, start_interval_s=2.4)
+    assert by_slots == pytest.approx(5 * 4.0 / 4) and by_interval == pytest.approx(5 * 2.4)
+    assert slot_waits(load, 0, 4.0, 2.0, start_interval_s=0.5)[0] == by_slots   # never faster than the slots
+    history = SiteHistory(1, run=LinearModel(4.0), start_interval_s=2.4)
+    slower = estimate(load, history)
+    plain = estimate(load, replace(history, start_interval_s=None))
+    assert slower.wait_s == pytest.approx(by_interval) and slower.wait_s > plain.wait_s
+
+
+def test_a_prediction_without_any_run_history_is_not_recorded():
+    from balsam_grpc.sdk.routing import Decision
+
+    blind = estimate(SiteLoad(1, held_nodes=1), SiteHistory(1))
+    assert not blind.informed and Decision(1, "deadline", (blind,), 25.0).job_data() == {}
+    seen = estimate(SiteLoad(1, held_nodes=1), SiteHistory(1, run=LinearModel(3.0)))
+    assert seen.informed and Decision(1, "deadline", (seen,), 25.0).job_data()["routing"]["total_s"] == 3.0
