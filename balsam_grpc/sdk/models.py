@@ -257,28 +257,23 @@ class Model:
         """Create the object (no id yet) or send the changed fields (update mask)."""
         res = self.resource
         if not self._msg.id:  # type: ignore[attr-defined]
-            if res.create is None:
-                raise TypeError(f"{res.name}s cannot be created by clients")
-            request = res.request(res.create)(**{res.field: self._msg})
-            response = self.client.call(res.service, res.create, request)
-            self._replace(getattr(response, res.field))
-            return self
+            return self._answered(res.create, "cannot be created by clients", **{res.field: self._msg})
         mask = self.update_mask()
         if not mask:
             return self
-        if res.update is None:
-            raise TypeError(f"{res.name}s cannot be changed by clients")
-        request = res.request(res.update)(**{res.field: self._msg}, update_mask=field_mask_pb2.FieldMask(paths=mask))
-        response = self.client.call(res.service, res.update, request)
-        self._replace(getattr(response, res.field))
-        return self
+        return self._answered(res.update, "cannot be changed by clients", **{res.field: self._msg},
+                              update_mask=field_mask_pb2.FieldMask(paths=mask))
 
     def refresh_from_db(self) -> Any:
         """Reload every field from the server (local unsaved changes are dropped)."""
+        return self._answered(self.resource.get, "cannot be read one by one", id=self._require_id())
+
+    def _answered(self, rpc: str | None, refusal: str, **request: Any) -> Any:
+        """Call `rpc` of the resource's service and become the object it answers with."""
         res = self.resource
-        if res.get is None:
-            raise TypeError(f"{res.name}s cannot be read one by one")
-        response = self.client.call(res.service, res.get, res.request(res.get)(id=self._require_id()))
+        if rpc is None:
+            raise TypeError(f"{res.name}s {refusal}")
+        response = self.client.call(res.service, rpc, res.request(rpc)(**request))
         self._replace(getattr(response, res.field))
         return self
 

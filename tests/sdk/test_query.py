@@ -223,6 +223,8 @@ def test_other_resources(client: Client, site: Site, app: App) -> None:
     assert client.transfer_items.filter(job=job.id).count() == 0
     with pytest.raises(TypeError):
         client.events.all().delete()
+    with pytest.raises(TypeError, match="events cannot be read one by one"):
+        events[0].refresh_from_db()
     assert isinstance(TransferItem.objects.all(), object) and BatchJob.resource.name == "batch job"
 
 
