@@ -11,7 +11,7 @@ import structlog
 
 from balsam_grpc.core.errors import BalsamError, InvalidArgument
 from balsam_grpc.core.states import JobState, Role
-from balsam_grpc.core.validation import check_bulk_copy, check_string_map, clean_workdir
+from balsam_grpc.core.validation import MAX_WORKDIR, check_bulk_copy, check_string_map, clean_workdir
 from balsam_grpc.server import paging
 from balsam_grpc.server.convert import (
     EnumCodec,
@@ -230,6 +230,15 @@ def _remember_tag_keys(tags: dict[str, str]) -> None:
     _KNOWN_TAG_KEYS.update(tags)
 
 
+def _plain_workdir(workdir: str) -> bool:
+    """A cheap sufficient test that clean_workdir would return `workdir` unchanged (it
+    runs, and says what is wrong, whenever this says False): no dot at all (so no "." or
+    ".." part), no doubled or trailing slash, not absolute or home-relative, within the
+    length limit, no NUL, not blank."""
+    return (0 < len(workdir) <= MAX_WORKDIR and "." not in workdir and "//" not in workdir and workdir[0] not in "/~"
+            and workdir[-1] != "/" and "\x00" not in workdir and not workdir.isspace())
+
+
 def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]:
     """Validate a Job message from a create request into store columns."""
     s = state.settings
@@ -245,17 +254,20 @@ def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]
     if transfers and not _surely_valid(transfers, s.max_map_entries, s.max_map_value_bytes):
         check_string_map(transfers, f"{field}.transfers", max_entries=s.max_map_entries,
                          max_value_bytes=s.max_map_value_bytes, keys=None)
-    if len(job.parent_ids) > MAX_PARENTS:
+    parent_ids = job.parent_ids  # each access of a repeated field makes a new wrapper
+    if len(parent_ids) > MAX_PARENTS:
         raise InvalidArgument(f"{field}.parent_ids has more than {MAX_PARENTS} entries", field=f"{field}.parent_ids",
                               reason="TOO_LARGE")
-    if len(job.name) > 255:
+    name = job.name
+    if len(name) > 255:
         raise InvalidArgument(f"{field}.name is longer than 255 characters", field=f"{field}.name")
+    workdir = job.workdir
     policy = job.on_parent_failure
     spec = {
-        "name": job.name, "app_id": job.app_id, "app_name": job.app_name, "site_id": job.site_id,
-        "workdir": clean_workdir(job.workdir, f"{field}.workdir"), "tags": tags,
+        "name": name, "app_id": job.app_id, "app_name": job.app_name, "site_id": job.site_id,
+        "workdir": workdir if _plain_workdir(workdir) else clean_workdir(workdir, f"{field}.workdir"), "tags": tags,
         "parameters": parameters, "data": _data(job.data, f"{field}.data") if job.HasField("data") else {},
-        "parent_ids": sorted(set(job.parent_ids)) if len(job.parent_ids) else [], "transfers": transfers,
+        "parent_ids": sorted(set(parent_ids)) if len(parent_ids) else [], "transfers": transfers,
         "priority": job.priority,
         "on_parent_failure": PARENT_POLICY.to_name.get(policy, "FAIL") if policy else "FAIL",
     }

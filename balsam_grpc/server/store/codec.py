@@ -114,7 +114,11 @@ NULL = "\\N"
 
 
 def _text(value: Any) -> str:
-    return str(value).translate(_COPY_ESCAPES)
+    s = value if type(value) is str else str(value)
+    # Four scans in C cost less than translate() on the common text with nothing to escape.
+    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
+        return s.translate(_COPY_ESCAPES)
+    return s
 
 
 def _integer(value: Any) -> str:
@@ -277,6 +281,8 @@ def column_values(table: Table, name: str, rows: Sequence[dict[str, Any]]) -> li
 
 
 def _format_hashable(values: list[Any], fmt: Callable[[Any], str]) -> list[str]:
+    if fmt is _text:  # cheap, and mostly distinct (workdirs, names): a memo costs more than it saves
+        return [NULL if v is None else _text(v) for v in values]
     # Values equal for the column's type format the same way (1 and True in an
     # integer column, one instant in two time zones), so a set is a safe memo.
     memo = {v: fmt(v) for v in set(values) if v is not None}
@@ -285,21 +291,18 @@ def _format_hashable(values: list[Any], fmt: Callable[[Any], str]) -> list[str]:
 
 
 def _format_objects(values: list[Any], fmt: Callable[[Any], str]) -> list[str]:
-    # JSON values are unhashable; the same object (event data shared by many rows) is
-    # encoded once. Keyed by id(): every value stays alive in `values` meanwhile. Empty
-    # containers, most of a job's JSON columns, skip the encoder altogether.
+    # JSON values are unhashable. Shared objects (event data shared by many rows) are
+    # encoded once, keyed by id(): every value stays alive in `values` meanwhile. Objects
+    # of their own per row (a job's tags) skip that memo. Empty containers, most of a
+    # job's JSON columns, skip the encoder in dumps.
+    if len(set(map(id, values))) * 2 > len(values):
+        return [NULL if v is None else fmt(v) for v in values]
     memo: dict[int, str] = {id(None): NULL}
     out = []
     append = out.append
     for v in values:
-        t = type(v)
-        if t is dict and not v:
-            append("{}")
-        elif t is list and not v:
-            append("[]")
-        else:
-            s = memo.get(id(v))
-            if s is None:
-                s = memo[id(v)] = fmt(v)
-            append(s)
+        s = memo.get(id(v))
+        if s is None:
+            s = memo[id(v)] = fmt(v)
+        append(s)
     return out
