@@ -9,7 +9,8 @@ bulk create (10,000 jobs per call) jobs/s, single create p50/p95, filtered list 
 and bulk state update transitions/s. Figures, never assertions.
 
 Each figure also comes with CPU time per item, which other load on the machine disturbs
-far less than wall-clock rates: the server process's (`*_server_cpu_us`), the database's
+far less than wall-clock rates (`bulk_create_load_1min` is the machine's load average
+when the bulk creates ended): the server process's (`*_server_cpu_us`), the database's
 (`*_database_cpu_us`: the PostgreSQL backends serving the database, read from /proc;
 SQLite runs inside the server) and their sum (`*_total_cpu_us`). With `--rounds R` the
 whole sequence runs R times (fresh jobs each round) and each figure is the median over
@@ -156,6 +157,8 @@ def run(address: str, token: str, n: int, cpu: CpuClock, round_: int = 0) -> dic
         print(f"  round {round_ + 1}: bulk create {total}/{n} jobs", file=sys.stderr)
     figures["bulk_create_jobs_per_s"] = round(total / elapsed)
     per_item(figures, "bulk_create", spent, total)
+    # Wall-clock rates on a shared machine mean little without the load they ran under.
+    figures["bulk_create_load_1min"] = round(os.getloadavg()[0], 2)
 
     latencies = []
     for i in range(300):

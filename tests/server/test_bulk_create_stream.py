@@ -130,3 +130,16 @@ def test_parents_and_app_names_resolve_in_every_chunk(alice):
     waiting = [j.id for i, j in enumerate(created) if i % 7 == 0]
     assert {j.state for j in created if j.id in waiting} == {job_pb2.JOB_STATE_AWAITING_PARENTS}
     assert {j.state for j in created if j.id not in waiting} == {job_pb2.JOB_STATE_PREPROCESSED}
+
+
+def test_a_job_with_too_many_parents_is_refused_before_anything_is_read(alice):
+    # The streamed create reads every parent up front; past MAX_PARENTS on one job the
+    # one-piece path refuses the call first, as it always did.
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    jobs = batch(app.id, "parents")
+    jobs[2 * CHUNK + 1].parent_ids.extend(range(1, job_service.MAX_PARENTS + 2))
+    err = refused(stub, jobs)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"jobs[{2 * CHUNK + 1}].parent_ids has more than" in err.details()
+    assert count(stub, site.id) == 0

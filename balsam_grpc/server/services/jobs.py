@@ -280,6 +280,30 @@ def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]
     return spec
 
 
+def _references(jobs: list[job_pb2.Job]) -> tuple[set[int], set[tuple[int, str]], set[int], bool] | None:
+    """What a streamed create reads up front (store.create_jobs_streamed): the jobs' app
+    ids, (site id, app name) pairs, parent ids and whether any gives transfers; None when
+    a job has too many parents (the one-piece create refuses it before any read)."""
+    app_ids: set[int] = set()
+    app_names: set[tuple[int, str]] = set()
+    parents: set[int] = set()
+    transfers = False
+    for job in jobs:
+        app_id = job.app_id
+        if app_id:
+            app_ids.add(app_id)
+        else:
+            app_names.add((job.site_id, job.app_name))
+        parent_ids = job.parent_ids
+        if len(parent_ids):
+            if len(parent_ids) > MAX_PARENTS:
+                return None
+            parents.update(parent_ids)
+        if not transfers and len(job.transfers):
+            transfers = True
+    return app_ids, app_names, parents, transfers
+
+
 def job_query(f: job_pb2.JobFilter, principal: Principal) -> store.JobQuery:
     check_string_map(dict(f.tags), "filter.tags", max_entries=64, max_value_bytes=4096)
     # Same rules for excluded tags: an unchecked key broke SQLite's JSON path ('"' in a key)
@@ -458,9 +482,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                                   "are allowed (split the request)", field="jobs", reason="TOO_LARGE")
         if not jobs:
             raise InvalidArgument("no jobs given", field="jobs")
-        if method == "BatchCreateJobs" and self.db.is_postgres and len(jobs) >= COPY_MIN_ROWS \
-                and all(len(j.parent_ids) <= MAX_PARENTS for j in jobs):
-            return await self._create_streamed(principal, jobs, request, response_type, view)
+        if method == "BatchCreateJobs" and self.db.is_postgres and len(jobs) >= COPY_MIN_ROWS:
+            references = _references(jobs)
+            if references is not None:
+                return await self._create_streamed(principal, jobs, request, response_type, view, references)
         specs = [job_spec(j, f"jobs[{i}]", self.state) for i, j in enumerate(jobs)]
         if principal.is_site:
             for spec in specs:
@@ -481,17 +506,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         return response
 
     async def _create_streamed(self, principal: Principal, jobs: list[job_pb2.Job], request: Any, response_type: Any,
-                               view: int) -> Any:
+                               view: int, references: tuple[set[int], set[tuple[int, str]], set[int], bool]) -> Any:
         """A large batch on PostgreSQL: each chunk of jobs is validated and converted while
         the database takes in the chunk before (store.create_jobs_streamed); an invalid job
         fails the whole call as before, with nothing written."""
         state = self.state
-        references = (
-            {j.app_id for j in jobs if j.app_id},
-            {(j.site_id, j.app_name) for j in jobs if not j.app_id},
-            {p for j in jobs if len(j.parent_ids) for p in j.parent_ids},
-            any(len(j.transfers) for j in jobs),
-        )
 
         def chunks() -> Iterator[list[dict[str, Any]]]:
             for start in range(0, len(jobs), STREAM_CHUNK):

@@ -317,7 +317,7 @@ def _declared_parameters(app: dict[str, Any]) -> dict[str, tuple[str, Any, bool,
 def _check_parameters(i: int, spec: dict[str, Any], app: dict[str, Any]) -> None:
     declared = _declared_parameters(app)
     params = spec["parameters"]
-    unknown = sorted(name for name in params if name not in declared)
+    unknown = [] if params.keys() <= declared.keys() else sorted(name for name in params if name not in declared)
     if unknown:
         raise InvalidArgument(f"jobs[{i}].parameters: app {app['name']!r} has no parameter {unknown[0]!r}; "
                               f"it takes {', '.join(sorted(declared)) or 'none'}", field=f"jobs[{i}].parameters")
