@@ -16,29 +16,56 @@ from balsam_grpc.server.store.tables import idempotency_keys
 
 R = TypeVar("R", bound=Message)
 MAX_REQUEST_ID = 128
+# An id completed by the database (id_tag) is written as a varint of this many bytes.
+ID_VARINT_BYTES = 9
+
+
+def request_id_of(request: Message) -> str:
+    """The request's request_id ("" when none), refused when too long."""
+    request_id = getattr(request, "request_id", "")
+    if len(request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters", field="request_id")
+    return request_id
+
+
+def request_hash(request: Message) -> str:
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def replay(method: str, request_id: str, body: str, stored_hash: str, stored_response: bytes,
+           response_type: type[R]) -> R:
+    """The first answer to `request_id`, if this request (hash `body`) is the one it was for."""
+    if stored_hash != body:
+        raise InvalidArgument(
+            f"request_id {request_id!r} was already used for a different {method} request; "
+            "use a new request_id for a new request", reason="REQUEST_ID_REUSED", field="request_id")
+    return response_type.FromString(stored_response)
+
+
+def id_tag(response_type: type[Message], field: str) -> bytes:
+    """Bytes that, appended to a serialized `response_type` whose message `field` has no
+    id yet and followed by an id as an ID_VARINT_BYTES varint, set that id: protobuf
+    merges a message field that occurs twice, and reads an over-long varint as its value.
+    So a statement that draws the id can store the complete answer itself
+    (store/jobs.create_job_at_once)."""
+    full = response_type(**{field: {"id": 2**63 - 1}}).SerializeToString()
+    return full[:-ID_VARINT_BYTES]
 
 
 def idempotent(conn: Connection, owner_id: int, method: str, request: Message, response_type: type[R],
                build: Callable[[], R]) -> R:
     """Run `build()` once per (owner, method, request.request_id); replay its answer after."""
-    request_id = getattr(request, "request_id", "")
+    request_id = request_id_of(request)
     if not request_id:
         return build()
-    if len(request_id) > MAX_REQUEST_ID:
-        raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters", field="request_id")
-    body = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+    body = request_hash(request)
     key = (idempotency_keys.c.owner_id == owner_id, idempotency_keys.c.method == method,
            idempotency_keys.c.request_id == request_id)
     row = conn.execute(select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(*key)).first()
     if row is not None:
-        if row.request_hash != body:
-            raise InvalidArgument(
-                f"request_id {request_id!r} was already used for a different {method} request; "
-                "use a new request_id for a new request", reason="REQUEST_ID_REUSED", field="request_id")
-        return response_type.FromString(row.response)
+        return replay(method, request_id, body, row.request_hash, row.response, response_type)
     response = build()
     conn.execute(insert(idempotency_keys).values(
         owner_id=owner_id, method=method, request_id=request_id, request_hash=body,
         response=response.SerializeToString(), create_time=utcnow()))
     return response
-

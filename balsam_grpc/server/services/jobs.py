@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,10 +22,12 @@ from balsam_grpc.server.convert import (
     struct_to_dict,
     utcnow,
 )
+from balsam_grpc.server.idempotency import id_tag, replay, request_hash, request_id_of
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import unary
 from balsam_grpc.server.services.common import mutate
 from balsam_grpc.server.state import ServerState
+from balsam_grpc.server.store import apps as app_store
 from balsam_grpc.server.store import job_counts
 from balsam_grpc.server.store import jobs as store
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS
@@ -388,6 +391,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         self._stats_task: asyncio.Task[None] | None = None
         # Owners whose job_counts rows are being compacted (store/job_counts.py).
         self._compacting: dict[int, asyncio.Task[None]] = {}
+        # App rows single creates validate against (checked by the create's own statement).
+        self._apps = app_store.AppCache()
 
     def _created(self, count: int) -> None:
         """After a commit: refresh planner statistics in the background once enough jobs
@@ -535,10 +540,55 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     @unary(job_token=True)
     async def CreateJob(self, request, context, principal):  # noqa: N802
         try:
-            return await self._create(principal, [request.job], request, "CreateJob",
-                                      job_service_pb2.CreateJobResponse, job_service_pb2.JOB_VIEW_FULL)
+            response = await self._create_at_once(principal, request) if self.db.is_postgres else None
+            if response is None:
+                response = await self._create(principal, [request.job], request, "CreateJob",
+                                              job_service_pb2.CreateJobResponse, job_service_pb2.JOB_VIEW_FULL)
+            return response
         except BalsamError as exc:
             raise exc.with_field_prefix("jobs[0]", "job") from None
+
+    async def _create_at_once(self, principal: Principal, request: Any) -> Any:
+        """CreateJob in one statement and one round trip (store.create_job_at_once):
+        PostgreSQL, a job with no parents and no transfers, validated here against the
+        cached app row. None when the general path (_create) must run: the app is not
+        cached and not found, the cached row turned out stale, or the job is refused (the
+        general path checks against the app as it is now and says why)."""
+        job = request.job
+        if len(job.parent_ids) or len(job.transfers):
+            return None
+        request_id = request_id_of(request)
+        spec = job_spec(job, "jobs[0]", self.state)
+        if principal.is_site and spec["site_id"]:
+            principal.check_site(spec["site_id"])
+        key = app_store.AppCache.key(principal.user_id, spec["app_id"], spec["site_id"], spec["app_name"])
+        app = self._apps.get(key, time.monotonic())
+        if app is None:
+            app = await self.db.read_now(app_store.read_versioned, principal.user_id, spec["app_id"],
+                                         spec["site_id"], spec["app_name"])
+            if app is None:
+                return None
+            self._apps.put(key, app, time.monotonic())
+        try:
+            row, event_data = store.new_job_row(principal.user_id, _scope(principal), spec, app, utcnow())
+        except BalsamError:
+            return None
+        response = job_service_pb2.CreateJobResponse()
+        row["id"] = 0  # not drawn yet: the answer is built, and stored, without it
+        fill_job(response.job, row, job_service_pb2.JOB_VIEW_FULL)
+        once = body = None
+        if request_id:
+            body = request_hash(request)
+            once = store.Once("CreateJob", request_id, body, response.SerializeToString(), _CREATE_ID_TAG)
+        got = await self.db.write_now(store.create_job_at_once, row, event_data, app["_version"], once)
+        if got is None:
+            self._apps.forget(app["id"])
+            return None
+        if isinstance(got, tuple):
+            return replay("CreateJob", request_id, body, *got, job_service_pb2.CreateJobResponse)
+        response.job.id = got
+        self._created(1)
+        return response
 
     @unary(job_token=True)
     async def BatchCreateJobs(self, request, context, principal):  # noqa: N802
@@ -665,6 +715,9 @@ def _recheck_parameters(conn: Any, row: dict[str, Any], params: dict[str, str]) 
 
     app = conn.execute(select(apps).where(apps.c.id == row["app_id"])).one()._mapping
     store._check_parameters(0, {"parameters": params}, dict(app))
+
+
+_CREATE_ID_TAG = id_tag(job_service_pb2.CreateJobResponse, "job")
 
 
 def _scope(principal: Principal) -> int | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
@@ -142,3 +142,53 @@ def list_apps(conn: Connection, q: AppQuery, *, after_id: int | None, limit: int
         conds.append(c.id > after_id)
     rows = conn.execute(select(apps).where(*conds).order_by(c.id).limit(limit))
     return [dict(r._mapping) for r in rows]
+
+
+# ---------------------------------------------------------------------------- cached for creates
+
+def read_versioned(conn: Connection, owner_id: int, app_id: int = 0, site_id: int = 0,
+                   name: str = "") -> dict[str, Any] | None:
+    """The owner's app by id, or by (site, name), with its row version (PostgreSQL's xmin,
+    which every UPDATE of the row changes) under "_version"; None when missing."""
+    stmt = select(apps, literal_column("apps.xmin::text").label("_version")).where(apps.c.owner_id == owner_id)
+    stmt = stmt.where(apps.c.id == app_id) if app_id else stmt.where(apps.c.site_id == site_id, apps.c.name == name)
+    row = conn.execute(stmt).first()
+    return dict(row._mapping) if row else None
+
+
+class AppCache:
+    """App rows for creating jobs without reading them again, in one server process.
+
+    Never trusted on its own: a create that uses an entry inserts its job only if the
+    app's row version is still the one cached (store/jobs.create_job_at_once), so an
+    update or deletion through any replica is noticed by the very statement that would
+    have relied on it; the caller then drops the entry (`forget`) and creates the slow
+    way. Entries also expire after `max_age` seconds (xmin is a 32-bit counter)."""
+
+    def __init__(self, max_entries: int = 4096, max_age: float = 300.0) -> None:
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self._by_key: dict[tuple[int, int | tuple[int, str]], tuple[float, dict[str, Any]]] = {}
+
+    @staticmethod
+    def key(owner_id: int, app_id: int, site_id: int, name: str) -> tuple[int, int | tuple[int, str]]:
+        return (owner_id, app_id) if app_id else (owner_id, (site_id, name))
+
+    def get(self, key: tuple[int, int | tuple[int, str]], now: float) -> dict[str, Any] | None:
+        hit = self._by_key.get(key)
+        if hit is None:
+            return None
+        if now - hit[0] > self.max_age:
+            del self._by_key[key]
+            return None
+        return hit[1]
+
+    def put(self, key: tuple[int, int | tuple[int, str]], app: dict[str, Any], now: float) -> None:
+        if len(self._by_key) >= self.max_entries:
+            self._by_key.clear()
+        self._by_key[key] = (now, app)
+
+    def forget(self, app_id: int) -> None:
+        for key, (_, app) in list(self._by_key.items()):
+            if app["id"] == app_id:
+                del self._by_key[key]

@@ -396,6 +396,23 @@ class Database:
             self.on_events(max_event_id)
         return result
 
+    def _write_now(self, fn: Callable[..., T], *args: Any) -> tuple[T, int | None]:
+        try:
+            with self._now_reader.connect() as conn:
+                conn.info.pop(MAX_EVENT_ID, None)
+                return fn(conn, *args), conn.info.pop(MAX_EVENT_ID, None)
+        except Exception as exc:
+            raise self._storage_error(exc) or exc
+
+    async def write_now(self, fn: Callable[..., T], *args: Any) -> T:
+        """`write` for a function that runs one statement, its own transaction: on
+        PostgreSQL in autocommit, without the BEGIN and COMMIT round trips."""
+        assert self.is_postgres, "one statement in autocommit: PostgreSQL only"
+        result, max_event_id = await self._run(functools.partial(self._write_now, fn, *args))
+        if max_event_id is not None and self.on_events is not None:
+            self.on_events(max_event_id)
+        return result
+
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self._run(functools.partial(self.read_sync, functools.partial(fn, **kwargs), *args))
 

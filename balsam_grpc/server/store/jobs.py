@@ -654,6 +654,106 @@ def _insert_with_events(conn: Connection, owner_id: int, rows: list[dict[str, An
     return [by_key[(row["site_id"], row["workdir"])] for row in rows]
 
 
+def new_job_row(owner_id: int, site_scope: int | None, spec: dict[str, Any], app: dict[str, Any],
+                now: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """create_jobs' checks and row for one job with no parents and no transfers given,
+    against its app row `app` (no database read): the row and its creation event's data."""
+    lookups = _Lookups(apps={app["id"]: app}, named_apps={(app["site_id"], app["name"]): app})
+    creation = _Creation(owner_id, site_scope, now, lookups)
+    creation.add([spec])
+    return creation.rows[0], creation.event_data[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """The request_id record a create writes in its own statement (server/idempotency.py):
+    `response` is the answer without the new job's id, completed in the statement by
+    `id_tag` and the id as a 9-byte varint."""
+
+    method: str
+    request_id: str
+    request_hash: str
+    response: bytes
+    id_tag: bytes
+
+
+def _varint_sql(expr: str) -> str:
+    """The bigint `expr` (>= 0) as a protobuf varint of 9 bytes (7 bits each: every
+    int64 id fits; shorter values are over-long, which protobuf reads the same)."""
+    out = "decode('000000000000000000', 'hex')"
+    for i in range(9):
+        out = f"set_byte({out}, {i}, (({expr} >> {7 * i}) & 127)::int{' | 128' if i < 8 else ''})"
+    return out
+
+
+def _at_once_sql(once: bool) -> Any:
+    # Every column as a typed parameter (INSERT ... SELECT does not coerce untyped NULLs),
+    # the times as one; short names keep the statement within psycopg's cache of
+    # converted queries (4096 characters, 50 parameters).
+    values = ", ".join("CAST(:now AS TIMESTAMPTZ)" if c in ("create_time", "update_time", "state_time")
+                       else f"CAST(:j{i} AS {'JSONB' if c in _JSON_COLUMNS else t})"
+                       for i, (c, t) in enumerate(zip(_JOB_COLUMNS, _JOB_TYPES, strict=True)))
+    prior = ("once_prior AS MATERIALIZED (SELECT request_hash, response FROM idempotency_keys WHERE "
+             "owner_id = :owner_id AND method = :method AND request_id = :request_id), ") if once else ""
+    sql = (
+        f"WITH {prior}once_app AS MATERIALIZED (SELECT 1 FROM apps WHERE id = :app_id AND owner_id = :owner_id "
+        "AND site_id = :site_id AND xmin = CAST(:app_version AS xid)"
+        f"{' AND NOT EXISTS (SELECT 1 FROM once_prior)' if once else ''}), "
+        f"new_job AS (INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) SELECT {values} FROM once_app "
+        "ON CONFLICT (site_id, workdir) DO NOTHING RETURNING id, owner_id, site_id, state, state_message, create_time), "
+        + event_log.marked_insert_sql(
+            "(SELECT n.owner_id, n.site_id, n.id AS job_id, :kind AS kind, CAST(NULL AS BIGINT) AS subject_id, "
+            ":from_state AS from_state, n.state AS to_state, n.create_time AS time, n.create_time AS receive_time, "
+            "CAST(:event_data AS TEXT) AS data, n.state_message AS message FROM new_job AS n) AS v"))
+    if once:
+        sql += (", once_key AS (INSERT INTO idempotency_keys (owner_id, method, request_id, request_hash, response, "
+                "create_time) SELECT n.owner_id, :method, :request_id, :request_hash, "
+                f":response || :id_tag || {_varint_sql('n.id')}, n.create_time FROM new_job AS n)")
+    sql += " SELECT n.id, (SELECT max(id) FROM new_events) AS top"
+    if once:
+        sql += (", NULL AS request_hash, NULL AS response FROM new_job AS n "
+                "UNION ALL SELECT NULL, NULL, request_hash, response FROM once_prior")
+    else:
+        sql += " FROM new_job AS n"
+    return text(sql)
+
+
+_AT_ONCE = {once: _at_once_sql(once) for once in (False, True)}
+
+
+def create_job_at_once(conn: Connection, row: dict[str, Any], event_data: dict[str, Any] | None, app_version: str,
+                       once: Once | None) -> int | tuple[str, bytes] | None:
+    """PostgreSQL: insert the job of `row` (new_job_row) with its creation event, and its
+    request_id record when `once`, in one statement (run in autocommit: one round trip
+    for the whole create). Returns the new job's id (`row` gets it too); or (request
+    hash, answer) of an earlier request with the same request_id, and then writes
+    nothing; or None when it wrote nothing for another reason: the app is no longer the
+    version validated against (updated or deleted, here or by another replica), the
+    workdir is taken, or a concurrent request with the same request_id won. The caller
+    then creates through create_jobs in a transaction, which reports each of these."""
+    params: dict[str, Any] = {f"j{i}": codec_dumps(row[c]) if c in _JSON_COLUMNS else row.get(c)
+                              for i, c in enumerate(_JOB_COLUMNS)}
+    params.update(now=row["create_time"], app_id=row["app_id"], owner_id=row["owner_id"], site_id=row["site_id"],
+                  app_version=app_version, kind=event_log.JOB_STATE, from_state=str(S.CREATED),
+                  event_data=None if event_data is None else codec_dumps(event_data),
+                  channel=event_log.EVENTS_CHANNEL, hint=event_log.wake_hint([row]))
+    if once is not None:
+        params.update(method=once.method, request_id=once.request_id, request_hash=once.request_hash,
+                      response=once.response, id_tag=once.id_tag)
+    try:
+        got = conn.execute(_AT_ONCE[once is not None], params).all()
+    except IntegrityError:  # the app deleted meanwhile (foreign key), the request_id taken meanwhile
+        return None
+    for r in got:
+        if r.id is not None:
+            event_log.note_inserted(conn, r.top)
+            row["id"] = r.id
+            return int(r.id)
+        if once is not None:
+            return r.request_hash, bytes(r.response)
+    return None
+
+
 def refresh_planner_stats(conn: Connection, inserted: int) -> bool:
     """ANALYZE jobs when `inserted` rows are a large share of what the query planner
     believes the table holds; True when it ran.
