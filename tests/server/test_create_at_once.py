@@ -1,0 +1,246 @@
+"""CreateJob in one statement (PostgreSQL): the job, its creation event and its request_id
+record written together, validated against an app row cached per server process. The
+cache is never trusted alone: the statement inserts only while the app's row version is
+the one cached, so a change through any replica is seen by the next create."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import event, func, select, text
+
+from balsam_grpc.server.convert import utcnow
+from balsam_grpc.server.embedded import EmbeddedServer
+from balsam_grpc.server.state import ServerSettings
+from balsam_grpc.server.store import apps as app_store
+from balsam_grpc.server.store import jobs as job_store
+from balsam_grpc.server.store.tables import events, idempotency_keys, jobs
+from balsam_grpc.v1 import app_pb2, app_service_pb2, app_service_pb2_grpc, job_pb2, job_service_pb2
+from balsam_grpc.v1 import job_service_pb2_grpc
+
+from tests.support.records import error_reason, jobs_stub, make_site_app
+
+
+def _postgres_only(harness: Any) -> None:
+    if harness.backend != "postgres":
+        pytest.skip("one statement in autocommit is the PostgreSQL path; SQLite creates in a transaction")
+
+
+def _create(stub: Any, app_id: int, workdir: str, request_id: str = "", **params: str) -> Any:
+    return stub.CreateJob(job_service_pb2.CreateJobRequest(
+        job=job_pb2.Job(app_id=app_id, workdir=workdir, parameters=params or {"x": "1"}), request_id=request_id))
+
+
+def _refusal(call: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+class _Statements:
+    """The statements a server's database connections run that touch jobs, apps or
+    request_id records (the event fanout's reads of events are left out)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.seen: list[str] = []
+        self._lock = threading.Lock()
+
+    def _before(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if any(name in statement for name in ("jobs", "apps", "idempotency_keys")):
+            with self._lock:
+                self.seen.append(statement)
+
+    def __enter__(self) -> _Statements:
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+
+
+def test_a_create_with_a_request_id_is_one_statement(harness, alice):
+    _postgres_only(harness)
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    _create(stub, app.id, "first", "req-first")  # reads the app once into the cache
+    with _Statements(harness.db.engine) as statements:
+        created = _create(stub, app.id, "second", "req-second").job
+    assert len(statements.seen) == 1, statements.seen  # was 4: app, request_id, insert, request_id record
+    assert created.id
+
+
+@pytest.mark.parametrize("request_id", ["", "req-exact"])
+def test_the_answer_is_stored_and_replayed_exactly(harness, alice, request_id):
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    _create(stub, app.id, "warm")
+    first = _create(stub, app.id, "exact", request_id, x="7")
+    got = stub.GetJob(job_service_pb2.GetJobRequest(id=first.job.id)).job
+    assert got == first.job  # the answer built before the id was drawn is the row as stored
+    if not request_id:
+        return
+    assert _create(stub, app.id, "exact", request_id, x="7") == first
+    stored = harness.db.read_sync(lambda conn: conn.execute(
+        select(idempotency_keys.c.response).where(idempotency_keys.c.owner_id == alice.user_id,
+                                                  idempotency_keys.c.request_id == request_id)).scalar_one())
+    assert job_service_pb2.CreateJobResponse.FromString(stored) == first  # the id completed by the database
+    err = _refusal(lambda: _create(stub, app.id, "other", request_id, x="7"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(err) == "REQUEST_ID_REUSED"
+
+
+def test_the_same_request_sent_twice_at_once_creates_one_job(harness, alice):
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    _create(stub, app.id, "warm")
+    answers: list[Any] = []
+    barrier = threading.Barrier(4)
+
+    def send() -> None:
+        barrier.wait()
+        answers.append(_create(stub, app.id, "together", "req-together"))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 4 and all(a == answers[0] for a in answers)
+    listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(app_ids=[app.id]))).jobs
+    assert sorted(j.workdir for j in listed) == ["together", "warm"]
+
+
+def test_an_app_changed_or_deleted_through_another_replica_is_seen_by_the_next_create(harness, alice):
+    _postgres_only(harness)
+    _, app = make_site_app(alice)
+    here = jobs_stub(alice)
+    _create(here, app.id, "cached")  # this replica now holds the app row
+    other = EmbeddedServer(ServerSettings(address="127.0.0.1:0", database_url=harness.url, grace_seconds=0.2))
+    channel = grpc.insecure_channel(other.address)
+    try:
+        there = app_service_pb2_grpc.AppServiceStub(channel)
+        params = [app_pb2.AppParameter(name="x", required=True, type=app_pb2.PARAMETER_TYPE_INT),
+                  app_pb2.AppParameter(name="y", required=True, type=app_pb2.PARAMETER_TYPE_INT)]
+        there.UpdateApp(app_service_pb2.UpdateAppRequest(app=app_pb2.App(id=app.id, parameters=params),
+                                                         update_mask={"paths": ["parameters"]}),
+                        metadata=alice.metadata, timeout=30)
+        # y is now required (the cached row says unknown): refused, as the app is now.
+        err = _refusal(lambda: _create(here, app.id, "no-y"))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs parameter 'y'" in err.details()
+        # and accepted with it, though the cached row knew no y.
+        assert _create(here, app.id, "with-y", x="1", y="2").job.parameters == {"x": "1", "y": "2"}
+        there.DeleteApp(app_service_pb2.DeleteAppRequest(id=app.id, force=True), metadata=alice.metadata, timeout=30)
+        err = _refusal(lambda: _create(here, app.id, "gone", x="1", y="2"))
+        assert err.code() == grpc.StatusCode.NOT_FOUND and error_reason(err) == "REFERENCE_NOT_FOUND"
+        remote = job_service_pb2_grpc.JobServiceStub(channel)
+        count = remote.CountJobs(job_service_pb2.CountJobsRequest(filter=job_pb2.JobFilter(app_ids=[app.id])),
+                                 metadata=alice.metadata, timeout=30)
+        assert count.total == 0
+    finally:
+        channel.close()
+        other.stop()
+
+
+def _versioned_row(harness: Any, owner_id: int, app_id: int, workdir: str) -> tuple[dict, Any, str]:
+    from balsam_grpc.server.services.jobs import job_spec
+
+    app = harness.db.read_sync(app_store.read_versioned, owner_id, app_id)
+    spec = job_spec(job_pb2.Job(app_id=app_id, workdir=workdir, parameters={"x": "1"}), "jobs[0]",
+                    harness.server.state)
+    row, data = job_store.new_job_row(owner_id, None, spec, app, utcnow())
+    return row, data, app["_version"]
+
+
+def _wait_until_blocked(harness: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while harness.db.read_sync(lambda conn: conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"),
+            {"q": f"%{what}%"}).scalar_one()) == 0:
+        assert time.monotonic() < deadline, "the create never waited on the other transaction"
+        time.sleep(0.01)
+
+
+def _at_once_in_thread(harness: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        with harness.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            out.append(job_store.create_job_at_once(conn, *args))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def _jobs_and_events_at(harness: Any, workdir: str) -> tuple[int, int]:
+    def count(conn: Any) -> tuple[int, int]:
+        ids = [r.id for r in conn.execute(select(jobs.c.id).where(jobs.c.workdir == workdir))]
+        n_events = conn.execute(select(func.count()).select_from(events).where(events.c.job_id.in_(ids or [0]))
+                                ).scalar_one()
+        return len(ids), n_events
+    return harness.db.read_sync(count)
+
+
+def test_an_app_deleted_while_the_statement_runs_writes_nothing(harness, alice):
+    """The statement saw the app (its deletion not committed yet); the job's foreign key
+    then waits for the deletion and fails: nothing is written and the caller is told to
+    take the general path, which reports the app missing."""
+    _postgres_only(harness)
+    _, app = make_site_app(alice)
+    row, data, version = _versioned_row(harness, alice.user_id, app.id, "racing")
+    with harness.db.engine.connect() as deleter:
+        deleter.begin()
+        app_store.delete_app(deleter, alice.user_id, app.id, force=True)
+        thread, out = _at_once_in_thread(harness, row, data, version, None)
+        _wait_until_blocked(harness, "INSERT INTO jobs")
+        deleter.commit()
+    thread.join(30)
+    assert out == [None]
+    assert _jobs_and_events_at(harness, "racing") == (0, 0)
+    err = _refusal(lambda: _create(jobs_stub(alice), app.id, "racing"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_request_id_taken_while_the_statement_runs_writes_nothing(harness, alice):
+    """Another request with the same request_id commits first: the record's key waits for
+    it and fails, and the job and event go with it; the caller then gets REQUEST_ID_REUSED."""
+    _postgres_only(harness)
+    _, app = make_site_app(alice)
+    row, data, version = _versioned_row(harness, alice.user_id, app.id, "second-use")
+    once = job_store.Once("CreateJob", "req-raced", "a" * 64, b"", b"\x0a\x0a\x08")
+    with harness.db.engine.connect() as first:
+        first.begin()
+        first.execute(idempotency_keys.insert().values(owner_id=alice.user_id, method="CreateJob",
+                                                        request_id="req-raced", request_hash="b" * 64,
+                                                        response=b"", create_time=utcnow()))
+        thread, out = _at_once_in_thread(harness, row, data, version, once)
+        _wait_until_blocked(harness, "idempotency_keys")
+        first.commit()
+    thread.join(30)
+    assert out == [None]
+    assert _jobs_and_events_at(harness, "second-use") == (0, 0)
+
+
+def test_a_stale_app_version_writes_nothing(harness, alice):
+    _postgres_only(harness)
+    _, app = make_site_app(alice)
+    row, data, version = _versioned_row(harness, alice.user_id, app.id, "stale")
+    with harness.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        assert job_store.create_job_at_once(conn, row, data, str(int(version) + 1), None) is None
+    assert _jobs_and_events_at(harness, "stale") == (0, 0)
+
+
+def test_the_app_cache_forgets_and_expires():
+    cache = app_store.AppCache(max_age=10.0)
+    by_id, by_name = cache.key(1, 5, 0, ""), cache.key(1, 0, 2, "sim")
+    app = {"id": 5, "site_id": 2, "name": "sim"}
+    cache.put(by_id, app, now=100.0)
+    cache.put(by_name, app, now=100.0)
+    assert cache.get(by_id, now=105.0) is app and cache.get(by_name, now=105.0) is app
+    assert cache.get(by_id, now=111.0) is None  # expired
+    cache.forget(5)
+    assert cache.get(by_name, now=105.0) is None
