@@ -2,7 +2,7 @@
 """The path a user runs, measured end to end: N no-op jobs through a real site.
 
 Usage: scripts/bench_e2e.py [-n 1000] [--database URL] [--rounds K] [--latency-samples L]
-                            [--lease-prefetch P] [--peers] [--json]
+                            [--lease-prefetch P] [--peers] [--json] [--profile DIR]
 
 Everything is a real process, started the way a user starts it (tests/site/sitekit.py):
 the server (`python -m balsam_grpc.server`, SQLite in a temp dir or `--database`), a site
@@ -32,7 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,11 +172,13 @@ class RealPath:
             time.sleep(0.05)  # the launcher is idle again before the next one
         return out
 
-    def throughput(self, n: int, round_: int) -> dict[str, float]:
+    def throughput(self, n: int, round_: int, profile: Path | None = None) -> dict[str, float]:
         procs = {"server": self.kit.server.pid, "launcher": self.launcher_pid, "daemon": self.daemon_pid}
+        spies = start_profilers(procs, profile, round_) if profile else []
         cpu0 = {k: cpu_s(p) for k, p in procs.items()}
         db0 = self.db.reading()
         makespan = self.run_batch(n, f"tp-{round_}")
+        stop_profilers(spies)
         cpu1 = {k: cpu_s(p) for k, p in procs.items()}
         db_spent = self.db.spent(db0, self.db.reading())
         figures = {"jobs_per_s": n / makespan, "makespan_s": makespan}
@@ -189,6 +194,29 @@ class RealPath:
         if self.db.conn is not None:
             out["database_backends_rss_mb"] = rss_mb(self.db.pids())
         return out
+
+
+# ---------------------------------------------------------------------------- profiles
+
+def start_profilers(procs: dict[str, int], folder: Path, round_: int) -> list[subprocess.Popen[bytes]]:
+    """py-spy (sampling, outside the process) on each process for the throughput phase:
+    collapsed stacks in `folder`/<process>-<round>.txt, for flame graphs or a sort."""
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    folder.mkdir(parents=True, exist_ok=True)
+    spies = [subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "500", "--format", "raw", "--nonblocking", "--gil",
+                               "-o", str(folder / f"{name}-{round_}.txt")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in procs.items()]
+    time.sleep(1.0)  # attached before the jobs are created
+    return spies
+
+
+def stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for spy in spies:
+        spy.wait(30)
 
 
 # ---------------------------------------------------------------------------- peers
@@ -270,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 say(f"round {r + 1}/{args.rounds}: latency ({args.latency_samples} jobs one at a time) ...")
                 lat = path.latency(args.latency_samples, r)
                 say(f"round {r + 1}/{args.rounds}: {args.n} jobs at once ...")
-                figures = path.throughput(args.n, r)
+                figures = path.throughput(args.n, r, args.profile)
                 figures["submit_to_running_p50_ms"] = statistics.median(lat)
                 figures["submit_to_running_p99_ms"] = pct(lat, 0.99)
                 rounds.append(figures)
@@ -305,6 +333,9 @@ def main() -> int:
                              "launcher's own default)")
     parser.add_argument("--peers", action="store_true", help="also run Parsl HTEX and Dask LocalCluster")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy the server, launcher and daemon during each throughput phase; collapsed stacks "
+                             "in this folder (the sampling costs their CPU: not for the figures)")
     args = parser.parse_args()
     args.rounds = max(1, args.rounds)
     figures = run(args)

@@ -283,9 +283,14 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
         # Held ahead: the lease (session, a new generation) without a state change or an
         # event; the launcher's RUNNING report starts it (apply_report). The picked rows
         # are locked and have no session, so the UPDATE changes each of them.
-        conn.execute(update(jobs).where(jobs.c.id.in_([r["id"] for r in reserved]), jobs.c.session_id.is_(None))
-                     .values(session_id=session.id, lease_generation=jobs.c.lease_generation + 1,
-                             batch_job_id=session.batch_job_id or jobs.c.batch_job_id, update_time=now))
+        dialect = conn.dialect.name
+        stmt = _statement(("hold_ahead", dialect, bool(session.batch_job_id)), lambda: update(jobs).where(
+            ids_param(jobs.c.id, "b_ids", dialect), jobs.c.session_id.is_(None)).values(
+            session_id=bindparam("b_sid"), lease_generation=jobs.c.lease_generation + 1,
+            batch_job_id=bindparam("b_bj") if session.batch_job_id else jobs.c.batch_job_id,
+            update_time=bindparam("b_now")))
+        conn.execute(stmt, {"b_ids": ids_value([r["id"] for r in reserved], dialect), "b_sid": session.id,
+                            "b_bj": session.batch_job_id, "b_now": now})
         for r in reserved:
             r.update(session_id=session.id, lease_generation=r["lease_generation"] + 1,
                      batch_job_id=session.batch_job_id or r["batch_job_id"], update_time=now)

@@ -103,12 +103,28 @@ class AppRules:
         self.restart_on_timeout = not on_timeout.endswith("FAIL")
 
 
+# Statements of every state change (app rules, pending transfers, waiting children), built
+# once per dialect with the id list as one named parameter: building a Select and its
+# cache key each time costs several times what running a compiled one does (as
+# store/leases._STATEMENTS). Immutable, so shared freely.
+_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _statement(name: str, dialect: str, build: Any) -> Any:
+    stmt = _STATEMENTS.get((name, dialect))
+    if stmt is None:
+        stmt = _STATEMENTS[(name, dialect)] = build(dialect)
+    return stmt
+
+
 def load_app_rules(conn: Connection, app_ids: Iterable[int]) -> dict[int, AppRules]:
     ids = sorted(set(app_ids))
     if not ids:
         return {}
-    rows = conn.execute(select(apps.c.id, apps.c.hooks, apps.c.retry_policy).where(apps.c.id.in_(ids)))
-    return {r.id: AppRules(dict(r._mapping)) for r in rows}
+    dialect = conn.dialect.name
+    stmt = _statement("app_rules", dialect, lambda d: select(apps.c.id, apps.c.hooks, apps.c.retry_policy)
+                      .where(ids_param(apps.c.id, "t_ids", d)))
+    return {r.id: AppRules(dict(r._mapping)) for r in conn.execute(stmt, {"t_ids": ids_value(ids, dialect)})}
 
 
 def _pending_transfers(conn: Connection, job_ids: list[int], direction: str) -> set[int]:
@@ -117,15 +133,23 @@ def _pending_transfers(conn: Connection, job_ids: list[int], direction: str) -> 
     return _pending_transfer_directions(conn, job_ids)[direction]
 
 
+def may_have_transfers(row: dict[str, Any]) -> bool:
+    """False when the row shows its job has no transfer items: they are made only when a
+    job is created with transfers (store/jobs._transfer_rows), and a job's transfers never
+    change. Rows read without that column may have some."""
+    return row.get("transfers", True) != {}
+
+
 def _pending_transfer_directions(conn: Connection, job_ids: list[int]) -> dict[str, set[int]]:
     """Jobs with unfinished stage-in / stage-out items, in one query."""
     out: dict[str, set[int]] = {"IN": set(), "OUT": set()}
     if not job_ids:
         return out
-    rows = conn.execute(
-        select(transfer_items.c.job_id, transfer_items.c.direction).distinct()
-        .where(id_in(transfer_items.c.job_id, job_ids, conn.dialect.name), transfer_items.c.state != "DONE"))
-    for r in rows:
+    dialect = conn.dialect.name
+    stmt = _statement("pending_transfers", dialect, lambda d: select(
+        transfer_items.c.job_id, transfer_items.c.direction).distinct()
+        .where(ids_param(transfer_items.c.job_id, "t_ids", d), transfer_items.c.state != "DONE"))
+    for r in conn.execute(stmt, {"t_ids": ids_value(job_ids, dialect)}):
         out.setdefault(r.direction, set()).add(r.job_id)
     return out
 
@@ -235,7 +259,7 @@ class Transitioner:
             pending: dict[str, set[int]] = {"IN": set(), "OUT": set()}
         else:
             rules = self._app_rules(r["app_id"] for r in rows)
-            pending = _pending_transfer_directions(self.conn, [r["id"] for r in rows])
+            pending = _pending_transfer_directions(self.conn, [r["id"] for r in rows if may_have_transfers(r)])
         stage_in, stage_out = pending["IN"], pending["OUT"]
         updates: dict[str, list[dict[str, Any]]] = defaultdict(list)
         finished, failed, resting_post = [], [], []
@@ -412,11 +436,12 @@ class Transitioner:
         """Children still waiting, one row per (child, parent) link."""
         if not parent_ids:
             return []
-        rows = self.conn.execute(
-            select(*ENGINE_COLUMNS, job_parents.c.parent_id).join(job_parents, job_parents.c.child_id == jobs.c.id)
-            .where(id_in(job_parents.c.parent_id, parent_ids, self.conn.dialect.name),
-                   jobs.c.state == S.AWAITING_PARENTS).order_by(jobs.c.id))
-        return [dict(r._mapping) for r in rows]
+        dialect = self.conn.dialect.name
+        stmt = _statement("children", dialect, lambda d: select(*ENGINE_COLUMNS, job_parents.c.parent_id)
+                          .join(job_parents, job_parents.c.child_id == jobs.c.id)
+                          .where(ids_param(job_parents.c.parent_id, "t_ids", d), jobs.c.state == S.AWAITING_PARENTS)
+                          .order_by(jobs.c.id))
+        return [dict(r._mapping) for r in self.conn.execute(stmt, {"t_ids": ids_value(parent_ids, dialect)})]
 
     def _release_stage_out(self, job_ids: list[int]) -> None:
         """AWAITING_JOB -> PENDING for the stage-out items of jobs that came to rest in
