@@ -138,27 +138,32 @@ class RealPath:
             metadata=self.kit.metadata, timeout=600)
         return [j.id for j in resp.jobs]
 
-    def ended(self, tag: str) -> dict[int, int]:
-        """Jobs tagged `tag` in each final state: one call per poll, so the measuring client
-        costs the server as little as it can."""
+    def ended(self) -> dict[int, int]:
+        """The site's jobs in each final state: one call per poll, without a tag filter, so
+        the server answers from its job counts (store/job_counts.py) and the measuring
+        client costs it as little as it can."""
         final = [J.JOB_STATE_JOB_FINISHED, J.JOB_STATE_FAILED, J.JOB_STATE_KILLED]
         resp = self.kit.stub(job_service_pb2_grpc.JobServiceStub).CountJobs(job_service_pb2.CountJobsRequest(
-            filter=J.JobFilter(site_ids=[self.kit.site_id], tags={"bench": tag}, states=final),
+            filter=J.JobFilter(site_ids=[self.kit.site_id], states=final),
             group_by=[job_service_pb2.JOB_GROUP_BY_STATE]), metadata=self.kit.metadata, timeout=60)
         return {g.state: g.count for g in resp.groups}
 
-    def wait_done(self, tag: str, n: int, timeout: float, every: float) -> None:
+    def wait_done(self, before: dict[int, int], tag: str, n: int, timeout: float, every: float) -> None:
+        """Until `n` more jobs of the site than in `before` are JOB_FINISHED (the jobs of
+        a phase are the only ones running)."""
         def done() -> bool:
-            ended = self.ended(tag)
-            if ended.get(J.JOB_STATE_FAILED) or ended.get(J.JOB_STATE_KILLED):
-                raise SystemExit(f"jobs tagged {tag} failed:\n{self.kit.debug()}")
-            return ended.get(J.JOB_STATE_JOB_FINISHED, 0) >= n
+            ended = self.ended()
+            for bad in (J.JOB_STATE_FAILED, J.JOB_STATE_KILLED):
+                if ended.get(bad, 0) > before.get(bad, 0):
+                    raise SystemExit(f"jobs tagged {tag} failed:\n{self.kit.debug()}")
+            return ended.get(J.JOB_STATE_JOB_FINISHED, 0) - before.get(J.JOB_STATE_JOB_FINISHED, 0) >= n
         wait_for(done, timeout, f"{n} jobs tagged {tag} to finish", every)
 
     def run_batch(self, n: int, tag: str, every: float = 0.05) -> float:
+        before = self.ended()
         t0 = time.monotonic()
         self.create(n, tag)
-        self.wait_done(tag, n, 600 + n, every)
+        self.wait_done(before, tag, n, 600 + n, every)
         return time.monotonic() - t0
 
     # -- phases ------------------------------------------------------------------------
@@ -166,8 +171,9 @@ class RealPath:
         out = []
         for i in range(samples):
             tag = f"lat-{round_}-{i}"
+            before = self.ended()
             (job_id,) = self.create(1, tag)
-            self.wait_done(tag, 1, 60, 0.01)
+            self.wait_done(before, tag, 1, 60, 0.01)
             out.append(self.kit.latency_to_running(job_id) * 1000)
             time.sleep(0.05)  # the launcher is idle again before the next one
         return out

@@ -387,7 +387,7 @@ class SessionStream:
         self.leases_sent += 1
         if self.counts_leases:
             self.in_flight.append((self.leases_sent, started, got.nodes, got.reserved, got.reserved_nodes))
-        self.log.info("jobs leased", jobs=len(got.jobs), held_ahead=got.reserved, nodes=round(got.nodes, 3),
+        self.log.debug("jobs leased", jobs=len(got.jobs), held_ahead=got.reserved, nodes=round(got.nodes, 3),
                       held=len(self.held))
         tokens = self.state.auth.job_tokens
         return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, tokens)
@@ -424,7 +424,7 @@ class SessionStream:
             self.log.warning("transition refused", job_id=r.job_id, seq=r.seq, reason=r.error.reason,
                              error=r.error.message)
         if result.applied or result.rejections:
-            self.log.info("transitions applied", applied=result.applied, rejected=len(result.rejections),
+            self.log.debug("transitions applied", applied=result.applied, rejected=len(result.rejections),
                           resent=result.resent, applied_through_seq=result.applied_through_seq)
         return session_service_pb2.TransitionAck(
             applied_through_seq=result.applied_through_seq,

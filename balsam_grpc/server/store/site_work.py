@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, cast, func, or_, select, update
+from sqlalchemy import Connection, Integer, and_, bindparam, case, cast, func, or_, select, update
 from sqlalchemy import Float as SqlFloat
 
 from balsam_grpc.core.errors import BalsamError
@@ -124,8 +124,25 @@ def parse_work_id(work_id: str) -> tuple[str, list[str]] | None:
 
 # ---------------------------------------------------------------------------- finding work
 
+# find_work runs each time a site's jobs finish (CLEANUP): its statements are built once
+# (a Select and its cache key cost more to build than SQLite takes to run them).
+_SITE_APPS = select(apps).where(apps.c.site_id == bindparam("w_site"))
+_CLEANUP_GLOBS = select(apps.c.id, apps.c.cleanup_globs).where(apps.c.site_id == bindparam("w_site"))
+_CLEANUPS = (select(jobs.c.id, jobs.c.workdir, jobs.c.app_id)
+             .where(jobs.c.site_id == bindparam("w_site"), jobs.c.owner_id == bindparam("w_owner"),
+                    jobs.c.state == S.JOB_FINISHED, jobs.c.cleaned_time.is_(None),
+                    jobs.c.app_id.in_(bindparam("w_apps", expanding=True)))
+             .order_by(jobs.c.id).limit(bindparam("w_limit", type_=Integer())))
+
+
 def _site_apps(conn: Connection, site_id: int) -> dict[int, dict[str, Any]]:
-    return {r.id: dict(r._mapping) for r in conn.execute(select(apps).where(apps.c.site_id == site_id))}
+    return {r.id: dict(r._mapping) for r in conn.execute(_SITE_APPS, {"w_site": site_id})}
+
+
+def _cleanup_globs(conn: Connection, site_id: int) -> dict[int, list[str]]:
+    """The site's apps that clean up after their jobs, with their globs (two columns, not
+    whole app rows: this is asked each time jobs finish)."""
+    return {r.id: list(r.cleanup_globs) for r in conn.execute(_CLEANUP_GLOBS, {"w_site": site_id}) if r.cleanup_globs}
 
 
 def _hook_apps(site_apps: dict[int, dict[str, Any]]) -> dict[JobState, list[int]]:
@@ -174,7 +191,7 @@ def find_work(conn: Connection, owner_id: int, site_id: int, kinds: set[str], sk
             take([Work(id=make(r.id), kind=kind, batch_job=dict(r._mapping)) for r in rows])
     if not ({HOOK, CLEANUP, TRANSFER} & kinds) or len(out) >= limit:
         return out
-    site_apps = _site_apps(conn, site_id) if {HOOK, CLEANUP} & kinds else {}
+    site_apps = _site_apps(conn, site_id) if HOOK in kinds else {}
     if HOOK in kinds:
         per_state = _hook_apps(site_apps)
         conds = [and_(jobs.c.state == str(st), jobs.c.app_id.in_(ids)) for st, ids in per_state.items() if ids]
@@ -188,15 +205,13 @@ def find_work(conn: Connection, owner_id: int, site_id: int, kinds: set[str], sk
         rows = transfer_store.offerable_items(conn, owner_id, site_id, skip_items, limit - len(out))
         take([Work(id=transfer_id(r["id"]), kind=TRANSFER, transfer=r) for r in rows])
     if CLEANUP in kinds and len(out) < limit:
-        with_globs = [a for a, row in site_apps.items() if row["cleanup_globs"]]
-        if with_globs:
-            rows = conn.execute(
-                select(jobs.c.id, jobs.c.workdir, jobs.c.app_id)
-                .where(jobs.c.site_id == site_id, jobs.c.owner_id == owner_id, jobs.c.state == S.JOB_FINISHED,
-                       jobs.c.cleaned_time.is_(None), jobs.c.app_id.in_(with_globs))
-                .order_by(jobs.c.id).limit(fetch_size(CLEANUP)))
+        globs = ({a: list(row["cleanup_globs"]) for a, row in site_apps.items() if row["cleanup_globs"]}
+                 if HOOK in kinds else _cleanup_globs(conn, site_id))
+        if globs:
+            rows = conn.execute(_CLEANUPS, {"w_site": site_id, "w_owner": owner_id, "w_apps": sorted(globs),
+                                            "w_limit": fetch_size(CLEANUP)})
             take([Work(id=cleanup_id(r.id), kind=CLEANUP, job={"id": r.id, "workdir": r.workdir},
-                       globs=list(site_apps[r.app_id]["cleanup_globs"])) for r in rows])
+                       globs=list(globs[r.app_id])) for r in rows])
     return out
 
 
