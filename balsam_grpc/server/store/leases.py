@@ -455,11 +455,16 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
             result.rejections.append(Rejection(t.seq, t.job_id, why))
             continue
         assert row is not None
-        values[row["id"]] = {
-            "return_code": t.return_code if t.return_code is not None else row["return_code"],
-            "error_tail": t.error_tail or row["error_tail"],
-            "data": {**(row["data"] or {}), **t.data} if t.data else row["data"],
-        }
+        # Only what the report changes: rows whose values are alike (no data, the same
+        # return code) are then written by one UPDATE (Transitioner._write groups them).
+        changes: dict[str, Any] = {}
+        if t.return_code is not None:
+            changes["return_code"] = t.return_code
+        if t.error_tail:
+            changes["error_tail"] = t.error_tail
+        if t.data:
+            changes["data"] = {**(row["data"] or {}), **t.data}
+        values[row["id"]] = changes
         # Event data: what the launcher sent, so the provenance log keeps it per run.
         key = (t.state, t.message, json.dumps(t.data, sort_keys=True, default=str) if t.data else "")
         groups[key].append(row)

@@ -362,10 +362,18 @@ class Transitioner:
         if dialect == "postgresql" and all(isinstance(jobs.c[k[2:]].type, _ARRAY_SAFE) for k in extra_keys):
             self._write_unnest(fixed, extra_keys, params)
             return
-        values: dict[str, Any] = {**fixed, "state_message": bindparam("b_message")}
-        for key in extra_keys:
-            values[key[2:]] = bindparam(key)
-        self.conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(**values), params)
+        stmt = _UPDATES.get((dialect, ("*many", *fixed, *extra_keys)))
+        if stmt is None:
+            values: dict[str, Any] = {name: bindparam("f_" + name, type_=jobs.c[name].type) for name in fixed}
+            values["state_message"] = bindparam("b_message")
+            for key in extra_keys:
+                values[key[2:]] = bindparam(key, type_=jobs.c[key[2:]].type)
+            stmt = _UPDATES[(dialect, ("*many", *fixed, *extra_keys))] = \
+                update(jobs).where(jobs.c.id == bindparam("b_id")).values(**values)
+        for p in params:
+            for name, value in fixed.items():
+                p["f_" + name] = value
+        self.conn.execute(stmt, params)
 
     def _write_unnest(self, fixed: dict[str, Any], extra_keys: list[str], params: list[dict[str, Any]]) -> None:
         """One UPDATE joined to per-row arrays: `UPDATE jobs SET ... FROM unnest(:ids,
