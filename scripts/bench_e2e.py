@@ -88,6 +88,7 @@ class RealPath:
         self.db = DatabaseCpu(self.kit.database_url)
         self.launcher_pid = 0
         self.daemon_pid = 0
+        self.last_ids: list[int] = []
 
     def start(self) -> None:
         kit = self.kit
@@ -162,9 +163,24 @@ class RealPath:
     def run_batch(self, n: int, tag: str, every: float = 0.05) -> float:
         before = self.ended()
         t0 = time.monotonic()
-        self.create(n, tag)
+        self.last_ids = self.create(n, tag)
         self.wait_done(before, tag, n, 600 + n, every)
         return time.monotonic() - t0
+
+    def launcher_transactions(self, ids: list[int]) -> int:
+        """Transactions that moved these jobs through RUNNING and out of it: the events of
+        one transaction share its receive_time (read from the database after the phase)."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.kit.database_url)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(text(
+                    "SELECT count(DISTINCT receive_time) FROM events WHERE kind = 'job_state' AND job_id >= :lo "
+                    "AND job_id <= :hi AND (to_state = 'RUNNING' OR from_state = 'RUNNING')"),
+                    {"lo": min(ids), "hi": max(ids)}).scalar_one())
+        finally:
+            engine.dispose()
 
     # -- phases ------------------------------------------------------------------------
     def latency(self, samples: int, round_: int) -> list[float]:
@@ -192,6 +208,7 @@ class RealPath:
             figures[f"{k}_cpu_ms_per_job"] = (cpu1[k] - cpu0[k]) / n * 1000
         figures["database_cpu_ms_per_job"] = db_spent / n * 1000
         figures["total_cpu_ms_per_job"] = sum(figures[f"{k}_cpu_ms_per_job"] for k in (*procs, "database"))
+        figures["session_transactions_per_job"] = self.launcher_transactions(self.last_ids) / n
         return figures
 
     def rss(self) -> dict[str, float]:

@@ -57,10 +57,21 @@ class LocalJob:
         return self.leased.job.state != job_pb2.JOB_STATE_RUNNING
 
 
-def auto_prefetch(slots: int) -> int:
-    """Jobs held ahead by default: 4 per slot, between 8 and 256. Refilled when half are
-    gone, so the server leases them in batches, not one per finished job."""
-    return max(8, min(256, 4 * slots))
+# Short jobs: hold enough ahead to keep every slot busy this long, so the slots do not
+# wait for leases while reports are paced (session.REPORT_INTERVAL_S) and acknowledged.
+PREFETCH_HORIZON_S = 0.25
+# Weight of the newest run in the running mean of how long a job holds its slot.
+RUN_TIME_WEIGHT = 0.05
+
+
+def auto_prefetch(slots: int, mean_run_s: float | None = None) -> int:
+    """Jobs held ahead by default: 4 per slot, and more when jobs are short (enough for
+    PREFETCH_HORIZON_S of work), between 8 and 256. Refilled when half are gone, so the
+    server leases them in batches, not one per finished job."""
+    want = 4 * slots
+    if mean_run_s is not None:
+        want = max(want, math.ceil(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4)))
+    return max(8, min(256, want))
 
 
 @dataclass
@@ -100,12 +111,13 @@ class Master:
         self.stop_new_at = self.end - stop_margin
         self.kill_at = self.end - kill_margin
         self.idle_since = time.monotonic()
-        self.prefetch = cfg.lease_prefetch if cfg.lease_prefetch >= 0 else auto_prefetch(
-            self.manager.capacity().max_jobs)
+        self.slots = self.manager.capacity().max_jobs
+        self.mean_run_s: float | None = None  # how long a job holds its slot (running mean)
+        self.prefetch = cfg.lease_prefetch if cfg.lease_prefetch >= 0 else auto_prefetch(self.slots)
         self.client = SessionClient(channel, metadata, Callbacks(
             open_message=self._open_message, credit=self._credit, on_opened=self._on_opened,
             on_leases=self._on_leases, on_kill=self._on_kill, on_rejection=self._on_rejection,
-            on_session_lost=self._on_session_lost))
+            on_session_lost=self._on_session_lost, busy=self._busy))
 
     # -- session callbacks ----------------------------------------------------------------
 
@@ -266,11 +278,21 @@ class Master:
                 self._finished(failed)
         self.client.wake()
 
+    def _busy(self) -> bool:
+        """Jobs run or wait here: more transitions are coming soon."""
+        return bool(self.jobs)
+
     def _finished(self, result: ProcessResult) -> None:
         job = self.jobs.pop(result.job_id, None)
         if job is None:
             return
         self.manager.release(result.job_id)
+        if job.started:
+            held = time.monotonic() - job.started
+            mean = self.mean_run_s
+            self.mean_run_s = held if mean is None else mean + RUN_TIME_WEIGHT * (held - mean)
+            if self.cfg.lease_prefetch < 0:
+                self.prefetch = auto_prefetch(self.slots, self.mean_run_s)
         tr = outcome_transition(job.leased, result)
         if tr is not None:
             self._report(job, tr)

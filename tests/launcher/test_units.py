@@ -3,6 +3,7 @@ specs, outcomes, flags."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,81 @@ def test_reconnect_backoff_stays_inside_the_lease_timeout():
     client.lease_timeout_s = 4
     delays = client._backoff()
     assert max(delays.next_delay() for _ in range(20)) <= 1.0
+
+
+class _Channel:
+    """Stubs get made; no call is."""
+
+    def __getattr__(self, _name):
+        return lambda *args, **kwargs: None
+
+
+class _Call:
+    """The request side of a session stream: what the writer sends."""
+
+    def __init__(self):
+        self.reports: list[list[int]] = []
+        self.last_seq = 0
+        self.sent = asyncio.Event()
+
+    async def write(self, msg):
+        if msg.WhichOneof("message") == "report":
+            self.reports.append([t.job_id for t in msg.report.transitions])
+            self.last_seq = msg.report.transitions[-1].seq
+            self.sent.set()
+
+
+def _client(busy: bool) -> session.SessionClient:
+    def unused(*_args):
+        raise AssertionError("not called")
+
+    callbacks = session.Callbacks(open_message=unused, credit=lambda: session_service_pb2.SessionCredit(),
+                                  on_opened=unused, on_leases=unused, on_kill=unused, on_rejection=unused,
+                                  on_session_lost=unused, busy=lambda: busy)
+    return session.SessionClient(_Channel(), (), callbacks)
+
+
+async def _reports_after_a_first_one(busy: bool) -> list[list[int]]:
+    """Job 1 is reported and acknowledged; then job 2 ends, the loop turns, job 3 ends."""
+    client = _client(busy)
+    client.report_interval_s = 0.5
+    call = _Call()
+    writer = asyncio.create_task(client._writer(call))
+    try:
+        client.report(session_service_pb2.JobTransition(job_id=1))
+        await asyncio.wait_for(call.sent.wait(), 5)
+        call.sent.clear()
+        client.outbox.ack(call.last_seq)
+        client.report(session_service_pb2.JobTransition(job_id=2))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        client.report(session_service_pb2.JobTransition(job_id=3))
+        while sum(map(len, call.reports)) < 3:
+            await asyncio.wait_for(call.sent.wait(), 5)
+            call.sent.clear()
+            client.outbox.ack(call.last_seq)
+            client.wake()
+        return call.reports
+    finally:
+        writer.cancel()
+
+
+def test_a_busy_launchers_reports_follow_each_other_paced_so_they_share_a_transaction():
+    assert asyncio.run(_reports_after_a_first_one(busy=True)) == [[1], [2, 3]]
+
+
+def test_an_idle_launchers_report_goes_at_once():
+    assert asyncio.run(_reports_after_a_first_one(busy=False)) == [[1], [2], [3]]
+
+
+def test_prefetch_grows_for_short_jobs_within_its_bounds():
+    from balsam_grpc.launcher.master import auto_prefetch
+
+    assert auto_prefetch(2) == 8
+    assert auto_prefetch(2, mean_run_s=60.0) == 8  # long jobs: 4 per slot, at least 8
+    assert auto_prefetch(2, mean_run_s=0.005) == 100  # enough for PREFETCH_HORIZON_S of work
+    assert auto_prefetch(2, mean_run_s=0.0) == 256
+    assert auto_prefetch(128, mean_run_s=60.0) == 256
 
 
 # -- process spec and outcomes -------------------------------------------------------------
