@@ -47,7 +47,7 @@ import structlog
 from sqlalchemy import Connection, select
 
 from balsam_grpc.core.backoff import Backoff
-from balsam_grpc.server.store.events import event_horizon
+from balsam_grpc.server.store.events import event_horizon, origin
 from balsam_grpc.server.store.tables import events
 
 log = structlog.get_logger("balsam.fanout")
@@ -187,6 +187,9 @@ class Fanout:
         self.count = 0
         self.reads = 0  # row reads run by the dispatcher (tests, diagnostics)
         self.hints = 0  # notifications from any replica (tests, diagnostics)
+        self.own_hints = 0  # of them, this replica's own (skipped)
+        engine = getattr(db, "engine", None)
+        self.own_origin = origin(engine) if engine is not None and getattr(db, "is_postgres", False) else ""
         self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ registry
@@ -220,11 +223,16 @@ class Fanout:
             return self.count > 0
         return any((o, s) in self.by_site or o in self.by_owner for o, s in pairs)
 
-    def hint(self, pairs: Iterable[tuple[int, int]] | None) -> None:
+    def hint(self, pairs: Iterable[tuple[int, int]] | None, origin: str = "") -> None:
         """Another transaction (on any replica) committed events of these pairs: wake the
         dispatcher when they concern a subscription here. Others are read later, with the
-        next batch that does."""
+        next batch that does. A hint from this replica's own pool (`origin`) is skipped:
+        its commit already poked the bus (Database.write), and a second look would only
+        read the horizon again."""
         self.hints += 1
+        if origin and origin == self.own_origin:
+            self.own_hints += 1
+            return
         if self.concerns(pairs):
             self.bus.poke()
 

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.aio import wait_event
-from balsam_grpc.server.store.events import EVENTS_CHANNEL, parse_hint
+from balsam_grpc.server.store.events import EVENTS_CHANNEL, hint_origin, parse_hint
 
 log = structlog.get_logger("balsam.notify")
 
@@ -52,7 +52,7 @@ def notify_control(conn: Any, topic: str, argument: str) -> None:
 class Listener:
     """LISTENs for event hints and control messages; reconnects with backoff."""
 
-    def __init__(self, url: str, on_hint: Callable[[list[tuple[int, int]] | None], None]) -> None:
+    def __init__(self, url: str, on_hint: Callable[[list[tuple[int, int]] | None, str], None]) -> None:
         self.url = libpq_url(url)
         self.on_hint = on_hint
         self.topics: dict[str, list[Callable[[str], None]]] = {}
@@ -114,7 +114,7 @@ class Listener:
     def _dispatch(self, channel: str, payload: str) -> None:
         try:
             if channel == EVENTS_CHANNEL:
-                self.on_hint(parse_hint(payload))
+                self.on_hint(parse_hint(payload), hint_origin(payload))
             elif channel == CONTROL_CHANNEL:
                 topic, _, argument = payload.partition(" ")
                 for handler in self.topics.get(topic, ()):

@@ -448,3 +448,35 @@ def test_watchers_miss_nothing_while_clients_commit(harness: Harness, alice: Cal
     for r in results:
         expected = db.read_sync(_ids, alice.user_id, r["site"], r["start"], r["got"][-1])
         assert r["got"] == expected, f"watcher of site {r['site']} from {r['start']}: gaps or disorder"
+
+
+# ---------------------------------------------------------------------------- own notifications
+def test_a_replicas_own_notification_is_not_looked_at_twice(harness: Harness) -> None:
+    """PostgreSQL: a commit pokes its own replica's fanout at once (Database.write), so the
+    notification it sends back to that replica wakes nothing; another replica's does."""
+    if harness.backend != "postgres":
+        pytest.skip("notifications are PostgreSQL's")
+    own, other = Database(harness.url, workers=1), Database(harness.url, workers=1)
+
+    async def hints() -> tuple[bool, bool, int]:
+        bus = EventBus(ordered_commits=False)
+        fanout = Fanout(own, bus)
+        sub = fanout.subscribe(1, [2])
+        try:
+            rows = [{"owner_id": 1, "site_id": 2}]
+            mine = own.write_sync(lambda conn: event_store.wake_hint(rows, conn))
+            theirs = other.write_sync(lambda conn: event_store.wake_hint(rows, conn))
+            await asyncio.sleep(0)  # the dispatcher waits on the bus
+            fanout.hint(event_store.parse_hint(mine), event_store.hint_origin(mine))
+            woken_by_mine = bus._poked
+            fanout.hint(event_store.parse_hint(theirs), event_store.hint_origin(theirs))
+            return woken_by_mine, bus._poked, fanout.own_hints
+        finally:
+            sub.close()
+            await fanout.stop()
+
+    try:
+        assert asyncio.run(hints()) == (False, True, 1)
+    finally:
+        own.dispose()
+        other.dispose()

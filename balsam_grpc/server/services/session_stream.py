@@ -135,8 +135,16 @@ def _checked(report: session_service_pb2.TransitionReport) -> session_service_pb
 
 
 def leased_job_pb(row: dict[str, Any], app_rows: dict[int, dict[str, Any]],
-                  tokens: JobTokens) -> session_service_pb2.LeasedJob:
-    return session_service_pb2.LeasedJob(job=job_to_message(row), app=app_to_pb(app_rows[row["app_id"]]),
+                  tokens: JobTokens, app_pbs: dict[int, Any] | None = None) -> session_service_pb2.LeasedJob:
+    """A leased job with its app; `app_pbs` keeps each app's message across the jobs of
+    one batch (converted once, not once per job)."""
+    app_id = row["app_id"]
+    app = app_pbs.get(app_id) if app_pbs is not None else None
+    if app is None:
+        app = app_to_pb(app_rows[app_id])
+        if app_pbs is not None:
+            app_pbs[app_id] = app
+    return session_service_pb2.LeasedJob(job=job_to_message(row), app=app,
                                          lease_generation=row["lease_generation"],
                                          job_token=tokens.mint(row["id"], row["lease_generation"]))
 
@@ -390,7 +398,8 @@ class SessionStream:
         self.log.debug("jobs leased", jobs=len(got.jobs), held_ahead=got.reserved, nodes=round(got.nodes, 3),
                       held=len(self.held))
         tokens = self.state.auth.job_tokens
-        return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, tokens)
+        app_pbs: dict[int, Any] = {}
+        return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, tokens, app_pbs)
                                                                    for r in got.jobs]))
 
     async def _reports(self, reports: list[session_service_pb2.TransitionReport]) -> AsyncIterator[Response]:

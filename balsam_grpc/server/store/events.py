@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, and_, func, select, text
 from sqlalchemy.sql import ColumnElement
@@ -59,11 +61,12 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
         row.setdefault("job_id", None)
         row.setdefault("receive_time", row["time"])
     if conn.dialect.name == "postgresql" and len(rows) < COPY_MIN_ROWS:
-        top = _insert_marked(conn, rows, wake_hint(rows))
+        top = _insert_marked(conn, rows, wake_hint(rows, conn))
     else:
         if conn.dialect.name == "postgresql":
             conn.execute(text(_MARK))
-            conn.execute(text("SELECT pg_notify(:channel, :hint)"), {"channel": EVENTS_CHANNEL, "hint": wake_hint(rows)})
+            conn.execute(text("SELECT pg_notify(:channel, :hint)"),
+                         {"channel": EVENTS_CHANNEL, "hint": wake_hint(rows, conn)})
         top = append_rows(conn, events, rows)
     conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
 
@@ -85,24 +88,49 @@ def note_inserted(conn: Connection, top: int) -> None:
     conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
 
 
-def wake_hint(rows: list[dict[str, Any]]) -> str:
+# Which Database wrote a hint ("@" and random hex, one per connection pool): a replica's
+# own commits already wake its fanout (Database.write), so it skips their notifications
+# instead of reading the horizon a second time. Per pool, not per process: tests run
+# several replicas in one process.
+_ORIGINS: WeakKeyDictionary[Any, str] = WeakKeyDictionary()
+
+
+def origin(engine: Any) -> str:
+    """The mark this engine's (its pool's) transactions put in their hints."""
+    pool = engine.pool
+    mark = _ORIGINS.get(pool)
+    if mark is None:
+        mark = _ORIGINS[pool] = "@" + secrets.token_hex(6)
+    return mark
+
+
+def wake_hint(rows: list[dict[str, Any]], conn: Connection | None = None) -> str:
     """The NOTIFY payload: the distinct "owner:site" pairs of these events, space-separated
-    (or "*" when that would be too long)."""
+    (or "*" when that would be too long), then the writer's origin mark when `conn` is
+    given."""
     pairs = sorted({(r["owner_id"], r["site_id"]) for r in rows}, key=lambda p: (p[0], p[1] or 0))
     hint = " ".join(f"{o}:{s or 0}" for o, s in pairs)
-    return hint if len(hint) <= MAX_HINT_BYTES else WAKE_ALL
+    if len(hint) > MAX_HINT_BYTES:
+        hint = WAKE_ALL
+    return hint if conn is None else f"{hint} {origin(conn.engine)}"
 
 
 def parse_hint(payload: str) -> list[tuple[int, int]] | None:
     """The (owner, site) pairs of a wake hint; None means "wake everyone" (also for a
     payload this version cannot read)."""
     try:
-        pairs = [tuple(map(int, item.split(":"))) for item in payload.split()]
+        pairs = [tuple(map(int, item.split(":"))) for item in payload.split() if not item.startswith("@")]
     except ValueError:
         return None
     if not pairs or any(len(p) != 2 for p in pairs):
         return None
     return pairs  # type: ignore[return-value]
+
+
+def hint_origin(payload: str) -> str:
+    """The origin mark of a wake hint ("" when it has none)."""
+    last = payload.rpartition(" ")[2]
+    return last if last.startswith("@") else ""
 
 
 def event_horizon(conn: Connection) -> tuple[int, int]:
