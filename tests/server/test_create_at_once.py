@@ -244,3 +244,24 @@ def test_the_app_cache_forgets_and_expires():
     assert cache.get(by_id, now=111.0) is None  # expired
     cache.forget(5)
     assert cache.get(by_name, now=105.0) is None
+
+
+def test_a_watcher_on_the_same_replica_gets_the_creation_event(harness, alice):
+    """The one-statement create does not poke this replica's fanout itself (that made it
+    read the event horizon after every create): the commit's notification wakes it, as
+    for another replica's commits, when a stream here is concerned."""
+    from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc
+
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    _create(stub, app.id, "warm")
+    watch = alice.stub(event_service_pb2_grpc.EventServiceStub).WatchEvents(
+        event_service_pb2.WatchEventsRequest(filter=event_service_pb2.EventFilter(site_ids=[site.id])), timeout=30)
+    next(watch)  # the starting cursor: subscribed
+    created = _create(stub, app.id, "watched").job
+    try:
+        for response in watch:
+            if any(e.job_id == created.id for e in response.events):
+                break
+    finally:
+        watch.cancel()
