@@ -385,9 +385,14 @@ def _patch_text(patch: job_pb2.Job, path: str) -> str:
     return str(getattr(patch, path))
 
 
-def _require_filter(selection: JobSelection, all_jobs: bool) -> None:
-    if selection.is_empty and not all_jobs:
+def _require_filter(selection: JobSelection, all_jobs: bool, every: list[str] | None = None) -> None:
+    """An empty selection needs --all; the server refuses an empty bulk filter, so --all
+    is sent as the explicit list of states `every` (default: all of them)."""
+    if not selection.is_empty:
+        return
+    if not all_jobs:
         usage("no filter given: select jobs with --state/--tag/--app/--site/--id/--since, or pass --all")
+    selection.states = list(every if every is not None else STATE_NAMES)
 
 
 def _bulk(preview: Any, count_field: str, question: str, *, yes: bool, dry_run: bool, run: Any, done: str) -> None:
@@ -453,9 +458,6 @@ def rm(
       balsamctl job rm --state FAILED,KILLED --yes
     """
     _require_filter(selection, all_jobs)
-    if selection.is_empty:
-        # --all: the server refuses an empty delete filter; every state says "all" explicitly.
-        selection.states = list(STATE_NAMES)
     flt = ctx.bulk_filter(selection)
     if flt is None:
         out.write("no jobs selected; nothing to delete")
@@ -490,9 +492,7 @@ def retry(
 
       balsamctl job retry --id 17 --reset-run-count --yes
     """
-    _require_filter(selection, all_jobs)
-    if selection.is_empty:
-        selection.states = ["FAILED", "KILLED", "RUN_ERROR", "RUN_TIMEOUT"]
+    _require_filter(selection, all_jobs, every=["FAILED", "KILLED", "RUN_ERROR", "RUN_TIMEOUT"])
     flt = ctx.bulk_filter(selection)
     if flt is None:
         out.write("no jobs selected; nothing to retry")

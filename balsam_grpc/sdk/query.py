@@ -302,7 +302,8 @@ class Query:
         """Change the given fields of every selected object; per-object outcomes.
 
         Jobs go in one BatchUpdateJobs call (tags are merged into each job's tags; a
-        state is validated per job). Other resources are updated one by one.
+        state is validated per job; the server refuses an empty filter: select
+        explicitly). Other resources are updated one by one.
         """
         if not fields:
             raise ValueError("update() needs at least one field to change")

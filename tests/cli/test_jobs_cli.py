@@ -185,6 +185,15 @@ def test_modify_dry_run_previews_and_changes_nothing(cli_server: CliServer, worl
     assert count(cli_server, states=[S.JOB_STATE_KILLED], tags={"exp": "bulk"}) == 0
 
 
+def test_modify_all_selects_every_job_explicitly(cli_server: CliServer, world: dict[str, Any]) -> None:
+    # The server refuses an empty BatchUpdateJobs filter; --all must still reach every job.
+    refused = cli_server.run("job", "modify", "--set-tag", "everyone=yes", "--dry-run")
+    assert refused.returncode != 0 and "pass --all" in refused.stderr
+    result = cli_server.run("job", "modify", "--all", "--set-tag", "everyone=yes", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"would modify {count(cli_server)} jobs (tags=" in result.stdout
+
+
 def test_modify_reports_each_refused_job_and_fails(cli_server: CliServer, world: dict[str, Any]) -> None:
     done = create(cli_server, "refuse/final", {"exp": "refuse"})
     live = create(cli_server, "refuse/live", {"exp": "refuse"})

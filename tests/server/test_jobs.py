@@ -214,18 +214,24 @@ def test_bulk_update_and_delete_report_every_item(alice):
     assert all("kill it first" in o.message for o in deleted.outcomes if o.code)
 
 
-@pytest.mark.parametrize("rpc, verb", [("BatchDeleteJobs", "delete"), ("RetryJobs", "retry")])
-def test_bulk_changes_refuse_an_empty_filter_alike(alice, rpc, verb):
+@pytest.mark.parametrize("rpc, verb, fields", [
+    ("BatchDeleteJobs", "delete", {}),
+    ("RetryJobs", "retry", {}),
+    # A forgotten filter would retag (or kill) every job of the caller just the same.
+    ("BatchUpdateJobs", "update", {"patch": job_pb2.Job(tags={"t": "1"}), "update_mask": {"paths": ["tags"]}}),
+])
+def test_bulk_changes_refuse_an_empty_filter_alike(alice, rpc, verb, fields):
     site, app = make_site_app(alice)
     stub = jobs_stub(alice)
     stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=app.id, workdir="kept",
                                                                      parameters={"x": "1"})))
     with pytest.raises(grpc.RpcError) as err:
-        getattr(stub, rpc)(getattr(job_service_pb2, f"{rpc}Request")())
+        getattr(stub, rpc)(getattr(job_service_pb2, f"{rpc}Request")(**fields))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{rpc} refuses an empty filter, which would {verb} every job")
     assert f"to {verb} all of them, list every state in filter.states" in err.value.details()
-    assert len(stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).jobs) == 1
+    kept = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).jobs
+    assert len(kept) == 1 and dict(kept[0].tags) == {}
 
 
 def test_request_id_replays_the_first_answer(alice):

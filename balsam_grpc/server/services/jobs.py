@@ -638,7 +638,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         copied = (request.event_data.ByteSize() + len(message.encode())
                   + (request.patch.data.ByteSize() if "data" in values else 0)
                   + sum(len(k) + len(v) for k, v in (tags_merge or {}).items()))
-        q = job_query(request.filter, principal)
+        q = _require_selection(job_query(request.filter, principal), "BatchUpdateJobs", "update")
 
         def build(conn: Any) -> Any:
             rows = store.select_for_change(conn, q, with_tags=tags_merge is not None)
