@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from google.protobuf import struct_pb2, timestamp_pb2
+import time
+
+from google.protobuf import struct_pb2
 
 from balsam_grpc.core import pyvalues
 from balsam_grpc.launcher.runner import ProcessResult
@@ -20,12 +22,9 @@ def transition(leased: session_service_pb2.LeasedJob, state: int, *, message: st
                                            state=state, message=message, error_tail=tail)
     if return_code is not None:
         tr.return_code = return_code
-    ts = timestamp_pb2.Timestamp()
-    if when is None:
-        ts.GetCurrentTime()
-    else:
-        ts.FromNanoseconds(int(when * 1e9))
-    tr.time.CopyFrom(ts)
+    # Set directly: Timestamp.GetCurrentTime goes through a datetime (~6 us against 0.3),
+    # and every job reports twice.
+    tr.time.seconds, tr.time.nanos = divmod(time.time_ns() if when is None else int(when * 1e9), 1_000_000_000)
     if data:
         s = struct_pb2.Struct()
         s.update(data)
