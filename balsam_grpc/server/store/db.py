@@ -408,8 +408,8 @@ class Database:
         PostgreSQL in autocommit, without the BEGIN and COMMIT round trips.
 
         Events it appends reach this replica's streams as another replica's do: by the
-        notification its commit sends (store/events.py, server/notify.py), which wakes
-        the fanout only when a stream here is concerned. `on_events` is not called: on
+        notification its commit sends (store/events.py, server/notify.py; with no origin
+        mark), which wakes the fanout only when a stream here is concerned. `on_events` is not called: on
         PostgreSQL it wakes the fanout for every commit, and the fanout then asks the
         database for the event horizon, concerned or not (about 1 M instructions, a
         third of a single create's server CPU)."""

@@ -736,6 +736,8 @@ def create_job_at_once(conn: Connection, row: dict[str, Any], event_data: dict[s
     params.update(now=row["create_time"], app_id=row["app_id"], owner_id=row["owner_id"], site_id=row["site_id"],
                   app_version=app_version, kind=event_log.JOB_STATE, from_state=str(S.CREATED),
                   event_data=None if event_data is None else codec_dumps(event_data),
+                  # No origin mark: this replica's fanout takes the hint as another replica's
+                  # (Database.write_now does not poke it).
                   channel=event_log.EVENTS_CHANNEL, hint=event_log.wake_hint([row]))
     if once is not None:
         params.update(method=once.method, request_id=once.request_id, request_hash=once.request_hash,
