@@ -3,7 +3,7 @@
 
 Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites N]
                              [--sessions N] [--duration S] [--burst N] [--lease-backlog N]
-                             [--only create|list|update ...] [--json]
+                             [--only create|list|update ...] [--no-slow-consumers] [--json]
 
 1. Starts `python -m balsam_grpc.server` on loopback (default database: PostgreSQL from
    BALSAM_TEST_DATABASE_URL when set, else a temporary SQLite file).
@@ -33,7 +33,8 @@ Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites 
 Prints unary calls/s answered within the window (in total and per kind) with their p50
 and p99 latency, stream messages/s apart from them, the CPU the server and the database
 (PostgreSQL: its backends serving this database) spent in the window, in all and per
-unary call (streams included; with `--sites 0 --sessions 0` the unary calls' own cost),
+unary call (streams included; with `--sites 0 --sessions 0 --no-slow-consumers` the unary
+calls' own cost),
 server RSS over time, errors by status code, and the load average before and after.
 Figures, never assertions (the test tests/server/test_admission.py runs a small
 configuration and checks that it reports).
@@ -432,7 +433,8 @@ async def burst(address: str, md: Any, n: int, world: dict[str, Any]) -> dict[st
 
 
 async def streams_main(address: str, token: str, world: dict[str, Any], n_sites: int, n_sessions: int,
-                       duration: float, n_burst: int, ready: Any, go: Any, start: Any) -> dict[str, Any]:
+                       duration: float, n_burst: int, ready: Any, go: Any, start: Any,
+                       slow_consumers: bool = True) -> dict[str, Any]:
     md = (("authorization", f"Bearer {token}"),)
     tally = Tally()
     stop = asyncio.Event()
@@ -445,11 +447,15 @@ async def streams_main(address: str, token: str, world: dict[str, Any], n_sites:
         tasks = [asyncio.ensure_future(site_stream(sites, md, s, stop, tally)) for s in work_sites[:n_sites]]
         tasks += [asyncio.ensure_future(session_stream(sessions, md, work_sites[i % len(work_sites)], stop, tally))
                   for i in range(n_sessions)]
-        tasks.append(asyncio.ensure_future(batch_job_producer(batch, md, work_sites, stop, tally)))
+        if n_sites:  # batch jobs for the site streams to submit (no site stream: none to charge the calls with)
+            tasks.append(asyncio.ensure_future(batch_job_producer(batch, md, work_sites, stop, tally)))
         # Slow consumers: never read.
-        tasks.append(asyncio.ensure_future(session_stream(sessions, md, world["seed_site"], stop, tally,
-                                                          max_jobs=100_000, read=False)))
-        slow_watch = events.WatchEvents(event_service_pb2.WatchEventsRequest(replay_from_start=True), metadata=md)
+        slow_watch = None
+        if slow_consumers:
+            tasks.append(asyncio.ensure_future(session_stream(sessions, md, world["seed_site"], stop, tally,
+                                                              max_jobs=100_000, read=False)))
+            slow_watch = events.WatchEvents(event_service_pb2.WatchEventsRequest(replay_from_start=True),
+                                            metadata=md)
         ready.set()
         await asyncio.to_thread(go.wait)
         await asyncio.sleep(max(0.0, start.value + duration - time.monotonic()))
@@ -458,15 +464,18 @@ async def streams_main(address: str, token: str, world: dict[str, Any], n_sites:
         await asyncio.sleep(2.0)
         burst_result = await burst(address, md, n_burst, world) if n_burst else {}
         stop.set()
-        slow_watch.cancel()
-        await asyncio.wait(tasks, timeout=30)
+        if slow_watch is not None:
+            slow_watch.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
     return {"ok": dict(tally.ok), "errors": dict(tally.errors), "burst": burst_result}
 
 
 def streams_process(address: str, token: str, world: dict[str, Any], n_sites: int, n_sessions: int,
-                    duration: float, n_burst: int, ready: Any, go: Any, start: Any, out: Any) -> None:
+                    duration: float, n_burst: int, ready: Any, go: Any, start: Any, slow_consumers: bool,
+                    out: Any) -> None:
     out.put(asyncio.run(streams_main(address, token, world, n_sites, n_sessions, duration, n_burst, ready, go,
-                                     start)))
+                                     start, slow_consumers)))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -528,7 +537,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             start = ctx.Value("d", 0.0)
             ready = [ctx.Event() for _ in range(3)]
             streams = ctx.Process(target=streams_process, args=(address, token, world, args.sites, args.sessions,
-                                                                args.duration, args.burst, ready[0], go, start, out))
+                                                                args.duration, args.burst, ready[0], go, start,
+                                                                not args.no_slow_consumers, out))
             streams.start()
             procs = max(1, min(2, args.clients))
             per = [args.clients // procs + (1 if i < args.clients % procs else 0) for i in range(procs)]
@@ -540,7 +550,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             for event in ready[:1 + len(clients)]:
                 event.wait(120)
             print(f"load for {args.duration:g} s: {args.clients} clients ({', '.join(args.only)}), {args.sites} site "
-                  f"streams, {args.sessions} sessions, 2 slow consumers ...", file=sys.stderr)
+                  f"streams, {args.sessions} sessions, {0 if args.no_slow_consumers else 2} slow consumers ...",
+                  file=sys.stderr)
             window = Window(server, url, address, token, world)
             window.take()
             t0 = start.value = time.monotonic()
@@ -658,6 +669,9 @@ def main() -> int:
                         help="runnable jobs seeded at the work sites for the sessions to lease (default 20,000)")
     parser.add_argument("--only", nargs="+", choices=("create", "list", "update"), default=["create", "list", "update"],
                         help="unary kinds the clients send (default all three: 30%% create, 40%% list, 30%% update)")
+    parser.add_argument("--no-slow-consumers", action="store_true",
+                        help="without the two streams that never read (their replay of the event log costs server "
+                             "CPU that --sites 0 --sessions 0 would otherwise charge to the unary calls)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
     args.load_before = round(os.getloadavg()[0], 2)
