@@ -4,7 +4,10 @@ making progress themselves. Ordering and progress only, never timings."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +111,28 @@ def test_a_job_cancelled_before_it_ran_never_runs() -> None:
             gate.set()
         workers.shutdown()
     assert "never" not in jobs.started
+
+
+def test_an_idle_thread_keeps_nothing_of_the_work_it_ran() -> None:
+    # A thread waiting for its next job held the last call (its request) and its future
+    # (the answer): after three large creates the server kept ~100 MiB it could not give back.
+    class Big:
+        pass
+
+    workers = Workers(2, bulk_reserved=1)
+    try:
+        given, answered = Big(), Big()
+        futures = [workers.submit(lambda g=given: answered), workers.submit(lambda g=given: answered, bulk=True)]
+        assert [f.result(WAIT) for f in futures] == [answered, answered]
+        kept = [weakref.ref(given), weakref.ref(answered)]
+        del given, answered, futures
+        deadline = time.monotonic() + WAIT  # the threads let go just after answering
+        while any(ref() is not None for ref in kept) and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        assert [ref() for ref in kept] == [None, None]
+    finally:
+        workers.shutdown()
 
 
 # -- on the server --------------------------------------------------------------------------

@@ -294,6 +294,7 @@ class Workers:
                     self._ready.wait()
                     picked = self._next()
                 job, call, bulk = picked
+                del picked
                 if bulk:
                     self.bulk_running += 1
             try:
@@ -303,6 +304,9 @@ class Workers:
                     except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
                         job.set_exception(exc)
             finally:
+                # An idle thread must not keep its last request and answer alive: after
+                # large creates that held ~100 MiB the server could not give back.
+                del job, call
                 if bulk:
                     with self._ready:
                         self.bulk_running -= 1
