@@ -4,13 +4,16 @@ and the wall time enforced."""
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import datetime, timedelta
 
 import psutil
 import pytest
 
 from balsam_grpc.site.schedulers import SubmitError, get_scheduler
 from balsam_grpc.site.schedulers.local import job_from_record
+from balsam_grpc.site.schedulers.local_state import write_record
 from tests.support.local_scheduler import make_script, run, submit, wait_until
 
 
@@ -107,3 +110,50 @@ def test_job_from_record_is_pure():
     failed = job_from_record({**ended, "exit_code": 2, "end_reason": "exited"}, monitor_alive=False)
     assert failed.state == "failed" and failed.exit_code == 2 and failed.message == "exit code 2"
     assert job_from_record({"scheduler_id": "4"}, monitor_alive=False).state == "unknown"
+
+
+def _gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _record(tmp_path, sid):
+    return json.loads((tmp_path / "state" / f"{sid}.json").read_text())
+
+
+def test_a_wall_clock_step_does_not_make_a_running_monitor_vanish(tmp_path):
+    # Seen once under load: a running pilot's job read "local monitor vanished" because its
+    # start time (wall clock, at the record) and the process's creation time (boot time +
+    # ticks, by the wall clock at the check) drifted apart by more than the tolerance.
+    script = make_script(tmp_path, "steady", "touch started; while [ ! -e go ]; do sleep 0.05; done")
+    sched = get_scheduler("local", state_dir=tmp_path / "state")
+    sid = run(submit(sched, script, tmp_path))
+    wait_until(lambda: (tmp_path / "started").exists(), "script start")
+    path = tmp_path / "state" / f"{sid}.json"
+    rec = _record(tmp_path, sid)
+    assert rec["identity"].startswith("boot-ticks:")
+    # The clock stepped an hour forward after the record was written.
+    rec["start_time"] = (datetime.fromisoformat(rec["start_time"]) - timedelta(hours=1)).isoformat()
+    write_record(path, rec)
+    assert run(sched.statuses([sid]))[sid].state == "running"
+    # A later process given the same pid is not the monitor.
+    write_record(path, {**rec, "identity": "boot-ticks:1"})
+    reused = run(sched.statuses([sid]))[sid]
+    assert reused.state == "finished" and "vanished" in reused.message
+    write_record(path, rec)
+    (tmp_path / "go").touch()
+    final = wait_until(lambda: (j := run(sched.statuses([sid]))[sid]).state != "running" and j, "job end")
+    assert final.exit_code == 0
+
+
+def test_a_monitor_that_ends_between_the_read_and_the_check_reports_its_exit(tmp_path):
+    script = make_script(tmp_path, "quick", "exit 0")
+    sched = get_scheduler("local", state_dir=tmp_path / "state")
+    sid = run(submit(sched, script, tmp_path))
+    wait_until(lambda: _record(tmp_path, sid).get("end_time") and _gone(_record(tmp_path, sid)["pid"]), "monitor end")
+    # The record as read just before the monitor wrote its end and exited.
+    stale = {k: v for k, v in _record(tmp_path, sid).items() if k not in ("end_time", "exit_code", "end_reason")}
+    job = sched._job(stale)
+    assert job.state == "finished" and job.exit_code == 0 and "vanished" not in job.message

@@ -36,7 +36,7 @@ from .base import (
     SubmitError,
     run_command,
 )
-from .local_state import now_iso, read_record, write_record
+from .local_state import now_iso, process_identity, read_record, write_record
 
 RUNNER_MODULE = "balsam_grpc.site.schedulers.local_runner"
 
@@ -79,18 +79,26 @@ def job_from_record(rec: dict, *, monitor_alive: bool) -> SchedulerJob:
     )
 
 
-def _process_alive(pid: object, started_iso: object) -> bool:
-    """Alive and the same process (a reused pid started after our record is not ours)."""
+def _monitor_alive(rec: dict) -> bool:
+    """The record's monitor still runs: alive, and the same process (a pid reused by a
+    later process is not ours). The monitor records its identity (its start in ticks since
+    boot); the wall-clock start time, compared with a tolerance, serves only where there is
+    none, since the wall clock can step between the record and the check."""
+    pid = rec.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
+        recorded = rec.get("identity")
+        current = process_identity(pid) if recorded else None
+        if current is not None:
+            return current == recorded
         created = proc.create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    start = _parse_time(started_iso)
+    start = _parse_time(rec.get("start_time"))
     return start is None or created <= start.timestamp() + 2.0
 
 
@@ -205,7 +213,11 @@ class LocalScheduler(SchedulerAdapter):
         return None if undecided and not found else found
 
     def _job(self, rec: dict) -> SchedulerJob:
-        alive = rec.get("end_time") is None and _process_alive(rec.get("pid"), rec.get("start_time"))
+        alive = rec.get("end_time") is None and _monitor_alive(rec)
+        if not alive and rec.get("end_time") is None and rec.get("scheduler_id"):
+            # The monitor may have recorded its end and exited between our read and the
+            # check: its record, read again, says how it ended.
+            rec = read_record(self._path(str(rec["scheduler_id"]))) or rec
         return job_from_record(rec, monitor_alive=alive)
 
     async def statuses(self, ids: list[str] | None = None) -> dict[str, SchedulerJob] | None:
@@ -245,13 +257,13 @@ class LocalScheduler(SchedulerAdapter):
         if rec is None or rec.get("end_time") is not None:
             return  # unknown or already ended: nothing to do
         pid, pgid = rec.get("pid"), rec.get("pgid")
-        if _process_alive(pid, rec.get("start_time")):
+        if _monitor_alive(rec):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + self.kill_grace_s + 5.0
-            while time.monotonic() < deadline and _process_alive(pid, rec.get("start_time")):
+            while time.monotonic() < deadline and _monitor_alive(rec):
                 await asyncio.sleep(0.05)
         # The monitor is gone: make sure the script's group is too, and that the end is recorded.
         if _group_alive(pgid):
@@ -259,7 +271,7 @@ class LocalScheduler(SchedulerAdapter):
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if _process_alive(pid, rec.get("start_time")):
+        if _monitor_alive(rec):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

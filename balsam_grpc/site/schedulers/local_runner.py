@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .local_state import now_iso, read_record, write_record
+from .local_state import now_iso, process_identity, read_record, write_record
 
 KILL_GRACE_S = 5.0
 
@@ -61,7 +61,7 @@ def monitor(state_file: Path, on_started=lambda: None) -> int:
     delay_s = float(rec.get("start_delay_s") or 0)
     if delay_s > 0:
         # Queued: the monitor is recorded (so status and cancel find it) but no start time yet.
-        rec.update(pid=os.getpid())
+        rec.update(pid=os.getpid(), identity=process_identity(os.getpid()))
         write_record(state_file, rec)
         on_started()
         try:
@@ -73,7 +73,7 @@ def monitor(state_file: Path, on_started=lambda: None) -> int:
     out = open(rec["output"], "ab", buffering=0)  # noqa: SIM115 - held for the child's life
     child = subprocess.Popen([rec["script"]], cwd=rec["cwd"], env=env, stdin=subprocess.DEVNULL,
                              stdout=out, stderr=subprocess.STDOUT, process_group=0)
-    rec.update(pid=os.getpid(), pgid=child.pid, start_time=now_iso())
+    rec.update(pid=os.getpid(), identity=process_identity(os.getpid()), pgid=child.pid, start_time=now_iso())
     write_record(state_file, rec)
     if delay_s <= 0:
         on_started()

@@ -15,6 +15,19 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def process_identity(pid: int) -> str | None:
+    """What tells this process from a later one given the same pid, whatever the wall
+    clock does: its start in clock ticks since boot (Linux). None where /proc has no such
+    field (then the record's start time is compared, with a tolerance)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()  # the name may hold spaces and parentheses
+    return f"boot-ticks:{int(fields[19])}" if len(fields) > 19 else None
+
+
 def read_record(path: Path) -> dict | None:
     """The record, or None when the file is missing or not a JSON object."""
     try:
