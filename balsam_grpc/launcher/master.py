@@ -65,13 +65,14 @@ RUN_TIME_WEIGHT = 0.05
 
 
 def auto_prefetch(slots: int, mean_run_s: float | None = None) -> int:
-    """Jobs held ahead by default: 4 per slot, and more when jobs are short (enough for
-    PREFETCH_HORIZON_S of work), between 8 and 256. Refilled when half are gone, so the
-    server leases them in batches, not one per finished job."""
-    want = 4 * slots
-    if mean_run_s is not None:
-        want = max(want, math.ceil(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4)))
-    return max(8, min(256, want))
+    """Jobs held ahead by default. Until a run time is known, 4 per slot (at least 8), so a
+    first burst is leased in batches; then enough for PREFETCH_HORIZON_S of work, at least
+    one per slot, at most 256. Refilled when half are gone. A long job gains nothing from a
+    deeper hold, and a held job waits here while another pilot of the site may idle (seen in
+    the XPCS compare runs: one of a site's two pilots held a whole burst)."""
+    if mean_run_s is None:
+        return max(8, min(256, 4 * slots))
+    return min(256, max(slots, math.ceil(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4))))
 
 
 @dataclass

@@ -362,14 +362,16 @@ def test_an_idle_launchers_report_goes_at_once():
     assert asyncio.run(_reports_after_a_first_one(busy=False)) == [[1], [2], [3]]
 
 
-def test_prefetch_grows_for_short_jobs_within_its_bounds():
+def test_prefetch_follows_the_run_time_within_its_bounds():
     from balsam_grpc.launcher.master import auto_prefetch
 
     assert auto_prefetch(2) == 8
-    assert auto_prefetch(2, mean_run_s=60.0) == 8  # long jobs: 4 per slot, at least 8
+    assert auto_prefetch(2, mean_run_s=60.0) == 2  # long jobs: one per slot, not a burst another pilot waits for
+    assert auto_prefetch(2, mean_run_s=0.2) == 3
     assert auto_prefetch(2, mean_run_s=0.005) == 100  # enough for PREFETCH_HORIZON_S of work
     assert auto_prefetch(2, mean_run_s=0.0) == 256
-    assert auto_prefetch(128, mean_run_s=60.0) == 256
+    assert auto_prefetch(128, mean_run_s=60.0) == 128
+    assert auto_prefetch(512, mean_run_s=60.0) == 256
 
 
 # -- process spec and outcomes -------------------------------------------------------------
