@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timedelta
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
 
 import psutil
 import pytest
 
 from balsam_grpc.site.schedulers import SubmitError, get_scheduler
-from balsam_grpc.site.schedulers.local import job_from_record
+from balsam_grpc.site.schedulers.local import RUNNER_MODULE, SUBMIT_STEP_S, job_from_record
 from balsam_grpc.site.schedulers.local_state import write_record
 from tests.support.local_scheduler import make_script, run, submit, wait_until
 
@@ -157,3 +160,35 @@ def test_a_monitor_that_ends_between_the_read_and_the_check_reports_its_exit(tmp
     stale = {k: v for k, v in _record(tmp_path, sid).items() if k not in ("end_time", "exit_code", "end_reason")}
     job = sched._job(stale)
     assert job.state == "finished" and job.exit_code == 0 and "vanished" not in job.message
+
+
+def test_a_submission_cut_off_before_its_runner_is_decided_at_once(tmp_path):
+    # A daemon killed between the job's record and its runner left a record no monitor
+    # will ever claim; its restart waited out the whole submit timeout (40 s) before
+    # resubmitting the pilot, and a fault test timed out at 30 s in CI.
+    sched = get_scheduler("local", state_dir=tmp_path / "state")
+    state = tmp_path / "state"
+    state.mkdir()
+    old = (datetime.now(UTC) - timedelta(seconds=SUBMIT_STEP_S + 1)).isoformat()
+    cut = state / "1.json"
+    write_record(cut, {"scheduler_id": "1", "job_name": "balsam-x-1", "submit_time": old})
+    placeholder = state / "2.json"
+    placeholder.touch()
+    os.utime(placeholder, (time.time() - SUBMIT_STEP_S - 1,) * 2)
+    assert run(sched.find_by_name("balsam-x-1")) == []
+    assert "never started" in json.loads(cut.read_text())["end_reason"]
+
+    # A runner for the record still runs: it is about to record its monitor, so wait.
+    write_record(state / "3.json", {"scheduler_id": "3", "job_name": "balsam-x-3", "submit_time": old})
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", RUNNER_MODULE,
+                               str(state / "3.json")])
+    try:
+        wait_until(lambda: str(state / "3.json") in psutil.Process(runner.pid).cmdline(), "runner started")
+        assert run(sched.find_by_name("balsam-x-3")) is None
+    finally:
+        runner.kill()
+        runner.wait()
+    assert run(sched.find_by_name("balsam-x-3")) == []
+    # A placeholder just made may still become any job's record.
+    (state / "4.json").touch()
+    assert run(sched.find_by_name("balsam-x-4")) is None

@@ -39,6 +39,9 @@ from .base import (
 from .local_state import now_iso, process_identity, read_record, write_record
 
 RUNNER_MODULE = "balsam_grpc.site.schedulers.local_runner"
+# How long a live submitter may take from an id's placeholder to its record, and from the
+# record to its runner's start: a submission left there longer was cut off.
+SUBMIT_STEP_S = 5.0
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -100,6 +103,19 @@ def _monitor_alive(rec: dict) -> bool:
         return False
     start = _parse_time(rec.get("start_time"))
     return start is None or created <= start.timestamp() + 2.0
+
+
+def _runner_running(state_file: Path) -> bool:
+    """Whether a local_runner process for this job record runs (it is about to record its
+    monitor)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            argv = proc.info["cmdline"] or []
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if RUNNER_MODULE in argv and str(state_file) in argv and proc.pid != os.getpid():
+            return True
+    return False
 
 
 def _group_alive(pgid: object) -> bool:
@@ -182,27 +198,30 @@ class LocalScheduler(SchedulerAdapter):
     async def find_by_name(self, name: str, *, submitted_after: float | None = None) -> list[SchedulerJob] | None:
         if not self.state_dir.is_dir():
             return []
-        settle_s = self.timeout_s + 10.0  # a submission still under way finishes within this
         now = time.time()
         found: list[SchedulerJob] = []
         undecided = False
         for path in sorted(p for p in self.state_dir.glob("*.json") if p.stem.isdigit()):
             rec = read_record(path)
             if rec is None:  # the empty placeholder of an id being allocated, or damaged
+                # A submitter fills its placeholder in one synchronous step: one left empty
+                # longer than that belongs to a submitter that died.
                 try:
-                    young = now - path.stat().st_mtime < settle_s
+                    undecided |= now - path.stat().st_mtime < SUBMIT_STEP_S
                 except OSError:
                     continue
-                undecided |= young
                 continue
             if rec.get("job_name") != name:
                 continue
             if not rec.get("pid"):
-                # No monitor ever recorded itself: the job never ran (or is about to).
+                # No monitor ever recorded itself: the job never ran, or its runner (which
+                # records the monitor at once) is still on its way. Waiting out the whole
+                # submit timeout (40 s) kept a restarted daemon from resubmitting a pilot
+                # its killed predecessor never started.
                 if rec.get("end_time") is not None:
                     continue  # ended without running: that submission failed, nothing to adopt
                 submitted = _parse_time(rec.get("submit_time"))
-                if submitted is None or now - submitted.timestamp() < settle_s:
+                if submitted is None or now - submitted.timestamp() < SUBMIT_STEP_S or _runner_running(path):
                     undecided = True
                     continue
                 rec.update(end_time=now_iso(), exit_code=None,
