@@ -214,6 +214,12 @@ class Fanout:
         else:
             for site_id in sites:
                 self.by_site.setdefault((owner_id, site_id), []).append(sub)
+        if not self.bus.ordered_commits:
+            # Commits that concerned no stream here did not wake the dispatcher (one-statement
+            # creates, other replicas' commits), so `position` may lag the horizon: a watch
+            # replaying up to it missed them until some later commit concerned it. One look
+            # now routes them to this subscription like any new rows.
+            self.bus.poke()
         self.count += 1
         return sub
 

@@ -265,3 +265,21 @@ def test_a_watcher_on_the_same_replica_gets_the_creation_event(harness, alice):
                 break
     finally:
         watch.cancel()
+
+
+def test_a_watch_opened_after_a_create_replays_it(harness, alice):
+    """A create that concerned no stream left this replica's fanout behind the horizon,
+    and a watch opened afterwards (replaying from the start) took that stale position as
+    its end: the create's event reached it only with some later, concerned commit (the
+    isolation tests timed out in CI). A new subscription makes the fanout look again."""
+    from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc
+
+    site, app = make_site_app(alice)
+    created = _create(jobs_stub(alice), app.id, "before-the-watch").job
+    watch = alice.stub(event_service_pb2_grpc.EventServiceStub).WatchEvents(
+        event_service_pb2.WatchEventsRequest(replay_from_start=True), timeout=20)
+    try:
+        seen = next(e for r in watch for e in r.events if e.job_id == created.id)
+    finally:
+        watch.cancel()
+    assert seen.job_id == created.id
