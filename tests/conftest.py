@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -181,3 +182,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from tests.support.databases import drop_created
 
     drop_created()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's BALSAM_HOME goes with it (every run made one in /tmp and left it there).
+    The last hook, in the pytest process only: forked servers never run it. Test modules
+    that import `tests.conftest` run this file a second time, which made a second home
+    and pointed BALSAM_HOME at it: both go."""
+    for home in {_HOME, os.environ.get("BALSAM_HOME", "")}:
+        if os.path.basename(home).startswith("balsam-test-home-"):
+            shutil.rmtree(home, ignore_errors=True)
