@@ -248,7 +248,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
     urls = args.database or []
-    tmp = tempfile.mkdtemp(prefix="balsam-bench-db-")
+    workdir = tempfile.TemporaryDirectory(prefix="balsam-bench-db-")  # removed at exit
+    tmp = workdir.name
     if not urls:
         urls = [f"sqlite:///{tmp}/bench.db"]
         if os.environ.get("BALSAM_TEST_DATABASE_URL"):

@@ -209,7 +209,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     urls = list(args.database)
-    tmp = tempfile.mkdtemp(prefix="balsam-bench-db-")
+    workdir = tempfile.TemporaryDirectory(prefix="balsam-bench-db-")  # removed at exit
+    tmp = workdir.name
     if not urls:
         urls.append(f"sqlite:///{tmp}/bench.db")
         if os.environ.get("BALSAM_TEST_DATABASE_URL"):
