@@ -133,7 +133,8 @@ class BalsamServer:
                 "or --allow-insecure-remote if the network is trusted")
         self._sqlite_lock = hold_sqlite_lock(settings.database_url)
         await asyncio.to_thread(upgrade, settings.database_url)
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, workers=settings.database_threads,
+                           bulk_reserved=settings.database_bulk_reserved)
         if self.db.is_sqlite:
             # One process serves SQLite, so no daemon holds a stream before this server
             # serves: clear what a crash left. (On PostgreSQL other replicas may hold them.)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hashlib
 import hmac
 import os
@@ -147,8 +148,12 @@ class Authenticator:
         watchers[key] = callback
         running = self._rechecks.get(token_id)
         if recheck_seconds > 0 and (running is None or running.done()):
+            # In a context of its own: not the watching stream's, whose database work is
+            # bulk (store/db.py bulk_work) and waits behind other streams' transactions; a
+            # revocation must not wait for them.
             self._rechecks[token_id] = asyncio.get_running_loop().create_task(
-                self._recheck_loop(token_id, recheck_seconds), name="balsam-token-recheck")
+                self._recheck_loop(token_id, recheck_seconds), name="balsam-token-recheck",
+                context=contextvars.Context())
 
         def unwatch() -> None:
             found = self._watchers.get(token_id)

@@ -55,6 +55,10 @@ class ServerSettings:
     login_max_failures_per_address: int = 20
     login_window_seconds: float = 300.0
     login_lockout_seconds: float = 60.0
+    # Database threads (store/db.py Workers) and how many of them bulk work (streams'
+    # transactions) may always have while it waits; unary calls go first on the rest.
+    database_threads: int = field(default_factory=lambda: _env_int("BALSAM_SERVER_DATABASE_THREADS", 6))
+    database_bulk_reserved: int = field(default_factory=lambda: _env_int("BALSAM_SERVER_DATABASE_BULK_RESERVED", 2))
     # Open streams re-read their token this often (revocation through another server).
     stream_token_recheck_seconds: float = 30.0
     # Pings on every connection find dead peers (a site or launcher behind a black hole):

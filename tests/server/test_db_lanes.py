@@ -4,6 +4,8 @@ making progress themselves. Ordering and progress only, never timings."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import gc
 import threading
 import time
@@ -15,7 +17,9 @@ import grpc
 import pytest
 
 from balsam_grpc.server.services import events as event_service
-from balsam_grpc.server.store.db import Workers
+from balsam_grpc.server.auth import Authenticator
+from balsam_grpc.server.store import db as db_module
+from balsam_grpc.server.store.db import Workers, bulk_work
 from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc
 
 WAIT = 20.0  # bound on every wait below (never reached when things work)
@@ -94,6 +98,30 @@ def test_bulk_work_keeps_its_reserved_threads_under_interactive_load() -> None:
         for gate in jobs.gates.values():
             gate.set()
         workers.shutdown()
+
+
+def test_a_streams_token_recheck_is_interactive_work() -> None:
+    # The periodic re-read of a stream's token (revocation through another replica) was
+    # started from the stream's task and inherited its bulk mark: under stream load it
+    # waited behind every stream's transactions.
+    lanes: list[bool] = []
+
+    class Database:
+        async def read_now(self, fn: Any, *args: Any) -> dict[str, Any]:
+            lanes.append(db_module._BULK.get())
+            return {"revoked": True, "expire_time": datetime.datetime.now(datetime.UTC)}
+
+    async def stream_task() -> None:
+        bulk_work()  # as server/rpc.py stream() marks a stream's task
+        auth = Authenticator(Database())  # type: ignore[arg-type]
+        ended = asyncio.Event()
+        unwatch = auth.watch("token-1", lambda reason: ended.set(), recheck_seconds=0.01)
+        await asyncio.wait_for(ended.wait(), WAIT)
+        unwatch()
+        assert db_module._BULK.get()  # the stream's own work stays bulk
+
+    asyncio.run(stream_task())
+    assert lanes == [False]
 
 
 def test_a_job_cancelled_before_it_ran_never_runs() -> None:
