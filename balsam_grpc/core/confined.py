@@ -9,7 +9,9 @@ files are opened without following a symlink in their last component, mode 0600.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 PRIVATE_DIR = 0o700
@@ -54,21 +56,66 @@ def make_dirs_inside(path: Path | str, root: Path | str, *, mode: int = PRIVATE_
     return target
 
 
-def open_private(path: Path | str, *, append: bool = False, mode: int = PRIVATE_FILE) -> int:
-    """A file descriptor for writing `path` (created with `mode`, 0600 unless told; an
-    existing file is set to it); refuses a symlink in the last component."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir_inside(path: str, root: str, *, mode: int = PRIVATE_DIR, what: str = "folder") -> tuple[int, str]:
+    """`make_dirs_inside(path, root)` that also opens the folder: (a descriptor of it,
+    its path). Each level below `root` is created (mode 0700 unless told) and opened
+    relative to its parent's descriptor without following a symlink, so the descriptor
+    names a folder inside `root` whatever the path's folders become meanwhile. A path
+    with a symlink, a file, `..` or `.` below `root` gets make_dirs_inside's checks (it
+    may still lead inside): PathEscape when it leads outside."""
+    root = root.rstrip("/") or "/"
+    prefix = root if root == "/" else root + "/"
+    parts = path.rstrip("/")[len(prefix):].split("/") if path.startswith(prefix) else []
+    if parts and not any(p in ("", ".", "..") for p in parts):
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts:
+                try:
+                    sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    try:
+                        os.mkdir(part, mode, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+            return fd, path.rstrip("/")
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            # A symlink (or a file) on the way: make_dirs_inside decides by where it leads.
+    real = make_dirs_inside(path, root, mode=mode, what=what)
+    return os.open(real, _DIR_FLAGS), str(real)
+
+
+def open_private(path: Path | str, *, append: bool = False, mode: int = PRIVATE_FILE,
+                 dir_fd: int | None = None) -> int:
+    """A file descriptor for writing `path` (relative to the folder `dir_fd` if given;
+    created with `mode`, 0600 unless told; an existing file is set to it); refuses a
+    symlink in the last component."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
     try:
-        fd = os.open(path, flags, mode)
+        fd = os.open(path, flags, mode, dir_fd=dir_fd)
     except OSError as exc:
-        if os.path.islink(path):
+        try:
+            link = stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+        except OSError:
+            link = False
+        if link:
             raise PathEscape(f"{path} is a symlink; refusing to write through it") from exc
         raise
-    if mode == PRIVATE_FILE:
+    # Only when it differs: a chmod dirties the inode (a journal write on ext4), and a
+    # file just created has the mode already unless the umask took bits away.
+    if mode == PRIVATE_FILE and stat.S_IMODE(os.fstat(fd).st_mode) != PRIVATE_FILE:
         os.fchmod(fd, PRIVATE_FILE)
     return fd
 
 
-def write_private(path: Path | str, data: bytes) -> None:
-    with os.fdopen(open_private(path), "wb") as fh:
+def write_private(path: Path | str, data: bytes, *, dir_fd: int | None = None) -> None:
+    with os.fdopen(open_private(path, dir_fd=dir_fd), "wb") as fh:
         fh.write(data)

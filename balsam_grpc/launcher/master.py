@@ -45,6 +45,7 @@ class LocalJob:
     res: Resources
     placed: Assignment | None = None
     started: float = 0.0
+    unfit: str | None = None  # why it can never run here (NodeManager.never_fits), if so
 
     @property
     def id(self) -> int:
@@ -210,7 +211,8 @@ class Master:
     # -- jobs -----------------------------------------------------------------------------
 
     def _add(self, lj: pb.LeasedJob) -> None:
-        self.jobs[lj.job.id] = LocalJob(lj, Resources.from_pb(lj.job.resources))
+        res = Resources.from_pb(lj.job.resources)
+        self.jobs[lj.job.id] = LocalJob(lj, res, unfit=self.manager.never_fits(res))
         self.queue[lj.job.id] = None
 
     def _drop(self, job_id: int, why: str) -> None:
@@ -243,9 +245,10 @@ class Master:
             job.leased.job.state = job_pb2.JOB_STATE_RUNNING
 
     def _schedule(self) -> None:
+        full = self.manager.full()
         for job_id in list(self.queue):
             job = self.jobs[job_id]
-            reason = self.manager.never_fits(job.res)
+            reason = job.unfit
             if reason:
                 del self.queue[job_id]
                 del self.jobs[job_id]
@@ -255,8 +258,11 @@ class Master:
                 self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
                                              message=f"cannot run in this launcher: {reason}"))
                 continue
+            if full:
+                continue  # no job fits anywhere now: only the unfit ones are left to report
             placed = self.manager.assign(job_id, job.res)
             if placed is None:
+                full = self.manager.full()
                 continue
             del self.queue[job_id]
             job.placed = placed

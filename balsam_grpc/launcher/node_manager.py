@@ -10,11 +10,17 @@ Occupancy is kept as exact fractions: three jobs of packing 3 fill a node exactl
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 from balsam_grpc.launcher.nodes import NodeSpec
+
+
+@functools.lru_cache(maxsize=256)
+def _occupancy(packing: int) -> Fraction:
+    return Fraction(1, packing)  # the same object every time: a Fraction costs microseconds to make
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +51,7 @@ class Resources:
     @property
     def occupancy(self) -> Fraction:
         # Packing applies to single-node jobs only; a multi-node job owns its nodes.
-        return Fraction(1, self.node_packing_count) if self.num_nodes == 1 else Fraction(1)
+        return _occupancy(self.node_packing_count if self.num_nodes == 1 else 1)
 
     @property
     def needs_mpi_launch(self) -> bool:
@@ -155,6 +161,10 @@ class NodeManager:
             node.free_gpus = sorted(node.free_gpus + gpus)
             node.occupancy -= placed.occupancy
             node.jobs.discard(job_id)
+
+    def full(self) -> bool:
+        """No job can be placed now: every node is out of CPUs or fully occupied."""
+        return not any(n.free_cpus and n.occupancy < 1 for n in self.nodes)
 
     def capacity(self) -> Capacity:
         """What could start now. Aggregate by nature: two half-free nodes offer 1.0 node of
