@@ -143,3 +143,42 @@ def test_a_job_with_too_many_parents_is_refused_before_anything_is_read(alice):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"jobs[{2 * CHUNK + 1}].parent_ids has more than" in err.details()
     assert count(stub, site.id) == 0
+
+
+def test_creation_events_carry_each_jobs_path_state_and_message(alice):
+    """The creation events (on PostgreSQL written by the database from the new rows,
+    store.jobs._creation_events_from_jobs) say what the one-piece create's say: CREATED ->
+    the job's state, the steps taken on the way as data, the job's state message, the
+    creation time; one per job, in the jobs' order, mixed paths in one call."""
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    pending = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=app.id, workdir="p/pending", parameters={"x": "1"}))).job
+    killed = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=app.id, workdir="p/killed", parameters={"x": "1"}))).job
+    stub.UpdateJob(job_service_pb2.UpdateJobRequest(job=job_pb2.Job(id=killed.id, state=job_pb2.JOB_STATE_KILLED),
+                                                    update_mask={"paths": ["state"]}))
+    sent = batch(app.id, "paths")
+    for i in range(CHUNK + 1, SIZE, 5):
+        sent[i].parent_ids.append(pending.id)
+    for i in range(2 * CHUNK + 3, SIZE, 7):
+        del sent[i].parent_ids[:]
+        sent[i].parent_ids.append(killed.id)
+    created = list(stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
+        jobs=sent, view=job_service_pb2.JOB_VIEW_FULL)).jobs)
+    ids = [j.id for j in created]
+    states = {j.state for j in created}
+    assert states == {job_pb2.JOB_STATE_PREPROCESSED, job_pb2.JOB_STATE_AWAITING_PARENTS, job_pb2.JOB_STATE_FAILED}
+    events = list(alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(job_ids=ids), page_size=1000)).events)
+    assert [e.job_id for e in events] == ids
+    ids_seen = [e.id for e in events]
+    assert ids_seen == sorted(ids_seen) and len(set(ids_seen)) == len(ids)
+    for job, event in zip(created, events, strict=True):
+        assert (event.site_id, event.job_state.from_state, event.job_state.to_state, event.message) == (
+            site.id, job_pb2.JOB_STATE_CREATED, job.state, job.state_message)
+        assert event.time == job.create_time and event.receive_time == job.create_time
+        via = list(event.data["via"]) if "via" in event.data else []
+        if job.state == job_pb2.JOB_STATE_PREPROCESSED:
+            assert via == ["READY", "STAGED_IN"]
+        else:
+            assert via == [] and not event.data
+    assert any("failed" in e.message for e in events)

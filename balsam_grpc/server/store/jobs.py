@@ -569,7 +569,46 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
         raise _workdir_conflict(conn, creation.rows) from exc
     if len(creation.rows) != count:
         raise ValueError(f"{len(creation.rows)} jobs given, {count} announced")
-    _write_dependents(conn, creation, False)
+    _creation_events_from_jobs(conn, creation, ids)
+    _write_dependents(conn, creation, True)
+
+
+# The creation events of jobs just written, made by the database from their rows (no
+# event row built, formatted and parsed per job): marked and notified as
+# store.events.append does, ids drawn in job order. :ids and :picks are array literals
+# (one string each: binding 10,000 ints costs a driver call per int); :picks numbers
+# each job's event data in :datas (0: none).
+_EVENTS_FROM_JOBS = text(
+    "WITH " + event_log.marked_insert_sql(
+        "(SELECT j.owner_id, j.site_id, j.id AS job_id, CAST(:kind AS TEXT) AS kind, CAST(NULL AS BIGINT) AS subject_id, "
+        "CAST(:from_state AS TEXT) AS from_state, j.state AS to_state, j.create_time AS time, "
+        "j.create_time AS receive_time, (CAST(:datas AS TEXT[]))[u.pick] AS data, j.state_message AS message "
+        "FROM unnest(CAST(CAST(:ids AS TEXT) AS BIGINT[]), CAST(CAST(:picks AS TEXT) AS INT[])) "
+        "WITH ORDINALITY AS u(id, pick, ord) JOIN jobs AS j ON j.id = u.id ORDER BY u.ord) AS v")
+    + " SELECT count(*) AS n, max(id) AS top FROM new_events")
+
+
+def _creation_events_from_jobs(conn: Connection, creation: _Creation, ids: list[int]) -> None:
+    """PostgreSQL: the CREATED -> state event of each job of `creation` (written, with
+    `ids` in row order), from the jobs' rows."""
+    numbers: dict[int, int] = {id(None): 0}
+    datas: list[str] = []
+    picks = []
+    for data in creation.event_data:
+        n = numbers.get(id(data))
+        if n is None:
+            datas.append(codec_dumps(data))
+            n = numbers[id(data)] = len(datas)
+        picks.append(n)
+    pairs = {(creation.owner_id, row["site_id"]) for row in creation.rows}
+    got = conn.execute(_EVENTS_FROM_JOBS, {
+        "kind": event_log.JOB_STATE, "from_state": str(S.CREATED), "datas": datas,
+        "ids": "{" + ",".join(map(str, ids)) + "}", "picks": "{" + ",".join(map(str, picks)) + "}",
+        "channel": event_log.EVENTS_CHANNEL,
+        "hint": event_log.wake_hint([{"owner_id": o, "site_id": s} for o, s in pairs], conn)}).one()
+    if got.n != len(ids):
+        raise RuntimeError(f"{got.n} creation events written for {len(ids)} jobs")
+    event_log.note_inserted(conn, got.top)
 
 
 def _write_dependents(conn: Connection, creation: _Creation, events_done: bool) -> None:
