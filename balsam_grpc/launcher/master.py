@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import grpc
 import structlog
@@ -46,6 +45,7 @@ class LocalJob:
     placed: Assignment | None = None
     started: float = 0.0
     unfit: str | None = None  # why it can never run here (NodeManager.never_fits), if so
+    footprint: float = 0.0  # nodes it takes (occupancy x nodes), for the credit's sums
 
     @property
     def id(self) -> int:
@@ -139,7 +139,7 @@ class Master:
         ahead = [j for j in queued if j.held_ahead]
         leased = [j for j in queued if not j.held_ahead]  # RUNNING, about to be placed
         max_jobs = cap.max_jobs - len(leased)
-        free_nodes = cap.free_nodes - float(sum((j.res.occupancy * j.res.num_nodes for j in leased), Fraction(0)))
+        free_nodes = cap.free_nodes - sum(j.footprint for j in leased)
         # Held ahead (prefetch): up to `prefetch` jobs of at most a node each, left in their
         # runnable state on the server until started here, so a freed slot starts the next
         # job without a round trip. Asked for again only once half are gone, so the server
@@ -148,7 +148,7 @@ class Master:
         reserve_nodes = 0.0
         if self.prefetch and len(ahead) <= self.prefetch // 2:
             reserve_jobs = self.prefetch - len(ahead)
-            reserve_nodes = self.prefetch - float(sum((j.res.occupancy * j.res.num_nodes for j in ahead), Fraction(0)))
+            reserve_nodes = self.prefetch - sum(j.footprint for j in ahead)
         if self.cfg.max_jobs:
             max_jobs = min(max_jobs, self.cfg.max_jobs - len(self.jobs))
             reserve_jobs = min(reserve_jobs, self.cfg.max_jobs - len(self.jobs) - max(0, max_jobs))
@@ -212,7 +212,8 @@ class Master:
 
     def _add(self, lj: pb.LeasedJob) -> None:
         res = Resources.from_pb(lj.job.resources)
-        self.jobs[lj.job.id] = LocalJob(lj, res, unfit=self.manager.never_fits(res))
+        self.jobs[lj.job.id] = LocalJob(lj, res, unfit=self.manager.never_fits(res),
+                                        footprint=float(res.occupancy * res.num_nodes))
         self.queue[lj.job.id] = None
 
     def _drop(self, job_id: int, why: str) -> None:

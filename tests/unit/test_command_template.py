@@ -174,3 +174,15 @@ def test_any_template_renders_or_refuses_cleanly(template: str, values: dict[str
             render_argv(template, values)
     except InvalidArgument as err:
         assert err.field in ("app.command_template", "command_template")
+
+
+@pytest.mark.parametrize("template, shell", [("/bin/true", False), ("prog 'a b'\r\n  c", False), ("", False),
+                                              ("echo hi > out.txt; ls | wc -l", True)])
+def test_a_template_without_tags_renders_as_jinja_would(template, shell):
+    """Text-only templates skip Jinja2 (command_template._static): the same text and argv."""
+    from balsam_grpc.core import command_template as ct
+
+    assert ct._static(template, shell) == ct._compiled(template, shell).render({ct._RECORDER: []})
+    assert ct._static("prog {{ x }}", False) is None and ct._static("{% if x %}a{% endif %}", False) is None
+    if not shell and template:
+        assert ct.render_argv(template, {}) == ct.split_words(template.replace("\r\n", "\n"))
