@@ -17,7 +17,6 @@ work unanswered (offered again after the next reconnect) rather than risk a seco
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 from google.protobuf import timestamp_pb2
 
 from balsam_grpc.core.backoff import Backoff
+from balsam_grpc.core.processes import processes_naming
 from balsam_grpc.core.validation import FIELD_LIMITS, clip_utf8
 from balsam_grpc.site.journal import Journal, SubmitIntent, SubmittedJob
 from balsam_grpc.site.schedulers import (
@@ -85,19 +84,6 @@ def check_batch_job(bj: batch_job_pb2.BatchJob, settings: SiteSettings) -> str |
     if used > bj.num_nodes:
         return f"partitions use {used} nodes but the batch job has {bj.num_nodes}"
     return None
-
-
-def submitter_running(command: str, script: str) -> bool:
-    """Whether a `command` process (sbatch, qsub, bsub) with `script` in its arguments runs
-    on this host (the submit command of a daemon that was killed may still be running)."""
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            argv = proc.info["cmdline"] or []
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if argv and os.path.basename(argv[0]) == command and script in argv[1:] and proc.pid != os.getpid():
-            return True
-    return False
 
 
 def timestamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -268,7 +254,7 @@ class BatchJobs:
         if not command or not script:
             return
         deadline = time.monotonic() + float(getattr(self.scheduler, "timeout_s", 30.0)) + 5.0
-        while await asyncio.to_thread(submitter_running, command, script) and time.monotonic() < deadline:
+        while await asyncio.to_thread(processes_naming, script, program=command) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
 
     def _adopt(self, bj: batch_job_pb2.BatchJob, found: list[SchedulerJob],

@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.core.processes import processes_naming
 
 from .base import (
     CommandResult,
@@ -108,14 +109,7 @@ def _monitor_alive(rec: dict) -> bool:
 def _runner_running(state_file: Path) -> bool:
     """Whether a local_runner process for this job record runs (it is about to record its
     monitor)."""
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            argv = proc.info["cmdline"] or []
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if RUNNER_MODULE in argv and str(state_file) in argv and proc.pid != os.getpid():
-            return True
-    return False
+    return bool(processes_naming(state_file, with_arg=RUNNER_MODULE))
 
 
 def _group_alive(pgid: object) -> bool:
