@@ -57,7 +57,8 @@ from balsam_grpc.v1 import (  # noqa: E402
     job_service_pb2_grpc,
 )
 from benchkit import DatabaseCpu, cpu_s, rss_mb  # noqa: E402
-from tests.site.sitekit import SiteKit, wait_for  # noqa: E402
+from tests.site.sitekit import SiteKit  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 
 J = job_pb2
 NOOP_APPS = '''
@@ -104,7 +105,7 @@ class RealPath:
             batch_job_service_pb2.CreateBatchJobRequest(batch_job=batch_job_pb2.BatchJob(
                 site_id=kit.site_id, num_nodes=1, wall_time_min=120, queue="local", project="local")),
             metadata=kit.metadata, timeout=30)
-        self.launcher_pid = wait_for(self._find_launcher, 60, "the pilot's launcher to start", 0.2)
+        self.launcher_pid = wait_until(self._find_launcher, "the pilot's launcher to start", 60, interval=0.2)
         say(f"pilot submitted to the local scheduler, launcher pid {self.launcher_pid}")
         # Warm-up: the first lease, the first spawn, the app loaded in the launcher.
         self.run_batch(1, "warmup")
@@ -158,7 +159,7 @@ class RealPath:
                 if ended.get(bad, 0) > before.get(bad, 0):
                     raise SystemExit(f"jobs tagged {tag} failed:\n{self.kit.debug()}")
             return ended.get(J.JOB_STATE_JOB_FINISHED, 0) - before.get(J.JOB_STATE_JOB_FINISHED, 0) >= n
-        wait_for(done, timeout, f"{n} jobs tagged {tag} to finish", every)
+        wait_until(done, f"{n} jobs tagged {tag} to finish", timeout, interval=every)
 
     def run_batch(self, n: int, tag: str, every: float = 0.05) -> float:
         before = self.ended()

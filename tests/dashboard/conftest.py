@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +29,9 @@ import pytest
 
 from balsam_grpc.sdk import Client
 from balsam_grpc.v1 import auth_service_pb2
-from tests.site.sitekit import SiteKit, wait_for
+from tests.site.sitekit import SiteKit
 from tests.support.server_proc import free_port
+from tests.support.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -107,7 +107,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             if proc.poll() is not None:
                 raise AssertionError(f"dashboard exited: {(tmp / 'dashboard.log').read_text()[-3000:]}")
             return _listening(port)
-        wait_for(up, 60, "the dashboard to listen")
+        wait_until(up, "the dashboard to listen", 60)
         site_up.result(timeout=120)
         alpha_name = alice.sites.get(id=kit.site_id).name
         yield World(kit, alice, bob, f"http://127.0.0.1:{port}", alpha_name, bulk_site, bulk_ids, bob_site,

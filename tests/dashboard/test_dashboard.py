@@ -23,6 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from balsam_grpc.v1 import event_service_pb2
 
 from .conftest import BULK_JOBS, VIEWER_ZONE, World
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 DEADLINE = 90  # generous: 2 shared cores; nothing below is a timing assertion
@@ -246,8 +247,6 @@ def test_another_users_objects_never_appear(world: World, browser: Any, screensh
     assert world.bob.jobs.get(id=bob_job.id).state != "KILLED"
 
 
-
-
 def test_a_burst_of_events_is_applied_in_a_few_batches(world: World, browser: Any, screenshots: Path) -> None:
     """3,000 new jobs in a second or two: the page receives every event, in a handful of
     coalesced messages, and its overview shows the new site's backlog."""
@@ -367,7 +366,6 @@ def in_process_dashboard(world: World, *, login_required: bool) -> Iterator[int]
 
     from balsam_grpc.dashboard.app import DashboardConfig, create_app
     from balsam_grpc.sdk import Client
-    from tests.site.sitekit import wait_for
     from tests.support.server_proc import free_port
 
     def make_client(token: str | None) -> Client:
@@ -379,7 +377,7 @@ def in_process_dashboard(world: World, *, login_required: bool) -> Iterator[int]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: server.started, 30, "the in-process dashboard to start")
+        wait_until(lambda: server.started, "the in-process dashboard to start", 30)
         yield port
     finally:
         server.should_exit = True
@@ -388,7 +386,6 @@ def in_process_dashboard(world: World, *, login_required: bool) -> Iterator[int]
 
 def test_a_closed_page_ends_its_upstream_watch(world: World) -> None:
     from balsam_grpc.dashboard import live
-    from tests.site.sitekit import wait_for
 
     newest = world.alice.call("EventService", "ListEvents", event_service_pb2.ListEventsRequest(
         page_size=1, descending=True)).events[0].id
@@ -400,7 +397,7 @@ def test_a_closed_page_ends_its_upstream_watch(world: World) -> None:
         relays = list(live._open)
         assert relays and all(r._thread.is_alive() for r in relays)
         conn.close()  # the tab closes
-        wait_for(lambda: not any(r._thread.is_alive() for r in relays), DEADLINE, "the upstream watch to end")
+        wait_until(lambda: not any(r._thread.is_alive() for r in relays), "the upstream watch to end", DEADLINE)
 
 
 def test_a_remote_dashboard_asks_each_viewer_to_log_in(world: World) -> None:

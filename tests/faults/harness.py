@@ -33,6 +33,7 @@ from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
 from tests.support.server_fork import shared_forker
 from tests.support.cli_fork import BALSAMCTL, shared_cli_forker
 from tests.support.server_proc import ServerProcess
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -49,19 +50,6 @@ KEEPALIVE_ENV = {
     "BALSAM_SERVER_KEEPALIVE_TIME_MS": "2000",
     "BALSAM_SERVER_KEEPALIVE_TIMEOUT_MS": "2000",
 }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1,
-             on_timeout: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{on_timeout()}" if on_timeout else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def kill_tree(pid: int) -> None:
@@ -213,8 +201,8 @@ class SiteProc:
         pilots, process groups of the local scheduler, run on)."""
         pid = self.pid()
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-                 10, "the daemon to die")
+        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                   "the daemon to die", 10)
 
     def scheduler_records(self) -> list[dict[str, Any]]:
         state = self.dir / "state" / "local-scheduler"
@@ -319,9 +307,9 @@ def states(client: Client, ids: list[int]) -> Counter[str]:
 
 def wait_states(client: Client, ids: list[int], want: str, timeout: float,
                 debug: Callable[[], str] | None = None) -> None:
-    wait_for(lambda: states(client, ids) == Counter({want: len(ids)}), timeout,
-             f"{len(ids)} jobs to reach {want}", 0.2,
-             on_timeout=lambda: f"states: {dict(states(client, ids))}\n{debug() if debug else ''}")
+    wait_until(lambda: states(client, ids) == Counter({want: len(ids)}), f"{len(ids)} jobs to reach {want}",
+               timeout, interval=0.2,
+               on_timeout=lambda: f"states: {dict(states(client, ids))}\n{debug() if debug else ''}")
 
 
 def passed_through(event: Any, state: str) -> bool:

@@ -27,11 +27,11 @@ from tests.faults.harness import (
     create_jobs,
     launcher_site,
     states,
-    wait_for,
     wait_states,
 )
 from tests.faults.report import record
 from tests.support.proxy import Proxy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -45,13 +45,13 @@ def test_blackhole_launcher_connection(server: ServerProc, tmp_path: Path) -> No
         launcher = LauncherProc(site_dir, server, "--cpus-per-node", "4", "--idle-timeout", "4",
                                 address=proxy.address)
         try:
-            wait_for(lambda: states(client, ids).get("RUNNING", 0) == 4, 30, "four jobs to run",
-                     on_timeout=launcher.text)
+            wait_until(lambda: states(client, ids).get("RUNNING", 0) == 4, "four jobs to run", 30,
+                       on_timeout=launcher.text)
             accepted = proxy.accepted
             proxy.blackhole(new_connections=False)
             holed = time.monotonic()
-            wait_for(lambda: proxy.accepted > accepted, 30, "the launcher to notice and reconnect", 0.05,
-                     on_timeout=launcher.text)
+            wait_until(lambda: proxy.accepted > accepted, "the launcher to notice and reconnect", 30, interval=0.05,
+                       on_timeout=launcher.text)
             noticed = time.monotonic() - holed
             wait_states(client, ids, "JOB_FINISHED", 60, debug=launcher.text)
             recovery = time.monotonic() - holed
@@ -79,14 +79,14 @@ def test_blackhole_site_connection(server: ServerProc, tmp_path: Path) -> None:
             ids = create_jobs(client, 4, "sbh", app_name="Hooked", site_id=site.id, node_packing_count=8,
                               parameters={"delay": "2"})
             workdirs = [site.dir / "data" / j.workdir for j in client.jobs.filter(id=ids)]
-            wait_for(lambda: any((w / "hook-started").exists() for w in workdirs), 60, "a postprocess hook to start",
-                     on_timeout=site.log_tail)
+            wait_until(lambda: any((w / "hook-started").exists() for w in workdirs), "a postprocess hook to start", 60,
+                       on_timeout=site.log_tail)
             accepted = proxy.accepted
             proxy.blackhole(new_connections=False)
             holed = time.monotonic()
             more = create_jobs(client, 2, "sbh-late", app_name="Hooked", site_id=site.id, node_packing_count=8)
-            wait_for(lambda: proxy.accepted > accepted, 30, "the site to notice and reconnect", 0.05,
-                     on_timeout=site.log_tail)
+            wait_until(lambda: proxy.accepted > accepted, "the site to notice and reconnect", 30, interval=0.05,
+                       on_timeout=site.log_tail)
             noticed = time.monotonic() - holed
             wait_states(client, ids + more, "JOB_FINISHED", 90, debug=site.log_tail)
             recovery = time.monotonic() - holed

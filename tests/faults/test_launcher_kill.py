@@ -19,10 +19,10 @@ from tests.faults.harness import (
     create_jobs,
     launcher_site,
     states,
-    wait_for,
     wait_states,
 )
 from tests.faults.report import record
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,16 +35,16 @@ def test_kill9_launcher_mid_run_second_launcher_finishes(server: ServerProc, tmp
     first = LauncherProc(site_dir, server, "--cpus-per-node", "4")
     second = None
     try:
-        wait_for(lambda: states(client, ids).get("RUNNING", 0) == 4, 30, "four jobs to run",
-                 on_timeout=first.text)
-        wait_for(lambda: ledger.exists() and ledger.read_text().count("start") >= 4, 10, "the jobs to start")
+        wait_until(lambda: states(client, ids).get("RUNNING", 0) == 4, "four jobs to run", 30,
+                   on_timeout=first.text)
+        wait_until(lambda: ledger.exists() and ledger.read_text().count("start") >= 4, "the jobs to start", 10)
         killed = time.monotonic()
         first.kill_node()
         # The stream is gone: after the lease timeout the jobs time out and are restarted.
-        wait_for(lambda: states(client, ids).get("RUNNING", 0) == 0, LEASE_TIMEOUT + 15, "the leases to expire")
+        wait_until(lambda: states(client, ids).get("RUNNING", 0) == 0, "the leases to expire", LEASE_TIMEOUT + 15)
         second = LauncherProc(site_dir, server, "--cpus-per-node", "4", "--idle-timeout", "3")
-        wait_for(lambda: states(client, ids).get("RUNNING", 0) > 0 or states(client, ids).get("JOB_FINISHED", 0)
-                 == len(ids), 30, "the second launcher to run the jobs", 0.05)
+        wait_until(lambda: states(client, ids).get("RUNNING", 0) > 0 or states(client, ids).get("JOB_FINISHED", 0)
+                   == len(ids), "the second launcher to run the jobs", 30, interval=0.05)
         recovery = time.monotonic() - killed
         wait_states(client, ids, "JOB_FINISHED", 60, debug=second.text)
         result = audit(client, ids, ledger)

@@ -33,10 +33,10 @@ from tests.faults.harness import (
     create_jobs,
     launcher_site,
     states,
-    wait_for,
     wait_states,
 )
 from tests.faults.report import record
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.runs_last,
               pytest.mark.skipif(not POSTGRES_URL, reason="BALSAM_TEST_DATABASE_URL not set"),
@@ -98,14 +98,14 @@ def test_postgres_restart_under_load(tmp_path: Path) -> None:
     load = None
     try:
         ids = create_jobs(client, 6, "pg", app_id=app.id, node_packing_count=4)
-        wait_for(lambda: states(client, ids).get("RUNNING", 0) > 0, 30, "jobs to run", on_timeout=launcher.text)
+        wait_until(lambda: states(client, ids).get("RUNNING", 0) > 0, "jobs to run", 30, on_timeout=launcher.text)
         load = Load(server, app.id)
-        wait_for(lambda: load.codes["OK"] >= 5, 20, "load to flow")
+        wait_until(lambda: load.codes["OK"] >= 5, "load to flow", 20)
         started = time.monotonic()
         restart_postgres()
         restarted = time.monotonic()
-        wait_for(lambda: load.last_ok > restarted, 60, "a create to succeed after the restart", 0.05,
-                 on_timeout=lambda: f"codes {dict(load.codes)} {load.details}\n{server.log_tail()}")
+        wait_until(lambda: load.last_ok > restarted, "a create to succeed after the restart", 60, interval=0.05,
+                   on_timeout=lambda: f"codes {dict(load.codes)} {load.details}\n{server.log_tail()}")
         recovery = time.monotonic() - started
         time.sleep(1)
         load.close()

@@ -47,11 +47,11 @@ from tests.faults.harness import (
     last_event_id,
     passed_through,
     states,
-    wait_for,
     wait_states,
 )
 from tests.faults.report import record
 from tests.support.databases import drop_postgres
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(not POSTGRES_URL, reason="replicas share a PostgreSQL database")]
@@ -166,11 +166,11 @@ def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path
         # A kill made on C reaches the job running under the launcher on B.
         marker = f"{300 + secrets.randbelow(10_000) / 1000:.3f}"
         (victim,) = create_jobs(clients[0], 1, "kill", app_name="Nap", site_id=site.id, parameters={"secs": marker})
-        proc = wait_for(lambda: _sleeper(marker), 60, "the job's process to start", 0.05)
+        proc = wait_until(lambda: _sleeper(marker), "the job's process to start", 60, interval=0.05)
         _kill(clients[2], victim)
         killed_at = time.monotonic()
-        wait_for(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 30,
-                 "the kill to reach the job's process", 0.01)
+        wait_until(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE,
+                   "the kill to reach the job's process", 30, interval=0.01)
         kill_latency = time.monotonic() - killed_at
 
         # One job alone (no queue in front of its hook): created on C, leased through B,
@@ -216,8 +216,8 @@ def test_replica_kill9_its_daemon_and_launcher_move_to_the_others(tmp_path: Path
         site.start()
         launcher = LauncherProc(site.dir, a, address=everyone)
         client_a = a.client()
-        wait_for(lambda: _active_sessions(client_a, site.id), 60,
-                 "the launcher's session", 0.05, on_timeout=launcher.text)
+        wait_until(lambda: _active_sessions(client_a, site.id), "the launcher's session",
+                   60, interval=0.05, on_timeout=launcher.text)
         (session_id,) = _active_sessions(client_a, site.id)
         client_a.close()
         b.start()
@@ -226,16 +226,16 @@ def test_replica_kill9_its_daemon_and_launcher_move_to_the_others(tmp_path: Path
         watcher = Watcher(clients[1], site.id)
         ids = create_jobs(clients[0], 6, "before", app_name="Nap", site_id=site.id, node_packing_count=8,
                           parameters={"secs": "2"})
-        wait_for(lambda: states(clients[0], ids).get("RUNNING", 0) >= 2, 60, "jobs to run",
-                 on_timeout=launcher.text)
+        wait_until(lambda: states(clients[0], ids).get("RUNNING", 0) >= 2, "jobs to run", 60,
+                   on_timeout=launcher.text)
         before = last_event_id(clients[0])
         a.stop(kill=True)
         down = time.monotonic()
         ids += create_jobs(clients[1], 4, "during", app_name="Nap", site_id=site.id, node_packing_count=8,
                            parameters={"secs": "1"})
         # Recovered: the launcher's session is resumed (not reaped) and jobs progress.
-        wait_for(lambda: _progress_after(clients[0], before), 60, "job progress after the kill", 0.05,
-                 on_timeout=lambda: launcher.text()[-3000:])
+        wait_until(lambda: _progress_after(clients[0], before), "job progress after the kill", 60, interval=0.05,
+                   on_timeout=lambda: launcher.text()[-3000:])
         recovery = time.monotonic() - down
         wait_states(clients[0], ids, "JOB_FINISHED", 90, debug=lambda: site.log_tail() + launcher.text()[-2000:])
         result = audit(clients[0], ids, site.ledger)
@@ -271,8 +271,8 @@ def test_replica_drain_hands_its_streams_over(tmp_path: Path) -> None:
         site.start()
         launcher = LauncherProc(site.dir, a, address=both)
         client_a = a.client()
-        wait_for(lambda: _active_sessions(client_a, site.id), 60, "the launcher's session", 0.05,
-                 on_timeout=launcher.text)
+        wait_until(lambda: _active_sessions(client_a, site.id), "the launcher's session", 60, interval=0.05,
+                   on_timeout=launcher.text)
         (session_id,) = _active_sessions(client_a, site.id)
         client_a.close()
         watch_client = a.client(address=both)
@@ -281,18 +281,18 @@ def test_replica_drain_hands_its_streams_over(tmp_path: Path) -> None:
         client = b.client()
         ids = create_jobs(client, 4, "before", app_name="Nap", site_id=site.id, node_packing_count=8,
                           parameters={"secs": "1.5"})
-        wait_for(lambda: states(client, ids).get("RUNNING", 0) >= 2, 60, "jobs to run", on_timeout=launcher.text)
+        wait_until(lambda: states(client, ids).get("RUNNING", 0) >= 2, "jobs to run", 60, on_timeout=launcher.text)
         # Their channels have reached B too (they try a replica that was down every <= 2 s).
-        wait_for(lambda: _connected_to(site.pid(), b.port) and _connected_to(launcher.proc.pid, b.port), 30,
-                 "the daemon's and the launcher's channels to connect to B", 0.05)
+        wait_until(lambda: _connected_to(site.pid(), b.port) and _connected_to(launcher.proc.pid, b.port),
+                   "the daemon's and the launcher's channels to connect to B", 30, interval=0.05)
         b_log = b.log_path.stat().st_size
         assert a.proc is not None
         a.proc.send_signal(signal.SIGTERM)
         drained = time.monotonic()
         # Handed over: B holds the site's stream and the launcher resumed its session there.
-        wait_for(lambda: _logged(b, b_log, "site connected") and _logged(b, b_log, "session resumed", session_id), 30,
-                 "the daemon and the launcher to reconnect to B", 0.01,
-                 on_timeout=lambda: a.log_tail() + launcher.text()[-2000:])
+        wait_until(lambda: _logged(b, b_log, "site connected") and _logged(b, b_log, "session resumed", session_id),
+                   "the daemon and the launcher to reconnect to B", 30, interval=0.01,
+                   on_timeout=lambda: a.log_tail() + launcher.text()[-2000:])
         handover = time.monotonic() - drained
         ids += create_jobs(client, 1, "after", app_name="Nap", site_id=site.id, parameters={"secs": "0.2"})
         wait_states(client, ids, "JOB_FINISHED", 90, debug=lambda: site.log_tail() + launcher.text()[-2000:])

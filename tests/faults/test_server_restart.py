@@ -24,10 +24,10 @@ from tests.faults.harness import (
     last_event_id,
     site_connected,
     states,
-    wait_for,
     wait_states,
 )
 from tests.faults.report import record
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -45,7 +45,7 @@ def test_server_restart_with_site_launcher_and_watcher(backend: str, tmp_path: P
         ids = create_jobs(client, 6, "before", app_name="Nap", site_id=site.id, node_packing_count=8,
                           parameters={"secs": "3"})
         # The local platform's node has as many CPUs as this machine: two or more run at once.
-        wait_for(lambda: states(client, ids).get("RUNNING", 0) >= 2, 60, "jobs to run", on_timeout=site.log_tail)
+        wait_until(lambda: states(client, ids).get("RUNNING", 0) >= 2, "jobs to run", 60, on_timeout=site.log_tail)
         before = last_event_id(client)
         client.close()
         server.stop(kill=True)
@@ -54,13 +54,13 @@ def test_server_restart_with_site_launcher_and_watcher(backend: str, tmp_path: P
         server.start()
         client = server.client()
         # Recovered: the daemon is connected again and the launcher reports job progress.
-        wait_for(lambda: site_connected(client, site.id) and job_progress_after(client, before), 60,
-                 "the site and the launcher to be back", 0.05, on_timeout=site.log_tail)
+        wait_until(lambda: site_connected(client, site.id) and job_progress_after(client, before),
+                   "the site and the launcher to be back", 60, interval=0.05, on_timeout=site.log_tail)
         recovery = time.monotonic() - down
         after = create_jobs(client, 2, "after", app_name="Nap", site_id=site.id, node_packing_count=8,
                             parameters={"secs": "1"})
-        wait_for(lambda: states(client, after).get("RUNNING", 0) + states(client, after).get("JOB_FINISHED", 0) > 0,
-                 60, "a job created after the restart to run", 0.05, on_timeout=site.log_tail)
+        wait_until(lambda: states(client, after).get("RUNNING", 0) + states(client, after).get("JOB_FINISHED", 0) > 0,
+                   "a job created after the restart to run", 60, interval=0.05, on_timeout=site.log_tail)
         wait_states(client, ids + after, "JOB_FINISHED", 60, debug=site.log_tail)
         result = audit(client, ids + after, site.ledger)
         record(f"server kill -9 + restart ({backend}; site, launcher, watcher)", recovery,

@@ -20,10 +20,10 @@ from tests.faults.harness import (
     Watcher,
     audit,
     create_jobs,
-    wait_for,
     wait_states,
 )
 from tests.faults.report import record
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -39,29 +39,29 @@ def test_kill9_daemon_mid_submit_and_mid_hook(server: ServerProc, tmp_path: Path
         # Mid-submit: the scheduler's job record exists (submission accepted or under way);
         # kill before the daemon can journal the scheduler id.
         sched_dir = site.dir / "state" / "local-scheduler"
-        wait_for(lambda: sched_dir.is_dir() and any(sched_dir.glob("*.json")), 30,
-                 "the scheduler to take a pilot", 0.005, on_timeout=site.log_tail)
+        wait_until(lambda: sched_dir.is_dir() and any(sched_dir.glob("*.json")), "the scheduler to take a pilot",
+                   30, interval=0.005, on_timeout=site.log_tail)
         site.kill9()
         killed = time.monotonic()
         journal = json.loads((site.dir / "state" / "journal.json").read_text())
         window = ("between the scheduler accepting and the journal recording it"
                   if not journal.get("submitted") else "after the journal recorded it")
         site.start()
-        wait_for(lambda: all(b.state not in ("PENDING_SUBMISSION", "SUBMIT_FAILED")
-                             for b in client.batch_jobs.filter(site_id=site.id)), 30, "the pilot to be submitted",
-                 0.05, on_timeout=site.log_tail)
+        wait_until(lambda: all(b.state not in ("PENDING_SUBMISSION", "SUBMIT_FAILED")
+                             for b in client.batch_jobs.filter(site_id=site.id)), "the pilot to be submitted", 30,
+                   interval=0.05, on_timeout=site.log_tail)
         submit_recovery = time.monotonic() - killed
 
         workdirs = [site.dir / "data" / j.workdir for j in client.jobs.filter(id=ids)]
-        wait_for(lambda: any((w / "hook-started").exists() for w in workdirs), 60, "a postprocess hook to start",
-                 on_timeout=site.log_tail)
+        wait_until(lambda: any((w / "hook-started").exists() for w in workdirs), "a postprocess hook to start", 60,
+                   on_timeout=site.log_tail)
         site.kill9()
         killed = time.monotonic()
         before = sum(1 for _ in client.jobs.filter(id=ids, state="POSTPROCESSED")) + sum(
             1 for _ in client.jobs.filter(id=ids, state="JOB_FINISHED"))
         site.start()
-        wait_for(lambda: sum(1 for _ in client.jobs.filter(id=ids, state="JOB_FINISHED")) > before, 60,
-                 "a hook to complete after the restart", 0.05, on_timeout=site.log_tail)
+        wait_until(lambda: sum(1 for _ in client.jobs.filter(id=ids, state="JOB_FINISHED")) > before,
+                   "a hook to complete after the restart", 60, interval=0.05, on_timeout=site.log_tail)
         hook_recovery = time.monotonic() - killed
         wait_states(client, ids, "JOB_FINISHED", 90, debug=site.log_tail)
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import queue
 import secrets
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -16,16 +15,6 @@ from balsam_grpc.v1 import app_pb2, app_service_pb2, app_service_pb2_grpc, site_
 from balsam_grpc.v1 import site_service_pb2_grpc
 
 WAIT = 20.0  # bound on every wait (never reached when things work)
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def make_site(caller: Any, name: str | None = None) -> site_pb2.Site:

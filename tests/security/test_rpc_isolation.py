@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from seckit import StreamClient, make_app, make_site, wait_until
+from seckit import StreamClient, make_app, make_site
 
 from balsam_grpc.core.channel import _service_descriptors
 from balsam_grpc.v1 import (
@@ -35,6 +35,7 @@ from balsam_grpc.v1 import (
     session_service_pb2,
     session_service_pb2_grpc,
 )
+from tests.support.waiting import wait_until
 
 Code = grpc.StatusCode
 TESTS = Path(__file__).resolve().parent.parent

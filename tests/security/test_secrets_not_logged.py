@@ -23,12 +23,12 @@ from typing import Any
 import grpc
 import pytest
 import structlog
-from seckit import wait_until
 
 from balsam_grpc.core.channel import auth_metadata
 from balsam_grpc.core.settings import Profile
 from balsam_grpc.v1 import auth_service_pb2 as pb
 from balsam_grpc.v1 import auth_service_pb2_grpc, site_service_pb2, site_service_pb2_grpc
+from tests.support.waiting import wait_until
 
 POSTGRES_URL = os.environ.get("BALSAM_TEST_DATABASE_URL", "")
 BALSAMCTL = str(Path(sys.executable).with_name("balsamctl"))

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from seckit import make_site, wait_until
+from seckit import make_site
 
 from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.channel import channel_options
@@ -18,6 +18,7 @@ from balsam_grpc.site.layout import SiteLayout
 from balsam_grpc.site.stream import SiteStream
 from balsam_grpc.site.token_source import TokenSource
 from balsam_grpc.v1 import auth_service_pb2, auth_service_pb2_grpc
+from tests.support.waiting import wait_until
 
 
 def test_token_source_follows_the_file(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from seckit import wait_until
 
 from balsam_grpc.core.channel import auth_metadata, make_channel
 from balsam_grpc.core.settings import Profile
@@ -30,6 +29,7 @@ from balsam_grpc.server.embedded import EmbeddedServer
 from balsam_grpc.server.state import ServerSettings
 from balsam_grpc.v1 import auth_service_pb2 as pb
 from balsam_grpc.v1 import auth_service_pb2_grpc, event_service_pb2, event_service_pb2_grpc
+from tests.support.waiting import wait_until
 
 NO_RETRY = (("grpc.enable_retries", 0),)
 LOCAL_SAN = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]

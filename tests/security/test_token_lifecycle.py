@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from seckit import StreamClient, make_site, wait_until
+from seckit import StreamClient, make_site
 
 from balsam_grpc.server.store import users as user_store
 from balsam_grpc.v1 import (
@@ -27,6 +27,7 @@ from balsam_grpc.v1 import (
     site_service_pb2,
     site_service_pb2_grpc,
 )
+from tests.support.waiting import wait_until
 
 Code = grpc.StatusCode
 

@@ -5,7 +5,6 @@ refusals. Deterministic: tiny caps on the shared server, handlers held at a gate
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,16 +23,10 @@ from balsam_grpc.server.admission import (
 )
 from balsam_grpc.v1 import auth_service_pb2 as pb
 from balsam_grpc.v1 import auth_service_pb2_grpc, event_service_pb2, event_service_pb2_grpc
+from tests.support.waiting import wait_until
 
 Code = grpc.StatusCode
 WAIT = 20.0  # bound on every wait below (never reached when things work)
-
-
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:

@@ -6,7 +6,6 @@ the one cached, so a change through any replica is seen by the next create."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import grpc
@@ -23,6 +22,7 @@ from balsam_grpc.v1 import app_pb2, app_service_pb2, app_service_pb2_grpc, job_p
 from balsam_grpc.v1 import job_service_pb2_grpc
 
 from tests.support.records import error_reason, jobs_stub, make_site_app
+from tests.support.waiting import wait_until
 
 
 def _postgres_only(harness: Any) -> None:
@@ -156,12 +156,9 @@ def _versioned_row(harness: Any, owner_id: int, app_id: int, workdir: str) -> tu
 
 
 def _wait_until_blocked(harness: Any, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while harness.db.read_sync(lambda conn: conn.execute(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"),
-            {"q": f"%{what}%"}).scalar_one()) == 0:
-        assert time.monotonic() < deadline, "the create never waited on the other transaction"
-        time.sleep(0.01)
+    wait_until(lambda: harness.db.read_sync(lambda conn: conn.execute(text(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"),
+        {"q": f"%{what}%"}).scalar_one()), "the create to wait on the other transaction", 30, interval=0.01)
 
 
 def _at_once_in_thread(harness: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:

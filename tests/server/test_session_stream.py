@@ -27,6 +27,7 @@ from tests.conftest import POSTGRES_URL, Caller, Harness, database_params
 from tests.support.databases import fresh_postgres
 from tests.support.launcher import WAIT, Launcher
 from tests.support.records import World
+from tests.support.waiting import wait_until
 
 S = job_pb2
 Req = session_service_pb2.SessionServiceConnectRequest
@@ -64,16 +65,6 @@ def short(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture
 def user(short: ShortLeaseHarness) -> Caller:
     return short.user()
-
-
-def wait_for(predicate: Any, timeout: float = WAIT, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status_reason(err: grpc.RpcError) -> str:
@@ -442,7 +433,7 @@ def test_concurrent_sessions_never_share_a_job(short: ShortLeaseHarness, user: C
                 got.setdefault(n, []).extend(ids(list(launcher.inbox["leases"].get().jobs)))
         return sum(len(v) for v in got.values()) >= total
 
-    wait_for(count, what=f"{total} leases")
+    wait_until(count, what=f"{total} leases")
     every = [j for v in got.values() for j in v]
     assert len(every) == total and len(set(every)) == total
     rows = short.db.read_sync(lambda conn: conn.execute(
@@ -640,8 +631,8 @@ def test_sessions_left_active_by_a_dead_server_are_expired_after_a_grace(short: 
         session_state, _, expire = state()
         if session_state == "ACTIVE":  # still in its grace: one lease timeout from the restart
             assert expire.replace(tzinfo=expire.tzinfo or started.tzinfo) >= started
-        wait_for(lambda: state()[:2] == ("EXPIRED", S.JOB_STATE_RESTART_READY), LEASE_TIMEOUT + WAIT,
-                 "the recovered session to expire")
+        wait_until(lambda: state()[:2] == ("EXPIRED", S.JOB_STATE_RESTART_READY), "the recovered session to expire",
+                   LEASE_TIMEOUT + WAIT)
         assert [e for e in job_events(short, job.id) if e[0] == "RUNNING"] == [("RUNNING", "RESTART_READY")]
     finally:
         restarted.stop()

@@ -33,7 +33,8 @@ from balsam_grpc.v1 import (
 )
 from tests.support.leases import move
 from tests.support.records import get_job, get_site, make_app, make_batch_job, make_jobs, make_site
-from tests.support.site_stream import WAIT, SiteClient
+from tests.support.site_stream import SiteClient
+from tests.support.waiting import wait_until
 
 pb = site_service_pb2
 BJ = batch_job_pb2
@@ -52,13 +53,6 @@ def clients() -> Any:
 def _get_batch_job(caller: Any, bj_id: int) -> BJ.BatchJob:
     stub = caller.stub(batch_job_service_pb2_grpc.BatchJobServiceStub)
     return stub.GetBatchJob(batch_job_service_pb2.GetBatchJobRequest(id=bj_id)).batch_job
-
-
-def _wait_for(predicate: Any, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _connect(caller: Any, site_id: int, clients: list[SiteClient], **kw: Any) -> SiteClient:
@@ -91,9 +85,9 @@ def test_welcome_backlog_and_liveness(alice: Any, clients: list[SiteClient]) -> 
     assert backlog.pending_jobs == 0 and backlog.running_jobs == 0
     # The backlog follows the jobs: one more runnable job, one running.
     new = make_jobs(alice, app, 1)[0]
-    _wait_for(lambda: client.next("backlog").runnable_jobs == 6, "backlog with 6 runnable jobs")
+    wait_until(lambda: client.next("backlog").runnable_jobs == 6, "backlog with 6 runnable jobs")
     move(alice, new.id, JS.JOB_STATE_RUNNING)
-    _wait_for(lambda: client.next("backlog").running_jobs == 1, "backlog with a running job")
+    wait_until(lambda: client.next("backlog").running_jobs == 1, "backlog with a running job")
     # A snapshot is stored on the site; liveness is visible through GetSite and ListSites.
     snap = site_pb2.SchedulerSnapshot(queues=[site_pb2.QueueStatus(queue="debug", idle_nodes=3, total_nodes=4)],
                                       backfill_windows=[site_pb2.BackfillWindow(queue="debug", num_nodes=3,
@@ -108,7 +102,7 @@ def test_welcome_backlog_and_liveness(alice: Any, clients: list[SiteClient]) -> 
     listed = sites.ListSites(pb.ListSitesRequest(filter=pb.SiteFilter(ids=[site.id], connected=True))).sites
     assert [s.id for s in listed] == [site.id]
     client.close()
-    _wait_for(lambda: not get_site(alice, site.id).liveness.connected, "site marked disconnected")
+    wait_until(lambda: not get_site(alice, site.id).liveness.connected, "site marked disconnected")
 
 
 def test_pending_batch_job_is_pushed_at_once(alice: Any, clients: list[SiteClient], harness: Any) -> None:
@@ -450,7 +444,7 @@ def test_a_finished_job_looks_for_cleanups_only(alice: Any, clients: list[SiteCl
     monkeypatch.setattr(site_work, "find_work", spy)
     move(alice, job.id, JS.JOB_STATE_RUNNING)
     move(alice, job.id, JS.JOB_STATE_RUN_DONE)
-    _wait_for(lambda: {site_work.CLEANUP} in asked, "the stream to look for cleanups after the job finished")
+    wait_until(lambda: {site_work.CLEANUP} in asked, "the stream to look for cleanups after the job finished")
     assert not any(kinds & {site_work.HOOK, site_work.TRANSFER} for kinds in asked), asked
     for kind in ("job_state", "batch_job_state", "transfer_state"):
         for state in ("RUNNING", "JOB_FINISHED", "READY", "POSTPROCESSED", "RUN_DONE", "PENDING", "QUEUED"):

@@ -8,9 +8,7 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from balsam_grpc.v1 import (
 from tests.support.cli_fork import BALSAMCTL, shared_cli_forker
 from tests.support.server_fork import ForkedServer, shared_forker
 from tests.support.server_proc import free_port
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BJ = batch_job_pb2
@@ -67,17 +66,6 @@ HOOK_APPS = textwrap.dedent('''
 ''')
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
 class SiteKit:
     def __init__(self, tmp: Path, database_url: str = "") -> None:
         self.tmp = tmp
@@ -109,7 +97,7 @@ class SiteKit:
             import json
 
             return json.loads(profile.read_text()).get("server") == self.address
-        wait_for(ready, 30, "the server to start")
+        wait_until(ready, "the server to start", 30)
         import json
 
         self.token = json.loads(profile.read_text())["token"]
@@ -159,7 +147,7 @@ class SiteKit:
     def kill_daemon(self) -> None:
         pid = self.daemon_pid()
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _alive(pid), 10, "the daemon to die")
+        wait_until(lambda: not _alive(pid), "the daemon to die", 10)
 
     def stop(self) -> None:
         if self.site_dir.exists() and (self.site_dir / ".site.lock").exists():
@@ -212,7 +200,7 @@ class SiteKit:
                 raise AssertionError(f"jobs failed: {[(j.id, j.state_message[-500:]) for j in failed]}")
             return jobs if len(jobs) == len(ids) and all(j.state == state for j in jobs) else None
         try:
-            return wait_for(done, timeout, f"jobs {ids} to reach {J.JobState.Name(state)}", 0.3)
+            return wait_until(done, f"jobs {ids} to reach {J.JobState.Name(state)}", timeout, interval=0.3)
         except AssertionError:
             print(self.debug())
             raise

@@ -15,8 +15,9 @@ import grpc
 import pytest
 
 from balsam_grpc.v1 import app_pb2, app_service_pb2, app_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc
-from sitekit import J, SiteKit, wait_for
+from sitekit import J, SiteKit
 from tests.support.hostile import HOSTILE, RIGHT_FORM
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -76,7 +77,7 @@ def test_hostile_values_reach_the_program_as_one_literal_argument(tmp_path, reco
             final = (J.JOB_STATE_JOB_FINISHED, J.JOB_STATE_FAILED, J.JOB_STATE_RUN_ERROR, J.JOB_STATE_KILLED)
             return got if len(got) == len(ids) and all(j.state in final for j in got) else None
 
-        done = wait_for(settled, 150, "every job to finish or fail")
+        done = wait_until(settled, "every job to finish or fail", 150)
         wrong = []
         for job in done:
             app, value = job.workdir.split("/")[0], dict(job.parameters)["v"]

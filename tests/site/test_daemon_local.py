@@ -16,7 +16,8 @@ import time
 import pytest
 from google.protobuf import json_format
 
-from sitekit import BJ, J, SiteKit, wait_for
+from sitekit import BJ, J, SiteKit
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -56,13 +57,13 @@ def test_elastic_pilot_runs_jobs_with_hooks_and_scales_to_zero(kit):
         wd = kit.site_dir / "data" / by_id[jid].workdir
         assert "postprocess read 42" in (wd / "balsam-hooks.log").read_text()
         # The cleaner removes the app's cleanup globs after JOB_FINISHED, nothing else.
-        wait_for(lambda wd=wd: not (wd / "scratch.tmp").exists(), 20, "cleanup of scratch.tmp")
+        wait_until(lambda wd=wd: not (wd / "scratch.tmp").exists(), "cleanup of scratch.tmp", 20)
         assert (wd / "answer.txt").exists()
     for jid in echo:
         assert (kit.site_dir / "data" / by_id[jid].workdir / "out.txt").read_text() == "hello world\n"
 
     # A pilot is still running (idle timeout 6 s): a new job starts without any loop period.
-    wait_for(lambda: kit.batch_jobs()[0].state == BJ.BATCH_JOB_STATE_RUNNING, 10, "the pilot to show running")
+    wait_until(lambda: kit.batch_jobs()[0].state == BJ.BATCH_JOB_STATE_RUNNING, "the pilot to show running", 10)
     (late,) = kit.create_jobs("Echo", 1, prefix="late", node_packing_count=8)
     kit.wait_jobs([late], J.JOB_STATE_JOB_FINISHED, 30)
     latency = kit.latency_to_running(late)
@@ -70,8 +71,8 @@ def test_elastic_pilot_runs_jobs_with_hooks_and_scales_to_zero(kit):
     assert len(kit.batch_jobs()) == 1
 
     # The idle pilot exits; the site requests nothing more (scale to zero).
-    wait_for(lambda: all(b.state == BJ.BATCH_JOB_STATE_FINISHED for b in kit.batch_jobs()), 60,
-             "the idle pilot to end")
+    wait_until(lambda: all(b.state == BJ.BATCH_JOB_STATE_FINISHED for b in kit.batch_jobs()), "the idle pilot to end",
+               60)
     finished = kit.batch_jobs()[0]
     assert finished.HasField("start_time") and finished.HasField("end_time")
     time.sleep(4)  # several elastic-queue checks and scheduler polls
@@ -85,7 +86,7 @@ def test_kill_9_mid_hook_loses_nothing(kit):
     kit.start_daemon()
     slow = kit.create_jobs("Post", 2, prefix="slow", params={"delay": "4"}, node_packing_count=8)
     wds = [kit.site_dir / "data" / j.workdir for j in kit.jobs(slow)]
-    wait_for(lambda: any((wd / "hook-started").exists() for wd in wds), 60, "a postprocess hook to start")
+    wait_until(lambda: any((wd / "hook-started").exists() for wd in wds), "a postprocess hook to start", 60)
     kit.kill_daemon()
     kit.start_daemon()
     jobs = kit.wait_jobs(slow, J.JOB_STATE_JOB_FINISHED, 90)
@@ -144,11 +145,11 @@ def test_cli_liveness_lock_and_reconnect_after_server_restart(kit):
     kit.kill_server()
     time.sleep(1.5)
     kit.start_server()
-    wait_for(lambda: kit.site().liveness.connected, 60, "the daemon to reconnect")
+    wait_until(lambda: kit.site().liveness.connected, "the daemon to reconnect", 60)
     ids = kit.create_jobs("Echo", 2, prefix="after", node_packing_count=8)
     kit.wait_jobs(ids, J.JOB_STATE_JOB_FINISHED, 60)
     assert kit.daemon_pid() == pid
 
     assert "stopped" in kit.balsamctl("site", "stop", str(kit.site_dir)).stdout
     assert "not running" in kit.balsamctl("site", "status", str(kit.site_dir)).stdout
-    wait_for(lambda: not kit.site().liveness.connected, 20, "the site to show disconnected")
+    wait_until(lambda: not kit.site().liveness.connected, "the site to show disconnected", 20)

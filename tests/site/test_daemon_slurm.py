@@ -21,7 +21,8 @@ import textwrap
 import time
 
 import pytest
-from sitekit import BJ, J, SiteKit, wait_for
+from sitekit import BJ, J, SiteKit
+from tests.support.waiting import wait_until
 
 WANTED = bool(os.environ.get("BALSAM_TEST_SLURM") or os.environ.get("CI"))
 pytestmark = [
@@ -111,13 +112,13 @@ def test_elastic_pilot_on_slurm_runs_serial_and_mpi_jobs_across_two_nodes(kit):
         assert "serial on node" in (kit.site_dir / "data" / jobs[jid].workdir / "out.txt").read_text()
 
     # With the pilot running, a new job goes to RUNNING without any loop period.
-    wait_for(lambda: kit.batch_jobs()[0].state == BJ.BATCH_JOB_STATE_RUNNING, 20, "the pilot to show running")
+    wait_until(lambda: kit.batch_jobs()[0].state == BJ.BATCH_JOB_STATE_RUNNING, "the pilot to show running", 20)
     (late,) = kit.create_jobs("Echo", 1, prefix="late", node_packing_count=4)
     kit.wait_jobs([late], J.JOB_STATE_JOB_FINISHED, 60)
     print(f"\nLATENCY slurm: creation -> RUNNING with a pilot running: {kit.latency_to_running(late) * 1000:.0f} ms")
 
     # The idle pilot ends (its launcher exits after the idle timeout); nothing new is requested.
-    wait_for(lambda: kit.batch_jobs()[0].state == BJ.BATCH_JOB_STATE_FINISHED, 120, "the pilot to end")
+    wait_until(lambda: kit.batch_jobs()[0].state == BJ.BATCH_JOB_STATE_FINISHED, "the pilot to end", 120)
     assert not squeue_lists(pilot.scheduler_id)
     time.sleep(4)
     assert len(kit.batch_jobs()) == 1, kit.debug()
@@ -136,12 +137,12 @@ def test_user_cancelled_pilot_disappears_from_squeue(kit):
     def submitted():
         b = {x.id: x for x in kit.batch_jobs()}[bj.id]
         return b if b.scheduler_id and b.state in (BJ.BATCH_JOB_STATE_QUEUED, BJ.BATCH_JOB_STATE_RUNNING) else None
-    sid = wait_for(submitted, 60, "sbatch of the pilot").scheduler_id
+    sid = wait_until(submitted, "sbatch of the pilot", 60).scheduler_id
     assert squeue_lists(sid)
     kit.update_batch_job_state(bj.id, BJ.BATCH_JOB_STATE_PENDING_DELETION)
-    wait_for(lambda: not squeue_lists(sid), 60, f"job {sid} to leave squeue")
-    wait_for(lambda: {x.id: x for x in kit.batch_jobs()}[bj.id].state == BJ.BATCH_JOB_STATE_FINISHED, 30,
-             "the batch job to be FINISHED on the server")
+    wait_until(lambda: not squeue_lists(sid), f"job {sid} to leave squeue", 60)
+    wait_until(lambda: {x.id: x for x in kit.batch_jobs()}[bj.id].state == BJ.BATCH_JOB_STATE_FINISHED,
+               "the batch job to be FINISHED on the server", 30)
 
 
 def test_refused_batch_jobs_are_submit_failed_with_the_reason(kit):
@@ -161,7 +162,7 @@ def test_refused_batch_jobs_are_submit_failed_with_the_reason(kit):
     def failed(bid):
         b = {x.id: x for x in kit.batch_jobs()}[bid]
         return b if b.state == BJ.BATCH_JOB_STATE_SUBMIT_FAILED else None
-    assert "3 nodes exceed the limit of queue 'debug' (2)" in wait_for(lambda: failed(too_big.id), 30,
-                                                                        "SUBMIT_FAILED").status_info
-    info = wait_for(lambda: failed(no_partition.id), 30, "SUBMIT_FAILED from sbatch").status_info
+    assert "3 nodes exceed the limit of queue 'debug' (2)" in wait_until(lambda: failed(too_big.id), "SUBMIT_FAILED",
+                                                                         30).status_info
+    info = wait_until(lambda: failed(no_partition.id), "SUBMIT_FAILED from sbatch", 30).status_info
     assert "partition" in info.lower(), info

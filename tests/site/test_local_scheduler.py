@@ -17,7 +17,8 @@ import pytest
 from balsam_grpc.site.schedulers import SubmitError, get_scheduler
 from balsam_grpc.site.schedulers.local import RUNNER_MODULE, SUBMIT_STEP_S, job_from_record
 from balsam_grpc.site.schedulers.local_state import write_record
-from tests.support.local_scheduler import make_script, run, submit, wait_until
+from tests.support.local_scheduler import make_script, run, submit
+from tests.support.waiting import wait_until
 
 
 def test_submit_run_finish_seen_by_a_new_adapter(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.site.schedulers import get_scheduler
 from balsam_grpc.site.schedulers.local import job_from_record
-from tests.support.local_scheduler import make_script, run, submit, wait_until
+from tests.support.local_scheduler import make_script, run, submit
+from tests.support.waiting import wait_until
 
 
 def test_delayed_job_is_queued_then_runs(tmp_path):

@@ -22,7 +22,8 @@ import pytest
 
 from balsam_grpc.v1 import job_service_pb2, job_service_pb2_grpc, transfer_item_pb2, transfer_item_service_pb2
 from balsam_grpc.v1 import transfer_item_service_pb2_grpc
-from sitekit import HOOK_APPS, J, SiteKit, wait_for
+from sitekit import HOOK_APPS, J, SiteKit
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -148,7 +149,7 @@ def test_missing_source_fails_the_job(kit, tmp_path):
     kit.start_daemon()
     job = _create(kit, "Reduce", {"raw": "aps:/run1/missing.dat", "calib": "aps:/calib",
                                   "result": "eagle:/out/result.txt"})
-    wait_for(lambda: _job(kit, job.id).state == J.JOB_STATE_FAILED, 60, "the job to fail")
+    wait_until(lambda: _job(kit, job.id).state == J.JOB_STATE_FAILED, "the job to fail", 60)
     failed = _job(kit, job.id)
     message = failed.state_message
     for part in ("stage-in of slot 'raw'", "aps:/run1/missing.dat", "source not found", "missing.dat"):
@@ -177,7 +178,7 @@ def test_kill_9_mid_copy_resumes_without_copying_twice(kit, tmp_path):
     kit.start_daemon()
     job = _create(kit, "Ingest", {"calib": "aps:/big"})
     target = kit.site_dir / "data" / job.workdir / "calib"
-    wait_for(lambda: (target / "f0.bin").exists(), 60, "the first file to land", interval=0.05)
+    wait_until(lambda: (target / "f0.bin").exists(), "the first file to land", 60, interval=0.05)
     first_inode = (target / "f0.bin").stat().st_ino
     item = _items(kit, job.id)["calib"]
     assert item.state == T.TRANSFER_STATE_ACTIVE and item.task_id

@@ -4,12 +4,10 @@ and a bounded wait (the adapter's calls are coroutines; tests run them one at a 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from balsam_grpc.site.schedulers import get_scheduler, read_template
 
-BOUND_S = 20.0
 
 
 def run(coro):
@@ -32,11 +30,3 @@ async def submit(sched, script: Path, tmp_path: Path, wall_time_min: int = 5) ->
                               job_name=script.stem, cwd=tmp_path)
 
 
-def wait_until(predicate, what: str):
-    deadline = time.monotonic() + BOUND_S
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
