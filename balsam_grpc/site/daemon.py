@@ -115,7 +115,7 @@ class SiteDaemon:
         self.scheduler = get_scheduler(self.settings.scheduler.name, **options)
         self.template = self._template_text()
         self.hooks = HookPool(self.layout.apps_dir, self.settings.processing.workers,
-                              self.settings.processing.hook_timeout_s)
+                              self.settings.processing.hook_timeout_s, self.layout.state_dir / "hooks")
         self.channel: grpc.aio.Channel | None = None
         self.stream: SiteStream | None = None
         self.batch: BatchJobs | None = None

@@ -7,12 +7,18 @@ only fail that job), re-reads the apps folder so edited apps take effect, and le
 daemon kill a hook that overruns its timeout. The cost is an interpreter start per hook
 (a few hundred ms), small next to a batch job. Hooks run user code: they get none of the
 daemon's credentials (core/jobenv.py).
+
+The daemon passes each hook its request and takes its result through a folder of its own
+under the site's scratch folder (`state/hooks`), removed when the hook ends. A daemon
+killed mid-hook (the hook dies with it) cannot remove it: the next daemon's pool empties
+the scratch folder when it starts (it holds the site lock, so no other daemon uses it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,13 +33,22 @@ from balsam_grpc.v1 import site_service_pb2
 log = structlog.get_logger(__name__)
 
 HOOK_LOG = "balsam-hooks.log"
+SCRATCH_PREFIX = "balsam-hook-"
 
 
 class HookPool:
-    def __init__(self, apps_dir: Path, workers: int, timeout_s: float) -> None:
+    def __init__(self, apps_dir: Path, workers: int, timeout_s: float, scratch_dir: Path) -> None:
+        """scratch_dir: this pool's own (one daemon per site); what a killed predecessor left
+        there is removed now."""
         self.apps_dir = apps_dir
         self.timeout_s = timeout_s
+        self.scratch_dir = scratch_dir
         self._slots = asyncio.Semaphore(workers)
+        if scratch_dir.is_dir():
+            for left in scratch_dir.glob(f"{SCRATCH_PREFIX}*"):
+                log.info("removing the folder of a hook a killed daemon left", folder=str(left))
+                shutil.rmtree(left, ignore_errors=True)
+        scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     async def run(self, run: site_service_pb2.RunHook, workdir: Path) -> site_service_pb2.HookResult:
         """Run one hook; never raises: every failure becomes a FAILED HookResult."""
@@ -50,7 +65,7 @@ class HookPool:
         # The daemon resolved and confined the workdir (cleaner.job_workdir); it is created
         # owner-only, and a symlink that appears meanwhile is refused.
         make_dirs_inside(workdir, "/", what="workdir")
-        with tempfile.TemporaryDirectory(prefix="balsam-hook-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.scratch_dir) as tmp:
             request = Path(tmp) / "request.pb"
             result = Path(tmp) / "result.pb"
             request.write_bytes(run.SerializeToString())

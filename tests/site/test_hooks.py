@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import stat
+import subprocess
+import sys
+import tempfile
 import textwrap
 
+import psutil
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from balsam_grpc.core.processes import processes_naming
 from balsam_grpc.site.hook_process import HOOK_LOG, HookPool
 from balsam_grpc.site.hooks import natural_next_state
 from balsam_grpc.v1 import app_pb2, job_pb2, site_service_pb2
+from tests.support.waiting import wait_until
 
 H = site_service_pb2
 J = job_pb2
@@ -75,7 +83,7 @@ def pool(tmp_path):
     apps = tmp_path / "apps"
     apps.mkdir()
     (apps / "apps.py").write_text(APPS)
-    return HookPool(apps, workers=2, timeout_s=5)
+    return HookPool(apps, workers=2, timeout_s=5, scratch_dir=tmp_path / "state" / "hooks")
 
 
 def run(pool, tmp_path, app_name, hook, state):
@@ -136,3 +144,66 @@ def test_unknown_app_class_fails_with_a_clear_message(pool, tmp_path):
     result, _ = run(pool, tmp_path, "Missing", H.HOOK_KIND_POSTPROCESS, J.JOB_STATE_RUN_DONE)
     assert result.next_state == J.JOB_STATE_FAILED and "not found" in result.state_message
     assert "apps.Good" in result.state_message
+
+
+KILLED_DAEMON = textwrap.dedent('''
+    import asyncio, sys
+    from pathlib import Path
+    from balsam_grpc.site.hook_process import HookPool
+    from balsam_grpc.v1 import app_pb2, job_pb2, site_service_pb2 as H
+
+    apps, scratch, wd = (Path(a) for a in sys.argv[1:])
+    run = H.RunHook(job=job_pb2.Job(id=9, app_id=1, site_id=1, workdir="w/9", state=job_pb2.JOB_STATE_RUN_TIMEOUT),
+                    app=app_pb2.App(id=1, site_id=1, name="Bad", class_path="apps.Bad"),
+                    hook=H.HOOK_KIND_HANDLE_TIMEOUT)
+    print(asyncio.run(HookPool(apps, workers=1, timeout_s=60, scratch_dir=scratch).run(run, wd)))
+''')
+
+
+def _hook_folders(root):
+    return sorted(str(p) for p in root.rglob("balsam-hook-*"))
+
+
+def _hook_pids(apps):
+    return processes_naming(str(apps), with_arg="balsam_grpc.site.hook_process")
+
+
+def test_a_hook_killed_with_sigkill_leaves_no_folder(pool, tmp_path, monkeypatch):
+    """The pool owns the hook's folder: a hook process killed from outside fails its job and
+    leaves nothing behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tempfile puts folders when none is given
+
+    async def kill_the_hook_then_wait():
+        msg = H.RunHook(job=job(J.JOB_STATE_RUN_TIMEOUT), app=app("Bad"), hook=H.HOOK_KIND_HANDLE_TIMEOUT)
+        task = asyncio.ensure_future(pool.run(msg, tmp_path / "data" / "w" / "9"))
+        pids = await asyncio.to_thread(wait_until, lambda: _hook_pids(pool.apps_dir), "the hook to start")
+        assert _hook_folders(tmp_path)
+        os.kill(pids[0], signal.SIGKILL)
+        return await task
+
+    result = asyncio.run(kill_the_hook_then_wait())
+    assert result.next_state == J.JOB_STATE_FAILED and "code -9" in result.state_message
+    assert _hook_folders(tmp_path) == []
+
+
+def test_a_killed_daemons_hook_folders_are_removed_when_the_next_one_starts(tmp_path):
+    """kill -9 of the daemon mid-hook: the hook dies with it (PDEATHSIG), and the folder the
+    daemon made for it (request, result) was left in /tmp for good; it now lives in the site's
+    scratch folder, which the next daemon's pool empties when it starts."""
+    apps, scratch, wd = tmp_path / "apps", tmp_path / "state" / "hooks", tmp_path / "data" / "w" / "9"
+    apps.mkdir()
+    (apps / "apps.py").write_text(APPS)
+    tmp = tmp_path / "tmp"  # where tempfile puts folders when none is given
+    tmp.mkdir()
+    daemon = subprocess.Popen([sys.executable, "-c", KILLED_DAEMON, str(apps), str(scratch), str(wd)],
+                              env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        hook = wait_until(lambda: _hook_pids(apps), "the hook to start")[0]
+        assert _hook_folders(tmp_path)
+    finally:
+        daemon.kill()
+        daemon.wait()
+    wait_until(lambda: not psutil.pid_exists(hook) or psutil.Process(hook).status() == psutil.STATUS_ZOMBIE,
+               "the hook to die with the daemon")
+    HookPool(apps, workers=1, timeout_s=5, scratch_dir=scratch)  # the next daemon starts
+    assert _hook_folders(tmp_path) == []
