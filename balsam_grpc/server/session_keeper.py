@@ -7,7 +7,8 @@ expire_time is kept ahead by its replica's heartbeat, and any replica's reaper e
 any ACTIVE session whose expire_time passed (claimed with SKIP LOCKED), so the sessions
 of a replica that died are reaped within one lease timeout by the others. The reaper
 sleeps until the earliest expire_time in the database (at most one lease timeout: a
-session opened meanwhile expires no sooner) and is woken when a stream here breaks.
+session opened meanwhile expires no sooner) and is woken when a stream here breaks (not
+when one attaches: that only takes a session out of its reach).
 At start every ACTIVE session gets at least one lease timeout to resume (its launcher
 could not reach a server that was down).
 """
@@ -84,7 +85,8 @@ class SessionKeeper:
             old.supersede()
         self.connected[stream.session_id] = stream
         self._has_streams.set()
-        self._changed.set()
+        # The reaper is not woken: an attached session leaves its reach, so its next
+        # expiry can only come later than the one it sleeps until.
 
     def closed(self, session_id: str) -> None:
         """The session was closed by its owner: its stream (if here) sends the kills and ends."""

@@ -15,9 +15,11 @@ from datetime import timedelta
 
 from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.session_keeper import SessionKeeper
+from balsam_grpc.server.store import migrate
 from balsam_grpc.server.store import sessions as store
 from balsam_grpc.server.store.db import Database
 from tests.support.records import make_site
+from tests.support.waiting import wait_until
 
 LEASE = 1.0
 
@@ -66,3 +68,50 @@ def test_two_replicas_reap_each_session_once(harness, alice, monkeypatch):
     # The test server's own reaper (one more replica) may take some of them, and sessions
     # other tests left behind: each of these six is expired exactly once, by someone.
     assert sorted(e for e in expired if e in ids) == sorted(ids), "a session was expired twice, or by nobody"
+
+
+class _Stream:
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+
+    def supersede(self) -> None: ...
+
+    def end(self, error: object) -> None: ...
+
+
+def test_streams_attaching_do_not_wake_the_reaper(tmp_path, monkeypatch):
+    """A stream attaching only takes its session out of the reaper's reach (its expiry can
+    come no sooner), so it has nothing to reap: before, every attach woke the reaper for a
+    full pass (a write transaction and a read), 100 passes when bench_load's 100 launcher
+    sessions connected. A stream breaking still wakes it, once."""
+    passes: list[list[str]] = []
+    real = store.next_expiry
+
+    def spy(conn, exclude):  # type: ignore[no-untyped-def]
+        passes.append(list(exclude))
+        return real(conn, exclude)
+
+    monkeypatch.setattr(store, "next_expiry", spy)
+    db = Database(f"sqlite:///{tmp_path / 'balsam.db'}", workers=2)  # no other test's sessions to wait for
+    migrate.upgrade(db.url)
+
+    async def scenario() -> None:
+        keeper = SessionKeeper(db, 3600.0)  # the reaper's own timer stays out of the test
+        await keeper.start()
+        try:
+            await asyncio.to_thread(wait_until, lambda: len(passes) == 1, "the reaper's first pass")
+            streams = [_Stream(f"s{i}") for i in range(5)]
+            for stream in streams:
+                keeper.attach(stream)
+                await asyncio.sleep(0.05)  # room for a pass, had the attach woken the reaper
+            keeper.detach(streams[0], closed=False)
+            await asyncio.to_thread(wait_until, lambda: len(passes) >= 2, "the pass after the stream broke")
+        finally:
+            await keeper.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        db.dispose()
+    assert len(passes) == 2, passes
+    assert sorted(passes[1]) == ["s1", "s2", "s3", "s4"]
