@@ -9,7 +9,6 @@ settings, so a fault is noticed within seconds.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import secrets
@@ -29,6 +28,7 @@ import psutil
 import yaml
 
 from balsam_grpc.sdk import Client, Event
+from balsam_grpc.site.schedulers.local_state import read_record
 from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
 from tests.support.server_fork import shared_forker
 from tests.support.cli_fork import BALSAMCTL, shared_cli_forker
@@ -205,8 +205,11 @@ class SiteProc:
                    "the daemon to die", 10)
 
     def scheduler_records(self) -> list[dict[str, Any]]:
+        """The local scheduler's job records; not the empty placeholder of an id being
+        allocated (a daemon stopped or killed mid-submit leaves one)."""
         state = self.dir / "state" / "local-scheduler"
-        return [json.loads(p.read_text()) for p in sorted(state.glob("*.json"))] if state.exists() else []
+        records = [read_record(p) for p in sorted(state.glob("*.json"))] if state.exists() else []
+        return [r for r in records if r is not None]
 
     def log_tail(self, n: int = 40) -> str:
         path = self.dir / "logs" / "site.log"
