@@ -18,8 +18,7 @@ from pathlib import Path
 
 import grpc
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from balsam_grpc.v1 import (  # noqa: E402
     app_pb2,

@@ -34,8 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchkit import ROOT  # first: puts this checkout on sys.path
 
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402

@@ -36,8 +36,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402

@@ -32,16 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from queue import Empty
 from typing import Any
 
 import grpc
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 import bench_load  # noqa: E402
 from benchkit import bearer, site_with_app  # noqa: E402

@@ -24,7 +24,6 @@ import json
 import os
 import queue
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -32,9 +31,7 @@ from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from bench_api import start_server  # noqa: E402
 from benchkit import bearer, site_with_app  # noqa: E402

@@ -1,13 +1,23 @@
 """What the benchmarks measure besides wall clock: CPU and memory of the processes involved,
 including the database's own (PostgreSQL backends are processes of their own; a benchmark
 that counts only the server's CPU hides the larger part of a bulk write), and the setup
-several benchmarks share (call metadata, a site with an app to lease from)."""
+several benchmarks share (call metadata, a site with an app to lease from, the import
+path)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import psutil
+
+# The repository, put on sys.path by importing this module: a benchmark run as
+# `python scripts/bench_<x>.py` (scripts/ is on sys.path then) imports `from benchkit import
+# ROOT` first, and balsam_grpc and tests from this checkout after it.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def cpu_s(pid: int) -> float:
