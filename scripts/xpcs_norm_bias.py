@@ -26,10 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from balsam_grpc.xpcs.fit import fit_decay
-from balsam_grpc.xpcs.geometry import ring_labels
-from balsam_grpc.xpcs.multitau import lag_schedule, multitau_g2
-from balsam_grpc.xpcs.synthetic import generate
+from balsam_grpc.xpcs.fit import fit_decay  # noqa: E402
+from balsam_grpc.xpcs.geometry import ring_labels  # noqa: E402
+from balsam_grpc.xpcs.multitau import lag_schedule, multitau_g2  # noqa: E402
+from balsam_grpc.xpcs.synthetic import generate  # noqa: E402
 
 
 def both_estimators(frames: np.ndarray, labels: np.ndarray, n_rings: int, frame_time_s: float, buffers: int = 8

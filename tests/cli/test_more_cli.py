@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from balsam_grpc.v1 import auth_service_pb2, job_pb2, job_service_pb2, site_pb2, site_service_pb2
+from balsam_grpc.v1 import auth_service_pb2, job_pb2, site_pb2, site_service_pb2
 from tests.cli.conftest import CliServer, one_error_line
 
 S = job_pb2

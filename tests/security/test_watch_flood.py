@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from balsam_grpc.server.admission import TOO_MANY_STREAMS
 from balsam_grpc.server.state import ServerSettings
 from balsam_grpc.v1 import (
     app_pb2,

@@ -192,7 +192,7 @@ def test_memory_comes_back_after_large_legitimate_requests(server: ServerProcess
         for r in range(2):
             bodies = [_legitimate_bulk(app.id, f"m{r}-{k}", 2500) for k in range(3)]
             results: list[grpc.RpcError | bytes] = []
-            threads = [threading.Thread(target=lambda b=b: results.append(call_raw(channel, b, server.token)))
+            threads = [threading.Thread(target=lambda b=b: results.append(call_raw(channel, b, server.token)))  # noqa: F821 - deleted below, after the threads ran
                        for b in bodies]
             for t in threads:
                 t.start()

@@ -150,7 +150,7 @@ def test_an_idle_thread_keeps_nothing_of_the_work_it_ran() -> None:
     workers = Workers(2, bulk_reserved=1)
     try:
         given, answered = Big(), Big()
-        futures = [workers.submit(lambda g=given: answered), workers.submit(lambda g=given: answered, bulk=True)]
+        futures = [workers.submit(lambda g=given: answered), workers.submit(lambda g=given: answered, bulk=True)]  # noqa: F821 - deleted below, after the calls ran
         assert [f.result(WAIT) for f in futures] == [answered, answered]
         kept = [weakref.ref(given), weakref.ref(answered)]
         del given, answered, futures

@@ -647,7 +647,7 @@ def test_render_directives_refuses_injection(params):
 
 
 # --- find_by_name: a pilot looked up by its scheduler job name after a crash mid-submit ---------
-from balsam_grpc.site.schedulers import (
+from balsam_grpc.site.schedulers import (  # noqa: E402 - with the tests it serves
     SchedulerJob,
     adoption_order,
     pilot_job_name,
