@@ -38,8 +38,7 @@ from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
 from balsam_grpc.sdk.service import new_request_id  # noqa: E402

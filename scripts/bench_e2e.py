@@ -45,8 +45,7 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from balsam_grpc.v1 import (  # noqa: E402
     batch_job_pb2,

@@ -62,11 +62,9 @@ from typing import Any
 import grpc
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
-sys.path.insert(0, str(ROOT / "scripts"))
 from benchkit import DatabaseCpu  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402
     app_pb2,

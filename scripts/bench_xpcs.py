@@ -45,8 +45,7 @@ from pathlib import Path
 CORES = int(os.environ.get("BENCH_XPCS_CORES", "1"))
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ[var] = str(CORES)
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import benchkit  # noqa: E402, F401 - first: puts this checkout on sys.path
 
 
 def _rss_mb() -> float:
