@@ -140,6 +140,9 @@ step "buf lint"
 step "buf format -d --exit-code"
 "$BUF" format -d --exit-code && echo "ok"
 
+step "ruff check (pyproject.toml [tool.ruff]: unused imports, undefined names, bare excepts)"
+.venv/bin/ruff check --quiet . && echo "ok"
+
 step "buf breaking against HEAD~1"
 if [[ $(git rev-parse --show-toplevel 2>/dev/null) != "$PWD" ]]; then
     echo "skipped: not a git checkout"
