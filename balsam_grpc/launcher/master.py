@@ -33,6 +33,7 @@ from balsam_grpc.v1 import common_pb2, job_pb2, session_pb2
 from balsam_grpc.v1 import session_service_pb2 as pb
 
 log = structlog.get_logger("balsam.launcher")
+_STATE_NAMES = {number: name.removeprefix("JOB_STATE_") for name, number in job_pb2.JobState.items()}
 VERSION = "0.1.0"
 IDLE_TICK_S = 0.5
 CLOSE_TIMEOUT_S = 15.0
@@ -234,7 +235,7 @@ class Master:
             self._drop(job_id, why)
 
     def _report(self, job: LocalJob, tr: pb.JobTransition) -> None:
-        name = job_pb2.JobState.Name(tr.state).removeprefix("JOB_STATE_")
+        name = _STATE_NAMES.get(tr.state) or job_pb2.JobState.Name(tr.state).removeprefix("JOB_STATE_")
         self.counters.by_state[name] = self.counters.by_state.get(name, 0) + 1
         self.client.report(tr)
 
@@ -270,7 +271,7 @@ class Master:
             direct = not job.res.needs_mpi_launch and self.dispatcher.has_runner(placed.nodes[0])
             try:
                 spec = build_process_spec(job.leased, placed, [self.nodes[i].hostname for i in placed.nodes],
-                                          self.ctx, force_mpi_launch=not direct)
+                                          self.ctx, force_mpi_launch=not direct, res=job.res)
             except (BalsamError, ValueError) as exc:
                 self.manager.release(job_id)
                 del self.jobs[job_id]

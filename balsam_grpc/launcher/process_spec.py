@@ -71,14 +71,15 @@ def job_environment(leased: session_service_pb2.LeasedJob, res: Resources,
 
 
 def build_process_spec(leased: session_service_pb2.LeasedJob, placed: Assignment, hosts: list[str],
-                       ctx: RunContext, *, force_mpi_launch: bool = False) -> ProcessSpec:
+                       ctx: RunContext, *, force_mpi_launch: bool = False,
+                       res: Resources | None = None) -> ProcessSpec:
     """The process for a placed job. Raises InvalidArgument when the command cannot be
     rendered from the job's parameters (the caller reports RUN_ERROR).
 
     Multi-node and multi-rank jobs get an MPI launch; so does a single-rank job placed on a
     node where no launcher rank runs (`force_mpi_launch`)."""
     job, app = leased.job, leased.app
-    res = Resources.from_pb(job.resources)
+    res = Resources.from_pb(job.resources) if res is None else res  # the caller's, made when leased
     workdir = ctx.data_dir / job.workdir
     env = job_environment(leased, res, placed.gpu_ids[0] if placed.gpu_ids else [], ctx.server)
     files: dict[str, str] = {}
