@@ -76,3 +76,17 @@ def test_a_slice_past_the_end_stops_at_the_last_row() -> None:
     rows = [event(i) for i in range(3)]
     batch = CopyBatch(events, COLUMNS, rows, with_ids=True)
     assert batch.text(2, 2000, [7]).count("\n") == 1
+
+
+def test_distinct_dicts_equal_by_value_keep_their_own_json() -> None:
+    """Repeating dict contents are encoded once (codec._format_flat_dicts) but only when
+    every key and value is a str: {"a": 1}, {"a": 1.0} and {"a": True} are equal in
+    Python and are three different JSON texts."""
+    values: list[object] = [1, True, 1.0, "1"]
+    rows = [event(i, data={"a": values[i % 4], "k": "v"}) for i in range(200)]
+    rows += [event(200 + i, data={"tag": str(i % 3)}) for i in range(100)]
+    batch = CopyBatch(events, COLUMNS, rows)
+    got = [line["data"] for line in parsed(batch, batch.text(0, len(rows)))]
+    texts = ['{"a": 1, "k": "v"}', '{"a": true, "k": "v"}', '{"a": 1.0, "k": "v"}', '{"a": "1", "k": "v"}']
+    assert got[:200] == [texts[i % 4] for i in range(200)]
+    assert got[200:] == [f'{{"tag": "{i % 3}"}}' for i in range(100)]

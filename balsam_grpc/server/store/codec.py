@@ -290,13 +290,53 @@ def _format_hashable(values: list[Any], fmt: Callable[[Any], str]) -> list[str]:
     return list(map(memo.__getitem__, values))
 
 
+_SAMPLE = 64
+
+
+def _format_flat_dicts(values: list[Any], fmt: Callable[[Any], str]) -> list[str] | None:
+    """Distinct dicts of str -> str (a job's tags) that repeat by content: each content
+    is encoded once, keyed by its items. None (the caller encodes each) when the first
+    values are not such dicts or mostly differ (a job's parameters): a key costs less
+    than an encoding, but not nothing."""
+    sample = values[:_SAMPLE]
+    if len(sample) < _SAMPLE:
+        return None
+    try:
+        keys = {tuple(v.items()) for v in sample if type(v) is dict}
+    except TypeError:
+        return None
+    if len(keys) * 4 > len(sample):
+        return None
+    memo: dict[tuple[Any, ...], str] = {}
+    out = []
+    append = out.append
+    for v in values:
+        if type(v) is not dict:
+            append(NULL if v is None else fmt(v))
+            continue
+        try:
+            key = tuple(v.items())
+            s = memo.get(key)
+        except TypeError:  # a nested (unhashable) value
+            append(fmt(v))
+            continue
+        if s is None:
+            s = fmt(v)
+            # Only all-str contents are remembered: a str equals only a str, so a later
+            # hit has the same text; 1, 1.0 and True are equal but encode differently.
+            if all(type(x) is str for x in v.values()) and all(type(k) is str for k in v):
+                memo[key] = s
+        append(s)
+    return out
+
+
 def _format_objects(values: list[Any], fmt: Callable[[Any], str]) -> list[str]:
     # JSON values are unhashable. Shared objects (event data shared by many rows) are
     # encoded once, keyed by id(): every value stays alive in `values` meanwhile. Objects
     # of their own per row (a job's tags) skip that memo. Empty containers, most of a
     # job's JSON columns, skip the encoder in dumps.
     if len(set(map(id, values))) * 2 > len(values):
-        return [NULL if v is None else fmt(v) for v in values]
+        return _format_flat_dicts(values, fmt) or [NULL if v is None else fmt(v) for v in values]
     memo: dict[int, str] = {id(None): NULL}
     out = []
     append = out.append
