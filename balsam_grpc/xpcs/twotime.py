@@ -10,14 +10,33 @@ so that the kept bins fit in `max_bytes` (float32, the ring pixels only) and num
 most `max_bins`. A run twice as long then has bins twice as wide, not twice the memory.
 The maps themselves are (rings, bins, bins) float64.
 
-Speed, with the same numbers: when every frame holds integer counts, the binned sums are
-integers and so are their products; a float32 matrix product is then exact as long as
-every partial sum stays below 2**24, so the pixel tiles are cut small enough for that
-(by the largest binned value) and the product runs in single precision, twice the speed
-of float64, giving bit for bit the float64 result. Frames with non-integer values, or
-counts too large for a useful tile, take the float64 product. And when whole bins are
-summed (avg_frame > 1), a block is summed over each bin before the ring pixels are
-picked, so the gather touches a bin once rather than each of its frames.
+Speed. The map of a ring is a matrix product of its binned frames with themselves,
+B B^T over the ring's pixels, done in pixel tiles (BLAS's symmetric product). Three cases:
+
+- Exact, float32: when every frame holds integer counts, the binned sums are integers and
+  so are their products; a float32 product is exact as long as every partial sum stays
+  below 2**24, so when the largest binned value allows tiles of at least MIN_EXACT_TILE
+  pixels, the tiles are cut small enough for that: twice the speed of float64, bit for bit
+  its result.
+- Bounded, float32: counts too large for such tiles (a bin of 2 frames of 40 mean counts
+  in bright speckle reaches ~900, so 900**2 * 256 > 2**24) are multiplied in float32 tiles
+  of SINGLE_TILE pixels, each tile's product added to a float64 sum. Every term is
+  non-negative (unsigned counts), so a tile's float32 dot product, whatever the order
+  BLAS adds in, is within gamma_k = k u / (1 - k u) of the exact sum relative to that sum
+  (u = 2**-24, k = SINGLE_TILE; Higham, Accuracy and Stability of Numerical Algorithms,
+  eq. 3.5), and so is the sum of the tiles. With the float64 divisions after it, every map
+  entry is within SINGLE_RTOL (6.2e-5) of the float64 product, relative: a twentieth of
+  the float32 rounding of xpcs-correlator's maps against their own definition's noise,
+  and about 1e-4 of a map's statistical error over a ring of thousands of pixels (the
+  test `test_two_time_single_precision_error_is_bounded` checks it on adversarial counts
+  and prints what it finds: about 1e-7).
+- float64: frames with non-integer or signed values (their bins are float32 sums
+  already; their product is then taken in float64, exact for the stored sums), or
+  `single=False`.
+
+And when whole bins are summed (avg_frame > 1), a block is summed over each bin before
+the ring pixels are picked, so the gather touches a bin once rather than each of its
+frames.
 """
 
 from __future__ import annotations
@@ -37,6 +56,11 @@ TILE_BYTES = 16 << 20
 EXACT_F32 = 1 << 24
 # Fewer pixels per exact float32 tile than this and the float64 product is as quick.
 MIN_EXACT_TILE = 256
+# Pixels per float32 tile when the product cannot be exact (non-negative counts only), and
+# the relative error bound of a map entry it gives: gamma_k of the tile's sum plus a few
+# float64 roundings (the tiles' sum, the divisions by the pixels and the means).
+SINGLE_TILE = 1024
+SINGLE_RTOL = SINGLE_TILE * 2.0**-24 / (1 - SINGLE_TILE * 2.0**-24) + 8 * 2.0**-53
 
 
 @dataclass
@@ -66,14 +90,17 @@ class TwoTimeAccumulator:
 
     `labels` (rows, cols) gives each pixel's ring or -1; `rings` selects the rings to
     map (all by default). `avg_frame` overrides the automatic binning. With `workers` > 1
-    that many threads compute the rings' maps at the end (BLAS releases the GIL)."""
+    that many threads compute the rings' maps at the end (BLAS releases the GIL).
+    `single=False` takes the float64 product where the float32 one would not be exact."""
 
     def __init__(self, labels: np.ndarray, n_rings: int, n_frames: int, frame_time_s: float, *,
                  rings: list[int] | None = None, avg_frame: int | None = None,
-                 max_bins: int = MAX_BINS, max_bytes: int = MAX_BYTES, workers: int = 1) -> None:
+                 max_bins: int = MAX_BINS, max_bytes: int = MAX_BYTES, workers: int = 1,
+                 single: bool = True) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
+        self.single = single
         flat = np.asarray(labels).ravel()
         self.shape = np.asarray(labels).shape
         self.rings = np.arange(n_rings) if rings is None else np.asarray(sorted(set(rings)), dtype=int)
@@ -99,6 +126,7 @@ class TwoTimeAccumulator:
         self.binned.fill(0.0)
         self.fed = 0
         self.integral = True    # every frame so far of an integer dtype (so the sums are integers)
+        self.counts = True      # every frame so far of an unsigned dtype (so the sums are >= 0)
         # Sum the frames of a bin over all pixels, then pick the ring pixels (one gather
         # per bin, not per frame), when the rings cover enough of the detector for the
         # extra pixels summed to cost less than the gathers saved.
@@ -136,6 +164,7 @@ class TwoTimeAccumulator:
         usable = max(0, min(m, self.n_bins * self.avg_frame - self.fed))
         if usable:
             self.integral = self.integral and (np.issubdtype(frames.dtype, np.integer) or frames.dtype == np.bool_)
+            self.counts = self.counts and (frames.dtype.kind == "u" or frames.dtype == np.bool_)
             i = 0
             while i < usable:
                 b, offset = divmod(self.fed + i, self.avg_frame)
@@ -160,21 +189,32 @@ class TwoTimeAccumulator:
 
     def _exact_tile(self, lo: int, hi: int) -> int:
         """Pixels per tile for which the float32 product of ring columns lo:hi is exact
-        (0: take float64). Each entry of a tile's product is a sum over its pixels of
+        (0: not exact). Each entry of a tile's product is a sum over its pixels of
         products of integers of at most `peak` in size, so every partial sum stays below
         tile * peak**2; kept below 2**24, float32 adds them without rounding."""
         if not self.integral:
             return 0
-        peak = float(np.abs(self.binned[:, lo:hi]).max())
+        x = self.binned[:, lo:hi]
+        peak = float(x.max()) if self.counts else max(float(x.max()), -float(x.min()))  # no |x| copy
         tile = int(EXACT_F32 // max(peak * peak, 1.0)) if peak < EXACT_F32 else 0
         return tile if tile >= MIN_EXACT_TILE else 0
+
+    def product_tiles(self, lo: int, hi: int) -> tuple[str, int]:
+        """How ring columns lo:hi are multiplied: ("exact", pixels per float32 tile),
+        ("single", SINGLE_TILE: float32 within SINGLE_RTOL) or ("double", pixels per
+        float64 tile)."""
+        exact = self._exact_tile(lo, hi)
+        if exact:
+            return "exact", exact
+        if self.single and self.counts:
+            return "single", SINGLE_TILE
+        return "double", max(1, TILE_BYTES // (8 * self.n_bins))
 
     def result(self) -> TwoTime:
         if self.fed != self.n_frames:
             raise ValueError(f"{self.fed} frames fed, {self.n_frames} announced")
         n = self.n_bins
         maps = np.zeros((self.rings.size, n, n))
-        tile = max(1, TILE_BYTES // (8 * n))
 
         def ring_map(r: int) -> None:
             lo, hi = int(self.bounds[r]), int(self.bounds[r + 1])
@@ -183,11 +223,10 @@ class TwoTimeAccumulator:
                 return
             products = np.zeros((n, n))
             means = np.zeros(n)
-            exact = self._exact_tile(lo, hi)
-            step = exact or tile    # an exact tile is a view, not a copy
+            kind, step = self.product_tiles(lo, hi)
             for start in range(lo, hi, step):
-                x = self.binned[:, start:min(start + step, hi)]
-                if not exact:
+                x = self.binned[:, start:min(start + step, hi)]  # float32 tiles are views, not copies
+                if kind == "double":
                     x = x.astype(np.float64)
                 products += x @ x.T      # x and its transpose share memory: a symmetric product
                 means += x.sum(axis=1, dtype=np.float64)

@@ -16,7 +16,7 @@ from balsam_grpc.xpcs.geometry import Geometry, ring_labels
 from balsam_grpc.xpcs.h5io import open_raw, read_results
 from balsam_grpc.xpcs.multitau import MultiTau, lag_schedule, multitau_g2
 from balsam_grpc.xpcs.synthetic import Dataset, generate
-from balsam_grpc.xpcs.twotime import TwoTimeAccumulator, choose_binning, two_time
+from balsam_grpc.xpcs.twotime import SINGLE_RTOL, SINGLE_TILE, TwoTimeAccumulator, choose_binning, two_time
 
 
 def test_lag_schedule_is_geometric_and_increasing() -> None:
@@ -205,27 +205,58 @@ def test_two_time_maps_give_the_definition_and_its_diagonals_the_decay() -> None
     assert list(binned.rings) == [1] and binned.bin_s == 2 * data.frame_time_s
 
 
-def test_two_time_single_precision_product_only_when_exact() -> None:
+def test_two_time_product_exact_bounded_or_double() -> None:
     # Integer counts: the product runs in float32 tiles small enough to be exact, so the
-    # maps equal the float64 definition; large counts (peak**2 * 256 pixels past 2**24) or
-    # non-integer frames take float64. Sum-first binning (avg_frame 3) gives the same maps.
+    # maps equal the float64 definition; large counts (peak**2 * 256 pixels past 2**24)
+    # take float32 tiles of SINGLE_TILE pixels, within SINGLE_RTOL of it; non-integer
+    # frames, or single=False, take float64. Sum-first binning (avg_frame 3) gives the same maps.
     rng = np.random.default_rng(11)
     labels = np.where(np.arange(40 * 40).reshape(40, 40) % 3 == 0, -1, np.arange(40 * 40).reshape(40, 40) % 2)
     small = rng.poisson(4.0, size=(90, 40, 40)).astype(np.uint16)
     large = rng.poisson(3000.0, size=(90, 40, 40)).astype(np.uint16)
     noninteger = small + rng.random((90, 40, 40)).astype(np.float32)
-    for frames, exact, avg in ((small, True, 1), (small, True, 3), (large, False, 1), (noninteger, False, 3)):
-        acc = TwoTimeAccumulator(labels, 2, 90, 0.01, avg_frame=avg)
+    cases = ((small, "exact", 1, True), (small, "exact", 3, True), (large, "single", 1, True),
+             (large, "double", 1, False), (noninteger, "double", 3, True))
+    for frames, kind, avg, single in cases:
+        acc = TwoTimeAccumulator(labels, 2, 90, 0.01, avg_frame=avg, single=single)
         # Blocks of 16 split bins of 3 (their parts summed apart: exact for counts only).
-        block = 16 if exact else 18
+        block = 16 if kind == "exact" else 18
         for start in range(0, 90, block):
             acc.update(frames[start:start + block])
-        assert (acc._exact_tile(0, acc.pixel_index.size) > 0) == exact
+        assert acc.product_tiles(0, acc.pixel_index.size)[0] == kind
         # (bins are float32 sums: exact for counts, rounded alike for non-integer frames)
         binned = frames.reshape(90 // avg, avg, 40, 40).sum(axis=1, dtype=np.float32).astype(np.float64)
         maps = acc.result().maps
         for ring in range(2):
-            np.testing.assert_allclose(maps[ring], _two_time_by_definition(binned, labels == ring), rtol=1e-12)
+            np.testing.assert_allclose(maps[ring], _two_time_by_definition(binned, labels == ring),
+                                       rtol=SINGLE_RTOL if kind == "single" else 1e-12)
+
+
+def test_two_time_single_precision_error_is_bounded() -> None:
+    # The bounded float32 product against float64 on counts built to make float32 sums
+    # round: in every bin one bright pixel (4095 counts: products near 2**24, where float32
+    # steps by 1 or 2) among thousands of pixels of 0-3 counts, whose products are lost
+    # unless added before the bright one; and plain bright speckle. The bound,
+    # gamma_k = k u / (1 - k u) per tile of k = SINGLE_TILE pixels (every term >= 0), must
+    # hold entry by entry whatever order BLAS adds in.
+    rng = np.random.default_rng(21)
+    pixels, bins = 3 * SINGLE_TILE + 77, 64
+    dim = rng.integers(0, 4, size=(bins, 1, pixels)).astype(np.uint16)
+    dim[:, 0, rng.integers(0, pixels, size=bins)] = 4095
+    speckle = np.minimum(rng.exponential(450.0, size=(bins, 1, pixels)), 4000).astype(np.uint16)
+    labels = np.zeros((1, pixels), dtype=int)
+    for frames in (dim, speckle):
+        runs = {}
+        for single in (True, False):
+            acc = TwoTimeAccumulator(labels, 1, bins, 0.01, avg_frame=1, single=single)
+            acc.update(frames)
+            assert acc.product_tiles(0, pixels)[0] == ("single" if single else "double")
+            runs[single] = acc.result().maps[0]
+        np.testing.assert_allclose(runs[False], _two_time_by_definition(frames, labels == 0), rtol=1e-12)
+        error = np.max(np.abs(runs[True] / runs[False] - 1))
+        print(f"float32 tiles of {SINGLE_TILE} pixels: largest relative error {error:.1e} (bound {SINGLE_RTOL:.1e})")
+        assert error <= SINGLE_RTOL
+    assert 6.1e-5 < SINGLE_RTOL < 6.2e-5
 
 
 def test_two_time_memory_is_capped_by_wider_bins() -> None:
