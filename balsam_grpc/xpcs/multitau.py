@@ -110,8 +110,10 @@ class MultiTau:
         hold, pixels = buffers - 1, self.pixel_index.size
         self.hold = hold
         self.carry = np.zeros((self.n_levels, hold, pixels))    # the last `hold` frames, oldest first
-        self.head = np.zeros((self.n_levels, hold, pixels))     # the first `hold` frames
-        self.total = np.zeros((self.n_levels, pixels))
+        # The per-pixel means (first `hold` frames and the total): "pixel" normalisation only.
+        self.per_pixel = normalization == "pixel"
+        self.head = np.zeros((self.n_levels, hold, pixels if self.per_pixel else 0))
+        self.total = np.zeros((self.n_levels, pixels if self.per_pixel else 0))
         self.pending = np.zeros((self.n_levels, pixels))        # an odd frame awaiting its pair
         self.products = [np.zeros((len(lags), pixels)) for lags in self.level_lags]
         self.seen = [0] * self.n_levels                          # frames per level so far
@@ -160,7 +162,10 @@ class MultiTau:
 
         def feed_tile(start: int) -> list[tuple[int, np.ndarray]]:
             stop = min(start + tile, picked.shape[1])
-            x = picked[:, start:stop].astype(np.int32 if as_int else np.float64)
+            # The new frames go below `hold` rows that _feed fills with the kept ones.
+            z = np.empty((self.hold + m, stop - start), dtype=np.int32 if as_int else np.float64)
+            x = z[self.hold:]
+            x[...] = picked[:, start:stop]
             # Ring sums from the tile (pixels are sorted by ring: a tile spans few rings).
             first, last = np.searchsorted(self.bounds, [start, stop - 1], side="right") - 1
             sums = []
@@ -168,7 +173,7 @@ class MultiTau:
                 lo, hi = max(self.bounds[r], start) - start, min(self.bounds[r + 1], stop) - start
                 if hi > lo:
                     sums.append((r, x[:, lo:hi].sum(axis=1, dtype=np.float64)))
-            self._feed(0, x, slice(start, stop), counts)   # tiles write disjoint columns of the state
+            self._feed(0, z, slice(start, stop))   # tiles write disjoint columns of the state
             return sums
 
         starts = range(0, picked.shape[1], tile)
@@ -193,56 +198,70 @@ class MultiTau:
         largest = self.peak << level
         return largest < INT32_LIMIT and rows * largest * largest < INT32_LIMIT
 
-    def _feed(self, level: int, x: np.ndarray, cols: slice, counts: list[int]) -> None:
-        """Correlate the tile's new frames `x` (frames, pixels) at `level` and pass their
-        pair averages down the levels. An int32 `x` holds counts summed over 2**level
-        frames (the average times 2**level): its product sums are integers, exact and
-        twice as fast as float64's, and scaled by 4**-level (exact: a power of 2) they are
-        the float64 sums of the averages to the bit; the kept state (carry, head, totals)
-        holds averages as float64. Past the level where int32 could overflow, float64."""
-        weight = 1.0    # of an int32 x: 2**-level (the frames summed); 1 for a float x
-        while level < self.n_levels and x.shape[0]:
-            m, seen, hold = x.shape[0], self.seen[level], self.hold
-            integer = x.dtype.kind == "i"
+    def _feed(self, level: int, z: np.ndarray, cols: slice) -> None:
+        """Correlate a tile's new frames at `level` and pass their pair averages down the
+        levels. `z` (hold + m, pixels of the tile) holds the m new frames in its last rows;
+        its first `hold` rows are filled here with the kept frames before them, so one
+        product per lag covers both the pairs within the block and those straddling its
+        start.
+
+        An int32 `z` holds counts summed over 2**level frames (the average times
+        2**level): its product sums are integers, exact and twice as fast as float64's,
+        and scaled by 4**-level (exact: a power of 2) they are the float64 sums of the
+        averages to the bit; the kept state (carry, head, totals, pending) holds averages
+        as float64, which times 2**level are those integers again. Past the level where
+        int32 could overflow, float64."""
+        hold = self.hold
+        scale = 1.0     # of an int32 z: 2**level (the frames summed); 1 for a float z
+        while z.shape[0] > hold:
+            m, seen = z.shape[0] - hold, self.seen[level]
+            integer = z.dtype.kind == "i"
+            weight = 1.0 / scale if integer else 1.0
             kept = min(seen, hold)
             carry = self.carry[level, :, cols]
+            x = z[hold:]
+            if kept:
+                z[hold - kept:hold] = carry[hold - kept:] * scale if integer else carry[hold - kept:]
+            if kept < hold:
+                z[:hold - kept] = 0     # before the first frame: never paired, kept as zeros
+            lags = self.level_lags[level]
+            sums = np.empty((len(lags), z.shape[1]), dtype=z.dtype)
+            for j, lag in enumerate(lags):
+                # Pairs (t, t + lag) whose later frame is new and whose earlier one is kept or new.
+                first, stop = hold - min(lag, kept), hold + m - lag
+                if stop > first:
+                    np.einsum("tp,tp->p", z[first:stop], z[first + lag:stop + lag], out=sums[j])
+                else:
+                    sums[j] = 0
             products = self.products[level][:, cols]
-            for j, lag in enumerate(self.level_lags[level]):
-                if m > lag:
-                    sums = np.einsum("tp,tp->p", x[:-lag], x[lag:])
-                    products[j] += weight * weight * sums if integer else sums
-                lo, hi = max(0, lag - kept), min(lag, m)  # new frames whose partner is held
-                if hi > lo:
-                    new = x[lo:hi] * weight if integer else x[lo:hi]
-                    products[j] += np.einsum("tp,tp->p", carry[hold + lo - lag:hold + hi - lag], new)
-            self.total[level, cols] += x.sum(axis=0, dtype=np.float64) * weight if integer else x.sum(axis=0)
-            if seen < hold:
-                take = min(hold - seen, m)
-                self.head[level, seen:seen + take, cols] = x[:take] * weight if integer else x[:take]
-            if m >= hold:
-                carry[:] = x[m - hold:] * weight if integer else x[m - hold:]
-            else:
-                carry[:hold - m] = carry[m:].copy()
-                carry[hold - m:] = x * weight if integer else x
+            products += sums * (weight * weight) if integer and weight != 1.0 else sums
+            if self.per_pixel:
+                self.total[level, cols] += x.sum(axis=0, dtype=np.float64) * weight if integer else x.sum(axis=0)
+                if seen < hold:
+                    take = min(hold - seen, m)
+                    self.head[level, seen:seen + take, cols] = x[:take] * weight if integer else x[:take]
+            carry[:] = z[m:] * weight if integer else z[m:]   # the last `hold` frames
             if level + 1 >= self.n_levels:
                 return
-            rest = x[1:] if seen % 2 else x
-            pairs = rest.shape[0] // 2 * 2
-            stay = integer and self._int_exact(pairs // 2 + seen % 2, level + 1)
-            if stay:    # sums of pairs: the next level's int32 x
-                coarse = rest[0:pairs:2] + rest[1:pairs:2]
-                if seen % 2:
-                    first = (self.pending[level, cols] / weight).astype(np.int32) + x[0]
-                    coarse = np.concatenate([first[None], coarse])
+            odd = seen % 2      # this level's last frame so far awaits its pair
+            rest = x[1:] if odd else x
+            pairs = rest.shape[0] // 2
+            stay = integer and self._int_exact(pairs + odd, level + 1)
+            coarse = np.empty((hold + pairs + odd, z.shape[1]), dtype=np.int32 if stay else np.float64)
+            if stay:    # sums of pairs: the next level's int32 frames
+                np.add(rest[0:2 * pairs:2], rest[1:2 * pairs:2], out=coarse[hold + odd:])
+                if odd:
+                    coarse[hold] = self.pending[level, cols] * scale + x[0]
             else:       # averages of pairs as float64 (exact: halves of integers)
-                coarse = (rest[0:pairs:2] + rest[1:pairs:2]) * (0.5 * weight)
-                if seen % 2:
-                    x0 = x[0] * weight if integer else x[0]
-                    coarse = np.concatenate([(0.5 * (self.pending[level, cols] + x0))[None], coarse])
+                pair_sums = coarse[hold + odd:]
+                np.add(rest[0:2 * pairs:2], rest[1:2 * pairs:2], out=pair_sums, dtype=np.float64)
+                pair_sums *= 0.5 * weight
+                if odd:
+                    coarse[hold] = 0.5 * (self.pending[level, cols] + (x[0] * weight if integer else x[0]))
             if rest.shape[0] % 2:
                 self.pending[level, cols] = rest[-1] * weight if integer else rest[-1]
-            weight = 0.5 * weight if stay else 1.0
-            level, x = level + 1, coarse
+            scale = 2.0 * scale if stay else 1.0
+            level, z = level + 1, coarse
 
     def result(self) -> Correlation:
         if self.fed != self.n_frames:

@@ -151,9 +151,9 @@ def test_tiles_are_bounded_by_bytes_whatever_the_run_length(monkeypatch: pytest.
     widths = []
     original = kernel.MultiTau._feed
 
-    def spy(self, level, x, cols, counts):  # type: ignore[no-untyped-def]
-        widths.append(x.nbytes)
-        return original(self, level, x, cols, counts)
+    def spy(self, level, z, cols):  # type: ignore[no-untyped-def]
+        widths.append(z.nbytes)    # the new frames and the kept rows before them
+        return original(self, level, z, cols)
 
     monkeypatch.setattr(kernel.MultiTau, "_feed", spy)
     data = generate(rows=32, cols=32, n_frames=512, seed=2)
