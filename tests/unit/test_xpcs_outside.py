@@ -1,7 +1,8 @@
 """The XPCS reduction checked from outside: pyXPCSViewer (package `xpcs-viewer`) opens our
 results file with its own reading code, and ESRF's `xpcs-correlator` computes g2 and the
 two-time maps of the same synthetic dataset. Both packages come with the `xpcs-check`
-extra (in scripts/setup_dev.sh's default extras); without them these tests skip, saying so.
+extra (in scripts/setup_dev.sh's default extras); without them these tests skip, saying so,
+except under CI=true, where a missing package fails them: CI must run the outside checks.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from balsam_grpc.xpcs.synthetic import default_geometry, generate, iter_frames
 from balsam_grpc.xpcs.twotime import two_time
 
 
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
 def _import_or_skip(module: str, package: str, attr: str | None = None):  # type: ignore[no-untyped-def]
     started = time.perf_counter()
     try:
@@ -29,6 +33,9 @@ def _import_or_skip(module: str, package: str, attr: str | None = None):  # type
         if attr:
             mod = getattr(mod, attr)  # xpcscorr loads its correlators on first access
     except ImportError as exc:
+        if IN_CI:
+            pytest.fail(f"CI must run the outside checks, but {package} cannot be imported: {exc} "
+                        "(scripts/setup_dev.sh installs the xpcs-check extra)")
         print(f"skipped: {package} cannot be imported ({exc}); install the xpcs-check extra")
         pytest.skip(f"{package} cannot be imported: {exc}")
     print(f"import {module}: {time.perf_counter() - started:.1f} s")
