@@ -3,8 +3,9 @@
 The results are the files the analysis jobs staged out (the JSON summary, or the HDF5
 results file in pyXPCSViewer's layout, read with h5py): given as paths (files or
 folders), or found from the jobs (`--tag exp=RUN`): each finished job's stage-out
-transfer ("result": "results:/RUN/ds.json") names a location alias of its site, and a
-file:// location is a folder on this machine. The CLI reads those files; it never runs
+transfer ("viewer": "results:/RUN/ds_results.hdf" where the job has one, else "result":
+"results:/RUN/ds.json") names a location alias of its site, and a file:// location is a
+folder on this machine. The CLI reads those files; it never runs
 the analysis itself.
 
 Pictures (with `--plots DIR`): g2(tau) with fits for the chosen q rings and Gamma(q^2)
@@ -31,16 +32,19 @@ from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
 from balsam_grpc.sdk.filters import parse_tags
 
 
-def result_paths_of_jobs(tags: dict[str, str], slot: str = "result") -> tuple[list[Path], list[str]]:
-    """Local paths of the `slot` stage-outs of the finished jobs with `tags`, and why
-    the others could not be read (no such slot, or a location that is not file://)."""
+def result_paths_of_jobs(tags: dict[str, str], slots: tuple[str, ...] = ("viewer", "result")
+                         ) -> tuple[list[Path], list[str]]:
+    """Local paths of the stage-outs of the finished jobs with `tags` (each job's first
+    of `slots` it has: the HDF5 results file, which carries the two-time maps too, else
+    the JSON summary), and why the others could not be read (no such slot, or a location
+    that is not file://)."""
     selection = JobSelection(tags=tags, states=["JOB_FINISHED"])
     sites = ctx.sites()
     paths, skipped = [], []
     for job in ctx.iter_jobs(selection):
-        target = job.transfers.get(slot)
+        target = next((job.transfers[s] for s in slots if job.transfers.get(s)), "")
         if not target or ":" not in target:
-            skipped.append(f"job {job.id}: no {slot!r} transfer")
+            skipped.append(f"job {job.id}: no {' or '.join(map(repr, slots))} transfer")
             continue
         alias, _, remote = target.partition(":")
         site = sites.get(job.site_id)

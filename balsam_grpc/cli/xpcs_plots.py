@@ -76,6 +76,11 @@ def load_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
     for path in paths:
         if Path(path).is_dir():
             files = sorted(p for p in Path(path).rglob("*") if p.suffix in (".json", *H5_SUFFIXES))
+            # A dataset's JSON summary beside its HDF5 results file (NAME.json and
+            # NAME_results.hdf, as the site app stages them out) is one result: the HDF5
+            # file, which also carries the two-time maps.
+            stems = {(p.parent, result_name({"path": str(p)})) for p in files if p.suffix in H5_SUFFIXES}
+            files = [p for p in files if p.suffix in H5_SUFFIXES or (p.parent, p.stem) not in stems]
         else:
             files = [Path(path)]
         for file in files:
@@ -102,7 +107,8 @@ def result_name(result: dict[str, Any]) -> str:
     """The results file's name (the dataset field is the job's local copy, the same
     name in every workdir)."""
     source = result.get("path") or result.get("dataset") or "dataset"
-    return Path(str(source)).stem
+    stem = Path(str(source)).stem
+    return stem.removesuffix("_results") or stem  # NAME_results.hdf: pyXPCSViewer's naming
 
 
 def _truth_d(result: dict[str, Any]) -> float | None:

@@ -72,6 +72,9 @@ def folder(tmp_path: Path) -> Path:
     reduction = reduce_stream([data.frames], 256, meta, n_rings=4, twotime=True, twotime_rings=[1])
     reduction.summary["dataset"] = "/x/ds-0002.h5"
     reduction.write_h5(run / "ds-0002.h5")
+    # As the site app stages them out: the JSON summary and the HDF5 results of one dataset.
+    (run / "ds-0003.json").write_text(json.dumps(reduction.summary))
+    reduction.write_h5(run / "ds-0003_results.hdf")
     return run
 
 
@@ -82,8 +85,10 @@ def test_results_table_pictures_and_bad_input(folder: Path, tmp_path: Path) -> N
     assert res.exit_code == 0, res.stderr
     (report,) = json.loads(res.stdout)
     rows = {r["dataset"]: r for r in report["results"]}
-    # Named by their results files (the jobs' local copies all have one name), other.json is not a result.
-    assert set(rows) == {"ds-0000", "ds-0001", "ds-0002"}
+    # Named by their results files (the jobs' local copies all have one name), other.json is not a result;
+    # ds-0003's JSON summary and HDF5 results file are one result, read from the HDF5 file.
+    assert set(rows) == {"ds-0000", "ds-0001", "ds-0002", "ds-0003"} and len(report["results"]) == 4
+    assert rows["ds-0003"]["path"].endswith("ds-0003_results.hdf")
     assert rows["ds-0002"]["rings"] == 4 and rows["ds-0002"]["true_diffusion_m2_per_s"] == 3e-14
     assert rows["ds-0000"]["rel_error"] == pytest.approx(0.03) and rows["ds-0001"]["rel_error"] == pytest.approx(-0.025)
     assert rows["ds-0000"]["rings_fitted"] == 6 and rows["ds-0000"]["diffusion_err_m2_per_s"] == pytest.approx(0.0)
