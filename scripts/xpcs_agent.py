@@ -8,8 +8,11 @@ A producer thread plays the detector: every `interval` seconds it writes a burst
 synthetic datasets (each with its own, known diffusion constant) into the instrument's
 folder (`--data-dir`, the sites' transfer location `aps`), then asks the router which
 site should reduce each one and submits the jobs there with their transfers: the
-dataset is staged in from `aps:/<run>/<dataset>.npz`, the results are staged out to
-`results:/<run>/<dataset>.json` (`--results-dir` is that location's folder). The main
+dataset (a raw HDF5 file: frames and the detector metadata, as the beamline writes it; see
+balsam_grpc/xpcs/h5io.py) is staged in from `aps:/<run>/<dataset>.h5`, the results are
+staged out to `results:/<run>/<dataset>.json` (the summary) and
+`results:/<run>/<dataset>_results.hdf` (the results file pyXPCSViewer opens: g2, two-time
+maps); `--results-dir` is that location's folder. The main
 thread collects the jobs with the SDK's futures (one WatchEvents stream, no polling of
 job states), reads each staged-out results file and compares its fitted D with the
 truth. It prints a progress line as things happen (submitted and finished per site, the
@@ -188,7 +191,7 @@ class Agent:
             name = f"ds-{index:04d}"
             data = generate(rows=opts.size, cols=opts.size, n_frames=opts.frames, diffusion_m2_per_s=truth,
                             seed=opts.seed * 100_003 + index)
-            path = save_dataset(data, opts.data_dir / self.run_id / f"{name}.npz", compress=False)
+            path = save_dataset(data, opts.data_dir / self.run_id / f"{name}.h5", compress=False)
             written.append((name, truth, path.stat().st_size))
         return written
 
@@ -207,8 +210,9 @@ class Agent:
                      f"predicted {chosen.total_s:.1f} s, {chosen.high_s:.1f} s at p{round(100 * self.router.quantile)}")
         job = self.apps[site_id].submit(
             f"{self.run_id}/{name}", rings=opts.rings,
-            transfers={"dataset": f"{opts.in_location}:/{self.run_id}/{name}.npz",
-                       "result": f"{opts.out_location}:/{self.run_id}/{name}.json"},
+            transfers={"dataset": f"{opts.in_location}:/{self.run_id}/{name}.h5",
+                       "result": f"{opts.out_location}:/{self.run_id}/{name}.json",
+                       "viewer": f"{opts.out_location}:/{self.run_id}/{name}_results.hdf"},
             tags={"exp": self.run_id, "dataset": name, **opts.extra_tags}, num_nodes=1, node_packing_count=1,
             data=decision.job_data())  # the prediction travels with the job: any router calibrates on it
         self.router.record(decision, job.id)  # its error, once finished, calibrates the margin

@@ -82,8 +82,10 @@ def say(text: str) -> None:
 
 
 class Demo:
-    def __init__(self, home: Path, sites: tuple[SiteSpec, ...], idle_timeout_s: int, database_url: str = "") -> None:
+    def __init__(self, home: Path, sites: tuple[SiteSpec, ...], idle_timeout_s: int, database_url: str = "",
+                 lease_prefetch: int = -1) -> None:
         self.home = home
+        self.lease_prefetch = lease_prefetch
         self.database_url = database_url or f"sqlite:///{home / 'balsam.db'}"
         # The two transfer locations every site gets (file://, this machine).
         self.instrument = home / "instrument"
@@ -157,6 +159,15 @@ class Demo:
         # one node): a 2-node pilot runs two datasets at once, and its session reports
         # two held nodes.
         settings["launcher"]["mpi_prefix"] = "{mpiexec} -n {num_ranks}"
+        # Jobs held ahead of a free slot (--lease-prefetch; -1: the launcher's automatic
+        # default). An analysis runs for seconds, so a lease round trip costs nothing
+        # against it, while a held job waits behind a running one: a new pilot knows no
+        # run time yet and by default holds max(8, 4 per slot) ahead (launcher/master.py
+        # auto_prefetch), so the first pilot of a site up can take a whole burst while the
+        # site's other pilots, up a moment later, idle (compare run of 2026-12-06: one
+        # 1-node pilot of alpha ran 7 datasets in a row, alpha's other 3 nodes none).
+        if self.lease_prefetch >= 0:
+            settings["launcher"]["extra_args"] = ["--lease-prefetch", str(self.lease_prefetch)]
         # The facility's capacity for this experiment is the elastic queue's cap on nodes
         # held (queued + running pilots); pilots are sized from the runnable backlog.
         settings["elastic_queue"].update({
@@ -201,9 +212,12 @@ class Demo:
         sys.stdout.write(res.stdout)
         if res.returncode != 0:
             sys.stderr.write(res.stderr)
-        first = next(iter(sorted((self.instrument / tag).glob("*.npz"))), None)
-        if first is not None:
-            print(f"plot: {two_time_picture(first, plots)}", flush=True)
+        if not any(plots.glob("twotime-*.png")):  # no HDF5 results (they carry the maps): from a dataset
+            first = next(iter(sorted([*(self.instrument / tag).glob("*.h5"), *(self.instrument / tag).glob("*.npz")])),
+                         None)
+            if first is not None:
+                print(f"plot: {two_time_picture(first, plots)}", flush=True)
+        say(viewer_check(self.results / tag))
 
     # -- shutdown ---------------------------------------------------------------------
     def stop(self) -> None:
@@ -323,9 +337,38 @@ def kill_pilot_processes(record: Path, data: dict[str, Any]) -> None:
         pass
 
 
+def viewer_check(folder: Path) -> str:
+    """pyXPCSViewer's own reading code (package xpcs-viewer: `XpcsFile`) on the first
+    HDF5 results file a site staged out: what it reads against the JSON summary of the
+    same dataset (staged out beside it)."""
+    import numpy as np
+
+    files = sorted(folder.glob("*_results.hdf"))
+    if not files:
+        return f"no HDF5 results file in {folder} for pyXPCSViewer"
+    try:
+        from importlib.metadata import version
+
+        from pyxpcsviewer.core.xpcs_file import XpcsFile
+    except ImportError as exc:
+        return f"pyXPCSViewer is not installed ({exc}); the xpcs-check extra brings it"
+    path = files[0]
+    ours = json.loads(path.with_name(path.name.removesuffix("_results.hdf") + ".json").read_text())
+    xf = XpcsFile(str(path))
+    _, t_el, g2, _, _ = xf.get_g2_data()
+    mine = np.array([r["g2"] for r in ours["rings"]])
+    if g2.T.shape != mine.shape:
+        return f"pyXPCSViewer reads g2 of shape {g2.T.shape} from {path.name}, ours is {mine.shape}: MISMATCH"
+    worst = float(np.max(np.abs(g2.T - mine)))
+    lags = float(np.max(np.abs(np.asarray(t_el) / np.asarray(ours["tau_s"]) - 1)))
+    return (f"pyXPCSViewer {version('xpcs-viewer')} (XpcsFile) opens {path.name} ({', '.join(xf.atype)}): g2 of "
+            f"{mine.shape[0]} rings x {mine.shape[1]} lags, largest |g2 read - g2 of our JSON summary| {worst:.1e}, "
+            f"lags (relative) {lags:.1e}" + ("" if worst <= 1e-12 and lags <= 1e-12 else ": MISMATCH"))
+
+
 def two_time_picture(dataset: Path, plots: Path, n_rings: int = 8) -> Path:
-    """The two-time map of one dataset's middle q ring (the analysis's `two_time`; the
-    demo's results files are the JSON summaries, which carry no map)."""
+    """The two-time map of one dataset's middle q ring (the analysis's `two_time`), for
+    results that carry no map (JSON summaries only)."""
     from balsam_grpc.cli.xpcs_plots import plot_two_time
     from balsam_grpc.xpcs.analysis import load_dataset
     from balsam_grpc.xpcs.geometry import Geometry, ring_labels
@@ -424,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rings", default="", help="q rings in the g2 pictures, e.g. 0,3,7 (default four from low "
                                                 "to high q)")
     p.add_argument("--idle-timeout", type=int, default=8, help="seconds an idle pilot waits for work before it exits")
+    p.add_argument("--lease-prefetch", type=int, default=-1,
+                   help="jobs each pilot's launcher holds ahead of its free slots (the launcher's --lease-prefetch; "
+                        "-1: its automatic default)")
     p.add_argument("--each", action="store_true", help="print every dataset's result as it arrives")
     p.add_argument("--database", default="", help="the server's database URL (default: SQLite in --home)")
     p.add_argument("--dashboard-port", type=int, default=0, help="port of the live dashboard (default 8080, or "
@@ -441,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    demo = Demo(home, SITES[: a.sites], a.idle_timeout, a.database)
+    demo = Demo(home, SITES[: a.sites], a.idle_timeout, a.database, a.lease_prefetch)
     tag = f"xpcs-{time.strftime('%H%M%S')}"
     summary = a.summary.resolve() if a.summary else home / "summary.json"
     plots = home / "plots"
