@@ -3,6 +3,7 @@ embedded server with a 2 s lease timeout, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -319,6 +320,63 @@ def test_jobs_held_ahead_stay_runnable_until_started_and_are_released_on_close(s
     assert [e for e in job_events(short, ahead[1].job.id) if e[1] == "RUNNING"] == [("PREPROCESSED", "RUNNING")]
     assert sorted(ids(leased) + [fourth.job.id]) == sorted(j.id for j in created)
     other.cancel()
+
+
+def test_a_held_job_started_and_ended_in_one_report_is_written_once(short: ShortLeaseHarness,
+                                                                     user: Caller) -> None:
+    """A job held ahead that starts and ends in one report: its row is written once, with
+    the end of a job already RUNNING (one UPDATE of jobs in all), and both events kept in
+    order. A start whose end is refused in the same report is still written RUNNING."""
+    from sqlalchemy import event
+
+    w = World(user)
+    w.create(3)
+    launcher = Launcher(user)
+    launcher.open(w.site.id)
+    launcher.credit(max_jobs=1, free_nodes=1.0, reserve_jobs=2, reserve_nodes=2.0, leases_received=0)
+    leased = launcher.leased(3)
+    (running,) = [lj for lj in leased if lj.job.state == S.JOB_STATE_RUNNING]
+    first, second = [lj for lj in leased if lj.job.state == S.JOB_STATE_PREPROCESSED]
+    mine = {lj.job.id for lj in leased}
+    updates: list[str] = []
+
+    def ids_in(params: Any) -> set[int]:
+        found: set[int] = set()
+        for p in params if isinstance(params, (list, tuple)) else [params]:
+            for v in (p.values() if isinstance(p, dict) else [p]):
+                if isinstance(v, str) and v.startswith("["):  # SQLite: an id list as JSON
+                    v = json.loads(v)
+                found.update(v if isinstance(v, (list, tuple)) else [v])
+        return {v for v in found if isinstance(v, int)}
+
+    def seen(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, _many: bool) -> None:
+        if statement.lstrip().upper().startswith("UPDATE JOBS") and ids_in(params) & mine:
+            updates.append(statement)
+
+    event.listen(short.db.engine, "before_cursor_execute", seen)
+    try:
+        ack = launcher.report(launcher.transition(first, S.JOB_STATE_RUNNING),
+                              launcher.transition(running, S.JOB_STATE_RUN_DONE, return_code=0),
+                              launcher.transition(first, S.JOB_STATE_RUN_DONE, return_code=0))
+    finally:
+        event.remove(short.db.engine, "before_cursor_execute", seen)
+    assert not ack.rejections
+    assert len(updates) == 1, updates
+    for lj in (first, running):
+        done = w.get(lj.job.id)
+        assert done.state == S.JOB_STATE_JOB_FINISHED and done.run_count == 1 and not done.lease.session_id
+        assert done.return_code == 0
+        assert job_events(short, lj.job.id)[-2:] == [("PREPROCESSED", "RUNNING"), ("RUNNING", "JOB_FINISHED")]
+    # The end is fenced (a stale generation): the start stands.
+    end = launcher.transition(second, S.JOB_STATE_RUN_DONE, return_code=0)
+    end.lease_generation = 9
+    ack = launcher.report(launcher.transition(second, S.JOB_STATE_RUNNING), end)
+    assert [r.reason for r in ack.rejections] == ["LEASE_LOST"]
+    started = w.get(second.job.id)
+    assert started.state == S.JOB_STATE_RUNNING and started.run_count == 1
+    assert started.lease.session_id == running.job.lease.session_id
+    assert job_events(short, second.job.id)[-1] == ("PREPROCESSED", "RUNNING")
+    launcher.cancel()
 
 
 def test_run_error_keeps_return_code_and_tail(short: ShortLeaseHarness, user: Caller) -> None:

@@ -352,9 +352,10 @@ class ReportResult:
 
 
 def _apply_starts(tr: Transitioner, session_id: str, starts: list[Transition], rows: dict[int, dict[str, Any]],
-                  result: ReportResult) -> None:
+                  result: ReportResult, ending: set[int]) -> None:
     """RUNNING reports of jobs held ahead: each moves to RUNNING (one event) under the
-    lease it already has; run_count counts the run from here."""
+    lease it already has; run_count counts the run from here. The row of a job that also
+    ends in this report (`ending`) is written once, by its end (Transitioner's defer)."""
     ok: list[dict[str, Any]] = []
     by_job: dict[int, Transition] = {}
     for t in starts:
@@ -372,7 +373,8 @@ def _apply_starts(tr: Transitioner, session_id: str, starts: list[Transition], r
     refused = tr.move(ok, S.RUNNING, Role.SESSION, message=f"started by session {session_id}",
                       data={"session_id": session_id},
                       values={r["id"]: {"session_id": session_id, "run_count": r["run_count"] + 1} for r in ok},
-                      times={r["id"]: by_job[r["id"]].time for r in ok if by_job[r["id"]].time})
+                      times={r["id"]: by_job[r["id"]].time for r in ok if by_job[r["id"]].time},
+                      defer=ending)
     for row in ok:
         if row["id"] in refused:
             result.rejections.append(Rejection(by_job[row["id"]].seq, row["id"], refused[row["id"]].error()))
@@ -443,7 +445,7 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     # has the lower seq); its row is then RUNNING for the transitions after it.
     starts = [t for t in fresh if t.state == S.RUNNING]
     if starts:
-        _apply_starts(tr, session_id, starts, rows, result)
+        _apply_starts(tr, session_id, starts, rows, result, {t.job_id for t in fresh if t.state != S.RUNNING})
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     values: dict[int, dict[str, Any]] = {}
     for t in fresh:
@@ -464,6 +466,10 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
             changes["error_tail"] = t.error_tail
         if t.data:
             changes["data"] = {**(row["data"] or {}), **t.data}
+        if starts:
+            # The run count as it is now (a job started in this report counts its run):
+            # ends with and without a deferred start then share one UPDATE.
+            changes["run_count"] = row["run_count"]
         values[row["id"]] = changes
         # Event data: what the launcher sent, so the provenance log keeps it per run.
         key = (t.state, t.message, json.dumps(t.data, sort_keys=True, default=str) if t.data else "")
@@ -480,6 +486,9 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
             for job_id, refusal in refused.items():
                 result.rejections.append(Rejection(by_job[job_id].seq, job_id, refusal.error()))
                 result.released.remove(job_id)
+    # Starts whose end was fenced or refused: their RUNNING rows, before anything else
+    # (an acquisition) reads the jobs table.
+    tr.write_deferred()
     result.applied = len(result.released) + result.started
     result.applied_through_seq = max(applied_through, fresh[-1].seq)
     conn.execute(_ADVANCE_SESSION, {"b_sid": session_id, "b_seq": result.applied_through_seq, "b_now": now})

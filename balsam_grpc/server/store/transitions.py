@@ -76,6 +76,8 @@ class Refusal:
     def code(self) -> int:
         return 7 if self.reason == "ROLE_NOT_ALLOWED" else 9  # PERMISSION_DENIED, FAILED_PRECONDITION
 _NO_VALUES: dict[str, Any] = {}
+# Parameters of a deferred RUNNING write that the job's next move sets for itself.
+_DEFERRED_OWN = frozenset({"b_id", "b_message", "b_state_time", "b_session_id", "b_lease_expire_time"})
 
 
 def _get(d: dict[str, Any], snake: str, default: Any = None) -> Any:
@@ -175,6 +177,10 @@ class Transitioner:
         self.changed: dict[int, str] = {}  # job id -> final state, for callers' responses
         # Apps' rules read in this transaction (an app row does not change inside it).
         self.rules: dict[int, AppRules] = {}
+        # Row writes of moves to RUNNING held back (move's `defer`): the job's next move in
+        # this transaction writes its row once, with both events (write_deferred writes
+        # what no later move took).
+        self.deferred: dict[int, dict[str, Any]] = {}
 
     def _app_rules(self, app_ids: Iterable[int]) -> dict[int, AppRules]:
         missing = set(app_ids) - self.rules.keys()
@@ -185,9 +191,15 @@ class Transitioner:
     def move(self, rows: list[dict[str, Any]], target: JobState, role: Role, *, message: str = "",
              data: dict[str, Any] | None = None, values: dict[int, dict[str, Any]] | None = None,
              data_by_job: dict[int, dict[str, Any]] | None = None,
-             times: dict[int, datetime] | None = None) -> dict[int, Refusal]:
+             times: dict[int, datetime] | None = None, defer: frozenset[int] | set[int] = frozenset()
+             ) -> dict[int, Refusal]:
         """Move the `rows` that `role` may move to `target`, then settle each one; the
         others are left as they are and returned with why.
+
+        `defer` (moves to RUNNING only): jobs whose row is written by their next move in
+        this transaction (a job held ahead that started and ended in one launcher report:
+        one UPDATE, two events). Their rows in the database keep their old state until
+        then, so nothing in between may read them; write_deferred writes the rest.
 
         The checks: the table (core/states RULES: the move exists, and `role` makes it);
         a job enters RUNNING only with a lease (`values` gives its session); STAGED_IN and
@@ -196,10 +208,11 @@ class Transitioner:
         (return_code, error_tail, ...); `data_by_job` event data per job, over `data`;
         `times` when each move happened by the reporter's clock (event_time bounds it).
         """
+        assert not defer or target is S.RUNNING, "only a move to RUNNING is deferred"
         ok, refused, retried, values = self.check(rows, target, role, values)
         if ok:
             self._apply(ok, target, message=message, data=data, values=values, data_by_job=data_by_job,
-                        times=times)
+                        times=times, defer=defer)
             if retried:
                 self._after_retry(retried, target)
         return refused
@@ -250,7 +263,7 @@ class Transitioner:
     def _apply(self, rows: list[dict[str, Any]], target: JobState, *, message: str = "",
                data: dict[str, Any] | None = None, values: dict[int, dict[str, Any]] | None = None,
                data_by_job: dict[int, dict[str, Any]] | None = None,
-               times: dict[int, datetime] | None = None) -> None:
+               times: dict[int, datetime] | None = None, defer: frozenset[int] | set[int] = frozenset()) -> None:
         """Move `rows` (checked by move) to `target`, then settle each one."""
         if target is S.RUNNING:
             # Nothing follows RUNNING on its own (core/states.automatic_step): neither the
@@ -305,7 +318,19 @@ class Transitioner:
                                              event_data, message, now))
             for k, v in extra.items():
                 param["b_" + k] = v
-            updates[final_name].append(param)
+            if self.deferred:
+                held = self.deferred.pop(job_id, None)
+                if held is not None:
+                    # The RUNNING write held back for this job: its extra columns (run_count)
+                    # go with this write; what this move sets itself (state time, message,
+                    # the lease's session) is this move's.
+                    for k, v in held.items():
+                        if k not in _DEFERRED_OWN:
+                            param.setdefault(k, v)
+            if job_id in defer:
+                self.deferred[job_id] = param
+            else:
+                updates[final_name].append(param)
             self.changed[job_id] = final_name
             if final is S.JOB_FINISHED:
                 finished.append(job_id)
@@ -321,13 +346,29 @@ class Transitioner:
         if finished or failed:
             self._cascade(finished, failed)
 
+    def write_deferred(self) -> None:
+        """Write the RUNNING rows held back by move's `defer` that no later move took."""
+        if self.deferred:
+            params, self.deferred = list(self.deferred.values()), {}
+            self._write(str(S.RUNNING), params)
+
     def _write(self, state: str, params: list[dict[str, Any]]) -> None:
         """Set `state` (and per-row message and extra columns) on the rows of `params`.
 
         Rows sharing the same values (the usual bulk case: one message, no extras) are
         written by one UPDATE per value set; many distinct value sets go out as one
         UPDATE ... FROM unnest(arrays) on PostgreSQL or one executemany otherwise.
+        Rows with different extra columns (a deferred write's run_count) are written
+        apart: a column one row sets is never set to NULL on another.
         """
+        first = params[0].keys()
+        if any(p.keys() != first for p in params):
+            shapes: dict[frozenset[str], list[dict[str, Any]]] = defaultdict(list)
+            for p in params:
+                shapes[frozenset(p)].append(p)
+            for same in shapes.values():
+                self._write(state, same)
+            return
         extra_keys = sorted({k for p in params for k in p} - {"b_id", "b_message"})
         keys = ["b_message", *extra_keys]
         groups: dict[tuple[Any, ...], list[int]] | None = defaultdict(list)
@@ -529,6 +570,7 @@ class Transitioner:
                 if job_id in entered and (entered[job_id][1] or {}).get("parent_id") in wanted]
 
     def flush(self) -> None:
+        self.write_deferred()
         event_log.append(self.conn, self.event_rows)
         self.event_rows = []
 
