@@ -107,15 +107,34 @@ _ADVANCE_SESSION = (update(sessions).where(sessions.c.id == bindparam("b_sid"))
                     .values(applied_through_seq=bindparam("b_seq"), heartbeat_time=bindparam("b_now")))
 
 
+# PostgreSQL: lock the session row, advance it and return what it was, in one round trip
+# (a report's two session statements). The subquery's row lock is taken before the
+# UPDATE, and RETURNING gives the values from before it. SQLite cannot return a FROM
+# item's columns: it runs _LOCK_SESSION and _ADVANCE_SESSION (no round trips there).
+_LOCK_AND_ADVANCE = text(
+    "UPDATE sessions AS s SET heartbeat_time = :b_now, "
+    "applied_through_seq = GREATEST(o.applied_through_seq, :b_seq) "
+    "FROM (SELECT id, state, applied_through_seq FROM sessions WHERE id = :b_sid AND owner_id = :b_owner "
+    "FOR UPDATE) AS o WHERE s.id = o.id RETURNING o.state, o.applied_through_seq"
+).bindparams(bindparam("b_now", type_=sessions.c.heartbeat_time.type), bindparam("b_seq", type_=Integer()))
+
+
+def _session_refusal(session_id: str, state: str | None) -> FailedPrecondition | None:
+    if state is None:
+        return FailedPrecondition(f"session {session_id} no longer exists; open a new session",
+                                  reason="SESSION_CLOSED")
+    if state != ACTIVE:
+        return FailedPrecondition(f"session {session_id} is {state}; open a new session",
+                                  reason=f"SESSION_{state}")
+    return None
+
+
 def lock_active_session(conn: Connection, owner_id: int, session_id: str) -> dict[str, Any]:
     """The session row, locked for this transaction; refuses a session that is not ACTIVE."""
     row = conn.execute(_LOCK_SESSION, {"b_sid": session_id, "b_owner": owner_id}).first()
-    if row is None:
-        raise FailedPrecondition(f"session {session_id} no longer exists; open a new session",
-                                 reason="SESSION_CLOSED")
-    if row.state != ACTIVE:
-        raise FailedPrecondition(f"session {session_id} is {row.state}; open a new session",
-                                 reason=f"SESSION_{row.state}")
+    refusal = _session_refusal(session_id, row.state if row is not None else None)
+    if refusal is not None:
+        raise refusal
     return dict(row._mapping)
 
 
@@ -146,11 +165,13 @@ def _candidate_conditions(session: SessionRef, credit: Credit, free_nodes: float
 LEASE_ORDER = (jobs.c.priority.desc(), jobs.c.num_nodes.desc(), jobs.c.wall_time_min.desc(), jobs.c.id)
 
 
-_SORT_OFF = text("SET LOCAL enable_sort = off")
+# Run with exec_driver_sql (no compile, no cache lookup, no parameters): twice per
+# acquisition.
+_SORT_OFF = "SET LOCAL enable_sort = off"
 # Back on before anything writes: an event insert (INSERT ... RETURNING in parameter
 # order) takes over 100 ms with sorting off, and a jobs UPDATE fires the job_counts
 # trigger. After an error the transaction rolls back, and the setting with it.
-_SORT_DEFAULT = text("SET LOCAL enable_sort TO DEFAULT")
+_SORT_DEFAULT = "SET LOCAL enable_sort TO DEFAULT"
 
 
 def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: list[int]) -> list[dict[str, Any]]:
@@ -226,7 +247,7 @@ def has_candidate(conn: Connection, session: SessionRef, credit: Credit) -> bool
     if credit.exhausted:
         return False
     if conn.dialect.name == "postgresql":
-        conn.execute(_SORT_OFF)  # as in acquire; the read transaction ends here
+        conn.exec_driver_sql(_SORT_OFF)  # as in acquire; the read transaction ends here
     free = max(0.0 if credit.start_exhausted else credit.free_nodes,
                0.0 if credit.reserve_exhausted else credit.reserve_nodes)
     stmt = (select(jobs.c.id).where(*_candidate_conditions(session, credit, free))
@@ -261,13 +282,13 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
     # planned with sorting off for good (a 100-fold slower UPDATE was measured).
     postgres = conn.dialect.name == "postgresql"
     if postgres:
-        conn.execute(_SORT_OFF)
+        conn.exec_driver_sql(_SORT_OFF)
     rows = _pick_pages(conn, session, credit, []) if not credit.start_exhausted else []
     reserved: list[dict[str, Any]] = []
     if not credit.reserve_exhausted:
         reserved = _pick_pages(conn, session, credit.reserve_part(), [r["id"] for r in rows])
     if postgres:
-        conn.execute(_SORT_DEFAULT)
+        conn.exec_driver_sql(_SORT_DEFAULT)
     message = f"leased to session {session.id}"
     if rows:
         values = {r["id"]: {"session_id": session.id, "lease_generation": r["lease_generation"] + 1,
@@ -413,9 +434,20 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
     session's applied_through_seq. A resent seq is ignored; a fenced one is rejected and
     changes nothing. Starts and ends go through one Transitioner (one event insert); with
     `tr` it is the caller's, and the caller flushes it."""
-    session = lock_active_session(conn, owner_id, session_id)
     own = tr is None
     tr = tr or Transitioner(conn, now)
+    if conn.dialect.name == "postgresql" and transitions:
+        # Locked and advanced at once: the new applied_through_seq is the highest seq
+        # sent (resent and fenced ones count as applied too), the old one decides which
+        # are fresh. Nothing else of the session's row is read.
+        row = conn.execute(_LOCK_AND_ADVANCE, {"b_sid": session_id, "b_owner": owner_id, "b_now": now,
+                                               "b_seq": max(t.seq for t in transitions)}).first()
+        refusal = _session_refusal(session_id, row.state if row is not None else None)
+        if refusal is not None:
+            raise refusal  # the transaction rolls back, the advance with it
+        session = {"applied_through_seq": row.applied_through_seq, "advanced": True}
+    else:
+        session = lock_active_session(conn, owner_id, session_id)
     result = _apply_report(conn, session, session_id, owner_id, transitions, now, tr)
     if own:
         tr.flush()
@@ -437,10 +469,18 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     ids = sorted({t.job_id for t in fresh})
     dialect = conn.dialect.name
     # Locked in id order, as every bulk job change does, so two never deadlock.
-    stmt = _statement(("report_rows", dialect), lambda: select(jobs).where(
+    # With each row, its app's rules (what the Transitioner would read next, for the ends):
+    # one statement less. Only the jobs' rows are locked.
+    stmt = _statement(("report_rows", dialect), lambda: select(
+        jobs, apps.c.hooks.label("app_hooks"), apps.c.retry_policy.label("app_retry_policy"))
+        .join(apps, apps.c.id == jobs.c.app_id, isouter=True).where(
         jobs.c.owner_id == bindparam("b_owner"), ids_param(jobs.c.id, "b_ids", dialect))
-        .order_by(jobs.c.id).with_for_update())
-    rows = {r.id: dict(r._mapping) for r in conn.execute(stmt, {"b_owner": owner_id, "b_ids": ids_value(ids, dialect)})}
+        .order_by(jobs.c.id).with_for_update(of=jobs))
+    rows = {}
+    for r in conn.execute(stmt, {"b_owner": owner_id, "b_ids": ids_value(ids, dialect)}):
+        row = dict(r._mapping)
+        tr.know_app_rules(row["app_id"], row.pop("app_hooks"), row.pop("app_retry_policy"))
+        rows[r.id] = row
     # Starts first (a job held ahead may start and end in one report: its start always
     # has the lower seq); its row is then RUNNING for the transitions after it.
     starts = [t for t in fresh if t.state == S.RUNNING]
@@ -491,7 +531,8 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     tr.write_deferred()
     result.applied = len(result.released) + result.started
     result.applied_through_seq = max(applied_through, fresh[-1].seq)
-    conn.execute(_ADVANCE_SESSION, {"b_sid": session_id, "b_seq": result.applied_through_seq, "b_now": now})
+    if not session.get("advanced"):
+        conn.execute(_ADVANCE_SESSION, {"b_sid": session_id, "b_seq": result.applied_through_seq, "b_now": now})
     return result
 
 

@@ -182,6 +182,11 @@ class Transitioner:
         # what no later move took).
         self.deferred: dict[int, dict[str, Any]] = {}
 
+    def know_app_rules(self, app_id: int, hooks: Any, retry_policy: Any) -> None:
+        """An app's rules read by the caller in this transaction (with its jobs' rows)."""
+        if app_id not in self.rules:
+            self.rules[app_id] = AppRules({"hooks": hooks, "retry_policy": retry_policy})
+
     def _app_rules(self, app_ids: Iterable[int]) -> dict[int, AppRules]:
         missing = set(app_ids) - self.rules.keys()
         if missing:
