@@ -43,10 +43,12 @@ def _refusal(call: Any) -> grpc.RpcError:
 
 class _Statements:
     """The statements a server's database connections run that touch jobs, apps or
-    request_id records (the event fanout's reads of events are left out)."""
+    request_id records (the event fanout's reads of events are left out): those of its
+    engine, and those it runs on the event loop (Database.statement_now)."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.engine = db.engine
         self.seen: list[str] = []
         self._lock = threading.Lock()
 
@@ -57,10 +59,18 @@ class _Statements:
 
     def __enter__(self) -> _Statements:
         event.listen(self.engine, "before_cursor_execute", self._before)
+        run = self.db.statement_now
+
+        async def statement_now(sql: str, params: Any) -> Any:
+            self._before(None, None, sql)
+            return await run(sql, params)
+
+        self.db.statement_now = statement_now
         return self
 
     def __exit__(self, *_: Any) -> None:
         event.remove(self.engine, "before_cursor_execute", self._before)
+        del self.db.statement_now
 
 
 def test_a_create_with_a_request_id_is_one_statement(harness, alice):
@@ -68,7 +78,7 @@ def test_a_create_with_a_request_id_is_one_statement(harness, alice):
     _, app = make_site_app(alice)
     stub = jobs_stub(alice)
     _create(stub, app.id, "first", "req-first")  # reads the app once into the cache
-    with _Statements(harness.db.engine) as statements:
+    with _Statements(harness.db) as statements:
         created = _create(stub, app.id, "second", "req-second").job
     assert len(statements.seen) == 1, statements.seen  # was 4: app, request_id, insert, request_id record
     assert created.id

@@ -483,6 +483,38 @@ def test_pooled_connection_cut_while_idle_is_replaced(harness):
         db.dispose()
 
 
+@pytest.mark.parametrize("ping_idle", [True, False])
+def test_a_statement_run_on_the_event_loop_survives_a_cut_connection(harness, ping_idle):
+    # Database.statement_now keeps connections of its own (psycopg's AsyncConnection).
+    if harness.backend != "postgres":
+        pytest.skip("SQLite connections cannot be cut")
+    import asyncio
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from balsam_grpc.server.rpc import database_unavailable
+    from balsam_grpc.server.store.db import Database
+
+    db = Database(harness.url, workers=1, idle_ping_seconds=0.0 if ping_idle else 3600.0)
+
+    async def scenario() -> None:
+        pid = (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid
+        with harness.db.engine.begin() as other:
+            assert other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+        if not ping_idle:  # used as it is: UNAVAILABLE (callers retry), and the connection is dropped
+            with pytest.raises(DBAPIError) as err:
+                await db.statement_now("SELECT 1 AS one", {})
+            assert database_unavailable(err.value) is not None
+        assert (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid != pid
+        assert await db.statement_now("SELECT 1 WHERE false", {}) == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        db.dispose()
+
+
 @pytest.mark.parametrize("count", [1, 70])  # INSERT ... RETURNING and COPY for the transfer items
 def test_jobs_with_transfer_slots_get_their_items(alice, count):
     from balsam_grpc.v1 import common_pb2, transfer_item_service_pb2, transfer_item_service_pb2_grpc

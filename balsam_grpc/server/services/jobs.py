@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.core.errors import BalsamError, InvalidArgument
 from balsam_grpc.core.states import JobState, Role
@@ -580,7 +581,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         if request_id:
             body = request_hash(request)
             once = store.Once("CreateJob", request_id, body, response.SerializeToString(), _CREATE_ID_TAG)
-        got = await self.db.write_now(store.create_job_at_once, row, event_data, app["_version"], once)
+        sql, params = store.at_once_statement(self.db.engine.dialect, row, event_data, app["_version"], once)
+        try:
+            got = store.at_once_outcome(await self.db.statement_now(sql, params), row, once)
+        except IntegrityError:  # the app deleted meanwhile (foreign key), the request_id taken meanwhile
+            got = None
         if got is None:
             self._apps.forget(app["id"])
             return None
@@ -605,6 +610,12 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         data = struct_to_dict(request.event_data, "event_data") or None
         message = request.job.state_message if "state_message" in paths else ""
         q = store.JobQuery(owner_id=principal.user_id, site_scope=_scope(principal), ids=[request.job.id])
+        if target is None and "parameters" not in values and self.db.is_postgres and not request_id_of(request):
+            # One statement and nothing to replay: in autocommit, without the BEGIN and
+            # COMMIT round trips (it changes no state, so it appends no event).
+            fresh = await self.db.write_now(store.patch_job, q, values, utcnow())
+            return job_service_pb2.UpdateJobResponse(job=job_to_message(
+                store.require_one([fresh] if fresh else [], request.job.id)))
 
         def build(conn: Any) -> Any:
             if target is None and "parameters" not in values:  # no rule to check: one statement

@@ -780,7 +780,25 @@ def create_job_at_once(conn: Connection, row: dict[str, Any], event_data: dict[s
     nothing; or None when it wrote nothing for another reason: the app is no longer the
     version validated against (updated or deleted, here or by another replica), the
     workdir is taken, or a concurrent request with the same request_id won. The caller
-    then creates through create_jobs in a transaction, which reports each of these."""
+    then creates through create_jobs in a transaction, which reports each of these.
+
+    The server runs the same statement on the event loop (at_once_statement,
+    Database.statement_now, at_once_outcome); this form runs it on a Connection."""
+    sql, params = at_once_statement(conn.dialect, row, event_data, app_version, once)
+    try:
+        got = conn.exec_driver_sql(sql, params).all()
+    except IntegrityError:  # the app deleted meanwhile (foreign key), the request_id taken meanwhile
+        return None
+    outcome = at_once_outcome(got, row, once)
+    if isinstance(outcome, int):
+        event_log.note_inserted(conn, got[0].top)
+    return outcome
+
+
+def at_once_statement(dialect: Any, row: dict[str, Any], event_data: dict[str, Any] | None, app_version: str,
+                      once: Once | None) -> tuple[str, dict[str, Any]]:
+    """create_job_at_once's statement in the driver's terms (psycopg's %(name)s), and its
+    parameters."""
     params: dict[str, Any] = {f"j{i}": codec_dumps(row[c]) if c in _JSON_COLUMNS else row.get(c)
                               for i, c in enumerate(_JOB_COLUMNS) if c not in _CREATION_TIMES}
     params.update(now=row["create_time"], app_id=row["app_id"], owner_id=row["owner_id"], site_id=row["site_id"],
@@ -794,14 +812,14 @@ def create_job_at_once(conn: Connection, row: dict[str, Any], event_data: dict[s
                       response=once.response, id_tag=once.id_tag)
     sql = _AT_ONCE_DRIVER.get(once is not None)
     if sql is None:
-        sql = _AT_ONCE_DRIVER[once is not None] = str(_AT_ONCE[once is not None].compile(dialect=conn.dialect))
-    try:
-        got = conn.exec_driver_sql(sql, params).all()
-    except IntegrityError:  # the app deleted meanwhile (foreign key), the request_id taken meanwhile
-        return None
+        sql = _AT_ONCE_DRIVER[once is not None] = str(_AT_ONCE[once is not None].compile(dialect=dialect))
+    return sql, params
+
+
+def at_once_outcome(got: list[Any], row: dict[str, Any], once: Once | None) -> int | tuple[str, bytes] | None:
+    """What create_job_at_once returns, from its statement's rows."""
     for r in got:
         if r.id is not None:
-            event_log.note_inserted(conn, r.top)
             row["id"] = r.id
             return int(r.id)
         if once is not None:
