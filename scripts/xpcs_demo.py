@@ -83,7 +83,7 @@ def say(text: str) -> None:
 
 class Demo:
     def __init__(self, home: Path, sites: tuple[SiteSpec, ...], idle_timeout_s: int, database_url: str = "",
-                 lease_prefetch: int = 0) -> None:
+                 lease_prefetch: int = -1) -> None:
         self.home = home
         self.lease_prefetch = lease_prefetch
         self.database_url = database_url or f"sqlite:///{home / 'balsam.db'}"
@@ -159,16 +159,9 @@ class Demo:
         # one node): a 2-node pilot runs two datasets at once, and its session reports
         # two held nodes.
         settings["launcher"]["mpi_prefix"] = "{mpiexec} -n {num_ranks}"
-        # Jobs held ahead of a free slot (--lease-prefetch; default 0, none; -1: the
-        # launcher's automatic default). An analysis runs for seconds, so a lease round
-        # trip costs nothing against it, while a held job waits behind a running one: a
-        # new pilot knows no run time yet and by default holds max(8, 4 per slot) ahead
-        # (launcher/master.py auto_prefetch), so the first pilot of a site up can take a
-        # whole burst while the site's other pilots, up a moment later, idle (compare run
-        # of 2026-12-06: one 1-node pilot of alpha ran 7 datasets in a row, alpha's other
-        # 3 nodes none; the deadline policy, which sends most of a burst to alpha, missed
-        # 36 of 48 against round-robin's 23). With none held, the same schedule: deadline
-        # 12 misses, p99 33 s; round-robin 30, 58 s; shortest-backlog 25, 55 s.
+        # Jobs held ahead of a free slot: the launcher's own default (-1) holds none until
+        # its jobs are seen to end and none for jobs that run longer than a quarter second,
+        # so a burst is spread over a site's pilots (launcher/master.py auto_prefetch).
         if self.lease_prefetch >= 0:
             settings["launcher"]["extra_args"] = ["--lease-prefetch", str(self.lease_prefetch)]
         # The facility's capacity for this experiment is the elastic queue's cap on nodes
@@ -470,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rings", default="", help="q rings in the g2 pictures, e.g. 0,3,7 (default four from low "
                                                 "to high q)")
     p.add_argument("--idle-timeout", type=int, default=8, help="seconds an idle pilot waits for work before it exits")
-    p.add_argument("--lease-prefetch", type=int, default=0,
+    p.add_argument("--lease-prefetch", type=int, default=-1,
                    help="jobs each pilot's launcher holds ahead of its free slots (the launcher's --lease-prefetch; "
                         "-1: its automatic default)")
     p.add_argument("--each", action="store_true", help="print every dataset's result as it arrives")

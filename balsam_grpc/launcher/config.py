@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-prefetch", type=int, default=-1,
                    help="hold up to this many jobs ahead of free slots and start them as slots free: they stay "
                         "in their runnable state on the server (not RUNNING) until started, and unstarted ones "
-                        "are released when the session closes (0 = off; default: 4 per slot, 8 to 256)")
+                        "are released when the session closes (0 = off; default: none until jobs are seen to end, then "
+                        "enough for 0.25 s of work, at most 256)")
     p.add_argument("--platform", default="local", help="node preset (cpus/gpus per node, MPI launcher)")
     p.add_argument("--cpus-per-node", type=int, default=0, help="override the preset's CPUs per node")
     p.add_argument("--gpus-per-node", type=int, default=None, help="override the preset's GPUs per node")

@@ -67,14 +67,15 @@ RUN_TIME_WEIGHT = 0.05
 
 
 def auto_prefetch(slots: int, mean_run_s: float | None = None) -> int:
-    """Jobs held ahead by default. Until a run time is known, 4 per slot (at least 8), so a
-    first burst is leased in batches; then enough for PREFETCH_HORIZON_S of work, at least
-    one per slot, at most 256. Refilled when half are gone. A long job gains nothing from a
-    deeper hold, and a held job waits here while another pilot of the site may idle (seen in
-    the XPCS compare runs: one of a site's two pilots held a whole burst)."""
+    """Jobs held ahead by default: enough to keep every slot busy for PREFETCH_HORIZON_S,
+    at most 256, none until a run time is known. A held job waits here while another pilot
+    of the site may idle (XPCS compare runs: a new 1-node pilot that held 8 ahead ran 7 of a
+    burst's datasets in a row while its site's other 3 nodes had none), and a job that runs
+    longer than the horizon gains nothing from being held: the lease round trip after it
+    ends is milliseconds. Short jobs pay one round trip at the start, then hold hundreds."""
     if mean_run_s is None:
-        return max(8, min(256, 4 * slots))
-    return min(256, max(slots, math.ceil(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4))))
+        return 0
+    return min(256, int(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4)))
 
 
 @dataclass

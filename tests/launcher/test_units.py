@@ -365,13 +365,14 @@ def test_an_idle_launchers_report_goes_at_once():
 def test_prefetch_follows_the_run_time_within_its_bounds():
     from balsam_grpc.launcher.master import auto_prefetch
 
-    assert auto_prefetch(2) == 8
-    assert auto_prefetch(2, mean_run_s=60.0) == 2  # long jobs: one per slot, not a burst another pilot waits for
-    assert auto_prefetch(2, mean_run_s=0.2) == 3
+    assert auto_prefetch(2) == 0  # run time unknown: a held job could wait while another pilot idles
+    assert auto_prefetch(1) == 0
+    assert auto_prefetch(2, mean_run_s=60.0) == 0  # long jobs: nothing held for another pilot to wait on
+    assert auto_prefetch(2, mean_run_s=0.2) == 2
     assert auto_prefetch(2, mean_run_s=0.005) == 100  # enough for PREFETCH_HORIZON_S of work
     assert auto_prefetch(2, mean_run_s=0.0) == 256
-    assert auto_prefetch(128, mean_run_s=60.0) == 128
-    assert auto_prefetch(512, mean_run_s=60.0) == 256
+    assert auto_prefetch(128, mean_run_s=60.0) == 0
+    assert auto_prefetch(512, mean_run_s=0.001) == 256
 
 
 # -- process spec and outcomes -------------------------------------------------------------
