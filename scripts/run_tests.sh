@@ -30,8 +30,12 @@ set -- ${args[@]+"${args[@]}"}
 # What this run started or made is undone on any exit (failures and Ctrl-C too).
 started_slurm=""
 made_db=""
+run_tmp=""
 cleanup() {
     local rc=$?
+    if [[ -n $run_tmp ]]; then
+        rm -rf "$run_tmp"
+    fi
     if [[ -n $made_db ]]; then
         "$PY" scripts/test_databases.py drop "$made_db" || echo "WARNING: could not drop $made_db, ${made_db}_*" >&2
     fi
@@ -160,6 +164,12 @@ NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --quiet --site-dir "$docs_s
 rm -rf "$docs_site"
 
 step "pytest -q -ra --durations=15 $*"
+# The run's own temporary folder, removed at exit: what a killed process leaves in the
+# temporary folder (MPICH's hydra_hwloc_xmlfile_* of an mpiexec the fault tests kill, the
+# BALSAM_HOME of a pytest that was itself killed) goes with it.
+run_tmp=$(mktemp -d "${TMPDIR:-/tmp}/balsam-tests.XXXXXX")
+export TMPDIR=$run_tmp
+echo "TMPDIR=$TMPDIR (removed at exit)"
 rc=0
 "$PY" -m pytest -q -ra --durations=15 "$@" || rc=$?
 if [[ $rc -eq 5 ]]; then

@@ -47,7 +47,7 @@ def id_tag(response_type: type[Message], field: str) -> bytes:
     id yet and followed by an id as an ID_VARINT_BYTES varint, set that id: protobuf
     merges a message field that occurs twice, and reads an over-long varint as its value.
     So a statement that draws the id can store the complete answer itself
-    (store/jobs.create_job_at_once)."""
+    (store/jobs.at_once_statement)."""
     full = response_type(**{field: {"id": 2**63 - 1}}).SerializeToString()
     return full[:-ID_VARINT_BYTES]
 

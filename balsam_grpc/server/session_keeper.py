@@ -6,9 +6,10 @@ The database owns expiry, so several replicas can share it: each connected sessi
 expire_time is kept ahead by its replica's heartbeat, and any replica's reaper expires
 any ACTIVE session whose expire_time passed (claimed with SKIP LOCKED), so the sessions
 of a replica that died are reaped within one lease timeout by the others. The reaper
-sleeps until the earliest expire_time in the database (at most one lease timeout: a
-session opened meanwhile expires no sooner) and is woken when a stream here breaks (not
-when one attaches: that only takes a session out of its reach).
+sleeps until the earliest expire_time in the database, at most one lease timeout: a
+session opened meanwhile expires no sooner, and neither does one whose stream attaches
+(that takes it out of the reaper's reach) or breaks (it may be resumed for one lease
+timeout from then, later than the reaper's next pass), so nothing needs to wake it.
 At start every ACTIVE session gets at least one lease timeout to resume (its launcher
 could not reach a server that was down).
 """
@@ -50,7 +51,6 @@ class SessionKeeper:
         self.metrics = metrics
         self.lease_timeout = timedelta(seconds=lease_timeout_seconds)
         self.connected: dict[str, Attached] = {}
-        self._changed = asyncio.Event()
         self._has_streams = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._pending: set[asyncio.Task[Any]] = set()
@@ -106,21 +106,17 @@ class SessionKeeper:
             return
         now = _now()
         deadline = now + self.lease_timeout
-        task = asyncio.get_running_loop().create_task(self._touch_and_wake(stream.session_id, now, deadline))
+        task = asyncio.get_running_loop().create_task(self.db.write(store.touch_sessions, [stream.session_id], now,
+                                                                   deadline))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         log.info("session stream gone", session_id=stream.session_id, expires=deadline.isoformat())
 
     # ------------------------------------------------------------------ background tasks
 
-    async def _touch_and_wake(self, session_id: str, now: datetime, deadline: datetime) -> None:
-        await self.db.write(store.touch_sessions, [session_id], now, deadline)
-        self._changed.set()  # the reaper looks at the new deadline
-
     async def _reap(self) -> None:
         backoff = Backoff(initial=0.2, maximum=self.lease_timeout.total_seconds())
         while True:
-            self._changed.clear()
             try:
                 expired = await self.db.write(store.reap_expired, _now(), sorted(self.connected))
                 if self.metrics is not None and expired:
@@ -136,12 +132,7 @@ class SessionKeeper:
                 next_due = _now() + timedelta(seconds=delay)
             # At most one lease timeout: a session opened after this read expires no sooner.
             until = self.lease_timeout if next_due is None else min(self.lease_timeout, next_due - _now())
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the task's
-            # cancellation when the event is set at the same moment (the server stopping
-            # right after a stream broke), and the reaper would then never end.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, until.total_seconds())):
-                    await self._changed.wait()
+            await asyncio.sleep(max(0.0, until.total_seconds()))
 
     async def _heartbeat(self) -> None:
         """Keeps expire_time of connected sessions ahead in the database, so GetSession

@@ -171,12 +171,16 @@ def _wait_until_blocked(harness: Any, what: str) -> None:
         {"q": f"%{what}%"}).scalar_one()), "the create to wait on the other transaction", 30, interval=0.01)
 
 
-def _at_once_in_thread(harness: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+def _create_in_thread(stub: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    """CreateJob through the server (its one statement on the event loop), from a thread:
+    the answer, or the RpcError it raised, in the list."""
     out: list[Any] = []
 
     def run() -> None:
-        with harness.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            out.append(job_store.create_job_at_once(conn, *args))
+        try:
+            out.append(_create(stub, *args))
+        except grpc.RpcError as exc:
+            out.append(exc)
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -193,23 +197,23 @@ def _jobs_and_events_at(harness: Any, workdir: str) -> tuple[int, int]:
 
 
 def test_an_app_deleted_while_the_statement_runs_writes_nothing(harness, alice):
-    """The statement saw the app (its deletion not committed yet); the job's foreign key
-    then waits for the deletion and fails: nothing is written and the caller is told to
-    take the general path, which reports the app missing."""
+    """The statement saw the app (its deletion not committed yet); the job's app check
+    then waits for the deletion and fails: the statement writes nothing and the server
+    takes the general path, which reports the app missing."""
     _postgres_only(harness)
     _, app = make_site_app(alice)
-    row, data, version = _versioned_row(harness, alice.user_id, app.id, "racing")
+    stub = jobs_stub(alice)
+    _create(stub, app.id, "warm")  # the app row cached: the next create takes the one statement
     with harness.db.engine.connect() as deleter:
         deleter.begin()
         app_store.delete_app(deleter, alice.user_id, app.id, force=True)
-        thread, out = _at_once_in_thread(harness, row, data, version, None)
+        thread, out = _create_in_thread(stub, app.id, "racing")
         _wait_until_blocked(harness, "INSERT INTO jobs")
         deleter.commit()
     thread.join(30)
-    assert out == [None]
+    assert len(out) == 1 and isinstance(out[0], grpc.RpcError), out
+    assert out[0].code() == grpc.StatusCode.NOT_FOUND and error_reason(out[0]) == "REFERENCE_NOT_FOUND"
     assert _jobs_and_events_at(harness, "racing") == (0, 0)
-    err = _refusal(lambda: _create(jobs_stub(alice), app.id, "racing"))
-    assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_request_id_taken_while_the_statement_runs_writes_nothing(harness, alice):
@@ -217,18 +221,19 @@ def test_a_request_id_taken_while_the_statement_runs_writes_nothing(harness, ali
     it and fails, and the job and event go with it; the caller then gets REQUEST_ID_REUSED."""
     _postgres_only(harness)
     _, app = make_site_app(alice)
-    row, data, version = _versioned_row(harness, alice.user_id, app.id, "second-use")
-    once = job_store.Once("CreateJob", "req-raced", "a" * 64, b"", b"\x0a\x0a\x08")
+    stub = jobs_stub(alice)
+    _create(stub, app.id, "warm")
     with harness.db.engine.connect() as first:
         first.begin()
         first.execute(idempotency_keys.insert().values(owner_id=alice.user_id, method="CreateJob",
                                                         request_id="req-raced", request_hash="b" * 64,
                                                         response=b"", create_time=utcnow()))
-        thread, out = _at_once_in_thread(harness, row, data, version, once)
+        thread, out = _create_in_thread(stub, app.id, "second-use", "req-raced")
         _wait_until_blocked(harness, "idempotency_keys")
         first.commit()
     thread.join(30)
-    assert out == [None]
+    assert len(out) == 1 and isinstance(out[0], grpc.RpcError), out
+    assert out[0].code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(out[0]) == "REQUEST_ID_REUSED"
     assert _jobs_and_events_at(harness, "second-use") == (0, 0)
 
 
@@ -237,7 +242,8 @@ def test_a_stale_app_version_writes_nothing(harness, alice):
     _, app = make_site_app(alice)
     row, data, version = _versioned_row(harness, alice.user_id, app.id, "stale")
     with harness.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        assert job_store.create_job_at_once(conn, row, data, str(int(version) + 1), None) is None
+        sql, params = job_store.at_once_statement(conn.dialect, row, data, str(int(version) + 1), None)
+        assert job_store.at_once_outcome(conn.exec_driver_sql(sql, params).all(), row, None) is None
     assert _jobs_and_events_at(harness, "stale") == (0, 0)
 
 

@@ -550,7 +550,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             raise exc.with_field_prefix("jobs[0]", "job") from None
 
     async def _create_at_once(self, principal: Principal, request: Any) -> Any:
-        """CreateJob in one statement and one round trip (store.create_job_at_once):
+        """CreateJob in one statement and one round trip (store.at_once_statement):
         PostgreSQL, a job with no parents and no transfers, validated here against the
         cached app row. None when the general path (_create) must run: the app is not
         cached and not found, the cached row turned out stale, or the job is refused (the
@@ -610,18 +610,21 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         data = struct_to_dict(request.event_data, "event_data") or None
         message = request.job.state_message if "state_message" in paths else ""
         q = store.JobQuery(owner_id=principal.user_id, site_scope=_scope(principal), ids=[request.job.id])
-        if target is None and "parameters" not in values and self.db.is_postgres and not request_id_of(request):
-            # One statement and nothing to replay: in autocommit, without the BEGIN and
-            # COMMIT round trips (it changes no state, so it appends no event).
-            fresh = await self.db.write_now(store.patch_job, q, values, utcnow())
+        one_statement = target is None and "parameters" not in values  # no rule to check
+
+        def patched(conn: Any) -> Any:
+            fresh = store.patch_job(conn, q, values, utcnow())
             return job_service_pb2.UpdateJobResponse(job=job_to_message(
                 store.require_one([fresh] if fresh else [], request.job.id)))
 
+        if one_statement and self.db.is_postgres and not request_id_of(request):
+            # Nothing to replay: in autocommit, without the BEGIN and COMMIT round trips
+            # (it changes no state, so it appends no event).
+            return await self.db.write_now(patched)
+
         def build(conn: Any) -> Any:
-            if target is None and "parameters" not in values:  # no rule to check: one statement
-                fresh = store.patch_job(conn, q, values, utcnow())
-                return job_service_pb2.UpdateJobResponse(job=job_to_message(
-                    store.require_one([fresh] if fresh else [], request.job.id)))
+            if one_statement:
+                return patched(conn)
             rows = store.select_for_change(conn, q, with_tags=False)
             row = store.require_one(rows, request.job.id)
             if "parameters" in values:

@@ -160,7 +160,7 @@ class AppCache:
     """App rows for creating jobs without reading them again, in one server process.
 
     Never trusted on its own: a create that uses an entry inserts its job only if the
-    app's row version is still the one cached (store/jobs.create_job_at_once), so an
+X
     update or deletion through any replica is noticed by the very statement that would
     have relied on it; the caller then drops the entry (`forget`) and creates the slow
     way. Entries also expire after `max_age` seconds (xmin is a 32-bit counter)."""

@@ -771,34 +771,12 @@ _AT_ONCE = {once: _at_once_sql(once) for once in (False, True)}
 _AT_ONCE_DRIVER: dict[bool, str] = {}
 
 
-def create_job_at_once(conn: Connection, row: dict[str, Any], event_data: dict[str, Any] | None, app_version: str,
-                       once: Once | None) -> int | tuple[str, bytes] | None:
-    """PostgreSQL: insert the job of `row` (new_job_row) with its creation event, and its
-    request_id record when `once`, in one statement (run in autocommit: one round trip
-    for the whole create). Returns the new job's id (`row` gets it too); or (request
-    hash, answer) of an earlier request with the same request_id, and then writes
-    nothing; or None when it wrote nothing for another reason: the app is no longer the
-    version validated against (updated or deleted, here or by another replica), the
-    workdir is taken, or a concurrent request with the same request_id won. The caller
-    then creates through create_jobs in a transaction, which reports each of these.
-
-    The server runs the same statement on the event loop (at_once_statement,
-    Database.statement_now, at_once_outcome); this form runs it on a Connection."""
-    sql, params = at_once_statement(conn.dialect, row, event_data, app_version, once)
-    try:
-        got = conn.exec_driver_sql(sql, params).all()
-    except IntegrityError:  # the app deleted meanwhile (foreign key), the request_id taken meanwhile
-        return None
-    outcome = at_once_outcome(got, row, once)
-    if isinstance(outcome, int):
-        event_log.note_inserted(conn, got[0].top)
-    return outcome
-
-
 def at_once_statement(dialect: Any, row: dict[str, Any], event_data: dict[str, Any] | None, app_version: str,
                       once: Once | None) -> tuple[str, dict[str, Any]]:
-    """create_job_at_once's statement in the driver's terms (psycopg's %(name)s), and its
-    parameters."""
+    """PostgreSQL: the statement inserting the job of `row` (new_job_row) with its creation
+    event, and its request_id record when `once`, in the driver's terms (psycopg's
+    %(name)s), and its parameters. Run in autocommit (Database.statement_now), it is the
+    whole create in one round trip; at_once_outcome reads what it did."""
     params: dict[str, Any] = {f"j{i}": codec_dumps(row[c]) if c in _JSON_COLUMNS else row.get(c)
                               for i, c in enumerate(_JOB_COLUMNS) if c not in _CREATION_TIMES}
     params.update(now=row["create_time"], app_id=row["app_id"], owner_id=row["owner_id"], site_id=row["site_id"],
@@ -817,7 +795,14 @@ def at_once_statement(dialect: Any, row: dict[str, Any], event_data: dict[str, A
 
 
 def at_once_outcome(got: list[Any], row: dict[str, Any], once: Once | None) -> int | tuple[str, bytes] | None:
-    """What create_job_at_once returns, from its statement's rows."""
+    """From at_once_statement's rows: the new job's id (`row` gets it too); or (request
+    hash, answer) of an earlier request with the same request_id, and then it wrote
+    nothing; or None when it wrote nothing for another reason: the app is no longer the
+    version validated against (updated or deleted, here or by another replica), the
+    workdir is taken, or a concurrent request with the same request_id won. The caller
+    then creates through create_jobs in a transaction, which reports each of these.
+    A statement that failed with IntegrityError (the app deleted, or the request_id
+    taken, while it ran) wrote nothing either and means the same as None."""
     for r in got:
         if r.id is not None:
             row["id"] = r.id
