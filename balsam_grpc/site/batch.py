@@ -28,7 +28,7 @@ import structlog
 from google.protobuf import timestamp_pb2
 
 from balsam_grpc.core.backoff import Backoff
-from balsam_grpc.core.processes import processes_naming
+from balsam_grpc.site.processes import processes_naming
 from balsam_grpc.core.validation import FIELD_LIMITS, clip_utf8
 from balsam_grpc.site.journal import Journal, SubmitIntent, SubmittedJob
 from balsam_grpc.site.schedulers import (

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from balsam_grpc.core.processes import processes_naming
+from balsam_grpc.site.processes import processes_naming
 from balsam_grpc.site.hook_process import HOOK_LOG, HookPool
 from balsam_grpc.site.hooks import natural_next_state
 from balsam_grpc.v1 import app_pb2, job_pb2, site_service_pb2

@@ -1,4 +1,4 @@
-"""core.processes: the one process-table scan for a process whose argv names a file."""
+"""site.processes: the one process-table scan for a process whose argv names a file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import psutil
 
-from balsam_grpc.core.processes import processes_naming
+from balsam_grpc.site.processes import processes_naming
 
 NAP = "import time; time.sleep(60)"
 

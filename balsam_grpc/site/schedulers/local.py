@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from balsam_grpc.core.errors import InvalidArgument
-from balsam_grpc.core.processes import processes_naming
+from balsam_grpc.site.processes import processes_naming
 
 from .base import (
     CommandResult,
