@@ -33,7 +33,8 @@ CAPS = {"alpha": 4, "beta": 2, "gamma": 1}  # elastic_queue.max_total_nodes of t
 
 POSTGRES_URL = os.environ.get("BALSAM_TEST_DATABASE_URL", "")
 
-pytestmark = pytest.mark.timeout(240)
+DEMO_TIMEOUT_S = 200
+pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S + 90)  # room to stop a demo that overran
 
 
 class Db:
@@ -72,15 +73,23 @@ def run(tmp_path_factory, database_url):
     tmp = tmp_path_factory.mktemp("xpcs-demo")
     home = tmp / "home"
     summary, analytics = tmp / "summary.json", tmp / "analytics.json"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "xpcs_demo.py"), "--home", str(home), "--datasets", str(DATASETS),
          "--burst", "6", "--interval", "4", "--idle-timeout", "5", "--summary", str(summary),
          "--analytics-json", str(analytics), "--database", database_url],
-        capture_output=True, text=True, timeout=200, cwd=ROOT, check=False)
-    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=DEMO_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, as Ctrl-C: the demo stops its server, dashboard, daemons and pilots (each
+        # in a session of its own, so a SIGKILL of the demo alone would leave them running).
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"the demo took over {DEMO_TIMEOUT_S} s and was stopped:\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}"
     (stats,) = json.loads(analytics.read_text())
     db = Db(database_url)
-    yield {"stdout": proc.stdout, "summary": json.loads(summary.read_text()), "analytics": stats, "home": home,
+    yield {"stdout": stdout, "summary": json.loads(summary.read_text()), "analytics": stats, "home": home,
            "db": db}
     db.engine.dispose()
 
@@ -198,21 +207,48 @@ def test_the_science_pictures_and_the_d_table(run):
         assert "(XpcsFile) opens ds-0000_results.hdf" in out and "MISMATCH" not in out, out[-2000:]
 
 
-def test_no_process_of_the_run_is_left(run):
-    """Server, daemons, launchers, mpiexec and job processes all name the demo's folder
-    on their command line; none may outlive the demo."""
-    home = str(run["home"])
+def _processes_naming(folder: Path) -> list[tuple[int, str]]:
+    """Server, dashboard, daemons, launchers, mpiexec and job processes all name the
+    demo's folder on their command line."""
     left = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(home in arg for arg in proc.info["cmdline"] or ()):
+            if any(str(folder) in arg for arg in proc.info["cmdline"] or ()):
                 left.append((proc.info["pid"], " ".join(proc.info["cmdline"])[:200]))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    assert left == []
+    return left
+
+
+def test_no_process_of_the_run_is_left(run):
+    assert _processes_naming(run["home"]) == []
     for site in CAPS:
         lock = run["home"] / "sites" / site / ".site.lock"
         assert not lock.exists() or not _lock_alive(lock)
+
+
+def test_a_demo_stopped_midway_stops_everything_it_started(tmp_path):
+    """SIGTERM (what the test above sends a demo that overran, and what a terminal's
+    Ctrl-C amounts to) while the sites run: the demo stops the server, the dashboard and
+    the daemons, each started in a session of its own, before it exits."""
+    from tests.support.waiting import wait_until
+
+    home, out = tmp_path / "home", tmp_path / "demo.out"
+    with open(out, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "xpcs_demo.py"), "--home", str(home),
+                                 "--datasets", "6", "--burst", "6", "--interval", "4"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until(lambda: b"agent:" in out.read_bytes() or proc.poll() is not None,
+                   "the demo's sites and dashboard to be up", 120)
+        assert proc.poll() is None, out.read_text()[-4000:]
+        assert len(_processes_naming(home)) >= 5  # server, dashboard, three daemons
+        proc.terminate()
+        assert proc.wait(60) == 130, out.read_text()[-4000:]
+        assert _processes_naming(home) == [], out.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def _lock_alive(lock: Path) -> bool:
