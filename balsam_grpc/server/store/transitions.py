@@ -156,10 +156,14 @@ def _pending_transfer_directions(conn: Connection, job_ids: list[int]) -> dict[s
     return out
 
 
-# More distinct value sets than this in one state change and the rows are written by a
-# single UPDATE joined to per-row arrays (PostgreSQL) or executemany (SQLite) instead of
-# one UPDATE per value set.
+# Rows of one state change are written by one UPDATE per distinct value set only when
+# every set has this many rows on average (and there are at most _MAX_GROUPS of them);
+# otherwise by a single UPDATE joined to per-row arrays (PostgreSQL) or one executemany
+# (SQLite). A launcher's report carries each job's own end time, so a report of a few
+# jobs has as many value sets as jobs: one statement instead of one per job (a round trip
+# each on PostgreSQL, SQLAlchemy's per-execution work on both).
 _MAX_GROUPS = 8
+_MIN_GROUP_ROWS = 4
 # Column types an UPDATE ... FROM unnest(arrays) can carry (JSON values cannot be put
 # in a PostgreSQL array by the driver).
 _ARRAY_SAFE = (Integer, String, DateTime, Boolean, Float)
@@ -389,7 +393,8 @@ class Transitioner:
         for key in extra_keys:  # a caller's explicit value wins over the defaults above
             fixed.pop(key[2:], None)
         dialect = self.conn.dialect.name
-        if groups is not None and len(groups) <= _MAX_GROUPS:
+        if groups is not None and (len(groups) == 1 or (
+                len(groups) <= _MAX_GROUPS and len(params) >= _MIN_GROUP_ROWS * len(groups))):
             for group_values, ids in groups.items():
                 columns = {**fixed, "state_message": group_values[0],
                            **{k[2:]: v for k, v in zip(extra_keys, group_values[1:], strict=True)}}
@@ -424,19 +429,23 @@ class Transitioner:
     def _write_unnest(self, fixed: dict[str, Any], extra_keys: list[str], params: list[dict[str, Any]]) -> None:
         """One UPDATE joined to per-row arrays: `UPDATE jobs SET ... FROM unnest(:ids,
         :messages, ...) AS v WHERE jobs.id = v.id` (PostgreSQL)."""
-        dialect = self.conn.dialect
         names = ["b_id", "b_message", *extra_keys]
-        types = [BigInteger(), Text(), *(jobs.c[k[2:]].type for k in extra_keys)]
-        arrays = [f"CAST(:{n} AS {t.compile(dialect=dialect)}[])" for n, t in zip(names, types, strict=True)]
-        aliases = [f"v{i}" for i in range(len(names))]
-        sets = [f"{name} = :f_{name}" if value is not None else f"{name} = NULL" for name, value in fixed.items()]
-        sets.append("state_message = v.v1")
-        sets += [f"{k[2:]} = v.v{i + 2}" for i, k in enumerate(extra_keys)]
-        sql = (f"UPDATE jobs SET {', '.join(sets)} FROM unnest({', '.join(arrays)}) AS v({', '.join(aliases)}) "
-               "WHERE jobs.id = v.v0")
+        shape = ("*unnest", *(k if v is not None else k + "=NULL" for k, v in fixed.items()), *extra_keys)
+        stmt = _UPDATES.get(("postgresql", shape))
+        if stmt is None:  # built once per shape (see store/leases._STATEMENTS)
+            dialect = self.conn.dialect
+            types = [BigInteger(), Text(), *(jobs.c[k[2:]].type for k in extra_keys)]
+            arrays = [f"CAST(:{n} AS {t.compile(dialect=dialect)}[])" for n, t in zip(names, types, strict=True)]
+            aliases = [f"v{i}" for i in range(len(names))]
+            sets = [f"{name} = :f_{name}" if value is not None else f"{name} = NULL" for name, value in fixed.items()]
+            sets.append("state_message = v.v1")
+            sets += [f"{k[2:]} = v.v{i + 2}" for i, k in enumerate(extra_keys)]
+            stmt = _UPDATES[("postgresql", shape)] = text(
+                f"UPDATE jobs SET {', '.join(sets)} FROM unnest({', '.join(arrays)}) AS v({', '.join(aliases)}) "
+                "WHERE jobs.id = v.v0")
         bind = {n: [p[n] for p in params] for n in names}
         bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
-        self.conn.execute(text(sql), bind)
+        self.conn.execute(stmt, bind)
 
     def _cascade(self, finished: list[int], failed: list[dict[str, Any]]) -> None:
         """Release children whose parents are all done; fail children of failed parents
