@@ -95,6 +95,8 @@ def test_counts_stay_exact_under_concurrent_writers(harness, alice):
     # Narrowed by site and by state, still from the table; a tag filter counts the jobs.
     assert answered(stub, site_ids=[site_a.id]) == {k: n for k, n in expected.items() if k[1] == site_a.id}
     assert answered(stub, states=[job_pb2.JOB_STATE_KILLED]) == {k: n for k, n in expected.items() if k[0] == "KILLED"}
+    assert answered(stub, exclude_states=[job_pb2.JOB_STATE_KILLED], site_ids=[site_a.id, site_b.id]) == {
+        k: n for k, n in expected.items() if k[0] != "KILLED"}
     assert answered(stub, tags={"t": "w0r0"}) == truth_of_tag(harness, alice.user_id, "w0r0")
 
     # Cascades: an app and a site deleted with their jobs take their counts along.

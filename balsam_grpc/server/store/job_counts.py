@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, bindparam, func, select, text
 
 from balsam_grpc.server.store.tables import job_counts
 
@@ -36,23 +36,47 @@ def answers(q: Any, group_by: list[str]) -> bool:
                     q.create_start, q.create_end, q.update_start, q.update_end, q.batch_job_ids, q.session_id))
 
 
-def count(conn: Connection, q: Any, group_by: list[str]) -> tuple[int, list[dict[str, Any]], bool]:
-    """(total, groups as store.jobs.count_jobs gives them, whether to compact)."""
+# count's statements, one per shape of query, built once with named parameters: building
+# a Select and its cache key cost more than SQLite takes to run it, and a watcher polls
+# CountJobs many times a second. Immutable, so shared freely.
+_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _count_statement(scoped: bool, site_ids: bool, states: bool, exclude_states: bool,
+                     group_by: tuple[str, ...]) -> Any:
     c = job_counts.c
-    conds = [c.owner_id == q.owner_id]
-    if q.site_scope is not None:
-        conds.append(c.site_id == q.site_scope)
-    if q.site_ids:
-        conds.append(c.site_id.in_(q.site_ids))
-    if q.states:
-        conds.append(c.state.in_(q.states))
-    if q.exclude_states:
-        conds.append(c.state.not_in(q.exclude_states))
+    conds = [c.owner_id == bindparam("c_owner")]
+    if scoped:
+        conds.append(c.site_id == bindparam("c_scope"))
+    if site_ids:
+        conds.append(c.site_id.in_(bindparam("c_sites", expanding=True)))
+    if states:
+        conds.append(c.state.in_(bindparam("c_states", expanding=True)))
+    if exclude_states:
+        conds.append(c.state.not_in(bindparam("c_exclude", expanding=True)))
     cols = [GROUPS[g].label(g) for g in group_by]
     stmt = select(*cols, func.coalesce(func.sum(c.n), 0).label("count"), func.count().label("rows")).where(*conds)
     if cols:
         stmt = stmt.group_by(*cols).having(func.sum(c.n) != 0).order_by(*cols)
-    rows = conn.execute(stmt).all()
+    return stmt
+
+
+def count(conn: Connection, q: Any, group_by: list[str]) -> tuple[int, list[dict[str, Any]], bool]:
+    """(total, groups as store.jobs.count_jobs gives them, whether to compact)."""
+    shape = (q.site_scope is not None, bool(q.site_ids), bool(q.states), bool(q.exclude_states), tuple(group_by))
+    stmt = _STATEMENTS.get(shape)
+    if stmt is None:
+        stmt = _STATEMENTS[shape] = _count_statement(*shape)
+    params: dict[str, Any] = {"c_owner": q.owner_id}
+    if q.site_scope is not None:
+        params["c_scope"] = q.site_scope
+    if q.site_ids:
+        params["c_sites"] = list(q.site_ids)
+    if q.states:
+        params["c_states"] = list(q.states)
+    if q.exclude_states:
+        params["c_exclude"] = list(q.exclude_states)
+    rows = conn.execute(stmt, params).all()
     groups = [{g: getattr(r, g) for g in group_by} | {"count": int(r.count)} for r in rows]
     read = sum(r.rows for r in rows)
     total = sum(g["count"] for g in groups)
