@@ -487,8 +487,8 @@ class SiteStream:
             # 2. Did anything happen at this site? (Only its own events are delivered.)
             delivery = self.events.take()
             if delivery.gap_after is not None:
-                newest, may_work = await self.db.read(work_store.site_events_after, self.owner_id, self.site_id,
-                                                      delivery.gap_after)
+                newest, may_work = await self.db.read_now(work_store.site_events_after, self.owner_id, self.site_id,
+                                                          delivery.gap_after)
                 backlog_dirty = backlog_dirty or newest is not None
                 if may_work:
                     dirty.update(work_store.ALL_KINDS)
@@ -502,8 +502,10 @@ class SiteStream:
                 # brings the scheduler id the cancellation needs.
                 held = {work_store.cancel_id(int(w.partition(":")[2])) for w in self.outstanding
                         if w.startswith(work_store.SUBMIT)}
-                found = await self.db.read(work_store.find_work, self.owner_id, self.site_id, dirty & self.kinds,
-                                           self.outstanding | self.answered | held, self.credit)
+                # read_now: each of its statements stands alone (as READ COMMITTED gives them
+                # anyway), so PostgreSQL spends no BEGIN and ROLLBACK round trips on it.
+                found = await self.db.read_now(work_store.find_work, self.owner_id, self.site_id, dirty & self.kinds,
+                                               self.outstanding | self.answered | held, self.credit)
                 if len(found) < self.credit:  # else more may wait for credit: stay dirty
                     dirty.clear()
                 for work in found:
@@ -518,7 +520,7 @@ class SiteStream:
                 if wait <= 0:
                     backlog_dirty = False
                     last_backlog_at = loop.time()
-                    values = await self.db.read(work_store.site_backlog, self.owner_id, self.site_id)
+                    values = await self.db.read_now(work_store.site_backlog, self.owner_id, self.site_id)
                     if values != last_backlog:
                         last_backlog = values
                         yield pb.SiteServiceConnectResponse(backlog=backlog_to_pb(values))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, and_, bindparam, case, cast, func, or_, select, update
+from sqlalchemy import Connection, Integer, and_, bindparam, case, cast, func, or_, select, text, update
 from sqlalchemy import Float as SqlFloat
 
 from balsam_grpc.core.errors import BalsamError
@@ -127,22 +127,28 @@ def parse_work_id(work_id: str) -> tuple[str, list[str]] | None:
 # find_work runs each time a site's jobs finish (CLEANUP): its statements are built once
 # (a Select and its cache key cost more to build than SQLite takes to run them).
 _SITE_APPS = select(apps).where(apps.c.site_id == bindparam("w_site"))
-_CLEANUP_GLOBS = select(apps.c.id, apps.c.cleanup_globs).where(apps.c.site_id == bindparam("w_site"))
-_CLEANUPS = (select(jobs.c.id, jobs.c.workdir, jobs.c.app_id)
-             .where(jobs.c.site_id == bindparam("w_site"), jobs.c.owner_id == bindparam("w_owner"),
-                    jobs.c.state == S.JOB_FINISHED, jobs.c.cleaned_time.is_(None),
-                    jobs.c.app_id.in_(bindparam("w_apps", expanding=True)))
-             .order_by(jobs.c.id).limit(bindparam("w_limit", type_=Integer())))
+# Finished jobs still to clean, with their app's globs, in one statement (this is asked
+# each time jobs finish): only apps that have globs, whose jobs ix_jobs_cleanup_due finds
+# by (site, app); a finished job of an app without globs is never cleaned and never read.
+_HAS_GLOBS = {"postgresql": "jsonb_typeof(apps.cleanup_globs) = 'array' AND apps.cleanup_globs <> '[]'::jsonb",
+              "sqlite": "json_array_length(apps.cleanup_globs) > 0"}
+_CLEANUPS: dict[str, Any] = {}
 
+
+def _cleanups_statement(dialect: str) -> Any:
+    stmt = _CLEANUPS.get(dialect)
+    if stmt is None:
+        stmt = _CLEANUPS[dialect] = (
+            select(jobs.c.id, jobs.c.workdir, apps.c.cleanup_globs).join(apps, apps.c.id == jobs.c.app_id)
+            .where(jobs.c.site_id == bindparam("w_site"), jobs.c.owner_id == bindparam("w_owner"),
+                   # Literal, as in the index's predicate, so a prepared plan may use it.
+                   text("jobs.state = 'JOB_FINISHED'"), jobs.c.cleaned_time.is_(None),
+                   apps.c.site_id == bindparam("w_site"), text(_HAS_GLOBS[dialect]))
+            .order_by(jobs.c.id).limit(bindparam("w_limit", type_=Integer())))
+    return stmt
 
 def _site_apps(conn: Connection, site_id: int) -> dict[int, dict[str, Any]]:
     return {r.id: dict(r._mapping) for r in conn.execute(_SITE_APPS, {"w_site": site_id})}
-
-
-def _cleanup_globs(conn: Connection, site_id: int) -> dict[int, list[str]]:
-    """The site's apps that clean up after their jobs, with their globs (two columns, not
-    whole app rows: this is asked each time jobs finish)."""
-    return {r.id: list(r.cleanup_globs) for r in conn.execute(_CLEANUP_GLOBS, {"w_site": site_id}) if r.cleanup_globs}
 
 
 def _hook_apps(site_apps: dict[int, dict[str, Any]]) -> dict[JobState, list[int]]:
@@ -205,13 +211,10 @@ def find_work(conn: Connection, owner_id: int, site_id: int, kinds: set[str], sk
         rows = transfer_store.offerable_items(conn, owner_id, site_id, skip_items, limit - len(out))
         take([Work(id=transfer_id(r["id"]), kind=TRANSFER, transfer=r) for r in rows])
     if CLEANUP in kinds and len(out) < limit:
-        globs = ({a: list(row["cleanup_globs"]) for a, row in site_apps.items() if row["cleanup_globs"]}
-                 if HOOK in kinds else _cleanup_globs(conn, site_id))
-        if globs:
-            rows = conn.execute(_CLEANUPS, {"w_site": site_id, "w_owner": owner_id, "w_apps": sorted(globs),
-                                            "w_limit": fetch_size(CLEANUP)})
-            take([Work(id=cleanup_id(r.id), kind=CLEANUP, job={"id": r.id, "workdir": r.workdir},
-                       globs=list(globs[r.app_id])) for r in rows])
+        rows = conn.execute(_cleanups_statement(conn.dialect.name),
+                            {"w_site": site_id, "w_owner": owner_id, "w_limit": fetch_size(CLEANUP)})
+        take([Work(id=cleanup_id(r.id), kind=CLEANUP, job={"id": r.id, "workdir": r.workdir},
+                   globs=list(r.cleanup_globs)) for r in rows])
     return out
 
 
