@@ -310,7 +310,10 @@ class Workers:
                 if bulk:
                     with self._ready:
                         self.bulk_running -= 1
-                        self._ready.notify()  # a bulk job may have waited for this thread
+                        # Bulk work may have waited for this thread; with none queued, a
+                        # wake-up would only cost the woken thread a switch and the GIL.
+                        if self._bulk:
+                            self._ready.notify()
 
     def shutdown(self) -> None:
         """Run what is queued, then stop the threads."""
