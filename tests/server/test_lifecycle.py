@@ -337,6 +337,27 @@ def test_retry_restarts_a_failed_parent_and_the_children_it_failed(world: World)
     assert again.failed_count == 1 and again.outcomes[0].reason == "NOT_RETRYABLE"  # finished: nothing to retry
 
 
+def test_one_report_ends_a_parent_and_a_childless_job_and_releases_the_children(world: World) -> None:
+    """A report's jobs are read with whether they have children (SQLite: the cascade then
+    looks for none of a childless job's); a parent in the same report still releases its."""
+    tag = secrets.token_hex(3)
+    lone = _create(world, f"mixed/{tag}/lone")
+    parent = _create(world, f"mixed/{tag}/p")
+    child = _create(world, f"mixed/{tag}/c", [parent])
+    launcher = _launcher(world)
+    try:
+        launcher.credit(max_jobs=2)
+        leased = {lj.job.id: lj for lj in launcher.leased(2)}
+        assert set(leased) == {lone, parent}
+        ack = launcher.report(*(launcher.transition(leased[j], job_pb2.JOB_STATE_RUN_DONE) for j in (lone, parent)))
+        assert not ack.rejections, ack
+    finally:
+        launcher.cancel()
+    assert {_state(world, j) for j in (lone, parent)} == {"JOB_FINISHED"}
+    assert _state(world, child) == "PREPROCESSED"
+    assert world.job_events(child)[-1].message == "all parents finished"
+
+
 def test_a_parameter_both_required_and_defaulted_is_refused(world: World) -> None:
     apps = world.caller.stub(app_service_pb2_grpc.AppServiceStub)
     app = app_pb2.App(site_id=world.site.id, name=f"both-{secrets.token_hex(3)}", command_template="echo {{ n }}",

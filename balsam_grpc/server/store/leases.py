@@ -17,13 +17,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, Integer, and_, bindparam, literal_column, or_, select, text, update
+from sqlalchemy import Connection, Float, Integer, and_, bindparam, exists, literal_column, or_, select, text, update
 
 from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role, role_refusal
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import ids_param, ids_value, tags_contain
-from balsam_grpc.server.store.tables import apps, events, jobs, runnable_condition, sessions
+from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, runnable_condition, sessions
 from balsam_grpc.server.store.transitions import Transitioner
 
 S = JobState
@@ -461,7 +461,10 @@ def report_rows_statement(dialect: str) -> Any:
     the owner's whole part of ix_jobs_owner_id_state_site_id for every report instead of
     looking the ids up by primary key."""
     owner = literal_column("+jobs.owner_id") if dialect == "sqlite" else jobs.c.owner_id
-    return (select(jobs, apps.c.hooks.label("app_hooks"), apps.c.retry_policy.label("app_retry_policy"))
+    extra = []
+    if dialect == "sqlite":  # Transitioner.know_childless: a job that ends looks for no children
+        extra.append(exists().where(job_parents.c.parent_id == jobs.c.id).label("has_children"))
+    return (select(jobs, apps.c.hooks.label("app_hooks"), apps.c.retry_policy.label("app_retry_policy"), *extra)
             .join(apps, apps.c.id == jobs.c.app_id, isouter=True)
             .where(owner == bindparam("b_owner", type_=jobs.c.owner_id.type), ids_param(jobs.c.id, "b_ids", dialect))
             .order_by(jobs.c.id).with_for_update(of=jobs))
@@ -489,6 +492,8 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     for r in conn.execute(stmt, {"b_owner": owner_id, "b_ids": ids_value(ids, dialect)}):
         row = dict(r._mapping)
         tr.know_app_rules(row["app_id"], row.pop("app_hooks"), row.pop("app_retry_policy"))
+        if not row.pop("has_children", True):
+            tr.know_childless(r.id)
         rows[r.id] = row
     # Starts first (a job held ahead may start and end in one report: its start always
     # has the lower seq); its row is then RUNNING for the transitions after it.

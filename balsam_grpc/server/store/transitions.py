@@ -185,11 +185,21 @@ class Transitioner:
         # this transaction writes its row once, with both events (write_deferred writes
         # what no later move took).
         self.deferred: dict[int, dict[str, Any]] = {}
+        # Jobs the caller saw to have no children when it locked them (see know_childless).
+        self.childless: set[int] = set()
 
     def know_app_rules(self, app_id: int, hooks: Any, retry_policy: Any) -> None:
         """An app's rules read by the caller in this transaction (with its jobs' rows)."""
         if app_id not in self.rules:
             self.rules[app_id] = AppRules({"hooks": hooks, "retry_policy": retry_policy})
+
+    def know_childless(self, job_id: int) -> None:
+        """A job the caller read, in this transaction, to have no child jobs: its moves
+        look for none. Only where no child can be added until this transaction ends
+        (SQLite's single writer): on PostgreSQL a child created concurrently may commit its
+        link after the caller's read (its insert waits for the job's row lock), and only
+        the look at the end of the move sees it."""
+        self.childless.add(job_id)
 
     def _app_rules(self, app_ids: Iterable[int]) -> dict[int, AppRules]:
         missing = set(app_ids) - self.rules.keys()
@@ -497,6 +507,7 @@ class Transitioner:
 
     def _children(self, parent_ids: list[int]) -> list[dict[str, Any]]:
         """Children still waiting, one row per (child, parent) link."""
+        parent_ids = [p for p in parent_ids if p not in self.childless]
         if not parent_ids:
             return []
         dialect = self.conn.dialect.name
