@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, and_, bindparam, case, cast, func, or_, select, text, update
+from sqlalchemy import Connection, Integer, and_, bindparam, case, cast, func, literal_column, or_, select, text, update
 from sqlalchemy import Float as SqlFloat
 
 from balsam_grpc.core.errors import BalsamError
@@ -130,6 +130,9 @@ _SITE_APPS = select(apps).where(apps.c.site_id == bindparam("w_site"))
 # Finished jobs still to clean, with their app's globs, in one statement (this is asked
 # each time jobs finish): only apps that have globs, whose jobs ix_jobs_cleanup_due finds
 # by (site, app); a finished job of an app without globs is never cleaned and never read.
+# On SQLite the owner term is kept out of index selection (unary +): with the join, it
+# walked every finished job of the site (ix_jobs_owner_id_state_site_id, cleaned ones
+# too) instead.
 _HAS_GLOBS = {"postgresql": "jsonb_typeof(apps.cleanup_globs) = 'array' AND apps.cleanup_globs <> '[]'::jsonb",
               "sqlite": "json_array_length(apps.cleanup_globs) > 0"}
 _CLEANUPS: dict[str, Any] = {}
@@ -140,7 +143,9 @@ def _cleanups_statement(dialect: str) -> Any:
     if stmt is None:
         stmt = _CLEANUPS[dialect] = (
             select(jobs.c.id, jobs.c.workdir, apps.c.cleanup_globs).join(apps, apps.c.id == jobs.c.app_id)
-            .where(jobs.c.site_id == bindparam("w_site"), jobs.c.owner_id == bindparam("w_owner"),
+            .where(jobs.c.site_id == bindparam("w_site"),
+                   (literal_column("+jobs.owner_id") if dialect == "sqlite" else jobs.c.owner_id)
+                   == bindparam("w_owner", type_=jobs.c.owner_id.type),
                    # Literal, as in the index's predicate, so a prepared plan may use it.
                    text("jobs.state = 'JOB_FINISHED'"), jobs.c.cleaned_time.is_(None),
                    apps.c.site_id == bindparam("w_site"), text(_HAS_GLOBS[dialect]))
