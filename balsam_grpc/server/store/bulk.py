@@ -11,6 +11,7 @@ ever had and inserts with executemany.
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, Insert, Table, bindparam, insert, text
 from sqlalchemy.dialects.postgresql import JSONB
@@ -25,7 +26,7 @@ _COPY_CHUNK = 2000
 def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> list[int]:
     if not rows:
         return []
-    columns = [c.name for c in table.columns if c.name != "id"]
+    columns = _columns(table)
     if conn.dialect.name == "postgresql":
         if len(rows) < COPY_MIN_ROWS:
             return _insert_returning(conn, table, columns, rows)
@@ -48,6 +49,17 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> l
     return ids
 
 
+_COLUMNS: WeakKeyDictionary[Table, list[str]] = WeakKeyDictionary()
+
+
+def _columns(table: Table) -> list[str]:
+    """The table's columns but its id (callers do not change the list)."""
+    names = _COLUMNS.get(table)
+    if names is None:
+        names = _COLUMNS[table] = [c.name for c in table.columns if c.name != "id"]
+    return names
+
+
 def draw_ids(conn: Connection, table: Table, n: int) -> list[int]:
     """PostgreSQL: n new ids of `table`, ascending (so they follow the request order).
     One array value: 10,000 rows of one id each cost a driver fetch per row."""
@@ -60,19 +72,39 @@ def _executemany_insert(conn: Connection, table: Table, columns: list[str], rows
     """INSERT with the driver's executemany, values converted by SQLAlchemy's own bind
     processors a column at a time (each distinct value once): SQLAlchemy's per-row
     parameter handling costs more than SQLite's insert itself."""
-    dialect = conn.dialect
+    sql, processors = _executemany_plan(conn.dialect, table, columns)
     params_by_column: list[list[Any]] = [ids]
-    for name in columns:
-        column = table.c[name]
-        process = column.type.dialect_impl(dialect).bind_processor(dialect)
+    for name, (process, unhashable) in zip(columns, processors, strict=True):
         values = column_values(table, name, rows)
         if process is not None:
-            values = _convert_column(values, process, is_json(column))
+            values = _convert_column(values, process, unhashable)
         params_by_column.append(values)
-    names = ", ".join(["id", *columns])
-    marks = ", ".join("?" * (len(columns) + 1))
-    conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})",
-                         list(zip(*params_by_column, strict=True)))
+    conn.exec_driver_sql(sql, list(zip(*params_by_column, strict=True)))
+
+
+# Per dialect (each engine has its own, with its JSON codec) and table: the INSERT and each
+# column's bind processor and whether it is JSON. Made once: making them took longer
+# than converting the handful of event rows a launcher report writes.
+_PLANS: WeakKeyDictionary[Any, WeakKeyDictionary[Table, dict[tuple[str, ...], tuple[str, list[tuple[Any, bool]]]]]] = \
+    WeakKeyDictionary()
+
+
+def _executemany_plan(dialect: Any, table: Table, columns: list[str]) -> tuple[str, list[tuple[Any, bool]]]:
+    by_table = _PLANS.get(dialect)
+    if by_table is None:
+        by_table = _PLANS[dialect] = WeakKeyDictionary()
+    plans = by_table.get(table)
+    if plans is None:
+        plans = by_table[table] = {}
+    key = tuple(columns)
+    plan = plans.get(key)
+    if plan is None:
+        processors = [(table.c[name].type.dialect_impl(dialect).bind_processor(dialect), is_json(table.c[name]))
+                      for name in columns]
+        sql = (f"INSERT INTO {table.name} ({', '.join(['id', *columns])}) "
+               f"VALUES ({', '.join('?' * (len(columns) + 1))})")
+        plan = plans[key] = (sql, processors)
+    return plan
 
 
 def _convert_column(values: list[Any], process: Any, unhashable: bool) -> list[Any]:
