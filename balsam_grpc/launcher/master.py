@@ -59,6 +59,49 @@ class LocalJob:
         return self.leased.job.state != job_pb2.JOB_STATE_RUNNING
 
 
+class JobQueue:
+    """Leased jobs not started yet, in the order they came, with the counts and node sums
+    the credit needs kept as jobs come and go: a credit is asked for at every wake-up and
+    up to 256 jobs wait here (held ahead), so it must not walk them."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, LocalJob] = {}
+        self.ahead = 0  # held ahead (still runnable on the server)
+        self.ahead_nodes = 0.0
+        self.leased_nodes = 0.0  # the others: RUNNING on the server, about to be placed
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self.jobs
+
+    def __iter__(self):
+        return iter(self.jobs)
+
+    @property
+    def leased(self) -> int:
+        return len(self.jobs) - self.ahead
+
+    def add(self, job: LocalJob) -> None:
+        self.jobs[job.id] = job
+        if job.held_ahead:
+            self.ahead += 1
+            self.ahead_nodes += job.footprint
+        else:
+            self.leased_nodes += job.footprint
+
+    def pop(self, job_id: int) -> LocalJob:
+        job = self.jobs.pop(job_id)
+        if job.held_ahead:
+            self.ahead -= 1
+            # Exact again whenever none is left: float sums of 1/3s would drift otherwise.
+            self.ahead_nodes = self.ahead_nodes - job.footprint if self.ahead else 0.0
+        else:
+            self.leased_nodes = self.leased_nodes - job.footprint if len(self.jobs) > self.ahead else 0.0
+        return job
+
+
 # Short jobs: hold enough ahead to keep every slot busy this long, so the slots do not
 # wait for leases while reports are paced (session.REPORT_INTERVAL_S) and acknowledged.
 PREFETCH_HORIZON_S = 0.25
@@ -105,7 +148,8 @@ class Master:
         self.dispatcher = dispatcher
         self.ctx = ctx
         self.jobs: dict[int, LocalJob] = {}
-        self.queue: dict[int, None] = {}  # leased, not started yet (insertion order)
+        self.queue = JobQueue()
+        self.unfit: list[int] = []  # queued jobs that can never run here, to report
         self.counters = Counters()
         self.wake = asyncio.Event()
         self.stopping = ""
@@ -137,20 +181,18 @@ class Master:
         if self.stopping or now >= self.stop_new_at:
             return pb.SessionCredit(max_jobs=0)
         cap = self.manager.capacity()
-        queued = [self.jobs[j] for j in self.queue]
-        ahead = [j for j in queued if j.held_ahead]
-        leased = [j for j in queued if not j.held_ahead]  # RUNNING, about to be placed
-        max_jobs = cap.max_jobs - len(leased)
-        free_nodes = cap.free_nodes - sum(j.footprint for j in leased)
+        queue = self.queue
+        max_jobs = cap.max_jobs - queue.leased
+        free_nodes = cap.free_nodes - queue.leased_nodes
         # Held ahead (prefetch): up to `prefetch` jobs of at most a node each, left in their
         # runnable state on the server until started here, so a freed slot starts the next
         # job without a round trip. Asked for again only once half are gone, so the server
         # leases them in batches.
         reserve_jobs = 0
         reserve_nodes = 0.0
-        if self.prefetch and len(ahead) <= self.prefetch // 2:
-            reserve_jobs = self.prefetch - len(ahead)
-            reserve_nodes = self.prefetch - sum(j.footprint for j in ahead)
+        if self.prefetch and queue.ahead <= self.prefetch // 2:
+            reserve_jobs = self.prefetch - queue.ahead
+            reserve_nodes = self.prefetch - queue.ahead_nodes
         if self.cfg.max_jobs:
             max_jobs = min(max_jobs, self.cfg.max_jobs - len(self.jobs))
             reserve_jobs = min(reserve_jobs, self.cfg.max_jobs - len(self.jobs) - max(0, max_jobs))
@@ -214,9 +256,11 @@ class Master:
 
     def _add(self, lj: pb.LeasedJob) -> None:
         res = Resources.from_pb(lj.job.resources)
-        self.jobs[lj.job.id] = LocalJob(lj, res, unfit=self.manager.never_fits(res),
-                                        footprint=float(res.occupancy * res.num_nodes))
-        self.queue[lj.job.id] = None
+        job = LocalJob(lj, res, unfit=self.manager.never_fits(res), footprint=float(res.occupancy * res.num_nodes))
+        self.jobs[job.id] = job
+        self.queue.add(job)
+        if job.unfit:
+            self.unfit.append(job.id)
 
     def _drop(self, job_id: int, why: str) -> None:
         """Stop a job without reporting anything (the server moved it on already)."""
@@ -224,7 +268,7 @@ class Master:
         if job is None:
             return
         if job_id in self.queue:
-            del self.queue[job_id]
+            self.queue.pop(job_id)
             del self.jobs[job_id]
             return
         log.info("killing job", job_id=job_id, why=why)
@@ -248,26 +292,29 @@ class Master:
             job.leased.job.state = job_pb2.JOB_STATE_RUNNING
 
     def _schedule(self) -> None:
-        full = self.manager.full()
-        for job_id in list(self.queue):
-            job = self.jobs[job_id]
-            reason = job.unfit
-            if reason:
-                del self.queue[job_id]
-                del self.jobs[job_id]
-                self.counters.unrunnable += 1
-                log.warning("job can never run here", job_id=job_id, reason=reason)
-                self._start_on_server(job)
-                self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
-                                             message=f"cannot run in this launcher: {reason}"))
-                continue
-            if full:
-                continue  # no job fits anywhere now: only the unfit ones are left to report
+        for job_id in self.unfit:
+            if job_id not in self.queue:
+                continue  # dropped meanwhile
+            job = self.queue.pop(job_id)
+            del self.jobs[job_id]
+            self.counters.unrunnable += 1
+            log.warning("job can never run here", job_id=job_id, reason=job.unfit)
+            self._start_on_server(job)
+            self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
+                                         message=f"cannot run in this launcher: {job.unfit}"))
+        self.unfit.clear()
+        if self.queue and not self.manager.full():
+            self._place()
+        self.client.wake()
+
+    def _place(self) -> None:
+        for job_id, job in list(self.queue.jobs.items()):
             placed = self.manager.assign(job_id, job.res)
             if placed is None:
-                full = self.manager.full()
+                if self.manager.full():
+                    break  # no job fits anywhere now
                 continue
-            del self.queue[job_id]
+            self.queue.pop(job_id)
             job.placed = placed
             direct = not job.res.needs_mpi_launch and self.dispatcher.has_runner(placed.nodes[0])
             try:
@@ -286,7 +333,8 @@ class Master:
             failed = self.dispatcher.start(placed.nodes[0] if direct else None, spec)
             if failed is not None:
                 self._finished(failed)
-        self.client.wake()
+            elif self.manager.full():
+                break
 
     def _busy(self) -> bool:
         """Jobs run or wait here: more transitions are coming soon."""
@@ -319,9 +367,10 @@ class Master:
     def _stop_everything(self, reason_message: str) -> None:
         """Time out what runs (RUN_TIMEOUT, the app's timeout policy follows) and hand back
         what never started (RESTART_READY)."""
+        self.unfit.clear()
         for job_id in list(self.queue):
             job = self.jobs.pop(job_id)
-            del self.queue[job_id]
+            self.queue.pop(job_id)
             if job.held_ahead:
                 continue  # never RUNNING: the server releases it when the session closes
             self._report(job, transition(job.leased, job_pb2.JOB_STATE_RESTART_READY,

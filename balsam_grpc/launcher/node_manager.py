@@ -98,6 +98,7 @@ class NodeManager:
         self.mpi_mode = mpi_mode
         self.nodes = [_Node(n, list(range(n.cpus)), list(range(n.gpus))) for n in nodes]
         self.assignments: dict[int, Assignment] = {}
+        self._capacity: Capacity | None = None  # until the next assign or release
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -149,12 +150,14 @@ class NodeManager:
             gpu_ids.append(gpus)
         placed = Assignment(job_id, picks, cpu_ids, gpu_ids, res.occupancy)
         self.assignments[job_id] = placed
+        self._capacity = None
         return placed
 
     def release(self, job_id: int) -> None:
         placed = self.assignments.pop(job_id, None)
         if placed is None:
             return
+        self._capacity = None
         for i, cpus, gpus in zip(placed.nodes, placed.cpu_ids, placed.gpu_ids, strict=True):
             node = self.nodes[i]
             node.free_cpus = sorted(node.free_cpus + cpus)
@@ -169,6 +172,8 @@ class NodeManager:
     def capacity(self) -> Capacity:
         """What could start now. Aggregate by nature: two half-free nodes offer 1.0 node of
         footprint, so a packing-1 job leased against it waits for an idle node."""
+        if self._capacity is not None:
+            return self._capacity
         usable = [n for n in self.nodes if n.free_cpus and n.occupancy < 1]
         free_nodes = float(sum((1 - n.occupancy for n in usable), Fraction(0)))
         max_jobs = sum(len(n.free_cpus) for n in usable)
@@ -176,7 +181,8 @@ class NodeManager:
         max_nodes = idle if self.mpi_mode else min(idle, 1)
         if max_nodes == 0 and usable:
             max_nodes = 1
-        return Capacity(max_jobs=max_jobs, free_nodes=free_nodes, max_nodes_per_job=max_nodes)
+        self._capacity = Capacity(max_jobs=max_jobs, free_nodes=free_nodes, max_nodes_per_job=max_nodes)
+        return self._capacity
 
     def busy_nodes(self) -> int:
         return sum(1 for n in self.nodes if not n.idle)

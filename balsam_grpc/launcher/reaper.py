@@ -36,27 +36,38 @@ class Reaper:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.groups: set[int] = set()
+        # Groups that ended, told to the watchdog with the next group that starts (or by
+        # flush()): one write per job instead of two. Until then a dying launcher's watchdog
+        # signals an empty group, or one whose id was reused within that moment.
+        self._ended: list[str] = []
 
     def _send(self, line: str) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             self._start()  # tells the new watchdog every current group, this change included
             return
-        assert self.proc.stdin is not None
+        if self._ended:
+            line = "".join(self._ended) + line
+            self._ended.clear()
         try:
-            self.proc.stdin.write(line.encode())
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
+            self._write(line.encode())
+        except (BrokenPipeError, ValueError):  # it died: its end of the pipe closed with it
             log.warning("job watchdog died; starting another", pid=self.proc.pid)
+            self.proc.poll()
             self._start()
 
+    def _write(self, data: bytes) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        fd = self.proc.stdin.fileno()
+        while data:
+            data = data[os.write(fd, data):]
+
     def _start(self) -> None:
+        self._ended.clear()
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "balsam_grpc.launcher.reaper"],
                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          start_new_session=True, close_fds=True)
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("".join(f"+{g}\n" for g in self.groups).encode())
-            self.proc.stdin.flush()
+            self._write("".join(f"+{g}\n" for g in self.groups).encode())
         except OSError as exc:
             log.error("could not start the job watchdog: jobs would outlive a killed launcher", error=str(exc))
             self.proc = None
@@ -68,12 +79,20 @@ class Reaper:
     def forget(self, pgid: int) -> None:
         if pgid in self.groups:
             self.groups.discard(pgid)
-            self._send(f"-{pgid}\n")
+            if self.proc is not None:
+                self._ended.append(f"-{pgid}\n")
+
+    def flush(self) -> None:
+        """Tell the watchdog now about the groups that ended."""
+        if self._ended and self.proc is not None:
+            self._send("")
 
     def close(self) -> None:
         """The launcher is done: the watchdog kills what is still registered and exits."""
         if self.proc is not None and self.proc.stdin is not None:
             try:
+                self._write("".join(self._ended).encode())  # so a reused group id is spared
+                self._ended.clear()
                 self.proc.stdin.close()
             except BrokenPipeError:
                 pass

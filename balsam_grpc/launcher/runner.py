@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -35,7 +34,7 @@ TAIL_LINES = 20
 # it starts would try to join the launcher's MPI world.
 SCRUB_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "OMPI_COMM_WORLD_", "OMPI_MCA_ess", "OMPI_UNIVERSE",
                   "MPI_LOCAL", "MPIR_CVAR_CH3_INTERFACE_HOSTNAME", "ALPS_APP_", "PALS_")
-_TASKSET = shutil.which("taskset")
+_AFFINITY = hasattr(os, "sched_setaffinity")  # Linux
 
 
 def job_base_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -100,12 +99,12 @@ class ProcessRunner:
     def __len__(self) -> int:
         return len(self.running)
 
-    def _binding(self, cpu_ids: list[int]) -> list[str]:
-        """taskset prefix binding a directly started job to its CPUs: skipped when the ids
-        cover the whole host or name CPUs this host lacks (a preset larger than the host)."""
-        if not cpu_ids or not _TASKSET or max(cpu_ids) >= self.host_cpus or len(cpu_ids) >= self.host_cpus:
+    def _binding(self, cpu_ids: list[int]) -> list[int]:
+        """The CPUs a directly started job is bound to: none when the ids cover the whole host
+        or name CPUs this host lacks (a preset larger than the host)."""
+        if not cpu_ids or not _AFFINITY or max(cpu_ids) >= self.host_cpus or len(cpu_ids) >= self.host_cpus:
             return []
-        return [_TASKSET, "-c", _ranges(cpu_ids)]
+        return cpu_ids
 
     def start(self, spec: ProcessSpec, now: float | None = None) -> ProcessResult | None:
         """Start the job; a ProcessResult (outcome spawn_error) when it could not start."""
@@ -127,11 +126,22 @@ class ProcessRunner:
                 for k, v in spec.env.items():
                     env[os.fsencode(k)] = os.fsencode(v)
                 out = open_private(spec.out_name, append=True, dir_fd=dir_fd)
+                bind = self._binding(spec.cpu_ids)
+                own = os.sched_getaffinity(0) if bind else None
                 try:
-                    proc = subprocess.Popen(self._binding(spec.cpu_ids) + spec.argv, cwd=workdir, env=env,
+                    if bind:
+                        # The child inherits the mask of the thread that starts it, as taskset
+                        # would set it, without a second program to exec for every job.
+                        try:
+                            os.sched_setaffinity(0, bind)
+                        except OSError as exc:
+                            raise OSError(exc.errno, f"cannot bind to CPUs {_ranges(bind)}: {exc.strerror}") from exc
+                    proc = subprocess.Popen(spec.argv, cwd=workdir, env=env,
                                             stdin=self._devnull(), stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True, close_fds=True)
                 finally:
+                    if own is not None:
+                        os.sched_setaffinity(0, own)
                     os.close(out)
             except (PathEscape, OSError) as exc:
                 msg = f"could not start {spec.argv[0]!r} in {workdir}: {exc}"
@@ -202,6 +212,7 @@ class ProcessRunner:
         """The watchdog keeps a finished job's group until its last process is gone (what
         the job left running dies with the launcher too), and no longer: a group id is
         a pid, and the system reuses pids."""
+        self.reaper.flush()  # groups that ended at the last poll, if no job started since
         for pgid in list(self.lingering):
             try:
                 os.killpg(pgid, 0)

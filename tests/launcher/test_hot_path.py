@@ -1,0 +1,210 @@
+"""The launcher's per-job path without a server: the master's queue and credit, the runner's
+CPU binding, the job watchdog's bookkeeping (real processes, no MPI)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balsam_grpc.launcher.config import LauncherConfig
+from balsam_grpc.launcher.master import JobQueue, LocalJob, Master
+from balsam_grpc.launcher.node_manager import Resources
+from balsam_grpc.launcher.nodes import NodeSpec
+from balsam_grpc.launcher.process_spec import ProcessSpec, RunContext
+from balsam_grpc.launcher.reaper import Reaper
+from balsam_grpc.launcher.runner import ProcessResult, ProcessRunner
+from balsam_grpc.v1 import app_pb2, job_pb2, session_service_pb2
+
+S = job_pb2
+
+
+def local_job(job_id: int, *, held: bool, packing: int = 1, num_nodes: int = 1) -> LocalJob:
+    state = S.JOB_STATE_PREPROCESSED if held else S.JOB_STATE_RUNNING
+    job = job_pb2.Job(id=job_id, state=state, workdir=f"w/{job_id}",
+                      resources=job_pb2.JobResources(node_packing_count=packing, num_nodes=num_nodes))
+    res = Resources.from_pb(job.resources)
+    lj = session_service_pb2.LeasedJob(job=job, app=app_pb2.App(id=1, command_template="/bin/true"),
+                                       lease_generation=1)
+    return LocalJob(lj, res, footprint=float(res.occupancy * res.num_nodes))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(1, 6), st.integers(0, 60)), max_size=80))
+def test_the_queues_sums_match_a_recount(ops):
+    """The credit reads these sums at every wake-up instead of walking the queue."""
+    queue = JobQueue()
+    next_id = 1
+    for add, held, packing, pick in ops:
+        if add or not queue:
+            queue.add(local_job(next_id, held=held, packing=packing))
+            next_id += 1
+        else:
+            queue.pop(list(queue)[pick % len(queue)])
+        jobs = list(queue.jobs.values())
+        assert queue.ahead == sum(j.held_ahead for j in jobs)
+        assert queue.leased == sum(not j.held_ahead for j in jobs)
+        assert queue.ahead_nodes == pytest.approx(sum(j.footprint for j in jobs if j.held_ahead), abs=1e-9)
+        assert queue.leased_nodes == pytest.approx(sum(j.footprint for j in jobs if not j.held_ahead), abs=1e-9)
+        if not queue.ahead:
+            assert queue.ahead_nodes == 0.0
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.reports: list[session_service_pb2.JobTransition] = []
+
+    def report(self, tr: session_service_pb2.JobTransition) -> int:
+        self.reports.append(tr)
+        return len(self.reports)
+
+    def wake(self) -> None:
+        pass
+
+
+class _Dispatcher:
+    """Starts nothing; remembers what it was asked to start."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+
+    def has_runner(self, node_index: int) -> bool:
+        return True
+
+    def start(self, node_index: int | None, spec: ProcessSpec) -> ProcessResult | None:
+        self.started.append(spec.job_id)
+        return None
+
+
+class _Channel:
+    def __getattr__(self, _name):
+        return lambda *args, **kwargs: None
+
+
+def master(tmp_path: Path, cpus: int = 2, prefetch: int = 8) -> Master:
+    cfg = LauncherConfig(mode="serial", site_dir=tmp_path, site_id=1, batch_job_id=1, lease_prefetch=prefetch)
+    ctx = RunContext(data_dir=tmp_path / "data", apps_dir=tmp_path / "apps")
+    m = Master(cfg, [NodeSpec(hostname="h", cpus=cpus, gpus=0)], _Dispatcher(), _Channel(), (), ctx)
+    m.client = _Client()  # type: ignore[assignment]
+    return m
+
+
+def lease(m: Master, *jobs: LocalJob) -> None:
+    m._on_leases(session_service_pb2.JobLeases(jobs=[j.leased for j in jobs]))
+
+
+def test_a_full_launcher_still_reports_a_job_that_can_never_run_here(tmp_path):
+    """Placing stops at the first job that finds the nodes full; a job that can never run
+    (here: 2 nodes in a 1-node allocation) is reported all the same, wherever it queues."""
+    m = master(tmp_path)
+    lease(m, *(local_job(i, held=i > 2, packing=2) for i in range(1, 6)))
+    lease(m, local_job(9, held=True, num_nodes=2))
+    m._schedule()
+    assert m.dispatcher.started == [1, 2]
+    refused = [tr for tr in m.client.reports if tr.job_id == 9]
+    assert [tr.state for tr in refused] == [S.JOB_STATE_RUNNING, S.JOB_STATE_RUN_ERROR]
+    assert "cannot run in this launcher" in refused[1].message
+    assert 9 not in m.jobs and list(m.queue) == [3, 4, 5]
+    m._schedule()  # reported once
+    assert [tr.job_id for tr in m.client.reports].count(9) == 2
+
+
+def test_the_credit_counts_what_is_queued_and_held_ahead(tmp_path):
+    m = master(tmp_path, cpus=4, prefetch=8)
+    assert (m._credit().max_jobs, m._credit().reserve_jobs) == (4, 8)
+    lease(m, local_job(1, held=False, packing=4), *(local_job(i, held=True, packing=4) for i in range(2, 5)))
+    credit = m._credit()
+    assert credit.max_jobs == 3 and credit.free_nodes == pytest.approx(0.75)
+    assert credit.reserve_jobs == 5 and credit.reserve_nodes == pytest.approx(8 - 0.75)
+    m._schedule()  # starts all four; none queued
+    credit = m._credit()
+    assert m.dispatcher.started == [1, 2, 3, 4] and credit.max_jobs == 0 and credit.reserve_jobs == 8
+    lease(m, *(local_job(i, held=True, packing=4) for i in range(5, 10)))
+    assert m._credit().reserve_jobs == 0  # more than half of the 8 held: asked for again later
+    m._drop(5, "the server asked")
+    m._drop(6, "the server asked")
+    assert m._credit().reserve_jobs == 5 and m.queue.ahead == 3
+
+
+# -- the runner ---------------------------------------------------------------------------------
+
+
+def run_to_end(runner: ProcessRunner, spec: ProcessSpec, argv) -> ProcessResult:
+    assert runner.start(spec) is None
+    assert argv() == spec.argv  # the job itself: no program in between
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done = runner.poll()
+        if done:
+            return done[0]
+        time.sleep(0.01)
+    raise AssertionError("the job did not end")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to bind to one")
+def test_a_directly_started_job_runs_bound_to_its_cpus_and_the_launcher_is_not(tmp_path):
+    mine = sorted(os.sched_getaffinity(0))
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    try:
+        spec = ProcessSpec(job_id=1, argv=[sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                           cwd=str(tmp_path / "data" / "w1"), cpu_ids=[mine[-1]], root=str(tmp_path / "data"))
+        result = run_to_end(runner, spec, lambda: runner.running[1].proc.args)
+        assert result.return_code == 0
+        assert (tmp_path / "data" / "w1" / "job.out").read_text().strip() == str([mine[-1]])
+        assert sorted(os.sched_getaffinity(0)) == mine
+    finally:
+        runner.shutdown()
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_watchdog_learns_ended_groups_late_and_is_replaced_when_it_died():
+    """A group that ended is told with the next start (or a flush); a watchdog that died is
+    noticed at the next write and its successor told every group still running."""
+    sleepers = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(3)]
+    reaper = Reaper()
+    try:
+        a, b, c = (p.pid for p in sleepers)
+        reaper.watch(a)
+        reaper.watch(b)
+        reaper.forget(a)  # as if a's group had ended: a must be spared from here on
+        assert reaper._ended == [f"-{a}\n"]
+        reaper.flush()
+        assert reaper._ended == []
+        first = reaper.proc
+        assert first is not None
+        first.kill()
+        first.wait(10)
+        reaper.watch(c)  # the write fails: a new watchdog with b and c
+        assert reaper.proc is not None and reaper.proc.pid != first.pid
+        reaper.close()  # the watchdog kills what is registered
+        deadline = time.monotonic() + 10
+        while (_alive(b) or _alive(c)) and time.monotonic() < deadline:
+            for p in sleepers:
+                p.poll()
+            time.sleep(0.05)
+        assert not _alive(b) and not _alive(c)
+        assert _alive(a)
+    finally:
+        for p in sleepers:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(10)
+        reaper.close()
