@@ -33,13 +33,19 @@ Guarantees (no polling, nothing missed, order kept):
 
 A job's site never changes and a launcher only holds jobs of its session's site, so
 (owner, site) routing also carries the kills of a session's held jobs.
+
+Fast path (`runnable`): a create that committed runnable jobs on this replica tells the
+subscriptions of their site at once, with the ids, before any notification or read (on
+PostgreSQL those cost a NOTIFY round trip, the horizon query and the read of the rows,
+about half of submit-to-RUNNING with an idle launcher). It only wakes earlier: the events
+are routed as always, and other replicas learn of them as always.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +128,8 @@ class Subscription:
     site_ids: frozenset[int] | None
     on_wake: Callable[[], None] | None = None
     keep_rows: bool = True
+    # Told the ids of jobs a create on this replica just committed runnable (Fanout.runnable).
+    on_runnable: Callable[[Collection[int]], None] | None = None
     rows: list[EventRow] = field(default_factory=list)
     gap_after: int | None = None
     notified: asyncio.Event = field(default_factory=asyncio.Event)
@@ -195,7 +203,8 @@ class Fanout:
     # ------------------------------------------------------------------ registry
 
     def subscribe(self, owner_id: int, site_ids: Iterable[int] | None = None, *, since: int | None = None,
-                  on_wake: Callable[[], None] | None = None, keep_rows: bool = True) -> Subscription:
+                  on_wake: Callable[[], None] | None = None, keep_rows: bool = True,
+                  on_runnable: Callable[[Collection[int]], None] | None = None) -> Subscription:
         """Route events of `owner_id` (at `site_ids`, or at any site) to a new subscription.
 
         Events committed before this call are the caller's to read from the database. With
@@ -203,7 +212,7 @@ class Fanout:
         gap (the caller reads them), the others as rows."""
         self._ensure_running()
         sites = None if site_ids is None else frozenset(site_ids)
-        sub = Subscription(self, owner_id, sites, on_wake, keep_rows, after=self.position)
+        sub = Subscription(self, owner_id, sites, on_wake, keep_rows, on_runnable, after=self.position)
         if since is not None:
             sub.after = since
             if since < self.position:
@@ -228,6 +237,13 @@ class Fanout:
         if pairs is None:
             return self.count > 0
         return any((o, s) in self.by_site or o in self.by_owner for o, s in pairs)
+
+    def runnable(self, owner_id: int, site_id: int, job_ids: Collection[int]) -> None:
+        """This replica just committed these jobs of (owner, site) runnable: tell that
+        site's subscriptions now (the fast path; their events still come)."""
+        for sub in self.by_site.get((owner_id, site_id), ()):
+            if sub.on_runnable is not None:
+                sub.on_runnable(job_ids)
 
     def hint(self, pairs: Iterable[tuple[int, int]] | None, origin: str = "") -> None:
         """Another transaction (on any replica) committed events of these pairs: wake the

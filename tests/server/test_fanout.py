@@ -486,3 +486,89 @@ def test_a_replicas_own_notification_is_not_looked_at_twice(harness: Harness) ->
     finally:
         own.dispose()
         other.dispose()
+
+
+# ---------------------------------------------------------------------------- a create's own wake-up
+def _on_loop(harness: Harness, fn: Any) -> Any:
+    async def run() -> Any:
+        return fn()
+    return harness.embedded.loop.run(run())
+
+
+def test_a_create_wakes_the_sessions_of_its_replica_before_its_events_are_routed(
+        harness: Harness, alice: Caller, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The create's commit wakes the session here with the new job's id (Fanout.runnable):
+    leased while no event reaches it; when the creation event comes, it calls for no
+    second acquisition (the first began after the commit)."""
+    spy = Spy(monkeypatch)
+    spy.watch(leases, "acquire", lambda conn, ref, *a, **k: (ref.id,))
+    w = World(alice)
+    launcher = Launcher(alice)
+    fanout = _fanout(harness)
+    held: list[list[Any]] = []
+
+    def hold(rows: list[Any], upto: int) -> None:  # routed later, by release()
+        held.append(rows)
+        fanout.position = upto
+
+    def release() -> None:
+        if "_route" in vars(fanout):
+            del fanout._route
+            for rows in held:
+                fanout._route(rows, fanout.position)
+
+    try:
+        sid = launcher.open(w.site.id).session.id
+        launcher.credit(max_jobs=3)
+        launcher.settle()
+        sub = _subscription(harness, alice.user_id, w.site.id)
+        _caught_up(harness)
+        _on_loop(harness, lambda: setattr(fanout, "_route", hold))
+        delivered, acquired = sub.delivered, spy.count("acquire", sid)
+        (job,) = w.create(1)
+        (leased,) = launcher.leased(1)
+        assert leased.job.id == job.id
+        assert sub.delivered == delivered and spy.count("acquire", sid) == acquired + 1
+        _caught_up(harness)
+        _on_loop(harness, release)
+        launcher.settle()
+        assert sub.delivered == delivered + 2  # created, then leased (RUNNING)
+        assert spy.count("acquire", sid) == acquired + 1
+        # A job that becomes runnable again is looked for again (only creations are skipped).
+        ack = launcher.report(launcher.transition(leased, S.JOB_STATE_RESTART_READY))
+        assert not ack.rejections
+        launcher.credit(max_jobs=2)
+        (again,) = launcher.leased(1)
+        assert again.job.id == job.id
+    finally:
+        _on_loop(harness, release)
+        launcher.cancel()
+
+
+def test_a_session_on_another_replica_is_woken_by_the_notification(harness: Harness, alice: Caller) -> None:
+    """PostgreSQL: the create's own wake-up reaches only its replica's sessions; a session
+    on another replica is woken by the commit's notification, as before."""
+    if harness.backend != "postgres":
+        pytest.skip("replicas share a PostgreSQL database")
+    from balsam_grpc.server.embedded import EmbeddedServer
+    from balsam_grpc.server.state import ServerSettings
+
+    w = World(alice)
+    other = EmbeddedServer(ServerSettings(address="127.0.0.1:0", database_url=harness.url, grace_seconds=0.2))
+    channel = grpc.insecure_channel(other.address)
+    launcher = Launcher(alice, channel=channel)
+    try:
+        launcher.open(w.site.id)
+        launcher.credit(max_jobs=2)
+        launcher.settle()
+        assert (alice.user_id, w.site.id) not in _fanout(harness).by_site  # nothing for the fast path here
+        there = other.server.state.fanout
+        hints = there.hints
+        (job,) = w.create(1)
+        (leased,) = launcher.leased(1)
+        assert leased.job.id == job.id
+        assert there.hints > hints
+    finally:
+        launcher.cancel()
+        channel.close()
+        other.stop()

@@ -12,7 +12,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.core.errors import BalsamError, InvalidArgument
-from balsam_grpc.core.states import JobState, Role
+from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role
 from balsam_grpc.core.validation import MAX_WORKDIR, check_bulk_copy, check_string_map, clean_workdir
 from balsam_grpc.server import paging
 from balsam_grpc.server.convert import (
@@ -395,6 +395,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         # App rows single creates validate against (checked by the create's own statement).
         self._apps = app_store.AppCache()
 
+    def _wake_sessions(self, owner_id: int, rows: list[dict[str, Any]]) -> None:
+        """After a commit: the launcher sessions here of the sites that got runnable jobs
+        lease now (Fanout.runnable), not after the events' notification and read."""
+        by_site: dict[int, list[int]] = {}
+        for r in rows if self.state.fanout.by_site else ():
+            if r["state"] in RUNNABLE_STATES and r["site_id"]:
+                by_site.setdefault(r["site_id"], []).append(r["id"])
+        for site_id, ids in by_site.items():
+            self.state.fanout.runnable(owner_id, site_id, ids)
+
     def _created(self, count: int) -> None:
         """After a commit: refresh planner statistics in the background once enough jobs
         were created (store.refresh_planner_stats decides; the caller never waits)."""
@@ -498,8 +508,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 if spec["site_id"]:
                     principal.check_site(spec["site_id"])
 
+        made: list[dict[str, Any]] = []
+
         def build(conn: Any) -> Any:
             rows = store.create_jobs(conn, principal.user_id, _scope(principal), specs, utcnow())
+            made[:] = rows
             response = response_type()
             if method == "CreateJob":
                 fill_job(response.job, rows[0], view)
@@ -508,6 +521,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             return response
 
         response = await mutate(self.state, principal, method, request, response_type, build)
+        self._wake_sessions(principal.user_id, made)
         self._created(len(specs))
         return response
 
@@ -528,13 +542,22 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                             principal.check_site(spec["site_id"])
                 yield specs
 
+        made: list[dict[str, Any]] = []
+
         def build(conn: Any) -> Any:
             response = response_type()
+            made.clear()
+
+            def written(rows: list[dict[str, Any]]) -> None:
+                made.extend(rows)
+                jobs_to_messages(rows, view, response.jobs)
+
             store.create_jobs_streamed(conn, principal.user_id, _scope(principal), len(jobs), references, chunks(),
-                                       utcnow(), lambda rows: jobs_to_messages(rows, view, response.jobs))
+                                       utcnow(), written)
             return response
 
         response = await mutate(self.state, principal, "BatchCreateJobs", request, response_type, build)
+        self._wake_sessions(principal.user_id, made)
         self._created(len(jobs))
         return response
 
@@ -592,6 +615,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         if isinstance(got, tuple):
             return replay("CreateJob", request_id, body, *got, job_service_pb2.CreateJobResponse)
         response.job.id = got
+        row["id"] = got
+        self._wake_sessions(principal.user_id, [row])
         self._created(1)
         return response
 

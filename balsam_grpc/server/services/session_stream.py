@@ -12,6 +12,10 @@ How it wakes (no polling interval anywhere):
   job of its site became runnable; only then does it run the acquisition transaction.
   When the fanout could not deliver the events (a gap: the session resumed from an older
   cursor, or fell far behind) the same is read from the event log.
+- a create on this replica that committed runnable jobs of its site tells it their ids
+  at once (Fanout.runnable), ahead of their events: it acquires then. An acquisition that
+  began after that commit saw those jobs, so their creation events, when they come, call
+  for no second one. Nothing depends on this: without it the events wake it as above.
 Responses are yielded one at a time: grpc.aio completes each write before the loop goes
 on, so nothing is buffered toward a slow launcher.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,9 +33,10 @@ from typing import Any
 import structlog
 
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
+from balsam_grpc.core.states import JobState
 from balsam_grpc.core.validation import FIELD_LIMITS, clip_utf8
 from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
-from balsam_grpc.server.fanout import Delivery, Subscription
+from balsam_grpc.server.fanout import Delivery, EventRow, Subscription
 from balsam_grpc.server.job_tokens import JobTokens
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.services.apps import app_to_pb
@@ -54,10 +59,15 @@ LEASE_BATCH = 1000
 MAX_RESERVE = 10_000
 MAX_NODES = 100_000
 MAX_TRANSITIONS = 10_000
+# Jobs whose creation an acquisition already saw (SessionStream.looked_at), at most: their
+# events normally come soon after; beyond this (they were routed before the create's own
+# wake-up) the set is forgotten, which costs one acquisition that finds nothing.
+MAX_LOOKED_AT = 100_000
 _TAIL_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.error_tail"]
 _MESSAGE_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.message"]
 _DATA_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.data"]
 _EOF = object()
+CREATED = str(JobState.CREATED)
 Response = session_service_pb2.SessionServiceConnectResponse
 
 
@@ -164,6 +174,10 @@ class SessionStream:
         # acquire at once. Otherwise (new credit) a read checks first that any job fits.
         self.look_sure = False
         self.held: dict[int, int] = {}  # job id -> lease generation
+        # Jobs a create here made runnable (Fanout.runnable) since the last acquisition
+        # began, and those an acquisition began after: their creation events need no look.
+        self.woken_for: set[int] = set()
+        self.looked_at: set[int] = set()
         self.cursor = 0  # events up to here have been looked at
         self.events: Subscription | None = None
         self.inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=INBOX_SIZE)
@@ -201,7 +215,7 @@ class SessionStream:
         # Events after the cursor taken in _open: those the fanout already routed come as a
         # gap (read from the event log once), later ones as rows.
         self.events = self.state.fanout.subscribe(self.ref.owner_id, [self.ref.site_id], since=self.cursor,
-                                                  on_wake=self.wake.set)
+                                                  on_wake=self.wake.set, on_runnable=self._runnable_here)
         self.keeper.attach(self)
         reader = asyncio.create_task(self._read(requests))
         try:
@@ -368,6 +382,20 @@ class SessionStream:
         self.look = True
         self.wake.set()
 
+    def _runnable_here(self, job_ids: Collection[int]) -> None:
+        """Jobs of the site committed runnable by a create on this replica: look now."""
+        self.woken_for.update(job_ids)
+        self.look = self.look_sure = True
+        self.wake.set()
+
+    def _looking(self) -> None:
+        """An acquisition begins: every job woken for so far is committed, so it sees them."""
+        if self.woken_for:
+            if len(self.looked_at) + len(self.woken_for) > MAX_LOOKED_AT:
+                self.looked_at.clear()
+            self.looked_at |= self.woken_for
+            self.woken_for = set()
+
     def _batch(self) -> leases.Credit:
         return replace(self.credit, max_jobs=min(self.credit.max_jobs, LEASE_BATCH),
                        reserve_jobs=min(self.credit.reserve_jobs, LEASE_BATCH))
@@ -377,6 +405,7 @@ class SessionStream:
         batch = self._batch()
         # Nothing fits now: a job that becomes runnable later commits an event after this
         # read, which the fanout delivers (and which sets look_sure).
+        self._looking()
         if check_first and not await self.db.read(leases.has_candidate, self.ref, batch):
             return None
         return self._leased(await self.db.write(leases.acquire, self.ref, batch, utcnow()))
@@ -414,12 +443,16 @@ class SessionStream:
                 self._set_credit(report.credit)
                 credited = True
         batch = self._batch() if credited and not self.credit.exhausted else None
+        if batch is not None:
+            self._looking()
         result, got = await self.db.write(leases.report_and_acquire, self.ref, transitions, batch, utcnow())
         yield Response(ack=self._ack(result))
         if batch is not None:
             # This transaction looked for jobs under the new credit: no second look is due
-            # (_leased asks for one when the batch came back full).
-            self.look = self.look_sure = False
+            # (_leased asks for one when the batch came back full), unless a create here
+            # made jobs runnable meanwhile (it may have begun before their commit).
+            if not self.woken_for:
+                self.look = self.look_sure = False
             response = self._leased(got)
             if response is not None:
                 yield response
@@ -463,11 +496,31 @@ class SessionStream:
             for why, ids in by_reason.items():
                 self.log.info("kill sent", jobs=len(ids), reason=why)
                 yield Response(kill=session_service_pb2.KillJobs(job_ids=ids, reason=why))
+        if self.looked_at or self.woken_for:
+            fresh = False
+            for r in delivery.rows:
+                if leases.becomes_runnable(r.kind, r.to_state) and not self._seen(r):
+                    fresh = True
+            if gap is not None:
+                self.looked_at.clear()  # runnable_since below sees their events again: one more look at most
+        else:
+            fresh = any(leases.becomes_runnable(r.kind, r.to_state) for r in delivery.rows)
         if not self.credit.exhausted and not self.look:
-            self.look = any(leases.becomes_runnable(r.kind, r.to_state) for r in delivery.rows)
+            self.look = fresh
             if not self.look and gap is not None:
                 self.look = await self.db.read(leases.runnable_since, self.ref.owner_id, self.ref.site_id, gap)
             self.look_sure = self.look
+
+    def _seen(self, row: EventRow) -> bool:
+        """A creation event of a job an acquisition already saw. Either way the job is
+        forgotten: a job is created once (one not yet looked for gets its look now)."""
+        if row.from_state != CREATED:
+            return False
+        if row.job_id in self.looked_at:
+            self.looked_at.discard(row.job_id)
+            return True
+        self.woken_for.discard(row.job_id)  # type: ignore[arg-type]
+        return False
 
     async def _close(self) -> None:
         """The launcher said close and ended its requests: release what it still holds."""
