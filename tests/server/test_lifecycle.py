@@ -338,8 +338,13 @@ def test_retry_restarts_a_failed_parent_and_the_children_it_failed(world: World)
 
 
 def test_one_report_ends_a_parent_and_a_childless_job_and_releases_the_children(world: World) -> None:
-    """A report's jobs are read with whether they have children (SQLite: the cascade then
-    looks for none of a childless job's); a parent in the same report still releases its."""
+    """A report's jobs are read (SQLite) or written (PostgreSQL) with whether they have
+    children, and the cascade looks for none of a childless job's; a parent in the same
+    report still releases its."""
+    from datetime import UTC, datetime, timedelta
+
+    from google.protobuf import timestamp_pb2
+
     tag = secrets.token_hex(3)
     lone = _create(world, f"mixed/{tag}/lone")
     parent = _create(world, f"mixed/{tag}/p")
@@ -349,7 +354,15 @@ def test_one_report_ends_a_parent_and_a_childless_job_and_releases_the_children(
         launcher.credit(max_jobs=2)
         leased = {lj.job.id: lj for lj in launcher.leased(2)}
         assert set(leased) == {lone, parent}
-        ack = launcher.report(*(launcher.transition(leased[j], job_pb2.JOB_STATE_RUN_DONE) for j in (lone, parent)))
+        # Each with its own end time: one statement writes both (Transitioner._write), and
+        # on PostgreSQL it tells which of them have children.
+        times = []
+        for ms in (1, 2):
+            ts = timestamp_pb2.Timestamp()
+            ts.FromDatetime(datetime.now(UTC) - timedelta(milliseconds=ms))
+            times.append(ts)
+        ack = launcher.report(*(launcher.transition(leased[j], job_pb2.JOB_STATE_RUN_DONE, time=t)
+                                for j, t in zip((lone, parent), times, strict=True)))
         assert not ack.rejections, ack
     finally:
         launcher.cancel()

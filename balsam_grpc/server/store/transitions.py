@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    exists,
     func,
     select,
     text,
@@ -167,6 +168,9 @@ _MIN_GROUP_ROWS = 4
 # Column types an UPDATE ... FROM unnest(arrays) can carry (JSON values cannot be put
 # in a PostgreSQL array by the driver).
 _ARRAY_SAFE = (Integer, String, DateTime, Boolean, Float)
+# States whose moves cascade to child jobs (_apply's finished and failed).
+_CASCADING = frozenset({S.JOB_FINISHED, S.FAILED, S.KILLED})
+_HAS_CHILDREN = exists().where(job_parents.c.parent_id == jobs.c.id).label("has_children")
 # The grouped UPDATEs of _write, by (dialect, columns set): immutable, built once.
 _UPDATES: dict[tuple[str, tuple[str, ...]], Any] = {}
 
@@ -197,8 +201,8 @@ class Transitioner:
         """A job the caller read, in this transaction, to have no child jobs: its moves
         look for none. Only where no child can be added until this transaction ends
         (SQLite's single writer): on PostgreSQL a child created concurrently may commit its
-        link after the caller's read (its insert waits for the job's row lock), and only
-        the look at the end of the move sees it."""
+        link after a read that came before the job's row lock (its insert held a lock the
+        read then waited for), and only a statement after the lock sees it (_write)."""
         self.childless.add(job_id)
 
     def _app_rules(self, app_ids: Iterable[int]) -> dict[int, AppRules]:
@@ -403,25 +407,36 @@ class Transitioner:
         for key in extra_keys:  # a caller's explicit value wins over the defaults above
             fixed.pop(key[2:], None)
         dialect = self.conn.dialect.name
+        # PostgreSQL, a move that may cascade: the UPDATE returns which of its jobs have
+        # children, so the cascade looks for none of a childless job's (one round trip
+        # less per launcher report). Its snapshot is as late as that look's would be for
+        # anything that matters: the rows are locked, and a child created now waits for
+        # their locks (its parent link's foreign key check) until this transaction ends.
+        childless = dialect == "postgresql" and state in _CASCADING
         if groups is not None and (len(groups) == 1 or (
                 len(groups) <= _MAX_GROUPS and len(params) >= _MIN_GROUP_ROWS * len(groups))):
             for group_values, ids in groups.items():
                 columns = {**fixed, "state_message": group_values[0],
                            **{k[2:]: v for k, v in zip(extra_keys, group_values[1:], strict=True)}}
                 names = tuple(columns)
-                stmt = _UPDATES.get((dialect, names))
+                stmt = _UPDATES.get((dialect, (*names, "+childless" if childless else "")))
                 if stmt is None:  # built once per set of columns: see store/leases._STATEMENTS
-                    stmt = _UPDATES[(dialect, names)] = update(jobs).where(ids_param(jobs.c.id, "w_ids", dialect)) \
+                    stmt = update(jobs).where(ids_param(jobs.c.id, "w_ids", dialect)) \
                         .values({name: bindparam("w_" + name, type_=jobs.c[name].type) for name in names})
+                    if childless:
+                        stmt = stmt.returning(jobs.c.id, _HAS_CHILDREN)
+                    _UPDATES[(dialect, (*names, "+childless" if childless else ""))] = stmt
                 params = {"w_" + name: value for name, value in columns.items()}
                 params["w_ids"] = ids_value(ids, dialect)
-                self.conn.execute(stmt, params)
+                result = self.conn.execute(stmt, params)
+                if childless:
+                    self.childless.update(r[0] for r in result if not r[1])
             return
         for p in params:
             for k in extra_keys:
                 p.setdefault(k, None)
         if dialect == "postgresql" and all(isinstance(jobs.c[k[2:]].type, _ARRAY_SAFE) for k in extra_keys):
-            self._write_unnest(fixed, extra_keys, params)
+            self._write_unnest(fixed, extra_keys, params, childless)
             return
         stmt = _UPDATES.get((dialect, ("*many", *fixed, *extra_keys)))
         if stmt is None:
@@ -436,11 +451,14 @@ class Transitioner:
                 p["f_" + name] = value
         self.conn.execute(stmt, params)
 
-    def _write_unnest(self, fixed: dict[str, Any], extra_keys: list[str], params: list[dict[str, Any]]) -> None:
+    def _write_unnest(self, fixed: dict[str, Any], extra_keys: list[str], params: list[dict[str, Any]],
+                      childless: bool = False) -> None:
         """One UPDATE joined to per-row arrays: `UPDATE jobs SET ... FROM unnest(:ids,
-        :messages, ...) AS v WHERE jobs.id = v.id` (PostgreSQL)."""
+        :messages, ...) AS v WHERE jobs.id = v.id` (PostgreSQL); with `childless`, it
+        returns which jobs have children (see _write)."""
         names = ["b_id", "b_message", *extra_keys]
-        shape = ("*unnest", *(k if v is not None else k + "=NULL" for k, v in fixed.items()), *extra_keys)
+        shape = ("*unnest", *(k if v is not None else k + "=NULL" for k, v in fixed.items()), *extra_keys,
+                 "+childless" if childless else "")
         stmt = _UPDATES.get(("postgresql", shape))
         if stmt is None:  # built once per shape (see store/leases._STATEMENTS)
             dialect = self.conn.dialect
@@ -452,10 +470,14 @@ class Transitioner:
             sets += [f"{k[2:]} = v.v{i + 2}" for i, k in enumerate(extra_keys)]
             stmt = _UPDATES[("postgresql", shape)] = text(
                 f"UPDATE jobs SET {', '.join(sets)} FROM unnest({', '.join(arrays)}) AS v({', '.join(aliases)}) "
-                "WHERE jobs.id = v.v0")
+                "WHERE jobs.id = v.v0"
+                + (" RETURNING jobs.id, EXISTS (SELECT 1 FROM job_parents WHERE job_parents.parent_id = jobs.id)"
+                   if childless else ""))
         bind = {n: [p[n] for p in params] for n in names}
         bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
-        self.conn.execute(stmt, bind)
+        result = self.conn.execute(stmt, bind)
+        if childless:
+            self.childless.update(r[0] for r in result if not r[1])
 
     def _cascade(self, finished: list[int], failed: list[dict[str, Any]]) -> None:
         """Release children whose parents are all done; fail children of failed parents
