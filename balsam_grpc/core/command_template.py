@@ -267,9 +267,21 @@ def _render(template: str, values: Mapping[str, Any], shell: bool) -> tuple[str,
     return text, recorded
 
 
+@functools.lru_cache(maxsize=512)
+def _static_argv(template: str) -> tuple[str, ...] | None:
+    """The words of an argv-form template that holds only text, split once (a launcher
+    renders it for every job)."""
+    _compiled(template, False)  # refused as _render refuses it
+    static = _static(template, False)
+    return None if static is None else tuple(split_words(static))
+
+
 def render_argv(template: str, values: Mapping[str, Any]) -> list[str]:
     """The argument vector of an argv-form template: each value is one argument or an exact
     part of one, whatever characters it holds."""
+    static = _static_argv(template)
+    if static:
+        return list(static)
     text, recorded = _render(template, values, shell=False)
     words = split_words(text)  # the text holds no value, only sentinels
     argv = [_SENTINEL.sub(lambda m: recorded[int(m.group(1))], w) for w in words]

@@ -28,6 +28,7 @@ import time
 import structlog
 
 log = structlog.get_logger("balsam.launcher")
+READ_PAUSE_S = 0.05  # the most a dead launcher's groups wait for their SIGKILL beyond it
 
 
 class Reaper:
@@ -123,12 +124,19 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the end of the pipe ends it
     groups: set[int] = set()
-    for raw in sys.stdin.buffer:
-        line = raw.strip()
-        if line[:1] == b"+" and line[1:].isdigit():
-            groups.add(int(line[1:]))
-        elif line[:1] == b"-" and line[1:].isdigit():
-            groups.discard(int(line[1:]))
+    fd = sys.stdin.fileno()
+    rest = b""
+    while chunk := os.read(fd, 65536):
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            line = line.strip()
+            if line[:1] == b"+" and line[1:].isdigit():
+                groups.add(int(line[1:]))
+            elif line[:1] == b"-" and line[1:].isdigit():
+                groups.discard(int(line[1:]))
+        # Lines gather in the pipe meanwhile: a read() waiting when the launcher writes would
+        # wake this process for every job start, and on a busy node take the launcher's CPU.
+        time.sleep(READ_PAUSE_S)
     kill_groups(groups)
     return 0
 

@@ -208,3 +208,27 @@ def test_the_watchdog_learns_ended_groups_late_and_is_replaced_when_it_died():
                 pass
             p.wait(10)
         reaper.close()
+
+
+def test_the_watchdog_reads_a_line_written_in_pieces():
+    """It reads what gathered in the pipe between its pauses, so a line may come in two."""
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    dog = subprocess.Popen([sys.executable, "-m", "balsam_grpc.launcher.reaper"], stdin=subprocess.PIPE,
+                           start_new_session=True)
+    try:
+        assert dog.stdin is not None
+        text = f"+{sleeper.pid}\n".encode()
+        dog.stdin.write(text[:2])
+        dog.stdin.flush()
+        time.sleep(0.2)  # it reads the first piece alone
+        dog.stdin.write(text[2:])
+        dog.stdin.close()
+        dog.wait(10)
+        assert sleeper.wait(10) == -signal.SIGKILL
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait(10)
+        if dog.poll() is None:
+            dog.kill()
+            dog.wait(10)
