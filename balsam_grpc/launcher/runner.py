@@ -35,6 +35,7 @@ TAIL_LINES = 20
 SCRUB_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "OMPI_COMM_WORLD_", "OMPI_MCA_ess", "OMPI_UNIVERSE",
                   "MPI_LOCAL", "MPIR_CVAR_CH3_INTERFACE_HOSTNAME", "ALPS_APP_", "PALS_")
 _AFFINITY = hasattr(os, "sched_setaffinity")  # Linux
+_WAITID = hasattr(os, "waitid")
 
 
 def job_base_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -91,6 +92,8 @@ class ProcessRunner:
         # (~85 here, ~0.1 ms of the launcher's CPU per job); bytes pass through.
         self._base_env_b = {os.fsencode(k): os.fsencode(v) for k, v in self.base_env.items()}
         self.running: dict[int, _Running] = {}
+        self._by_pid: dict[int, int] = {}  # pid -> job id, of what runs
+        self._timed: set[int] = set()  # running jobs with a deadline or a kill under way
         self.host_cpus = os.cpu_count() or 1
         self.reaper = Reaper()
         self.lingering: set[int] = set()  # groups whose leader ended (poll forgets them when empty)
@@ -156,6 +159,9 @@ class ProcessRunner:
         self.reaper.watch(proc.pid)  # its own session: the group id is its pid
         deadline = now + spec.timeout_s if spec.timeout_s else None
         self.running[spec.job_id] = _Running(spec, proc, now, deadline, out_path=out_path)
+        self._by_pid[proc.pid] = spec.job_id
+        if deadline is not None:
+            self._timed.add(spec.job_id)
         return None
 
     def _devnull(self) -> int:
@@ -172,6 +178,7 @@ class ProcessRunner:
         if not run.kill_reason:
             run.kill_reason, run.kill_message = reason, message
             run.term_time = time.monotonic() if now is None else now
+            self._timed.add(job_id)
             self._signal(run, signal.SIGTERM)
         return True
 
@@ -191,22 +198,52 @@ class ProcessRunner:
         now = time.monotonic() if now is None else now
         self._forget_ended_groups()
         done: list[ProcessResult] = []
-        for job_id, run in list(self.running.items()):
+        if not self._reap_ended(done, now):
+            for job_id, run in list(self.running.items()):
+                rc = run.proc.poll()
+                if rc is not None:
+                    done.append(self._ended(job_id, run, rc, now))
+        for job_id in list(self._timed):
+            run = self.running[job_id]
+            if run.deadline is not None and now >= run.deadline and not run.kill_reason:
+                self.kill(job_id, "timeout", f"exceeded its wall time of {run.spec.timeout_s:g} s", now=now)
+            elif run.term_time is not None and not run.killed_hard and now - run.term_time >= KILL_GRACE_S:
+                run.killed_hard = True
+                self._signal(run, signal.SIGKILL)
+        return done
+
+    def _reap_ended(self, done: list[ProcessResult], now: float) -> bool:
+        """Reap the jobs whose process ended, asking the kernel which child ended (waitid
+        without reaping) instead of a waitpid per running job at every wake-up: a node with
+        a hundred jobs running would make a hundred system calls for each that ends. False
+        when some other child ended (the watchdog): the caller then asks of every job."""
+        if not _WAITID:
+            return False
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # no child at all
+                return True
+            if info is None:  # none ended
+                return True
+            job_id = self._by_pid.get(info.si_pid)
+            if job_id is None:
+                return False
+            run = self.running[job_id]
             rc = run.proc.poll()
             if rc is None:
-                if run.deadline is not None and now >= run.deadline and not run.kill_reason:
-                    self.kill(job_id, "timeout", f"exceeded its wall time of {run.spec.timeout_s:g} s", now=now)
-                elif run.term_time is not None and not run.killed_hard and now - run.term_time >= KILL_GRACE_S:
-                    run.killed_hard = True
-                    self._signal(run, signal.SIGKILL)
-                continue
-            if run.kill_reason:
-                # Whatever the group leader left behind goes too.
-                self._signal(run, signal.SIGKILL)
-            self.lingering.add(run.proc.pid)
-            del self.running[job_id]
-            done.append(self._result(run, rc, now))
-        return done
+                return False
+            done.append(self._ended(job_id, run, rc, now))
+
+    def _ended(self, job_id: int, run: _Running, rc: int, now: float) -> ProcessResult:
+        if run.kill_reason:
+            # Whatever the group leader left behind goes too.
+            self._signal(run, signal.SIGKILL)
+        self.lingering.add(run.proc.pid)
+        del self.running[job_id]
+        del self._by_pid[run.proc.pid]
+        self._timed.discard(job_id)
+        return self._result(run, rc, now)
 
     def _forget_ended_groups(self) -> None:
         """The watchdog keeps a finished job's group until its last process is gone (what
@@ -236,8 +273,9 @@ class ProcessRunner:
                              message=run.kill_message)
 
     def next_deadline(self) -> float | None:
-        times = [r.deadline for r in self.running.values() if r.deadline and not r.kill_reason]
-        times += [r.term_time + KILL_GRACE_S for r in self.running.values() if r.term_time and not r.killed_hard]
+        timed = [self.running[j] for j in self._timed]
+        times = [r.deadline for r in timed if r.deadline and not r.kill_reason]
+        times += [r.term_time + KILL_GRACE_S for r in timed if r.term_time and not r.killed_hard]
         return min(times) if times else None
 
     def kill_all(self, reason: str, message: str = "") -> None:

@@ -232,3 +232,45 @@ def test_the_watchdog_reads_a_line_written_in_pieces():
         if dog.poll() is None:
             dog.kill()
             dog.wait(10)
+
+
+def _poll_until(runner: ProcessRunner, job_ids: set[int]) -> list[ProcessResult]:
+    results: list[ProcessResult] = []
+    deadline = time.monotonic() + 20
+    while {r.job_id for r in results} != job_ids:
+        assert time.monotonic() < deadline, f"ended: {results}"
+        results += runner.poll()
+        time.sleep(0.01)
+    return results
+
+
+def test_a_job_that_ends_is_reaped_without_asking_after_every_running_one(tmp_path):
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    asked: list[int] = []
+    try:
+        def spec(job_id: int, argv: list[str]) -> ProcessSpec:
+            return ProcessSpec(job_id=job_id, argv=argv, cwd=str(tmp_path / "data" / f"w{job_id}"),
+                               root=str(tmp_path / "data"))
+
+        for job_id in range(1, 11):
+            assert runner.start(spec(job_id, ["sleep", "60"])) is None
+            proc = runner.running[job_id].proc
+            proc.poll = (lambda p=proc, j=job_id: asked.append(j) or subprocess.Popen.poll(p))  # type: ignore[method-assign]
+        assert runner.start(spec(11, ["true"])) is None
+        results = _poll_until(runner, {11})
+        assert results[0].return_code == 0 and results[0].outcome == "exit"
+        assert asked == []
+        assert sorted(runner.running) == list(range(1, 11))
+        # A child that is no job's ends unreaped: every job is asked after, and none is lost.
+        stranger = subprocess.Popen(["true"])
+        time.sleep(0.2)
+        assert runner.start(spec(12, ["true"])) is None
+        results = _poll_until(runner, {12})
+        assert results[0].return_code == 0 and set(asked) == set(range(1, 11))
+        stranger.wait(10)
+        runner.kill(3, "timeout", "test")
+        results = _poll_until(runner, {3})
+        assert results[0].outcome == "timeout"
+    finally:
+        runner.shutdown()
