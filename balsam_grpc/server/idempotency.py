@@ -52,6 +52,33 @@ def id_tag(response_type: type[Message], field: str) -> bytes:
     return full[:-ID_VARINT_BYTES]
 
 
+def one_item_id_tag(response: Message, field: str) -> tuple[bytes, bytes]:
+    """id_tag for a response whose repeated message `field` holds one item without an id:
+    (the answer to store, the tag). A repeated field that occurs twice gets a second item,
+    so the id goes inside the item instead: the answer ends with the item's own fields,
+    under a length that counts the tag and the id to come (the item's fields may come in
+    any order; a field that occurs twice takes the last value)."""
+    (item,) = getattr(response, field)
+    body = item.SerializeToString()
+    tag = id_tag_of(type(item))
+    number = response.DESCRIPTOR.fields_by_name[field].number
+    return _varint(number << 3 | 2) + _varint(len(body) + len(tag) + ID_VARINT_BYTES) + body, tag
+
+
+def id_tag_of(message_type: type[Message]) -> bytes:
+    """The key of `message_type`'s id field, which an ID_VARINT_BYTES varint follows."""
+    return message_type(id=2**63 - 1).SerializeToString()[:-ID_VARINT_BYTES]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def idempotent(conn: Connection, owner_id: int, method: str, request: Message, response_type: type[R],
                build: Callable[[], R]) -> R:
     """Run `build()` once per (owner, method, request.request_id); replay its answer after."""

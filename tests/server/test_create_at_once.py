@@ -296,3 +296,80 @@ def test_a_watch_opened_after_a_create_replays_it(harness, alice):
     finally:
         watch.cancel()
     assert seen.job_id == created.id
+
+
+# ---------------------------------------------------------------------------- BatchCreateJobs of one job
+def _create_one(stub: Any, app_id: int, workdir: str, request_id: str = "", view: int = 0, **params: str) -> Any:
+    return stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
+        jobs=[job_pb2.Job(app_id=app_id, workdir=workdir, parameters=params or {"x": "1"})], request_id=request_id,
+        view=view))
+
+
+def _stored_answer(harness: Any, owner_id: int, request_id: str) -> bytes:
+    return harness.db.read_sync(lambda conn: conn.execute(
+        select(idempotency_keys.c.response).where(idempotency_keys.c.owner_id == owner_id,
+                                                  idempotency_keys.c.request_id == request_id)).scalar_one())
+
+
+@pytest.mark.parametrize("view", [job_service_pb2.JOB_VIEW_BASIC, job_service_pb2.JOB_VIEW_FULL])
+def test_a_batch_of_one_job_is_one_statement_and_its_answer_is_replayed_exactly(harness, alice, view):
+    _postgres_only(harness)
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    _create_one(stub, app.id, "warm")  # reads the app once into the cache
+    request_id = f"req-one-{view}"
+    with _Statements(harness.db) as statements:
+        first = _create_one(stub, app.id, "one", request_id, view, x="7")
+    assert len(statements.seen) == 1, statements.seen  # was a transaction of several
+    (made,) = first.jobs
+    assert made.id and made.workdir == "one"
+    if view == job_service_pb2.JOB_VIEW_FULL:
+        assert stub.GetJob(job_service_pb2.GetJobRequest(id=made.id)).job == made
+    # The answer stored by the statement, its id completed inside the one job.
+    assert job_service_pb2.BatchCreateJobsResponse.FromString(_stored_answer(harness, alice.user_id, request_id)) \
+        == first
+    assert _create_one(stub, app.id, "one", request_id, view, x="7") == first
+    err = _refusal(lambda: _create_one(stub, app.id, "other", request_id, view, x="7"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(err) == "REQUEST_ID_REUSED"
+    # Two jobs: the general path, which replays the same way.
+    two = job_service_pb2.BatchCreateJobsRequest(
+        jobs=[job_pb2.Job(app_id=app.id, workdir=f"two/{i}", parameters={"x": "1"}) for i in range(2)],
+        request_id=f"req-two-{view}", view=view)
+    answer = stub.BatchCreateJobs(two)
+    assert len(answer.jobs) == 2 and stub.BatchCreateJobs(two) == answer
+
+
+def test_a_batch_of_one_sent_twice_at_once_creates_one_job(harness, alice):
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    _create_one(stub, app.id, "warm")
+    answers: list[Any] = []
+    barrier = threading.Barrier(4)
+
+    def send() -> None:
+        barrier.wait()
+        answers.append(_create_one(stub, app.id, "together", "req-one-together"))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 4 and all(a == answers[0] for a in answers)
+    listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(app_ids=[app.id]))).jobs
+    assert sorted(j.workdir for j in listed) == ["together", "warm"]
+
+
+def test_one_item_id_tag_completes_the_id_inside_the_item():
+    from balsam_grpc.server.idempotency import ID_VARINT_BYTES, one_item_id_tag
+
+    for job in (job_pb2.Job(), job_pb2.Job(workdir="w" * 300, tags={"a": "b"}, state=job_pb2.JOB_STATE_PREPROCESSED)):
+        response = job_service_pb2.BatchCreateJobsResponse(jobs=[job])
+        answer, tag = one_item_id_tag(response, "jobs")
+        for job_id in (1, 300, 2**40 + 5, 2**63 - 1):
+            varint = bytes(((job_id >> 7 * i) & 127) | (128 if i < ID_VARINT_BYTES - 1 else 0)
+                           for i in range(ID_VARINT_BYTES))  # over-long, as the statement writes it
+            expected = job_service_pb2.BatchCreateJobsResponse()
+            expected.CopyFrom(response)
+            expected.jobs[0].id = job_id
+            assert job_service_pb2.BatchCreateJobsResponse.FromString(answer + tag + varint) == expected
