@@ -24,7 +24,7 @@ from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role, role_refusa
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import ids_param, ids_value, tags_contain
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, runnable_condition, sessions
-from balsam_grpc.server.store.transitions import Transitioner
+from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, Transitioner
 
 S = JobState
 ACTIVE = "ACTIVE"
@@ -454,6 +454,12 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
     return result
 
 
+# What applying a report reads of a job: the fence's, the Transitioner's (ENGINE_COLUMNS,
+# and transfers to know a job has none) and the data a report adds to; not the rest of
+# the row (its JSON and times cost more to decode than the query costs to run).
+_REPORT_COLUMNS = (*ENGINE_COLUMNS, jobs.c.lease_generation, jobs.c.data, jobs.c.transfers)
+
+
 def report_rows_statement(dialect: str) -> Any:
     """A report's job rows by id (b_ids), the owner's only (b_owner), locked, with their
     apps' rules. On SQLite the owner term is kept out of index selection (unary +):
@@ -464,7 +470,8 @@ def report_rows_statement(dialect: str) -> Any:
     extra = []
     if dialect == "sqlite":  # Transitioner.know_childless: a job that ends looks for no children
         extra.append(exists().where(job_parents.c.parent_id == jobs.c.id).label("has_children"))
-    return (select(jobs, apps.c.hooks.label("app_hooks"), apps.c.retry_policy.label("app_retry_policy"), *extra)
+    return (select(*_REPORT_COLUMNS, apps.c.hooks.label("app_hooks"), apps.c.retry_policy.label("app_retry_policy"),
+                   *extra)
             .join(apps, apps.c.id == jobs.c.app_id, isouter=True)
             .where(owner == bindparam("b_owner", type_=jobs.c.owner_id.type), ids_param(jobs.c.id, "b_ids", dialect))
             .order_by(jobs.c.id).with_for_update(of=jobs))
