@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import IntegrityError
 
-from balsam_grpc.core.errors import BalsamError, InvalidArgument
+from balsam_grpc.core.errors import BalsamError, InvalidArgument, NotFound
 from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role
 from balsam_grpc.core.validation import MAX_WORKDIR, check_bulk_copy, check_string_map, clean_workdir
 from balsam_grpc.server import paging
@@ -429,8 +429,17 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @unary(job_token=True)
     async def GetJob(self, request, context, principal):  # noqa: N802
-        row = await self.db.read_now(store.get_job, principal.user_id, request.id, _scope(principal))
-        return job_service_pb2.GetJobResponse(job=job_to_message(row))
+        if not self.db.is_postgres:
+            row = await self.db.read_now(store.get_job, principal.user_id, request.id, _scope(principal))
+            return job_service_pb2.GetJobResponse(job=job_to_message(row))
+        # On the event loop (store.select_statement): no hop to a database thread.
+        q = store.JobQuery(owner_id=principal.user_id, site_scope=_scope(principal), ids=[request.id])
+        rows = await self.db.statement_now(*store.select_statement(q, _BY_ID, None, 1, _FULL_NAMES), tuples=True)
+        if not rows:
+            raise NotFound(f"job {request.id} not found")
+        response = job_service_pb2.GetJobResponse()
+        _fill(response.job, rows[0], job_service_pb2.JOB_VIEW_FULL)
+        return response
 
     @unary(job_token=True)
     async def ListJobs(self, request, context, principal):  # noqa: N802
@@ -444,7 +453,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         shown = BASIC_COLUMNS if view == job_service_pb2.JOB_VIEW_BASIC else FULL_COLUMNS
         # Only the columns the view shows, plus the sort keys for the next page token.
         columns = tuple({c.name: c for c in (*shown, *(store.ORDER_COLUMNS[n] for n, _ in order))}.values())
-        keys, rows = await self.db.read_now(store.list_job_tuples, q, order, after, size + 1, columns, True)
+        if self.db.is_postgres:  # on the event loop (store.select_statement): no hop to a database thread
+            keys = tuple(c.name for c in columns)
+            rows = await self.db.statement_now(*store.select_statement(q, order, after, size + 1, keys), tuples=True)
+        else:
+            keys, rows = await self.db.read_now(store.list_job_tuples, q, order, after, size + 1, columns, True)
         more = len(rows) > size
         rows = rows[:size]
         response = job_service_pb2.ListJobsResponse()
@@ -662,8 +675,14 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
         if one_statement and self.db.is_postgres and not request_id_of(request):
             # Nothing to replay: in autocommit, without the BEGIN and COMMIT round trips
-            # (it changes no state, so it appends no event).
-            return await self.db.write_now(patched)
+            # (it changes no state, so it appends no event), on the event loop
+            # (store.patch_statement): no hop to a database thread.
+            rows = await self.db.statement_now(*store.patch_statement(q, values, utcnow(), _FULL_NAMES), tuples=True)
+            if not rows:
+                store.require_one([], request.job.id)
+            response = job_service_pb2.UpdateJobResponse()
+            _fill(response.job, rows[0], job_service_pb2.JOB_VIEW_FULL)
+            return response
 
         def build(conn: Any) -> Any:
             if one_statement:
@@ -774,6 +793,7 @@ def _recheck_parameters(conn: Any, row: dict[str, Any], params: dict[str, str]) 
     store._check_parameters(0, {"parameters": params}, dict(app))
 
 
+_BY_ID = [("id", False)]
 _CREATE_ID_TAG = id_tag(job_service_pb2.CreateJobResponse, "job")
 
 

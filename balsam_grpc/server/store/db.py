@@ -324,6 +324,9 @@ class Workers:
             thread.join()
 
 
+_TUPLES_OK = 2  # psycopg.pq.ExecStatus.TUPLES_OK (psycopg is imported on first use)
+
+
 class _StatementConnections:
     """PostgreSQL connections in autocommit, used on the event loop itself (psycopg's
     AsyncConnection) for `Database.statement_now`: a single statement costs no hop to a
@@ -347,18 +350,20 @@ class _StatementConnections:
             self._loop, self._slots = loop, asyncio.Semaphore(self.size)
         return self._slots
 
-    async def run(self, sql: str, params: dict[str, Any]) -> list[Any]:
+    async def run(self, sql: str, params: dict[str, Any], tuples: bool = False) -> list[Any]:
         import psycopg
-        from psycopg.rows import namedtuple_row
+        from psycopg.rows import namedtuple_row, tuple_row
 
         slots = self._bind()
         async with slots:
             conn = await self._take(psycopg)
             broken = True
             try:
-                cursor = conn.cursor(row_factory=namedtuple_row)
+                cursor = conn.cursor(row_factory=tuple_row if tuples else namedtuple_row)
                 await cursor.execute(sql, params)
-                rows = await cursor.fetchall() if cursor.description is not None else []
+                # The result's status, not cursor.description: that builds a Column per field.
+                result = cursor.pgresult
+                rows = await cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
                 broken = False
                 return rows
             except psycopg.Error as exc:
@@ -388,9 +393,11 @@ class _StatementConnections:
             except psycopg.Error:
                 self._discard(conn)
         try:
-            return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
         except psycopg.OperationalError as exc:
             raise DisconnectionError(f"could not connect to the database: {exc}") from exc
+        _pg_loaders(conn, None)  # JSON columns decoded as the engine's connections do
+        return conn
 
     @staticmethod
     def _discard(conn: Any) -> None:
@@ -483,36 +490,22 @@ class Database:
         if max_event_id is not None and self.on_events is not None:
             self.on_events(max_event_id)
         return result
-
-    def _write_now(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            with self._now_reader.connect() as conn:
-                return fn(conn, *args)
-        except Exception as exc:
-            raise self._storage_error(exc) or exc
-
-    async def write_now(self, fn: Callable[..., T], *args: Any) -> T:
-        """`write` for a function that runs one statement, its own transaction: on
-        PostgreSQL in autocommit, without the BEGIN and COMMIT round trips.
+    async def statement_now(self, sql: str, params: dict[str, Any], *, tuples: bool = False) -> list[Any]:
+        """PostgreSQL: run one statement in the driver's own terms (psycopg's %(name)s
+        placeholders) in autocommit, on the event loop, and return its rows (named tuples,
+        plain ones when `tuples`; [] when it returns none). Committed before it returns;
+        errors are raised as SQLAlchemy's (IntegrityError, OperationalError with the
+        connection invalidated, ...). Not for statements whose rows need SQLAlchemy's type
+        processing.
 
         Events it appends reach this replica's streams as another replica's do: by the
         notification its commit sends (store/events.py, server/notify.py; with no origin
-        mark), which wakes the fanout only when a stream here is concerned. `on_events` is not called: on
-        PostgreSQL it wakes the fanout for every commit, and the fanout then asks the
-        database for the event horizon, concerned or not (about 1 M instructions, a
-        third of a single create's server CPU)."""
-        assert self.is_postgres, "one statement in autocommit: PostgreSQL only"
-        return await self._run(functools.partial(self._write_now, fn, *args))
-
-    async def statement_now(self, sql: str, params: dict[str, Any]) -> list[Any]:
-        """PostgreSQL: run one statement in the driver's own terms (psycopg's %(name)s
-        placeholders) in autocommit, on the event loop, and return its rows (named tuples;
-        [] when it returns none). Committed before it returns, like write_now; errors are
-        raised as SQLAlchemy's (IntegrityError, OperationalError with the connection
-        invalidated, ...). Not for statements whose rows need SQLAlchemy's type processing."""
+        mark), which wakes the fanout only when a stream here is concerned. `on_events` is
+        not called: on PostgreSQL it wakes the fanout for every commit, and the fanout then
+        asks the database for the event horizon, concerned or not."""
         assert self._statements is not None, "statement_now: PostgreSQL only"
         try:
-            return await self._statements.run(sql, params)
+            return await self._statements.run(sql, params, tuples)
         except Exception as exc:
             raise self._storage_error(exc) or exc
 

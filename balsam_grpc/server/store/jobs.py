@@ -178,15 +178,128 @@ def list_job_tuples(conn: Connection, q: JobQuery, order: list[tuple[str, bool]]
     """
     conds = conditions(q)
     if after is not None:
-        if len(after) != len(order):
-            raise InvalidArgument("page_token does not match order_by", reason="INVALID_PAGE_TOKEN", field="page_token")
-        after = [_coerce(name, v) for (name, _), v in zip(order, after, strict=True)]
+        after = _keyset(order, after)
         conds.append(_after(order, after))
     sort = [ORDER_COLUMNS[n].desc() if d else ORDER_COLUMNS[n] for n, d in order]
     stmt = select(*_selected(tuple(columns or jobs.columns), conn.dialect.name, micros_times)).where(*conds) \
         .order_by(*sort).limit(limit)
     result = conn.execute(stmt)
     return tuple(result.keys()), result.all()
+
+
+def _keyset(order: list[tuple[str, bool]], after: list[Any]) -> list[Any]:
+    if len(after) != len(order):
+        raise InvalidArgument("page_token does not match order_by", reason="INVALID_PAGE_TOKEN", field="page_token")
+    return [_coerce(name, v) for (name, _), v in zip(order, after, strict=True)]
+
+
+def select_statement(q: JobQuery, order: list[tuple[str, bool]], after: list[Any] | None, limit: int,
+                     names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """PostgreSQL: list_job_tuples's statement (micros_times) in the driver's terms
+    (psycopg's %(name)s), for Database.statement_now on the event loop, and its
+    parameters. The SQL text is built once per shape of query (which filters are given,
+    the order, the columns): SQLAlchemy's statement cache key, compilation and result
+    set-up cost as much server CPU as the rest of reading a page of jobs. Lists bind as one
+    array each (`= ANY`), so their lengths do not make new shapes."""
+    params = _query_params(q)
+    params["limit"] = limit
+    if after is not None:
+        for i, value in enumerate(_keyset(order, after)):
+            params[f"after{i}"] = value
+    shape = ("select", tuple(params), tuple(order), names)
+    sql = _SELECT_SQL.get(shape)
+    if sql is None:
+        sort = ", ".join(f"jobs.{name} DESC" if desc else f"jobs.{name}" for name, desc in order)
+        sql = _remember(shape, f"SELECT {_returned(names)} FROM jobs WHERE {_where(params, order)} "
+                               f"ORDER BY {sort} LIMIT %(limit)s")
+    return sql, params
+
+
+def patch_statement(q: JobQuery, values: dict[str, Any], now: datetime, names: tuple[str, ...]
+                    ) -> tuple[str, dict[str, Any]]:
+    """PostgreSQL: patch_job's statement for Database.statement_now (as select_statement),
+    returning the columns `names` (times as integer microseconds), and its parameters."""
+    params = _query_params(q)
+    for name, value in values.items():
+        params[f"set_{name}"] = codec_dumps(value) if is_json(jobs.c[name]) else value
+    params["set_update_time"] = now
+    shape = ("patch", tuple(params), names)
+    sql = _SELECT_SQL.get(shape)
+    if sql is None:
+        sets = ", ".join(f"{name[4:]} = CAST(%({name})s AS {_pg_type(jobs.c[name[4:]], json_as='JSONB')})"
+                         for name in params if name.startswith("set_"))
+        sql = _remember(shape, f"UPDATE jobs SET {sets} WHERE {_where(params, [])} RETURNING {_returned(names)}")
+    return sql, params
+
+
+def _query_params(q: JobQuery) -> dict[str, Any]:
+    """The parameters of the filters `q` gives (named as in _PG_CONDITIONS; their keys,
+    in this order, make the shape of the statement's WHERE)."""
+    params: dict[str, Any] = {"owner_id": q.owner_id}
+    for name, value in (("site_scope", q.site_scope), ("ids", q.ids), ("states", q.states),
+                        ("exclude_states", q.exclude_states), ("app_ids", q.app_ids), ("app_names", q.app_names),
+                        ("site_ids", q.site_ids), ("parent_ids", q.parent_ids), ("create_start", q.create_start),
+                        ("create_end", q.create_end), ("update_start", q.update_start), ("update_end", q.update_end),
+                        ("batch_job_ids", q.batch_job_ids), ("session_id", q.session_id or None)):
+        if value is not None and (not isinstance(value, list) or value):
+            params[name] = value
+    if q.tags:
+        params["tags"] = json.dumps(dict(sorted(q.tags.items())))
+    for i, (k, v) in enumerate(sorted(q.exclude_tags.items())):
+        params[f"xtag{i}"] = json.dumps({k: v})
+    if q.workdir_contains:
+        params["workdir_like"] = "%" + q.workdir_contains.replace("\\", "\\\\").replace("%", "\\%") \
+            .replace("_", "\\_") + "%"
+    return params
+
+
+def _remember(shape: tuple[Any, ...], sql: str) -> str:
+    if len(_SELECT_SQL) >= 1024:
+        _SELECT_SQL.clear()
+    _SELECT_SQL[shape] = sql
+    return sql
+
+
+def _returned(names: tuple[str, ...]) -> str:
+    return ", ".join(f"CAST(EXTRACT(EPOCH FROM jobs.{n}) * 1000000 AS BIGINT) AS {n}"
+                     if isinstance(jobs.c[n].type, DateTime) else f"jobs.{n}" for n in names)
+
+
+def _where(params: dict[str, Any], order: list[tuple[str, bool]]) -> str:
+    conds = [_PG_CONDITIONS[name] for name in params if name in _PG_CONDITIONS]
+    conds += [f"NOT (jobs.tags @> CAST(%({name})s AS JSONB))" for name in params if name.startswith("xtag")]
+    if "after0" in params:
+        ors = []
+        for i, (name, desc) in enumerate(order):
+            eqs = [f"jobs.{order[j][0]} = %(after{j})s" for j in range(i)]
+            ors.append("(" + " AND ".join([*eqs, f"jobs.{name} {'<' if desc else '>'} %(after{i})s"]) + ")")
+        conds.append("(" + " OR ".join(ors) + ")")
+    return " AND ".join(conds)
+
+
+_SELECT_SQL: dict[tuple[Any, ...], str] = {}
+# Each given filter as conditions() writes it (PostgreSQL).
+_PG_CONDITIONS = {
+    "owner_id": "jobs.owner_id = %(owner_id)s",
+    "site_scope": "jobs.site_id = %(site_scope)s",
+    "ids": "jobs.id = ANY(CAST(%(ids)s AS BIGINT[]))",
+    "states": "jobs.state = ANY(CAST(%(states)s AS VARCHAR[]))",
+    "exclude_states": "jobs.state <> ALL(CAST(%(exclude_states)s AS VARCHAR[]))",
+    "tags": "jobs.tags @> CAST(%(tags)s AS JSONB)",
+    "app_ids": "jobs.app_id = ANY(CAST(%(app_ids)s AS BIGINT[]))",
+    "app_names": "jobs.app_id IN (SELECT apps.id FROM apps WHERE apps.owner_id = %(owner_id)s "
+                 "AND apps.name = ANY(CAST(%(app_names)s AS VARCHAR[])))",
+    "site_ids": "jobs.site_id = ANY(CAST(%(site_ids)s AS BIGINT[]))",
+    "parent_ids": "EXISTS (SELECT 1 FROM job_parents WHERE job_parents.child_id = jobs.id "
+                  "AND job_parents.parent_id = ANY(CAST(%(parent_ids)s AS BIGINT[])))",
+    "workdir_like": "jobs.workdir LIKE %(workdir_like)s ESCAPE '\\'",
+    "create_start": "jobs.create_time >= %(create_start)s",
+    "create_end": "jobs.create_time < %(create_end)s",
+    "update_start": "jobs.update_time >= %(update_start)s",
+    "update_end": "jobs.update_time < %(update_end)s",
+    "batch_job_ids": "jobs.batch_job_id = ANY(CAST(%(batch_job_ids)s AS BIGINT[]))",
+    "session_id": "jobs.session_id = %(session_id)s",
+}
 
 
 @functools.lru_cache(maxsize=64)
@@ -640,8 +753,8 @@ _JOB_COLUMNS = [c.name for c in jobs.columns if c.name != "id"]
 _PG_DIALECT = postgresql.dialect()
 
 
-def _pg_type(column: Any) -> str:
-    return "TEXT" if is_json(column) else column.type.compile(dialect=_PG_DIALECT)
+def _pg_type(column: Any, json_as: str = "TEXT") -> str:
+    return json_as if is_json(column) else column.type.compile(dialect=_PG_DIALECT)
 
 
 _JOB_TYPES = [_pg_type(jobs.c[c]) for c in _JOB_COLUMNS]
@@ -783,7 +896,7 @@ def at_once_statement(dialect: Any, row: dict[str, Any], event_data: dict[str, A
                   app_version=app_version, kind=event_log.JOB_STATE, from_state=str(S.CREATED),
                   event_data=None if event_data is None else codec_dumps(event_data),
                   # No origin mark: this replica's fanout takes the hint as another replica's
-                  # (Database.write_now does not poke it).
+                  # (Database.statement_now does not poke it).
                   channel=event_log.EVENTS_CHANNEL, hint=event_log.wake_hint([row]))
     if once is not None:
         params.update(method=once.method, request_id=once.request_id, request_hash=once.request_hash,

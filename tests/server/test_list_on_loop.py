@@ -1,0 +1,135 @@
+"""ListJobs and GetJob on PostgreSQL read with one statement on the event loop
+(store.jobs.select_statement, Database.statement_now) instead of SQLAlchemy on a database
+thread (store.jobs.list_job_tuples). Both must select and return the same rows for every
+filter, order and page."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from google.protobuf import field_mask_pb2
+
+from balsam_grpc.server.convert import utcnow
+from balsam_grpc.server.services.jobs import BASIC_COLUMNS, FULL_COLUMNS
+from balsam_grpc.server.store import jobs as store
+from balsam_grpc.server.store.db import Database
+from balsam_grpc.v1 import job_pb2, job_service_pb2
+
+from tests.support.records import jobs_stub, make_site_app
+
+
+def _queries(owner_id: int, site_id: int, app_id: int, ids: list[int], parent: int) -> list[store.JobQuery]:
+    now = utcnow()
+    q = lambda **kw: store.JobQuery(owner_id=owner_id, **kw)  # noqa: E731
+    return [
+        q(), q(site_scope=site_id), q(site_scope=site_id + 1_000_000), q(ids=ids[:3]), q(ids=[ids[0], 2**62]),
+        q(states=["KILLED"]), q(states=["KILLED", "PREPROCESSED", "STAGED_IN", "READY", "CREATED", "AWAITING_PARENTS"]),
+        q(exclude_states=["KILLED"]), q(tags={"even": "1"}), q(tags={"even": "1", "k": "v3"}),
+        q(tags={"w.e:i/r-d": "x"}), q(exclude_tags={"even": "1"}), q(exclude_tags={"even": "1", "k": "v2"}),
+        q(app_ids=[app_id]), q(app_ids=[app_id + 1_000_000]), q(app_names=["sim"]), q(app_names=["nope"]),
+        q(site_ids=[site_id]), q(parent_ids=[parent]), q(workdir_contains="a%b"), q(workdir_contains="a_b"),
+        q(workdir_contains="w\\x"), q(workdir_contains="/"),
+        q(create_start=now - timedelta(hours=1)), q(create_end=now - timedelta(hours=1)),
+        q(update_start=now - timedelta(hours=1), update_end=now + timedelta(hours=1)),
+        q(batch_job_ids=[1]), q(session_id="none"),
+        q(states=["CREATED", "KILLED"], tags={"even": "0"}, site_ids=[site_id], exclude_tags={"k": "v1"}),
+    ]
+
+
+ORDERS = ["", "-id", "workdir", "-create_time,workdir", "priority,-state_time", "update_time"]
+
+
+def test_the_statement_on_the_loop_reads_what_sqlalchemy_reads(harness, alice):
+    if harness.backend != "postgres":
+        pytest.skip("SQLite reads through SQLAlchemy on a database thread")
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    workdirs = ["a%b", "a_b", "axb", "w\\x", 'q"z', *[f"d/{i}" for i in range(20)]]
+    created = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=w, priority=i % 3, parameters={"x": "1"}, tags={"even": str(i % 2), "k": f"v{i % 4}",
+                                                                    **({"w.e:i/r-d": "x"} if i == 3 else {})})
+        for i, w in enumerate(workdirs)])).jobs
+    ids = [j.id for j in created]
+    child = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir="child", parameters={"x": "1"}, parent_ids=ids[:2]))).job
+    stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
+        filter=job_pb2.JobFilter(ids=ids[::3]), patch=job_pb2.Job(state=job_pb2.JOB_STATE_KILLED),
+        update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+    db = Database(harness.url, workers=1)
+    compared = 0
+
+    async def on_loop(q: store.JobQuery, order: Any, after: Any, limit: int, names: tuple[str, ...]) -> list[Any]:
+        return await db.statement_now(*store.select_statement(q, order, after, limit, names), tuples=True)
+
+    async def scenario() -> None:
+        nonlocal compared
+        for q in _queries(alice.user_id, app.site_id, app.id, ids, ids[0]):
+            for order_by in ORDERS:
+                order = store.parse_order(order_by)
+                for view_columns in (FULL_COLUMNS, BASIC_COLUMNS):
+                    columns = tuple({c.name: c for c in (*view_columns,
+                                                         *(store.ORDER_COLUMNS[n] for n, _ in order))}.values())
+                    names = tuple(c.name for c in columns)
+                    after = None
+                    while True:  # page through, 4 rows a page, following the keys of each last row
+                        with db.engine.connect() as conn:
+                            keys, expected = store.list_job_tuples(conn, q, order, after, 4, columns, True)
+                        got = await on_loop(q, order, after, 4, names)
+                        assert keys == names
+                        assert [tuple(r) for r in got] == [tuple(r) for r in expected], (q, order_by, after)
+                        compared += len(got)
+                        if len(got) < 4:
+                            break
+                        after = store.page_keys_of_tuple(keys, got[-1], order)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        db.dispose()
+    assert compared > 500
+    assert child.id
+
+
+def test_get_job_on_the_loop_answers_as_before(harness, alice, bob):
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    job = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir="get/1", parameters={"x": "1"}, tags={"a": "b"}, data={"x": [1, 2]}))).job
+    assert stub.GetJob(job_service_pb2.GetJobRequest(id=job.id)) == job_service_pb2.GetJobResponse(job=job)
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        jobs_stub(bob).GetJob(job_service_pb2.GetJobRequest(id=job.id))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetJob(job_service_pb2.GetJobRequest(id=2**62))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_update_job_of_plain_fields_answers_the_job_as_stored(harness, alice, bob):
+    import grpc
+
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    job = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir="upd/1", parameters={"x": "1"}, tags={"a": "b"}))).job
+    patch = job_pb2.Job(id=job.id, name="renamed", tags={"c": "d"}, data={"k": [1, "two"]}, priority=7,
+                        error_tail="tail", state_message="note",
+                        resources=job_pb2.JobResources(num_nodes=2, launch_params={"cpu_bind": "depth"}))
+    paths = ["name", "tags", "data", "priority", "error_tail", "state_message", "resources", "return_code"]
+    updated = stub.UpdateJob(job_service_pb2.UpdateJobRequest(
+        job=patch, update_mask=field_mask_pb2.FieldMask(paths=paths))).job
+    assert updated == stub.GetJob(job_service_pb2.GetJobRequest(id=job.id)).job
+    assert (updated.name, dict(updated.tags), updated.priority, updated.resources.num_nodes) == ("renamed", {"c": "d"},
+                                                                                                   7, 2)
+    assert dict(updated.resources.launch_params) == {"cpu_bind": "depth"} and not updated.HasField("return_code")
+    assert updated.update_time.ToDatetime() > job.update_time.ToDatetime()
+    for caller, job_id in ((bob, job.id), (alice, 2**62)):  # another owner's job, a job that does not exist
+        with pytest.raises(grpc.RpcError) as err:
+            jobs_stub(caller).UpdateJob(job_service_pb2.UpdateJobRequest(
+                job=job_pb2.Job(id=job_id, name="x"), update_mask=field_mask_pb2.FieldMask(paths=["name"])))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stub.GetJob(job_service_pb2.GetJobRequest(id=job.id)).job.name == "renamed"
