@@ -54,6 +54,17 @@ class Metrics:
         self.events_delivered = Counter("balsam_events_delivered",
                                         "Event rows routed to this replica's streams.", registry=r)
         self._http: Any = None
+        # (method, code) -> the labelled children: labels() cost as much as recording.
+        self._call_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def call(self, method: str, code: str, seconds: float) -> None:
+        """A call (or stream) ended with `code` after `seconds`."""
+        children = self._call_children.get((method, code))
+        if children is None:
+            children = self._call_children[method, code] = (self.calls.labels(method, code),
+                                                             self.latency.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch_pool(self, engine: Any) -> None:
         self.registry.register(_PoolCollector(engine))

@@ -135,9 +135,7 @@ def _code_name(exc: BaseException) -> str:
 
 
 def _record(state: Any, method: str, code: str, started: float) -> None:
-    metrics = state.metrics
-    metrics.calls.labels(method, code).inc()
-    metrics.latency.labels(method).observe(time.perf_counter() - started)
+    state.metrics.call(method, code, time.perf_counter() - started)
 
 
 class Authentication(grpc.aio.ServerInterceptor):
