@@ -572,3 +572,23 @@ def test_a_session_on_another_replica_is_woken_by_the_notification(harness: Harn
         launcher.cancel()
         channel.close()
         other.stop()
+
+
+def test_what_a_session_remembers_of_the_fast_path_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session without credit is told of every job created here; when their events are
+    not delivered to it (a gap), nothing took the ids out: they piled up."""
+    from types import SimpleNamespace
+
+    from balsam_grpc.server.services import session_stream
+
+    monkeypatch.setattr(session_stream, "MAX_LOOKED_AT", 100)
+    state = SimpleNamespace(db=None, bus=None, sessions=None)
+    stream = session_stream.SessionStream(state, principal=None)  # type: ignore[arg-type]
+    for start in range(0, 1000, 10):
+        stream._runnable_here(range(start, start + 10))
+        assert len(stream.woken_for) <= 100
+        stream._looking()  # an acquisition begins: they were seen
+        assert len(stream.looked_at) <= 100
+    stream._runnable_here(range(5000, 5090))
+    stream._runnable_here(range(6000, 6020))
+    assert stream.look and stream.look_sure and 6019 in stream.woken_for and len(stream.woken_for) <= 100

@@ -59,9 +59,10 @@ LEASE_BATCH = 1000
 MAX_RESERVE = 10_000
 MAX_NODES = 100_000
 MAX_TRANSITIONS = 10_000
-# Jobs whose creation an acquisition already saw (SessionStream.looked_at), at most: their
-# events normally come soon after; beyond this (they were routed before the create's own
-# wake-up) the set is forgotten, which costs one acquisition that finds nothing.
+# Jobs whose creation an acquisition already saw (SessionStream.looked_at), and jobs woken
+# for that no acquisition saw yet (woken_for), at most: their events normally come soon
+# after; beyond this (they were routed before the create's own wake-up, or fell into a
+# gap) a set is forgotten, which costs at most an acquisition that finds nothing.
 MAX_LOOKED_AT = 100_000
 _TAIL_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.error_tail"]
 _MESSAGE_LIMIT = FIELD_LIMITS["balsam.v1.JobTransition.message"]
@@ -384,6 +385,10 @@ class SessionStream:
 
     def _runnable_here(self, job_ids: Collection[int]) -> None:
         """Jobs of the site committed runnable by a create on this replica: look now."""
+        if len(self.woken_for) + len(job_ids) > MAX_LOOKED_AT:
+            # No acquisition for long (no credit) and their events missed (a gap): forget
+            # them; their creation events, when read, each ask for a look as before.
+            self.woken_for.clear()
         self.woken_for.update(job_ids)
         self.look = self.look_sure = True
         self.wake.set()
