@@ -86,13 +86,19 @@ def idempotent(conn: Connection, owner_id: int, method: str, request: Message, r
     if not request_id:
         return build()
     body = request_hash(request)
-    key = (idempotency_keys.c.owner_id == owner_id, idempotency_keys.c.method == method,
-           idempotency_keys.c.request_id == request_id)
-    row = conn.execute(select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(*key)).first()
-    if row is not None:
-        return replay(method, request_id, body, row.request_hash, row.response, response_type)
+    stored = stored_answer(conn, owner_id, method, request_id)
+    if stored is not None:
+        return replay(method, request_id, body, *stored, response_type)
     response = build()
     conn.execute(insert(idempotency_keys).values(
         owner_id=owner_id, method=method, request_id=request_id, request_hash=body,
         response=response.SerializeToString(), create_time=utcnow()))
     return response
+
+
+def stored_answer(conn: Connection, owner_id: int, method: str, request_id: str) -> tuple[str, bytes] | None:
+    """(request hash, answer) recorded for this request_id, None when there is none."""
+    row = conn.execute(select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
+        idempotency_keys.c.owner_id == owner_id, idempotency_keys.c.method == method,
+        idempotency_keys.c.request_id == request_id)).first()
+    return None if row is None else (row.request_hash, bytes(row.response))

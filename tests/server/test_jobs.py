@@ -249,6 +249,38 @@ def test_request_id_replays_the_first_answer(alice):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(err.value) == "REQUEST_ID_REUSED"
 
 
+@pytest.mark.parametrize("n_jobs", [2, 100])  # a transaction of its own; a streamed COPY on PostgreSQL
+def test_the_same_batch_sent_at_once_gets_one_answer(alice, n_jobs):
+    """Retries of one request that overlap (a client that timed out and sent again while
+    the first was still being written): every one gets the first answer, none an error.
+    On PostgreSQL the second writer waited on the first's rows and then failed (workdir
+    taken, or its request_id record a duplicate) instead of answering from the record."""
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    request = job_service_pb2.BatchCreateJobsRequest(
+        jobs=[job_pb2.Job(app_id=app.id, workdir=f"twin/{i}", parameters={"x": "1"}) for i in range(n_jobs)],
+        request_id=f"req-twins-{n_jobs}")
+    answers: list[object] = []
+    barrier = threading.Barrier(4)
+
+    def send() -> None:
+        barrier.wait()
+        try:
+            answers.append(stub.BatchCreateJobs(request, timeout=60))
+        except grpc.RpcError as exc:
+            answers.append(f"{exc.code()}: {exc.details()}")
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 4 and all(a == answers[0] for a in answers), answers
+    assert len(answers[0].jobs) == n_jobs
+    assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).total \
+        == n_jobs
+
+
 def test_jobs_are_invisible_to_other_users(alice, bob):
     site, app = make_site_app(alice)
     job = jobs_stub(alice).CreateJob(job_service_pb2.CreateJobRequest(

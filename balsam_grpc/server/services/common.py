@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
 
-from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.core.errors import BalsamError, InvalidArgument
 from balsam_grpc.core.validation import check_string_map
 from balsam_grpc.server import paging
-from balsam_grpc.server.idempotency import idempotent
+from balsam_grpc.server.idempotency import idempotent, replay, request_hash, request_id_of, stored_answer
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.state import ServerSettings, ServerState
 
@@ -142,7 +143,20 @@ async def mutate(state: ServerState, principal: Principal, method: str, request:
     def work(conn: Connection) -> R:
         return idempotent(conn, principal.user_id, method, request, response_type, lambda: build(conn))
 
-    return await state.db.write(work)
+    try:
+        return await state.db.write(work)
+    except (BalsamError, IntegrityError):
+        # A twin of this request (a client's retry that overlapped it) may have committed
+        # while this one ran: on PostgreSQL neither saw the other's record, and this one
+        # then failed on the rows the twin wrote (a workdir taken, the record itself). The
+        # twin's answer is this request's answer too.
+        request_id = request_id_of(request)
+        if not request_id:
+            raise
+        stored = await state.db.read_now(stored_answer, principal.user_id, method, request_id)
+        if stored is None:
+            raise
+        return replay(method, request_id, request_hash(request), *stored, response_type)
 
 
 def only_site(principal: Principal) -> int | None:
