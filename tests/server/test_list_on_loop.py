@@ -1,4 +1,4 @@
-"""ListJobs and GetJob on PostgreSQL read with one statement on the event loop
+"""ListJobs, GetJob, UpdateJob and CountJobs on PostgreSQL run one statement on the event loop
 (store.jobs.select_statement, Database.statement_now) instead of SQLAlchemy on a database
 thread (store.jobs.list_job_tuples). Both must select and return the same rows for every
 filter, order and page."""
@@ -14,6 +14,7 @@ from google.protobuf import field_mask_pb2
 
 from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.services.jobs import BASIC_COLUMNS, FULL_COLUMNS, tuples_to_messages
+from balsam_grpc.server.store import job_counts
 from balsam_grpc.server.store import jobs as store
 from balsam_grpc.server.store.db import Database
 from balsam_grpc.v1 import job_pb2, job_service_pb2
@@ -145,3 +146,38 @@ def test_update_job_of_plain_fields_answers_the_job_as_stored(harness, alice, bo
                 job=job_pb2.Job(id=job_id, name="x"), update_mask=field_mask_pb2.FieldMask(paths=["name"])))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert stub.GetJob(job_service_pb2.GetJobRequest(id=job.id)).job.name == "renamed"
+
+
+def test_counts_on_the_loop_are_those_sqlalchemy_reads(harness, alice):
+    if harness.backend != "postgres":
+        pytest.skip("SQLite counts through SQLAlchemy on a database thread")
+    (site_a, app_a), (site_b, app_b) = make_site_app(alice), make_site_app(alice)
+    stub = jobs_stub(alice)
+    for app, n in ((app_a, 5), (app_b, 3)):
+        made = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+            job_pb2.Job(app_id=app.id, workdir=f"count/{i}", parameters={"x": "1"}) for i in range(n)])).jobs
+        stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
+            filter=job_pb2.JobFilter(ids=[made[0].id]), patch=job_pb2.Job(state=job_pb2.JOB_STATE_KILLED),
+            update_mask=field_mask_pb2.FieldMask(paths=["state"])))
+    db = Database(harness.url, workers=1)
+    q = lambda **kw: store.JobQuery(owner_id=alice.user_id, **kw)  # noqa: E731
+    queries = [q(), q(site_scope=site_a.id), q(site_ids=[site_a.id, site_b.id]), q(site_ids=[site_b.id]),
+               q(states=["KILLED"]), q(exclude_states=["KILLED"]), q(states=["KILLED", "STAGED_IN"], site_ids=[site_b.id]),
+               q(site_scope=site_b.id, exclude_states=["KILLED"]), q(states=["RUNNING"])]
+    groupings: list[list[str]] = [[], ["state"], ["site"], ["state", "site"], ["site", "state"]]
+
+    async def scenario() -> int:
+        compared = 0
+        for query in queries:
+            for group_by in groupings:
+                with db.engine.connect() as conn:
+                    expected = job_counts.count(conn, query, group_by)
+                rows = await db.statement_now(*job_counts.count_statement(query, group_by), tuples=True)
+                assert job_counts.count_outcome(rows, group_by) == expected, (query, group_by)
+                compared += expected[0]
+        return compared
+
+    try:
+        assert asyncio.run(scenario()) > 100
+    finally:
+        db.dispose()

@@ -76,11 +76,55 @@ def count(conn: Connection, q: Any, group_by: list[str]) -> tuple[int, list[dict
         params["c_states"] = list(q.states)
     if q.exclude_states:
         params["c_exclude"] = list(q.exclude_states)
-    rows = conn.execute(stmt, params).all()
-    groups = [{g: getattr(r, g) for g in group_by} | {"count": int(r.count)} for r in rows]
-    read = sum(r.rows for r in rows)
+    return count_outcome(conn.execute(stmt, params).all(), group_by)
+
+
+def count_outcome(rows: list[Any], group_by: list[str]) -> tuple[int, list[dict[str, Any]], bool]:
+    """count's answer from its statement's rows: the group_by columns, count and rows, in
+    this order."""
+    width = len(group_by)
+    groups = [dict(zip(group_by, r[:width], strict=True)) | {"count": int(r[width])} for r in rows]
+    read = sum(r[width + 1] for r in rows)
     total = sum(g["count"] for g in groups)
     return total, (groups if group_by else []), read > COMPACT_AFTER_ROWS + 4 * len(rows)
+
+
+def count_statement(q: Any, group_by: list[str]) -> tuple[str, dict[str, Any]]:
+    """PostgreSQL: count's statement in the driver's terms (psycopg's %(name)s), for
+    Database.statement_now on the event loop (no hop to a database thread, none of
+    SQLAlchemy's per-execution work), and its parameters; lists bind as one array each.
+    Its rows go to count_outcome."""
+    params: dict[str, Any] = {"c_owner": q.owner_id}
+    if q.site_scope is not None:
+        params["c_scope"] = q.site_scope
+    if q.site_ids:
+        params["c_sites"] = list(q.site_ids)
+    if q.states:
+        params["c_states"] = list(q.states)
+    if q.exclude_states:
+        params["c_exclude"] = list(q.exclude_states)
+    shape = (tuple(params), tuple(group_by))
+    sql = _DRIVER_STATEMENTS.get(shape)
+    if sql is None:
+        conds = " AND ".join(_PG_CONDITIONS[name] for name in params)
+        shown = "".join(f"{_PG_GROUPS[g]} AS {g}, " for g in group_by)
+        sql = f"SELECT {shown}COALESCE(sum(n), 0) AS count, count(*) AS rows FROM job_counts WHERE {conds}"
+        if group_by:
+            grouped = ", ".join(_PG_GROUPS[g] for g in group_by)
+            sql += f" GROUP BY {grouped} HAVING sum(n) <> 0 ORDER BY {grouped}"
+        _DRIVER_STATEMENTS[shape] = sql
+    return sql, params
+
+
+_DRIVER_STATEMENTS: dict[tuple[Any, ...], str] = {}
+_PG_GROUPS = {"state": "state", "site": "site_id"}
+_PG_CONDITIONS = {
+    "c_owner": "owner_id = %(c_owner)s",
+    "c_scope": "site_id = %(c_scope)s",
+    "c_sites": "site_id = ANY(CAST(%(c_sites)s AS BIGINT[]))",
+    "c_states": "state = ANY(CAST(%(c_states)s AS VARCHAR[]))",
+    "c_exclude": "state <> ALL(CAST(%(c_exclude)s AS VARCHAR[]))",
+}
 
 
 _COMPACT = text("""
