@@ -657,3 +657,57 @@ def test_an_update_without_a_state_change_answers_the_whole_job_as_stored(alice,
             job=job_pb2.Job(id=job.id, tags={"c": "3"}), update_mask={"paths": ["tags"]}))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert dict(stub.GetJob(job_service_pb2.GetJobRequest(id=job.id)).job.tags) == {"b": "2"}
+
+
+@pytest.mark.parametrize("how", ["fails", "is failed by its own parent"])
+def test_a_child_created_while_its_parent_fails_is_not_left_waiting(harness, alice, how):
+    """The parent's failure commits while its child is being created: the child must end
+    FAILED (its policy), not wait for a parent that will never finish. The create read the
+    parent's state without a lock and saw it running or waiting; the failing transaction
+    had looked for children before the new link existed: the child stayed
+    AWAITING_PARENTS for good. A parent failed by the cascade from its own parent is
+    changed by a plain UPDATE, without the FOR UPDATE a report takes first."""
+    if harness.backend != "postgres":
+        pytest.skip("SQLite runs one writer at a time: the two transactions cannot overlap")
+    from sqlalchemy import text
+
+    from balsam_grpc.core.states import Role
+    from balsam_grpc.server.convert import utcnow
+    from balsam_grpc.server.store import jobs as job_store
+    from balsam_grpc.server.store.transitions import Transitioner
+    from tests.support.waiting import wait_until
+
+    _, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    failing = stub.CreateJob(job_service_pb2.CreateJobRequest(
+        job=job_pb2.Job(app_id=app.id, workdir="failing", parameters={"x": "1"}))).job
+    parent = failing if how == "fails" else stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+        app_id=app.id, workdir="parent", parameters={"x": "1"}, parent_ids=[failing.id]))).job
+    leases.lease(harness, alice.user_id, [failing.id])
+    made: list[object] = []
+
+    def create_child() -> None:
+        try:
+            made.append(stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
+                app_id=app.id, workdir="child", parameters={"x": "1"}, parent_ids=[parent.id])), timeout=60).job)
+        except grpc.RpcError as exc:
+            made.append(exc)
+
+    with harness.db.engine.connect() as conn:
+        with conn.begin():
+            rows = job_store.select_for_change(conn, job_store.JobQuery(owner_id=alice.user_id, ids=[failing.id]),
+                                               with_tags=False)
+            engine = Transitioner(conn, utcnow())
+            assert not engine.move(rows, job_store.S.RUN_ERROR, Role.SESSION, message="boom")
+            engine.flush()
+            assert engine.changed == {j: "FAILED" for j in {failing.id, parent.id}}  # no retry policy
+            thread = threading.Thread(target=create_child)
+            thread.start()
+            wait_until(lambda: harness.db.read_sync(lambda c: c.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )).scalar_one()), "the child's create to wait on the parent's transaction", 10, interval=0.01)
+        thread.join(60)
+    (child,) = made
+    assert isinstance(child, job_pb2.Job), child
+    got = stub.GetJob(job_service_pb2.GetJobRequest(id=child.id)).job
+    assert got.state == S.JOB_STATE_FAILED, job_pb2.JobState.Name(got.state)

@@ -625,7 +625,14 @@ def _lookups(conn: Connection, owner_id: int, app_ids: set[int], app_names: set[
     ordered = sorted(parent_ids)
     for i in range(0, len(ordered), CHUNK):
         chunk = ordered[i:i + CHUNK]
-        for r in conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.owner_id == owner_id, jobs.c.id.in_(chunk))):
+        # FOR SHARE (PostgreSQL): a parent's state change, which then looks for children,
+        # either committed before this read (which sees the new state) or waits for these
+        # children's links and finds them. Read unlocked, a parent seen running could fail
+        # meanwhile (directly, or as the child of a failed job: a plain UPDATE, no row
+        # lock before it) and leave its new child waiting for good. Creates of children
+        # of one parent do not wait for each other.
+        for r in conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.owner_id == owner_id, jobs.c.id.in_(chunk))
+                              .order_by(jobs.c.id).with_for_update(read=True)):
             found.parents[r.id] = r.state
     if with_transfers:
         sites_used = {a["site_id"] for a in found.apps.values()} | {a["site_id"] for a in found.named_apps.values()}
