@@ -22,6 +22,7 @@ from balsam_grpc.v1 import app_pb2, app_service_pb2, app_service_pb2_grpc, job_p
 from balsam_grpc.v1 import job_service_pb2_grpc
 
 from tests.support.records import error_reason, jobs_stub, make_site_app
+from tests.support.together import sent_together
 from tests.support.waiting import wait_until
 
 
@@ -107,19 +108,8 @@ def test_the_same_request_sent_twice_at_once_creates_one_job(harness, alice):
     _, app = make_site_app(alice)
     stub = jobs_stub(alice)
     _create(stub, app.id, "warm")
-    answers: list[Any] = []
-    barrier = threading.Barrier(4)
-
-    def send() -> None:
-        barrier.wait()
-        answers.append(_create(stub, app.id, "together", "req-together"))
-
-    threads = [threading.Thread(target=send) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(answers) == 4 and all(a == answers[0] for a in answers)
+    answers = sent_together(lambda: _create(stub, app.id, "together", "req-together"))
+    assert len(answers) == 4 and all(a == answers[0] for a in answers), answers
     listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(app_ids=[app.id]))).jobs
     assert sorted(j.workdir for j in listed) == ["together", "warm"]
 
@@ -343,19 +333,8 @@ def test_a_batch_of_one_sent_twice_at_once_creates_one_job(harness, alice):
     _, app = make_site_app(alice)
     stub = jobs_stub(alice)
     _create_one(stub, app.id, "warm")
-    answers: list[Any] = []
-    barrier = threading.Barrier(4)
-
-    def send() -> None:
-        barrier.wait()
-        answers.append(_create_one(stub, app.id, "together", "req-one-together"))
-
-    threads = [threading.Thread(target=send) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(answers) == 4 and all(a == answers[0] for a in answers)
+    answers = sent_together(lambda: _create_one(stub, app.id, "together", "req-one-together"))
+    assert len(answers) == 4 and all(a == answers[0] for a in answers), answers
     listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(app_ids=[app.id]))).jobs
     assert sorted(j.workdir for j in listed) == ["together", "warm"]
 

@@ -18,6 +18,7 @@ from balsam_grpc.v1 import (
 
 from tests.support import leases
 from tests.support.records import error_reason, jobs_stub, make_site_app
+from tests.support.together import sent_together
 
 S = job_pb2
 
@@ -260,21 +261,7 @@ def test_the_same_batch_sent_at_once_gets_one_answer(alice, n_jobs):
     request = job_service_pb2.BatchCreateJobsRequest(
         jobs=[job_pb2.Job(app_id=app.id, workdir=f"twin/{i}", parameters={"x": "1"}) for i in range(n_jobs)],
         request_id=f"req-twins-{n_jobs}")
-    answers: list[object] = []
-    barrier = threading.Barrier(4)
-
-    def send() -> None:
-        barrier.wait()
-        try:
-            answers.append(stub.BatchCreateJobs(request, timeout=60))
-        except grpc.RpcError as exc:
-            answers.append(f"{exc.code()}: {exc.details()}")
-
-    threads = [threading.Thread(target=send) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    answers = sent_together(lambda: stub.BatchCreateJobs(request, timeout=60))
     assert len(answers) == 4 and all(a == answers[0] for a in answers), answers
     assert len(answers[0].jobs) == n_jobs
     assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]))).total \

@@ -67,6 +67,12 @@ def count(conn: Connection, q: Any, group_by: list[str]) -> tuple[int, list[dict
     stmt = _STATEMENTS.get(shape)
     if stmt is None:
         stmt = _STATEMENTS[shape] = _count_statement(*shape)
+    return count_outcome(conn.execute(stmt, _count_params(q)).all(), group_by)
+
+
+def _count_params(q: Any) -> dict[str, Any]:
+    """The parameters of a count statement for `q` (a store.jobs.JobQuery), only those
+    it filters on: their names are its shape."""
     params: dict[str, Any] = {"c_owner": q.owner_id}
     if q.site_scope is not None:
         params["c_scope"] = q.site_scope
@@ -76,7 +82,7 @@ def count(conn: Connection, q: Any, group_by: list[str]) -> tuple[int, list[dict
         params["c_states"] = list(q.states)
     if q.exclude_states:
         params["c_exclude"] = list(q.exclude_states)
-    return count_outcome(conn.execute(stmt, params).all(), group_by)
+    return params
 
 
 def count_outcome(rows: list[Any], group_by: list[str]) -> tuple[int, list[dict[str, Any]], bool]:
@@ -94,15 +100,7 @@ def count_statement(q: Any, group_by: list[str]) -> tuple[str, dict[str, Any]]:
     Database.statement_now on the event loop (no hop to a database thread, none of
     SQLAlchemy's per-execution work), and its parameters; lists bind as one array each.
     Its rows go to count_outcome."""
-    params: dict[str, Any] = {"c_owner": q.owner_id}
-    if q.site_scope is not None:
-        params["c_scope"] = q.site_scope
-    if q.site_ids:
-        params["c_sites"] = list(q.site_ids)
-    if q.states:
-        params["c_states"] = list(q.states)
-    if q.exclude_states:
-        params["c_exclude"] = list(q.exclude_states)
+    params = _count_params(q)
     shape = (tuple(params), tuple(group_by))
     sql = _DRIVER_STATEMENTS.get(shape)
     if sql is None:
