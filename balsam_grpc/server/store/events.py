@@ -138,18 +138,22 @@ def event_horizon(conn: Connection) -> tuple[int, int]:
     be, so a reader that delivers ids up to it in order never skips one committed later.
     On SQLite (one writer) both are the highest id."""
     if conn.dialect.name != "postgresql":
-        top = conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one()
+        top = conn.execute(_TOP_ID).scalar_one()
         return top, top
-    # The sequence is read first (the FROM item) and the markers after it (a correlated
-    # subquery, evaluated per row of FROM): a writer that draws an id after the first read
-    # draws it above `last`; one that drew earlier had marked itself before drawing.
-    last, mark = conn.execute(text(
-        f"SELECT s.last, (SELECT min(((l.classid::bigint - {_MARK_NS}) << {_MARK_LOW_BITS}) | l.objid::bigint) "
-        "FROM pg_locks AS l WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND s.last IS NOT NULL "
-        f"AND l.classid::bigint >= {_MARK_NS} AND l.classid::bigint < {_MARK_NS + (1 << 24)} "
-        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) "
-        f"FROM (SELECT {_LAST_ID} AS last OFFSET 0) AS s")).one()
+    last, mark = conn.execute(_HORIZON).one()
     return (last if mark is None else min(last, mark)), last
+
+
+_TOP_ID = select(func.coalesce(func.max(events.c.id), 0))
+# The sequence is read first (the FROM item) and the markers after it (a correlated
+# subquery, evaluated per row of FROM): a writer that draws an id after the first read
+# draws it above `last`; one that drew earlier had marked itself before drawing.
+_HORIZON = text(
+    f"SELECT s.last, (SELECT min(((l.classid::bigint - {_MARK_NS}) << {_MARK_LOW_BITS}) | l.objid::bigint) "
+    "FROM pg_locks AS l WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND s.last IS NOT NULL "
+    f"AND l.classid::bigint >= {_MARK_NS} AND l.classid::bigint < {_MARK_NS + (1 << 24)} "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) "
+    f"FROM (SELECT {_LAST_ID} AS last OFFSET 0) AS s")
 
 
 _COLUMNS = ("owner_id", "site_id", "job_id", "kind", "subject_id", "from_state", "to_state", "time", "receive_time",
