@@ -1,5 +1,5 @@
-"""Plans of the statements run for every launcher report and every batch of finished jobs
-on SQLite: they must not walk all of an owner's or a site's jobs. Without statistics
+"""Plans of the statements run for every launcher report, every batch of finished jobs
+and every transfer report on SQLite: they must not walk all of an owner's or a site's jobs. Without statistics
 (jobs created a few at a time are never analyzed) SQLite chose
 ix_jobs_owner_id_state_site_id on a report's owner term and read every job of the owner
 for each report (store/leases.report_rows_statement); with statistics, the site stream's
@@ -19,15 +19,18 @@ from balsam_grpc.server.store import migrate
 from balsam_grpc.server.store.db import make_engine
 from balsam_grpc.server.store.leases import report_rows_statement
 from balsam_grpc.server.store.site_work import _cleanups_statement
-from balsam_grpc.server.store.tables import apps, jobs, sites, users
+from balsam_grpc.server.store.tables import apps, jobs, sites, transfer_items, users
+from balsam_grpc.server.store.transfers import reported_items_statement
 
 NOW = datetime.now(UTC)
 
 
 def _planned(tmp_path: Path, app_rows: list[dict[str, Any]], job_rows: list[dict[str, Any]], *, analyze: bool,
-             statement: Any, values: dict[str, Any]) -> tuple[list[str], list[Any]]:
-    """A fresh SQLite database of one user and site with these apps and jobs (analyzed or
-    not), and `statement`'s plan there (the EXPLAIN QUERY PLAN steps) and rows."""
+             statement: Any, values: dict[str, Any] | None = None,
+             item_rows: list[dict[str, Any]] = ()) -> tuple[list[str], list[Any]]:
+    """A fresh SQLite database of one user and site with these apps, jobs and transfer
+    items (analyzed or not), and `statement`'s plan there (the EXPLAIN QUERY PLAN steps)
+    and rows."""
     url = f"sqlite:///{tmp_path / 'plan.db'}"
     migrate.upgrade(url)
     engine = make_engine(url)
@@ -39,12 +42,15 @@ def _planned(tmp_path: Path, app_rows: list[dict[str, Any]], job_rows: list[dict
                                         for a in app_rows])
             conn.execute(insert(jobs), [{"owner_id": 1, "site_id": 1, "create_time": NOW, "update_time": NOW,
                                          "state_time": NOW, **j} for j in job_rows])
+            if item_rows:
+                conn.execute(insert(transfer_items), [{"owner_id": 1, "site_id": 1, "create_time": NOW,
+                                                       "update_time": NOW, **i} for i in item_rows])
             if analyze:
                 conn.exec_driver_sql("ANALYZE")
         with engine.connect() as conn:
             assert analyze or not conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").all()
             compiled = statement.compile(dialect=engine.dialect)
-            params = compiled.construct_params(values)
+            params = compiled.construct_params(values or {})
             args = tuple(params[name] for name in compiled.positiontup)
             plan = [r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), args)]
             return plan, conn.exec_driver_sql(str(compiled), args).all()
@@ -73,3 +79,17 @@ def test_the_cleanup_query_reads_only_jobs_still_to_clean(tmp_path: Path) -> Non
                           values={"w_site": 1, "w_owner": 1, "w_limit": 100})
     assert [r[0] for r in rows] == [i + 1 for i in range(0, 1000, 50)]  # app a's, not yet cleaned
     assert _job_steps(plan) == ["SEARCH jobs USING INDEX ix_jobs_cleanup_due (site_id=? AND app_id=?)"], plan
+
+
+def test_a_transfer_reports_items_are_looked_up_by_id_without_statistics(tmp_path: Path) -> None:
+    """Without statistics SQLite searched ix_transfer_items_site_id_state on the site term:
+    every item of the site, for each report of a few."""
+    plan, rows = _planned(tmp_path, [{"name": "a"}],
+                          [{"app_id": 1, "workdir": f"w{i}", "state": "READY"} for i in range(500)],
+                          item_rows=[{"job_id": i + 1, "direction": "IN", "slot": "d", "state": "ACTIVE",
+                                      "location_alias": "aps", "remote_path": "r", "local_path": "l"}
+                                     for i in range(500)],
+                          analyze=False, statement=reported_items_statement("sqlite", [5, 6], 1, 1))
+    assert [r.id for r in rows] == [5, 6]
+    assert [step for step in plan if "transfer_items" in step] == [
+        "SEARCH transfer_items USING INTEGER PRIMARY KEY (rowid=?)"], plan

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, or_, select, update
+from sqlalchemy import Connection, and_, literal_column, or_, select, update
 
 from balsam_grpc.core.errors import FailedPrecondition, NotFound
 from balsam_grpc.server.store import events
@@ -194,6 +194,17 @@ def _report_values(report: SiteReport) -> dict[str, Any]:
     return values
 
 
+def reported_items_statement(dialect: str, ids: list[int], owner_id: int, site_id: int) -> Any:
+    """The items a site reported on, by id, locked for the change on PostgreSQL. On SQLite
+    the site term is kept out of index selection (unary +): without statistics it chose
+    ix_transfer_items_site_id_state and read every item of the site for each report."""
+    c = transfer_items.c
+    site = literal_column("+transfer_items.site_id") if dialect == "sqlite" else c.site_id
+    stmt = select(transfer_items).where(id_in(c.id, ids, dialect), c.owner_id == owner_id,
+                                        site == site_id).order_by(c.id)
+    return stmt.with_for_update() if dialect == "postgresql" else stmt
+
+
 def apply_site_reports(conn: Connection, owner_id: int, site_id: int, reports: list[SiteReport],
                        now: datetime) -> ReportOutcome:
     """Record the site's reports and move the jobs whose items are all done (or fail the
@@ -205,10 +216,7 @@ def apply_site_reports(conn: Connection, owner_id: int, site_id: int, reports: l
         return out
     c = transfer_items.c
     ids = sorted({r.id for r in reports})
-    stmt = select(transfer_items).where(id_in(c.id, ids, conn.dialect.name), c.owner_id == owner_id,
-                                        c.site_id == site_id).order_by(c.id)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
+    stmt = reported_items_statement(conn.dialect.name, ids, owner_id, site_id)
     rows = {r.id: dict(r._mapping) for r in conn.execute(stmt)}
     event_rows: list[dict[str, Any]] = []
     touched_jobs: set[int] = set()
