@@ -280,7 +280,7 @@ class Master:
             self._drop(job_id, why)
 
     def _report(self, job: LocalJob, tr: pb.JobTransition) -> None:
-        name = _STATE_NAMES.get(tr.state) or job_pb2.JobState.Name(tr.state).removeprefix("JOB_STATE_")
+        name = _STATE_NAMES[tr.state]
         self.counters.by_state[name] = self.counters.by_state.get(name, 0) + 1
         self.client.report(tr)
 
