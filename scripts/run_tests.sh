@@ -168,6 +168,9 @@ step "pytest -q -ra --durations=15 $*"
 # temporary folder (MPICH's hydra_hwloc_xmlfile_* of an mpiexec the fault tests kill, the
 # BALSAM_HOME of a pytest that was itself killed) goes with it.
 run_tmp=$(mktemp -d "${TMPDIR:-/tmp}/balsam-tests.XXXXXX")
+# Others may pass through (not list): PostgreSQL's own user reaches the tablespace that
+# the full-disk test mounts in a folder of its own here.
+chmod 0711 "$run_tmp"
 export TMPDIR=$run_tmp
 echo "TMPDIR=$TMPDIR (removed at exit)"
 rc=0
