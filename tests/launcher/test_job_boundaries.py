@@ -171,6 +171,9 @@ def _marked_pids(marker: str) -> list[int]:
     return found
 
 
+HYDRA_TMP, HYDRA_TOPOLOGY = Path("/tmp"), "hydra_hwloc_xmlfile_*"
+
+
 @pytest.mark.parametrize("ranks", [0, 2], ids=["one-process", "mpi-ranks"])
 @pytest.mark.edge("kill -9 of a launcher with jobs running",
                    "no job process alive 5 s later (the test waits up to 10 s)")
@@ -188,6 +191,7 @@ def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks
     if ranks:  # an mpiexec launch on the second node: its ranks must die too
         jobs += site.jobs(app, resources={"ranks_per_node": 2}, priority=1)
         expected += 3  # mpiexec's own argv holds the marker too
+    hydra_files = set(HYDRA_TMP.glob(HYDRA_TOPOLOGY))
     launchers.append(launcher := Launcher(site, "--mode", "mpi" if ranks else "serial", "--cpus-per-node", "4",
                                           ranks=ranks))
     try:
@@ -210,6 +214,11 @@ def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # Each mpiexec (MPICH's hydra) writes its topology to /tmp whatever TMPDIR says and
+        # removes it when it exits; the ones this kill -9 reached (the launcher's own and
+        # its job's, killed by the watchdog) cannot: their files are this test's debris.
+        for path in set(HYDRA_TMP.glob(HYDRA_TOPOLOGY)) - hydra_files:
+            path.unlink(missing_ok=True)
 
 
 def test_an_mpi_launch_never_puts_the_job_token_in_argv(tmp_path):
