@@ -171,7 +171,13 @@ def _marked_pids(marker: str) -> list[int]:
     return found
 
 
-HYDRA_TMP, HYDRA_TOPOLOGY = Path("/tmp"), "hydra_hwloc_xmlfile_*"
+# What an MPICH process removes only when it exits: mpiexec's topology file (in /tmp,
+# whatever TMPDIR says) and a rank's shared-memory segment.
+MPICH_DEBRIS = (Path("/tmp").glob, "hydra_hwloc_xmlfile_*"), (Path("/dev/shm").glob, "mpich_shm_*")
+
+
+def _mpich_debris() -> set[Path]:
+    return {path for glob, pattern in MPICH_DEBRIS for path in glob(pattern)}
 
 
 @pytest.mark.parametrize("ranks", [0, 2], ids=["one-process", "mpi-ranks"])
@@ -191,7 +197,7 @@ def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks
     if ranks:  # an mpiexec launch on the second node: its ranks must die too
         jobs += site.jobs(app, resources={"ranks_per_node": 2}, priority=1)
         expected += 3  # mpiexec's own argv holds the marker too
-    hydra_files = set(HYDRA_TMP.glob(HYDRA_TOPOLOGY))
+    debris = _mpich_debris()
     launchers.append(launcher := Launcher(site, "--mode", "mpi" if ranks else "serial", "--cpus-per-node", "4",
                                           ranks=ranks))
     try:
@@ -214,10 +220,9 @@ def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        # Each mpiexec (MPICH's hydra) writes its topology to /tmp whatever TMPDIR says and
-        # removes it when it exits; the ones this kill -9 reached (the launcher's own and
-        # its job's, killed by the watchdog) cannot: their files are this test's debris.
-        for path in set(HYDRA_TMP.glob(HYDRA_TOPOLOGY)) - hydra_files:
+        # The MPICH processes this kill -9 reached (the launcher's mpiexec and ranks, its
+        # job's mpiexec, killed by the watchdog) could not remove their files.
+        for path in _mpich_debris() - debris:
             path.unlink(missing_ok=True)
 
 
