@@ -334,6 +334,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             path.stop()
         if args.peers:
             peers: dict[str, dict[str, float]] = {"parsl_htex": [], "dask_local": []}  # type: ignore[dict-item]
+            # Their processes' temporary folders (multiprocessing's pymp-*, Dask's scratch
+            # space) go with this run's: they left them in the machine's /tmp.
+            os.environ["TMPDIR"] = tempfile.tempdir = tmp
             for r in range(args.rounds):
                 say(f"round {r + 1}/{args.rounds}: peers (Parsl HTEX, Dask LocalCluster) ...")
                 peers["parsl_htex"].append(bench_parsl(args.n, args.latency_samples, Path(tmp) / f"parsl-{r}"))
