@@ -36,6 +36,18 @@ def _create(stub: Any, app_id: int, workdir: str, request_id: str = "", **params
         job=job_pb2.Job(app_id=app_id, workdir=workdir, parameters=params or {"x": "1"}), request_id=request_id))
 
 
+def _create_one(stub: Any, app_id: int, workdir: str, request_id: str = "", view: int = 0, **params: str) -> Any:
+    return stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
+        jobs=[job_pb2.Job(app_id=app_id, workdir=workdir, parameters=params or {"x": "1"})], request_id=request_id,
+        view=view))
+
+
+def _stored_answer(harness: Any, owner_id: int, request_id: str) -> bytes:
+    return harness.db.read_sync(lambda conn: conn.execute(
+        select(idempotency_keys.c.response).where(idempotency_keys.c.owner_id == owner_id,
+                                                  idempotency_keys.c.request_id == request_id)).scalar_one())
+
+
 def _refusal(call: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         call()
@@ -96,19 +108,18 @@ def test_the_answer_is_stored_and_replayed_exactly(harness, alice, request_id):
     if not request_id:
         return
     assert _create(stub, app.id, "exact", request_id, x="7") == first
-    stored = harness.db.read_sync(lambda conn: conn.execute(
-        select(idempotency_keys.c.response).where(idempotency_keys.c.owner_id == alice.user_id,
-                                                  idempotency_keys.c.request_id == request_id)).scalar_one())
+    stored = _stored_answer(harness, alice.user_id, request_id)
     assert job_service_pb2.CreateJobResponse.FromString(stored) == first  # the id completed by the database
     err = _refusal(lambda: _create(stub, app.id, "other", request_id, x="7"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(err) == "REQUEST_ID_REUSED"
 
 
-def test_the_same_request_sent_twice_at_once_creates_one_job(harness, alice):
+@pytest.mark.parametrize("create", [_create, _create_one], ids=["CreateJob", "BatchCreateJobs of one"])
+def test_the_same_request_sent_twice_at_once_creates_one_job(harness, alice, create):
     _, app = make_site_app(alice)
     stub = jobs_stub(alice)
-    _create(stub, app.id, "warm")
-    answers = sent_together(lambda: _create(stub, app.id, "together", "req-together"))
+    create(stub, app.id, "warm")
+    answers = sent_together(lambda: create(stub, app.id, "together", "req-together"))
     assert len(answers) == 4 and all(a == answers[0] for a in answers), answers
     listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(app_ids=[app.id]))).jobs
     assert sorted(j.workdir for j in listed) == ["together", "warm"]
@@ -289,18 +300,6 @@ def test_a_watch_opened_after_a_create_replays_it(harness, alice):
 
 
 # ---------------------------------------------------------------------------- BatchCreateJobs of one job
-def _create_one(stub: Any, app_id: int, workdir: str, request_id: str = "", view: int = 0, **params: str) -> Any:
-    return stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
-        jobs=[job_pb2.Job(app_id=app_id, workdir=workdir, parameters=params or {"x": "1"})], request_id=request_id,
-        view=view))
-
-
-def _stored_answer(harness: Any, owner_id: int, request_id: str) -> bytes:
-    return harness.db.read_sync(lambda conn: conn.execute(
-        select(idempotency_keys.c.response).where(idempotency_keys.c.owner_id == owner_id,
-                                                  idempotency_keys.c.request_id == request_id)).scalar_one())
-
-
 @pytest.mark.parametrize("view", [job_service_pb2.JOB_VIEW_BASIC, job_service_pb2.JOB_VIEW_FULL])
 def test_a_batch_of_one_job_is_one_statement_and_its_answer_is_replayed_exactly(harness, alice, view):
     _postgres_only(harness)
@@ -327,16 +326,6 @@ def test_a_batch_of_one_job_is_one_statement_and_its_answer_is_replayed_exactly(
         request_id=f"req-two-{view}", view=view)
     answer = stub.BatchCreateJobs(two)
     assert len(answer.jobs) == 2 and stub.BatchCreateJobs(two) == answer
-
-
-def test_a_batch_of_one_sent_twice_at_once_creates_one_job(harness, alice):
-    _, app = make_site_app(alice)
-    stub = jobs_stub(alice)
-    _create_one(stub, app.id, "warm")
-    answers = sent_together(lambda: _create_one(stub, app.id, "together", "req-one-together"))
-    assert len(answers) == 4 and all(a == answers[0] for a in answers), answers
-    listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(app_ids=[app.id]))).jobs
-    assert sorted(j.workdir for j in listed) == ["together", "warm"]
 
 
 def test_one_item_id_tag_completes_the_id_inside_the_item():
