@@ -66,6 +66,7 @@ sites are skipped while any selected site is connected.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import threading
@@ -635,7 +636,7 @@ def start_intervals(lives: Mapping[int, Any], pilot_of_job: Mapping[int, int]) -
         firsts = {}
         for start, _, job_id in jobs:
             firsts.setdefault(pilot_of_job.get(job_id), job_id)
-        for (before, _, _), (start, runnable, job_id) in zip(jobs, jobs[1:]):
+        for (before, _, _), (start, runnable, job_id) in itertools.pairwise(jobs):
             if runnable <= before and firsts.get(pilot_of_job.get(job_id)) != job_id:
                 out[site_id].append((start - before).total_seconds())
     return out

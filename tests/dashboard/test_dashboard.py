@@ -153,7 +153,7 @@ def test_job_page_history_matches_balsamctl(world: World, browser: Any, screensh
     expected = [(int(e["id"]), state(e["jobState"].get("fromState", "")), state(e["jobState"]["toState"]),
                  e["time"]) for e in cli]
     assert [p[:3] for p in page] == [e[:3] for e in expected]
-    assert all(abs((instant(p[3]) - instant(e[3])).total_seconds()) < 0.001 for p, e in zip(page, expected))
+    assert all(abs((instant(p[3]) - instant(e[3])).total_seconds()) < 0.001 for p, e in zip(page, expected, strict=True))
     assert page[-1][2] == "JOB_FINISHED"
     # Times are shown in the viewer's zone (the browser's), not as the UTC the server rendered.
     assert browser.find_element(By.ID, "tz").text == VIEWER_ZONE

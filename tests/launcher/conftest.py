@@ -3,6 +3,7 @@ in a database of our own), a user token, stubs, and launchers started as real pr
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import signal
@@ -164,7 +165,7 @@ class Site:
             path = [S.JobState.Name(e.job_state.from_state).removeprefix("JOB_STATE_")]
             path += [str(v).removeprefix("JOB_STATE_") for v in (e.data["via"] if "via" in e.data else [])]
             path.append(S.JobState.Name(e.job_state.to_state).removeprefix("JOB_STATE_"))
-            pairs += list(zip(path, path[1:]))
+            pairs += list(itertools.pairwise(path))
         return pairs
 
 

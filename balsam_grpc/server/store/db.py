@@ -446,7 +446,8 @@ class Database:
                 result = fn(conn, *args)
                 max_event_id = conn.info.pop(MAX_EVENT_ID, None)
         except Exception as exc:
-            raise self._storage_error(exc) or exc
+            self._raise_if_storage_full(exc)
+            raise
         if self._storage_full:
             self._storage_full = False
             log.warning("database writes succeed again", database=describe_location(self.engine.url))
@@ -457,30 +458,30 @@ class Database:
             with self.engine.connect() as conn:
                 return fn(conn, *args)
         except Exception as exc:
-            raise self._storage_error(exc) or exc
+            self._raise_if_storage_full(exc)
+            raise
 
     def read_now_sync(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             with self._now_reader.connect() as conn:
                 return fn(conn, *args)
         except Exception as exc:
-            raise self._storage_error(exc) or exc
+            self._raise_if_storage_full(exc)
+            raise
 
-    def _storage_error(self, exc: Exception) -> ResourceExhausted | None:
+    def _raise_if_storage_full(self, exc: Exception) -> None:
         detail = storage_full_detail(exc)
         if detail is None:
-            return None
+            return
         where = describe_location(self.engine.url)
         if not self._storage_full:
             self._storage_full = True
             log.error("database storage is full; writes are refused until there is room", database=where,
                       error=detail)
-        err = ResourceExhausted(
+        raise ResourceExhausted(
             f"the database's storage is full: {where} ({detail}); nothing was written. "
             "Free space there and retry: the server writes again as soon as there is room, reads keep working",
-            reason="STORAGE_FULL", metadata={"database": where})
-        err.__cause__ = exc
-        return err
+            reason="STORAGE_FULL", metadata={"database": where}) from exc
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.workers.submit(call, bulk=_BULK.get()))
@@ -507,7 +508,8 @@ class Database:
         try:
             return await self._statements.run(sql, params, tuples)
         except Exception as exc:
-            raise self._storage_error(exc) or exc
+            self._raise_if_storage_full(exc)
+            raise
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self._run(functools.partial(self.read_sync, functools.partial(fn, **kwargs), *args))

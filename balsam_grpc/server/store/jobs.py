@@ -163,7 +163,7 @@ def _after(keys: list[tuple[str, bool]], last: list[Any]) -> ColumnElement[bool]
 def list_jobs(conn: Connection, q: JobQuery, order: list[tuple[str, bool]], after: list[Any] | None,
               limit: int, columns: tuple[Any, ...] | None = None) -> list[dict[str, Any]]:
     keys, rows = list_job_tuples(conn, q, order, after, limit, columns)
-    return [dict(zip(keys, row)) for row in rows]
+    return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
 def list_job_tuples(conn: Connection, q: JobQuery, order: list[tuple[str, bool]], after: list[Any] | None,
