@@ -8,8 +8,10 @@ of groups, and whoever kills them must outlive the launcher: a small watchdog pr
 group does not reach it). The launcher writes `+<pgid>` when a job starts and `-<pgid>`
 when it has ended on a pipe to the watchdog's stdin. The pipe's write end lives only in
 the launcher (job processes are started with close_fds), so the kernel closes it when
-the launcher exits however it exits; the watchdog then reads end-of-file, sends SIGKILL
-to every group still registered, and exits.
+the launcher exits however it exits; the watchdog then reads end-of-file, sends SIGTERM
+to every group still registered, SIGKILL to what is left after a short grace, and exits.
+The SIGTERM lets a job clean up: an mpiexec killed outright leaves its topology file in
+/tmp and its ranks' shared memory in /dev/shm, on a node that runs many jobs.
 
 Why not PR_SET_PDEATHSIG alone: it reaches only the direct child (a shell's children, or
 everything under `mpiexec` that stays in its group, would survive) and fires when the
@@ -28,7 +30,8 @@ import time
 import structlog
 
 log = structlog.get_logger("balsam.launcher")
-READ_PAUSE_S = 0.05  # the most a dead launcher's groups wait for their SIGKILL beyond it
+READ_PAUSE_S = 0.05  # the most a dead launcher's groups wait for their SIGTERM beyond it
+TERM_GRACE_S = 0.5  # then SIGKILL: as the launcher's own kills (runner.KILL_GRACE_S)
 
 
 class Reaper:
@@ -104,19 +107,30 @@ class Reaper:
         self.proc = None
 
 
-def kill_groups(groups: set[int], rounds: int = 3) -> None:
-    """SIGKILL each group; again a few times, for processes forked meanwhile."""
+def _signal_groups(groups: set[int], sig: int) -> set[int]:
+    """The groups that were there to signal."""
+    reached = set()
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+            reached.add(pgid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return reached
+
+
+def kill_groups(groups: set[int], grace: float = TERM_GRACE_S, rounds: int = 3) -> None:
+    """SIGTERM each group; SIGKILL what is left after `grace`, again a few times for
+    processes forked meanwhile."""
+    alive = _signal_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = _signal_groups(alive, 0)
     for _ in range(rounds):
-        alive = set()
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-                alive.add(pgid)
-            except (ProcessLookupError, PermissionError):
-                pass
+        alive = _signal_groups(alive, signal.SIGKILL)
         if not alive:
             return
-        groups = alive
         time.sleep(0.05)
 
 

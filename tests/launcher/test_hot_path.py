@@ -224,7 +224,7 @@ def test_the_watchdog_reads_a_line_written_in_pieces():
         dog.stdin.write(text[2:])
         dog.stdin.close()
         dog.wait(10)
-        assert sleeper.wait(10) == -signal.SIGKILL
+        assert sleeper.wait(10) == -signal.SIGTERM
     finally:
         if sleeper.poll() is None:
             sleeper.kill()

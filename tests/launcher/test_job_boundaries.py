@@ -220,8 +220,9 @@ def test_job_processes_die_with_a_killed_launcher(server, site, launchers, ranks
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        # The MPICH processes this kill -9 reached (the launcher's mpiexec and ranks, its
-        # job's mpiexec, killed by the watchdog) could not remove their files.
+        # The MPICH processes this kill -9 reached (the launcher's mpiexec and ranks) could
+        # not remove their files. (The job's mpiexec, which the watchdog ends with SIGTERM,
+        # removes its own.)
         for path in _mpich_debris() - debris:
             path.unlink(missing_ok=True)
 
