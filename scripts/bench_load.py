@@ -3,7 +3,8 @@
 
 Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites N]
                              [--sessions N] [--duration S] [--burst N] [--lease-backlog N]
-                             [--only create|list|update ...] [--no-slow-consumers] [--json]
+                             [--only create|list|update ...] [--no-slow-consumers] [--profile FILE]
+                             [--json]
 
 1. Starts `python -m balsam_grpc.server` on loopback (default database: PostgreSQL from
    BALSAM_TEST_DATABASE_URL when set, else a temporary SQLite file).
@@ -31,11 +32,17 @@ Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites 
    server answers normally afterwards.
 
 Prints unary calls/s answered within the window (in total and per kind) with their p50
-and p99 latency, stream messages/s apart from them, the CPU the server and the database
-(PostgreSQL: its backends serving this database) spent in the window, in all and per
-unary call (streams included; with `--sites 0 --sessions 0 --no-slow-consumers` the unary
-calls' own cost),
-server RSS over time, errors by status code, and the load average before and after.
+and p99 latency, stream messages/s apart from them, the CPU the server, the database
+(PostgreSQL: its backends serving this database) and the load generator's own processes
+spent in the window, in all and per unary call (streams included; with `--sites 0
+--sessions 0 --no-slow-consumers` the unary calls' own cost), server RSS over time, errors
+by status code, and the load average before and after.
+
+On a shared 2-core machine the raw rate says how much CPU the server got, not what it can
+do: `unary_calls_per_server_cpu_s` (unary calls per second of the server's own CPU, the
+streams' work charged to them too) is the server's capacity with a whole core, and
+`generator_cpu_percent_of_one_core` says whether the generator took the server's share.
+`--profile FILE` samples the server with py-spy during the window (collapsed stacks).
 Figures, never assertions (the test tests/server/test_admission.py runs a small
 configuration and checks that it reports).
 """
@@ -65,7 +72,7 @@ import psutil
 import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
-from benchkit import DatabaseCpu  # noqa: E402
+from benchkit import DatabaseCpu, cpu_s, start_profiler, stop_profiler  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402
     app_pb2,
     app_service_pb2,
@@ -489,15 +496,17 @@ class Window:
     """What the server and the database spent, and the leases made, between the start of
     the load and the end of its `duration` (the clients' window): taken at both instants."""
 
-    def __init__(self, server: psutil.Process, url: str, address: str, token: str, world: dict[str, Any]) -> None:
+    def __init__(self, server: psutil.Process, url: str, address: str, token: str, world: dict[str, Any],
+                 generator: list[int]) -> None:
         self.server, self.address, self.token, self.world = server, address, token, world
+        self.generator = generator  # the load's own processes (clients and streams)
         self.database = DatabaseCpu(url)
         self.at: list[dict[str, Any]] = []
 
     def take(self) -> None:
         self.at.append({"time": time.monotonic(), "server_cpu": sum(self.server.cpu_times()[:2]),
-                        "database_cpu": self.database.reading(), "leasable": leasable(self.address, self.token,
-                                                                                      self.world),
+                        "database_cpu": self.database.reading(), "generator_cpu": sum(map(cpu_s, self.generator)),
+                        "leasable": leasable(self.address, self.token, self.world),
                         "created": created(self.address, self.token, self.world)})
 
     def figures(self, unary_calls: int) -> dict[str, Any]:
@@ -505,6 +514,7 @@ class Window:
         seconds = last["time"] - first["time"]
         server = last["server_cpu"] - first["server_cpu"]
         database = DatabaseCpu.spent(first["database_cpu"], last["database_cpu"])
+        generator = last["generator_cpu"] - first["generator_cpu"]
         leased = first["leasable"] + (last["created"] - first["created"]) - last["leasable"]
         per_call = max(1, unary_calls)
         self.database.close()
@@ -514,6 +524,13 @@ class Window:
             # bounded by this, not by the server's design.
             "server_cpu_percent_of_one_core": round(100 * server / seconds, 1),
             "database_cpu_percent_of_one_core": round(100 * database / seconds, 1) if self.database.conn else None,
+            # The load generator competes with the server for the same cores: when it takes
+            # as much as the server, the rates above say more about the machine than the server.
+            "generator_cpu_percent_of_one_core": round(100 * generator / seconds, 1),
+            # What one server process answers per second of its own CPU, the streams' work
+            # (leases, reports, fanout) charged to the unary calls too: a lower bound of
+            # its unary capacity with a whole core, whatever the machine gave it here.
+            "unary_calls_per_server_cpu_s": round(unary_calls / server, 1) if server > 0 else None,
             # All the CPU of the window per unary call, the streams' work included; with
             # --sites 0 --sessions 0 it is the unary calls' own cost.
             "server_cpu_ms_per_unary_call": round(1000 * server / per_call, 3),
@@ -550,7 +567,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             print(f"load for {args.duration:g} s: {args.clients} clients ({', '.join(args.only)}), {args.sites} site "
                   f"streams, {args.sessions} sessions, {0 if args.no_slow_consumers else 2} slow consumers ...",
                   file=sys.stderr)
-            window = Window(server, url, address, token, world)
+            window = Window(server, url, address, token, world, [p.pid for p in (*clients, streams) if p.pid])
+            spy = start_profiler(proc.pid, args.profile) if args.profile else None
             window.take()
             t0 = start.value = time.monotonic()
             go.set()
@@ -563,6 +581,9 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 rss.append((round(time.monotonic() - t0, 1), server.memory_info().rss))
                 if len(window.at) == 1 and time.monotonic() >= t0 + args.duration:
                     window.take()
+                    if spy is not None:
+                        stop_profiler(spy)
+                        spy = None
                 try:
                     results.append(out.get(timeout=max(0.01, min(1.0, t0 + args.duration - time.monotonic()))
                                            if len(window.at) == 1 else 1.0))
@@ -670,6 +691,8 @@ def main() -> int:
     parser.add_argument("--no-slow-consumers", action="store_true",
                         help="without the two streams that never read (their replay of the event log costs server "
                              "CPU that --sites 0 --sessions 0 would otherwise charge to the unary calls)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy the server during the load window: collapsed stacks (--format raw) to this file")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
     args.load_before = round(os.getloadavg()[0], 2)

@@ -6,7 +6,12 @@ path)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +79,24 @@ class DatabaseCpu:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy (sampling from outside) on one process until stop_profiler: its collapsed
+    stacks (GIL-holding samples) in `out`, for a flame graph or a sort."""
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "500", "--format", "raw", "--nonblocking",
+                                "--gil", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before what it is to see starts
+    return process
+
+
+def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    spy.wait(30)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -305,6 +305,8 @@ def test_load_script_runs_and_reports(tmp_path: Any) -> None:
                 "errors_by_code", "requests_per_s"):
         assert key in figures
     assert {"create", "list", "update"} <= set(figures["requests_per_s"])
+    # The capacity figure and the generator's own CPU (whether it took the server's share).
+    assert figures["unary_calls_per_server_cpu_s"] > 0 and figures["generator_cpu_percent_of_one_core"] > 0
     # Leases the server made, counted in the database: the sessions drew on the backlog.
     assert figures["jobs_leased_per_s"] > 0 and 0 <= figures["lease_backlog_left"] < 2000
     assert figures["server_rss_mb_over_time"] and figures["server_alive"]
