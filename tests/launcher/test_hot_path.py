@@ -256,7 +256,7 @@ def test_a_job_that_ends_is_reaped_without_asking_after_every_running_one(tmp_pa
         for job_id in range(1, 11):
             assert runner.start(spec(job_id, ["sleep", "60"])) is None
             proc = runner.running[job_id].proc
-            proc.poll = (lambda p=proc, j=job_id: asked.append(j) or subprocess.Popen.poll(p))  # type: ignore[method-assign]
+            proc.poll = (lambda p=proc, j=job_id: asked.append(j) or type(p).poll(p))  # type: ignore[method-assign]
         assert runner.start(spec(11, ["true"])) is None
         results = _poll_until(runner, {11})
         assert results[0].return_code == 0 and results[0].outcome == "exit"
