@@ -17,15 +17,15 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from balsam_grpc.core.confined import PathEscape, open_dir_inside, open_private, write_private
+from balsam_grpc.core.confined import open_dir_inside, open_private, write_private
 from balsam_grpc.core.jobenv import job_safe
 from balsam_grpc.launcher.launch_commands import _ranges
 from balsam_grpc.launcher.process_spec import ProcessSpec
 from balsam_grpc.launcher.reaper import Reaper
-from balsam_grpc.launcher.spawn import Child, spawn
+from balsam_grpc.launcher.spawn import Child, environment_entries, spawn
 
 KILL_GRACE_S = 0.5  # SIGTERM first; SIGKILL after this (a kill must land within a second)
 TAIL_BYTES = 8192
@@ -44,7 +44,7 @@ def job_base_environment(environ: dict[str, str] | None = None) -> dict[str, str
     return {k: v for k, v in environ.items() if not k.startswith(SCRUB_PREFIXES)}
 
 
-def read_tail(path: Path, lines: int = TAIL_LINES) -> str:
+def read_tail(path: Path | str, lines: int = TAIL_LINES) -> str:
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -82,14 +82,13 @@ class _Running:
     kill_message: str = ""
     term_time: float | None = None
     killed_hard: bool = False
-    out_path: Path = field(default_factory=Path)
+    out_path: str = ""
 
 
 class ProcessRunner:
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         self.base_env = job_base_environment(environ)
-        # Encoded once, not for every job (~85 variables here, ~0.1 ms of CPU per job).
-        self._base_env_b = {os.fsencode(k): os.fsencode(v) for k, v in self.base_env.items()}
+        self._base_env = environment_entries(self.base_env)
         self.running: dict[int, _Running] = {}
         self._by_pid: dict[int, int] = {}  # pid -> job id, of what runs
         self._timed: set[int] = set()  # running jobs with a deadline or a kill under way
@@ -113,20 +112,19 @@ class ProcessRunner:
         now = time.monotonic() if now is None else now
         try:
             dir_fd, workdir = open_dir_inside(spec.cwd, spec.root or "/", what="workdir")
-        except (PathEscape, OSError) as exc:
+        except (ValueError, OSError) as exc:  # PathEscape is a ValueError, as a NUL in the path is
             # Nothing is written: the path may lead anywhere.
             msg = f"refused to run job {spec.job_id}: {exc}"
             return ProcessResult(spec.job_id, None, "spawn_error", 0.0, tail=msg, message=msg)
-        out_path = Path(workdir, spec.out_name)
+        out_path = os.path.join(workdir, spec.out_name)
         try:
             try:
                 for name, text in spec.files.items():
                     write_private(name, text.encode(), dir_fd=dir_fd)
                 if spec.result_path:
                     Path(spec.result_path).unlink(missing_ok=True)
-                env = self._base_env_b.copy()
-                for k, v in spec.env.items():
-                    env[os.fsencode(k)] = os.fsencode(v)
+                env = self._base_env.copy()
+                env.update(environment_entries(spec.env))
                 out = open_private(spec.out_name, append=True, dir_fd=dir_fd)
                 bind = self._binding(spec.cpu_ids)
                 own = os.sched_getaffinity(0) if bind else None
@@ -143,7 +141,7 @@ class ProcessRunner:
                     if own is not None:
                         os.sched_setaffinity(0, own)
                     os.close(out)
-            except (PathEscape, OSError) as exc:
+            except (ValueError, OSError) as exc:  # ValueError: PathEscape, or what exec cannot take (`=` in a name, NUL)
                 msg = f"could not start {spec.argv[0]!r} in {workdir}: {exc}"
                 try:
                     with os.fdopen(open_private(spec.out_name, append=True, dir_fd=dir_fd), "a") as fh:

@@ -50,30 +50,35 @@ class Child:
             os.kill(self.pid, sig)
 
 
-def environment_list(env: dict[bytes, bytes]) -> list[bytes]:
-    """`KEY=value` entries for execve; ValueError for a name with `=` (as Popen)."""
-    out = []
+def environment_entries(env: dict[str, str]) -> dict[bytes, bytes]:
+    """`env` as execve takes it, by name: {b"NAME": b"NAME=value"}. A job's environment is
+    the launcher's (made once) updated with the job's few variables, not ~85 variables
+    encoded and joined for every job. ValueError for a name with `=` (as Popen)."""
+    out = {}
     for key, value in env.items():
-        if b"=" in key:
+        name = os.fsencode(key)
+        if b"=" in name:
             raise ValueError("illegal environment variable name")
-        out.append(key + b"=" + value)
+        out[name] = name + b"=" + os.fsencode(value)
     return out
 
 
 def spawn(argv: list[str], *, cwd: str, env: dict[bytes, bytes], stdin: int, stdout: int) -> Child | subprocess.Popen:
-    """Start `argv` in `cwd` with exactly `env`, reading `stdin`, its stdout and stderr to
+    """Start `argv` in `cwd` with exactly the environment `env` (environment_entries), reading `stdin`, its stdout and stderr to
     `stdout`, in a session of its own, every other descriptor closed, signals as on exec
     of a fresh process. OSError (errno, message, the program or `cwd`) when it could not
     start, as Popen would raise it."""
     if not FORK_EXEC:
-        return subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.STDOUT,
+        return subprocess.Popen(argv, cwd=cwd, env={name: entry[len(name) + 1:] for name, entry in env.items()},
+                                stdin=stdin, stdout=stdout, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
-    env_list = environment_list(env)
     program = os.fsencode(argv[0])
     if os.path.dirname(program):
         programs: tuple[bytes, ...] = (program,)
     else:  # searched on the job's own PATH, as Popen does
-        programs = tuple(os.path.join(os.fsencode(d), program) for d in os.get_exec_path(env))
+        path = env.get(b"PATH")
+        programs = tuple(os.path.join(os.fsencode(d), program)
+                         for d in os.get_exec_path({} if path is None else {b"PATH": path[5:]}))
     err_read, err_write = os.pipe()
     # The child reports a failed exec here: its end must not land on 0, 1 or 2.
     low: list[int] = []
@@ -84,7 +89,7 @@ def spawn(argv: list[str], *, cwd: str, env: dict[bytes, bytes], stdin: int, std
         os.close(fd)
     try:
         try:
-            pid = _fork_exec(argv, programs, True, (err_write,), cwd, env_list,
+            pid = _fork_exec(argv, programs, True, (err_write,), cwd, list(env.values()),
                              stdin, -1, -1, stdout, -1, stdout, err_read, err_write,
                              True, True, -1, None, None, None, -1, None, True)
         finally:

@@ -274,3 +274,29 @@ def test_a_job_that_ends_is_reaped_without_asking_after_every_running_one(tmp_pa
         assert results[0].outcome == "timeout"
     finally:
         runner.shutdown()
+
+
+def test_a_job_whose_environment_or_arguments_exec_cannot_take_fails_alone(tmp_path):
+    """A variable name with `=` (an app's environment is not checked elsewhere) or a NUL byte
+    in an argument: that job's start fails (RUN_ERROR follows), the launcher goes on. Popen's
+    ValueError used to escape the runner and end the launcher with every job it ran."""
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    try:
+        def spec(job_id: int, argv: list[str], env: dict[str, str]) -> ProcessSpec:
+            return ProcessSpec(job_id=job_id, argv=argv, env=env, cwd=str(tmp_path / "data" / f"w{job_id}"),
+                               root=str(tmp_path / "data"))
+
+        bad_env = runner.start(spec(1, ["/bin/true"], {"A=B": "c"}))
+        bad_arg = runner.start(spec(2, ["/bin/echo", "a\0b"], {}))
+        for result in (bad_env, bad_arg):
+            assert result is not None and result.outcome == "spawn_error" and "could not start" in result.message
+        bad_dir = runner.start(ProcessSpec(job_id=4, argv=["/bin/true"], cwd=str(tmp_path / "data" / "a\0b"),
+                                           root=str(tmp_path / "data")))
+        assert bad_dir is not None and bad_dir.outcome == "spawn_error" and "refused to run" in bad_dir.message
+        assert "environment variable" in bad_env.message
+        assert not runner.running
+        assert runner.start(spec(3, ["/bin/true"], {"FINE": "yes"})) is None
+        assert _poll_until(runner, {3})[0].return_code == 0
+    finally:
+        runner.shutdown()
