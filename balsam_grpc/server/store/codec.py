@@ -107,6 +107,34 @@ def dumps(value: Any) -> str:
     return "".join(_iterencode(value, 0))
 
 
+# ---------------------------------------------------------------------------- array text
+
+def _array_item(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    t = type(value)
+    if t is int:
+        return str(value)
+    if t is bool:
+        return "t" if value else "f"
+    if t is float:
+        return repr(value)
+    s = value if t is str else value.isoformat() if isinstance(value, datetime) else str(value)
+    if "\\" in s or '"' in s:
+        s = s.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + s + '"'
+
+
+def array_text(values: Sequence[Any]) -> str:
+    """A PostgreSQL array literal ('{1,NULL,"a \\"b\\""}') of str, int, bool, float, datetime
+    or None values, for a parameter the statement casts (CAST(:p AS BIGINT[])). psycopg's
+    list dumper formats each element through Python dumper calls: for the arrays of a
+    launcher report's event insert and job update that cost a tenth of the report's
+    server CPU. Every element but a number is quoted, so no text needs to be told from
+    NULL or from the array's syntax. Times keep their offset (isoformat)."""
+    return "{" + ",".join(map(_array_item, values)) + "}"
+
+
 # ---------------------------------------------------------------------------- COPY text
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})

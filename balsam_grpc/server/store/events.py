@@ -12,7 +12,7 @@ from sqlalchemy import Connection, and_, func, select, text
 from sqlalchemy.sql import ColumnElement
 
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, append_rows
-from balsam_grpc.server.store.codec import dumps
+from balsam_grpc.server.store.codec import array_text, dumps
 from balsam_grpc.server.store.db import MAX_EVENT_ID
 from balsam_grpc.server.store.query import tags_contain
 from balsam_grpc.server.store.tables import events, jobs
@@ -174,15 +174,8 @@ _MARKED_INSERT = text(
 
 def _insert_marked(conn: Connection, rows: list[dict[str, Any]], hint: str) -> int:
     """PostgreSQL, a few rows: marker + notify + INSERT as one statement; the highest id."""
-    params: dict[str, Any] = {c: [] for c in _COLUMNS}
-    for row in rows:
-        for c in _COLUMNS:
-            value = row[c]
-            if c == "data":
-                value = None if value is None else dumps(value)
-            elif c in ("kind", "from_state", "to_state"):
-                value = str(value)
-            params[c].append(value)
+    params: dict[str, Any] = {c: array_text([row[c] for row in rows]) for c in _COLUMNS if c != "data"}
+    params["data"] = array_text([None if row["data"] is None else dumps(row["data"]) for row in rows])
     params["channel"] = EVENTS_CHANNEL
     params["hint"] = hint
     return max(conn.execute(_MARKED_INSERT, params).scalars())

@@ -44,6 +44,7 @@ from balsam_grpc.core.states import (
     settle,
 )
 from balsam_grpc.server.store import events as event_log
+from balsam_grpc.server.store.codec import array_text
 from balsam_grpc.server.store.query import id_in, ids_param, ids_value
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, transfer_items
 
@@ -473,7 +474,7 @@ class Transitioner:
                 "WHERE jobs.id = v.v0"
                 + (" RETURNING jobs.id, EXISTS (SELECT 1 FROM job_parents WHERE job_parents.parent_id = jobs.id)"
                    if childless else ""))
-        bind = {n: [p[n] for p in params] for n in names}
+        bind = {n: array_text([p[n] for p in params]) for n in names}
         bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
         result = self.conn.execute(stmt, bind)
         if childless:
