@@ -346,6 +346,8 @@ def test_a_held_job_started_and_ended_in_one_report_is_written_once(short: Short
             for v in (p.values() if isinstance(p, dict) else [p]):
                 if isinstance(v, str) and v.startswith("["):  # SQLite: an id list as JSON
                     v = json.loads(v)
+                elif isinstance(v, str) and v.startswith("{"):  # PostgreSQL: an array literal (codec.array_text)
+                    v = [int(x) for x in v[1:-1].split(",") if x.isdigit()]
                 found.update(v if isinstance(v, (list, tuple)) else [v])
         return {v for v in found if isinstance(v, int)}
 

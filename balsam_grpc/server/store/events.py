@@ -14,6 +14,7 @@ from sqlalchemy.sql import ColumnElement
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, append_rows
 from balsam_grpc.server.store.codec import array_text, dumps
 from balsam_grpc.server.store.db import MAX_EVENT_ID
+from balsam_grpc.server.store.driver import DriverStatement, driver_rows
 from balsam_grpc.server.store.query import tags_contain
 from balsam_grpc.server.store.tables import events, jobs
 
@@ -140,7 +141,11 @@ def event_horizon(conn: Connection) -> tuple[int, int]:
     if conn.dialect.name != "postgresql":
         top = conn.execute(_TOP_ID).scalar_one()
         return top, top
-    last, mark = conn.execute(_HORIZON).one()
+    return horizon_of(*conn.execute(HORIZON).one())
+
+
+def horizon_of(last: int, mark: int | None) -> tuple[int, int]:
+    """event_horizon's answer from HORIZON's row."""
     return (last if mark is None else min(last, mark)), last
 
 
@@ -148,7 +153,7 @@ _TOP_ID = select(func.coalesce(func.max(events.c.id), 0))
 # The sequence is read first (the FROM item) and the markers after it (a correlated
 # subquery, evaluated per row of FROM): a writer that draws an id after the first read
 # draws it above `last`; one that drew earlier had marked itself before drawing.
-_HORIZON = text(
+HORIZON = text(
     f"SELECT s.last, (SELECT min(((l.classid::bigint - {_MARK_NS}) << {_MARK_LOW_BITS}) | l.objid::bigint) "
     "FROM pg_locks AS l WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND s.last IS NOT NULL "
     f"AND l.classid::bigint >= {_MARK_NS} AND l.classid::bigint < {_MARK_NS + (1 << 24)} "
@@ -178,7 +183,14 @@ def _insert_marked(conn: Connection, rows: list[dict[str, Any]], hint: str) -> i
     params["data"] = array_text([None if row["data"] is None else dumps(row["data"]) for row in rows])
     params["channel"] = EVENTS_CHANNEL
     params["hint"] = hint
-    return max(conn.execute(_MARKED_INSERT, params).scalars())
+    stmt = _MARKED_INSERT_DRIVER.get(conn.dialect)
+    if stmt is None:
+        stmt = _MARKED_INSERT_DRIVER[conn.dialect] = DriverStatement(_MARKED_INSERT, conn.dialect)
+    return max(r[0] for r in driver_rows(conn, stmt, params))
+
+
+# _MARKED_INSERT in the driver's terms (store/driver.py), per dialect object.
+_MARKED_INSERT_DRIVER: WeakKeyDictionary[Any, DriverStatement] = WeakKeyDictionary()
 
 
 def job_event(owner_id: int, site_id: int, job_id: int, src: str, dst: str, now: datetime,

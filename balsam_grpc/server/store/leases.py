@@ -22,6 +22,8 @@ from sqlalchemy import Connection, Float, Integer, and_, bindparam, exists, lite
 from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role, role_refusal
 from balsam_grpc.server.store import events as event_log
+from balsam_grpc.server.store.codec import array_text
+from balsam_grpc.server.store.driver import DriverStatement, driver_execute, driver_rows
 from balsam_grpc.server.store.query import ids_param, ids_value, tags_contain
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, runnable_condition, sessions
 from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, Transitioner
@@ -98,6 +100,12 @@ def _statement(key: tuple[Any, ...], build: Any) -> Any:
     if stmt is None:
         stmt = _STATEMENTS[key] = build()
     return stmt
+
+
+def _driver(conn: Connection, key: tuple[Any, ...], build: Any) -> DriverStatement:
+    """PostgreSQL: the statement `build` makes, in the driver's terms (store/driver.py),
+    built once per key."""
+    return _statement(("driver", *key), lambda: DriverStatement(build(), conn.dialect))
 
 
 _LOCK_SESSION = (select(sessions)
@@ -193,18 +201,27 @@ def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: 
     dialect = conn.dialect.name
     serial = credit.serial_only or session.job_mode == "SERIAL"
     params: dict[str, Any] = {"b_site": session.site_id, "b_maxn": credit.max_nodes_per_job,
-                              "b_wall": credit.wall_time_remaining_min, "b_apps": ids_value(credit.app_ids, dialect)}
+                              "b_wall": credit.wall_time_remaining_min,
+                              "b_apps": array_text(credit.app_ids) if dialect == "postgresql" and not credit.filter_tags
+                              else ids_value(credit.app_ids, dialect)}
     while len(picked) < credit.max_jobs and free > _EPS:
         want = credit.max_jobs - len(picked)
         excluded = exclude + [r["id"] for r in picked]
         shape = (dialect, credit.max_nodes_per_job > 0, credit.wall_time_remaining_min > 0, serial,
                  bool(credit.app_ids), bool(excluded))
+        params.update(b_free=free + _EPS, b_lim=want)
         if credit.filter_tags:  # the tags are in the statement: built each time
             stmt = _pick_statement(*shape, tags=credit.filter_tags)
+            params["b_excl"] = ids_value(excluded, dialect)
+            rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
+        elif dialect == "postgresql":
+            params["b_excl"] = array_text(excluded)
+            rows = driver_rows(conn, _driver(conn, ("pick", *shape), lambda: _pick_statement(*shape)), params,
+                               dicts=True)
         else:
             stmt = _statement(("pick", *shape), lambda: _pick_statement(*shape))
-        params.update(b_free=free + _EPS, b_lim=want, b_excl=ids_value(excluded, dialect))
-        rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
+            params["b_excl"] = ids_value(excluded, dialect)
+            rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
         for row in rows:
             need = footprint(row["num_nodes"], row["node_packing_count"])
             if need <= free + _EPS:
@@ -282,13 +299,13 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
     # planned with sorting off for good (a 100-fold slower UPDATE was measured).
     postgres = conn.dialect.name == "postgresql"
     if postgres:
-        conn.exec_driver_sql(_SORT_OFF)
+        driver_execute(conn, _SORT_OFF)
     rows = _pick_pages(conn, session, credit, []) if not credit.start_exhausted else []
     reserved: list[dict[str, Any]] = []
     if not credit.reserve_exhausted:
         reserved = _pick_pages(conn, session, credit.reserve_part(), [r["id"] for r in rows])
     if postgres:
-        conn.exec_driver_sql(_SORT_DEFAULT)
+        driver_execute(conn, _SORT_DEFAULT)
     message = f"leased to session {session.id}"
     if rows:
         values = {r["id"]: {"session_id": session.id, "lease_generation": r["lease_generation"] + 1,
@@ -305,13 +322,21 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
         # event; the launcher's RUNNING report starts it (apply_report). The picked rows
         # are locked and have no session, so the UPDATE changes each of them.
         dialect = conn.dialect.name
-        stmt = _statement(("hold_ahead", dialect, bool(session.batch_job_id)), lambda: update(jobs).where(
-            ids_param(jobs.c.id, "b_ids", dialect), jobs.c.session_id.is_(None)).values(
-            session_id=bindparam("b_sid"), lease_generation=jobs.c.lease_generation + 1,
-            batch_job_id=bindparam("b_bj") if session.batch_job_id else jobs.c.batch_job_id,
-            update_time=bindparam("b_now")))
-        conn.execute(stmt, {"b_ids": ids_value([r["id"] for r in reserved], dialect), "b_sid": session.id,
-                            "b_bj": session.batch_job_id, "b_now": now})
+
+        def hold_ahead() -> Any:
+            return update(jobs).where(ids_param(jobs.c.id, "b_ids", dialect), jobs.c.session_id.is_(None)).values(
+                session_id=bindparam("b_sid"), lease_generation=jobs.c.lease_generation + 1,
+                batch_job_id=bindparam("b_bj") if session.batch_job_id else jobs.c.batch_job_id,
+                update_time=bindparam("b_now"))
+
+        held = [r["id"] for r in reserved]
+        hold = {"b_sid": session.id, "b_bj": session.batch_job_id, "b_now": now}
+        if dialect == "postgresql":
+            driver_rows(conn, _driver(conn, ("hold_ahead", bool(session.batch_job_id)), hold_ahead),
+                        {**hold, "b_ids": array_text(held)})
+        else:
+            conn.execute(_statement(("hold_ahead", dialect, bool(session.batch_job_id)), hold_ahead),
+                         {**hold, "b_ids": ids_value(held, dialect)})
         for r in reserved:
             r.update(session_id=session.id, lease_generation=r["lease_generation"] + 1,
                      batch_job_id=session.batch_job_id or r["batch_job_id"], update_time=now)
@@ -328,8 +353,15 @@ def load_apps(conn: Connection, app_ids: set[int]) -> dict[int, dict[str, Any]]:
     if not app_ids:
         return {}
     dialect = conn.dialect.name
-    stmt = _statement(("apps", dialect), lambda: select(apps).where(ids_param(apps.c.id, "b_ids", dialect)))
-    return {r.id: dict(r._mapping) for r in conn.execute(stmt, {"b_ids": ids_value(sorted(app_ids), dialect)})}
+
+    def build() -> Any:
+        return select(apps).where(ids_param(apps.c.id, "b_ids", dialect))
+
+    if dialect == "postgresql":
+        return {r["id"]: r for r in driver_rows(conn, _driver(conn, ("apps",), build),
+                                                 {"b_ids": array_text(sorted(app_ids))}, dicts=True)}
+    return {r.id: dict(r._mapping) for r in conn.execute(_statement(("apps", dialect), build),
+                                                         {"b_ids": ids_value(sorted(app_ids), dialect)})}
 
 
 def held_jobs(conn: Connection, owner_id: int, session_id: str) -> list[dict[str, Any]]:
@@ -440,12 +472,13 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
         # Locked and advanced at once: the new applied_through_seq is the highest seq
         # sent (resent and fenced ones count as applied too), the old one decides which
         # are fresh. Nothing else of the session's row is read.
-        row = conn.execute(_LOCK_AND_ADVANCE, {"b_sid": session_id, "b_owner": owner_id, "b_now": now,
-                                               "b_seq": max(t.seq for t in transitions)}).first()
-        refusal = _session_refusal(session_id, row.state if row is not None else None)
+        got = driver_rows(conn, _driver(conn, ("lock_and_advance",), lambda: _LOCK_AND_ADVANCE),
+                          {"b_sid": session_id, "b_owner": owner_id, "b_now": now,
+                           "b_seq": max(t.seq for t in transitions)})
+        refusal = _session_refusal(session_id, got[0][0] if got else None)
         if refusal is not None:
             raise refusal  # the transaction rolls back, the advance with it
-        session = {"applied_through_seq": row.applied_through_seq, "advanced": True}
+        session = {"applied_through_seq": got[0][1], "advanced": True}
     else:
         session = lock_active_session(conn, owner_id, session_id)
     result = _apply_report(conn, session, session_id, owner_id, transitions, now, tr)
@@ -494,14 +527,18 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     # Locked in id order, as every bulk job change does, so two never deadlock.
     # With each row, its app's rules (what the Transitioner would read next, for the ends):
     # one statement less. Only the jobs' rows are locked.
-    stmt = _statement(("report_rows", dialect), lambda: report_rows_statement(dialect))
+    if dialect == "postgresql":
+        found = driver_rows(conn, _driver(conn, ("report_rows",), lambda: report_rows_statement(dialect)),
+                            {"b_owner": owner_id, "b_ids": array_text(ids)}, dicts=True)
+    else:
+        stmt = _statement(("report_rows", dialect), lambda: report_rows_statement(dialect))
+        found = [dict(r._mapping) for r in conn.execute(stmt, {"b_owner": owner_id, "b_ids": ids_value(ids, dialect)})]
     rows = {}
-    for r in conn.execute(stmt, {"b_owner": owner_id, "b_ids": ids_value(ids, dialect)}):
-        row = dict(r._mapping)
+    for row in found:
         tr.know_app_rules(row["app_id"], row.pop("app_hooks"), row.pop("app_retry_policy"))
         if not row.pop("has_children", True):
-            tr.know_childless(r.id)
-        rows[r.id] = row
+            tr.know_childless(row["id"])
+        rows[row["id"]] = row
     # Starts first (a job held ahead may start and end in one report: its start always
     # has the lower seq); its row is then RUNNING for the transitions after it.
     starts = [t for t in fresh if t.state == S.RUNNING]

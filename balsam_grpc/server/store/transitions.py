@@ -44,7 +44,8 @@ from balsam_grpc.core.states import (
     settle,
 )
 from balsam_grpc.server.store import events as event_log
-from balsam_grpc.server.store.codec import array_text
+from balsam_grpc.server.store.codec import array_text, dumps, is_json
+from balsam_grpc.server.store.driver import DriverStatement, driver_rows
 from balsam_grpc.server.store.query import id_in, ids_param, ids_value
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, transfer_items
 
@@ -173,7 +174,15 @@ _ARRAY_SAFE = (Integer, String, DateTime, Boolean, Float)
 _CASCADING = frozenset({S.JOB_FINISHED, S.FAILED, S.KILLED})
 _HAS_CHILDREN = exists().where(job_parents.c.parent_id == jobs.c.id).label("has_children")
 # The grouped UPDATEs of _write, by (dialect, columns set): immutable, built once.
-_UPDATES: dict[tuple[str, tuple[str, ...]], Any] = {}
+_UPDATES: dict[tuple[Any, ...], Any] = {}
+
+
+def _driver_value(name: str, value: Any) -> Any:
+    """A jobs column's value as the driver takes it (store/driver.py): JSON as its text."""
+    return dumps(value) if name in _JSON_COLUMNS else value
+
+
+_JSON_COLUMNS = frozenset(c.name for c in jobs.columns if is_json(c))
 
 
 class Transitioner:
@@ -427,9 +436,18 @@ class Transitioner:
                     if childless:
                         stmt = stmt.returning(jobs.c.id, _HAS_CHILDREN)
                     _UPDATES[(dialect, (*names, "+childless" if childless else ""))] = stmt
-                params = {"w_" + name: value for name, value in columns.items()}
-                params["w_ids"] = ids_value(ids, dialect)
-                result = self.conn.execute(stmt, params)
+                if dialect == "postgresql":
+                    driver = _UPDATES.get((dialect, (*names, "+childless" if childless else ""), "driver"))
+                    if driver is None:
+                        driver = _UPDATES[(dialect, (*names, "+childless" if childless else ""), "driver")] = \
+                            DriverStatement(stmt, self.conn.dialect)
+                    params = {"w_" + name: _driver_value(name, value) for name, value in columns.items()}
+                    params["w_ids"] = array_text(ids)
+                    result = driver_rows(self.conn, driver, params)
+                else:
+                    params = {"w_" + name: value for name, value in columns.items()}
+                    params["w_ids"] = ids_value(ids, dialect)
+                    result = self.conn.execute(stmt, params)
                 if childless:
                     self.childless.update(r[0] for r in result if not r[1])
             return
@@ -476,7 +494,10 @@ class Transitioner:
                    if childless else ""))
         bind = {n: array_text([p[n] for p in params]) for n in names}
         bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
-        result = self.conn.execute(stmt, bind)
+        driver = _UPDATES.get(("postgresql", shape, "driver"))
+        if driver is None:
+            driver = _UPDATES[("postgresql", shape, "driver")] = DriverStatement(stmt, self.conn.dialect)
+        result = driver_rows(self.conn, driver, bind)
         if childless:
             self.childless.update(r[0] for r in result if not r[1])
 

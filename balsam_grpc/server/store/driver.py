@@ -1,0 +1,82 @@
+"""PostgreSQL: statements of the launcher report path run on the driver's cursor of the
+transaction's own connection, without SQLAlchemy's per-execution work.
+
+SQLAlchemy spends about as much server CPU on a compiled, cached statement (execution
+context, parameter processing, result metadata) as psycopg and the network together: a
+third of a report transaction's server CPU. The statements here are compiled once by
+SQLAlchemy into the driver's terms (psycopg's %(name)s with SQLAlchemy's casts) and run
+in the same transaction, on the same connection, so nothing about atomicity or locking
+changes. Only for statements whose parameters need no type processing: the caller binds
+lists as array literals (codec.array_text) and JSON as text. Rows come as tuples or dicts
+(JSON already decoded by the connection's loader, as for SQLAlchemy's rows).
+
+Listeners of before_cursor_execute see them as they see SQLAlchemy's. Errors are raised
+as SQLAlchemy raises them (DBAPIError, with the connection
+invalidated when it is gone), so callers and rpc.database_unavailable see no difference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
+
+_TUPLES_OK = 2  # psycopg.pq.ExecStatus.TUPLES_OK
+
+
+class DriverStatement:
+    """A statement in the driver's terms, with the values of the parameters it fixes
+    itself (literals SQLAlchemy bound, such as `num_nodes = 1`)."""
+
+    __slots__ = ("sql", "fixed")
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.fixed = {k: v for k, v in compiled.params.items() if v is not None}
+
+
+def driver_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any], *,
+                dicts: bool = False) -> list[Any]:
+    """Run `stmt` with `params` in `conn`'s transaction; its rows (tuples, or dicts when
+    `dicts`; [] when it returns none)."""
+    import psycopg
+    from psycopg.rows import dict_row, tuple_row
+
+    dbapi_conn = conn.connection.driver_connection
+    if stmt.fixed:
+        params = {**stmt.fixed, **params}
+    cursor = dbapi_conn.cursor(row_factory=dict_row if dicts else tuple_row)
+    try:
+        if conn._has_events or conn.engine._has_events:
+            # Seen by the same listeners as SQLAlchemy's statements (tests that watch them).
+            conn.dispatch.before_cursor_execute(conn, cursor, stmt.sql, params, None, False)
+        cursor.execute(stmt.sql, params)
+        result = cursor.pgresult
+        return cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
+    except psycopg.Error as exc:
+        gone = conn.dialect.is_disconnect(exc, dbapi_conn, cursor)
+        err = DBAPIError.instance(stmt.sql, params, exc, psycopg.Error, hide_parameters=True,
+                                  connection_invalidated=gone)
+        if gone:
+            conn.invalidate(err)
+        raise err from exc
+    finally:
+        cursor.close()
+
+
+def driver_execute(conn: Connection, sql: str) -> None:
+    """A statement without parameters or rows (SET LOCAL) in `conn`'s transaction."""
+    driver_rows(conn, _plain(sql), {})
+
+
+_PLAIN: dict[str, DriverStatement] = {}
+
+
+def _plain(sql: str) -> DriverStatement:
+    stmt = _PLAIN.get(sql)
+    if stmt is None:
+        stmt = _PLAIN[sql] = DriverStatement.__new__(DriverStatement)
+        stmt.sql, stmt.fixed = sql, {}
+    return stmt
