@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ import structlog
 from sqlalchemy import Connection, bindparam, select
 
 from balsam_grpc.core.backoff import Backoff
-from balsam_grpc.server.store.events import event_horizon, origin
+from balsam_grpc.server.store.events import HORIZON, event_horizon, horizon_of, origin
 from balsam_grpc.server.store.tables import events
 
 log = structlog.get_logger("balsam.fanout")
@@ -96,6 +97,17 @@ def read_events(conn: Connection, after: int, upto: int, limit: int) -> list[Eve
     """Events with after < id <= upto, in id order, at most `limit`."""
     rows = conn.execute(_READ_EVENTS, {"e_after": after, "e_upto": upto, "e_limit": limit})
     return [EventRow(*r) for r in rows]
+
+
+@functools.cache
+def _driver_sql() -> tuple[str, str]:
+    """PostgreSQL: event_horizon's statement and _READ_EVENTS in psycopg's terms, for
+    Database.statement_now."""
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.dialects.postgresql import psycopg
+
+    dialect = psycopg.dialect() if hasattr(psycopg, "dialect") else postgresql.dialect()
+    return str(HORIZON.compile(dialect=dialect)), str(_READ_EVENTS.compile(dialect=dialect))
 
 
 def read_horizon_and_events(conn: Connection, after: int, limit: int,
@@ -308,8 +320,7 @@ class Fanout:
             try:
                 if not self.bus.ordered_commits:
                     start = self.position
-                    horizon, last, rows = await self.db.read_now(read_horizon_and_events, start, READ_BATCH,
-                                                                 self.count > 0)
+                    horizon, last, rows = await self._horizon_and_events(start, self.count > 0)
                     self.bus.advance(horizon)
                     recheck = None if horizon >= last else min(RECHECK_SECONDS[1], 2 * recheck) if recheck \
                         else RECHECK_SECONDS[0]
@@ -328,6 +339,21 @@ class Fanout:
                 log.exception("reading new events failed; retrying", position=self.position, retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
                 self.bus.poke()
+
+    async def _horizon_and_events(self, after: int, rows: bool) -> tuple[int, int, list[EventRow]]:
+        """read_horizon_and_events. On PostgreSQL its two statements run on the event loop
+        (Database.statement_now, each in autocommit as read_now runs them, the horizon
+        first): no hop to a database thread and back, none of SQLAlchemy's per-execution
+        work; the dispatcher wakes after most commits of a busy site."""
+        if not getattr(self.db, "is_postgres", False):
+            return await self.db.read_now(read_horizon_and_events, after, READ_BATCH, rows)
+        horizon_sql, events_sql = _driver_sql()
+        horizon, last = horizon_of(*(await self.db.statement_now(horizon_sql, {}, tuples=True))[0])
+        if not rows or horizon <= after:
+            return horizon, last, []
+        got = await self.db.statement_now(events_sql, {"e_after": after, "e_upto": horizon, "e_limit": READ_BATCH},
+                                          tuples=True)
+        return horizon, last, [EventRow(*r) for r in got]
 
     def _read(self, rows: list[EventRow], upto: int) -> None:
         """Route a batch read up to `upto` (a full batch: up to its last row)."""
