@@ -40,7 +40,7 @@ from balsam_grpc.server.fanout import Delivery, EventRow, Subscription
 from balsam_grpc.server.job_tokens import JobTokens
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.services.apps import app_to_pb
-from balsam_grpc.server.services.jobs import job_to_message
+from balsam_grpc.server.services.jobs import fill_job
 from balsam_grpc.server.services.session_convert import session_to_pb
 from balsam_grpc.server.services.common import check_map
 from balsam_grpc.server.state import ServerState
@@ -145,19 +145,23 @@ def _checked(report: session_service_pb2.TransitionReport) -> session_service_pb
     return report
 
 
-def leased_job_pb(row: dict[str, Any], app_rows: dict[int, dict[str, Any]],
-                  tokens: JobTokens, app_pbs: dict[int, Any] | None = None) -> session_service_pb2.LeasedJob:
-    """A leased job with its app; `app_pbs` keeps each app's message across the jobs of
-    one batch (converted once, not once per job)."""
-    app_id = row["app_id"]
-    app = app_pbs.get(app_id) if app_pbs is not None else None
-    if app is None:
-        app = app_to_pb(app_rows[app_id])
-        if app_pbs is not None:
-            app_pbs[app_id] = app
-    return session_service_pb2.LeasedJob(job=job_to_message(row), app=app,
-                                         lease_generation=row["lease_generation"],
-                                         job_token=tokens.mint(row["id"], row["lease_generation"]))
+def leased_jobs_pb(rows: list[dict[str, Any]], app_rows: dict[int, dict[str, Any]], tokens: JobTokens,
+                   out: Any) -> None:
+    """Append a LeasedJob per row, with its app, to the repeated field `out`, built in
+    place: a job message built apart is copied into its LeasedJob and that again into the
+    response. Each app's message is converted once for all its jobs."""
+    apps: dict[int, Any] = {}
+    add = out.add
+    for row in rows:
+        app_id = row["app_id"]
+        app = apps.get(app_id)
+        if app is None:
+            app = apps[app_id] = app_to_pb(app_rows[app_id])
+        leased = add()
+        fill_job(leased.job, row)
+        leased.app.CopyFrom(app)
+        leased.lease_generation = row["lease_generation"]
+        leased.job_token = tokens.mint(row["id"], row["lease_generation"])
 
 
 class SessionStream:
@@ -274,10 +278,10 @@ class SessionStream:
         self.log.info("session resumed" if o.resume_session_id else "session opened",
                       held_jobs=len(held_rows), applied_through_seq=row["applied_through_seq"],
                       hostname=o.hostname, nodes=len(o.nodes), batch_job_id=row["batch_job_id"] or 0)
-        return session_service_pb2.SessionOpened(
-            session=session_to_pb(row), lease_timeout_seconds=timeout,
-            applied_through_seq=row["applied_through_seq"],
-            leased_jobs=[leased_job_pb(r, app_rows, self.state.auth.job_tokens) for r in held_rows])
+        opened = session_service_pb2.SessionOpened(session=session_to_pb(row), lease_timeout_seconds=timeout,
+                                                   applied_through_seq=row["applied_through_seq"])
+        leased_jobs_pb(held_rows, app_rows, self.state.auth.job_tokens, opened.leased_jobs)
+        return opened
 
     # ------------------------------------------------------------------ tasks
 
@@ -431,10 +435,9 @@ class SessionStream:
             self.in_flight.append((self.leases_sent, started, got.nodes, got.reserved, got.reserved_nodes))
         self.log.debug("jobs leased", jobs=len(got.jobs), held_ahead=got.reserved, nodes=round(got.nodes, 3),
                       held=len(self.held))
-        tokens = self.state.auth.job_tokens
-        app_pbs: dict[int, Any] = {}
-        return Response(leases=session_service_pb2.JobLeases(jobs=[leased_job_pb(r, got.apps, tokens, app_pbs)
-                                                                   for r in got.jobs]))
+        response = Response()
+        leased_jobs_pb(got.jobs, got.apps, self.state.auth.job_tokens, response.leases.jobs)
+        return response
 
     async def _reports(self, reports: list[session_service_pb2.TransitionReport]) -> AsyncIterator[Response]:
         """Apply reports that arrived together in one transaction and answer one ack. When
