@@ -147,7 +147,7 @@ def test_a_job_with_too_many_parents_is_refused_before_anything_is_read(alice):
 
 def test_creation_events_carry_each_jobs_path_state_and_message(alice):
     """The creation events (on PostgreSQL written by the database from the new rows,
-    store.jobs._creation_events_from_jobs) say what the one-piece create's say: CREATED ->
+    store.jobs._CREATION_EVENTS) say what the one-piece create's say: CREATED ->
     the job's state, the steps taken on the way as data, the job's state message, the
     creation time; one per job, in the jobs' order, mixed paths in one call."""
     site, app = make_site_app(alice)
@@ -182,3 +182,14 @@ def test_creation_events_carry_each_jobs_path_state_and_message(alice):
         else:
             assert via == [] and not event.data
     assert any("failed" in e.message for e in events)
+
+
+@pytest.mark.parametrize("total", [1, 39, 70, 71, 207, 1000])
+def test_stream_chunks_cover_the_jobs_once_in_order_with_small_ends(total):
+    bounds = job_service.stream_chunks(total, CHUNK)
+    assert [b[0] for b in bounds] == [0, *(b[1] for b in bounds[:-1])] and bounds[-1][1] == total
+    sizes = [stop - start for start, stop in bounds]
+    assert min(sizes) > 0 and max(sizes) <= CHUNK
+    assert sizes[0] <= CHUNK // 8
+    if total > 2 * CHUNK:
+        assert sizes[-1] <= CHUNK // 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import operator
 import time
 from collections.abc import Iterator
@@ -51,6 +52,34 @@ MAX_DATA_BYTES = 256 * 1024
 MAX_PARENTS = 10_000
 # Jobs a large PostgreSQL create converts while the database takes in the chunk before.
 STREAM_CHUNK = 1000
+
+
+def stream_chunks(total: int, full: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of a streamed create of `total` jobs: `full`-sized in
+    the middle, smaller at both ends (full/8, full/4, full/2 and back). Nothing overlaps
+    the first chunk's conversion (the database waits for it) nor the database's work on
+    the last one (the server waits for it): small ends keep those short."""
+    ramp = []
+    size = max(1, full // 8)
+    while size < full:
+        ramp.append(size)
+        size *= 2
+    middle = total - 2 * sum(ramp)
+    if middle > 0:
+        pieces = -(-middle // full)
+        sizes = [*ramp, *(middle // pieces + (i < middle % pieces) for i in range(pieces)), *reversed(ramp)]
+    else:  # a short create: growing chunks until all are taken
+        sizes, left = [], total
+        for size in itertools.chain(ramp, itertools.repeat(full)):
+            if left <= 0:
+                break
+            sizes.append(min(size, left))
+            left -= sizes[-1]
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
 UPDATABLE = {"name", "tags", "parameters", "data", "priority", "resources", "on_parent_failure", "state",
              "state_message", "return_code", "error_tail"}
 
@@ -550,9 +579,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         state = self.state
 
         def chunks() -> Iterator[list[dict[str, Any]]]:
-            for start in range(0, len(jobs), STREAM_CHUNK):
-                specs = [job_spec(j, f"jobs[{i}]", state)
-                         for i, j in enumerate(jobs[start:start + STREAM_CHUNK], start)]
+            for start, stop in stream_chunks(len(jobs), STREAM_CHUNK):
+                specs = [job_spec(j, f"jobs[{i}]", state) for i, j in enumerate(jobs[start:stop], start)]
                 if principal.is_site:
                     for spec in specs:
                         if spec["site_id"]:
