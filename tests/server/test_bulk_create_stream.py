@@ -193,3 +193,33 @@ def test_stream_chunks_cover_the_jobs_once_in_order_with_small_ends(total):
     assert sizes[0] <= CHUNK // 8
     if total > 2 * CHUNK:
         assert sizes[-1] <= CHUNK // 8
+
+
+def test_creation_events_written_before_the_jobs_say_what_the_jobs_became(alice):
+    """One app by id, no parents, no transfers: the events are known before any job is
+    converted, and PostgreSQL writes them while the server converts the first chunks
+    (store.jobs.create_jobs_streamed). They must be the events the jobs' own path gives,
+    one per job, in the jobs' order; a call that then fails leaves none behind."""
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    events_stub = alice.stub(event_service_pb2_grpc.EventServiceStub)
+    created = list(stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
+        jobs=batch(app.id, "ahead"), view=job_service_pb2.JOB_VIEW_FULL)).jobs)
+    ids = [j.id for j in created]
+    events = list(events_stub.ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(job_ids=ids), page_size=1000)).events)
+    assert [e.job_id for e in events] == ids
+    assert [e.id for e in events] == sorted(e.id for e in events)
+    for job, event in zip(created, events, strict=True):
+        assert job.state == job_pb2.JOB_STATE_PREPROCESSED
+        assert (event.site_id, event.job_state.from_state, event.job_state.to_state, event.message) == (
+            site.id, job_pb2.JOB_STATE_CREATED, job.state, "")
+        assert event.time == job.create_time and event.receive_time == job.create_time
+        assert list(event.data["via"]) == ["READY", "STAGED_IN"]
+    before = len(list(events_stub.ListEvents(event_service_pb2.ListEventsRequest(page_size=1000)).events))
+    failing = batch(app.id, "ahead-fails")
+    failing[SIZE - 1].workdir = "ahead/0"  # taken: the COPY fails after the events were written
+    err = refused(stub, failing)
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and f"jobs[{SIZE - 1}].workdir" in err.details()
+    after = len(list(events_stub.ListEvents(event_service_pb2.ListEventsRequest(page_size=1000)).events))
+    assert after == before and count(stub, site.id) == SIZE
