@@ -223,3 +223,28 @@ def test_creation_events_written_before_the_jobs_say_what_the_jobs_became(alice)
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS and f"jobs[{SIZE - 1}].workdir" in err.details()
     after = len(list(events_stub.ListEvents(event_service_pb2.ListEventsRequest(page_size=1000)).events))
     assert after == before and count(stub, site.id) == SIZE
+
+
+def test_jobs_that_differ_from_the_events_written_up_front_fail_the_call(alice, harness, monkeypatch):
+    """The check behind writing events first: were the foresight ever wrong (here made
+    wrong on purpose), the call fails with nothing written rather than leave events that
+    say something else than the jobs."""
+    from balsam_grpc.server.store import jobs as job_store
+
+    if harness.backend != "postgres":
+        pytest.skip("SQLite takes the one-piece path")
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    real = job_store._Creation.foreseen_event
+
+    def wrong(self, references):
+        kind = real(self, references)
+        return None if kind is None else (kind[0], "RUNNING", *kind[2:])
+
+    monkeypatch.setattr(job_store._Creation, "foreseen_event", wrong)
+    err = refused(stub, batch(app.id, "wrong"))
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert count(stub, site.id) == 0
+    events = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(site_ids=[site.id]), page_size=1000)).events
+    assert [e for e in events if e.HasField("job_state")] == []
