@@ -545,6 +545,40 @@ def test_a_create_wakes_the_sessions_of_its_replica_before_its_events_are_routed
         launcher.cancel()
 
 
+def test_a_large_create_wakes_the_sessions_of_its_replica_before_its_events_are_routed(
+        harness: Harness, alice: Caller) -> None:
+    """As above for a create large enough to be streamed on PostgreSQL (its rows are let
+    go chunk by chunk; the runnable ids are kept for the wake-up): the session leases
+    from it while no event reaches it."""
+    w = World(alice)
+    launcher = Launcher(alice)
+    fanout = _fanout(harness)
+    held: list[list[Any]] = []
+
+    def hold(rows: list[Any], upto: int) -> None:
+        held.append(rows)
+        fanout.position = upto
+
+    def release() -> None:
+        if "_route" in vars(fanout):
+            del fanout._route
+            for rows in held:
+                fanout._route(rows, fanout.position)
+
+    try:
+        launcher.open(w.site.id)
+        launcher.credit(max_jobs=3)
+        launcher.settle()
+        _caught_up(harness)
+        _on_loop(harness, lambda: setattr(fanout, "_route", hold))
+        created = w.create(100)
+        leased = launcher.leased(3)
+        assert {a.job.id for a in leased} <= {j.id for j in created}
+    finally:
+        _on_loop(harness, release)
+        launcher.cancel()
+
+
 def test_a_session_on_another_replica_is_woken_by_the_notification(harness: Harness, alice: Caller) -> None:
     """PostgreSQL: the create's own wake-up reaches only its replica's sessions; a session
     on another replica is woken by the commit's notification, as before."""

@@ -313,6 +313,14 @@ def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]
     return spec
 
 
+def _runnable_by_site(rows: list[dict[str, Any]], by_site: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Add the ids of the runnable jobs among `rows` to `by_site` (site -> ids)."""
+    for r in rows:
+        if r["state"] in RUNNABLE_STATES and r["site_id"]:
+            by_site.setdefault(r["site_id"], []).append(r["id"])
+    return by_site
+
+
 def _references(jobs: list[job_pb2.Job]) -> tuple[set[int], set[tuple[int, str]], set[int], bool] | None:
     """What a streamed create reads up front (store.create_jobs_streamed): the jobs' app
     ids, (site id, app name) pairs, parent ids and whether any gives transfers; None when
@@ -427,11 +435,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     def _wake_sessions(self, owner_id: int, rows: list[dict[str, Any]]) -> None:
         """After a commit: the launcher sessions here of the sites that got runnable jobs
         lease now (Fanout.runnable), not after the events' notification and read."""
-        by_site: dict[int, list[int]] = {}
-        for r in rows if self.state.fanout.by_site else ():
-            if r["state"] in RUNNABLE_STATES and r["site_id"]:
-                by_site.setdefault(r["site_id"], []).append(r["id"])
-        for site_id, ids in by_site.items():
+        if self.state.fanout.by_site:
+            self._wake_sites(owner_id, _runnable_by_site(rows, {}))
+
+    def _wake_sites(self, owner_id: int, by_site: dict[int, list[int]]) -> None:
+        for site_id, ids in by_site.items() if self.state.fanout.by_site else ():
             self.state.fanout.runnable(owner_id, site_id, ids)
 
     def _created(self, count: int) -> None:
@@ -587,22 +595,22 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                             principal.check_site(spec["site_id"])
                 yield specs
 
-        made: list[dict[str, Any]] = []
+        runnable: dict[int, list[int]] = {}  # site -> ids (the rows themselves are freed chunk by chunk)
 
         def build(conn: Any) -> Any:
             response = response_type()
-            made.clear()
+            runnable.clear()
 
             def written(rows: list[dict[str, Any]]) -> None:
-                made.extend(rows)
                 jobs_to_messages(rows, view, response.jobs)
+                _runnable_by_site(rows, runnable)
 
             store.create_jobs_streamed(conn, principal.user_id, _scope(principal), len(jobs), references, chunks(),
                                        utcnow(), written)
             return response
 
         response = await mutate(self.state, principal, "BatchCreateJobs", request, response_type, build)
-        self._wake_sessions(principal.user_id, made)
+        self._wake_sites(principal.user_id, runnable)
         self._created(len(jobs))
         return response
 

@@ -538,7 +538,12 @@ class _Creation:
     site_scope: int | None
     now: datetime
     lookups: _Lookups
+    # False: the rows are the caller's alone once added (a streamed create of jobs with
+    # no parents or transfers, which need nothing of them later): each chunk's rows are
+    # freed while PostgreSQL takes in the next, not all at once after the commit.
+    keep_rows: bool = True
     rows: list[dict[str, Any]] = field(default_factory=list)
+    count: int = 0
     transfers: list[list[dict[str, Any]]] = field(default_factory=list)
     event_data: list[dict[str, Any] | None] = field(default_factory=list)
     seen: dict[tuple[int, str], int] = field(default_factory=dict)
@@ -550,7 +555,7 @@ class _Creation:
 
     def add(self, specs: list[dict[str, Any]]) -> None:
         """Check the next specs (numbered on from those added before) and turn them into rows."""
-        offset = len(self.rows)
+        offset = self.count
         lookups, now = self.lookups, self.now
         _resolve_apps(specs, self.site_scope, lookups, offset)
         seen = self.seen
@@ -600,7 +605,14 @@ class _Creation:
             spec["state_message"] = message
             spec["create_time"] = spec["update_time"] = spec["state_time"] = now
             spec.update(_NEW_JOB_DEFAULTS)
-        self.rows.extend(specs)
+        self.count += len(specs)
+        if self.keep_rows:
+            self.rows.extend(specs)
+
+    def site_workdirs(self) -> list[dict[str, Any]]:
+        """(site_id, workdir) of every job added, in order (what a workdir conflict names)."""
+        return [{"site_id": site_id, "workdir": workdir} for (site_id, workdir), _ in
+                sorted(self.seen.items(), key=operator.itemgetter(1))]
 
     def _path(self, state: str, has_in: bool, has_out: bool, app_id: int) -> tuple[str, dict[str, Any] | None]:
         """(final state, creation event data) of a new job: creation is the CREATED ->
@@ -702,15 +714,15 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
     Anything raised (by the chunks, the checks or the database) leaves nothing behind:
     the transaction fails as a whole."""
     lookups = _lookups(conn, owner_id, *references)
-    creation = _Creation(owner_id, site_scope, now, lookups)
+    creation = _Creation(owner_id, site_scope, now, lookups, keep_rows=bool(references[2]) or references[3])
     ids = draw_ids(conn, jobs, count)
     foreseen = creation.foreseen_event(references)
     events = _CreationEvents(foreseen)
 
     def convert(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
-        start = len(creation.rows)
+        start = creation.count
         creation.add(specs)
-        if len(creation.rows) > count:
+        if creation.count > count:
             raise ValueError(f"more than the {count} jobs announced")
         chunk_ids = ids[start:start + len(specs)]
         for row, jid in zip(specs, chunk_ids, strict=True):
@@ -730,7 +742,7 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
                 with _pipelined(conn) as cursor:
                     cursor.execute(_compiled(conn, _CREATION_EVENTS),
                                    _events_params(conn, creation, ids, [foreseen], "{" + ",".join("1" * count) + "}"))
-                    while len(creation.rows) < count // 3:
+                    while creation.count < count // 3:
                         specs = next(pending, None)
                         if specs is None:
                             break
@@ -742,19 +754,20 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
                 ahead.clear()
                 for specs in pending:
                     stream.write(*convert(specs))
-                if len(creation.rows) != count:
-                    raise ValueError(f"{len(creation.rows)} jobs given, {count} announced")
+                if creation.count != count:
+                    raise ValueError(f"{creation.count} jobs given, {count} announced")
                 if foreseen is None:
                     # Made while PostgreSQL still takes in the last rows (the COPY ends below).
                     params = _events_params(conn, creation, ids, events.kinds, events.picks_text())
     except _unique_violations(conn) as exc:
-        raise _workdir_conflict(conn, creation.rows) from exc
+        raise _workdir_conflict(conn, creation.site_workdirs()) from exc
     if foreseen is None:
         got = conn.execute(_CREATION_EVENTS, params).one()
     if got[0] != len(ids):
         raise RuntimeError(f"{got[0]} creation events written for {len(ids)} jobs")
     event_log.note_inserted(conn, got[1])
-    _write_dependents(conn, creation, True)
+    if creation.keep_rows:  # else no job has parents or transfers: nothing depends on them
+        _write_dependents(conn, creation, True)
 
 
 @contextlib.contextmanager
