@@ -4,6 +4,7 @@ specs, outcomes, flags."""
 from __future__ import annotations
 
 import asyncio
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from balsam_grpc.launcher import (
     session,
 )
 from balsam_grpc.launcher.launch_commands import LaunchSpec, build_argv
-from balsam_grpc.launcher.node_manager import NodeManager, Resources
+from balsam_grpc.launcher.node_manager import NodeManager, Resources, free_sum
 from balsam_grpc.launcher.nodes import NodeSpec
 from balsam_grpc.launcher.outbox import Outbox
 from balsam_grpc.launcher.process_spec import (
@@ -156,6 +157,18 @@ def test_packing_never_oversubscribes(ops):
             assert node.occupancy <= 1 and len(node.free_cpus) == len(set(node.free_cpus)) <= 6
         held = [c for a in m.assignments.values() for node_cpus in a.cpu_ids for c in node_cpus]
         assert sum(len(n.free_cpus) for n in m.nodes) + len(held) == 18
+        usable = [n for n in m.nodes if n.free_cpus and n.occupancy < 1]
+        cap = m.capacity()  # kept between changes, summed in integers: as a Fraction recount
+        assert cap.free_nodes == float(sum((1 - n.occupancy for n in usable), Fraction(0)))
+        assert m.full() == (not usable) and cap.max_jobs == sum(len(n.free_cpus) for n in usable)
+        assert m.free_node_fraction() == float(sum((1 - n.occupancy for n in m.nodes), Fraction(0)))
+
+
+def test_free_nodes_are_summed_exactly():
+    """Ten nodes nine tenths full free exactly one node: a float sum falls short of it."""
+    assert sum([0.1] * 10) < 1.0
+    assert free_sum([Fraction(9, 10)] * 10) == 1.0
+    assert free_sum([Fraction(2, 3)] * 3) == 1.0 and free_sum([Fraction(0)] * 2) == 2.0 and free_sum([]) == 0.0
 
 
 # -- MPI launch argv -----------------------------------------------------------------------
