@@ -17,6 +17,8 @@ invalidated when it is gone), so callers and rpc.database_unavailable see no dif
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import Connection
@@ -41,29 +43,62 @@ def driver_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any],
                 dicts: bool = False) -> list[Any]:
     """Run `stmt` with `params` in `conn`'s transaction; its rows (tuples, or dicts when
     `dicts`; [] when it returns none)."""
-    import psycopg
     from psycopg.rows import dict_row, tuple_row
 
     dbapi_conn = conn.connection.driver_connection
-    if stmt.fixed:
-        params = {**stmt.fixed, **params}
-    cursor = dbapi_conn.cursor(row_factory=dict_row if dicts else tuple_row)
+    params = _bound(stmt, params)
+    with _sqlalchemy_errors(conn, stmt.sql, params):
+        cursor = dbapi_conn.cursor(row_factory=dict_row if dicts else tuple_row)
+        try:
+            _execute(conn, cursor, stmt.sql, params)
+            result = cursor.pgresult
+            return cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
+        finally:
+            cursor.close()
+
+
+@contextlib.contextmanager
+def sent_ahead(conn: Connection, stmt: DriverStatement, params: dict[str, Any]) -> Iterator[Callable[[], Any]]:
+    """Send `stmt` in pipeline mode and go on while PostgreSQL runs it: yields the function
+    that waits for its (one) row. In `conn`'s transaction, errors as driver_rows raises them."""
+    dbapi_conn = conn.connection.driver_connection
+    params = _bound(stmt, params)
+    with _sqlalchemy_errors(conn, stmt.sql, params), dbapi_conn.pipeline():
+        cursor = dbapi_conn.cursor()
+        try:
+            _execute(conn, cursor, stmt.sql, params)
+            yield cursor.fetchone
+        finally:
+            cursor.close()
+
+
+def _bound(stmt: DriverStatement, params: dict[str, Any]) -> dict[str, Any]:
+    return {**stmt.fixed, **params} if stmt.fixed else params
+
+
+def _execute(conn: Connection, cursor: Any, sql: str, params: dict[str, Any]) -> None:
+    if conn._has_events or conn.engine._has_events:
+        # Seen by the same listeners as SQLAlchemy's statements (tests that watch them).
+        conn.dispatch.before_cursor_execute(conn, cursor, sql, params, None, False)
+    cursor.execute(sql, params)
+
+
+@contextlib.contextmanager
+def _sqlalchemy_errors(conn: Connection, sql: str, params: dict[str, Any]) -> Iterator[None]:
+    """The driver's errors raised as SQLAlchemy raises them, the connection invalidated
+    when it is gone; any other exception passes as it is."""
+    import psycopg
+
     try:
-        if conn._has_events or conn.engine._has_events:
-            # Seen by the same listeners as SQLAlchemy's statements (tests that watch them).
-            conn.dispatch.before_cursor_execute(conn, cursor, stmt.sql, params, None, False)
-        cursor.execute(stmt.sql, params)
-        result = cursor.pgresult
-        return cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
+        yield
     except psycopg.Error as exc:
-        gone = conn.dialect.is_disconnect(exc, dbapi_conn, cursor)
-        err = DBAPIError.instance(stmt.sql, params, exc, psycopg.Error, hide_parameters=True,
+        dbapi_conn = conn.connection.driver_connection
+        gone = conn.dialect.is_disconnect(exc, dbapi_conn, None)
+        err = DBAPIError.instance(sql, params, exc, psycopg.Error, hide_parameters=True,
                                   connection_invalidated=gone)
         if gone:
             conn.invalidate(err)
         raise err from exc
-    finally:
-        cursor.close()
 
 
 def driver_execute(conn: Connection, sql: str) -> None:

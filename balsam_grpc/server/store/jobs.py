@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
 import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +37,7 @@ from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, CopyStream, draw_ids, i
 from balsam_grpc.server.store.codec import column_values, is_json
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
+from balsam_grpc.server.store.driver import DriverStatement, sent_ahead
 
 from balsam_grpc.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from balsam_grpc.core.states import (
@@ -739,15 +739,15 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
                 # Known up front: PostgreSQL writes the events while the server converts
                 # the first jobs (a third: the events cost the database about a third of
                 # what converting costs the server), instead of after the COPY.
-                with _pipelined(conn) as cursor:
-                    cursor.execute(_compiled(conn, _CREATION_EVENTS),
-                                   _events_params(conn, creation, ids, [foreseen], "{" + ",".join("1" * count) + "}"))
+                with sent_ahead(conn, _creation_events_driver(conn.dialect),
+                                _events_params(conn, creation, ids, [foreseen], "{" + ",".join("1" * count) + "}")) \
+                        as events_written:
                     while creation.count < count // 3:
                         specs = next(pending, None)
                         if specs is None:
                             break
                         ahead.append(convert(specs))
-                    got = cursor.fetchone()
+                    got = events_written()
             with CopyStream(conn, jobs, _JOB_COLUMNS, with_ids=True) as stream:
                 for specs, chunk_ids in ahead:
                     stream.write(specs, chunk_ids)
@@ -770,31 +770,6 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
         _write_dependents(conn, creation, True)
 
 
-@contextlib.contextmanager
-def _pipelined(conn: Connection) -> Iterator[Any]:
-    """A cursor of the driver's connection in pipeline mode: a statement is sent at once
-    and the caller goes on while PostgreSQL runs it (fetching waits for it)."""
-    raw = conn.connection.dbapi_connection
-    with raw.pipeline():
-        cursor = raw.cursor()
-        try:
-            yield cursor
-        finally:
-            cursor.close()
-
-
-_COMPILED: dict[tuple[str, int], str] = {}
-
-
-def _compiled(conn: Connection, statement: Any) -> str:
-    """`statement` in the driver's own parameter style."""
-    key = (conn.dialect.name, id(statement))
-    sql = _COMPILED.get(key)
-    if sql is None:
-        sql = _COMPILED[key] = str(statement.compile(dialect=conn.dialect))
-    return sql
-
-
 # The creation events of a streamed create (one per job, CREATED -> its state, ids drawn
 # in job order), marked and notified as store.events.append does. Made from what the
 # server already knows, not read back from the new rows (joining 10,000 jobs by id cost
@@ -812,6 +787,11 @@ _CREATION_EVENTS = text(
         "FROM unnest(CAST(CAST(:ids AS TEXT) AS BIGINT[]), CAST(CAST(:picks AS TEXT) AS INT[])) "
         "WITH ORDINALITY AS u(id, pick, ord) ORDER BY u.ord) AS v")
     + " SELECT count(*) AS n, max(id) AS top FROM new_events")
+
+
+@functools.cache
+def _creation_events_driver(dialect: Any) -> DriverStatement:
+    return DriverStatement(_CREATION_EVENTS, dialect)
 
 
 _EventKind = tuple[int, str, str, dict[str, Any] | None]  # site, state, message, event data
