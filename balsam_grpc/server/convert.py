@@ -81,21 +81,21 @@ def dict_to_struct(d: dict[str, Any] | None, out: struct_pb2.Struct) -> None:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SHARED_TIMESTAMPS: dict[datetime | int, timestamp_pb2.Timestamp] = {}
+_SHARED_TIMESTAMPS: dict[datetime | int | str, timestamp_pb2.Timestamp] = {}
 
 
-def shared_timestamp(dt: datetime | int) -> timestamp_pb2.Timestamp:
-    """A Timestamp for `dt` (a datetime, or integer microseconds since the epoch) to copy
-    from (CopyFrom), never to modify: jobs created or changed together share their
-    times, so converting a page of rows mostly hits this bounded cache instead of
-    Timestamp.FromDatetime."""
+def shared_timestamp(dt: datetime | int | str) -> timestamp_pb2.Timestamp:
+    """A Timestamp for `dt` (a datetime, integer microseconds since the epoch, or a UTC
+    time as SQLite stores it: '2024-05-01 12:00:00.000001') to copy from (CopyFrom),
+    never to modify: jobs created or changed together share their times, so converting
+    a page of rows mostly hits this bounded cache instead of Timestamp.FromDatetime."""
     ts = _SHARED_TIMESTAMPS.get(dt)
     if ts is None:
         if isinstance(dt, int):
             seconds, micros = divmod(dt, 1_000_000)
             ts = timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
         else:
-            delta = aware(dt) - _EPOCH
+            delta = aware(datetime.fromisoformat(dt) if isinstance(dt, str) else dt) - _EPOCH
             ts = timestamp_pb2.Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
         if len(_SHARED_TIMESTAMPS) >= 8192:
             _SHARED_TIMESTAMPS.clear()

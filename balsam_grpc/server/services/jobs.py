@@ -466,12 +466,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @unary(job_token=True)
     async def GetJob(self, request, context, principal):  # noqa: N802
-        if not self.db.is_postgres:
-            row = await self.db.read_now(store.get_job, principal.user_id, request.id, _scope(principal))
-            return job_service_pb2.GetJobResponse(job=job_to_message(row))
-        # On the event loop (store.select_statement): no hop to a database thread.
         q = store.JobQuery(owner_id=principal.user_id, site_scope=_scope(principal), ids=[request.id])
-        rows = await self.db.statement_now(*store.select_statement(q, _BY_ID, None, 1, _FULL_NAMES), tuples=True)
+        rows = await self._select(q, _BY_ID, None, 1, _FULL_NAMES)
         if not rows:
             raise NotFound(f"job {request.id} not found")
         response = job_service_pb2.GetJobResponse()
@@ -490,11 +486,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         shown = BASIC_COLUMNS if view == job_service_pb2.JOB_VIEW_BASIC else FULL_COLUMNS
         # Only the columns the view shows, plus the sort keys for the next page token.
         columns = tuple({c.name: c for c in (*shown, *(store.ORDER_COLUMNS[n] for n, _ in order))}.values())
-        if self.db.is_postgres:  # on the event loop (store.select_statement): no hop to a database thread
-            keys = tuple(c.name for c in columns)
-            rows = await self.db.statement_now(*store.select_statement(q, order, after, size + 1, keys), tuples=True)
-        else:
-            keys, rows = await self.db.read_now(store.list_job_tuples, q, order, after, size + 1, columns, True)
+        keys = tuple(c.name for c in columns)
+        rows = await self._select(q, order, after, size + 1, keys)
         more = len(rows) > size
         rows = rows[:size]
         response = job_service_pb2.ListJobsResponse()
@@ -506,6 +499,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         if more:
             response.next_page_token = paging.encode(fp, store.page_keys_of_tuple(keys, rows[-1], order))
         return response
+
+    async def _select(self, q: store.JobQuery, order: list[tuple[str, bool]], after: list[Any] | None, limit: int,
+                      names: tuple[str, ...]) -> list[Any]:
+        """The jobs `q` selects, as row tuples of the columns `names`, in one statement
+        built once per shape of query: on PostgreSQL on the event loop (no hop to a
+        database thread), on SQLite on a database thread; neither through SQLAlchemy."""
+        if self.db.is_postgres:
+            return await self.db.statement_now(*store.select_statement(q, order, after, limit, names), tuples=True)
+        rows = await self.db.sqlite_statement(*store.sqlite_select_statement(q, order, after, limit, names))
+        return store.sqlite_rows(names, rows)
 
     @unary(job_token=True)
     async def CountJobs(self, request, context, principal):  # noqa: N802
@@ -713,11 +716,17 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             return job_service_pb2.UpdateJobResponse(job=job_to_message(
                 store.require_one([fresh] if fresh else [], request.job.id)))
 
-        if one_statement and self.db.is_postgres and not request_id_of(request):
-            # Nothing to replay: in autocommit, without the BEGIN and COMMIT round trips
-            # (it changes no state, so it appends no event), on the event loop
-            # (store.patch_statement): no hop to a database thread.
-            rows = await self.db.statement_now(*store.patch_statement(q, values, utcnow(), _FULL_NAMES), tuples=True)
+        if one_statement and not request_id_of(request):
+            # Nothing to replay: one statement (it changes no state, so it appends no
+            # event), not through SQLAlchemy. PostgreSQL: in autocommit, without the BEGIN
+            # and COMMIT round trips, on the event loop (store.patch_statement): no hop to
+            # a database thread. SQLite: in a transaction of its own on a database thread.
+            if self.db.is_postgres:
+                rows = await self.db.statement_now(*store.patch_statement(q, values, utcnow(), _FULL_NAMES),
+                                                   tuples=True)
+            else:
+                rows = store.sqlite_rows(_FULL_NAMES, await self.db.sqlite_statement(
+                    *store.sqlite_patch_statement(q, values, utcnow(), _FULL_NAMES), write=True))
             if not rows:
                 store.require_one([], request.job.id)
             response = job_service_pb2.UpdateJobResponse()

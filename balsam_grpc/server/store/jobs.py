@@ -50,7 +50,7 @@ from balsam_grpc.core.states import (
     settle,
 )
 from balsam_grpc.server.store import events as event_log
-from balsam_grpc.server.store.query import contains_substring, id_in, tags_contain, tags_exclude
+from balsam_grpc.server.store.query import contains_substring, id_in, json_path, tags_contain, tags_exclude
 from balsam_grpc.server.store.tables import apps, job_parents, jobs, sites, transfer_items
 from balsam_grpc.server.store.transitions import (
     ENGINE_COLUMNS,
@@ -235,6 +235,149 @@ def patch_statement(q: JobQuery, values: dict[str, Any], now: datetime, names: t
     return sql, params
 
 
+def sqlite_select_statement(q: JobQuery, order: list[tuple[str, bool]], after: list[Any] | None, limit: int,
+                            names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """SQLite: select_statement in pysqlite's terms (:name placeholders), for
+    Database.sqlite_statement, and its parameters; rows read through `sqlite_rows`. The
+    SQL text is built once per shape of query, as on PostgreSQL: SQLAlchemy's cache key,
+    compilation, type processing and result set-up were half of the server CPU of a list
+    or get. Times come back as SQLite stores them (text) and are converted exactly where
+    they are shown (convert.shared_timestamp)."""
+    params = _sqlite_params(q)
+    params["limit"] = limit
+    if after is not None:
+        for i, ((name, _), value) in enumerate(zip(order, _keyset(order, after), strict=True)):
+            params[f"after{i}"] = _sqlite_time(value) if name.endswith("_time") else value
+    shape = ("sqlite select", tuple(params), tuple(order), names)
+    sql = _SELECT_SQL.get(shape)
+    if sql is None:
+        sort = ", ".join(f"jobs.{name} DESC" if desc else f"jobs.{name}" for name, desc in order)
+        sql = _remember(shape, f"SELECT {_sqlite_returned(names)} FROM jobs WHERE {_sqlite_where(params, order)} "
+                               "ORDER BY " + sort + " LIMIT :limit")
+    return sql, params
+
+
+def sqlite_patch_statement(q: JobQuery, values: dict[str, Any], now: datetime, names: tuple[str, ...]
+                           ) -> tuple[str, dict[str, Any]]:
+    """SQLite: patch_job's statement for Database.sqlite_statement (as
+    sqlite_select_statement), returning the columns `names`, and its parameters."""
+    params = _sqlite_params(q)
+    for name, value in values.items():
+        params[f"set_{name}"] = codec_dumps(value) if is_json(jobs.c[name]) else value
+    params["set_update_time"] = _sqlite_time(now)
+    shape = ("sqlite patch", tuple(params), names)
+    sql = _SELECT_SQL.get(shape)
+    if sql is None:
+        sets = ", ".join(f"{name[4:]} = :{name}" for name in params if name.startswith("set_"))
+        sql = _remember(shape, f"UPDATE jobs SET {sets} WHERE {_sqlite_where(params, [])} "
+                               f"RETURNING {_sqlite_returned(names)}")
+    return sql, params
+
+
+def sqlite_rows(names: tuple[str, ...], rows: list[Any]) -> list[Any]:
+    """Rows of a statement from sqlite_select_statement or sqlite_patch_statement as the
+    servicer reads them: JSON columns decoded (an empty one comes as None, as on
+    PostgreSQL), times left as stored text."""
+    positions = [i for i, name in enumerate(names) if name in _JSON_NAMES]
+    if not positions:
+        return rows
+    out = []
+    for row in rows:
+        for i in positions:
+            if row[i] is not None:
+                values = list(row)
+                for j in positions:
+                    if values[j] is not None:
+                        values[j] = codec_loads(values[j])
+                row = tuple(values)
+                break
+        out.append(row)
+    return out
+
+
+def _sqlite_time(value: datetime) -> str:
+    """A time as SQLAlchemy's SQLite DateTime stores it (UTC, always six digits of
+    microseconds), so that text comparisons order as the times do."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return (f"{value.year:04d}-{value.month:02d}-{value.day:02d} {value.hour:02d}:{value.minute:02d}:"
+            f"{value.second:02d}.{value.microsecond:06d}")
+
+
+def _sqlite_params(q: JobQuery) -> dict[str, Any]:
+    """_query_params for SQLite: lists bound as one JSON array each (read through
+    json_each, so their lengths do not make new shapes), times as stored text, one
+    (JSON path, value) pair per tag."""
+    params: dict[str, Any] = {}
+    for name, value in _query_params(q).items():
+        if name == "tags" or name.startswith("xtag"):
+            continue
+        if isinstance(value, list):
+            value = json.dumps(value)
+        elif isinstance(value, datetime):
+            value = _sqlite_time(value)
+        params[name] = value
+    for i, (key, value) in enumerate(sorted(q.tags.items())):
+        params[f"tag_path{i}"], params[f"tag{i}"] = json_path(key), value
+    for i, (key, value) in enumerate(sorted(q.exclude_tags.items())):
+        params[f"xtag_path{i}"], params[f"xtag{i}"] = json_path(key), value
+    return params
+
+
+def _sqlite_returned(names: tuple[str, ...]) -> str:
+    return ", ".join(_SQLITE_RETURNED.get(n, f"jobs.{n}") for n in names)
+
+
+_JSON_NAMES = frozenset(c.name for c in jobs.columns if is_json(c))
+_SQLITE_RETURNED = {c.name: f"NULLIF(jobs.{c.name}, '{codec_dumps(c.default.arg(None))}') AS {c.name}"
+                    for c in jobs.columns if is_json(c)}
+
+
+def _sqlite_where(params: dict[str, Any], order: list[tuple[str, bool]]) -> str:
+    conds = []
+    for name in params:
+        if name in _SQLITE_CONDITIONS:
+            conds.append(_SQLITE_CONDITIONS[name])
+        elif name.startswith("tag_path"):
+            conds.append(f"json_extract(jobs.tags, :{name}) = :tag{name[8:]}")
+        elif name.startswith("xtag_path"):  # as SQLAlchemy writes tags_exclude on SQLite
+            conds.append(f"NOT (json_extract(jobs.tags, :{name}) = :xtag{name[9:]})")
+    if "after0" in params:
+        ors = []
+        for i, (name, desc) in enumerate(order):
+            eqs = [f"jobs.{order[j][0]} = :after{j}" for j in range(i)]
+            ors.append("(" + " AND ".join([*eqs, f"jobs.{name} {'<' if desc else '>'} :after{i}"]) + ")")
+        conds.append("(" + " OR ".join(ors) + ")")
+    return " AND ".join(conds)
+
+
+def _in_json(column: str, name: str) -> str:
+    return f"{column} IN (SELECT value FROM json_each(:{name}))"
+
+
+# Each given filter as conditions() writes it (SQLite).
+_SQLITE_CONDITIONS = {
+    "owner_id": "jobs.owner_id = :owner_id",
+    "site_scope": "jobs.site_id = :site_scope",
+    "ids": _in_json("jobs.id", "ids"),
+    "states": _in_json("jobs.state", "states"),
+    "exclude_states": f"NOT ({_in_json('jobs.state', 'exclude_states')})",
+    "app_ids": _in_json("jobs.app_id", "app_ids"),
+    "app_names": "jobs.app_id IN (SELECT apps.id FROM apps WHERE apps.owner_id = :owner_id "
+                 f"AND {_in_json('apps.name', 'app_names')})",
+    "site_ids": _in_json("jobs.site_id", "site_ids"),
+    "parent_ids": "EXISTS (SELECT 1 FROM job_parents WHERE job_parents.child_id = jobs.id "
+                  f"AND {_in_json('job_parents.parent_id', 'parent_ids')})",
+    "workdir_like": "jobs.workdir LIKE :workdir_like ESCAPE '\\'",
+    "create_start": "jobs.create_time >= :create_start",
+    "create_end": "jobs.create_time < :create_end",
+    "update_start": "jobs.update_time >= :update_start",
+    "update_end": "jobs.update_time < :update_end",
+    "batch_job_ids": _in_json("jobs.batch_job_id", "batch_job_ids"),
+    "session_id": "jobs.session_id = :session_id",
+}
+
+
 def _query_params(q: JobQuery) -> dict[str, Any]:
     """The parameters of the filters `q` gives (named as in _PG_CONDITIONS; their keys,
     in this order, make the shape of the statement's WHERE)."""
@@ -351,9 +494,21 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if name.endswith("_time") and isinstance(value, str):
-        return datetime.fromisoformat(value)
-    return value
+    """A page token's key as the column's type; a key of another type (a token made up
+    or altered: tokens are not signed) is the caller's error, not the database's."""
+    if name.endswith("_time"):
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value)
+            except ValueError:
+                pass
+    elif name == "workdir":
+        if isinstance(value, str):
+            return value
+    elif type(value) is int and -2**63 <= value < 2**63:
+        return value
+    raise InvalidArgument("page_token is corrupt; pass the next_page_token of the previous response unchanged",
+                          reason="INVALID_PAGE_TOKEN", field="page_token")
 
 
 def page_keys(row: dict[str, Any], order: list[tuple[str, bool]]) -> list[Any]:
