@@ -183,6 +183,30 @@ def test_page_token_from_another_query_is_refused(alice):
         assert error_reason(err.value) == "INVALID_PAGE_TOKEN"
 
 
+def test_page_token_with_keys_of_the_wrong_type_is_refused(alice):
+    """Page tokens are not signed: one whose keys were altered (a dict for the id, a time
+    that is no time, an id beyond 64 bits) is the caller's error, not INTERNAL."""
+    import base64
+    import json
+
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"w{i}", parameters={"x": "1"}) for i in range(3)]))
+    for order_by in ("", "-create_time"):
+        request = job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]), page_size=1,
+                                                  order_by=order_by)
+        token = stub.ListJobs(request).next_page_token
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        for wrong in ({"x": 1}, [1], "not a time", 2**70, True, None):
+            data["k"][0] = wrong
+            request.page_token = base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ListJobs(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (order_by, wrong)
+            assert error_reason(err.value) == "INVALID_PAGE_TOKEN"
+
+
 def test_bulk_update_and_delete_report_every_item(alice):
     site, app = make_site_app(alice)
     stub = jobs_stub(alice)
