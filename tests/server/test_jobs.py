@@ -377,6 +377,20 @@ def test_tag_filters_with_the_same_shape_do_not_reuse_each_others_values(alice):
         assert count.total == 3
 
 
+def test_excluded_tags_keep_the_jobs_without_the_key(alice):
+    """exclude_tags drops the jobs having one of the pairs; a job without the key has none
+    of them (SQLite dropped it: its json_extract is NULL, and NOT NULL is not true)."""
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"x{i}", parameters={"x": "1"}, tags=tags)
+        for i, tags in enumerate([{"skip": "yes"}, {"skip": "no"}, {}, {"other": "yes"}])]))
+    flt = job_pb2.JobFilter(site_ids=[site.id], exclude_tags={"skip": "yes"})
+    listed = stub.ListJobs(job_service_pb2.ListJobsRequest(filter=flt)).jobs
+    assert sorted(j.workdir for j in listed) == ["x1", "x2", "x3"]
+    assert stub.CountJobs(job_service_pb2.CountJobsRequest(filter=flt)).total == 3
+
+
 def _full_job(app_id: int, workdir: str, i: int) -> job_pb2.Job:
     job = job_pb2.Job(app_id=app_id, workdir=workdir, name=f"näme\t{i}\\", parameters={"x": str(i)},
                       tags={"kind": "tab\there", "path": "a\\b\nc", "n": str(i)}, priority=i % 5,

@@ -340,8 +340,8 @@ def _sqlite_where(params: dict[str, Any], order: list[tuple[str, bool]]) -> str:
             conds.append(_SQLITE_CONDITIONS[name])
         elif name.startswith("tag_path"):
             conds.append(f"json_extract(jobs.tags, :{name}) = :tag{name[8:]}")
-        elif name.startswith("xtag_path"):  # as SQLAlchemy writes tags_exclude on SQLite
-            conds.append(f"NOT (json_extract(jobs.tags, :{name}) = :xtag{name[9:]})")
+        elif name.startswith("xtag_path"):  # as query.tags_exclude
+            conds.append(f"NOT coalesce(json_extract(jobs.tags, :{name}) = :xtag{name[9:]}, 0)")
     if "after0" in params:
         ors = []
         for i, (name, desc) in enumerate(order):

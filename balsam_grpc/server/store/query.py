@@ -58,8 +58,9 @@ def tags_contain(column: ColumnElement[Any], tags: dict[str, str]) -> ColumnElem
 
 
 def tags_exclude(column: ColumnElement[Any], tags: dict[str, str]) -> ColumnElement[bool]:
-    """Rows whose tags have none of the given key/value pairs."""
-    return and_(*[not_(tags_contain(column, {k: v})) for k, v in tags.items()])
+    """Rows whose tags have none of the given key/value pairs (a row without the key has
+    not the pair: on SQLite its json_extract is NULL, which NOT alone would not keep)."""
+    return and_(*[not_(func.coalesce(tags_contain(column, {k: v}), False)) for k, v in tags.items()])
 
 
 def contains_substring(column: ColumnElement[Any], needle: str) -> ColumnElement[bool]:
