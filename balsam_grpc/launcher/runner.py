@@ -36,12 +36,21 @@ SCRUB_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "OMPI_COMM_WORLD_", "OMPI_
                   "MPI_LOCAL", "MPIR_CVAR_CH3_INTERFACE_HOSTNAME", "ALPS_APP_", "PALS_")
 _AFFINITY = hasattr(os, "sched_setaffinity")  # Linux
 _WAITID = hasattr(os, "waitid")
+_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
 def job_base_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The launcher's environment without its MPI job's variables and its credentials."""
     environ = job_safe(os.environ if environ is None else environ)
     return {k: v for k, v in environ.items() if not k.startswith(SCRUB_PREFIXES)}
+
+
+def _checked_folder(dir_fd: int, path: str) -> str:
+    """Where the child is to chdir: the folder open as `dir_fd` (checked to be inside the
+    data folder), by its descriptor, which the child still holds when it changes folder;
+    by `path` only where /proc is missing. A symlink put in the path's place after the
+    check would otherwise take the job elsewhere."""
+    return f"/proc/self/fd/{dir_fd}" if _PROC_FD else path
 
 
 def read_tail(path: Path | str, lines: int = TAIL_LINES) -> str:
@@ -136,7 +145,8 @@ class ProcessRunner:
                             os.sched_setaffinity(0, bind)
                         except OSError as exc:
                             raise OSError(exc.errno, f"cannot bind to CPUs {_ranges(bind)}: {exc.strerror}") from exc
-                    proc = spawn(spec.argv, cwd=workdir, env=env, stdin=self._devnull(), stdout=out)
+                    proc = spawn(spec.argv, cwd=_checked_folder(dir_fd, workdir), env=env, stdin=self._devnull(),
+                                 stdout=out)
                 finally:
                     if own is not None:
                         os.sched_setaffinity(0, own)

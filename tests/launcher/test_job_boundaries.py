@@ -248,3 +248,40 @@ def test_an_mpi_launch_never_puts_the_job_token_in_argv(tmp_path):
         assert spec.env[JOB_TOKEN_ENV] == secret and spec.env["BALSAM_SERVER"] == "srv:1"
         if flavor == "openmpi":
             assert JOB_TOKEN_ENV in spec.argv
+
+
+def test_a_workdir_swapped_for_a_symlink_after_its_check_does_not_move_the_job(tmp_path, monkeypatch):
+    """The runner checks the workdir through descriptors, then starts the job: the job
+    starts in the folder that was checked, even if a symlink to elsewhere took its name
+    in between."""
+    from balsam_grpc.launcher import runner as runner_module
+    from balsam_grpc.launcher.process_spec import ProcessSpec
+    from balsam_grpc.launcher.runner import ProcessRunner
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir()
+    outside.mkdir()
+    workdir = data / "run1"
+    real_spawn = runner_module.spawn
+
+    def swap_then_spawn(*args, **kwargs):
+        workdir.rename(data / "checked")
+        workdir.symlink_to(outside, target_is_directory=True)
+        return real_spawn(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "spawn", swap_then_spawn)
+    runner = ProcessRunner()
+    try:
+        assert runner.start(ProcessSpec(job_id=1, argv=["/bin/sh", "-c", "touch written-here"], cwd=str(workdir),
+                                        root=str(data))) is None
+        deadline = time.monotonic() + 20
+        results: list[Any] = []
+        while not results:
+            assert time.monotonic() < deadline, "the job did not end"
+            results = runner.poll()
+            time.sleep(0.01)
+        assert (results[0].outcome, results[0].return_code) == ("exit", 0), results
+    finally:
+        runner.shutdown()
+    assert list(outside.iterdir()) == [], "the job ran outside the site's data folder"
+    assert (data / "checked" / "written-here").exists()
