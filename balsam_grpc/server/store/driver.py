@@ -18,7 +18,7 @@ invalidated when it is gone), so callers and rpc.database_unavailable see no dif
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from sqlalchemy import Connection
@@ -37,6 +37,18 @@ class DriverStatement:
         compiled = stmt.compile(dialect=dialect)
         self.sql = str(compiled)
         self.fixed = {k: v for k, v in compiled.params.items() if v is not None}
+
+
+_COMPILED: dict[Hashable, DriverStatement] = {}
+
+
+def driver_statement(key: Hashable, build: Callable[[], Any], dialect: Any) -> DriverStatement:
+    """The statement `build` makes, in the driver's terms, compiled once per `key` (the
+    PostgreSQL dialect compiles a statement alike for every engine)."""
+    stmt = _COMPILED.get(key)
+    if stmt is None:
+        stmt = _COMPILED[key] = DriverStatement(build(), dialect)
+    return stmt
 
 
 def driver_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any], *,

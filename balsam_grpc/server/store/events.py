@@ -14,7 +14,7 @@ from sqlalchemy.sql import ColumnElement
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, append_rows
 from balsam_grpc.server.store.codec import array_text, dumps
 from balsam_grpc.server.store.db import MAX_EVENT_ID
-from balsam_grpc.server.store.driver import DriverStatement, driver_rows
+from balsam_grpc.server.store.driver import driver_rows, driver_statement
 from balsam_grpc.server.store.query import tags_contain
 from balsam_grpc.server.store.tables import events, jobs
 
@@ -183,14 +183,8 @@ def _insert_marked(conn: Connection, rows: list[dict[str, Any]], hint: str) -> i
     params["data"] = array_text([None if row["data"] is None else dumps(row["data"]) for row in rows])
     params["channel"] = EVENTS_CHANNEL
     params["hint"] = hint
-    stmt = _MARKED_INSERT_DRIVER.get(conn.dialect)
-    if stmt is None:
-        stmt = _MARKED_INSERT_DRIVER[conn.dialect] = DriverStatement(_MARKED_INSERT, conn.dialect)
+    stmt = driver_statement("events.marked_insert", lambda: _MARKED_INSERT, conn.dialect)
     return max(r[0] for r in driver_rows(conn, stmt, params))
-
-
-# _MARKED_INSERT in the driver's terms (store/driver.py), per dialect object.
-_MARKED_INSERT_DRIVER: WeakKeyDictionary[Any, DriverStatement] = WeakKeyDictionary()
 
 
 def job_event(owner_id: int, site_id: int, job_id: int, src: str, dst: str, now: datetime,

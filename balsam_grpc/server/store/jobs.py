@@ -37,7 +37,7 @@ from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, CopyStream, draw_ids, i
 from balsam_grpc.server.store.codec import column_values, is_json
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
-from balsam_grpc.server.store.driver import DriverStatement, sent_ahead
+from balsam_grpc.server.store.driver import driver_statement, sent_ahead
 
 from balsam_grpc.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from balsam_grpc.core.states import (
@@ -894,7 +894,7 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
                 # Known up front: PostgreSQL writes the events while the server converts
                 # the first jobs (a third: the events cost the database about a third of
                 # what converting costs the server), instead of after the COPY.
-                with sent_ahead(conn, _creation_events_driver(conn.dialect),
+                with sent_ahead(conn, driver_statement("jobs.creation_events", lambda: _CREATION_EVENTS, conn.dialect),
                                 _events_params(conn, creation, ids, [foreseen], "{" + ",".join("1" * count) + "}")) \
                         as events_written:
                     while creation.count < count // 3:
@@ -942,11 +942,6 @@ _CREATION_EVENTS = text(
         "FROM unnest(CAST(CAST(:ids AS TEXT) AS BIGINT[]), CAST(CAST(:picks AS TEXT) AS INT[])) "
         "WITH ORDINALITY AS u(id, pick, ord) ORDER BY u.ord) AS v")
     + " SELECT count(*) AS n, max(id) AS top FROM new_events")
-
-
-@functools.cache
-def _creation_events_driver(dialect: Any) -> DriverStatement:
-    return DriverStatement(_CREATION_EVENTS, dialect)
 
 
 _EventKind = tuple[int, str, str, dict[str, Any] | None]  # site, state, message, event data

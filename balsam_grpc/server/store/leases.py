@@ -23,7 +23,7 @@ from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, In
 from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role, role_refusal
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.codec import array_text
-from balsam_grpc.server.store.driver import DriverStatement, driver_execute, driver_rows
+from balsam_grpc.server.store.driver import DriverStatement, driver_execute, driver_rows, driver_statement
 from balsam_grpc.server.store.query import ids_param, ids_value, tags_contain
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, runnable_condition, sessions
 from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, Transitioner
@@ -105,7 +105,7 @@ def _statement(key: tuple[Any, ...], build: Any) -> Any:
 def _driver(conn: Connection, key: tuple[Any, ...], build: Any) -> DriverStatement:
     """PostgreSQL: the statement `build` makes, in the driver's terms (store/driver.py),
     built once per key."""
-    return _statement(("driver", *key), lambda: DriverStatement(build(), conn.dialect))
+    return driver_statement(("leases", *key), build, conn.dialect)
 
 
 _LOCK_SESSION = (select(sessions)

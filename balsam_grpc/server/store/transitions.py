@@ -45,7 +45,7 @@ from balsam_grpc.core.states import (
 )
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.codec import array_text, dumps, is_json
-from balsam_grpc.server.store.driver import DriverStatement, driver_rows
+from balsam_grpc.server.store.driver import driver_rows, driver_statement
 from balsam_grpc.server.store.query import id_in, ids_param, ids_value
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, transfer_items
 
@@ -437,10 +437,8 @@ class Transitioner:
                         stmt = stmt.returning(jobs.c.id, _HAS_CHILDREN)
                     _UPDATES[(dialect, (*names, "+childless" if childless else ""))] = stmt
                 if dialect == "postgresql":
-                    driver = _UPDATES.get((dialect, (*names, "+childless" if childless else ""), "driver"))
-                    if driver is None:
-                        driver = _UPDATES[(dialect, (*names, "+childless" if childless else ""), "driver")] = \
-                            DriverStatement(stmt, self.conn.dialect)
+                    driver = driver_statement(("transitions.update", *names, "+childless" if childless else ""),
+                                              lambda: stmt, self.conn.dialect)
                     params = {"w_" + name: _driver_value(name, value) for name, value in columns.items()}
                     params["w_ids"] = array_text(ids)
                     result = driver_rows(self.conn, driver, params)
@@ -494,9 +492,7 @@ class Transitioner:
                    if childless else ""))
         bind = {n: array_text([p[n] for p in params]) for n in names}
         bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
-        driver = _UPDATES.get(("postgresql", shape, "driver"))
-        if driver is None:
-            driver = _UPDATES[("postgresql", shape, "driver")] = DriverStatement(stmt, self.conn.dialect)
+        driver = driver_statement(("transitions.update_each", shape), lambda: stmt, self.conn.dialect)
         result = driver_rows(self.conn, driver, bind)
         if childless:
             self.childless.update(r[0] for r in result if not r[1])
