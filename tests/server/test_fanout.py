@@ -495,6 +495,28 @@ def _on_loop(harness: Harness, fn: Any) -> Any:
     return harness.embedded.loop.run(run())
 
 
+class _HeldRouting:
+    """The fanout's routing of events held back (hold(), on its loop) until release():
+    what reaches a session meanwhile came by another way."""
+
+    def __init__(self, fanout: Any) -> None:
+        self.fanout = fanout
+        self.held: list[list[Any]] = []
+
+    def _keep(self, rows: list[Any], upto: int) -> None:
+        self.held.append(rows)
+        self.fanout.position = upto
+
+    def hold(self) -> None:
+        self.fanout._route = self._keep
+
+    def release(self) -> None:
+        if "_route" in vars(self.fanout):
+            del self.fanout._route
+            for rows in self.held:
+                self.fanout._route(rows, self.fanout.position)
+
+
 def test_a_create_wakes_the_sessions_of_its_replica_before_its_events_are_routed(
         harness: Harness, alice: Caller, monkeypatch: pytest.MonkeyPatch) -> None:
     """The create's commit wakes the session here with the new job's id (Fanout.runnable):
@@ -504,33 +526,21 @@ def test_a_create_wakes_the_sessions_of_its_replica_before_its_events_are_routed
     spy.watch(leases, "acquire", lambda conn, ref, *a, **k: (ref.id,))
     w = World(alice)
     launcher = Launcher(alice)
-    fanout = _fanout(harness)
-    held: list[list[Any]] = []
-
-    def hold(rows: list[Any], upto: int) -> None:  # routed later, by release()
-        held.append(rows)
-        fanout.position = upto
-
-    def release() -> None:
-        if "_route" in vars(fanout):
-            del fanout._route
-            for rows in held:
-                fanout._route(rows, fanout.position)
-
+    routing = _HeldRouting(_fanout(harness))
     try:
         sid = launcher.open(w.site.id).session.id
         launcher.credit(max_jobs=3)
         launcher.settle()
         sub = _subscription(harness, alice.user_id, w.site.id)
         _caught_up(harness)
-        _on_loop(harness, lambda: setattr(fanout, "_route", hold))
+        _on_loop(harness, routing.hold)
         delivered, acquired = sub.delivered, spy.count("acquire", sid)
         (job,) = w.create(1)
         (leased,) = launcher.leased(1)
         assert leased.job.id == job.id
         assert sub.delivered == delivered and spy.count("acquire", sid) == acquired + 1
         _caught_up(harness)
-        _on_loop(harness, release)
+        _on_loop(harness, routing.release)
         launcher.settle()
         assert sub.delivered == delivered + 2  # created, then leased (RUNNING)
         assert spy.count("acquire", sid) == acquired + 1
@@ -541,7 +551,7 @@ def test_a_create_wakes_the_sessions_of_its_replica_before_its_events_are_routed
         (again,) = launcher.leased(1)
         assert again.job.id == job.id
     finally:
-        _on_loop(harness, release)
+        _on_loop(harness, routing.release)
         launcher.cancel()
 
 
@@ -552,30 +562,18 @@ def test_a_large_create_wakes_the_sessions_of_its_replica_before_its_events_are_
     from it while no event reaches it."""
     w = World(alice)
     launcher = Launcher(alice)
-    fanout = _fanout(harness)
-    held: list[list[Any]] = []
-
-    def hold(rows: list[Any], upto: int) -> None:
-        held.append(rows)
-        fanout.position = upto
-
-    def release() -> None:
-        if "_route" in vars(fanout):
-            del fanout._route
-            for rows in held:
-                fanout._route(rows, fanout.position)
-
+    routing = _HeldRouting(_fanout(harness))
     try:
         launcher.open(w.site.id)
         launcher.credit(max_jobs=3)
         launcher.settle()
         _caught_up(harness)
-        _on_loop(harness, lambda: setattr(fanout, "_route", hold))
+        _on_loop(harness, routing.hold)
         created = w.create(100)
         leased = launcher.leased(3)
         assert {a.job.id for a in leased} <= {j.id for j in created}
     finally:
-        _on_loop(harness, release)
+        _on_loop(harness, routing.release)
         launcher.cancel()
 
 

@@ -343,12 +343,18 @@ def _sqlite_where(params: dict[str, Any], order: list[tuple[str, bool]]) -> str:
         elif name.startswith("xtag_path"):  # as query.tags_exclude
             conds.append(f"NOT coalesce(json_extract(jobs.tags, :{name}) = :xtag{name[9:]}, 0)")
     if "after0" in params:
-        ors = []
-        for i, (name, desc) in enumerate(order):
-            eqs = [f"jobs.{order[j][0]} = :after{j}" for j in range(i)]
-            ors.append("(" + " AND ".join([*eqs, f"jobs.{name} {'<' if desc else '>'} :after{i}"]) + ")")
-        conds.append("(" + " OR ".join(ors) + ")")
+        conds.append(_after_page_token(order, lambda name: f":{name}"))
     return " AND ".join(conds)
+
+
+def _after_page_token(order: list[tuple[str, bool]], placeholder: Callable[[str], str]) -> str:
+    """Keyset pagination: the rows after the page token's keys `after0`, `after1`, ... in
+    `order`, each key bound through `placeholder(name)` (the driver's parameter style)."""
+    ors = []
+    for i, (name, desc) in enumerate(order):
+        eqs = [f"jobs.{order[j][0]} = {placeholder(f'after{j}')}" for j in range(i)]
+        ors.append("(" + " AND ".join([*eqs, f"jobs.{name} {'<' if desc else '>'} {placeholder(f'after{i}')}"]) + ")")
+    return "(" + " OR ".join(ors) + ")"
 
 
 def _in_json(column: str, name: str) -> str:
@@ -425,11 +431,7 @@ def _where(params: dict[str, Any], order: list[tuple[str, bool]]) -> str:
     conds = [_PG_CONDITIONS[name] for name in params if name in _PG_CONDITIONS]
     conds += [f"NOT (jobs.tags @> CAST(%({name})s AS JSONB))" for name in params if name.startswith("xtag")]
     if "after0" in params:
-        ors = []
-        for i, (name, desc) in enumerate(order):
-            eqs = [f"jobs.{order[j][0]} = %(after{j})s" for j in range(i)]
-            ors.append("(" + " AND ".join([*eqs, f"jobs.{name} {'<' if desc else '>'} %(after{i})s"]) + ")")
-        conds.append("(" + " OR ".join(ors) + ")")
+        conds.append(_after_page_token(order, lambda name: f"%({name})s"))
     return " AND ".join(conds)
 
 
