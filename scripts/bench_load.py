@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -697,11 +698,12 @@ def main() -> int:
     args = parser.parse_args()
     args.load_before = round(os.getloadavg()[0], 2)
     url = args.database or os.environ.get("BALSAM_TEST_DATABASE_URL") or ""
-    if not url:
-        url = f"sqlite:///{tempfile.mkdtemp(prefix='balsam-load-db-')}/load.db"
-    if args.jobs is None:
-        args.jobs = 1_000_000 if url.startswith("postgresql") else 100_000
-    figures = run(url, args)
+    with contextlib.ExitStack() as cleanup:
+        if not url:  # removed at the end (each run left its SQLite file in /tmp)
+            url = f"sqlite:///{cleanup.enter_context(tempfile.TemporaryDirectory(prefix='balsam-load-db-'))}/load.db"
+        if args.jobs is None:
+            args.jobs = 1_000_000 if url.startswith("postgresql") else 100_000
+        figures = run(url, args)
     figures["database"] = url.split(":", 1)[0].split("+", 1)[0]
     if args.json:
         print(json.dumps(figures))
