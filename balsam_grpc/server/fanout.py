@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +53,7 @@ import structlog
 from sqlalchemy import Connection, bindparam, select
 
 from balsam_grpc.core.backoff import Backoff
+from balsam_grpc.server.store.driver import driver_statement
 from balsam_grpc.server.store.events import HORIZON, event_horizon, horizon_of, origin
 from balsam_grpc.server.store.tables import events
 
@@ -97,17 +97,6 @@ def read_events(conn: Connection, after: int, upto: int, limit: int) -> list[Eve
     """Events with after < id <= upto, in id order, at most `limit`."""
     rows = conn.execute(_READ_EVENTS, {"e_after": after, "e_upto": upto, "e_limit": limit})
     return [EventRow(*r) for r in rows]
-
-
-@functools.cache
-def _driver_sql() -> tuple[str, str]:
-    """PostgreSQL: event_horizon's statement and _READ_EVENTS in psycopg's terms, for
-    Database.statement_now."""
-    from sqlalchemy.dialects import postgresql
-    from sqlalchemy.dialects.postgresql import psycopg
-
-    dialect = psycopg.dialect() if hasattr(psycopg, "dialect") else postgresql.dialect()
-    return str(HORIZON.compile(dialect=dialect)), str(_READ_EVENTS.compile(dialect=dialect))
 
 
 def read_horizon_and_events(conn: Connection, after: int, limit: int,
@@ -347,7 +336,9 @@ class Fanout:
         work; the dispatcher wakes after most commits of a busy site."""
         if not getattr(self.db, "is_postgres", False):
             return await self.db.read_now(read_horizon_and_events, after, READ_BATCH, rows)
-        horizon_sql, events_sql = _driver_sql()
+        dialect = self.db.engine.dialect
+        horizon_sql = driver_statement("fanout.horizon", lambda: HORIZON, dialect).sql
+        events_sql = driver_statement("fanout.read_events", lambda: _READ_EVENTS, dialect).sql
         horizon, last = horizon_of(*(await self.db.statement_now(horizon_sql, {}, tuples=True))[0])
         if not rows or horizon <= after:
             return horizon, last, []

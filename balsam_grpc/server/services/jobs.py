@@ -52,6 +52,8 @@ MAX_DATA_BYTES = 256 * 1024
 MAX_PARENTS = 10_000
 # Jobs a large PostgreSQL create converts while the database takes in the chunk before.
 STREAM_CHUNK = 1000
+UPDATABLE = {"name", "tags", "parameters", "data", "priority", "resources", "on_parent_failure", "state",
+             "state_message", "return_code", "error_tail"}
 
 
 def stream_chunks(total: int, full: int) -> list[tuple[int, int]]:
@@ -80,8 +82,6 @@ def stream_chunks(total: int, full: int) -> list[tuple[int, int]]:
         bounds.append((start, start + size))
         start += size
     return bounds
-UPDATABLE = {"name", "tags", "parameters", "data", "priority", "resources", "on_parent_failure", "state",
-             "state_message", "return_code", "error_tail"}
 
 
 # ---------------------------------------------------------------------------- conversion
@@ -435,11 +435,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     def _wake_sessions(self, owner_id: int, rows: list[dict[str, Any]]) -> None:
         """After a commit: the launcher sessions here of the sites that got runnable jobs
         lease now (Fanout.runnable), not after the events' notification and read."""
-        if self.state.fanout.by_site:
+        if self.state.fanout.by_site:  # else no session here to wake: the rows are not looked at
             self._wake_sites(owner_id, _runnable_by_site(rows, {}))
 
     def _wake_sites(self, owner_id: int, by_site: dict[int, list[int]]) -> None:
-        for site_id, ids in by_site.items() if self.state.fanout.by_site else ():
+        for site_id, ids in by_site.items():
             self.state.fanout.runnable(owner_id, site_id, ids)
 
     def _created(self, count: int) -> None:

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import structlog
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from balsam_grpc.core.errors import ResourceExhausted
 from balsam_grpc.core.settings import default_database_url
@@ -448,10 +448,14 @@ class Database:
         except Exception as exc:
             self._raise_if_storage_full(exc)
             raise
+        self._wrote()
+        return result, max_event_id
+
+    def _wrote(self) -> None:
+        """A write succeeded: say so once if the storage was full before."""
         if self._storage_full:
             self._storage_full = False
             log.warning("database writes succeed again", database=describe_location(self.engine.url))
-        return result, max_event_id
 
     def read_sync(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -544,14 +548,11 @@ class Database:
                 finally:
                     pooled.close()
         except sqlite3.Error as exc:
-            from sqlalchemy.exc import DBAPIError
-
             wrapped = DBAPIError.instance(sql, params, exc, sqlite3.Error, hide_parameters=True)
             self._raise_if_storage_full(wrapped)
             raise wrapped from exc
-        if write and self._storage_full:
-            self._storage_full = False
-            log.warning("database writes succeed again", database=describe_location(self.engine.url))
+        if write:
+            self._wrote()
         return rows
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

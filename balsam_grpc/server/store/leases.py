@@ -108,6 +108,20 @@ def _driver(conn: Connection, key: tuple[Any, ...], build: Any) -> DriverStateme
     return driver_statement(("leases", *key), build, conn.dialect)
 
 
+def _run(conn: Connection, key: tuple[Any, ...], build: Any, params: dict[str, Any], ids: dict[str, list[int]],
+         *, rows: bool = True) -> list[dict[str, Any]]:
+    """The statement `build` makes (once per key and dialect), run with `params` and the
+    id lists `ids`; its rows as dicts (none unless `rows`). PostgreSQL: on the driver's
+    cursor, the lists bound as array literals; SQLite: through SQLAlchemy."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        bound = {**params, **{name: array_text(values) for name, values in ids.items()}}
+        return driver_rows(conn, _driver(conn, key, build), bound, dicts=True)
+    result = conn.execute(_statement((*key, dialect), build),
+                          {**params, **{name: ids_value(values, dialect) for name, values in ids.items()}})
+    return [dict(r._mapping) for r in result] if rows else []
+
+
 _LOCK_SESSION = (select(sessions)
                  .where(sessions.c.id == bindparam("b_sid"), sessions.c.owner_id == bindparam("b_owner"))
                  .with_for_update())
@@ -201,27 +215,20 @@ def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: 
     dialect = conn.dialect.name
     serial = credit.serial_only or session.job_mode == "SERIAL"
     params: dict[str, Any] = {"b_site": session.site_id, "b_maxn": credit.max_nodes_per_job,
-                              "b_wall": credit.wall_time_remaining_min,
-                              "b_apps": array_text(credit.app_ids) if dialect == "postgresql" and not credit.filter_tags
-                              else ids_value(credit.app_ids, dialect)}
+                              "b_wall": credit.wall_time_remaining_min}
     while len(picked) < credit.max_jobs and free > _EPS:
         want = credit.max_jobs - len(picked)
         excluded = exclude + [r["id"] for r in picked]
         shape = (dialect, credit.max_nodes_per_job > 0, credit.wall_time_remaining_min > 0, serial,
                  bool(credit.app_ids), bool(excluded))
         params.update(b_free=free + _EPS, b_lim=want)
+        id_lists = {"b_apps": list(credit.app_ids), "b_excl": excluded}
         if credit.filter_tags:  # the tags are in the statement: built each time
             stmt = _pick_statement(*shape, tags=credit.filter_tags)
-            params["b_excl"] = ids_value(excluded, dialect)
-            rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
-        elif dialect == "postgresql":
-            params["b_excl"] = array_text(excluded)
-            rows = driver_rows(conn, _driver(conn, ("pick", *shape), lambda: _pick_statement(*shape)), params,
-                               dicts=True)
+            bound = {**params, **{name: ids_value(values, dialect) for name, values in id_lists.items()}}
+            rows = [dict(r._mapping) for r in conn.execute(stmt, bound)]
         else:
-            stmt = _statement(("pick", *shape), lambda: _pick_statement(*shape))
-            params["b_excl"] = ids_value(excluded, dialect)
-            rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
+            rows = _run(conn, ("pick", *shape), lambda: _pick_statement(*shape), params, id_lists)
         for row in rows:
             need = footprint(row["num_nodes"], row["node_packing_count"])
             if need <= free + _EPS:
@@ -329,14 +336,9 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
                 batch_job_id=bindparam("b_bj") if session.batch_job_id else jobs.c.batch_job_id,
                 update_time=bindparam("b_now"))
 
-        held = [r["id"] for r in reserved]
-        hold = {"b_sid": session.id, "b_bj": session.batch_job_id, "b_now": now}
-        if dialect == "postgresql":
-            driver_rows(conn, _driver(conn, ("hold_ahead", bool(session.batch_job_id)), hold_ahead),
-                        {**hold, "b_ids": array_text(held)})
-        else:
-            conn.execute(_statement(("hold_ahead", dialect, bool(session.batch_job_id)), hold_ahead),
-                         {**hold, "b_ids": ids_value(held, dialect)})
+        _run(conn, ("hold_ahead", bool(session.batch_job_id)), hold_ahead,
+             {"b_sid": session.id, "b_bj": session.batch_job_id, "b_now": now},
+             {"b_ids": [r["id"] for r in reserved]}, rows=False)
         for r in reserved:
             r.update(session_id=session.id, lease_generation=r["lease_generation"] + 1,
                      batch_job_id=session.batch_job_id or r["batch_job_id"], update_time=now)
@@ -357,11 +359,7 @@ def load_apps(conn: Connection, app_ids: set[int]) -> dict[int, dict[str, Any]]:
     def build() -> Any:
         return select(apps).where(ids_param(apps.c.id, "b_ids", dialect))
 
-    if dialect == "postgresql":
-        return {r["id"]: r for r in driver_rows(conn, _driver(conn, ("apps",), build),
-                                                 {"b_ids": array_text(sorted(app_ids))}, dicts=True)}
-    return {r.id: dict(r._mapping) for r in conn.execute(_statement(("apps", dialect), build),
-                                                         {"b_ids": ids_value(sorted(app_ids), dialect)})}
+    return {r["id"]: r for r in _run(conn, ("apps",), build, {}, {"b_ids": sorted(app_ids)})}
 
 
 def held_jobs(conn: Connection, owner_id: int, session_id: str) -> list[dict[str, Any]]:
@@ -527,12 +525,8 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     # Locked in id order, as every bulk job change does, so two never deadlock.
     # With each row, its app's rules (what the Transitioner would read next, for the ends):
     # one statement less. Only the jobs' rows are locked.
-    if dialect == "postgresql":
-        found = driver_rows(conn, _driver(conn, ("report_rows",), lambda: report_rows_statement(dialect)),
-                            {"b_owner": owner_id, "b_ids": array_text(ids)}, dicts=True)
-    else:
-        stmt = _statement(("report_rows", dialect), lambda: report_rows_statement(dialect))
-        found = [dict(r._mapping) for r in conn.execute(stmt, {"b_owner": owner_id, "b_ids": ids_value(ids, dialect)})]
+    found = _run(conn, ("report_rows",), lambda: report_rows_statement(dialect), {"b_owner": owner_id},
+                 {"b_ids": ids})
     rows = {}
     for row in found:
         tr.know_app_rules(row["app_id"], row.pop("app_hooks"), row.pop("app_retry_policy"))
