@@ -165,6 +165,35 @@ def test_a_directly_started_job_runs_bound_to_its_cpus_and_the_launcher_is_not(t
         runner.shutdown()
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to bind to one")
+def test_jobs_bound_to_different_cpus_in_turn_each_get_their_own_and_no_binding_outlives_the_runner(tmp_path):
+    """Jobs alternate between two CPU sets (as two slots of one CPU do): each gets its own
+    set, a failed bind is a spawn_error naming the CPUs, and shutdown leaves no thread
+    bound to a job's CPUs behind."""
+    import threading
+
+    mine = sorted(os.sched_getaffinity(0))
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    runner.host_cpus = mine[-1] + 2  # a CPU this machine has not: the kernel refuses the bind
+    try:
+        for job_id, cpu in enumerate([mine[0], mine[-1], mine[0], mine[-1]], 1):
+            spec = ProcessSpec(job_id=job_id, argv=[sys.executable, "-c",
+                                                    "import os; print(sorted(os.sched_getaffinity(0)))"],
+                               cwd=str(tmp_path / "data" / f"w{job_id}"), cpu_ids=[cpu], root=str(tmp_path / "data"))
+            assert run_to_end(runner, spec, lambda j=job_id: runner.running[j].proc.args).return_code == 0
+            assert (tmp_path / "data" / f"w{job_id}" / "job.out").read_text().strip() == str([cpu])
+        refused = runner.start(ProcessSpec(job_id=9, argv=["/bin/true"], cwd=str(tmp_path / "data" / "w9"),
+                                           cpu_ids=[mine[-1] + 1], root=str(tmp_path / "data")))
+        assert refused is not None and refused.outcome == "spawn_error"
+        assert f"cannot bind to CPUs {mine[-1] + 1}" in refused.message
+        assert sorted(os.sched_getaffinity(0)) == mine
+    finally:
+        runner.shutdown()
+    assert not [t for t in threading.enumerate() if t.name.startswith("spawn on CPUs")]
+
+
 def _alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
