@@ -59,6 +59,8 @@ LEASE_BATCH = 1000
 MAX_RESERVE = 10_000
 MAX_NODES = 100_000
 MAX_TRANSITIONS = 10_000
+# Apps whose message a session stream keeps between lease messages (leased_jobs_pb).
+MAX_KNOWN_APPS = 64
 # Jobs whose creation an acquisition already saw (SessionStream.looked_at), and jobs woken
 # for that no acquisition saw yet (woken_for), at most: their events normally come soon
 # after; beyond this (they were routed before the create's own wake-up, or fell into a
@@ -146,17 +148,28 @@ def _checked(report: session_service_pb2.TransitionReport) -> session_service_pb
 
 
 def leased_jobs_pb(rows: list[dict[str, Any]], app_rows: dict[int, dict[str, Any]], tokens: JobTokens,
-                   out: Any) -> None:
+                   out: Any, known: dict[int, tuple[dict[str, Any], Any]] | None = None) -> None:
     """Append a LeasedJob per row, with its app, to the repeated field `out`, built in
     place: a job message built apart is copied into its LeasedJob and that again into the
-    response. Each app's message is converted once for all its jobs."""
+    response. Each app's message is converted once for all its jobs, and with `known`
+    (app id -> the row and message of an earlier call) once for as long as its row stays
+    the same: a session leases the same few apps' jobs message after message."""
     apps: dict[int, Any] = {}
+    known = {} if known is None else known
     add = out.add
     for row in rows:
         app_id = row["app_id"]
         app = apps.get(app_id)
         if app is None:
-            app = apps[app_id] = app_to_pb(app_rows[app_id])
+            app_row = app_rows[app_id]
+            seen = known.get(app_id)
+            if seen is not None and seen[0] == app_row:
+                app = apps[app_id] = seen[1]
+            else:
+                if len(known) >= MAX_KNOWN_APPS:
+                    known.clear()
+                app = apps[app_id] = app_to_pb(app_row)
+                known[app_id] = (app_row, app)
         leased = add()
         fill_job(leased.job, row)
         leased.app.CopyFrom(app)
@@ -195,6 +208,10 @@ class SessionStream:
         self.counts_leases = False  # the launcher sends leases_received
         # (JobLeases number, jobs, nodes, jobs held ahead, their nodes)
         self.in_flight: deque[tuple[int, int, float, int, float]] = deque()
+        self.apps: dict[int, tuple[dict[str, Any], Any]] = {}  # leased_jobs_pb's `known`
+        # The last credit message and what it parsed to: a launcher sends the same one
+        # with report after report.
+        self.last_credit: tuple[session_service_pb2.SessionCredit, leases.Credit] | None = None
         self.log = log
 
     def supersede(self) -> None:
@@ -376,7 +393,14 @@ class SessionStream:
         raise InvalidArgument("empty message: set credit, report or close", field="message")
 
     def _set_credit(self, c: session_service_pb2.SessionCredit) -> None:
-        credit = credit_from_pb(c, self.state)
+        last = self.last_credit
+        if last is not None and last[0] == c:
+            credit = last[1]
+        else:
+            credit = credit_from_pb(c, self.state)
+            kept = session_service_pb2.SessionCredit()
+            kept.CopyFrom(c)  # not `c`: a part of its report would keep the whole report alive
+            self.last_credit = (kept, credit)
         if c.HasField("leases_received"):
             self.counts_leases = True
             while self.in_flight and self.in_flight[0][0] <= c.leases_received:
@@ -436,7 +460,7 @@ class SessionStream:
         self.log.debug("jobs leased", jobs=len(got.jobs), held_ahead=got.reserved, nodes=round(got.nodes, 3),
                       held=len(self.held))
         response = Response()
-        leased_jobs_pb(got.jobs, got.apps, self.state.auth.job_tokens, response.leases.jobs)
+        leased_jobs_pb(got.jobs, got.apps, self.state.auth.job_tokens, response.leases.jobs, self.apps)
         return response
 
     async def _reports(self, reports: list[session_service_pb2.TransitionReport]) -> AsyncIterator[Response]:

@@ -520,7 +520,9 @@ class SiteStream:
                 if wait <= 0:
                     backlog_dirty = False
                     last_backlog_at = loop.time()
-                    values = await self.db.read_now(work_store.site_backlog, self.owner_id, self.site_id)
+                    values = await (work_store.site_backlog_now(self.db, self.owner_id, self.site_id)
+                                    if self.db.is_postgres else
+                                    self.db.read_now(work_store.site_backlog, self.owner_id, self.site_id))
                     if values != last_backlog:
                         last_backlog = values
                         yield pb.SiteServiceConnectResponse(backlog=backlog_to_pb(values))

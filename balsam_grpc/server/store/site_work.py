@@ -327,17 +327,47 @@ def site_backlog(conn: Connection, owner_id: int, site_id: int) -> dict[str, Any
     site stream recomputes its backlog for every burst of its site's events)."""
     params = {"w_owner": owner_id, "w_site": site_id}
     grouped = conn.execute(_BACKLOG, params).all()
+    return _backlog_values(grouped, conn.execute(_ACTIVE_SESSIONS, params).scalar_one())
+
+
+def _backlog_values(grouped: list[Any], active: int) -> dict[str, Any]:
     by_state = {r.state: r for r in grouped if r.state != str(S.RUNNING)}
     runnable = [by_state[str(s)] for s in RUNNABLE if str(s) in by_state]
     counts = {state: int(r.n) for state, r in by_state.items()}
     counts[str(S.RUNNING)] = sum(int(r.n) for r in grouped if r.state == str(S.RUNNING))
-    active = conn.execute(_ACTIVE_SESSIONS, params).scalar_one()
     return {"runnable_jobs": sum(int(r.n) for r in runnable),
             "runnable_node_footprint": round(sum((float(r.nodes or 0.0) for r in runnable), 0.0), 6),
             "max_job_nodes": max((int(r.max_nodes or 0) for r in runnable), default=0),
             "max_wall_time_min": max((int(r.max_wall or 0) for r in runnable), default=0),
             "pending_jobs": sum(int(counts.get(str(s), 0)) for s in PENDING),
             "running_jobs": int(counts.get(str(S.RUNNING), 0)), "active_sessions": int(active)}
+
+
+def _sql_list(states: Iterable[Any]) -> str:
+    return ", ".join(f"'{s}'" for s in states)  # state names of core.states: no quoting to escape
+
+
+# PostgreSQL: site_backlog as one statement in the driver's terms (the sessions count
+# joined to the grouped jobs, so a site without jobs still has its row), run on the event
+# loop (site_backlog_now). Every site stream recomputes its backlog up to 5 times a second
+# while its jobs move: 50 busy sites made 250 hops a second to a database thread and back,
+# each with two statements through SQLAlchemy.
+_BACKLOG_NOW = f"""SELECT g.state, g.n, g.nodes, g.max_nodes, g.max_wall, a.active FROM
+(SELECT count(*) AS active FROM sessions WHERE owner_id = %(w_owner)s AND site_id = %(w_site)s
+ AND state = 'ACTIVE') AS a
+LEFT JOIN (SELECT CASE WHEN jobs.state IN ({_sql_list(RUNNABLE)}) AND jobs.session_id IS NOT NULL
+ THEN '{S.RUNNING}' ELSE jobs.state END AS state, count(*) AS n,
+ sum(CAST(jobs.num_nodes AS DOUBLE PRECISION) / jobs.node_packing_count) AS nodes,
+ max(jobs.num_nodes) AS max_nodes, max(jobs.wall_time_min) AS max_wall
+ FROM jobs WHERE jobs.owner_id = %(w_owner)s AND jobs.site_id = %(w_site)s
+ AND jobs.state IN ({_sql_list(_BACKLOG_STATES)})
+ GROUP BY jobs.state, 1) AS g ON true"""
+
+
+async def site_backlog_now(db: Any, owner_id: int, site_id: int) -> dict[str, Any]:
+    """site_backlog on PostgreSQL, on the event loop (Database.statement_now)."""
+    rows = await db.statement_now(_BACKLOG_NOW, {"w_owner": owner_id, "w_site": site_id})
+    return _backlog_values([r for r in rows if r.state is not None], rows[0].active)
 
 
 # ---------------------------------------------------------------------------- batch job results
