@@ -72,6 +72,8 @@ MAX_CREDIT = 100_000
 HELLO_TIMEOUT_SECONDS = 30.0
 # The backlog is sent at most this often (the elastic queue acts on it at once).
 BACKLOG_MIN_INTERVAL = 0.2
+# Site streams reading their backlog at once, at most (SiteHub.backlog_reads).
+BACKLOG_READS = 2
 BACKLOG_REFRESH_SECONDS = 30.0
 # last_seen_time is written at most this often while messages keep arriving.
 SEEN_WRITE_INTERVAL = 5.0
@@ -260,6 +262,10 @@ class SiteHub:
         # Serialises the liveness writes of one site's streams with their (un)registration,
         # so an old stream ending never marks a site disconnected that a new stream holds.
         self.locks: dict[int, asyncio.Lock] = {}
+        # PostgreSQL: backlog reads run on the event loop's few database connections,
+        # which unary reads (ListJobs) and the fanout use too; when many sites' jobs move
+        # at once, their reads take turns on BACKLOG_READS of them, not on all.
+        self.backlog_reads = asyncio.Semaphore(BACKLOG_READS)
 
     def lock(self, site_id: int) -> asyncio.Lock:
         return self.locks.setdefault(site_id, asyncio.Lock())
@@ -520,9 +526,11 @@ class SiteStream:
                 if wait <= 0:
                     backlog_dirty = False
                     last_backlog_at = loop.time()
-                    values = await (work_store.site_backlog_now(self.db, self.owner_id, self.site_id)
-                                    if self.db.is_postgres else
-                                    self.db.read_now(work_store.site_backlog, self.owner_id, self.site_id))
+                    if self.db.is_postgres:
+                        async with self.hub.backlog_reads:
+                            values = await work_store.site_backlog_now(self.db, self.owner_id, self.site_id)
+                    else:
+                        values = await self.db.read_now(work_store.site_backlog, self.owner_id, self.site_id)
                     if values != last_backlog:
                         last_backlog = values
                         yield pb.SiteServiceConnectResponse(backlog=backlog_to_pb(values))
