@@ -3,8 +3,9 @@ and every transfer report on SQLite: they must not walk all of an owner's or a s
 (jobs created a few at a time are never analyzed) SQLite chose
 ix_jobs_owner_id_state_site_id on a report's owner term and read every job of the owner
 for each report (store/leases.report_rows_statement); with statistics, the site stream's
-cleanup query walked every finished job of the site, cleaned ones too
-(store/site_work._cleanups_statement)."""
+cleanup query walked every finished job of the site, cleaned ones too, and without
+them (or with statistics taken before the jobs finished) every finished job of the site
+not cleaned, of apps without globs too (store/site_work._cleanups_statements)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import insert
 
 from balsam_grpc.server.store import migrate
 from balsam_grpc.server.store.db import make_engine
 from balsam_grpc.server.store.leases import report_rows_statement
-from balsam_grpc.server.store.site_work import _cleanups_statement
+from balsam_grpc.server.store.site_work import _cleanups_statements
 from balsam_grpc.server.store.tables import apps, jobs, sites, transfer_items, users
 from balsam_grpc.server.store.transfers import reported_items_statement
 
@@ -40,8 +42,9 @@ def _planned(tmp_path: Path, app_rows: list[dict[str, Any]], job_rows: list[dict
             conn.execute(insert(sites), [{"owner_id": 1, "name": "s", "create_time": NOW, "update_time": NOW}])
             conn.execute(insert(apps), [{"owner_id": 1, "site_id": 1, "create_time": NOW, "update_time": NOW, **a}
                                         for a in app_rows])
-            conn.execute(insert(jobs), [{"owner_id": 1, "site_id": 1, "create_time": NOW, "update_time": NOW,
-                                         "state_time": NOW, **j} for j in job_rows])
+            if job_rows:
+                conn.execute(insert(jobs), [{"owner_id": 1, "site_id": 1, "create_time": NOW, "update_time": NOW,
+                                             "state_time": NOW, **j} for j in job_rows])
             if item_rows:
                 conn.execute(insert(transfer_items), [{"owner_id": 1, "site_id": 1, "create_time": NOW,
                                                        "update_time": NOW, **i} for i in item_rows])
@@ -49,11 +52,11 @@ def _planned(tmp_path: Path, app_rows: list[dict[str, Any]], job_rows: list[dict
                 conn.exec_driver_sql("ANALYZE")
         with engine.connect() as conn:
             assert analyze or not conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").all()
-            compiled = statement.compile(dialect=engine.dialect)
-            params = compiled.construct_params(values or {})
-            args = tuple(params[name] for name in compiled.positiontup)
-            plan = [r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), args)]
-            return plan, conn.exec_driver_sql(str(compiled), args).all()
+            # Expanded: an IN list's values become parameters of their own.
+            expanded = statement.compile(dialect=engine.dialect).construct_expanded_state(values or {})
+            args = tuple(expanded.parameters[name] for name in expanded.positiontup)
+            plan = [r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + expanded.statement, args)]
+            return plan, conn.exec_driver_sql(expanded.statement, args).all()
     finally:
         engine.dispose()
 
@@ -71,14 +74,23 @@ def test_a_reports_jobs_are_looked_up_by_id_without_statistics(tmp_path: Path) -
     assert _job_steps(plan) == ["SEARCH jobs USING INTEGER PRIMARY KEY (rowid=?)"], plan
 
 
-def test_the_cleanup_query_reads_only_jobs_still_to_clean(tmp_path: Path) -> None:
+@pytest.mark.parametrize("analyze", [True, False])
+def test_the_cleanup_query_reads_only_jobs_still_to_clean(tmp_path: Path, analyze: bool) -> None:
+    """Without statistics the joined query searched ix_jobs_cleanup_due by site alone: every
+    finished job of the site not cleaned, of the apps without globs too."""
+    apps_with_globs, due = _cleanups_statements("sqlite")
     plan, rows = _planned(tmp_path, [{"name": "a", "cleanup_globs": ["*.tmp"]}, {"name": "b", "cleanup_globs": []}],
                           [{"app_id": 1 + i % 2, "workdir": f"w{i}", "state": "JOB_FINISHED",
                             "cleaned_time": None if i % 50 < 2 else NOW} for i in range(1000)],
-                          analyze=True, statement=_cleanups_statement("sqlite"),
-                          values={"w_site": 1, "w_owner": 1, "w_limit": 100})
+                          analyze=analyze, statement=due,
+                          values={"w_site": 1, "w_owner": 1, "w_apps": [1], "w_limit": 100})
     assert [r[0] for r in rows] == [i + 1 for i in range(0, 1000, 50)]  # app a's, not yet cleaned
     assert _job_steps(plan) == ["SEARCH jobs USING INDEX ix_jobs_cleanup_due (site_id=? AND app_id=?)"], plan
+    (tmp_path / "apps").mkdir()
+    _, found = _planned(tmp_path / "apps", [{"name": "a", "cleanup_globs": ["*.tmp"]},
+                                            {"name": "b", "cleanup_globs": []}], [], analyze=False,
+                        statement=apps_with_globs, values={"w_site": 1})
+    assert [(r[0], json.loads(r[1])) for r in found] == [(1, ["*.tmp"])]
 
 
 def test_a_transfer_reports_items_are_looked_up_by_id_without_statistics(tmp_path: Path) -> None:

@@ -127,30 +127,37 @@ def parse_work_id(work_id: str) -> tuple[str, list[str]] | None:
 # find_work runs each time a site's jobs finish (CLEANUP): its statements are built once
 # (a Select and its cache key cost more to build than SQLite takes to run them).
 _SITE_APPS = select(apps).where(apps.c.site_id == bindparam("w_site"))
-# Finished jobs still to clean, with their app's globs, in one statement (this is asked
-# each time jobs finish): only apps that have globs, whose jobs ix_jobs_cleanup_due finds
-# by (site, app); a finished job of an app without globs is never cleaned and never read.
-# On SQLite the owner term is kept out of index selection (unary +): with the join, it
-# walked every finished job of the site (ix_jobs_owner_id_state_site_id, cleaned ones
-# too) instead.
+# Finished jobs still to clean (this is asked each time jobs finish): the site's apps that
+# have globs first (a few rows), then only their jobs, which ix_jobs_cleanup_due finds by
+# (site, app); a finished job of an app without globs is never cleaned and never read, and
+# a site with no such app reads no jobs at all. In one joined statement SQLite walked every
+# finished job of the site (the index by site alone, then the join) whenever its statistics
+# were missing or taken before the jobs finished, as after a bulk create: a cost that grew
+# with the site's finished jobs, paid after every report of finished jobs.
+# On SQLite the owner term is kept out of index selection (unary +): it walked every
+# finished job of the site (ix_jobs_owner_id_state_site_id, cleaned ones too) instead.
 _HAS_GLOBS = {"postgresql": "jsonb_typeof(apps.cleanup_globs) = 'array' AND apps.cleanup_globs <> '[]'::jsonb",
               "sqlite": "json_array_length(apps.cleanup_globs) > 0"}
-_CLEANUPS: dict[str, Any] = {}
+_CLEANUPS: dict[str, tuple[Any, Any]] = {}
 
 
-def _cleanups_statement(dialect: str) -> Any:
-    stmt = _CLEANUPS.get(dialect)
-    if stmt is None:
-        stmt = _CLEANUPS[dialect] = (
-            select(jobs.c.id, jobs.c.workdir, apps.c.cleanup_globs).join(apps, apps.c.id == jobs.c.app_id)
+def _cleanups_statements(dialect: str) -> tuple[Any, Any]:
+    """(the site's apps with cleanup globs, their finished jobs not yet cleaned)."""
+    stmts = _CLEANUPS.get(dialect)
+    if stmts is None:
+        stmts = _CLEANUPS[dialect] = (
+            select(apps.c.id, apps.c.cleanup_globs).where(apps.c.site_id == bindparam("w_site"),
+                                                          text(_HAS_GLOBS[dialect])),
+            select(jobs.c.id, jobs.c.workdir, jobs.c.app_id)
             .where(jobs.c.site_id == bindparam("w_site"),
                    (literal_column("+jobs.owner_id") if dialect == "sqlite" else jobs.c.owner_id)
                    == bindparam("w_owner", type_=jobs.c.owner_id.type),
+                   jobs.c.app_id.in_(bindparam("w_apps", expanding=True)),
                    # Literal, as in the index's predicate, so a prepared plan may use it.
-                   text("jobs.state = 'JOB_FINISHED'"), jobs.c.cleaned_time.is_(None),
-                   apps.c.site_id == bindparam("w_site"), text(_HAS_GLOBS[dialect]))
+                   text("jobs.state = 'JOB_FINISHED'"), jobs.c.cleaned_time.is_(None))
             .order_by(jobs.c.id).limit(bindparam("w_limit", type_=Integer())))
-    return stmt
+    return stmts
+
 
 def _site_apps(conn: Connection, site_id: int) -> dict[int, dict[str, Any]]:
     return {r.id: dict(r._mapping) for r in conn.execute(_SITE_APPS, {"w_site": site_id})}
@@ -216,10 +223,13 @@ def find_work(conn: Connection, owner_id: int, site_id: int, kinds: set[str], sk
         rows = transfer_store.offerable_items(conn, owner_id, site_id, skip_items, limit - len(out))
         take([Work(id=transfer_id(r["id"]), kind=TRANSFER, transfer=r) for r in rows])
     if CLEANUP in kinds and len(out) < limit:
-        rows = conn.execute(_cleanups_statement(conn.dialect.name),
-                            {"w_site": site_id, "w_owner": owner_id, "w_limit": fetch_size(CLEANUP)})
-        take([Work(id=cleanup_id(r.id), kind=CLEANUP, job={"id": r.id, "workdir": r.workdir},
-                   globs=list(r.cleanup_globs)) for r in rows])
+        with_globs, due = _cleanups_statements(conn.dialect.name)
+        globs = {r.id: list(r.cleanup_globs) for r in conn.execute(with_globs, {"w_site": site_id})}
+        if globs:
+            rows = conn.execute(due, {"w_site": site_id, "w_owner": owner_id, "w_apps": list(globs),
+                                      "w_limit": fetch_size(CLEANUP)})
+            take([Work(id=cleanup_id(r.id), kind=CLEANUP, job={"id": r.id, "workdir": r.workdir},
+                       globs=globs[r.app_id]) for r in rows])
     return out
 
 
