@@ -275,9 +275,16 @@ def _plain_workdir(workdir: str) -> bool:
 def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]:
     """Validate a Job message from a create request into store columns."""
     s = state.settings
-    if not job.app_id and not (job.app_name and job.site_id):
+    app_id, app_name, site_id = job.app_id, job.app_name, job.site_id
+    if not app_id and not (app_name and site_id):
         raise InvalidArgument(f"{field}: give app_id, or app_name together with site_id", field=f"{field}.app_id")
-    tags, parameters, transfers = _map(job.tags), _map(job.parameters), _map(job.transfers)
+    # _map's body inlined: a call per map was a tenth of this function, run once per job.
+    m = job.tags
+    tags = {k: m[k] for k in m} if len(m) else {}
+    m = job.parameters
+    parameters = {k: m[k] for k in m} if len(m) else {}
+    m = job.transfers
+    transfers = {k: m[k] for k in m} if len(m) else {}
     if tags and not _surely_valid(tags, s.max_map_entries, s.max_map_value_bytes, _KNOWN_TAG_KEYS):
         check_string_map(tags, f"{field}.tags", max_entries=s.max_map_entries, max_value_bytes=s.max_map_value_bytes)
         _remember_tag_keys(tags)
@@ -297,7 +304,7 @@ def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]
     workdir = job.workdir
     policy = job.on_parent_failure
     spec = {
-        "name": name, "app_id": job.app_id, "app_name": job.app_name, "site_id": job.site_id,
+        "name": name, "app_id": app_id, "app_name": app_name, "site_id": site_id,
         "workdir": workdir if _plain_workdir(workdir) else clean_workdir(workdir, f"{field}.workdir"), "tags": tags,
         "parameters": parameters, "data": _data(job.data, f"{field}.data") if job.HasField("data") else {},
         "parent_ids": sorted(set(parent_ids)) if len(parent_ids) else [], "transfers": transfers,

@@ -625,10 +625,9 @@ def _transfer_rows(i: int, spec: dict[str, Any], app: dict[str, Any], now: datet
                    aliases: frozenset[str]) -> list[dict[str, Any]]:
     """Transfer items of a new job, checked against its app's slots and its site's
     locations (`aliases`; empty when the site has published none yet, and then the site
-    daemon checks them when it moves the items)."""
+    daemon checks them when it moves the items). Called only when the job gives some or
+    its app has slots."""
     given = spec["transfers"]
-    if not given and not app.get("transfers"):
-        return []
     slots = {s["name"]: s for s in app.get("transfers") or []}
     for name in given:
         if name not in slots:
@@ -672,8 +671,11 @@ def _location_aliases(conn: Connection, site_ids: set[int]) -> dict[int, frozens
 
 
 _NO_PARENTS = (S.READY, "")
+# Every column but the id (cleanup's too): a row missing one sends the COPY formatter
+# down its per-row path for that column.
 _NEW_JOB_DEFAULTS = {"return_code": None, "error_tail": "", "batch_job_id": None, "session_id": None,
-                     "lease_generation": 0, "lease_expire_time": None, "run_count": 0}
+                     "lease_generation": 0, "lease_expire_time": None, "run_count": 0, "cleaned_time": None,
+                     "cleanup_info": None}
 
 
 @dataclass
@@ -731,7 +733,9 @@ class _Creation:
                 # The app rows fetched above carry the hooks the rules need: no second query.
                 self.rules[app["id"]] = AppRules(app)
             _check_parameters(i, spec, app)
-            self.transfers.append(_transfer_rows(i, spec, app, now, lookups.aliases.get(spec["site_id"], frozenset())))
+            # Tested here, not in a call per job: most give none and their app has no slots.
+            self.transfers.append(_transfer_rows(i, spec, app, now, lookups.aliases.get(spec["site_id"], frozenset()))
+                                  if spec["transfers"] or app.get("transfers") else [])
             if not spec["parent_ids"]:
                 spec["pending_parents"] = 0
                 initial.append(_NO_PARENTS)
@@ -750,6 +754,7 @@ class _Creation:
             spec["pending_parents"] = pending
             initial.append((S.AWAITING_PARENTS, "") if pending else _NO_PARENTS)
         paths, event_data = self.paths, self.event_data
+        fixed = {"create_time": now, "update_time": now, "state_time": now, **_NEW_JOB_DEFAULTS}
         for spec, ts, (state, message) in zip(specs, self.transfers[offset:], initial, strict=True):
             has_in = any(t["direction"] == "IN" for t in ts) if ts else False
             has_out = any(t["direction"] == "OUT" for t in ts) if ts else False
@@ -760,8 +765,7 @@ class _Creation:
             spec.pop("app_name", None)
             spec["state"] = settled[0]
             spec["state_message"] = message
-            spec["create_time"] = spec["update_time"] = spec["state_time"] = now
-            spec.update(_NEW_JOB_DEFAULTS)
+            spec.update(fixed)
         self.count += len(specs)
         if self.keep_rows:
             self.rows.extend(specs)
