@@ -90,3 +90,19 @@ def test_distinct_dicts_equal_by_value_keep_their_own_json() -> None:
     texts = ['{"a": 1, "k": "v"}', '{"a": true, "k": "v"}', '{"a": 1.0, "k": "v"}', '{"a": "1", "k": "v"}']
     assert got[:200] == [texts[i % 4] for i in range(200)]
     assert got[200:] == [f'{{"tag": "{i % 3}"}}' for i in range(100)]
+
+
+def test_a_column_of_distinct_dicts_encodes_each_as_on_its_own() -> None:
+    """Distinct dicts (a job's parameters) are encoded in one call and cut apart
+    (codec._format_flat_dict_column): each text is the value's own, braces, separators
+    and backslashes inside strings included, and a nested dict or a None keeps the
+    per-value path."""
+    from balsam_grpc.server.store.codec import _json
+
+    tricky: list[object] = [{"a": "}, {"}, {"b": "x\\\\y\\t"}, {}, {"c": [1, 2.5, None, True]}, {"d": {"e": 1}}, None]
+    for extra in ([], tricky[:4], tricky):
+        data: list[object] = [{"i": str(i)} for i in range(100)] + extra
+        rows = [event(i, data=d) for i, d in enumerate(data)]
+        batch = CopyBatch(events, COLUMNS, rows)
+        got = [line["data"] for line in parsed(batch, batch.text(0, len(rows)))]
+        assert got == ["\\N" if d is None else _json(d) for d in data]
