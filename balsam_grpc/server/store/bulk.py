@@ -63,8 +63,13 @@ def _columns(table: Table) -> list[str]:
 def draw_ids(conn: Connection, table: Table, n: int) -> list[int]:
     """PostgreSQL: n new ids of `table`, ascending (so they follow the request order).
     One array value: 10,000 rows of one id each cost a driver fetch per row."""
-    return conn.execute(text(f"SELECT array_agg(v ORDER BY v) FROM (SELECT nextval('{table.name}_id_seq') AS v "
-                             "FROM generate_series(1, :n)) AS drawn"), {"n": n}).scalar_one()
+    return conn.execute(text(draw_ids_sql(table)), {"n": n}).scalar_one()
+
+
+def draw_ids_sql(table: Table) -> str:
+    """draw_ids' query (parameter :n), for a statement that draws them itself."""
+    return (f"SELECT array_agg(v ORDER BY v) FROM (SELECT nextval('{table.name}_id_seq') AS v "
+            "FROM generate_series(1, CAST(:n AS INT))) AS drawn")
 
 
 def _executemany_insert(conn: Connection, table: Table, columns: list[str], rows: list[dict[str, Any]],
