@@ -213,7 +213,7 @@ def select_statement(q: JobQuery, order: list[tuple[str, bool]], after: list[Any
     sql = _SELECT_SQL.get(shape)
     if sql is None:
         sort = ", ".join(f"jobs.{name} DESC" if desc else f"jobs.{name}" for name, desc in order)
-        sql = _remember(shape, f"SELECT {_returned(names)} FROM jobs WHERE {_where(params, order)} "
+        sql = _remember(shape, f"SELECT {_returned(names)} FROM jobs WHERE {_where(params, order, _PG)} "
                                f"ORDER BY {sort} LIMIT %(limit)s")
     return sql, params
 
@@ -231,7 +231,7 @@ def patch_statement(q: JobQuery, values: dict[str, Any], now: datetime, names: t
     if sql is None:
         sets = ", ".join(f"{name[4:]} = CAST(%({name})s AS {_pg_type(jobs.c[name[4:]], json_as='JSONB')})"
                          for name in params if name.startswith("set_"))
-        sql = _remember(shape, f"UPDATE jobs SET {sets} WHERE {_where(params, [])} RETURNING {_returned(names)}")
+        sql = _remember(shape, f"UPDATE jobs SET {sets} WHERE {_where(params, [], _PG)} RETURNING {_returned(names)}")
     return sql, params
 
 
@@ -252,7 +252,7 @@ def sqlite_select_statement(q: JobQuery, order: list[tuple[str, bool]], after: l
     sql = _SELECT_SQL.get(shape)
     if sql is None:
         sort = ", ".join(f"jobs.{name} DESC" if desc else f"jobs.{name}" for name, desc in order)
-        sql = _remember(shape, f"SELECT {_sqlite_returned(names)} FROM jobs WHERE {_sqlite_where(params, order)} "
+        sql = _remember(shape, f"SELECT {_sqlite_returned(names)} FROM jobs WHERE {_where(params, order, _SQLITE)} "
                                "ORDER BY " + sort + " LIMIT :limit")
     return sql, params
 
@@ -269,7 +269,7 @@ def sqlite_patch_statement(q: JobQuery, values: dict[str, Any], now: datetime, n
     sql = _SELECT_SQL.get(shape)
     if sql is None:
         sets = ", ".join(f"{name[4:]} = :{name}" for name in params if name.startswith("set_"))
-        sql = _remember(shape, f"UPDATE jobs SET {sets} WHERE {_sqlite_where(params, [])} "
+        sql = _remember(shape, f"UPDATE jobs SET {sets} WHERE {_where(params, [], _SQLITE)} "
                                f"RETURNING {_sqlite_returned(names)}")
     return sql, params
 
@@ -333,20 +333,6 @@ _SQLITE_RETURNED = {c.name: f"NULLIF(jobs.{c.name}, '{codec_dumps(c.default.arg(
                     for c in jobs.columns if is_json(c)}
 
 
-def _sqlite_where(params: dict[str, Any], order: list[tuple[str, bool]]) -> str:
-    conds = []
-    for name in params:
-        if name in _SQLITE_CONDITIONS:
-            conds.append(_SQLITE_CONDITIONS[name])
-        elif name.startswith("tag_path"):
-            conds.append(f"json_extract(jobs.tags, :{name}) = :tag{name[8:]}")
-        elif name.startswith("xtag_path"):  # as query.tags_exclude
-            conds.append(f"NOT coalesce(json_extract(jobs.tags, :{name}) = :xtag{name[9:]}, 0)")
-    if "after0" in params:
-        conds.append(_after_page_token(order, lambda name: f":{name}"))
-    return " AND ".join(conds)
-
-
 def _after_page_token(order: list[tuple[str, bool]], placeholder: Callable[[str], str]) -> str:
     """Keyset pagination: the rows after the page token's keys `after0`, `after1`, ... in
     `order`, each key bound through `placeholder(name)` (the driver's parameter style)."""
@@ -357,35 +343,8 @@ def _after_page_token(order: list[tuple[str, bool]], placeholder: Callable[[str]
     return "(" + " OR ".join(ors) + ")"
 
 
-def _in_json(column: str, name: str) -> str:
-    return f"{column} IN (SELECT value FROM json_each(:{name}))"
-
-
-# Each given filter as conditions() writes it (SQLite).
-_SQLITE_CONDITIONS = {
-    "owner_id": "jobs.owner_id = :owner_id",
-    "site_scope": "jobs.site_id = :site_scope",
-    "ids": _in_json("jobs.id", "ids"),
-    "states": _in_json("jobs.state", "states"),
-    "exclude_states": f"NOT ({_in_json('jobs.state', 'exclude_states')})",
-    "app_ids": _in_json("jobs.app_id", "app_ids"),
-    "app_names": "jobs.app_id IN (SELECT apps.id FROM apps WHERE apps.owner_id = :owner_id "
-                 f"AND {_in_json('apps.name', 'app_names')})",
-    "site_ids": _in_json("jobs.site_id", "site_ids"),
-    "parent_ids": "EXISTS (SELECT 1 FROM job_parents WHERE job_parents.child_id = jobs.id "
-                  f"AND {_in_json('job_parents.parent_id', 'parent_ids')})",
-    "workdir_like": "jobs.workdir LIKE :workdir_like ESCAPE '\\'",
-    "create_start": "jobs.create_time >= :create_start",
-    "create_end": "jobs.create_time < :create_end",
-    "update_start": "jobs.update_time >= :update_start",
-    "update_end": "jobs.update_time < :update_end",
-    "batch_job_ids": _in_json("jobs.batch_job_id", "batch_job_ids"),
-    "session_id": "jobs.session_id = :session_id",
-}
-
-
 def _query_params(q: JobQuery) -> dict[str, Any]:
-    """The parameters of the filters `q` gives (named as in _PG_CONDITIONS; their keys,
+    """The parameters of the filters `q` gives (named as _where reads them; their keys,
     in this order, make the shape of the statement's WHERE)."""
     params: dict[str, Any] = {"owner_id": q.owner_id}
     for name, value in (("site_scope", q.site_scope), ("ids", q.ids), ("states", q.states),
@@ -427,37 +386,74 @@ _RETURNED = {
 }
 
 
-def _where(params: dict[str, Any], order: list[tuple[str, bool]]) -> str:
-    conds = [_PG_CONDITIONS[name] for name in params if name in _PG_CONDITIONS]
-    conds += [f"NOT (jobs.tags @> CAST(%({name})s AS JSONB))" for name in params if name.startswith("xtag")]
+class _Binding:
+    """What differs between the drivers' statements: how a parameter is named, how a
+    column is tested against a list bound as one parameter (its length makes no new
+    shape), and the tag filters (containment on PostgreSQL, for its GIN index; a JSON
+    path per key on SQLite, as _sqlite_params binds them)."""
+
+    def __init__(self, placeholder: Callable[[str], str], in_list: Callable[[str, str, str], str],
+                 tags: Callable[[dict[str, Any]], list[str]]) -> None:
+        self.placeholder = placeholder
+        self.in_list = in_list  # (column, parameter, SQL type of the items)
+        self.tags = tags
+
+
+def _pg_tags(params: dict[str, Any]) -> list[str]:
+    conds = ["jobs.tags @> CAST(%(tags)s AS JSONB)"] if "tags" in params else []
+    return conds + [f"NOT (jobs.tags @> CAST(%({name})s AS JSONB))" for name in params if name.startswith("xtag")]
+
+
+def _sqlite_tags(params: dict[str, Any]) -> list[str]:
+    conds = []
+    for name in params:
+        if name.startswith("tag_path"):
+            conds.append(f"json_extract(jobs.tags, :{name}) = :tag{name[8:]}")
+        elif name.startswith("xtag_path"):  # as query.tags_exclude
+            conds.append(f"NOT coalesce(json_extract(jobs.tags, :{name}) = :xtag{name[9:]}, 0)")
+    return conds
+
+
+_PG = _Binding(lambda name: f"%({name})s", lambda column, name, of: f"{column} = ANY(CAST(%({name})s AS {of}[]))",
+               _pg_tags)
+_SQLITE = _Binding(lambda name: f":{name}",
+                   lambda column, name, of: f"{column} IN (SELECT value FROM json_each(:{name}))", _sqlite_tags)
+
+
+def _where(params: dict[str, Any], order: list[tuple[str, bool]], binding: _Binding) -> str:
+    """The WHERE of the filters `params` gives (named by _query_params), as conditions()
+    writes them, and of the page token's keys."""
+    p, in_list = binding.placeholder, binding.in_list
+    conds = []
+    for name in params:
+        if name in _COMPARED:
+            conds.append(f"{_COMPARED[name]} {p(name)}")
+        elif name in _LISTED:
+            column, of = _LISTED[name]
+            conds.append(in_list(column, name, of))
+        elif name == "exclude_states":
+            conds.append(f"NOT ({in_list('jobs.state', name, 'VARCHAR')})")
+        elif name == "app_names":
+            conds.append(f"jobs.app_id IN (SELECT apps.id FROM apps WHERE apps.owner_id = {p('owner_id')} "
+                         f"AND {in_list('apps.name', name, 'VARCHAR')})")
+        elif name == "parent_ids":
+            conds.append("EXISTS (SELECT 1 FROM job_parents WHERE job_parents.child_id = jobs.id "
+                         f"AND {in_list('job_parents.parent_id', name, 'BIGINT')})")
+        elif name == "workdir_like":
+            conds.append(f"jobs.workdir LIKE {p(name)} ESCAPE '\\'")
+    conds += binding.tags(params)
     if "after0" in params:
-        conds.append(_after_page_token(order, lambda name: f"%({name})s"))
+        conds.append(_after_page_token(order, p))
     return " AND ".join(conds)
 
 
+# Filters that compare a column with their one value, and filters of a list of values.
+_COMPARED = {"owner_id": "jobs.owner_id =", "site_scope": "jobs.site_id =", "create_start": "jobs.create_time >=",
+             "create_end": "jobs.create_time <", "update_start": "jobs.update_time >=",
+             "update_end": "jobs.update_time <", "session_id": "jobs.session_id ="}
+_LISTED = {"ids": ("jobs.id", "BIGINT"), "states": ("jobs.state", "VARCHAR"), "app_ids": ("jobs.app_id", "BIGINT"),
+           "site_ids": ("jobs.site_id", "BIGINT"), "batch_job_ids": ("jobs.batch_job_id", "BIGINT")}
 _SELECT_SQL: dict[tuple[Any, ...], str] = {}
-# Each given filter as conditions() writes it (PostgreSQL).
-_PG_CONDITIONS = {
-    "owner_id": "jobs.owner_id = %(owner_id)s",
-    "site_scope": "jobs.site_id = %(site_scope)s",
-    "ids": "jobs.id = ANY(CAST(%(ids)s AS BIGINT[]))",
-    "states": "jobs.state = ANY(CAST(%(states)s AS VARCHAR[]))",
-    "exclude_states": "jobs.state <> ALL(CAST(%(exclude_states)s AS VARCHAR[]))",
-    "tags": "jobs.tags @> CAST(%(tags)s AS JSONB)",
-    "app_ids": "jobs.app_id = ANY(CAST(%(app_ids)s AS BIGINT[]))",
-    "app_names": "jobs.app_id IN (SELECT apps.id FROM apps WHERE apps.owner_id = %(owner_id)s "
-                 "AND apps.name = ANY(CAST(%(app_names)s AS VARCHAR[])))",
-    "site_ids": "jobs.site_id = ANY(CAST(%(site_ids)s AS BIGINT[]))",
-    "parent_ids": "EXISTS (SELECT 1 FROM job_parents WHERE job_parents.child_id = jobs.id "
-                  "AND job_parents.parent_id = ANY(CAST(%(parent_ids)s AS BIGINT[])))",
-    "workdir_like": "jobs.workdir LIKE %(workdir_like)s ESCAPE '\\'",
-    "create_start": "jobs.create_time >= %(create_start)s",
-    "create_end": "jobs.create_time < %(create_end)s",
-    "update_start": "jobs.update_time >= %(update_start)s",
-    "update_end": "jobs.update_time < %(update_end)s",
-    "batch_job_ids": "jobs.batch_job_id = ANY(CAST(%(batch_job_ids)s AS BIGINT[]))",
-    "session_id": "jobs.session_id = %(session_id)s",
-}
 
 
 @functools.lru_cache(maxsize=64)
