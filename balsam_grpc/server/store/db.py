@@ -327,6 +327,48 @@ class Workers:
 _TUPLES_OK = 2  # psycopg.pq.ExecStatus.TUPLES_OK (psycopg is imported on first use)
 
 
+@functools.cache
+def _statement_connection_class() -> type:
+    """psycopg's AsyncConnection, waiting for its socket with less work per wait: its
+    own wait arms a timer and builds a closure besides registering the socket, at every
+    wait of every statement (a statement on the event loop waits once or twice)."""
+    import psycopg
+    from psycopg.waiting import READY_R, READY_W, WAIT_R, WAIT_W
+
+    def ready(waiter: asyncio.Future[int], state: int) -> None:
+        if not waiter.done():
+            waiter.set_result(state)
+
+    class StatementConnection(psycopg.AsyncConnection):  # type: ignore[type-arg]
+        async def wait(self, gen: Any, interval: float | None = None, timeout: float | None = None) -> Any:
+            if timeout is not None:  # none of the statements here has a time limit
+                return await super().wait(gen, timeout=timeout)
+            fd = self.pgconn.socket
+            loop = asyncio.get_running_loop()
+            try:
+                s = next(gen)
+                while True:
+                    waiter = loop.create_future()
+                    if s & WAIT_R:
+                        loop.add_reader(fd, ready, waiter, READY_R)
+                    if s & WAIT_W:
+                        loop.add_writer(fd, ready, waiter, READY_W)
+                    try:
+                        state = await waiter
+                    finally:
+                        if s & WAIT_R:
+                            loop.remove_reader(fd)
+                        if s & WAIT_W:
+                            loop.remove_writer(fd)
+                    s = gen.send(state)
+            except StopIteration as done:
+                return done.value
+            except OSError as exc:
+                raise psycopg.OperationalError("connection socket closed") from exc
+
+    return StatementConnection
+
+
 class _StatementConnections:
     """PostgreSQL connections in autocommit, used on the event loop itself (psycopg's
     AsyncConnection) for `Database.statement_now`: a single statement costs no hop to a
@@ -393,7 +435,7 @@ class _StatementConnections:
             except psycopg.Error:
                 self._discard(conn)
         try:
-            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            conn = await _statement_connection_class().connect(self.conninfo, autocommit=True)
         except psycopg.OperationalError as exc:
             raise DisconnectionError(f"could not connect to the database: {exc}") from exc
         _pg_loaders(conn, None)  # JSON columns decoded as the engine's connections do
