@@ -137,7 +137,7 @@ def _fill(msg: job_pb2.Job, fields: tuple[Any, ...], view: int) -> None:
         msg.id, state, msg.workdir, msg.app_id, msg.site_id = fields
         msg.state = _STATE_NUMBERS.get(state, 0)
         return
-    msg.CopyFrom(_template(fields[_SHARED_FROM:]))  # first: CopyFrom replaces every field
+    _fill_shared(msg, fields[_SHARED_FROM:])  # first: it copies over every field
     (msg.id, msg.workdir, msg.app_id, msg.site_id, name, tags, parameters, data, parent_ids, transfers,
      launch_params, priority, state_message, return_code, error_tail, batch_job_id, session_id,
      lease_generation, lease_expire_time, run_count) = fields[:_SHARED_FROM]
@@ -184,24 +184,60 @@ def _fill(msg: job_pb2.Job, fields: tuple[Any, ...], view: int) -> None:
 
 
 _TEMPLATES: dict[tuple[Any, ...], job_pb2.Job] = {}
+_BASES: dict[tuple[Any, ...], job_pb2.Job] = {}
+_SEEN_ONCE: set[tuple[Any, ...]] = set()
 
 
-def _template(shared: tuple[Any, ...]) -> job_pb2.Job:
-    """A Job holding only the _SHARED_NAMES fields, one per distinct combination (jobs
-    created or moved together share all of them): one CopyFrom instead of a dozen
-    field writes. Shared: only ever copied from, never modified."""
+def _fill_shared(msg: job_pb2.Job, shared: tuple[Any, ...]) -> None:
+    """Write the _SHARED_NAMES fields into the empty message `msg`: one CopyFrom from the
+    template of their combination (jobs created or moved together share all of them)
+    instead of a dozen field writes.
+
+    A combination gets its template when seen the second time. One seen once (a single
+    create, a job changed on its own: its times are its own) is written from the base of
+    its state, policy and resources and its three times: a template of its own would cost
+    more to build than it saves, and push out the templates that are shared."""
     template = _TEMPLATES.get(shared)
-    if template is None:
-        state, policy, create_time, update_time, state_time, *shape = shared
-        template = job_pb2.Job(
+    if template is not None:
+        msg.CopyFrom(template)
+        return
+    state, policy, create_time, update_time, state_time, *shape = shared
+    key = (state, policy, *shape)
+    base = _BASES.get(key)
+    if base is None:
+        if len(_BASES) >= 4096:
+            _BASES.clear()
+        base = _BASES[key] = job_pb2.Job(
             state=_STATE_NUMBERS.get(state, 0), on_parent_failure=_POLICY_NUMBERS.get(policy, 0),
-            create_time=shared_timestamp(create_time), update_time=shared_timestamp(update_time),
-            state_time=shared_timestamp(state_time),
             resources=job_pb2.JobResources(**dict(zip(_RESOURCE_NAMES, shape, strict=True))))
+    if shared in _SEEN_ONCE:  # the second time: its template (templates are only copied from)
+        _SEEN_ONCE.discard(shared)
         if len(_TEMPLATES) >= 4096:
             _TEMPLATES.clear()
-        _TEMPLATES[shared] = template
-    return template
+        template = _TEMPLATES[shared] = job_pb2.Job()
+        _write_shared(template, base, create_time, update_time, state_time)
+        msg.CopyFrom(template)
+        return
+    if len(_SEEN_ONCE) >= 8192:
+        _SEEN_ONCE.clear()
+    _SEEN_ONCE.add(shared)
+    _write_shared(msg, base, create_time, update_time, state_time)
+
+
+def _write_shared(msg: job_pb2.Job, base: job_pb2.Job, create_time: Any, update_time: Any, state_time: Any) -> None:
+    msg.CopyFrom(base)
+    _set_time(msg.create_time, create_time)
+    _set_time(msg.update_time, update_time)
+    _set_time(msg.state_time, state_time)
+
+
+def _set_time(ts: Any, value: Any) -> None:
+    if type(value) is int:  # microseconds since the epoch (PostgreSQL's rows here): no cached copy
+        seconds, micros = divmod(value, 1_000_000)
+        ts.seconds = seconds
+        ts.nanos = micros * 1000
+    else:
+        ts.CopyFrom(shared_timestamp(value))
 
 
 _STATE_NUMBERS = STATES.to_number
