@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, Insert, Table, bindparam, insert, text
+from sqlalchemy import Connection, DateTime, Insert, Table, bindparam, insert, text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from balsam_grpc.server.store.codec import CopyBatch, column_values, is_json
+from balsam_grpc.server.store.codec import CopyBatch, column_values, is_json, sqlite_time
+from balsam_grpc.server.store.driver import driver_executemany, driver_rows, plain_statement
 
 # Below this many rows a multi-row INSERT ... RETURNING beats nextval + COPY.
 COPY_MIN_ROWS = 64
@@ -35,15 +36,11 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> l
         return ids
     # Above every id the table ever had (AUTOINCREMENT's sqlite_sequence), not only above
     # its rows: a deleted job's id is never handed out again. The insert moves the sequence.
-    # Asked on the driver's cursor: SQLAlchemy's execution costs several times SQLite's
-    # work here, once per event-writing transaction (the insert after it goes through
-    # SQLAlchemy and its checks).
-    cursor = conn.connection.dbapi_connection.cursor()
-    try:
-        first = cursor.execute(f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table.name}'), 0), "
-                               f"coalesce((SELECT max(id) FROM {table.name}), 0)) + 1").fetchone()[0]
-    finally:
-        cursor.close()
+    # Asked and inserted on the driver's cursor: SQLAlchemy's execution costs several
+    # times SQLite's work here, once per event-writing transaction.
+    first = driver_rows(conn, plain_statement(
+        f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table.name}'), 0), "
+        f"coalesce((SELECT max(id) FROM {table.name}), 0)) + 1"), {})[0][0]
     ids = list(range(first, first + len(rows)))
     _executemany_insert(conn, table, columns, rows, ids)
     return ids
@@ -74,9 +71,10 @@ def draw_ids_sql(table: Table) -> str:
 
 def _executemany_insert(conn: Connection, table: Table, columns: list[str], rows: list[dict[str, Any]],
                         ids: list[int]) -> None:
-    """INSERT with the driver's executemany, values converted by SQLAlchemy's own bind
-    processors a column at a time (each distinct value once): SQLAlchemy's per-row
-    parameter handling costs more than SQLite's insert itself."""
+    """INSERT with the driver's executemany (store.driver), values converted by
+    SQLAlchemy's own bind processors (times as store.codec.sqlite_time) a column at a
+    time (each distinct value once): SQLAlchemy's per-row parameter handling costs more
+    than SQLite's insert itself."""
     sql, processors = _executemany_plan(conn.dialect, table, columns)
     params_by_column: list[list[Any]] = [ids]
     for name, (process, unhashable) in zip(columns, processors, strict=True):
@@ -84,7 +82,7 @@ def _executemany_insert(conn: Connection, table: Table, columns: list[str], rows
         if process is not None:
             values = _convert_column(values, process, unhashable)
         params_by_column.append(values)
-    conn.exec_driver_sql(sql, list(zip(*params_by_column, strict=True)))
+    driver_executemany(conn, plain_statement(sql), list(zip(*params_by_column, strict=True)))
 
 
 # Per dialect (each engine has its own, with its JSON codec) and table: the INSERT and each
@@ -104,12 +102,17 @@ def _executemany_plan(dialect: Any, table: Table, columns: list[str]) -> tuple[s
     key = tuple(columns)
     plan = plans.get(key)
     if plan is None:
-        processors = [(table.c[name].type.dialect_impl(dialect).bind_processor(dialect), is_json(table.c[name]))
+        processors = [(_sqlite_time_or_none if isinstance(table.c[name].type, DateTime)
+                       else table.c[name].type.dialect_impl(dialect).bind_processor(dialect), is_json(table.c[name]))
                       for name in columns]
         sql = (f"INSERT INTO {table.name} ({', '.join(['id', *columns])}) "
                f"VALUES ({', '.join('?' * (len(columns) + 1))})")
         plan = plans[key] = (sql, processors)
     return plan
+
+
+def _sqlite_time_or_none(value: Any) -> Any:
+    return None if value is None else sqlite_time(value)
 
 
 def _convert_column(values: list[Any], process: Any, unhashable: bool) -> list[Any]:

@@ -21,7 +21,7 @@ import itertools
 import json
 import operator
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
@@ -174,8 +174,20 @@ def _json(value: Any) -> str:
 
 
 def is_json(column: Any) -> bool:
-    t = column.type
+    return is_json_type(column.type)
+
+
+def is_json_type(t: Any) -> bool:
     return isinstance(t, JSON) or isinstance(getattr(t, "impl", None), JSON) or t.__class__.__name__ in ("JSON", "JSONB")
+
+
+def sqlite_time(value: datetime) -> str:
+    """A time as SQLAlchemy's SQLite DateTime stores it (UTC, always six digits of
+    microseconds), so that text comparisons order as the times do."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return (f"{value.year:04d}-{value.month:02d}-{value.day:02d} {value.hour:02d}:{value.minute:02d}:"
+            f"{value.second:02d}.{value.microsecond:06d}")
 
 
 def _formatter(column: Any) -> tuple[Callable[[Any], str], bool]:

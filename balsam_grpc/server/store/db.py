@@ -102,11 +102,16 @@ def _refuse_lost_transaction(conn: Connection, *_: Any) -> None:
 
 
 def _sqlite_error(context: Any) -> None:
-    # SQLITE_FULL, SQLITE_IOERR and SQLITE_NOMEM may roll back the whole transaction, not
-    # only the failed statement: remember why, for the error raised when it is used again.
-    conn = context.connection
-    if conn is not None and not conn.closed and not conn.invalidated and _sqlite_transaction_gone(conn):
-        conn.info.setdefault(_ROLLED_BACK_BY, context.original_exception)
+    if context.connection is not None:
+        note_sqlite_error(context.connection, context.original_exception)
+
+
+def note_sqlite_error(conn: Connection, exc: BaseException) -> None:
+    """After `exc` from a statement of `conn` (SQLite). SQLITE_FULL, SQLITE_IOERR and
+    SQLITE_NOMEM may roll back the whole transaction, not only the failed statement:
+    remember why, for the error raised when it is used again."""
+    if not conn.closed and not conn.invalidated and _sqlite_transaction_gone(conn):
+        conn.info.setdefault(_ROLLED_BACK_BY, exc)
 
 
 def _private_sqlite_file(path: Path) -> None:

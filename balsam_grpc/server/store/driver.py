@@ -1,53 +1,89 @@
-"""PostgreSQL: statements of the launcher report path run on the driver's cursor of the
-transaction's own connection, without SQLAlchemy's per-execution work.
+"""Statements of the launcher report path run on the driver's cursor of the transaction's
+own connection, without SQLAlchemy's per-execution work.
 
 SQLAlchemy spends about as much server CPU on a compiled, cached statement (execution
-context, parameter processing, result metadata) as psycopg and the network together: a
-third of a report transaction's server CPU. The statements here are compiled once by
-SQLAlchemy into the driver's terms (psycopg's %(name)s with SQLAlchemy's casts) and run
-in the same transaction, on the same connection, so nothing about atomicity or locking
-changes. Only for statements whose parameters need no type processing: the caller binds
-lists as array literals (codec.array_text) and JSON as text. Rows come as tuples or dicts
-(JSON already decoded by the connection's loader, as for SQLAlchemy's rows).
+context, parameter processing, result metadata) as the driver and the database together:
+a third of a report transaction's server CPU on PostgreSQL, more on SQLite. The
+statements here are compiled once by SQLAlchemy into the driver's terms (psycopg's
+%(name)s with SQLAlchemy's casts; pysqlite's :name) and run in the same transaction, on
+the same connection, so nothing about atomicity or locking changes. Only for statements
+whose parameters need no type processing but times: the caller binds lists as array
+literals (codec.array_text) on PostgreSQL and as JSON arrays (query.ids_value) on SQLite,
+and JSON as text. Rows come as tuples or dicts with the values SQLAlchemy's rows have
+(JSON decoded; on SQLite times as naive datetimes, booleans as bool).
 
-Listeners of before_cursor_execute see them as they see SQLAlchemy's. Errors are raised
-as SQLAlchemy raises them (DBAPIError, with the connection
-invalidated when it is gone), so callers and rpc.database_unavailable see no difference.
+Listeners of before_cursor_execute see them as they see SQLAlchemy's: on SQLite that is
+store.db's guard that refuses to run a statement after SQLite rolled the transaction back
+by itself (and an error that did so is noted there, as SQLAlchemy's handle_error would).
+Errors are raised as SQLAlchemy raises them (DBAPIError, with the connection invalidated
+when it is gone), so callers and rpc.database_unavailable see no difference.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Callable, Hashable, Iterator
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Boolean, Connection, DateTime
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.exc import DBAPIError
 
+from balsam_grpc.server.store.codec import is_json_type, loads, sqlite_time
+from balsam_grpc.server.store.db import note_sqlite_error
+
 _TUPLES_OK = 2  # psycopg.pq.ExecStatus.TUPLES_OK
+# SQLite statements compiled with pysqlite's named placeholders (the engine's dialect
+# uses positional ones), so that callers bind by name on both databases.
+_SQLITE_NAMED = SQLiteDialect_pysqlite(paramstyle="named")
 
 
 class DriverStatement:
     """A statement in the driver's terms, with the values of the parameters it fixes
-    itself (literals SQLAlchemy bound, such as `num_nodes = 1`)."""
+    itself (literals SQLAlchemy bound, such as `num_nodes = 1`). SQLite: also which
+    parameters are times (bound as SQLAlchemy stores them) and the names of the result
+    columns with the conversion of each that needs one."""
 
-    __slots__ = ("sql", "fixed")
+    __slots__ = ("sql", "fixed", "times", "names", "convert")
 
     def __init__(self, stmt: Any, dialect: Any) -> None:
-        compiled = stmt.compile(dialect=dialect)
+        sqlite = dialect.name == "sqlite"
+        compiled = stmt.compile(dialect=_SQLITE_NAMED if sqlite else dialect)
         self.sql = str(compiled)
         self.fixed = {k: v for k, v in compiled.params.items() if v is not None}
+        self.times: tuple[str, ...] = ()
+        self.names: tuple[str, ...] = ()
+        self.convert: tuple[tuple[int, Callable[[Any], Any]], ...] = ()
+        if sqlite:
+            self.times = tuple(name for name, bind in compiled.binds.items() if isinstance(bind.type, DateTime))
+            self.fixed = {k: sqlite_time(v) if k in self.times else v for k, v in self.fixed.items()}
+            columns = compiled._result_columns  # noqa: SLF001 - (keyname, name, objects, type) per column
+            self.names = tuple(c[0] for c in columns)
+            self.convert = tuple((i, fn) for i, c in enumerate(columns) if (fn := _sqlite_result(c[3])) is not None)
+
+
+def _sqlite_result(type_: Any) -> Callable[[Any], Any] | None:
+    """How a value SQLite returns becomes what SQLAlchemy's row would hold (None: as is)."""
+    if isinstance(type_, DateTime):
+        return datetime.fromisoformat
+    if isinstance(type_, Boolean):
+        return bool
+    if is_json_type(type_):
+        return loads
+    return None
 
 
 _COMPILED: dict[Hashable, DriverStatement] = {}
 
 
 def driver_statement(key: Hashable, build: Callable[[], Any], dialect: Any) -> DriverStatement:
-    """The statement `build` makes, in the driver's terms, compiled once per `key` (the
-    PostgreSQL dialect compiles a statement alike for every engine)."""
-    stmt = _COMPILED.get(key)
+    """The statement `build` makes, in the driver's terms, compiled once per `key` and
+    database (a dialect compiles a statement alike for every engine)."""
+    stmt = _COMPILED.get((dialect.name, key))
     if stmt is None:
-        stmt = _COMPILED[key] = DriverStatement(build(), dialect)
+        stmt = _COMPILED[(dialect.name, key)] = DriverStatement(build(), dialect)
     return stmt
 
 
@@ -55,6 +91,8 @@ def driver_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any],
                 dicts: bool = False) -> list[Any]:
     """Run `stmt` with `params` in `conn`'s transaction; its rows (tuples, or dicts when
     `dicts`; [] when it returns none)."""
+    if conn.dialect.name == "sqlite":
+        return _sqlite_rows(conn, stmt, params, dicts)
     from psycopg.rows import dict_row, tuple_row
 
     dbapi_conn = conn.connection.driver_connection
@@ -67,6 +105,58 @@ def driver_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any],
             return cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
         finally:
             cursor.close()
+
+
+def _sqlite_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any], dicts: bool) -> list[Any]:
+    params = _sqlite_params(stmt, params)
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        _execute(conn, cursor, stmt.sql, params)
+        rows = cursor.fetchall()
+        described = cursor.description
+    except sqlite3.Error as exc:
+        note_sqlite_error(conn, exc)
+        raise DBAPIError.instance(stmt.sql, params, exc, sqlite3.Error, hide_parameters=True) from exc
+    finally:
+        cursor.close()
+    if stmt.convert and rows:
+        converted = []
+        for row in rows:
+            values = list(row)
+            for i, fn in stmt.convert:
+                if values[i] is not None:
+                    values[i] = fn(values[i])
+            converted.append(values)
+        rows = converted
+    if dicts:
+        names = stmt.names or tuple(d[0] for d in described or ())
+        return [dict(zip(names, row, strict=True)) for row in rows]
+    return [tuple(row) for row in rows] if stmt.convert else rows
+
+
+def driver_executemany(conn: Connection, stmt: DriverStatement, params: list[Any]) -> None:
+    """SQLite: run `stmt` (no rows) once per parameter set in `params` (dicts; tuples for
+    a plain_statement with positional placeholders), in `conn`'s transaction, as one
+    executemany of the driver (the statement prepared once)."""
+    if stmt.fixed or stmt.times:
+        params = [_sqlite_params(stmt, p) for p in params]
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        if conn._has_events or conn.engine._has_events:
+            conn.dispatch.before_cursor_execute(conn, cursor, stmt.sql, params, None, True)
+        cursor.executemany(stmt.sql, params)
+    except sqlite3.Error as exc:
+        note_sqlite_error(conn, exc)
+        raise DBAPIError.instance(stmt.sql, params, exc, sqlite3.Error, hide_parameters=True) from exc
+    finally:
+        cursor.close()
+
+
+def _sqlite_params(stmt: DriverStatement, params: dict[str, Any]) -> dict[str, Any]:
+    params = _bound(stmt, params)
+    if stmt.times:
+        params = {**params, **{k: sqlite_time(params[k]) for k in stmt.times if type(params.get(k)) is datetime}}
+    return params
 
 
 @contextlib.contextmanager
@@ -114,16 +204,19 @@ def _sqlalchemy_errors(conn: Connection, sql: str, params: dict[str, Any]) -> It
 
 
 def driver_execute(conn: Connection, sql: str) -> None:
-    """A statement without parameters or rows (SET LOCAL) in `conn`'s transaction."""
-    driver_rows(conn, _plain(sql), {})
+    """A statement without parameters or rows (SET LOCAL) in `conn`'s transaction
+    (PostgreSQL)."""
+    driver_rows(conn, plain_statement(sql), {})
 
 
 _PLAIN: dict[str, DriverStatement] = {}
 
 
-def _plain(sql: str) -> DriverStatement:
+def plain_statement(sql: str) -> DriverStatement:
+    """`sql`, already in the driver's terms, as a DriverStatement (its parameters and
+    rows converted by nobody)."""
     stmt = _PLAIN.get(sql)
     if stmt is None:
         stmt = _PLAIN[sql] = DriverStatement.__new__(DriverStatement)
-        stmt.sql, stmt.fixed = sql, {}
+        stmt.sql, stmt.fixed, stmt.times, stmt.names, stmt.convert = sql, {}, (), (), ()
     return stmt

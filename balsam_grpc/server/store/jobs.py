@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, CopyStream, draw_ids, draw_ids_sql, insert_rows
-from balsam_grpc.server.store.codec import column_values, is_json
+from balsam_grpc.server.store.codec import column_values, is_json, sqlite_time
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
 from balsam_grpc.server.store.driver import driver_statement, sent_ahead
@@ -247,7 +247,7 @@ def sqlite_select_statement(q: JobQuery, order: list[tuple[str, bool]], after: l
     params["limit"] = limit
     if after is not None:
         for i, ((name, _), value) in enumerate(zip(order, _keyset(order, after), strict=True)):
-            params[f"after{i}"] = _sqlite_time(value) if name.endswith("_time") else value
+            params[f"after{i}"] = sqlite_time(value) if name.endswith("_time") else value
     shape = ("sqlite select", tuple(params), tuple(order), names)
     sql = _SELECT_SQL.get(shape)
     if sql is None:
@@ -264,7 +264,7 @@ def sqlite_patch_statement(q: JobQuery, values: dict[str, Any], now: datetime, n
     params = _sqlite_params(q)
     for name, value in values.items():
         params[f"set_{name}"] = codec_dumps(value) if is_json(jobs.c[name]) else value
-    params["set_update_time"] = _sqlite_time(now)
+    params["set_update_time"] = sqlite_time(now)
     shape = ("sqlite patch", tuple(params), names)
     sql = _SELECT_SQL.get(shape)
     if sql is None:
@@ -295,15 +295,6 @@ def sqlite_rows(names: tuple[str, ...], rows: list[Any]) -> list[Any]:
     return out
 
 
-def _sqlite_time(value: datetime) -> str:
-    """A time as SQLAlchemy's SQLite DateTime stores it (UTC, always six digits of
-    microseconds), so that text comparisons order as the times do."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC)
-    return (f"{value.year:04d}-{value.month:02d}-{value.day:02d} {value.hour:02d}:{value.minute:02d}:"
-            f"{value.second:02d}.{value.microsecond:06d}")
-
-
 def _sqlite_params(q: JobQuery) -> dict[str, Any]:
     """_query_params for SQLite: lists bound as one JSON array each (read through
     json_each, so their lengths do not make new shapes), times as stored text, one
@@ -315,7 +306,7 @@ def _sqlite_params(q: JobQuery) -> dict[str, Any]:
         if isinstance(value, list):
             value = json.dumps(value)
         elif isinstance(value, datetime):
-            value = _sqlite_time(value)
+            value = sqlite_time(value)
         params[name] = value
     for i, (key, value) in enumerate(sorted(q.tags.items())):
         params[f"tag_path{i}"], params[f"tag{i}"] = json_path(key), value

@@ -89,37 +89,24 @@ class SessionRef:
     batch_job_id: int | None
 
 
-# The hot path's statements are built once (per shape and dialect) with named parameters:
-# building a Select and its cache key each time costs several times what SQLAlchemy
-# spends running a statement it has compiled before. Immutable, so shared freely.
-_STATEMENTS: dict[tuple[Any, ...], Any] = {}
-
-
-def _statement(key: tuple[Any, ...], build: Any) -> Any:
-    stmt = _STATEMENTS.get(key)
-    if stmt is None:
-        stmt = _STATEMENTS[key] = build()
-    return stmt
-
-
+# The hot path's statements are built and compiled once (per shape and database) with
+# named parameters: building a Select and its cache key each time costs several times
+# what running it costs.
 def _driver(conn: Connection, key: tuple[Any, ...], build: Any) -> DriverStatement:
-    """PostgreSQL: the statement `build` makes, in the driver's terms (store/driver.py),
-    built once per key."""
+    """The statement `build` makes, in the driver's terms (store/driver.py), built once
+    per key and database."""
     return driver_statement(("leases", *key), build, conn.dialect)
 
 
-def _run(conn: Connection, key: tuple[Any, ...], build: Any, params: dict[str, Any], ids: dict[str, list[int]],
-         *, rows: bool = True) -> list[dict[str, Any]]:
-    """The statement `build` makes (once per key and dialect), run with `params` and the
-    id lists `ids`; its rows as dicts (none unless `rows`). PostgreSQL: on the driver's
-    cursor, the lists bound as array literals; SQLite: through SQLAlchemy."""
+def _run(conn: Connection, key: tuple[Any, ...], build: Any, params: dict[str, Any],
+         ids: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+    """The statement `build` makes (once per key and dialect), run on the driver's cursor
+    with `params` and the id lists `ids` (array literals on PostgreSQL, JSON arrays on
+    SQLite); its rows as dicts."""
     dialect = conn.dialect.name
-    if dialect == "postgresql":
-        bound = {**params, **{name: array_text(values) for name, values in ids.items()}}
-        return driver_rows(conn, _driver(conn, key, build), bound, dicts=True)
-    result = conn.execute(_statement((*key, dialect), build),
-                          {**params, **{name: ids_value(values, dialect) for name, values in ids.items()}})
-    return [dict(r._mapping) for r in result] if rows else []
+    bound = {**params, **{name: array_text(values) if dialect == "postgresql" else ids_value(values, dialect)
+                          for name, values in (ids or {}).items()}}
+    return driver_rows(conn, _driver(conn, key, build), bound, dicts=True)
 
 
 _LOCK_SESSION = (select(sessions)
@@ -153,11 +140,11 @@ def _session_refusal(session_id: str, state: str | None) -> FailedPrecondition |
 
 def lock_active_session(conn: Connection, owner_id: int, session_id: str) -> dict[str, Any]:
     """The session row, locked for this transaction; refuses a session that is not ACTIVE."""
-    row = conn.execute(_LOCK_SESSION, {"b_sid": session_id, "b_owner": owner_id}).first()
-    refusal = _session_refusal(session_id, row.state if row is not None else None)
+    got = _run(conn, ("lock_session",), lambda: _LOCK_SESSION, {"b_sid": session_id, "b_owner": owner_id})
+    refusal = _session_refusal(session_id, got[0]["state"] if got else None)
     if refusal is not None:
         raise refusal
-    return dict(row._mapping)
+    return got[0]
 
 
 # ---------------------------------------------------------------------------- acquire
@@ -338,7 +325,7 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
 
         _run(conn, ("hold_ahead", bool(session.batch_job_id)), hold_ahead,
              {"b_sid": session.id, "b_bj": session.batch_job_id, "b_now": now},
-             {"b_ids": [r["id"] for r in reserved]}, rows=False)
+             {"b_ids": [r["id"] for r in reserved]})
         for r in reserved:
             r.update(session_id=session.id, lease_generation=r["lease_generation"] + 1,
                      batch_job_id=session.batch_job_id or r["batch_job_id"], update_time=now)
@@ -584,7 +571,8 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     result.applied = len(result.released) + result.started
     result.applied_through_seq = max(applied_through, fresh[-1].seq)
     if not session.get("advanced"):
-        conn.execute(_ADVANCE_SESSION, {"b_sid": session_id, "b_seq": result.applied_through_seq, "b_now": now})
+        _run(conn, ("advance_session",), lambda: _ADVANCE_SESSION,
+             {"b_sid": session_id, "b_seq": result.applied_through_seq, "b_now": now})
     return result
 
 

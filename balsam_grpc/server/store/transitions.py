@@ -45,7 +45,7 @@ from balsam_grpc.core.states import (
 )
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.codec import array_text, dumps, is_json
-from balsam_grpc.server.store.driver import driver_rows, driver_statement
+from balsam_grpc.server.store.driver import driver_executemany, driver_rows, driver_statement
 from balsam_grpc.server.store.query import id_in, ids_param, ids_value
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, transfer_items
 
@@ -436,16 +436,11 @@ class Transitioner:
                     if childless:
                         stmt = stmt.returning(jobs.c.id, _HAS_CHILDREN)
                     _UPDATES[(dialect, (*names, "+childless" if childless else ""))] = stmt
-                if dialect == "postgresql":
-                    driver = driver_statement(("transitions.update", *names, "+childless" if childless else ""),
-                                              lambda: stmt, self.conn.dialect)
-                    params = {"w_" + name: _driver_value(name, value) for name, value in columns.items()}
-                    params["w_ids"] = array_text(ids)
-                    result = driver_rows(self.conn, driver, params)
-                else:
-                    params = {"w_" + name: value for name, value in columns.items()}
-                    params["w_ids"] = ids_value(ids, dialect)
-                    result = self.conn.execute(stmt, params)
+                driver = driver_statement(("transitions.update", *names, "+childless" if childless else ""),
+                                          lambda: stmt, self.conn.dialect)
+                params = {"w_" + name: _driver_value(name, value) for name, value in columns.items()}
+                params["w_ids"] = array_text(ids) if dialect == "postgresql" else ids_value(ids, dialect)
+                result = driver_rows(self.conn, driver, params)
                 if childless:
                     self.childless.update(r[0] for r in result if not r[1])
             return
@@ -466,6 +461,14 @@ class Transitioner:
         for p in params:
             for name, value in fixed.items():
                 p["f_" + name] = value
+        if dialect == "sqlite":
+            for key in extra_keys:
+                if key[2:] in _JSON_COLUMNS:
+                    for p in params:
+                        p[key] = dumps(p[key])
+            driver_executemany(self.conn, driver_statement(("transitions.update_many", *fixed, *extra_keys),
+                                                           lambda: stmt, self.conn.dialect), params)
+            return
         self.conn.execute(stmt, params)
 
     def _write_unnest(self, fixed: dict[str, Any], extra_keys: list[str], params: list[dict[str, Any]],
