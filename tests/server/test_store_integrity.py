@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, Table, func, insert, inspect, select, text
+from sqlalchemy import DateTime, MetaData, Table, bindparam, func, insert, inspect, select, text
 
 from balsam_grpc.core.errors import ResourceExhausted
 from balsam_grpc.server.store import migrate, tables
 from balsam_grpc.server.store.db import Database, make_engine
+from balsam_grpc.server.store.driver import driver_executemany, driver_rows, driver_statement
 from balsam_grpc.server.store.tables import (
     apps,
     batch_jobs,
@@ -211,6 +212,35 @@ def test_transaction_sqlite_rolled_back_itself_runs_and_commits_nothing_more(tmp
         with pytest.raises(ResourceExhausted) as refused:
             db.write_sync(work)
         assert refused.value.reason == "STORAGE_FULL" and str(tmp_path / "full.db") in refused.value.message
+        assert db.read_sync(lambda conn: conn.execute(select(users.c.username)).all()) == []
+    finally:
+        db.dispose()
+
+
+def test_transaction_sqlite_rolled_back_itself_runs_no_driver_statement_more(tmp_path: Path) -> None:
+    """As above, with the statements on the driver's cursor (store.driver, the launcher
+    report path): the error that rolled the transaction back is noted, the next
+    statement is refused instead of committing on its own, and nothing is written."""
+    db = Database(f"sqlite:///{tmp_path / 'full.db'}", workers=1)
+    try:
+        migrate.upgrade(db.url)
+        now = datetime.now(UTC)
+        add = driver_statement(("test", "add_user"), lambda: insert(users).values(
+            username=bindparam("name"), password_hash=bindparam("hash"), admin=False,
+            create_time=bindparam("at", type_=DateTime())),
+            db.engine.dialect)
+
+        def work(conn) -> None:  # type: ignore[no-untyped-def]
+            driver_rows(conn, add, {"name": "first", "hash": "x", "at": now})
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+            conn.exec_driver_sql(f"PRAGMA max_page_count = {pages + 2}")
+            with contextlib.suppress(Exception), conn.begin_nested():
+                driver_executemany(conn, add, [{"name": f"u{i}", "hash": "x" * 200, "at": now} for i in range(2000)])
+            driver_rows(conn, add, {"name": "after", "hash": "x", "at": now})
+
+        with pytest.raises(ResourceExhausted) as refused:
+            db.write_sync(work)
+        assert refused.value.reason == "STORAGE_FULL"
         assert db.read_sync(lambda conn: conn.execute(select(users.c.username)).all()) == []
     finally:
         db.dispose()

@@ -184,10 +184,10 @@ def is_json_type(t: Any) -> bool:
 def sqlite_time(value: datetime) -> str:
     """A time as SQLAlchemy's SQLite DateTime stores it (UTC, always six digits of
     microseconds), so that text comparisons order as the times do."""
-    if value.tzinfo is not None:
+    tz = value.tzinfo
+    if tz is not None and tz is not UTC:
         value = value.astimezone(UTC)
-    return (f"{value.year:04d}-{value.month:02d}-{value.day:02d} {value.hour:02d}:{value.minute:02d}:"
-            f"{value.second:02d}.{value.microsecond:06d}")
+    return value.isoformat(" ", "microseconds")[:26]  # without the offset
 
 
 def _formatter(column: Any) -> tuple[Callable[[Any], str], bool]:
