@@ -8,10 +8,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.server.convert import utcnow
+from balsam_grpc.server.store.driver import driver_rows, driver_statement
 from balsam_grpc.server.store.tables import idempotency_keys
 
 R = TypeVar("R", bound=Message)
@@ -90,15 +91,31 @@ def idempotent(conn: Connection, owner_id: int, method: str, request: Message, r
     if stored is not None:
         return replay(method, request_id, body, *stored, response_type)
     response = build()
-    conn.execute(insert(idempotency_keys).values(
-        owner_id=owner_id, method=method, request_id=request_id, request_hash=body,
-        response=response.SerializeToString(), create_time=utcnow()))
+    record_answer(conn, owner_id, method, request_id, body, response.SerializeToString())
     return response
+
+
+# Both statements on the driver's cursor (store.driver): SQLAlchemy's execution cost
+# more than the database's work, in every mutation that carries a request_id.
+_STORED = select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
+    idempotency_keys.c.owner_id == bindparam("owner_id"), idempotency_keys.c.method == bindparam("method"),
+    idempotency_keys.c.request_id == bindparam("request_id"))
+_RECORD = insert(idempotency_keys).values(
+    owner_id=bindparam("owner_id"), method=bindparam("method"), request_id=bindparam("request_id"),
+    request_hash=bindparam("request_hash"), response=bindparam("response"),
+    create_time=bindparam("create_time", type_=idempotency_keys.c.create_time.type))
 
 
 def stored_answer(conn: Connection, owner_id: int, method: str, request_id: str) -> tuple[str, bytes] | None:
     """(request hash, answer) recorded for this request_id, None when there is none."""
-    row = conn.execute(select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
-        idempotency_keys.c.owner_id == owner_id, idempotency_keys.c.method == method,
-        idempotency_keys.c.request_id == request_id)).first()
-    return None if row is None else (row.request_hash, bytes(row.response))
+    rows = driver_rows(conn, driver_statement("idempotency.stored", lambda: _STORED, conn.dialect),
+                       {"owner_id": owner_id, "method": method, "request_id": request_id})
+    return None if not rows else (rows[0][0], bytes(rows[0][1]))
+
+
+def record_answer(conn: Connection, owner_id: int, method: str, request_id: str, body: str, answer: bytes) -> None:
+    """Record `answer` to the request (hash `body`) with this request_id, in `conn`'s
+    transaction: the answer exists iff the change committed."""
+    driver_rows(conn, driver_statement("idempotency.record", lambda: _RECORD, conn.dialect),
+                {"owner_id": owner_id, "method": method, "request_id": request_id, "request_hash": body,
+                 "response": answer, "create_time": utcnow()})

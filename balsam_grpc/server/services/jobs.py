@@ -24,7 +24,15 @@ from balsam_grpc.server.convert import (
     struct_to_dict,
     utcnow,
 )
-from balsam_grpc.server.idempotency import id_tag, one_item_id_tag, replay, request_hash, request_id_of
+from balsam_grpc.server.idempotency import (
+    id_tag,
+    one_item_id_tag,
+    record_answer,
+    replay,
+    request_hash,
+    request_id_of,
+    stored_answer,
+)
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import unary
 from balsam_grpc.server.services.common import mutate
@@ -663,13 +671,63 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     @unary(job_token=True)
     async def CreateJob(self, request, context, principal):  # noqa: N802
         try:
-            response = await self._create_at_once(principal, request, request.job) if self.db.is_postgres else None
+            if self.db.is_postgres:
+                response = await self._create_at_once(principal, request, request.job)
+            else:
+                response = await self._create_one(principal, request, request.job)
             if response is None:
                 response = await self._create(principal, [request.job], request, "CreateJob",
                                               job_service_pb2.CreateJobResponse, job_service_pb2.JOB_VIEW_FULL)
             return response
         except BalsamError as exc:
             raise exc.with_field_prefix("jobs[0]", "job") from None
+
+    async def _create_one(self, principal: Principal, request: Any, job: job_pb2.Job,
+                          method: str = "CreateJob") -> Any:
+        """CreateJob, or BatchCreateJobs of one job, on SQLite: a job with no parents and no
+        transfers, in one write transaction whose statements all run on the driver's
+        cursor (the request_id's answer looked up, store.create_one, the answer
+        recorded). None when the general path (_create) must run: the app is not found or
+        the job is refused (the general path says why)."""
+        if len(job.parent_ids) or len(job.transfers):
+            return None
+        request_id = request_id_of(request)
+        spec = job_spec(job, "jobs[0]", self.state)
+        if principal.is_site and spec["site_id"]:
+            principal.check_site(spec["site_id"])
+        body = request_hash(request) if request_id else ""
+        owner_id, scope = principal.user_id, _scope(principal)
+
+        def work(conn: Any) -> Any:
+            if request_id:
+                stored = stored_answer(conn, owner_id, method, request_id)
+                if stored is not None:
+                    return stored
+            row = store.create_one(conn, owner_id, scope, spec, utcnow())
+            if row is None:
+                return None
+            response: Any
+            if method == "CreateJob":
+                response = job_service_pb2.CreateJobResponse()
+                fill_job(response.job, row, job_service_pb2.JOB_VIEW_FULL)
+            else:
+                response = job_service_pb2.BatchCreateJobsResponse()
+                jobs_to_messages([row], request.view or job_service_pb2.JOB_VIEW_BASIC, response.jobs)
+            if request_id:
+                record_answer(conn, owner_id, method, request_id, body, response.SerializeToString())
+            return row, response
+
+        got = await self.db.write(work)
+        if got is None:
+            return None
+        if isinstance(got[0], str):  # (request hash, answer) of the first request with this request_id
+            response_type = job_service_pb2.CreateJobResponse if method == "CreateJob" \
+                else job_service_pb2.BatchCreateJobsResponse
+            return replay(method, request_id, body, *got, response_type)
+        row, response = got
+        self._wake_sessions(owner_id, [row])
+        self._created(1)
+        return response
 
     async def _create_at_once(self, principal: Principal, request: Any, job: job_pb2.Job,
                               method: str = "CreateJob") -> Any:
@@ -733,11 +791,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     @unary(job_token=True)
     async def BatchCreateJobs(self, request, context, principal):  # noqa: N802
         view = request.view or job_service_pb2.JOB_VIEW_BASIC
-        if self.db.is_postgres and len(request.jobs) == 1:
-            # One job (a client submitting jobs one at a time): as CreateJob, one statement
-            # in autocommit instead of a transaction (BEGIN, the inserts, the request_id
-            # record, COMMIT: about half of submit-to-RUNNING with an idle launcher).
-            response = await self._create_at_once(principal, request, request.jobs[0], "BatchCreateJobs")
+        if len(request.jobs) == 1:
+            # One job (a client submitting jobs one at a time): as CreateJob. PostgreSQL:
+            # one statement in autocommit instead of a transaction (BEGIN, the inserts, the
+            # request_id record, COMMIT: about half of submit-to-RUNNING with an idle
+            # launcher).
+            if self.db.is_postgres:
+                response = await self._create_at_once(principal, request, request.jobs[0], "BatchCreateJobs")
+            else:
+                response = await self._create_one(principal, request, request.jobs[0], "BatchCreateJobs")
             if response is not None:
                 return response
         return await self._create(principal, list(request.jobs), request, "BatchCreateJobs",

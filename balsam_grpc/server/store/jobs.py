@@ -37,9 +37,9 @@ from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, CopyStream, draw_ids, d
 from balsam_grpc.server.store.codec import column_values, is_json, sqlite_time
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
-from balsam_grpc.server.store.driver import driver_statement, sent_ahead
+from balsam_grpc.server.store.driver import driver_rows, driver_statement, sent_ahead
 
-from balsam_grpc.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from balsam_grpc.core.errors import AlreadyExists, BalsamError, InvalidArgument, NotFound, PermissionDenied
 from balsam_grpc.core.states import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -1106,6 +1106,36 @@ def new_job_row(owner_id: int, site_scope: int | None, spec: dict[str, Any], app
     creation = _Creation(owner_id, site_scope, now, lookups)
     creation.add([spec])
     return creation.rows[0], creation.event_data[0]
+
+
+def create_one(conn: Connection, owner_id: int, site_scope: int | None, spec: dict[str, Any],
+               now: datetime) -> dict[str, Any] | None:
+    """SQLite: create_jobs for one job with no parents and no transfers given, every
+    statement on the driver's cursor (store.driver) in the caller's write transaction:
+    the app read, the checks (new_job_row), the job row and its creation event. SQLAlchemy's
+    per-statement work (and create_jobs' savepoint) cost more than SQLite's work here.
+    Returns the row; None when it wrote nothing and create_jobs must run, which says
+    why: the app is missing, the job is refused, the workdir is taken."""
+    by_id = bool(spec["app_id"])
+    found = driver_rows(conn, driver_statement(("jobs.create_one.app", by_id), lambda: select(apps).where(
+        apps.c.owner_id == bindparam("owner_id"),
+        *((apps.c.id == bindparam("app_id"),) if by_id else
+          (apps.c.site_id == bindparam("site_id"), apps.c.name == bindparam("name")))), conn.dialect),
+        {"owner_id": owner_id, "app_id": spec["app_id"], "site_id": spec["site_id"], "name": spec["app_name"]},
+        dicts=True)
+    if not found:
+        return None
+    try:
+        row, event_data = new_job_row(owner_id, site_scope, spec, found[0], now)
+    except BalsamError:
+        return None
+    try:
+        (row["id"],) = insert_rows(conn, jobs, [row])
+    except IntegrityError:  # the workdir is taken: the failed statement wrote nothing
+        return None
+    event_log.append(conn, [event_log.job_event(owner_id, row["site_id"], row["id"], S.CREATED, row["state"], now,
+                                                event_data, row["state_message"])])
+    return row
 
 
 @dataclass(frozen=True, slots=True)
