@@ -53,7 +53,7 @@ import structlog
 from sqlalchemy import Connection, bindparam, select
 
 from balsam_grpc.core.backoff import Backoff
-from balsam_grpc.server.store.driver import driver_statement
+from balsam_grpc.server.store.driver import driver_rows, driver_statement
 from balsam_grpc.server.store.events import HORIZON, event_horizon, horizon_of, origin
 from balsam_grpc.server.store.tables import events
 
@@ -87,15 +87,16 @@ _COLUMNS = (events.c.id, events.c.owner_id, events.c.site_id, events.c.job_id, e
             events.c.from_state, events.c.to_state, events.c.subject_id)
 
 
-# Built once: the dispatcher reads after every wake-up, and building the Select and its
-# cache key cost more than SQLite took to run it.
+# Built once and run on the driver's cursor (store.driver): the dispatcher reads after
+# every wake-up, and SQLAlchemy's execution cost more than SQLite took to run it.
 _READ_EVENTS = (select(*_COLUMNS).where(events.c.id > bindparam("e_after"), events.c.id <= bindparam("e_upto"))
                 .order_by(events.c.id).limit(bindparam("e_limit")))
 
 
 def read_events(conn: Connection, after: int, upto: int, limit: int) -> list[EventRow]:
     """Events with after < id <= upto, in id order, at most `limit`."""
-    rows = conn.execute(_READ_EVENTS, {"e_after": after, "e_upto": upto, "e_limit": limit})
+    rows = driver_rows(conn, driver_statement("fanout.read_events", lambda: _READ_EVENTS, conn.dialect),
+                       {"e_after": after, "e_upto": upto, "e_limit": limit})
     return [EventRow(*r) for r in rows]
 
 

@@ -139,7 +139,7 @@ def event_horizon(conn: Connection) -> tuple[int, int]:
     be, so a reader that delivers ids up to it in order never skips one committed later.
     On SQLite (one writer) both are the highest id."""
     if conn.dialect.name != "postgresql":
-        top = conn.execute(_TOP_ID).scalar_one()
+        top = driver_rows(conn, driver_statement("events.top_id", lambda: _TOP_ID, conn.dialect), {})[0][0]
         return top, top
     return horizon_of(*conn.execute(HORIZON).one())
 
