@@ -16,9 +16,10 @@ left.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, text
+from sqlalchemy import Connection, text
 
 from balsam_grpc.server.store.tables import job_counts
 
@@ -34,40 +35,6 @@ def answers(q: Any, group_by: list[str]) -> bool:
         return False
     return not any((q.ids, q.tags, q.exclude_tags, q.app_ids, q.app_names, q.parent_ids, q.workdir_contains,
                     q.create_start, q.create_end, q.update_start, q.update_end, q.batch_job_ids, q.session_id))
-
-
-# count's statements, one per shape of query, built once with named parameters: building
-# a Select and its cache key cost more than SQLite takes to run it, and a watcher polls
-# CountJobs many times a second. Immutable, so shared freely.
-_STATEMENTS: dict[tuple[Any, ...], Any] = {}
-
-
-def _count_statement(scoped: bool, site_ids: bool, states: bool, exclude_states: bool,
-                     group_by: tuple[str, ...]) -> Any:
-    c = job_counts.c
-    conds = [c.owner_id == bindparam("c_owner")]
-    if scoped:
-        conds.append(c.site_id == bindparam("c_scope"))
-    if site_ids:
-        conds.append(c.site_id.in_(bindparam("c_sites", expanding=True)))
-    if states:
-        conds.append(c.state.in_(bindparam("c_states", expanding=True)))
-    if exclude_states:
-        conds.append(c.state.not_in(bindparam("c_exclude", expanding=True)))
-    cols = [GROUPS[g].label(g) for g in group_by]
-    stmt = select(*cols, func.coalesce(func.sum(c.n), 0).label("count"), func.count().label("rows")).where(*conds)
-    if cols:
-        stmt = stmt.group_by(*cols).having(func.sum(c.n) != 0).order_by(*cols)
-    return stmt
-
-
-def count(conn: Connection, q: Any, group_by: list[str]) -> tuple[int, list[dict[str, Any]], bool]:
-    """(total, groups as store.jobs.count_jobs gives them, whether to compact)."""
-    shape = (q.site_scope is not None, bool(q.site_ids), bool(q.states), bool(q.exclude_states), tuple(group_by))
-    stmt = _STATEMENTS.get(shape)
-    if stmt is None:
-        stmt = _STATEMENTS[shape] = _count_statement(*shape)
-    return count_outcome(conn.execute(stmt, _count_params(q)).all(), group_by)
 
 
 def _count_params(q: Any) -> dict[str, Any]:
@@ -95,33 +62,46 @@ def count_outcome(rows: list[Any], group_by: list[str]) -> tuple[int, list[dict[
     return total, (groups if group_by else []), read > COMPACT_AFTER_ROWS + 4 * len(rows)
 
 
-def count_statement(q: Any, group_by: list[str]) -> tuple[str, dict[str, Any]]:
-    """PostgreSQL: count's statement in the driver's terms (psycopg's %(name)s), for
-    Database.statement_now on the event loop (no hop to a database thread, none of
-    SQLAlchemy's per-execution work), and its parameters; lists bind as one array each.
-    Its rows go to count_outcome."""
+def count_statement(q: Any, group_by: list[str], dialect: str) -> tuple[str, dict[str, Any]]:
+    """The statement counting the JobQuery `q` grouped by `group_by`, in the driver's terms
+    (psycopg's %(name)s for Database.statement_now on the event loop; pysqlite's :name for
+    Database.sqlite_statement), and its parameters: lists bind as one array each
+    (PostgreSQL) or one JSON array each (SQLite). None of SQLAlchemy's per-execution work
+    (a watcher polls CountJobs many times a second). Its rows go to count_outcome."""
     params = _count_params(q)
-    shape = (tuple(params), tuple(group_by))
+    if dialect == "sqlite":
+        params = {k: json.dumps(v) if isinstance(v, list) else v for k, v in params.items()}
+    shape = (dialect, tuple(params), tuple(group_by))
     sql = _DRIVER_STATEMENTS.get(shape)
     if sql is None:
-        conds = " AND ".join(_PG_CONDITIONS[name] for name in params)
-        shown = "".join(f"{_PG_GROUPS[g]} AS {g}, " for g in group_by)
+        conditions = _CONDITIONS[dialect]
+        conds = " AND ".join(conditions[name] for name in params)
+        shown = "".join(f"{_GROUP_COLUMNS[g]} AS {g}, " for g in group_by)
         sql = f"SELECT {shown}COALESCE(sum(n), 0) AS count, count(*) AS rows FROM job_counts WHERE {conds}"
         if group_by:
-            grouped = ", ".join(_PG_GROUPS[g] for g in group_by)
+            grouped = ", ".join(_GROUP_COLUMNS[g] for g in group_by)
             sql += f" GROUP BY {grouped} HAVING sum(n) <> 0 ORDER BY {grouped}"
         _DRIVER_STATEMENTS[shape] = sql
     return sql, params
 
 
 _DRIVER_STATEMENTS: dict[tuple[Any, ...], str] = {}
-_PG_GROUPS = {"state": "state", "site": "site_id"}
-_PG_CONDITIONS = {
-    "c_owner": "owner_id = %(c_owner)s",
-    "c_scope": "site_id = %(c_scope)s",
-    "c_sites": "site_id = ANY(CAST(%(c_sites)s AS BIGINT[]))",
-    "c_states": "state = ANY(CAST(%(c_states)s AS VARCHAR[]))",
-    "c_exclude": "state <> ALL(CAST(%(c_exclude)s AS VARCHAR[]))",
+_GROUP_COLUMNS = {"state": "state", "site": "site_id"}
+_CONDITIONS = {
+    "postgresql": {
+        "c_owner": "owner_id = %(c_owner)s",
+        "c_scope": "site_id = %(c_scope)s",
+        "c_sites": "site_id = ANY(CAST(%(c_sites)s AS BIGINT[]))",
+        "c_states": "state = ANY(CAST(%(c_states)s AS VARCHAR[]))",
+        "c_exclude": "state <> ALL(CAST(%(c_exclude)s AS VARCHAR[]))",
+    },
+    "sqlite": {
+        "c_owner": "owner_id = :c_owner",
+        "c_scope": "site_id = :c_scope",
+        "c_sites": "site_id IN (SELECT value FROM json_each(:c_sites))",
+        "c_states": "state IN (SELECT value FROM json_each(:c_states))",
+        "c_exclude": "state NOT IN (SELECT value FROM json_each(:c_exclude))",
+    },
 }
 
 
