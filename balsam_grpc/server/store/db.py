@@ -88,7 +88,14 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: Connection) -> None:
     conn.info.pop(_ROLLED_BACK_BY, None)
-    conn.exec_driver_sql(conn.get_execution_options().get(SQLITE_BEGIN, "BEGIN"))
+    begin = conn.get_execution_options().get(SQLITE_BEGIN, "BEGIN")
+    # On the driver: SQLAlchemy's execution of it cost more than SQLite's work, once per
+    # transaction. Its error is raised as SQLAlchemy's (a lock not had in busy_timeout is
+    # an OperationalError, UNAVAILABLE to a caller).
+    try:
+        conn.connection.driver_connection.execute(begin)
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(begin, {}, exc, sqlite3.Error) from exc
 
 
 def _sqlite_transaction_gone(conn: Connection) -> bool:
