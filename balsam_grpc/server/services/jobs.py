@@ -543,13 +543,20 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         rows = rows[:size]
         response = job_service_pb2.ListJobsResponse()
         tuples_to_messages(keys, rows, view, response.jobs)
-        if response.ByteSize() > paging.MAX_RESPONSE_BYTES:  # cut by bytes too; the next page starts after
+        # Answered as bytes (wire.register passes them on): serialized once, not sized
+        # (ByteSize serializes) and then serialized again.
+        data = response.SerializeToString()
+        if len(data) > paging.MAX_RESPONSE_BYTES:  # cut by bytes too; the next page starts after
             kept = paging.fitting(response.jobs)
             del response.jobs[kept:]
             rows, more = rows[:kept], True
+            data = response.SerializeToString()
         if more:
-            response.next_page_token = paging.encode(fp, store.page_keys_of_tuple(keys, rows[-1], order))
-        return response
+            # next_page_token (field 2) after the jobs (field 1): the bytes the whole
+            # message serializes to.
+            data += job_service_pb2.ListJobsResponse(next_page_token=paging.encode(
+                fp, store.page_keys_of_tuple(keys, rows[-1], order))).SerializeToString()
+        return data
 
     async def _select(self, q: store.JobQuery, order: list[tuple[str, bool]], after: list[Any] | None, limit: int,
                       names: tuple[str, ...]) -> list[Any]:
