@@ -10,9 +10,11 @@ one to the target). Faults, applied to the links open at the time of the call:
   With `new_connections`, connections accepted until `heal()` are black holes too
   (accepted, never connected upstream);
 - `drop_responses(seconds)`: forward what clients send, swallow what the server answers
-  for `seconds`, then reset those links (the client sees UNAVAILABLE after the server
-  has done the work: the case request ids exist for). Connections accepted during the
-  window are treated the same.
+  for `seconds` from the first answer swallowed, then reset those links (the client sees
+  UNAVAILABLE after the server has done the work: the case request ids exist for).
+  Connections accepted meanwhile are treated the same. The window is timed from the
+  first answer, not from the call: on a loaded machine the answer can come later than
+  any fixed window, and the fault would not happen.
 
 Black-holed links stay open until the proxy closes. Counters (`accepted`, `swallowed`,
 `blackholed`) let tests prove the fault really happened.
@@ -57,7 +59,8 @@ class Proxy:
         self.swallowed = 0  # bytes of server answers dropped
         self.blackholed = 0  # bytes discarded by black holes
         self._new_mode = FORWARD
-        self._drop_until = 0.0
+        self._drop_seconds = 0.0
+        self._drop_until: float | None = None  # None: no answer swallowed yet
         self._commands: list[tuple[str, tuple]] = []
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -124,7 +127,7 @@ class Proxy:
         elif name == "heal":
             self._new_mode = FORWARD
         elif name == "drop":
-            self._drop_until = time.monotonic() + float(params[0])
+            self._drop_seconds, self._drop_until = float(params[0]), None
             self._new_mode = DROP
             for link in self.links:
                 if link.mode == FORWARD:
@@ -143,7 +146,7 @@ class Proxy:
                 self._apply(name, args)
             if not self.running:
                 break
-            if self._new_mode == DROP and time.monotonic() >= self._drop_until:
+            if self._new_mode == DROP and self._drop_until is not None and time.monotonic() >= self._drop_until:
                 self._new_mode = FORWARD
                 for link in list(self.links):
                     if link.mode == DROP:
@@ -203,6 +206,8 @@ class Proxy:
             return
         if link.mode == DROP and sock is link.upstream:
             self.swallowed += len(data)
+            if self._drop_until is None:
+                self._drop_until = time.monotonic() + self._drop_seconds
             return
         other = link.other(sock)
         try:
