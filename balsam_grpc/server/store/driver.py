@@ -174,6 +174,35 @@ def sent_ahead(conn: Connection, stmt: DriverStatement, params: dict[str, Any]) 
             cursor.close()
 
 
+def driver_batch(conn: Connection, items: list[tuple[DriverStatement, dict[str, Any]]], *,
+                 dicts: bool = False) -> list[list[Any]]:
+    """PostgreSQL: run the statements of `items` in order in `conn`'s transaction, sent
+    together (pipeline mode) and answered in one round trip: for statements whose
+    parameters do not depend on an earlier one's rows. Each one's rows as driver_rows
+    returns them. An error in one is raised as driver_rows raises it, and none after it
+    runs; the transaction then only rolls back (the Sync that ends the batch commits
+    nothing inside BEGIN)."""
+    from psycopg.rows import dict_row, tuple_row
+
+    dbapi_conn = conn.connection.driver_connection
+    bound = [(stmt, _bound(stmt, params)) for stmt, params in items]
+    cursors = []
+    try:
+        with _sqlalchemy_errors(conn, "; ".join(stmt.sql for stmt, _ in bound), {}):
+            with dbapi_conn.pipeline():
+                for stmt, params in bound:
+                    cursors.append(cursor := dbapi_conn.cursor(row_factory=dict_row if dicts else tuple_row))
+                    _execute(conn, cursor, stmt.sql, params)
+            out = []
+            for cursor in cursors:
+                result = cursor.pgresult
+                out.append(cursor.fetchall() if result is not None and result.status == _TUPLES_OK else [])
+            return out
+    finally:
+        for cursor in cursors:
+            cursor.close()
+
+
 def _bound(stmt: DriverStatement, params: dict[str, Any]) -> dict[str, Any]:
     return {**stmt.fixed, **params} if stmt.fixed else params
 
@@ -201,12 +230,6 @@ def _sqlalchemy_errors(conn: Connection, sql: str, params: dict[str, Any]) -> It
         if gone:
             conn.invalidate(err)
         raise err from exc
-
-
-def driver_execute(conn: Connection, sql: str) -> None:
-    """A statement without parameters or rows (SET LOCAL) in `conn`'s transaction
-    (PostgreSQL)."""
-    driver_rows(conn, plain_statement(sql), {})
 
 
 _PLAIN: dict[str, DriverStatement] = {}

@@ -14,7 +14,7 @@ from sqlalchemy.sql import ColumnElement
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, append_rows
 from balsam_grpc.server.store.codec import array_text, dumps
 from balsam_grpc.server.store.db import MAX_EVENT_ID
-from balsam_grpc.server.store.driver import driver_rows, driver_statement
+from balsam_grpc.server.store.driver import DriverStatement, driver_batch, driver_rows, driver_statement
 from balsam_grpc.server.store.query import tags_contain
 from balsam_grpc.server.store.tables import events, jobs
 
@@ -42,7 +42,8 @@ _MARK = (f"SELECT pg_advisory_xact_lock_shared({_MARK_NS} + (s.v >> {_MARK_LOW_B
          f"(s.v & {_MARK_LOW})::int) FROM (SELECT {_LAST_ID} AS v OFFSET 0) AS s")
 
 
-def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
+def append(conn: Connection, rows: list[dict[str, Any]],
+           before: list[tuple[DriverStatement, dict[str, Any]]] = ()) -> list[list[dict[str, Any]]]:
     """Insert event rows (keys: owner_id, site_id, job_id, kind, subject_id, from_state,
     to_state, time, data, message).
 
@@ -51,9 +52,16 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
     order. PostgreSQL writers run concurrently; each marks itself in flight (see _MARK)
     and readers only go up to event_horizon(). Each PostgreSQL transaction also notifies
     EVENTS_CHANNEL with the (owner, site) pairs it wrote, delivered when it commits.
+
+    `before` (PostgreSQL): statements to run first, sent with the insert when it is one
+    statement; returns their rows (dicts).
     """
-    if not rows:
-        return
+    answers: list[list[dict[str, Any]]] = []
+    if not rows or (before and len(rows) >= COPY_MIN_ROWS):
+        answers = driver_batch(conn, list(before), dicts=True) if before else []
+        if not rows:
+            return answers
+        before = ()
     for row in rows:
         row.setdefault("subject_id", None)
         row.setdefault("data", None)
@@ -62,7 +70,7 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
         row.setdefault("job_id", None)
         row.setdefault("receive_time", row["time"])
     if conn.dialect.name == "postgresql" and len(rows) < COPY_MIN_ROWS:
-        top = _insert_marked(conn, rows, wake_hint(rows, conn))
+        top, answers = _insert_marked(conn, rows, wake_hint(rows, conn), before)
     else:
         if conn.dialect.name == "postgresql":
             conn.execute(text(_MARK))
@@ -70,6 +78,7 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
                          {"channel": EVENTS_CHANNEL, "hint": wake_hint(rows, conn)})
         top = append_rows(conn, events, rows)
     conn.info[MAX_EVENT_ID] = max(top, conn.info.get(MAX_EVENT_ID, 0))
+    return answers
 
 
 def marked_insert_sql(source: str) -> str:
@@ -177,14 +186,19 @@ _MARKED_INSERT = text(
     f"AS v({', '.join(_COLUMNS)}) RETURNING id")
 
 
-def _insert_marked(conn: Connection, rows: list[dict[str, Any]], hint: str) -> int:
-    """PostgreSQL, a few rows: marker + notify + INSERT as one statement; the highest id."""
+def _insert_marked(conn: Connection, rows: list[dict[str, Any]], hint: str,
+                   before: list[tuple[DriverStatement, dict[str, Any]]] = ()) -> tuple[int, list[list[Any]]]:
+    """PostgreSQL, a few rows: marker + notify + INSERT as one statement, in one round
+    trip with the statements `before`; the highest id and their rows (dicts)."""
     params: dict[str, Any] = {c: array_text([row[c] for row in rows]) for c in _COLUMNS if c != "data"}
     params["data"] = array_text([None if row["data"] is None else dumps(row["data"]) for row in rows])
     params["channel"] = EVENTS_CHANNEL
     params["hint"] = hint
     stmt = driver_statement("events.marked_insert", lambda: _MARKED_INSERT, conn.dialect)
-    return max(r[0] for r in driver_rows(conn, stmt, params))
+    if before:
+        *answers, ids = driver_batch(conn, [*before, (stmt, params)], dicts=True)
+        return max(r["id"] for r in ids), answers
+    return max(r[0] for r in driver_rows(conn, stmt, params)), []
 
 
 def job_event(owner_id: int, site_id: int, job_id: int, src: str, dst: str, now: datetime,

@@ -23,7 +23,13 @@ from balsam_grpc.core.errors import Aborted, BalsamError, FailedPrecondition, In
 from balsam_grpc.core.states import RUNNABLE_STATES, JobState, Role, role_refusal
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.codec import array_text
-from balsam_grpc.server.store.driver import DriverStatement, driver_execute, driver_rows, driver_statement
+from balsam_grpc.server.store.driver import (
+    DriverStatement,
+    driver_batch,
+    driver_rows,
+    driver_statement,
+    plain_statement,
+)
 from balsam_grpc.server.store.query import ids_param, ids_value, tags_contain
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, runnable_condition, sessions
 from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, Transitioner
@@ -99,14 +105,26 @@ def _driver(conn: Connection, key: tuple[Any, ...], build: Any) -> DriverStateme
 
 
 def _run(conn: Connection, key: tuple[Any, ...], build: Any, params: dict[str, Any],
-         ids: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+         ids: dict[str, list[int]] | None = None, *,
+         before: list[tuple[DriverStatement, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """The statement `build` makes (once per key and dialect), run on the driver's cursor
     with `params` and the id lists `ids` (array literals on PostgreSQL, JSON arrays on
-    SQLite); its rows as dicts."""
+    SQLite); its rows as dicts. PostgreSQL: sent with the statements `before` (taken from
+    the list) in one round trip."""
+    item = _item(conn, key, build, params, ids)
+    if before:
+        batch, before[:] = [*before, item], []
+        return driver_batch(conn, batch, dicts=True)[-1]
+    return driver_rows(conn, *item, dicts=True)
+
+
+def _item(conn: Connection, key: tuple[Any, ...], build: Any, params: dict[str, Any],
+          ids: dict[str, list[int]] | None = None) -> tuple[DriverStatement, dict[str, Any]]:
+    """_run's statement and parameters (for driver_batch on PostgreSQL)."""
     dialect = conn.dialect.name
-    bound = {**params, **{name: array_text(values) if dialect == "postgresql" else ids_value(values, dialect)
-                          for name, values in (ids or {}).items()}}
-    return driver_rows(conn, _driver(conn, key, build), bound, dicts=True)
+    return _driver(conn, key, build), {
+        **params, **{name: array_text(values) if dialect == "postgresql" else ids_value(values, dialect)
+                     for name, values in (ids or {}).items()}}
 
 
 _LOCK_SESSION = (select(sessions)
@@ -183,7 +201,8 @@ _SORT_OFF = "SET LOCAL enable_sort = off"
 _SORT_DEFAULT = "SET LOCAL enable_sort TO DEFAULT"
 
 
-def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: list[int]) -> list[dict[str, Any]]:
+def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: list[int],
+                before: list[tuple[DriverStatement, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Runnable rows that fit the credit, in lease order, greedily packed.
 
     On PostgreSQL the caller switches sorting off around these queries (_SORT_OFF): with
@@ -195,7 +214,8 @@ def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: 
     Each page is queried with the node capacity still free, so its first row always
     fits; rows skipped inside a page were too big for what was left and stay excluded by
     the smaller bound of the next page. Locked rows (another session's acquisition in
-    flight) are skipped on PostgreSQL.
+    flight) are skipped on PostgreSQL. The statements `before` (PostgreSQL) are sent with
+    the first query and taken from the list.
     """
     picked: list[dict[str, Any]] = []
     free = credit.free_nodes
@@ -211,11 +231,14 @@ def _pick_pages(conn: Connection, session: SessionRef, credit: Credit, exclude: 
         params.update(b_free=free + _EPS, b_lim=want)
         id_lists = {"b_apps": list(credit.app_ids), "b_excl": excluded}
         if credit.filter_tags:  # the tags are in the statement: built each time
+            if before:
+                driver_batch(conn, before)
+                before.clear()
             stmt = _pick_statement(*shape, tags=credit.filter_tags)
             bound = {**params, **{name: ids_value(values, dialect) for name, values in id_lists.items()}}
             rows = [dict(r._mapping) for r in conn.execute(stmt, bound)]
         else:
-            rows = _run(conn, ("pick", *shape), lambda: _pick_statement(*shape), params, id_lists)
+            rows = _run(conn, ("pick", *shape), lambda: _pick_statement(*shape), params, id_lists, before=before)
         for row in rows:
             need = footprint(row["num_nodes"], row["node_packing_count"])
             if need <= free + _EPS:
@@ -282,7 +305,8 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
     one more run_count and the session's batch job.
 
     With `tr` the session row is already locked by the caller (report_and_acquire) and
-    the events go into its Transitioner, which the caller flushes."""
+    the events go into its Transitioner, which the caller flushes (on PostgreSQL this
+    flushes it, the caller's events with the leases')."""
     if credit.exhausted:
         return Acquired([], {}, 0.0)
     if tr is None:
@@ -291,22 +315,34 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
     # Both picks in one window with sorting off (see _pick_pages). Nothing that writes
     # jobs runs inside it: the job_counts trigger's plan, cached by its backend, would be
     # planned with sorting off for good (a 100-fold slower UPDATE was measured).
-    postgres = conn.dialect.name == "postgresql"
-    if postgres:
-        driver_execute(conn, _SORT_OFF)
-    rows = _pick_pages(conn, session, credit, []) if not credit.start_exhausted else []
+    # PostgreSQL: sorting goes off with the first pick, in one round trip.
+    dialect = conn.dialect.name
+    postgres = dialect == "postgresql"
+    before = [(plain_statement(_SORT_OFF), {})] if postgres else []
+    rows = _pick_pages(conn, session, credit, [], before) if not credit.start_exhausted else []
     reserved: list[dict[str, Any]] = []
     if not credit.reserve_exhausted:
-        reserved = _pick_pages(conn, session, credit.reserve_part(), [r["id"] for r in rows])
-    if postgres:
-        driver_execute(conn, _SORT_DEFAULT)
+        reserved = _pick_pages(conn, session, credit.reserve_part(), [r["id"] for r in rows], before)
+    hold_params = {"b_sid": session.id, "b_bj": session.batch_job_id, "b_now": now}
+    hold_key = ("hold_ahead", bool(session.batch_job_id))
+    app_ids = {r["app_id"] for r in rows + reserved}
+    # PostgreSQL: sorting back on, the held-ahead rows written (see below) and the apps
+    # read by the flush at the end, first, in one round trip with the lease's UPDATE and
+    # the events: their inputs are the picked rows, and nothing runs before (the move
+    # to RUNNING reads nothing, and its write is deferred to the flush).
+    batch = [(plain_statement(_SORT_DEFAULT), {})]
+    if postgres and reserved:
+        batch.append(_item(conn, hold_key, lambda: _hold_ahead_statement(dialect, bool(session.batch_job_id)),
+                              hold_params, {"b_ids": [r["id"] for r in reserved]}))
+    if postgres and app_ids:
+        batch.append(_item(conn, ("apps",), lambda: _apps_statement(dialect), {}, {"b_ids": sorted(app_ids)}))
     message = f"leased to session {session.id}"
     if rows:
         values = {r["id"]: {"session_id": session.id, "lease_generation": r["lease_generation"] + 1,
                             "run_count": r["run_count"] + 1,
                             "batch_job_id": session.batch_job_id or r["batch_job_id"]} for r in rows}
         refused = t.move(rows, S.RUNNING, Role.SESSION, message=message, data={"session_id": session.id},
-                         values=values)
+                         values=values, defer=set(values) if postgres else frozenset())
         rows = [r for r in rows if r["id"] not in refused]
         # The rows as written (Transitioner._write), without reading them back.
         for r in rows:
@@ -315,38 +351,45 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
         # Held ahead: the lease (session, a new generation) without a state change or an
         # event; the launcher's RUNNING report starts it (apply_report). The picked rows
         # are locked and have no session, so the UPDATE changes each of them.
-        dialect = conn.dialect.name
-
-        def hold_ahead() -> Any:
-            return update(jobs).where(ids_param(jobs.c.id, "b_ids", dialect), jobs.c.session_id.is_(None)).values(
-                session_id=bindparam("b_sid"), lease_generation=jobs.c.lease_generation + 1,
-                batch_job_id=bindparam("b_bj") if session.batch_job_id else jobs.c.batch_job_id,
-                update_time=bindparam("b_now"))
-
-        _run(conn, ("hold_ahead", bool(session.batch_job_id)), hold_ahead,
-             {"b_sid": session.id, "b_bj": session.batch_job_id, "b_now": now},
-             {"b_ids": [r["id"] for r in reserved]})
+        if not postgres:  # PostgreSQL wrote them above
+            _run(conn, hold_key, lambda: _hold_ahead_statement(dialect, bool(session.batch_job_id)), hold_params,
+                 {"b_ids": [r["id"] for r in reserved]})
         for r in reserved:
             r.update(session_id=session.id, lease_generation=r["lease_generation"] + 1,
                      batch_job_id=session.batch_job_id or r["batch_job_id"], update_time=now)
-    if tr is None:
+    loaded: dict[int, dict[str, Any]] = {}
+    if postgres:  # the caller's Transitioner too: its events go in the same insert
+        answers = t.flush(batch)
+        if app_ids:
+            loaded = {r["id"]: r for r in answers[-1]}
+    elif tr is None:
         t.flush()
     if not rows and not reserved:
         return Acquired([], {}, 0.0)
-    return Acquired(rows + reserved, load_apps(conn, {r["app_id"] for r in rows + reserved}),
+    if postgres:  # without the apps of rows the move refused
+        apps_of = {i: loaded[i] for i in {r["app_id"] for r in rows + reserved} if i in loaded}
+    else:
+        apps_of = load_apps(conn, app_ids)
+    return Acquired(rows + reserved, apps_of,
                     sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in rows),
                     len(reserved), sum(footprint(r["num_nodes"], r["node_packing_count"]) for r in reserved))
+
+
+def _hold_ahead_statement(dialect: str, batch_job: bool) -> Any:
+    return update(jobs).where(ids_param(jobs.c.id, "b_ids", dialect), jobs.c.session_id.is_(None)).values(
+        session_id=bindparam("b_sid"), lease_generation=jobs.c.lease_generation + 1,
+        batch_job_id=bindparam("b_bj") if batch_job else jobs.c.batch_job_id, update_time=bindparam("b_now"))
+
+
+def _apps_statement(dialect: str) -> Any:
+    return select(apps).where(ids_param(apps.c.id, "b_ids", dialect))
 
 
 def load_apps(conn: Connection, app_ids: set[int]) -> dict[int, dict[str, Any]]:
     if not app_ids:
         return {}
     dialect = conn.dialect.name
-
-    def build() -> Any:
-        return select(apps).where(ids_param(apps.c.id, "b_ids", dialect))
-
-    return {r["id"]: r for r in _run(conn, ("apps",), build, {}, {"b_ids": sorted(app_ids)})}
+    return {r["id"]: r for r in _run(conn, ("apps",), lambda: _apps_statement(dialect), {}, {"b_ids": sorted(app_ids)})}
 
 
 def held_jobs(conn: Connection, owner_id: int, session_id: str) -> list[dict[str, Any]]:
@@ -453,20 +496,27 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
     `tr` it is the caller's, and the caller flushes it."""
     own = tr is None
     tr = tr or Transitioner(conn, now)
+    found = None
     if conn.dialect.name == "postgresql" and transitions:
         # Locked and advanced at once: the new applied_through_seq is the highest seq
         # sent (resent and fenced ones count as applied too), the old one decides which
-        # are fresh. Nothing else of the session's row is read.
-        got = driver_rows(conn, _driver(conn, ("lock_and_advance",), lambda: _LOCK_AND_ADVANCE),
-                          {"b_sid": session_id, "b_owner": owner_id, "b_now": now,
-                           "b_seq": max(t.seq for t in transitions)})
-        refusal = _session_refusal(session_id, got[0][0] if got else None)
+        # are fresh. Nothing else of the session's row is read. The job rows come in
+        # the same round trip, after the session's lock as on SQLite: those of every
+        # transition sent, since which are fresh is known only from the old seq (a
+        # resent one's row is locked to commit and not used).
+        ids = sorted({t.job_id for t in transitions})
+        got, found = driver_batch(conn, [
+            (_driver(conn, ("lock_and_advance",), lambda: _LOCK_AND_ADVANCE),
+             {"b_sid": session_id, "b_owner": owner_id, "b_now": now, "b_seq": max(t.seq for t in transitions)}),
+            _item(conn, ("report_rows",), lambda: report_rows_statement("postgresql"), {"b_owner": owner_id},
+                     {"b_ids": ids})], dicts=True)
+        refusal = _session_refusal(session_id, got[0]["state"] if got else None)
         if refusal is not None:
             raise refusal  # the transaction rolls back, the advance with it
-        session = {"applied_through_seq": got[0][1], "advanced": True}
+        session = {"applied_through_seq": got[0]["applied_through_seq"], "advanced": True}
     else:
         session = lock_active_session(conn, owner_id, session_id)
-    result = _apply_report(conn, session, session_id, owner_id, transitions, now, tr)
+    result = _apply_report(conn, session, session_id, owner_id, transitions, now, tr, found)
     if own:
         tr.flush()
     return result
@@ -496,7 +546,8 @@ def report_rows_statement(dialect: str) -> Any:
 
 
 def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, owner_id: int,
-                  transitions: list[Transition], now: datetime, tr: Transitioner) -> ReportResult:
+                  transitions: list[Transition], now: datetime, tr: Transitioner,
+                  found: list[dict[str, Any]] | None = None) -> ReportResult:
     applied_through = session["applied_through_seq"]
     fresh: list[Transition] = []
     seen: set[int] = set()
@@ -512,8 +563,9 @@ def _apply_report(conn: Connection, session: dict[str, Any], session_id: str, ow
     # Locked in id order, as every bulk job change does, so two never deadlock.
     # With each row, its app's rules (what the Transitioner would read next, for the ends):
     # one statement less. Only the jobs' rows are locked.
-    found = _run(conn, ("report_rows",), lambda: report_rows_statement(dialect), {"b_owner": owner_id},
-                 {"b_ids": ids})
+    if found is None:  # else read with the session's lock (apply_report)
+        found = _run(conn, ("report_rows",), lambda: report_rows_statement(dialect), {"b_owner": owner_id},
+                     {"b_ids": ids})
     rows = {}
     for row in found:
         tr.know_app_rules(row["app_id"], row.pop("app_hooks"), row.pop("app_retry_policy"))

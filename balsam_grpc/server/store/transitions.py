@@ -45,7 +45,7 @@ from balsam_grpc.core.states import (
 )
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.codec import array_text, dumps, is_json
-from balsam_grpc.server.store.driver import driver_executemany, driver_rows, driver_statement
+from balsam_grpc.server.store.driver import driver_batch, driver_executemany, driver_rows, driver_statement
 from balsam_grpc.server.store.query import id_in, ids_param, ids_value
 from balsam_grpc.server.store.tables import apps, events, job_parents, jobs, transfer_items
 
@@ -201,6 +201,11 @@ class Transitioner:
         self.deferred: dict[int, dict[str, Any]] = {}
         # Jobs the caller saw to have no children when it locked them (see know_childless).
         self.childless: set[int] = set()
+        # PostgreSQL, while flush writes the deferred rows: the statements to send with the
+        # event insert in one round trip, in order (flush's `before`, then UPDATEs whose
+        # rows are not read back).
+        self._unsent: list[tuple[Any, dict[str, Any]]] | None = None
+        self._answers: list[list[dict[str, Any]]] = []
 
     def know_app_rules(self, app_id: int, hooks: Any, retry_policy: Any) -> None:
         """An app's rules read by the caller in this transaction (with its jobs' rows)."""
@@ -440,7 +445,7 @@ class Transitioner:
                                           lambda: stmt, self.conn.dialect)
                 params = {"w_" + name: _driver_value(name, value) for name, value in columns.items()}
                 params["w_ids"] = array_text(ids) if dialect == "postgresql" else ids_value(ids, dialect)
-                result = driver_rows(self.conn, driver, params)
+                result = self._driver_rows(driver, params, childless)
                 if childless:
                     self.childless.update(r[0] for r in result if not r[1])
             return
@@ -469,6 +474,7 @@ class Transitioner:
             driver_executemany(self.conn, driver_statement(("transitions.update_many", *fixed, *extra_keys),
                                                            lambda: stmt, self.conn.dialect), params)
             return
+        self._send_unsent()
         self.conn.execute(stmt, params)
 
     def _write_unnest(self, fixed: dict[str, Any], extra_keys: list[str], params: list[dict[str, Any]],
@@ -496,7 +502,7 @@ class Transitioner:
         bind = {n: array_text([p[n] for p in params]) for n in names}
         bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
         driver = driver_statement(("transitions.update_each", shape), lambda: stmt, self.conn.dialect)
-        result = driver_rows(self.conn, driver, bind)
+        result = self._driver_rows(driver, bind, childless)
         if childless:
             self.childless.update(r[0] for r in result if not r[1])
 
@@ -637,10 +643,36 @@ class Transitioner:
         return [row for job_id, row in candidates.items()
                 if job_id in entered and (entered[job_id][1] or {}).get("parent_id") in wanted]
 
-    def flush(self) -> None:
-        self.write_deferred()
-        event_log.append(self.conn, self.event_rows)
+    def _driver_rows(self, driver: Any, params: dict[str, Any], rows: bool) -> list[Any]:
+        """PostgreSQL: run an UPDATE now, or while flush collects, add it to the statements
+        sent with the event insert when its rows (`rows`) are not needed."""
+        if self._unsent is not None and not rows:
+            self._unsent.append((driver, params))
+            return []
+        self._send_unsent()
+        return driver_rows(self.conn, driver, params)
+
+    def _send_unsent(self) -> None:
+        """What flush collected, sent now: a statement that runs at once comes after it."""
+        if self._unsent:
+            self._answers += driver_batch(self.conn, self._unsent, dicts=True)
+            self._unsent = []
+
+    def flush(self, before: list[tuple[Any, dict[str, Any]]] = ()) -> list[list[dict[str, Any]]]:
+        """Write the deferred rows and insert the events. `before` (PostgreSQL): statements
+        run first, in the same round trip as the rest where they can be; returns their
+        rows (dicts)."""
+        self._answers = []
+        if self.conn.dialect.name == "postgresql":
+            self._unsent = list(before)
+        try:
+            self.write_deferred()
+            unsent = self._unsent or []
+        finally:
+            self._unsent = None
+        self._answers += event_log.append(self.conn, self.event_rows, unsent)
         self.event_rows = []
+        return self._answers[:len(before)]
 
 
 def event_time(reported: datetime, previous: datetime | None, now: datetime) -> datetime:
