@@ -690,6 +690,17 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         except BalsamError as exc:
             raise exc.with_field_prefix("jobs[0]", "job") from None
 
+    def _plain_job(self, principal: Principal, request: Any, job: job_pb2.Job) -> tuple[str, dict[str, Any]] | None:
+        """(request_id, spec) of a single job the one-transaction creates can take (no
+        parents, no transfers), the caller allowed at its site; None otherwise."""
+        if len(job.parent_ids) or len(job.transfers):
+            return None
+        request_id = request_id_of(request)
+        spec = job_spec(job, "jobs[0]", self.state)
+        if principal.is_site and spec["site_id"]:
+            principal.check_site(spec["site_id"])
+        return request_id, spec
+
     async def _create_one(self, principal: Principal, request: Any, job: job_pb2.Job,
                           method: str = "CreateJob") -> Any:
         """CreateJob, or BatchCreateJobs of one job, on SQLite: a job with no parents and no
@@ -697,12 +708,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         cursor (the request_id's answer looked up, store.create_one, the answer
         recorded). None when the general path (_create) must run: the app is not found or
         the job is refused (the general path says why)."""
-        if len(job.parent_ids) or len(job.transfers):
+        plain = self._plain_job(principal, request, job)
+        if plain is None:
             return None
-        request_id = request_id_of(request)
-        spec = job_spec(job, "jobs[0]", self.state)
-        if principal.is_site and spec["site_id"]:
-            principal.check_site(spec["site_id"])
+        request_id, spec = plain
         body = request_hash(request) if request_id else ""
         owner_id, scope = principal.user_id, _scope(principal)
 
@@ -745,12 +754,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         must run: the app is not cached and not found, the cached row turned out stale,
         or the job is refused (the general path checks against the app as it is now and
         says why)."""
-        if len(job.parent_ids) or len(job.transfers):
+        plain = self._plain_job(principal, request, job)
+        if plain is None:
             return None
-        request_id = request_id_of(request)
-        spec = job_spec(job, "jobs[0]", self.state)
-        if principal.is_site and spec["site_id"]:
-            principal.check_site(spec["site_id"])
+        request_id, spec = plain
         key = app_store.AppCache.key(principal.user_id, spec["app_id"], spec["site_id"], spec["app_name"])
         app = self._apps.get(key, time.monotonic())
         if app is None:
