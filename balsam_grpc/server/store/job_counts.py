@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from balsam_grpc.server.store.jobs import BINDINGS
 from balsam_grpc.server.store.tables import job_counts
 
 # The groups CountJobs may ask the table for; any other dimension counts the jobs.
@@ -87,22 +88,17 @@ def count_statement(q: Any, group_by: list[str], dialect: str) -> tuple[str, dic
 
 _DRIVER_STATEMENTS: dict[tuple[Any, ...], str] = {}
 _GROUP_COLUMNS = {"state": "state", "site": "site_id"}
-_CONDITIONS = {
-    "postgresql": {
-        "c_owner": "owner_id = %(c_owner)s",
-        "c_scope": "site_id = %(c_scope)s",
-        "c_sites": "site_id = ANY(CAST(%(c_sites)s AS BIGINT[]))",
-        "c_states": "state = ANY(CAST(%(c_states)s AS VARCHAR[]))",
-        "c_exclude": "state <> ALL(CAST(%(c_exclude)s AS VARCHAR[]))",
-    },
-    "sqlite": {
-        "c_owner": "owner_id = :c_owner",
-        "c_scope": "site_id = :c_scope",
-        "c_sites": "site_id IN (SELECT value FROM json_each(:c_sites))",
-        "c_states": "state IN (SELECT value FROM json_each(:c_states))",
-        "c_exclude": "state NOT IN (SELECT value FROM json_each(:c_exclude))",
-    },
-}
+
+
+def _conditions(binding: Any) -> dict[str, str]:
+    """count_statement's filters in a driver's terms (store.jobs.BINDINGS)."""
+    p, in_list = binding.placeholder, binding.in_list
+    return {"c_owner": f"owner_id = {p('c_owner')}", "c_scope": f"site_id = {p('c_scope')}",
+            "c_sites": in_list("site_id", "c_sites", "BIGINT"), "c_states": in_list("state", "c_states", "VARCHAR"),
+            "c_exclude": f"NOT ({in_list('state', 'c_exclude', 'VARCHAR')})"}
+
+
+_CONDITIONS = {dialect: _conditions(binding) for dialect, binding in BINDINGS.items()}
 
 
 _COMPACT = text("""

@@ -409,6 +409,8 @@ _PG = _Binding(lambda name: f"%({name})s", lambda column, name, of: f"{column} =
                _pg_tags)
 _SQLITE = _Binding(lambda name: f":{name}",
                    lambda column, name, of: f"{column} IN (SELECT value FROM json_each(:{name}))", _sqlite_tags)
+# Also job_counts' statements: one way of writing a driver's statement for the store.
+BINDINGS = {"postgresql": _PG, "sqlite": _SQLITE}
 
 
 def _where(params: dict[str, Any], order: list[tuple[str, bool]], binding: _Binding) -> str:
