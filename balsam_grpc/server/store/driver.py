@@ -111,12 +111,10 @@ def _sqlite_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any]
     params = _sqlite_params(stmt, params)
     cursor = conn.connection.driver_connection.cursor()
     try:
-        _execute(conn, cursor, stmt.sql, params)
-        rows = cursor.fetchall()
-        described = cursor.description
-    except sqlite3.Error as exc:
-        note_sqlite_error(conn, exc)
-        raise DBAPIError.instance(stmt.sql, params, exc, sqlite3.Error, hide_parameters=True) from exc
+        with _sqlite_errors(conn, stmt.sql, params):
+            _execute(conn, cursor, stmt.sql, params)
+            rows = cursor.fetchall()
+            described = cursor.description
     finally:
         cursor.close()
     if stmt.convert and rows:
@@ -142,12 +140,8 @@ def driver_executemany(conn: Connection, stmt: DriverStatement, params: list[Any
         params = [_sqlite_params(stmt, p) for p in params]
     cursor = conn.connection.driver_connection.cursor()
     try:
-        if conn._has_events or conn.engine._has_events:
-            conn.dispatch.before_cursor_execute(conn, cursor, stmt.sql, params, None, True)
-        cursor.executemany(stmt.sql, params)
-    except sqlite3.Error as exc:
-        note_sqlite_error(conn, exc)
-        raise DBAPIError.instance(stmt.sql, params, exc, sqlite3.Error, hide_parameters=True) from exc
+        with _sqlite_errors(conn, stmt.sql, params):
+            _execute(conn, cursor, stmt.sql, params, many=True)
     finally:
         cursor.close()
 
@@ -207,11 +201,26 @@ def _bound(stmt: DriverStatement, params: dict[str, Any]) -> dict[str, Any]:
     return {**stmt.fixed, **params} if stmt.fixed else params
 
 
-def _execute(conn: Connection, cursor: Any, sql: str, params: dict[str, Any]) -> None:
+def _execute(conn: Connection, cursor: Any, sql: str, params: Any, *, many: bool = False) -> None:
     if conn._has_events or conn.engine._has_events:
-        # Seen by the same listeners as SQLAlchemy's statements (tests that watch them).
-        conn.dispatch.before_cursor_execute(conn, cursor, sql, params, None, False)
-    cursor.execute(sql, params)
+        # Seen by the same listeners as SQLAlchemy's statements (tests that watch them, and
+        # SQLite's guard against running on after a silent rollback).
+        conn.dispatch.before_cursor_execute(conn, cursor, sql, params, None, many)
+    if many:
+        cursor.executemany(sql, params)
+    else:
+        cursor.execute(sql, params)
+
+
+@contextlib.contextmanager
+def _sqlite_errors(conn: Connection, sql: str, params: Any) -> Iterator[None]:
+    """sqlite3's errors raised as SQLAlchemy raises them, after noting one that rolled the
+    whole transaction back (db.note_sqlite_error)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        note_sqlite_error(conn, exc)
+        raise DBAPIError.instance(sql, params, exc, sqlite3.Error, hide_parameters=True) from exc
 
 
 @contextlib.contextmanager
