@@ -26,7 +26,12 @@ Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites 
      out (then the rate is bounded by it, not by the server);
    - slow consumers that never read: a WatchEvents replaying the whole event log and a
      session with a large credit at the seed site. The server must push back on them
-     (HTTP/2 flow control), not buffer: its RSS is sampled every second (psutil).
+     (HTTP/2 flow control), not buffer: its RSS is sampled every second (psutil). The
+     seeded jobs that session leased before the stream stopped are printed
+     (`seed_jobs_leased_by_slow_consumer`): work in the window that the lease rate leaves out.
+   Sessions still ACTIVE are closed (DeleteSession) before the seeding and after the run:
+   the streams end by cancelling their calls, and the sessions an earlier run left on the
+   same database would otherwise expire (with their leases) inside this run's window.
 4. Then a burst of `--burst` concurrent unary calls: the server's admission control
    refuses what it cannot take with RESOURCE_EXHAUSTED; nothing else fails and the
    server answers normally afterwards.
@@ -545,6 +550,12 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         server = psutil.Process(proc.pid)
         try:
             print(f"seeding {args.jobs} jobs and a lease backlog of {args.lease_backlog} ...", file=sys.stderr)
+            # Sessions an earlier run on this database left ACTIVE would expire in this
+            # window (with their leases: 7,400 RUNNING jobs after a default run), charging
+            # that work to these unary calls: closed first.
+            stale = close_sessions(address, token)
+            if stale:
+                print(f"  closed {stale} sessions an earlier run left active", file=sys.stderr)
             world = setup(address, token, args.sites, args.jobs, args.lease_backlog)
             rss_seeded = server.memory_info().rss
             ctx = mp.get_context("spawn")
@@ -598,6 +609,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 p.join(30)
             alive = proc.poll() is None
             leases = leases_left(address, token, world) if alive else {}
+            if alive:  # the next run on this database starts without them
+                close_sessions(address, token)
         finally:
             proc.terminate()
             try:
@@ -608,6 +621,7 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     unary_calls = round(figures["unary_calls_per_s"] * args.duration)
     figures.update(window.figures(unary_calls))
     figures.update(leases)
+    figures["stale_sessions_closed_before"] = stale
     figures["machine_load_average_1m"] = round(os.getloadavg()[0], 2)
     return figures
 
@@ -632,10 +646,39 @@ def created(address: str, token: str, world: dict[str, Any]) -> int:
 
 def leases_left(address: str, token: str, world: dict[str, Any]) -> dict[str, int]:
     """Whether the sessions could have leased more: the seeded backlog still runnable (at
-    zero the lease rate was bounded by the backlog, not by the server)."""
+    zero the lease rate was bounded by the backlog, not by the server). And the seeded
+    jobs the slow-consumer session leased (batches of 1,000 until flow control stopped
+    the stream): stream work in the window that jobs_leased_per_s does not count."""
     apps = [a for _, a in world["work"]]
     return {"lease_backlog_left": _count(address, token, job_pb2.JobFilter(app_ids=apps, tags={"load": "backlog"},
-                                                                           states=[world["seed_state"]]))}
+                                                                           states=[world["seed_state"]])),
+            "seed_jobs_leased_by_slow_consumer": _count(address, token, job_pb2.JobFilter(
+                app_ids=[world["seed_app"]], states=[job_pb2.JOB_STATE_RUNNING]))}
+
+
+def close_sessions(address: str, token: str) -> int:
+    """Close every ACTIVE session of this user (DeleteSession: their jobs are released or
+    timed out); how many. The streams end the window by cancelling their calls (a slow
+    consumer cannot be closed otherwise), which leaves their sessions ACTIVE."""
+    md = (("authorization", f"Bearer {token}"),)
+    closed = 0
+    with grpc.insecure_channel(address, options=OPTIONS) as channel:
+        stub = session_service_pb2_grpc.SessionServiceStub(channel)
+        while True:
+            page = stub.ListSessions(session_service_pb2.ListSessionsRequest(
+                filter=session_service_pb2.SessionFilter(states=[session_pb2.SESSION_STATE_ACTIVE]), page_size=500),
+                metadata=md, timeout=60)
+            before = closed
+            for session in page.sessions:
+                try:
+                    stub.DeleteSession(session_service_pb2.DeleteSessionRequest(id=session.id), metadata=md,
+                                       timeout=600)
+                    closed += 1
+                except grpc.RpcError as err:  # closed meanwhile (its stream's close): not ACTIVE any more
+                    if code_name(err) not in ("NOT_FOUND", "FAILED_PRECONDITION"):
+                        raise
+            if closed == before:  # none left (or none that would close): done
+                return closed
 
 
 def report(world: dict[str, Any], results: list[dict[str, Any]], rss: list[tuple[float, int]], rss_seeded: int,
