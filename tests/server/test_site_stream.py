@@ -420,6 +420,20 @@ def test_cleanup_work_for_finished_jobs(alice: Any, clients: list[SiteClient]) -
     assert sent == []  # cleaned once, never offered again
 
 
+def test_cleanups_of_jobs_finishing_together_are_all_offered(alice: Any, clients: list[SiteClient]) -> None:
+    """Cleanups are looked for at most every CLEANUP_MIN_INTERVAL: jobs that finish right
+    after a look are left for the next one, not forgotten."""
+    site = make_site(alice)
+    app = make_app(alice, site.id, cleanup_globs=["*.tmp"])
+    jobs = make_jobs(alice, app, 3)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    for job in jobs:
+        move(alice, job.id, JS.JOB_STATE_RUNNING, JS.JOB_STATE_RUN_DONE)
+    offered = {client.next("work").id for _ in jobs}
+    assert offered == {f"cleanup:{job.id}" for job in jobs}
+
+
 def test_a_finished_job_looks_for_cleanups_only(alice: Any, clients: list[SiteClient],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The event says what work it may have made: a job that finished makes the stream ask

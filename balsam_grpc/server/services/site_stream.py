@@ -72,6 +72,11 @@ MAX_CREDIT = 100_000
 HELLO_TIMEOUT_SECONDS = 30.0
 # The backlog is sent at most this often (the elastic queue acts on it at once).
 BACKLOG_MIN_INTERVAL = 0.2
+# Cleanups are looked for at most this often. A busy launcher's every report finishes
+# jobs, and a look per report was a third of the database calls each report caused (the
+# sites of 1,000 /bin/true jobs have no globs to clean at all); the first finished job
+# after a quiet spell is looked at at once, later ones within this time together.
+CLEANUP_MIN_INTERVAL = 0.2
 # Site streams reading their backlog at once, at most (SiteHub.backlog_reads).
 BACKLOG_READS = 2
 BACKLOG_REFRESH_SECONDS = 30.0
@@ -447,6 +452,8 @@ class SiteStream:
         last_backlog: dict[str, Any] | None = None
         last_backlog_at = -1e9
         backlog_timer: asyncio.TimerHandle | None = None
+        last_cleanup_at = -1e9
+        cleanup_timer: asyncio.TimerHandle | None = None
         last_seen_write = time.monotonic()
         while True:
             self.wake.clear()
@@ -502,18 +509,28 @@ class SiteStream:
                 backlog_dirty = True
                 for r in delivery.rows:
                     dirty |= work_store.kinds_made(r.kind, r.to_state)
-            # 3. Work, within the daemon's credit.
-            if dirty & self.kinds and self.credit > 0:
+            # 3. Work, within the daemon's credit; cleanups no more often than
+            # CLEANUP_MIN_INTERVAL (left dirty meanwhile, with a timer to come back).
+            due = dirty & self.kinds
+            if work_store.CLEANUP in due and self.credit > 0:
+                wait = last_cleanup_at + CLEANUP_MIN_INTERVAL - loop.time()
+                if wait > 0:
+                    due.discard(work_store.CLEANUP)
+                    if cleanup_timer is None or cleanup_timer.when() < loop.time():
+                        cleanup_timer = loop.call_later(wait, self.wake.set)
+                else:
+                    last_cleanup_at = loop.time()
+            if due and self.credit > 0:
                 # A cancellation waits for the submission in flight on this stream: its result
                 # brings the scheduler id the cancellation needs.
                 held = {work_store.cancel_id(int(w.partition(":")[2])) for w in self.outstanding
                         if w.startswith(work_store.SUBMIT)}
                 # read_now: each of its statements stands alone (as READ COMMITTED gives them
                 # anyway), so PostgreSQL spends no BEGIN and ROLLBACK round trips on it.
-                found = await self.db.read_now(work_store.find_work, self.owner_id, self.site_id, dirty & self.kinds,
+                found = await self.db.read_now(work_store.find_work, self.owner_id, self.site_id, due,
                                                self.outstanding | self.answered | held, self.credit)
                 if len(found) < self.credit:  # else more may wait for credit: stay dirty
-                    dirty.clear()
+                    dirty -= due
                 for work in found:
                     self.outstanding.add(work.id)
                     self.credit -= 1
@@ -537,7 +554,7 @@ class SiteStream:
                 elif backlog_timer is None or backlog_timer.cancelled() or backlog_timer.when() < loop.time():
                     backlog_timer = loop.call_later(wait, self.wake.set)
             # 5. Sleep until something happens.
-            if not self.inbound.empty() or self.events.pending or self.replaced or (dirty & self.kinds and self.credit > 0):
+            if not self.inbound.empty() or self.events.pending or self.replaced or (dirty & due and self.credit > 0):
                 continue
             if not await wait_event(self.wake, BACKLOG_REFRESH_SECONDS):
                 backlog_dirty = True
