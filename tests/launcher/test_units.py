@@ -4,6 +4,7 @@ specs, outcomes, flags."""
 from __future__ import annotations
 
 import asyncio
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -345,7 +346,7 @@ def _client(busy: bool) -> session.SessionClient:
 async def _reports_after_a_first_one(busy: bool) -> list[list[int]]:
     """Job 1 is reported and acknowledged; then job 2 ends, the loop turns, job 3 ends."""
     client = _client(busy)
-    client.report_interval_s = 0.5
+    client.report_interval_s = client.fed_report_interval_s = 0.5
     call = _Call()
     writer = asyncio.create_task(client._writer(call))
     try:
@@ -373,6 +374,32 @@ def test_a_busy_launchers_reports_follow_each_other_paced_so_they_share_a_transa
 
 def test_an_idle_launchers_report_goes_at_once():
     assert asyncio.run(_reports_after_a_first_one(busy=False)) == [[1], [2], [3]]
+
+
+def test_a_fed_launchers_longer_pause_ends_when_its_credit_asks_for_jobs():
+    """Busy, with every slot fed: the report waits the longer pause; once the credit asks
+    for jobs (a slot has nothing left to start) it waits only the short one."""
+    async def scenario() -> list[list[int]]:
+        credit = session_service_pb2.SessionCredit()
+        client = _client(True)
+        client.cb.credit = lambda: credit
+        client.report_interval_s, client.fed_report_interval_s = 0.0, 60.0
+        client._last_report_at = time.monotonic()
+        call = _Call()
+        writer = asyncio.create_task(client._writer(call))
+        try:
+            client.report(session_service_pb2.JobTransition(job_id=1))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert call.reports == []  # fed: held for the longer pause
+            credit.max_jobs = 1
+            client.wake()
+            await asyncio.wait_for(call.sent.wait(), 5)
+            return call.reports
+        finally:
+            writer.cancel()
+
+    assert asyncio.run(scenario()) == [[1]]
 
 
 def test_prefetch_follows_the_run_time_within_its_bounds():
