@@ -148,6 +148,15 @@ def _kill(client: Client, job_id: int) -> None:
         job=job, update_mask=field_mask_pb2.FieldMask(paths=["state"])), metadata=client.metadata, timeout=30)
 
 
+def _ended(proc: psutil.Process) -> bool:
+    """Gone or a zombie. It may be reaped between is_running() and status(): that is gone
+    too, not NoSuchProcess out of the wait."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path: Path) -> None:
     a, b, c = _replicas(tmp_path, 3)
     site = _staged_site(tmp_path, a, elastic_queue__enabled=False)
@@ -169,7 +178,7 @@ def test_three_replicas_site_launcher_and_watcher_on_different_replicas(tmp_path
         proc = wait_until(lambda: _sleeper(marker), "the job's process to start", 60, interval=0.05)
         _kill(clients[2], victim)
         killed_at = time.monotonic()
-        wait_until(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE,
+        wait_until(lambda: _ended(proc),
                    "the kill to reach the job's process", 30, interval=0.01)
         kill_latency = time.monotonic() - killed_at
 
