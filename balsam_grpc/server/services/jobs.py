@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import operator
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -107,6 +108,20 @@ def jobs_to_messages(rows: list[dict[str, Any]], view: int, out: Any) -> None:
     fields = _BASIC_FIELDS if view == job_service_pb2.JOB_VIEW_BASIC else _FULL_FIELDS
     for row in rows:
         _fill(add(), fields(row), view)
+
+
+def _basic_messages(columns: store.JobColumns, out: Any) -> None:
+    """jobs_to_messages of a basic view for written JobColumns: no row per job."""
+    fixed = columns.fixed
+    state, app_id, site_id = _STATE_NUMBERS.get(fixed["state"], 0), fixed["app_id"], fixed["site_id"]
+    add = out.add
+    for job_id, workdir in zip(columns.ids, columns.workdirs, strict=True):
+        msg = add()
+        msg.id = job_id
+        msg.state = state
+        msg.workdir = workdir
+        msg.app_id = app_id
+        msg.site_id = site_id
 
 
 def tuples_to_messages(keys: tuple[str, ...], rows: list[tuple[Any, ...]], view: int, out: Any) -> None:
@@ -362,6 +377,62 @@ def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]
     if policy and policy not in PARENT_POLICY.to_name:
         PARENT_POLICY.name(policy, f"{field}.on_parent_failure")
     return spec
+
+
+_PLAIN_FIELDS = operator.attrgetter("name", "workdir", "priority", "on_parent_failure", "site_id")
+_ROW_RESOURCES = {**_DEFAULT_RESOURCES, "launch_params": {}}  # shared by the jobs that give none: never changed
+
+
+def plain_columns(jobs: list[job_pb2.Job], state: ServerState, site_scope: int | None,
+                  resources_seen: dict[bytes, dict[str, Any]],
+                  general: Callable[[], list[dict[str, Any]]]) -> store.JobColumns | None:
+    """`jobs` (of one app, by id, with no parents or transfers: the caller checked) as
+    columns, read without a dict per job: each value passes job_spec's checks by their
+    cheap sufficient tests. None when one of them does not, or gives data (then job_spec
+    checks them, and says what is wrong). `general` makes their specs (job_spec's) for
+    the store, which takes them instead when it must. `resources_seen` holds the
+    resource columns of each distinct JobResources met (by its bytes) in this call."""
+    s = state.settings
+    max_entries, max_bytes = s.max_map_entries, s.max_map_value_bytes
+    policies_by_number = PARENT_POLICY.to_name
+    workdirs, names, tags_column, parameters_column, priorities, policies, resources = [], [], [], [], [], [], []
+    for job in jobs:
+        name, workdir, priority, policy, site_id = _PLAIN_FIELDS(job)
+        if (len(name) > 255 or not _plain_workdir(workdir) or (site_scope is not None and site_id and
+                                                                site_id != site_scope)):
+            return None
+        m = job.tags
+        tags = {k: m[k] for k in m} if len(m) else {}
+        m = job.parameters
+        parameters = {k: m[k] for k in m} if len(m) else {}
+        if (tags and not _surely_valid(tags, max_entries, max_bytes, _KNOWN_TAG_KEYS)) or (
+                parameters and not _surely_valid(parameters, MAX_PARAMETERS, max_bytes)):
+            return None
+        if policy:
+            policy = policies_by_number.get(policy)
+            if policy is None:
+                return None
+        if job.HasField("resources"):
+            key = job.resources.SerializeToString()
+            res = resources_seen.get(key)
+            if res is None:
+                try:
+                    res = resources_seen[key] = _resources(job.resources, "resources")
+                except BalsamError:
+                    return None
+        else:
+            res = _ROW_RESOURCES
+        if job.HasField("data"):
+            return None
+        workdirs.append(workdir)
+        names.append(name)
+        tags_column.append(tags)
+        parameters_column.append(parameters)
+        priorities.append(priority)
+        policies.append(policy or "FAIL")
+        resources.append(res)
+
+    return store.JobColumns(workdirs, names, tags_column, parameters_column, priorities, policies, resources, general)
 
 
 def _runnable_by_site(rows: list[dict[str, Any]], by_site: dict[int, list[int]]) -> dict[int, list[int]]:
@@ -647,15 +718,27 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         the database takes in the chunk before (store.create_jobs_streamed); an invalid job
         fails the whole call as before, with nothing written."""
         state = self.state
+        app_ids, app_names, parent_ids, transfers = references
+        # The usual create (one app by id, no parents, no transfers): chunks read as
+        # columns (plain_columns), each taken the general way when it must be.
+        plain = len(app_ids) == 1 and not app_names and not parent_ids and not transfers
+        site_scope = _scope(principal)
+        resources_seen: dict[bytes, dict[str, Any]] = {}
 
-        def chunks() -> Iterator[list[dict[str, Any]]]:
+        def specs_of(start: int, stop: int) -> list[dict[str, Any]]:
+            specs = [job_spec(j, f"jobs[{i}]", state) for i, j in enumerate(jobs[start:stop], start)]
+            if principal.is_site:
+                for spec in specs:
+                    if spec["site_id"]:
+                        principal.check_site(spec["site_id"])
+            return specs
+
+        def chunks() -> Iterator[list[dict[str, Any]] | store.JobColumns]:
             for start, stop in stream_chunks(len(jobs), STREAM_CHUNK):
-                specs = [job_spec(j, f"jobs[{i}]", state) for i, j in enumerate(jobs[start:stop], start)]
-                if principal.is_site:
-                    for spec in specs:
-                        if spec["site_id"]:
-                            principal.check_site(spec["site_id"])
-                yield specs
+                general = functools.partial(specs_of, start, stop)
+                columns = plain_columns(jobs[start:stop], state, site_scope, resources_seen, general) \
+                    if plain else None
+                yield general() if columns is None else columns
 
         runnable: dict[int, list[int]] = {}  # site -> ids (the rows themselves are freed chunk by chunk)
 
@@ -663,7 +746,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             response = response_type()
             runnable.clear()
 
-            def written(rows: list[dict[str, Any]]) -> None:
+            def written(rows: list[dict[str, Any]] | store.JobColumns) -> None:
+                if isinstance(rows, store.JobColumns):
+                    fixed = rows.fixed
+                    if fixed["state"] in RUNNABLE_STATES and fixed["site_id"]:
+                        runnable.setdefault(fixed["site_id"], []).extend(rows.ids)
+                    if view == job_service_pb2.JOB_VIEW_BASIC:
+                        _basic_messages(rows, response.jobs)
+                        return
+                    rows = rows.rows()
                 jobs_to_messages(rows, view, response.jobs)
                 _runnable_by_site(rows, runnable)
 

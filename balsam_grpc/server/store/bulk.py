@@ -155,16 +155,18 @@ class CopyStream:
         self.opened: Any = None  # the cursor's copy() context manager: it ends the COPY
 
     def write(self, rows: list[dict[str, Any]], ids: list[int] | None = None) -> None:
-        if not rows:
-            return
-        batch = CopyBatch(self.table, self.columns, rows, with_ids=self.with_ids)
+        if rows:
+            self.write_batch(CopyBatch(self.table, self.columns, rows, with_ids=self.with_ids), ids)
+
+    def write_batch(self, batch: CopyBatch, ids: list[int] | None = None) -> None:
+        """Write a batch laid out for this stream's table and columns (CopyBatch.of_columns)."""
         layout = (batch.names, batch.tail)
         if layout != self.layout:
             self._end(None)
             self.opened = self.cursor.copy(f"COPY {self.table.name} ({', '.join(batch.names)}) FROM STDIN")
             self.copy = self.opened.__enter__()
             self.layout = layout
-        for start in range(0, len(rows), _COPY_CHUNK):
+        for start in range(0, batch.size, _COPY_CHUNK):
             stop = start + _COPY_CHUNK
             self.copy.write(batch.text(start, stop, ids[start:stop] if ids is not None else ()))
 

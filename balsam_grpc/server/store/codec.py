@@ -228,11 +228,29 @@ class CopyBatch:
 
     def __init__(self, table: Table, columns: Sequence[str], rows: Sequence[dict[str, Any]],
                  with_ids: bool = False) -> None:
+        self._lay_out(table, columns, lambda name: column_values(table, name, rows), {}, len(rows), with_ids)
+
+    @classmethod
+    def of_columns(cls, table: Table, columns: Sequence[str], values: dict[str, list[Any]], fixed: dict[str, Any],
+                   size: int, with_ids: bool = False) -> CopyBatch:
+        """A batch of `size` rows given a column at a time: `fixed` holds the value every
+        row has (formatted once, nothing looked at per row), `values` the list of each
+        other column of `columns`. The layout is the one rows with those values get."""
+        batch = cls.__new__(cls)
+        batch._lay_out(table, columns, values.__getitem__, fixed, size, with_ids)
+        return batch
+
+    def _lay_out(self, table: Table, columns: Sequence[str], column: Callable[[str], list[Any]],
+                 fixed: dict[str, Any], size: int, with_ids: bool) -> None:
         self.varying: list[tuple[list[Any], Callable[[Any], str], bool]] = []
         constant: list[tuple[str, str]] = []
         varying_names: list[str] = []
         for name, fmt, hashable in _formatters(table, columns):
-            values = column_values(table, name, rows)
+            if name in fixed:
+                first = fixed[name]
+                constant.append((name, NULL if first is None else fmt(first)))
+                continue
+            values = column(name)
             if _one_value(values, hashable):
                 first = values[0]
                 constant.append((name, NULL if first is None else fmt(first)))
@@ -241,7 +259,7 @@ class CopyBatch:
                 self.varying.append((values, fmt, hashable))
         self.names = ["id"] * with_ids + varying_names + [name for name, _ in constant]
         self.tail = "\t".join(text for _, text in constant) if constant else None
-        self.size = len(rows)
+        self.size = size
 
     def text(self, start: int, stop: int, ids: Sequence[Any] = ()) -> str:
         stop = min(stop, self.size)

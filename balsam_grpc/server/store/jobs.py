@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, CopyStream, draw_ids, draw_ids_sql, insert_rows
-from balsam_grpc.server.store.codec import column_values, is_json, sqlite_time
+from balsam_grpc.server.store.codec import CopyBatch, column_values, is_json, sqlite_time
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
 from balsam_grpc.server.store.driver import driver_rows, driver_statement, sent_ahead
@@ -586,6 +586,26 @@ def _declared_parameters(app: dict[str, Any]) -> dict[str, tuple[str, Any, bool,
     return declared
 
 
+def _parameters_fit(declared: dict[str, tuple[str, Any, bool, Callable[[str], Any]]], params: dict[str, str]) -> bool:
+    """_check_parameters' test without its messages (it runs, and says what is wrong,
+    whenever this says False): `params` has only declared names, every required one,
+    and values that parse as their kind; defaults of the missing ones are added."""
+    if not params.keys() <= declared.keys():
+        return False
+    for name, (_, default, required, parse) in declared.items():
+        if name not in params:
+            if required:
+                return False
+            if default:
+                params[name] = default
+        elif parse is not str:
+            try:
+                parse(params[name])
+            except (ValueError, KeyError):
+                return False
+    return True
+
+
 def _check_parameters(i: int, spec: dict[str, Any], app: dict[str, Any]) -> None:
     declared = _declared_parameters(app)
     params = spec["parameters"]
@@ -665,6 +685,51 @@ _NO_PARENTS = (S.READY, "")
 _NEW_JOB_DEFAULTS = {"return_code": None, "error_tail": "", "batch_job_id": None, "session_id": None,
                      "lease_generation": 0, "lease_expire_time": None, "run_count": 0, "cleaned_time": None,
                      "cleanup_info": None}
+
+
+@dataclass
+class JobColumns:
+    """A chunk of new jobs given a column at a time (the servicer reads them from the
+    request this way for the usual create: jobs of one app, no parents, transfers or
+    data), each value already checked as job_spec checks it. `general` makes the same
+    jobs as specs for the general way, which the store takes whenever one of them needs
+    more than these columns hold or fails a check (it then says which and why).
+
+    Once written, `ids` holds the jobs' ids and `fixed` the columns they all share
+    (every column of the jobs table but these lists)."""
+    workdirs: list[str]
+    names: list[str]
+    tags: list[dict[str, str]]
+    parameters: list[dict[str, str]]
+    priorities: list[int]
+    policies: list[str]
+    # Per job, its resource columns with launch_params (jobs with the same share one dict).
+    resources: list[dict[str, Any]]
+    general: Callable[[], list[dict[str, Any]]]
+    ids: list[int] = field(default_factory=list)
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def values(self) -> dict[str, list[Any]]:
+        """The jobs table's columns that are not fixed, each as a list."""
+        out = {"workdir": self.workdirs, "name": self.names, "tags": self.tags, "parameters": self.parameters,
+               "priority": self.priorities, "on_parent_failure": self.policies}
+        resources = self.resources
+        for name in (*_RESOURCE_COLUMNS, "launch_params"):
+            out[name] = list(map(operator.itemgetter(name), resources))
+        return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The written jobs as rows (what a full view of them shows)."""
+        fixed = self.fixed
+        return [{**fixed, **res, "id": jid, "workdir": w, "name": n, "tags": t, "parameters": p, "priority": pr,
+                 "on_parent_failure": pol}
+                for jid, w, n, t, p, pr, pol, res in zip(self.ids, self.workdirs, self.names, self.tags,
+                                                         self.parameters, self.priorities, self.policies,
+                                                         self.resources, strict=True)]
+
+
+_RESOURCE_COLUMNS = ("num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "gpus_per_rank",
+                     "node_packing_count", "wall_time_min")
 
 
 @dataclass
@@ -759,6 +824,34 @@ class _Creation:
         if self.keep_rows:
             self.rows.extend(specs)
 
+    def add_columns(self, columns: JobColumns, kind: _EventKind, app_id: int) -> bool:
+        """add() for jobs given as columns, all of app `app_id` with the creation event
+        `kind` (foreseen_event's): their checks against the app and each other, and the
+        columns they share in columns.fixed. False, with nothing taken, when one of them
+        needs the general way (add() of columns.general(), which says why when it fails)."""
+        app = self.lookups.apps[app_id]
+        if app.get("transfers"):  # slots to check, perhaps required ones
+            return False
+        state, message = _NO_PARENTS
+        final, data = self.paths.get((state, False, False, app_id)) or self._path(state, False, False, app_id)
+        site_id = app["site_id"]
+        if kind[:3] != (site_id, final, message) or kind[3] is not data:  # as _CreationEvents.add checks rows
+            raise RuntimeError(f"the creation events were written up front as {kind}; these jobs differ")
+        declared = _declared_parameters(app)
+        if not all(map(functools.partial(_parameters_fit, declared), columns.parameters)):
+            return False
+        workdirs, seen, n = columns.workdirs, self.seen, len(columns.workdirs)
+        keys = [(site_id, w) for w in workdirs]
+        if len(set(workdirs)) != n or (seen and not seen.keys().isdisjoint(keys)):
+            return False
+        seen.update(zip(keys, range(self.count, self.count + n), strict=True))
+        self.count += n
+        now = self.now
+        columns.fixed = {"owner_id": self.owner_id, "site_id": site_id, "app_id": app_id, "data": {}, "transfers": {},
+                         "state": final, "state_message": message, "pending_parents": 0, "parent_ids": [],
+                         "create_time": now, "update_time": now, "state_time": now, **_NEW_JOB_DEFAULTS}
+        return True
+
     def site_workdirs(self) -> list[dict[str, Any]]:
         """(site_id, workdir) of every job added, in order (what a workdir conflict names)."""
         return [{"site_id": site_id, "workdir": workdir} for (site_id, workdir), _ in
@@ -852,15 +945,17 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
 
 def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None, count: int,
                          references: tuple[set[int], set[tuple[int, str]], set[int], bool],
-                         chunks: Iterable[list[dict[str, Any]]], now: datetime,
-                         on_rows: Callable[[list[dict[str, Any]]], None]) -> None:
+                         chunks: Iterable[list[dict[str, Any]] | JobColumns], now: datetime,
+                         on_rows: Callable[[list[dict[str, Any]] | JobColumns], None]) -> None:
     """PostgreSQL, a large create: create_jobs over `count` specs that arrive in chunks
     (made, and validated, by the caller as they are asked for), each checked, turned
     into rows and written to one open COPY while PostgreSQL takes in the chunk before:
     the server's conversion and the database's inserts overlap instead of taking turns.
     `references` are the (app ids, (site id, app name) pairs, parent ids, any transfers)
     of all the jobs, read up front (nothing else can run while the COPY is open).
-    `on_rows` gets each chunk's rows, with their ids, as soon as they are written.
+    A chunk is a list of specs or JobColumns (taken the general way when they need it).
+    `on_rows` gets each chunk's rows (or its JobColumns), with their ids, as soon as
+    they are written.
     Anything raised (by the chunks, the checks or the database) leaves nothing behind:
     the transaction fails as a whole."""
     lookups = _lookups(conn, owner_id, *references)
@@ -871,23 +966,42 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
     ids: list[int] = [] if foreseen is not None else draw_ids(conn, jobs, count)
     events = _CreationEvents(foreseen)
 
-    def convert(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # The one app of a foreseen create: chunks given as columns are checked against it.
+    app_id = next(iter(references[0])) if foreseen is not None else 0
+
+    def convert(chunk: list[dict[str, Any]] | JobColumns) -> list[dict[str, Any]] | JobColumns:
+        if isinstance(chunk, JobColumns):
+            if foreseen is None or not creation.add_columns(chunk, foreseen, app_id):
+                chunk = chunk.general()
+            elif creation.count > count:
+                raise ValueError(f"more than the {count} jobs announced")
+            else:
+                return chunk  # of the foreseen kind by construction: nothing for events.add to check
         start = creation.count
-        creation.add(specs)
+        creation.add(chunk)
         if creation.count > count:
             raise ValueError(f"more than the {count} jobs announced")
-        events.add(specs, creation.event_data[start:])
-        return specs
+        events.add(chunk, creation.event_data[start:])
+        return chunk
 
-    def numbered(specs: list[dict[str, Any]], start: int) -> tuple[list[dict[str, Any]], list[int]]:
-        chunk_ids = ids[start:start + len(specs)]
-        for row, jid in zip(specs, chunk_ids, strict=True):
+    def write(stream: CopyStream, chunk: list[dict[str, Any]] | JobColumns, start: int) -> int:
+        """Give the chunk its ids, hand it to on_rows and COPY it; how many jobs it has."""
+        if isinstance(chunk, JobColumns):
+            n = len(chunk.workdirs)
+            chunk.ids = ids[start:start + n]
+            on_rows(chunk)
+            stream.write_batch(CopyBatch.of_columns(jobs, _JOB_COLUMNS, chunk.values(), chunk.fixed, n, with_ids=True),
+                               chunk.ids)
+            return n
+        chunk_ids = ids[start:start + len(chunk)]
+        for row, jid in zip(chunk, chunk_ids, strict=True):
             row["id"] = jid
-        on_rows(specs)
-        return specs, chunk_ids
+        on_rows(chunk)
+        stream.write(chunk, chunk_ids)
+        return len(chunk)
 
     pending = iter(chunks)
-    ahead: list[list[dict[str, Any]]] = []
+    ahead: list[list[dict[str, Any]] | JobColumns] = []
     try:
         with conn.begin_nested():
             if foreseen is not None:
@@ -907,13 +1021,11 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
                 ids = got[2]
             with CopyStream(conn, jobs, _JOB_COLUMNS, with_ids=True) as stream:
                 start = 0
-                for specs in ahead:
-                    stream.write(*numbered(specs, start))
-                    start += len(specs)
+                for chunk in ahead:
+                    start += write(stream, chunk, start)
                 ahead.clear()
-                for specs in pending:
-                    stream.write(*numbered(convert(specs), start))
-                    start += len(specs)
+                for chunk in pending:
+                    start += write(stream, convert(chunk), start)
                 if creation.count != count:
                     raise ValueError(f"{creation.count} jobs given, {count} announced")
                 if foreseen is None:
