@@ -57,10 +57,25 @@ def test_a_connection_that_is_gone_is_invalidated(engine, run):
         assert conn.invalidated
 
 
-def test_a_statement_sent_ahead_answers_its_row(engine):
+def test_a_statement_sent_ahead_answers_its_row_in_one_round_trip(engine, tmp_path):
     stmt = DriverStatement(text("SELECT CAST(:a AS INT) + 1"), engine.dialect)
-    with engine.connect() as conn, sent_ahead(conn, stmt, {"a": 41}) as row:
-        assert row() == (42,)
+    trace = tmp_path / "protocol"
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        pgconn = conn.connection.driver_connection.pgconn
+        with trace.open("w") as out:
+            pgconn.trace(out.fileno())
+            try:
+                with sent_ahead(conn, stmt, {"a": 41}) as row:
+                    assert row() == (42,)
+            finally:
+                pgconn.untrace()
+        conn.rollback()
+    # libpq's trace (time, F from the client or B from the server, length, message): all
+    # the client sends (the statement, its Sync) goes before anything comes back.
+    messages = [line.split("\t")[1:4:2] for line in trace.read_text().splitlines()]
+    directions = [direction for direction, _ in messages]
+    assert directions == sorted(directions, key="FB".index), messages
 
 
 def test_a_batch_answers_each_statement_in_order_in_its_transaction(engine):

@@ -156,14 +156,37 @@ def _sqlite_params(stmt: DriverStatement, params: dict[str, Any]) -> dict[str, A
 @contextlib.contextmanager
 def sent_ahead(conn: Connection, stmt: DriverStatement, params: dict[str, Any]) -> Iterator[Callable[[], Any]]:
     """Send `stmt` in pipeline mode and go on while PostgreSQL runs it: yields the function
-    that waits for its (one) row. In `conn`'s transaction, errors as driver_rows raises them."""
+    that waits for its (one) row. In `conn`'s transaction, errors as driver_rows raises them.
+
+    The wait ends the pipeline (its Sync) and then reads the row, which came with the
+    Sync's answer: one round trip. Reading it inside the pipeline first asked for it with
+    a Flush, a round trip of its own before the Sync's."""
     dbapi_conn = conn.connection.driver_connection
     params = _bound(stmt, params)
-    with _sqlalchemy_errors(conn, stmt.sql, params), dbapi_conn.pipeline():
+    with _sqlalchemy_errors(conn, stmt.sql, params):
         cursor = dbapi_conn.cursor()
+        pipeline = dbapi_conn.pipeline()
+        pipeline.__enter__()
+        open_ = True
+
+        def end(exc: BaseException | None) -> None:
+            nonlocal open_
+            if open_:
+                open_ = False
+                pipeline.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+
+        def wait() -> Any:
+            end(None)
+            return cursor.fetchone()
+
         try:
             _execute(conn, cursor, stmt.sql, params)
-            yield cursor.fetchone
+            yield wait
+        except BaseException as exc:
+            end(exc)
+            raise
+        else:
+            end(None)
         finally:
             cursor.close()
 
