@@ -248,3 +248,66 @@ def test_jobs_that_differ_from_the_events_written_up_front_fail_the_call(alice, 
     events = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
         filter=event_service_pb2.EventFilter(site_ids=[site.id]), page_size=1000)).events
     assert [e for e in events if e.HasField("job_state")] == []
+
+
+# One job of a later chunk given differently from the rest: a chunk read as columns
+# (services.jobs.plain_columns) must be answered as the general way answers it.
+ODD = {
+    "a workdir with a dot part": lambda j: setattr(j, "workdir", j.workdir.replace("/", "/./")),
+    "a name of 256 characters": lambda j: setattr(j, "name", "n" * 256),
+    "a name": lambda j: setattr(j, "name", "named"),
+    "a tag key never seen": lambda j: j.tags.__setitem__("fresh_key", "v"),
+    "an invalid tag key": lambda j: j.tags.__setitem__("bad key!", "v"),
+    "a tag value too long": lambda j: j.tags.__setitem__("k", "v" * 5000),
+    "data": lambda j: j.data.update({"a": 1}),
+    "a parent-failure policy": lambda j: setattr(j, "on_parent_failure", job_pb2.PARENT_FAILURE_POLICY_IGNORE),
+    "an unknown parent-failure policy": lambda j: setattr(j, "on_parent_failure", 99),
+    "an undeclared parameter": lambda j: j.parameters.__setitem__("y", "1"),
+    "no parameters": lambda j: j.parameters.clear(),
+    "a priority": lambda j: setattr(j, "priority", -5),
+    "resources": lambda j: j.resources.MergeFrom(job_pb2.JobResources(num_nodes=2, launch_params={"a": "b"})),
+    "invalid resources": lambda j: j.resources.MergeFrom(job_pb2.JobResources(num_nodes=2, node_packing_count=2)),
+    "another site's id beside the app's id": lambda j: setattr(j, "site_id", 10**9),
+    "the workdir of an earlier job": lambda j: setattr(j, "workdir", j.workdir.rsplit("/", 1)[0] + "/1"),
+}
+
+
+@pytest.mark.parametrize("odd", sorted(ODD))
+def test_a_chunk_read_as_columns_is_answered_as_the_general_way_answers_it(alice, harness, monkeypatch, odd):
+    if harness.backend != "postgres":
+        pytest.skip("SQLite takes the one-piece path")
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    read_as_columns = []
+    real = job_service.plain_columns
+
+    def spy(*args, **kwargs):
+        columns = real(*args, **kwargs)
+        read_as_columns.append(columns is not None)
+        return columns
+
+    def outcome(prefix: str):
+        jobs = batch(app.id, prefix)
+        ODD[odd](jobs[2 * CHUNK + 3])
+        jobs[3 * CHUNK].resources.num_nodes = 3  # a JobResources in a chunk of plain jobs
+        before = count(stub, site.id)
+        try:
+            created = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
+                jobs=jobs, view=job_service_pb2.JOB_VIEW_FULL)).jobs
+        except grpc.RpcError as err:
+            assert count(stub, site.id) == before
+            return err.code(), err.details().replace(prefix, "")
+        shown = []
+        for job in created:
+            job = job_pb2.Job.FromString(job.SerializeToString())
+            job.workdir = job.workdir.removeprefix(prefix)
+            for name in ("id", "create_time", "update_time", "state_time"):
+                job.ClearField(name)
+            shown.append(job)
+        return shown
+
+    monkeypatch.setattr(job_service, "plain_columns", spy)
+    as_columns = outcome("columns")
+    assert any(read_as_columns)
+    monkeypatch.setattr(job_service, "plain_columns", lambda *args, **kwargs: None)
+    assert outcome("general") == as_columns

@@ -846,6 +846,9 @@ class _Creation:
             return False
         seen.update(zip(keys, range(self.count, self.count + n), strict=True))
         self.count += n
+        # Kept a job each, as add() keeps them: a later chunk's add() finds its own at its offset.
+        self.transfers.extend(itertools.repeat([], n))
+        self.event_data.extend(itertools.repeat(data, n))
         now = self.now
         columns.fixed = {"owner_id": self.owner_id, "site_id": site_id, "app_id": app_id, "data": {}, "transfers": {},
                          "state": final, "state_message": message, "pending_parents": 0, "parent_ids": [],
