@@ -311,3 +311,23 @@ def test_a_chunk_read_as_columns_is_answered_as_the_general_way_answers_it(alice
     assert any(read_as_columns)
     monkeypatch.setattr(job_service, "plain_columns", lambda *args, **kwargs: None)
     assert outcome("general") == as_columns
+
+
+def test_what_the_copy_leaves_to_postgresql_is_a_new_jobs_value(harness):
+    """A streamed create's COPY leaves out the columns whose value is store.jobs.
+    INSERT_DEFAULTS' in every job: the table's defaults (revision 0012) must give those."""
+    from sqlalchemy import text
+
+    from balsam_grpc.server.store.jobs import INSERT_DEFAULTS
+
+    if harness.backend != "postgres":
+        pytest.skip("only PostgreSQL's COPY leaves columns out")
+    with harness.db.engine.connect() as conn:
+        defaults = dict(conn.execute(text(
+            "SELECT column_name, column_default FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'jobs'")).all())
+        for name, value in INSERT_DEFAULTS.items():
+            if value is None:
+                assert defaults[name] is None, name
+            else:
+                assert conn.execute(text(f"SELECT {defaults[name]}")).scalar_one() == value, name

@@ -147,16 +147,19 @@ class CopyStream:
     layout (store.codec.CopyBatch: which columns all rows share) is the first chunk's;
     a chunk that does not fit it ends the COPY and starts another with its own."""
 
-    def __init__(self, conn: Connection, table: Table, columns: list[str], with_ids: bool = False) -> None:
+    def __init__(self, conn: Connection, table: Table, columns: list[str], with_ids: bool = False,
+                 defaults: dict[str, Any] | None = None) -> None:
         self.cursor = conn.connection.dbapi_connection.cursor()
         self.table, self.columns, self.with_ids = table, columns, with_ids
+        self.defaults = defaults  # CopyBatch's: columns left out when every row has the table's default
         self.layout: tuple[list[str], str | None] | None = None
         self.copy: Any = None
         self.opened: Any = None  # the cursor's copy() context manager: it ends the COPY
 
     def write(self, rows: list[dict[str, Any]], ids: list[int] | None = None) -> None:
         if rows:
-            self.write_batch(CopyBatch(self.table, self.columns, rows, with_ids=self.with_ids), ids)
+            self.write_batch(CopyBatch(self.table, self.columns, rows, with_ids=self.with_ids, defaults=self.defaults),
+                             ids)
 
     def write_batch(self, batch: CopyBatch, ids: list[int] | None = None) -> None:
         """Write a batch laid out for this stream's table and columns (CopyBatch.of_columns)."""

@@ -227,36 +227,45 @@ class CopyBatch:
     """
 
     def __init__(self, table: Table, columns: Sequence[str], rows: Sequence[dict[str, Any]],
-                 with_ids: bool = False) -> None:
-        self._lay_out(table, columns, lambda name: column_values(table, name, rows), {}, len(rows), with_ids)
+                 with_ids: bool = False, defaults: dict[str, Any] | None = None) -> None:
+        self._lay_out(table, columns, lambda name: column_values(table, name, rows), {}, len(rows), with_ids,
+                      defaults)
 
     @classmethod
     def of_columns(cls, table: Table, columns: Sequence[str], values: dict[str, list[Any]], fixed: dict[str, Any],
-                   size: int, with_ids: bool = False) -> CopyBatch:
+                   size: int, with_ids: bool = False, defaults: dict[str, Any] | None = None) -> CopyBatch:
         """A batch of `size` rows given a column at a time: `fixed` holds the value every
         row has (formatted once, nothing looked at per row), `values` the list of each
         other column of `columns`. The layout is the one rows with those values get."""
         batch = cls.__new__(cls)
-        batch._lay_out(table, columns, values.__getitem__, fixed, size, with_ids)
+        batch._lay_out(table, columns, values.__getitem__, fixed, size, with_ids, defaults)
         return batch
 
     def _lay_out(self, table: Table, columns: Sequence[str], column: Callable[[str], list[Any]],
-                 fixed: dict[str, Any], size: int, with_ids: bool) -> None:
+                 fixed: dict[str, Any], size: int, with_ids: bool, defaults: dict[str, Any] | None = None) -> None:
+        """`defaults`: the columns' values that the table's own defaults give (None: NULL);
+        a column with that value in every row is left out for the database to fill."""
         self.varying: list[tuple[list[Any], Callable[[Any], str], bool]] = []
         constant: list[tuple[str, str]] = []
         varying_names: list[str] = []
+        defaults = defaults or {}
         for name, fmt, hashable in _formatters(table, columns):
             if name in fixed:
                 first = fixed[name]
-                constant.append((name, NULL if first is None else fmt(first)))
-                continue
-            values = column(name)
-            if _one_value(values, hashable):
-                first = values[0]
-                constant.append((name, NULL if first is None else fmt(first)))
             else:
-                varying_names.append(name)
-                self.varying.append((values, fmt, hashable))
+                values = column(name)
+                if not _one_value(values, hashable):
+                    varying_names.append(name)
+                    self.varying.append((values, fmt, hashable))
+                    continue
+                first = values[0]
+            formatted = NULL if first is None else fmt(first)
+            if name in defaults:
+                default = defaults[name]
+                # Compared as COPY text: for the column's type (1 and True in an integer column).
+                if formatted == (NULL if default is None else fmt(default)):
+                    continue
+            constant.append((name, formatted))
         self.names = ["id"] * with_ids + varying_names + [name for name, _ in constant]
         self.tail = "\t".join(text for _, text in constant) if constant else None
         self.size = size

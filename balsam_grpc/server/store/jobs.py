@@ -679,6 +679,16 @@ def _location_aliases(conn: Connection, site_ids: set[int]) -> dict[int, frozens
     return {r.id: frozenset(loc.get("alias", "") for loc in r.transfer_locations or []) for r in rows}
 
 
+# What a new job's columns hold unless given, as PostgreSQL's defaults of them give it
+# (revision 0012; None: NULL, the columns without one): a streamed create's COPY leaves
+# out a column with this value in every row, and PostgreSQL fills it without parsing it.
+INSERT_DEFAULTS: dict[str, Any] = {
+    "name": "", "data": {}, "transfers": {}, "num_nodes": 1, "ranks_per_node": 1, "threads_per_rank": 1,
+    "threads_per_core": 1, "gpus_per_rank": 0, "node_packing_count": 1, "wall_time_min": 0, "launch_params": {},
+    "priority": 0, "state_message": "", "return_code": None, "error_tail": "", "batch_job_id": None,
+    "session_id": None, "lease_generation": 0, "lease_expire_time": None, "on_parent_failure": "FAIL",
+    "run_count": 0, "pending_parents": 0, "parent_ids": [], "cleaned_time": None, "cleanup_info": None,
+}
 _NO_PARENTS = (S.READY, "")
 # Every column but the id (cleanup's too): a row missing one sends the COPY formatter
 # down its per-row path for that column.
@@ -993,8 +1003,8 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
             n = len(chunk.workdirs)
             chunk.ids = ids[start:start + n]
             on_rows(chunk)
-            stream.write_batch(CopyBatch.of_columns(jobs, _JOB_COLUMNS, chunk.values(), chunk.fixed, n, with_ids=True),
-                               chunk.ids)
+            stream.write_batch(CopyBatch.of_columns(jobs, _JOB_COLUMNS, chunk.values(), chunk.fixed, n, with_ids=True,
+                                                    defaults=INSERT_DEFAULTS), chunk.ids)
             return n
         chunk_ids = ids[start:start + len(chunk)]
         for row, jid in zip(chunk, chunk_ids, strict=True):
@@ -1022,7 +1032,7 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
                         ahead.append(convert(specs))
                     got = events_written()
                 ids = got[2]
-            with CopyStream(conn, jobs, _JOB_COLUMNS, with_ids=True) as stream:
+            with CopyStream(conn, jobs, _JOB_COLUMNS, with_ids=True, defaults=INSERT_DEFAULTS) as stream:
                 start = 0
                 for chunk in ahead:
                     start += write(stream, chunk, start)
