@@ -12,7 +12,15 @@ import grpc
 import pytest
 
 from balsam_grpc.server.services import jobs as job_service
-from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_pb2, job_service_pb2
+from balsam_grpc.v1 import (
+    auth_service_pb2,
+    auth_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    job_pb2,
+    job_service_pb2,
+)
+from tests.conftest import Caller
 from tests.support.records import jobs_stub, make_site_app
 
 CHUNK = 40
@@ -272,12 +280,18 @@ ODD = {
 }
 
 
-@pytest.mark.parametrize("odd", sorted(ODD))
-def test_a_chunk_read_as_columns_is_answered_as_the_general_way_answers_it(alice, harness, monkeypatch, odd):
+@pytest.mark.parametrize(("odd", "scope"), [*((odd, "user") for odd in sorted(ODD)),
+                                            ("a name", "site"), ("another site's id beside the app's id", "site")])
+def test_a_chunk_read_as_columns_is_answered_as_the_general_way_answers_it(alice, harness, monkeypatch, odd, scope):
     if harness.backend != "postgres":
         pytest.skip("SQLite takes the one-piece path")
     site, app = make_site_app(alice)
-    stub = jobs_stub(alice)
+    caller = alice
+    if scope == "site":  # a site's token: a job naming another site is refused
+        token = alice.stub(auth_service_pb2_grpc.AuthServiceStub).CreateToken(auth_service_pb2.CreateTokenRequest(
+            scope=auth_service_pb2.TOKEN_SCOPE_SITE, site_id=site.id, ttl_seconds=3600)).token
+        caller = Caller(harness, alice.user_id, alice.username, token)
+    stub = jobs_stub(caller)
     read_as_columns = []
     real = job_service.plain_columns
 
