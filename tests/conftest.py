@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +24,23 @@ os.environ["BALSAM_HOME"] = _HOME  # never touch the developer's real profile or
 os.environ.pop("BALSAM_SERVER", None)
 os.environ.pop("BALSAM_TOKEN", None)
 
+
+def _database_of_this_worker() -> None:
+    """Under pytest-xdist (scripts/run_tests.sh runs two workers), each worker takes a
+    PostgreSQL database of its own, `<shared name>_<worker>`: the session harness resets
+    its schema, and every database a test makes is named after it, so two workers never
+    share one. Set in the environment before any test module reads it; once per process
+    (test modules that import `tests.conftest` run this file a second time)."""
+    worker, url = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("BALSAM_TEST_DATABASE_URL")
+    if not worker or not url or os.environ.get("BALSAM_TEST_WORKER") == worker:
+        return
+    from tests.support.databases import fresh_postgres
+
+    os.environ["BALSAM_TEST_DATABASE_URL"] = fresh_postgres(url, worker)
+    os.environ["BALSAM_TEST_WORKER"] = worker
+
+
+_database_of_this_worker()
 POSTGRES_URL = os.environ.get("BALSAM_TEST_DATABASE_URL", "")
 
 # The edge-probe table (issue 12) printed at the end of a run.
@@ -184,11 +202,51 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     drop_created()
 
 
+# What an MPICH process removes only when it exits, left by the ones tests kill -9 (a
+# launcher's mpiexec and ranks): mpiexec's topology file (in /tmp, whatever TMPDIR says)
+# and a rank's shared-memory segment.
+MPICH_DEBRIS = (("/tmp", "hydra_hwloc_xmlfile_*"), ("/dev/shm", "mpich_shm_*"))
+
+
+def _mpich_debris() -> set[Path]:
+    return {path for folder, pattern in MPICH_DEBRIS for path in Path(folder).glob(pattern)}
+
+
+def _controls_the_run(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput")  # not a pytest-xdist worker
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist, a test module goes to one worker whole: its module-scoped
+    servers (and the XPCS demo's run) are made once, not on each worker. Tests marked
+    `xdist_group(name)` go together, wherever they are (the Slurm tests share one Slurm)."""
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleOrGroup(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = super()._split_scope(nodeid)
+            return group if group != nodeid else nodeid.split("::", 1)[0]
+
+    return ModuleOrGroup(config, log)
+
+
+_DEBRIS_BEFORE = pytest.StashKey[set[Path]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _controls_the_run(config):
+        config.stash[_DEBRIS_BEFORE] = _mpich_debris()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The run's BALSAM_HOME goes with it (every run made one in /tmp and left it there).
     The last hook, in the pytest process only: forked servers never run it. Test modules
     that import `tests.conftest` run this file a second time, which made a second home
-    and pointed BALSAM_HOME at it: both go."""
+    and pointed BALSAM_HOME at it: both go. Once every worker is done, so are the MPICH
+    files the run left."""
     for home in {_HOME, os.environ.get("BALSAM_HOME", "")}:
         if os.path.basename(home).startswith("balsam-test-home-"):
             shutil.rmtree(home, ignore_errors=True)
+    if _DEBRIS_BEFORE in config.stash:
+        for path in _mpich_debris() - config.stash[_DEBRIS_BEFORE]:
+            path.unlink(missing_ok=True)

@@ -22,6 +22,9 @@ import pytest
 from tests.install.conftest import dir_mb
 from tests.support.server_proc import ServerProcess
 
+# On the same pytest-xdist worker as tests/install/test_system_mpi.py: one build of the wheel.
+pytestmark = pytest.mark.xdist_group("install")
+
 ROUND_TRIP = textwrap.dedent('''
     import sys
     from balsam_grpc.sdk import Client

@@ -54,9 +54,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if marker is None:
         return
     # One row per test: its call, or the setup that failed or skipped before any call.
+    # It travels in the report, so that under pytest-xdist the controlling process, which
+    # prints the table, receives the rows its workers made.
     if report.when == "call" or (report.when == "setup" and not report.passed):
         probe, expected = marker.args
-        ROWS.append(Row(_probe_name(item, probe), expected, _observed(item, report)))
+        report.user_properties.append((_ROW, (_probe_name(item, probe), expected, _observed(item, report))))
+
+
+_ROW = "edge_probe_row"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    ROWS.extend(Row(*value) for key, value in report.user_properties if key == _ROW)
 
 
 def pytest_configure(config: pytest.Config) -> None:
