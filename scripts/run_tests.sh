@@ -12,7 +12,8 @@
 # PATH, for the system-MPI launcher install test.
 # Env: CI=true makes an unreachable PostgreSQL and a Slurm that does not start errors;
 # BALSAM_TEST_DB_NAME (default balsam_test) names this run's database: it and every
-# <name>_* database the tests make are dropped at exit (scripts/test_databases.py).
+# <name>_* database the tests make are dropped at exit (scripts/test_databases.py);
+# BALSAM_TEST_WORKERS (default 2) is the number of pytest-xdist workers (0: in-process).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
