@@ -183,7 +183,7 @@ echo "TMPDIR=$TMPDIR (removed at exit)"
 rc=0
 "$PY" -m pytest -q -ra --durations=15 -n "$workers" --dist loadgroup -m "not runs_last" "$@" || rc=$?
 last=0
-"$PY" -m pytest -q -ra -p no:xdist -m runs_last "$@" || last=$?
+"$PY" -m pytest -q -ra -n 0 -m runs_last "$@" || last=$?
 # pytest's 5: it collected no test. One of the two may select nothing (a path without
 # runs_last tests); both selecting nothing is a failure, not a pass.
 if [[ $rc -eq 5 && $last -eq 5 ]]; then

@@ -216,6 +216,7 @@ def _controls_the_run(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")  # not a pytest-xdist worker
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run may leave out (-p no:xdist)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under pytest-xdist, a test module goes to one worker whole: its module-scoped
     servers (and the XPCS demo's run) are made once, not on each worker. Tests marked
