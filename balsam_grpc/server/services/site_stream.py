@@ -454,6 +454,21 @@ class SiteStream:
         backlog_timer: asyncio.TimerHandle | None = None
         last_cleanup_at = -1e9
         cleanup_timer: asyncio.TimerHandle | None = None
+
+        # Each timer is cleared by its own firing, not judged by comparing its time with
+        # the loop's: a timer may fire a little before its time by the loop's clock
+        # (uvloop's counts whole milliseconds), and a stream woken then, finding the work
+        # not yet due and a timer whose time had not come, waited for no timer at all.
+        def backlog_due() -> None:
+            nonlocal backlog_timer
+            backlog_timer = None
+            self.wake.set()
+
+        def cleanup_due() -> None:
+            nonlocal cleanup_timer
+            cleanup_timer = None
+            self.wake.set()
+
         last_seen_write = time.monotonic()
         while True:
             self.wake.clear()
@@ -516,8 +531,8 @@ class SiteStream:
                 wait = last_cleanup_at + CLEANUP_MIN_INTERVAL - loop.time()
                 if wait > 0:
                     due.discard(work_store.CLEANUP)
-                    if cleanup_timer is None or cleanup_timer.when() < loop.time():
-                        cleanup_timer = loop.call_later(wait, self.wake.set)
+                    if cleanup_timer is None:
+                        cleanup_timer = loop.call_later(wait, cleanup_due)
                 else:
                     last_cleanup_at = loop.time()
             if due and self.credit > 0:
@@ -551,8 +566,8 @@ class SiteStream:
                     if values != last_backlog:
                         last_backlog = values
                         yield pb.SiteServiceConnectResponse(backlog=backlog_to_pb(values))
-                elif backlog_timer is None or backlog_timer.cancelled() or backlog_timer.when() < loop.time():
-                    backlog_timer = loop.call_later(wait, self.wake.set)
+                elif backlog_timer is None:
+                    backlog_timer = loop.call_later(wait, backlog_due)
             # 5. Sleep until something happens.
             if not self.inbound.empty() or self.events.pending or self.replaced or (dirty & due and self.credit > 0):
                 continue
