@@ -542,7 +542,8 @@ def test_pooled_connection_cut_while_idle_is_replaced(harness):
 
 @pytest.mark.parametrize("ping_idle", [True, False])
 def test_a_statement_run_on_the_event_loop_survives_a_cut_connection(harness, ping_idle):
-    # Database.statement_now keeps connections of its own (psycopg's AsyncConnection).
+    # Database.statement_now keeps connections of its own (psycopg's AsyncConnection), on
+    # the server's loop (uvloop's where installed), their sockets watched between statements.
     if harness.backend != "postgres":
         pytest.skip("SQLite connections cannot be cut")
     import asyncio
@@ -550,24 +551,64 @@ def test_a_statement_run_on_the_event_loop_survives_a_cut_connection(harness, pi
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
+    from balsam_grpc.server.app import new_event_loop
     from balsam_grpc.server.rpc import database_unavailable
     from balsam_grpc.server.store.db import Database
 
     db = Database(harness.url, workers=1, idle_ping_seconds=0.0 if ping_idle else 3600.0)
 
-    async def scenario() -> None:
-        pid = (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid
+    def cut(pid: int) -> None:
         with harness.db.engine.begin() as other:
             assert other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
-        if not ping_idle:  # used as it is: UNAVAILABLE (callers retry), and the connection is dropped
-            with pytest.raises(DBAPIError) as err:
-                await db.statement_now("SELECT 1 AS one", {})
-            assert database_unavailable(err.value) is not None
-        assert (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid != pid
+
+    async def scenario() -> None:
+        pid = (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid
+        cut(pid)
+        # Cut while idle: the loop sees its socket close, closes it (not called at every
+        # turn of the loop after), and the next statement runs on a new connection.
+        for _ in range(200):
+            if db._statements._idle[-1][0].closed:
+                break
+            await asyncio.sleep(0.01)
+        assert db._statements._idle[-1][0].closed
+        pid2 = (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid
+        assert pid2 != pid
+        # Cut during a statement: UNAVAILABLE (callers retry), and the connection is dropped.
+        with pytest.raises(DBAPIError) as err:
+            await db.statement_now("SELECT pg_terminate_backend(pg_backend_pid()) AS gone", {})
+        assert database_unavailable(err.value) is not None
+        assert (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid not in (pid, pid2)
         assert await db.statement_now("SELECT 1 WHERE false", {}) == []
 
     try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(scenario())
+    finally:
+        db.dispose()
+
+
+def test_a_statement_connection_registers_its_socket_once(harness):
+    # Not once per statement (two epoll_ctl calls and the loop's bookkeeping each).
+    if harness.backend != "postgres":
+        pytest.skip("statements on the event loop are PostgreSQL's")
+    import asyncio
+
+    from balsam_grpc.server.store.db import Database
+
+    db = Database(harness.url, workers=1)
+    added: list[int] = []
+
+    async def scenario() -> None:
+        await db.statement_now("SELECT 1", {})  # connected (psycopg's connect waits its own way)
+        loop = asyncio.get_running_loop()
+        add_reader = loop.add_reader
+        loop.add_reader = lambda fd, *args: (added.append(fd), add_reader(fd, *args))[1]  # type: ignore[method-assign]
+        for i in range(20):
+            assert (await db.statement_now("SELECT %(i)s::int AS i", {"i": i}))[0].i == i
+
+    try:
         asyncio.run(scenario())
+        assert added == []
     finally:
         db.dispose()
 

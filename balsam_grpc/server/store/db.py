@@ -341,9 +341,11 @@ _TUPLES_OK = 2  # psycopg.pq.ExecStatus.TUPLES_OK (psycopg is imported on first 
 
 @functools.cache
 def _statement_connection_class() -> type:
-    """psycopg's AsyncConnection, waiting for its socket with less work per wait: its
-    own wait arms a timer and builds a closure besides registering the socket, at every
-    wait of every statement (a statement on the event loop waits once or twice)."""
+    """psycopg's AsyncConnection, waiting for its socket with less work per wait. Its own
+    wait arms a timer and builds a closure besides registering the socket, at every wait
+    of every statement. Here the socket's reader is registered once and stays registered
+    between statements (registering and removing it cost two epoll_ctl calls and the
+    loop's bookkeeping per wait); a wait only sets the future the reader completes."""
     import psycopg
     from psycopg.waiting import READY_R, READY_W, WAIT_R, WAIT_W
 
@@ -352,24 +354,59 @@ def _statement_connection_class() -> type:
             waiter.set_result(state)
 
     class StatementConnection(psycopg.AsyncConnection):  # type: ignore[type-arg]
+        # The loop and socket the reader is registered with (None: not registered), the
+        # future a statement waits on, and whether a statement is under way.
+        _reader: tuple[asyncio.AbstractEventLoop, int] | None = None
+        _waiter: asyncio.Future[int] | None = None
+        _busy = False
+
+        def _readable(self) -> None:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(READY_R)
+            elif not self._busy:
+                # Readable with no statement under way: a notice (read now, so the socket
+                # is quiet again), or the server closed the connection. A closed one is
+                # closed here too (its socket would stay readable and call this at every
+                # turn of the loop), and replaced when next taken (conn.closed), so no
+                # caller gets its error.
+                try:
+                    self.pgconn.consume_input()
+                except psycopg.OperationalError:
+                    self.stop_reading()
+                    self.pgconn.finish()
+
+        def stop_reading(self) -> None:
+            """Remove the socket's reader; on the loop it was registered with, before the
+            socket closes."""
+            if self._reader is not None:
+                loop, fd = self._reader
+                self._reader = None
+                if not loop.is_closed():
+                    loop.remove_reader(fd)
+
         async def wait(self, gen: Any, interval: float | None = None, timeout: float | None = None) -> Any:
             if timeout is not None:  # none of the statements here has a time limit
                 return await super().wait(gen, timeout=timeout)
             fd = self.pgconn.socket
             loop = asyncio.get_running_loop()
+            self._busy = True
             try:
                 s = next(gen)
                 while True:
                     waiter = loop.create_future()
                     if s & WAIT_R:
-                        loop.add_reader(fd, ready, waiter, READY_R)
-                    if s & WAIT_W:
+                        if self._reader != (loop, fd):
+                            self.stop_reading()
+                            loop.add_reader(fd, self._readable)
+                            self._reader = (loop, fd)
+                        self._waiter = waiter
+                    if s & WAIT_W:  # a statement larger than the socket's buffer: rare
                         loop.add_writer(fd, ready, waiter, READY_W)
                     try:
                         state = await waiter
                     finally:
-                        if s & WAIT_R:
-                            loop.remove_reader(fd)
+                        self._waiter = None
                         if s & WAIT_W:
                             loop.remove_writer(fd)
                     s = gen.send(state)
@@ -377,8 +414,18 @@ def _statement_connection_class() -> type:
                 return done.value
             except OSError as exc:
                 raise psycopg.OperationalError("connection socket closed") from exc
+            finally:
+                self._busy = False
 
     return StatementConnection
+
+
+def _runs_on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread is running `loop`."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 class _StatementConnections:
@@ -438,6 +485,7 @@ class _StatementConnections:
         while self._idle:
             conn, since = self._idle.pop()
             if conn.closed:
+                self._discard(conn)
                 continue
             if time.monotonic() - since < self.idle_ping_seconds:
                 return conn
@@ -455,13 +503,28 @@ class _StatementConnections:
 
     @staticmethod
     def _discard(conn: Any) -> None:
+        """Close `conn`, on the loop its socket's reader is registered with (or with none)."""
+        conn.stop_reading()
         with contextlib.suppress(Exception):
-            conn.pgconn.finish()  # libpq's close: synchronous, from any thread
+            conn.pgconn.finish()  # libpq's close: synchronous
 
     def close(self) -> None:
+        """Close the idle connections. From any thread: their readers are removed, and the
+        sockets closed, on their loop when it runs in another thread."""
         idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            self._discard(conn)
+        if not idle:
+            return
+        loop = self._loop
+        conns = [conn for conn, _ in idle]
+        if loop is not None and loop.is_running() and not _runs_on(loop):
+            loop.call_soon_threadsafe(self._discard_all, conns)
+        else:
+            self._discard_all(conns)
+
+    @classmethod
+    def _discard_all(cls, conns: list[Any]) -> None:
+        for conn in conns:
+            cls._discard(conn)
 
 
 class Database:
