@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 
 from balsam_grpc.core.logging import configure_logging
-from balsam_grpc.server.app import run
+from balsam_grpc.server.app import serve
 from balsam_grpc.server.state import ServerSettings
 from balsam_grpc.server.store.db import relax_gc
 from balsam_grpc.server.wire import limit_malloc_arenas
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     settings = settings_from_args(argv)
     relax_gc()  # process-wide, so decided by the server process, not by a library object
-    run(settings)
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -251,25 +251,6 @@ def _redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The server's event loop: uvloop's where it is installed (the `server` extra), else
-    asyncio's. Everything the server does per call runs on it (gRPC's callbacks, the
-    handlers, the statements on the event loop and their socket waits): uvloop took a
-    single create's server CPU from 1.51 to 1.22 ms, a GetJob's from 0.91 to 0.77 ms
-    (PostgreSQL, 4 alternated pairs, medians)."""
-    try:
-        import uvloop
-    except ImportError:  # not installed (a platform without its wheel): asyncio's own loop
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def run(settings: ServerSettings) -> None:
-    """Serve until SIGTERM or SIGINT, on the server's event loop (new_event_loop)."""
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(serve(settings))
-
-
 async def serve(settings: ServerSettings) -> None:
     log.info("open-file limit", soft=raise_fd_limit())
     server = BalsamServer(settings)

@@ -543,7 +543,7 @@ def test_pooled_connection_cut_while_idle_is_replaced(harness):
 @pytest.mark.parametrize("ping_idle", [True, False])
 def test_a_statement_run_on_the_event_loop_survives_a_cut_connection(harness, ping_idle):
     # Database.statement_now keeps connections of its own (psycopg's AsyncConnection), on
-    # the server's loop (uvloop's where installed), their sockets watched between statements.
+    # the server's loop, their sockets watched between statements.
     if harness.backend != "postgres":
         pytest.skip("SQLite connections cannot be cut")
     import asyncio
@@ -551,7 +551,6 @@ def test_a_statement_run_on_the_event_loop_survives_a_cut_connection(harness, pi
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    from balsam_grpc.server.app import new_event_loop
     from balsam_grpc.server.rpc import database_unavailable
     from balsam_grpc.server.store.db import Database
 
@@ -581,8 +580,7 @@ def test_a_statement_run_on_the_event_loop_survives_a_cut_connection(harness, pi
         assert await db.statement_now("SELECT 1 WHERE false", {}) == []
 
     try:
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(scenario())
+        asyncio.run(scenario())
     finally:
         db.dispose()
 

@@ -457,7 +457,7 @@ class SiteStream:
 
         # Each timer is cleared by its own firing, not judged by comparing its time with
         # the loop's: a timer may fire a little before its time by the loop's clock
-        # (uvloop's counts whole milliseconds), and a stream woken then, finding the work
+        # (uvloop's, for one, counts whole milliseconds), and a stream woken then, finding the work
         # not yet due and a timer whose time had not come, waited for no timer at all.
         def backlog_due() -> None:
             nonlocal backlog_timer
