@@ -92,8 +92,6 @@ class Spy:
         self.monkeypatch.setattr(module, name, counted)
 
     def count(self, name: str, *key: Any) -> int:
-        if name == "site_backlog":  # read on the event loop on PostgreSQL (site_backlog_now)
-            return self.calls[(name, *key)] + self.calls[("site_backlog_now", *key)]
         return self.calls[(name, *key)]
 
 
@@ -106,7 +104,7 @@ def _by_site(conn: Any, owner_id: int, site_id: int, *args: Any, **kw: Any) -> t
 def test_site_stream_is_woken_only_by_events_of_its_site(harness: Harness, alice: Caller,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
-    for name in ("find_work", "site_backlog", "site_backlog_now", "site_events_after"):
+    for name in ("find_work", "site_backlog", "site_events_after"):
         spy.watch(site_work, name, _by_site)
     # No event of `mine` exists before the baseline (creating and connecting a site write
     # none; the credit comes with the hello, so the first backlog follows the first scan):

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from balsam_grpc.server.store import migrate
 from balsam_grpc.server.store.db import make_engine
 from balsam_grpc.server.store.leases import report_rows_statement
-from balsam_grpc.server.store.site_work import _cleanups_statements
+from balsam_grpc.server.store.site_work import _BACKLOG_SQL, _cleanups_statements
 from balsam_grpc.server.store.tables import apps, jobs, sites, transfer_items, users
 from balsam_grpc.server.store.transfers import reported_items_statement
 
@@ -105,3 +105,20 @@ def test_a_transfer_reports_items_are_looked_up_by_id_without_statistics(tmp_pat
     assert [r.id for r in rows] == [5, 6]
     assert [step for step in plan if "transfer_items" in step] == [
         "SEARCH transfer_items USING INTEGER PRIMARY KEY (rowid=?)"], plan
+
+
+@pytest.mark.parametrize("analyze", [True, False])
+def test_a_sites_backlog_walks_the_state_index(tmp_path: Path, analyze: bool) -> None:
+    """The site stream reads its backlog up to 5 times a second. With statistics taken after
+    a bulk create at one site (every job of one owner and site: the index's owner and site
+    terms rate as useless), an ungrouped count scanned the whole table (20 ms at 100,000
+    jobs); grouped by state it walks ix_jobs_owner_id_state_site_id's backlog states."""
+    plan, rows = _planned(tmp_path, [{"name": "a"}],
+                          [{"app_id": 1, "workdir": f"w{i}", "state": "JOB_FINISHED" if i % 100 else "PREPROCESSED"}
+                           for i in range(3000)],
+                          analyze=analyze, statement=text(_BACKLOG_SQL["sqlite"]),
+                          values={"w_owner": 1, "w_site": 1})
+    assert [(r[0], r[1]) for r in rows] == [("PREPROCESSED", 30)]
+    steps = _job_steps(plan)
+    assert steps and all(step.startswith("SEARCH jobs USING") and "ix_jobs_owner_id_state_site_id" in step
+                         for step in steps), plan

@@ -558,11 +558,8 @@ class SiteStream:
                 if wait <= 0:
                     backlog_dirty = False
                     last_backlog_at = loop.time()
-                    if self.db.is_postgres:
-                        async with self.hub.backlog_reads:
-                            values = await work_store.site_backlog_now(self.db, self.owner_id, self.site_id)
-                    else:
-                        values = await self.db.read_now(work_store.site_backlog, self.owner_id, self.site_id)
+                    async with self.hub.backlog_reads:
+                        values = await work_store.site_backlog(self.db, self.owner_id, self.site_id)
                     if values != last_backlog:
                         last_backlog = values
                         yield pb.SiteServiceConnectResponse(backlog=backlog_to_pb(values))

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, and_, bindparam, case, cast, func, literal_column, or_, select, text, update
-from sqlalchemy import Float as SqlFloat
+from sqlalchemy import Connection, Integer, and_, bindparam, case, func, literal_column, or_, select, text, update
 
 from balsam_grpc.core.errors import BalsamError
 from balsam_grpc.core.states import JobState, Role
@@ -36,7 +35,7 @@ from balsam_grpc.server.store import batch_jobs as batch_store
 from balsam_grpc.server.store import jobs as job_store
 from balsam_grpc.server.store import transfers as transfer_store
 from balsam_grpc.server.store.db import MAX_EVENT_ID
-from balsam_grpc.server.store.tables import apps, batch_jobs, events, jobs, sessions
+from balsam_grpc.server.store.tables import apps, batch_jobs, events, jobs
 from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, AppRules, Transitioner
 
 S = JobState
@@ -307,77 +306,59 @@ def site_events_after(conn: Connection, owner_id: int, site_id: int, cursor: int
 _BACKLOG_STATES = [str(s) for s in (*RUNNABLE, *PENDING, S.RUNNING)]
 
 
-def _backlog_statement() -> Any:
-    footprint = cast(jobs.c.num_nodes, SqlFloat) / jobs.c.node_packing_count
-    # A runnable job held ahead by a launcher (it has a session) waits for that launcher:
-    # counted with the running ones, not as backlog that needs a pilot.
-    held = case((and_(jobs.c.state.in_([str(s) for s in RUNNABLE]), jobs.c.session_id.is_not(None)),
-                 str(S.RUNNING)), else_=jobs.c.state)
-    return (select(held.label("state"), func.count().label("n"), func.sum(footprint).label("nodes"),
-                   func.max(jobs.c.num_nodes).label("max_nodes"), func.max(jobs.c.wall_time_min).label("max_wall"))
-            .where(jobs.c.owner_id == bindparam("w_owner"), jobs.c.site_id == bindparam("w_site"),
-                   jobs.c.state.in_(_BACKLOG_STATES))
-            .group_by(jobs.c.state, held))
-
-
-# Built once (as _CLEANUPS): a site stream recomputes its backlog up to 5 times a second
-# while its jobs move, and building the grouped Select cost more than running it.
-_BACKLOG = _backlog_statement()
-_ACTIVE_SESSIONS = select(func.count()).select_from(sessions).where(
-    sessions.c.owner_id == bindparam("w_owner"), sessions.c.site_id == bindparam("w_site"),
-    sessions.c.state == "ACTIVE")
-
-
-def site_backlog(conn: Connection, owner_id: int, site_id: int) -> dict[str, Any]:
-    """What waits at the site, for the elastic queue (field names of SiteBacklog).
-
-    One query grouped by state: the grouping makes SQLite walk ix_jobs_owner_id_state_site_id
-    even when its statistics (taken after a bulk create at one site) rate that index as
-    useless; ungrouped, it scanned the whole table (20 ms per call at 100,000 jobs, and a
-    site stream recomputes its backlog for every burst of its site's events)."""
-    params = {"w_owner": owner_id, "w_site": site_id}
-    grouped = conn.execute(_BACKLOG, params).all()
-    return _backlog_values(grouped, conn.execute(_ACTIVE_SESSIONS, params).scalar_one())
-
-
-def _backlog_values(grouped: list[Any], active: int) -> dict[str, Any]:
-    by_state = {r.state: r for r in grouped if r.state != str(S.RUNNING)}
-    runnable = [by_state[str(s)] for s in RUNNABLE if str(s) in by_state]
-    counts = {state: int(r.n) for state, r in by_state.items()}
-    counts[str(S.RUNNING)] = sum(int(r.n) for r in grouped if r.state == str(S.RUNNING))
-    return {"runnable_jobs": sum(int(r.n) for r in runnable),
-            "runnable_node_footprint": round(sum((float(r.nodes or 0.0) for r in runnable), 0.0), 6),
-            "max_job_nodes": max((int(r.max_nodes or 0) for r in runnable), default=0),
-            "max_wall_time_min": max((int(r.max_wall or 0) for r in runnable), default=0),
-            "pending_jobs": sum(int(counts.get(str(s), 0)) for s in PENDING),
-            "running_jobs": int(counts.get(str(S.RUNNING), 0)), "active_sessions": int(active)}
+def _backlog_sql(p: Any) -> str:
+    """site_backlog's one statement with the placeholders `p` writes: the sessions count
+    joined to the jobs grouped by state (so a site without jobs still has its row). A
+    runnable job held ahead by a launcher (it has a session) waits for that launcher: it
+    counts with the running ones, not as backlog that needs a pilot. The grouping makes
+    SQLite walk ix_jobs_owner_id_state_site_id even when its statistics (taken after a
+    bulk create at one site) rate that index as useless; ungrouped, it scanned the whole
+    table (20 ms per call at 100,000 jobs)."""
+    return f"""SELECT g.state, g.n, g.nodes, g.max_nodes, g.max_wall, a.active FROM
+(SELECT count(*) AS active FROM sessions WHERE owner_id = {p('w_owner')} AND site_id = {p('w_site')}
+ AND state = 'ACTIVE') AS a
+LEFT JOIN (SELECT CASE WHEN jobs.state IN ({_sql_list(RUNNABLE)}) AND jobs.session_id IS NOT NULL
+ THEN '{S.RUNNING}' ELSE jobs.state END AS state, count(*) AS n,
+ sum(CAST(jobs.num_nodes AS DOUBLE PRECISION) / jobs.node_packing_count) AS nodes,
+ max(jobs.num_nodes) AS max_nodes, max(jobs.wall_time_min) AS max_wall
+ FROM jobs WHERE jobs.owner_id = {p('w_owner')} AND jobs.site_id = {p('w_site')}
+ AND jobs.state IN ({_sql_list(_BACKLOG_STATES)})
+ GROUP BY jobs.state, 1) AS g ON true"""
 
 
 def _sql_list(states: Iterable[Any]) -> str:
     return ", ".join(f"'{s}'" for s in states)  # state names of core.states: no quoting to escape
 
 
-# PostgreSQL: site_backlog as one statement in the driver's terms (the sessions count
-# joined to the grouped jobs, so a site without jobs still has its row), run on the event
-# loop (site_backlog_now). Every site stream recomputes its backlog up to 5 times a second
-# while its jobs move: 50 busy sites made 250 hops a second to a database thread and back,
-# each with two statements through SQLAlchemy.
-_BACKLOG_NOW = f"""SELECT g.state, g.n, g.nodes, g.max_nodes, g.max_wall, a.active FROM
-(SELECT count(*) AS active FROM sessions WHERE owner_id = %(w_owner)s AND site_id = %(w_site)s
- AND state = 'ACTIVE') AS a
-LEFT JOIN (SELECT CASE WHEN jobs.state IN ({_sql_list(RUNNABLE)}) AND jobs.session_id IS NOT NULL
- THEN '{S.RUNNING}' ELSE jobs.state END AS state, count(*) AS n,
- sum(CAST(jobs.num_nodes AS DOUBLE PRECISION) / jobs.node_packing_count) AS nodes,
- max(jobs.num_nodes) AS max_nodes, max(jobs.wall_time_min) AS max_wall
- FROM jobs WHERE jobs.owner_id = %(w_owner)s AND jobs.site_id = %(w_site)s
- AND jobs.state IN ({_sql_list(_BACKLOG_STATES)})
- GROUP BY jobs.state, 1) AS g ON true"""
+# Written once per driver: a site stream recomputes its backlog up to 5 times a second
+# while its jobs move, so it runs in the driver's own terms (no SQLAlchemy per call) and,
+# on PostgreSQL, on the event loop (50 busy sites made 250 hops a second to a database
+# thread and back, each with two statements through SQLAlchemy).
+_BACKLOG_SQL = {dialect: _backlog_sql(binding.placeholder) for dialect, binding in job_store.BINDINGS.items()}
 
 
-async def site_backlog_now(db: Any, owner_id: int, site_id: int) -> dict[str, Any]:
-    """site_backlog on PostgreSQL, on the event loop (Database.statement_now)."""
-    rows = await db.statement_now(_BACKLOG_NOW, {"w_owner": owner_id, "w_site": site_id})
-    return _backlog_values([r for r in rows if r.state is not None], rows[0].active)
+async def site_backlog(db: Any, owner_id: int, site_id: int) -> dict[str, Any]:
+    """What waits at the site, for the elastic queue (field names of SiteBacklog)."""
+    params = {"w_owner": owner_id, "w_site": site_id}
+    if db.is_postgres:
+        rows = await db.statement_now(_BACKLOG_SQL["postgresql"], params, tuples=True)
+    else:
+        rows = await db.sqlite_statement(_BACKLOG_SQL["sqlite"], params)
+    return _backlog_values([r for r in rows if r[0] is not None], rows[0][5])
+
+
+def _backlog_values(grouped: list[Any], active: int) -> dict[str, Any]:
+    """grouped: (state, n, nodes, max_nodes, max_wall) per state."""
+    running = str(S.RUNNING)
+    by_state = {r[0]: r for r in grouped if r[0] != running}
+    runnable = [by_state[str(s)] for s in RUNNABLE if str(s) in by_state]
+    counts = {state: int(r[1]) for state, r in by_state.items()}
+    return {"runnable_jobs": sum(int(r[1]) for r in runnable),
+            "runnable_node_footprint": round(sum((float(r[2] or 0.0) for r in runnable), 0.0), 6),
+            "max_job_nodes": max((int(r[3] or 0) for r in runnable), default=0),
+            "max_wall_time_min": max((int(r[4] or 0) for r in runnable), default=0),
+            "pending_jobs": sum(int(counts.get(str(s), 0)) for s in PENDING),
+            "running_jobs": sum(int(r[1]) for r in grouped if r[0] == running), "active_sessions": int(active)}
 
 
 # ---------------------------------------------------------------------------- batch job results
