@@ -19,7 +19,7 @@ Per round:
   create call until the last is JOB_FINISHED; CPU per job of the server, the database
   (PostgreSQL: the backends serving this database, found through pg_stat_activity and
   read from /proc; SQLite runs inside the server), the launcher (its own CPU; the jobs'
-  processes apart) and the site daemon.
+  processes apart), its job watchdog and the site daemon.
 With `--rounds K` each figure is the median over the K rounds. RSS of each process at the
 end. `--peers` (the `bench-peers` extra: parsl, dask[distributed]) runs the same N `/bin/true`
 tasks on Parsl's HighThroughputExecutor and a Dask LocalCluster (2 workers each) in the
@@ -117,6 +117,17 @@ class RealPath:
                 return int(proc.info["pid"])
         return 0
 
+    def _watchdog(self) -> int:
+        """The launcher's job watchdog (launcher/reaper.py): a process of its own, told of
+        every job the launcher starts, so its CPU is the launcher's cost too."""
+        try:
+            for child in psutil.Process(self.launcher_pid).children():
+                if "balsam_grpc.launcher.reaper" in child.cmdline():
+                    return child.pid
+        except psutil.Error:
+            pass
+        raise SystemExit(f"no job watchdog under the launcher (pid {self.launcher_pid}):\n{self.kit.debug()}")
+
     def stop(self) -> None:
         self.db.close()
         say("stopping")
@@ -195,7 +206,8 @@ class RealPath:
         return out
 
     def throughput(self, n: int, round_: int, profile: Path | None = None) -> dict[str, float]:
-        procs = {"server": self.kit.server.pid, "launcher": self.launcher_pid, "daemon": self.daemon_pid}
+        procs = {"server": self.kit.server.pid, "launcher": self.launcher_pid, "watchdog": self._watchdog(),
+                 "daemon": self.daemon_pid}
         spies = start_profilers(procs, profile, round_) if profile else []
         cpu0 = {k: cpu_s(p) for k, p in procs.items()}
         db0 = self.db.reading()

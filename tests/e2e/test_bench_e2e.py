@@ -27,6 +27,11 @@ def test_bench_e2e_runs_the_real_path_and_reports() -> None:
     assert 0 < figures["submit_to_running_p50_ms"] <= figures["submit_to_running_p99_ms"]
     # The pilot really ran the jobs: its launcher and the server spent CPU on them.
     assert figures["launcher_cpu_ms_per_job"] > 0 and figures["server_cpu_ms_per_job"] > 0
+    # The launcher's job watchdog is told of every job: its CPU is in the total too (may
+    # be 0 here: 20 jobs cost it less than the kernel's 10 ms accounting tick).
+    assert figures["watchdog_cpu_ms_per_job"] >= 0
+    assert figures["total_cpu_ms_per_job"] == pytest.approx(sum(figures[f"{k}_cpu_ms_per_job"] for k in (
+        "server", "launcher", "watchdog", "daemon", "database")), abs=0.02)
     assert figures["database_cpu_ms_per_job"] == 0  # SQLite: inside the server
     for proc in ("server", "launcher", "daemon"):
         assert figures[f"{proc}_rss_mb"] > 0
