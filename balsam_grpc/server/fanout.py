@@ -245,12 +245,16 @@ class Fanout:
             return self.count > 0
         return any((o, s) in self.by_site or o in self.by_owner for o, s in pairs)
 
-    def runnable(self, owner_id: int, site_id: int, job_ids: Collection[int]) -> None:
+    def runnable(self, owner_id: int, site_id: int, job_ids: Collection[int]) -> bool:
         """This replica just committed these jobs of (owner, site) runnable: tell that
-        site's subscriptions now (the fast path; their events still come)."""
+        site's subscriptions now (the fast path; their events still come). True when
+        one was told."""
+        told = False
         for sub in self.by_site.get((owner_id, site_id), ()):
             if sub.on_runnable is not None:
                 sub.on_runnable(job_ids)
+                told = True
+        return told
 
     def hint(self, pairs: Iterable[tuple[int, int]] | None, origin: str = "") -> None:
         """Another transaction (on any replica) committed events of these pairs: wake the

@@ -29,6 +29,8 @@ from sqlalchemy import func, select
 from balsam_grpc.server import fanout as fanout_mod
 from balsam_grpc.server.fanout import Fanout, Subscription
 from balsam_grpc.server.services import site_stream as site_stream_service
+from balsam_grpc.server.services.jobs import JobServicer
+from balsam_grpc.server.services.session_stream import SessionStream
 from balsam_grpc.server.state import EventBus
 from balsam_grpc.server.store import events as event_store
 from balsam_grpc.server.store import leases, site_work
@@ -574,6 +576,43 @@ def test_a_large_create_wakes_the_sessions_of_its_replica_before_its_events_are_
         assert {a.job.id for a in leased} <= {j.id for j in created}
     finally:
         _on_loop(harness, routing.release)
+        launcher.cancel()
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_create_answers_after_the_sessions_it_woke_began_their_acquisition(
+        harness: Harness, alice: Caller, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """The session woken by a create here begins its acquisition (which stamps the jobs'
+    RUNNING time) before the create's answer goes back, not after the rest of the call and
+    gRPC's send of the answer. One job (the one-statement or one-transaction create) and
+    a few (the general create)."""
+    order: list[str] = []
+    for name in ("_create_at_once", "_create_one", "_create", "_create_streamed"):
+        async def answered(self: Any, *args: Any, _real: Any = getattr(JobServicer, name), **kw: Any) -> Any:
+            response = await _real(self, *args, **kw)
+            if response is not None:  # None: the general path answers
+                order.append("answered")
+            return response
+        monkeypatch.setattr(JobServicer, name, answered)
+    real_acquire = SessionStream._acquire
+
+    async def acquire(self: SessionStream, **kw: Any) -> Any:
+        order.append("acquisition")
+        return await real_acquire(self, **kw)
+
+    monkeypatch.setattr(SessionStream, "_acquire", acquire)
+    w = World(alice)
+    launcher = Launcher(alice)
+    try:
+        launcher.open(w.site.id)
+        launcher.credit(max_jobs=count)
+        launcher.settle()
+        _subscription(harness, alice.user_id, w.site.id)
+        order.clear()
+        created = w.create(count)
+        assert order[:2] == ["acquisition", "answered"]
+        assert {a.job.id for a in launcher.leased(count)} == {j.id for j in created}
+    finally:
         launcher.cancel()
 
 

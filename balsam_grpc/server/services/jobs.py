@@ -554,15 +554,21 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         # App rows single creates validate against (checked by the create's own statement).
         self._apps = app_store.AppCache()
 
-    def _wake_sessions(self, owner_id: int, rows: list[dict[str, Any]]) -> None:
+    async def _wake_sessions(self, owner_id: int, rows: list[dict[str, Any]]) -> None:
         """After a commit: the launcher sessions here of the sites that got runnable jobs
         lease now (Fanout.runnable), not after the events' notification and read."""
         if self.state.fanout.by_site:  # else no session here to wake: the rows are not looked at
-            self._wake_sites(owner_id, _runnable_by_site(rows, {}))
+            await self._wake_sites(owner_id, _runnable_by_site(rows, {}))
 
-    def _wake_sites(self, owner_id: int, by_site: dict[int, list[int]]) -> None:
+    async def _wake_sites(self, owner_id: int, by_site: dict[int, list[int]]) -> None:
+        told = False
         for site_id, ids in by_site.items():
-            self.state.fanout.runnable(owner_id, site_id, ids)
+            told |= self.state.fanout.runnable(owner_id, site_id, ids)
+        if told:
+            # One turn of the event loop: the sessions woken begin their acquisition (and
+            # take its RUNNING time) now, not after the rest of this call and gRPC's send
+            # of its answer (about 0.4 ms of submit-to-RUNNING on the 2-core machine).
+            await asyncio.sleep(0)
 
     def _created(self, count: int) -> None:
         """After a commit: refresh planner statistics in the background once enough jobs
@@ -708,8 +714,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             return response
 
         response = await mutate(self.state, principal, method, request, response_type, build)
-        self._wake_sessions(principal.user_id, made)
         self._created(len(specs))
+        await self._wake_sessions(principal.user_id, made)
         return response
 
     async def _create_streamed(self, principal: Principal, jobs: list[job_pb2.Job], request: Any, response_type: Any,
@@ -763,8 +769,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             return response
 
         response = await mutate(self.state, principal, "BatchCreateJobs", request, response_type, build)
-        self._wake_sites(principal.user_id, runnable)
         self._created(len(jobs))
+        await self._wake_sites(principal.user_id, runnable)
         return response
 
     @unary(job_token=True)
@@ -833,8 +839,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 else job_service_pb2.BatchCreateJobsResponse
             return replay(method, request_id, body, *got, response_type)
         row, response = got
-        self._wake_sessions(owner_id, [row])
         self._created(1)
+        await self._wake_sessions(owner_id, [row])
         return response
 
     async def _create_at_once(self, principal: Principal, request: Any, job: job_pb2.Job,
@@ -890,8 +896,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             return replay(method, request_id, body, *got, type(response))
         made.id = got
         row["id"] = got
-        self._wake_sessions(principal.user_id, [row])
         self._created(1)
+        await self._wake_sessions(principal.user_id, [row])
         return response
 
     @unary(job_token=True)
