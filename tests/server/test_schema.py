@@ -32,8 +32,10 @@ def _has_expressions(index: Index) -> bool:
 
 
 def _kept_on_sqlite(fk: Any) -> bool:
-    """The foreign keys revision 0011 drops on PostgreSQL only (jobs.owner_id, site_id, app_id)."""
-    return fk.table.name == "jobs" and [c.name for c in fk.columns] in (["owner_id"], ["site_id"], ["app_id"])
+    """The foreign keys revisions 0011 and 0013 drop on PostgreSQL only (jobs.owner_id,
+    site_id, app_id, batch_job_id)."""
+    return fk.table.name == "jobs" and [c.name for c in fk.columns] in (["owner_id"], ["site_id"], ["app_id"],
+                                                                        ["batch_job_id"])
 
 
 def _differences(url: str) -> tuple[list[Any], dict[str, tuple[str, str]]]:

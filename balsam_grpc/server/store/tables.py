@@ -186,7 +186,9 @@ jobs = Table(
     Column("state_message", Text, nullable=False, default=""),
     Column("return_code", Integer, nullable=True),
     Column("error_tail", Text, nullable=False, default=""),
-    Column("batch_job_id", Id, ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True),
+    # No foreign key either (revision 0013; SQLite keeps it): row triggers check a job that
+    # names a batch job, and a deleted batch job is cleared from its jobs by trigger.
+    Column("batch_job_id", Id, nullable=True),
     Column("session_id", String(32), nullable=True),
     Column("lease_generation", BigInteger, nullable=False, default=0),
     Column("lease_expire_time", Time, nullable=True),
