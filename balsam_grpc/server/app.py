@@ -9,12 +9,12 @@ import os
 import resource
 import signal
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from balsam_grpc.core.addresses import is_loopback_address
 from balsam_grpc.core.services import SERVICES
@@ -86,6 +86,24 @@ def _add_servicers(server: grpc.aio.Server, state: ServerState, trimmer: wire.Me
     return public
 
 
+class GenericOnly:
+    """The server as the generated add_*Servicer_to_server functions see it: their
+    generic handler (every method of the service) is added, their registration of the
+    same methods is not. grpc.aio keeps a pending request task per registered method
+    and waits on all of them (asyncio.wait) for every call, of any method: health's
+    three and reflection's one made five futures to wait on per call instead of one
+    (wire.register registers none, for the same reason)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        pass  # the generic handler added with them serves these methods
+
+
 def raise_fd_limit() -> int:
     """Raise this process's open-file soft limit to its hard limit (every connection is a
     descriptor; the default soft limit of 1024 is a few hundred clients). Returns it."""
@@ -150,9 +168,10 @@ class BalsamServer:
             self.state.auth, public, public_services=(health.SERVICE_NAME, reflection.SERVICE_NAME),
             on_refused=self.trimmer.refused)])
         public.update(_add_servicers(self.server, self.state, self.trimmer))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([*service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME],
-                                            self.server)
+        generic_only = GenericOnly(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, generic_only)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+            [*service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]), generic_only)
         if creds is None:
             self.port = self.server.add_insecure_port(settings.address)
         else:
