@@ -83,9 +83,9 @@ class _Statements:
         event.listen(self.engine, "before_cursor_execute", self._before)
         run = self.db.statement_now
 
-        async def statement_now(sql: str, params: Any) -> Any:
+        async def statement_now(sql: str, params: Any, **options: Any) -> Any:
             self._before(None, None, sql)
-            return await run(sql, params)
+            return await run(sql, params, **options)
 
         self.db.statement_now = statement_now
         return self

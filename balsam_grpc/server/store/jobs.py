@@ -1350,8 +1350,8 @@ def at_once_statement(dialect: Any, row: dict[str, Any], event_data: dict[str, A
                       once: Once | None) -> tuple[str, dict[str, Any]]:
     """PostgreSQL: the statement inserting the job of `row` (new_job_row) with its creation
     event, and its request_id record when `once`, in the driver's terms (psycopg's
-    %(name)s), and its parameters. Run in autocommit (Database.statement_now), it is the
-    whole create in one round trip; at_once_outcome reads what it did."""
+    %(name)s), and its parameters. Run in autocommit (Database.statement_now, rows as
+    tuples), it is the whole create in one round trip; at_once_outcome reads what it did."""
     params: dict[str, Any] = {f"j{i}": codec_dumps(row[c]) if c in _JSON_COLUMNS else row.get(c)
                               for i, c in enumerate(_JOB_COLUMNS) if c not in _CREATION_TIMES}
     params.update(now=row["create_time"], app_id=row["app_id"], owner_id=row["owner_id"], site_id=row["site_id"],
@@ -1378,12 +1378,12 @@ def at_once_outcome(got: list[Any], row: dict[str, Any], once: Once | None) -> i
     then creates through create_jobs in a transaction, which reports each of these.
     A statement that failed with IntegrityError (the app deleted, or the request_id
     taken, while it ran) wrote nothing either and means the same as None."""
-    for r in got:
-        if r.id is not None:
-            row["id"] = r.id
-            return int(r.id)
+    for job_id, _top, *prior in got:  # tuples: (id, top) or (id, top, request_hash, response)
+        if job_id is not None:
+            row["id"] = job_id
+            return int(job_id)
         if once is not None:
-            return r.request_hash, bytes(r.response)
+            return prior[0], bytes(prior[1])
     return None
 
 
