@@ -261,9 +261,9 @@ def test_the_app_cache_forgets_and_expires():
     cache = app_store.AppCache(max_age=10.0)
     by_id, by_name = cache.key(1, 5, 0, ""), cache.key(1, 0, 2, "sim")
     app = {"id": 5, "site_id": 2, "name": "sim"}
-    cache.put(by_id, app, now=100.0)
+    derived = cache.put(by_id, app, now=100.0)
     cache.put(by_name, app, now=100.0)
-    assert cache.get(by_id, now=105.0) is app and cache.get(by_name, now=105.0) is app
+    assert cache.get(by_id, now=105.0) == (app, derived) and cache.get(by_name, now=105.0)[0] is app
     assert cache.get(by_id, now=111.0) is None  # expired
     cache.forget(5)
     assert cache.get(by_name, now=105.0) is None

@@ -856,15 +856,17 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             return None
         request_id, spec = plain
         key = app_store.AppCache.key(principal.user_id, spec["app_id"], spec["site_id"], spec["app_name"])
-        app = self._apps.get(key, time.monotonic())
-        if app is None:
+        cached = self._apps.get(key, time.monotonic())
+        if cached is None:
             app = await self.db.read_now(app_store.read_versioned, principal.user_id, spec["app_id"],
                                          spec["site_id"], spec["app_name"])
             if app is None:
                 return None
-            self._apps.put(key, app, time.monotonic())
+            derived = self._apps.put(key, app, time.monotonic())
+        else:
+            app, derived = cached
         try:
-            row, event_data = store.new_job_row(principal.user_id, _scope(principal), spec, app, utcnow())
+            row, event_data = store.new_job_row(principal.user_id, _scope(principal), spec, app, utcnow(), derived)
         except BalsamError:
             return None
         row["id"] = 0  # not drawn yet: the answer is built, and stored, without it

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, delete, func, insert, literal_column, select,
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from balsam_grpc.server.store.jobs import AppDerived
 from balsam_grpc.server.store.rows import owned_row
 from balsam_grpc.server.store.tables import apps, jobs
 
@@ -157,38 +158,44 @@ def read_versioned(conn: Connection, owner_id: int, app_id: int = 0, site_id: in
 
 
 class AppCache:
-    """App rows for creating jobs without reading them again, in one server process.
+    """App rows for creating jobs without reading them again, in one server process, each
+    with what creating a job derives from the row alone (store.jobs.AppDerived, filled by
+    the first create that uses the entry, dropped with it).
 
     Never trusted on its own: a create that uses an entry inserts its job only if the
-X
-    update or deletion through any replica is noticed by the very statement that would
-    have relied on it; the caller then drops the entry (`forget`) and creates the slow
-    way. Entries also expire after `max_age` seconds (xmin is a 32-bit counter)."""
+    app's row version (xmin) is still the one cached, so an update or deletion through
+    any replica is noticed by the very statement that would have relied on it; the
+    caller then drops the entry (`forget`) and creates the slow way. Entries also expire
+    after `max_age` seconds (xmin is a 32-bit counter)."""
 
     def __init__(self, max_entries: int = 4096, max_age: float = 300.0) -> None:
         self.max_entries = max_entries
         self.max_age = max_age
-        self._by_key: dict[tuple[int, int | tuple[int, str]], tuple[float, dict[str, Any]]] = {}
+        self._by_key: dict[tuple[int, int | tuple[int, str]], tuple[float, dict[str, Any], AppDerived]] = {}
 
     @staticmethod
     def key(owner_id: int, app_id: int, site_id: int, name: str) -> tuple[int, int | tuple[int, str]]:
         return (owner_id, app_id) if app_id else (owner_id, (site_id, name))
 
-    def get(self, key: tuple[int, int | tuple[int, str]], now: float) -> dict[str, Any] | None:
+    def get(self, key: tuple[int, int | tuple[int, str]], now: float) -> tuple[dict[str, Any], AppDerived] | None:
+        """(app row, what is derived from it) of a live entry; None when there is none."""
         hit = self._by_key.get(key)
         if hit is None:
             return None
         if now - hit[0] > self.max_age:
             del self._by_key[key]
             return None
-        return hit[1]
+        return hit[1], hit[2]
 
-    def put(self, key: tuple[int, int | tuple[int, str]], app: dict[str, Any], now: float) -> None:
+    def put(self, key: tuple[int, int | tuple[int, str]], app: dict[str, Any], now: float) -> AppDerived:
+        """Cache `app`; returns its (empty) AppDerived."""
         if len(self._by_key) >= self.max_entries:
             self._by_key.clear()
-        self._by_key[key] = (now, app)
+        derived = AppDerived()
+        self._by_key[key] = (now, app, derived)
+        return derived
 
     def forget(self, app_id: int) -> None:
-        for key, (_, app) in list(self._by_key.items()):
+        for key, (_, app, _) in list(self._by_key.items()):
             if app["id"] == app_id:
                 del self._by_key[key]

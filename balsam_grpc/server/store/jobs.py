@@ -1242,12 +1242,23 @@ def _insert_with_events(conn: Connection, owner_id: int, rows: list[dict[str, An
     return [by_key[(row["site_id"], row["workdir"])] for row in rows]
 
 
+@dataclass
+class AppDerived:
+    """What checking and placing new jobs derives from one app row alone (_Creation's
+    rules and paths), kept with a cached row (store.apps.AppCache): deriving them again
+    for every single create was two thirds of new_job_row."""
+    rules: dict[int, AppRules] = field(default_factory=dict)
+    paths: dict[tuple[str, bool, bool, int], tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
+
+
 def new_job_row(owner_id: int, site_scope: int | None, spec: dict[str, Any], app: dict[str, Any],
-                now: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                now: datetime, derived: AppDerived | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """create_jobs' checks and row for one job with no parents and no transfers given,
-    against its app row `app` (no database read): the row and its creation event's data."""
+    against its app row `app` (no database read): the row and its creation event's data.
+    `derived`: what earlier calls with this same row derived from it (filled here)."""
     lookups = _Lookups(apps={app["id"]: app}, named_apps={(app["site_id"], app["name"]): app})
-    creation = _Creation(owner_id, site_scope, now, lookups)
+    derived = derived or AppDerived()
+    creation = _Creation(owner_id, site_scope, now, lookups, rules=derived.rules, paths=derived.paths)
     creation.add([spec])
     return creation.rows[0], creation.event_data[0]
 
@@ -1340,6 +1351,10 @@ def _at_once_sql(once: bool) -> Any:
 
 
 _AT_ONCE = {once: _at_once_sql(once) for once in (False, True)}
+# (parameter, column, is JSON) of the job's columns in the statement (names made once:
+# formatting them at every create was half of at_once_statement).
+_AT_ONCE_PARAMS = tuple((f"j{i}", c, c in _JSON_COLUMNS) for i, c in enumerate(_JOB_COLUMNS)
+                        if c not in _CREATION_TIMES)
 # The statements as the driver takes them (psycopg's %(name)s), compiled once: executed
 # with exec_driver_sql, SQLAlchemy neither looks up its compiled cache nor processes each
 # parameter, a tenth of the statement's server CPU.
@@ -1352,8 +1367,7 @@ def at_once_statement(dialect: Any, row: dict[str, Any], event_data: dict[str, A
     event, and its request_id record when `once`, in the driver's terms (psycopg's
     %(name)s), and its parameters. Run in autocommit (Database.statement_now, rows as
     tuples), it is the whole create in one round trip; at_once_outcome reads what it did."""
-    params: dict[str, Any] = {f"j{i}": codec_dumps(row[c]) if c in _JSON_COLUMNS else row.get(c)
-                              for i, c in enumerate(_JOB_COLUMNS) if c not in _CREATION_TIMES}
+    params: dict[str, Any] = {name: codec_dumps(row[c]) if json else row.get(c) for name, c, json in _AT_ONCE_PARAMS}
     params.update(now=row["create_time"], app_id=row["app_id"], owner_id=row["owner_id"], site_id=row["site_id"],
                   app_version=app_version, kind=event_log.JOB_STATE, from_state=str(S.CREATED),
                   event_data=None if event_data is None else codec_dumps(event_data),
