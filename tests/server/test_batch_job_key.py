@@ -53,22 +53,24 @@ def test_inserting_jobs_without_a_batch_job_fires_no_trigger_per_job(harness, al
 def test_a_job_naming_no_batch_job_is_refused(harness, alice):
     site, app = make_site_app(alice)
     engine = harness.db.engine
+
+    def insert_job(conn, workdir, batch_job_id):
+        conn.execute(text(
+            "INSERT INTO jobs (owner_id, site_id, app_id, workdir, tags, parameters, state, create_time, update_time, "
+            "state_time, batch_job_id) VALUES (:owner, :site, :app, :workdir, '{}', '{}', 'READY', now(), now(), "
+            "now(), :bj)"), {"owner": alice.user_id, "site": site.id, "app": app.id, "workdir": workdir,
+                             "bj": batch_job_id})
+
     with engine.begin() as conn:
         (job_id,) = new_jobs(conn, alice.user_id, app.id, 1, "refused")
         batch_job_id = new_batch_job(conn, alice.user_id, site.id)
     with pytest.raises(IntegrityError, match="no such batch job"), engine.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.id == job_id).values(batch_job_id=batch_job_id + 100000))
     with pytest.raises(IntegrityError, match="no such batch job"), engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO jobs (owner_id, site_id, app_id, workdir, tags, parameters, state, create_time, update_time, "
-            "state_time, batch_job_id) VALUES (:owner, :site, :app, 'refused/x', '{}', '{}', 'READY', now(), now(), "
-            "now(), :bj)"), {"owner": alice.user_id, "site": site.id, "app": app.id, "bj": batch_job_id + 100000})
+        insert_job(conn, "refused/x", batch_job_id + 100000)
     with engine.begin() as conn:  # an existing one is taken, by UPDATE and by INSERT
         conn.execute(update(jobs).where(jobs.c.id == job_id).values(batch_job_id=batch_job_id))
-        conn.execute(text(
-            "INSERT INTO jobs (owner_id, site_id, app_id, workdir, tags, parameters, state, create_time, update_time, "
-            "state_time, batch_job_id) VALUES (:owner, :site, :app, 'taken/x', '{}', '{}', 'READY', now(), now(), "
-            "now(), :bj)"), {"owner": alice.user_id, "site": site.id, "app": app.id, "bj": batch_job_id})
+        insert_job(conn, "taken/x", batch_job_id)
         linked = conn.execute(select(jobs.c.id).where(jobs.c.batch_job_id == batch_job_id)).scalars().all()
     assert len(linked) == 2 and job_id in linked
 
