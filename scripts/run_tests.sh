@@ -49,8 +49,10 @@ cleanup() {
 trap cleanup EXIT
 
 # Every cache the run writes (pip's, matplotlib's, buf's, the system-MPI test's wheel)
-# stays in this checkout, so the run leaves nothing behind in the user's home.
+# stays in this checkout, so the run leaves nothing behind in the user's home; matplotlib
+# also made an empty ~/.config/matplotlib unless given a folder of its own.
 export XDG_CACHE_HOME="$PWD/.cache"
+export MPLCONFIGDIR="$XDG_CACHE_HOME/matplotlib"
 
 step "environment (scripts/setup_dev.sh)"
 scripts/setup_dev.sh

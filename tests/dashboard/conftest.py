@@ -154,8 +154,10 @@ def browser(screenshots: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                  "--disable-dev-shm-usage", "--window-size=1440,1000",
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
-    # A viewer far from UTC: the pages must show times in the browser's zone.
-    service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TZ": VIEWER_ZONE})
+    # A viewer far from UTC: the pages must show times in the browser's zone. Chromium's
+    # crash reporter writes under XDG_CONFIG_HOME whatever the profile: not the user's.
+    service = Service(executable_path=CHROMEDRIVER, env={
+        **os.environ, "TZ": VIEWER_ZONE, "XDG_CONFIG_HOME": str(tmp_path_factory.mktemp("chromium-config"))})
     driver = webdriver.Chrome(service=service, options=options)
     driver.set_page_load_timeout(60)
     try:
