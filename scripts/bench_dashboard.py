@@ -128,7 +128,10 @@ def browser_paint_ms(url: str, repeat: int) -> list[float]:
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
+    # Chromium's crash reporter writes under XDG_CONFIG_HOME whatever the profile: not the user's.
+    service = Service(executable_path=shutil.which("chromedriver"),
+                      env={**os.environ, "XDG_CONFIG_HOME": os.path.join(profile, "config")})
+    driver = webdriver.Chrome(service=service, options=options)
     try:
         out = []
         for _ in range(repeat + 1):  # the first load warms the browser's caches
