@@ -69,6 +69,17 @@ class SiteSpec:
 
 
 SITES = (SiteSpec("alpha", 4, 2, 2.0), SiteSpec("beta", 2, 2, 5.0), SiteSpec("gamma", 1, 1, 10.0))
+PROCESSES = "processes.json"  # in the demo's home: what stop_leftovers may stop
+
+
+def demo_env(home: Path) -> dict[str, str]:
+    """The environment of every process of the demo: its own BALSAM_HOME, none of the
+    user's server settings."""
+    env = {**os.environ, "BALSAM_HOME": str(home), "BALSAM_LOG_FORMAT": "json",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for var in ("BALSAM_SERVER", "BALSAM_TOKEN", "BALSAM_DATABASE_URL"):
+        env.pop(var, None)
+    return env
 
 
 def free_port() -> int:
@@ -94,10 +105,7 @@ class Demo:
         self.idle_timeout_s = idle_timeout_s
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "BALSAM_HOME": str(home), "BALSAM_LOG_FORMAT": "json",
-                    "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        for var in ("BALSAM_SERVER", "BALSAM_TOKEN", "BALSAM_DATABASE_URL"):
-            self.env.pop(var, None)
+        self.env = demo_env(home)
         self.server: subprocess.Popen[bytes] | None = None
         self.dashboard: subprocess.Popen[bytes] | None = None
         self.site_dirs: dict[str, Path] = {}
@@ -118,6 +126,7 @@ class Demo:
             [PY, "-m", "balsam_grpc.server", "--address", self.address,
              "--database", self.database_url],
             env=self.env, stdout=log, stderr=log, cwd=self.home, start_new_session=True)
+        remember_process(self.home, self.server.pid)
         profile = self.home / "profile.json"
         deadline = time.monotonic() + 60
         while True:
@@ -143,6 +152,7 @@ class Demo:
         self.dashboard = subprocess.Popen(
             [PY, "-m", "balsam_grpc.cli.main", "dashboard", "--address", f"127.0.0.1:{port}"],
             env=self.env, stdout=log, stderr=log, cwd=self.home, start_new_session=True)
+        remember_process(self.home, self.dashboard.pid)
         say(f"live dashboard: http://127.0.0.1:{port}/ (log dashboard.log)")
 
     def create_site(self, spec: SiteSpec) -> None:
@@ -183,8 +193,14 @@ class Demo:
             f"{spec.pilot_nodes}, queue delay {spec.queue_delay_s:g} s ({site_dir})")
 
     def run_agent(self, args: list[str]) -> int:
-        return subprocess.run([PY, str(ROOT / "scripts" / "xpcs_agent.py"), *args], env=self.env, cwd=self.home,
-                              check=False).returncode
+        with subprocess.Popen([PY, str(ROOT / "scripts" / "xpcs_agent.py"), *args], env=self.env,
+                              cwd=self.home) as agent:
+            remember_process(self.home, agent.pid)
+            try:
+                return agent.wait()
+            except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: the demo's cleanup follows
+                agent.kill()
+                raise
 
     def analytics(self, tag: str, plots: Path, json_out: Path | None) -> None:
         # balsamctl's output is captured, so it sees no terminal: give it the real width
@@ -230,17 +246,7 @@ class Demo:
         if self.dashboard is not None and self.dashboard.poll() is None:
             self.dashboard.terminate()
             self.dashboard.wait(10)
-        for site_dir in self.site_dirs.values():
-            if (site_dir / ".site.lock").exists():
-                self.balsamctl("site", "stop", str(site_dir), "--force", "--timeout", "15", check=False)
-        for site_dir in self.site_dirs.values():
-            for rec in (site_dir / "state" / "local-scheduler").glob("*.json"):
-                try:
-                    data = json.loads(rec.read_text())
-                except (OSError, ValueError):
-                    continue
-                if data.get("end_time") is None:
-                    kill_pilot_processes(rec, data)
+        stop_sites(self.site_dirs.values(), self.env)
         if self.server is not None and self.server.poll() is None:
             self.server.terminate()
             try:
@@ -315,6 +321,61 @@ class Demo:
                 if not any(b.state in (*live, bj.BATCH_JOB_STATE_PENDING_DELETION) for b in jobs):
                     break
                 time.sleep(0.5)
+
+
+def stop_sites(site_dirs: Any, env: dict[str, str]) -> None:
+    """Stop the site daemons, then any pilot of theirs still running or waiting out its
+    queue delay (a daemon that died cannot cancel its pilots)."""
+    for site_dir in site_dirs:
+        if (site_dir / ".site.lock").exists():
+            subprocess.run([PY, "-m", "balsam_grpc.cli.main", "site", "stop", str(site_dir), "--force", "--timeout",
+                            "15"], env=env, cwd=site_dir.parent, capture_output=True, timeout=120, check=False)
+    for site_dir in site_dirs:
+        for rec in (site_dir / "state" / "local-scheduler").glob("*.json"):
+            try:
+                data = json.loads(rec.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("end_time") is None:
+                kill_pilot_processes(rec, data)
+
+
+def remember_process(home: Path, pid: int) -> None:
+    """Note a process the demo started in a session of its own, for stop_leftovers: a
+    demo killed outright (SIGKILL, the machine's OOM killer) cannot stop it itself."""
+    path = home / PROCESSES
+    known = json.loads(path.read_text()) if path.exists() else []
+    known.append({"pid": pid, "create_time": psutil.Process(pid).create_time()})
+    path.write_text(json.dumps(known))
+
+
+def stop_leftovers(home: Path) -> int:
+    """Stop what an earlier demo in `home` left running because it could not stop it
+    itself: site daemons, pilots, and the server, dashboard and agent it noted (a pid
+    counts only with the start time noted with it, since pids are reused). How many of
+    the noted processes it stopped."""
+    if not home.is_dir():
+        return 0
+    env = demo_env(home)
+    stop_sites([d for d in (home / "sites").glob("*") if d.is_dir()], env)
+    try:
+        known = json.loads((home / PROCESSES).read_text())
+    except (OSError, ValueError):
+        return 0
+    stopped = []
+    for entry in known:
+        try:
+            proc = psutil.Process(int(entry["pid"]))
+            if proc.create_time() != entry["create_time"]:
+                continue
+            proc.terminate()
+            stopped.append(proc)
+        except (KeyError, TypeError, ValueError, psutil.Error):
+            continue
+    _, alive = psutil.wait_procs(stopped, timeout=20)
+    for proc in alive:
+        proc.kill()
+    return len(stopped)
 
 
 def kill_pilot_processes(record: Path, data: dict[str, Any]) -> None:
@@ -472,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                      "any free port when 8080 is taken)")
     p.add_argument("--summary", type=Path, default=None, help="also write the agent's summary JSON here")
     p.add_argument("--analytics-json", type=Path, default=None, help="also write the analytics as JSON here")
+    p.add_argument("--stop-leftovers", action="store_true",
+                   help="only stop what an earlier demo in --home left running (one killed outright) and exit; "
+                        "every run does this first too")
     a = p.parse_args(argv)
     policies = [x.strip() for x in a.policies.split(",") if x.strip()] if a.compare else [a.strategy]
     if a.compare and a.deadline is None:
@@ -480,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the deadline policy needs --deadline SECONDS")
 
     home = a.home.resolve()
+    stopped = stop_leftovers(home)
+    if stopped or a.stop_leftovers:
+        say(f"stopped {stopped} process(es) (server, dashboard, agent) an earlier demo in {home} left running")
+    if a.stop_leftovers:
+        return 0
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
@@ -491,7 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
+    # SIGHUP: the terminal closed. Python's default would end the demo without its cleanup
+    # and leave the server, the daemons and the pilots (in sessions of their own) running.
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
     code = 1
     started = time.monotonic()
     try:

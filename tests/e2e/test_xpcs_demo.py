@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -230,10 +231,14 @@ def test_no_process_of_the_run_is_left(run):
         assert not lock.exists() or not _lock_alive(lock)
 
 
-def test_a_demo_stopped_midway_stops_everything_it_started(tmp_path):
-    """SIGTERM (what the test above sends a demo that overran, and what a terminal's
-    Ctrl-C amounts to) while the sites run: the demo stops the server, the dashboard and
-    the daemons, each started in a session of its own, before it exits."""
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_a_demo_stopped_midway_leaves_nothing_running(tmp_path, how):
+    """While the sites run: SIGTERM (what the test above sends a demo that overran, and
+    what a terminal's Ctrl-C amounts to) and SIGHUP (the terminal closed: Python's default
+    ended the demo without its cleanup) make the demo stop the server, the dashboard and
+    the daemons, each started in a session of its own, before it exits. A demo killed
+    outright cannot: the next run in its home (here `--stop-leftovers` alone) stops what
+    it left."""
     from tests.support.waiting import wait_until
 
     home, out = tmp_path / "home", tmp_path / "demo.out"
@@ -245,13 +250,26 @@ def test_a_demo_stopped_midway_stops_everything_it_started(tmp_path):
         wait_until(lambda: b"agent:" in out.read_bytes() or proc.poll() is not None,
                    "the demo's sites and dashboard to be up", 120)
         assert proc.poll() is None, out.read_text()[-4000:]
+        started = [psutil.Process(p["pid"]) for p in json.loads((home / "processes.json").read_text())]
+        assert len(started) == 3  # the server, the dashboard and the agent
         assert len(_processes_naming(home)) >= 5  # server, dashboard, three daemons
-        proc.terminate()
-        assert proc.wait(60) == 130, out.read_text()[-4000:]
+        proc.send_signal(getattr(signal, how))
+        if how == "SIGKILL":
+            assert proc.wait(60) == -signal.SIGKILL
+            assert len(_processes_naming(home)) >= 5  # nothing stopped them
+            again = subprocess.run([sys.executable, str(ROOT / "scripts" / "xpcs_demo.py"), "--home", str(home),
+                                    "--stop-leftovers"], capture_output=True, text=True, cwd=ROOT, timeout=180)
+            assert again.returncode == 0, again.stdout + again.stderr
+            assert "stopped 3 process(es) (server, dashboard, agent)" in again.stdout, again.stdout
+        else:
+            assert proc.wait(60) == 130, out.read_text()[-4000:]
         assert _processes_naming(home) == [], out.read_text()[-4000:]
+        assert not any(p.is_running() for p in started)
     finally:
         if proc.poll() is None:
             proc.kill()
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "xpcs_demo.py"), "--home", str(home),
+                        "--stop-leftovers"], capture_output=True, cwd=ROOT, timeout=180, check=False)
 
 
 def _lock_alive(lock: Path) -> bool:
