@@ -36,7 +36,7 @@ from balsam_grpc.server.store import events as event_store
 from balsam_grpc.server.store import leases, site_work
 from balsam_grpc.server.store.db import Database
 from balsam_grpc.server.store.tables import events
-from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_pb2
+from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_pb2, site_service_pb2
 from tests.conftest import Caller, Harness
 from tests.support.launcher import Launcher
 from tests.support.records import World, make_app, make_batch_job, make_jobs, make_site
@@ -166,6 +166,39 @@ def test_site_stream_skips_the_work_scan_for_events_that_make_no_work(harness: H
         while backlog.runnable_jobs < 4:
             backlog = client.next("backlog")
         assert spy.count("find_work", alice.user_id, site.id) == scans
+    finally:
+        client.close()
+
+
+def test_credit_alone_makes_no_work_scan(harness: Harness, alice: Caller, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon gives a credit back after every work item it finishes. A kind the last
+    scan emptied stays empty until an event or a result says otherwise (a scan that used
+    up the credit leaves its kinds to be looked at again): the credit itself is no reason
+    to run every kind's query again (five queries per finished item, before)."""
+    site = make_site(alice)
+    asked: list[set[str]] = []
+    real = site_work.find_work
+
+    def spy(conn: Any, owner_id: int, site_id: int, kinds: set[str], *rest: Any) -> Any:
+        if site_id == site.id:
+            asked.append(set(kinds))
+        return real(conn, owner_id, site_id, kinds, *rest)
+
+    monkeypatch.setattr(site_work, "find_work", spy)
+    client = SiteClient(alice, site.id, capabilities=("batch_jobs", "hooks", "cleanup"))
+    try:
+        client.welcome()
+        client.next("backlog")  # after the first work scan (of every kind); then the stream sleeps
+        assert asked and asked[0] >= {site_work.HOOK, site_work.CLEANUP}
+        first = len(asked)
+        for _ in range(3):
+            client.send(credit=site_service_pb2.SiteCredit(items=1))
+            # The barrier's own results (unsolicited) make it look at batch jobs, no more.
+            assert client.barrier()[0] == []
+        assert all(kinds <= {site_work.SUBMIT, site_work.CANCEL} for kinds in asked[first:]), asked[first:]
+        # An event that makes work still brings a scan.
+        bj = make_batch_job(alice, site.id)
+        assert client.next("work").submit_batch_job.batch_job.id == bj.id
     finally:
         client.close()
 

@@ -485,8 +485,9 @@ class SiteStream:
                 if kind == "credit":
                     if msg.credit.items < 0:
                         raise InvalidArgument("credit.items must be >= 0", field="credit.items")
+                    # No kind becomes dirty: a scan that used up the credit left its kinds
+                    # dirty, and one that did not found all there was.
                     self.credit = min(MAX_CREDIT, self.credit + msg.credit.items)
-                    dirty.update(work_store.ALL_KINDS)
                 elif kind == "ack":
                     self.acked.update(w for w in msg.ack.work_ids if w in self.outstanding)
                 elif kind == "result":
