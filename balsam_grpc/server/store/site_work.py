@@ -126,6 +126,12 @@ def parse_work_id(work_id: str) -> tuple[str, list[str]] | None:
 # find_work runs each time a site's jobs finish (CLEANUP): its statements are built once
 # (a Select and its cache key cost more to build than SQLite takes to run them).
 _SITE_APPS = select(apps).where(apps.c.site_id == bindparam("w_site"))
+# Built once: a statement built per call costs more of the server's CPU (building the
+# expression and its cache key) than running it, and this one runs after every result.
+_BATCH_JOBS_IN_STATE = (select(batch_jobs).where(batch_jobs.c.site_id == bindparam("w_site"),
+                                                 batch_jobs.c.owner_id == bindparam("w_owner"),
+                                                 batch_jobs.c.state == bindparam("w_state"))
+                        .order_by(batch_jobs.c.id).limit(bindparam("w_limit")))
 # Finished jobs still to clean (this is asked each time jobs finish): the site's apps that
 # have globs first (a few rows), then only their jobs, which ix_jobs_cleanup_due finds by
 # (site, app); a finished job of an app without globs is never cleaned and never read, and
@@ -201,9 +207,8 @@ def find_work(conn: Connection, owner_id: int, site_id: int, kinds: set[str], sk
 
     for kind, state in ((CANCEL, batch_store.PENDING_DELETION), (SUBMIT, batch_store.PENDING_SUBMISSION)):
         if kind in kinds and len(out) < limit:
-            rows = conn.execute(select(batch_jobs).where(
-                batch_jobs.c.site_id == site_id, batch_jobs.c.owner_id == owner_id, batch_jobs.c.state == state)
-                .order_by(batch_jobs.c.id).limit(fetch_size(kind)))
+            rows = conn.execute(_BATCH_JOBS_IN_STATE, {"w_site": site_id, "w_owner": owner_id, "w_state": state,
+                                                       "w_limit": fetch_size(kind)})
             make = cancel_id if kind == CANCEL else submit_id
             take([Work(id=make(r.id), kind=kind, batch_job=dict(r._mapping)) for r in rows])
     if not ({HOOK, CLEANUP, TRANSFER} & kinds) or len(out) >= limit:
