@@ -40,7 +40,7 @@ from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc, job_pb2, s
 from tests.conftest import Caller, Harness
 from tests.support.launcher import Launcher
 from tests.support.records import World, make_app, make_batch_job, make_jobs, make_site
-from tests.support.site_stream import SiteClient
+from tests.support.site_stream import SiteClient, kinds_scanned
 
 S = job_pb2
 WAIT = 20.0
@@ -176,15 +176,7 @@ def test_credit_alone_makes_no_work_scan(harness: Harness, alice: Caller, monkey
     up the credit leaves its kinds to be looked at again): the credit itself is no reason
     to run every kind's query again (five queries per finished item, before)."""
     site = make_site(alice)
-    asked: list[set[str]] = []
-    real = site_work.find_work
-
-    def spy(conn: Any, owner_id: int, site_id: int, kinds: set[str], *rest: Any) -> Any:
-        if site_id == site.id:
-            asked.append(set(kinds))
-        return real(conn, owner_id, site_id, kinds, *rest)
-
-    monkeypatch.setattr(site_work, "find_work", spy)
+    asked = kinds_scanned(monkeypatch, site.id)
     client = SiteClient(alice, site.id, capabilities=("batch_jobs", "hooks", "cleanup"))
     try:
         client.welcome()

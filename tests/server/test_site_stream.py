@@ -33,7 +33,7 @@ from balsam_grpc.v1 import (
 )
 from tests.support.leases import move
 from tests.support.records import get_job, get_site, make_app, make_batch_job, make_jobs, make_site
-from tests.support.site_stream import SiteClient
+from tests.support.site_stream import SiteClient, kinds_scanned
 from tests.support.waiting import wait_until
 
 pb = site_service_pb2
@@ -447,15 +447,7 @@ def test_a_finished_job_looks_for_cleanups_only(alice: Any, clients: list[SiteCl
     client = _connect(alice, site.id, clients)
     client.welcome()
     client.barrier()
-    asked: list[set[str]] = []
-    real = site_work.find_work
-
-    def spy(conn: Any, owner_id: int, site_id: int, kinds: set[str], *rest: Any) -> Any:
-        if site_id == site.id:
-            asked.append(set(kinds))
-        return real(conn, owner_id, site_id, kinds, *rest)
-
-    monkeypatch.setattr(site_work, "find_work", spy)
+    asked = kinds_scanned(monkeypatch, site.id)
     move(alice, job.id, JS.JOB_STATE_RUNNING)
     move(alice, job.id, JS.JOB_STATE_RUN_DONE)
     wait_until(lambda: {site_work.CLEANUP} in asked, "the stream to look for cleanups after the job finished")

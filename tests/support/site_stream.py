@@ -18,6 +18,23 @@ pb = site_service_pb2
 WAIT = 15.0  # generous bound for a message that should come at once (2-core CI machines)
 
 
+def kinds_scanned(monkeypatch: Any, site_id: int) -> list[set[str]]:
+    """From now on, the work kinds of each work scan of site `site_id`'s stream, in order
+    (site_work.find_work spied on; the list fills as the server scans)."""
+    from balsam_grpc.server.store import site_work
+
+    asked: list[set[str]] = []
+    real = site_work.find_work
+
+    def spy(conn: Any, owner_id: int, site: int, kinds: set[str], *rest: Any) -> Any:
+        if site == site_id:
+            asked.append(set(kinds))
+        return real(conn, owner_id, site, kinds, *rest)
+
+    monkeypatch.setattr(site_work, "find_work", spy)
+    return asked
+
+
 class SiteClient:
     """A scripted site daemon on one stream (sync gRPC, a thread reads responses)."""
 
