@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
@@ -161,10 +161,13 @@ def holds_stream(conn: Connection, site_id: int, generation: int) -> bool:
     """Is `generation` still the site's current stream? The row is share-locked to the
     end of the transaction, so a newer connection's claim waits for this transaction:
     what it writes is either before the takeover or refused."""
-    query = select(sites.c.stream_generation).where(sites.c.id == site_id)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(read=True)
-    return conn.execute(query).scalar() == generation
+    query = _GENERATION_SHARE_LOCKED if conn.dialect.name == "postgresql" else _GENERATION
+    return conn.execute(query, {"site_id": site_id}).scalar() == generation
+
+
+# Built once: holds_stream fences every write of a site stream.
+_GENERATION = select(sites.c.stream_generation).where(sites.c.id == bindparam("site_id"))
+_GENERATION_SHARE_LOCKED = _GENERATION.with_for_update(read=True)
 
 
 def reset_connected(conn: Connection) -> int:
