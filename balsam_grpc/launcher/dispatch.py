@@ -6,6 +6,7 @@ process, or `mpiexec -n 1`), `mpi_dispatch.MpiDispatcher` adds worker ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from balsam_grpc.launcher.process_spec import ProcessSpec
@@ -16,6 +17,8 @@ class Dispatcher(Protocol):
     def has_runner(self, node_index: int) -> bool: ...
 
     def start(self, node_index: int | None, spec: ProcessSpec) -> ProcessResult | None: ...
+
+    def start_in_background(self, notify: Callable[[], None]) -> None: ...
 
     def kill(self, job_id: int, reason: str, message: str = "") -> None: ...
 
@@ -41,6 +44,9 @@ class LocalDispatcher:
 
     def start(self, node_index: int | None, spec: ProcessSpec) -> ProcessResult | None:
         return self.runner.start(spec)
+
+    def start_in_background(self, notify: Callable[[], None]) -> None:
+        self.runner.start_in_background(notify)
 
     def kill(self, job_id: int, reason: str, message: str = "") -> None:
         self.runner.kill(job_id, reason, message)

@@ -400,6 +400,9 @@ class Master:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGCHLD, self.wake.set)
+        # A job's start goes on while this loop reaps, places and reports: the few it must
+        # hear of at once (a failed start, a kill meanwhile) wake it.
+        self.dispatcher.start_in_background(lambda: loop.call_soon_threadsafe(self.wake.set))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
         client_task = asyncio.create_task(self.client.run(), name="session")

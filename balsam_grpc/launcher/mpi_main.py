@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 import structlog
 from mpi4py import MPI
@@ -50,6 +51,9 @@ class MpiDispatcher:
         self.remote[spec.job_id] = node_index
         self.comm.send(("start", spec), dest=node_index, tag=TAG_CMD)
         return None
+
+    def start_in_background(self, notify: Callable[[], None]) -> None:
+        self.local.start_in_background(notify)  # the worker ranks start theirs as before
 
     def kill(self, job_id: int, reason: str, message: str = "") -> None:
         rank = self.remote.get(job_id)

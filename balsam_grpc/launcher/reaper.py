@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import structlog
@@ -35,9 +36,11 @@ TERM_GRACE_S = 0.5  # then SIGKILL: as the launcher's own kills (runner.KILL_GRA
 
 
 class Reaper:
-    """The launcher's side: started on first use, restarted if it died."""
+    """The launcher's side: started on first use, restarted if it died. Thread-safe: the
+    runner's spawner threads tell it of the jobs they start."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
         self.groups: set[int] = set()
         # Groups that ended, told to the watchdog with the next group that starts (or by
@@ -77,22 +80,29 @@ class Reaper:
             self.proc = None
 
     def watch(self, pgid: int) -> None:
-        self.groups.add(pgid)
-        self._send(f"+{pgid}\n")
+        with self._lock:
+            self.groups.add(pgid)
+            self._send(f"+{pgid}\n")
 
     def forget(self, pgid: int) -> None:
-        if pgid in self.groups:
-            self.groups.discard(pgid)
-            if self.proc is not None:
-                self._ended.append(f"-{pgid}\n")
+        with self._lock:
+            if pgid in self.groups:
+                self.groups.discard(pgid)
+                if self.proc is not None:
+                    self._ended.append(f"-{pgid}\n")
 
     def flush(self) -> None:
         """Tell the watchdog now about the groups that ended."""
         if self._ended and self.proc is not None:
-            self._send("")
+            with self._lock:
+                self._send("")
 
     def close(self) -> None:
         """The launcher is done: the watchdog kills what is still registered and exits."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self.proc is not None and self.proc.stdin is not None:
             try:
                 self._write("".join(self._ended).encode())  # so a reused group id is spared

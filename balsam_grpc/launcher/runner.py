@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
 
 from balsam_grpc.core.confined import open_dir_inside, open_private, write_private
 from balsam_grpc.core.jobenv import job_safe
@@ -31,6 +34,7 @@ from balsam_grpc.launcher.process_spec import ProcessSpec
 from balsam_grpc.launcher.reaper import Reaper
 from balsam_grpc.launcher.spawn import Child, environment_entries, spawn
 
+log = structlog.get_logger("balsam.launcher")
 KILL_GRACE_S = 0.5  # SIGTERM first; SIGKILL after this (a kill must land within a second)
 TAIL_BYTES = 8192
 TAIL_LINES = 20
@@ -74,56 +78,64 @@ def read_tail(path: Path | str, lines: int = TAIL_LINES) -> str:
 
 
 class _BoundSpawner:
-    """A thread bound to one CPU set that starts the jobs bound to it: a child inherits
-    the CPU mask of the thread that forks it. Binding the launcher's own thread for each
-    start (and back after) made the kernel move it onto the job's CPUs first, and it waited
-    there, holding the GIL, behind what ran on them: 27-57 % of the launcher's time with
-    2 slots of one CPU each. This thread sits on its CPUs already and sleeps between starts."""
+    """A thread bound to one CPU set (or to none: the launcher's own) that starts the jobs
+    bound to it: a child inherits the CPU mask of the thread that forks it. Binding the
+    launcher's own thread for each start (and back after) made the kernel move it onto the
+    job's CPUs first, and it waited there, holding the GIL, behind what ran on them: 27-57 %
+    of the launcher's time with 2 slots of one CPU each. This thread sits on its CPUs already
+    and sleeps between starts.
+
+    `run` waits for the start; `submit` does not: a start lasts until the child has exec'd
+    (vfork), 0.2-0.7 ms on a busy 2-CPU node, during which the launcher's loop can reap and
+    start other jobs and answer its session."""
 
     def __init__(self, cpus: tuple[int, ...]) -> None:
         self.cpus = cpus
-        self._go = threading.Lock()
-        self._go.acquire()
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._call: Callable[[], Child | subprocess.Popen] | None = None
-        self._out: tuple[Child | subprocess.Popen | None, BaseException | None] = (None, None)
+        self._tasks: queue.SimpleQueue[tuple[Callable[[], Child | subprocess.Popen],
+                                             Callable[[Child | None, BaseException | None], None]] | None] = \
+            queue.SimpleQueue()
         self._unbound: tuple[int, str] | None = None  # why this thread could not bind
-        self._thread = threading.Thread(target=self._serve, name=f"spawn on CPUs {_ranges(cpus)}", daemon=True)
+        name = f"spawn on CPUs {_ranges(cpus)}" if cpus else "spawn"
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        try:
-            os.sched_setaffinity(0, self.cpus)  # this thread only
-        except OSError as exc:
-            self._unbound = (exc.errno, f"cannot bind to CPUs {_ranges(self.cpus)}: {exc.strerror}")
-        while True:
-            self._go.acquire()
-            call = self._call
-            if call is None:
-                return
+        if self.cpus:
+            try:
+                os.sched_setaffinity(0, self.cpus)  # this thread only
+            except OSError as exc:
+                self._unbound = (exc.errno, f"cannot bind to CPUs {_ranges(self.cpus)}: {exc.strerror}")
+        while (task := self._tasks.get()) is not None:
+            call, done = task
             try:
                 if self._unbound is not None:
                     raise OSError(*self._unbound)
-                self._out = (call(), None)
-            except BaseException as exc:  # handed to the caller, raised there
-                self._out = (None, exc)
-            self._done.release()
+                child, error = call(), None
+            except BaseException as exc:  # handed to `done`
+                child, error = None, exc
+            try:
+                done(child, error)
+            except Exception as exc:  # the thread must go on serving the other starts
+                log.error("could not hand over a started job", error=str(exc), kind=type(exc).__name__)
+
+    def submit(self, call: Callable[[], Child | subprocess.Popen],
+               done: Callable[[Child | None, BaseException | None], None]) -> None:
+        """`call()` on this thread, then `done(child, None)` or `done(None, exception)` there."""
+        self._tasks.put((call, done))
 
     def run(self, call: Callable[[], Child | subprocess.Popen]) -> Child | subprocess.Popen:
         """`call()` on this thread, the caller waiting (without the GIL) for its outcome."""
-        self._call = call
-        self._go.release()
-        self._done.acquire()
-        (child, exc), self._out, self._call = self._out, (None, None), None
+        out: queue.SimpleQueue[tuple[Child | None, BaseException | None]] = queue.SimpleQueue()
+        self.submit(call, lambda child, error: out.put((child, error)))
+        child, exc = out.get()
         if exc is not None:
             raise exc
         assert child is not None
         return child
 
     def close(self) -> None:
-        self._call = None
-        self._go.release()
+        """After the starts submitted so far."""
+        self._tasks.put(None)
         self._thread.join()
 
 
@@ -155,6 +167,18 @@ class _Running:
     out_path: str = ""
 
 
+@dataclass
+class _Starting:
+    """A job whose process a spawner thread is starting (background starts)."""
+
+    spec: ProcessSpec
+    start: float
+    deadline: float | None
+    out_path: str
+    kill_reason: str = ""
+    kill_message: str = ""
+
+
 class ProcessRunner:
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         self.base_env = job_base_environment(environ)
@@ -170,9 +194,25 @@ class ProcessRunner:
         self.reaper = Reaper()
         self.lingering: set[int] = set()  # groups whose leader ended (poll forgets them when empty)
         self._null_fd = -1
+        # Background starts (start_in_background): jobs being started, what the spawner
+        # threads report (job id, child or None, why not), the jobs killed meanwhile.
+        self._notify: Callable[[], None] | None = None
+        self.starting: dict[int, _Starting] = {}
+        self._started: deque[tuple[int, Child | None, str]] = deque()
+        self._kill_asked: set[int] = set()
+        self._awaited = False  # a child ended that may be a start not handed over yet
+
+    def start_in_background(self, notify: Callable[[], None]) -> None:
+        """From now on start() returns before the job's process exists: a spawner thread
+        starts it and poll() takes it in (or reports its spawn_error). `notify` is called,
+        on that thread, when poll() has something to report that no SIGCHLD would bring
+        promptly (a failed start, a job killed while it was starting): it must wake the
+        caller's loop, thread-safely. The watchdog learns of the job on that thread, as
+        soon as it exists."""
+        self._notify = notify
 
     def __len__(self) -> int:
-        return len(self.running)
+        return len(self.running) + len(self.starting)
 
     def _binding(self, cpu_ids: list[int]) -> tuple[int, ...]:
         """The CPUs a directly started job is bound to: none when the ids cover the whole host,
@@ -193,7 +233,8 @@ class ProcessRunner:
         return spawner
 
     def start(self, spec: ProcessSpec, now: float | None = None) -> ProcessResult | None:
-        """Start the job; a ProcessResult (outcome spawn_error) when it could not start."""
+        """Start the job; a ProcessResult (outcome spawn_error) when it could not start. In
+        the background (start_in_background) a failure of the start itself comes from poll()."""
         now = time.monotonic() if now is None else now
         try:
             dir_fd, workdir = open_dir_inside(spec.cwd, spec.root or "/", what="workdir")
@@ -202,6 +243,8 @@ class ProcessRunner:
             msg = f"refused to run job {spec.job_id}: {exc}"
             return ProcessResult(spec.job_id, None, "spawn_error", 0.0, tail=msg, message=msg)
         out_path = os.path.join(workdir, spec.out_name)
+        deadline = now + spec.timeout_s if spec.timeout_s else None
+        out = -1
         try:
             try:
                 for name, text in spec.files.items():
@@ -213,33 +256,94 @@ class ProcessRunner:
                 out = open_private(spec.out_name, append=True, dir_fd=dir_fd)
                 bind = self._binding(spec.cpu_ids)
                 cwd, stdin = _checked_folder(dir_fd, workdir), self._devnull()
-                try:
-                    if bind:
-                        # Bound as taskset would bind it, without a second program to exec
-                        # for every job.
-                        proc = self._spawner(bind).run(
-                            lambda: spawn(spec.argv, cwd=cwd, env=env, stdin=stdin, stdout=out))
-                    else:
-                        proc = spawn(spec.argv, cwd=cwd, env=env, stdin=stdin, stdout=out)
-                finally:
-                    os.close(out)
+                if self._notify is not None:
+                    spawner = self._spawner(bind)
+                    # The spawner thread owns both descriptors from here on.
+                    self.starting[spec.job_id] = _Starting(spec, now, deadline, out_path)
+                    fds, dir_fd, out = (dir_fd, out), -1, -1
+                    spawner.submit(
+                        lambda: spawn(spec.argv, cwd=cwd, env=env, stdin=stdin, stdout=fds[1]),
+                        lambda child, error: self._spawned(spec, workdir, fds, child, error))
+                    return None
+                if bind:
+                    # Bound as taskset would bind it, without a second program to exec
+                    # for every job.
+                    proc = self._spawner(bind).run(
+                        lambda: spawn(spec.argv, cwd=cwd, env=env, stdin=stdin, stdout=out))
+                else:
+                    proc = spawn(spec.argv, cwd=cwd, env=env, stdin=stdin, stdout=out)
             except (ValueError, OSError) as exc:  # ValueError: PathEscape, or what exec cannot take (`=` in a name, NUL)
-                msg = f"could not start {spec.argv[0]!r} in {workdir}: {exc}"
-                try:
-                    with os.fdopen(open_private(spec.out_name, append=True, dir_fd=dir_fd), "a") as fh:
-                        fh.write(msg + "\n")
-                except OSError:
-                    pass
+                msg = self._could_not_start(spec, workdir, dir_fd, exc)
                 return ProcessResult(spec.job_id, None, "spawn_error", 0.0, tail=msg, message=msg)
         finally:
-            os.close(dir_fd)
+            for fd in (out, dir_fd):
+                if fd >= 0:
+                    os.close(fd)
         self.reaper.watch(proc.pid)  # its own session: the group id is its pid
-        deadline = now + spec.timeout_s if spec.timeout_s else None
-        self.running[spec.job_id] = _Running(spec, proc, now, deadline, out_path=out_path)
-        self._by_pid[proc.pid] = spec.job_id
-        if deadline is not None:
-            self._timed.add(spec.job_id)
+        self._running(spec.job_id, _Running(spec, proc, now, deadline, out_path=out_path))
         return None
+
+    @staticmethod
+    def _could_not_start(spec: ProcessSpec, workdir: str, dir_fd: int, exc: BaseException) -> str:
+        """The message of a failed start, also written to the job's output."""
+        msg = f"could not start {spec.argv[0]!r} in {workdir}: {exc}"
+        try:
+            with os.fdopen(open_private(spec.out_name, append=True, dir_fd=dir_fd), "a") as fh:
+                fh.write(msg + "\n")
+        except OSError:
+            pass
+        return msg
+
+    def _spawned(self, spec: ProcessSpec, workdir: str, fds: tuple[int, int], child: Child | None,
+                 error: BaseException | None) -> None:
+        """On the spawner thread, once a background start is over: the watchdog learns of the
+        child at once (a launcher that dies now still takes it along); poll() takes it in."""
+        msg = ""
+        try:
+            if child is not None:
+                self.reaper.watch(child.pid)
+            else:
+                msg = self._could_not_start(spec, workdir, fds[0], error or OSError("no child"))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._started.append((spec.job_id, child, msg))
+        # A failed start's child was reaped here (no SIGCHLD reaches poll() for it), a job
+        # killed while starting is signalled by poll(), and a job may have ended before this
+        # hand-over (poll() saw a child it did not know): wake the loop for them. kill() and
+        # poll() mark what they wait for before they look here (or wake the loop themselves):
+        # one of the two wakes follows this append.
+        if child is None or spec.job_id in self._kill_asked or self._awaited:
+            self._wake_owner()
+
+    def _wake_owner(self) -> None:
+        notify = self._notify
+        if notify is not None:
+            try:
+                notify()
+            except RuntimeError:  # its loop is closed: nobody is left to tell
+                pass
+
+    def _running(self, job_id: int, run: _Running) -> None:
+        self.running[job_id] = run
+        self._by_pid[run.proc.pid] = job_id
+        if run.deadline is not None:
+            self._timed.add(job_id)
+
+    def _take_started(self, done: list[ProcessResult], now: float) -> None:
+        """Jobs the spawner threads started (or failed to) since the last poll."""
+        self._awaited = False
+        while self._started:
+            job_id, child, msg = self._started.popleft()
+            self._kill_asked.discard(job_id)
+            starting = self.starting.pop(job_id)
+            if child is None:
+                done.append(ProcessResult(job_id, None, "spawn_error", 0.0, tail=msg, message=msg))
+                continue
+            run = _Running(starting.spec, child, starting.start, starting.deadline, out_path=starting.out_path)
+            self._running(job_id, run)
+            if starting.kill_reason:
+                self.kill(job_id, starting.kill_reason, starting.kill_message, now=now)
 
     def _devnull(self) -> int:
         """One /dev/null for every job's stdin (not inherited: the child gets it as fd 0)."""
@@ -251,7 +355,14 @@ class ProcessRunner:
         """SIGTERM the job's process group (SIGKILL follows in poll). False if not running here."""
         run = self.running.get(job_id)
         if run is None:
-            return False
+            starting = self.starting.get(job_id)
+            if starting is None:
+                return False
+            if not starting.kill_reason:  # signalled once poll() takes it in
+                starting.kill_reason, starting.kill_message = reason, message
+                self._kill_asked.add(job_id)  # before the wake: see _spawned
+                self._wake_owner()
+            return True
         if not run.kill_reason:
             run.kill_reason, run.kill_message = reason, message
             run.term_time = time.monotonic() if now is None else now
@@ -273,13 +384,21 @@ class ProcessRunner:
 
     def poll(self, now: float | None = None) -> list[ProcessResult]:
         now = time.monotonic() if now is None else now
-        self._forget_ended_groups()
         done: list[ProcessResult] = []
+        if self._started:
+            self._take_started(done, now)  # before reaping: a job may have ended already
+        self._forget_ended_groups()
         if not self._reap_ended(done, now):
             for job_id, run in list(self.running.items()):
                 rc = run.proc.poll()
                 if rc is not None:
                     done.append(self._ended(job_id, run, rc, now))
+            if self.starting:
+                # A child that is no running job's ended: perhaps one whose start is being
+                # handed over (its SIGCHLD came first). The hand-over wakes the loop.
+                self._awaited = True
+                if self._started:  # handed over meanwhile
+                    self._wake_owner()
         for job_id in list(self._timed):
             run = self.running[job_id]
             if run.deadline is not None and now >= run.deadline and not run.kill_reason:
@@ -353,22 +472,24 @@ class ProcessRunner:
         timed = [self.running[j] for j in self._timed]
         times = [r.deadline for r in timed if r.deadline and not r.kill_reason]
         times += [r.term_time + KILL_GRACE_S for r in timed if r.term_time and not r.killed_hard]
+        times += [s.deadline for s in self.starting.values() if s.deadline is not None]
         return min(times) if times else None
 
     def kill_all(self, reason: str, message: str = "") -> None:
-        for job_id in list(self.running):
+        for job_id in [*self.running, *self.starting]:
             self.kill(job_id, reason, message)
 
     def shutdown(self, grace_s: float = 1.5) -> None:
         """Stop every job (SIGTERM, SIGKILL after the grace), then the watchdog."""
         self.kill_all("killed", "launcher shut down")
+        while self._spawners:  # after the starts under way: poll() takes those in and kills them
+            self._spawners.popitem()[1].close()
+        self._notify = None
         deadline = time.monotonic() + grace_s
-        while self.running and time.monotonic() < deadline:
+        while (self.running or self._started) and time.monotonic() < deadline:
             self.poll()
             time.sleep(0.01)
         self.reaper.close()  # kills what is left
-        while self._spawners:
-            self._spawners.popitem()[1].close()
         if self._null_fd >= 0:
             os.close(self._null_fd)
             self._null_fd = -1

@@ -329,3 +329,101 @@ def test_a_job_whose_environment_or_arguments_exec_cannot_take_fails_alone(tmp_p
         assert _poll_until(runner, {3})[0].return_code == 0
     finally:
         runner.shutdown()
+
+
+# -- background starts (the master's runner) --------------------------------------------------
+
+
+class _Gate:
+    """Holds the hand-over of background starts (the watchdog's registration is its first
+    step) until opened; counts the owner's wake-ups."""
+
+    def __init__(self, runner: ProcessRunner) -> None:
+        import threading
+
+        self.open = threading.Event()
+        self.woken = threading.Event()
+        self.wakes = 0
+        watch = runner.reaper.watch
+
+        def held_watch(pgid: int) -> None:
+            assert self.open.wait(20)
+            watch(pgid)
+
+        runner.reaper.watch = held_watch  # type: ignore[method-assign]
+        runner.start_in_background(self.wake)
+
+    def wake(self) -> None:
+        self.wakes += 1
+        self.woken.set()
+
+
+def _bg_spec(tmp_path: Path, job_id: int, argv: list[str], **kw) -> ProcessSpec:
+    return ProcessSpec(job_id=job_id, argv=argv, cwd=str(tmp_path / "data" / f"w{job_id}"),
+                       root=str(tmp_path / "data"), **kw)
+
+
+def test_a_background_start_that_ends_before_its_hand_over_wakes_the_loop_and_is_reaped(tmp_path):
+    """start() returns before the process exists; a job that ends before the spawner thread
+    hands it over raises its SIGCHLD too early for poll() to know it: the hand-over must
+    wake the loop, or the slot stays idle until some other event."""
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    gate = _Gate(runner)
+    try:
+        assert runner.start(_bg_spec(tmp_path, 1, ["/bin/true"])) is None
+        assert 1 in runner.starting and len(runner) == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the child ends while its hand-over is held
+            try:
+                if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    break
+            except ChildProcessError:  # not forked yet
+                pass
+            time.sleep(0.01)
+        assert runner.poll() == [] and not gate.woken.is_set()  # SIGCHLD's poll: nothing known yet
+        gate.open.set()
+        assert gate.woken.wait(10), "the hand-over did not wake the loop"
+        (result,) = _poll_until(runner, {1})
+        assert result.outcome == "exit" and result.return_code == 0 and not runner.starting
+    finally:
+        gate.open.set()
+        runner.shutdown()
+
+
+def test_a_background_start_that_fails_or_is_killed_meanwhile_is_reported_by_poll(tmp_path):
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    gate = _Gate(runner)
+    try:
+        assert runner.start(_bg_spec(tmp_path, 1, [str(tmp_path / "no-such-program")])) is None
+        assert gate.woken.wait(10), "a failed start must wake the loop"
+        (failed,) = _poll_until(runner, {1})
+        assert failed.outcome == "spawn_error" and "could not start" in failed.message
+        assert "could not start" in (tmp_path / "data" / "w1" / "job.out").read_text()
+        gate.woken.clear()
+        assert runner.start(_bg_spec(tmp_path, 2, ["sleep", "60"], timeout_s=30)) is None
+        assert runner.next_deadline() is not None  # its time limit counts from start()
+        assert runner.kill(2, "killed", "the server asked")
+        assert gate.woken.wait(10)
+        gate.open.set()  # handed over: poll() signals it
+        (killed,) = _poll_until(runner, {2})
+        assert killed.outcome == "killed" and killed.return_code == -signal.SIGTERM
+    finally:
+        gate.open.set()
+        runner.shutdown()
+
+
+def test_shutdown_kills_a_job_still_being_started_and_tells_the_watchdog_nothing_after(tmp_path):
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    gate = _Gate(runner)
+    pid_file = tmp_path / "data" / "w1" / "pid"
+    assert runner.start(_bg_spec(tmp_path, 1, ["/bin/sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"])) is None
+    deadline = time.monotonic() + 10
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pid = int(pid_file.read_text())
+    gate.open.set()
+    runner.shutdown()
+    assert not _alive(pid) and not runner.starting and runner.reaper.proc is None
