@@ -63,6 +63,8 @@ def coerce_parameter(param: app_pb2.AppParameter, value: str) -> Any:
 def resolve_parameters(app: app_pb2.App, parameters: Mapping[str, str]) -> dict[str, Any]:
     """Declared parameters with defaults applied and values typed; unknown or missing
     required ones are refused, naming the parameter."""
+    if not parameters and not app.parameters:  # most apps the launcher runs: nothing to check
+        return {}
     declared = {p.name: p for p in app.parameters}
     unknown = sorted(set(parameters) - set(declared))
     if unknown:

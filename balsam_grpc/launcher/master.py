@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
-from balsam_grpc.core.aio import wait_event
 from balsam_grpc.core.errors import BalsamError
 from balsam_grpc.launcher.config import LauncherConfig
 from balsam_grpc.launcher.dispatch import Dispatcher
@@ -122,6 +121,47 @@ def auto_prefetch(slots: int, mean_run_s: float | None = None) -> int:
     return min(256, int(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4)))
 
 
+class Wakeup:
+    """The master loop's wake-up: asyncio.Event's set/clear/is_set, and a wait with a
+    timeout for its one waiter that costs a future and a timer handle. The loop waits about
+    twice per job; wait_event (asyncio.timeout around Event.wait) cost three times this."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Until set() or `timeout` seconds pass."""
+        if self._set:
+            return
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 @dataclass
 class Counters:
     started: int = 0
@@ -152,7 +192,9 @@ class Master:
         self.queue = JobQueue()
         self.unfit: list[int] = []  # queued jobs that can never run here, to report
         self.counters = Counters()
-        self.wake = asyncio.Event()
+        self.wake = Wakeup()
+        self._credit_key: tuple | None = None  # the inputs of the last credit built, and it
+        self._credit_msg = pb.SessionCredit()
         self.stopping = ""
         self.t0 = time.monotonic()
         self.end = self.t0 + cfg.wall_time_min * 60 if cfg.wall_time_min > 0 else math.inf
@@ -180,7 +222,7 @@ class Master:
     def _credit(self) -> pb.SessionCredit:
         now = time.monotonic()
         if self.stopping or now >= self.stop_new_at:
-            return pb.SessionCredit(max_jobs=0)
+            return self._credit_of((0,))
         cap = self.manager.capacity()
         queue = self.queue
         max_jobs = cap.max_jobs - queue.leased
@@ -202,14 +244,27 @@ class Master:
         if reserve_jobs <= 0 or reserve_nodes <= 1e-9:
             reserve_jobs, reserve_nodes = 0, 0.0
         if not max_jobs and not reserve_jobs:
-            return pb.SessionCredit(max_jobs=0)
+            return self._credit_of((0,))
         remaining = 0
         if self.end < math.inf:
             remaining = max(1, int((self.stop_new_at - now) // 60))
-        return pb.SessionCredit(max_jobs=max_jobs, free_nodes=free_nodes, max_nodes_per_job=cap.max_nodes_per_job,
-                                wall_time_remaining_min=remaining, serial_only=self.cfg.mode == "serial",
-                                filter_tags=self.cfg.credit_tags, app_ids=self.cfg.app_ids,
-                                reserve_jobs=reserve_jobs, reserve_nodes=reserve_nodes)
+        return self._credit_of((max_jobs, free_nodes, cap.max_nodes_per_job, remaining, reserve_jobs, reserve_nodes))
+
+    def _credit_of(self, key: tuple) -> pb.SessionCredit:
+        """The credit for these figures: the last one built while they stay the same (the
+        session asks at every wake-up; building the message is most of the cost), so the
+        same object means the same credit."""
+        if key != self._credit_key:
+            if len(key) == 1:
+                msg = pb.SessionCredit(max_jobs=0)
+            else:
+                max_jobs, free_nodes, max_nodes, remaining, reserve_jobs, reserve_nodes = key
+                msg = pb.SessionCredit(max_jobs=max_jobs, free_nodes=free_nodes, max_nodes_per_job=max_nodes,
+                                       wall_time_remaining_min=remaining, serial_only=self.cfg.mode == "serial",
+                                       filter_tags=self.cfg.credit_tags, app_ids=self.cfg.app_ids,
+                                       reserve_jobs=reserve_jobs, reserve_nodes=reserve_nodes)
+            self._credit_key, self._credit_msg = key, msg
+        return self._credit_msg
 
     def _on_opened(self, opened: pb.SessionOpened, resumed: bool) -> None:
         held = {lj.job.id: lj for lj in opened.leased_jobs}
@@ -429,7 +484,7 @@ class Master:
                     next_progress = now + self.cfg.progress_interval_s
                     if self.jobs or self.counters.started:
                         self._progress()
-                await wait_event(self.wake, self._tick(now))
+                await self.wake.wait(loop, self._tick(now))
                 self.wake.clear()
             self._progress()
             self.client.close()

@@ -5,7 +5,10 @@ A single-node job takes `ranks_per_node * ceil(threads_per_rank / threads_per_co
 the first node where all three fit. A multi-node job takes whole idle nodes. A job that
 could never fit, even on an empty allocation, gets a reason from `never_fits` so the
 launcher reports it (RUN_ERROR with that message) instead of holding it forever.
-Occupancy is kept as exact fractions: three jobs of packing 3 fill a node exactly.
+Occupancy is kept exact, in whole units of 1/L of a node (L the least common multiple of
+the packings seen so far): three jobs of packing 3 fill a node exactly, and the per-job
+bookkeeping is integer arithmetic (Fractions cost microseconds per operation, several per
+job placed and released).
 """
 
 from __future__ import annotations
@@ -58,17 +61,6 @@ class Resources:
         return self.num_nodes > 1 or self.ranks_per_node > 1
 
 
-def free_sum(occupancies) -> float:
-    """The sum of (1 - occupancy) over the nodes, exact then rounded once: summed in integers
-    (a Fraction sum costs ~20 us per credit; a float sum could fall short of a whole node
-    that three thirds free exactly)."""
-    num, den = 0, 1
-    for occ in occupancies:
-        d = occ.denominator
-        num, den = num * d + (d - occ.numerator) * den, den * d
-    return num / den  # int / int: correctly rounded
-
-
 @dataclass(slots=True)
 class Assignment:
     """Where a job runs: node indices with the CPU and GPU ids it owns on each."""
@@ -85,12 +77,17 @@ class _Node:
     spec: NodeSpec
     free_cpus: list[int]
     free_gpus: list[int]
-    occupancy: Fraction = Fraction(0)
+    used: int = 0  # occupancy in units of 1/unit of a node
+    unit: int = 1  # the manager's unit (all nodes share it)
     jobs: set[int] = field(default_factory=set)
 
     @property
     def idle(self) -> bool:
         return not self.jobs
+
+    @property
+    def occupancy(self) -> Fraction:
+        return Fraction(self.used, self.unit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +107,16 @@ class NodeManager:
         self.nodes = [_Node(n, list(range(n.cpus)), list(range(n.gpus))) for n in nodes]
         self.assignments: dict[int, Assignment] = {}
         self._capacity: Capacity | None = None  # until the next assign or release
+        self.unit = 1  # a node's occupancy is counted in 1/unit: a multiple of every packing seen
+
+    def _units(self, occupancy: Fraction) -> int:
+        """`occupancy` (1/packing) in units, the unit refined first if it cannot count it."""
+        if self.unit % occupancy.denominator:
+            unit = math.lcm(self.unit, occupancy.denominator)
+            for node in self.nodes:
+                node.used, node.unit = node.used * (unit // self.unit), unit
+            self.unit = unit
+        return self.unit // occupancy.denominator * occupancy.numerator
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -135,31 +142,34 @@ class NodeManager:
                     f"only {len(fitting)} such nodes in this allocation")
         return None
 
-    def _fits(self, node: _Node, res: Resources) -> bool:
-        return (node.occupancy + res.occupancy <= 1 and len(node.free_cpus) >= res.cpus_per_node
-                and len(node.free_gpus) >= res.gpus_per_node)
-
     def assign(self, job_id: int, res: Resources) -> Assignment | None:
         """Place the job now (first fit) or return None when it must wait."""
         if job_id in self.assignments:
             raise ValueError(f"job {job_id} is already placed")
+        occupancy = res.occupancy
+        units, limit = self._units(occupancy), self.unit
+        ncpus, ngpus = res.cpus_per_node, res.gpus_per_node
         if res.num_nodes == 1:
-            chosen = next((i for i, n in enumerate(self.nodes) if self._fits(n, res)), None)
-            picks = [] if chosen is None else [chosen]
+            picks = []
+            for i, n in enumerate(self.nodes):
+                if n.used + units <= limit and len(n.free_cpus) >= ncpus and len(n.free_gpus) >= ngpus:
+                    picks.append(i)
+                    break
         else:
-            picks = [i for i, n in enumerate(self.nodes) if n.idle and self._fits(n, res)][: res.num_nodes]
+            picks = [i for i, n in enumerate(self.nodes) if n.idle and n.used + units <= limit
+                     and len(n.free_cpus) >= ncpus and len(n.free_gpus) >= ngpus][: res.num_nodes]
         if len(picks) < res.num_nodes:
             return None
         cpu_ids, gpu_ids = [], []
         for i in picks:
             node = self.nodes[i]
-            cpus, node.free_cpus = node.free_cpus[: res.cpus_per_node], node.free_cpus[res.cpus_per_node:]
-            gpus, node.free_gpus = node.free_gpus[: res.gpus_per_node], node.free_gpus[res.gpus_per_node:]
-            node.occupancy += res.occupancy
+            cpus, node.free_cpus = node.free_cpus[:ncpus], node.free_cpus[ncpus:]
+            gpus, node.free_gpus = node.free_gpus[:ngpus], node.free_gpus[ngpus:]
+            node.used += units
             node.jobs.add(job_id)
             cpu_ids.append(cpus)
             gpu_ids.append(gpus)
-        placed = Assignment(job_id, picks, cpu_ids, gpu_ids, res.occupancy)
+        placed = Assignment(job_id, picks, cpu_ids, gpu_ids, occupancy)
         self.assignments[job_id] = placed
         self._capacity = None
         return placed
@@ -169,11 +179,13 @@ class NodeManager:
         if placed is None:
             return
         self._capacity = None
+        units = self._units(placed.occupancy)
         for i, cpus, gpus in zip(placed.nodes, placed.cpu_ids, placed.gpu_ids, strict=True):
             node = self.nodes[i]
             node.free_cpus = sorted(node.free_cpus + cpus)
-            node.free_gpus = sorted(node.free_gpus + gpus)
-            node.occupancy -= placed.occupancy
+            if gpus:
+                node.free_gpus = sorted(node.free_gpus + gpus)
+            node.used -= units
             node.jobs.discard(job_id)
 
     def full(self) -> bool:
@@ -185,8 +197,9 @@ class NodeManager:
         footprint, so a packing-1 job leased against it waits for an idle node."""
         if self._capacity is not None:
             return self._capacity
-        usable = [n for n in self.nodes if n.free_cpus and n.occupancy < 1]
-        free_nodes = free_sum(n.occupancy for n in usable)
+        unit = self.unit
+        usable = [n for n in self.nodes if n.free_cpus and n.used < unit]
+        free_nodes = sum(unit - n.used for n in usable) / unit  # int / int: exact, rounded once
         max_jobs = sum(len(n.free_cpus) for n in usable)
         idle = sum(1 for n in self.nodes if n.idle)
         max_nodes = idle if self.mpi_mode else min(idle, 1)
@@ -199,4 +212,4 @@ class NodeManager:
         return sum(1 for n in self.nodes if not n.idle)
 
     def free_node_fraction(self) -> float:
-        return free_sum(n.occupancy for n in self.nodes)
+        return sum(self.unit - n.used for n in self.nodes) / self.unit

@@ -7,6 +7,7 @@ first. A ProcessSpec is plain data, so the master can hand it to a worker rank o
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,14 @@ class RunContext:
     server: str = ""
 
 
+def workdir_path(data_dir: str, workdir: str) -> str:
+    """str(Path(data_dir) / workdir), without building Paths for the usual plain relative
+    workdir (the launcher makes one per job)."""
+    if workdir and workdir[0] != "/" and all(part and part != "." for part in workdir.split("/")):
+        return f"{data_dir}/{workdir}" if data_dir != "/" else f"/{workdir}"
+    return str(Path(data_dir) / workdir)
+
+
 def job_environment(leased: session_service_pb2.LeasedJob, res: Resources,
                     gpu_ids: list[int], server: str = "") -> dict[str, str]:
     """OMP_NUM_THREADS and CUDA_VISIBLE_DEVICES from the assignment, then the app's environment
@@ -62,7 +71,9 @@ def job_environment(leased: session_service_pb2.LeasedJob, res: Resources,
     env = {"OMP_NUM_THREADS": str(res.threads_per_rank), "BALSAM_JOB_ID": str(leased.job.id)}
     if res.gpus_per_node:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
-    env.update(dict(leased.app.environment))
+    app_env = leased.app.environment
+    if app_env:
+        env.update(app_env)
     if server:
         env["BALSAM_SERVER"] = server
     if leased.job_token:
@@ -80,13 +91,13 @@ def build_process_spec(leased: session_service_pb2.LeasedJob, placed: Assignment
     node where no launcher rank runs (`force_mpi_launch`)."""
     job, app = leased.job, leased.app
     res = Resources.from_pb(job.resources) if res is None else res  # the caller's, made when leased
-    workdir = ctx.data_dir / job.workdir
+    workdir = workdir_path(str(ctx.data_dir), job.workdir)
     env = job_environment(leased, res, placed.gpu_ids[0] if placed.gpu_ids else [], ctx.server)
     files: dict[str, str] = {}
     result_path = ""
     if app.kind == app_pb2.APP_KIND_PYTHON:
         files[JOB_FILE] = json_format.MessageToJson(session_service_pb2.LeasedJob(job=job, app=app))
-        result_path = str(workdir / RESULT_FILE)
+        result_path = os.path.join(workdir, RESULT_FILE)
         command = [ctx.python, "-m", "balsam_grpc.launcher.pyfunc", "--apps", str(ctx.apps_dir),
                    "--job", JOB_FILE, "--result", RESULT_FILE]
     else:
@@ -107,6 +118,6 @@ def build_process_spec(leased: session_service_pb2.LeasedJob, placed: Assignment
         # follows it as arguments, so nothing of the job is pasted into the script.
         argv = ["/bin/bash", "-c", preamble + '\nexec "$@"', "balsam-preamble", *argv]
     timeout = job.resources.wall_time_min * ctx.job_time_scale if job.resources.wall_time_min > 0 else None
-    return ProcessSpec(job_id=job.id, argv=argv, cwd=str(workdir), env=env,
+    return ProcessSpec(job_id=job.id, argv=argv, cwd=workdir, env=env,
                        cpu_ids=[] if mpi_launch else list(placed.cpu_ids[0]), timeout_s=timeout, files=files,
                        result_path=result_path, root=str(ctx.data_dir))

@@ -84,6 +84,10 @@ class SessionClient:
         self._wake = asyncio.Event()
         self._leases_received = 0
         self._last_credit: bytes | None = None
+        # The credit last serialized: (the owner's message, its leases_received, the bytes).
+        # The owner hands back the same message while its figures stay the same.
+        self._credit_bytes: tuple[pb.SessionCredit | None, int, bytes] = (None, 0, b"")
+        self._fed_pause = False  # the writer waits out fed_report_interval_s (see _pace)
         self._last_report_at = -math.inf
         self.report_interval_s = REPORT_INTERVAL_S
         self.fed_report_interval_s = FED_REPORT_INTERVAL_S
@@ -94,12 +98,21 @@ class SessionClient:
 
     def report(self, transition: pb.JobTransition) -> int:
         seq = self.outbox.add(transition)
-        self._wake.set()
+        self.wake()
         return seq
 
     def wake(self) -> None:
-        """Something changed: send the current credit (if different) and pending reports."""
+        """Something changed: send the current credit (if different) and pending reports.
+        While the writer waits out a fed pause, only what ends the pause wakes it (the
+        credit asks for jobs, or the launcher is not busy any more): a busy launcher calls
+        this for every job, and each wake-up cost the writer a turn of the loop."""
+        if self._fed_pause and self.cb.busy() and not self._wants_jobs():
+            return
         self._wake.set()
+
+    def _wants_jobs(self) -> bool:
+        credit = self.cb.credit()
+        return credit.max_jobs > 0 or credit.reserve_jobs > 0
 
     def close(self, reason: str = "done") -> None:
         """Once every transition is acknowledged, send close and half-close: the session
@@ -226,16 +239,19 @@ class SessionClient:
 
     def _credit_now(self) -> tuple[pb.SessionCredit, bytes]:
         credit = self.cb.credit()
-        credit.leases_received = self._leases_received
-        return credit, credit.SerializeToString(deterministic=True)
+        last, leases, raw = self._credit_bytes
+        if credit is not last or leases != self._leases_received:
+            credit.leases_received = self._leases_received
+            raw = credit.SerializeToString(deterministic=True)
+            self._credit_bytes = (credit, self._leases_received, raw)
+        return credit, raw
 
     async def _pace(self) -> None:
         """While the launcher is busy, wait until its last report is report_interval_s old,
         or fed_report_interval_s while its credit asks for no jobs; a wake-up in the
         longer wait looks again (a slot may have nothing left to start)."""
         while self.cb.busy() and not self.closing:
-            credit = self.cb.credit()
-            wants_jobs = credit.max_jobs > 0 or credit.reserve_jobs > 0
+            wants_jobs = self._wants_jobs()
             pause = self._last_report_at - time.monotonic() + (
                 self.report_interval_s if wants_jobs else self.fed_report_interval_s)
             if pause <= 0:
@@ -244,8 +260,12 @@ class SessionClient:
                 await asyncio.sleep(pause)
                 return
             self._wake.clear()
-            if not await wait_event(self._wake, pause):
-                return
+            self._fed_pause = True
+            try:
+                if not await wait_event(self._wake, pause):
+                    return
+            finally:
+                self._fed_pause = False
 
     async def _writer(self, call: Any) -> None:
         half_closed = False

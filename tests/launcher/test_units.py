@@ -21,7 +21,7 @@ from balsam_grpc.launcher import (
     session,
 )
 from balsam_grpc.launcher.launch_commands import LaunchSpec, build_argv
-from balsam_grpc.launcher.node_manager import NodeManager, Resources, free_sum
+from balsam_grpc.launcher.node_manager import NodeManager, Resources
 from balsam_grpc.launcher.nodes import NodeSpec
 from balsam_grpc.launcher.outbox import Outbox
 from balsam_grpc.launcher.process_spec import (
@@ -166,10 +166,24 @@ def test_packing_never_oversubscribes(ops):
 
 
 def test_free_nodes_are_summed_exactly():
-    """Ten nodes nine tenths full free exactly one node: a float sum falls short of it."""
+    """Ten nodes nine tenths full free exactly one node: a float sum falls short of it. So do
+    three nodes two thirds full, after packings of 10 and 3 made the unit a thirtieth."""
     assert sum([0.1] * 10) < 1.0
-    assert free_sum([Fraction(9, 10)] * 10) == 1.0
-    assert free_sum([Fraction(2, 3)] * 3) == 1.0 and free_sum([Fraction(0)] * 2) == 2.0 and free_sum([]) == 0.0
+    m = nm(n=10, cpus=10, gpus=0)
+    for i in range(100):  # node k holds jobs 10k..10k+9
+        assert m.assign(i, Resources(node_packing_count=10)).nodes == [i // 10]
+    for i in range(0, 100, 10):
+        m.release(i)
+    assert m.capacity().free_nodes == 1.0 and m.free_node_fraction() == 1.0
+    m = nm(n=3, cpus=10, gpus=0)
+    m.assign(0, Resources(node_packing_count=10))
+    m.release(0)
+    for i in range(9):
+        assert m.assign(i, Resources(node_packing_count=3)).nodes == [i // 3]
+    for i in (0, 3, 6):
+        m.release(i)
+    assert m.capacity().free_nodes == 1.0 and m.unit == 30 and m.nodes[0].occupancy == Fraction(2, 3)
+    assert nm(n=2).capacity().free_nodes == 2.0
 
 
 # -- MPI launch argv -----------------------------------------------------------------------
@@ -400,6 +414,59 @@ def test_a_fed_launchers_longer_pause_ends_when_its_credit_asks_for_jobs():
             writer.cancel()
 
     assert asyncio.run(scenario()) == [[1]]
+
+
+def test_a_fed_pause_is_woken_only_by_what_ends_it():
+    """A busy launcher reports and wakes its session for every job; while the writer waits
+    out the fed pause, those wake-ups would each cost it a turn of the loop for nothing.
+    Only a credit that asks for jobs (or an idle launcher) ends the pause."""
+    async def scenario() -> list[list[int]]:
+        credit = session_service_pb2.SessionCredit()
+        client = _client(True)
+        client.cb.credit = lambda: credit
+        client.report_interval_s, client.fed_report_interval_s = 0.0, 60.0
+        client._last_report_at = time.monotonic()
+        call = _Call()
+        writer = asyncio.create_task(client._writer(call))
+        try:
+            client.report(session_service_pb2.JobTransition(job_id=1))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert client._fed_pause
+            for job_id in range(2, 6):
+                client.report(session_service_pb2.JobTransition(job_id=job_id))
+                client.wake()
+                assert not client._wake.is_set()
+            credit.reserve_jobs = 1
+            client.wake()
+            assert client._wake.is_set()
+            await asyncio.wait_for(call.sent.wait(), 5)
+            return call.reports
+        finally:
+            writer.cancel()
+
+    assert asyncio.run(scenario()) == [[1, 2, 3, 4, 5]]
+
+
+def test_the_credit_is_built_again_only_when_its_figures_change(tmp_path):
+    """The session asks for the credit at every wake-up: the same figures give the same
+    message (no new protobuf, no serialization), new figures a new one."""
+    from tests.launcher.test_hot_path import lease, local_job, master
+
+    m = master(tmp_path, cpus=2, prefetch=8)
+    first = m._credit()
+    assert m._credit() is first and first.max_jobs == 2
+    lease(m, local_job(1, held=False, packing=2))
+    second = m._credit()
+    assert second is not first and second.max_jobs == 1 and m._credit() is second
+    client = session.SessionClient(_Channel(), (), session.Callbacks(
+        open_message=None, credit=m._credit, on_opened=None, on_leases=None, on_kill=None,  # type: ignore[arg-type]
+        on_rejection=None, on_session_lost=None))  # type: ignore[arg-type]
+    msg, raw = client._credit_now()
+    assert client._credit_now()[1] is raw and msg is second
+    client._leases_received = 3
+    msg, raw2 = client._credit_now()
+    assert raw2 != raw and msg.leases_received == 3
 
 
 def test_prefetch_follows_the_run_time_within_its_bounds():
