@@ -346,7 +346,10 @@ def remember_process(home: Path, pid: int) -> None:
     path = home / PROCESSES
     known = json.loads(path.read_text()) if path.exists() else []
     known.append({"pid": pid, "create_time": psutil.Process(pid).create_time()})
-    path.write_text(json.dumps(known))
+    # Whole or not at all: a reader (or a demo killed mid-write) never sees half a file.
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(known))
+    partial.replace(path)
 
 
 def stop_leftovers(home: Path) -> int:

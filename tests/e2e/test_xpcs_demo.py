@@ -250,8 +250,10 @@ def test_a_demo_stopped_midway_leaves_nothing_running(tmp_path, how):
         wait_until(lambda: b"agent:" in out.read_bytes() or proc.poll() is not None,
                    "the demo's sites and dashboard to be up", 120)
         assert proc.poll() is None, out.read_text()[-4000:]
-        started = [psutil.Process(p["pid"]) for p in json.loads((home / "processes.json").read_text())]
-        assert len(started) == 3  # the server, the dashboard and the agent
+        # The server, the dashboard and the agent (noted once it started, after "agent:").
+        noted = home / "processes.json"
+        wait_until(lambda: len(json.loads(noted.read_text())) == 3, "the demo to note the agent", 60)
+        started = [psutil.Process(p["pid"]) for p in json.loads(noted.read_text())]
         assert len(_processes_naming(home)) >= 5  # server, dashboard, three daemons
         proc.send_signal(getattr(signal, how))
         if how == "SIGKILL":
