@@ -611,6 +611,72 @@ def test_a_statement_connection_registers_its_socket_once(harness):
         db.dispose()
 
 
+def test_statements_run_as_tuples_convert_prepare_and_fail_as_psycopg_does(harness, monkeypatch):
+    # statement_now(tuples=True) runs on the connection's libpq handle (no cursor): its
+    # placeholders, prepared statements and errors must be psycopg's.
+    if harness.backend != "postgres":
+        pytest.skip("statements on the event loop are PostgreSQL's")
+    import asyncio
+
+    from sqlalchemy.exc import DBAPIError, IntegrityError
+
+    from balsam_grpc.server.store import db as db_module
+    from balsam_grpc.server.store.db import Database
+
+    monkeypatch.setattr(db_module, "MAX_PREPARED", 3)
+    db = Database(harness.url, workers=1)
+
+    async def prepared() -> list[str]:
+        rows = await db.statement_now("SELECT name FROM pg_prepared_statements ORDER BY name", {}, tuples=True)
+        return [name for (name,) in rows]
+
+    async def scenario() -> None:
+        now = db.statement_now
+        # a repeated name is one parameter; %% is a literal %; one parameter; none; NULL
+        assert await now("SELECT %(a)s::int + %(a)s::int, '5%%', %(b)s::text", {"a": 2, "b": None},
+                         tuples=True) == [(4, "5%", None)]
+        assert await now("SELECT %(x)s::text", {"x": "one"}, tuples=True) == [("one",)]
+        assert await now("SELECT 1 WHERE false", {}, tuples=True) == []
+        assert await now("SELECT CAST(%(j)s AS JSONB)", {"j": '{"k": [1]}'}, tuples=True) == [({"k": [1]},)]
+        # prepared at the fifth execution, as psycopg does
+        before = await prepared()
+        for i in range(db_module.PREPARE_AFTER - 1):
+            assert await now("SELECT %(i)s::int * 10", {"i": i}, tuples=True) == [(i * 10,)]
+        assert await prepared() == before
+        assert await now("SELECT %(i)s::int * 10", {"i": 7}, tuples=True) == [(70,)]
+        assert len(await prepared()) == len(before) + 1
+        # at most MAX_PREPARED per connection: the least recently used is deallocated
+        for n in range(4):
+            for _ in range(db_module.PREPARE_AFTER):
+                await now(f"SELECT %(i)s::int + {n}", {"i": 1}, tuples=True)
+        assert len(await prepared()) == 3
+        # errors as SQLAlchemy raises them; the connection serves on
+        with pytest.raises(IntegrityError):
+            await now("SELECT CAST(NULL AS INT) FROM (SELECT 1) AS t WHERE (SELECT 1/0) IS NULL OR true "
+                      "UNION ALL SELECT 1 FROM (SELECT raise_unique()) AS r", {}, tuples=True)
+        with pytest.raises(DBAPIError):
+            await now("SELEKT %(i)s", {"i": 1}, tuples=True)
+        for _ in range(db_module.PREPARE_AFTER + 1):  # a failing statement is never kept prepared
+            with pytest.raises(DBAPIError):
+                await now("SELECT 1 / %(z)s::int", {"z": 0}, tuples=True)
+        assert await now("SELECT %(i)s::int * 10", {"i": 8}, tuples=True) == [(80,)]
+        # psycopg's own cursor (named-tuple rows) on the same connection still works
+        assert (await now("SELECT %(i)s::int AS i", {"i": 9}))[0].i == 9
+        assert len(db._statements._idle) == 1  # one connection throughout
+
+    try:
+        from sqlalchemy import text
+
+        with harness.db.engine.begin() as conn:
+            conn.execute(text("CREATE OR REPLACE FUNCTION raise_unique() RETURNS int LANGUAGE plpgsql AS "
+                              "$$BEGIN RAISE unique_violation USING MESSAGE = 'taken'; END$$"))
+        asyncio.run(scenario())
+    finally:
+        db.dispose()
+        with harness.db.engine.begin() as conn:
+            conn.execute(text("DROP FUNCTION IF EXISTS raise_unique()"))
+
+
 @pytest.mark.parametrize("count", [1, 70])  # INSERT ... RETURNING and COPY for the transfer items
 def test_jobs_with_transfer_slots_get_their_items(alice, count):
     from balsam_grpc.v1 import common_pb2, transfer_item_service_pb2, transfer_item_service_pb2_grpc
