@@ -101,7 +101,7 @@ class Listener:
                     backoff.reset()
                     for handler in self.reconnect_handlers:
                         handler()
-                    await _until_lost(conn)
+                    await _until_lost(conn, self._deliver)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the listener must outlive a database outage
@@ -115,6 +115,10 @@ class Listener:
         self.received += 1
         self._dispatch(note.channel, note.payload)
 
+    def _deliver(self, channel: str, payload: str) -> None:
+        self.received += 1
+        self._dispatch(channel, payload)
+
     def _dispatch(self, channel: str, payload: str) -> None:
         try:
             if channel == EVENTS_CHANNEL:
@@ -127,13 +131,17 @@ class Listener:
             log.exception("notification handler failed", channel=channel, payload=payload[:200])
 
 
-async def _until_lost(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Hand `conn`'s notifications to its notify handlers as they arrive, until the
-    connection fails (raises its error). The socket's reader stays registered meanwhile:
-    psycopg's notifies() registers and removes it and arms a timer at every wake-up, 9 %
-    of a single create's server CPU on the notification of its own commit."""
+async def _until_lost(conn: psycopg.AsyncConnection[Any], deliver: Callable[[str, str], None]) -> None:
+    """Hand `conn`'s notifications to `deliver` (channel, payload) as they arrive, until
+    the connection fails (raises its error). The socket's reader stays registered
+    meanwhile: psycopg's notifies() registers and removes it and arms a timer at every
+    wake-up, 9 % of a single create's server CPU on the notification of its own commit.
+    libpq's notifications are decoded here, not by psycopg's handler (a Notify tuple and
+    a loop over the connection's handlers for each: every create's own notification
+    comes back to its replica)."""
     pgconn = conn.pgconn
     fd = pgconn.socket
+    encoding = conn.info.encoding
     loop = asyncio.get_running_loop()
     lost: asyncio.Future[None] = loop.create_future()
 
@@ -141,8 +149,7 @@ async def _until_lost(conn: psycopg.AsyncConnection[Any]) -> None:
         try:
             pgconn.consume_input()
             while (note := pgconn.notifies()) is not None:
-                if pgconn.notify_handler is not None:  # psycopg's: decodes, calls conn's handlers
-                    pgconn.notify_handler(note)
+                deliver(note.relname.decode(encoding), note.extra.decode(encoding))
         except Exception as exc:  # noqa: BLE001 - the connection's failure, raised by the waiting task
             loop.remove_reader(fd)
             if not lost.done():

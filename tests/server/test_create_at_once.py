@@ -252,7 +252,7 @@ def test_a_stale_app_version_writes_nothing(harness, alice):
     _, app = make_site_app(alice)
     row, data, version = _versioned_row(harness, alice.user_id, app.id, "stale")
     with harness.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        sql, params = job_store.at_once_statement(conn.dialect, row, data, str(int(version) + 1), None)
+        sql, params = job_store.at_once_statement(conn.dialect, row, data, str(int(version) + 1), None)  # type: ignore[misc]
         assert job_store.at_once_outcome(conn.exec_driver_sql(sql, params).all(), row, None) is None
     assert _jobs_and_events_at(harness, "stale") == (0, 0)
 
@@ -350,3 +350,21 @@ def test_one_item_id_tag_completes_the_id_inside_the_item():
             expected.CopyFrom(response)
             expected.jobs[0].id = job_id
             assert job_service_pb2.BatchCreateJobsResponse.FromString(answer + tag + varint) == expected
+
+
+def test_the_statement_takes_only_rows_whose_fixed_columns_it_writes_as_literals():
+    # The columns every plain new job has the same value in are literals in the statement:
+    # a row with another value there is refused (the caller creates the general way),
+    # never written with the literal.
+    from sqlalchemy.dialects import postgresql
+
+    row = {c: None for c in job_store._JOB_COLUMNS}
+    row.update(job_store._AT_ONCE_FIXED, owner_id=1, site_id=2, app_id=3, name="", workdir="w", tags={},
+               parameters={}, data={}, launch_params={}, priority=0, state="READY", state_message="",
+               on_parent_failure="FAIL", create_time=utcnow())
+    dialect = postgresql.psycopg.dialect()
+    sql, params = job_store.at_once_statement(dialect, row, None, "7", None)  # type: ignore[misc]
+    assert "%(j29)s" not in sql and "CAST('[]' AS JSONB)" in sql  # parent_ids, as a literal
+    assert params["owner_id"] == 1 and params["now"] == row["create_time"] and params["hint"] == "1:2"
+    for column, other in (("run_count", 1), ("parent_ids", [5]), ("pending_parents", 1), ("transfers", {"a": "b"})):
+        assert job_store.at_once_statement(dialect, {**row, column: other}, None, "7", None) is None, column

@@ -886,9 +886,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 once = store.Once(method, request_id, body, response.SerializeToString(), _CREATE_ID_TAG)
             else:
                 once = store.Once(method, request_id, body, *one_item_id_tag(response, "jobs"))
-        sql, params = store.at_once_statement(self.db.engine.dialect, row, event_data, app["_version"], once)
+        statement = store.at_once_statement(self.db.engine.dialect, row, event_data, app["_version"], once)
+        if statement is None:
+            return None
         try:
-            got = store.at_once_outcome(await self.db.statement_now(sql, params, tuples=True), row, once)
+            got = store.at_once_outcome(await self.db.statement_now(*statement, tuples=True), row, once)
         except IntegrityError:  # the app deleted meanwhile (foreign key), the request_id taken meanwhile
             got = None
         if got is None:

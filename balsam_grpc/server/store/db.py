@@ -476,9 +476,7 @@ def _statement_connection_class() -> type:
             return last
 
         def _statement_encoding(self) -> str:
-            from psycopg._encodings import conn_encoding
-
-            return conn_encoding(self)
+            return self.info.encoding
 
         def _readable(self) -> None:
             waiter = self._waiter

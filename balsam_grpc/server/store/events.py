@@ -114,12 +114,17 @@ def origin(engine: Any) -> str:
     return mark
 
 
+def one_hint(owner_id: int, site_id: int | None) -> str:
+    """wake_hint of events of one (owner, site) pair, without an origin mark."""
+    return f"{owner_id}:{site_id or 0}"
+
+
 def wake_hint(rows: list[dict[str, Any]], conn: Connection | None = None) -> str:
     """The NOTIFY payload: the distinct "owner:site" pairs of these events, space-separated
     (or "*" when that would be too long), then the writer's origin mark when `conn` is
     given."""
     pairs = sorted({(r["owner_id"], r["site_id"]) for r in rows}, key=lambda p: (p[0], p[1] or 0))
-    hint = " ".join(f"{o}:{s or 0}" for o, s in pairs)
+    hint = " ".join(one_hint(o, s) for o, s in pairs)
     if len(hint) > MAX_HINT_BYTES:
         hint = WAKE_ALL
     return hint if conn is None else f"{hint} {origin(conn.engine)}"

@@ -1318,13 +1318,38 @@ def _varint_sql(expr: str) -> str:
 _CREATION_TIMES = ("create_time", "update_time", "state_time")
 
 
+# The columns in which every job the at-once statement takes has the same value (a job
+# with no parents and no transfers, as new_job_row makes it): literals in the statement,
+# not parameters, each of which costs its dumping and sending at every create.
+_AT_ONCE_FIXED = {**_NEW_JOB_DEFAULTS, "transfers": {}, "pending_parents": 0, "parent_ids": []}
+# Columns bound by the parameters the statement has anyway (its app check's).
+_AT_ONCE_SHARED = {"owner_id": "owner_id", "site_id": "site_id", "app_id": "app_id"}
+
+
+def _sql_literal(value: Any, json: bool) -> str:
+    if value is None:
+        return "NULL"
+    if json:
+        value = codec_dumps(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    assert type(value) is int, value
+    return str(value)
+
+
 def _at_once_sql(once: bool) -> Any:
-    # Every column as a typed parameter (INSERT ... SELECT does not coerce untyped NULLs),
-    # the times as one; short names keep the statement within psycopg's cache of
-    # converted queries (4096 characters, 50 parameters).
-    values = ", ".join("CAST(:now AS TIMESTAMPTZ)" if c in _CREATION_TIMES
-                       else f"CAST(:j{i} AS {'JSONB' if c in _JSON_COLUMNS else t})"
-                       for i, (c, t) in enumerate(zip(_JOB_COLUMNS, _JOB_TYPES, strict=True)))
+    # Every column typed (INSERT ... SELECT does not coerce untyped NULLs), the times as
+    # one parameter; short names keep the statement within psycopg's cache of converted
+    # queries (4096 characters, 50 parameters).
+    def value(i: int, c: str, t: str) -> str:
+        if c in _CREATION_TIMES:
+            return "CAST(:now AS TIMESTAMPTZ)"
+        t = "JSONB" if c in _JSON_COLUMNS else t
+        if c in _AT_ONCE_FIXED:
+            return f"CAST({_sql_literal(_AT_ONCE_FIXED[c], c in _JSON_COLUMNS)} AS {t})"
+        return f"CAST(:{_AT_ONCE_SHARED.get(c, f'j{i}')} AS {t})"
+
+    values = ", ".join(value(i, c, t) for i, (c, t) in enumerate(zip(_JOB_COLUMNS, _JOB_TYPES, strict=True)))
     prior = ("once_prior AS MATERIALIZED (SELECT request_hash, response FROM idempotency_keys WHERE "
              "owner_id = :owner_id AND method = :method AND request_id = :request_id), ") if once else ""
     sql = (
@@ -1334,8 +1359,9 @@ def _at_once_sql(once: bool) -> Any:
         f"new_job AS (INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) SELECT {values} FROM once_app "
         "ON CONFLICT (site_id, workdir) DO NOTHING RETURNING id, owner_id, site_id, state, state_message, create_time), "
         + event_log.marked_insert_sql(
-            "(SELECT n.owner_id, n.site_id, n.id AS job_id, :kind AS kind, CAST(NULL AS BIGINT) AS subject_id, "
-            ":from_state AS from_state, n.state AS to_state, n.create_time AS time, n.create_time AS receive_time, "
+            f"(SELECT n.owner_id, n.site_id, n.id AS job_id, {_sql_literal(event_log.JOB_STATE, False)} AS kind, "
+            f"CAST(NULL AS BIGINT) AS subject_id, {_sql_literal(str(S.CREATED), False)} AS from_state, "
+            "n.state AS to_state, n.create_time AS time, n.create_time AS receive_time, "
             "CAST(:event_data AS TEXT) AS data, n.state_message AS message FROM new_job AS n) AS v"))
     if once:
         sql += (", once_key AS (INSERT INTO idempotency_keys (owner_id, method, request_id, request_hash, response, "
@@ -1351,10 +1377,17 @@ def _at_once_sql(once: bool) -> Any:
 
 
 _AT_ONCE = {once: _at_once_sql(once) for once in (False, True)}
-# (parameter, column, is JSON) of the job's columns in the statement (names made once:
-# formatting them at every create was half of at_once_statement).
-_AT_ONCE_PARAMS = tuple((f"j{i}", c, c in _JSON_COLUMNS) for i, c in enumerate(_JOB_COLUMNS)
-                        if c not in _CREATION_TIMES)
+# The job's columns bound as parameters, by the parameter's name (made once: formatting
+# them at every create was half of at_once_statement): those read as they are in one
+# C-level step, then the JSON ones.
+_AT_ONCE_BOUND = [(f"j{i}", c) for i, c in enumerate(_JOB_COLUMNS)
+                  if c not in _CREATION_TIMES and c not in _AT_ONCE_FIXED and c not in _AT_ONCE_SHARED]
+_AT_ONCE_PLAIN_NAMES = tuple(name for name, c in _AT_ONCE_BOUND if c not in _JSON_COLUMNS)
+_AT_ONCE_PLAIN = operator.itemgetter(*(c for _, c in _AT_ONCE_BOUND if c not in _JSON_COLUMNS),
+                                     "owner_id", "site_id", "app_id", "create_time")
+_AT_ONCE_JSON = tuple((name, c) for name, c in _AT_ONCE_BOUND if c in _JSON_COLUMNS)
+_AT_ONCE_FIXED_GET = operator.itemgetter(*_AT_ONCE_FIXED)
+_AT_ONCE_FIXED_VALUES = tuple(_AT_ONCE_FIXED.values())
 # The statements as the driver takes them (psycopg's %(name)s), compiled once: executed
 # with exec_driver_sql, SQLAlchemy neither looks up its compiled cache nor processes each
 # parameter, a tenth of the statement's server CPU.
@@ -1362,18 +1395,25 @@ _AT_ONCE_DRIVER: dict[bool, str] = {}
 
 
 def at_once_statement(dialect: Any, row: dict[str, Any], event_data: dict[str, Any] | None, app_version: str,
-                      once: Once | None) -> tuple[str, dict[str, Any]]:
+                      once: Once | None) -> tuple[str, dict[str, Any]] | None:
     """PostgreSQL: the statement inserting the job of `row` (new_job_row) with its creation
     event, and its request_id record when `once`, in the driver's terms (psycopg's
     %(name)s), and its parameters. Run in autocommit (Database.statement_now, rows as
-    tuples), it is the whole create in one round trip; at_once_outcome reads what it did."""
-    params: dict[str, Any] = {name: codec_dumps(row[c]) if json else row.get(c) for name, c, json in _AT_ONCE_PARAMS}
-    params.update(now=row["create_time"], app_id=row["app_id"], owner_id=row["owner_id"], site_id=row["site_id"],
-                  app_version=app_version, kind=event_log.JOB_STATE, from_state=str(S.CREATED),
-                  event_data=None if event_data is None else codec_dumps(event_data),
-                  # No origin mark: this replica's fanout takes the hint as another replica's
-                  # (Database.statement_now does not poke it).
-                  channel=event_log.EVENTS_CHANNEL, hint=event_log.wake_hint([row]))
+    tuples), it is the whole create in one round trip; at_once_outcome reads what it did.
+    None for a row whose fixed columns (_AT_ONCE_FIXED, literals in the statement) hold
+    other values: such a job is not one this statement may create."""
+    if _AT_ONCE_FIXED_GET(row) != _AT_ONCE_FIXED_VALUES:
+        return None
+    params: dict[str, Any] = dict(zip((*_AT_ONCE_PLAIN_NAMES, "owner_id", "site_id", "app_id", "now"),
+                                      _AT_ONCE_PLAIN(row), strict=True))
+    for name, c in _AT_ONCE_JSON:
+        params[name] = codec_dumps(row[c])
+    params["app_version"] = app_version
+    params["event_data"] = None if event_data is None else codec_dumps(event_data)
+    # No origin mark: this replica's fanout takes the hint as another replica's
+    # (Database.statement_now does not poke it).
+    params["channel"] = event_log.EVENTS_CHANNEL
+    params["hint"] = event_log.one_hint(row["owner_id"], row["site_id"])
     if once is not None:
         params.update(method=once.method, request_id=once.request_id, request_hash=once.request_hash,
                       response=once.response, id_tag=once.id_tag)
