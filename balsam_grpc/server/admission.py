@@ -108,6 +108,20 @@ class Admission:
         self.per_user[user] = mine + 1
         return Slot(self, user)
 
+    def enter(self, user_id: int | None) -> int:
+        """admit() without its Slot, for the rpc wrapper (which leaves exactly once): the
+        key to hand to leave()."""
+        user = ANONYMOUS if user_id is None else user_id
+        mine = self.per_user.get(user, 0)
+        if self.in_flight >= self.limits.max_unary_in_flight or mine >= self.limits.max_unary_in_flight_per_user:
+            self.admit(user_id)  # raises Refused, saying which cap
+        self.in_flight += 1
+        self.per_user[user] = mine + 1
+        return user
+
+    def leave(self, user: int) -> None:
+        self._leave(user)
+
     def _leave(self, user: int) -> None:
         self.in_flight -= 1
         left = self.per_user[user] - 1

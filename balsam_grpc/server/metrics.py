@@ -9,11 +9,12 @@ its streams; the database pool (read at scrape time).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -35,13 +36,49 @@ class _PoolCollector(Collector):
                 yield GaugeMetricFamily(f"balsam_db_pool_{name}", f"Database pool: {doc}.", value=float(fn()))
 
 
+class _Calls(Collector):
+    """Calls by method and status code (balsam_rpc_calls_total) and their latency by
+    method (the histogram balsam_rpc_seconds), counted in plain ints on the event loop
+    and turned into metrics when scraped. prometheus_client's Counter and Histogram
+    take a lock per value and walk the buckets in Python at every call: a fifth of the
+    rpc wrapper's own work on every unary call."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        # method -> [count per bucket (the last: above every bound), sum of seconds]
+        self.latency: dict[str, list[Any]] = {}
+
+    def record(self, method: str, code: str, seconds: float) -> None:
+        key = (method, code)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        observed = self.latency.get(method)
+        if observed is None:
+            observed = self.latency[method] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
+        observed[0][bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        observed[1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily("balsam_rpc_calls", "Calls handled, by method and status code.",
+                                    labels=["method", "code"])
+        for (method, code), count in list(self.counts.items()):
+            calls.add_metric([method, code], count)
+        yield calls
+        latency = HistogramMetricFamily("balsam_rpc_seconds", "Call latency (streams: their lifetime), by method.",
+                                        labels=["method"])
+        for method, (buckets, total) in list(self.latency.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), list(buckets), strict=True):
+                running += count
+                cumulative.append((bound, running))
+            latency.add_metric([method], cumulative, total)
+        yield latency
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.calls = Counter("balsam_rpc_calls", "Calls handled, by method and status code.", ["method", "code"],
-                             registry=r)
-        self.latency = Histogram("balsam_rpc_seconds", "Call latency (streams: their lifetime), by method.",
-                                 ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._calls = _Calls()
+        r.register(self._calls)
         self.streams_open = Gauge("balsam_streams_open", "Streams open now, by method.", ["method"], registry=r)
         self.admission_rejections = Counter("balsam_admission_rejections",
                                             "Calls and streams refused by admission control (RESOURCE_EXHAUSTED).",
@@ -54,17 +91,8 @@ class Metrics:
         self.events_delivered = Counter("balsam_events_delivered",
                                         "Event rows routed to this replica's streams.", registry=r)
         self._http: Any = None
-        # (method, code) -> the labelled children: labels() cost as much as recording.
-        self._call_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-
-    def call(self, method: str, code: str, seconds: float) -> None:
-        """A call (or stream) ended with `code` after `seconds`."""
-        children = self._call_children.get((method, code))
-        if children is None:
-            children = self._call_children[method, code] = (self.calls.labels(method, code),
-                                                             self.latency.labels(method))
-        children[0].inc()
-        children[1].observe(seconds)
+        # A call (or stream) ended with `code` after `seconds`: call(method, code, seconds).
+        self.call = self._calls.record
 
     def watch_pool(self, engine: Any) -> None:
         self.registry.register(_PoolCollector(engine))

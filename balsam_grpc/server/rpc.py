@@ -23,6 +23,7 @@ import contextvars
 import functools
 import time
 import uuid
+from time import perf_counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
@@ -119,12 +120,8 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseExcepti
     await context.abort_with_status(_internal_status(incident))
 
 
-def _admit(state: Any, principal: Principal | None) -> Any:
-    try:
-        return state.admission.admit(principal.user_id if principal else None)
-    except ResourceExhausted:
-        state.metrics.admission_rejections.labels("unary").inc()
-        raise
+def _refused(state: Any) -> None:
+    state.metrics.admission_rejections.labels("unary").inc()
 
 
 def _code_name(exc: BaseException) -> str:
@@ -200,17 +197,28 @@ def unary(*, public: bool = False, job_token: bool = False) -> Callable[[Handler
 
         @functools.wraps(fn)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
+            started = perf_counter()
             code = "OK"
+            state = self.state
             try:
-                principal = None if public else current_principal()
-                if principal is not None:
-                    principal.check_job_method(job_token, method)
-                slot = _admit(self.state, principal)
+                if public:
+                    principal = None
+                else:
+                    principal = _PRINCIPAL.get()
+                    if principal is None:
+                        principal = current_principal()  # raises: a wiring bug
+                    if not job_token and principal.scope == "JOB":
+                        principal.check_job_method(job_token, method)  # raises PermissionDenied
+                admission = state.admission  # left where entered, whatever replaces it meanwhile
+                try:
+                    user = admission.enter(None if principal is None else principal.user_id)
+                except ResourceExhausted:
+                    _refused(state)
+                    raise
                 try:
                     return await fn(self, request, context, principal)
                 finally:
-                    slot.release()
+                    admission.leave(user)
             except grpc.aio.AbortError:
                 code = "ABORTED_BY_HANDLER"
                 raise
@@ -218,7 +226,7 @@ def unary(*, public: bool = False, job_token: bool = False) -> Callable[[Handler
                 code = _code_name(exc)
                 await _fail(context, method, exc, started, request)
             finally:
-                _record(self.state, method, code, started)
+                state.metrics.call(method, code, perf_counter() - started)
 
         wrapper.public = public  # type: ignore[attr-defined]  # read by wire.register
         return wrapper

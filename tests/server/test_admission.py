@@ -315,3 +315,18 @@ def test_load_script_runs_and_reports(tmp_path: Any) -> None:
     assert burst["call_after_burst"] == "OK"
     assert not {code for code in figures["errors_by_code"] if "INTERNAL" in code or "UNKNOWN" in code}
 
+
+
+def test_a_call_leaves_the_admission_it_entered(harness: Any, alice: Any, limits: Callable[..., Admission],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The caps may be replaced while calls are in flight (the fixture does it between
+    # tests): a call ends in the bookkeeping it was admitted by, never in the new one.
+    first = limits(max_unary_in_flight=4, max_unary_in_flight_per_user=4)
+    gate = Gate(harness, monkeypatch)
+    held = whoami_future(alice)
+    wait_until(lambda: first.in_flight == 1 and gate.waiting == 1, "the handler held at the gate")
+    second = limits(max_unary_in_flight=4, max_unary_in_flight_per_user=4)
+    gate.open()
+    assert held.result().user.id == alice.user_id
+    wait_until(lambda: first.in_flight == 0, "the slot released where it was taken")
+    assert second.in_flight == 0 and second.per_user == {} and first.per_user == {}

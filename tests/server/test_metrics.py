@@ -78,3 +78,24 @@ def _local_token(server: EmbeddedServer) -> str:
         return secret
 
     return server.db.write_sync(work)
+
+
+def test_call_latency_is_a_histogram_of_le_buckets() -> None:
+    from prometheus_client import generate_latest
+
+    from balsam_grpc.server.metrics import Metrics
+
+    metrics = Metrics()
+    for seconds in (0.001, 0.0011, 0.3, 99.0):  # on a bound, just above it, mid-range, above every bound
+        metrics.call("Job.GetJob", "OK", seconds)
+    metrics.call("Job.GetJob", "NOT_FOUND", 0.002)
+    text = generate_latest(metrics.registry).decode()
+    assert _value(text, "balsam_rpc_calls_total", method="Job.GetJob", code="OK") == 4
+    assert _value(text, "balsam_rpc_calls_total", method="Job.GetJob", code="NOT_FOUND") == 1
+    assert _value(text, "balsam_rpc_seconds_bucket", method="Job.GetJob", le="0.001") == 1
+    assert _value(text, "balsam_rpc_seconds_bucket", method="Job.GetJob", le="0.0025") == 3
+    assert _value(text, "balsam_rpc_seconds_bucket", method="Job.GetJob", le="0.5") == 4
+    assert _value(text, "balsam_rpc_seconds_bucket", method="Job.GetJob", le="30.0") == 4
+    assert _value(text, "balsam_rpc_seconds_bucket", method="Job.GetJob", le="+Inf") == 5
+    assert _value(text, "balsam_rpc_seconds_count", method="Job.GetJob") == 5
+    assert abs(_value(text, "balsam_rpc_seconds_sum", method="Job.GetJob") - 99.3041) < 1e-9

@@ -249,9 +249,17 @@ def _fill_shared(msg: job_pb2.Job, shared: tuple[Any, ...]) -> None:
 
 def _write_shared(msg: job_pb2.Job, base: job_pb2.Job, create_time: Any, update_time: Any, state_time: Any) -> None:
     msg.CopyFrom(base)
-    _set_time(msg.create_time, create_time)
-    _set_time(msg.update_time, update_time)
-    _set_time(msg.state_time, state_time)
+    created = msg.create_time
+    _set_time(created, create_time)
+    # A new job's three times are one value: converted once.
+    if update_time is create_time:
+        msg.update_time.CopyFrom(created)
+    else:
+        _set_time(msg.update_time, update_time)
+    if state_time is create_time:
+        msg.state_time.CopyFrom(created)
+    else:
+        _set_time(msg.state_time, state_time)
 
 
 def _set_time(ts: Any, value: Any) -> None:
