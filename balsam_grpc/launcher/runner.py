@@ -338,7 +338,12 @@ class ProcessRunner:
             self._kill_asked.discard(job_id)
             starting = self.starting.pop(job_id)
             if child is None:
-                done.append(ProcessResult(job_id, None, "spawn_error", 0.0, tail=msg, message=msg))
+                # Killed meanwhile (the server's kill, a lost lease, the launcher stopping):
+                # it ends as killed, as it would have had it started (a spawn_error would
+                # report RUN_ERROR for a job this launcher no longer holds).
+                outcome = starting.kill_reason or "spawn_error"
+                done.append(ProcessResult(job_id, None, outcome, 0.0, tail=msg,
+                                          message=starting.kill_message if starting.kill_reason else msg))
                 continue
             run = _Running(starting.spec, child, starting.start, starting.deadline, out_path=starting.out_path)
             self._running(job_id, run)

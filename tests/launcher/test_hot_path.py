@@ -409,6 +409,21 @@ def test_a_background_start_that_fails_or_is_killed_meanwhile_is_reported_by_pol
         gate.open.set()  # handed over: poll() signals it
         (killed,) = _poll_until(runner, {2})
         assert killed.outcome == "killed" and killed.return_code == -signal.SIGTERM
+        # Killed while a start that fails is handed over: killed, not a spawn_error (which
+        # the master would report as RUN_ERROR for a job it no longer holds).
+        gate.open.clear()
+        could_not_start = runner._could_not_start
+
+        def held(*args):
+            assert gate.open.wait(20)
+            return could_not_start(*args)
+
+        runner._could_not_start = held  # type: ignore[method-assign]
+        assert runner.start(_bg_spec(tmp_path, 3, [str(tmp_path / "no-such-program")])) is None
+        assert runner.kill(3, "killed", "the lease is gone")
+        gate.open.set()
+        (dropped,) = _poll_until(runner, {3})
+        assert dropped.outcome == "killed" and dropped.message == "the lease is gone"
     finally:
         gate.open.set()
         runner.shutdown()
