@@ -371,13 +371,26 @@ def _handler(method: str, behavior: Callable[..., Any], client_streaming: bool, 
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
 
 
+class MethodTable(grpc.GenericRpcHandler):
+    """The handlers of every method of several services, found by one dict lookup.
+
+    gRPC asks each generic handler in turn for a call's method (a Python call each): with
+    one handler per service, a call of the eighth service asked eight."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self.handlers.get(handler_call_details.method)
+
+
 def register(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor, *,
              limits: Mapping[str, int] | None = None, trimmer: MemoryTrimmer | None = None,
-             field_limits: FieldLimits | None = None) -> list[str]:
+             field_limits: FieldLimits | None = None, table: MethodTable | None = None) -> list[str]:
     """Add `servicer`'s methods for `service` to `server` (what the generated
     add_*Servicer_to_server does, with receive and field limits and tolerant request
-    parsing). Returns the full names ("/pkg.Service/Method") of the methods that need no
-    token."""
+    parsing), or to `table` (which the caller adds to the server). Returns the full names
+    ("/pkg.Service/Method") of the methods that need no token."""
     handlers = {}
     public = []
     for m in service.methods:
@@ -395,7 +408,10 @@ def register(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor,
     # Generic handlers only: for registered methods grpc.aio (1.6x-1.8x) keeps one pending
     # request task per method and waits on all of them (asyncio.wait) for every call, which
     # cost ~0.25 M instructions per call with our ~50 methods, 30 % of a health check.
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    if table is not None:
+        table.handlers.update({f"/{service.full_name}/{name}": handler for name, handler in handlers.items()})
+    else:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     return public
 
 
