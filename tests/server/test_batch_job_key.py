@@ -1,18 +1,22 @@
 """jobs.batch_job_id has no foreign key on PostgreSQL (revision 0013): row triggers check
-a job that names a batch job, and a trigger on batch_jobs clears a deleted batch job
-from its jobs. A job without one (every new job) queues no check at all."""
+a job that names a batch job (but those a lease links to the batch job it locked itself,
+revision 0015), and a trigger on batch_jobs clears a deleted batch job from its jobs. A
+job without one (every new job) queues no check at all."""
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import insert, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.store import jobs as job_store
+from balsam_grpc.server.store import leases
+from balsam_grpc.server.store import sessions as session_store
 from balsam_grpc.server.store.tables import batch_jobs, jobs
 from tests.server.test_app_delete_race import spec
 from tests.support.records import make_site_app
@@ -117,3 +121,81 @@ def test_a_batch_job_deleted_while_a_job_is_being_linked_to_it_waits_and_clears_
     assert deleted and deleted[0] >= committed
     with engine.connect() as conn:
         assert conn.execute(select(jobs.c.batch_job_id).where(jobs.c.id == job_id)).scalar_one() is None
+
+
+def _check_calls(conn) -> int:
+    """Calls of the per-row batch-job check in this transaction (track_functions on)."""
+    return conn.execute(text(
+        "SELECT coalesce(pg_stat_get_xact_function_calls('balsam_jobs_batch_job_exists'::regproc), 0)")).scalar_one()
+
+
+def test_a_lease_locks_its_batch_job_once_instead_of_checking_each_job(harness, alice):
+    """A lease links every job it takes to its session's batch job: revision 0013's row
+    trigger checked (and locked the batch job) once per job; since revision 0015 the lease
+    locks it once (leases.LOCK_BATCH_JOB) and the trigger skips its rows."""
+    site, app = make_site_app(alice)
+    engine = harness.db.engine
+    with engine.begin() as conn:
+        ids = new_jobs(conn, alice.user_id, app.id, 30, "lease")
+        batch_job_id = new_batch_job(conn, alice.user_id, site.id)
+        session = session_store.open_session(conn, alice.user_id, site.id, batch_job_id, "SERIAL", [], "h",
+                                             utcnow(), utcnow() + timedelta(hours=1))
+    ref = leases.SessionRef(session["id"], alice.user_id, site.id, "SERIAL", batch_job_id)
+    credit = leases.Credit(max_jobs=10, free_nodes=10.0, reserve_jobs=20, reserve_nodes=20.0)
+    with engine.connect() as conn, conn.begin():
+        conn.exec_driver_sql("SET LOCAL track_functions = 'pl'")
+        got = leases.acquire(conn, ref, credit, utcnow())
+        assert _check_calls(conn) == 0
+        with engine.connect() as other, other.begin():  # the lease holds the batch job against a delete
+            with pytest.raises(OperationalError, match="could not obtain lock"):
+                other.execute(select(batch_jobs.c.id).where(batch_jobs.c.id == batch_job_id)
+                              .with_for_update(nowait=True))
+    assert len(got.jobs) == 30 and {r["batch_job_id"] for r in got.jobs} == {batch_job_id}
+    with engine.connect() as conn:
+        linked = conn.execute(select(jobs.c.id).where(jobs.c.batch_job_id == batch_job_id)).scalars().all()
+    assert sorted(linked) == sorted(ids)
+
+
+def test_links_to_a_batch_job_the_transaction_did_not_lock_are_still_checked(harness, alice):
+    """The skip is for the batch job the transaction locked and named, nothing else: a
+    link to another is checked per row, and so is one made after the named batch job was
+    deleted in the same transaction."""
+    site, app = make_site_app(alice)
+    engine = harness.db.engine
+    with engine.begin() as conn:
+        (job_id,) = new_jobs(conn, alice.user_id, app.id, 1, "checked")
+        locked, other = new_batch_job(conn, alice.user_id, site.id), new_batch_job(conn, alice.user_id, site.id)
+    with engine.connect() as conn, conn.begin():
+        conn.exec_driver_sql("SET LOCAL track_functions = 'pl'")
+        conn.execute(leases.LOCK_BATCH_JOB, {"b_bj": locked})
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(batch_job_id=other))
+        assert _check_calls(conn) == 1
+        with pytest.raises(IntegrityError, match="no such batch job"), conn.begin_nested():
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(batch_job_id=other + 100000))
+        conn.execute(batch_jobs.delete().where(batch_jobs.c.id == locked))
+        with pytest.raises(IntegrityError, match="no such batch job"), conn.begin_nested():
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(batch_job_id=locked))
+        conn.rollback()
+    with engine.connect() as conn, conn.begin():  # a missing batch job sets nothing: its links fail
+        conn.execute(leases.LOCK_BATCH_JOB, {"b_bj": other + 100000})
+        with pytest.raises(IntegrityError, match="no such batch job"):
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(batch_job_id=other + 100000))
+
+def test_an_update_that_keeps_a_jobs_batch_job_does_not_lock_it(harness, alice):
+    """Only a link the statement makes is checked (as revision 0013's WHEN clause did): a
+    report that moves a leased job must not wait on (nor fail for) its batch job, which
+    another transaction holds locked to delete it."""
+    site, app = make_site_app(alice)
+    engine = harness.db.engine
+    with engine.begin() as conn:
+        (job_id,) = new_jobs(conn, alice.user_id, app.id, 1, "kept")
+        batch_job_id = new_batch_job(conn, alice.user_id, site.id)
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(batch_job_id=batch_job_id))
+    with engine.connect() as holder, holder.begin():
+        holder.execute(select(batch_jobs.c.id).where(batch_jobs.c.id == batch_job_id).with_for_update())
+        with engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(state_message="moved", batch_job_id=batch_job_id))
+            with pytest.raises(IntegrityError, match="no such batch job"):  # a new link is still checked
+                with conn.begin_nested():
+                    conn.execute(update(jobs).where(jobs.c.id == job_id).values(batch_job_id=batch_job_id + 100000))
