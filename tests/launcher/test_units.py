@@ -583,3 +583,21 @@ def test_cli_argv_is_built_without_importing_the_launcher():
     argv = launcher_argv("serial", Path("/s"), 0, 0, 30.0, 60.0, ["a=b"], [4], "", 0, "polaris")
     assert argv[1:] == ["-m", "balsam_grpc.launcher", "--mode", "serial", "--site-dir", "/s", "--wall-time", "30.0",
                         "--idle-timeout", "60.0", "--platform", "polaris", "--tag", "a=b", "--app-id", "4"]
+
+
+def test_the_launcher_lets_its_loop_keep_the_gil_longer(monkeypatch):
+    """The spawner threads take the GIL when the loop waits, not by forcing it mid-turn
+    (bootstrap.GIL_SWITCH_INTERVAL_S), in the launcher's process only."""
+    import sys
+
+    from balsam_grpc.launcher import bootstrap
+
+    async def fake_master(*_args) -> int:
+        return round(sys.getswitchinterval() * 1000)
+
+    before = sys.getswitchinterval()
+    monkeypatch.setattr(bootstrap, "run_master", fake_master)
+    try:
+        assert bootstrap.run_rank0(None, [], None, None) == 50  # type: ignore[arg-type]
+    finally:
+        sys.setswitchinterval(before)
