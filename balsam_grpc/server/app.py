@@ -21,6 +21,7 @@ from balsam_grpc.core.services import SERVICES
 from balsam_grpc.server import rpc, wire
 from balsam_grpc.server.state import ServerSettings, ServerState
 from balsam_grpc.server.store.db import Database
+from balsam_grpc.server.store import durability
 from balsam_grpc.server.store.migrate import upgrade
 
 log = structlog.get_logger("balsam.server")
@@ -155,6 +156,9 @@ class BalsamServer:
         await asyncio.to_thread(upgrade, settings.database_url)
         self.db = Database(settings.database_url, workers=settings.database_threads,
                            bulk_reserved=settings.database_bulk_reserved)
+        if not self.db.is_sqlite:
+            for warning in durability.warnings(await self.db.read(durability.read_settings)):
+                log.warning("PostgreSQL setting", detail=warning)
         if self.db.is_sqlite:
             # One process serves SQLite, so no daemon holds a stream before this server
             # serves: clear what a crash left. (On PostgreSQL other replicas may hold them.)
