@@ -344,11 +344,10 @@ class Fanout:
         dialect = self.db.engine.dialect
         horizon_sql = driver_statement("fanout.horizon", lambda: HORIZON, dialect).sql
         events_sql = driver_statement("fanout.read_events", lambda: _READ_EVENTS, dialect).sql
-        horizon, last = horizon_of(*(await self.db.statement_now(horizon_sql, {}, tuples=True))[0])
+        horizon, last = horizon_of(*(await self.db.statement_now(horizon_sql, {}))[0])
         if not rows or horizon <= after:
             return horizon, last, []
-        got = await self.db.statement_now(events_sql, {"e_after": after, "e_upto": horizon, "e_limit": READ_BATCH},
-                                          tuples=True)
+        got = await self.db.statement_now(events_sql, {"e_after": after, "e_upto": horizon, "e_limit": READ_BATCH})
         return horizon, last, [EventRow(*r) for r in got]
 
     def _read(self, rows: list[EventRow], upto: int) -> None:

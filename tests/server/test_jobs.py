@@ -561,7 +561,7 @@ def test_a_statement_run_on_the_event_loop_survives_a_cut_connection(harness, pi
             assert other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
 
     async def scenario() -> None:
-        pid = (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid
+        pid = (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0][0]
         cut(pid)
         # Cut while idle: the loop sees its socket close, closes it (not called at every
         # turn of the loop after), and the next statement runs on a new connection.
@@ -570,13 +570,13 @@ def test_a_statement_run_on_the_event_loop_survives_a_cut_connection(harness, pi
                 break
             await asyncio.sleep(0.01)
         assert db._statements._idle[-1][0].closed
-        pid2 = (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid
+        pid2 = (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0][0]
         assert pid2 != pid
         # Cut during a statement: UNAVAILABLE (callers retry), and the connection is dropped.
         with pytest.raises(DBAPIError) as err:
             await db.statement_now("SELECT pg_terminate_backend(pg_backend_pid()) AS gone", {})
         assert database_unavailable(err.value) is not None
-        assert (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0].pid not in (pid, pid2)
+        assert (await db.statement_now("SELECT pg_backend_pid() AS pid", {}))[0][0] not in (pid, pid2)
         assert await db.statement_now("SELECT 1 WHERE false", {}) == []
 
     try:
@@ -602,7 +602,7 @@ def test_a_statement_connection_registers_its_socket_once(harness):
         add_reader = loop.add_reader
         loop.add_reader = lambda fd, *args: (added.append(fd), add_reader(fd, *args))[1]  # type: ignore[method-assign]
         for i in range(20):
-            assert (await db.statement_now("SELECT %(i)s::int AS i", {"i": i}))[0].i == i
+            assert (await db.statement_now("SELECT %(i)s::int AS i", {"i": i}))[0][0] == i
 
     try:
         asyncio.run(scenario())
@@ -612,7 +612,7 @@ def test_a_statement_connection_registers_its_socket_once(harness):
 
 
 def test_statements_run_as_tuples_convert_prepare_and_fail_as_psycopg_does(harness, monkeypatch):
-    # statement_now(tuples=True) runs on the connection's libpq handle (no cursor): its
+    # statement_now runs on the connection's libpq handle (no cursor): its
     # placeholders, prepared statements and errors must be psycopg's.
     if harness.backend != "postgres":
         pytest.skip("statements on the event loop are PostgreSQL's")
@@ -627,41 +627,39 @@ def test_statements_run_as_tuples_convert_prepare_and_fail_as_psycopg_does(harne
     db = Database(harness.url, workers=1)
 
     async def prepared() -> list[str]:
-        rows = await db.statement_now("SELECT name FROM pg_prepared_statements ORDER BY name", {}, tuples=True)
+        rows = await db.statement_now("SELECT name FROM pg_prepared_statements ORDER BY name", {})
         return [name for (name,) in rows]
 
     async def scenario() -> None:
         now = db.statement_now
         # a repeated name is one parameter; %% is a literal %; one parameter; none; NULL
-        assert await now("SELECT %(a)s::int + %(a)s::int, '5%%', %(b)s::text", {"a": 2, "b": None},
-                         tuples=True) == [(4, "5%", None)]
-        assert await now("SELECT %(x)s::text", {"x": "one"}, tuples=True) == [("one",)]
-        assert await now("SELECT 1 WHERE false", {}, tuples=True) == []
-        assert await now("SELECT CAST(%(j)s AS JSONB)", {"j": '{"k": [1]}'}, tuples=True) == [({"k": [1]},)]
+        assert await now("SELECT %(a)s::int + %(a)s::int, '5%%', %(b)s::text", {"a": 2, "b": None}) == [(4, "5%", None)]
+        assert await now("SELECT %(x)s::text", {"x": "one"}) == [("one",)]
+        assert await now("SELECT 1 WHERE false", {}) == []
+        assert await now("SELECT CAST(%(j)s AS JSONB)", {"j": '{"k": [1]}'}) == [({"k": [1]},)]
         # prepared at the fifth execution, as psycopg does
         before = await prepared()
         for i in range(db_module.PREPARE_AFTER - 1):
-            assert await now("SELECT %(i)s::int * 10", {"i": i}, tuples=True) == [(i * 10,)]
+            assert await now("SELECT %(i)s::int * 10", {"i": i}) == [(i * 10,)]
         assert await prepared() == before
-        assert await now("SELECT %(i)s::int * 10", {"i": 7}, tuples=True) == [(70,)]
+        assert await now("SELECT %(i)s::int * 10", {"i": 7}) == [(70,)]
         assert len(await prepared()) == len(before) + 1
         # at most MAX_PREPARED per connection: the least recently used is deallocated
         for n in range(4):
             for _ in range(db_module.PREPARE_AFTER):
-                await now(f"SELECT %(i)s::int + {n}", {"i": 1}, tuples=True)
+                await now(f"SELECT %(i)s::int + {n}", {"i": 1})
         assert len(await prepared()) == 3
         # errors as SQLAlchemy raises them; the connection serves on
         with pytest.raises(IntegrityError):
             await now("SELECT CAST(NULL AS INT) FROM (SELECT 1) AS t WHERE (SELECT 1/0) IS NULL OR true "
-                      "UNION ALL SELECT 1 FROM (SELECT raise_unique()) AS r", {}, tuples=True)
+                      "UNION ALL SELECT 1 FROM (SELECT raise_unique()) AS r", {})
         with pytest.raises(DBAPIError):
-            await now("SELEKT %(i)s", {"i": 1}, tuples=True)
+            await now("SELEKT %(i)s", {"i": 1})
         for _ in range(db_module.PREPARE_AFTER + 1):  # a failing statement is never kept prepared
             with pytest.raises(DBAPIError):
-                await now("SELECT 1 / %(z)s::int", {"z": 0}, tuples=True)
-        assert await now("SELECT %(i)s::int * 10", {"i": 8}, tuples=True) == [(80,)]
-        # psycopg's own cursor (named-tuple rows) on the same connection still works
-        assert (await now("SELECT %(i)s::int AS i", {"i": 9}))[0].i == 9
+                await now("SELECT 1 / %(z)s::int", {"z": 0})
+        assert await now("SELECT %(i)s::int * 10", {"i": 8}) == [(80,)]
+        assert (await now("SELECT %(i)s::int AS i", {"i": 9})) == [(9,)]
         assert len(db._statements._idle) == 1  # one connection throughout
 
     try:

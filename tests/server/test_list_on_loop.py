@@ -73,7 +73,7 @@ def test_the_statement_without_sqlalchemy_reads_what_sqlalchemy_reads(harness, a
 
     async def on_loop(q: store.JobQuery, order: Any, after: Any, limit: int, names: tuple[str, ...]) -> list[Any]:
         if harness.backend == "postgres":
-            return await db.statement_now(*store.select_statement(q, order, after, limit, names), tuples=True)
+            return await db.statement_now(*store.select_statement(q, order, after, limit, names))
         rows = await db.sqlite_statement(*store.sqlite_select_statement(q, order, after, limit, names))
         return store.sqlite_rows(names, rows)
 
@@ -180,8 +180,7 @@ def test_counts_from_job_counts_are_those_of_the_jobs(harness, alice):
                 with db.engine.connect() as conn:
                     expected = store.count_jobs(conn, query, group_by)
                 if harness.backend == "postgres":
-                    rows = await db.statement_now(*job_counts.count_statement(query, group_by, "postgresql"),
-                                                  tuples=True)
+                    rows = await db.statement_now(*job_counts.count_statement(query, group_by, "postgresql"))
                 else:
                     rows = await db.sqlite_statement(*job_counts.count_statement(query, group_by, "sqlite"))
                 assert job_counts.count_outcome(rows, group_by)[:2] == expected, (query, group_by)

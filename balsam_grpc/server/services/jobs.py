@@ -649,7 +649,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         built once per shape of query: on PostgreSQL on the event loop (no hop to a
         database thread), on SQLite on a database thread; neither through SQLAlchemy."""
         if self.db.is_postgres:
-            return await self.db.statement_now(*store.select_statement(q, order, after, limit, names), tuples=True)
+            return await self.db.statement_now(*store.select_statement(q, order, after, limit, names))
         rows = await self.db.sqlite_statement(*store.sqlite_select_statement(q, order, after, limit, names))
         return store.sqlite_rows(names, rows)
 
@@ -662,8 +662,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         if job_counts.answers(q, group_by):
             # From the counts the triggers keep: as fast at a million jobs as at ten.
             if self.db.is_postgres:  # on the event loop: no hop to a database thread
-                rows = await self.db.statement_now(*job_counts.count_statement(q, group_by, "postgresql"),
-                                                   tuples=True)
+                rows = await self.db.statement_now(*job_counts.count_statement(q, group_by, "postgresql"))
             else:
                 rows = await self.db.sqlite_statement(*job_counts.count_statement(q, group_by, "sqlite"))
             total, groups, untidy = job_counts.count_outcome(rows, group_by)
@@ -898,7 +897,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         if statement is None:
             return None
         try:
-            got = store.at_once_outcome(await self.db.statement_now(*statement, tuples=True), row, once)
+            got = store.at_once_outcome(await self.db.statement_now(*statement), row, once)
         except IntegrityError:  # the app deleted meanwhile (foreign key), the request_id taken meanwhile
             got = None
         if got is None:
@@ -951,8 +950,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             # and COMMIT round trips, on the event loop (store.patch_statement): no hop to
             # a database thread. SQLite: in a transaction of its own on a database thread.
             if self.db.is_postgres:
-                rows = await self.db.statement_now(*store.patch_statement(q, values, utcnow(), _FULL_NAMES),
-                                                   tuples=True)
+                rows = await self.db.statement_now(*store.patch_statement(q, values, utcnow(), _FULL_NAMES))
             else:
                 rows = store.sqlite_rows(_FULL_NAMES, await self.db.sqlite_statement(
                     *store.sqlite_patch_statement(q, values, utcnow(), _FULL_NAMES), write=True))

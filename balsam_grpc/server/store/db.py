@@ -347,7 +347,6 @@ def _psycopg() -> Any:
     install has none) and then held: an import statement in a function costs a lookup
     of the module, its attribute and the import lock at every call."""
     import psycopg
-    import psycopg.rows
 
     return psycopg
 
@@ -465,7 +464,7 @@ def _statement_connection_class() -> type:
                     if result is None:
                         break
                     if result.status == fatal_error and error is None:
-                        error = errors.error_from_result(result, encoding=self._statement_encoding())
+                        error = errors.error_from_result(result, encoding=self.info.encoding)
                     last = result
             except OSError as exc:
                 raise psycopg.OperationalError("connection socket closed") from exc
@@ -474,9 +473,6 @@ def _statement_connection_class() -> type:
             if error is not None:
                 raise error
             return last
-
-        def _statement_encoding(self) -> str:
-            return self.info.encoding
 
         def _readable(self) -> None:
             waiter = self._waiter
@@ -538,23 +534,6 @@ def _statement_connection_class() -> type:
     return StatementConnection
 
 
-# Statements as bytes, encoded once. Given a str, psycopg encodes it at every execution
-# and hashes the new bytes to find the statement's converted form in its cache (a single
-# create's statement is 2.7 kB); bytes keep their hash. The callers' statements are few
-# and held (built once per shape), so their str hashes are kept too.
-_ENCODED: dict[str, bytes] = {}
-_MAX_ENCODED = 1024
-
-
-def _encoded(sql: str) -> bytes:
-    encoded = _ENCODED.get(sql)
-    if encoded is None:
-        if len(_ENCODED) >= _MAX_ENCODED:
-            _ENCODED.clear()
-        encoded = _ENCODED[sql] = sql.encode()
-    return encoded
-
-
 # StatementConnection.run_tuples: executions of a (query, parameter types) before it is
 # prepared, and the statements prepared per connection (psycopg's defaults).
 PREPARE_AFTER = 5
@@ -590,13 +569,16 @@ class _DriverShape:
             (lambda params: (getter(params),)) if self.count == 1 else getter)  # type: ignore[assignment,misc]
 
 
+# Converted once per statement text: the callers' statements are few and held (built once
+# per shape), so their str hashes are kept too.
 _SHAPES: dict[str, _DriverShape] = {}
+_MAX_SHAPES = 1024
 
 
 def _shape(sql: str) -> _DriverShape:
     shape = _SHAPES.get(sql)
     if shape is None:
-        if len(_SHAPES) >= _MAX_ENCODED:
+        if len(_SHAPES) >= _MAX_SHAPES:
             _SHAPES.clear()
         shape = _SHAPES[sql] = _DriverShape(sql)
     return shape
@@ -633,21 +615,14 @@ class _StatementConnections:
             self._loop, self._slots = loop, asyncio.Semaphore(self.size)
         return self._slots
 
-    async def run(self, sql: str, params: dict[str, Any], tuples: bool = False) -> list[Any]:
+    async def run(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         psycopg = _psycopg()
         slots = self._bind()
         async with slots:
             conn = await self._take(psycopg)
             broken = True
             try:
-                if tuples:
-                    rows = await conn.run_tuples(_shape(sql), params)
-                else:
-                    cursor = conn.cursor(row_factory=psycopg.rows.namedtuple_row)
-                    await cursor.execute(_encoded(sql), params)
-                    # The result's status, not cursor.description: that builds a Column per field.
-                    result = cursor.pgresult
-                    rows = await cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
+                rows = await conn.run_tuples(_shape(sql), params)
                 broken = False
                 return rows
             except psycopg.Error as exc:
@@ -793,10 +768,10 @@ class Database:
         if max_event_id is not None and self.on_events is not None:
             self.on_events(max_event_id)
         return result
-    async def statement_now(self, sql: str, params: dict[str, Any], *, tuples: bool = False) -> list[Any]:
+    async def statement_now(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """PostgreSQL: run one statement in the driver's own terms (psycopg's %(name)s
-        placeholders) in autocommit, on the event loop, and return its rows (named tuples,
-        plain ones when `tuples`; [] when it returns none). Committed before it returns;
+        placeholders) in autocommit, on the event loop, and return its rows (plain tuples;
+        [] when it returns none). Committed before it returns;
         errors are raised as SQLAlchemy's (IntegrityError, OperationalError with the
         connection invalidated, ...). Not for statements whose rows need SQLAlchemy's type
         processing.
@@ -808,7 +783,7 @@ class Database:
         asks the database for the event horizon, concerned or not."""
         assert self._statements is not None, "statement_now: PostgreSQL only"
         try:
-            return await self._statements.run(sql, params, tuples)
+            return await self._statements.run(sql, params)
         except Exception as exc:
             self._raise_if_storage_full(exc)
             raise

@@ -346,7 +346,7 @@ async def site_backlog(db: Any, owner_id: int, site_id: int) -> dict[str, Any]:
     """What waits at the site, for the elastic queue (field names of SiteBacklog)."""
     params = {"w_owner": owner_id, "w_site": site_id}
     if db.is_postgres:
-        rows = await db.statement_now(_BACKLOG_SQL["postgresql"], params, tuples=True)
+        rows = await db.statement_now(_BACKLOG_SQL["postgresql"], params)
     else:
         rows = await db.sqlite_statement(_BACKLOG_SQL["sqlite"], params)
     return _backlog_values([r for r in rows if r[0] is not None], rows[0][5])
