@@ -7,6 +7,7 @@ import asyncio
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -390,62 +391,54 @@ def test_an_idle_launchers_report_goes_at_once():
     assert asyncio.run(_reports_after_a_first_one(busy=False)) == [[1], [2], [3]]
 
 
+async def _fed_pause(scenario: Any) -> list[list[int]]:
+    """A busy launcher with every slot fed (an empty credit) has reported job 1 and its
+    writer waits out the longer pause; `scenario(client, credit)` goes on from there and
+    the reports sent by then are returned."""
+    credit = session_service_pb2.SessionCredit()
+    client = _client(True)
+    client.cb.credit = lambda: credit
+    client.report_interval_s, client.fed_report_interval_s = 0.0, 60.0
+    client._last_report_at = time.monotonic()
+    call = _Call()
+    writer = asyncio.create_task(client._writer(call))
+    try:
+        client.report(session_service_pb2.JobTransition(job_id=1))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert call.reports == []  # fed: held for the longer pause
+        scenario(client, credit)
+        await asyncio.wait_for(call.sent.wait(), 5)
+        return call.reports
+    finally:
+        writer.cancel()
+
+
 def test_a_fed_launchers_longer_pause_ends_when_its_credit_asks_for_jobs():
     """Busy, with every slot fed: the report waits the longer pause; once the credit asks
     for jobs (a slot has nothing left to start) it waits only the short one."""
-    async def scenario() -> list[list[int]]:
-        credit = session_service_pb2.SessionCredit()
-        client = _client(True)
-        client.cb.credit = lambda: credit
-        client.report_interval_s, client.fed_report_interval_s = 0.0, 60.0
-        client._last_report_at = time.monotonic()
-        call = _Call()
-        writer = asyncio.create_task(client._writer(call))
-        try:
-            client.report(session_service_pb2.JobTransition(job_id=1))
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert call.reports == []  # fed: held for the longer pause
-            credit.max_jobs = 1
-            client.wake()
-            await asyncio.wait_for(call.sent.wait(), 5)
-            return call.reports
-        finally:
-            writer.cancel()
+    def scenario(client: Any, credit: Any) -> None:
+        credit.max_jobs = 1
+        client.wake()
 
-    assert asyncio.run(scenario()) == [[1]]
+    assert asyncio.run(_fed_pause(scenario)) == [[1]]
 
 
 def test_a_fed_pause_is_woken_only_by_what_ends_it():
     """A busy launcher reports and wakes its session for every job; while the writer waits
     out the fed pause, those wake-ups would each cost it a turn of the loop for nothing.
     Only a credit that asks for jobs (or an idle launcher) ends the pause."""
-    async def scenario() -> list[list[int]]:
-        credit = session_service_pb2.SessionCredit()
-        client = _client(True)
-        client.cb.credit = lambda: credit
-        client.report_interval_s, client.fed_report_interval_s = 0.0, 60.0
-        client._last_report_at = time.monotonic()
-        call = _Call()
-        writer = asyncio.create_task(client._writer(call))
-        try:
-            client.report(session_service_pb2.JobTransition(job_id=1))
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert client._fed_pause
-            for job_id in range(2, 6):
-                client.report(session_service_pb2.JobTransition(job_id=job_id))
-                client.wake()
-                assert not client._wake.is_set()
-            credit.reserve_jobs = 1
+    def scenario(client: Any, credit: Any) -> None:
+        assert client._fed_pause
+        for job_id in range(2, 6):
+            client.report(session_service_pb2.JobTransition(job_id=job_id))
             client.wake()
-            assert client._wake.is_set()
-            await asyncio.wait_for(call.sent.wait(), 5)
-            return call.reports
-        finally:
-            writer.cancel()
+            assert not client._wake.is_set()
+        credit.reserve_jobs = 1
+        client.wake()
+        assert client._wake.is_set()
 
-    assert asyncio.run(scenario()) == [[1, 2, 3, 4, 5]]
+    assert asyncio.run(_fed_pause(scenario)) == [[1, 2, 3, 4, 5]]
 
 
 def test_the_credit_is_built_again_only_when_its_figures_change(tmp_path):
