@@ -21,6 +21,7 @@ from balsam_grpc.server.admission import (
     Refused,
     stream_kind,
 )
+from balsam_grpc.server.services.auth import _current as current_user_read
 from balsam_grpc.v1 import auth_service_pb2 as pb
 from balsam_grpc.v1 import auth_service_pb2_grpc, event_service_pb2, event_service_pb2_grpc
 from tests.support.waiting import wait_until
@@ -52,7 +53,12 @@ def limits(harness: Any) -> Iterator[Callable[..., Admission]]:
 
 
 class Gate:
-    """Holds the handlers' database reads until opened (blocked handlers)."""
+    """Holds GetCurrentUser's database read (the handler these tests call) until opened.
+
+    Only that read: the shared server's own reads go on. Holding every read also held the
+    session reaper's periodic one (and those of streams earlier tests left on this
+    server), which then counted as a third waiter: `waiting == 2` was never seen and the
+    test timed out (CI, test_server_cap_refuses_with_retry_after_and_recovers[sqlite])."""
 
     def __init__(self, harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.opened = threading.Event()
@@ -63,7 +69,7 @@ class Gate:
         async def gated_read(fn: Any, *args: Any, **kwargs: Any) -> Any:
             import asyncio
 
-            if getattr(fn, "__name__", "") == "resolve_token":  # authentication runs before admission
+            if fn is not current_user_read:
                 return await real_read(fn, *args, **kwargs)
             self.waiting += 1
             try:
