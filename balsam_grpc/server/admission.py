@@ -66,21 +66,6 @@ class AdmissionLimits:
     retry_after_ms: int = 250
 
 
-class Slot:
-    """One admitted unary call; `release()` exactly once (idempotent)."""
-
-    __slots__ = ("_admission", "_user")
-
-    def __init__(self, admission: Admission, user: int) -> None:
-        self._admission = admission
-        self._user = user
-
-    def release(self) -> None:
-        if self._admission is not None:
-            self._admission._leave(self._user)
-            self._admission = None  # type: ignore[assignment]
-
-
 class Admission:
     """Counts unary calls in flight (total and per user) and streams per user."""
 
@@ -91,8 +76,9 @@ class Admission:
         self.streams: dict[tuple[int, str], int] = {}
         self.refused = 0  # since start, for logs and benchmarks
 
-    def admit(self, user_id: int | None) -> Slot:
-        """A slot for one unary call, or Refused (SERVER_BUSY) when a cap is reached."""
+    def enter(self, user_id: int | None) -> int:
+        """Count one unary call in, or raise Refused (SERVER_BUSY) when a cap is reached.
+        Returns the key to hand to leave(), exactly once, when the call ends."""
         user = ANONYMOUS if user_id is None else user_id
         limits = self.limits
         mine = self.per_user.get(user, 0)
@@ -106,23 +92,9 @@ class Admission:
                           f"{limits.retry_after_ms} ms", reason=SERVER_BUSY, retry_after_ms=limits.retry_after_ms)
         self.in_flight += 1
         self.per_user[user] = mine + 1
-        return Slot(self, user)
-
-    def enter(self, user_id: int | None) -> int:
-        """admit() without its Slot, for the rpc wrapper (which leaves exactly once): the
-        key to hand to leave()."""
-        user = ANONYMOUS if user_id is None else user_id
-        mine = self.per_user.get(user, 0)
-        if self.in_flight >= self.limits.max_unary_in_flight or mine >= self.limits.max_unary_in_flight_per_user:
-            self.admit(user_id)  # raises Refused, saying which cap
-        self.in_flight += 1
-        self.per_user[user] = mine + 1
         return user
 
     def leave(self, user: int) -> None:
-        self._leave(user)
-
-    def _leave(self, user: int) -> None:
         self.in_flight -= 1
         left = self.per_user[user] - 1
         if left:

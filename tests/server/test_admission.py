@@ -91,22 +91,24 @@ def whoami_future(caller: Any) -> grpc.Future:
 
 # -- pure bookkeeping ---------------------------------------------------------------------
 
-def test_slots_are_counted_and_released_once() -> None:
+def test_calls_are_counted_in_and_out() -> None:
     adm = Admission(AdmissionLimits(max_unary_in_flight=2, max_unary_in_flight_per_user=1, retry_after_ms=40))
-    a = adm.admit(1)
+    a = adm.enter(1)
     with pytest.raises(Refused) as caught:
-        adm.admit(1)  # the user's cap
+        adm.enter(1)  # the user's cap
     assert caught.value.reason == "SERVER_BUSY" and caught.value.metadata["retry_after_ms"] == "40"
+    assert "this user has 1 calls in flight" in str(caught.value)
     assert caught.value.code == Code.RESOURCE_EXHAUSTED
-    b = adm.admit(2)
-    with pytest.raises(Refused):
-        adm.admit(3)  # the server's cap
-    a.release()
-    a.release()  # idempotent: does not free a slot it does not hold
+    b = adm.enter(2)
+    with pytest.raises(Refused) as caught:
+        adm.enter(3)  # the server's cap
+    assert "2 calls in flight" in str(caught.value)
+    assert adm.in_flight == 2 and adm.per_user == {1: 1, 2: 1}  # a refusal counts nothing in
+    adm.leave(a)
     assert adm.in_flight == 1 and adm.per_user == {2: 1}
-    c = adm.admit(None)  # a public call (Login) counts too
-    b.release()
-    c.release()
+    c = adm.enter(None)  # a public call (Login) counts too
+    adm.leave(b)
+    adm.leave(c)
     assert adm.in_flight == 0 and adm.per_user == {} and adm.refused == 2
 
 
@@ -195,14 +197,14 @@ def test_sdk_retries_server_busy_after_the_delay(harness: Any, alice: Any,
     from balsam_grpc.sdk import Client
 
     adm = limits(max_unary_in_flight=1, max_unary_in_flight_per_user=1, retry_after_ms=50)
-    slot = harness.embedded.loop.run(_admit(adm, alice.user_id))  # the only slot, held by "another call"
+    held = harness.embedded.loop.run(_enter(adm, alice.user_id))  # the only slot, held by "another call"
     result: dict[str, Any] = {}
     with Client(harness.address, token=alice.token, mutation_attempts=50) as client:
         worker = threading.Thread(target=lambda: result.setdefault("me", client.whoami()))
         worker.start()
         wait_until(lambda: adm.refused >= 2, "the SDK's call refused and retried")
         assert "me" not in result and worker.is_alive()
-        harness.embedded.loop.run(_release(slot))
+        harness.embedded.loop.run(_leave(adm, held))
         worker.join(WAIT)
     assert result["me"].user.id == alice.user_id
 
@@ -246,12 +248,12 @@ def test_stream_cap_per_user(harness: Any, alice: Any, bob: Any, limits: Callabl
     wait_until(lambda: adm.streams == {}, "every stream released")
 
 
-async def _admit(adm: Admission, user_id: int) -> Any:
-    return adm.admit(user_id)
+async def _enter(adm: Admission, user_id: int) -> int:
+    return adm.enter(user_id)
 
 
-async def _release(slot: Any) -> None:
-    slot.release()
+async def _leave(adm: Admission, user: int) -> None:
+    adm.leave(user)
 
 
 def test_a_burst_is_answered_ok_or_resource_exhausted(harness: Any, alice: Any) -> None:
