@@ -677,3 +677,45 @@ def test_a_sites_backlog_counts_held_jobs_as_running(alice: Any, harness: Any) -
                     "max_wall_time_min": 20, "pending_jobs": 2, "running_jobs": 2, "active_sessions": 1}
     assert nothing == {"runnable_jobs": 0, "runnable_node_footprint": 0.0, "max_job_nodes": 0,
                        "max_wall_time_min": 0, "pending_jobs": 0, "running_jobs": 0, "active_sessions": 0}
+
+
+def test_a_slow_backlog_read_is_repeated_less_often(alice: Any, clients: list[SiteClient],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog read scans the site's waiting jobs (0.25-0.4 s at 300,000 on PostgreSQL).
+    Read at most 5 times a second while jobs keep arriving, a large backlog kept the
+    database busy with nothing else; now a stream waits BACKLOG_COST_RATIO times its last
+    read's duration before the next, and still sends the backlog as it ends up."""
+    import asyncio
+
+    from balsam_grpc.server.services import site_stream
+    from balsam_grpc.server.store import site_work
+
+    read_seconds = 0.1
+    assert site_stream.backlog_gap(0.001) == site_stream.BACKLOG_MIN_INTERVAL
+    assert site_stream.backlog_gap(read_seconds) == pytest.approx(site_stream.BACKLOG_COST_RATIO * read_seconds)
+    real = site_work.site_backlog
+    reads: list[int] = []
+
+    async def slow(db: Any, owner_id: int, site_id: int) -> dict[str, Any]:
+        if site_id == site.id:
+            reads.append(site_id)
+            await asyncio.sleep(read_seconds)  # a site with a large backlog
+        return await real(db, owner_id, site_id)
+
+    monkeypatch.setattr(site_work, "site_backlog", slow)
+    site = make_site(alice)
+    app = make_app(alice, site.id)
+    make_jobs(alice, app, 1)
+    client = _connect(alice, site.id, clients)
+    client.welcome()
+    assert client.next("backlog").runnable_jobs == 1
+    # Jobs keep arriving for 2.5 s: each one leaves the backlog to be read again.
+    created = 1
+    end = time.monotonic() + 2.5
+    while time.monotonic() < end:
+        make_jobs(alice, app, 1)
+        created += 1
+        time.sleep(0.05)
+    # The first read, then at most one per 2 s gap (before: one every ~0.3 s, 8 or more).
+    assert len(reads) <= 3, reads
+    wait_until(lambda: client.next("backlog").runnable_jobs == created, f"the backlog with {created} runnable jobs")
