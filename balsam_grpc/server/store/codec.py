@@ -68,7 +68,23 @@ def loads(data: str | bytes | bytearray | memoryview) -> Any:
     hit = _MEMO.get(data)
     if hit is not None:
         return hit.copy()
-    text = data if type(data) is str else data.decode()
+    return _parsed(data, data if type(data) is str else data.decode())
+
+
+def loads_jsonb(data: bytes | bytearray | memoryview) -> Any:
+    """loads for jsonb's binary form (Database.statement_now's results): a version byte
+    (1), then the text. Remembered under the whole form (a text's key has no such byte)."""
+    data = bytes(data)
+    hit = _MEMO.get(data)
+    if hit is not None:
+        return hit.copy()
+    if data[:1] != b"\x01":
+        raise ValueError(f"unknown jsonb binary format {data[:1]!r}")
+    return _parsed(data, data[1:].decode())
+
+
+def _parsed(data: str | bytes, text: str) -> Any:
+    """`text` parsed, remembered under `data` when small and flat."""
     try:
         value, end = _scan(text, 0)
     except StopIteration:  # leading whitespace or invalid: let json report it properly
@@ -95,6 +111,32 @@ def json_loader() -> type:
         load = staticmethod(loads)  # type: ignore[assignment]
 
     return JsonLoader
+
+
+@functools.cache
+def jsonb_binary_loader() -> type:
+    """json_loader for jsonb in binary results (Database.statement_now's)."""
+    from psycopg.adapt import Loader
+    from psycopg.pq import Format
+
+    class JsonbBinaryLoader(Loader):
+        format = Format.BINARY
+        load = staticmethod(loads_jsonb)  # type: ignore[assignment]
+
+    return JsonbBinaryLoader
+
+
+@functools.cache
+def json_binary_loader() -> type:
+    """json_loader for json in binary results: the json type's binary form is its text."""
+    from psycopg.adapt import Loader
+    from psycopg.pq import Format
+
+    class JsonBinaryLoader(Loader):
+        format = Format.BINARY
+        load = staticmethod(loads)  # type: ignore[assignment]
+
+    return JsonBinaryLoader
 
 
 def dumps(value: Any) -> str:
