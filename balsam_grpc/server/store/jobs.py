@@ -346,6 +346,13 @@ def _query_params(q: JobQuery) -> dict[str, Any]:
                         ("batch_job_ids", q.batch_job_ids), ("session_id", q.session_id or None)):
         if value is not None and (not isinstance(value, list) or value):
             params[name] = value
+    if len(q.states) == 1:
+        # One state is compared (`jobs.state = `), not listed: PostgreSQL then walks
+        # ix_jobs_owner_id_state_id in id order and stops at the page's end. With `= ANY`
+        # it cannot (before version 17) and walked the primary key instead, reading every
+        # job of the owner in other states before the first one listed (13,500 rows, 13 ms
+        # for a page of 100 on a 50,000-job database of bench_load).
+        params["state"] = params.pop("states")[0]
     if q.tags:
         params["tags"] = json.dumps(dict(sorted(q.tags.items())))
     for i, (k, v) in enumerate(sorted(q.exclude_tags.items())):
@@ -442,7 +449,7 @@ def _where(params: dict[str, Any], order: list[tuple[str, bool]], binding: _Bind
 
 
 # Filters that compare a column with their one value, and filters of a list of values.
-_COMPARED = {"owner_id": "jobs.owner_id =", "site_scope": "jobs.site_id =", "create_start": "jobs.create_time >=",
+_COMPARED = {"owner_id": "jobs.owner_id =", "site_scope": "jobs.site_id =", "state": "jobs.state =", "create_start": "jobs.create_time >=",
              "create_end": "jobs.create_time <", "update_start": "jobs.update_time >=",
              "update_end": "jobs.update_time <", "session_id": "jobs.session_id ="}
 _LISTED = {"ids": ("jobs.id", "BIGINT"), "states": ("jobs.state", "VARCHAR"), "app_ids": ("jobs.app_id", "BIGINT"),

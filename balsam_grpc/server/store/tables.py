@@ -206,6 +206,8 @@ jobs = Table(
     Column("cleanup_info", Text, nullable=True),
     UniqueConstraint("site_id", "workdir"),
     Index("ix_jobs_owner_id_state_site_id", "owner_id", "state", "site_id"),
+    # A list of one state in id order (revision 0016).
+    Index("ix_jobs_owner_id_state_id", "owner_id", "state", "id"),
     Index("ix_jobs_app_id", "app_id"),
     # Partial: every query asks for one value, and a new job has neither (revision 0010).
     Index("ix_jobs_session_id", "session_id", postgresql_where=text("session_id IS NOT NULL"),
