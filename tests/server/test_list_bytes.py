@@ -66,8 +66,12 @@ def test_a_page_is_the_bytes_of_the_rows_written_plainly(harness, alice):
     batch_job = make_batch_job(alice, site.id)
     stub = jobs_stub(alice)
     tag = {"page": "bytes"}
+    # Created together: the same times and resources, two tags alternating (templates of
+    # shared fields must not hand one job's tags to another), one tag too long to be kept
+    # in a template's key.
     plain = stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
-        job_pb2.Job(app_id=app.id, workdir=f"bytes/{i}", parameters={"x": str(i)}, tags=tag) for i in range(5)])).jobs
+        job_pb2.Job(app_id=app.id, workdir=f"bytes/{i}", parameters={"x": str(i)},
+                    tags={"page": f"bytes-{i % 2}" if i < 6 else "long " * 200}) for i in range(7)])).jobs
     full = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
         app_id=app.id, workdir="bytes/full/\u00fc\u4e2d", name="every field \u00e9", tags=tag, parameters={"x": "-7"},
         data={"l": [1.5, "two", None, True, {"k": {"deep": False}}]}, priority=-3,

@@ -18,6 +18,7 @@ from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.services.jobs import BASIC_COLUMNS, FULL_COLUMNS, tuples_to_messages
 from balsam_grpc.server.store import job_counts
 from balsam_grpc.server.store import jobs as store
+from balsam_grpc.server.store.codec import loads
 from balsam_grpc.server.store.db import Database
 from balsam_grpc.v1 import job_pb2, job_service_pb2
 
@@ -48,7 +49,10 @@ ORDERS = ["", "-id", "workdir", "-create_time,workdir", "priority,-state_time", 
 
 def _stored(name: str, value: Any) -> Any:
     """A value as SQLAlchemy reads it: SQLite's driver-level statement gives times as
-    stored text (convert.shared_timestamp reads them)."""
+    stored text (convert.shared_timestamp reads them), both statements the tags as their
+    JSON text (the servicer's template key)."""
+    if isinstance(value, str) and name == "tags":
+        return loads(value)
     return datetime.fromisoformat(value) if isinstance(value, str) and name.endswith("_time") else value
 
 

@@ -42,6 +42,7 @@ from balsam_grpc.server.store import apps as app_store
 from balsam_grpc.server.store import job_counts
 from balsam_grpc.server.store import jobs as store
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS
+from balsam_grpc.server.store.codec import loads as json_loads
 from balsam_grpc.server.store.tables import apps
 from balsam_grpc.server.store.transitions import Refusal
 from balsam_grpc.v1 import common_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
@@ -140,10 +141,11 @@ def fill_job(msg: job_pb2.Job, row: dict[str, Any], view: int = job_service_pb2.
 
 
 # The columns a Job message shows, in the order _fill unpacks them. The last ones are
-# usually shared by many jobs (created or changed together) and come from a template.
+# usually shared by many jobs (created or changed together) and come from a template:
+# the tags too when they come as their JSON text (store.jobs' statements give them so).
 _BASIC_NAMES = ("id", "state", "workdir", "app_id", "site_id")
-_SHARED_NAMES = ("state", "on_parent_failure", "create_time", "update_time", "state_time", *RESOURCE_LIMITS)
-_FULL_NAMES = ("id", "workdir", "app_id", "site_id", "name", "tags", "parameters", "data", "parent_ids", "transfers",
+_SHARED_NAMES = ("tags", "state", "on_parent_failure", "create_time", "update_time", "state_time", *RESOURCE_LIMITS)
+_FULL_NAMES = ("id", "workdir", "app_id", "site_id", "name", "parameters", "data", "parent_ids", "transfers",
                "launch_params", "priority", "state_message", "return_code", "error_tail", "batch_job_id",
                "session_id", "lease_generation", "lease_expire_time", "run_count", *_SHARED_NAMES)
 _SHARED_FROM = len(_FULL_NAMES) - len(_SHARED_NAMES)
@@ -151,6 +153,8 @@ _BASIC_FIELDS = operator.itemgetter(*_BASIC_NAMES)
 BASIC_COLUMNS = tuple(store.jobs.c[name] for name in _BASIC_NAMES)
 FULL_COLUMNS = tuple(store.jobs.c[name] for name in _FULL_NAMES)
 _FULL_FIELDS = operator.itemgetter(*_FULL_NAMES)
+# Tags text longer than this is written item by item, not kept in a template's key.
+_TAGS_IN_TEMPLATE = 512
 
 
 def _fill(msg: job_pb2.Job, fields: tuple[Any, ...], view: int) -> None:
@@ -160,8 +164,14 @@ def _fill(msg: job_pb2.Job, fields: tuple[Any, ...], view: int) -> None:
         msg.id, state, msg.workdir, msg.app_id, msg.site_id = fields
         msg.state = _STATE_NUMBERS.get(state, 0)
         return
-    _fill_shared(msg, fields[_SHARED_FROM:])  # first: it copies over every field
-    (msg.id, msg.workdir, msg.app_id, msg.site_id, name, tags, parameters, data, parent_ids, transfers,
+    shared = fields[_SHARED_FROM:]
+    tags = shared[0]
+    if tags is None or (type(tags) is str and len(tags) <= _TAGS_IN_TEMPLATE):
+        _fill_shared(msg, shared)  # first: it copies over every field
+        tags = None
+    else:  # a dict (a row read through SQLAlchemy) or a long text: written item by item below
+        _fill_shared(msg, (None, *shared[1:]))
+    (msg.id, msg.workdir, msg.app_id, msg.site_id, name, parameters, data, parent_ids, transfers,
      launch_params, priority, state_message, return_code, error_tail, batch_job_id, session_id,
      lease_generation, lease_expire_time, run_count) = fields[:_SHARED_FROM]
     if name:
@@ -169,7 +179,7 @@ def _fill(msg: job_pb2.Job, fields: tuple[Any, ...], view: int) -> None:
     # Maps are filled item by item: faster than Mapping.update on a protobuf map.
     if tags:
         target = msg.tags
-        for k, v in tags.items():
+        for k, v in (json_loads(tags) if type(tags) is str else tags).items():
             target[k] = v
     if parameters:
         target = msg.parameters
@@ -214,7 +224,8 @@ _SEEN_ONCE: set[tuple[Any, ...]] = set()
 def _fill_shared(msg: job_pb2.Job, shared: tuple[Any, ...]) -> None:
     """Write the _SHARED_NAMES fields into the empty message `msg`: one CopyFrom from the
     template of their combination (jobs created or moved together share all of them)
-    instead of a dozen field writes.
+    instead of a dozen field writes and a map's items. The tags are their JSON text (or
+    None): a key, decoded only to build a template or a job seen once.
 
     A combination gets its template when seen the second time. One seen once (a single
     create, a job changed on its own: its times are its own) is written from the base of
@@ -224,7 +235,7 @@ def _fill_shared(msg: job_pb2.Job, shared: tuple[Any, ...]) -> None:
     if template is not None:
         msg.CopyFrom(template)
         return
-    state, policy, create_time, update_time, state_time, *shape = shared
+    tags, state, policy, create_time, update_time, state_time, *shape = shared
     key = (state, policy, *shape)
     base = _BASES.get(key)
     if base is None:
@@ -238,17 +249,22 @@ def _fill_shared(msg: job_pb2.Job, shared: tuple[Any, ...]) -> None:
         if len(_TEMPLATES) >= 4096:
             _TEMPLATES.clear()
         template = _TEMPLATES[shared] = job_pb2.Job()
-        _write_shared(template, base, create_time, update_time, state_time)
+        _write_shared(template, base, create_time, update_time, state_time, tags)
         msg.CopyFrom(template)
         return
     if len(_SEEN_ONCE) >= 8192:
         _SEEN_ONCE.clear()
     _SEEN_ONCE.add(shared)
-    _write_shared(msg, base, create_time, update_time, state_time)
+    _write_shared(msg, base, create_time, update_time, state_time, tags)
 
 
-def _write_shared(msg: job_pb2.Job, base: job_pb2.Job, create_time: Any, update_time: Any, state_time: Any) -> None:
+def _write_shared(msg: job_pb2.Job, base: job_pb2.Job, create_time: Any, update_time: Any, state_time: Any,
+                  tags: str | None) -> None:
     msg.CopyFrom(base)
+    if tags:
+        target = msg.tags
+        for k, v in json_loads(tags).items():
+            target[k] = v
     created = msg.create_time
     _set_time(created, create_time)
     # A new job's three times are one value: converted once.

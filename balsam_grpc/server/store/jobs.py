@@ -278,8 +278,9 @@ def sqlite_patch_statement(q: JobQuery, values: dict[str, Any], now: datetime, n
 def sqlite_rows(names: tuple[str, ...], rows: list[Any]) -> list[Any]:
     """Rows of a statement from sqlite_select_statement or sqlite_patch_statement as the
     servicer reads them: JSON columns decoded (an empty one comes as None, as on
-    PostgreSQL), times left as stored text."""
-    positions = [i for i, name in enumerate(names) if name in _JSON_NAMES]
+    PostgreSQL) but the tags, left as their JSON text (as select_statement gives them),
+    times left as stored text."""
+    positions = [i for i, name in enumerate(names) if name in _JSON_NAMES and name != "tags"]
     if not positions:
         return rows
     out = []
@@ -382,6 +383,9 @@ _RETURNED = {
        for c in jobs.columns if isinstance(c.type, DateTime)},
     **{c.name: f"NULLIF(jobs.{c.name}, CAST('{codec_dumps(c.default.arg(None))}' AS JSONB)) AS {c.name}"
        for c in jobs.columns if is_json(c)},
+    # The tags as their JSON text (jsonb's own, canonical): the servicer keys its templates
+    # on it and decodes it only to build one (most jobs listed together share their tags).
+    "tags": "CAST(NULLIF(jobs.tags, CAST('{}' AS JSONB)) AS TEXT) AS tags",
 }
 
 
