@@ -148,8 +148,9 @@ def fill_job(msg: job_pb2.Job, row: dict[str, Any], view: int = job_service_pb2.
 # usually shared by many jobs (created or changed together) and come from a template:
 # the tags too when they come as their JSON text (store.jobs' statements give them so).
 _BASIC_NAMES = ("id", "state", "workdir", "app_id", "site_id")
-_SHARED_NAMES = ("tags", "state", "on_parent_failure", "create_time", "update_time", "state_time", *RESOURCE_LIMITS)
-_FULL_NAMES = ("id", "workdir", "app_id", "site_id", "name", "parameters", "data", "parent_ids", "transfers",
+_SHARED_NAMES = ("tags", "app_id", "site_id", "state", "on_parent_failure", "create_time", "update_time", "state_time",
+                 *RESOURCE_LIMITS)
+_FULL_NAMES = ("id", "workdir", "name", "parameters", "data", "parent_ids", "transfers",
                "launch_params", "priority", "state_message", "return_code", "error_tail", "batch_job_id",
                "session_id", "lease_generation", "lease_expire_time", "run_count", *_SHARED_NAMES)
 _SHARED_FROM = len(_FULL_NAMES) - len(_SHARED_NAMES)
@@ -176,7 +177,7 @@ def _fill(msg: job_pb2.Job, fields: tuple[Any, ...], view: int) -> None:
     else:  # a dict (a row read through SQLAlchemy) or a long text: written item by item below
         _fill_shared(msg, (None, *shared[1:]))
     # All of them at once (the shared ones unused here): no second slice of the row.
-    (msg.id, msg.workdir, msg.app_id, msg.site_id, name, parameters, data, parent_ids, transfers,
+    (msg.id, msg.workdir, name, parameters, data, parent_ids, transfers,
      launch_params, priority, state_message, return_code, error_tail, batch_job_id, session_id,
      lease_generation, lease_expire_time, run_count, *_) = fields
     if name:
@@ -240,14 +241,15 @@ def _fill_shared(msg: job_pb2.Job, shared: tuple[Any, ...]) -> None:
     if template is not None:
         msg.CopyFrom(template)
         return
-    tags, state, policy, create_time, update_time, state_time, *shape = shared
-    key = (state, policy, *shape)
+    tags, app_id, site_id, state, policy, create_time, update_time, state_time, *shape = shared
+    key = (app_id, site_id, state, policy, *shape)
     base = _BASES.get(key)
     if base is None:
         if len(_BASES) >= 4096:
             _BASES.clear()
         base = _BASES[key] = job_pb2.Job(
-            state=_STATE_NUMBERS.get(state, 0), on_parent_failure=_POLICY_NUMBERS.get(policy, 0),
+            app_id=app_id, site_id=site_id, state=_STATE_NUMBERS.get(state, 0),
+            on_parent_failure=_POLICY_NUMBERS.get(policy, 0),
             resources=job_pb2.JobResources(**dict(zip(_RESOURCE_NAMES, shape, strict=True))))
     if shared in _SEEN_ONCE:  # the second time: its template (templates are only copied from)
         _SEEN_ONCE.discard(shared)
