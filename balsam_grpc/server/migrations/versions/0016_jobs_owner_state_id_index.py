@@ -4,13 +4,13 @@ Revision ID: 0016
 Revises: 0015
 
 ListJobs of one state (store.jobs.select_statement compares a single state with `=`)
-is ordered by id and stops at the page's end. Without this index PostgreSQL walked the
-primary key and filtered: every job of the owner in other states before the first one
-listed was read. bench_load's lists (tags + state, page of 100) on a 50,000-job
-database whose first 12,000 jobs were leased: a first page read 13,500 rows
-(13-16 ms of the database's CPU); with this index it reads the page's own state only
-(1,500 rows for a tag that one job in 16 carries, 1 ms). ix_jobs_owner_id_state_site_id
-cannot serve it: its rows of one state are in site order. Every state change writes an
+is ordered by id and stops at the page's end. Without this index PostgreSQL either
+walked the primary key and filtered, reading every job of the owner in other states
+before the first one listed, or read every job of the state and sorted them.
+ix_jobs_owner_id_state_site_id cannot serve it: its rows of one state are in site order.
+On a 50,000-job database, a first page of JOB_FINISHED (10 % of the rows) went from
+19.0 ms to 0.20 ms. The planner still walks the primary key for a state most jobs are in
+(bench_load's lists), where that walk finds the page soon. Every state change writes an
 entry here, as it does in that index (a change of state is never a HOT update).
 """
 
