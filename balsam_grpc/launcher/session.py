@@ -84,6 +84,7 @@ class SessionClient:
         self._wake = asyncio.Event()
         self._leases_received = 0
         self._last_credit: bytes | None = None
+        self._asked_jobs = False  # the credit last sent asked for jobs
         # The credit last serialized: (the owner's message, its leases_received, the bytes).
         # The owner hands back the same message while its figures stay the same.
         self._credit_bytes: tuple[pb.SessionCredit | None, int, bytes] = (None, 0, b"")
@@ -197,6 +198,7 @@ class SessionClient:
             self.opens += 1
             self._leases_received = 0
             self._last_credit = None
+            self._asked_jobs = False
             self.outbox.rewind(opened.applied_through_seq if resumed else 0)
             self.cb.on_opened(opened, resumed)
             self.connected.set()
@@ -246,6 +248,10 @@ class SessionClient:
             self._credit_bytes = (credit, self._leases_received, raw)
         return credit, raw
 
+    def _sent_credit(self, raw: bytes, credit: pb.SessionCredit) -> None:
+        self._last_credit = raw
+        self._asked_jobs = credit.max_jobs > 0 or credit.reserve_jobs > 0
+
     async def _pace(self) -> None:
         """While the launcher is busy, wait until its last report is report_interval_s old,
         or fed_report_interval_s while its credit asks for no jobs; a wake-up in the
@@ -285,14 +291,24 @@ class SessionClient:
                         # leases in the report's own transaction and round trip.
                         credit, raw = self._credit_now()
                         if raw != self._last_credit:
-                            self._last_credit = raw
+                            self._sent_credit(raw, credit)
                             report.credit.CopyFrom(credit)
                     await call.write(pb.SessionServiceConnectRequest(report=report))
             if self.outbox.has_unsent():
-                continue  # the credit rides on the next report, sent when the ack comes
+                # The credit rides on the next report, sent when the ack comes; but one that
+                # asks for jobs when the last sent did not (the jobs held ahead ran low) goes
+                # now: the server applies the report in flight and leases under it, so the
+                # slots are not left to run dry for an ack's round trip (40-100 ms while a
+                # busy server applies a few hundred transitions) and the next report's.
+                if not self._asked_jobs and not half_closed:
+                    credit, raw = self._credit_now()
+                    if (credit.max_jobs > 0 or credit.reserve_jobs > 0) and raw != self._last_credit:
+                        self._sent_credit(raw, credit)
+                        await call.write(pb.SessionServiceConnectRequest(credit=credit))
+                continue
             credit, raw = self._credit_now()
             if raw != self._last_credit and not half_closed:
-                self._last_credit = raw
+                self._sent_credit(raw, credit)
                 await call.write(pb.SessionServiceConnectRequest(credit=credit))
             if self.closing and not half_closed and len(self.outbox) == 0:
                 half_closed = True
