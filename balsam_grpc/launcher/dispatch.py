@@ -16,7 +16,11 @@ from balsam_grpc.launcher.runner import ProcessResult, ProcessRunner
 class Dispatcher(Protocol):
     def has_runner(self, node_index: int) -> bool: ...
 
-    def start(self, node_index: int | None, spec: ProcessSpec) -> ProcessResult | None: ...
+    def can_follow(self, job_id: int) -> bool: ...
+
+    def start(self, node_index: int | None, spec: ProcessSpec, after: int | None = None) -> ProcessResult | None:
+        """`after`: a running job (can_follow) whose CPUs this one takes over: started the
+        moment that one ends."""
 
     def start_in_background(self, notify: Callable[[], None]) -> None: ...
 
@@ -42,8 +46,11 @@ class LocalDispatcher:
     def has_runner(self, node_index: int) -> bool:
         return node_index == self.local_node
 
-    def start(self, node_index: int | None, spec: ProcessSpec) -> ProcessResult | None:
-        return self.runner.start(spec)
+    def can_follow(self, job_id: int) -> bool:
+        return self.runner.can_follow(job_id)
+
+    def start(self, node_index: int | None, spec: ProcessSpec, after: int | None = None) -> ProcessResult | None:
+        return self.runner.start(spec, after=after)
 
     def start_in_background(self, notify: Callable[[], None]) -> None:
         self.runner.start_in_background(notify)

@@ -45,7 +45,12 @@ class MpiDispatcher:
     def has_runner(self, node_index: int) -> bool:
         return 0 <= node_index < self.size
 
-    def start(self, node_index: int | None, spec: ProcessSpec) -> ProcessResult | None:
+    def can_follow(self, job_id: int) -> bool:
+        return False  # a job follows another on one runner only; not across ranks (yet)
+
+    def start(self, node_index: int | None, spec: ProcessSpec, after: int | None = None) -> ProcessResult | None:
+        if after is not None:
+            raise ValueError("the MPI launcher starts no job to follow another")
         if not node_index:
             return self.local.start(spec)
         self.remote[spec.job_id] = node_index

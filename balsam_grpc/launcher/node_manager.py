@@ -106,6 +106,10 @@ class NodeManager:
         self.mpi_mode = mpi_mode
         self.nodes = [_Node(n, list(range(n.cpus)), list(range(n.gpus))) for n in nodes]
         self.assignments: dict[int, Assignment] = {}
+        # A job placed to follow a running one (follow): what it takes over when that one
+        # is released, by the job it follows, and the job each follower waits on.
+        self.followers: dict[int, Assignment] = {}
+        self._following: dict[int, int] = {}
         self._capacity: Capacity | None = None  # until the next assign or release
         self.unit = 1  # a node's occupancy is counted in 1/unit: a multiple of every packing seen
 
@@ -174,9 +178,35 @@ class NodeManager:
         self._capacity = None
         return placed
 
+    def follow(self, job_id: int, after: int) -> Assignment | None:
+        """Place the job on what the running job `after` holds, to start when that one ends:
+        released, `after` hands its nodes, CPUs, GPUs and share to it instead of freeing
+        them. None when `after` holds nothing or has a follower already. The caller makes
+        sure the job needs what `after` has (the same resources)."""
+        placed = self.assignments.get(after)
+        if placed is None or after in self.followers or job_id in self.assignments or job_id in self._following:
+            return None
+        follower = Assignment(job_id, placed.nodes, placed.cpu_ids, placed.gpu_ids, placed.occupancy)
+        self.followers[after] = follower
+        self._following[job_id] = after
+        return follower
+
     def release(self, job_id: int) -> None:
+        after = self._following.pop(job_id, None)
+        if after is not None:  # a follower ended (or never started) before the job it followed
+            del self.followers[after]
+            return
         placed = self.assignments.pop(job_id, None)
         if placed is None:
+            return
+        follower = self.followers.pop(job_id, None)
+        if follower is not None:  # what it held passes on as it is: capacity does not change
+            del self._following[follower.job_id]
+            self.assignments[follower.job_id] = follower
+            for i in placed.nodes:
+                jobs = self.nodes[i].jobs
+                jobs.discard(job_id)
+                jobs.add(follower.job_id)
             return
         self._capacity = None
         units = self._units(placed.occupancy)

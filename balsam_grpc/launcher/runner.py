@@ -13,9 +13,11 @@ the files written for it (core/confined.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
+import select
 import signal
 import subprocess
 import threading
@@ -48,6 +50,25 @@ _AFFINITY = hasattr(os, "sched_setaffinity")  # Linux
 MAX_SPAWNERS = 64
 _WAITID = hasattr(os, "waitid")
 _PROC_FD = os.path.isdir("/proc/self/fd")
+# A job that follows another (start(after=...)) waits on a descriptor of that one's
+# process (Linux 5.3): readable when it ends, reaped or not, and never another process.
+_PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "poll")
+# How often a follower waiting for its predecessor looks whether it was killed meanwhile.
+FOLLOW_CHECK_MS = 50
+
+
+def _pidfd_works() -> bool:
+    if not _PIDFD:
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # ENOSYS: an older kernel
+        return False
+    return True
+
+
+class _Cancelled(Exception):
+    """A follower killed before its predecessor ended: it is not started."""
 
 
 def job_base_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -89,12 +110,15 @@ class _BoundSpawner:
     (vfork), 0.2-0.7 ms on a busy 2-CPU node, during which the launcher's loop can reap and
     start other jobs and answer its session."""
 
-    def __init__(self, cpus: tuple[int, ...]) -> None:
+    def __init__(self, cpus: tuple[int, ...], follows: bool = False) -> None:
         self.cpus = cpus
-        self._tasks: queue.SimpleQueue[tuple[Callable[[], Child | subprocess.Popen],
-                                             Callable[[Child | None, BaseException | None], None]] | None] = \
-            queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._unbound: tuple[int, str] | None = None  # why this thread could not bind
+        # Bound to CPUs no two running jobs share, a thread has started at most one job that
+        # still runs: the last (its id and a descriptor of its process), which a follower
+        # waits on. A pidfd never names another process, reaped or not.
+        self._follows = follows and bool(cpus)
+        self._last: tuple[int, int] | None = None
         name = f"spawn on CPUs {_ranges(cpus)}" if cpus else "spawn"
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -105,23 +129,56 @@ class _BoundSpawner:
                 os.sched_setaffinity(0, self.cpus)  # this thread only
             except OSError as exc:
                 self._unbound = (exc.errno, f"cannot bind to CPUs {_ranges(self.cpus)}: {exc.strerror}")
-        while (task := self._tasks.get()) is not None:
-            call, done = task
-            try:
-                if self._unbound is not None:
-                    raise OSError(*self._unbound)
-                child, error = call(), None
-            except BaseException as exc:  # handed to `done`
-                child, error = None, exc
-            try:
-                done(child, error)
-            except Exception as exc:  # the thread must go on serving the other starts
-                log.error("could not hand over a started job", error=str(exc), kind=type(exc).__name__)
+        try:
+            while (task := self._tasks.get()) is not None:
+                try:
+                    if self._unbound is not None:
+                        raise OSError(*self._unbound)
+                    if task.after is not None:
+                        self._wait_for(task.after, task.cancelled)
+                    child, error = task.call(), None
+                    if self._follows and task.job_id is not None:
+                        self._remember(task.job_id, child.pid)
+                except BaseException as exc:  # handed to `done`
+                    child, error = None, exc
+                try:
+                    task.done(child, error)
+                except Exception as exc:  # the thread must go on serving the other starts
+                    log.error("could not hand over a started job", error=str(exc), kind=type(exc).__name__)
+        finally:
+            if self._last is not None:
+                os.close(self._last[1])
+
+    def _remember(self, job_id: int, pid: int) -> None:
+        """Before the hand-over (nothing reaps the child until then): its pid is its own."""
+        if self._last is not None:
+            os.close(self._last[1])
+            self._last = None
+        try:
+            self._last = (job_id, os.pidfd_open(pid))
+        except OSError:  # out of descriptors: a follower cannot start (see _wait_for)
+            self._last = (job_id, -1)
+
+    def _wait_for(self, job_id: int, cancelled: Callable[[], bool]) -> None:
+        """Until the job started last here, if it is `job_id`, has ended (its start may have
+        failed: nothing to wait for); _Cancelled if `cancelled()` turns true first."""
+        if self._last is not None and self._last[0] == job_id:
+            if self._last[1] < 0:  # never two jobs on these CPUs
+                raise OSError(errno.EMFILE, f"cannot wait for job {job_id} to end")
+            poller = select.poll()
+            poller.register(self._last[1], select.POLLIN)
+            while not poller.poll(FOLLOW_CHECK_MS):
+                if cancelled():
+                    break
+        if cancelled():
+            raise _Cancelled("killed before the job it was to follow ended: never started")
 
     def submit(self, call: Callable[[], Child | subprocess.Popen],
-               done: Callable[[Child | None, BaseException | None], None]) -> None:
-        """`call()` on this thread, then `done(child, None)` or `done(None, exception)` there."""
-        self._tasks.put((call, done))
+               done: Callable[[Child | None, BaseException | None], None], job_id: int | None = None,
+               after: int | None = None, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """`call()` on this thread, then `done(child, None)` or `done(None, exception)` there;
+        after the job `after` (started last here) has ended, if given."""
+        self._tasks.put(_Task(call, done, job_id, after, cancelled))
 
     def run(self, call: Callable[[], Child | subprocess.Popen]) -> Child | subprocess.Popen:
         """`call()` on this thread, the caller waiting (without the GIL) for its outcome."""
@@ -133,10 +190,23 @@ class _BoundSpawner:
         assert child is not None
         return child
 
-    def close(self) -> None:
-        """After the starts submitted so far."""
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, wait: bool = True) -> None:
+        """After the starts submitted so far (the caller waits for them, or not)."""
         self._tasks.put(None)
-        self._thread.join()
+        if wait:
+            self._thread.join()
+
+
+@dataclass
+class _Task:
+    call: Callable[[], Child | subprocess.Popen]
+    done: Callable[[Child | None, BaseException | None], None]
+    job_id: int | None
+    after: int | None  # the job to wait for
+    cancelled: Callable[[], bool]
 
 
 @dataclass
@@ -169,7 +239,8 @@ class _Running:
 
 @dataclass
 class _Starting:
-    """A job whose process a spawner thread is starting (background starts)."""
+    """A job whose process a spawner thread is starting (background starts), or will start
+    when the job it follows ends (start and deadline are set then)."""
 
     spec: ProcessSpec
     start: float
@@ -201,6 +272,8 @@ class ProcessRunner:
         self._started: deque[tuple[int, Child | None, str]] = deque()
         self._kill_asked: set[int] = set()
         self._awaited = False  # a child ended that may be a start not handed over yet
+        self._pidfd = _pidfd_works()
+        self._retired: list[_BoundSpawner] = []  # spawner threads let go, joined at shutdown
 
     def start_in_background(self, notify: Callable[[], None]) -> None:
         """From now on start() returns before the job's process exists: a spawner thread
@@ -214,6 +287,18 @@ class ProcessRunner:
     def __len__(self) -> int:
         return len(self.running) + len(self.starting)
 
+    def can_follow(self, job_id: int) -> bool:
+        """Whether a job can be started to follow this one (start(after=job_id)): it runs or
+        is being started here, is not being killed, and is bound to CPUs (its spawner thread
+        then serves them alone: a follower's wait holds up no other job's start)."""
+        if not self._pidfd or self._notify is None:
+            return False
+        job = self.running.get(job_id) or self.starting.get(job_id)
+        if job is None or job.kill_reason:
+            return False
+        bind = self._binding(job.spec.cpu_ids)
+        return bool(bind) and bind in self._spawners  # the thread that started it: it waits on it
+
     def _binding(self, cpu_ids: list[int]) -> tuple[int, ...]:
         """The CPUs a directly started job is bound to: none when the ids cover the whole host,
         name CPUs this host lacks (a preset larger than the host) or are the launcher's own."""
@@ -226,16 +311,29 @@ class ProcessRunner:
         spawner = self._spawners.get(cpus)
         if spawner is None:
             if len(self._spawners) >= MAX_SPAWNERS:
-                self._spawners.popitem(last=False)[1].close()
-            spawner = self._spawners[cpus] = _BoundSpawner(cpus)
+                # Not waited for: a follower may wait there for the job it follows.
+                retired = self._spawners.popitem(last=False)[1]
+                retired.close(wait=False)
+                self._retired = [r for r in self._retired if r.alive()]
+                self._retired.append(retired)
+            spawner = self._spawners[cpus] = _BoundSpawner(cpus, follows=self._pidfd)
         else:
             self._spawners.move_to_end(cpus)
         return spawner
 
-    def start(self, spec: ProcessSpec, now: float | None = None) -> ProcessResult | None:
+    def start(self, spec: ProcessSpec, now: float | None = None, after: int | None = None) -> ProcessResult | None:
         """Start the job; a ProcessResult (outcome spawn_error) when it could not start. In
-        the background (start_in_background) a failure of the start itself comes from poll()."""
+        the background (start_in_background) a failure of the start itself comes from poll().
+
+        `after`: a running job (can_follow) on the CPUs this one is bound to: everything is
+        made ready now and the spawner thread starts the job the moment that one ends,
+        without a turn of the caller's loop (which then reaps the first and reports both).
+        Its wall time counts from then; killed before, it never starts."""
         now = time.monotonic() if now is None else now
+        follow = (self.running.get(after) or self.starting.get(after)) if after is not None else None
+        if after is not None and not (follow is not None and self.can_follow(after)
+                                      and self._binding(spec.cpu_ids) == self._binding(follow.spec.cpu_ids)):
+            raise ValueError(f"job {spec.job_id} cannot follow job {after}")
         try:
             dir_fd, workdir = open_dir_inside(spec.cwd, spec.root or "/", what="workdir")
         except (ValueError, OSError) as exc:  # PathEscape is a ValueError, as a NUL in the path is
@@ -258,12 +356,15 @@ class ProcessRunner:
                 cwd, stdin = _checked_folder(dir_fd, workdir), self._devnull()
                 if self._notify is not None:
                     spawner = self._spawner(bind)
-                    # The spawner thread owns both descriptors from here on.
-                    self.starting[spec.job_id] = _Starting(spec, now, deadline, out_path)
+                    # The spawner thread owns the descriptors from here on.
+                    starting = self.starting[spec.job_id] = _Starting(spec, now, deadline, out_path)
                     fds, dir_fd, out = (dir_fd, out), -1, -1
-                    spawner.submit(
-                        lambda: spawn(spec.argv, cwd=cwd, env=env, stdin=stdin, stdout=fds[1]),
-                        lambda child, error: self._spawned(spec, workdir, fds, child, error))
+                    call = lambda: spawn(spec.argv, cwd=cwd, env=env, stdin=stdin, stdout=fds[1])  # noqa: E731
+                    if after is not None:
+                        starting.deadline = None
+                        call = self._following(starting, call)
+                    spawner.submit(call, lambda child, error: self._spawned(spec, workdir, fds, child, error),
+                                   job_id=spec.job_id, after=after, cancelled=lambda: spec.job_id in self._kill_asked)
                     return None
                 if bind:
                     # Bound as taskset would bind it, without a second program to exec
@@ -284,6 +385,18 @@ class ProcessRunner:
         return None
 
     @staticmethod
+    def _following(starting: _Starting, call: Callable[[], Child | subprocess.Popen]
+                   ) -> Callable[[], Child | subprocess.Popen]:
+        """A follower's start, on the spawner thread once the job it follows ended: its wall
+        time counts from here."""
+        def start() -> Child | subprocess.Popen:
+            starting.start = time.monotonic()
+            if starting.spec.timeout_s:
+                starting.deadline = starting.start + starting.spec.timeout_s
+            return call()
+        return start
+
+    @staticmethod
     def _could_not_start(spec: ProcessSpec, workdir: str, dir_fd: int, exc: BaseException) -> str:
         """The message of a failed start, also written to the job's output."""
         msg = f"could not start {spec.argv[0]!r} in {workdir}: {exc}"
@@ -302,6 +415,8 @@ class ProcessRunner:
         try:
             if child is not None:
                 self.reaper.watch(child.pid)
+            elif isinstance(error, _Cancelled):
+                msg = str(error)  # nothing ran: nothing goes to its output
             else:
                 msg = self._could_not_start(spec, workdir, fds[0], error or OSError("no child"))
         finally:
@@ -489,6 +604,8 @@ class ProcessRunner:
         self.kill_all("killed", "launcher shut down")
         while self._spawners:  # after the starts under way: poll() takes those in and kills them
             self._spawners.popitem()[1].close()
+        while self._retired:
+            self._retired.pop()._thread.join()
         self._notify = None
         deadline = time.monotonic() + grace_s
         while (self.running or self._started) and time.monotonic() < deadline:

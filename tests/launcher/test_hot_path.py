@@ -442,3 +442,214 @@ def test_shutdown_kills_a_job_still_being_started_and_tells_the_watchdog_nothing
     gate.open.set()
     runner.shutdown()
     assert not _alive(pid) and not runner.starting and runner.reaper.proc is None
+
+
+# -- followers: a job started the moment the one whose CPUs it takes over ends ---------------
+
+_TWO_CPUS = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                               reason="needs two CPUs to bind a job to one")
+
+
+def _wait_for(flag: Path) -> str:
+    return f"while [ ! -e {flag} ]; do sleep 0.01; done"
+
+
+def _running(runner: ProcessRunner, job_id: int) -> None:
+    """Until poll() has taken the job's start in."""
+    deadline = time.monotonic() + 20
+    while job_id not in runner.running:
+        assert not runner.poll() and time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.01)
+
+
+@_TWO_CPUS
+def test_a_follower_starts_when_the_job_it_follows_ends_and_its_time_counts_from_then(tmp_path):
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    runner.start_in_background(lambda: None)
+    log, go, done = tmp_path / "order", tmp_path / "go", tmp_path / "done"
+    try:
+        assert runner.start(_bg_spec(tmp_path, 1, ["/bin/sh", "-c", f"{_wait_for(go)}; echo a >> {log}"],
+                                     cpu_ids=[0])) is None
+        _running(runner, 1)
+        assert runner.can_follow(1)
+        with pytest.raises(ValueError):  # not on the CPUs of the job it would follow
+            runner.start(_bg_spec(tmp_path, 9, ["/bin/true"], cpu_ids=[1]), after=1)
+        assert runner.start(_bg_spec(tmp_path, 2, ["/bin/sh", "-c", f"echo b >> {log}; {_wait_for(done)}"],
+                                     cpu_ids=[0], timeout_s=30), after=1) is None
+        assert 2 in runner.starting and runner.next_deadline() is None  # its wall time has not begun
+        go.touch()
+        (first,) = _poll_until(runner, {1})
+        assert first.outcome == "exit" and first.return_code == 0
+        _running(runner, 2)
+        assert runner.running[2].proc.pid in runner.reaper.groups  # the watchdog knows it
+        assert runner.next_deadline() is not None
+        done.touch()
+        (second,) = _poll_until(runner, {2})
+        assert second.outcome == "exit" and second.return_code == 0
+        assert log.read_text() == "a\nb\n"
+    finally:
+        go.touch()
+        done.touch()
+        runner.shutdown()
+
+
+@_TWO_CPUS
+def test_a_follower_killed_before_the_job_it_follows_ends_never_starts(tmp_path):
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    runner.start_in_background(lambda: None)
+    log, go = tmp_path / "order", tmp_path / "go"
+    try:
+        assert runner.start(_bg_spec(tmp_path, 1, ["/bin/sh", "-c", f"{_wait_for(go)}; echo a >> {log}"],
+                                     cpu_ids=[0])) is None
+        _running(runner, 1)
+        assert runner.start(_bg_spec(tmp_path, 2, ["/bin/sh", "-c", f"echo b >> {log}"], cpu_ids=[0]),
+                            after=1) is None
+        assert runner.kill(2, "killed", "the server asked")
+        (killed,) = _poll_until(runner, {2})
+        assert killed.outcome == "killed" and killed.return_code is None and killed.message == "the server asked"
+        assert 1 in runner.running and not runner.starting
+        assert (tmp_path / "data" / "w2" / "job.out").read_text() == ""  # nothing ran, nothing written
+        go.touch()
+        (first,) = _poll_until(runner, {1})
+        assert first.outcome == "exit"
+        assert log.read_text() == "a\n"
+    finally:
+        go.touch()
+        runner.shutdown()
+
+
+@_TWO_CPUS
+def test_shutdown_with_a_follower_waiting_behind_a_job_that_ignores_sigterm(tmp_path):
+    """The pilot's clean shutdown: the follower never starts, its spawner thread does not
+    wait out the job it follows, and that job is killed."""
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    runner.start_in_background(lambda: None)
+    log, pid_file = tmp_path / "order", tmp_path / "pid"
+    ignores_term = (f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                    f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    assert runner.start(_bg_spec(tmp_path, 1, [sys.executable, "-c", ignores_term], cpu_ids=[0])) is None
+    _running(runner, 1)
+    assert runner.start(_bg_spec(tmp_path, 2, ["/bin/sh", "-c", f"echo b >> {log}"], cpu_ids=[0]), after=1) is None
+    deadline = time.monotonic() + 10
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pid = int(pid_file.read_text())
+    runner.shutdown()
+    assert not _alive(pid) and not log.exists() and runner.reaper.proc is None
+
+
+class _FollowingDispatcher(_Dispatcher):
+    """As _Dispatcher; jobs in `running` can be followed; remembers whom each start follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: set[int] = set()
+        self.follows: dict[int, int] = {}
+        self.killed: list[int] = []
+
+    def can_follow(self, job_id: int) -> bool:
+        return job_id in self.running
+
+    def start(self, node_index: int | None, spec: ProcessSpec, after: int | None = None) -> ProcessResult | None:
+        if after is not None:
+            self.follows[spec.job_id] = after
+        return super().start(node_index, spec)
+
+    def kill(self, job_id: int, reason: str, message: str = "") -> None:
+        self.killed.append(job_id)
+
+
+def test_short_jobs_are_placed_to_follow_running_ones_with_the_same_needs(tmp_path):
+    m = master(tmp_path, cpus=2, prefetch=8)
+    m.dispatcher = d = _FollowingDispatcher()
+    m.mean_run_s = 0.002
+    lease(m, *(local_job(i, held=True, packing=2) for i in range(1, 6)), local_job(6, held=True, packing=1))
+    m._schedule()
+    assert d.started == [1, 2] and d.follows == {}  # not running yet: nothing to follow
+    d.running |= {1, 2}
+    m._schedule()
+    assert d.started == [1, 2, 3, 4] and d.follows == {3: 1, 4: 2}
+    assert m.manager.assignments[1].cpu_ids != m.manager.assignments[2].cpu_ids
+    assert [tr.job_id for tr in m.client.reports if tr.state == S.JOB_STATE_RUNNING] == [1, 2, 3, 4]
+    assert list(m.queue) == [5, 6]
+    cpus_of_1 = m.manager.assignments[1].cpu_ids
+    m._finished(ProcessResult(1, 0, "exit", 0.001))
+    assert m.manager.assignments[3].cpu_ids == cpus_of_1 and m.jobs[3].started  # handed over
+    d.running |= {3}
+    m._schedule()
+    assert d.follows[5] == 3 and list(m.queue) == [6]
+    d.running |= {4, 5}
+    m._schedule()  # 6 needs a whole node: it follows nobody, and waits
+    assert 6 not in d.follows and list(m.queue) == [6]
+    m._on_kill(session_service_pb2.KillJobs(job_ids=[5]))  # killed while it waits for 3
+    assert d.killed == [5]
+    m._finished(ProcessResult(5, None, "killed", 0.0))
+    m._finished(ProcessResult(3, 0, "exit", 0.001))
+    assert 5 not in m.manager.assignments and 3 not in m.manager.assignments
+    m.mean_run_s = 1.0  # longer jobs: no follower is placed
+    m._finished(ProcessResult(2, 0, "exit", 0.001))
+    m._finished(ProcessResult(4, 0, "exit", 0.001))
+    m._schedule()
+    assert d.started[-1] == 6 and 6 not in d.follows
+
+
+def test_a_long_jobs_launcher_places_no_follower(tmp_path):
+    m = master(tmp_path, cpus=2, prefetch=8)
+    m.dispatcher = d = _FollowingDispatcher()
+    m.mean_run_s = 5.0
+    lease(m, *(local_job(i, held=True, packing=2) for i in range(1, 4)))
+    m._schedule()
+    d.running |= {1, 2}
+    m._schedule()
+    assert d.started == [1, 2] and d.follows == {} and list(m.queue) == [3]
+
+
+@_TWO_CPUS
+def test_a_job_can_follow_one_whose_start_is_not_handed_over_yet(tmp_path):
+    """The follower's start is queued behind that start on the same spawner thread."""
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    gate = _Gate(runner)  # holds the hand-over of every start
+    log, go = tmp_path / "order", tmp_path / "go"
+    try:
+        assert runner.start(_bg_spec(tmp_path, 1, ["/bin/sh", "-c", f"{_wait_for(go)}; echo a >> {log}"],
+                                     cpu_ids=[1])) is None
+        assert 1 in runner.starting and runner.can_follow(1)
+        assert runner.start(_bg_spec(tmp_path, 2, ["/bin/sh", "-c", f"echo b >> {log}"], cpu_ids=[1]),
+                            after=1) is None
+        go.touch()
+        gate.open.set()
+        assert {r.job_id: r.outcome for r in _poll_until(runner, {1, 2})} == {1: "exit", 2: "exit"}
+        assert log.read_text() == "a\nb\n"
+    finally:
+        go.touch()
+        gate.open.set()
+        runner.shutdown()
+
+
+@_TWO_CPUS
+def test_no_job_follows_one_whose_spawner_thread_was_let_go(tmp_path, monkeypatch):
+    """Only the thread that started a job holds what a follower waits on: a new thread for
+    the same CPUs would start the follower beside it."""
+    from balsam_grpc.launcher import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "MAX_SPAWNERS", 1)
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    runner.start_in_background(lambda: None)
+    go = tmp_path / "go"
+    try:
+        assert runner.start(_bg_spec(tmp_path, 1, ["/bin/sh", "-c", _wait_for(go)], cpu_ids=[0])) is None
+        assert runner.can_follow(1)
+        assert runner.start(_bg_spec(tmp_path, 2, ["/bin/sh", "-c", _wait_for(go)], cpu_ids=[1])) is None
+        assert not runner.can_follow(1) and runner.can_follow(2)
+        with pytest.raises(ValueError):
+            runner.start(_bg_spec(tmp_path, 3, ["/bin/true"], cpu_ids=[0]), after=1)
+        go.touch()
+        assert {r.job_id for r in _poll_until(runner, {1, 2})} == {1, 2}
+    finally:
+        go.touch()
+        runner.shutdown()

@@ -166,6 +166,53 @@ def test_packing_never_oversubscribes(ops):
         assert m.free_node_fraction() == float(sum((1 - n.occupancy for n in m.nodes), Fraction(0)))
 
 
+def test_a_follower_takes_over_what_the_job_it_follows_held_when_that_one_is_released():
+    m = nm(n=1, cpus=2)
+    res = Resources(node_packing_count=2)
+    a, b = m.assign(1, res), m.assign(2, res)
+    assert a is not None and b is not None and m.full()
+    follower = m.follow(3, after=1)
+    assert follower is not None and (follower.nodes, follower.cpu_ids) == (a.nodes, a.cpu_ids)
+    assert m.follow(4, after=1) is None  # one follower each
+    assert m.follow(4, after=3) is None  # 3 holds nothing yet
+    assert m.full() and 3 not in m.assignments
+    m.release(1)
+    assert m.assignments[3].cpu_ids == a.cpu_ids and m.full()  # handed over, nothing freed
+    assert m.follow(4, after=3) is not None
+    m.release(4)  # a follower that ends before its job: it held nothing
+    m.release(3)
+    assert not m.full() and m.nodes[0].free_cpus == a.cpu_ids[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3), st.integers(0, 30)), max_size=60))
+def test_following_never_oversubscribes_nor_loses_a_cpu(ops):
+    """Assign, follow a held job, release any job (held, following or unknown), in any order."""
+    m = nm(n=2, cpus=4)
+    for i, (op, packing, pick) in enumerate(ops):
+        if op == 0:
+            m.assign(i, Resources(node_packing_count=packing))
+        elif op == 1 and m.assignments:
+            m.follow(i, after=sorted(m.assignments)[pick % len(m.assignments)])
+        else:
+            known = sorted({*m.assignments, *(f.job_id for f in m.followers.values())})
+            m.release(known[pick % len(known)] if known else pick)
+        held = [c for a in m.assignments.values() for node_cpus in a.cpu_ids for c in node_cpus]
+        free = [c for n in m.nodes for c in n.free_cpus]
+        assert len(held) + len(free) == 8
+        for node_index, node in enumerate(m.nodes):
+            mine = [c for a in m.assignments.values() for ni, cs in zip(a.nodes, a.cpu_ids, strict=True)
+                    if ni == node_index
+                    for c in cs]
+            assert sorted(mine + node.free_cpus) == list(range(4))
+            assert node.jobs == {a.job_id for a in m.assignments.values() if node_index in a.nodes}
+        for after, follower in m.followers.items():
+            assert after in m.assignments and follower.cpu_ids == m.assignments[after].cpu_ids
+        cap = m.capacity()
+        usable = [n for n in m.nodes if n.free_cpus and n.occupancy < 1]
+        assert cap.max_jobs == sum(len(n.free_cpus) for n in usable)
+
+
 def test_free_nodes_are_summed_exactly():
     """Ten nodes nine tenths full free exactly one node: a float sum falls short of it. So do
     three nodes two thirds full, after packings of 10 and 3 made the unit a thirtieth."""
