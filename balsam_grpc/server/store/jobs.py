@@ -1197,7 +1197,9 @@ _PG_DIALECT = postgresql.dialect()
 
 
 def _pg_type(column: Any, json_as: str = "TEXT") -> str:
-    return json_as if is_json(column) else column.type.compile(dialect=_PG_DIALECT)
+    # Without a column's COLLATE (workdir's "C"): an array type cannot have one, and the
+    # values take the column's collation where they are compared with it.
+    return json_as if is_json(column) else column.type.compile(dialect=_PG_DIALECT).split(" COLLATE ")[0]
 
 
 _JOB_TYPES = [_pg_type(jobs.c[c]) for c in _JOB_COLUMNS]

@@ -41,6 +41,9 @@ metadata = MetaData(
 Json = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only autoincrements INTEGER PRIMARY KEY; BIGINT elsewhere.
 Id = BigInteger().with_variant(Integer(), "sqlite")
+# A job's workdir compares byte by byte on PostgreSQL (revision 0017: the unique index's
+# comparisons cost a memcmp instead of a collation's strcoll); SQLite's BINARY does already.
+Workdir = Text().with_variant(Text(collation="C"), "postgresql")
 Time = DateTime(timezone=True)
 # The predicate of the runnable-job partial indexes. Queries that should use them test
 # `runnable_condition()` (the same states as literals): SQLite only uses a partial index
@@ -168,7 +171,7 @@ jobs = Table(
     Column("site_id", Id, nullable=False),
     Column("app_id", Id, nullable=False),
     Column("name", String(255), nullable=False, default=""),
-    Column("workdir", Text, nullable=False),
+    Column("workdir", Workdir, nullable=False),
     Column("tags", Json, nullable=False, default=dict),
     Column("parameters", Json, nullable=False, default=dict),
     Column("data", Json, nullable=False, default=dict),
