@@ -332,7 +332,7 @@ def test_what_the_copy_leaves_to_postgresql_is_a_new_jobs_value(harness):
     INSERT_DEFAULTS' in every job: the table's defaults (revision 0012) must give those."""
     from sqlalchemy import text
 
-    from balsam_grpc.server.store.jobs import INSERT_DEFAULTS
+    from balsam_grpc.server.store.jobs import INSERT_DEFAULTS, TIME_DEFAULTS
 
     if harness.backend != "postgres":
         pytest.skip("only PostgreSQL's COPY leaves columns out")
@@ -345,3 +345,23 @@ def test_what_the_copy_leaves_to_postgresql_is_a_new_jobs_value(harness):
                 assert defaults[name] is None, name
             else:
                 assert conn.execute(text(f"SELECT {defaults[name]}")).scalar_one() == value, name
+        # The times: the transaction's start, which the server reads and reports (revision 0018).
+        for name in TIME_DEFAULTS:
+            assert conn.execute(text(f"SELECT {defaults[name]} = now()")).scalar_one() is True, name
+
+
+def test_a_streamed_create_reports_the_times_it_stored(alice):
+    """The COPY leaves the times to PostgreSQL (the transaction's now()); the answer and
+    the creation events give that same instant, in every time field."""
+    site, app = make_site_app(alice)
+    stub = jobs_stub(alice)
+    created = list(stub.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(
+        jobs=batch(app.id, "times"), view=job_service_pb2.JOB_VIEW_FULL)).jobs)
+    times = {(j.create_time.seconds, j.create_time.nanos) for j in created}
+    assert len(times) == 1 and created[0].create_time.seconds > 0
+    assert all(j.update_time == j.create_time and j.state_time == j.create_time for j in created)
+    for job in (created[0], created[-1]):
+        assert stub.GetJob(job_service_pb2.GetJobRequest(id=job.id)) == job_service_pb2.GetJobResponse(job=job)
+    events = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
+        filter=event_service_pb2.EventFilter(job_ids=[created[0].id]), page_size=10)).events
+    assert [e.time for e in events] == [created[0].create_time]

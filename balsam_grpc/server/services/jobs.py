@@ -795,7 +795,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 _runnable_by_site(rows, runnable)
 
             store.create_jobs_streamed(conn, principal.user_id, _scope(principal), len(jobs), references, chunks(),
-                                       utcnow(), written)
+                                       written)
             return response
 
         response = await mutate(self.state, principal, "BatchCreateJobs", request, response_type, build)

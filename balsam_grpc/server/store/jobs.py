@@ -38,7 +38,7 @@ from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, CopyStream, draw_ids, d
 from balsam_grpc.server.store.codec import CopyBatch, column_values, is_json, sqlite_time
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
-from balsam_grpc.server.store.driver import driver_rows, driver_statement, sent_ahead
+from balsam_grpc.server.store.driver import driver_rows, driver_statement, plain_statement, sent_ahead
 
 from balsam_grpc.core.errors import AlreadyExists, BalsamError, InvalidArgument, NotFound, PermissionDenied
 from balsam_grpc.core.states import (
@@ -718,6 +718,17 @@ INSERT_DEFAULTS: dict[str, Any] = {
     "session_id": None, "lease_generation": 0, "lease_expire_time": None, "on_parent_failure": "FAIL",
     "run_count": 0, "pending_parents": 0, "parent_ids": [], "cleaned_time": None, "cleanup_info": None,
 }
+# PostgreSQL: the time columns whose default is the transaction's start, now() (revision
+# 0018); a COPY that leaves them out gives each row that time without parsing it.
+TIME_DEFAULTS = ("create_time", "update_time", "state_time")
+_NOW = "SELECT now()"
+
+
+def transaction_time(conn: Connection) -> datetime:
+    """PostgreSQL: the start of `conn`'s transaction (now(), what TIME_DEFAULTS give), in UTC."""
+    return driver_rows(conn, plain_statement(_NOW), {})[0][0].astimezone(UTC)
+
+
 _NO_PARENTS = (S.READY, "")
 # Every column but the id (cleanup's too): a row missing one sends the COPY formatter
 # down its per-row path for that column.
@@ -986,7 +997,7 @@ def create_jobs(conn: Connection, owner_id: int, site_scope: int | None, specs: 
 
 def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None, count: int,
                          references: tuple[set[int], set[tuple[int, str]], set[int], bool],
-                         chunks: Iterable[list[dict[str, Any]] | JobColumns], now: datetime,
+                         chunks: Iterable[list[dict[str, Any]] | JobColumns],
                          on_rows: Callable[[list[dict[str, Any]] | JobColumns], None]) -> None:
     """PostgreSQL, a large create: create_jobs over `count` specs that arrive in chunks
     (made, and validated, by the caller as they are asked for), each checked, turned
@@ -997,8 +1008,12 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
     A chunk is a list of specs or JobColumns (taken the general way when they need it).
     `on_rows` gets each chunk's rows (or its JobColumns), with their ids, as soon as
     they are written.
+    The jobs' times (and their events') are the transaction's start, PostgreSQL's now():
+    the COPY leaves those columns to their defaults (revision 0018), which spares
+    PostgreSQL parsing three timestamps per row.
     Anything raised (by the chunks, the checks or the database) leaves nothing behind:
     the transaction fails as a whole."""
+    now = transaction_time(conn)
     lookups = _lookups(conn, owner_id, *references)
     creation = _Creation(owner_id, site_scope, now, lookups, keep_rows=bool(references[2]) or references[3])
     foreseen = creation.foreseen_event(references)
@@ -1006,6 +1021,10 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
     # converts the first jobs at once instead of waiting for them (~5 ms for 10,000).
     ids: list[int] = [] if foreseen is not None else draw_ids(conn, jobs, count)
     events = _CreationEvents(foreseen)
+
+    # Left out of the COPY when every row has it: the new job's usual values, and the
+    # transaction's time (revision 0018's defaults).
+    copy_defaults = {**INSERT_DEFAULTS, **dict.fromkeys(TIME_DEFAULTS, now)}
 
     # The one app of a foreseen create: chunks given as columns are checked against it.
     app_id = next(iter(references[0])) if foreseen is not None else 0
@@ -1032,7 +1051,7 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
             chunk.ids = ids[start:start + n]
             on_rows(chunk)
             stream.write_batch(CopyBatch.of_columns(jobs, _JOB_COLUMNS, chunk.values(), chunk.fixed, n, with_ids=True,
-                                                    defaults=INSERT_DEFAULTS), chunk.ids)
+                                                    defaults=copy_defaults), chunk.ids)
             return n
         chunk_ids = ids[start:start + len(chunk)]
         for row, jid in zip(chunk, chunk_ids, strict=True):
@@ -1060,7 +1079,7 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
                         ahead.append(convert(specs))
                     got = events_written()
                 ids = got[2]
-            with CopyStream(conn, jobs, _JOB_COLUMNS, with_ids=True, defaults=INSERT_DEFAULTS) as stream:
+            with CopyStream(conn, jobs, _JOB_COLUMNS, with_ids=True, defaults=copy_defaults) as stream:
                 start = 0
                 for chunk in ahead:
                     start += write(stream, chunk, start)
