@@ -24,6 +24,9 @@ class Dispatcher(Protocol):
 
     def start_in_background(self, notify: Callable[[], None]) -> None: ...
 
+    def withdraw(self, job_id: int) -> bool:
+        """Take back a follower not started yet (ProcessRunner.withdraw)."""
+
     def kill(self, job_id: int, reason: str, message: str = "") -> None: ...
 
     def poll(self) -> list[ProcessResult]: ...
@@ -54,6 +57,9 @@ class LocalDispatcher:
 
     def start_in_background(self, notify: Callable[[], None]) -> None:
         self.runner.start_in_background(notify)
+
+    def withdraw(self, job_id: int) -> bool:
+        return self.runner.withdraw(job_id)
 
     def kill(self, job_id: int, reason: str, message: str = "") -> None:
         self.runner.kill(job_id, reason, message)

@@ -27,7 +27,7 @@ from balsam_grpc.launcher.node_manager import Assignment, NodeManager, Resources
 from balsam_grpc.launcher.nodes import NodeSpec
 from balsam_grpc.launcher.outcomes import outcome_transition, transition
 from balsam_grpc.launcher.process_spec import RunContext, build_process_spec
-from balsam_grpc.launcher.runner import ProcessResult
+from balsam_grpc.launcher.runner import WITHDRAWN, ProcessResult
 from balsam_grpc.launcher.session import Callbacks, SessionClient
 from balsam_grpc.v1 import common_pb2, job_pb2, session_pb2
 from balsam_grpc.v1 import session_service_pb2 as pb
@@ -91,6 +91,11 @@ class JobQueue:
         else:
             self.leased_nodes += job.footprint
 
+    def put_back(self, job: LocalJob) -> None:
+        """A job taken back before it started: first in line again."""
+        self.add(job)
+        self.jobs = {job.id: job, **self.jobs}  # the first key keeps its place
+
     def pop(self, job_id: int) -> LocalJob:
         job = self.jobs.pop(job_id)
         if job.held_ahead:
@@ -112,8 +117,12 @@ RUN_TIME_WEIGHT = 0.05
 # follows ends. Through this loop (SIGCHLD, reap, place, hand to the spawner thread) a slot
 # of a 2-CPU node sat idle 0.76 ms (median) between one no-op job's exit and the next's
 # start, as long as the job itself ran. A follower is reported RUNNING when it is placed,
-# at most the rest of the run of the job it follows early.
+# at most FOLLOW_WAIT_MAX_S early.
 FOLLOW_MAX_RUN_S = 0.05
+# A job is followed only while its run so far is this short, and a follower whose
+# predecessor runs longer is taken back (never started) and placed as any queued job: a
+# long or hung job in a mix of short ones holds up no other job.
+FOLLOW_WAIT_MAX_S = 0.5
 
 
 def auto_prefetch(slots: int, mean_run_s: float | None = None) -> int:
@@ -211,9 +220,12 @@ class Master:
         self.idle_since = time.monotonic()
         self.slots = self.manager.capacity().max_jobs
         self.mean_run_s: float | None = None  # how long a job holds its slot (running mean)
-        # Jobs started here that a queued job may follow (ordered), and the follower of each.
+        # Jobs started here that a queued job may follow (ordered), the follower of each, and
+        # the followers being taken back (their predecessor ran too long).
         self._followable: dict[int, None] = {}
         self._follower_of: dict[int, int] = {}
+        self._withdrawing: set[int] = set()
+        self.clock = time.monotonic
         self.prefetch = cfg.lease_prefetch if cfg.lease_prefetch >= 0 else auto_prefetch(self.slots)
         self.client = SessionClient(channel, metadata, Callbacks(
             open_message=self._open_message, credit=self._credit, on_opened=self._on_opened,
@@ -369,10 +381,10 @@ class Master:
             self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
                                          message=f"cannot run in this launcher: {job.unfit}"))
         self.unfit.clear()
+        if self._follower_of:
+            self._withdraw_late_followers()
         if self.queue and not self.manager.full():
             self._place()
-
-
         if self.queue and self._followable and self.mean_run_s is not None and self.mean_run_s <= FOLLOW_MAX_RUN_S:
             self._place_followers()
         self.client.wake()
@@ -398,7 +410,7 @@ class Master:
                                              message=f"cannot build the command: {exc}"))
                 continue
             self._start_on_server(job)
-            job.started = time.monotonic()
+            job.started = self.clock()
             self.counters.started += 1
             failed = self.dispatcher.start(placed.nodes[0] if direct else None, spec)
             if failed is not None:
@@ -411,12 +423,16 @@ class Master:
 
     def _place_followers(self) -> None:
         """Queued jobs, first come first, each to follow a running job that needs what it
-        needs (the same resources) on the CPUs it holds."""
+        needs (the same resources) on the CPUs it holds, if that one's run so far is short."""
+        now = self.clock()
         for after in list(self._followable):
             if not self.queue:
                 return
             job_id, job = next(iter(self.queue.jobs.items()))
             running = self.jobs.get(after)
+            if running is not None and now - running.started >= FOLLOW_WAIT_MAX_S:
+                del self._followable[after]  # a long run: nobody waits for it
+                continue
             if running is None or running.res != job.res or not self.dispatcher.can_follow(after):
                 continue
             placed = self.manager.follow(job_id, after)
@@ -441,24 +457,44 @@ class Master:
             failed = self.dispatcher.start(placed.nodes[0], spec, after=after)
             if failed is not None:
                 self._finished(failed)
-            else:
-                self._followable[job_id] = None  # followed in turn once it runs
+
+    def _withdraw_late_followers(self) -> None:
+        """Take back the followers whose predecessor has run FOLLOW_WAIT_MAX_S: they go back
+        to the queue (_finished, outcome WITHDRAWN) unless their start began meanwhile."""
+        now = self.clock()
+        for after, job_id in self._follower_of.items():
+            running = self.jobs.get(after)
+            if (job_id not in self._withdrawing and running is not None
+                    and now - running.started >= FOLLOW_WAIT_MAX_S and self.dispatcher.withdraw(job_id)):
+                self._withdrawing.add(job_id)
+
+    def _follow_due(self, now: float) -> float | None:
+        """When the next follower is due to be taken back, if any waits."""
+        due = [running.started + FOLLOW_WAIT_MAX_S for after, job_id in self._follower_of.items()
+               if job_id not in self._withdrawing and (running := self.jobs.get(after)) is not None]
+        return min(due) if due else None
 
     def _busy(self) -> bool:
         """Jobs run or wait here: more transitions are coming soon."""
         return bool(self.jobs)
 
     def _finished(self, result: ProcessResult) -> None:
+        self._withdrawing.discard(result.job_id)
+        if result.outcome == WITHDRAWN:
+            self._put_back(result.job_id)
+            return
         job = self.jobs.pop(result.job_id, None)
         if job is None:
             return
         self.manager.release(result.job_id)  # to its follower, if it has one
         self._followable.pop(result.job_id, None)
         follower = self.jobs.get(self._follower_of.pop(result.job_id, 0))
+        now = self.clock()
         if follower is not None:
-            follower.started = time.monotonic()  # about when it started: its slot's time counts from here
+            follower.started = now  # about when it started: its slot's time counts from here
+            self._followable[follower.id] = None  # followed in turn, now that it runs
         if job.started:
-            held = time.monotonic() - job.started
+            held = now - job.started
             mean = self.mean_run_s
             self.mean_run_s = held if mean is None else mean + RUN_TIME_WEIGHT * (held - mean)
             if self.cfg.lease_prefetch < 0:
@@ -467,6 +503,20 @@ class Master:
         if tr is not None:
             self._report(job, tr)
         self.client.wake()
+
+    def _put_back(self, job_id: int) -> None:
+        """A follower taken back before it started: first in the queue again, placed as any
+        job (it is RUNNING on the server already: no second report)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        self.manager.release(job_id)  # a follower holds nothing of its own
+        self._follower_of = {after: f for after, f in self._follower_of.items() if f != job_id}
+        self._followable.pop(job_id, None)
+        job.placed, job.started = None, 0.0
+        self.counters.started -= 1
+        self.queue.put_back(job)
+        self.wake.set()
 
     # -- main loop ------------------------------------------------------------------------
 
@@ -573,4 +623,6 @@ class Master:
         for t in (self.stop_new_at, self.kill_at):
             if t > now:
                 timeout = min(timeout, t - now)
+        if self._follower_of and (due := self._follow_due(now)) is not None:
+            timeout = min(timeout, due - now)
         return max(timeout, 0.0005)

@@ -60,6 +60,9 @@ class MpiDispatcher:
     def start_in_background(self, notify: Callable[[], None]) -> None:
         self.local.start_in_background(notify)  # the worker ranks start theirs as before
 
+    def withdraw(self, job_id: int) -> bool:
+        return False  # no job follows another here (can_follow)
+
     def kill(self, job_id: int, reason: str, message: str = "") -> None:
         rank = self.remote.get(job_id)
         if rank is None:

@@ -55,6 +55,8 @@ _PROC_FD = os.path.isdir("/proc/self/fd")
 _PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "poll")
 # How often a follower waiting for its predecessor looks whether it was killed meanwhile.
 FOLLOW_CHECK_MS = 50
+# The outcome of a follower taken back before it started (ProcessRunner.withdraw).
+WITHDRAWN = "withdrawn"
 
 
 def _pidfd_works() -> bool:
@@ -248,6 +250,7 @@ class _Starting:
     out_path: str
     kill_reason: str = ""
     kill_message: str = ""
+    follows: bool = False
 
 
 class ProcessRunner:
@@ -361,7 +364,7 @@ class ProcessRunner:
                     fds, dir_fd, out = (dir_fd, out), -1, -1
                     call = lambda: spawn(spec.argv, cwd=cwd, env=env, stdin=stdin, stdout=fds[1])  # noqa: E731
                     if after is not None:
-                        starting.deadline = None
+                        starting.deadline, starting.follows = None, True
                         call = self._following(starting, call)
                     spawner.submit(call, lambda child, error: self._spawned(spec, workdir, fds, child, error),
                                    job_id=spec.job_id, after=after, cancelled=lambda: spec.job_id in self._kill_asked)
@@ -462,7 +465,7 @@ class ProcessRunner:
                 continue
             run = _Running(starting.spec, child, starting.start, starting.deadline, out_path=starting.out_path)
             self._running(job_id, run)
-            if starting.kill_reason:
+            if starting.kill_reason and starting.kill_reason != WITHDRAWN:  # withdrawn too late: it runs
                 self.kill(job_id, starting.kill_reason, starting.kill_message, now=now)
 
     def _devnull(self) -> int:
@@ -471,6 +474,18 @@ class ProcessRunner:
             self._null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         return self._null_fd
 
+    def withdraw(self, job_id: int) -> bool:
+        """Take back a follower whose predecessor still runs: unless its start began
+        meanwhile, it never starts and poll() reports it with outcome WITHDRAWN (nothing
+        written to its output), for the caller to start it elsewhere; else it runs as any job.
+        False when `job_id` is not a follower waiting here."""
+        starting = self.starting.get(job_id)
+        if starting is None or not starting.follows or starting.kill_reason:
+            return False
+        starting.kill_reason = WITHDRAWN
+        self._kill_asked.add(job_id)  # the spawner thread's wait looks at it
+        return True
+
     def kill(self, job_id: int, reason: str = "killed", message: str = "", now: float | None = None) -> bool:
         """SIGTERM the job's process group (SIGKILL follows in poll). False if not running here."""
         run = self.running.get(job_id)
@@ -478,7 +493,7 @@ class ProcessRunner:
             starting = self.starting.get(job_id)
             if starting is None:
                 return False
-            if not starting.kill_reason:  # signalled once poll() takes it in
+            if starting.kill_reason in ("", WITHDRAWN):  # signalled once poll() takes it in
                 starting.kill_reason, starting.kill_message = reason, message
                 self._kill_asked.add(job_id)  # before the wake: see _spawned
                 self._wake_owner()

@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balsam_grpc.launcher.config import LauncherConfig
-from balsam_grpc.launcher.master import JobQueue, LocalJob, Master
+from balsam_grpc.launcher.master import FOLLOW_WAIT_MAX_S, JobQueue, LocalJob, Master
 from balsam_grpc.launcher.node_manager import Resources
 from balsam_grpc.launcher.nodes import NodeSpec
 from balsam_grpc.launcher.process_spec import ProcessSpec, RunContext
 from balsam_grpc.launcher.reaper import Reaper
-from balsam_grpc.launcher.runner import ProcessResult, ProcessRunner
+from balsam_grpc.launcher.runner import WITHDRAWN, ProcessResult, ProcessRunner
 from balsam_grpc.v1 import app_pb2, job_pb2, session_service_pb2
 
 S = job_pb2
@@ -521,6 +521,35 @@ def test_a_follower_killed_before_the_job_it_follows_ends_never_starts(tmp_path)
 
 
 @_TWO_CPUS
+def test_a_follower_taken_back_before_the_job_it_follows_ends_never_starts(tmp_path):
+    """withdraw(): the follower of a job that runs long is reported WITHDRAWN (nothing ran,
+    nothing written) for the master to start elsewhere; the job it followed runs on. Only a
+    follower still waiting can be taken back."""
+    (tmp_path / "data").mkdir()
+    runner = ProcessRunner()
+    runner.start_in_background(lambda: None)
+    log, go = tmp_path / "order", tmp_path / "go"
+    try:
+        assert runner.start(_bg_spec(tmp_path, 1, ["/bin/sh", "-c", f"{_wait_for(go)}; echo a >> {log}"],
+                                     cpu_ids=[0])) is None
+        _running(runner, 1)
+        assert not runner.withdraw(1)  # it runs: not a follower
+        assert runner.start(_bg_spec(tmp_path, 2, ["/bin/sh", "-c", f"echo b >> {log}"], cpu_ids=[0]),
+                            after=1) is None
+        assert runner.withdraw(2) and not runner.withdraw(2)
+        (back,) = _poll_until(runner, {2})
+        assert back.outcome == WITHDRAWN and back.return_code is None
+        assert 1 in runner.running and not runner.starting
+        assert (tmp_path / "data" / "w2" / "job.out").read_text() == ""
+        go.touch()
+        (first,) = _poll_until(runner, {1})
+        assert first.outcome == "exit" and log.read_text() == "a\n"
+    finally:
+        go.touch()
+        runner.shutdown()
+
+
+@_TWO_CPUS
 def test_shutdown_with_a_follower_waiting_behind_a_job_that_ignores_sigterm(tmp_path):
     """The pilot's clean shutdown: the follower never starts, its spawner thread does not
     wait out the job it follows, and that job is killed."""
@@ -549,6 +578,7 @@ class _FollowingDispatcher(_Dispatcher):
         self.running: set[int] = set()
         self.follows: dict[int, int] = {}
         self.killed: list[int] = []
+        self.withdrawn: list[int] = []
 
     def can_follow(self, job_id: int) -> bool:
         return job_id in self.running
@@ -560,6 +590,10 @@ class _FollowingDispatcher(_Dispatcher):
 
     def kill(self, job_id: int, reason: str, message: str = "") -> None:
         self.killed.append(job_id)
+
+    def withdraw(self, job_id: int) -> bool:
+        self.withdrawn.append(job_id)
+        return True
 
 
 def test_short_jobs_are_placed_to_follow_running_ones_with_the_same_needs(tmp_path):
@@ -653,3 +687,46 @@ def test_no_job_follows_one_whose_spawner_thread_was_let_go(tmp_path, monkeypatc
     finally:
         go.touch()
         runner.shutdown()
+
+
+def test_no_short_job_waits_for_a_long_one(tmp_path):
+    """Short jobs follow running ones; when one of those runs long (hung, or long in a mix
+    of short ones), its follower is taken back and started on the other slot instead, the
+    long job is followed no more, and a follower that has not started is followed by none."""
+    m = master(tmp_path, cpus=2, prefetch=8)
+    m.dispatcher = d = _FollowingDispatcher()
+    clock = [100.0]
+    m.clock = lambda: clock[0]
+    m.mean_run_s = 0.002
+    lease(m, *(local_job(i, held=True, packing=2) for i in range(1, 7)))
+    m._schedule()
+    d.running |= {1, 2}
+    m._schedule()
+    assert d.follows == {3: 1, 4: 2} and list(m.queue) == [5, 6]  # no follower of 3 or 4: not started
+    clock[0] += 0.01
+    m._finished(ProcessResult(2, 0, "exit", 0.01))  # 4 starts on 2's CPU
+    d.running |= {4}
+    m._schedule()
+    assert d.follows[5] == 4 and d.withdrawn == []
+    # Job 1 runs on: its follower 3 is due to be taken back when 1 has run FOLLOW_WAIT_MAX_S.
+    assert m._follow_due(clock[0]) == 100.0 + FOLLOW_WAIT_MAX_S
+    clock[0] = 100.0 + FOLLOW_WAIT_MAX_S
+    m._finished(ProcessResult(4, 0, "exit", 0.01))  # 5 starts on that CPU
+    d.running |= {5}
+    m._schedule()
+    assert d.withdrawn == [3]
+    m._finished(ProcessResult(3, None, WITHDRAWN, 0.0))
+    assert list(m.queue)[0] == 3 and 3 not in m.manager.assignments
+    assert [tr.job_id for tr in m.client.reports if tr.state == S.JOB_STATE_RUNNING].count(3) == 1
+    clock[0] += 0.001
+    m._finished(ProcessResult(5, 0, "exit", 0.001))  # 6, which followed 5, starts on its CPU
+    d.running |= {6}
+    m._schedule()
+    assert d.follows[3] == 6  # 3 waits for a short job now, first in line, not for job 1
+    assert 1 not in m._followable and all(after != 1 for after in m._follower_of)
+    assert [tr.job_id for tr in m.client.reports if tr.state == S.JOB_STATE_RUNNING].count(3) == 1
+    # Job 1 ends at last: what it held is freed (nobody follows it).
+    held_by_1 = m.manager.assignments[1].cpu_ids
+    m._finished(ProcessResult(1, 0, "exit", 1.0))
+    assert 1 not in m.manager.assignments and 1 not in m.jobs
+    assert all(a.cpu_ids != held_by_1 for a in m.manager.assignments.values())
