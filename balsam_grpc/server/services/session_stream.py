@@ -27,7 +27,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Collection
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -35,7 +35,7 @@ import structlog
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition, InvalidArgument
 from balsam_grpc.core.states import JobState
 from balsam_grpc.core.validation import FIELD_LIMITS, clip_utf8
-from balsam_grpc.server.convert import EnumCodec, from_timestamp, struct_to_dict, utcnow
+from balsam_grpc.server.convert import EnumCodec, struct_to_dict, utcnow
 from balsam_grpc.server.fanout import Delivery, EventRow, Subscription
 from balsam_grpc.server.job_tokens import JobTokens
 from balsam_grpc.server.principal import Principal
@@ -123,20 +123,27 @@ def transition_from_pb(t: session_service_pb2.JobTransition) -> leases.Transitio
         notes["message"] = f"cut to its first {_MESSAGE_LIMIT:,} bytes"
     if notes:
         data = {**data, "cut_by_server": notes}
-    return leases.Transition(
-        seq=t.seq, job_id=t.job_id, lease_generation=t.lease_generation, state=JOB_STATES.to_name.get(t.state, ""),
-        return_code=t.return_code if t.HasField("return_code") else None,
-        error_tail=error_tail, data=data, message=message, time=_reported_time(t))
+    # Positional: keyword arguments to a dataclass cost 0.3 us more.
+    return leases.Transition(t.seq, t.job_id, t.lease_generation, JOB_STATES.to_name.get(t.state, ""),
+                             t.return_code if t.HasField("return_code") else None, error_tail, data, message,
+                             _reported_time(t) if t.HasField("time") else None)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _reported_time(t: session_service_pb2.JobTransition) -> datetime | None:
-    """The launcher's time of the transition; None when unset or not a real instant (the
-    server's receive time is used then)."""
-    if not t.HasField("time"):
+    """The launcher's time of the transition (set); None when it is not a real instant
+    (the server's receive time is used then). What convert.from_timestamp gives
+    (protobuf's ToDatetime, its checks and zero as unset) in a quarter of its time: the
+    epoch plus whole microseconds, nanos truncated."""
+    ts = t.time
+    seconds, nanos = ts.seconds, ts.nanos
+    if not 0 <= nanos < 1_000_000_000 or (seconds == 0 and nanos == 0):
         return None
     try:
-        return from_timestamp(t.time, field="time")
-    except (InvalidArgument, ValueError, OverflowError):
+        return _EPOCH + timedelta(0, seconds, nanos // 1000)
+    except OverflowError:  # outside years 1..9999
         return None
 
 

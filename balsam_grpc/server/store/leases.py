@@ -416,8 +416,12 @@ def held_jobs(conn: Connection, owner_id: int, session_id: str) -> list[dict[str
 
 # ---------------------------------------------------------------------------- reports
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Transition:
+    """A launcher's report of one job, as received (never modified). Not frozen: a frozen
+    dataclass sets each field through object.__setattr__, 1.4 us a transition against
+    0.25 us (session_stream.transition_from_pb makes one per transition reported)."""
+
     seq: int
     job_id: int
     lease_generation: int
