@@ -26,7 +26,7 @@ from balsam_grpc.launcher.dispatch import Dispatcher
 from balsam_grpc.launcher.node_manager import Assignment, NodeManager, Resources
 from balsam_grpc.launcher.nodes import NodeSpec
 from balsam_grpc.launcher.outcomes import outcome_transition, transition
-from balsam_grpc.launcher.process_spec import RunContext, build_process_spec
+from balsam_grpc.launcher.process_spec import ProcessSpec, RunContext, build_process_spec
 from balsam_grpc.launcher.runner import WITHDRAWN, ProcessResult
 from balsam_grpc.launcher.session import Callbacks, SessionClient
 from balsam_grpc.v1 import common_pb2, job_pb2, session_pb2
@@ -397,17 +397,9 @@ class Master:
                     break  # no job fits anywhere now
                 continue
             self.queue.pop(job_id)
-            job.placed = placed
             direct = not job.res.needs_mpi_launch and self.dispatcher.has_runner(placed.nodes[0])
-            try:
-                spec = build_process_spec(job.leased, placed, [self.nodes[i].hostname for i in placed.nodes],
-                                          self.ctx, force_mpi_launch=not direct, res=job.res)
-            except (BalsamError, ValueError) as exc:
-                self.manager.release(job_id)
-                del self.jobs[job_id]
-                self._start_on_server(job)
-                self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
-                                             message=f"cannot build the command: {exc}"))
+            spec = self._spec(job, placed, force_mpi_launch=not direct)
+            if spec is None:
                 continue
             self._start_on_server(job)
             job.started = self.clock()
@@ -420,6 +412,21 @@ class Master:
                 self._followable[job_id] = None
             if self.manager.full():
                 break
+
+    def _spec(self, job: LocalJob, placed: Assignment, *, force_mpi_launch: bool) -> ProcessSpec | None:
+        """The placed job's process, or None when its command cannot be built: then it ends
+        RUN_ERROR here and now, and what it was given is released."""
+        job.placed = placed
+        try:
+            return build_process_spec(job.leased, placed, [self.nodes[i].hostname for i in placed.nodes],
+                                      self.ctx, force_mpi_launch=force_mpi_launch, res=job.res)
+        except (BalsamError, ValueError) as exc:
+            self.manager.release(job.id)
+            del self.jobs[job.id]
+            self._start_on_server(job)
+            self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
+                                         message=f"cannot build the command: {exc}"))
+            return None
 
     def _place_followers(self) -> None:
         """Queued jobs, first come first, each to follow a running job that needs what it
@@ -439,16 +446,8 @@ class Master:
             if placed is None:
                 continue
             self.queue.pop(job_id)
-            job.placed = placed
-            try:
-                spec = build_process_spec(job.leased, placed, [self.nodes[i].hostname for i in placed.nodes],
-                                          self.ctx, force_mpi_launch=False, res=job.res)
-            except (BalsamError, ValueError) as exc:
-                self.manager.release(job_id)
-                del self.jobs[job_id]
-                self._start_on_server(job)
-                self._report(job, transition(job.leased, job_pb2.JOB_STATE_RUN_ERROR,
-                                             message=f"cannot build the command: {exc}"))
+            spec = self._spec(job, placed, force_mpi_launch=False)
+            if spec is None:
                 continue
             del self._followable[after]
             self._follower_of[after] = job_id

@@ -495,36 +495,11 @@ def test_a_follower_starts_when_the_job_it_follows_ends_and_its_time_counts_from
 
 
 @_TWO_CPUS
-def test_a_follower_killed_before_the_job_it_follows_ends_never_starts(tmp_path):
-    (tmp_path / "data").mkdir()
-    runner = ProcessRunner()
-    runner.start_in_background(lambda: None)
-    log, go = tmp_path / "order", tmp_path / "go"
-    try:
-        assert runner.start(_bg_spec(tmp_path, 1, ["/bin/sh", "-c", f"{_wait_for(go)}; echo a >> {log}"],
-                                     cpu_ids=[0])) is None
-        _running(runner, 1)
-        assert runner.start(_bg_spec(tmp_path, 2, ["/bin/sh", "-c", f"echo b >> {log}"], cpu_ids=[0]),
-                            after=1) is None
-        assert runner.kill(2, "killed", "the server asked")
-        (killed,) = _poll_until(runner, {2})
-        assert killed.outcome == "killed" and killed.return_code is None and killed.message == "the server asked"
-        assert 1 in runner.running and not runner.starting
-        assert (tmp_path / "data" / "w2" / "job.out").read_text() == ""  # nothing ran, nothing written
-        go.touch()
-        (first,) = _poll_until(runner, {1})
-        assert first.outcome == "exit"
-        assert log.read_text() == "a\n"
-    finally:
-        go.touch()
-        runner.shutdown()
-
-
-@_TWO_CPUS
-def test_a_follower_taken_back_before_the_job_it_follows_ends_never_starts(tmp_path):
-    """withdraw(): the follower of a job that runs long is reported WITHDRAWN (nothing ran,
-    nothing written) for the master to start elsewhere; the job it followed runs on. Only a
-    follower still waiting can be taken back."""
+@pytest.mark.parametrize("how", ["killed", WITHDRAWN])
+def test_a_follower_stopped_before_the_job_it_follows_ends_never_starts(tmp_path, how):
+    """Killed (the server asked), or taken back (withdraw: the job it follows runs long, and
+    the master starts it elsewhere), a waiting follower never starts: nothing ran, nothing
+    written; the job it followed runs on. Only a follower still waiting can be taken back."""
     (tmp_path / "data").mkdir()
     runner = ProcessRunner()
     runner.start_in_background(lambda: None)
@@ -536,11 +511,15 @@ def test_a_follower_taken_back_before_the_job_it_follows_ends_never_starts(tmp_p
         assert not runner.withdraw(1)  # it runs: not a follower
         assert runner.start(_bg_spec(tmp_path, 2, ["/bin/sh", "-c", f"echo b >> {log}"], cpu_ids=[0]),
                             after=1) is None
-        assert runner.withdraw(2) and not runner.withdraw(2)
-        (back,) = _poll_until(runner, {2})
-        assert back.outcome == WITHDRAWN and back.return_code is None
+        if how == "killed":
+            assert runner.kill(2, "killed", "the server asked")
+        else:
+            assert runner.withdraw(2) and not runner.withdraw(2)
+        (stopped,) = _poll_until(runner, {2})
+        assert stopped.outcome == how and stopped.return_code is None
+        assert how != "killed" or stopped.message == "the server asked"
         assert 1 in runner.running and not runner.starting
-        assert (tmp_path / "data" / "w2" / "job.out").read_text() == ""
+        assert (tmp_path / "data" / "w2" / "job.out").read_text() == ""  # nothing ran, nothing written
         go.touch()
         (first,) = _poll_until(runner, {1})
         assert first.outcome == "exit" and log.read_text() == "a\n"

@@ -99,44 +99,29 @@ def _parsed(data: str | bytes, text: str) -> Any:
 
 
 @functools.cache
+def _loader(name: str, binary: bool, load: Callable[[Any], Any]) -> type:
+    """A psycopg loader class calling `load` on the value's bytes, nothing around it. Made
+    on first use: psycopg is the `postgres` extra, absent from a SQLite-only server install."""
+    from psycopg.adapt import Loader
+    from psycopg.pq import Format
+
+    return type(name, (Loader,), {"format": Format.BINARY if binary else Format.TEXT, "load": staticmethod(load)})
+
+
 def json_loader() -> type:
     """psycopg loader for json/jsonb text: `loads` without psycopg's extra wrapper call
-    (six JSON columns per job row make the per-value overhead count). Made on first use:
-    psycopg is the `postgres` extra, absent from a SQLite-only server install."""
-    from psycopg.adapt import Loader
-    from psycopg.pq import Format
-
-    class JsonLoader(Loader):
-        format = Format.TEXT
-        load = staticmethod(loads)  # type: ignore[assignment]
-
-    return JsonLoader
+    (six JSON columns per job row make the per-value overhead count)."""
+    return _loader("JsonLoader", False, loads)
 
 
-@functools.cache
 def jsonb_binary_loader() -> type:
     """json_loader for jsonb in binary results (Database.statement_now's)."""
-    from psycopg.adapt import Loader
-    from psycopg.pq import Format
-
-    class JsonbBinaryLoader(Loader):
-        format = Format.BINARY
-        load = staticmethod(loads_jsonb)  # type: ignore[assignment]
-
-    return JsonbBinaryLoader
+    return _loader("JsonbBinaryLoader", True, loads_jsonb)
 
 
-@functools.cache
 def json_binary_loader() -> type:
     """json_loader for json in binary results: the json type's binary form is its text."""
-    from psycopg.adapt import Loader
-    from psycopg.pq import Format
-
-    class JsonBinaryLoader(Loader):
-        format = Format.BINARY
-        load = staticmethod(loads)  # type: ignore[assignment]
-
-    return JsonBinaryLoader
+    return _loader("JsonBinaryLoader", True, loads)
 
 
 def dumps(value: Any) -> str:
