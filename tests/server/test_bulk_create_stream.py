@@ -345,7 +345,7 @@ def test_what_the_copy_leaves_to_postgresql_is_a_new_jobs_value(harness):
                 assert defaults[name] is None, name
             else:
                 assert conn.execute(text(f"SELECT {defaults[name]}")).scalar_one() == value, name
-        # The times: the transaction's start, which the server reads and reports (revision 0018).
+        # The times: the transaction's start, which the server reads and reports (revision 0017).
         for name in TIME_DEFAULTS:
             assert conn.execute(text(f"SELECT {defaults[name]} = now()")).scalar_one() is True, name
 

@@ -1,5 +1,5 @@
 """Workdirs compare byte by byte (code point order) on both databases: SQLite's BINARY
-collation, and on PostgreSQL the column's COLLATE "C" (revision 0017: the unique index
+collation, and on PostgreSQL the column's COLLATE "C" (revision 0016: the unique index
 on (site_id, workdir) compares with memcmp instead of the database collation's strcoll),
 whatever the database's own collation is."""
 

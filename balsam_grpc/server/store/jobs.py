@@ -347,13 +347,6 @@ def _query_params(q: JobQuery) -> dict[str, Any]:
                         ("batch_job_ids", q.batch_job_ids), ("session_id", q.session_id or None)):
         if value is not None and (not isinstance(value, list) or value):
             params[name] = value
-    if len(q.states) == 1:
-        # One state is compared (`jobs.state = `), not listed: PostgreSQL then walks
-        # ix_jobs_owner_id_state_id in id order and stops at the page's end. With `= ANY`
-        # it cannot (before version 17) and walked the primary key instead, reading every
-        # job of the owner in other states before the first one listed (13,500 rows, 13 ms
-        # for a page of 100 on a 50,000-job database of bench_load).
-        params["state"] = params.pop("states")[0]
     if q.tags:
         params["tags"] = json.dumps(dict(sorted(q.tags.items())))
     for i, (k, v) in enumerate(sorted(q.exclude_tags.items())):
@@ -453,7 +446,7 @@ def _where(params: dict[str, Any], order: list[tuple[str, bool]], binding: _Bind
 
 
 # Filters that compare a column with their one value, and filters of a list of values.
-_COMPARED = {"owner_id": "jobs.owner_id =", "site_scope": "jobs.site_id =", "state": "jobs.state =", "create_start": "jobs.create_time >=",
+_COMPARED = {"owner_id": "jobs.owner_id =", "site_scope": "jobs.site_id =", "create_start": "jobs.create_time >=",
              "create_end": "jobs.create_time <", "update_start": "jobs.update_time >=",
              "update_end": "jobs.update_time <", "session_id": "jobs.session_id ="}
 _LISTED = {"ids": ("jobs.id", "BIGINT"), "states": ("jobs.state", "VARCHAR"), "app_ids": ("jobs.app_id", "BIGINT"),
@@ -719,7 +712,7 @@ INSERT_DEFAULTS: dict[str, Any] = {
     "run_count": 0, "pending_parents": 0, "parent_ids": [], "cleaned_time": None, "cleanup_info": None,
 }
 # PostgreSQL: the time columns whose default is the transaction's start, now() (revision
-# 0018); a COPY that leaves them out gives each row that time without parsing it.
+# 0017); a COPY that leaves them out gives each row that time without parsing it.
 TIME_DEFAULTS = ("create_time", "update_time", "state_time")
 _NOW = "SELECT now()"
 
@@ -1009,7 +1002,7 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
     `on_rows` gets each chunk's rows (or its JobColumns), with their ids, as soon as
     they are written.
     The jobs' times (and their events') are the transaction's start, PostgreSQL's now():
-    the COPY leaves those columns to their defaults (revision 0018), which spares
+    the COPY leaves those columns to their defaults (revision 0017), which spares
     PostgreSQL parsing three timestamps per row.
     Anything raised (by the chunks, the checks or the database) leaves nothing behind:
     the transaction fails as a whole."""
@@ -1023,7 +1016,7 @@ def create_jobs_streamed(conn: Connection, owner_id: int, site_scope: int | None
     events = _CreationEvents(foreseen)
 
     # Left out of the COPY when every row has it: the new job's usual values, and the
-    # transaction's time (revision 0018's defaults).
+    # transaction's time (revision 0017's defaults).
     copy_defaults = {**INSERT_DEFAULTS, **dict.fromkeys(TIME_DEFAULTS, now)}
 
     # The one app of a foreseen create: chunks given as columns are checked against it.

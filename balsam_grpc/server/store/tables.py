@@ -41,7 +41,7 @@ metadata = MetaData(
 Json = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only autoincrements INTEGER PRIMARY KEY; BIGINT elsewhere.
 Id = BigInteger().with_variant(Integer(), "sqlite")
-# A job's workdir compares byte by byte on PostgreSQL (revision 0017: the unique index's
+# A job's workdir compares byte by byte on PostgreSQL (revision 0016: the unique index's
 # comparisons cost a memcmp instead of a collation's strcoll); SQLite's BINARY does already.
 Workdir = Text().with_variant(Text(collation="C"), "postgresql")
 Time = DateTime(timezone=True)
@@ -209,8 +209,6 @@ jobs = Table(
     Column("cleanup_info", Text, nullable=True),
     UniqueConstraint("site_id", "workdir"),
     Index("ix_jobs_owner_id_state_site_id", "owner_id", "state", "site_id"),
-    # A list of one state in id order (revision 0016).
-    Index("ix_jobs_owner_id_state_id", "owner_id", "state", "id"),
     Index("ix_jobs_app_id", "app_id"),
     # Partial: every query asks for one value, and a new job has neither (revision 0010).
     Index("ix_jobs_session_id", "session_id", postgresql_where=text("session_id IS NOT NULL"),

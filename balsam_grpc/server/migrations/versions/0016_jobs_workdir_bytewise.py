@@ -1,7 +1,7 @@
 """jobs (PostgreSQL): workdir compared byte by byte (COLLATE "C")
 
-Revision ID: 0017
-Revises: 0016
+Revision ID: 0016
+Revises: 0015
 
 Every job inserted puts (site_id, workdir) into the unique index uq_jobs_site_id_workdir,
 and within a site the workdirs are what the index compares: about twenty comparisons per
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0017"
-down_revision = "0016"
+revision = "0016"
+down_revision = "0015"
 branch_labels = None
 depends_on = None
 
