@@ -42,7 +42,7 @@ import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
 from balsam_grpc.sdk.service import new_request_id  # noqa: E402
-from benchkit import DatabaseCpu, cpu_s  # noqa: E402
+from benchkit import DatabaseCpu, cpu_s, stop_process  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402
     app_pb2,
     app_service_pb2,
@@ -96,8 +96,7 @@ def bench(url: str, n: int, rounds: int = 1, count_at: int = 0) -> dict[str, flo
                 figures.update(count_bench(address, token, count_at))
             return figures
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_process(proc)
 
 
 def median_of(results: list[dict[str, float]]) -> dict[str, float]:

@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchkit import ROOT  # first: puts this checkout on sys.path
+from benchkit import ROOT, stop_process  # first: puts this checkout on sys.path
 
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
@@ -220,11 +220,7 @@ def main() -> int:
         return 0
     finally:
         for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
         shutil.rmtree(home, ignore_errors=True)
         if made_db and not a.keep:
             with psycopg.connect(PG + " dbname=postgres", autocommit=True) as conn:

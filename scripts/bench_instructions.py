@@ -37,6 +37,7 @@ from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import benchkit  # noqa: F401 - first: puts this checkout on sys.path
+from benchkit import stop_process  # noqa: E402
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402
@@ -158,12 +159,7 @@ def measure(database: str, phases: list[str], n: int, warm: int, out: Path) -> d
         channel.close()
         return figures
     finally:
-        proc.terminate()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 120)
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -78,7 +78,7 @@ import psutil
 import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
-from benchkit import DatabaseCpu, cpu_s, start_profiler, stop_profiler  # noqa: E402
+from benchkit import DatabaseCpu, cpu_s, start_profiler, stop_process, stop_profiler  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402
     app_pb2,
     app_service_pb2,
@@ -612,11 +612,7 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             if alive:  # the next run on this database starts without them
                 close_sessions(address, token)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
     figures = report(world, results, rss, rss_seeded, args.duration, alive, args)
     unary_calls = round(figures["unary_calls_per_s"] * args.duration)
     figures.update(window.figures(unary_calls))

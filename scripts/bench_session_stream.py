@@ -34,7 +34,7 @@ import grpc
 import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 
 from bench_api import start_server  # noqa: E402
-from benchkit import bearer, site_with_app  # noqa: E402
+from benchkit import bearer, site_with_app, stop_process  # noqa: E402
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
 from balsam_grpc.v1 import common_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc  # noqa: E402
@@ -192,8 +192,7 @@ def bench(url: str, n: int, m: int, recovery: bool) -> dict[str, float]:
         try:
             return run(Profile.load(Path(home) / "profile.json", apply_env=False).server, token, n, m, recovery)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_process(proc)
 
 
 def main() -> None:

@@ -94,6 +94,16 @@ def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
     return process
 
 
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace_s`; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
     spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
     spy.wait(30)
