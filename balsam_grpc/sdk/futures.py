@@ -85,6 +85,7 @@ class JobWatcher:
         self.final: dict[int, str] = {}      # job id -> final state
         self.sequence: dict[int, int] = {}   # job id -> order of completion
         self.missing: set[int] = set()       # tracked ids the server does not know
+        self.done_log: list[int] = []        # ids as they became done (final or missing), for _Waiting
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._seq = 0
@@ -142,6 +143,7 @@ class JobWatcher:
             self._seq += 1
             self.final[job_id] = state
             self.sequence[job_id] = self._seq
+            self.done_log.append(job_id)
             self.cond.notify_all()
 
     def _read_states(self, ids: list[int]) -> None:
@@ -159,6 +161,7 @@ class JobWatcher:
                 self._unconfirmed.discard(job_id)
                 if job_id not in found:
                     self.missing.add(job_id)
+                    self.done_log.append(job_id)
                     self.cond.notify_all()
                 elif found[job_id] in FINAL_STATES:
                     self._record(job_id, found[job_id])
@@ -216,15 +219,38 @@ def _refresh(client: Client, jobs: list[Job], watcher: JobWatcher, *, strict: bo
             raise
 
 
-def _finished(ids: list[int], watcher: JobWatcher, return_when: str) -> bool:
-    done = [i for i in ids if watcher.is_done(i)]
-    if len(done) == len(set(ids)):
-        return True
-    if return_when == FIRST_COMPLETED:
-        return bool(done)
-    if return_when == FIRST_EXCEPTION:
-        return any(i in watcher.missing or watcher.final.get(i) in FAILED_STATES for i in done)
-    return False
+class _Waiting:
+    """Under the watcher's cond: which of a wait's jobs are done. Each wake-up reads only
+    the completions logged since the last one (watcher.done_log), not every pending id:
+    waiting for n jobs that end one at a time costs O(n), not O(n^2)."""
+
+    def __init__(self, watcher: JobWatcher, ids: Iterable[int]) -> None:
+        self._watcher = watcher
+        self._position = len(watcher.done_log)
+        unique = list(dict.fromkeys(ids))
+        self.done = {i for i in unique if watcher.is_done(i)}
+        self.left = set(unique) - self.done
+        self.failed = any(self._failed(i) for i in self.done)
+
+    def _failed(self, job_id: int) -> bool:
+        return job_id in self._watcher.missing or self._watcher.final.get(job_id) in FAILED_STATES
+
+    def catch_up(self) -> list[int]:
+        """The wait's jobs done since the last call, in completion order."""
+        log = self._watcher.done_log
+        new = [i for i in log[self._position:] if i in self.left]
+        self._position = len(log)
+        self.left.difference_update(new)
+        self.done.update(new)
+        self.failed = self.failed or any(self._failed(i) for i in new)
+        return new
+
+    def holds(self, return_when: str) -> bool:
+        if not self.left:
+            return True
+        if return_when == FIRST_COMPLETED:
+            return bool(self.done)
+        return return_when == FIRST_EXCEPTION and self.failed
 
 
 def wait(jobs: list[Job], timeout: float | None = None, return_when: str = ALL_COMPLETED,
@@ -241,15 +267,17 @@ def wait(jobs: list[Job], timeout: float | None = None, return_when: str = ALL_C
     deadline = None if timeout is None else time.monotonic() + timeout
     watcher.track(ids, start_timeout=START_TIMEOUT if timeout is None else max(timeout, 5.0))
     with watcher.cond:
+        waiting = _Waiting(watcher, ids)
         while True:
             watcher.raise_error()
-            if _finished(ids, watcher, return_when):
+            if waiting.holds(return_when):
                 break
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
             watcher.cond.wait(remaining)
-        done_ids = {i for i in ids if watcher.is_done(i)}
+            waiting.catch_up()
+        done_ids = waiting.done
     done = [j for j in jobs if j.message.id in done_ids]
     if refresh:
         _refresh(client, done, watcher)
@@ -269,23 +297,26 @@ def as_completed(jobs: list[Job], timeout: float | None = None, client: Client |
     by_id: dict[int, list[Job]] = {}
     for job in jobs:
         by_id.setdefault(job.message.id, []).append(job)
-    pending = set(by_id)
-    while pending:
+    with watcher.cond:
+        waiting = _Waiting(watcher, by_id)
+        ready = sorted(waiting.done, key=lambda i: watcher.sequence.get(i, 0))
+    while True:
+        if ready:
+            batch = [job for i in ready for job in by_id[i]]
+            _refresh(client, batch, watcher)
+            yield from batch
+        if not waiting.left:
+            return
         with watcher.cond:
             while True:
                 watcher.raise_error()
-                ready = [i for i in pending if watcher.is_done(i)]
+                ready = waiting.catch_up()
                 if ready:
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"{len(pending)} of {len(by_id)} jobs not final after {timeout} s")
+                    raise TimeoutError(f"{len(waiting.left)} of {len(by_id)} jobs not final after {timeout} s")
                 watcher.cond.wait(remaining)
-            ready.sort(key=lambda i: watcher.sequence.get(i, 0))
-        pending.difference_update(ready)
-        batch = [job for i in ready for job in by_id[i]]
-        _refresh(client, batch, watcher)
-        yield from batch
 
 
 def job_result(job: Job, timeout: float | None = None) -> Any:

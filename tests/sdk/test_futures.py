@@ -181,3 +181,77 @@ def test_retry_from_the_sdk(client: Client, other_client: Client, jobs: list[Job
     assert (result.succeeded, result.failed) == (1, 1)
     assert [(o.id, o.reason) for o in result.failures] == [(jobs[2].id, "NOT_RETRYABLE")]
     assert client.jobs.get(id=jobs[1].id).state == "RESTART_READY"
+
+
+class _Waited:
+    """The part of an SDK Job that waiting reads."""
+
+    def __init__(self, job_id: int) -> None:
+        self.message = job_pb2.Job(id=job_id)
+        self._client = None
+
+
+class _CountingCondition(threading.Condition):
+    """Lets the test hand the waiter one completion per wake-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = threading.Semaphore(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.release()
+        return super().wait(timeout)
+
+
+@pytest.mark.parametrize("how", ["wait", "as_completed"])
+def test_waiting_for_many_jobs_reads_each_completion_once(how: str) -> None:
+    """Waiting for n jobs that end one at a time looked at every pending job on each
+    wake-up: n^2 checks (25 million for 5,000 jobs, seconds of a client's CPU).
+    Counted, not timed: the watcher is asked about each job a bounded number of times."""
+    from balsam_grpc.sdk.futures import JobWatcher
+
+    n = 2000
+    client = type("FakeClient", (), {"server": "fake"})()
+    watcher = JobWatcher(client)  # its stream is never started: the test records the events
+    watcher._start = lambda timeout: None  # type: ignore[method-assign]
+    watcher._read_states = lambda ids: None  # type: ignore[method-assign]
+    watcher.cond = _CountingCondition()
+    client.watcher = watcher
+    asked = [0]
+    is_done = watcher.is_done
+
+    def counted(job_id: int) -> bool:
+        asked[0] += 1
+        return is_done(job_id)
+
+    watcher.is_done = counted  # type: ignore[method-assign]
+    jobs = [_Waited(i) for i in range(1, n + 1)]
+    seen: list[int] = []
+
+    def waiter() -> None:
+        if how == "wait":
+            done, not_done = wait(jobs, timeout=WAIT, client=client, refresh=False)
+            seen.extend(sorted(j.message.id for j in done))
+            assert not not_done
+        else:
+            seen.extend(j.message.id for j in as_completed(jobs, timeout=WAIT, client=client))
+
+    if how == "as_completed":  # it refreshes what it yields: nothing to read here
+        import balsam_grpc.sdk.futures as futures
+
+        original = futures._refresh
+        futures._refresh = lambda *a, **kw: None
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    try:
+        for job in jobs:
+            assert watcher.cond.waits.acquire(timeout=WAIT)  # the waiter sleeps again
+            with watcher.cond:
+                watcher._record(job.message.id, "JOB_FINISHED")
+        thread.join(WAIT)
+    finally:
+        if how == "as_completed":
+            futures._refresh = original
+    assert not thread.is_alive()
+    assert seen == list(range(1, n + 1))
+    assert asked[0] <= 3 * n, f"{asked[0]} checks for {n} jobs"
