@@ -15,8 +15,10 @@ slots as the machine has CPUs, like the peers' workers.
 Per round:
 - latency: with the pilot idle, one `/bin/true` job at a time; submit->RUNNING is the
   time between the job's creation event and its RUNNING event (server clock);
-- throughput: N `/bin/true` jobs created in one call; jobs/s and makespan from before the
-  create call until the last is JOB_FINISHED; CPU per job of the server, the database
+- throughput: N `/bin/true` jobs created and waited for as a user does with the SDK
+  (`client.jobs.bulk_create`, then `client.jobs.wait`: one WatchEvents stream, the jobs'
+  final data read when they end); jobs/s and makespan from before the create until that
+  wait returns with all of them JOB_FINISHED; CPU per job of the server, the database
   (PostgreSQL: the backends serving this database, found through pg_stat_activity and
   read from /proc; SQLite runs inside the server), the launcher (its own CPU; the jobs'
   processes apart), its job watchdog and the site daemon.
@@ -39,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,8 @@ from balsam_grpc.v1 import (  # noqa: E402
     batch_job_service_pb2,
     batch_job_service_pb2_grpc,
     job_pb2,
-    job_service_pb2,
-    job_service_pb2_grpc,
 )
+from balsam_grpc.sdk import Client, Job  # noqa: E402
 from benchkit import DatabaseCpu, cpu_s, rss_mb  # noqa: E402
 from tests.site.sitekit import SiteKit  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
@@ -89,11 +89,13 @@ class RealPath:
         self.launcher_pid = 0
         self.daemon_pid = 0
         self.last_ids: list[int] = []
+        self.sdk: Client | None = None
 
     def start(self) -> None:
         kit = self.kit
         kit.start_server()
         say(f"server up on {kit.address}")
+        self.sdk = Client(kit.address, token=kit.token)
         # No elastic queue: one pilot, submitted below, that stays for the whole run.
         extra = ["--lease-prefetch", str(self.lease_prefetch)] if self.lease_prefetch >= 0 else []
         kit.init_site(apps=NOOP_APPS, scheduler__poll_seconds=1, launcher__idle_timeout_s=3600,
@@ -129,6 +131,8 @@ class RealPath:
         raise SystemExit(f"no job watchdog under the launcher (pid {self.launcher_pid}):\n{self.kit.debug()}")
 
     def stop(self) -> None:
+        if self.sdk is not None:
+            self.sdk.close()
         self.db.close()
         say("stopping")
         if self.launcher_pid:  # the pilot ends its session cleanly, then the daemon stops quickly
@@ -141,42 +145,22 @@ class RealPath:
         say("stopped")
 
     # -- jobs --------------------------------------------------------------------------
-    def create(self, n: int, tag: str) -> list[int]:
-        jobs = [J.Job(app_name="Noop", site_id=self.kit.site_id, workdir=f"{tag}/{i}", tags={"bench": tag},
-                      resources=J.JobResources(node_packing_count=SLOTS)) for i in range(n)]
-        resp = self.kit.stub(job_service_pb2_grpc.JobServiceStub).BatchCreateJobs(
-            job_service_pb2.BatchCreateJobsRequest(jobs=jobs, request_id=str(uuid.uuid4()),
-                                                   view=job_service_pb2.JOB_VIEW_BASIC),
-            metadata=self.kit.metadata, timeout=600)
-        return [j.id for j in resp.jobs]
-
-    def ended(self) -> dict[int, int]:
-        """The site's jobs in each final state: one call per poll, without a tag filter, so
-        the server answers from its job counts (store/job_counts.py) and the measuring
-        client costs it as little as it can."""
-        final = [J.JOB_STATE_JOB_FINISHED, J.JOB_STATE_FAILED, J.JOB_STATE_KILLED]
-        resp = self.kit.stub(job_service_pb2_grpc.JobServiceStub).CountJobs(job_service_pb2.CountJobsRequest(
-            filter=J.JobFilter(site_ids=[self.kit.site_id], states=final),
-            group_by=[job_service_pb2.JOB_GROUP_BY_STATE]), metadata=self.kit.metadata, timeout=60)
-        return {g.state: g.count for g in resp.groups}
-
-    def wait_done(self, before: dict[int, int], tag: str, n: int, timeout: float, every: float) -> None:
-        """Until `n` more jobs of the site than in `before` are JOB_FINISHED (the jobs of
-        a phase are the only ones running)."""
-        def done() -> bool:
-            ended = self.ended()
-            for bad in (J.JOB_STATE_FAILED, J.JOB_STATE_KILLED):
-                if ended.get(bad, 0) > before.get(bad, 0):
-                    raise SystemExit(f"jobs tagged {tag} failed:\n{self.kit.debug()}")
-            return ended.get(J.JOB_STATE_JOB_FINISHED, 0) - before.get(J.JOB_STATE_JOB_FINISHED, 0) >= n
-        wait_until(done, f"{n} jobs tagged {tag} to finish", timeout, interval=every)
-
-    def run_batch(self, n: int, tag: str, every: float = 0.05) -> float:
-        before = self.ended()
+    def run_batch(self, n: int, tag: str) -> float:
+        """Seconds from before the create until the SDK's wait returns with all n jobs
+        final (the watcher streams their final events; the wait reads their final data)."""
+        assert self.sdk is not None
+        jobs = [Job.from_message(J.Job(app_name="Noop", site_id=self.kit.site_id, workdir=f"{tag}/{i}",
+                                       tags={"bench": tag}, resources=J.JobResources(node_packing_count=SLOTS)))
+                for i in range(n)]
         t0 = time.monotonic()
-        self.last_ids = self.create(n, tag)
-        self.wait_done(before, tag, n, 600 + n, every)
-        return time.monotonic() - t0
+        self.sdk.jobs.bulk_create(jobs)
+        done, not_done = self.sdk.jobs.wait(jobs, timeout=600 + n)
+        elapsed = time.monotonic() - t0
+        self.last_ids = [j.id for j in jobs]
+        bad = sorted({j.state for j in done} - {"JOB_FINISHED"})
+        if not_done or bad:
+            raise SystemExit(f"jobs tagged {tag}: {len(not_done)} not final, states {bad}:\n{self.kit.debug()}")
+        return elapsed
 
     def launcher_transactions(self, ids: list[int]) -> int:
         """Transactions that moved these jobs through RUNNING and out of it: the events of
@@ -197,11 +181,8 @@ class RealPath:
     def latency(self, samples: int, round_: int) -> list[float]:
         out = []
         for i in range(samples):
-            tag = f"lat-{round_}-{i}"
-            before = self.ended()
-            (job_id,) = self.create(1, tag)
-            self.wait_done(before, tag, 1, 60, 0.01)
-            out.append(self.kit.latency_to_running(job_id) * 1000)
+            self.run_batch(1, f"lat-{round_}-{i}")
+            out.append(self.kit.latency_to_running(self.last_ids[0]) * 1000)
             time.sleep(0.05)  # the launcher is idle again before the next one
         return out
 
