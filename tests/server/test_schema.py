@@ -31,6 +31,11 @@ def _has_expressions(index: Index) -> bool:
     return any(isinstance(e, TextClause) for e in index.expressions)
 
 
+def _declared_for(index: Index, dialect: str) -> bool:
+    condition = getattr(index, "_ddl_if", None)
+    return condition is None or condition.dialect in (None, dialect)
+
+
 def _kept_on_sqlite(fk: Any) -> bool:
     """The foreign keys revisions 0011 and 0013 drop on PostgreSQL only (jobs.owner_id,
     site_id, app_id, batch_job_id)."""
@@ -48,6 +53,8 @@ def _differences(url: str) -> tuple[list[Any], dict[str, tuple[str, str]]]:
     def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
         if sqlite and type_ == "foreign_key_constraint" and reflected and _kept_on_sqlite(obj):
             return False
+        if type_ == "index" and not reflected and not _declared_for(obj, engine.dialect.name):
+            return False  # tables.py says .ddl_if(dialect=...): Alembic does not read it
         return not (sqlite and type_ == "index" and (reflected or _has_expressions(obj))
                     and name in expression_indexes)
 
@@ -143,3 +150,23 @@ def test_jobs_foreign_keys_up_and_down(backend: str, tmp_path: Path) -> None:
     finally:
         if backend == "postgres":
             drop_postgres(url)
+
+
+def test_sqlite_keeps_no_index_on_tags(tmp_path: Path) -> None:
+    """SQLite filters tags with json_extract per pair; an index over the whole JSON text
+    (what ix_jobs_tags_gin declared there) served no query and cost every insert.
+    Revision 0018 drops it on SQLite; its downgrade puts it back."""
+    url = f"sqlite:///{tmp_path / 'tags.db'}"
+
+    def tag_indexes() -> list[str]:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return [ix["name"] for ix in inspect(conn).get_indexes("jobs") if "tags" in ix["column_names"]]
+        finally:
+            engine.dispose()
+
+    migrate.upgrade(url)
+    assert tag_indexes() == []
+    _downgrade(url, "0017")
+    assert tag_indexes() == ["ix_jobs_tags_gin"]
