@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from balsam_grpc.core.addresses import is_loopback_address
 from balsam_grpc.core.services import SERVICES
 from balsam_grpc.server import rpc, wire
+from balsam_grpc.server.clock import DatabaseClock
 from balsam_grpc.server.state import ServerSettings, ServerState
 from balsam_grpc.server.store.db import Database
 from balsam_grpc.server.store import durability
@@ -144,6 +145,7 @@ class BalsamServer:
         self.port = 0
         self.metrics_port = 0
         self._sqlite_lock: IO[str] | None = None
+        self.clock: DatabaseClock | None = None
 
     async def start(self) -> int:
         settings = self.settings
@@ -159,6 +161,8 @@ class BalsamServer:
         if not self.db.is_sqlite:
             for warning in durability.warnings(await self.db.read(durability.read_settings)):
                 log.warning("PostgreSQL setting", detail=warning)
+        self.clock = DatabaseClock(self.db)
+        await self.clock.start()  # before anything is stamped
         if self.db.is_sqlite:
             # One process serves SQLite, so no daemon holds a stream before this server
             # serves: clear what a crash left. (On PostgreSQL other replicas may hold them.)
@@ -226,6 +230,8 @@ class BalsamServer:
         if self.state.listener is not None:
             await self.state.listener.stop()
         await self.state.fanout.stop()
+        if self.clock is not None:
+            await self.clock.stop()
         await asyncio.to_thread(self.state.metrics.stop)
         await asyncio.to_thread(self.db.dispose)
         if self._sqlite_lock is not None:

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import os
 import re
-import time
 from collections.abc import Callable, Iterable
 
 import structlog
@@ -96,7 +95,7 @@ class Authenticator:
         secret = self._bearer(metadata)
         if secret.startswith(JOB_TOKEN_PREFIX):  # never cached: valid only while its run lasts
             return await self.job_tokens.authenticate(secret)
-        now = time.time()
+        now = utcnow().timestamp()  # token expiry was stamped on the database's clock
         hit = self._cache.get(secret)
         if hit and hit[0] > now:
             if hit[2] <= now:

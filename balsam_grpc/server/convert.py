@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -38,8 +38,23 @@ class EnumCodec:
         return self.to_number.get(name or "", 0)
 
 
+# This process's clock to the database's, kept by server.clock.DatabaseClock (zero on
+# SQLite and until the first reading).
+_clock_offset = [timedelta(0)]
+
+
 def utcnow() -> datetime:
+    """Now on the database's clock, within a round trip: replicas on different hosts
+    stamp times (create_time, events) and compare them (session expiry) on one clock."""
+    return _local_now() + _clock_offset[0]
+
+
+def _local_now() -> datetime:
     return datetime.now(UTC)
+
+
+def set_clock_offset(offset: timedelta) -> None:
+    _clock_offset[0] = offset
 
 
 def aware(dt: datetime | None) -> datetime | None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Protocol
 
 import structlog
 
 from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition
+from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.store import sessions as store
 from balsam_grpc.server.store.db import Database
 
@@ -41,10 +42,6 @@ class Attached(Protocol):
     def end(self, error: BalsamError) -> None: ...
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class SessionKeeper:
     def __init__(self, db: Database, lease_timeout_seconds: float, metrics: Any = None) -> None:
         self.db = db
@@ -58,7 +55,7 @@ class SessionKeeper:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        grace = _now() + self.lease_timeout
+        grace = utcnow() + self.lease_timeout
         extended = await self.db.write(store.extend_active, grace)
         if extended:
             log.info("sessions given time to resume", sessions=extended, resume_by=grace.isoformat())
@@ -104,7 +101,7 @@ class SessionKeeper:
         del self.connected[stream.session_id]
         if closed:
             return
-        now = _now()
+        now = utcnow()
         deadline = now + self.lease_timeout
         task = asyncio.get_running_loop().create_task(self.db.write(store.touch_sessions, [stream.session_id], now,
                                                                    deadline))
@@ -118,7 +115,7 @@ class SessionKeeper:
         backoff = Backoff(initial=0.2, maximum=self.lease_timeout.total_seconds())
         while True:
             try:
-                expired = await self.db.write(store.reap_expired, _now(), sorted(self.connected))
+                expired = await self.db.write(store.reap_expired, utcnow(), sorted(self.connected))
                 if self.metrics is not None and expired:
                     self.metrics.sessions_expired.inc(len(expired))
                 for session, released in expired:
@@ -129,9 +126,9 @@ class SessionKeeper:
             except Exception:  # the reaper must survive a failed transaction (database outage)
                 delay = backoff.next_delay()
                 log.exception("session reaping failed; retrying", retry_in=round(delay, 2))
-                next_due = _now() + timedelta(seconds=delay)
+                next_due = utcnow() + timedelta(seconds=delay)
             # At most one lease timeout: a session opened after this read expires no sooner.
-            until = self.lease_timeout if next_due is None else min(self.lease_timeout, next_due - _now())
+            until = self.lease_timeout if next_due is None else min(self.lease_timeout, next_due - utcnow())
             await asyncio.sleep(max(0.0, until.total_seconds()))
 
     async def _heartbeat(self) -> None:
@@ -144,7 +141,7 @@ class SessionKeeper:
             if not ids:
                 self._has_streams.clear()
                 continue
-            now = _now()
+            now = utcnow()
             try:
                 await self.db.write(store.touch_sessions, ids, now, now + self.lease_timeout)
             except Exception:  # a missed heartbeat is retried next period

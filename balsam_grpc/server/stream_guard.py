@@ -19,10 +19,10 @@ cancelled outright (the client, not reading, sees the stream end as it can).
 from __future__ import annotations
 
 import asyncio
-import time
 
 import structlog
 
+from balsam_grpc.server.convert import utcnow
 from balsam_grpc.core.errors import BalsamError, Unauthenticated
 from balsam_grpc.server.auth import Authenticator
 from balsam_grpc.server.principal import Principal
@@ -45,7 +45,7 @@ class StreamGuard:
         loop = asyncio.get_running_loop()
         expires = auth.expiry(principal.token_id)
         if expires is not None:
-            delay = max(0.0, expires - time.time())
+            delay = max(0.0, expires - utcnow().timestamp())
             self._handles.append(loop.call_later(
                 delay, self.trip, Unauthenticated("token expired; log in again with 'balsamctl login'")))
 

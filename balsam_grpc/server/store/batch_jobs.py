@@ -8,12 +8,13 @@ transaction. `partitions` is [{"job_mode": "SERIAL"|"MPI", "num_nodes", "filter_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
 from balsam_grpc.core.errors import FailedPrecondition, NotFound
+from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.store import events
 from balsam_grpc.server.store.leases import time_out_held
 from balsam_grpc.server.store.rows import owned_row
@@ -146,7 +147,7 @@ def delete_batch_job(conn: Connection, owner_id: int, batch_job_id: int) -> None
             f"batch job {batch_job_id} may be being submitted by site {row['site_id']}'s daemon, which is "
             "connected; cancel it by setting state PENDING_DELETION, then delete it once it is "
             "FINISHED or SUBMIT_FAILED", reason="BATCH_JOB_SUBMITTING")
-    end_pilot_sessions(conn, row, datetime.now(UTC), "was deleted")
+    end_pilot_sessions(conn, row, utcnow(), "was deleted")
     conn.execute(delete(batch_jobs).where(batch_jobs.c.id == batch_job_id, batch_jobs.c.owner_id == owner_id))
 
 

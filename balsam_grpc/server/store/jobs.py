@@ -50,6 +50,7 @@ from balsam_grpc.core.states import (
     StepContext,
     settle,
 )
+from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.store import events as event_log
 from balsam_grpc.server.store.query import contains_substring, id_in, json_path, tags_contain, tags_exclude
 from balsam_grpc.server.store.tables import apps, job_parents, jobs, sites, transfer_items
@@ -1616,7 +1617,7 @@ def delete_jobs(conn: Connection, rows: list[dict[str, Any]], validate_only: boo
     ids = [r["id"] for r in candidates if r["id"] not in refused]
     if not validate_only and ids:
         if waited_on:
-            engine = Transitioner(conn, now or datetime.now(UTC))
+            engine = Transitioner(conn, now or utcnow())
             engine.parents_deleted(waited_on)
             engine.flush()
         conn.execute(delete(jobs).where(id_in(jobs.c.id, ids, conn.dialect.name)))
