@@ -14,13 +14,13 @@ within a round trip. SQLite is served by one process: its clock is the only one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import Connection, text
 
+from balsam_grpc.core.aio import cancel_and_wait
 from balsam_grpc.server import convert
 from balsam_grpc.server.store.db import Database
 
@@ -84,7 +84,4 @@ class DatabaseClock:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)

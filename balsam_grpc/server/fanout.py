@@ -44,7 +44,6 @@ are routed as always, and other replicas learn of them as always.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +51,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, bindparam, select
 
+from balsam_grpc.core.aio import cancel_and_wait
 from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.server.store.driver import driver_rows, driver_statement
 from balsam_grpc.server.store.events import HORIZON, event_horizon, horizon_of, origin
@@ -299,10 +299,7 @@ class Fanout:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     # ------------------------------------------------------------------ dispatcher
 

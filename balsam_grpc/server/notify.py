@@ -15,7 +15,6 @@ cursor (`on_reconnect`), so a lost connection costs latency, not correctness.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ import structlog
 from sqlalchemy.engine import make_url
 
 from balsam_grpc.core.backoff import Backoff
-from balsam_grpc.core.aio import wait_event
+from balsam_grpc.core.aio import cancel_and_wait, wait_event
 from balsam_grpc.server.store.events import EVENTS_CHANNEL, hint_origin, parse_hint
 
 log = structlog.get_logger("balsam.notify")
@@ -76,10 +75,7 @@ class Listener:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         backoff = Backoff(initial=0.2, maximum=5.0)

@@ -17,12 +17,12 @@ could not reach a server that was down).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import timedelta
 from typing import Any, Protocol
 
 import structlog
 
+from balsam_grpc.core.aio import cancel_and_wait
 from balsam_grpc.core.backoff import Backoff
 from balsam_grpc.core.errors import BalsamError, FailedPrecondition
 from balsam_grpc.server.convert import utcnow
@@ -65,11 +65,7 @@ class SessionKeeper:
     async def stop(self) -> None:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
 
     # ------------------------------------------------------------------ streams
