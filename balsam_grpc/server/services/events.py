@@ -139,17 +139,27 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             cursor = 0
         else:
             cursor = await self.db.read(store.max_event_id, principal.user_id)
-        # Woken only by events of this user (at the filter's sites): subscribed before the
-        # first read, so nothing committed after that read goes unnoticed.
-        events = self.state.fanout.subscribe(principal.user_id, q.site_ids or None, keep_rows=False)
+        # Woken only by events of this user (at the filter's sites), with their routing
+        # rows: subscribed before the first read, so nothing committed after that read goes
+        # unnoticed, and rows after `cursor` that came before are handed over as a gap.
+        events = self.state.fanout.subscribe(principal.user_id, q.site_ids or None, since=cursor)
         key = repr(q)  # the whole selection, owner and (for a site's token) its site included
+        # The log is read only up to where a routing row may match the filter (or could not
+        # be seen: a gap): a watcher of final states is not woken into a query by every
+        # RUNNING event. None: the filter needs the rows themselves (tags, times).
+        may_match = store.routing_match(q)
+        read_upto = 0
         try:
             yield event_service_pb2.WatchEventsResponse(cursor=str(cursor))
             while True:
                 # Every event up to `seen` is committed or never will be (the horizon): none
                 # can appear later below a cursor this stream already gave out.
-                seen = events.take().upto
-                batch = await self.watch_reads.read(q, key, cursor, seen) if seen > cursor else None
+                delivery = events.take()
+                seen = delivery.upto
+                if delivery.gap_after is not None or may_match is None or any(map(may_match, delivery.rows)):
+                    read_upto = max(read_upto, seen)
+                batch = await self.watch_reads.read(q, key, cursor, seen) \
+                    if seen > cursor and read_upto > cursor else None
                 if batch is not None:
                     cursor = int(batch.cursor)
                     yield batch

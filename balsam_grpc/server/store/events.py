@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -261,6 +262,27 @@ def _conditions(q: EventQuery) -> list[ColumnElement[bool]]:
         tagged = select(jobs.c.id).where(jobs.c.owner_id == q.owner_id, tags_contain(jobs.c.tags, q.tags))
         conds.append(c.job_id.in_(tagged))
     return conds
+
+
+def routing_match(q: EventQuery) -> Callable[[Any], bool] | None:
+    """_conditions on a routing row (server/fanout.py EventRow: kind, states, job, site,
+    subject; no time, data or tags): whether that event is in `q`'s selection, with the
+    owner and the sites already matched by the routing. None when `q` also filters on
+    what such a row lacks (tags, times): only the database can tell."""
+    if q.tags or q.time_start is not None or q.time_end is not None:
+        return None
+    job_ids, site_ids, kinds = set(q.job_ids), set(q.site_ids), set(q.kinds)
+    to_states, from_states, batch_job_ids = set(q.to_states), set(q.from_states), set(q.batch_job_ids)
+
+    def match(row: Any) -> bool:
+        return ((not job_ids or row.job_id in job_ids)
+                and (not site_ids or row.site_id in site_ids)
+                and (not kinds or row.kind in kinds)
+                and (not to_states or (row.kind == JOB_STATE and row.to_state in to_states))
+                and (not from_states or (row.kind == JOB_STATE and row.from_state in from_states))
+                and (not batch_job_ids or (row.kind == BATCH_JOB_STATE and row.subject_id in batch_job_ids)))
+
+    return match
 
 
 def list_events(conn: Connection, q: EventQuery, *, after_id: int | None, limit: int,
