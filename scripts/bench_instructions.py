@@ -14,7 +14,9 @@ same code; instruction counts by about 5 % (background work that scales with wal
 such as a token cache refresh every 5 s, is what is left of the noise). Compare two
 checkouts with alternated runs (PYTHONPATH=<checkout> scripts/bench_instructions.py ...
 from each) and medians. Phases: a health check (public, no token), CreateJob without and
-with a request_id, UpdateJob of tags, GetJob, ListJobs of 100. Figures, never assertions.
+with a request_id, UpdateJob of tags, GetJob, ListJobs of 100, and (`bulk`, not run unless
+named: `--phases bulk --calls 3 --warm 2`) BatchCreateJobs of 10,000 jobs as bench_api
+makes them, per call (divide by 10,000 for a job). Figures, never assertions.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from balsam_grpc.v1 import (  # noqa: E402
     site_service_pb2_grpc,
 )
 
-PHASES = ("health", "create", "create_rid", "update", "get", "list")
+PHASES = ("health", "create", "create_rid", "update", "get", "list", "bulk")
+# Jobs per BatchCreateJobs of the bulk phase (bench_api's bulk create).
+BULK = 10_000
 
 
 def free_port() -> int:
@@ -123,9 +127,15 @@ def calls(channel: grpc.Channel, md: tuple[tuple[str, str], ...]) -> dict[str, C
         jobs.ListJobs(job_service_pb2.ListJobsRequest(filter=job_pb2.JobFilter(site_ids=[site.id]), page_size=100),
                       metadata=md, timeout=300)
 
+    def bulk() -> None:
+        seq[0] += 1
+        jobs.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+            job_pb2.Job(app_id=app.id, workdir=f"b/{seq[0]}/{i}", parameters={"i": str(i)},
+                        tags={"bench": "bulk", "shard": str(i % 8)}) for i in range(BULK)]), metadata=md, timeout=600)
+
     create()  # update and get need a job
     return {"health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=300), "create": create,
-            "create_rid": lambda: create(True), "update": update, "get": get, "list": list_}
+            "create_rid": lambda: create(True), "update": update, "get": get, "list": list_, "bulk": bulk}
 
 
 def measure(database: str, phases: list[str], n: int, warm: int, out: Path) -> dict[str, float]:
@@ -168,7 +178,7 @@ def main() -> int:
     parser.add_argument("--database", required=True, help="database URL (the server migrates it)")
     parser.add_argument("--calls", type=int, default=200, help="calls per phase (default 200)")
     parser.add_argument("--warm", type=int, default=100, help="warm-up calls per phase (default 100)")
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--phases", default=",".join(PHASES[:-1]), help=f"comma-separated, of {', '.join(PHASES)}")
     parser.add_argument("--out", type=Path, help="keep the callgrind dumps here (default: a temporary directory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
