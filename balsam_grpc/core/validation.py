@@ -64,7 +64,9 @@ KiB = 1024
 # keys and values for maps and lists; the serialized size for Structs). Keyed by the
 # protobuf message and field. The server checks every unary request against this one
 # table before any servicer code runs (server/wire.py `FieldLimits`: INVALID_ARGUMENT
-# naming the field and its limit); clients may check before sending. The site stream
+# naming the field and its limit; a large BatchCreateJobs on PostgreSQL is checked a
+# chunk of jobs at a time, each before it is read, in the transaction that would write
+# them, so a refusal writes nothing); clients may check before sending. The site stream
 # checks each WorkResult against it: an oversized result is refused with the field's
 # name and nothing of it is stored (a hook's job fails with that message); the site
 # daemon cuts what it writes itself (`clip_utf8`) so it never sends one. The session

@@ -42,6 +42,16 @@ def count_jobs(stub, app_id: int) -> int:
     (lambda app: job_service_pb2.BatchCreateJobsRequest(jobs=[job_pb2.Job(
         app_id=app.id, workdir="a", resources=job_pb2.JobResources(launch_params={"env": "y" * 5000}))]),
      "jobs[0].resources.launch_params", "4,096"),
+    # Large enough for PostgreSQL's streamed create, which checks a chunk at a time while
+    # the chunks before are written: the first oversized job is named, nothing stays.
+    (lambda app: job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"s/{i}", tags={"big": "v" * 40_000} if i in (2500, 2999) else {},
+                    state_message="m" * 5000 if i == 2999 else "") for i in range(3000)]),
+     "jobs[2500].tags", "32,768"),
+    (lambda app: job_service_pb2.BatchCreateJobsRequest(jobs=[
+        job_pb2.Job(app_id=app.id, workdir=f"s/{i}", data=struct_of(300_000) if i == 2999 else None)
+        for i in range(3000)]),
+     "jobs[2999].data", "262,144"),
     (lambda app: job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=app.id, workdir="w",
                                                                   state_message="m" * 5000)),
      "job.state_message", "4,096"),
