@@ -8,6 +8,8 @@ takes the one-piece path, which must answer the same)."""
 
 from __future__ import annotations
 
+import random
+
 import grpc
 import pytest
 
@@ -365,3 +367,23 @@ def test_a_streamed_create_reports_the_times_it_stored(alice):
     events = alice.stub(event_service_pb2_grpc.EventServiceStub).ListEvents(event_service_pb2.ListEventsRequest(
         filter=event_service_pb2.EventFilter(job_ids=[created[0].id]), page_size=10)).events
     assert [e.time for e in events] == [created[0].create_time]
+
+
+def test_the_column_tests_accept_what_the_per_job_tests_accept() -> None:
+    """plain_columns tests a chunk a field at a time (job_service._plain_workdirs,
+    _all_surely_valid): they must pass exactly the chunks whose every job passes the
+    per-job tests, or a job would be stored without job_spec's checks."""
+    rng = random.Random(15)
+    alphabet = ["a", "b", "/", ".", "~", " ", "\t", "\x00", "\x1c", "é", "\u2003", "//", "/."]
+    for _ in range(20_000):
+        workdirs = ["".join(rng.choices(alphabet, k=rng.randrange(0, 5))) for _ in range(rng.randrange(1, 5))]
+        assert job_service._plain_workdirs(workdirs) == all(map(job_service._plain_workdir, workdirs)), workdirs
+    assert job_service._plain_workdirs(["a" * job_service.MAX_WORKDIR, "b"])
+    assert not job_service._plain_workdirs(["b", "a" * (job_service.MAX_WORKDIR + 1)])
+    known = {"k1", "k2"}
+    for _ in range(20_000):
+        column = [{rng.choice(["k1", "k2", "k3"]): "v" * rng.choice([0, 1, 3, 4, 5]) for _ in range(rng.randrange(0, 4))}
+                  for _ in range(rng.randrange(1, 4))]
+        for keys in (known, None):
+            expected = all(job_service._surely_valid(d, 2, 16, keys) for d in column if d)
+            assert job_service._all_surely_valid(column, 2, 16, keys) == expected, (column, keys)
