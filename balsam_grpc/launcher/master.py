@@ -15,7 +15,9 @@ import math
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -139,14 +141,18 @@ def auto_prefetch(slots: int, mean_run_s: float | None = None) -> int:
 
 class Wakeup:
     """The master loop's wake-up: asyncio.Event's set/clear/is_set, and a wait with a
-    timeout for its one waiter that costs a future and a timer handle. The loop waits about
-    twice per job; wait_event (asyncio.timeout around Event.wait) cost three times this."""
+    timeout for its one waiter that costs a future. The loop waits about twice per job;
+    wait_event (asyncio.timeout around Event.wait) cost three times as much. The timer of a
+    wait serves the next waits too while it is due no later than they must end (it may wake
+    one of them early, which the loop takes as any wake-up): a timer made and cancelled per
+    wait was a fifth of the wait's cost."""
 
-    __slots__ = ("_set", "_waiter")
+    __slots__ = ("_set", "_waiter", "_timer")
 
     def __init__(self) -> None:
         self._set = False
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def set(self) -> None:
         self._set = True
@@ -161,21 +167,84 @@ class Wakeup:
         return self._set
 
     async def wait(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        """Until set() or `timeout` seconds pass."""
+        """Until set() or `timeout` seconds pass (or, at most once per timer, sooner)."""
         if self._set:
             return
+        due = loop.time() + timeout
+        timer = self._timer
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            timer = self._timer = loop.call_at(due, self._expire)
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _resolve, waiter)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def cancel(self) -> None:
+        """Drop the pending timer (the loop is done waiting)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _no_op(_signum: int, _frame: object) -> None:
+    """The Python-level handler: the signal's number reaches the loop by the wake-up socket."""
+
+
+class SignalReader:
+    """Signals handled in the loop, read from a socket of their own. asyncio's
+    add_signal_handler runs a handler two turns of the loop after its signal: it reads the
+    signal's number from its self-pipe, queues the handler and writes to the pipe again, then
+    reads it once more, two of its four reads failing with EAGAIN. A launcher of short jobs
+    takes a SIGCHLD per job: here the handler runs in the turn that reads the number, with one
+    read. Main thread only (signal.set_wakeup_fd); close() puts back what was there."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handlers: dict[int, Callable[[], None]]) -> None:
+        self._loop = loop
+        self._handlers = handlers
+        self._read_sock, self._write_sock = socket.socketpair()
+        self._read_sock.setblocking(False)
+        self._write_sock.setblocking(False)
+        self._old_handlers: dict[int, Any] = {}
+        self._old_fd: int | None = None
+        try:
+            self._old_fd = signal.set_wakeup_fd(self._write_sock.fileno(), warn_on_full_buffer=False)
+            for sig in handlers:
+                self._old_handlers[sig] = signal.signal(sig, _no_op)
+                signal.siginterrupt(sig, False)  # SA_RESTART, as asyncio sets it
+            loop.add_reader(self._read_sock.fileno(), self._read)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> None:
+        try:
+            data = self._read_sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for sig in set(data):  # a signal that came twice is handled once, as asyncio's would be
+            handler = self._handlers.get(sig)
+            if handler is not None:
+                handler()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._read_sock.fileno())
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+        self._old_handlers.clear()
+        if self._old_fd is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            self._old_fd = None
+        self._read_sock.close()
+        self._write_sock.close()
 
 
 @dataclass
@@ -559,12 +628,13 @@ class Master:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGCHLD, self.wake.set)
+        signals = SignalReader(loop, {
+            signal.SIGCHLD: self.wake.set,
+            signal.SIGTERM: lambda: self.request_stop("signal SIGTERM"),
+            signal.SIGINT: lambda: self.request_stop("signal SIGINT")})
         # A job's start goes on while this loop reaps, places and reports: the few it must
         # hear of at once (a failed start, a kill meanwhile) wake it.
         self.dispatcher.start_in_background(lambda: loop.call_soon_threadsafe(self.wake.set))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
         client_task = asyncio.create_task(self.client.run(), name="session")
         next_progress = time.monotonic() + self.cfg.progress_interval_s
         stopped_jobs = False
@@ -607,8 +677,8 @@ class Master:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await client_task
             self.dispatcher.shutdown()
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            signals.close()
+            self.wake.cancel()
         return rc
 
     def _tick(self, now: float) -> float:

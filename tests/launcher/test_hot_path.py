@@ -709,3 +709,59 @@ def test_no_short_job_waits_for_a_long_one(tmp_path):
     m._finished(ProcessResult(1, 0, "exit", 1.0))
     assert 1 not in m.manager.assignments and 1 not in m.jobs
     assert all(a.cpu_ids != held_by_1 for a in m.manager.assignments.values())
+
+
+# -- the loop's wake-ups ------------------------------------------------------------------------
+
+
+def test_the_loops_signals_run_their_handler_in_the_loop_and_are_given_back_on_close():
+    """SignalReader: a signal's handler runs in the loop (once for signals that came together);
+    close() puts back the handlers and wake-up descriptor that were there."""
+    import asyncio
+
+    from balsam_grpc.launcher.master import SignalReader
+
+    seen: list[str] = []
+    before = signal.getsignal(signal.SIGUSR1)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        got = asyncio.Event()
+        reader = SignalReader(loop, {signal.SIGUSR1: lambda: (seen.append("usr1"), got.set()),
+                                     signal.SIGUSR2: lambda: seen.append("usr2")})
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            await asyncio.wait_for(got.wait(), 10)
+            await asyncio.sleep(0.05)  # a second byte still in the socket is read, not lost
+        finally:
+            reader.close()
+        assert signal.set_wakeup_fd(-1) == -1  # nothing of the reader's left behind
+
+    asyncio.run(main())
+    assert seen and set(seen) == {"usr1"}
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_wait_ends_by_its_own_timeout_whatever_the_timer_of_an_earlier_one():
+    """Wakeup reuses the timer of a wait for later ones only while it is due no later than they
+    must end: a short wait after a long one is not held to the long one's timer."""
+    import asyncio
+
+    from balsam_grpc.launcher.master import Wakeup
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wake = Wakeup()
+        loop.call_soon(wake.set)
+        await wake.wait(loop, 3600)  # set meanwhile: its hour-long timer stays pending
+        wake.clear()
+        t0 = loop.time()
+        await asyncio.wait_for(wake.wait(loop, 0.01), 10)  # not the hour: a timer of its own
+        assert loop.time() - t0 < 5
+        await asyncio.wait_for(wake.wait(loop, 0.01), 10)  # its timer came due: a new one
+        wake.set()
+        await wake.wait(loop, 3600)  # set: at once
+        wake.cancel()
+
+    asyncio.run(main())
