@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -55,7 +56,7 @@ from balsam_grpc.v1 import (  # noqa: E402
     job_pb2,
 )
 from balsam_grpc.sdk import Client, Job  # noqa: E402
-from benchkit import DatabaseCpu, cpu_s, rss_mb  # noqa: E402
+from benchkit import ROOT, DatabaseCpu, cpu_s, rss_mb  # noqa: E402
 from tests.site.sitekit import SiteKit  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 
@@ -98,8 +99,13 @@ class RealPath:
         self.sdk = Client(kit.address, token=kit.token)
         # No elastic queue: one pilot, submitted below, that stays for the whole run.
         extra = ["--lease-prefetch", str(self.lease_prefetch)] if self.lease_prefetch >= 0 else []
+        # The pilot's batch script starts the launcher with the environment's python, which
+        # imports the checkout the environment was installed from (pip install -e), not
+        # necessarily this one: an A/B of two checkouts sharing one environment would time
+        # the same launcher twice. The preamble puts this checkout first.
+        preamble = f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"
         kit.init_site(apps=NOOP_APPS, scheduler__poll_seconds=1, launcher__idle_timeout_s=3600,
-                      launcher__extra_args=extra, elastic_queue__enabled=False)
+                      launcher__extra_args=extra, launcher__preamble=preamble, elastic_queue__enabled=False)
         self.daemon_pid = kit.start_daemon()
         say(f"site {kit.site_id} made by `balsamctl site init --platform local`, its daemon started")
         kit.stub(batch_job_service_pb2_grpc.BatchJobServiceStub).CreateBatchJob(
