@@ -85,6 +85,7 @@ class SessionClient:
         self._leases_received = 0
         self._last_credit: bytes | None = None
         self._asked_jobs = False  # the credit last sent asked for jobs
+        self._asked_reserve = False  # ... for jobs to hold ahead
         # The credit last serialized: (the owner's message, its leases_received, the bytes).
         # The owner hands back the same message while its figures stay the same.
         self._credit_bytes: tuple[pb.SessionCredit | None, int, bytes] = (None, 0, b"")
@@ -198,7 +199,7 @@ class SessionClient:
             self.opens += 1
             self._leases_received = 0
             self._last_credit = None
-            self._asked_jobs = False
+            self._asked_jobs = self._asked_reserve = False
             self.outbox.rewind(opened.applied_through_seq if resumed else 0)
             self.cb.on_opened(opened, resumed)
             self.connected.set()
@@ -251,6 +252,13 @@ class SessionClient:
     def _sent_credit(self, raw: bytes, credit: pb.SessionCredit) -> None:
         self._last_credit = raw
         self._asked_jobs = credit.max_jobs > 0 or credit.reserve_jobs > 0
+        self._asked_reserve = credit.reserve_jobs > 0
+
+    def _hungrier(self, credit: pb.SessionCredit) -> bool:
+        """This credit asks for jobs where the last sent did not, or for jobs to hold ahead
+        where the last asked only for free slots (the held-ahead jobs ran low)."""
+        return ((credit.max_jobs > 0 or credit.reserve_jobs > 0) and not self._asked_jobs) \
+            or (credit.reserve_jobs > 0 and not self._asked_reserve)
 
     async def _pace(self) -> None:
         """While the launcher is busy, wait until its last report is report_interval_s old,
@@ -296,13 +304,14 @@ class SessionClient:
                     await call.write(pb.SessionServiceConnectRequest(report=report))
             if self.outbox.has_unsent():
                 # The credit rides on the next report, sent when the ack comes; but one that
-                # asks for jobs when the last sent did not (the jobs held ahead ran low) goes
-                # now: the server applies the report in flight and leases under it, so the
-                # slots are not left to run dry for an ack's round trip (40-100 ms while a
-                # busy server applies a few hundred transitions) and the next report's.
-                if not self._asked_jobs and not half_closed:
+                # asks for jobs when the last sent did not, or for jobs to hold ahead when
+                # the last asked only for free slots (the jobs held ahead ran low), goes now:
+                # the server applies the report in flight and leases under it, so the slots
+                # are not left to run dry for an ack's round trip (40-100 ms while a busy
+                # server applies a few hundred transitions) and the next report's.
+                if not (self._asked_jobs and self._asked_reserve) and not half_closed:
                     credit, raw = self._credit_now()
-                    if (credit.max_jobs > 0 or credit.reserve_jobs > 0) and raw != self._last_credit:
+                    if self._hungrier(credit) and raw != self._last_credit:
                         self._sent_credit(raw, credit)
                         await call.write(pb.SessionServiceConnectRequest(credit=credit))
                 continue
