@@ -21,7 +21,8 @@ Per round:
   wait returns with all of them JOB_FINISHED; CPU per job of the server, the database
   (PostgreSQL: the backends serving this database, found through pg_stat_activity and
   read from /proc; SQLite runs inside the server), the launcher (its own CPU; the jobs'
-  processes apart), its job watchdog and the site daemon.
+  processes apart), its job watchdog and the site daemon; and, apart from that total,
+  the SDK's in this process (`client_cpu_ms_per_job`).
 With `--rounds K` each figure is the median over the K rounds. RSS of each process at the
 end. `--peers` (the `bench-peers` extra: parsl, dask[distributed]) runs the same N `/bin/true`
 tasks on Parsl's HighThroughputExecutor and a Dask LocalCluster (2 workers each) in the
@@ -197,8 +198,10 @@ class RealPath:
                  "daemon": self.daemon_pid}
         spies = start_profilers(procs, profile, round_) if profile else []
         cpu0 = {k: cpu_s(p) for k, p in procs.items()}
+        client0 = cpu_s(os.getpid())
         db0 = self.db.reading()
         makespan = self.run_batch(n, f"tp-{round_}")
+        client1 = cpu_s(os.getpid())
         stop_profilers(spies)
         cpu1 = {k: cpu_s(p) for k, p in procs.items()}
         db_spent = self.db.spent(db0, self.db.reading())
@@ -207,6 +210,9 @@ class RealPath:
             figures[f"{k}_cpu_ms_per_job"] = (cpu1[k] - cpu0[k]) / n * 1000
         figures["database_cpu_ms_per_job"] = db_spent / n * 1000
         figures["total_cpu_ms_per_job"] = sum(figures[f"{k}_cpu_ms_per_job"] for k in (*procs, "database"))
+        # The SDK's side (this process: the create, the wait's watcher and reads), apart
+        # from the total, as the peers' clients are not counted either.
+        figures["client_cpu_ms_per_job"] = (client1 - client0) / n * 1000
         figures["session_transactions_per_job"] = self.launcher_transactions(self.last_ids) / n
         return figures
 
