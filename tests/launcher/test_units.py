@@ -492,41 +492,44 @@ def test_a_fed_pause_is_woken_only_by_what_ends_it():
     assert asyncio.run(_fed_pause(scenario)) == [[1, 2, 3, 4, 5]]
 
 
-def test_a_credit_that_asks_for_jobs_again_does_not_wait_for_the_ack_of_the_report_in_flight():
-    """A busy launcher's report is in flight and the next waits for its ack; when its
-    credit turns from asking nothing to asking for jobs (held-ahead jobs run low), that
-    credit goes at once, on its own: riding on the next report it would reach the server
-    an ack later, and the slots ran dry meanwhile (bench_e2e, 1,000 no-op jobs: report
-    round trips of 40-100 ms while the server applies a few hundred transitions). Only
-    that turn goes early: a credit that keeps asking, with other figures, waits."""
+@pytest.mark.parametrize(("first", "then", "sent"), [
+    # Asked for nothing (every slot fed), then to hold jobs ahead (they ran low).
+    ({}, [{}, {"reserve_jobs": 128}, {"reserve_jobs": 130}], [(0, 128)]),
+    # Asked for a free slot (a launcher with followers nearly always has one about to free),
+    # then to hold jobs ahead as well.
+    ({"max_jobs": 1}, [{"max_jobs": 2}, {"max_jobs": 1, "reserve_jobs": 128}, {"max_jobs": 2, "reserve_jobs": 127}],
+     [(1, 128)]),
+], ids=["after-nothing", "after-free-slots"])
+def test_a_credit_that_asks_for_more_does_not_wait_for_the_ack_of_the_report_in_flight(
+        first: dict[str, int], then: list[dict[str, int]], sent: list[tuple[int, int]]) -> None:
+    """A busy launcher's report is in flight and the next waits for its ack. A credit that
+    asks for jobs where the one sent last did not, or to hold jobs ahead where it asked
+    only for free slots, goes at once, on its own: riding on the next report it would
+    reach the server an ack later (report round trips of 40-120 ms on bench_e2e's path
+    while the server applies a few hundred transitions), and the slots ran dry meanwhile.
+    Only that turn goes early: a credit that keeps asking, with other figures, waits."""
     async def scenario() -> tuple[list[tuple[int, int]], list[list[int]]]:
-        credit = [session_service_pb2.SessionCredit()]  # a new message when its figures change, as Master's
+        credit = [session_service_pb2.SessionCredit(**first)]  # a new message when its figures change, as Master's
         client = _client(True)
         client.cb.credit = lambda: credit[0]
         client.report_interval_s = client.fed_report_interval_s = 0.0
         call = _Call()
         writer = asyncio.create_task(client._writer(call))
         try:
-            client.report(session_service_pb2.JobTransition(job_id=1))
+            client.report(session_service_pb2.JobTransition(job_id=1))  # carries the first credit
             await asyncio.wait_for(call.sent.wait(), 5)  # in flight, never acknowledged here
             client.report(session_service_pb2.JobTransition(job_id=2))
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert call.credits == []  # it asks for nothing: the credit waits with the report
-            credit[0] = session_service_pb2.SessionCredit(reserve_jobs=128)
-            client.wake()
-            for _ in range(20):
-                await asyncio.sleep(0)
-            credit[0] = session_service_pb2.SessionCredit(reserve_jobs=130)
-            client.wake()
-            for _ in range(20):
-                await asyncio.sleep(0)
+            for figures in then:
+                credit[0] = session_service_pb2.SessionCredit(**figures)
+                client.wake()
+                for _ in range(20):
+                    await asyncio.sleep(0)
             return call.credits, call.reports
         finally:
             writer.cancel()
 
     credits, reports = asyncio.run(scenario())
-    assert credits == [(0, 128)]
+    assert credits == sent
     assert reports == [[1]]
 
 
@@ -683,41 +686,3 @@ def test_the_launcher_lets_its_loop_keep_the_gil_longer(monkeypatch):
         assert bootstrap.run_rank0(None, [], None, None) == 50  # type: ignore[arg-type]
     finally:
         sys.setswitchinterval(before)
-
-
-def test_a_credit_that_asks_to_hold_jobs_ahead_again_does_not_wait_for_the_ack():
-    """The same, when the credit in flight already asked for jobs for free slots: a busy
-    launcher with followers always has a slot about to free, so its credits kept asking
-    for one job, and the refill of the jobs held ahead (reserve_jobs, asked once half
-    are gone) waited for the ack of the report in flight and went with the next one. On
-    the 1,000-job real path the two slots then sat idle together 10 times for 6-37 ms,
-    a quarter of the run (event times of a PostgreSQL run)."""
-    async def scenario() -> list[tuple[int, int]]:
-        credit = [session_service_pb2.SessionCredit(max_jobs=1)]
-        client = _client(True)
-        client.cb.credit = lambda: credit[0]
-        client.report_interval_s = client.fed_report_interval_s = 0.0
-        call = _Call()
-        writer = asyncio.create_task(client._writer(call))
-        try:
-            client.report(session_service_pb2.JobTransition(job_id=1))  # carries max_jobs=1
-            await asyncio.wait_for(call.sent.wait(), 5)  # in flight, never acknowledged here
-            client.report(session_service_pb2.JobTransition(job_id=2))
-            credit[0] = session_service_pb2.SessionCredit(max_jobs=2)
-            client.wake()
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert call.credits == []  # still only free slots: it waits with the report
-            credit[0] = session_service_pb2.SessionCredit(max_jobs=1, reserve_jobs=128)
-            client.wake()
-            for _ in range(20):
-                await asyncio.sleep(0)
-            credit[0] = session_service_pb2.SessionCredit(max_jobs=2, reserve_jobs=127)
-            client.wake()
-            for _ in range(20):
-                await asyncio.sleep(0)
-            return call.credits
-        finally:
-            writer.cancel()
-
-    assert asyncio.run(scenario()) == [(1, 128)]

@@ -19,20 +19,26 @@ from tests.support.records import make_app, make_jobs, make_site
 WATCHERS = 200
 
 
+class LogReads:
+    """Counts the server's reads of the event log (store.events.list_events)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+        real = event_store.list_events
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            with self._lock:
+                self.count += 1
+            return real(*args, **kw)
+
+        monkeypatch.setattr(event_store, "list_events", counted)
+
+
 def test_watchers_of_one_selection_share_one_read_per_wake(harness: Any, alice: Any,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     app = make_app(alice, make_site(alice).id)
-    reads = 0
-    lock = threading.Lock()
-    real = event_store.list_events
-
-    def counted(*args: Any, **kw: Any) -> Any:
-        nonlocal reads
-        with lock:
-            reads += 1
-        return real(*args, **kw)
-
-    monkeypatch.setattr(event_store, "list_events", counted)
+    reads = LogReads(monkeypatch)
 
     async def run() -> tuple[int, int]:
         md = (("authorization", f"Bearer {alice.token}"),)
@@ -41,7 +47,7 @@ def test_watchers_of_one_selection_share_one_read_per_wake(harness: Any, alice: 
             calls = [stub.WatchEvents(event_service_pb2.WatchEventsRequest(), metadata=md) for _ in range(WATCHERS)]
             for call in calls:  # each has its starting cursor: subscribed
                 await asyncio.wait_for(call.read(), 60)
-            before = reads
+            before = reads.count
             await asyncio.to_thread(make_jobs, alice, app, 1)
 
             async def first_event(call: Any) -> int:
@@ -53,7 +59,7 @@ def test_watchers_of_one_selection_share_one_read_per_wake(harness: Any, alice: 
             got = await asyncio.wait_for(asyncio.gather(*(first_event(c) for c in calls)), 120)
             for call in calls:
                 call.cancel()
-            return reads - before, sum(got)
+            return reads.count - before, sum(got)
 
     queries, delivered = asyncio.run(run())
     assert delivered == WATCHERS  # every watcher got the one event
@@ -70,17 +76,7 @@ def test_a_watch_reads_the_log_only_for_events_its_filter_may_take(harness: Any,
     from balsam_grpc.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
     app = make_app(alice, make_site(alice).id)
-    reads = 0
-    lock = threading.Lock()
-    real = event_store.list_events
-
-    def counted(*args: Any, **kw: Any) -> Any:
-        nonlocal reads
-        with lock:
-            reads += 1
-        return real(*args, **kw)
-
-    monkeypatch.setattr(event_store, "list_events", counted)
+    reads = LogReads(monkeypatch)
     final = event_service_pb2.EventFilter(kinds=[event_service_pb2.EVENT_KIND_JOB_STATE],
                                           to_states=[job_pb2.JOB_STATE_JOB_FINISHED, job_pb2.JOB_STATE_KILLED])
 
@@ -110,4 +106,4 @@ def test_a_watch_reads_the_log_only_for_events_its_filter_may_take(harness: Any,
     # The kill's read; one at the start if an event committed while the watch began (a gap);
     # one after the kill's if other events (another test's sessions expiring) moved the
     # position past it. Not one per wake-up: the old code read 11 times here.
-    assert reads <= 4, f"{reads} reads of the event log for one event the watch takes"
+    assert reads.count <= 4, f"{reads.count} reads of the event log for one event the watch takes"
