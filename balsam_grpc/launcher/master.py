@@ -156,6 +156,9 @@ class Wakeup:
 
     def set(self) -> None:
         self._set = True
+        self._resolve()
+
+    def _resolve(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -184,9 +187,7 @@ class Wakeup:
 
     def _expire(self) -> None:
         self._timer = None
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._resolve()
 
     def cancel(self) -> None:
         """Drop the pending timer (the loop is done waiting)."""
@@ -536,7 +537,7 @@ class Master:
                     and now - running.started >= FOLLOW_WAIT_MAX_S and self.dispatcher.withdraw(job_id)):
                 self._withdrawing.add(job_id)
 
-    def _follow_due(self, now: float) -> float | None:
+    def _follow_due(self) -> float | None:
         """When the next follower is due to be taken back, if any waits."""
         due = [running.started + FOLLOW_WAIT_MAX_S for after, job_id in self._follower_of.items()
                if job_id not in self._withdrawing and (running := self.jobs.get(after)) is not None]
@@ -692,6 +693,6 @@ class Master:
         for t in (self.stop_new_at, self.kill_at):
             if t > now:
                 timeout = min(timeout, t - now)
-        if self._follower_of and (due := self._follow_due(now)) is not None:
+        if self._follower_of and (due := self._follow_due()) is not None:
             timeout = min(timeout, due - now)
         return max(timeout, 0.0005)

@@ -80,12 +80,11 @@ def _add_servicers(server: grpc.aio.Server, state: ServerState, trimmer: wire.Me
     from balsam_grpc.server.services import registry
 
     limits = wire.receive_limits(state.settings.max_message_bytes, state.settings.max_jobs_per_call)
-    field_limits = wire.FieldLimits()
     public: list[str] = []
     table = wire.MethodTable()  # one lookup for every method of every service
     for name, servicer in registry.servicers(state).items():
         public += wire.register(server, servicer, SERVICES[name].descriptor, limits=limits, trimmer=trimmer,
-                                field_limits=field_limits, table=table)
+                                field_limits=wire.REQUEST_LIMITS, table=table)
     server.add_generic_rpc_handlers((table,))
     return public
 

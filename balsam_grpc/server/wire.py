@@ -252,6 +252,8 @@ class FieldLimits:
 
 
 _BYTE_SIZE = operator.methodcaller("ByteSize")
+# The server's one checker of core.validation.FIELD_LIMITS (its plans are per message type).
+REQUEST_LIMITS = FieldLimits()
 
 
 def _field_bytes(msg: Any, f: FieldDescriptor, limit: int) -> int:

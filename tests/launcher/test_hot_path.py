@@ -688,7 +688,7 @@ def test_no_short_job_waits_for_a_long_one(tmp_path):
     m._schedule()
     assert d.follows[5] == 4 and d.withdrawn == []
     # Job 1 runs on: its follower 3 is due to be taken back when 1 has run FOLLOW_WAIT_MAX_S.
-    assert m._follow_due(clock[0]) == 100.0 + FOLLOW_WAIT_MAX_S
+    assert m._follow_due() == 100.0 + FOLLOW_WAIT_MAX_S
     clock[0] = 100.0 + FOLLOW_WAIT_MAX_S
     m._finished(ProcessResult(4, 0, "exit", 0.01))  # 5 starts on that CPU
     d.running |= {5}

@@ -45,7 +45,7 @@ from balsam_grpc.server.store.bulk import COPY_MIN_ROWS
 from balsam_grpc.server.store.codec import loads as json_loads
 from balsam_grpc.server.store.tables import apps
 from balsam_grpc.server.store.transitions import Refusal
-from balsam_grpc.server.wire import FieldLimits
+from balsam_grpc.server.wire import REQUEST_LIMITS
 from balsam_grpc.v1 import common_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
 log = structlog.get_logger("balsam.jobs")
@@ -63,8 +63,6 @@ MAX_DATA_BYTES = 256 * 1024
 MAX_PARENTS = 10_000
 # Jobs a large PostgreSQL create converts while the database takes in the chunk before.
 STREAM_CHUNK = 1000
-# core/validation.py FIELD_LIMITS, which BatchCreateJobs checks itself (wire.register).
-FIELD_LIMITS = FieldLimits()
 UPDATABLE = {"name", "tags", "parameters", "data", "priority", "resources", "on_parent_failure", "state",
              "state_message", "return_code", "error_tail"}
 
@@ -768,7 +766,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             references = _references(jobs)
             if references is not None:
                 return await self._create_streamed(principal, jobs, request, response_type, view, references)
-            FIELD_LIMITS.check(request)  # BatchCreateJobs left them to the streamed create
+            REQUEST_LIMITS.check(request)  # BatchCreateJobs left them to the streamed create
         specs = [job_spec(j, f"jobs[{i}]", self.state) for i, j in enumerate(jobs)]
         if principal.is_site:
             for spec in specs:
@@ -820,7 +818,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 # takes in the chunk before (the whole request up front, in C, was ~5 ms
                 # of 10,000 jobs in which PostgreSQL had nothing to do). A refusal fails
                 # the transaction: nothing is written.
-                FIELD_LIMITS.check_items(jobs[start:stop], "jobs", start)
+                REQUEST_LIMITS.check_items(jobs[start:stop], "jobs", start)
                 general = functools.partial(specs_of, start, stop)
                 columns = plain_columns(jobs[start:stop], state, site_scope, resources_seen, general) \
                     if plain else None
@@ -990,7 +988,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         # here, before anything reads the jobs, unless the streamed create takes them
         # (it checks them a chunk at a time, and _create when it declines them).
         if not self._streams(len(request.jobs)):
-            FIELD_LIMITS.check(request)
+            REQUEST_LIMITS.check(request)
         view = request.view or job_service_pb2.JOB_VIEW_BASIC
         if len(request.jobs) == 1:
             # One job (a client submitting jobs one at a time): as CreateJob. PostgreSQL:

@@ -715,12 +715,7 @@ INSERT_DEFAULTS: dict[str, Any] = {
 # PostgreSQL: the time columns whose default is the transaction's start, now() (revision
 # 0017); a COPY that leaves them out gives each row that time without parsing it.
 TIME_DEFAULTS = ("create_time", "update_time", "state_time")
-_NOW = "SELECT now()"
-
-
-def transaction_time(conn: Connection) -> datetime:
-    """PostgreSQL: the start of `conn`'s transaction (now(), what TIME_DEFAULTS give), in UTC."""
-    return driver_rows(conn, plain_statement(_NOW), {})[0][0].astimezone(UTC)
+_NOW = "SELECT now()"  # the transaction's start: what TIME_DEFAULTS give
 
 
 _NO_PARENTS = (S.READY, "")
@@ -1107,7 +1102,7 @@ def _app_by_id() -> Any:
 
 def _streamed_start(conn: Connection, owner_id: int, references: tuple[set[int], set[tuple[int, str]], set[int], bool]
                     ) -> tuple[datetime, _Lookups]:
-    """create_jobs_streamed's first steps: the transaction's time (transaction_time), the
+    """create_jobs_streamed's first steps: the transaction's time (now()), the
     savepoint, and _lookups of `references`; for jobs of one app by id with no parents
     and no transfers (the usual large create), all three in one round trip instead of
     four (the savepoint's release was a fifth: the commit ends it). PostgreSQL has
