@@ -24,12 +24,14 @@ class LogReads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
+        self.after_ids: list[int | None] = []
         self._lock = threading.Lock()
         real = event_store.list_events
 
         def counted(*args: Any, **kw: Any) -> Any:
             with self._lock:
                 self.count += 1
+                self.after_ids.append(kw.get("after_id"))
             return real(*args, **kw)
 
         monkeypatch.setattr(event_store, "list_events", counted)
@@ -107,3 +109,45 @@ def test_a_watch_reads_the_log_only_for_events_its_filter_may_take(harness: Any,
     # one after the kill's if other events (another test's sessions expiring) moved the
     # position past it. Not one per wake-up: the old code read 11 times here.
     assert reads.count <= 4, f"{reads.count} reads of the event log for one event the watch takes"
+
+
+def test_a_watch_of_some_jobs_moves_its_cursor_past_events_of_others(harness: Any, alice: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch of given jobs kept its cursor where its last event of those jobs was: every
+    wake-up read the log again from there (a longer read each time), and its heartbeats gave
+    a reconnecting client that old cursor to resume from."""
+    from balsam_grpc.server.services import events as event_service
+
+    monkeypatch.setattr(event_service, "HEARTBEAT_SECONDS", 0.2)
+    app = make_app(alice, make_site(alice).id)
+    watched = make_jobs(alice, app, 1)[0].id
+    reads = LogReads(monkeypatch)
+    # Tags: the routing rows cannot tell, so every wake-up reads the log.
+    mine = event_service_pb2.EventFilter(job_ids=[watched], tags={"no": "such tag"})
+
+    async def run() -> tuple[int, int, int]:
+        md = (("authorization", f"Bearer {alice.token}"),)
+        async with grpc.aio.insecure_channel(harness.address) as channel:
+            call = event_service_pb2_grpc.EventServiceStub(channel).WatchEvents(
+                event_service_pb2.WatchEventsRequest(filter=mine), metadata=md)
+            start = int((await asyncio.wait_for(call.read(), 60)).cursor)
+            others = []
+            for _ in range(5):  # five commits of other jobs' events, five wake-ups
+                others += await asyncio.to_thread(make_jobs, alice, app, 1)
+                await asyncio.sleep(0.05)
+            last = await asyncio.to_thread(harness.db.read_sync, event_store.max_event_id, alice.user_id)
+            cursor = start
+            for _ in range(10):  # heartbeats (0.2 s) until one says it is past the others' events
+                msg = await asyncio.wait_for(call.read(), 60)
+                assert not msg.events
+                cursor = int(msg.cursor)
+                if cursor >= last:
+                    break
+            call.cancel()
+            return start, last, cursor
+
+    start, last, cursor = asyncio.run(run())
+    assert cursor >= last > start, "the heartbeats' cursor stayed behind the events the watch has passed"
+    starts = [a for a in reads.after_ids if a is not None]
+    # Each read begins where the previous ended, not at the watch's start every time.
+    assert starts == sorted(starts) and starts[-1] > start, starts

@@ -165,7 +165,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
                     yield batch
                     continue
                 # Events of other users or other filters also advance the global position.
-                cursor = max(cursor, seen) if not q.job_ids and seen else cursor
+                cursor = max(cursor, seen)
                 # Spread over +-20%: thousands of watchers opened together must not all
                 # send their heartbeat in the same instant, every period, ahead of others' calls.
                 if not await events.wait(HEARTBEAT_SECONDS * random.uniform(0.8, 1.2)):  # noqa: S311
