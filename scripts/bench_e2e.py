@@ -22,7 +22,9 @@ Per round:
   (PostgreSQL: the backends serving this database, found through pg_stat_activity and
   read from /proc; SQLite runs inside the server), the launcher (its own CPU; the jobs'
   processes apart), its job watchdog and the site daemon; and, apart from that total,
-  the SDK's in this process (`client_cpu_ms_per_job`).
+  the SDK's in this process (`client_cpu_ms_per_job`); from the jobs' events, the makespan
+  in three (until the first job starts on the pilot, the pilot's span, after the last
+  ends) and how long the pilot sat with nothing to run in between (`starved_ms`).
 With `--rounds K` each figure is the median over the K rounds. RSS of each process at the
 end. `--peers` (the `bench-peers` extra: parsl, dask[distributed]) runs the same N `/bin/true`
 tasks on Parsl's HighThroughputExecutor and a Dask LocalCluster (2 workers each) in the
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,17 @@ SLOTS = psutil.cpu_count(logical=True) or 1  # what the launcher detects on the 
 STARTED = time.monotonic()
 
 
+# Shorter gaps with no job on the pilot are a job's own exit-to-next-start, not a wait for leases.
+STARVED_MIN_MS = 2.0
+
+
+def _seconds(when: Any) -> float:
+    """An event time as seconds: SQLite hands back its text, PostgreSQL a datetime."""
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when)
+    return when.replace(tzinfo=when.tzinfo or UTC).timestamp()
+
+
 def say(text: str) -> None:
     print(f"[{time.monotonic() - STARTED:6.1f} s] {text}", file=sys.stderr, flush=True)
 
@@ -91,6 +105,7 @@ class RealPath:
         self.launcher_pid = 0
         self.daemon_pid = 0
         self.last_ids: list[int] = []
+        self.wall: list[float] = []  # time.time() before the last batch's create and after its wait
         self.sdk: Client | None = None
 
     def start(self) -> None:
@@ -159,30 +174,57 @@ class RealPath:
         jobs = [Job.from_message(J.Job(app_name="Noop", site_id=self.kit.site_id, workdir=f"{tag}/{i}",
                                        tags={"bench": tag}, resources=J.JobResources(node_packing_count=SLOTS)))
                 for i in range(n)]
+        self.wall = [time.time()]
         t0 = time.monotonic()
         self.sdk.jobs.bulk_create(jobs)
         done, not_done = self.sdk.jobs.wait(jobs, timeout=600 + n)
         elapsed = time.monotonic() - t0
+        self.wall.append(time.time())
         self.last_ids = [j.id for j in jobs]
         bad = sorted({j.state for j in done} - {"JOB_FINISHED"})
         if not_done or bad:
             raise SystemExit(f"jobs tagged {tag}: {len(not_done)} not final, states {bad}:\n{self.kit.debug()}")
         return elapsed
 
-    def launcher_transactions(self, ids: list[int]) -> int:
-        """Transactions that moved these jobs through RUNNING and out of it: the events of
-        one transaction share its receive_time (read from the database after the phase)."""
+    def run_events(self, ids: list[int]) -> dict[str, float]:
+        """From these jobs' events (read from the database after the phase):
+        - session_transactions_per_job: transactions that moved them through RUNNING and
+          out of it (the events of one transaction share its receive_time);
+        - to_first_start_ms, pilot_span_s, last_end_to_wait_done_ms: the makespan in three:
+          until the first job starts on the pilot, until the last one ends there, until the
+          SDK's wait returns;
+        - starved_ms / starved_spells: how long, in spells over STARVED_MIN_MS, no job ran
+          or waited placed on the pilot between the first start and the last end: the
+          slots waited for leases. The times are the launcher's (a transition's `time`);
+          a follower counts from its placement, so a slot handed on directly is never idle."""
         from sqlalchemy import create_engine, text
 
         engine = create_engine(self.kit.database_url)
         try:
             with engine.connect() as conn:
-                return int(conn.execute(text(
-                    "SELECT count(DISTINCT receive_time) FROM events WHERE kind = 'job_state' AND job_id >= :lo "
-                    "AND job_id <= :hi AND (to_state = 'RUNNING' OR from_state = 'RUNNING')"),
-                    {"lo": min(ids), "hi": max(ids)}).scalar_one())
+                rows = conn.execute(text(
+                    "SELECT receive_time, time, to_state = 'RUNNING' FROM events WHERE kind = 'job_state' "
+                    "AND job_id >= :lo AND job_id <= :hi AND (to_state = 'RUNNING' OR from_state = 'RUNNING')"),
+                    {"lo": min(ids), "hi": max(ids)}).all()
         finally:
             engine.dispose()
+        running, idle_from, starved, spells = 0, None, 0.0, 0
+        # At equal times an end goes before a start: a slot handed on is not counted busy twice.
+        timeline = sorted((_seconds(when), bool(starts)) for _, when, starts in rows)
+        for t, starts in timeline:
+            if starts:
+                if running == 0 and idle_from is not None and (t - idle_from) * 1000 > STARVED_MIN_MS:
+                    starved += t - idle_from
+                    spells += 1
+                running += 1
+            else:
+                running -= 1
+                if running == 0:
+                    idle_from = t
+        return {"session_transactions_per_job": len({r[0] for r in rows}) / len(ids),
+                "to_first_start_ms": (timeline[0][0] - self.wall[0]) * 1000,
+                "pilot_span_s": timeline[-1][0] - timeline[0][0], "starved_ms": starved * 1000,
+                "starved_spells": spells, "last_end_to_wait_done_ms": (self.wall[1] - timeline[-1][0]) * 1000}
 
     # -- phases ------------------------------------------------------------------------
     def latency(self, samples: int, round_: int) -> list[float]:
@@ -213,7 +255,7 @@ class RealPath:
         # The SDK's side (this process: the create, the wait's watcher and reads), apart
         # from the total, as the peers' clients are not counted either.
         figures["client_cpu_ms_per_job"] = (client1 - client0) / n * 1000
-        figures["session_transactions_per_job"] = self.launcher_transactions(self.last_ids) / n
+        figures.update(self.run_events(self.last_ids))
         return figures
 
     def rss(self) -> dict[str, float]:
