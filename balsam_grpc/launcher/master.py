@@ -64,7 +64,7 @@ class LocalJob:
 class JobQueue:
     """Leased jobs not started yet, in the order they came, with the counts and node sums
     the credit needs kept as jobs come and go: a credit is asked for at every wake-up and
-    up to 256 jobs wait here (held ahead), so it must not walk them."""
+    up to PREFETCH_MAX jobs wait here (held ahead), so it must not walk them."""
 
     def __init__(self) -> None:
         self.jobs: dict[int, LocalJob] = {}
@@ -112,6 +112,11 @@ class JobQueue:
 # Short jobs: hold enough ahead to keep every slot busy this long, so the slots do not
 # wait for leases while reports are paced (session.REPORT_INTERVAL_S) and acknowledged.
 PREFETCH_HORIZON_S = 0.25
+# At most this many held ahead, however short the jobs and many the slots. It was 256: two
+# slots of no-op jobs (~1.4 ms each) then held 0.18 s of work, and the refill asked for
+# at half of that (90 ms) came behind a report the busy server took 60-120 ms to apply,
+# so the slots ran dry a few times per 1,000 jobs; the quarter second is the bound meant.
+PREFETCH_MAX = 1024
 # Weight of the newest run in the running mean of how long a job holds its slot.
 RUN_TIME_WEIGHT = 0.05
 # Jobs that hold their slot this long or less, on average, are placed to follow a running
@@ -129,14 +134,14 @@ FOLLOW_WAIT_MAX_S = 0.5
 
 def auto_prefetch(slots: int, mean_run_s: float | None = None) -> int:
     """Jobs held ahead by default: enough to keep every slot busy for PREFETCH_HORIZON_S,
-    at most 256, none until a run time is known. A held job waits here while another pilot
+    at most PREFETCH_MAX, none until a run time is known. A held job waits here while another pilot
     of the site may idle (XPCS compare runs: a new 1-node pilot that held 8 ahead ran 7 of a
     burst's datasets in a row while its site's other 3 nodes had none), and a job that runs
     longer than the horizon gains nothing from being held: the lease round trip after it
     ends is milliseconds. Short jobs pay one round trip at the start, then hold hundreds."""
     if mean_run_s is None:
         return 0
-    return min(256, int(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4)))
+    return min(PREFETCH_MAX, int(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4)))
 
 
 class Wakeup:

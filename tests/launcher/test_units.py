@@ -555,16 +555,17 @@ def test_the_credit_is_built_again_only_when_its_figures_change(tmp_path):
 
 
 def test_prefetch_follows_the_run_time_within_its_bounds():
-    from balsam_grpc.launcher.master import auto_prefetch
+    from balsam_grpc.launcher.master import PREFETCH_MAX, auto_prefetch
 
     assert auto_prefetch(2) == 0  # run time unknown: a held job could wait while another pilot idles
     assert auto_prefetch(1) == 0
     assert auto_prefetch(2, mean_run_s=60.0) == 0  # long jobs: nothing held for another pilot to wait on
     assert auto_prefetch(2, mean_run_s=0.2) == 2
     assert auto_prefetch(2, mean_run_s=0.005) == 100  # enough for PREFETCH_HORIZON_S of work
-    assert auto_prefetch(2, mean_run_s=0.0) == 256
+    assert auto_prefetch(2, mean_run_s=0.0) == PREFETCH_MAX == 1024
     assert auto_prefetch(128, mean_run_s=60.0) == 0
-    assert auto_prefetch(512, mean_run_s=0.001) == 256
+    assert auto_prefetch(2, mean_run_s=0.0014) == 357  # two slots of no-op jobs: a quarter second
+    assert auto_prefetch(512, mean_run_s=0.001) == PREFETCH_MAX
 
 
 # -- process spec and outcomes -------------------------------------------------------------
