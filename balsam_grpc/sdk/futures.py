@@ -42,6 +42,7 @@ FIRST_EXCEPTION = "FIRST_EXCEPTION"
 RETURN_WHEN = (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION)
 FAILED_STATES = frozenset({"FAILED", "KILLED"})
 READ_CHUNK = 5000
+REFRESH_BATCH = 64  # wait(): done jobs' data read this many or more at a time meanwhile
 START_TIMEOUT = 30.0
 
 
@@ -266,22 +267,35 @@ def wait(jobs: list[Job], timeout: float | None = None, return_when: str = ALL_C
     watcher = client.watcher
     deadline = None if timeout is None else time.monotonic() + timeout
     watcher.track(ids, start_timeout=START_TIMEOUT if timeout is None else max(timeout, 5.0))
+    by_id: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_id.setdefault(job.message.id, []).append(job)
     with watcher.cond:
         waiting = _Waiting(watcher, ids)
-        while True:
-            watcher.raise_error()
-            if waiting.holds(return_when):
-                break
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            watcher.cond.wait(remaining)
-            waiting.catch_up()
-        done_ids = waiting.done
-    done = [j for j in jobs if j.message.id in done_ids]
-    if refresh:
-        _refresh(client, done, watcher)
-    return set(done), {j for j in jobs if j.message.id not in done_ids}
+    # Done jobs whose data is not read yet. It is read while the others run, REFRESH_BATCH
+    # or more at a time, so the wait returns after reading only the last few: read at the
+    # end, 1,000 jobs' data took 34-100 ms after the last one ended.
+    unread = list(waiting.done) if refresh else []
+    while True:
+        with watcher.cond:
+            while True:
+                watcher.raise_error()
+                # First: jobs may have ended while the lock was let go for a read.
+                new = waiting.catch_up()
+                if refresh:
+                    unread += new
+                remaining = None if deadline is None else deadline - time.monotonic()
+                over = waiting.holds(return_when) or (remaining is not None and remaining <= 0)
+                if over or len(unread) >= REFRESH_BATCH:
+                    break
+                watcher.cond.wait(remaining)
+        if over:
+            break
+        _refresh(client, [job for i in unread for job in by_id[i]], watcher)
+        unread = []
+    _refresh(client, [job for i in unread for job in by_id[i]], watcher)
+    return ({j for j in jobs if j.message.id in waiting.done},
+            {j for j in jobs if j.message.id not in waiting.done})
 
 
 def as_completed(jobs: list[Job], timeout: float | None = None, client: Client | None = None) -> Iterator[Job]:

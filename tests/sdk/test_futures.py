@@ -255,3 +255,77 @@ def test_waiting_for_many_jobs_reads_each_completion_once(how: str) -> None:
     assert not thread.is_alive()
     assert seen == list(range(1, n + 1))
     assert asked[0] <= 3 * n, f"{asked[0]} checks for {n} jobs"
+
+
+def test_wait_reads_the_data_of_done_jobs_while_the_others_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wait() read every done job's final data after the last one ended: for 1,000 jobs
+    34-100 ms between the last job's end and the answer. Now what ended is read meanwhile,
+    REFRESH_BATCH or more at a time, and only the last few are read at the end."""
+    import balsam_grpc.sdk.futures as futures
+    from balsam_grpc.sdk.futures import REFRESH_BATCH, JobWatcher
+
+    n = 1000
+    client = type("FakeClient", (), {"server": "fake"})()
+    watcher = JobWatcher(client)  # its stream is never started: the test records the events
+    watcher._start = lambda timeout: None  # type: ignore[method-assign]
+    watcher._read_states = lambda ids: None  # type: ignore[method-assign]
+    watcher.cond = _CountingCondition()
+    client.watcher = watcher
+    reads: list[list[int]] = []
+    monkeypatch.setattr(futures, "_refresh", lambda c, jobs, w, **kw: reads.append([j.message.id for j in jobs]))
+    jobs = [_Waited(i) for i in range(1, n + 1)]
+    answer: list[Any] = []
+    thread = threading.Thread(target=lambda: answer.append(wait(jobs, timeout=WAIT, client=client)))
+    thread.start()
+    for first in range(1, n + 1, 10):  # ten jobs end per wake-up
+        assert watcher.cond.waits.acquire(timeout=WAIT)  # the waiter sleeps again
+        with watcher.cond:
+            for job_id in range(first, first + 10):
+                watcher._record(job_id, "JOB_FINISHED")
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    done, not_done = answer[0]
+    assert len(done) == n and not not_done
+    assert sorted(i for batch in reads for i in batch) == list(range(1, n + 1))  # each read once
+    assert len(reads[-1]) < REFRESH_BATCH + 10, f"{len(reads[-1])} jobs read after the last one ended"
+    assert len(reads) <= n // REFRESH_BATCH + 1  # in batches, not a call per job
+
+
+def test_wait_sees_jobs_that_end_while_it_reads_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jobs that end while wait() reads the data of earlier ones (outside the watcher's
+    lock) count: it does not go back to sleep on a notification it missed."""
+    import balsam_grpc.sdk.futures as futures
+    from balsam_grpc.sdk.futures import REFRESH_BATCH, JobWatcher
+
+    n = REFRESH_BATCH * 2
+    client = type("FakeClient", (), {"server": "fake"})()
+    watcher = JobWatcher(client)
+    watcher._start = lambda timeout: None  # type: ignore[method-assign]
+    watcher._read_states = lambda ids: None  # type: ignore[method-assign]
+    client.watcher = watcher
+    reads: list[int] = []
+
+    def read(c: Any, jobs: list[Any], w: Any, **kw: Any) -> None:
+        reads.append(len(jobs))
+        if len(reads) == 1:  # the rest end meanwhile
+            with watcher.cond:
+                for job_id in range(REFRESH_BATCH + 1, n + 1):
+                    watcher._record(job_id, "JOB_FINISHED")
+
+    monkeypatch.setattr(futures, "_refresh", read)
+    jobs = [_Waited(i) for i in range(1, n + 1)]
+    with watcher.cond:
+        for job_id in range(1, REFRESH_BATCH + 1):
+            watcher._record(job_id, "JOB_FINISHED")
+    answer: list[Any] = []
+    thread = threading.Thread(target=lambda: answer.append(wait(jobs, client=client)), daemon=True)
+    thread.start()
+    thread.join(WAIT)  # no timeout of its own: one that missed the rest would sleep for good
+    stuck = thread.is_alive()
+    with watcher.cond:
+        watcher.cond.notify_all()  # lets a stuck one out, so the test ends either way
+    thread.join(WAIT)
+    assert not stuck, "wait() went back to sleep on the jobs that ended while it read"
+    done, not_done = answer[0]
+    assert len(done) == n and not not_done
+    assert sum(reads) == n
