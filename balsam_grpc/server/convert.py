@@ -99,6 +99,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SHARED_TIMESTAMPS: dict[datetime | int | str, timestamp_pb2.Timestamp] = {}
 
 
+def set_timestamp(out: timestamp_pb2.Timestamp, dt: datetime) -> None:
+    """`out` set to `dt` in place: Timestamp.FromDatetime took ~9 us, this ~1."""
+    delta = aware(dt) - _EPOCH
+    out.seconds = delta.days * 86_400 + delta.seconds
+    out.nanos = delta.microseconds * 1000
+
+
 def shared_timestamp(dt: datetime | int | str) -> timestamp_pb2.Timestamp:
     """A Timestamp for `dt` (a datetime, integer microseconds since the epoch, or a UTC
     time as SQLite stores it: '2024-05-01 12:00:00.000001') to copy from (CopyFrom),

@@ -9,7 +9,7 @@ from typing import Any
 from balsam_grpc.core.errors import InvalidArgument
 from balsam_grpc.core.validation import check_string_map
 from balsam_grpc.server import paging
-from balsam_grpc.server.convert import EnumCodec, dict_to_struct, from_timestamp, to_timestamp
+from balsam_grpc.server.convert import EnumCodec, dict_to_struct, from_timestamp, set_timestamp, shared_timestamp
 from balsam_grpc.server.principal import Principal
 from balsam_grpc.server.rpc import stream, unary
 from balsam_grpc.server.state import ServerState
@@ -34,8 +34,10 @@ HEARTBEAT_SECONDS = 15.0
 def event_to_message(row: dict[str, Any]) -> event_pb2.Event:
     msg = event_pb2.Event(id=row["id"], job_id=row["job_id"] or 0, site_id=row["site_id"] or 0,
                           message=row["message"] or "")
-    msg.time.CopyFrom(to_timestamp(row["time"]))
-    msg.receive_time.CopyFrom(to_timestamp(row.get("receive_time") or row["time"]))
+    set_timestamp(msg.time, row["time"])
+    # The events of one transaction share their receive time: converted once.
+    received = row.get("receive_time")
+    msg.receive_time.CopyFrom(msg.time if received is None else shared_timestamp(received))
     kind = row["kind"]
     if kind == store.JOB_STATE:
         msg.job_state.from_state = JOB_STATES.number(row["from_state"])
