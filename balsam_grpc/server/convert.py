@@ -99,9 +99,16 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SHARED_TIMESTAMPS: dict[datetime | int | str, timestamp_pb2.Timestamp] = {}
 
 
-def set_timestamp(out: timestamp_pb2.Timestamp, dt: datetime) -> None:
-    """`out` set to `dt` in place: Timestamp.FromDatetime took ~9 us, this ~1."""
-    delta = aware(dt) - _EPOCH
+def set_timestamp(out: timestamp_pb2.Timestamp, dt: datetime | int | str) -> None:
+    """`out` set in place to `dt`: a datetime, integer microseconds since the epoch, or a
+    UTC time as SQLite stores it ('2024-05-01 12:00:00.000001'). Timestamp.FromDatetime
+    took ~9 us, this ~1."""
+    if isinstance(dt, int):
+        seconds, micros = divmod(dt, 1_000_000)
+        out.seconds = seconds
+        out.nanos = micros * 1000
+        return
+    delta = aware(datetime.fromisoformat(dt) if isinstance(dt, str) else dt) - _EPOCH
     out.seconds = delta.days * 86_400 + delta.seconds
     out.nanos = delta.microseconds * 1000
 
@@ -113,12 +120,8 @@ def shared_timestamp(dt: datetime | int | str) -> timestamp_pb2.Timestamp:
     a page of rows mostly hits this bounded cache instead of Timestamp.FromDatetime."""
     ts = _SHARED_TIMESTAMPS.get(dt)
     if ts is None:
-        if isinstance(dt, int):
-            seconds, micros = divmod(dt, 1_000_000)
-            ts = timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
-        else:
-            delta = aware(datetime.fromisoformat(dt) if isinstance(dt, str) else dt) - _EPOCH
-            ts = timestamp_pb2.Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
+        ts = timestamp_pb2.Timestamp()
+        set_timestamp(ts, dt)
         if len(_SHARED_TIMESTAMPS) >= 8192:
             _SHARED_TIMESTAMPS.clear()
         _SHARED_TIMESTAMPS[dt] = ts

@@ -1,10 +1,13 @@
 """An event row as its message (services/events.event_to_message): its times set in place
-(convert.set_timestamp) equal what Timestamp.FromDatetime gives, for the datetimes either
-database hands back (aware, or naive UTC from SQLite), before and after the epoch."""
+(convert.set_timestamp) equal what Timestamp.FromDatetime gives, for the forms
+store.list_events hands back (integer microseconds since the epoch from PostgreSQL,
+SQLite's stored text) and datetimes, before and after the epoch; and the rows of both
+databases give the same messages."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from google.protobuf import timestamp_pb2
@@ -30,11 +33,43 @@ def _reference(dt: datetime) -> timestamp_pb2.Timestamp:
 @pytest.mark.parametrize("received_apart", [None, timedelta(0), timedelta(microseconds=7)])
 def test_event_times_as_from_datetime(when: datetime, received_apart: timedelta | None) -> None:
     received = None if received_apart is None else when - received_apart
-    row = {"id": 5, "job_id": 7, "site_id": 1, "message": "m", "time": when, "receive_time": received,
-           "kind": event_store.JOB_STATE, "from_state": "RUNNING", "to_state": "RUN_DONE", "subject_id": None,
-           "data": {"k": 1}}
-    msg = event_to_message(row)
-    assert msg.time == _reference(when)
-    assert msg.receive_time == _reference(when if received is None else received)
-    assert (msg.job_state.from_state, msg.job_state.to_state) == (job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_RUN_DONE)
-    assert dict(msg.data) == {"k": 1}
+    for form in (lambda dt: dt, _micros, _sqlite_text):
+        values = {"id": 5, "owner_id": 3, "job_id": 7, "site_id": 1, "message": "m", "time": form(when),
+                  "receive_time": None if received is None else form(received), "kind": event_store.JOB_STATE,
+                  "from_state": "RUNNING", "to_state": "RUN_DONE", "subject_id": None, "data": {"k": 1}}
+        row = tuple(values[name] for name in sorted(event_store.EVENT_COLUMN, key=event_store.EVENT_COLUMN.get))
+        msg = event_to_message(row)
+        assert msg.time == _reference(when)
+        assert msg.receive_time == _reference(when if received is None else received)
+        assert (msg.job_state.from_state, msg.job_state.to_state) == (job_pb2.JOB_STATE_RUNNING,
+                                                                        job_pb2.JOB_STATE_RUN_DONE)
+        assert dict(msg.data) == {"k": 1}
+
+
+def _micros(dt: datetime) -> int:
+    delta = (dt if dt.tzinfo else dt.replace(tzinfo=UTC)) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _sqlite_text(dt: datetime) -> str:
+    return dt.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ") if dt.tzinfo else dt.isoformat(sep=" ")
+
+
+def test_events_read_back_from_the_database(harness: Any) -> None:
+    """Written through store.events.append, read back through list_events (raw times, data
+    decoded, NULL data) into messages equal to what was written, on either database."""
+    owner = 9_100_001  # event rows only: no user rows are needed
+    times = [datetime(2026, 12, 7, 17, 0, 0, 123456, tzinfo=UTC), datetime(1965, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)]
+    written = [{"owner_id": owner, "site_id": 4, "job_id": 70 + i, "kind": event_store.JOB_STATE,
+                "from_state": "RUNNING", "to_state": "RUN_DONE", "time": when, "message": f"m{i}",
+                "data": {"rc": i} if i else None}
+               for i, when in enumerate(times)]
+    harness.db.write_sync(event_store.append, written)
+    q = event_store.EventQuery(owner_id=owner)
+    rows = harness.db.read_sync(lambda conn: event_store.list_events(conn, q, after_id=0, limit=10))
+    got = [event_to_message(r) for r in rows]
+    assert [(m.job_id, m.site_id, m.message, m.time, dict(m.data)) for m in got] == \
+        [(w["job_id"], 4, w["message"], _reference(w["time"]), w["data"] or {}) for w in written]
+    # append() records an event without a receive time as received when it happened.
+    assert [m.receive_time for m in got] == [_reference(w["time"]) for w in written]
+    assert all(m.job_state.to_state == job_pb2.JOB_STATE_RUN_DONE for m in got)

@@ -31,26 +31,31 @@ WATCH_BATCH = 1000
 HEARTBEAT_SECONDS = 15.0
 
 
-def event_to_message(row: dict[str, Any]) -> event_pb2.Event:
-    msg = event_pb2.Event(id=row["id"], job_id=row["job_id"] or 0, site_id=row["site_id"] or 0,
-                          message=row["message"] or "")
-    set_timestamp(msg.time, row["time"])
+_ID, _JOB, _SITE, _KIND, _SUBJECT, _FROM, _TO, _TIME, _RECEIVED, _DATA, _MESSAGE = (store.EVENT_COLUMN[name] for name in (
+    "id", "job_id", "site_id", "kind", "subject_id", "from_state", "to_state", "time", "receive_time", "data",
+    "message"))
+
+
+def event_to_message(row: Any) -> event_pb2.Event:
+    """One of store.list_events's rows as its message."""
+    msg = event_pb2.Event(id=row[_ID], job_id=row[_JOB] or 0, site_id=row[_SITE] or 0, message=row[_MESSAGE] or "")
+    set_timestamp(msg.time, row[_TIME])
     # The events of one transaction share their receive time: converted once.
-    received = row.get("receive_time")
+    received = row[_RECEIVED]
     msg.receive_time.CopyFrom(msg.time if received is None else shared_timestamp(received))
-    kind = row["kind"]
+    kind = row[_KIND]
     if kind == store.JOB_STATE:
-        msg.job_state.from_state = JOB_STATES.number(row["from_state"])
-        msg.job_state.to_state = JOB_STATES.number(row["to_state"])
+        msg.job_state.from_state = JOB_STATES.number(row[_FROM])
+        msg.job_state.to_state = JOB_STATES.number(row[_TO])
     elif kind == store.TRANSFER_STATE:
-        msg.transfer_state.transfer_item_id = row["subject_id"] or 0
-        msg.transfer_state.from_state = TRANSFER_STATES.number(row["from_state"])
-        msg.transfer_state.to_state = TRANSFER_STATES.number(row["to_state"])
+        msg.transfer_state.transfer_item_id = row[_SUBJECT] or 0
+        msg.transfer_state.from_state = TRANSFER_STATES.number(row[_FROM])
+        msg.transfer_state.to_state = TRANSFER_STATES.number(row[_TO])
     elif kind == store.BATCH_JOB_STATE:
-        msg.batch_job_state.batch_job_id = row["subject_id"] or 0
-        msg.batch_job_state.from_state = BATCH_JOB_STATES.number(row["from_state"])
-        msg.batch_job_state.to_state = BATCH_JOB_STATES.number(row["to_state"])
-    dict_to_struct(row["data"], msg.data)
+        msg.batch_job_state.batch_job_id = row[_SUBJECT] or 0
+        msg.batch_job_state.from_state = BATCH_JOB_STATES.number(row[_FROM])
+        msg.batch_job_state.to_state = BATCH_JOB_STATES.number(row[_TO])
+    dict_to_struct(row[_DATA], msg.data)
     return msg
 
 
@@ -106,7 +111,7 @@ class SharedReads:
             return None
         batch = [event_to_message(r) for r in rows]
         kept = paging.fitting(batch)  # cut by bytes too: the rest follow in the next message
-        return event_service_pb2.WatchEventsResponse(events=batch[:kept], cursor=str(rows[kept - 1]["id"]))
+        return event_service_pb2.WatchEventsResponse(events=batch[:kept], cursor=str(rows[kept - 1][_ID]))
 
 
 class EventServicer(event_service_pb2_grpc.EventServiceServicer):
@@ -129,7 +134,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         kept = paging.fitting(events)  # cut by bytes as well as by count
         response = event_service_pb2.ListEventsResponse(events=events[:kept])
         if len(rows) > kept:
-            response.next_page_token = paging.encode(fp, [rows[kept - 1]["id"]])
+            response.next_page_token = paging.encode(fp, [rows[kept - 1][_ID]])
         return response
 
     @stream(job_token=True)

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, and_, func, select, text
+from sqlalchemy import Connection, Text, and_, func, select, text, type_coerce
 from sqlalchemy.sql import ColumnElement
 
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, append_rows
@@ -22,7 +22,7 @@ from balsam_grpc.server.store.driver import (
     driver_statement,
     plain_statement,
 )
-from balsam_grpc.server.store.query import tags_contain
+from balsam_grpc.server.store.query import NULLABLE_JSON_TEXT, epoch_micros, tags_contain
 from balsam_grpc.server.store.tables import events, jobs
 
 JOB_STATE = "job_state"
@@ -285,8 +285,36 @@ def routing_match(q: EventQuery) -> Callable[[Any], bool] | None:
     return match
 
 
+# Where each column is in list_events's rows.
+EVENT_COLUMN = {c.name: i for i, c in enumerate(events.columns)}
+
+
+def _listed(dialect: str) -> tuple[Any, ...]:
+    """list_events's select list: the times as stored (see list_events), data decoded by
+    codec.loads straight away."""
+    listed = _LISTED.get(dialect)
+    if listed is None:
+        times = {"time", "receive_time"}
+        if dialect == "postgresql":
+            listed = tuple(epoch_micros(c) if c.name in times else c for c in events.columns)
+        else:
+            listed = tuple(type_coerce(c, Text).label(c.name) if c.name in times
+                           else type_coerce(c, NULLABLE_JSON_TEXT).label(c.name) if c.name == "data" else c
+                           for c in events.columns)
+        listed = _LISTED[dialect] = listed
+    return listed
+
+
+_LISTED: dict[str, tuple[Any, ...]] = {}
+
+
 def list_events(conn: Connection, q: EventQuery, *, after_id: int | None, limit: int,
-                descending: bool = False, upto: int | None = None) -> list[dict[str, Any]]:
+                descending: bool = False, upto: int | None = None) -> list[Any]:
+    """The events of `q` after (or before, `descending`) `after_id`, up to `upto`, as rows
+    in the table's column order (EVENT_COLUMN). The times come as stored: integer
+    microseconds since the epoch on PostgreSQL, SQLite's UTC text (convert.set_timestamp
+    takes both): making datetimes of them, then dicts of the rows, took 3/4 of the time
+    of reading 1,000 events."""
     c = events.c
     conds = _conditions(q)
     if after_id is not None:
@@ -294,8 +322,7 @@ def list_events(conn: Connection, q: EventQuery, *, after_id: int | None, limit:
     if upto is not None:
         conds.append(c.id <= upto)
     order = c.id.desc() if descending else c.id
-    rows = conn.execute(select(events).where(*conds).order_by(order).limit(limit))
-    return [dict(r._mapping) for r in rows]
+    return list(conn.execute(select(*_listed(conn.dialect.name)).where(*conds).order_by(order).limit(limit)))
 
 
 def max_event_id(conn: Connection, owner_id: int) -> int:

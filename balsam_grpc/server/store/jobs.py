@@ -13,12 +13,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Connection,
     ColumnElement,
     DateTime,
     bindparam,
-    cast,
     delete,
     exists,
     func,
@@ -29,7 +27,6 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.types import UserDefinedType
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
@@ -52,7 +49,15 @@ from balsam_grpc.core.states import (
 )
 from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.store import events as event_log
-from balsam_grpc.server.store.query import contains_substring, id_in, json_path, tags_contain, tags_exclude
+from balsam_grpc.server.store.query import (
+    JSON_TEXT,
+    contains_substring,
+    epoch_micros,
+    id_in,
+    json_path,
+    tags_contain,
+    tags_exclude,
+)
 from balsam_grpc.server.store.tables import apps, job_parents, jobs, sites, transfer_items
 from balsam_grpc.server.store.transitions import (
     ENGINE_COLUMNS,
@@ -460,31 +465,10 @@ def _selected(columns: tuple[Any, ...], dialect: str, micros_times: bool) -> tup
     """The select list for `columns`, built once per shape: a page of jobs built it anew
     per call (five EXTRACT expressions and their operators)."""
     if micros_times and dialect == "postgresql":
-        return tuple(_epoch_micros(c) if isinstance(c.type, DateTime) else c for c in columns)
+        return tuple(epoch_micros(c) if isinstance(c.type, DateTime) else c for c in columns)
     if dialect == "sqlite":
-        return tuple(type_coerce(c, _JSON_TEXT).label(c.name) if is_json(c) else c for c in columns)
+        return tuple(type_coerce(c, JSON_TEXT).label(c.name) if is_json(c) else c for c in columns)
     return columns
-
-
-class _JsonText(UserDefinedType[Any]):
-    """A JSON text column read straight through codec.loads: SQLAlchemy's JSON type
-    wraps the decoder in two more calls per value, six values per job (SQLite)."""
-
-    cache_ok = True
-
-    def get_col_spec(self, **_kw: Any) -> str:
-        return "TEXT"
-
-    def result_processor(self, dialect: Any, coltype: Any) -> Any:
-        return codec_loads
-
-
-_JSON_TEXT = _JsonText()
-
-
-def _epoch_micros(column: Any) -> ColumnElement[Any]:
-    # EXTRACT(EPOCH ...) is numeric (exact) on PostgreSQL >= 14: no float rounding.
-    return cast(func.extract("epoch", column) * 1_000_000, BigInteger).label(column.name)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -6,10 +6,62 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, ColumnElement, and_, any_, bindparam, column, func, literal, not_, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ColumnElement,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    column,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.types import UserDefinedType
+
+from balsam_grpc.server.store.codec import loads as codec_loads
+
+
+class _JsonText(UserDefinedType[Any]):
+    """A JSON text column read straight through codec.loads: SQLAlchemy's JSON type
+    wraps the decoder in two more calls per value (SQLite; type_coerce a column to it)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **_kw: Any) -> str:
+        return "TEXT"
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        return codec_loads
+
+
+class _NullableJsonText(_JsonText):
+    cache_ok = True
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        return _loads_or_none
+
+
+def _loads_or_none(value: Any) -> Any:
+    return None if value is None else codec_loads(value)
+
+
+JSON_TEXT = _JsonText()
+NULLABLE_JSON_TEXT = _NullableJsonText()  # for a column that may be NULL
+
+
+def epoch_micros(column: Any) -> ColumnElement[Any]:
+    """A timestamp column read as integer microseconds since the epoch (PostgreSQL): the
+    driver makes a datetime of a timestamptz five times slower than an integer."""
+    # EXTRACT(EPOCH ...) is numeric (exact) on PostgreSQL >= 14: no float rounding.
+    return cast(func.extract("epoch", column) * 1_000_000, BigInteger).label(column.name)
 
 
 class _TagsContain(FunctionElement[bool]):
