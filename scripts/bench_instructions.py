@@ -17,6 +17,15 @@ from each) and medians. Phases: a health check (public, no token), CreateJob wit
 with a request_id, UpdateJob of tags, GetJob, ListJobs of 100, and (`bulk`, not run unless
 named: `--phases bulk --calls 3 --warm 2`) BatchCreateJobs of 10,000 jobs as bench_api
 makes them, per call (divide by 10,000 for a job). Figures, never assertions.
+
+With --pg-callgrind DIR the database's backends are counted too (`pg_kir_per_call`): run
+the PostgreSQL cluster holding the database under `valgrind --tool=callgrind
+--callgrind-out-file=DIR/pg.%p` (as its own user; postgres forks its backends without
+exec, so each is counted on its own, and written when it exits). Each phase runs on
+backends of its own (see Backends). `pg_analyze_kir_per_call` is the part of it spent in
+ANALYZE (analyze_rel: the server's background refresh of planner statistics after bulk creates,
+store.jobs.refresh_planner_stats: it runs at every doubling of the table, so a phase
+may or may not hold one), and `pg_no_analyze_kir_per_call` the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import benchkit  # noqa: F401 - first: puts this checkout on sys.path
 from benchkit import stop_process  # noqa: E402
+
+from balsam_grpc.server.store.db import IDLE_PING_SECONDS  # noqa: E402
 
 from balsam_grpc.core.settings import Profile  # noqa: E402
 from balsam_grpc.v1 import (  # noqa: E402
@@ -138,7 +149,69 @@ def calls(channel: grpc.Channel, md: tuple[tuple[str, str], ...]) -> dict[str, C
             "create_rid": lambda: create(True), "update": update, "get": get, "list": list_, "bulk": bulk}
 
 
-def measure(database: str, phases: list[str], n: int, warm: int, out: Path) -> dict[str, float]:
+class Backends:
+    """The database's backends in a cluster run under callgrind (--pg-callgrind). A
+    forked backend cannot be switched on and off (vgdb's pipes are not remade in it), so
+    each phase runs on backends of its own: the ones before it are ended (the server's
+    pool replaces a connection that idled longer than IDLE_PING_SECONDS on its next
+    checkout, and its listener reconnects), and the phase's are ended after it, when
+    callgrind writes their counts. A backend's own work is what PostgresMain spends
+    (its setup after the fork, a few million instructions, counted with the phase)."""
+
+    def __init__(self, database: str, out: Path) -> None:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        u = make_url(database)
+        self.conn = psycopg.connect(host=u.host or "127.0.0.1", port=u.port or 5432, user=u.username,
+                                    password=u.password, dbname=u.database, autocommit=True)
+        self.out = out
+
+    def _end_all(self) -> list[int]:
+        pids = [int(r[0]) for r in self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'").fetchall()]
+        for pid in pids:
+            self.conn.execute("SELECT pg_terminate_backend(%s, 60000)", (pid,))
+        return pids
+
+    def start(self) -> None:
+        self._end_all()
+        time.sleep(IDLE_PING_SECONDS + 1)
+
+    def stop(self) -> tuple[int, int]:
+        """(instructions, of which in ANALYZE) of the phase's backends."""
+        total = analyze = 0
+        for pid in self._end_all():
+            path = self.out / f"pg.{pid}"
+            deadline = time.time() + 300
+            while True:
+                try:
+                    total_instructions(path)  # written (at the backend's exit)
+                    break
+                except (OSError, SystemExit):
+                    if time.time() > deadline:
+                        raise SystemExit(f"no callgrind totals of backend {pid} in {path}: is the cluster run "
+                                         f"under callgrind with --callgrind-out-file={self.out}/pg.%p?") from None
+                    time.sleep(0.5)
+            # Its own work: a forked backend's totals start from the postmaster's at the fork.
+            total += inclusive(path, "PostgresMain")
+            analyze += inclusive(path, "analyze_rel")
+        return total, analyze
+
+
+def inclusive(path: Path, function: str) -> int:
+    """Inclusive instructions of `function` in a callgrind dump (0 if it never ran)."""
+    done = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(path)],
+                          capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.rstrip().endswith(f":{function}") or f":{function} " in line:
+            return int(line.split()[0].replace(",", ""))
+    return 0
+
+
+def measure(database: str, phases: list[str], n: int, warm: int, out: Path,
+            pg_out: Path | None = None) -> dict[str, float]:
     home = Path(tempfile.mkdtemp(prefix="balsam-instructions-"))
     port = free_port()
     env = dict(os.environ, BALSAM_HOME=str(home), BALSAM_LOG_LEVEL="WARNING")
@@ -155,7 +228,10 @@ def measure(database: str, phases: list[str], n: int, warm: int, out: Path) -> d
             for _ in range(warm):
                 call[name]()
         figures: dict[str, float] = {}
+        backends = Backends(database, pg_out) if pg_out is not None else None
         for name in phases:
+            if backends is not None:
+                backends.start()
             control(proc.pid, "-z")
             control(proc.pid, "-i", "on")
             for _ in range(n):
@@ -166,6 +242,13 @@ def measure(database: str, phases: list[str], n: int, warm: int, out: Path) -> d
             figures[f"{name}_kir_per_call"] = round(total_instructions(dump) / n / 1000, 1)
             dump.rename(out / f"{name}.callgrind")  # callgrind_annotate reads it
             print(f"  {name}: {figures[f'{name}_kir_per_call']} kIr per call", file=sys.stderr)
+            if backends is not None:
+                pg, analyze = backends.stop()
+                figures[f"{name}_pg_kir_per_call"] = round(pg / n / 1000, 1)
+                figures[f"{name}_pg_analyze_kir_per_call"] = round(analyze / n / 1000, 1)
+                figures[f"{name}_pg_no_analyze_kir_per_call"] = round((pg - analyze) / n / 1000, 1)
+                print(f"  {name}: database {figures[f'{name}_pg_no_analyze_kir_per_call']} kIr per call "
+                      f"besides ANALYZE's {figures[f'{name}_pg_analyze_kir_per_call']}", file=sys.stderr)
         channel.close()
         return figures
     finally:
@@ -180,6 +263,9 @@ def main() -> int:
     parser.add_argument("--warm", type=int, default=100, help="warm-up calls per phase (default 100)")
     parser.add_argument("--phases", default=",".join(PHASES[:-1]), help=f"comma-separated, of {', '.join(PHASES)}")
     parser.add_argument("--out", type=Path, help="keep the callgrind dumps here (default: a temporary directory)")
+    parser.add_argument("--pg-callgrind", type=Path, default=None,
+                        help="the dump folder of a PostgreSQL cluster run under callgrind (see the module's help): "
+                             "count the database's backends too")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -191,7 +277,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="balsam-callgrind-") as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        figures = measure(args.database, phases, args.calls, args.warm, out)
+        figures = measure(args.database, phases, args.calls, args.warm, out, args.pg_callgrind)
     if args.json:
         print(json.dumps(figures))
     else:
