@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from balsam_grpc.core import channel
 from balsam_grpc.sdk import (
     App,
     BatchJob,
@@ -23,6 +24,7 @@ from balsam_grpc.sdk import (
     Site,
     TransferItem,
 )
+from tests.sdk.conftest import make_client
 
 
 def make_jobs(client: Client, app: App, n: int, **tags: str) -> list[Job]:
@@ -48,6 +50,38 @@ def test_bulk_create_thousands_in_chunks_and_page_through(client: Client, app: A
     ids = [j.id for j in query.page_size(400)]
     assert ids == sorted(j.id for j in jobs)
     assert query.group_by("state") == {"PREPROCESSED": 3000}
+
+
+def test_bulk_create_halves_a_chunk_the_server_refuses_as_too_many(client: Client, app: App, harness: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # bulk_create sends the server's default max_jobs_per_call per call; a server set to
+    # take fewer refuses such a chunk whole (INVALID_ARGUMENT, TOO_LARGE), and the SDK
+    # then sends it in halves, in order, instead of failing the create.
+    monkeypatch.setattr(harness.server.settings, "max_jobs_per_call", 5)
+    batch = f"b{secrets.token_hex(4)}"
+    jobs = client.jobs.bulk_create([Job(workdir=f"{batch}/{i:02d}", app=app, parameters={"word": f"w{i}"})
+                                    for i in range(23)], chunk_size=23)
+    assert all(j.id for j in jobs) and [j.id for j in jobs] == sorted(j.id for j in jobs)
+    assert client.jobs.filter(workdir__contains=f"{batch}/").count() == 23
+    # A refusal for another reason is not retried.
+    with pytest.raises(InvalidArgument, match="repeats"):
+        client.jobs.bulk_create([Job(workdir=f"{batch}/x", app=app, parameters={"word": "w"}) for _ in range(2)])
+
+
+def test_bulk_create_halves_a_chunk_over_the_channels_message_limit(app: App, harness: Any, alice: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # gRPC refuses a request over the channel's send limit itself (RESOURCE_EXHAUSTED with
+    # no reason): jobs carrying much data, 10,000 to a call. The SDK sends such a chunk in halves.
+    monkeypatch.setattr(channel, "MAX_MESSAGE_BYTES", 16 * 1024)
+    small = make_client(harness, alice)
+    try:
+        batch = f"b{secrets.token_hex(4)}"
+        jobs = small.jobs.bulk_create([Job(workdir=f"{batch}/{i:02d}", app_id=app.id, parameters={"word": f"w{i}"},
+                                           data={"blob": "x" * 2000}) for i in range(23)])
+        assert all(j.id for j in jobs) and [j.id for j in jobs] == sorted(j.id for j in jobs)
+        assert small.jobs.filter(workdir__contains=f"{batch}/").count() == 23
+    finally:
+        small.close()
 
 
 def test_filters_exclude_order_and_slices(client: Client, app: App) -> None:
