@@ -1,7 +1,7 @@
 """Plans of the statements run for every launcher report, every batch of finished jobs
 and every transfer report on SQLite: they must not walk all of an owner's or a site's jobs. Without statistics
 (jobs created a few at a time are never analyzed) SQLite chose
-ix_jobs_owner_id_state_site_id on a report's owner term and read every job of the owner
+ix_jobs_owner_id_state_id_site_id on a report's owner term and read every job of the owner
 for each report (store/leases.report_rows_statement); with statistics, the site stream's
 cleanup query walked every finished job of the site, cleaned ones too, and without
 them (or with statistics taken before the jobs finished) every finished job of the site
@@ -112,7 +112,7 @@ def test_a_sites_backlog_walks_the_state_index(tmp_path: Path, analyze: bool) ->
     """The site stream reads its backlog up to 5 times a second. With statistics taken after
     a bulk create at one site (every job of one owner and site: the index's owner and site
     terms rate as useless), an ungrouped count scanned the whole table (20 ms at 100,000
-    jobs); grouped by state it walks ix_jobs_owner_id_state_site_id's backlog states."""
+    jobs); grouped by state it walks ix_jobs_owner_id_state_id_site_id's backlog states."""
     plan, rows = _planned(tmp_path, [{"name": "a"}],
                           [{"app_id": 1, "workdir": f"w{i}", "state": "JOB_FINISHED" if i % 100 else "PREPROCESSED"}
                            for i in range(3000)],
@@ -120,5 +120,5 @@ def test_a_sites_backlog_walks_the_state_index(tmp_path: Path, analyze: bool) ->
                           values={"w_owner": 1, "w_site": 1})
     assert [(r[0], r[1]) for r in rows] == [("PREPROCESSED", 30)]
     steps = _job_steps(plan)
-    assert steps and all(step.startswith("SEARCH jobs USING") and "ix_jobs_owner_id_state_site_id" in step
+    assert steps and all(step.startswith("SEARCH jobs USING") and "ix_jobs_owner_id_state_id_site_id" in step
                          for step in steps), plan

@@ -211,7 +211,7 @@ def select_statement(q: JobQuery, order: list[tuple[str, bool]], after: list[Any
     the order, the columns): SQLAlchemy's statement cache key, compilation and result
     set-up cost as much server CPU as the rest of reading a page of jobs. Lists bind as one
     array each (`= ANY`), so their lengths do not make new shapes."""
-    params = _query_params(q)
+    params = _by_state(q, order, _query_params(q))
     params["limit"] = limit
     if after is not None:
         for i, value in enumerate(_keyset(order, after)):
@@ -219,9 +219,7 @@ def select_statement(q: JobQuery, order: list[tuple[str, bool]], after: list[Any
     shape = ("select", tuple(params), tuple(order), names)
     sql = _SELECT_SQL.get(shape)
     if sql is None:
-        sort = ", ".join(f"jobs.{name} DESC" if desc else f"jobs.{name}" for name, desc in order)
-        sql = _remember(shape, f"SELECT {_returned(names)} FROM jobs WHERE {_where(params, order, _PG)} "
-                               f"ORDER BY {sort} LIMIT %(limit)s")
+        sql = _remember(shape, _list_sql(_returned(names), params, order, _PG))
     return sql, params
 
 
@@ -250,7 +248,7 @@ def sqlite_select_statement(q: JobQuery, order: list[tuple[str, bool]], after: l
     compilation, type processing and result set-up were half of the server CPU of a list
     or get. Times come back as SQLite stores them (text) and are converted exactly where
     they are shown (convert.shared_timestamp)."""
-    params = _sqlite_params(q)
+    params = _by_state(q, order, _sqlite_params(q))
     params["limit"] = limit
     if after is not None:
         for i, ((name, _), value) in enumerate(zip(order, _keyset(order, after), strict=True)):
@@ -258,9 +256,7 @@ def sqlite_select_statement(q: JobQuery, order: list[tuple[str, bool]], after: l
     shape = ("sqlite select", tuple(params), tuple(order), names)
     sql = _SELECT_SQL.get(shape)
     if sql is None:
-        sort = ", ".join(f"jobs.{name} DESC" if desc else f"jobs.{name}" for name, desc in order)
-        sql = _remember(shape, f"SELECT {_sqlite_returned(names)} FROM jobs WHERE {_where(params, order, _SQLITE)} "
-                               "ORDER BY " + sort + " LIMIT :limit")
+        sql = _remember(shape, _list_sql(_sqlite_returned(names), params, order, _SQLITE))
     return sql, params
 
 
@@ -332,6 +328,77 @@ _SQLITE_RETURNED = {c.name: f"NULLIF(jobs.{c.name}, '{codec_dumps(c.default.arg(
                     for c in jobs.columns if is_json(c)}
 
 
+def _by_state(q: JobQuery, order: list[tuple[str, bool]], params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with a list in id order (either way) of some states taking one parameter
+    per distinct state (`state0`, ...) instead of the list `states`: _list_sql reads
+    each state's jobs as one branch in the order of ix_jobs_owner_id_state_id_site_id.
+    Not when the list names jobs by a key of their own (ids, session, batch job,
+    parents): those are few, found through that key's index, and sorted."""
+    if not q.states or [name for name, _ in order] != ["id"] or q.ids or q.session_id or q.batch_job_ids \
+            or q.parent_ids:
+        return params
+    params = {name: value for name, value in params.items() if name != "states"}
+    for i, state in enumerate(dict.fromkeys(q.states)):  # a state named twice: its jobs once
+        params[f"state{i}"] = state
+    return params
+
+
+def _list_sql(returned: str, params: dict[str, Any], order: list[tuple[str, bool]], binding: _Binding) -> str:
+    """A page of the jobs `params` selects (select_statement, sqlite_select_statement).
+
+    A list of some states in id order (params from _by_state) reads each state's jobs
+    through ix_jobs_owner_id_state_id_site_id in id order from the page token on, and
+    stops at the page. Compared with `state = x` (or a list) and ordered by id alone, the
+    primary key gives the same order, and both planners walked it whenever they rated
+    the state common, reading every older job of the owner in another state before the
+    first one listed (states are not spread evenly over ids: old jobs have finished, new
+    ones wait); so each driver's statement leaves that walk out (binding.by_state).
+    Several states are one branch each, merged: up to a page from each, then the page."""
+    p = binding.placeholder
+    branches = [name for name in params if name.startswith("state") and name[5:].isdigit()]
+    if not branches:
+        sort = ", ".join(f"jobs.{name} DESC" if desc else f"jobs.{name}" for name, desc in order)
+        return f"SELECT {returned} FROM jobs WHERE {_where(params, order, binding)} ORDER BY {sort} LIMIT {p('limit')}"
+    desc = order[0][1]
+    where = _where(params, order, binding, page_token=False)
+    selects = []
+    for name in branches:
+        source, window, sort = binding.by_state(p(name), desc, "after0" in params)
+        selects.append(f"SELECT {returned} FROM {source} WHERE {where} AND {window} ORDER BY {sort} LIMIT {p('limit')}")
+    if len(selects) == 1:
+        return selects[0]
+    merged = " UNION ALL ".join(f"SELECT * FROM ({sql}) AS b{i}" for i, sql in enumerate(selects))
+    return f"SELECT * FROM ({merged}) AS page ORDER BY page.id{' DESC' if desc else ''} LIMIT {p('limit')}"
+
+
+def _pg_by_state(state: str, desc: bool, after: bool) -> tuple[str, str, str]:
+    """PostgreSQL's branch of one state (`state`, a placeholder) for _list_sql: (FROM,
+    condition, ORDER BY). The state is a range of one value, ordered by (state, id): an
+    order the primary key cannot give (it could for `state = x`, constant in the branch),
+    so a plan either walks the index in order or reads every job of the state (or of the
+    tags, through ix_jobs_tags_gin) and sorts them; never the jobs of other states. After
+    the token, the row comparison (state, id) > (x, after) positions the walk there."""
+    if not after:
+        return "jobs", f"jobs.state >= {state} AND jobs.state <= {state}", \
+            "jobs.state DESC, jobs.id DESC" if desc else "jobs.state, jobs.id"
+    return ("jobs", f"(jobs.state, jobs.id) {'<' if desc else '>'} ({state}, %(after0)s) "
+                    f"AND jobs.state {'>=' if desc else '<='} {state}",
+            "jobs.state DESC, jobs.id DESC" if desc else "jobs.state, jobs.id")
+
+
+def _sqlite_by_state(state: str, desc: bool, after: bool) -> tuple[str, str, str]:
+    """SQLite's branch of one state for _list_sql: the index named (INDEXED BY), which
+    SQLite then walks from (owner, state, token). A range of one state, as on PostgreSQL,
+    leaves the primary key out too, but SQLite uses neither the row comparison nor
+    `id > token` after it to position the walk: every later page would read the state's
+    entries from its first."""
+    window = f"jobs.state = {state}" + (f" AND jobs.id {'<' if desc else '>'} :after0" if after else "")
+    return f"jobs INDEXED BY {_STATE_INDEX}", window, "jobs.id DESC" if desc else "jobs.id"
+
+
+_STATE_INDEX = "ix_jobs_owner_id_state_id_site_id"
+
+
 def _after_page_token(order: list[tuple[str, bool]], placeholder: Callable[[str], str]) -> str:
     """Keyset pagination: the rows after the page token's keys `after0`, `after1`, ... in
     `order`, each key bound through `placeholder(name)` (the driver's parameter style)."""
@@ -391,14 +458,17 @@ _RETURNED = {
 class _Binding:
     """What differs between the drivers' statements: how a parameter is named, how a
     column is tested against a list bound as one parameter (its length makes no new
-    shape), and the tag filters (containment on PostgreSQL, for its GIN index; a JSON
-    path per key on SQLite, as _sqlite_params binds them)."""
+    shape), the tag filters (containment on PostgreSQL, for its GIN index; a JSON
+    path per key on SQLite, as _sqlite_params binds them), and how a list in id order
+    reads one state's jobs in that order (_pg_by_state, _sqlite_by_state)."""
 
     def __init__(self, placeholder: Callable[[str], str], in_list: Callable[[str, str, str], str],
-                 tags: Callable[[dict[str, Any]], list[str]]) -> None:
+                 tags: Callable[[dict[str, Any]], list[str]],
+                 by_state: Callable[[str, bool, bool], tuple[str, str, str]]) -> None:
         self.placeholder = placeholder
         self.in_list = in_list  # (column, parameter, SQL type of the items)
         self.tags = tags
+        self.by_state = by_state  # a branch of one state of a list in id order (_list_sql)
 
 
 def _pg_tags(params: dict[str, Any]) -> list[str]:
@@ -417,16 +487,17 @@ def _sqlite_tags(params: dict[str, Any]) -> list[str]:
 
 
 _PG = _Binding(lambda name: f"%({name})s", lambda column, name, of: f"{column} = ANY(CAST(%({name})s AS {of}[]))",
-               _pg_tags)
+               _pg_tags, _pg_by_state)
 _SQLITE = _Binding(lambda name: f":{name}",
-                   lambda column, name, of: f"{column} IN (SELECT value FROM json_each(:{name}))", _sqlite_tags)
+                   lambda column, name, of: f"{column} IN (SELECT value FROM json_each(:{name}))", _sqlite_tags,
+                   _sqlite_by_state)
 # Also job_counts' statements: one way of writing a driver's statement for the store.
 BINDINGS = {"postgresql": _PG, "sqlite": _SQLITE}
 
 
-def _where(params: dict[str, Any], order: list[tuple[str, bool]], binding: _Binding) -> str:
+def _where(params: dict[str, Any], order: list[tuple[str, bool]], binding: _Binding, page_token: bool = True) -> str:
     """The WHERE of the filters `params` gives (named by _query_params), as conditions()
-    writes them, and of the page token's keys."""
+    writes them, and (page_token) of the page token's keys."""
     p, in_list = binding.placeholder, binding.in_list
     conds = []
     for name in params:
@@ -446,7 +517,7 @@ def _where(params: dict[str, Any], order: list[tuple[str, bool]], binding: _Bind
         elif name == "workdir_like":
             conds.append(f"jobs.workdir LIKE {p(name)} ESCAPE '\\'")
     conds += binding.tags(params)
-    if "after0" in params:
+    if page_token and "after0" in params:
         conds.append(_after_page_token(order, p))
     return " AND ".join(conds)
 

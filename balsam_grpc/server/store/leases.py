@@ -550,7 +550,7 @@ def report_rows_statement(dialect: str) -> Any:
     """A report's job rows by id (b_ids), the owner's only (b_owner), locked, with their
     apps' rules. On SQLite the owner term is kept out of index selection (unary +):
     without statistics (jobs created a few at a time are never analyzed) SQLite walked
-    the owner's whole part of ix_jobs_owner_id_state_site_id for every report instead of
+    the owner's whole part of the owner and state index for every report instead of
     looking the ids up by primary key."""
     owner = literal_column("+jobs.owner_id") if dialect == "sqlite" else jobs.c.owner_id
     extra = []

@@ -2,7 +2,7 @@
 throughput and queue wait over a recent window.
 
 Every query walks an index and touches only the rows it counts:
-- job counts by state: ix_jobs_owner_id_state_site_id (owner, state, site), grouped;
+- job counts by state: ix_jobs_owner_id_state_id_site_id (owner, state, id, site), grouped;
 - held nodes: the ACTIVE sessions (ix_sessions_site_id_state);
 - the window: the owner's events from the first one at or after the window start. That
   id is found by a binary search over ix_events_owner_id_id (event ids grow with commit

@@ -140,7 +140,7 @@ _BATCH_JOBS_IN_STATE = (select(batch_jobs).where(batch_jobs.c.site_id == bindpar
 # were missing or taken before the jobs finished, as after a bulk create: a cost that grew
 # with the site's finished jobs, paid after every report of finished jobs.
 # On SQLite the owner term is kept out of index selection (unary +): it walked every
-# finished job of the site (ix_jobs_owner_id_state_site_id, cleaned ones too) instead.
+# finished job of the site (the owner and state index, cleaned ones too) instead.
 _HAS_GLOBS = {"postgresql": "jsonb_typeof(apps.cleanup_globs) = 'array' AND apps.cleanup_globs <> '[]'::jsonb",
               "sqlite": "json_array_length(apps.cleanup_globs) > 0"}
 _CLEANUPS: dict[str, tuple[Any, Any]] = {}
@@ -316,7 +316,7 @@ def _backlog_sql(p: Any) -> str:
     joined to the jobs grouped by state (so a site without jobs still has its row). A
     runnable job held ahead by a launcher (it has a session) waits for that launcher: it
     counts with the running ones, not as backlog that needs a pilot. The grouping makes
-    SQLite walk ix_jobs_owner_id_state_site_id even when its statistics (taken after a
+    SQLite walk ix_jobs_owner_id_state_id_site_id even when its statistics (taken after a
     bulk create at one site) rate that index as useless; ungrouped, it scanned the whole
     table (20 ms per call at 100,000 jobs)."""
     return f"""SELECT g.state, g.n, g.nodes, g.max_nodes, g.max_wall, a.active FROM

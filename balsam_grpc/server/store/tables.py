@@ -208,7 +208,11 @@ jobs = Table(
     Column("cleaned_time", Time, nullable=True),
     Column("cleanup_info", Text, nullable=True),
     UniqueConstraint("site_id", "workdir"),
-    Index("ix_jobs_owner_id_state_site_id", "owner_id", "state", "site_id"),
+    # id before site_id (revision 0019): a list of one state in id order walks the state's
+    # rows in order and stops at its page (store.jobs._list_sql), instead of walking the
+    # primary key past every older job in another state. A query of one site's jobs in a
+    # state tests site_id inside the index (no row read for another site's job).
+    Index("ix_jobs_owner_id_state_id_site_id", "owner_id", "state", "id", "site_id"),
     Index("ix_jobs_app_id", "app_id"),
     # Partial: every query asks for one value, and a new job has neither (revision 0010).
     Index("ix_jobs_session_id", "session_id", postgresql_where=text("session_id IS NOT NULL"),
