@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, and_, bindparam, case, func, literal_column, or_, select, text, update
+from sqlalchemy import Connection, Integer, and_, bindparam, case, func, literal_column, or_, select, text, union_all, update
 
 from balsam_grpc.core.errors import BalsamError
 from balsam_grpc.core.states import JobState, Role
@@ -180,6 +180,34 @@ def _hook_apps(site_apps: dict[int, dict[str, Any]]) -> dict[JobState, list[int]
     return out
 
 
+def hook_jobs_statement(dialect: str, owner_id: int, site_id: int, per_state: dict[str, list[int]],
+                        limit: int) -> Any:
+    """The site's oldest `limit` jobs waiting for a hook: in each state of `per_state`, of
+    the apps that implement its hook. One branch per state, each walking
+    ix_jobs_owner_id_state_id_site_id from (owner, state) in id order and stopping at
+    `limit`, merged. With the states OR-ed and ORDER BY id, PostgreSQL walked the primary
+    key past every older job of the owner (240,024 rows read for 100 behind 300,000
+    finished ones) and SQLite read all of the owner's jobs and sorted them. PostgreSQL:
+    the state as a range of one value ordered by (state, id), an order only that index
+    gives (as store.jobs._pg_by_state); SQLite takes the index for `state = x` with the
+    order by id that it gives, once the site and app terms are kept out of its index
+    choice (unary +): for one app it read all of the app's jobs through ix_jobs_app_id."""
+    branches = []
+    for state, app_ids in per_state.items():
+        if dialect == "postgresql":
+            in_state, order = (jobs.c.state >= state, jobs.c.state <= state), (jobs.c.state, jobs.c.id)
+            site, app = jobs.c.site_id, jobs.c.app_id
+        else:
+            in_state, order = (jobs.c.state == state,), (jobs.c.id,)
+            site, app = literal_column("+jobs.site_id"), literal_column("+jobs.app_id")
+        branches.append(select(jobs).where(jobs.c.owner_id == owner_id, *in_state, site == site_id,
+                                           app.in_(app_ids)).order_by(*order).limit(limit))
+    if len(branches) == 1:
+        return branches[0]
+    merged = union_all(*(select(b.subquery()) for b in branches)).subquery()
+    return select(merged).order_by(merged.c.id).limit(limit)
+
+
 def find_work(conn: Connection, owner_id: int, site_id: int, kinds: set[str], skip: set[str],
               limit: int) -> list[Work]:
     """Up to `limit` work items of the given kinds, leaving out the ids in `skip` (items
@@ -215,11 +243,9 @@ def find_work(conn: Connection, owner_id: int, site_id: int, kinds: set[str], sk
         return out
     site_apps = _site_apps(conn, site_id) if HOOK in kinds else {}
     if HOOK in kinds:
-        per_state = _hook_apps(site_apps)
-        conds = [and_(jobs.c.state == str(st), jobs.c.app_id.in_(ids)) for st, ids in per_state.items() if ids]
-        if conds:
-            rows = conn.execute(select(jobs).where(jobs.c.site_id == site_id, jobs.c.owner_id == owner_id, or_(*conds))
-                                .order_by(jobs.c.id).limit(fetch_size(HOOK)))
+        per_state = {str(st): ids for st, ids in _hook_apps(site_apps).items() if ids}
+        if per_state:
+            rows = conn.execute(hook_jobs_statement(conn.dialect.name, owner_id, site_id, per_state, fetch_size(HOOK)))
             take([Work(id=hook_id(r.id, r.state, r.run_count), kind=HOOK, job=dict(r._mapping),
                        app=site_apps[r.app_id], hook=HOOK_OF_STATE[S(r.state)]) for r in rows])
     if TRANSFER in kinds and len(out) < limit:
