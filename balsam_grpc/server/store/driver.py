@@ -78,12 +78,18 @@ def _sqlite_result(type_: Any) -> Callable[[Any], Any] | None:
 _COMPILED: dict[Hashable, DriverStatement] = {}
 
 
-def driver_statement(key: Hashable, build: Callable[[], Any], dialect: Any) -> DriverStatement:
-    """The statement `build` makes, in the driver's terms, compiled once per `key` and
-    database (a dialect compiles a statement alike for every engine)."""
-    stmt = _COMPILED.get((dialect.name, key))
+def driver_statement(key: Hashable, build: Callable[[], Any], dialect: Any, *, tag: str = "") -> DriverStatement:
+    """The statement `build` makes, in the driver's terms, compiled once per `key`, `tag`
+    and database (a dialect compiles a statement alike for every engine). A `tag` puts a
+    comment before it: another text, so PostgreSQL prepares and plans it apart from the
+    untagged one (its plans are built under that caller's settings, see
+    store/leases.GENERIC_PLANS)."""
+    stmt = _COMPILED.get((dialect.name, key, tag))
     if stmt is None:
-        stmt = _COMPILED[(dialect.name, key)] = DriverStatement(build(), dialect)
+        stmt = DriverStatement(build(), dialect)
+        if tag:
+            stmt.sql = f"/* {tag} */ {stmt.sql}"
+        _COMPILED[(dialect.name, key, tag)] = stmt
     return stmt
 
 

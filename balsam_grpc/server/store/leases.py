@@ -134,16 +134,47 @@ _ADVANCE_SESSION = (update(sessions).where(sessions.c.id == bindparam("b_sid"))
                     .values(applied_through_seq=bindparam("b_seq"), heartbeat_time=bindparam("b_now")))
 
 
+# PostgreSQL: the statements of a launcher session's transactions (a report, leases) run
+# generic plans, built with sequential scans off. A report of a few jobs binds id arrays
+# of a few elements, and the plan cache rates a generic plan for 10 (its guess for an
+# array parameter) against custom plans for 4: it planned four statements afresh at every
+# report (bench_load's pattern, scripts/bench_reports.py: PostgreSQL 1,250 kIr a job with
+# them, 930 without). Every statement here reads
+# jobs by primary key or walks ix_jobs_lease_order (sorting off), so the generic plan is
+# the custom one; built with sequential scans off, it stays an index plan when it was built
+# while the table was small (a cached plan is not rebuilt as the table grows, nor without
+# an ANALYZE). The session path's row writes (Transitioner's, tagged SESSION_TAG) have a
+# text of their own, so no plan another transaction built, under other settings, is used
+# here. Both settings end with the transaction (set_config's is_local); plans of the
+# jobs triggers built here keep index access, which they use at any size.
+GENERIC_PLANS = ("SELECT set_config('plan_cache_mode', 'force_generic_plan', true), "
+                 "set_config('enable_seqscan', 'off', true)")
+SESSION_TAG = "session"
+
+
 # PostgreSQL: lock the session row, advance it and return what it was, in one round trip
 # (a report's two session statements). The subquery's row lock is taken before the
 # UPDATE, and RETURNING gives the values from before it. SQLite cannot return a FROM
 # item's columns: it runs _LOCK_SESSION and _ADVANCE_SESSION (no round trips there).
+# It also makes the settings of GENERIC_PLANS (a CTE, evaluated first): the statements
+# after it in the transaction are planned under them (this one is planned before).
 _LOCK_AND_ADVANCE = text(
+    f"WITH plans AS MATERIALIZED ({GENERIC_PLANS}) "
     "UPDATE sessions AS s SET heartbeat_time = :b_now, "
     "applied_through_seq = GREATEST(o.applied_through_seq, :b_seq) "
-    "FROM (SELECT id, state, applied_through_seq FROM sessions WHERE id = :b_sid AND owner_id = :b_owner "
+    "FROM plans, (SELECT id, state, applied_through_seq FROM sessions WHERE id = :b_sid AND owner_id = :b_owner "
     "FOR UPDATE) AS o WHERE s.id = o.id RETURNING o.state, o.applied_through_seq"
 ).bindparams(bindparam("b_now", type_=sessions.c.heartbeat_time.type), bindparam("b_seq", type_=Integer()))
+
+
+def _generic_plans(conn: Connection) -> list[tuple[DriverStatement, dict[str, Any]]]:
+    """GENERIC_PLANS as the first statement of a batch (none on SQLite)."""
+    return [(plain_statement(GENERIC_PLANS), {})] if conn.dialect.name == "postgresql" else []
+
+
+def session_transitioner(conn: Connection, now: datetime) -> Transitioner:
+    """The Transitioner of a session transaction (its writes' text tagged, see GENERIC_PLANS)."""
+    return Transitioner(conn, now, tag=SESSION_TAG if conn.dialect.name == "postgresql" else "")
 
 
 def _session_refusal(session_id: str, state: str | None) -> FailedPrecondition | None:
@@ -156,9 +187,12 @@ def _session_refusal(session_id: str, state: str | None) -> FailedPrecondition |
     return None
 
 
-def lock_active_session(conn: Connection, owner_id: int, session_id: str) -> dict[str, Any]:
-    """The session row, locked for this transaction; refuses a session that is not ACTIVE."""
-    got = _run(conn, ("lock_session",), lambda: _LOCK_SESSION, {"b_sid": session_id, "b_owner": owner_id})
+def lock_active_session(conn: Connection, owner_id: int, session_id: str, *,
+                        before: list[tuple[DriverStatement, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The session row, locked for this transaction; refuses a session that is not ACTIVE.
+    PostgreSQL: sent with the statements `before`."""
+    got = _run(conn, ("lock_session",), lambda: _LOCK_SESSION, {"b_sid": session_id, "b_owner": owner_id},
+               before=before)
     refusal = _session_refusal(session_id, got[0]["state"] if got else None)
     if refusal is not None:
         raise refusal
@@ -310,8 +344,8 @@ def acquire(conn: Connection, session: SessionRef, credit: Credit, now: datetime
     if credit.exhausted:
         return Acquired([], {}, 0.0)
     if tr is None:
-        lock_active_session(conn, session.owner_id, session.id)
-    t = tr or Transitioner(conn, now)
+        lock_active_session(conn, session.owner_id, session.id, before=_generic_plans(conn))
+    t = tr or session_transitioner(conn, now)
     # Both picks in one window with sorting off (see _pick_pages). Nothing that writes
     # jobs runs inside it: the job_counts trigger's plan, cached by its backend, would be
     # planned with sorting off for good (a 100-fold slower UPDATE was measured).
@@ -513,7 +547,7 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
     changes nothing. Starts and ends go through one Transitioner (one event insert); with
     `tr` it is the caller's, and the caller flushes it."""
     own = tr is None
-    tr = tr or Transitioner(conn, now)
+    tr = tr or session_transitioner(conn, now)
     found = None
     if conn.dialect.name == "postgresql" and transitions:
         # Locked and advanced at once: the new applied_through_seq is the highest seq
@@ -533,7 +567,7 @@ def apply_report(conn: Connection, owner_id: int, session_id: str, transitions: 
             raise refusal  # the transaction rolls back, the advance with it
         session = {"applied_through_seq": got[0]["applied_through_seq"], "advanced": True}
     else:
-        session = lock_active_session(conn, owner_id, session_id)
+        session = lock_active_session(conn, owner_id, session_id, before=_generic_plans(conn))
     result = _apply_report(conn, session, session_id, owner_id, transitions, now, tr, found)
     if own:
         tr.flush()
@@ -551,8 +585,9 @@ def report_rows_statement(dialect: str) -> Any:
     apps' rules. On SQLite the owner term is kept out of index selection (unary +):
     without statistics (jobs created a few at a time are never analyzed) SQLite walked
     the owner's whole part of the owner and state index for every report instead of
-    looking the ids up by primary key."""
-    owner = literal_column("+jobs.owner_id") if dialect == "sqlite" else jobs.c.owner_id
+    looking the ids up by primary key. PostgreSQL's generic plan (GENERIC_PLANS) built on a
+    small table chose that index on the owner term as well, and would have kept it."""
+    owner = literal_column("+jobs.owner_id")
     extra = []
     if dialect == "sqlite":  # Transitioner.know_childless: a job that ends looks for no children
         extra.append(exists().where(job_parents.c.parent_id == jobs.c.id).label("has_children"))
@@ -655,7 +690,7 @@ def report_and_acquire(conn: Connection, session: SessionRef, transitions: list[
     (RESTART_READY) may be leased like any other."""
     # One lock of the session row (in apply_report) and one Transitioner: the report's
     # events and the leases' go out in one insert, in that order.
-    tr = Transitioner(conn, now)
+    tr = session_transitioner(conn, now)
     result = apply_report(conn, session.owner_id, session.id, transitions, now, tr=tr)
     got = Acquired([], {}, 0.0)
     if credit is not None and not credit.exhausted:

@@ -188,9 +188,12 @@ _JSON_COLUMNS = frozenset(c.name for c in jobs.columns if is_json(c))
 class Transitioner:
     """Moves a set of jobs to a requested state within one transaction."""
 
-    def __init__(self, conn: Connection, now: datetime) -> None:
+    def __init__(self, conn: Connection, now: datetime, *, tag: str = "") -> None:
         self.conn = conn
         self.now = now
+        # Put before the text of the row writes it sends to the driver (driver_statement's
+        # `tag`): a launcher session's transactions plan theirs apart (leases.GENERIC_PLANS).
+        self.tag = tag
         self.event_rows: list[dict[str, Any]] = []
         self.changed: dict[int, str] = {}  # job id -> final state, for callers' responses
         # Apps' rules read in this transaction (an app row does not change inside it).
@@ -442,7 +445,7 @@ class Transitioner:
                         stmt = stmt.returning(jobs.c.id, _HAS_CHILDREN)
                     _UPDATES[(dialect, (*names, "+childless" if childless else ""))] = stmt
                 driver = driver_statement(("transitions.update", *names, "+childless" if childless else ""),
-                                          lambda: stmt, self.conn.dialect)
+                                          lambda: stmt, self.conn.dialect, tag=self.tag)
                 params = {"w_" + name: _driver_value(name, value) for name, value in columns.items()}
                 params["w_ids"] = array_text(ids) if dialect == "postgresql" else ids_value(ids, dialect)
                 result = self._driver_rows(driver, params, childless)
@@ -494,14 +497,18 @@ class Transitioner:
             sets = [f"{name} = :f_{name}" if value is not None else f"{name} = NULL" for name, value in fixed.items()]
             sets.append("state_message = v.v1")
             sets += [f"{k[2:]} = v.v{i + 2}" for i, k in enumerate(extra_keys)]
+            # The ids twice: joined to the arrays, and as `jobs.id = ANY(ids)`, which bounds
+            # the jobs side to a lookup in pk_jobs whatever the join. Without it a generic
+            # plan (leases.GENERIC_PLANS; the arrays' length guessed) may join all of jobs
+            # to them: a sequential scan, or with those off a full scan of pk_jobs.
             stmt = _UPDATES[("postgresql", shape)] = text(
                 f"UPDATE jobs SET {', '.join(sets)} FROM unnest({', '.join(arrays)}) AS v({', '.join(aliases)}) "
-                "WHERE jobs.id = v.v0"
+                f"WHERE jobs.id = v.v0 AND jobs.id = ANY({arrays[0]})"
                 + (" RETURNING jobs.id, EXISTS (SELECT 1 FROM job_parents WHERE job_parents.parent_id = jobs.id)"
                    if childless else ""))
         bind = {n: array_text([p[n] for p in params]) for n in names}
         bind.update({f"f_{k}": v for k, v in fixed.items() if v is not None})
-        driver = driver_statement(("transitions.update_each", shape), lambda: stmt, self.conn.dialect)
+        driver = driver_statement(("transitions.update_each", shape), lambda: stmt, self.conn.dialect, tag=self.tag)
         result = self._driver_rows(driver, bind, childless)
         if childless:
             self.childless.update(r[0] for r in result if not r[1])
