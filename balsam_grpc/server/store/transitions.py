@@ -108,6 +108,29 @@ class AppRules:
         self.restart_on_timeout = not on_timeout.endswith("FAIL")
 
 
+_NO_RULES = AppRules({})
+# AppRules by the (flat) hooks and retry policy they were read from: a launcher's report
+# reads its jobs' apps with them and built the same rules at every report. Bounded:
+# cleared when full.
+_RULES_MEMO: dict[tuple[Any, ...], AppRules] = {}
+_RULES_MEMO_MAX = 1024
+
+
+def app_rules(hooks: Any, retry_policy: Any) -> AppRules:
+    """AppRules of an app's hooks and retry policy (JSON values), shared when both are flat
+    (AppRules is never modified)."""
+    try:
+        key = (tuple((hooks or {}).items()), tuple((retry_policy or {}).items()))
+        hit = _RULES_MEMO.get(key)
+    except (AttributeError, TypeError):  # a nested value (or not a dict): built as before
+        return AppRules({"hooks": hooks, "retry_policy": retry_policy})
+    if hit is None:
+        if len(_RULES_MEMO) >= _RULES_MEMO_MAX:
+            _RULES_MEMO.clear()
+        hit = _RULES_MEMO[key] = AppRules({"hooks": hooks, "retry_policy": retry_policy})
+    return hit
+
+
 # Statements of every state change (app rules, pending transfers, waiting children), built
 # once per dialect with the id list as one named parameter: building a Select and its
 # cache key each time costs several times what running a compiled one does (as
@@ -213,7 +236,7 @@ class Transitioner:
     def know_app_rules(self, app_id: int, hooks: Any, retry_policy: Any) -> None:
         """An app's rules read by the caller in this transaction (with its jobs' rows)."""
         if app_id not in self.rules:
-            self.rules[app_id] = AppRules({"hooks": hooks, "retry_policy": retry_policy})
+            self.rules[app_id] = app_rules(hooks, retry_policy)
 
     def know_childless(self, job_id: int) -> None:
         """A job the caller read, in this transaction, to have no child jobs: its moves
@@ -317,7 +340,7 @@ class Transitioner:
         stage_in, stage_out = pending["IN"], pending["OUT"]
         updates: dict[str, list[dict[str, Any]]] = defaultdict(list)
         finished, failed, resting_post = [], [], []
-        no_rules = AppRules({})
+        no_rules = _NO_RULES
         # Jobs alike in app, pending transfers and run count take the same path; the
         # path and its event data are computed once and shared (events are written, never
         # modified, so sharing the data dict is safe and lets COPY encode it once).
