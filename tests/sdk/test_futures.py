@@ -203,20 +203,28 @@ class _CountingCondition(threading.Condition):
         return super().wait(timeout)
 
 
+def _fake_watcher(cond: threading.Condition | None = None) -> tuple[Any, Any]:
+    """A client whose JobWatcher never starts its stream: the test records the events."""
+    from balsam_grpc.sdk.futures import JobWatcher
+
+    client = type("FakeClient", (), {"server": "fake"})()
+    watcher = JobWatcher(client)
+    watcher._start = lambda timeout: None  # type: ignore[method-assign]
+    watcher._read_states = lambda ids: None  # type: ignore[method-assign]
+    if cond is not None:
+        watcher.cond = cond
+    client.watcher = watcher
+    return client, watcher
+
+
 @pytest.mark.parametrize("how", ["wait", "as_completed"])
 def test_waiting_for_many_jobs_reads_each_completion_once(how: str) -> None:
     """Waiting for n jobs that end one at a time looked at every pending job on each
     wake-up: n^2 checks (25 million for 5,000 jobs, seconds of a client's CPU).
     Counted, not timed: the watcher is asked about each job a bounded number of times."""
-    from balsam_grpc.sdk.futures import JobWatcher
 
     n = 2000
-    client = type("FakeClient", (), {"server": "fake"})()
-    watcher = JobWatcher(client)  # its stream is never started: the test records the events
-    watcher._start = lambda timeout: None  # type: ignore[method-assign]
-    watcher._read_states = lambda ids: None  # type: ignore[method-assign]
-    watcher.cond = _CountingCondition()
-    client.watcher = watcher
+    client, watcher = _fake_watcher(_CountingCondition())
     asked = [0]
     is_done = watcher.is_done
 
@@ -262,15 +270,10 @@ def test_wait_reads_the_data_of_done_jobs_while_the_others_run(monkeypatch: pyte
     34-100 ms between the last job's end and the answer. Now what ended is read meanwhile,
     REFRESH_BATCH or more at a time, and only the last few are read at the end."""
     import balsam_grpc.sdk.futures as futures
-    from balsam_grpc.sdk.futures import REFRESH_BATCH, JobWatcher
+    from balsam_grpc.sdk.futures import REFRESH_BATCH
 
     n = 1000
-    client = type("FakeClient", (), {"server": "fake"})()
-    watcher = JobWatcher(client)  # its stream is never started: the test records the events
-    watcher._start = lambda timeout: None  # type: ignore[method-assign]
-    watcher._read_states = lambda ids: None  # type: ignore[method-assign]
-    watcher.cond = _CountingCondition()
-    client.watcher = watcher
+    client, watcher = _fake_watcher(_CountingCondition())
     reads: list[list[int]] = []
     monkeypatch.setattr(futures, "_refresh", lambda c, jobs, w, **kw: reads.append([j.message.id for j in jobs]))
     jobs = [_Waited(i) for i in range(1, n + 1)]
@@ -295,14 +298,10 @@ def test_wait_sees_jobs_that_end_while_it_reads_others(monkeypatch: pytest.Monke
     """The jobs that end while wait() reads the data of earlier ones (outside the watcher's
     lock) count: it does not go back to sleep on a notification it missed."""
     import balsam_grpc.sdk.futures as futures
-    from balsam_grpc.sdk.futures import REFRESH_BATCH, JobWatcher
+    from balsam_grpc.sdk.futures import REFRESH_BATCH
 
     n = REFRESH_BATCH * 2
-    client = type("FakeClient", (), {"server": "fake"})()
-    watcher = JobWatcher(client)
-    watcher._start = lambda timeout: None  # type: ignore[method-assign]
-    watcher._read_states = lambda ids: None  # type: ignore[method-assign]
-    client.watcher = watcher
+    client, watcher = _fake_watcher()
     reads: list[int] = []
 
     def read(c: Any, jobs: list[Any], w: Any, **kw: Any) -> None:

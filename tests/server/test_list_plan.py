@@ -42,6 +42,14 @@ def _owner_with_older_jobs_elsewhere(caller: Any) -> tuple[list[int], str]:
     return [j.id for j in made], job_pb2.JobState.Name(made[-1].state).removeprefix("JOB_STATE_")
 
 
+def _without_sorting(harness: Any, conn: Any) -> None:
+    """PostgreSQL, this transaction: the plans that need no sort, what a LIMIT makes it
+    prefer for a state it rates common (before, the primary key's walk was one)."""
+    if harness.backend == "postgres":
+        conn.execute(text("SET LOCAL enable_sort = off"))
+        conn.execute(text("SET LOCAL enable_incremental_sort = off"))
+
+
 def _rows_read(plan: dict[str, Any]) -> int:
     """Rows the plan's scans of tables read: returned, or removed by a filter or recheck."""
     read = 0
@@ -60,11 +68,7 @@ def test_a_page_of_a_state_reads_that_states_jobs_only(harness, alice):
     engine = make_engine(harness.url)
     try:
         with engine.connect() as conn, conn.begin():
-            if harness.backend == "postgres":
-                # The plans that need no sort: what a LIMIT makes PostgreSQL prefer for a
-                # state it rates common. Before, the primary key's walk was one.
-                conn.execute(text("SET LOCAL enable_sort = off"))
-                conn.execute(text("SET LOCAL enable_incremental_sort = off"))
+            _without_sorting(harness, conn)
             for tags, after in (({}, None), (shard, None), (shard, [expected[PAGE - 1]])):
                 q = store.JobQuery(owner_id=alice.user_id, states=[state], tags=tags)
                 if harness.backend == "postgres":
@@ -122,9 +126,7 @@ def test_hook_work_reads_the_jobs_of_its_states_only(harness, alice):
     engine = make_engine(harness.url)
     try:
         with engine.connect() as conn, conn.begin():
-            if harness.backend == "postgres":
-                conn.execute(text("SET LOCAL enable_sort = off"))
-                conn.execute(text("SET LOCAL enable_incremental_sort = off"))
+            _without_sorting(harness, conn)
             for per_state, want in (({state: [app_id]}, ids[OLDER:OLDER + PAGE]),
                                     ({"RUN_DONE": [app_id], state: [app_id]}, ids[OLDER:OLDER + PAGE]),
                                     ({state: [app_id], "RUN_DONE": [app_id, app_id + 1]}, ids[OLDER:OLDER + PAGE])):
