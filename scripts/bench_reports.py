@@ -32,35 +32,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import insert  # noqa: E402
 
 from balsam_grpc.server.store import leases, migrate  # noqa: E402
 from balsam_grpc.server.store import sessions as session_store  # noqa: E402
 from balsam_grpc.server.store.db import Database  # noqa: E402
-from balsam_grpc.server.store.tables import apps, batch_jobs, jobs, sites, users  # noqa: E402
-
-NOW = datetime.now(UTC)
+from tests.support.leases import seed_runnable  # noqa: E402
 
 
 def seed(db: Database, n: int) -> tuple[int, int, int]:
-    def work(conn: Any) -> tuple[int, int, int]:
-        uid = conn.execute(insert(users).values(username="bench", password_hash="x", create_time=NOW)
-                           .returning(users.c.id)).scalar_one()
-        sid = conn.execute(insert(sites).values(owner_id=uid, name="s", create_time=NOW, update_time=NOW)
-                           .returning(sites.c.id)).scalar_one()
-        aid = conn.execute(insert(apps).values(owner_id=uid, site_id=sid, name="a", create_time=NOW,
-                                               update_time=NOW).returning(apps.c.id)).scalar_one()
-        bj = conn.execute(insert(batch_jobs).values(owner_id=uid, site_id=sid, num_nodes=1, wall_time_min=60,
-                                                    state="RUNNING", create_time=NOW, update_time=NOW)
-                          .returning(batch_jobs.c.id)).scalar_one()
-        for start in range(0, n, 5000):
-            conn.execute(insert(jobs), [
-                {"owner_id": uid, "site_id": sid, "app_id": aid, "workdir": f"w/{i}", "state": "PREPROCESSED",
-                 "node_packing_count": 64, "wall_time_min": 1, "create_time": NOW, "update_time": NOW,
-                 "state_time": NOW} for i in range(start, min(n, start + 5000))])
-        return uid, sid, bj
 
-    uid, sid, bj = db.write_sync(work)
+    uid, sid, bj = db.write_sync(lambda conn: seed_runnable(conn, n, "bench"))
     if db.is_postgres:
         with db.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")

@@ -22,14 +22,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection
 
 from balsam_grpc.server.store import leases, migrate
 from balsam_grpc.server.store import sessions as session_store
 from balsam_grpc.server.store.db import make_engine
-from balsam_grpc.server.store.tables import apps, batch_jobs, jobs, sites, users
 from tests.conftest import POSTGRES_URL
 from tests.support.databases import drop_postgres, fresh_postgres
+from tests.support.leases import seed_runnable
 
 pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="PostgreSQL's plan cache")
 
@@ -45,21 +45,7 @@ def plan_db() -> Iterator[str]:
 
 
 def _seed(conn: Connection, n_jobs: int) -> tuple[int, int, int]:
-    uid = conn.execute(insert(users).values(username="plans", password_hash="x", create_time=NOW)
-                       .returning(users.c.id)).scalar_one()
-    sid = conn.execute(insert(sites).values(owner_id=uid, name="s", create_time=NOW, update_time=NOW)
-                       .returning(sites.c.id)).scalar_one()
-    aid = conn.execute(insert(apps).values(owner_id=uid, site_id=sid, name="a", create_time=NOW, update_time=NOW)
-                       .returning(apps.c.id)).scalar_one()
-    bj = conn.execute(insert(batch_jobs).values(owner_id=uid, site_id=sid, num_nodes=1, wall_time_min=60,
-                                                state="RUNNING", create_time=NOW, update_time=NOW)
-                      .returning(batch_jobs.c.id)).scalar_one()
-    for start in range(0, n_jobs, 5000):
-        conn.execute(insert(jobs), [
-            {"owner_id": uid, "site_id": sid, "app_id": aid, "workdir": f"w/{i}", "state": "PREPROCESSED",
-             "node_packing_count": 64, "wall_time_min": 1, "create_time": NOW, "update_time": NOW, "state_time": NOW}
-            for i in range(start, min(n_jobs, start + 5000))])
-    return uid, sid, bj
+    return seed_runnable(conn, n_jobs, "plans")
 
 
 def _generic_plans(conn: Connection) -> dict[str, str]:

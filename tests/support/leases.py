@@ -4,16 +4,16 @@ report their run through leases.apply_report, the code the session stream calls.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, insert, select
 
 from balsam_grpc.core.states import JobState, Role
 from balsam_grpc.server.convert import utcnow
 from balsam_grpc.server.store import leases
 from balsam_grpc.server.store import sessions as session_store
-from balsam_grpc.server.store.tables import jobs
+from balsam_grpc.server.store.tables import apps, batch_jobs, jobs, sites, users
 from balsam_grpc.server.store.transitions import ENGINE_COLUMNS, Transitioner
 from balsam_grpc.v1 import job_pb2
 
@@ -78,3 +78,25 @@ def move(caller: Any, job_id: int, *states: int) -> None:
         else:
             result = report(caller.harness, caller.user_id, _holders.pop(job_id), job_id, name)
             assert not result.rejections, result.rejections
+
+
+def seed_runnable(conn: Connection, n_jobs: int, username: str) -> tuple[int, int, int]:
+    """A user with a site, an app, a RUNNING batch job and `n_jobs` runnable jobs packed 64
+    to a node, written straight into the tables (session-path tests and
+    scripts/bench_reports.py); returns (user, site, batch job) ids."""
+    now = datetime.now(UTC)
+    uid = conn.execute(insert(users).values(username=username, password_hash="x", create_time=now)
+                       .returning(users.c.id)).scalar_one()
+    sid = conn.execute(insert(sites).values(owner_id=uid, name="s", create_time=now, update_time=now)
+                       .returning(sites.c.id)).scalar_one()
+    aid = conn.execute(insert(apps).values(owner_id=uid, site_id=sid, name="a", create_time=now, update_time=now)
+                       .returning(apps.c.id)).scalar_one()
+    bj = conn.execute(insert(batch_jobs).values(owner_id=uid, site_id=sid, num_nodes=1, wall_time_min=60,
+                                                state="RUNNING", create_time=now, update_time=now)
+                      .returning(batch_jobs.c.id)).scalar_one()
+    for start in range(0, n_jobs, 5000):
+        conn.execute(insert(jobs), [
+            {"owner_id": uid, "site_id": sid, "app_id": aid, "workdir": f"w/{i}", "state": "PREPROCESSED",
+             "node_packing_count": 64, "wall_time_min": 1, "create_time": now, "update_time": now, "state_time": now}
+            for i in range(start, min(n_jobs, start + 5000))])
+    return uid, sid, bj
