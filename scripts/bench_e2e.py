@@ -35,7 +35,6 @@ Figures, never assertions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -60,7 +59,7 @@ from balsam_grpc.v1 import (  # noqa: E402
     job_pb2,
 )
 from balsam_grpc.sdk import Client, Job  # noqa: E402
-from benchkit import ROOT, DatabaseCpu, cpu_s, rss_mb  # noqa: E402
+from benchkit import ROOT, DatabaseCpu, cpu_s, print_figures, rss_mb  # noqa: E402
 from tests.site.sitekit import SiteKit  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 
@@ -412,11 +411,7 @@ def main() -> int:
     args = parser.parse_args()
     args.rounds = max(1, args.rounds)
     figures = run(args)
-    if args.json:
-        print(json.dumps(figures))
-        return 0
-    for key, value in figures.items():
-        print(f"{key:32s} {value}")
+    print_figures(figures, args.json)
     return 0
 
 

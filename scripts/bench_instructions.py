@@ -31,7 +31,6 @@ may or may not hold one), and `pg_no_analyze_kir_per_call` the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -48,7 +47,7 @@ from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import benchkit  # noqa: F401 - first: puts this checkout on sys.path
-from benchkit import stop_process  # noqa: E402
+from benchkit import print_figures, stop_process  # noqa: E402
 
 from balsam_grpc.server.store.db import IDLE_PING_SECONDS  # noqa: E402
 
@@ -278,11 +277,7 @@ def main() -> int:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         figures = measure(args.database, phases, args.calls, args.warm, out, args.pg_callgrind)
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for key, value in figures.items():
-            print(f"  {key:28s} {value}")
+    print_figures(figures, args.json, width=28, indent="  ")
     return 0
 
 

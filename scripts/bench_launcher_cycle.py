@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import benchkit  # noqa: F401 - first: puts this checkout on sys.path
+from benchkit import print_figures  # noqa: E402
 
 from balsam_grpc.launcher.config import LauncherConfig  # noqa: E402
 from balsam_grpc.launcher.dispatch import LocalDispatcher  # noqa: E402
@@ -153,11 +153,7 @@ def main() -> int:
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[-1].items()), file=sys.stderr)
     out = {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
     out.update(jobs=args.n, rounds=args.rounds, slots=args.cpus, load_average_1m=round(os.getloadavg()[0], 2))
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:28s} {v}")
+    print_figures(out, args.json, width=28)
     return 0
 
 

@@ -21,17 +21,15 @@ the instructions of this process and of the backend per job (see --help). Figure
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import benchkit  # noqa: F401 - first: puts this checkout on sys.path
+from benchkit import print_figures  # noqa: E402
 
 from balsam_grpc.server.store import leases, migrate  # noqa: E402
 from balsam_grpc.server.store import sessions as session_store  # noqa: E402
@@ -216,7 +214,7 @@ def main() -> None:
         db.dispose()
     out["jobs"] = done
     out["load_1m"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(out) if args.json else "\n".join(f"{k:32} {v}" for k, v in out.items()))
+    print_figures(out, args.json)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ path)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,15 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def print_figures(figures: dict[str, Any], as_json: bool, *, width: int = 32, indent: str = "") -> None:
+    """A benchmark's figures: one JSON object (`--json`), or a line each, names aligned."""
+    if as_json:
+        print(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        print(f"{indent}{key:{width}s} {value}")
 
 
 def cpu_s(pid: int) -> float:

@@ -301,7 +301,7 @@ def _listed(dialect: str) -> tuple[Any, ...]:
             listed = tuple(type_coerce(c, Text).label(c.name) if c.name in times
                            else type_coerce(c, NULLABLE_JSON_TEXT).label(c.name) if c.name == "data" else c
                            for c in events.columns)
-        listed = _LISTED[dialect] = listed
+        _LISTED[dialect] = listed
     return listed
 
 
