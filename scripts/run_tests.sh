@@ -167,7 +167,7 @@ NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --quiet --site-dir "$docs_s
 rm -rf "$docs_site"
 
 workers=${BALSAM_TEST_WORKERS:-2}
-step "pytest -q -ra --durations=15 -n $workers --dist loadgroup -m 'not runs_last' $*; then the runs_last tests alone"
+step "pytest -q -ra --durations=15 -n $workers --dist loadscope -m 'not runs_last' $*; then the runs_last tests alone"
 # The run's own temporary folder, removed at exit: what a killed process leaves in the
 # temporary folder (MPICH's hydra_hwloc_xmlfile_* of an mpiexec the fault tests kill, the
 # BALSAM_HOME of a pytest that was itself killed) goes with it.
@@ -180,10 +180,10 @@ echo "TMPDIR=$TMPDIR (removed at exit)"
 # Two pytest-xdist workers (BALSAM_TEST_WORKERS): most tests wait on processes, sockets
 # and the database, and the two cores stayed half idle with one. Each worker has its own
 # PostgreSQL database (tests/conftest.py); the Slurm tests share one worker
-# (xdist_group). The tests that restart shared services (marker runs_last:
+# (tests/conftest.py, SHARED_WORKER). The tests that restart shared services (marker runs_last:
 # PostgreSQL itself) then run alone, with no other test beside them.
 rc=0
-"$PY" -m pytest -q -ra --durations=15 -n "$workers" --dist loadgroup -m "not runs_last" "$@" || rc=$?
+"$PY" -m pytest -q -ra --durations=15 -n "$workers" --dist loadscope -m "not runs_last" "$@" || rc=$?
 last=0
 "$PY" -m pytest -q -ra -n 0 -m runs_last "$@" || last=$?
 # pytest's 5: it collected no test. One of the two may select nothing (a path without

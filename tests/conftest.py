@@ -216,17 +216,36 @@ def _controls_the_run(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")  # not a pytest-xdist worker
 
 
+# Test files that must run on one pytest-xdist worker, one after another: the install
+# tests share one build of the wheel (two builds at once in the same source tree fail),
+# the real-Slurm tests share one Slurm. By path, because the controller sees only node
+# ids: pytest-xdist's xdist_group mark worked by appending "@group" to a test's node id,
+# and since pytest 9.2 (which derives node ids afresh) that rewrite changes nothing, so
+# the marked files were handed to different workers.
+SHARED_WORKER = {
+    "install": ("tests/install/",),
+    "slurm": ("tests/site/test_slurm_real.py", "tests/site/test_daemon_slurm.py"),
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """What goes to one worker whole: the SHARED_WORKER group of the test's file, or else
+    its file (module-scoped servers, and the XPCS demo's run, are made once)."""
+    path = nodeid.split("::", 1)[0]
+    for group, prefixes in SHARED_WORKER.items():
+        if path.startswith(prefixes):
+            return group
+    return path
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run may leave out (-p no:xdist)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under pytest-xdist, a test module goes to one worker whole: its module-scoped
-    servers (and the XPCS demo's run) are made once, not on each worker. Tests marked
-    `xdist_group(name)` go together, wherever they are (the Slurm tests share one Slurm)."""
-    from xdist.scheduler import LoadGroupScheduling
+    """Under pytest-xdist, each work_unit goes to one worker whole."""
+    from xdist.scheduler import LoadScopeScheduling
 
-    class ModuleOrGroup(LoadGroupScheduling):
+    class ByWorkUnit(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            group = super()._split_scope(nodeid)
-            return group if group != nodeid else nodeid.split("::", 1)[0]
+            return work_unit(nodeid)
 
         def _assign_work_unit(self, node: Any) -> None:
             # xdist hands out the units with the most tests first; these few tests take a
@@ -236,12 +255,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
                     self.workqueue.move_to_end(scope, last=False)
             super()._assign_work_unit(node)
 
-    return ModuleOrGroup(config, log)
+    return ByWorkUnit(config, log)
 
 
-# Work units (modules, or xdist_group names) of a minute or more: under pytest-xdist they
-# start first, so that the run does not end waiting on one of them alone (the system-MPI
-# and client installs build a wheel and two venvs; the XPCS demo runs twice).
+# Work units of a minute or more: under pytest-xdist they start first, so that the run
+# does not end waiting on one of them alone (the system-MPI and client installs build a
+# wheel and two venvs; the XPCS demo runs twice).
 STARTS_FIRST = ("install", "tests/e2e/test_xpcs_demo.py")
 
 

@@ -22,8 +22,9 @@ def project_wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """balsam-grpc's wheel from this checkout, built with the dev venv's setuptools (no
     build isolation: nothing to download for the build)."""
     dist = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(dist), str(REPO)], check=True, capture_output=True, cwd=dist)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(dist), str(REPO)], capture_output=True, text=True, cwd=dist)
+    assert built.returncode == 0, f"pip wheel {REPO} failed:\n{built.stdout[-3000:]}{built.stderr[-3000:]}"
     try:
         yield next(dist.glob("balsam_grpc-*.whl"))
     finally:

@@ -22,8 +22,8 @@ import pytest
 from tests.install.conftest import dir_mb
 from tests.support.server_proc import ServerProcess
 
-# On the same pytest-xdist worker as tests/install/test_system_mpi.py: one build of the wheel.
-pytestmark = pytest.mark.xdist_group("install")
+# One build of the wheel for this folder: its files share a pytest-xdist worker
+# (tests/conftest.py, SHARED_WORKER).
 
 ROUND_TRIP = textwrap.dedent('''
     import sys

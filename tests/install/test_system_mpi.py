@@ -39,7 +39,7 @@ from tests.launcher.conftest import S, Server, Site
 from tests.install.conftest import dir_mb
 
 # Compiling mpi4py takes minutes on a first run without pip's cache (a busy 2-core machine).
-pytestmark = [pytest.mark.timeout(1200), pytest.mark.xdist_group("install")]
+pytestmark = pytest.mark.timeout(1200)
 
 HELLO_C = "#include <mpi.h>\nint main(int c, char **v) { MPI_Init(&c, &v); return MPI_Finalize(); }\n"
 

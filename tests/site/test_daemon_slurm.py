@@ -27,7 +27,6 @@ from tests.support.waiting import wait_until
 WANTED = bool(os.environ.get("BALSAM_TEST_SLURM") or os.environ.get("CI"))
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.xdist_group("slurm"),  # one Slurm for the whole run (tests/site/test_slurm_real.py)
     pytest.mark.skipif(not WANTED, reason="real Slurm tests: set BALSAM_TEST_SLURM=1 after `scripts/slurm.sh start` "
                                           "(CI sets CI and runs them)"),
 ]

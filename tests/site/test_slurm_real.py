@@ -25,9 +25,9 @@ from balsam_grpc.site.settings import QueueLimits, SiteSettings
 from balsam_grpc.v1 import batch_job_pb2
 
 IN_CI = bool(os.environ.get("CI"))
+# One Slurm for the whole run: this file and test_daemon_slurm.py run on one pytest-xdist
+# worker, one test at a time (tests/conftest.py, SHARED_WORKER).
 pytestmark = [
-    # One Slurm for the whole run: its tests run one at a time, on one pytest-xdist worker.
-    pytest.mark.xdist_group("slurm"),
     pytest.mark.skipif(os.environ.get("BALSAM_TEST_SLURM") != "1" and not IN_CI,
                        reason="no real Slurm: run scripts/run_tests.sh (it runs scripts/slurm.sh start) "
                               "or set BALSAM_TEST_SLURM=1 with Slurm up"),
