@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions the server process executes per unary call, counted by callgrind.
 
-Usage: scripts/bench_instructions.py --database URL [--calls N] [--warm W]
+Usage: scripts/bench_instructions.py --database URL [--calls N] [--warm W] [--concurrency K]
                                      [--phases health,create,create_rid,update,get,list] [--json]
 
 Starts `python -m balsam_grpc.server` from this checkout under `valgrind
@@ -17,6 +17,10 @@ from each) and medians. Phases: a health check (public, no token), CreateJob wit
 with a request_id, UpdateJob of tags, GetJob, ListJobs of 100, and (`bulk`, not run unless
 named: `--phases bulk --calls 3 --warm 2`) BatchCreateJobs of 10,000 jobs as bench_api
 makes them, per call (divide by 10,000 for a job). Figures, never assertions.
+
+`--concurrency K` makes each phase's calls from K client threads at once. Sequential
+calls pay the event loop's whole round (a wake-up, a poll) for each call; under load the
+loop serves several per round, so the two regimes cost differently per call.
 
 With --pg-callgrind DIR the database's backends are counted too (`pg_kir_per_call`): run
 the PostgreSQL cluster holding the database under `valgrind --tool=callgrind
@@ -40,6 +44,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -209,8 +214,20 @@ def inclusive(path: Path, function: str) -> int:
     return 0
 
 
+def make_calls(call: Callable[[], None], n: int, concurrency: int) -> None:
+    """`n` calls of `call`, from `concurrency` threads at once."""
+    if concurrency <= 1:
+        for _ in range(n):
+            call()
+        return
+    with ThreadPoolExecutor(concurrency) as pool:
+        for done in [pool.submit(lambda k: [call() for _ in range(k)], n // concurrency + (i < n % concurrency))
+                     for i in range(concurrency)]:
+            done.result()
+
+
 def measure(database: str, phases: list[str], n: int, warm: int, out: Path,
-            pg_out: Path | None = None) -> dict[str, float]:
+            pg_out: Path | None = None, concurrency: int = 1) -> dict[str, float]:
     home = Path(tempfile.mkdtemp(prefix="balsam-instructions-"))
     port = free_port()
     env = dict(os.environ, BALSAM_HOME=str(home), BALSAM_LOG_LEVEL="WARNING")
@@ -224,8 +241,7 @@ def measure(database: str, phases: list[str], n: int, warm: int, out: Path,
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         call = calls(channel, (("authorization", f"Bearer {token}"),))
         for name in phases:
-            for _ in range(warm):
-                call[name]()
+            make_calls(call[name], warm, concurrency)
         figures: dict[str, float] = {}
         backends = Backends(database, pg_out) if pg_out is not None else None
         for name in phases:
@@ -233,8 +249,7 @@ def measure(database: str, phases: list[str], n: int, warm: int, out: Path,
                 backends.start()
             control(proc.pid, "-z")
             control(proc.pid, "-i", "on")
-            for _ in range(n):
-                call[name]()
+            make_calls(call[name], n, concurrency)
             control(proc.pid, "-d", name)
             control(proc.pid, "-i", "off")
             dump = max(out.glob("callgrind.out.*"), key=lambda f: f.stat().st_mtime)
@@ -260,6 +275,7 @@ def main() -> int:
     parser.add_argument("--database", required=True, help="database URL (the server migrates it)")
     parser.add_argument("--calls", type=int, default=200, help="calls per phase (default 200)")
     parser.add_argument("--warm", type=int, default=100, help="warm-up calls per phase (default 100)")
+    parser.add_argument("--concurrency", type=int, default=1, help="client threads calling at once (default 1)")
     parser.add_argument("--phases", default=",".join(PHASES[:-1]), help=f"comma-separated, of {', '.join(PHASES)}")
     parser.add_argument("--out", type=Path, help="keep the callgrind dumps here (default: a temporary directory)")
     parser.add_argument("--pg-callgrind", type=Path, default=None,
@@ -276,7 +292,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="balsam-callgrind-") as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        figures = measure(args.database, phases, args.calls, args.warm, out, args.pg_callgrind)
+        figures = measure(args.database, phases, args.calls, args.warm, out, args.pg_callgrind, args.concurrency)
     print_figures(figures, args.json, width=28, indent="  ")
     return 0
 
