@@ -4,6 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# BALSAM_EVENT_LOOP=asyncio runs on asyncio's own loop even where uvloop is installed
+# (asyncio's debug mode; comparing the two).
+EVENT_LOOP_ENV = "BALSAM_EVENT_LOOP"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (the `server` extra brings it), else
+    asyncio's. A unary call's fixed cost is mostly the loop's (gRPC's completion callbacks,
+    the handler's task, socket waits): callgrind, PostgreSQL, 16 concurrent clients, server
+    instructions per call with asyncio's loop and uvloop's: health check 468 and 335 kIr,
+    CreateJob 956 and 786, GetJob 758 and 584 (scripts/bench_instructions.py --concurrency)."""
+    if os.environ.get(EVENT_LOOP_ENV, "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # not installed (a platform without its wheel)
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on new_event_loop's loop."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 
+from balsam_grpc.core import aio
 from balsam_grpc.core.logging import configure_logging
 from balsam_grpc.server.app import serve
 from balsam_grpc.server.state import ServerSettings
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     settings = settings_from_args(argv)
     relax_gc()  # process-wide, so decided by the server process, not by a library object
-    asyncio.run(serve(settings))
+    aio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -199,7 +199,8 @@ class BalsamServer:
         for name in ["", *service_names()]:
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("server started", address=settings.address, port=self.port, tls=creds is not None,
-                 mtls=bool(settings.tls_client_ca), database=_redact(settings.database_url))
+                 mtls=bool(settings.tls_client_ca), database=_redact(settings.database_url),
+                 event_loop=type(asyncio.get_running_loop()).__module__)
         return self.port
 
     async def _bootstrap(self) -> None:

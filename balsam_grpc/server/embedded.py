@@ -7,15 +7,16 @@ import asyncio
 import threading
 from typing import Any
 
+from balsam_grpc.core.aio import new_event_loop
 from balsam_grpc.server.app import BalsamServer
 from balsam_grpc.server.state import ServerSettings
 
 
 class LoopThread:
-    """An asyncio loop on a daemon thread."""
+    """The server's event loop (core.aio.new_event_loop) on a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="balsam-server-loop")
         self.thread.start()
 
