@@ -115,8 +115,19 @@ PREFETCH_HORIZON_S = 0.25
 # At most this many held ahead, however short the jobs and many the slots. It was 256: two
 # slots of no-op jobs (~1.4 ms each) then held 0.18 s of work, and the refill asked for
 # at half of that (90 ms) came behind a report the busy server took 60-120 ms to apply,
-# so the slots ran dry a few times per 1,000 jobs; the quarter second is the bound meant.
+# so the slots ran dry a few times per 1,000 jobs; the horizon is the bound meant.
 PREFETCH_MAX = 1024
+# The horizon grows with how long the latest refills took to arrive: the refill is asked
+# for once half of the held jobs are gone, so half the horizon must cover the wait, twice
+# over (a busy server applies the report in flight before it leases). With a fixed
+# quarter second, bench_e2e on PostgreSQL had two or three spells of 20-75 ms per 1,000
+# no-op jobs with both slots idle (none with 1,000 held ahead). The longest wait counts,
+# decaying by REFILL_DECAY at each refill. A wait also counts when the server simply had
+# no job to lease, so the horizon stops at PREFETCH_HORIZON_MAX_S: at most a second of
+# work is kept from the site's other pilots, and it comes down again as refills come fast.
+REFILL_SLACK = 4.0
+REFILL_DECAY = 0.8
+PREFETCH_HORIZON_MAX_S = 1.0
 # Weight of the newest run in the running mean of how long a job holds its slot.
 RUN_TIME_WEIGHT = 0.05
 # Jobs that hold their slot this long or less, on average, are placed to follow a running
@@ -132,16 +143,19 @@ FOLLOW_MAX_RUN_S = 0.05
 FOLLOW_WAIT_MAX_S = 0.5
 
 
-def auto_prefetch(slots: int, mean_run_s: float | None = None) -> int:
+def auto_prefetch(slots: int, mean_run_s: float | None = None, refill_s: float = 0.0) -> int:
     """Jobs held ahead by default: enough to keep every slot busy for PREFETCH_HORIZON_S,
-    at most PREFETCH_MAX, none until a run time is known. A held job waits here while another pilot
-    of the site may idle (XPCS compare runs: a new 1-node pilot that held 8 ahead ran 7 of a
-    burst's datasets in a row while its site's other 3 nodes had none), and a job that runs
-    longer than the horizon gains nothing from being held: the lease round trip after it
-    ends is milliseconds. Short jobs pay one round trip at the start, then hold hundreds."""
+    or REFILL_SLACK times the refill wait `refill_s` when longer (up to
+    PREFETCH_HORIZON_MAX_S), at most PREFETCH_MAX, none until a run time is known. A held
+    job waits here while another pilot of the site may idle (XPCS compare runs: a new
+    1-node pilot that held 8 ahead ran 7 of a burst's datasets in a row while its site's
+    other 3 nodes had none), and a job that runs longer than the horizon gains nothing
+    from being held: the lease round trip after it ends is milliseconds. Short jobs pay
+    one round trip at the start, then hold hundreds."""
     if mean_run_s is None:
         return 0
-    return min(PREFETCH_MAX, int(slots * PREFETCH_HORIZON_S / max(mean_run_s, 1e-4)))
+    horizon = max(PREFETCH_HORIZON_S, min(PREFETCH_HORIZON_MAX_S, REFILL_SLACK * refill_s))
+    return min(PREFETCH_MAX, int(slots * horizon / max(mean_run_s, 1e-4)))
 
 
 class Wakeup:
@@ -302,6 +316,10 @@ class Master:
         self._withdrawing: set[int] = set()
         self.clock = time.monotonic
         self.prefetch = cfg.lease_prefetch if cfg.lease_prefetch >= 0 else auto_prefetch(self.slots)
+        # How long the latest refills of held jobs took to arrive (REFILL_SLACK), and since
+        # when the one wanted now has been.
+        self.refill_s = 0.0
+        self._refill_since: float | None = None
         self.client = SessionClient(channel, metadata, Callbacks(
             open_message=self._open_message, credit=self._credit, on_opened=self._on_opened,
             on_leases=self._on_leases, on_kill=self._on_kill, on_rejection=self._on_rejection,
@@ -333,6 +351,8 @@ class Master:
         if self.prefetch and queue.ahead <= self.prefetch // 2:
             reserve_jobs = self.prefetch - queue.ahead
             reserve_nodes = self.prefetch - queue.ahead_nodes
+            if self._refill_since is None:
+                self._refill_since = self.clock()
         if self.cfg.max_jobs:
             max_jobs = min(max_jobs, self.cfg.max_jobs - len(self.jobs))
             reserve_jobs = min(reserve_jobs, self.cfg.max_jobs - len(self.jobs) - max(0, max_jobs))
@@ -380,6 +400,11 @@ class Master:
         self.wake.set()
 
     def _on_leases(self, leases: pb.JobLeases) -> None:
+        if self._refill_since is not None and leases.jobs:
+            self.refill_s = max(self.clock() - self._refill_since, REFILL_DECAY * self.refill_s)
+            self._refill_since = None
+            if self.cfg.lease_prefetch < 0:
+                self.prefetch = auto_prefetch(self.slots, self.mean_run_s, self.refill_s)
         for lj in leases.jobs:
             known = self.jobs.get(lj.job.id)
             if known is not None:
@@ -403,6 +428,7 @@ class Master:
     def _on_session_lost(self, why: str) -> None:
         log.error("session lost; stopping its jobs and opening a new session", why=why)
         self._drop_all(why)
+        self._refill_since = None  # the outage is not a refill's wait
         self.wake.set()
 
     # -- jobs -----------------------------------------------------------------------------
@@ -572,7 +598,7 @@ class Master:
             mean = self.mean_run_s
             self.mean_run_s = held if mean is None else mean + RUN_TIME_WEIGHT * (held - mean)
             if self.cfg.lease_prefetch < 0:
-                self.prefetch = auto_prefetch(self.slots, self.mean_run_s)
+                self.prefetch = auto_prefetch(self.slots, self.mean_run_s, self.refill_s)
         tr = outcome_transition(job.leased, result)
         if tr is not None:
             self._report(job, tr)

@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balsam_grpc.launcher.config import LauncherConfig
-from balsam_grpc.launcher.master import FOLLOW_WAIT_MAX_S, JobQueue, LocalJob, Master
+from balsam_grpc.launcher.master import (
+    FOLLOW_WAIT_MAX_S,
+    PREFETCH_MAX,
+    JobQueue,
+    LocalJob,
+    Master,
+    auto_prefetch,
+)
 from balsam_grpc.launcher.node_manager import Resources
 from balsam_grpc.launcher.nodes import NodeSpec
 from balsam_grpc.launcher.process_spec import ProcessSpec, RunContext
@@ -131,6 +138,38 @@ def test_the_credit_counts_what_is_queued_and_held_ahead(tmp_path):
     m._drop(5, "the server asked")
     m._drop(6, "the server asked")
     assert m._credit().reserve_jobs == 5 and m.queue.ahead == 3
+
+
+def test_the_horizon_covers_the_refill_wait_up_to_a_second():
+    assert auto_prefetch(2) == 0  # no run time known yet
+    assert auto_prefetch(2, 0.01) == 50  # a quarter second of two slots
+    assert auto_prefetch(2, 0.01, refill_s=0.05) == 50  # half of it covers the wait twice
+    assert auto_prefetch(2, 0.01, refill_s=0.15) == 120  # 4 x 0.15 s
+    assert auto_prefetch(2, 0.01, refill_s=30.0) == 200  # a server with nothing to lease: 1 s at most
+    assert auto_prefetch(2, 0.0001, refill_s=0.15) == PREFETCH_MAX
+
+
+def test_a_slow_refill_makes_the_launcher_hold_more_ahead(tmp_path):
+    """The held jobs are asked for again at half; when the refill takes longer than half
+    of them lasts, the slots run dry. The launcher measures the wait and holds enough
+    that half covers it twice; the longest wait decays as refills come faster."""
+    m = master(tmp_path, cpus=2, prefetch=-1)
+    now = [100.0]
+    m.clock = lambda: now[0]
+    m.mean_run_s = 0.01
+    m.prefetch = auto_prefetch(m.slots, m.mean_run_s)
+    assert m.prefetch == 50 and m._credit().reserve_jobs == 50  # nothing held: asked for now
+    now[0] += 0.15
+    lease(m, *(local_job(i, held=True) for i in range(1, 51)))
+    assert m.refill_s == pytest.approx(0.15) and m.prefetch == 120
+    assert m._credit().reserve_jobs == 70  # 50 of 120 held: below half, asked for again
+    now[0] += 0.01
+    lease(m, *(local_job(i, held=True) for i in range(51, 121)))
+    assert m.refill_s == pytest.approx(0.8 * 0.15) and m.prefetch == 96  # decayed, not dropped
+    assert m._credit().reserve_jobs == 0  # 120 held: more than enough, nothing asked
+    now[0] += 5.0  # no refill was wanted meanwhile: this wait is not one
+    lease(m, local_job(200, held=True))
+    assert m.refill_s == pytest.approx(0.12)
 
 
 # -- the runner ---------------------------------------------------------------------------------
