@@ -192,6 +192,8 @@ class RealPath:
         - to_first_start_ms, pilot_span_s, last_end_to_wait_done_ms: the makespan in three:
           until the first job starts on the pilot, until the last one ends there, until the
           SDK's wait returns;
+        - last_end_to_server_ms: of the last, until the server took the last job's
+          final state (its receive_time: the launcher's report pace and its trip);
         - starved_ms / starved_spells: how long, in spells over STARVED_MIN_MS, no job ran
           or waited placed on the pilot between the first start and the last end: the
           slots waited for leases. The times are the launcher's (a transition's `time`);
@@ -223,7 +225,8 @@ class RealPath:
         return {"session_transactions_per_job": len({r[0] for r in rows}) / len(ids),
                 "to_first_start_ms": (timeline[0][0] - self.wall[0]) * 1000,
                 "pilot_span_s": timeline[-1][0] - timeline[0][0], "starved_ms": starved * 1000,
-                "starved_spells": spells, "last_end_to_wait_done_ms": (self.wall[1] - timeline[-1][0]) * 1000}
+                "starved_spells": spells, "last_end_to_wait_done_ms": (self.wall[1] - timeline[-1][0]) * 1000,
+                "last_end_to_server_ms": (max(_seconds(r[0]) for r in rows) - timeline[-1][0]) * 1000}
 
     # -- phases ------------------------------------------------------------------------
     def latency(self, samples: int, round_: int) -> list[float]:
