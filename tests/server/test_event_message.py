@@ -6,6 +6,7 @@ databases give the same messages."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,3 +74,47 @@ def test_events_read_back_from_the_database(harness: Any) -> None:
     # append() records an event without a receive time as received when it happened.
     assert [m.receive_time for m in got] == [_reference(w["time"]) for w in written]
     assert all(m.job_state.to_state == job_pb2.JOB_STATE_RUN_DONE for m in got)
+
+
+def test_the_event_loop_statement_reads_what_list_events_reads(harness: Any, alice: Any) -> None:
+    """store.list_events_statement (PostgreSQL, on the event loop: the watches' and
+    ListEvents' reads) selects the rows list_events selects, for every filter alone and
+    together, in both orders, with and without a cursor and an upper bound."""
+    if harness.backend != "postgres":
+        pytest.skip("list_events_statement is PostgreSQL's")
+    from balsam_grpc.server.store.db import Database
+    from tests.support.records import make_app, make_jobs, make_site
+
+    app = make_app(alice, make_site(alice).id)
+    tagged = make_jobs(alice, app, 3, tags={"beam": "x"})
+    plain = make_jobs(alice, app, 3)
+    owner = alice.user_id
+    base = datetime(2026, 12, 7, 18, 0, tzinfo=UTC)
+    harness.db.write_sync(event_store.append, [
+        {"owner_id": owner, "site_id": 7 + i % 2, "job_id": (tagged + plain)[i % 6].id, "subject_id": i % 3,
+         "kind": (event_store.JOB_STATE, event_store.BATCH_JOB_STATE)[i % 5 == 4],
+         "from_state": ("RUNNING", "READY")[i % 2], "to_state": ("RUN_DONE", "JOB_FINISHED", "FAILED")[i % 3],
+         "time": base.replace(minute=i), "message": f"m{i}", "data": {"i": i} if i % 2 else None}
+        for i in range(40)])
+    everything = harness.db.read_sync(lambda conn: event_store.list_events(
+        conn, event_store.EventQuery(owner_id=owner), after_id=0, limit=1000))
+    ids = [r[0] for r in everything]
+    filters: list[dict[str, Any]] = [
+        {}, {"job_ids": [tagged[0].id, plain[1].id]}, {"site_ids": [8]}, {"kinds": [event_store.BATCH_JOB_STATE]},
+        {"to_states": ["FAILED", "RUN_DONE"]}, {"from_states": ["READY"]}, {"batch_job_ids": [1, 2]},
+        {"time_start": base.replace(minute=10), "time_end": base.replace(minute=30)}, {"tags": {"beam": "x"}},
+        {"job_ids": [j.id for j in tagged], "to_states": ["JOB_FINISHED"], "site_ids": [7, 8], "tags": {"beam": "x"}},
+    ]
+    db = Database(harness.url, workers=1)
+    try:
+        for f in filters:
+            q = event_store.EventQuery(owner_id=owner, **f)
+            for descending, after_id, upto in ((False, 0, None), (False, ids[5], ids[30]), (True, None, None),
+                                               (True, ids[20], None)):
+                kw = {"after_id": after_id, "limit": 7, "descending": descending, "upto": upto}
+                want = harness.db.read_sync(lambda conn, q=q, kw=kw: event_store.list_events(conn, q, **kw))
+                got = asyncio.run(db.statement_now(*event_store.list_events_statement(q, **kw)))
+                assert [tuple(r) for r in got] == [tuple(r) for r in want], (f, kw)
+                assert want or f, "the plain query reads events"
+    finally:
+        db.dispose()

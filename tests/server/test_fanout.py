@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 
 from balsam_grpc.server import fanout as fanout_mod
 from balsam_grpc.server.fanout import Fanout, Subscription
+from balsam_grpc.server.services import events as events_service
 from balsam_grpc.server.services import site_stream as site_stream_service
 from balsam_grpc.server.services.jobs import JobServicer
 from balsam_grpc.server.services.session_stream import SessionStream
@@ -86,6 +87,13 @@ class Spy:
 
     def watch(self, module: Any, name: str, key: Any) -> None:
         real = getattr(module, name)
+        if asyncio.iscoroutinefunction(real):
+            async def counted_async(*args: Any, **kw: Any) -> Any:
+                self.calls[(name, *key(*args, **kw))] += 1
+                return await real(*args, **kw)
+
+            self.monkeypatch.setattr(module, name, counted_async)
+            return
 
         def counted(*args: Any, **kw: Any) -> Any:
             self.calls[(name, *key(*args, **kw))] += 1
@@ -241,7 +249,7 @@ def test_session_is_woken_only_by_its_site_and_kills_cost_one_row_check(harness:
 def test_watcher_is_woken_only_by_its_owners_events(harness: Harness, alice: Caller, bob: Caller,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
-    spy.watch(event_store, "list_events", lambda conn, q, **k: (q.owner_id,))
+    spy.watch(events_service, "read_events", lambda db, q, **k: (q.owner_id,))
     site = make_site(alice)
     app = make_app(alice, site.id)
     bob_app = make_app(bob, make_site(bob).id)
@@ -263,17 +271,17 @@ def test_watcher_is_woken_only_by_its_owners_events(harness: Harness, alice: Cal
         sub = _subscription(harness, alice.user_id)
         _caught_up(harness)
         deadline = time.monotonic() + WAIT
-        while spy.count("list_events", alice.user_id) < 1:  # its first read, then it waits
+        while spy.count("read_events", alice.user_id) < 1:  # its first read, then it waits
             assert time.monotonic() < deadline, "the watcher never read"
             time.sleep(0.01)
-        reads = spy.count("list_events", alice.user_id)
+        reads = spy.count("read_events", alice.user_id)
         assert reads == 1
         delivered = sub.delivered
         for _ in range(5):
             make_jobs(bob, bob_app, 2)
         _caught_up(harness)
         assert sub.delivered == delivered
-        assert spy.count("list_events", alice.user_id) == reads
+        assert spy.count("read_events", alice.user_id) == reads
         (job,) = make_jobs(alice, app, 1)
         while True:
             r = responses.get(timeout=WAIT)

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from balsam_grpc.server.services import events as events_service
 from balsam_grpc.server.store import events as event_store
 from balsam_grpc.v1 import event_service_pb2, event_service_pb2_grpc
 from tests.support.records import make_app, make_jobs, make_site
@@ -20,21 +21,22 @@ WATCHERS = 200
 
 
 class LogReads:
-    """Counts the server's reads of the event log (store.events.list_events)."""
+    """Counts the watches' reads of the event log (services.events.read_events, which
+    both databases' reads go through)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
         self.after_ids: list[int | None] = []
         self._lock = threading.Lock()
-        real = event_store.list_events
+        real = events_service.read_events
 
-        def counted(*args: Any, **kw: Any) -> Any:
+        async def counted(*args: Any, **kw: Any) -> Any:
             with self._lock:
                 self.count += 1
                 self.after_ids.append(kw.get("after_id"))
-            return real(*args, **kw)
+            return await real(*args, **kw)
 
-        monkeypatch.setattr(event_store, "list_events", counted)
+        monkeypatch.setattr(events_service, "read_events", counted)
 
 
 def test_watchers_of_one_selection_share_one_read_per_wake(harness: Any, alice: Any,

@@ -84,6 +84,16 @@ def _cursor(text: str) -> int:
     return int(text)
 
 
+async def read_events(db: Any, q: store.EventQuery, *, after_id: int | None, limit: int, descending: bool = False,
+                      upto: int | None = None) -> list[Any]:
+    """store.list_events's rows: on PostgreSQL one statement on the event loop
+    (store.list_events_statement), on SQLite through a database thread."""
+    if db.is_postgres:
+        return await db.statement_now(*store.list_events_statement(
+            q, after_id=after_id, limit=limit, descending=descending, upto=upto))
+    return await db.read(store.list_events, q, after_id=after_id, limit=limit, descending=descending, upto=upto)
+
+
 class SharedReads:
     """Watchers with the same filter at the same cursor share one read (and one response
     message): one user's thousands of watchers cost one query per wake, not thousands."""
@@ -106,7 +116,7 @@ class SharedReads:
 
     async def _read(self, q: store.EventQuery, after: int, upto: int) -> event_service_pb2.WatchEventsResponse | None:
         self.reads += 1
-        rows = await self.db.read(store.list_events, q, after_id=after, limit=WATCH_BATCH, upto=upto)
+        rows = await read_events(self.db, q, after_id=after, limit=WATCH_BATCH, upto=upto)
         if not rows:
             return None
         batch = [event_to_message(r) for r in rows]
@@ -128,8 +138,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
                                 request.filter.SerializeToString(deterministic=True).hex(), request.descending)
         after = paging.decode(request.page_token, fp)
         after_id = int(after[0]) if after else None
-        rows = await self.db.read(store.list_events, q, after_id=after_id, limit=size + 1,
-                                  descending=request.descending)
+        rows = await read_events(self.db, q, after_id=after_id, limit=size + 1, descending=request.descending)
         events = [event_to_message(r) for r in rows[:size]]
         kept = paging.fitting(events)  # cut by bytes as well as by count
         response = event_service_pb2.ListEventsResponse(events=events[:kept])

@@ -325,6 +325,68 @@ def list_events(conn: Connection, q: EventQuery, *, after_id: int | None, limit:
     return list(conn.execute(select(*_listed(conn.dialect.name)).where(*conds).order_by(order).limit(limit)))
 
 
+def list_events_statement(q: EventQuery, *, after_id: int | None, limit: int, descending: bool = False,
+                          upto: int | None = None) -> tuple[str, dict[str, Any]]:
+    """PostgreSQL: list_events's statement in the driver's terms (psycopg's %(name)s),
+    for Database.statement_now on the event loop, and its parameters; the same rows. A
+    watch's every wake-up runs one: through a database thread and SQLAlchemy it took 3-4
+    ms from the fanout's wake to the answer on an idle server. The SQL text is built once
+    per shape (which filters are given); lists bind as one array each."""
+    params: dict[str, Any] = {"owner_id": q.owner_id, "limit": limit}
+    for name in ("job_ids", "site_ids", "kinds", "to_states", "from_states", "batch_job_ids", "time_start",
+                 "time_end"):
+        value = getattr(q, name)
+        if value:
+            params[name] = value
+    if q.tags:
+        params["tags"] = dumps(q.tags)
+    if after_id is not None:
+        params["after_id"] = after_id
+    if upto is not None:
+        params["upto"] = upto
+    shape = (tuple(params), descending)
+    sql = _PG_LIST_SQL.get(shape)
+    if sql is None:
+        conds = [_PG_CONDITIONS[name] for name in params if name in _PG_CONDITIONS]
+        if after_id is not None:
+            conds.append("events.id < %(after_id)s" if descending else "events.id > %(after_id)s")
+        sql = (f"{_pg_listed_sql()} WHERE {' AND '.join(conds)} "
+               f"ORDER BY events.id{' DESC' if descending else ''} LIMIT %(limit)s")
+        if len(_PG_LIST_SQL) < 1024:  # shapes are few (2^10 at most); never unbounded
+            _PG_LIST_SQL[shape] = sql
+    return sql, params
+
+
+def _pg_listed_sql() -> str:
+    """`SELECT <_listed("postgresql")> FROM events`, rendered once."""
+    global _PG_LISTED_SQL
+    if _PG_LISTED_SQL is None:
+        from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
+
+        _PG_LISTED_SQL = str(select(*_listed("postgresql")).compile(
+            dialect=pg_psycopg.dialect(), compile_kwargs={"literal_binds": True}))
+    return _PG_LISTED_SQL
+
+
+# _conditions in psycopg's terms, by parameter name.
+_PG_CONDITIONS = {
+    "owner_id": "events.owner_id = %(owner_id)s",
+    "job_ids": "events.job_id = ANY(CAST(%(job_ids)s AS BIGINT[]))",
+    "site_ids": "events.site_id = ANY(CAST(%(site_ids)s AS BIGINT[]))",
+    "kinds": "events.kind = ANY(CAST(%(kinds)s AS TEXT[]))",
+    "to_states": f"(events.kind = '{JOB_STATE}' AND events.to_state = ANY(CAST(%(to_states)s AS TEXT[])))",
+    "from_states": f"(events.kind = '{JOB_STATE}' AND events.from_state = ANY(CAST(%(from_states)s AS TEXT[])))",
+    "batch_job_ids": f"(events.kind = '{BATCH_JOB_STATE}' AND events.subject_id = ANY(CAST(%(batch_job_ids)s AS BIGINT[])))",
+    "time_start": "events.time >= %(time_start)s",
+    "time_end": "events.time < %(time_end)s",
+    "tags": "events.job_id IN (SELECT jobs.id FROM jobs WHERE jobs.owner_id = %(owner_id)s "
+            "AND jobs.tags @> CAST(%(tags)s AS JSONB))",
+    "upto": "events.id <= %(upto)s",
+}
+_PG_LIST_SQL: dict[tuple[Any, ...], str] = {}
+_PG_LISTED_SQL: str | None = None
+
+
 def max_event_id(conn: Connection, owner_id: int) -> int:
     """The owner's highest event id, but never above the horizon (a watch that starts
     there misses nothing committed later)."""
