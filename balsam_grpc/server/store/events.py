@@ -376,7 +376,8 @@ _PG_CONDITIONS = {
     "kinds": "events.kind = ANY(CAST(%(kinds)s AS TEXT[]))",
     "to_states": f"(events.kind = '{JOB_STATE}' AND events.to_state = ANY(CAST(%(to_states)s AS TEXT[])))",
     "from_states": f"(events.kind = '{JOB_STATE}' AND events.from_state = ANY(CAST(%(from_states)s AS TEXT[])))",
-    "batch_job_ids": f"(events.kind = '{BATCH_JOB_STATE}' AND events.subject_id = ANY(CAST(%(batch_job_ids)s AS BIGINT[])))",
+    "batch_job_ids": f"(events.kind = '{BATCH_JOB_STATE}' "
+                     "AND events.subject_id = ANY(CAST(%(batch_job_ids)s AS BIGINT[])))",
     "time_start": "events.time >= %(time_start)s",
     "time_end": "events.time < %(time_end)s",
     "tags": "events.job_id IN (SELECT jobs.id FROM jobs WHERE jobs.owner_id = %(owner_id)s "
