@@ -38,7 +38,6 @@ from tests.support.leases import seed_runnable  # noqa: E402
 
 
 def seed(db: Database, n: int) -> tuple[int, int, int]:
-
     uid, sid, bj = db.write_sync(lambda conn: seed_runnable(conn, n, "bench"))
     if db.is_postgres:
         with db.engine.connect() as conn:

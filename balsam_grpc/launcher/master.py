@@ -403,8 +403,7 @@ class Master:
         if self._refill_since is not None and leases.jobs:
             self.refill_s = max(self.clock() - self._refill_since, REFILL_DECAY * self.refill_s)
             self._refill_since = None
-            if self.cfg.lease_prefetch < 0:
-                self.prefetch = auto_prefetch(self.slots, self.mean_run_s, self.refill_s)
+            self._update_prefetch()
         for lj in leases.jobs:
             known = self.jobs.get(lj.job.id)
             if known is not None:
@@ -413,6 +412,11 @@ class Master:
                 continue
             self._add(lj)
         self.wake.set()
+
+    def _update_prefetch(self) -> None:
+        """The automatic hold (no --lease-prefetch) after a new run time or refill wait."""
+        if self.cfg.lease_prefetch < 0:
+            self.prefetch = auto_prefetch(self.slots, self.mean_run_s, self.refill_s)
 
     def _on_kill(self, kill: pb.KillJobs) -> None:
         for job_id in kill.job_ids:
@@ -597,8 +601,7 @@ class Master:
             held = now - job.started
             mean = self.mean_run_s
             self.mean_run_s = held if mean is None else mean + RUN_TIME_WEIGHT * (held - mean)
-            if self.cfg.lease_prefetch < 0:
-                self.prefetch = auto_prefetch(self.slots, self.mean_run_s, self.refill_s)
+            self._update_prefetch()
         tr = outcome_transition(job.leased, result)
         if tr is not None:
             self._report(job, tr)

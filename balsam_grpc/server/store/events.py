@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -289,23 +290,16 @@ def routing_match(q: EventQuery) -> Callable[[Any], bool] | None:
 EVENT_COLUMN = {c.name: i for i, c in enumerate(events.columns)}
 
 
+@functools.cache
 def _listed(dialect: str) -> tuple[Any, ...]:
     """list_events's select list: the times as stored (see list_events), data decoded by
     codec.loads straight away."""
-    listed = _LISTED.get(dialect)
-    if listed is None:
-        times = {"time", "receive_time"}
-        if dialect == "postgresql":
-            listed = tuple(epoch_micros(c) if c.name in times else c for c in events.columns)
-        else:
-            listed = tuple(type_coerce(c, Text).label(c.name) if c.name in times
-                           else type_coerce(c, NULLABLE_JSON_TEXT).label(c.name) if c.name == "data" else c
-                           for c in events.columns)
-        _LISTED[dialect] = listed
-    return listed
-
-
-_LISTED: dict[str, tuple[Any, ...]] = {}
+    times = {"time", "receive_time"}
+    if dialect == "postgresql":
+        return tuple(epoch_micros(c) if c.name in times else c for c in events.columns)
+    return tuple(type_coerce(c, Text).label(c.name) if c.name in times
+                 else type_coerce(c, NULLABLE_JSON_TEXT).label(c.name) if c.name == "data" else c
+                 for c in events.columns)
 
 
 def list_events(conn: Connection, q: EventQuery, *, after_id: int | None, limit: int,
@@ -344,28 +338,19 @@ def list_events_statement(q: EventQuery, *, after_id: int | None, limit: int, de
         params["after_id"] = after_id
     if upto is not None:
         params["upto"] = upto
-    shape = (tuple(params), descending)
-    sql = _PG_LIST_SQL.get(shape)
-    if sql is None:
-        conds = [_PG_CONDITIONS[name] for name in params if name in _PG_CONDITIONS]
-        if after_id is not None:
-            conds.append("events.id < %(after_id)s" if descending else "events.id > %(after_id)s")
-        sql = (f"{_pg_listed_sql()} WHERE {' AND '.join(conds)} "
-               f"ORDER BY events.id{' DESC' if descending else ''} LIMIT %(limit)s")
-        if len(_PG_LIST_SQL) < 1024:  # shapes are few (2^10 at most); never unbounded
-            _PG_LIST_SQL[shape] = sql
-    return sql, params
+    return _pg_list_sql(tuple(params), descending), params
 
 
-def _pg_listed_sql() -> str:
-    """`SELECT <_listed("postgresql")> FROM events`, rendered once."""
-    global _PG_LISTED_SQL
-    if _PG_LISTED_SQL is None:
-        from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
+@functools.cache  # one per shape: which of the few filters are given, and the order
+def _pg_list_sql(names: tuple[str, ...], descending: bool) -> str:
+    from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
-        _PG_LISTED_SQL = str(select(*_listed("postgresql")).compile(
-            dialect=pg_psycopg.dialect(), compile_kwargs={"literal_binds": True}))
-    return _PG_LISTED_SQL
+    listed = select(*_listed("postgresql")).compile(dialect=pg_psycopg.dialect(),
+                                                     compile_kwargs={"literal_binds": True})
+    conds = [_PG_CONDITIONS[name] for name in names if name in _PG_CONDITIONS]
+    if "after_id" in names:
+        conds.append("events.id < %(after_id)s" if descending else "events.id > %(after_id)s")
+    return f"{listed} WHERE {' AND '.join(conds)} ORDER BY events.id{' DESC' if descending else ''} LIMIT %(limit)s"
 
 
 # _conditions in psycopg's terms, by parameter name.
@@ -384,8 +369,6 @@ _PG_CONDITIONS = {
             "AND jobs.tags @> CAST(%(tags)s AS JSONB))",
     "upto": "events.id <= %(upto)s",
 }
-_PG_LIST_SQL: dict[tuple[Any, ...], str] = {}
-_PG_LISTED_SQL: str | None = None
 
 
 def max_event_id(conn: Connection, owner_id: int) -> int:

@@ -6,6 +6,7 @@ Transitioner.move."""
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -109,26 +110,21 @@ class AppRules:
 
 
 _NO_RULES = AppRules({})
-# AppRules by the (flat) hooks and retry policy they were read from: a launcher's report
-# reads its jobs' apps with them and built the same rules at every report. Bounded:
-# cleared when full.
-_RULES_MEMO: dict[tuple[Any, ...], AppRules] = {}
-_RULES_MEMO_MAX = 1024
 
 
 def app_rules(hooks: Any, retry_policy: Any) -> AppRules:
     """AppRules of an app's hooks and retry policy (JSON values), shared when both are flat
-    (AppRules is never modified)."""
+    (AppRules is never modified): a launcher's report reads its jobs' apps with them and
+    built the same rules at every report."""
     try:
-        key = (tuple((hooks or {}).items()), tuple((retry_policy or {}).items()))
-        hit = _RULES_MEMO.get(key)
+        return _flat_app_rules(tuple((hooks or {}).items()), tuple((retry_policy or {}).items()))
     except (AttributeError, TypeError):  # a nested value (or not a dict): built as before
         return AppRules({"hooks": hooks, "retry_policy": retry_policy})
-    if hit is None:
-        if len(_RULES_MEMO) >= _RULES_MEMO_MAX:
-            _RULES_MEMO.clear()
-        hit = _RULES_MEMO[key] = AppRules({"hooks": hooks, "retry_policy": retry_policy})
-    return hit
+
+
+@functools.lru_cache(maxsize=1024)
+def _flat_app_rules(hooks: tuple[tuple[str, Any], ...], retry_policy: tuple[tuple[str, Any], ...]) -> AppRules:
+    return AppRules({"hooks": dict(hooks), "retry_policy": dict(retry_policy)})
 
 
 # Statements of every state change (app rules, pending transfers, waiting children), built
