@@ -24,9 +24,10 @@ from balsam_grpc.cli.filters import (
     parse_states,
     parse_tags,
 )
-from balsam_grpc.cli.jobspec import JobSpecError, chunked, read_job_lines, spec_from_dict, validate_specs
+from balsam_grpc.cli.jobspec import JobSpecError, read_job_lines, spec_from_dict, validate_specs
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
 from balsam_grpc.core.errors import BalsamError
+from balsam_grpc.sdk.models import BULK_CHUNK, TOO_LARGE, create_jobs
 from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
 
 job_app = typer.Typer(help="Create, list, change and follow jobs.", no_args_is_help=True,
@@ -83,7 +84,8 @@ def create(
     data: Annotated[str | None, typer.Option(help="JSON object attached to the job")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="JSON-lines file, one job per line "
                                                                      "('-' reads stdin)")] = None,
-    chunk_size: Annotated[int, typer.Option(help="jobs per create call")] = 1000,
+    chunk_size: Annotated[int, typer.Option(help="jobs per create call (halved while the server finds "
+                                                     "a call too large)")] = BULK_CHUNK,
     output: OutputOpt = Format.table,
     no_header: NoHeaderOpt = False,
 ) -> None:
@@ -100,8 +102,8 @@ def create(
 
       balsamctl job create --file jobs.jsonl --site laptop   # {"app": "hello", "workdir": "r/1", "parameters": {"name": "x"}}
     """
-    if chunk_size < 1 or chunk_size > 10_000:
-        usage(f"--chunk-size must be between 1 and 10000, got {chunk_size}")
+    if chunk_size < 1 or chunk_size > BULK_CHUNK:
+        usage(f"--chunk-size must be between 1 and {BULK_CHUNK}, got {chunk_size}")
     tags = parse_tags(tag)
     defaults = {"app": app, "site": site, "tags": tags}
     try:
@@ -154,32 +156,36 @@ def _open(file: Path) -> Iterable[str]:
 
 
 def _create_all(specs: list[Any], chunk_size: int) -> list[job_pb2.Job]:
-    """Create in chunks (each chunk atomic on the server), with a progress bar on a
-    terminal; on failure say which line and how many jobs were already created."""
+    """Create in chunks (each call atomic on the server; one too large for the server is
+    sent in halves), with a progress bar on a terminal; on failure say which line and how
+    many jobs were already created."""
     c = ctx.client()
     created: list[job_pb2.Job] = []
     view = job_service_pb2.JOB_VIEW_FULL if len(specs) == 1 else job_service_pb2.JOB_VIEW_BASIC
     with out.progress(total=len(specs), description="creating jobs") as advance:
-        for chunk in chunked(specs, chunk_size):
-            request = job_service_pb2.BatchCreateJobsRequest(jobs=[s.job for s in chunk], view=view)
-            try:
-                response = c.call("JobService", "BatchCreateJobs", request, timeout=120)
-            except BalsamError as err:
-                where = _line_of(err, chunk)
-                done = f"; {len(created)} jobs created before it" if created else "; nothing created"
-                fail(f"{where}{describe(err)}{done}")
-            created.extend(response.jobs)
-            advance(len(chunk))
+        try:
+            for jobs in create_jobs(c, [s.job for s in specs], chunk_size=chunk_size, view=view, timeout=120):
+                created.extend(jobs)
+                advance(len(jobs))
+        except BalsamError as err:
+            done = f"; {len(created)} jobs created before it" if created else "; nothing created"
+            # The failed call began with the first job not yet created.
+            fail(f"{_failure(err, specs[len(created):])}{done}")
     return created
 
 
-def _line_of(err: BalsamError, chunk: list[Any]) -> str:
+def _failure(err: BalsamError, rest: list[Any]) -> str:
+    """The error of a create call whose jobs start at rest[0], with the line of the job at fault."""
     import re
 
     match = re.match(r"jobs\[(\d+)\]", err.field or "") or re.match(r"jobs\[(\d+)\]", err.message)
-    if match and int(match.group(1)) < len(chunk):
-        return chunk[int(match.group(1))].where + ": "
-    return ""
+    if match and int(match.group(1)) < len(rest):
+        return f"{rest[int(match.group(1))].prefix()}{describe(err)}"
+    if err.reason in TOO_LARGE and rest:
+        # Halving got down to this one job, and the server's "split the request" cannot help.
+        return (f"{rest[0].prefix()}this job alone is more than the server takes in one call (make its data or "
+                f"parameters smaller): {describe(err)}")
+    return describe(err)
 
 
 # ------------------------------------------------------------------------------- ls

@@ -9,9 +9,9 @@ may be numbers or booleans; they are sent as text, as the server stores them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -22,7 +22,6 @@ from balsam_grpc.core.validation import clean_workdir, parse_tag
 from balsam_grpc.sdk.convert import scalar_text
 from balsam_grpc.v1 import app_pb2, job_pb2
 
-T = TypeVar("T")
 _STRING_MAPS = ("parameters", "tags", "transfers")
 _ALIASES = {"app_name": "appName", "app_id": "appId", "site_id": "siteId"}
 
@@ -138,7 +137,3 @@ def validate_specs(specs: Sequence[JobSpec],
             raise JobSpecError(f"{spec.prefix()}workdir {job.workdir!r} is also used by {first} (workdirs are "
                                "unique per site) (ALREADY_EXISTS)")
 
-
-def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
