@@ -24,7 +24,9 @@ Per round:
   processes apart), its job watchdog and the site daemon; and, apart from that total,
   the SDK's in this process (`client_cpu_ms_per_job`); from the jobs' events, the makespan
   in three (until the first job starts on the pilot, the pilot's span, after the last
-  ends) and how long the pilot sat with nothing to run in between (`starved_ms`).
+  ends) and how long the pilot sat with nothing to run in between (`starved_ms`); and
+  how long after the server recorded each job's final state a final-state watch (the
+  wait's filter, on a stream of its own) received it (`final_event_lag_p50_ms`, p90).
 With `--rounds K` each figure is the median over the K rounds. RSS of each process at the
 end. `--peers` (the `bench-peers` extra: parsl, dask[distributed]) runs the same N `/bin/true`
 tasks on Parsl's HighThroughputExecutor and a Dask LocalCluster (2 workers each) in the
@@ -43,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,9 +59,11 @@ from balsam_grpc.v1 import (  # noqa: E402
     batch_job_pb2,
     batch_job_service_pb2,
     batch_job_service_pb2_grpc,
+    event_service_pb2,
     job_pb2,
 )
 from balsam_grpc.sdk import Client, Job  # noqa: E402
+from balsam_grpc.sdk.watch import EventStream  # noqa: E402
 from benchkit import ROOT, DatabaseCpu, cpu_s, print_figures, rss_mb  # noqa: E402
 from tests.site.sitekit import SiteKit  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
@@ -237,6 +242,10 @@ class RealPath:
             time.sleep(0.05)  # the launcher is idle again before the next one
         return out
 
+    def delivery_lag(self) -> DeliveryLag:
+        assert self.sdk is not None
+        return DeliveryLag(self.sdk)
+
     def throughput(self, n: int, round_: int, profile: Path | None = None) -> dict[str, float]:
         procs = {"server": self.kit.server.pid, "launcher": self.launcher_pid, "watchdog": self._watchdog(),
                  "daemon": self.daemon_pid}
@@ -244,8 +253,10 @@ class RealPath:
         cpu0 = {k: cpu_s(p) for k, p in procs.items()}
         client0 = cpu_s(os.getpid())
         db0 = self.db.reading()
+        lag = self.delivery_lag()
         makespan = self.run_batch(n, f"tp-{round_}")
         client1 = cpu_s(os.getpid())
+        lags = lag.stop(self.last_ids)
         stop_profilers(spies)
         cpu1 = {k: cpu_s(p) for k, p in procs.items()}
         db_spent = self.db.spent(db0, self.db.reading())
@@ -258,6 +269,8 @@ class RealPath:
         # from the total, as the peers' clients are not counted either.
         figures["client_cpu_ms_per_job"] = (client1 - client0) / n * 1000
         figures.update(self.run_events(self.last_ids))
+        figures["final_event_lag_p50_ms"] = statistics.median(lags)
+        figures["final_event_lag_p90_ms"] = pct(lags, 0.9)
         return figures
 
     def rss(self) -> dict[str, float]:
@@ -266,6 +279,36 @@ class RealPath:
         if self.db.conn is not None:
             out["database_backends_rss_mb"] = rss_mb(self.db.pids())
         return out
+
+
+class DeliveryLag:
+    """A second final-state watch beside the one the SDK's wait opens (the same filter as
+    its JobWatcher), from before the create: how long after the server recorded each job's
+    final state (the event's receive_time, the server's clock on this same machine) its
+    event arrived here. The stream's own CPU is in the client's figure."""
+
+    def __init__(self, sdk: Client) -> None:
+        final = [job_pb2.JobState.Value(f"JOB_STATE_{s}") for s in ("JOB_FINISHED", "FAILED", "KILLED")]
+        self.stream = EventStream(sdk, event_service_pb2.EventFilter(
+            kinds=[event_service_pb2.EVENT_KIND_JOB_STATE], to_states=final))
+        self.arrived: dict[int, float] = {}  # job id -> seconds from receive_time to arrival
+        self.thread = threading.Thread(target=self._read, name="bench-delivery-lag", daemon=True)
+        self.thread.start()
+        if not self.stream.wait_started(30):
+            raise SystemExit("the delivery-lag watch did not start within 30 s")
+
+    def _read(self) -> None:
+        for event in self.stream:
+            now = time.time()
+            self.arrived[event.job_id] = now - event.receive_time.ToNanoseconds() / 1e9
+
+    def stop(self, ids: list[int]) -> list[float]:
+        """Milliseconds per job of `ids`, once each has arrived (its wait has returned)."""
+        wait_until(lambda: all(i in self.arrived for i in ids), "the delivery-lag watch to see every job", 60,
+                   interval=0.05)
+        self.stream.close()
+        self.thread.join(10)
+        return [self.arrived[i] * 1000 for i in ids]
 
 
 # ---------------------------------------------------------------------------- profiles

@@ -2,7 +2,8 @@
 """Load on a real server process: many clients, site streams and launcher sessions at once.
 
 Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites N]
-                             [--sessions N] [--duration S] [--burst N] [--lease-backlog N]
+                             [--sessions N] [--session-job-s S] [--duration S] [--burst N]
+                             [--lease-backlog N]
                              [--only create|list|update ...] [--no-slow-consumers] [--profile FILE]
                              [--json]
 
@@ -20,7 +21,11 @@ Usage: scripts/bench_load.py [--database URL] [--jobs N] [--clients N] [--sites 
      RUN_DONE for every leased job with the freed credit on the report, as the launcher
      does) over a backlog of `--lease-backlog` runnable jobs seeded at the work sites
      (plus the jobs the clients create): the sessions are never starved, so the lease
-     rate is the server's, not the create rate. `jobs_leased_per_s` counts the leases
+     rate is the server's, not the create rate. By default a session reports its jobs as
+     soon as it has them (closed loop: the sessions take all the server gives, and the
+     unary calls get the rest); with `--session-job-s S` each batch runs S seconds first,
+     as a launcher's jobs do, and the unary calls' figures are those beside sessions at
+     that pace. `jobs_leased_per_s` counts the leases
      the server made in the window (jobs that left the runnable state, counted in the
      database at its start and end); `lease_backlog_left` says whether the backlog ran
      out (then the rate is bounded by it, not by the server);
@@ -341,7 +346,7 @@ async def site_stream(stub: Any, md: Any, site_id: int, stop: asyncio.Event, tal
 
 
 async def session_stream(stub: Any, md: Any, site_id: int, stop: asyncio.Event, tally: Tally,
-                         max_jobs: int = 4, read: bool = True) -> None:
+                         max_jobs: int = 4, read: bool = True, job_s: float = 0.0) -> None:
     Req = session_service_pb2.SessionServiceConnectRequest
     queue: asyncio.Queue[Any] = asyncio.Queue()
     queue.put_nowait(Req(open=session_service_pb2.SessionOpen(
@@ -386,8 +391,12 @@ async def session_stream(stub: Any, md: Any, site_id: int, stop: asyncio.Event, 
                 tally.ok["session_jobs_leased"] += len(transitions)
                 # The credit the jobs freed rides on their report, as the launcher sends it
                 # (launcher/session.py): the server leases in the report's transaction.
-                queue.put_nowait(Req(report=session_service_pb2.TransitionReport(transitions=transitions,
-                                                                                 credit=credit.credit)))
+                report = Req(report=session_service_pb2.TransitionReport(transitions=transitions,
+                                                                         credit=credit.credit))
+                if job_s > 0:  # the jobs run that long before they are reported
+                    asyncio.get_running_loop().call_later(job_s, queue.put_nowait, report)
+                else:
+                    queue.put_nowait(report)
             elif kind == "ack":
                 tally.ok["session_reports_acked"] += 1
                 if msg.ack.rejections:
@@ -445,7 +454,7 @@ async def burst(address: str, md: Any, n: int, world: dict[str, Any]) -> dict[st
 
 async def streams_main(address: str, token: str, world: dict[str, Any], n_sites: int, n_sessions: int,
                        duration: float, n_burst: int, ready: Any, go: Any, start: Any,
-                       slow_consumers: bool = True) -> dict[str, Any]:
+                       slow_consumers: bool = True, session_job_s: float = 0.0) -> dict[str, Any]:
     md = (("authorization", f"Bearer {token}"),)
     tally = Tally()
     stop = asyncio.Event()
@@ -456,7 +465,8 @@ async def streams_main(address: str, token: str, world: dict[str, Any], n_sites:
         batch = batch_job_service_pb2_grpc.BatchJobServiceStub(channel)
         events = event_service_pb2_grpc.EventServiceStub(channel)
         tasks = [asyncio.ensure_future(site_stream(sites, md, s, stop, tally)) for s in work_sites[:n_sites]]
-        tasks += [asyncio.ensure_future(session_stream(sessions, md, work_sites[i % len(work_sites)], stop, tally))
+        tasks += [asyncio.ensure_future(session_stream(sessions, md, work_sites[i % len(work_sites)], stop, tally,
+                                                       job_s=session_job_s))
                   for i in range(n_sessions)]
         if n_sites:  # batch jobs for the site streams to submit (no site stream: none to charge the calls with)
             tasks.append(asyncio.ensure_future(batch_job_producer(batch, md, work_sites, stop, tally)))
@@ -484,9 +494,9 @@ async def streams_main(address: str, token: str, world: dict[str, Any], n_sites:
 
 def streams_process(address: str, token: str, world: dict[str, Any], n_sites: int, n_sessions: int,
                     duration: float, n_burst: int, ready: Any, go: Any, start: Any, slow_consumers: bool,
-                    out: Any) -> None:
+                    session_job_s: float, out: Any) -> None:
     out.put(asyncio.run(streams_main(address, token, world, n_sites, n_sessions, duration, n_burst, ready, go,
-                                     start, slow_consumers)))
+                                     start, slow_consumers, session_job_s)))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -565,7 +575,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             ready = [ctx.Event() for _ in range(3)]
             streams = ctx.Process(target=streams_process, args=(address, token, world, args.sites, args.sessions,
                                                                 args.duration, args.burst, ready[0], go, start,
-                                                                not args.no_slow_consumers, out))
+                                                                not args.no_slow_consumers, args.session_job_s,
+                                                                out))
             streams.start()
             procs = max(1, min(2, args.clients))
             per = [args.clients // procs + (1 if i < args.clients % procs else 0) for i in range(procs)]
@@ -697,6 +708,7 @@ def report(world: dict[str, Any], results: list[dict[str, Any]], rss: list[tuple
         "seed_jobs_per_s": world["seed_jobs_per_s"],
         "duration_s": elapsed,
         "clients": args.clients, "site_streams": args.sites, "sessions": args.sessions,
+        "session_job_s": args.session_job_s,
         "machine_load_average_1m_before": args.load_before,
         # Unary calls answered OK within the window (a call that ends after it is not counted).
         "unary_calls_per_s": round(sum(unary.values()) / elapsed, 1),
@@ -724,6 +736,10 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=100, help="launcher sessions (default 100)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
     parser.add_argument("--burst", type=int, default=2000, help="concurrent calls in the overload burst")
+    parser.add_argument("--session-job-s", type=float, default=0.0,
+                        help="seconds each leased job runs before its session reports it (default 0: the "
+                             "sessions lease as fast as the server answers, which measures its lease rate, and "
+                             "the unary calls get what is left; 1 s is 400 leases/s from 100 sessions)")
     parser.add_argument("--lease-backlog", type=int, default=20_000,
                         help="runnable jobs seeded at the work sites for the sessions to lease (default 20,000)")
     parser.add_argument("--only", nargs="+", choices=("create", "list", "update"), default=["create", "list", "update"],
