@@ -555,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
+    # matplotlib (the plots here and in the balsamctl processes, which inherit this
+    # environment) would otherwise leave ~/.config/matplotlib and ~/.cache/matplotlib behind.
+    os.environ.setdefault("MPLCONFIGDIR", str(home / "matplotlib"))
     demo = Demo(home, SITES[: a.sites], a.idle_timeout, a.database, a.lease_prefetch)
     tag = f"xpcs-{time.strftime('%H%M%S')}"
     summary = a.summary.resolve() if a.summary else home / "summary.json"

@@ -77,11 +77,16 @@ def run(tmp_path_factory, database_url):
     tmp = tmp_path_factory.mktemp("xpcs-demo")
     home = tmp / "home"
     summary, analytics = tmp / "summary.json", tmp / "analytics.json"
+    # The user's home, empty: the demo must leave nothing there (matplotlib's config and
+    # cache go there unless told otherwise, in XDG_* when those are set).
+    user_home = tmp / "user-home"
+    user_home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "xpcs_demo.py"), "--home", str(home), "--datasets", str(DATASETS),
          "--burst", "6", "--interval", "4", "--idle-timeout", "5", "--summary", str(summary),
          "--analytics-json", str(analytics), "--database", database_url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**env, "HOME": str(user_home)})
     try:
         stdout, stderr = proc.communicate(timeout=DEMO_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -94,7 +99,7 @@ def run(tmp_path_factory, database_url):
     (stats,) = json.loads(analytics.read_text())
     db = Db(database_url)
     yield {"stdout": stdout, "summary": json.loads(summary.read_text()), "analytics": stats, "home": home,
-           "db": db}
+           "db": db, "user_home": user_home}
     db.engine.dispose()
 
 
@@ -209,6 +214,11 @@ def test_the_science_pictures_and_the_d_table(run):
     # pyXPCSViewer's own reader on a staged-out results file: the g2 of our JSON summary.
     if "pyXPCSViewer is not installed" not in out or os.environ.get("CI"):
         assert "(XpcsFile) opens ds-0000_results.hdf" in out and "MISMATCH" not in out, out[-2000:]
+
+
+def test_nothing_is_left_in_the_users_home(run):
+    assert sorted(str(p.relative_to(run["user_home"])) for p in run["user_home"].rglob("*")) == []
+    assert (run["home"] / "matplotlib").is_dir()  # where matplotlib went instead
 
 
 def _processes_naming(folder: Path) -> list[tuple[int, str]]:
