@@ -70,19 +70,24 @@ MAX_IN_FLIGHT = 10_000
 # Credit beyond this is pointless and would only hide a daemon's accounting bug.
 MAX_CREDIT = 100_000
 HELLO_TIMEOUT_SECONDS = 30.0
-# The backlog is sent at most this often (the elastic queue acts on it at once).
-BACKLOG_MIN_INTERVAL = 0.2
+# The backlog is sent at most this often. The first change after a quiet spell goes at
+# once (a job at an idle site asks for a pilot without delay); later ones are coalesced.
+# Each message makes the daemon plan its pilots, which lists its batch jobs (a unary
+# call), and the plan works in minutes: at 0.2 s, 50 busy sites sent ~190 messages a
+# second (bench_load), each a backlog read here and a ListBatchJobs at the daemon.
+BACKLOG_MIN_INTERVAL = 1.0
 # Reading the backlog scans the site's waiting jobs: ~1 ms per thousand on PostgreSQL,
 # 0.25-0.4 s at 300,000 (with parallel workers). A stream waits this many times its last
 # read's duration before the next, so a site's backlog reads take at most 1/20 of one
-# database backend however large the backlog grows, instead of all of it (5 reads a
-# second). The elastic queue plans pilots over minutes: a few seconds' lag is harmless.
+# database backend however large the backlog grows, instead of all of it (a read every
+# BACKLOG_MIN_INTERVAL). The elastic queue plans pilots over minutes: a few seconds' lag
+# is harmless.
 BACKLOG_COST_RATIO = 20.0
 # Cleanups are looked for at most this often. A busy launcher's every report finishes
 # jobs, and a look per report was a third of the database calls each report caused (the
 # sites of 1,000 /bin/true jobs have no globs to clean at all); the first finished job
 # after a quiet spell is looked at at once, later ones within this time together.
-CLEANUP_MIN_INTERVAL = 0.2
+CLEANUP_MIN_INTERVAL = 1.0
 # Site streams reading their backlog at once, at most (SiteHub.backlog_reads).
 BACKLOG_READS = 2
 BACKLOG_REFRESH_SECONDS = 30.0
