@@ -5,6 +5,11 @@ the tables' vocabulary: 64-bit integers as numbers (json_format makes them strin
 enum values without their type's prefix (JOB_FINISHED, not JOB_STATE_JOB_FINISHED), so
 `jq 'select(.state=="JOB_FINISHED")'` matches what the table shows. Always one document:
 a list. YAML is the same data. Tables are rich tables that fit the terminal (rich honours NO_COLOR and COLUMNS).
+
+What the server stores is shown as it is: rich markup (`[bold]`, `[/]`, `[link=...]`) and
+emoji codes in a workdir, tag or message are text, never styles, links or a crash; and
+characters that would act on the terminal instead of showing (escape sequences, carriage
+returns, bidirectional overrides) are shown escaped (`\\x1b`, `\\u202e`).
 """
 
 from __future__ import annotations
@@ -61,15 +66,30 @@ _stderr: Console | None = None
 def stdout() -> Console:
     global _stdout
     if _stdout is None:
-        _stdout = Console(highlight=False, soft_wrap=False)
+        _stdout = Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
     return _stdout
 
 
 def stderr() -> Console:
     global _stderr
     if _stderr is None:
-        _stderr = Console(stderr=True, highlight=False)
+        _stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
     return _stderr
+
+
+# C0 and C1 control characters but newline and tab, DEL, and the bidirectional controls
+# that reorder what follows them on screen.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    """`text` with the characters that act on a terminal written as escapes."""
+    return _UNSAFE.sub(_escape, text)
 
 
 _INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
@@ -148,7 +168,8 @@ def build_table(items: Iterable[Any], columns: Sequence[Column], *, wide: bool =
         table.add_column(col.header, no_wrap=col.no_wrap, justify=col.justify,  # type: ignore[arg-type]
                          overflow="ellipsis" if col.no_wrap else "fold", ratio=col.ratio)
     for item in items:
-        table.add_row(*(cell(col.value(item)) for col in shown))
+        # Text, not str: a str cell would be parsed as rich markup.
+        table.add_row(*(Text(visible(cell(col.value(item)))) for col in shown))
     return Group(Text(title, style="italic"), table) if title else table
 
 

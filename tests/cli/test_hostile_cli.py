@@ -1,0 +1,50 @@
+"""balsamctl given what a careless or hostile user, script or job process may store or
+type: values that look like rich markup or terminal control sequences, and numbers
+no id or count can be. Each ends as readable output or one error line, never a
+traceback."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from balsam_grpc.v1 import app_pb2, app_service_pb2, site_pb2, site_service_pb2
+from tests.cli.conftest import CliServer
+
+
+@pytest.fixture(scope="module")
+def world(sqlite_cli_server: CliServer) -> dict[str, Any]:
+    server = sqlite_cli_server
+    site = server.call("SiteService", "CreateSite", site_service_pb2.CreateSiteRequest(
+        site=site_pb2.Site(name="laptop", hostname="localhost", path=str(server.home / "site")))).site
+    app = server.call("AppService", "CreateApp", app_service_pb2.CreateAppRequest(
+        app=app_pb2.App(site_id=site.id, name="hello", command_template="echo {{ who }}",
+                        parameters=[app_pb2.AppParameter(name="who", default_value="x")]))).app
+    return {"site": site, "app": app}
+
+
+def test_markup_and_control_characters_are_shown_as_text(sqlite_cli_server: CliServer,
+                                                        world: dict[str, Any]) -> None:
+    """rich parsed table cells as markup: a workdir with "[/]" made `job create` print a
+    MarkupError traceback after creating the job, and every later `job ls` showing it
+    crashed the same way; "[link=...]" in a tag became a hidden hyperlink and ESC reached
+    the terminal raw."""
+    server = sqlite_cli_server
+    created = server.run("job", "create", "--app", "hello", "--site", "laptop", "-w", "markup/[/]x",
+                         "-t", "exp=hostile", "-t", "v=[link=http://evil.example]click")
+    assert created.returncode == 0, created.stderr
+    assert "markup/[/]x" in created.stdout and "v=[link=http://evil.example]click" in created.stdout
+    created = server.run("job", "create", "--app", "hello", "--site", "laptop", "-w", "markup/[bold]y:smile:",
+                         "-t", "exp=hostile", "-t", "esc=a\x1b[2Jb\u202ec")
+    assert created.returncode == 0, created.stderr
+
+    listed = server.run("job", "ls", "--tag", "exp=hostile", "-o", "wide")
+    assert listed.returncode == 0, listed.stderr
+    assert "markup/[/]x" in listed.stdout and "markup/[bold]y:smile:" in listed.stdout
+    assert "esc=a\\x1b[2Jb\\u202ec" in listed.stdout
+    assert "\x1b" not in listed.stdout and "\u202e" not in listed.stdout
+    # The stored values are unchanged: JSON shows them as they are.
+    tags = [job["tags"] for job in json.loads(server.run("job", "ls", "--tag", "exp=hostile", "-o", "json").stdout)]
+    assert {"exp": "hostile", "esc": "a\x1b[2Jb\u202ec"} in tags
