@@ -99,9 +99,14 @@ def _id(value: str, option: str) -> int:
     return number
 
 
+def parse_ref(value: str, option: str = "--app/--site") -> int | str:
+    """A name or a numeric id (of an app or a site) as given, whole."""
+    return _id(value, option) if _is_number(value) else value
+
+
 def parse_refs(values: Iterable[str] | None, option: str = "--app/--site") -> list[int | str]:
     """Names or numeric ids (of apps or sites) as given."""
-    return [_id(v, option) if _is_number(v) else v for v in split_list(values)]
+    return [parse_ref(v, option) for v in split_list(values)]
 
 
 def parse_ids(values: Iterable[str] | None, option: str = "--id") -> list[int]:

@@ -48,7 +48,8 @@ def _ref(value: Any) -> int | str | None:
         return None
     if isinstance(value, bool):
         raise TypeError(value)
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdigit()):
         return int(value)
     if isinstance(value, str):
         return value

@@ -21,6 +21,7 @@ import typer
 from balsam_grpc.cli import context as ctx
 from balsam_grpc.cli import output as out
 from balsam_grpc.cli.errors import usage
+from balsam_grpc.cli.filters import parse_ref
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
 from balsam_grpc.sdk.routing import (
     STRATEGIES,
@@ -70,7 +71,7 @@ def route(
         usage(f"--deadline must be positive seconds, got {deadline:g}")
     client = ctx.client()
     if site:
-        site_ids = [ctx.resolve_site(int(s) if s.isdigit() else s).id for s in site]
+        site_ids = [ctx.resolve_site(parse_ref(s, "--site")).id for s in site]
     else:
         site_ids = sorted({a.site_id for a in ctx.apps().values() if a.name == app})
         if not site_ids:

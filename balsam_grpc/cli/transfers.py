@@ -12,7 +12,7 @@ from google.protobuf import field_mask_pb2
 from balsam_grpc.cli import context as ctx
 from balsam_grpc.cli import output as out
 from balsam_grpc.cli.errors import usage
-from balsam_grpc.cli.filters import parse_refs, split_list
+from balsam_grpc.cli.filters import parse_ids, parse_refs, split_list
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
 from balsam_grpc.sdk.convert import enum_names, enum_number
 from balsam_grpc.v1 import common_pb2, transfer_item_pb2, transfer_item_service_pb2
@@ -79,10 +79,7 @@ def _states(values: list[str] | None) -> list[int]:
 def _filter(job: list[str] | None, state: list[str] | None, site: list[str] | None,
             dir_: str | None, task: str | None) -> transfer_item_service_pb2.TransferItemFilter:
     flt = transfer_item_service_pb2.TransferItemFilter(states=_states(state), task_id=task or "")
-    for ref in parse_refs(job):
-        if not str(ref).isdigit():
-            usage(f"--job: {ref!r} is not a job id")
-        flt.job_ids.append(int(ref))
+    flt.job_ids.extend(parse_ids(job, "--job"))
     flt.site_ids.extend(ctx.resolve_site(s).id for s in parse_refs(site))
     if dir_:
         if dir_.lower() not in ("in", "out"):

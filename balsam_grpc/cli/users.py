@@ -16,6 +16,7 @@ import typer
 from balsam_grpc.cli import output as out
 from balsam_grpc.cli.context import client, resolve_site, site_name
 from balsam_grpc.cli.errors import usage
+from balsam_grpc.cli.filters import parse_ref
 from balsam_grpc.v1 import auth_service_pb2 as pb
 
 user_app = typer.Typer(help="Manage users (administrators) and your password.", no_args_is_help=True)
@@ -146,7 +147,7 @@ def token_create(
                                     scope=pb.TOKEN_SCOPE_USER)
     if site is not None:
         request.scope = pb.TOKEN_SCOPE_SITE
-        request.site_id = resolve_site(int(site) if site.isdigit() else site).id
+        request.site_id = resolve_site(parse_ref(site, "--site")).id
     response = client().call("AuthService", "CreateToken", request)
     info = response.info
     scope = out.enum_name(pb.TokenScope, info.scope, "TOKEN_SCOPE_").lower()

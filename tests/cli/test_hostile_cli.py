@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from balsam_grpc.v1 import app_pb2, app_service_pb2, site_pb2, site_service_pb2
-from tests.cli.conftest import CliServer
+from tests.cli.conftest import CliServer, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,26 @@ def test_markup_and_control_characters_are_shown_as_text(sqlite_cli_server: CliS
     # The stored values are unchanged: JSON shows them as they are.
     tags = [job["tags"] for job in json.loads(server.run("job", "ls", "--tag", "exp=hostile", "-o", "json").stdout)]
     assert {"exp": "hostile", "esc": "a\x1b[2Jb\u202ec"} in tags
+
+
+@pytest.mark.parametrize(("args", "code", "expected"), [
+    (["token", "create", "--site", "²"], 1, "no site '²'"),
+    (["route", "--app", "hello", "--site", "²"], 1, "no site '²'"),
+    (["transfers", "ls", "--job", "²"], 2, "--job: '²' is not a job id"),
+    (["job", "create", "--app", "²", "--site", "laptop", "-w", "digits/1"], 2, "no app '²'"),
+])
+def test_non_ascii_digits_are_names_not_ids(sqlite_cli_server: CliServer, world: dict[str, Any],
+                                            args: list[str], code: int, expected: str) -> None:
+    """"²".isdigit() is true and int("²") raises: these commands took "²" for an id and
+    ended in a ValueError traceback."""
+    result = sqlite_cli_server.run(*args)
+    assert result.returncode == code, result.stderr
+    assert expected in one_error_line(result)
+
+
+def test_non_ascii_digits_in_a_job_file(sqlite_cli_server: CliServer, world: dict[str, Any], tmp_path: Any) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps({"app": "hello", "site": "²", "workdir": "digits/2"}) + "\n")
+    result = sqlite_cli_server.run("job", "create", "--file", str(path))
+    assert result.returncode == 2, result.stderr
+    assert f"{path}:1: no site '²'" in one_error_line(result)
