@@ -84,7 +84,10 @@ def parse_since(text: str | None, now: datetime | None = None) -> datetime | Non
         usage(f"--since: {err}")
 
 
-_MAX_ID = 2**63 - 1  # ids are int64 on the wire
+MAX_ID = 2**63 - 1  # ids are int64 on the wire
+# Counts, minutes and priorities are int32 on the wire: typer options taking them say
+# min/max, or protobuf refuses the value with a ValueError traceback.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _is_number(value: str) -> bool:
@@ -93,8 +96,8 @@ def _is_number(value: str) -> bool:
 
 
 def _id(value: str, option: str) -> int:
-    number = int(value.lstrip("0") or "0") if len(value) <= 19 else _MAX_ID + 1
-    if number > _MAX_ID:
+    number = int(value.lstrip("0") or "0") if len(value) <= 19 else MAX_ID + 1
+    if number > MAX_ID:
         usage(f"{option}: {value!r} is larger than any id")
     return number
 

@@ -17,6 +17,9 @@ from balsam_grpc.cli.events import Follower, deadline_after
 from balsam_grpc.cli.errors import EXIT_FAILED, EXIT_NO_JOBS, describe, fail, print_error, usage
 from balsam_grpc.cli.filters import (
     FINAL_STATES,
+    INT32_MAX,
+    INT32_MIN,
+    MAX_ID,
     STATE_NAMES,
     JobSelection,
     job_filters,
@@ -297,7 +300,7 @@ def _live(selection: JobSelection, order_by: str, fmt: Format, no_header: bool) 
 
 @job_app.command("show")
 def show(
-    job_ids: Annotated[list[int], typer.Argument(help="job ids")],
+    job_ids: Annotated[list[int], typer.Argument(help="job ids", min=1, max=MAX_ID)],
     output: Annotated[Format, typer.Option("--output", "-o", help="table (fields), json or yaml")] = Format.table,
 ) -> None:
     """Show every field of jobs.
@@ -327,7 +330,7 @@ def modify(
     set_state: Annotated[str | None, typer.Option(help="move to this state (must be legal from the "
                                                        "current one, e.g. KILLED)")] = None,
     set_tag: Annotated[list[str] | None, typer.Option(help="add or change tag key=value (repeat)")] = None,
-    set_priority: Annotated[int | None, typer.Option(help="new priority")] = None,
+    set_priority: Annotated[int | None, typer.Option(help="new priority", min=INT32_MIN, max=INT32_MAX)] = None,
     set_name: Annotated[str | None, typer.Option(help="new display name")] = None,
     message: Annotated[str, typer.Option(help="note recorded with a state change")] = "",
     all_jobs: Annotated[bool, typer.Option("--all", help="allow an empty filter (every job)")] = False,
@@ -524,7 +527,7 @@ EVENT_COLUMNS = [
 
 @job_app.command("history")
 def history(
-    job_id: Annotated[int, typer.Argument(help="job id")],
+    job_id: Annotated[int, typer.Argument(help="job id", min=1, max=MAX_ID)],
     output: OutputOpt = Format.table,
     no_header: NoHeaderOpt = False,
 ) -> None:

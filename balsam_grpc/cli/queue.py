@@ -9,7 +9,7 @@ import typer
 from balsam_grpc.cli import context as ctx
 from balsam_grpc.cli import output as out
 from balsam_grpc.cli.errors import describe, fail, print_error, usage
-from balsam_grpc.cli.filters import parse_key_values, parse_refs, parse_tags, split_list
+from balsam_grpc.cli.filters import INT32_MAX, MAX_ID, parse_key_values, parse_refs, parse_tags, split_list
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
 from balsam_grpc.core.errors import BalsamError
 from balsam_grpc.sdk.convert import enum_names, enum_number
@@ -54,8 +54,9 @@ BATCH_COLUMNS = [
 @queue_app.command("submit")
 def submit(
     site: Annotated[str, typer.Option("--site", help="site name or id")],
-    num_nodes: Annotated[int, typer.Option("--num-nodes", "-n", help="nodes to request")],
-    wall_time_min: Annotated[int, typer.Option("--wall-time-min", "-t", help="wall time in minutes")],
+    num_nodes: Annotated[int, typer.Option("--num-nodes", "-n", help="nodes to request", max=INT32_MAX)],
+    wall_time_min: Annotated[int, typer.Option("--wall-time-min", "-t", help="wall time in minutes",
+                                               max=INT32_MAX)],
     queue: Annotated[str, typer.Option("--queue", "-q", help="scheduler queue or partition (default: the "
                                                              "site's only allowed one)")] = "",
     project: Annotated[str, typer.Option("--project", "-A", help="project/account charged (default: the "
@@ -133,7 +134,7 @@ def plan_removal(items: list[batch_job_pb2.BatchJob]) -> tuple[list[Any], list[A
 
 @queue_app.command("rm")
 def rm(
-    ids: Annotated[list[int], typer.Argument(help="batch job ids")],
+    ids: Annotated[list[int], typer.Argument(help="batch job ids", min=1, max=MAX_ID)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would happen")] = False,
 ) -> None:

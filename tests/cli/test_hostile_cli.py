@@ -71,3 +71,21 @@ def test_non_ascii_digits_in_a_job_file(sqlite_cli_server: CliServer, world: dic
     result = sqlite_cli_server.run("job", "create", "--file", str(path))
     assert result.returncode == 2, result.stderr
     assert f"{path}:1: no site '²'" in one_error_line(result)
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["job", "show", "99999999999999999999"], "job_ids"),
+    (["job", "history", "99999999999999999999"], "job_id"),
+    (["job", "modify", "--state", "FAILED", "--set-priority", "99999999999", "--yes"], "--set-priority"),
+    (["queue", "submit", "--site", "laptop", "-n", "99999999999", "-t", "10"], "--num-nodes"),
+    (["queue", "submit", "--site", "laptop", "-n", "1", "-t", "99999999999"], "--wall-time-min"),
+    (["queue", "rm", "99999999999999999999", "--yes"], "ids"),
+])
+def test_numbers_beyond_the_wire_types_are_usage_errors(sqlite_cli_server: CliServer, world: dict[str, Any],
+                                                         args: list[str], option: str) -> None:
+    """Ids are int64 and priorities, nodes and minutes int32 on the wire: a larger number
+    was accepted by typer and refused by protobuf, a "ValueError: Value out of range"
+    traceback with exit 1."""
+    result = sqlite_cli_server.run(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"Invalid value for '{option}'" in one_error_line(result)
