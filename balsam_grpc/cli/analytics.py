@@ -18,7 +18,7 @@ import typer
 
 from balsam_grpc.cli import context as ctx
 from balsam_grpc.cli import output as out
-from balsam_grpc.cli.errors import usage
+from balsam_grpc.cli.errors import require_extra, usage
 from balsam_grpc.cli.events import event_filter
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
 from balsam_grpc.sdk.analytics import (
@@ -128,6 +128,9 @@ def analytics(
     """
     if bin_seconds <= 0:
         usage(f"--bin must be positive, got {bin_seconds:g}")
+    if plots is not None:
+        require_extra("plots", "matplotlib")
+        out.make_folder(plots, "--plots")
     flt = event_filter(site=site, tag=tag, since=since, kind=["job_state"])
     request = event_service_pb2.ListEventsRequest(filter=flt)
     changes = [c for c in (state_change(e) for e in ctx.paged("EventService", "ListEvents", request, "events"))

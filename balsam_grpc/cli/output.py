@@ -15,6 +15,7 @@ returns, bidirectional overrides) are shown escaped (`\\x1b`, `\\u202e`).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -229,6 +231,22 @@ def confirm(question: str, *, assume_yes: bool, what: str) -> None:
              "to preview)")
     if not typer.confirm(question, default=False, err=True):
         fail(f"{what}: cancelled, nothing changed")
+
+
+def make_folder(path: Path, option: str) -> Path:
+    """A folder to write files into (--plots), made with its parents: one error line when
+    it cannot be, before anything is computed or sent."""
+    from balsam_grpc.cli.errors import usage
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        usage(f"{option}: {path} exists and is not a folder")
+    except OSError as err:
+        usage(f"{option}: cannot create the folder {path}: {err.strerror}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        usage(f"{option}: cannot write into the folder {path}")
+    return path
 
 
 def enum_names(enum_type: Any, prefix: str) -> list[str]:

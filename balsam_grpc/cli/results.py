@@ -104,6 +104,8 @@ def results(
     chosen_rings = _rings(rings)
     if plotted < 0:
         usage(f"--datasets-plotted must be >= 0, got {plotted}")
+    if plots is not None:
+        out.make_folder(plots, "--plots")
     files = list(paths or [])
     skipped: list[str] = []
     if tag:
@@ -141,7 +143,6 @@ def results(
                      "true_diffusion_m2_per_s": truth, "rel_error": rel})
     written: list[Path] = []
     if plots is not None:
-        plots.mkdir(parents=True, exist_ok=True)
         for r, row in list(zip(found_results, rows, strict=True))[:plotted]:
             written.append(plot_g2(plots / f"g2-{row['dataset']}.png", r, chosen_rings))
             written += _two_time(plots, r, row["dataset"])

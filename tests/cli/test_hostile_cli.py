@@ -89,3 +89,29 @@ def test_numbers_beyond_the_wire_types_are_usage_errors(sqlite_cli_server: CliSe
     result = sqlite_cli_server.run(*args)
     assert result.returncode == 2, result.stderr
     assert f"Invalid value for '{option}'" in one_error_line(result)
+
+
+@pytest.mark.parametrize("command", ["analytics", "results"])
+def test_plots_folder_that_cannot_be_made_is_one_line(sqlite_cli_server: CliServer, world: dict[str, Any],
+                                                      tmp_path: Any, command: str) -> None:
+    """`--plots` naming a file, or a folder under one, ended in a FileExistsError or
+    NotADirectoryError traceback after the events or results were read."""
+    from tests.cli.test_results_cli import result as results_file
+
+    server = sqlite_cli_server
+    if command == "analytics":
+        created = server.run("job", "create", "--app", "hello", "--site", "laptop", "-w", "plots/1")
+        assert created.returncode == 0, created.stderr  # an event to plot
+        args = ["analytics", "--since", "1d"]
+    else:
+        path = tmp_path / "ds-1.json"
+        path.write_text(json.dumps(results_file(2e-12, 2e-12)))
+        args = ["results", str(path)]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    result = server.run(*args, "--plots", str(a_file))
+    assert result.returncode == 2, result.stderr
+    assert f"--plots: {a_file} exists and is not a folder" in one_error_line(result)
+    result = server.run(*args, "--plots", str(a_file / "plots"))
+    assert result.returncode == 2, result.stderr
+    assert f"--plots: cannot create the folder {a_file / 'plots'}" in one_error_line(result)
