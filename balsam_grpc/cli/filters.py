@@ -70,7 +70,10 @@ def parse_key_values(values: Iterable[str] | None, option: str) -> dict[str, str
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             usage(f"{option}: {text!r} must look like key=value")
-        out[key.strip()] = value
+        key = key.strip()
+        if key in out and out[key] != value:
+            usage(f"{option}: {key!r} given twice with different values ({out[key]!r}, {value!r})")
+        out[key] = value
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from balsam_grpc.cli.analytics import state_counts, summarize
 from balsam_grpc.cli.errors import UsageError
-from balsam_grpc.cli.filters import parse_since, parse_states, parse_tags, selection_from_options
+from balsam_grpc.cli.filters import parse_key_values, parse_since, parse_states, parse_tags, selection_from_options
 from balsam_grpc.cli.jobspec import JobSpecError, read_job_lines, spec_from_dict, validate_specs
 from balsam_grpc.sdk.analytics import StateChange
 from balsam_grpc.v1 import app_pb2
@@ -28,6 +28,14 @@ def test_tags_need_key_value_and_agree() -> None:
         parse_tags(["foo"])
     with pytest.raises(UsageError, match="given twice with different values"):
         parse_tags(["a=1", "a=2"])
+
+
+def test_key_values_given_twice_must_agree() -> None:
+    """`job create -p n=1 ... -p n=2` (a script's two defaults, a typo) silently ran the
+    job with n=2; tags given so were already refused."""
+    assert parse_key_values(["n=1", "s=a=b", "n=1"], "--param") == {"n": "1", "s": "a=b"}
+    with pytest.raises(UsageError, match=r"--param: 'n' given twice with different values \('1', '2'\)"):
+        parse_key_values(["n=1", "n=2"], "--param")
 
 
 @pytest.mark.parametrize(("text", "ago"), [("30s", 30), ("10m", 600), ("2h", 7200), ("1d", 86400), ("1w", 604800),
