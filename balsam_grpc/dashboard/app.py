@@ -52,7 +52,7 @@ from balsam_grpc.dashboard.views import (
 )
 from balsam_grpc.sdk.client import Client
 from balsam_grpc.sdk.convert import enum_number
-from balsam_grpc.sdk.errors import BalsamError, NotFound, PermissionDenied, Unauthenticated
+from balsam_grpc.sdk.errors import BalsamError, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from balsam_grpc.v1 import batch_job_pb2, transfer_item_pb2
 
 log = structlog.get_logger("balsam.dashboard")
@@ -213,6 +213,8 @@ def create_app(config: DashboardConfig) -> Starlette:
                 return error_page(request, viewer, 404, "Not found", err.message)
             except (Unauthenticated, PermissionDenied) as err:
                 return error_page(request, viewer, 403, "Not allowed", err.message)
+            except InvalidArgument as err:  # what the URL asked for (a corrupt page_token...)
+                return error_page(request, viewer, 400, "That query cannot be run", err.message)
             except BalsamError as err:
                 log.warning("server call failed", path=request.url.path, error=err.message, code=err.code.name)
                 return error_page(request, viewer, 502, "The server refused or failed", err.message)

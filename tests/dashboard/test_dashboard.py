@@ -355,6 +355,9 @@ def test_guards_refuse_forged_actions_and_foreign_hosts(world: World) -> None:
     assert world.bob.jobs.get(id=world.bob_job.id).state == "PREPROCESSED"
     assert request("GET", "/events?cursor=abc")[0] == 400
     assert request("GET", "/jobs?state=NOPE")[0] == 400
+    # A page token the URL mangled is the URL's fault, not a failing server (was 502).
+    status, page = request("GET", "/jobs?page_token=zzz")
+    assert status == 400 and "page_token is corrupt" in page
 
 
 @contextlib.contextmanager
