@@ -2,7 +2,8 @@
 """Instructions the server process executes per unary call, counted by callgrind.
 
 Usage: scripts/bench_instructions.py --database URL [--calls N] [--warm W] [--concurrency K]
-                                     [--phases health,create,create_rid,update,get,list] [--json]
+                                     [--phases health,create,create_rid,update,get,list,report,bulk]
+                                     [--json]
 
 Starts `python -m balsam_grpc.server` from this checkout under `valgrind
 --tool=callgrind` with instrumentation off, warms every phase up, then for each phase
@@ -14,9 +15,17 @@ same code; instruction counts by about 5 % (background work that scales with wal
 such as a token cache refresh every 5 s, is what is left of the noise). Compare two
 checkouts with alternated runs (PYTHONPATH=<checkout> scripts/bench_instructions.py ...
 from each) and medians. Phases: a health check (public, no token), CreateJob without and
-with a request_id, UpdateJob of tags, GetJob, ListJobs of 100, and (`bulk`, not run unless
-named: `--phases bulk --calls 3 --warm 2`) BatchCreateJobs of 10,000 jobs as bench_api
-makes them, per call (divide by 10,000 for a job). Figures, never assertions.
+with a request_id, UpdateJob of tags, GetJob, ListJobs of 100, and, not run unless named:
+- `report`: a launcher session's turn as bench_load's sessions take it (4 jobs RUN_DONE
+  with the credit they freed, answered by an ack and 4 new leases) at a site whose
+  daemon stream, a second session and a final-state watch are attached: per report,
+  with what the fanout, the wake-ups and the backlog cost the other streams (its setup
+  creates 20,000 jobs: `--phases report --calls 200 --warm 50`);
+- `bulk` (`--phases bulk --calls 3 --warm 2`): BatchCreateJobs of 10,000 jobs as
+  bench_api makes them, per call (divide by 10,000 for a job).
+Figures, never assertions. Under callgrind the server runs ~50 times slower, so work
+that is coalesced in time (a site's backlog once a second) counts less often than at
+full speed.
 
 `--concurrency K` makes each phase's calls from K client threads at once. Sequential
 calls pay the event loop's whole round (a wake-up, a poll) for each call; under load the
@@ -35,17 +44,21 @@ may or may not hold one), and `pg_no_analyze_kir_per_call` the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import queue
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -61,17 +74,24 @@ from balsam_grpc.v1 import (  # noqa: E402
     app_pb2,
     app_service_pb2,
     app_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
     job_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
+    session_pb2,
+    session_service_pb2,
+    session_service_pb2_grpc,
     site_pb2,
     site_service_pb2,
     site_service_pb2_grpc,
 )
 
-PHASES = ("health", "create", "create_rid", "update", "get", "list", "bulk")
+PHASES = ("health", "create", "create_rid", "update", "get", "list", "report", "bulk")
 # Jobs per BatchCreateJobs of the bulk phase (bench_api's bulk create).
 BULK = 10_000
+# Jobs a report of the report phase ends (and leases anew): bench_load's sessions' credit.
+REPORT_JOBS = 4
 
 
 def free_port() -> int:
@@ -148,9 +168,104 @@ def calls(channel: grpc.Channel, md: tuple[tuple[str, str], ...]) -> dict[str, C
             job_pb2.Job(app_id=app.id, workdir=f"b/{seq[0]}/{i}", parameters={"i": str(i)},
                         tags={"bench": "bulk", "shard": str(i % 8)}) for i in range(BULK)]), metadata=md, timeout=600)
 
+    reporting: list[ReportingSite] = []
+
+    def report() -> None:
+        if not reporting:
+            reporting.append(ReportingSite(channel, md))
+        reporting[0].report()
+
     create()  # update and get need a job
     return {"health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=300), "create": create,
-            "create_rid": lambda: create(True), "update": update, "get": get, "list": list_, "bulk": bulk}
+            "create_rid": lambda: create(True), "update": update, "get": get, "list": list_, "report": report,
+            "bulk": bulk}
+
+
+class ReportingSite:
+    """The report phase's world: a site with a backlog of runnable jobs, watched as in
+    bench_load and real use: its site stream (a daemon that answers work), a second
+    launcher session with no credit (woken by the site's events like any), and a
+    final-state WatchEvents (an SDK's wait). One call is one turn of a busy launcher: a
+    report of REPORT_JOBS jobs RUN_DONE with the credit they freed, answered by its ack
+    and the leases of the next REPORT_JOBS (bench_load's sessions); every stream's share
+    of it (the fanout, the wake-ups, the site's backlog and the watch) is counted."""
+
+    Req = session_service_pb2.SessionServiceConnectRequest
+    BACKLOG = 20_000
+
+    def __init__(self, channel: grpc.Channel, md: tuple[tuple[str, str], ...]) -> None:
+        self.md = md
+        site = site_service_pb2_grpc.SiteServiceStub(channel).CreateSite(site_service_pb2.CreateSiteRequest(
+            site=site_pb2.Site(name=f"instructions-report-{time.time_ns()}")), metadata=md, timeout=300).site
+        app = app_service_pb2_grpc.AppServiceStub(channel).CreateApp(app_service_pb2.CreateAppRequest(
+            app=app_pb2.App(site_id=site.id, name="sim", command_template="/bin/true")), metadata=md, timeout=300).app
+        jobs = job_service_pb2_grpc.JobServiceStub(channel)
+        for start in range(0, self.BACKLOG, BULK):
+            jobs.BatchCreateJobs(job_service_pb2.BatchCreateJobsRequest(jobs=[
+                job_pb2.Job(app_id=app.id, workdir=f"r/{start + i}") for i in range(BULK)]), metadata=md, timeout=600)
+        sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+        self.credit = session_service_pb2.SessionCredit(max_jobs=REPORT_JOBS, free_nodes=float(REPORT_JOBS))
+        self.out: queue.Queue[Any] = queue.Queue()
+        self.responses = sessions.Connect(iter(self.out.get, None), metadata=md)
+        self._open(self.out, site.id)
+        assert next(self.responses).WhichOneof("message") == "opened"
+        self.out.put(self.Req(credit=self.credit))
+        self.held = self._leases()
+        self.seq = 0
+        # The bystanders, each drained by a thread of its own.
+        idle: queue.Queue[Any] = queue.Queue()
+        self._open(idle, site.id)
+        self._drain(sessions.Connect(iter(idle.get, None), metadata=md))
+        self.site_out: queue.Queue[Any] = queue.Queue()
+        self.site_out.put(site_service_pb2.SiteServiceConnectRequest(hello=site_service_pb2.SiteHello(
+            site_id=site.id, hostname="instructions", daemon_version="instructions", capabilities=["batch_jobs"],
+            max_in_flight=4)))
+        self._drain(site_service_pb2_grpc.SiteServiceStub(channel).Connect(iter(self.site_out.get, None),
+                                                                           metadata=md), self._answer)
+        final = [job_pb2.JOB_STATE_JOB_FINISHED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_KILLED]
+        self._drain(event_service_pb2_grpc.EventServiceStub(channel).WatchEvents(event_service_pb2.WatchEventsRequest(
+            filter=event_service_pb2.EventFilter(kinds=[event_service_pb2.EVENT_KIND_JOB_STATE], to_states=final)),
+            metadata=md))
+        self.keep = (idle,)
+
+    def _open(self, out: queue.Queue[Any], site_id: int) -> None:
+        out.put(self.Req(open=session_service_pb2.SessionOpen(
+            site_id=site_id, hostname="instructions", nodes=[session_pb2.NodeInfo(hostname="instructions", cpus=64)])))
+
+    @staticmethod
+    def _drain(stream: Any, each: Callable[[Any], None] | None = None) -> None:
+        def read() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                for msg in stream:
+                    if each is not None:
+                        each(msg)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def _answer(self, msg: Any) -> None:
+        """The site daemon's part: each work item acknowledged, done, and its credit renewed."""
+        if msg.WhichOneof("message") != "work":
+            return
+        Req = site_service_pb2.SiteServiceConnectRequest
+        self.site_out.put(Req(ack=site_service_pb2.WorkAck(work_ids=[msg.work.id])))
+        self.site_out.put(Req(result=site_service_pb2.WorkResult(work_id=msg.work.id)))
+        self.site_out.put(Req(credit=site_service_pb2.SiteCredit(items=1)))
+
+    def _leases(self) -> list[Any]:
+        while True:
+            msg = next(self.responses)
+            if msg.WhichOneof("message") == "leases":
+                return list(msg.leases.jobs)
+
+    def report(self) -> None:
+        transitions = []
+        for leased in self.held:
+            self.seq += 1
+            transitions.append(session_service_pb2.JobTransition(
+                seq=self.seq, job_id=leased.job.id, lease_generation=leased.lease_generation,
+                state=job_pb2.JOB_STATE_RUN_DONE, return_code=0))
+        self.out.put(self.Req(report=session_service_pb2.TransitionReport(transitions=transitions, credit=self.credit)))
+        self.held = self._leases()  # after the ack, which comes first
 
 
 class Backends:
@@ -276,7 +391,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls per phase (default 200)")
     parser.add_argument("--warm", type=int, default=100, help="warm-up calls per phase (default 100)")
     parser.add_argument("--concurrency", type=int, default=1, help="client threads calling at once (default 1)")
-    parser.add_argument("--phases", default=",".join(PHASES[:-1]), help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--phases", default=",".join(PHASES[:-2]),
+                        help=f"comma-separated, of {', '.join(PHASES)} (default: all but report and bulk)")
     parser.add_argument("--out", type=Path, help="keep the callgrind dumps here (default: a temporary directory)")
     parser.add_argument("--pg-callgrind", type=Path, default=None,
                         help="the dump folder of a PostgreSQL cluster run under callgrind (see the module's help): "
