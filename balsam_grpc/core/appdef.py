@@ -305,7 +305,7 @@ def load_app_classes(folder: Path) -> dict[str, type[ApplicationDefinition]]:
         except InvalidArgument as exc:
             sys.modules.pop(module_name, None)
             raise InvalidArgument(f"{path}: {exc.message}", field=exc.field) from exc
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # SystemExit: a script's sys.exit() must not end the importer
             sys.modules.pop(module_name, None)
             raise InvalidArgument(f"{path}: importing the apps file failed: {type(exc).__name__}: {exc}") from exc
         for obj in vars(module).values():

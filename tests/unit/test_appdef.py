@@ -120,3 +120,12 @@ def test_loader_names_the_broken_file(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
     with pytest.raises(InvalidArgument, match="broken.py"):
         load_app_classes(tmp_path)
+
+
+def test_loader_names_a_file_that_exits(tmp_path: Path) -> None:
+    """An apps file calling sys.exit() (a script copied into apps/) ended the process
+    that imported it: `balsamctl app sync` exited 3 and `balsamctl site start`'s daemon
+    exited 3, neither saying why."""
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(InvalidArgument, match=r"script.py: importing the apps file failed: SystemExit: 3"):
+        load_app_classes(tmp_path)
