@@ -81,6 +81,8 @@ def sync(
     """
     target = ctx.resolve_site(site)
     folder = folder or Path(target.path) / "apps"
+    if folder.exists() and not folder.is_dir():
+        usage(f"apps folder {folder} is a file, not a folder (give --folder the folder of apps files)")
     if not folder.is_dir():
         usage(f"apps folder {folder} does not exist here (give --folder)")
     client = ctx.client()

@@ -115,3 +115,14 @@ def test_plots_folder_that_cannot_be_made_is_one_line(sqlite_cli_server: CliServ
     result = server.run(*args, "--plots", str(a_file / "plots"))
     assert result.returncode == 2, result.stderr
     assert f"--plots: cannot create the folder {a_file / 'plots'}" in one_error_line(result)
+
+
+def test_app_sync_of_a_file_says_it_is_not_a_folder(sqlite_cli_server: CliServer, world: dict[str, Any],
+                                                    tmp_path: Any) -> None:
+    """`app sync --folder apps.py` said the folder "does not exist here" while it does,
+    as a file."""
+    apps_file = tmp_path / "apps.py"
+    apps_file.write_text("")
+    result = sqlite_cli_server.run("app", "sync", "--site", "laptop", "--folder", str(apps_file))
+    assert result.returncode == 2, result.stderr
+    assert f"apps folder {apps_file} is a file, not a folder" in one_error_line(result)
