@@ -4,7 +4,7 @@ text holds."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -19,6 +19,16 @@ def test_every_element_but_a_number_is_quoted_and_none_is_null() -> None:
     assert array_text([1, None, -2]) == "{1,NULL,-2}"
     assert array_text(['a"b', "c\\d", "NULL", True]) == '{"a\\"b","c\\\\d","NULL",t}'
     assert array_text([]) == "{}"
+
+
+def test_times_keep_their_offset_when_repeated() -> None:
+    """Times are formatted once per value (a transaction's events share one): the same
+    instant at another offset is still written with its own offset."""
+    utc = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    east = utc.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert array_text([utc, utc, east, None]) == (
+        '{"2026-01-02T03:04:05.678901+00:00","2026-01-02T03:04:05.678901+00:00",'
+        '"2026-01-02T08:34:05.678901+05:30",NULL}')
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="BALSAM_TEST_DATABASE_URL not set")
