@@ -12,6 +12,7 @@ no extra keys); `_check` keeps the rules that relate one key to another.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import typing
 from pathlib import Path
@@ -259,7 +260,7 @@ SETTINGS_TEMPLATE = """\
 site_id: {site_id}
 name: {name}
 # host:port of the server; empty = BALSAM_SERVER or the profile.
-server: "{server}"
+server: {server}
 # Preset for defaults: local, polaris, aurora, perlmutter, frontier, slurm, pbs.
 platform: {platform}
 
@@ -329,8 +330,11 @@ def render_settings_template(*, site_id: int, name: str, server: str, platform: 
         f"  {q}: {{max_nodes: {lim.max_nodes}, max_wall_time_min: {lim.max_wall_time_min}, "
         f"max_queued: {lim.max_queued}}}\n" for q, lim in queues.items()) or "  {}\n"
     first_queue = next(iter(queues), "")
+    # The name and address as YAML double-quoted scalars (JSON's string form, ASCII with
+    # escapes): a site name such as "a: b", "x # y", "*ref", "yes" or one with U+0085 is
+    # legal on the server and must read back as itself.
     return SETTINGS_TEMPLATE.format(
-        site_id=site_id, name=name, server=server, platform=platform, scheduler=scheduler,
+        site_id=site_id, name=json.dumps(name), server=json.dumps(server), platform=platform, scheduler=scheduler,
         projects="[" + ", ".join(projects) + "]", queues=queue_lines.rstrip("\n") if queues else "  {}",
         elastic="true" if elastic else "false", queue=first_queue or '""',
         project=projects[0] if projects else "", max_nodes=max_nodes, max_total_nodes=max_total_nodes)

@@ -133,3 +133,16 @@ def test_empty_values_mean_the_default_and_numbers_may_be_text():
         with pytest.raises(SettingsError) as err:
             parse_settings(data(scheduler__poll_seconds=bad))
         assert err.value.key == "scheduler.poll_seconds" and words in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["a: b", "x # y", "[a]", "it's", '"q"', "*ref", "!tag", "null", "123", "yes",
+                                  "a\u0085b", "a\u2028b", "a\u009bb", "é\u202e", "a\\b"])
+def test_template_keeps_any_site_name_the_server_accepts(tmp_path, name):
+    """The name went into settings.yml unquoted: `site init --name 'a: b'` (or "*ref",
+    "yes", "[a]", U+0085...) failed with 'settings.yml is not valid YAML' about a file
+    the user never wrote, and "x # y" or '"q"' wrote a settings.yml naming another site
+    ('x', 'q') than the one created on the server."""
+    path = tmp_path / "settings.yml"
+    path.write_text(template(name=name, server="host.example:50051"))
+    s = load_settings(path)
+    assert s.name == name and s.server == "host.example:50051"
