@@ -19,6 +19,7 @@ import typer
 import yaml
 
 from balsam_grpc.cli.errors import require_extra
+from balsam_grpc.cli.output import visible
 from balsam_grpc.core.errors import Unavailable
 from balsam_grpc.core.pidlock import SITE_LOCK_FILE, lock_holder
 from balsam_grpc.core.settings import Profile
@@ -204,7 +205,7 @@ def status(path: Path = typer.Argument(Path("."), help="site directory")) -> Non
         site = client.call("SiteService", "GetSite", site_service_pb2.GetSiteRequest(id=settings["site_id"])).site
         live = site.liveness
         seen = live.last_seen_time.ToDatetime().isoformat(timespec="seconds") if live.HasField("last_seen_time") else "never"
-        typer.echo(f"site:       {site.name} (id {site.id}), scheduler {site.scheduler}")
+        typer.echo(f"site:       {visible(site.name)} (id {site.id}), scheduler {site.scheduler}")
         typer.echo(f"stream:     {'connected' if live.connected else 'not connected'} (last seen {seen} UTC, "
                    f"host {live.daemon_hostname or '-'}, version {live.daemon_version or '-'})")
         counts = client.call("JobService", "CountJobs", job_service_pb2.CountJobsRequest(
@@ -235,7 +236,8 @@ def ls() -> None:
     typer.echo(f"{'ID':>5}  {'NAME':<20} {'SCHEDULER':<10} {'DAEMON':<14} {'HOST':<20} PATH")
     for s in rows:
         live = "connected" if s.liveness.connected else "disconnected"
-        typer.echo(f"{s.id:>5}  {s.name:<20} {s.scheduler:<10} {live:<14} {s.hostname:<20} {s.path}")
+        typer.echo(f"{s.id:>5}  {visible(s.name):<20} {s.scheduler:<10} {live:<14} {visible(s.hostname):<20} "
+                   f"{visible(s.path)}")
 
 
 @site_app.command("rm")

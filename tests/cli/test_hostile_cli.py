@@ -126,3 +126,16 @@ def test_app_sync_of_a_file_says_it_is_not_a_folder(sqlite_cli_server: CliServer
     result = sqlite_cli_server.run("app", "sync", "--site", "laptop", "--folder", str(apps_file))
     assert result.returncode == 2, result.stderr
     assert f"apps folder {apps_file} is a file, not a folder" in one_error_line(result)
+
+
+def test_site_ls_shows_bidi_and_c1_characters_escaped(sqlite_cli_server: CliServer, world: dict[str, Any]) -> None:
+    """`site ls` printed its own columns, not a table: a site name with U+202E (right-to-
+    left override) reversed the rest of its line on screen, and U+009B is a terminal's
+    one-byte CSI."""
+    server = sqlite_cli_server
+    server.call("SiteService", "CreateSite", site_service_pb2.CreateSiteRequest(
+        site=site_pb2.Site(name="ab\u202ecd\u009b", hostname="localhost", path=str(server.home / "bidi"))))
+    result = server.run("site", "ls")
+    assert result.returncode == 0, result.stderr
+    assert "ab\\u202ecd\\x9b" in result.stdout
+    assert "\u202e" not in result.stdout and "\u009b" not in result.stdout
