@@ -10,14 +10,56 @@ from balsam_grpc.core.errors import InvalidArgument
 MAX_WORKDIR = 1024
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAG_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+# Characters that act on a terminal or reorder the text around them instead of showing:
+# the C0 controls (newline and tab too), DEL, the C1 controls (U+009B is a terminal's
+# one-byte CSI) and the Unicode bidirectional controls (U+202E shows what follows it
+# reversed). Site and app names and workdirs are printed by every tool that lists jobs,
+# sites or paths, so they may hold none of them (check_printable); free text (a job's
+# name, tag values, messages) may, and balsamctl shows them escaped (cli/output.visible).
+CONTROL_CHARACTERS = "\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _control_kind(ch: str) -> str:
+    code = ord(ch)
+    if ch in _BIDI:
+        return "a bidirectional control"
+    if code == 0x7F:
+        return "DEL"
+    if code >= 0x80:
+        return "a C1 control"
+    return {0x0A: "a newline", 0x0D: "a carriage return", 0x09: "a tab", 0x1B: "ESC", 0x00: "NUL"}.get(
+        code, "a C0 control")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each control character (CONTROL_CHARACTERS) written as \\uXXXX."""
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def check_printable(value: str, field: str) -> None:
+    """Refuse a control character (CONTROL_CHARACTERS) in a name or path with
+    INVALID_ARGUMENT naming the field, the character (as \\uXXXX) and where it is."""
+    match = _CONTROL.search(value)
+    if match is None:
+        return
+    ch = match.group()
+    shown = escape_controls(value if len(value) <= 80 else value[:77] + "...")
+    raise InvalidArgument(
+        f"{field} \"{shown}\" contains \\u{ord(ch):04x} ({_control_kind(ch)}) at character {match.start() + 1}; "
+        "remove it: names and workdirs must be printable text, without control or bidirectional formatting "
+        "characters", field=field)
 
 
 def clean_workdir(workdir: str, field: str = "workdir") -> str:
     """A workdir relative to the site's data folder, normalised; never escapes it."""
     if not workdir or not workdir.strip():
         raise InvalidArgument(f"{field} is required (a path relative to the site's data folder)", field=field)
-    if "\x00" in workdir or len(workdir) > MAX_WORKDIR:
-        raise InvalidArgument(f"{field} must be at most {MAX_WORKDIR} characters without NUL bytes", field=field)
+    if len(workdir) > MAX_WORKDIR:
+        raise InvalidArgument(f"{field} is {len(workdir)} characters long; at most {MAX_WORKDIR} are allowed",
+                              field=field)
+    check_printable(workdir, field)
     if workdir.startswith("/") or workdir.startswith("~"):
         raise InvalidArgument(f"{field} {workdir!r} must be relative to the site's data folder, not absolute",
                               field=field)

@@ -128,14 +128,54 @@ def test_app_sync_of_a_file_says_it_is_not_a_folder(sqlite_cli_server: CliServer
     assert f"apps folder {apps_file} is a file, not a folder" in one_error_line(result)
 
 
+def stored_before_the_rule(server: CliServer, table: str, row_id: int, column: str, value: str) -> None:
+    """Write `value` into a row as a server that accepted control characters in names
+    did (existing data is not migrated), straight into the SQLite database."""
+    import sqlite3
+
+    with sqlite3.connect(server.server.database_url.removeprefix("sqlite:///")) as db:
+        db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (value, row_id))
+    db.close()
+
+
 def test_site_ls_shows_bidi_and_c1_characters_escaped(sqlite_cli_server: CliServer, world: dict[str, Any]) -> None:
     """`site ls` printed its own columns, not a table: a site name with U+202E (right-to-
     left override) reversed the rest of its line on screen, and U+009B is a terminal's
-    one-byte CSI."""
+    one-byte CSI. (The server now refuses such names; one stored before still shows.)"""
     server = sqlite_cli_server
-    server.call("SiteService", "CreateSite", site_service_pb2.CreateSiteRequest(
-        site=site_pb2.Site(name="ab\u202ecd\u009b", hostname="localhost", path=str(server.home / "bidi"))))
+    site = server.call("SiteService", "CreateSite", site_service_pb2.CreateSiteRequest(
+        site=site_pb2.Site(name="bidi-to-be", hostname="localhost", path=str(server.home / "bidi")))).site
+    stored_before_the_rule(server, "sites", site.id, "name", "ab\u202ecd\u009b")
     result = server.run("site", "ls")
     assert result.returncode == 0, result.stderr
     assert "ab\\u202ecd\\x9b" in result.stdout
     assert "\u202e" not in result.stdout and "\u009b" not in result.stdout
+
+
+@pytest.mark.parametrize(("name", "named"), [("ab\u202ecd", "\\u202e (a bidirectional control)"),
+                                             ("x\u009by", "\\u009b (a C1 control)"), ("a\x7fb", "\\u007f (DEL)")])
+def test_site_init_refuses_a_name_with_control_characters(sqlite_cli_server: CliServer, world: dict[str, Any],
+                                                          tmp_path: Any, name: str, named: str) -> None:
+    """The server took DEL, C1 and bidirectional controls in a site name (it refused only
+    characters below 32): `site init --name 'ab<U+202E>cd'` made a site whose name turned
+    every later listing around. Now one error line naming the character, nothing made."""
+    server = sqlite_cli_server
+    result = server.run("site", "init", str(tmp_path / "s"), "--name", name)
+    assert result.returncode != 0
+    line = one_error_line(result)
+    assert "site.name" in line and named in line and "remove it" in line
+    assert not (tmp_path / "s" / "settings.yml").exists()
+    assert all(s.name != name for s in server.client.call(
+        "SiteService", "ListSites", site_service_pb2.ListSitesRequest()).sites)
+
+
+@pytest.mark.parametrize(("workdir", "named"), [("runs/a\nb", "\\u000a (a newline)"), ("runs/\x1b[2J", "\\u001b (ESC)"),
+                                                ("runs/ab\u202ecd", "\\u202e (a bidirectional control)")])
+def test_job_create_refuses_a_workdir_with_control_characters(sqlite_cli_server: CliServer, world: dict[str, Any],
+                                                              workdir: str, named: str) -> None:
+    """A workdir with a newline, ESC or U+202E was created (only NUL was refused), and
+    every tool printing paths showed it raw. Refused before sending (exit 2), with the
+    server's words."""
+    result = sqlite_cli_server.run("job", "create", "--app", "hello", "--site", "laptop", "-w", workdir)
+    assert result.returncode == 2, result.stderr
+    assert f"workdir \"{workdir[:5]}" in one_error_line(result) and named in one_error_line(result)

@@ -111,6 +111,15 @@ def test_failed_parent_fails_children_unless_ignored(alice):
     (dict(parameters={"x": "one"}), "not a valid int", grpc.StatusCode.INVALID_ARGUMENT),
     (dict(workdir="../escape"), "escapes", grpc.StatusCode.INVALID_ARGUMENT),
     (dict(workdir="/abs"), "not absolute", grpc.StatusCode.INVALID_ARGUMENT),
+    # Control characters in a workdir (every tool that prints paths shows them raw): the
+    # plain-column shortcut of a bulk create let every one but NUL through.
+    (dict(workdir="runs/a\nb"), "\\u000a (a newline) at character 7", grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(workdir="runs/a\tb"), "\\u0009 (a tab)", grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(workdir="runs/\x1b[2J"), "\\u001b (ESC)", grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(workdir="runs/a\x7f"), "\\u007f (DEL)", grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(workdir="runs/a\u009bb"), "\\u009b (a C1 control)", grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(workdir="runs/ab\u202ecd.h5"), "\\u202e (a bidirectional control)", grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(workdir="runs/a\u2067b"), "jobs[1].workdir", grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_bad_jobs_are_refused_and_write_nothing(alice, job, field, code):
     site, app = make_site_app(alice)

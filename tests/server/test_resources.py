@@ -142,6 +142,37 @@ def test_site_update_validates_values(api: Api) -> None:
     assert api.sites.GetSite(site_service_pb2.GetSiteRequest(id=site.id)).site == site
 
 
+# What the name check let through (it refused only characters below 32, though it said
+# "control characters"): DEL, the C1 controls and the bidirectional controls.
+CONTROL_NAMES = [("a\x7fb", "\\u007f (DEL)"), ("x\u009by", "\\u009b (a C1 control)"),
+                 ("x\u0085y", "\\u0085 (a C1 control)"), ("ab\u202ecd", "\\u202e (a bidirectional control)"),
+                 ("a\u2066b", "\\u2066 (a bidirectional control)"), ("a\u200fb", "\\u200f (a bidirectional control)"),
+                 ("a\u061cb", "\\u061c (a bidirectional control)"), ("a\x1bb", "\\u001b (ESC)"),
+                 ("a\nb", "\\u000a (a newline)")]
+
+
+@pytest.mark.parametrize(("name", "named"), CONTROL_NAMES)
+def test_site_and_app_names_with_control_characters_are_refused(api: Api, name: str, named: str) -> None:
+    """A site or app name is printed by every listing: U+202E reversed the rest of the
+    line on screen and U+009B is a terminal's one-byte CSI. Refused on create and rename,
+    naming the field and the character as \\uXXXX (the message itself holds none)."""
+    err = expect_error(lambda: api.site(name), Code.INVALID_ARGUMENT, field="site.name")
+    assert named in err.details() and "remove it" in err.details()
+    assert all(ch.isprintable() for ch in err.details()), err.details()
+    site = api.site("fine")
+    expect_error(lambda: api.sites.UpdateSite(site_service_pb2.UpdateSiteRequest(
+        site=site_pb2.Site(id=site.id, name=name), update_mask=Mask(paths=["name"]))),
+        Code.INVALID_ARGUMENT, field="site.name")
+    assert [s.name for s in api.list_sites()] == ["fine"]
+    err = expect_error(lambda: api.app(site.id, name), Code.INVALID_ARGUMENT, field="app.name")
+    assert named in err.details()
+    app = api.app(site.id, "fine-app")
+    expect_error(lambda: api.apps.UpdateApp(app_service_pb2.UpdateAppRequest(
+        app=app_pb2.App(id=app.id, name=name), update_mask=Mask(paths=["name"]))),
+        Code.INVALID_ARGUMENT, field="app.name")
+    assert [a.name for a in api.list_apps()] == ["fine-app"]
+
+
 def test_an_empty_update_mask_is_refused_with_an_example(harness: Any, api: Api) -> None:
     site = api.site()
     bj = api.batch_job(site.id)

@@ -13,7 +13,7 @@ from balsam_grpc.server.services.jobs import _plain_workdir
 def test_a_plain_workdir_is_its_own_clean_form() -> None:
     passed = 0
     for n in range(1, 6):
-        for chars in itertools.product("a/.~ \x00\t", repeat=n):
+        for chars in itertools.product("ab/.~ \x00\t\x1b\u202e", repeat=n):
             workdir = "".join(chars)
             if _plain_workdir(workdir):
                 passed += 1

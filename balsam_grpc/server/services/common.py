@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.core.errors import BalsamError, InvalidArgument
-from balsam_grpc.core.validation import check_string_map
+from balsam_grpc.core.validation import check_printable, check_string_map
 from balsam_grpc.server import paging
 from balsam_grpc.server.idempotency import idempotent, replay, request_hash, request_id_of, stored_answer
 from balsam_grpc.server.principal import Principal
@@ -85,14 +85,15 @@ def check_strings(values: Sequence[str], field: str, settings: ServerSettings) -
 
 
 def check_name(value: str, field: str, *, max_len: int = 200) -> str:
+    """A site or app name: printable text (core.validation.check_printable), not blank and
+    no whitespace at its ends."""
     if not value or not value.strip():
         raise InvalidArgument(f"{field} is required", field=field)
     if value != value.strip():
         raise InvalidArgument(f"{field} must not start or end with whitespace", field=field)
     if len(value) > max_len:
         raise InvalidArgument(f"{field} is {len(value)} characters long; at most {max_len} are allowed", field=field)
-    if any(ord(ch) < 32 for ch in value):
-        raise InvalidArgument(f"{field} must not contain control characters", field=field)
+    check_printable(value, field)
     return value
 
 

@@ -358,9 +358,10 @@ def _plain_workdir(workdir: str) -> bool:
     """A cheap sufficient test that clean_workdir would return `workdir` unchanged (it
     runs, and says what is wrong, whenever this says False): no dot at all (so no "." or
     ".." part), no doubled or trailing slash, not absolute or home-relative, within the
-    length limit, no NUL, not blank."""
+    length limit, not blank, and printable (str.isprintable: no control character of
+    check_printable's, which are all unprintable, and no NUL)."""
     return (0 < len(workdir) <= MAX_WORKDIR and "." not in workdir and "//" not in workdir and workdir[0] not in "/~"
-            and workdir[-1] != "/" and "\x00" not in workdir and not workdir.isspace())
+            and workdir[-1] != "/" and workdir.isprintable() and not workdir.isspace())
 
 
 def job_spec(job: job_pb2.Job, field: str, state: ServerState) -> dict[str, Any]:
@@ -422,14 +423,16 @@ def _plain_workdirs(workdirs: list[str]) -> bool:
     """_plain_workdir of every one of `workdirs` (not empty), tested on them joined by
     NUL (which none may hold: counted) in a few C-level scans instead of a Python call
     each: a part starting with "/" or "~" or ending with "/" is one next to a NUL, and a
-    dot or a doubled slash anywhere is one inside a workdir."""
+    dot or a doubled slash anywhere is one inside a workdir. Printable: each on its own
+    (the NUL that joins them is not)."""
     lengths = list(map(len, workdirs))
     if min(lengths) == 0 or max(lengths) > MAX_WORKDIR:
         return False
     joined = "\x00".join(workdirs)
     return (joined.count("\x00") == len(workdirs) - 1 and "." not in joined and "//" not in joined
             and joined[0] not in "/~" and "\x00/" not in joined and "\x00~" not in joined
-            and joined[-1] != "/" and "/\x00" not in joined and not any(map(str.isspace, workdirs)))
+            and joined[-1] != "/" and "/\x00" not in joined and all(map(str.isprintable, workdirs))
+            and not any(map(str.isspace, workdirs)))
 
 
 def _maps(maps: Iterable[Any]) -> list[dict[str, str]]:
