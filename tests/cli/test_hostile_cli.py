@@ -179,3 +179,14 @@ def test_job_create_refuses_a_workdir_with_control_characters(sqlite_cli_server:
     result = sqlite_cli_server.run("job", "create", "--app", "hello", "--site", "laptop", "-w", workdir)
     assert result.returncode == 2, result.stderr
     assert f"workdir \"{workdir[:5]}" in one_error_line(result) and named in one_error_line(result)
+
+
+def test_site_init_refuses_an_all_digit_name(sqlite_cli_server: CliServer, world: dict[str, Any],
+                                             tmp_path: Any) -> None:
+    """`site init ./x --name 1` was accepted, and afterwards `--site 1` always meant the
+    site with id 1: the site could not be named. Refused, saying why."""
+    result = sqlite_cli_server.run("site", "init", str(tmp_path / "x"), "--name", "1")
+    assert result.returncode != 0
+    line = one_error_line(result)
+    assert "site.name '1' is all digits, which balsamctl reads as an id" in line and "add a letter" in line
+    assert not (tmp_path / "x" / "settings.yml").exists()

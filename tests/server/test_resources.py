@@ -173,6 +173,23 @@ def test_site_and_app_names_with_control_characters_are_refused(api: Api, name: 
     assert [a.name for a in api.list_apps()] == ["fine-app"]
 
 
+@pytest.mark.parametrize("name", ["1", "007", "12345678901234567890"])
+def test_all_digit_site_and_app_names_are_refused(api: Api, name: str) -> None:
+    """balsamctl reads an all-ASCII-digit --site/--app as an id: a site named "1" was
+    created, and `--site 1` then always meant the site with id 1. The message says why."""
+    err = expect_error(lambda: api.site(name), Code.INVALID_ARGUMENT, field="site.name")
+    assert "all digits" in err.details() and "reads as an id" in err.details()
+    site = api.site("digits")
+    expect_error(lambda: api.sites.UpdateSite(site_service_pb2.UpdateSiteRequest(
+        site=site_pb2.Site(id=site.id, name=name), update_mask=Mask(paths=["name"]))),
+        Code.INVALID_ARGUMENT, field="site.name")
+    err = expect_error(lambda: api.app(site.id, name), Code.INVALID_ARGUMENT, field="app.name")
+    assert f"--app {name} means the app with id {name}" in err.details()
+    # Names that only look like numbers to other eyes stay names (balsamctl reads them so).
+    assert api.site(f"{name}a").name == f"{name}a" and api.site(f"²{name}").name == f"²{name}"
+    assert api.app(site.id, f"v{name}").name == f"v{name}"
+
+
 def test_an_empty_update_mask_is_refused_with_an_example(harness: Any, api: Api) -> None:
     site = api.site()
     bj = api.batch_job(site.id)

@@ -85,8 +85,9 @@ def check_strings(values: Sequence[str], field: str, settings: ServerSettings) -
 
 
 def check_name(value: str, field: str, *, max_len: int = 200) -> str:
-    """A site or app name: printable text (core.validation.check_printable), not blank and
-    no whitespace at its ends."""
+    """A site or app name: printable text (core.validation.check_printable), not blank, no
+    whitespace at its ends, and not all ASCII digits: balsamctl reads such a reference as
+    an id, so a site named "1" could never be named (--site 1 is the site with id 1)."""
     if not value or not value.strip():
         raise InvalidArgument(f"{field} is required", field=field)
     if value != value.strip():
@@ -94,6 +95,11 @@ def check_name(value: str, field: str, *, max_len: int = 200) -> str:
     if len(value) > max_len:
         raise InvalidArgument(f"{field} is {len(value)} characters long; at most {max_len} are allowed", field=field)
     check_printable(value, field)
+    if value.isascii() and value.isdigit():
+        kind = field.split(".")[0]
+        raise InvalidArgument(f"{field} {value!r} is all digits, which balsamctl reads as an id (--{kind} {value} "
+                              f"means the {kind} with id {value}, not this name): add a letter, for example "
+                              f"'{kind}-{value}'", field=field)
     return value
 
 
