@@ -7,7 +7,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-from balsam_grpc.cli.errors import fail
+from balsam_grpc.cli.errors import fail, usage
 from balsam_grpc.cli.filters import JobSelection
 from balsam_grpc.core.settings import profile_path
 from balsam_grpc.sdk.client import Client
@@ -76,43 +76,58 @@ def app_name(app_id: int) -> str:
 
 
 def resolve_site(ref: int | str) -> site_pb2.Site:
-    """A site by id or name; a clear error when the caller has none such."""
+    """A site by id or name; a usage error (exit 2, as for any bad option value) when the
+    caller has none such."""
     by_id = sites()
     if isinstance(ref, int) and ref in by_id:
         return by_id[ref]
     found = [s for s in by_id.values() if s.name == ref or str(s.id) == str(ref)]
     if not found:
         known = ", ".join(sorted(s.name for s in by_id.values())) or "none yet (balsamctl site init)"
-        fail(f"no site {ref!r}; your sites: {known}")
+        usage(f"no site {ref!r}; your sites: {known}")
     return found[0]
 
 
 def resolve_app(ref: int | str, site: int | str | None = None) -> app_pb2.App:
-    """An app by id, or by name (with a site when the name exists at several)."""
+    """An app by id, or by name (with a site when the name exists at several); a usage
+    error when there is none such."""
     site_id = resolve_site(site).id if site is not None else None
     candidates = [a for a in apps().values()
                   if (a.id == ref if isinstance(ref, int) else a.name == ref)
                   and (site_id is None or a.site_id == site_id)]
     if not candidates:
         where = f" at site {site_name(site_id)!r}" if site_id else ""
-        fail(f"no app {ref!r}{where} (see `balsamctl app ls`)")
+        usage(f"no app {ref!r}{where} (see `balsamctl app ls`)")
     if len(candidates) > 1:
         at = ", ".join(site_name(a.site_id) for a in candidates)
-        fail(f"app {ref!r} exists at several sites ({at}): choose one with --site")
+        usage(f"app {ref!r} exists at several sites ({at}): choose one with --site")
     return candidates[0]
+
+
+def check_apps(refs: list[int | str]) -> None:
+    """A job filter's --app values (names at any site, or ids): a usage error for one
+    that is no app of the caller, as an unknown --site is. (A name alone goes to the
+    server as a filter of app names, which matched nothing: an empty table, exit 0.)"""
+    known = apps()
+    names = {a.name for a in known.values()}
+    for ref in refs:
+        if ref not in (known if isinstance(ref, int) else names):
+            usage(f"no app {ref!r} (see `balsamctl app ls`)")
 
 
 def _resolve_names(resource: str, names: list[str]) -> list[int]:
     if resource == "site":
         return [resolve_site(n).id for n in names]
+    check_apps(list(names))
     return [a.id for a in apps().values() if a.name in set(names)]
 
 
 # ------------------------------------------------------------------------- jobs
 
 def job_filter(selection: JobSelection) -> job_pb2.JobFilter | None:
-    """The server's JobFilter for a selection (site names resolved); None when the
-    conditions can match nothing."""
+    """The server's JobFilter for a selection (site names resolved, app names checked);
+    None when the conditions can match nothing."""
+    check_apps(selection.apps)
     criteria = [(False, JOB_FILTER.normalize(selection.filter_kwargs()))]
     if selection.exclude_kwargs():
         criteria.append((True, JOB_FILTER.normalize(selection.exclude_kwargs(), exclude=True)))

@@ -552,6 +552,7 @@ def _event_filter(selection: JobSelection, to_states: Iterable[int] = ()) -> eve
     flt.tags.update(selection.tags)
     if selection.sites:
         flt.site_ids.extend(ctx.resolve_site(s).id for s in selection.sites)
+    ctx.check_apps(selection.apps)  # checked on each job's app as events come (watch)
     return flt
 
 

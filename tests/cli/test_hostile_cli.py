@@ -51,8 +51,8 @@ def test_markup_and_control_characters_are_shown_as_text(sqlite_cli_server: CliS
 
 
 @pytest.mark.parametrize(("args", "code", "expected"), [
-    (["token", "create", "--site", "²"], 1, "no site '²'"),
-    (["route", "--app", "hello", "--site", "²"], 1, "no site '²'"),
+    (["token", "create", "--site", "²"], 2, "no site '²'"),
+    (["route", "--app", "hello", "--site", "²"], 2, "no site '²'"),
     (["transfers", "ls", "--job", "²"], 2, "--job: '²' is not a job id"),
     (["job", "create", "--app", "²", "--site", "laptop", "-w", "digits/1"], 2, "no app '²'"),
 ])

@@ -317,6 +317,20 @@ def test_history_shows_each_transition(cli_server: CliServer, world: dict[str, A
     (["job", "create", "--app", "hello", "--site", "laptop", "-w", "bad/3", "-p", "n=1", "-p", "colour=red"],
      "parameters.colour: app 'hello' has no parameter 'colour'"),
     (["job", "create", "--app", "nope", "--site", "laptop", "-w", "bad/4"], "no app 'nope' at site 'laptop'"),
+    # Unknown apps and sites in filters and options: a usage error, whatever the command
+    # (job ls --app Nope printed an empty table and exited 0; queue submit --site nope
+    # exited 1 where job create exited 2).
+    (["job", "ls", "--app", "Nope"], "no app 'Nope' (see `balsamctl app ls`)"),
+    (["job", "ls", "--app", "hello", "--app", "Nope"], "no app 'Nope'"),
+    (["job", "ls", "--app", "999999"], "no app 999999"),
+    (["job", "ls", "--app", "Nope", "-o", "json"], "no app 'Nope'"),
+    (["job", "modify", "--app", "Nope", "--set-priority", "3", "--yes"], "no app 'Nope'"),
+    (["job", "watch", "--app", "Nope", "--timeout", "1"], "no app 'Nope'"),
+    (["job", "wait", "--app", "Nope", "--timeout", "1"], "no app 'Nope'"),
+    (["job", "ls", "--site", "nope"], "no site 'nope'; your sites: "),
+    (["job", "create", "--app", "hello", "--site", "nope", "-w", "bad/5", "-p", "n=1"], "no site 'nope'"),
+    (["queue", "submit", "--site", "nope", "-n", "1", "-t", "5"], "no site 'nope'"),
+    (["queue", "ls", "--site", "nope"], "no site 'nope'"),
     (["job", "ls", "--since", "yesterday"], "--since: 'yesterday' is neither an ISO time"),
     (["job", "ls", "--limit", "ten"], "Invalid value for '--limit'"),  # typer's own checks: one line too
     (["queue", "submit", "--site", "laptop", "-t", "5"], "Missing option '--num-nodes'"),
