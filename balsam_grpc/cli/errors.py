@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import grpc
 import typer
 
+from balsam_grpc.cli.terminal import visible
 from balsam_grpc.core.errors import BalsamError
 
 EXIT_FAILED = 1
@@ -55,7 +56,10 @@ def _one_line(text: str) -> str:
 
 
 def print_error(message: str) -> None:
-    sys.stderr.write(f"error: {_one_line(message)}\n")
+    """`error: MESSAGE` on one line, with the characters that would act on the terminal
+    (escape sequences, C1 controls, bidirectional overrides) shown escaped as the tables
+    show them: a message may quote stored names ("your sites: ...") or the server's words."""
+    sys.stderr.write(f"error: {visible(_one_line(message))}\n")
     sys.stderr.flush()
 
 

@@ -36,6 +36,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from balsam_grpc.cli.terminal import visible
+
 
 class Format(str, Enum):
     table = "table"
@@ -77,21 +79,6 @@ def stderr() -> Console:
     if _stderr is None:
         _stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
     return _stderr
-
-
-# C0 and C1 control characters but newline and tab, DEL, and the bidirectional controls
-# that reorder what follows them on screen.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-
-
-def visible(text: str) -> str:
-    """`text` with the characters that act on a terminal written as escapes."""
-    return _UNSAFE.sub(_escape, text)
 
 
 _INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,

@@ -40,7 +40,7 @@ APPS_NOT_SYNCED = "apps folder not synced"
 
 
 def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    typer.secho(f"error: {visible(message)}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 

@@ -15,7 +15,7 @@ _TAG_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 # one-byte CSI) and the Unicode bidirectional controls (U+202E shows what follows it
 # reversed). Site and app names and workdirs are printed by every tool that lists jobs,
 # sites or paths, so they may hold none of them (check_printable); free text (a job's
-# name, tag values, messages) may, and balsamctl shows them escaped (cli/output.visible).
+# name, tag values, messages) may, and balsamctl shows them escaped (cli/terminal.visible).
 CONTROL_CHARACTERS = "\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 _CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")

@@ -190,3 +190,18 @@ def test_site_init_refuses_an_all_digit_name(sqlite_cli_server: CliServer, world
     line = one_error_line(result)
     assert "site.name '1' is all digits, which balsamctl reads as an id" in line and "add a letter" in line
     assert not (tmp_path / "x" / "settings.yml").exists()
+
+
+def test_error_lines_show_stored_names_escaped(sqlite_cli_server: CliServer, world: dict[str, Any]) -> None:
+    """`job ls --site nope` listed "your sites: ..." with a stored U+202E raw, which
+    reversed the rest of the error line on screen (and a C1 character reached the
+    terminal). Error lines now escape what the tables escape."""
+    server = sqlite_cli_server
+    site = server.call("SiteService", "CreateSite", site_service_pb2.CreateSiteRequest(
+        site=site_pb2.Site(name="err-bidi", hostname="localhost", path=str(server.home / "err-bidi")))).site
+    stored_before_the_rule(server, "sites", site.id, "name", "ef\u202egh\u009b")
+    for args, code in ((["job", "ls", "--site", "nope"], 2), (["site", "rm", "nope", "--yes"], 1)):
+        result = server.run(*args)
+        assert result.returncode == code, result.stderr
+        assert "ef\\u202egh\\x9b" in result.stderr, result.stderr
+        assert "\u202e" not in result.stderr and "\u009b" not in result.stderr
