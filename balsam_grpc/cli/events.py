@@ -148,8 +148,15 @@ class Follower:
         self.close()
 
 
-def deadline_after(seconds: float | None) -> float | None:
-    return None if seconds is None else time.monotonic() + seconds
+def deadline_after(seconds: float | None, option: str = "--timeout") -> float | None:
+    """The monotonic time `seconds` (a --timeout) from now; None for no limit. A negative
+    or NaN timeout is a usage error: -1 was taken as "already passed" (job wait gave up at
+    once and said it had timed out) and NaN as never."""
+    if seconds is None:
+        return None
+    if not seconds >= 0:
+        usage(f"{option} must be a number of seconds, 0 or more, got {seconds:g}")
+    return time.monotonic() + seconds
 
 
 def event_filter(*, job: list[str] | None = None, site: list[str] | None = None,

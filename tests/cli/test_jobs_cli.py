@@ -331,6 +331,12 @@ def test_history_shows_each_transition(cli_server: CliServer, world: dict[str, A
     (["job", "create", "--app", "hello", "--site", "nope", "-w", "bad/5", "-p", "n=1"], "no site 'nope'"),
     (["queue", "submit", "--site", "nope", "-n", "1", "-t", "5"], "no site 'nope'"),
     (["queue", "ls", "--site", "nope"], "no site 'nope'"),
+    # A negative timeout was taken (job wait gave up at once, "timed out after -1 s").
+    (["job", "wait", "--tag", "exp=bulk", "--timeout", "-1"], "--timeout must be a number of seconds, 0 or more, "
+                                                              "got -1"),
+    (["job", "wait", "--tag", "exp=bulk", "--timeout", "nan"], "--timeout must be a number of seconds"),
+    (["job", "watch", "--timeout", "-0.5"], "--timeout must be a number of seconds, 0 or more, got -0.5"),
+    (["events", "--follow", "--timeout", "-1"], "--timeout must be a number of seconds"),
     (["job", "ls", "--since", "yesterday"], "--since: 'yesterday' is neither an ISO time"),
     (["job", "ls", "--limit", "ten"], "Invalid value for '--limit'"),  # typer's own checks: one line too
     (["queue", "submit", "--site", "laptop", "-t", "5"], "Missing option '--num-nodes'"),
