@@ -100,3 +100,98 @@ def test_a_failing_statement_stops_the_batch_and_its_transaction_commits_nothing
     with engine.begin() as conn:
         assert conn.execute(text("SELECT count(*) FROM driver_batch_probe")).scalar_one() == 0
         conn.execute(text("DROP TABLE driver_batch_probe"))
+
+
+def _trace(conn, path, run):
+    """libpq's trace of `run()` on `conn`'s connection: (direction, message) pairs."""
+    pgconn = conn.connection.driver_connection.pgconn
+    with path.open("w") as out:
+        pgconn.trace(out.fileno())
+        try:
+            run()
+        finally:
+            pgconn.untrace()
+    return [tuple(line.split("\t")[1:4:2]) for line in path.read_text().splitlines()]
+
+
+def test_a_batch_is_sent_with_one_sync_and_answered_in_order(engine, tmp_path):
+    """All of a batch's statements and its one Sync leave before any answer is read."""
+    stmt = DriverStatement(text("SELECT CAST(:a AS INT) + 1"), engine.dialect)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        got: list[object] = []
+        messages = _trace(conn, tmp_path / "protocol",
+                          lambda: got.extend(driver_batch(conn, [(stmt, {"a": i}) for i in range(5)])))
+        conn.rollback()
+    assert got == [[(i + 1,)] for i in range(5)]
+    directions = [direction for direction, _ in messages]
+    assert directions == sorted(directions, key="FB".index), messages
+    assert [m for _, m in messages].count("Sync") == 1
+
+
+def test_the_first_statement_of_a_transaction_begins_it(engine):
+    """A driver statement that opens the transaction sends BEGIN first, as psycopg's cursor
+    does: its write is undone by the rollback, not committed on its own."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS driver_begin_probe (v INT)"))
+        conn.execute(text("DELETE FROM driver_begin_probe"))
+    insert = DriverStatement(text("INSERT INTO driver_begin_probe VALUES (CAST(:v AS INT))"), engine.dialect)
+    try:
+        with engine.connect() as conn:
+            driver_rows(conn, insert, {"v": 1})
+            conn.rollback()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM driver_begin_probe")).scalar_one() == 0
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE driver_begin_probe"))
+
+
+def _ours(conn) -> list[str]:
+    return sorted(conn.exec_driver_sql("SELECT name FROM pg_prepared_statements WHERE name LIKE '\\_balsam\\_%%'")
+                  .scalars())
+
+
+def test_prepared_statements_outlive_the_rollbacks_that_end_reads(engine, monkeypatch):
+    """A statement is prepared at its PREPARE_AFTER-th execution and stays prepared across
+    the rollback with which the pool ends every read. psycopg deallocated all of a
+    connection's statements, ours too, at such a rollback once it had prepared one of its
+    own: the next execution of ours failed ('prepared statement does not exist')."""
+    from balsam_grpc.server.store import db as db_module
+
+    stmt = DriverStatement(text("SELECT CAST(:a AS INT) * 2"), engine.dialect)
+    with engine.connect() as conn:
+        for i in range(db_module.PREPARE_AFTER + 1):
+            conn.execute(text("SELECT CAST(:a AS INT) * 3"), {"a": i})  # what psycopg would prepare
+            assert driver_rows(conn, stmt, {"a": i}) == [(2 * i,)]
+        assert len(_ours(conn)) == 1
+        conn.rollback()
+        assert driver_rows(conn, stmt, {"a": 21}) == [(42,)]
+        assert len(_ours(conn)) == 1
+        conn.rollback()
+
+
+def test_at_most_max_prepared_the_least_recently_used_deallocated(engine, monkeypatch):
+    from balsam_grpc.server.store import db as db_module
+
+    monkeypatch.setattr(db_module, "MAX_PREPARED", 2)
+    statements = [DriverStatement(text(f"SELECT CAST(:a AS INT) + {k}"), engine.dialect) for k in range(3)]
+    with engine.connect() as conn:
+        for stmt in statements:
+            for _ in range(db_module.PREPARE_AFTER):
+                driver_rows(conn, stmt, {"a": 1})
+        driver_rows(conn, statements[2], {"a": 1})  # the deallocation goes out with the next batch
+        assert len(_ours(conn)) == 2
+        assert driver_rows(conn, statements[0], {"a": 1}) == [(1,)]  # unprepared again, still answered
+        conn.rollback()
+
+
+def test_a_value_no_dumper_takes_leaves_the_connection_usable(engine):
+    stmt = DriverStatement(text("SELECT CAST(:a AS INT)"), engine.dialect)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        with pytest.raises(Exception, match="adapt"):
+            driver_batch(conn, [(stmt, {"a": 1}), (stmt, {"a": object()})])
+        conn.rollback()
+        assert driver_rows(conn, stmt, {"a": 5}) == [(5,)]
+        conn.rollback()

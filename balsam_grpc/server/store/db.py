@@ -181,9 +181,18 @@ def make_engine(url: str, idle_ping_seconds: float = IDLE_PING_SECONDS) -> Engin
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     engine = create_engine(parsed, pool_size=10, max_overflow=10, **json_args)
-    event.listen(engine, "connect", _pg_loaders)
+    event.listen(engine, "connect", _pg_connect)
     _ping_when_idle(engine, idle_ping_seconds)
     return engine
+
+
+def _pg_connect(dbapi_conn: Any, record: Any) -> None:
+    # psycopg prepares nothing on these connections: the driver statements (store.driver)
+    # are prepared by their own PreparedStatements, and psycopg deallocates every
+    # statement of a connection, ours with its own, at each rollback (the pool ends every
+    # read so). Statements SQLAlchemy runs are planned at each execution.
+    dbapi_conn.prepare_threshold = None
+    _pg_loaders(dbapi_conn, record)
 
 
 def _pg_loaders(dbapi_conn: Any, _record: Any) -> None:
@@ -381,13 +390,10 @@ def _statement_connection_class() -> type:
         _reader: tuple[asyncio.AbstractEventLoop, int] | None = None
         _waiter: asyncio.Future[int] | None = None
         _busy = False
-        # run_tuples: the transformer (dumpers and loaders of this connection), and the
-        # statements prepared here and seen here by (query, parameter types), as
-        # psycopg's own cache keeps them.
+        # run_tuples: the transformer (dumpers and loaders of this connection) and the
+        # statements prepared here.
         _tx: Any = None
-        _stmt_prepared: dict[tuple[bytes, tuple[int, ...]], bytes]
-        _stmt_seen: dict[tuple[bytes, tuple[int, ...]], int]
-        _stmt_count = 0
+        _statements: PreparedStatements
 
         async def run_tuples(self, shape: _DriverShape, params: dict[str, Any]) -> list[tuple[Any, ...]]:
             """One statement (a driver shape) with `params`, its rows as tuples: what
@@ -400,30 +406,20 @@ def _statement_connection_class() -> type:
             tx = self._tx
             if tx is None:
                 tx = self._tx = adapt.Transformer(self)
-                self._stmt_prepared, self._stmt_seen = {}, {}
+                self._statements = PreparedStatements()
             pgconn = self.pgconn
             values = tx.dump_sequence(shape.values(params), shape.formats) if shape.count else ()
             types = tx.types or () if shape.count else ()
             formats = tx.formats if shape.count else None
             key = (shape.query, types)
-            name = self._stmt_prepared.pop(key, None)
-            if name is not None:
-                self._stmt_prepared[key] = name  # most recently used last
-            else:
-                seen = self._stmt_seen.get(key, 0) + 1
-                if seen >= PREPARE_AFTER:
-                    self._stmt_seen.pop(key, None)
-                    self._stmt_count += 1
-                    name = b"_balsam_%d" % self._stmt_count
-                    pgconn.send_prepare(name, shape.query, param_types=types)
-                    await self._results(pgconn)  # raises the statement's error: not kept
-                    self._stmt_prepared[key] = name
-                    if len(self._stmt_prepared) > MAX_PREPARED:
-                        await self._stmt_deallocate(next(iter(self._stmt_prepared)))
-                else:
-                    if len(self._stmt_seen) >= MAX_PREPARED:
-                        del self._stmt_seen[next(iter(self._stmt_seen))]
-                    self._stmt_seen[key] = seen
+            name, prepare = self._statements.name_for(key)
+            if prepare:
+                pgconn.send_prepare(name, shape.query, param_types=types)
+                await self._results(pgconn)  # raises the statement's error: not kept
+                evicted = self._statements.prepared(key, name)
+                if evicted is not None:
+                    self.pgconn.send_query(b"DEALLOCATE " + evicted)
+                    await self._results(self.pgconn)
             if name is None:
                 pgconn.send_query_params(shape.query, values, param_formats=formats, param_types=types,
                                          result_format=_BINARY)
@@ -434,11 +430,6 @@ def _statement_connection_class() -> type:
                 return []
             tx.set_pgresult(result)
             return tx.load_rows(0, result.ntuples, tuple)  # type: ignore[no-any-return]
-
-        async def _stmt_deallocate(self, key: tuple[bytes, tuple[int, ...]]) -> None:
-            name = self._stmt_prepared.pop(key)
-            self.pgconn.send_query(b"DEALLOCATE " + name)
-            await self._results(self.pgconn)
 
         async def _results(self, pgconn: Any) -> Any:
             """Send what is queued, wait for the statement's results and return the last
@@ -542,10 +533,46 @@ def _statement_connection_class() -> type:
     return StatementConnection
 
 
-# StatementConnection.run_tuples: executions of a (query, parameter types) before it is
-# prepared, and the statements prepared per connection (psycopg's defaults).
+# Executions of a (query, parameter types) before it is prepared, and the statements
+# prepared per connection (psycopg's defaults).
 PREPARE_AFTER = 5
 MAX_PREPARED = 100
+
+
+class PreparedStatements:
+    """The statements prepared on one connection, by (query, parameter types), as psycopg
+    prepares its own: at the PREPARE_AFTER-th execution, at most MAX_PREPARED, the least
+    recently used deallocated."""
+
+    __slots__ = ("names", "seen", "count")
+
+    def __init__(self) -> None:
+        self.names: dict[tuple[bytes, tuple[int, ...]], bytes] = {}  # least recently used first
+        self.seen: dict[tuple[bytes, tuple[int, ...]], int] = {}
+        self.count = 0
+
+    def name_for(self, key: tuple[bytes, tuple[int, ...]]) -> tuple[bytes | None, bool]:
+        """(the name to execute `key` as, None for unprepared; whether to prepare it first)."""
+        name = self.names.pop(key, None)
+        if name is not None:
+            self.names[key] = name
+            return name, False
+        seen = self.seen.get(key, 0) + 1
+        if seen >= PREPARE_AFTER:
+            self.seen.pop(key, None)
+            self.count += 1
+            return b"_balsam_%d" % self.count, True
+        if len(self.seen) >= MAX_PREPARED:
+            del self.seen[next(iter(self.seen))]
+        self.seen[key] = seen
+        return None, False
+
+    def prepared(self, key: tuple[bytes, tuple[int, ...]], name: bytes) -> bytes | None:
+        """`name` was prepared for `key`: kept. The name to deallocate now, if one must go."""
+        self.names[key] = name
+        if len(self.names) > MAX_PREPARED:
+            return self.names.pop(next(iter(self.names)))
+        return None
 # A %(name)s placeholder, or %% (a literal %), in the driver's (psycopg's) terms.
 _PLACEHOLDER = re.compile(rb"%\((\w+)\)s|%%")
 
@@ -583,7 +610,7 @@ _SHAPES: dict[str, _DriverShape] = {}
 _MAX_SHAPES = 1024
 
 
-def _shape(sql: str) -> _DriverShape:
+def driver_shape(sql: str) -> _DriverShape:
     shape = _SHAPES.get(sql)
     if shape is None:
         if len(_SHAPES) >= _MAX_SHAPES:
@@ -630,7 +657,7 @@ class _StatementConnections:
             conn = await self._take(psycopg)
             broken = True
             try:
-                rows = await conn.run_tuples(_shape(sql), params)
+                rows = await conn.run_tuples(driver_shape(sql), params)
                 broken = False
                 return rows
             except psycopg.Error as exc:

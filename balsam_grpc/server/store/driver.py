@@ -12,9 +12,17 @@ literals (codec.array_text) on PostgreSQL and as JSON arrays (query.ids_value) o
 and JSON as text. Rows come as tuples or dicts with the values SQLAlchemy's rows have
 (JSON decoded; on SQLite times as naive datetimes, booleans as bool).
 
-Listeners of before_cursor_execute see them as they see SQLAlchemy's: on SQLite that is
-store.db's guard that refuses to run a statement after SQLite rolled the transaction back
-by itself (and an error that did so is noted there, as SQLAlchemy's handle_error would).
+On PostgreSQL they go out through libpq's pipeline directly (_pipeline): every statement
+of a batch, then one Sync and one flush, and their results read back together, each
+prepared as psycopg would prepare it (store.db.PreparedStatements). psycopg's pipeline
+sends and polls once per statement, with a cursor, a query conversion and a row maker
+each: 15 % of a launcher report's server instructions (bench_instructions --phases
+report).
+
+Listeners of before_cursor_execute see them as they see SQLAlchemy's (on PostgreSQL
+without a cursor): on SQLite that is store.db's guard that refuses to run a statement
+after SQLite rolled the transaction back by itself (and an error that did so is noted
+there, as SQLAlchemy's handle_error would).
 Errors are raised as SQLAlchemy raises them (DBAPIError, with the connection invalidated
 when it is gone), so callers and rpc.database_unavailable see no difference.
 """
@@ -22,17 +30,20 @@ when it is gone), so callers and rpc.database_unavailable see no difference.
 from __future__ import annotations
 
 import contextlib
+import functools
+import select
 import sqlite3
 from collections.abc import Callable, Hashable, Iterator
 from datetime import datetime
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Boolean, Connection, DateTime
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.exc import DBAPIError
 
 from balsam_grpc.server.store.codec import is_json_type, loads, sqlite_time
-from balsam_grpc.server.store.db import note_sqlite_error
+from balsam_grpc.server.store.db import PreparedStatements, driver_shape, note_sqlite_error
 
 _TUPLES_OK = 2  # psycopg.pq.ExecStatus.TUPLES_OK
 # SQLite statements compiled with pysqlite's named placeholders (the engine's dialect
@@ -99,18 +110,7 @@ def driver_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any],
     `dicts`; [] when it returns none)."""
     if conn.dialect.name == "sqlite":
         return _sqlite_rows(conn, stmt, params, dicts)
-    from psycopg.rows import dict_row, tuple_row
-
-    dbapi_conn = conn.connection.driver_connection
-    params = _bound(stmt, params)
-    with _sqlalchemy_errors(conn, stmt.sql, params):
-        cursor = dbapi_conn.cursor(row_factory=dict_row if dicts else tuple_row)
-        try:
-            _execute(conn, cursor, stmt.sql, params)
-            result = cursor.pgresult
-            return cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
-        finally:
-            cursor.close()
+    return _postgresql_batch(conn, [(stmt, _bound(stmt, params))], dicts)[0]
 
 
 def _sqlite_rows(conn: Connection, stmt: DriverStatement, params: dict[str, Any], dicts: bool) -> list[Any]:
@@ -205,25 +205,168 @@ def driver_batch(conn: Connection, items: list[tuple[DriverStatement, dict[str, 
     returns them. An error in one is raised as driver_rows raises it, and none after it
     runs; the transaction then only rolls back (the Sync that ends the batch commits
     nothing inside BEGIN)."""
-    from psycopg.rows import dict_row, tuple_row
+    return _postgresql_batch(conn, [(stmt, _bound(stmt, params)) for stmt, params in items], dicts)
 
-    dbapi_conn = conn.connection.driver_connection
-    bound = [(stmt, _bound(stmt, params)) for stmt, params in items]
-    cursors = []
+
+def _postgresql_batch(conn: Connection, bound: list[tuple[DriverStatement, dict[str, Any]]],
+                      dicts: bool) -> list[list[Any]]:
+    with _sqlalchemy_errors(conn, "; ".join(stmt.sql for stmt, _ in bound), {}):
+        if conn._has_events or conn.engine._has_events:
+            for stmt, params in bound:
+                conn.dispatch.before_cursor_execute(conn, None, stmt.sql, params, None, False)
+        return _pipeline(conn.connection.driver_connection, bound, dicts)
+
+
+class _Connection:
+    """What _pipeline keeps per connection: its transformer (dumpers and loaders; a cursor
+    copies the adapters at every statement), its prepared statements, and the names to
+    deallocate at the start of the next pipeline."""
+
+    __slots__ = ("tx", "statements", "deallocate", "names", "encoding")
+
+    def __init__(self, dbapi_conn: Any) -> None:
+        from psycopg import adapt
+
+        self.tx = adapt.Transformer(dbapi_conn)
+        self.statements = PreparedStatements()
+        self.deallocate: list[bytes] = []
+        self.names: dict[bytes, list[str]] = {}  # a statement's column names (rows as dicts)
+        self.encoding = dbapi_conn.info.encoding
+
+
+_CONNECTIONS: WeakKeyDictionary[Any, _Connection] = WeakKeyDictionary()
+
+
+@functools.cache
+def _psycopg() -> tuple[Any, Any, Any]:
+    """psycopg, its errors and pq, imported once on first use (a SQLite-only install has no
+    psycopg; an import statement in a function is a lookup and the import lock per call)."""
+    import psycopg
+    from psycopg import errors, pq
+
+    return psycopg, errors, pq
+
+
+def _pipeline(dbapi_conn: Any, bound: list[tuple[DriverStatement, dict[str, Any]]], dicts: bool) -> list[list[Any]]:
+    """The statements sent in one libpq pipeline: BEGIN first when no transaction is open
+    yet (as psycopg's cursor would send it), the deallocations due, each statement
+    (prepared first at its PREPARE_AFTER-th execution), and one Sync. Results as text,
+    loaded by the connection's own loaders, as its cursors load them."""
+    psycopg, errors, pq = _psycopg()
+    if dbapi_conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+        raise RuntimeError("a driver statement inside psycopg's pipeline (store.driver.sent_ahead): end it first")
+    state = _CONNECTIONS.get(dbapi_conn)
+    if state is None:
+        state = _CONNECTIONS[dbapi_conn] = _Connection(dbapi_conn)
+    pgconn, tx, statements = dbapi_conn.pgconn, state.tx, state.statements
+    # Per result group of the pipeline, in order: None (BEGIN, a deallocation), a
+    # statement's PREPARE (its key and name), or a statement (its query).
+    groups: list[Any] = []
+    pgconn.enter_pipeline_mode()
+    synced = False
     try:
-        with _sqlalchemy_errors(conn, "; ".join(stmt.sql for stmt, _ in bound), {}):
-            with dbapi_conn.pipeline():
-                for stmt, params in bound:
-                    cursors.append(cursor := dbapi_conn.cursor(row_factory=dict_row if dicts else tuple_row))
-                    _execute(conn, cursor, stmt.sql, params)
-            out = []
-            for cursor in cursors:
-                result = cursor.pgresult
-                out.append(cursor.fetchall() if result is not None and result.status == _TUPLES_OK else [])
-            return out
+        if pgconn.transaction_status == pq.TransactionStatus.IDLE and not dbapi_conn.autocommit:
+            pgconn.send_query_params(b"BEGIN", None)
+            groups.append(None)
+        while state.deallocate:
+            pgconn.send_query_params(b"DEALLOCATE " + state.deallocate.pop(), None)
+            groups.append(None)
+        for stmt, params in bound:
+            shape = driver_shape(stmt.sql)
+            values = tx.dump_sequence(shape.values(params), shape.formats) if shape.count else ()
+            types = tuple(tx.types or ()) if shape.count else ()
+            formats = tx.formats if shape.count else None
+            key = (shape.query, types)
+            name, prepare = statements.name_for(key)
+            if name is None:
+                pgconn.send_query_params(shape.query, values, param_formats=formats, param_types=types)
+            else:
+                if prepare:
+                    pgconn.send_prepare(name, shape.query, param_types=types)
+                    groups.append((key, name))
+                pgconn.send_query_prepared(name, values, param_formats=formats)
+            groups.append(shape.query)
+        pgconn.pipeline_sync()
+        synced = True
+        results = _pipeline_results(pgconn, len(groups))
+    except BaseException:
+        # Failed while sending (a value no dumper takes): what went out runs to a Sync and
+        # is read and dropped, so the connection leaves pipeline mode usable, in its
+        # transaction, which the caller rolls back. A lost connection stays as it is.
+        if not synced and pgconn.status == pq.ConnStatus.OK:
+            with contextlib.suppress(psycopg.Error):
+                pgconn.pipeline_sync()
+                _pipeline_results(pgconn, None)
+        raise
     finally:
-        for cursor in cursors:
-            cursor.close()
+        if pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            with contextlib.suppress(psycopg.Error):
+                pgconn.exit_pipeline_mode()
+    error = None
+    out: list[list[Any]] = []
+    for group, got in zip(groups, results, strict=True):
+        for result in got:
+            if result.status == pq.ExecStatus.FATAL_ERROR and error is None:
+                error = errors.error_from_result(result, encoding=state.encoding)
+        if group is None:
+            continue
+        if type(group) is tuple:  # a PREPARE: kept once it succeeded (a failed one fails its statement)
+            if got and got[-1].status == pq.ExecStatus.COMMAND_OK:
+                evicted = statements.prepared(*group)
+                if evicted is not None:
+                    state.deallocate.append(evicted)
+            continue
+        last = got[-1] if got else None
+        if last is None or last.status != _TUPLES_OK:
+            out.append([])
+            continue
+        tx.set_pgresult(last)
+        rows = tx.load_rows(0, last.ntuples, tuple)
+        if dicts:
+            names = state.names.get(group)
+            if names is None:
+                names = state.names[group] = [last.fname(i).decode(state.encoding) for i in range(last.nfields)]
+            rows = [dict(zip(names, row, strict=True)) for row in rows]
+        out.append(rows)
+    if error is not None:
+        raise error
+    return out
+
+
+def _pipeline_results(pgconn: Any, groups: int | None) -> list[list[Any]]:
+    """Flush what the pipeline holds and read its answers: `groups` lists of results (a
+    statement's end is a None from get_result; None: as many as come), then the Sync's.
+    The waits release the GIL."""
+    psycopg, _, pq = _psycopg()
+    fd = pgconn.socket
+    try:
+        while pgconn.flush():  # larger than the socket's buffer: wait to write, reading meanwhile
+            _wait(fd, select.POLLIN | select.POLLOUT)
+            pgconn.consume_input()
+        out: list[list[Any]] = []
+        current: list[Any] = []
+        while True:
+            while pgconn.is_busy():
+                _wait(fd, select.POLLIN)
+                pgconn.consume_input()
+            result = pgconn.get_result()
+            if result is None:
+                out.append(current)
+                current = []
+            elif result.status == pq.ExecStatus.PIPELINE_SYNC:
+                if groups is not None and len(out) != groups:
+                    raise psycopg.InternalError(f"pipeline answered {len(out)} statements of {groups}")
+                return out
+            else:
+                current.append(result)
+    except OSError as exc:
+        raise psycopg.OperationalError(f"connection socket failed: {exc}") from exc
+
+
+def _wait(fd: int, events: int) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll()
 
 
 def _bound(stmt: DriverStatement, params: dict[str, Any]) -> dict[str, Any]:
