@@ -10,14 +10,13 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
-from google.protobuf import json_format
 
 from balsam_grpc.cli import context as ctx
 from balsam_grpc.cli import output as out
 from balsam_grpc.cli.errors import fail, usage
 from balsam_grpc.cli.filters import parse_ids, parse_refs, parse_since, parse_states, parse_tags, split_list
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
-from balsam_grpc.sdk.convert import enum_names, enum_number
+from balsam_grpc.sdk.convert import enum_names, enum_number, struct_to_dict
 from balsam_grpc.sdk.watch import EventStream
 from balsam_grpc.v1 import batch_job_pb2, event_pb2, event_service_pb2, job_pb2, transfer_item_pb2
 
@@ -55,7 +54,7 @@ EVENT_COLUMNS = [
     Column("TO", lambda e: _states(e)[1], no_wrap=True),
     Column("MESSAGE", lambda e: e.message, ratio=2),
     Column("SITE", lambda e: ctx.site_name(e.site_id) if e.site_id else "", wide_only=True),
-    Column("DATA", lambda e: json.dumps(json_format.MessageToDict(e.data)) if e.data.fields else "",
+    Column("DATA", lambda e: json.dumps(struct_to_dict(e.data)) if e.data.fields else "",
            wide_only=True, ratio=2),
 ]
 

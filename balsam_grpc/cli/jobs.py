@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from google.protobuf import json_format
 
 from balsam_grpc.cli import context as ctx
 from balsam_grpc.cli import output as out
@@ -30,6 +29,7 @@ from balsam_grpc.cli.filters import (
 from balsam_grpc.cli.jobspec import JobSpecError, read_job_lines, spec_from_dict, validate_specs
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
 from balsam_grpc.core.errors import BalsamError
+from balsam_grpc.sdk.convert import struct_to_dict
 from balsam_grpc.sdk.models import BULK_CHUNK, TOO_LARGE, create_jobs
 from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
 
@@ -521,7 +521,7 @@ EVENT_COLUMNS = [
     Column("FROM", lambda e: state_name(e.job_state.from_state) if e.job_state.from_state else "-", no_wrap=True),
     Column("TO", lambda e: state_name(e.job_state.to_state), no_wrap=True),
     Column("MESSAGE", lambda e: e.message, ratio=2),
-    Column("DATA", lambda e: json.dumps(json_format.MessageToDict(e.data)) if e.data.fields else "", ratio=1),
+    Column("DATA", lambda e: json.dumps(struct_to_dict(e.data)) if e.data.fields else "", ratio=1),
 ]
 
 

@@ -37,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from balsam_grpc.cli.terminal import visible
+from balsam_grpc.sdk.convert import JSON_VALUE_TYPES, whole_numbers
 
 
 class Format(str, Enum):
@@ -99,6 +100,8 @@ def enum_prefix(enum_type: EnumDescriptor) -> str:
 
 
 def _plain_message(data: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
+    if descriptor.full_name in JSON_VALUE_TYPES:
+        return whole_numbers(data)  # type: ignore[no-any-return]  # 3, not 3.0 (a Struct's doubles)
     if descriptor.full_name.startswith("google.protobuf."):
         return data  # well-known types keep their JSON forms (timestamps, Struct)
     for field in descriptor.fields:
@@ -121,6 +124,8 @@ def _plain_field(value: Any, field: FieldDescriptor) -> Any:
 
 def _plain_value(value: Any, field: FieldDescriptor) -> Any:
     if field.message_type is not None:
+        if field.message_type.full_name in JSON_VALUE_TYPES:
+            return whole_numbers(value)  # a Value may be a bare number, a ListValue a list
         return _plain_message(value, field.message_type) if isinstance(value, dict) else value
     if field.enum_type is not None and isinstance(value, str):
         return value.removeprefix(enum_prefix(field.enum_type))

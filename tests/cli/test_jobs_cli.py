@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,32 @@ def test_history_shows_each_transition(cli_server: CliServer, world: dict[str, A
     assert any("PREPROCESSED" in line and "RUNNING" in line for line in table.stdout.splitlines())
     missing = cli_server.run("job", "history", "99999999")
     assert missing.returncode == 1 and "(NOT_FOUND)" in one_error_line(missing)
+
+
+def test_history_and_show_print_whole_numbers_as_integers(cli_server: CliServer, world: dict[str, Any]) -> None:
+    """A Struct holds every number as a double: the return code 3 the server records in
+    the event of a failed run showed as "return_code": 3.0 in `job history` (table and
+    JSON), and a job's data {"n": 5} as 5.0 in `job show` and in the SDK's Job.data."""
+    from tests.support.launcher import client_run_job
+
+    result = cli_server.run("job", "create", "--app", "hello", "--site", "laptop", "-w", "history/rc", "-p", "n=1",
+                            "--data", '{"n": 5, "x": 2.5, "nested": [1, {"k": 7}]}', "-o", "json")
+    assert result.returncode == 0, result.stderr
+    job_id = int(json.loads(result.stdout)[0]["id"])
+    client_run_job(cli_server.client, job_id, S.JOB_STATE_RUN_ERROR, return_code=3)
+    table = cli_server.run("job", "history", str(job_id))
+    assert table.returncode == 0, table.stderr
+    assert re.search(r'"return_code": 3[,}]', " ".join(table.stdout.split())) and "3.0" not in table.stdout
+    events = cli_server.json("job", "history", str(job_id))
+    (failed,) = [e for e in events if "return_code" in (e.get("data") or {})]
+    assert type(failed["data"]["return_code"]) is int
+    wide = cli_server.run("events", "--job", str(job_id), "-o", "wide")
+    assert re.search(r'"return_code": 3[,}]', " ".join(wide.stdout.split())) and "3.0" not in wide.stdout
+    (shown,) = cli_server.json("job", "show", str(job_id))
+    assert shown["data"] == {"n": 5, "x": 2.5, "nested": [1, {"k": 7}]} and type(shown["data"]["n"]) is int
+    data = cli_server.client.jobs.get(id=job_id).data
+    assert data == {"n": 5, "x": 2.5, "nested": [1, {"k": 7}]} and type(data["n"]) is int
+    assert type(data["nested"][1]["k"]) is int
 
 
 # ------------------------------------------------------------------ bad input
