@@ -20,7 +20,8 @@ with a request_id, UpdateJob of tags, GetJob, ListJobs of 100, and, not run unle
   with the credit they freed, answered by an ack and 4 new leases) at a site whose
   daemon stream, a second session and a final-state watch are attached: per report,
   with what the fanout, the wake-ups and the backlog cost the other streams (its setup
-  creates 20,000 jobs: `--phases report --calls 200 --warm 50`);
+  creates 20,000 jobs: `--phases report --calls 200 --warm 50`; alone, as its streams
+  would stay attached while other phases are counted);
 - `bulk` (`--phases bulk --calls 3 --warm 2`): BatchCreateJobs of 10,000 jobs as
   bench_api makes them, per call (divide by 10,000 for a job).
 Figures, never assertions. Under callgrind the server runs ~50 times slower, so work
@@ -405,6 +406,8 @@ def main() -> int:
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))}")
+    if "report" in phases and len(phases) > 1:
+        raise SystemExit("--phases report runs alone: its streams would stay attached while the others are counted")
     with tempfile.TemporaryDirectory(prefix="balsam-callgrind-") as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
