@@ -308,14 +308,25 @@ def show(
     Example: balsamctl job show 42 -o yaml
     """
     jobs = [ctx.get_job(i) for i in job_ids]
+    for job in jobs:
+        # The server answers with app_id only (app_name selects the app on create), so
+        # appName was shown empty: it is the name of the app, as the APP column shows.
+        app = ctx.apps().get(job.app_id)
+        if app is not None and not job.app_name:
+            job.app_name = app.name
     if output in (Format.json, Format.yaml):
         out.write(out.dump(jobs, output))
         return
     for job in jobs:
-        fields = out.to_plain(job)
+        fields: dict[str, Any] = {}
+        for key, value in out.to_plain(job).items():
+            if key == "appId":  # the app and site by name and id, in one row each
+                fields["app"] = f"{ctx.app_name(job.app_id)} ({job.app_id})"
+            elif key == "siteId":
+                fields["site"] = f"{ctx.site_name(job.site_id)} ({job.site_id})"
+            elif key != "appName":
+                fields[key] = value
         fields["state"] = state_name(job.state)
-        fields["app"] = f"{ctx.app_name(job.app_id)} ({job.app_id})"
-        fields["site"] = f"{ctx.site_name(job.site_id)} ({job.site_id})"
         rows = [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in fields.items()]
         out.stdout().print(out.build_table(rows, [Column("FIELD", lambda r: r[0], no_wrap=True),
                                                   Column("VALUE", lambda r: r[1])], header=False))

@@ -411,6 +411,28 @@ def test_show_json_and_fields(cli_server: CliServer, world: dict[str, Any]) -> N
     assert fields["state"] == ["PREPROCESSED"] and fields["app"][0] == "hello"
 
 
+def test_show_names_the_app_once_and_not_empty(cli_server: CliServer, world: dict[str, Any]) -> None:
+    """`job show` printed an empty appName next to `app hello (1)`: the server answers
+    with app_id only (app_name selects the app on create), and show listed every field.
+    The table shows the app and the site once each, by name and id; JSON and YAML carry
+    the app's name in appName."""
+    job_id = create(cli_server, "show/1", {"exp": "show"})
+    app_id, site_id = world["hello"].id, world["hello"].site_id
+    (job,) = cli_server.json("job", "show", str(job_id))
+    assert job["appName"] == "hello" and job["appId"] == app_id and job["siteId"] == site_id
+    yaml_text = cli_server.run("job", "show", str(job_id), "-o", "yaml").stdout
+    assert "appName: hello" in yaml_text
+    table = cli_server.run("job", "show", str(job_id))
+    assert table.returncode == 0, table.stderr
+    rows = [line.split() for line in table.stdout.splitlines() if line.strip()]
+    names = [row[0] for row in rows]
+    assert "appName" not in names and "appId" not in names and "siteId" not in names
+    assert names.count("app") == 1 and names.count("site") == 1 and names[1:3] == ["app", "site"]
+    by_name = {row[0]: row[1:] for row in rows}
+    assert by_name["app"] == ["hello", f"({app_id})"] and by_name["site"] == ["laptop", f"({site_id})"]
+    assert all(len(row) > 1 or row[0] in ("name", "stateMessage", "errorTail") for row in rows), rows
+
+
 def test_retry_finishes_a_failed_dag(cli_server: CliServer, world: dict[str, Any]) -> None:
     """One parent, three children: the parent's run fails and fails its children; `job
     retry` of the whole selection restarts the parent and sets the children waiting, and
