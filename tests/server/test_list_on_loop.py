@@ -20,9 +20,13 @@ from balsam_grpc.server.store import job_counts
 from balsam_grpc.server.store import jobs as store
 from balsam_grpc.server.store.codec import loads
 from balsam_grpc.server.store.db import Database
-from balsam_grpc.v1 import job_pb2, job_service_pb2
+from balsam_grpc.v1 import app_pb2, app_service_pb2, app_service_pb2_grpc, job_pb2, job_service_pb2
 
 from tests.support.records import jobs_stub, make_site_app
+
+
+# An app name that array literals must quote and escape (store.jobs binds lists as them).
+ODD_APP = 'od"d, {a}\\ b'
 
 
 def _queries(owner_id: int, site_id: int, app_id: int, ids: list[int], parent: int) -> list[store.JobQuery]:
@@ -34,6 +38,7 @@ def _queries(owner_id: int, site_id: int, app_id: int, ids: list[int], parent: i
         q(exclude_states=["KILLED"]), q(tags={"even": "1"}), q(tags={"even": "1", "k": "v3"}),
         q(tags={"w.e:i/r-d": "x"}), q(exclude_tags={"even": "1"}), q(exclude_tags={"even": "1", "k": "v2"}),
         q(app_ids=[app_id]), q(app_ids=[app_id + 1_000_000]), q(app_names=["sim"]), q(app_names=["nope"]),
+        q(app_names=[ODD_APP]), q(app_names=["sim", ODD_APP]), q(states=["KILLED", 'x"{,}\\']),
         q(site_ids=[site_id]), q(parent_ids=[parent]), q(workdir_contains="a%b"), q(workdir_contains="a_b"),
         q(workdir_contains="w\\x"), q(workdir_contains="/"),
         q(create_start=now - timedelta(hours=1)), q(create_end=now - timedelta(hours=1)),
@@ -67,6 +72,9 @@ def test_the_statement_without_sqlalchemy_reads_what_sqlalchemy_reads(harness, a
                        else {}))
         for i, w in enumerate(workdirs)])).jobs
     ids = [j.id for j in created]
+    odd = alice.stub(app_service_pb2_grpc.AppServiceStub).CreateApp(app_service_pb2.CreateAppRequest(
+        app=app_pb2.App(site_id=app.site_id, name=ODD_APP, command_template="echo hi"))).app
+    stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(app_id=odd.id, workdir="odd/1")))
     child = stub.CreateJob(job_service_pb2.CreateJobRequest(job=job_pb2.Job(
         app_id=app.id, workdir="child", parameters={"x": "1"}, parent_ids=ids[:2]))).job
     stub.BatchUpdateJobs(job_service_pb2.BatchUpdateJobsRequest(
