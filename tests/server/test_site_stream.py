@@ -680,12 +680,13 @@ def test_a_sites_backlog_counts_held_jobs_as_running(alice: Any, harness: Any) -
                        "max_wall_time_min": 0, "pending_jobs": 0, "running_jobs": 0, "active_sessions": 0}
 
 
-def test_a_busy_sites_backlog_is_read_and_sent_once_a_second(alice: Any, clients: list[SiteClient],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each backlog message makes the daemon list its pilots and plan (a ListBatchJobs
-    call). While jobs keep arriving, the stream reads and sends the backlog at most once
-    per BACKLOG_MIN_INTERVAL (1 s; it was 0.2 s: 50 busy sites sent ~190 a second), and
-    the last state still arrives."""
+def _backlog_reads_while_jobs_arrive(alice: Any, clients: list[SiteClient], monkeypatch: pytest.MonkeyPatch,
+                                     read_seconds: float = 0.0) -> list[float]:
+    """A site stream while a job arrives every 50 ms for 2.5 s, each leaving the backlog
+    to be read again (each read taking `read_seconds` more): when its reads started. The
+    last backlog still arrives."""
+    import asyncio
+
     from balsam_grpc.server.store import site_work
 
     real = site_work.site_backlog
@@ -694,6 +695,7 @@ def test_a_busy_sites_backlog_is_read_and_sent_once_a_second(alice: Any, clients
     async def counted(db: Any, owner_id: int, site_id: int) -> dict[str, Any]:
         if site_id == site.id:
             reads.append(time.monotonic())
+            await asyncio.sleep(read_seconds)  # a site with a large backlog
         return await real(db, owner_id, site_id)
 
     monkeypatch.setattr(site_work, "site_backlog", counted)
@@ -709,7 +711,17 @@ def test_a_busy_sites_backlog_is_read_and_sent_once_a_second(alice: Any, clients
         make_jobs(alice, app, 1)
         created += 1
         time.sleep(0.05)
+    counted_reads = list(reads)
     wait_until(lambda: client.next("backlog").runnable_jobs == created, f"the backlog with {created} runnable jobs")
+    return counted_reads
+
+
+def test_a_busy_sites_backlog_is_read_and_sent_once_a_second(alice: Any, clients: list[SiteClient],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each backlog message makes the daemon list its pilots and plan (a ListBatchJobs
+    call). While jobs keep arriving, the stream reads and sends the backlog at most once
+    per BACKLOG_MIN_INTERVAL (1 s; it was 0.2 s: 50 busy sites sent ~190 a second)."""
+    reads = _backlog_reads_while_jobs_arrive(alice, clients, monkeypatch)
     gaps = [b - a for a, b in itertools.pairwise(reads)]
     # A timer may fire a millisecond early by the loop's clock (uvloop's counts whole
     # milliseconds). At 0.2 s there were 14 reads, 0.2 s apart.
@@ -722,37 +734,11 @@ def test_a_slow_backlog_read_is_repeated_less_often(alice: Any, clients: list[Si
     Read at most 5 times a second while jobs keep arriving, a large backlog kept the
     database busy with nothing else; now a stream waits BACKLOG_COST_RATIO times its last
     read's duration before the next, and still sends the backlog as it ends up."""
-    import asyncio
-
     from balsam_grpc.server.services import site_stream
-    from balsam_grpc.server.store import site_work
 
     read_seconds = 0.1
     assert site_stream.backlog_gap(0.001) == site_stream.BACKLOG_MIN_INTERVAL
     assert site_stream.backlog_gap(read_seconds) == pytest.approx(site_stream.BACKLOG_COST_RATIO * read_seconds)
-    real = site_work.site_backlog
-    reads: list[int] = []
-
-    async def slow(db: Any, owner_id: int, site_id: int) -> dict[str, Any]:
-        if site_id == site.id:
-            reads.append(site_id)
-            await asyncio.sleep(read_seconds)  # a site with a large backlog
-        return await real(db, owner_id, site_id)
-
-    monkeypatch.setattr(site_work, "site_backlog", slow)
-    site = make_site(alice)
-    app = make_app(alice, site.id)
-    make_jobs(alice, app, 1)
-    client = _connect(alice, site.id, clients)
-    client.welcome()
-    assert client.next("backlog").runnable_jobs == 1
-    # Jobs keep arriving for 2.5 s: each one leaves the backlog to be read again.
-    created = 1
-    end = time.monotonic() + 2.5
-    while time.monotonic() < end:
-        make_jobs(alice, app, 1)
-        created += 1
-        time.sleep(0.05)
+    reads = _backlog_reads_while_jobs_arrive(alice, clients, monkeypatch, read_seconds)
     # The first read, then at most one per 2 s gap (before: one every ~0.3 s, 8 or more).
     assert len(reads) <= 3, reads
-    wait_until(lambda: client.next("backlog").runnable_jobs == created, f"the backlog with {created} runnable jobs")
