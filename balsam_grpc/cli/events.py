@@ -16,7 +16,8 @@ from balsam_grpc.cli import output as out
 from balsam_grpc.cli.errors import fail, usage
 from balsam_grpc.cli.filters import parse_ids, parse_refs, parse_since, parse_states, parse_tags, split_list
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
-from balsam_grpc.sdk.convert import enum_names, enum_number, struct_to_dict
+from balsam_grpc.core.structs import struct_to_dict
+from balsam_grpc.sdk.convert import enum_names, enum_number
 from balsam_grpc.sdk.watch import EventStream
 from balsam_grpc.v1 import batch_job_pb2, event_pb2, event_service_pb2, job_pb2, transfer_item_pb2
 

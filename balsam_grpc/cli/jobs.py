@@ -29,7 +29,7 @@ from balsam_grpc.cli.filters import (
 from balsam_grpc.cli.jobspec import JobSpecError, read_job_lines, spec_from_dict, validate_specs
 from balsam_grpc.cli.output import Column, Format, NoHeaderOpt, OutputOpt
 from balsam_grpc.core.errors import BalsamError
-from balsam_grpc.sdk.convert import struct_to_dict
+from balsam_grpc.core.structs import struct_to_dict
 from balsam_grpc.sdk.models import BULK_CHUNK, TOO_LARGE, create_jobs
 from balsam_grpc.v1 import event_service_pb2, job_pb2, job_service_pb2
 

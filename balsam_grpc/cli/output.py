@@ -37,7 +37,8 @@ from rich.table import Table
 from rich.text import Text
 
 from balsam_grpc.cli.terminal import visible
-from balsam_grpc.sdk.convert import JSON_VALUE_TYPES, whole_numbers
+from balsam_grpc.core.structs import whole_numbers
+from balsam_grpc.sdk.convert import JSON_VALUE_TYPES
 
 
 class Format(str, Enum):

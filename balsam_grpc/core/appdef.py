@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from google.protobuf import json_format
-
 from balsam_grpc.core.command_template import check_template, render_argv, render_script
 from balsam_grpc.core.errors import InvalidArgument
+from balsam_grpc.core.structs import struct_to_dict
 from balsam_grpc.v1 import app_pb2, common_pb2, job_pb2
 
 HOOKS = ("preprocess", "postprocess", "handle_error", "handle_timeout")
@@ -114,7 +113,7 @@ class JobHandle:
         self.resources = job.resources
         self.parameters: dict[str, str] = dict(job.parameters)
         self.tags: dict[str, str] = dict(job.tags)
-        self.data: dict[str, Any] = json_format.MessageToDict(job.data) if job.HasField("data") else {}
+        self.data: dict[str, Any] = struct_to_dict(job.data) if job.HasField("data") else {}
         self._initial = {"parameters": copy.deepcopy(self.parameters), "tags": copy.deepcopy(self.tags),
                          "data": copy.deepcopy(self.data)}
         self._state = job_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format
-
+from balsam_grpc.core.structs import struct_to_dict
 from balsam_grpc.dashboard.views import (
     BATCH_JOB_STYLE,
     FAILURE_STATES,
@@ -71,7 +70,7 @@ def ts(stamp: Any) -> str:
 
 
 def _struct(msg: Any, name: str) -> dict[str, Any]:
-    return json_format.MessageToDict(getattr(msg, name)) if msg.HasField(name) else {}
+    return struct_to_dict(getattr(msg, name)) if msg.HasField(name) else {}
 
 
 @dataclass

@@ -16,6 +16,8 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from balsam_grpc.core.structs import struct_to_dict
+
 TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
 STRUCT = struct_pb2.Struct.DESCRIPTOR.full_name
 
@@ -70,31 +72,9 @@ def aware(value: datetime | timedelta, now: datetime | None = None) -> datetime:
     return value if value.tzinfo else value.astimezone()
 
 
-# Whole doubles up to here are the integers they came from (2**53: every integer of
-# this size or less has an exact double).
-_EXACT_INT = 2.0**53
 # google.protobuf types whose JSON form is free JSON data (numbers held as doubles).
 JSON_VALUE_TYPES = frozenset(m.DESCRIPTOR.full_name for m in (struct_pb2.Struct, struct_pb2.Value,
                                                                 struct_pb2.ListValue))
-
-
-def whole_numbers(value: Any) -> Any:
-    """JSON data read from a Struct with its whole numbers as ints: a Struct holds every
-    number as a double, so the return code 3 the server recorded in an event's data read
-    back as 3.0 ("return_code": 3.0 in `job history`), and a job's {"n": 5} as 5.0. Only
-    the Python view changes; the wire keeps doubles."""
-    if type(value) is float:
-        return int(value) if value.is_integer() and -_EXACT_INT <= value <= _EXACT_INT else value
-    if type(value) is dict:
-        return {k: whole_numbers(v) for k, v in value.items()}
-    if type(value) is list:
-        return [whole_numbers(v) for v in value]
-    return value
-
-
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a dict, whole numbers as ints (whole_numbers)."""
-    return whole_numbers(json_format.MessageToDict(struct))  # type: ignore[no-any-return]
 
 
 def get_field(msg: Message, name: str) -> Any:
