@@ -111,7 +111,12 @@ def init_site(path: Path, *, platform: str = "local", name: str = "", elastic: b
         raise AlreadyExists(f"{layout.settings_file} already exists: this is a site directory already")
     preset = platform_preset(platform)
     profile = profile or Profile.load()
-    name = name or layout.root.name
+    if not name:
+        name = layout.root.name
+        if name.isascii() and name.isdigit():  # the server refuses it, with advice for --name
+            raise InvalidArgument(f"the site would be named {name!r} after its directory, but a name of digits "
+                                  f"only reads as an id; give it a name with --name (for example --name site-{name})",
+                                  field="name")
     queues = {q: QueueLimits(max_nodes=int(v.get("max_nodes", 0)), max_wall_time_min=int(v.get("max_wall_time_min", 0)),
                              max_queued=int(v.get("max_queued", 0)))
               for q, v in (preset.get("queues") or {}).items()}

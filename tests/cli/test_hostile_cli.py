@@ -190,6 +190,12 @@ def test_site_init_refuses_an_all_digit_name(sqlite_cli_server: CliServer, world
     line = one_error_line(result)
     assert "site.name '1' is all digits, which balsamctl reads as an id" in line and "add a letter" in line
     assert not (tmp_path / "x" / "settings.yml").exists()
+    # Named after its directory: the advice is --name, and nothing is made.
+    result = sqlite_cli_server.run("site", "init", str(tmp_path / "123"))
+    assert result.returncode != 0
+    line = one_error_line(result)
+    assert "named '123' after its directory" in line and "--name site-123" in line, line
+    assert not (tmp_path / "123").exists()
 
 
 def test_error_lines_show_stored_names_escaped(sqlite_cli_server: CliServer, world: dict[str, Any]) -> None:
