@@ -62,6 +62,7 @@ from balsam_grpc.v1 import (  # noqa: E402
     event_service_pb2,
     job_pb2,
 )
+from balsam_grpc.core.states import FINAL_STATES  # noqa: E402
 from balsam_grpc.sdk import Client, Job  # noqa: E402
 from balsam_grpc.sdk.watch import EventStream  # noqa: E402
 from benchkit import ROOT, DatabaseCpu, cpu_s, print_figures, rss_mb  # noqa: E402
@@ -288,7 +289,7 @@ class DeliveryLag:
     event arrived here. The stream's own CPU is in the client's figure."""
 
     def __init__(self, sdk: Client) -> None:
-        final = [job_pb2.JobState.Value(f"JOB_STATE_{s}") for s in ("JOB_FINISHED", "FAILED", "KILLED")]
+        final = [job_pb2.JobState.Value(f"JOB_STATE_{s}") for s in sorted(FINAL_STATES)]
         self.stream = EventStream(sdk, event_service_pb2.EventFilter(
             kinds=[event_service_pb2.EVENT_KIND_JOB_STATE], to_states=final))
         self.arrived: dict[int, float] = {}  # job id -> seconds from receive_time to arrival

@@ -172,6 +172,17 @@ def array_text(values: Sequence[Any]) -> str:
     return "{" + ",".join(map(_array_item, values)) + "}"
 
 
+def array_params(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` (changed in place) with each list as its array_text: for the statements
+    run on the driver that cast them (`= ANY(CAST(%(ids)s AS BIGINT[]))`). psycopg's list
+    dumper looks for each list's element type and dumps it element by element: ~5 % of a
+    GetJob's server CPU."""
+    for name, value in params.items():
+        if type(value) is list:
+            params[name] = array_text(value)
+    return params
+
+
 # ---------------------------------------------------------------------------- COPY text
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})

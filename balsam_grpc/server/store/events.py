@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Text, and_, func, select, text, type_coerce
 from sqlalchemy.sql import ColumnElement
 
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, append_rows
-from balsam_grpc.server.store.codec import array_text, dumps
+from balsam_grpc.server.store.codec import array_params, array_text, dumps
 from balsam_grpc.server.store.db import MAX_EVENT_ID
 from balsam_grpc.server.store.driver import (
     DriverStatement,
@@ -332,6 +332,7 @@ def list_events_statement(q: EventQuery, *, after_id: int | None, limit: int, de
         value = getattr(q, name)
         if value:
             params[name] = value
+    array_params(params)
     if q.tags:
         params["tags"] = dumps(q.tags)
     if after_id is not None:

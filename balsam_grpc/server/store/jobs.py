@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
 from balsam_grpc.server.store.bulk import COPY_MIN_ROWS, CopyStream, draw_ids, draw_ids_sql, insert_rows
-from balsam_grpc.server.store.codec import CopyBatch, array_text, column_values, is_json, sqlite_time
+from balsam_grpc.server.store.codec import CopyBatch, array_params, column_values, is_json, sqlite_time
 from balsam_grpc.server.store.codec import dumps as codec_dumps
 from balsam_grpc.server.store.codec import loads as codec_loads
 from balsam_grpc.server.store.driver import driver_batch, driver_rows, driver_statement, plain_statement, sent_ahead
@@ -211,7 +211,7 @@ def select_statement(q: JobQuery, order: list[tuple[str, bool]], after: list[Any
     the order, the columns): SQLAlchemy's statement cache key, compilation and result
     set-up cost as much server CPU as the rest of reading a page of jobs. Lists bind as one
     array each (`= ANY`), so their lengths do not make new shapes."""
-    params = _arrays_as_text(_by_state(q, order, _query_params(q)))
+    params = array_params(_by_state(q, order, _query_params(q)))
     params["limit"] = limit
     if after is not None:
         for i, value in enumerate(_keyset(order, after)):
@@ -227,7 +227,7 @@ def patch_statement(q: JobQuery, values: dict[str, Any], now: datetime, names: t
                     ) -> tuple[str, dict[str, Any]]:
     """PostgreSQL: patch_job's statement for Database.statement_now (as select_statement),
     returning the columns `names` (times as integer microseconds), and its parameters."""
-    params = _arrays_as_text(_query_params(q))
+    params = array_params(_query_params(q))
     for name, value in values.items():
         params[f"set_{name}"] = codec_dumps(value) if is_json(jobs.c[name]) else value
     params["set_update_time"] = now
@@ -427,17 +427,6 @@ def _query_params(q: JobQuery) -> dict[str, Any]:
     if q.workdir_contains:
         params["workdir_like"] = "%" + q.workdir_contains.replace("\\", "\\\\").replace("%", "\\%") \
             .replace("_", "\\_") + "%"
-    return params
-
-
-def _arrays_as_text(params: dict[str, Any]) -> dict[str, Any]:
-    """PostgreSQL: the list parameters (ids, states, ...) as array literals, which the
-    statement casts (`= ANY(CAST(... AS BIGINT[]))`): psycopg's list dumper looks for
-    each list's element type and dumps it element by element, ~5 % of a GetJob's server
-    CPU."""
-    for name, value in params.items():
-        if type(value) is list:
-            params[name] = array_text(value)
     return params
 
 
