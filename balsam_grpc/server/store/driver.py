@@ -12,7 +12,7 @@ literals (codec.array_text) on PostgreSQL and as JSON arrays (query.ids_value) o
 and JSON as text. Rows come as tuples or dicts with the values SQLAlchemy's rows have
 (JSON decoded; on SQLite times as naive datetimes, booleans as bool).
 
-On PostgreSQL they go out through libpq's pipeline directly (_pipeline): every statement
+On PostgreSQL they go out through libpq's pipeline directly (_send, _receive): every statement
 of a batch, then one Sync and one flush, and their results read back together, each
 prepared as psycopg would prepare it (store.db.PreparedStatements). psycopg's pipeline
 sends and polls once per statement, with a cursor, a query conversion and a row maker
@@ -161,40 +161,33 @@ def _sqlite_params(stmt: DriverStatement, params: dict[str, Any]) -> dict[str, A
 
 @contextlib.contextmanager
 def sent_ahead(conn: Connection, stmt: DriverStatement, params: dict[str, Any]) -> Iterator[Callable[[], Any]]:
-    """Send `stmt` in pipeline mode and go on while PostgreSQL runs it: yields the function
-    that waits for its (one) row. In `conn`'s transaction, errors as driver_rows raises them.
-
-    The wait ends the pipeline (its Sync) and then reads the row, which came with the
-    Sync's answer: one round trip. Reading it inside the pipeline first asked for it with
-    a Flush, a round trip of its own before the Sync's."""
+    """PostgreSQL: send `stmt` (with its Sync) and go on while the database runs it: yields
+    the function that waits for its row (its first; None when it has none). In `conn`'s
+    transaction, errors as driver_rows raises them; nothing else may run on the
+    connection until the wait (or the end of the block, which reads and drops the
+    answer). One round trip."""
+    bound = [(stmt, _bound(stmt, params))]
     dbapi_conn = conn.connection.driver_connection
-    params = _bound(stmt, params)
-    with _sqlalchemy_errors(conn, stmt.sql, params):
-        cursor = dbapi_conn.cursor()
-        pipeline = dbapi_conn.pipeline()
-        pipeline.__enter__()
-        open_ = True
-
-        def end(exc: BaseException | None) -> None:
-            nonlocal open_
-            if open_:
-                open_ = False
-                pipeline.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+    with _sqlalchemy_errors(conn, stmt.sql, {}):
+        _dispatch(conn, bound)
+        sent = _send(dbapi_conn, bound)
+        received = False
 
         def wait() -> Any:
-            end(None)
-            return cursor.fetchone()
+            nonlocal received
+            received = True
+            rows = _receive(dbapi_conn, sent, False)[0]
+            return rows[0] if rows else None
 
         try:
-            _execute(conn, cursor, stmt.sql, params)
             yield wait
-        except BaseException as exc:
-            end(exc)
+        except BaseException:
+            if not received:  # the block's error is the one to raise
+                with contextlib.suppress(_psycopg()[0].Error):
+                    _receive(dbapi_conn, sent, False)
             raise
-        else:
-            end(None)
-        finally:
-            cursor.close()
+        if not received:
+            _receive(dbapi_conn, sent, False)
 
 
 def driver_batch(conn: Connection, items: list[tuple[DriverStatement, dict[str, Any]]], *,
@@ -211,10 +204,15 @@ def driver_batch(conn: Connection, items: list[tuple[DriverStatement, dict[str, 
 def _postgresql_batch(conn: Connection, bound: list[tuple[DriverStatement, dict[str, Any]]],
                       dicts: bool) -> list[list[Any]]:
     with _sqlalchemy_errors(conn, "; ".join(stmt.sql for stmt, _ in bound), {}):
-        if conn._has_events or conn.engine._has_events:
-            for stmt, params in bound:
-                conn.dispatch.before_cursor_execute(conn, None, stmt.sql, params, None, False)
-        return _pipeline(conn.connection.driver_connection, bound, dicts)
+        _dispatch(conn, bound)
+        dbapi_conn = conn.connection.driver_connection
+        return _receive(dbapi_conn, _send(dbapi_conn, bound), dicts)
+
+
+def _dispatch(conn: Connection, bound: list[tuple[DriverStatement, dict[str, Any]]]) -> None:
+    if conn._has_events or conn.engine._has_events:
+        for stmt, params in bound:
+            conn.dispatch.before_cursor_execute(conn, None, stmt.sql, params, None, False)
 
 
 class _Connection:
@@ -247,20 +245,21 @@ def _psycopg() -> tuple[Any, Any, Any]:
     return psycopg, errors, pq
 
 
-def _pipeline(dbapi_conn: Any, bound: list[tuple[DriverStatement, dict[str, Any]]], dicts: bool) -> list[list[Any]]:
-    """The statements sent in one libpq pipeline: BEGIN first when no transaction is open
+def _send(dbapi_conn: Any, bound: list[tuple[DriverStatement, dict[str, Any]]]) -> tuple[_Connection, list[Any]]:
+    """Send the statements in one libpq pipeline: BEGIN first when no transaction is open
     yet (as psycopg's cursor would send it), the deallocations due, each statement
-    (prepared first at its PREPARE_AFTER-th execution), and one Sync. Results as text,
-    loaded by the connection's own loaders, as its cursors load them."""
-    psycopg, errors, pq = _psycopg()
+    (prepared first at its PREPARE_AFTER-th execution), and one Sync, flushed. The
+    connection stays in pipeline mode until _receive reads the answers. Returns what
+    _receive needs: the connection's state and the pipeline's result groups, in order:
+    None (BEGIN, a deallocation), a statement's PREPARE (its key and name), or a
+    statement (its query)."""
+    psycopg, _, pq = _psycopg()
     if dbapi_conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
-        raise RuntimeError("a driver statement inside psycopg's pipeline (store.driver.sent_ahead): end it first")
+        raise RuntimeError("a driver statement while another one's answer is awaited (store.driver.sent_ahead)")
     state = _CONNECTIONS.get(dbapi_conn)
     if state is None:
         state = _CONNECTIONS[dbapi_conn] = _Connection(dbapi_conn)
     pgconn, tx, statements = dbapi_conn.pgconn, state.tx, state.statements
-    # Per result group of the pipeline, in order: None (BEGIN, a deallocation), a
-    # statement's PREPARE (its key and name), or a statement (its query).
     groups: list[Any] = []
     pgconn.enter_pipeline_mode()
     synced = False
@@ -288,20 +287,35 @@ def _pipeline(dbapi_conn: Any, bound: list[tuple[DriverStatement, dict[str, Any]
             groups.append(shape.query)
         pgconn.pipeline_sync()
         synced = True
-        results = _pipeline_results(pgconn, len(groups))
-    except BaseException:
+        _flush(pgconn)
+    except BaseException as exc:
         # Failed while sending (a value no dumper takes): what went out runs to a Sync and
         # is read and dropped, so the connection leaves pipeline mode usable, in its
         # transaction, which the caller rolls back. A lost connection stays as it is.
-        if not synced and pgconn.status == pq.ConnStatus.OK:
-            with contextlib.suppress(psycopg.Error):
+        with contextlib.suppress(psycopg.Error):
+            if not synced and pgconn.status == pq.ConnStatus.OK:
                 pgconn.pipeline_sync()
+                _flush(pgconn)
                 _pipeline_results(pgconn, None)
+            pgconn.exit_pipeline_mode()
+        if isinstance(exc, OSError):
+            raise psycopg.OperationalError(f"connection socket failed: {exc}") from exc
         raise
+    return state, groups
+
+
+def _receive(dbapi_conn: Any, sent: tuple[_Connection, list[Any]], dicts: bool) -> list[list[Any]]:
+    """The answers of what _send sent, read back together (pipeline mode ends): each
+    statement's rows (tuples, or dicts when `dicts`) as text loaded by the connection's
+    own loaders, as its cursors load them; a statement's error raised after all is read."""
+    psycopg, errors, pq = _psycopg()
+    state, groups = sent
+    pgconn, tx, statements = dbapi_conn.pgconn, state.tx, state.statements
+    try:
+        results = _pipeline_results(pgconn, len(groups))
     finally:
-        if pgconn.pipeline_status != pq.PipelineStatus.OFF:
-            with contextlib.suppress(psycopg.Error):
-                pgconn.exit_pipeline_mode()
+        with contextlib.suppress(psycopg.Error):
+            pgconn.exit_pipeline_mode()
     error = None
     out: list[list[Any]] = []
     for group, got in zip(groups, results, strict=True):
@@ -333,16 +347,21 @@ def _pipeline(dbapi_conn: Any, bound: list[tuple[DriverStatement, dict[str, Any]
     return out
 
 
+def _flush(pgconn: Any) -> None:
+    """Send what libpq holds; a batch larger than the socket's buffer waits to write,
+    reading meanwhile (the server may be answering the first statements)."""
+    fd = pgconn.socket
+    while pgconn.flush():
+        _wait(fd, select.POLLIN | select.POLLOUT)
+        pgconn.consume_input()
+
+
 def _pipeline_results(pgconn: Any, groups: int | None) -> list[list[Any]]:
-    """Flush what the pipeline holds and read its answers: `groups` lists of results (a
-    statement's end is a None from get_result; None: as many as come), then the Sync's.
-    The waits release the GIL."""
+    """Read a pipeline's answers: `groups` lists of results (a statement's end is a None
+    from get_result; None: as many as come), then the Sync's. The waits release the GIL."""
     psycopg, _, pq = _psycopg()
     fd = pgconn.socket
     try:
-        while pgconn.flush():  # larger than the socket's buffer: wait to write, reading meanwhile
-            _wait(fd, select.POLLIN | select.POLLOUT)
-            pgconn.consume_input()
         out: list[list[Any]] = []
         current: list[Any] = []
         while True:
